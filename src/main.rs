@@ -1,0 +1,6 @@
+//! The `safedpo` command line.
+
+fn main() -> anyhow::Result<()> {
+    println!("safedpo {}", env!("CARGO_PKG_VERSION"));
+    Ok(())
+}

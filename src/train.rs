@@ -1,0 +1,2 @@
+//! The training loop: reference log-probs, policy step, clipping, optimizer, schedule, eval,
+//! checkpoints, metrics.
