@@ -243,7 +243,12 @@ pub trait Backend: Send + Sync {
         v: usize,
     ) -> Result<()>;
     /// `seq_logp[s] = Σ_{t in seq s} token_logp[t]`, a deterministic segmented sum (fixed order).
-    fn sequence_logp_sum(&self, seq_logp: &mut Self::Buf, token_logp: &Self::Buf, packing: &Packing<Self>) -> Result<()>;
+    fn sequence_logp_sum(
+        &self,
+        seq_logp: &mut Self::Buf,
+        token_logp: &Self::Buf,
+        packing: &Packing<Self>,
+    ) -> Result<()>;
     /// In place over `logits`: row t of sequence s becomes
     /// `dseq[s] · (onehot(targets[t]) − exp(logits[t] − lse[t]))`, or zeros where `targets[t] == -1`.
     #[allow(clippy::too_many_arguments)]
@@ -279,7 +284,14 @@ pub trait Backend: Send + Sync {
 
     // ---- optimizer ---------------------------------------------------------------------------
     /// One AdamW step on one tensor; `m`, `v` are fp32 state of the same length.
-    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, p: &AdamWParams) -> Result<()>;
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        p: &AdamWParams,
+    ) -> Result<()>;
     /// `param −= lr · grad_scale · grad`.
     fn sgd(&self, param: &mut Self::Buf, grad: &Self::Buf, lr: f32, grad_scale: f32) -> Result<()>;
     /// `Σ x²` over all the buffers, accumulated in f64 on the host side of the reduction (or a
