@@ -14,6 +14,7 @@ pub mod data;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod train;
 pub mod util;
 
