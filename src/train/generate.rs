@@ -1,0 +1,158 @@
+//! Text generation from a policy: greedy decoding, or temperature plus nucleus (top-p) sampling
+//! with a seeded RNG, stopping at EOS or after a token budget.
+
+use anyhow::{ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::Backend;
+use crate::model::Gpt2;
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0: greedy (argmax). Otherwise logits are divided by it before the softmax.
+    pub temperature: f32,
+    /// Nucleus sampling: sample among the most likely tokens whose probabilities sum to at least
+    /// `top_p` (1 keeps them all).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// The index of the largest logit (the lowest index among ties; NaN never wins).
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Picks the next token from `logits [V]`.
+pub fn sample_next(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng) -> usize {
+    if temperature <= 0.0 || logits.len() == 1 {
+        return argmax(logits);
+    }
+    // Softmax in f64 at the given temperature, then the smallest set of most likely tokens whose
+    // mass reaches top_p, renormalised.
+    let inv_t = 1.0 / temperature as f64;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i, ((x as f64 - max) * inv_t).exp())).collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let target = top_p.clamp(0.0, 1.0) as f64 * total;
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for &(_, p) in &probs {
+        kept += 1;
+        mass += p;
+        if mass >= target {
+            break;
+        }
+    }
+    let r = rng.random::<f64>() * mass;
+    let mut acc = 0.0;
+    for &(i, p) in &probs[..kept] {
+        acc += p;
+        if r < acc {
+            return i;
+        }
+    }
+    probs[kept - 1].0
+}
+
+/// Continues `prompt` token by token until `eos` is produced (not included in the result),
+/// `max_new_tokens` are generated, or the model's context is full. Returns the new tokens.
+pub fn generate<B: Backend>(
+    model: &mut Gpt2<B>,
+    prompt: &[i32],
+    eos: i32,
+    max_new_tokens: usize,
+    params: &SamplingParams,
+) -> Result<Vec<i32>> {
+    ensure!(!prompt.is_empty(), "generate: the prompt encodes to no tokens");
+    let context = model.config().n_positions;
+    ensure!(
+        prompt.len() < context,
+        "generate: the prompt has {} tokens, the model's context (n_positions) is {context}",
+        prompt.len()
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+    let mut ids = prompt.to_vec();
+    let mut new = Vec::new();
+    while new.len() < max_new_tokens && ids.len() < context {
+        let logits = model.last_logits(&ids)?;
+        let next = sample_next(&logits, params.temperature, params.top_p, &mut rng) as i32;
+        if next == eos {
+            break;
+        }
+        ids.push(next);
+        new.push(next);
+    }
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_and_ties_take_the_lowest_index() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(sample_next(&[0.1, 3.0, -1.0, 3.0], 0.0, 1.0, &mut rng), 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
+    }
+
+    #[test]
+    fn small_top_p_keeps_only_the_most_likely_token() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for _ in 0..200 {
+            assert_eq!(sample_next(&[0.0, 2.0, 1.0], 1.0, 0.01, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_tempered_softmax() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let logits = [0.0f32, 1.0, 2.0];
+        let t = 2.0f32;
+        let w: Vec<f64> = logits.iter().map(|&x| (x as f64 / t as f64).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let n = 40_000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            counts[sample_next(&logits, t, 1.0, &mut rng)] += 1;
+        }
+        for i in 0..3 {
+            let p = w[i] / z;
+            let sd = (p * (1.0 - p) / n as f64).sqrt();
+            let freq = counts[i] as f64 / n as f64;
+            assert!((freq - p).abs() < 5.0 * sd, "token {i}: frequency {freq}, probability {p}");
+        }
+    }
+
+    #[test]
+    fn top_p_drops_the_tail_and_renormalises() {
+        // Probabilities ~ [0.665, 0.245, 0.090]: top_p 0.8 keeps tokens 2 and 1 only.
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let logits = [0.0f32, 1.0, 2.0];
+        let n = 20_000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            counts[sample_next(&logits, 1.0, 0.8, &mut rng)] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        let p2 = 1.0f64.exp() / (1.0 + 1.0f64.exp());
+        let freq = counts[2] as f64 / n as f64;
+        assert!((freq - p2).abs() < 0.02, "{freq} vs {p2}");
+    }
+}
