@@ -52,7 +52,7 @@ fn cosine_decays_monotonically_to_the_floor_and_stays() {
         }
         // The midpoint of the decay is halfway between the peak and the floor.
         let decay = s.total_steps - s.warmup_steps;
-        if decay % 2 == 0 {
+        if decay.is_multiple_of(2) {
             let mid = s.lr(s.warmup_steps + decay / 2) as f64;
             assert!(close(mid, (s.peak_lr as f64 + floor) / 2.0, 1e-5), "{s:?}: midpoint {mid}");
         }
