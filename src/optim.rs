@@ -132,9 +132,9 @@ impl<B: Backend> AdamW<B> {
             params.len(),
             self.slots.len()
         );
-        let step = self.step + 1;
-        for ((name, param, grad), slot) in params.into_iter().zip(&mut self.slots) {
-            ensure!(name == slot.name, "adamw: parameter {name} where the optimizer state has {}", slot.name);
+        // Check every tensor before touching any, so that a mismatch leaves the model as it was.
+        for ((name, param, grad), slot) in params.iter().zip(&self.slots) {
+            ensure!(*name == slot.name, "adamw: parameter {name} where the optimizer state has {}", slot.name);
             ensure!(
                 backend.buf_len(param) == slot.len && backend.buf_len(grad) == slot.len,
                 "adamw: {name} has {} elements (gradient {}), the optimizer state {}",
@@ -142,6 +142,9 @@ impl<B: Backend> AdamW<B> {
                 backend.buf_len(grad),
                 slot.len
             );
+        }
+        let step = self.step + 1;
+        for ((name, param, grad), slot) in params.into_iter().zip(&mut self.slots) {
             let hyper = AdamWParams {
                 lr,
                 beta1: self.cfg.beta1,
