@@ -1,6 +1,325 @@
 //! The `safedpo` command line.
+//!
+//! ```text
+//! safedpo train    --config run.toml [flags]   preference training (SafeDPO, DPO, IPO, …)
+//! safedpo sft      --config run.toml [flags]   supervised fine-tuning on the safe responses
+//! safedpo logps    --model DIR --data FILE --out FILE   per-pair policy and reference log-probs (JSONL)
+//! safedpo eval     --model DIR --data FILE     preference metrics of a model on a dataset (JSON)
+//! safedpo generate --model DIR --prompt TEXT   greedy or sampled continuation
+//! safedpo demo     [--quick]                   the whole method on synthetic data in minutes
+//! ```
+//!
+//! Run options come from the built-in defaults, then the `--config` TOML file, then the flags (a flag
+//! wins). Errors go to stderr with exit code 1.
 
-fn main() -> anyhow::Result<()> {
-    println!("safedpo {}", env!("CARGO_PKG_VERSION"));
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use safedpo::backend::cpu::CpuBackend;
+use safedpo::config::{DeviceKind, RunConfig, RunOverrides};
+use safedpo::data::{load_tokenizer, Template};
+use safedpo::model::Gpt2;
+use safedpo::train::demo::{run_demo, DemoOptions};
+use safedpo::train::generate::{generate, SamplingParams};
+use safedpo::train::metrics::Record;
+use safedpo::train::refcache::sequence_logps;
+use safedpo::train::{self, evaluate_pairs, prepare_data, Resume, Task, TrainOptions};
+
+#[derive(Parser)]
+#[command(name = "safedpo", version, about = "SafeDPO and the DPO family on GPT-2 models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Preference training (the objective from [objective]: safedpo by default).
+    Train(TrainArgs),
+    /// Supervised fine-tuning on prompt + chosen response of the pairs whose chosen response is safe;
+    /// writes a HF model directory (out_dir/final) to use as reference and initial policy.
+    Sft(TrainArgs),
+    /// Writes one JSON line per pair: token ids, prompt length, policy and reference log-probs.
+    Logps(LogpsArgs),
+    /// Evaluates a model on a dataset against a reference; prints the metrics as JSON.
+    Eval(EvalArgs),
+    /// Continues a prompt: greedy, or temperature + top-p sampling.
+    Generate(GenerateArgs),
+    /// SFT then SafeDPO of a tiny model on synthetic safety data, with a before/after summary.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunOverrides,
+    /// Continue from a checkpoint directory, a run directory (its `latest`), or `auto` (this
+    /// out_dir's latest checkpoint if there is one, else a fresh start).
+    #[arg(long, value_name = "DIR|auto")]
+    resume: Option<Resume>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct ModelDataArgs {
+    /// The policy: a HF model directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Which pairs of the data: all, or the train / eval side of the run's holdout split.
+    #[arg(long, value_enum, default_value = "all")]
+    split: Split,
+    #[command(flatten)]
+    run: RunOverrides,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Split {
+    All,
+    Train,
+    Eval,
+}
+
+#[derive(clap::Args)]
+struct LogpsArgs {
+    #[command(flatten)]
+    common: ModelDataArgs,
+    /// Output JSONL file.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: ModelDataArgs,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A HF model directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prompt template (`{prompt}` is replaced); the training default unless --raw.
+    #[arg(long, default_value = safedpo::config::DEFAULT_TEMPLATE)]
+    template: String,
+    /// Feed the prompt as is, without the template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceKind,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long, default_value = "runs/demo", value_name = "DIR")]
+    out_dir: PathBuf,
+    /// A much smaller run (smoke test).
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceKind,
+    /// No progress bars or status lines (the summary table is still printed).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The backend for `--device`. Only the CPU backend is built so far.
+fn cpu_backend(device: DeviceKind) -> Result<Arc<CpuBackend>> {
+    match device {
+        DeviceKind::Auto | DeviceKind::Cpu => Ok(Arc::new(CpuBackend::new())),
+        DeviceKind::Cuda | DeviceKind::Emu => bail!(
+            "device `{device}`: the CUDA backend is not built into this binary yet; use --device cpu (or auto)"
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => run_training(args, Task::Preference),
+        Command::Sft(args) => run_training(args, Task::Sft),
+        Command::Logps(args) => run_logps(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Generate(args) => run_generate(args),
+        Command::Demo(args) => {
+            let backend = cpu_backend(args.device)?;
+            let opts = DemoOptions {
+                out_dir: args.out_dir,
+                quick: args.quick,
+                seed: args.seed,
+                quiet: args.quiet,
+                progress: !args.quiet,
+            };
+            let report = run_demo(backend, &opts)?;
+            println!("\n{}", report.table);
+            Ok(())
+        }
+    }
+}
+
+fn run_training(args: TrainArgs, task: Task) -> Result<()> {
+    let cfg = RunConfig::resolve(&args.run)?;
+    cfg.require_data()?;
+    let backend = cpu_backend(cfg.device)?;
+    let opts = TrainOptions { resume: args.resume, progress: !args.no_progress, ..Default::default() };
+    let summary = train::train(backend, &cfg, task, &opts)?;
+    let mut out = json!({
+        "out_dir": summary.out_dir,
+        "completed": summary.completed,
+        "steps": summary.total_steps,
+        "steps_this_run": summary.steps_this_run,
+        "train_pairs": summary.train_pairs,
+        "eval_pairs": summary.eval_pairs,
+        "train_seconds": summary.train_seconds,
+        "tokens_per_second": summary.tokens_per_second,
+        "checkpoint": summary.last_checkpoint,
+    });
+    if let Some(rec) = &summary.last_eval {
+        out["eval"] = serde_json::Value::Object(rec.clone());
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// The run configuration of `logps` / `eval`: the policy is `--model`; the reference is
+/// `--reference`, else `model.init`, else the policy itself.
+fn model_data_config(args: &ModelDataArgs) -> Result<(RunConfig, PathBuf)> {
+    let mut cfg = RunConfig::resolve(&args.run)?;
+    cfg.require_data()?;
+    let reference = cfg.model.reference.clone().or(cfg.model.init.clone()).unwrap_or_else(|| args.model.clone());
+    cfg.model.init = Some(args.model.clone());
+    Ok((cfg, reference))
+}
+
+/// The pairs of `split`, tokenized with the policy's tokenizer.
+fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::TokenizedPair>> {
+    let tok = load_tokenizer(cfg.model.init.as_deref())?;
+    let mut cfg = cfg.clone();
+    if split == Split::All {
+        cfg.data.eval_fraction = 0.0;
+        cfg.data.eval_path = None;
+    }
+    let data = prepare_data(&cfg, tok.as_ref(), Task::Preference)?;
+    for line in &data.report {
+        eprintln!("{line}");
+    }
+    Ok(match split {
+        Split::All | Split::Train => data.train,
+        Split::Eval => data.eval,
+    })
+}
+
+fn load_models(backend: &Arc<CpuBackend>, policy: &Path, reference: &Path) -> Result<(Gpt2<CpuBackend>, Gpt2<CpuBackend>)> {
+    let p = Gpt2::load(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
+    let r = Gpt2::load(backend.clone(), reference)
+        .with_context(|| format!("loading the reference {}", reference.display()))?;
+    Ok((p, r))
+}
+
+fn run_logps(args: LogpsArgs) -> Result<()> {
+    let (cfg, reference) = model_data_config(&args.common)?;
+    let backend = cpu_backend(cfg.device)?;
+    let pairs = split_pairs(&cfg, args.common.split)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common.model, &reference)?;
+    let budget = cfg.batching.tokens_per_micro_batch;
+    let pol = sequence_logps(&mut policy, &pairs, budget)?;
+    let refl = sequence_logps(&mut reference, &pairs, budget)?;
+    let mut text = Vec::new();
+    for (i, p) in pairs.iter().enumerate() {
+        let full = |resp: &[i32]| p.prompt.iter().chain(resp).copied().collect::<Vec<i32>>();
+        let line = json!({
+            "pair": i,
+            "prompt_tokens": p.prompt.len(),
+            "chosen_ids": full(&p.chosen),
+            "rejected_ids": full(&p.rejected),
+            "chosen_unsafe": p.chosen_unsafe,
+            "rejected_unsafe": p.rejected_unsafe,
+            "policy_chosen_logp": pol[2 * i],
+            "policy_rejected_logp": pol[2 * i + 1],
+            "reference_chosen_logp": refl[2 * i],
+            "reference_rejected_logp": refl[2 * i + 1],
+        });
+        writeln!(text, "{line}")?;
+    }
+    safedpo::util::write_atomic(&args.out, &text)?;
+    eprintln!("wrote {} pairs to {}", pairs.len(), args.out.display());
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    let (cfg, reference) = model_data_config(&args.common)?;
+    let backend = cpu_backend(cfg.device)?;
+    let pairs = split_pairs(&cfg, args.common.split)?;
+    let objective = cfg.objective.build();
+    let (mut policy, mut reference) = load_models(&backend, &args.common.model, &reference)?;
+    let budget = cfg.batching.tokens_per_micro_batch;
+    let refl =
+        if objective.uses_reference() { sequence_logps(&mut reference, &pairs, budget)? } else { vec![0.0; 2 * pairs.len()] };
+    drop(reference);
+    let stats = evaluate_pairs(&mut policy, &refl, &pairs, &objective, budget)?;
+    let mut rec = Record::new();
+    rec.insert("pairs".into(), pairs.len().into());
+    stats.write_means("eval/", &mut rec);
+    println!("{}", serde_json::Value::Object(rec));
+    Ok(())
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let backend = cpu_backend(args.device)?;
+    let tok = load_tokenizer(Some(&args.model))?;
+    let mut model =
+        Gpt2::load(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
+    let prompt = if args.raw {
+        tok.encode(&args.prompt)
+    } else {
+        Template::new(args.template.clone()).context("--template")?.encode_prompt(tok.as_ref(), &args.prompt)
+    };
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!("--temperature must be a finite number >= 0, got {}", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    let new = generate(&mut model, &prompt, tok.eos_id(), args.max_new_tokens, &params)?;
+    println!("{}", tok.decode(&new));
     Ok(())
 }
