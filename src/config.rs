@@ -601,7 +601,8 @@ fn describe_toml_error(e: &toml::de::Error, text: &str, file: &Path) -> String {
         Some(span) => {
             let (line, col) = line_col(text, span.start);
             let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
-            format!("{}:{line}:{col}: {msg}\n  | {snippet}", file.display())
+            let field = field_at(text, span.start).map(|f| format!("{f}: ")).unwrap_or_default();
+            format!("{}:{line}:{col}: {field}{msg}\n  | {snippet}", file.display())
         }
         None => format!("{}: {msg}", file.display()),
     }
@@ -613,6 +614,28 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
     (line, col)
+}
+
+/// The dotted path of the key or value at byte `offset` of a TOML document, if any.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    fn walk(table: &toml::de::DeTable<'_>, offset: usize, prefix: &str) -> Option<String> {
+        for (key, value) in table.iter() {
+            let path =
+                if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
+            if let Some(inner) = value.get_ref().as_table() {
+                if let Some(found) = walk(inner, offset, &path) {
+                    return Some(found);
+                }
+            }
+            let (k, v) = (key.span(), value.span());
+            if k.contains(&offset) || v.contains(&offset) {
+                return Some(path);
+            }
+        }
+        None
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    walk(doc.get_ref(), offset, "")
 }
 
 /// The 1-based line of the value of a dotted `field` in a TOML document, if it is set there.
@@ -675,41 +698,41 @@ pub struct RunOverrides {
     pub template: Option<String>,
     #[arg(long, help_heading = "Data")]
     pub max_len: Option<usize>,
-    #[arg(long, help_heading = "Data")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Data")]
     pub eval_fraction: Option<f64>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Data")]
     pub skip_invalid: Option<bool>,
 
     #[arg(long, value_enum, help_heading = "Objective")]
     pub objective: Option<ObjectiveName>,
-    #[arg(long, help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Objective")]
     pub beta: Option<f64>,
     /// SafeDPO's Δ.
-    #[arg(long, help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Objective")]
     pub delta: Option<f64>,
     /// Robust DPO / cDPO label-noise rate.
-    #[arg(long, help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Objective")]
     pub label_eps: Option<f64>,
     /// RPO's NLL weight.
-    #[arg(long, help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Objective")]
     pub alpha: Option<f64>,
     /// SimPO's target margin.
-    #[arg(long, help_heading = "Objective")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Objective")]
     pub gamma: Option<f64>,
 
     /// Peak learning rate.
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub lr: Option<f32>,
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub adam_beta1: Option<f32>,
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub adam_beta2: Option<f32>,
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub adam_eps: Option<f32>,
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub weight_decay: Option<f32>,
     /// Global grad-norm clip (0 disables).
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub grad_clip: Option<f32>,
     #[arg(long, help_heading = "Optimizer")]
     pub warmup_steps: Option<usize>,
@@ -717,9 +740,9 @@ pub struct RunOverrides {
     #[arg(long, help_heading = "Optimizer")]
     pub total_steps: Option<usize>,
     /// Passes over the data (replaces any `total_steps` from the config file).
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub epochs: Option<f64>,
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub min_lr_ratio: Option<f32>,
 
     /// Token budget of one packed micro-batch.

@@ -148,9 +148,9 @@ struct DemoArgs {
 fn cpu_backend(device: DeviceKind) -> Result<Arc<CpuBackend>> {
     match device {
         DeviceKind::Auto | DeviceKind::Cpu => Ok(Arc::new(CpuBackend::new())),
-        DeviceKind::Cuda | DeviceKind::Emu => bail!(
-            "device `{device}`: the CUDA backend is not built into this binary yet; use --device cpu (or auto)"
-        ),
+        DeviceKind::Cuda | DeviceKind::Emu => {
+            bail!("device `{device}`: the CUDA backend is not built into this binary yet; use --device cpu (or auto)")
+        }
     }
 }
 
@@ -247,7 +247,11 @@ fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::Token
     })
 }
 
-fn load_models(backend: &Arc<CpuBackend>, policy: &Path, reference: &Path) -> Result<(Gpt2<CpuBackend>, Gpt2<CpuBackend>)> {
+fn load_models(
+    backend: &Arc<CpuBackend>,
+    policy: &Path,
+    reference: &Path,
+) -> Result<(Gpt2<CpuBackend>, Gpt2<CpuBackend>)> {
     let p = Gpt2::load(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
     let r = Gpt2::load(backend.clone(), reference)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
@@ -291,8 +295,11 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let objective = cfg.objective.build();
     let (mut policy, mut reference) = load_models(&backend, &args.common.model, &reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
-    let refl =
-        if objective.uses_reference() { sequence_logps(&mut reference, &pairs, budget)? } else { vec![0.0; 2 * pairs.len()] };
+    let refl = if objective.uses_reference() {
+        sequence_logps(&mut reference, &pairs, budget)?
+    } else {
+        vec![0.0; 2 * pairs.len()]
+    };
     drop(reference);
     let stats = evaluate_pairs(&mut policy, &refl, &pairs, &objective, budget)?;
     let mut rec = Record::new();

@@ -109,7 +109,9 @@ pub fn write_f32_safetensors(
 }
 
 /// All tensors of a safetensors file as f32 (every tensor must be F32), and its metadata.
-pub fn read_f32_safetensors(path: &Path) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>)> {
+pub fn read_f32_safetensors(
+    path: &Path,
+) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>)> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
@@ -163,8 +165,7 @@ pub fn commit_dir(out_dir: &Path, name: &str, write: impl FnOnce(&Path) -> Resul
         }
         fs::rename(&target, &old).with_context(|| format!("moving {} aside", target.display()))?;
     }
-    fs::rename(&staging, &target)
-        .with_context(|| format!("renaming {} to {}", staging.display(), target.display()))?;
+    fs::rename(&staging, &target).with_context(|| format!("renaming {} to {}", staging.display(), target.display()))?;
     sync_dir(out_dir);
     write_atomic(&out_dir.join(LATEST_FILE), format!("{name}\n").as_bytes())?;
     if old.exists() {

@@ -50,6 +50,9 @@ pub struct DemoReport {
     pub wall_seconds: f64,
 }
 
+/// The demo's prompt template.
+pub const DEMO_TEMPLATE: &str = "USER: {prompt} ASSISTANT:";
+
 /// The demo's two run configurations (SFT, SafeDPO) for a data file.
 pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig) {
     let mut sft = RunConfig::default();
@@ -59,9 +62,11 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig)
     sft.data.path = Some(data);
     sft.data.format = DataFormatName::PkuSafeRlhf;
     sft.data.selection = SelectionName::Safedpo;
-    sft.data.max_len = 128;
+    // A short template: bytes are tokens here, and every one costs attention time.
+    sft.data.template = DEMO_TEMPLATE.to_string();
+    sft.data.max_len = 160;
     sft.data.eval_fraction = 0.15;
-    sft.model.n_positions = 128;
+    sft.model.n_positions = 160;
     sft.batching.tokens_per_micro_batch = 4096;
     sft.optimizer.weight_decay = 0.0;
     sft.optimizer.grad_clip = 1.0;

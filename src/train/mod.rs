@@ -33,16 +33,16 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::{DataFormatName, RunConfig, RunLength, SelectionName};
 use crate::data::{
-    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher,
-    DataFormat, PairSelection, PreferenceBatch, Template, TextTokenizer, TokenizedPair,
+    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher, DataFormat,
+    PairSelection, PreferenceBatch, Template, TextTokenizer, TokenizedPair,
 };
 use crate::loss::Objective;
 use crate::model::{DeviceBatch, Gpt2};
 use crate::optim::{clip_scale, AdamW, AdamWConfig, LrSchedule};
 use crate::util::write_atomic;
 
-use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_DIR, METRICS_FILE};
 pub use checkpoint::Resume;
+use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_DIR, METRICS_FILE};
 use metrics::{json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
@@ -186,12 +186,8 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
 
 /// Checks every token id of `pairs` is inside the model's vocabulary.
 fn check_vocab(pairs: &[TokenizedPair], vocab_size: usize, what: &str) -> Result<()> {
-    let max = pairs
-        .iter()
-        .flat_map(|p| p.prompt.iter().chain(&p.chosen).chain(&p.rejected))
-        .copied()
-        .max()
-        .unwrap_or(0);
+    let max =
+        pairs.iter().flat_map(|p| p.prompt.iter().chain(&p.chosen).chain(&p.rejected)).copied().max().unwrap_or(0);
     ensure!(
         (max as usize) < vocab_size,
         "{what}: the tokenizer produced token id {max}, but the model's vocabulary has {vocab_size} tokens"
@@ -318,8 +314,7 @@ impl<B: Backend> Trainer<B> {
                 Ok(own)
             }
             Reference::Cached(all) => {
-                let host: Vec<f32> =
-                    batch.pair_ids.iter().flat_map(|&i| [all[2 * i], all[2 * i + 1]]).collect();
+                let host: Vec<f32> = batch.pair_ids.iter().flat_map(|&i| [all[2 * i], all[2 * i + 1]]).collect();
                 b.upload(&host)
             }
         }
@@ -368,6 +363,7 @@ impl<B: Backend> Trainer<B> {
             self.policy.backward(&dev, &dpolicy)?;
             self.interval.stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
             self.interval.tokens += batch.packed.num_tokens();
+            self.train_tokens += batch.packed.num_tokens();
         }
         self.apply_update()
     }
@@ -376,8 +372,7 @@ impl<B: Backend> Trainer<B> {
         let micro: Vec<_> = (0..self.cfg.batching.grad_accum)
             .map(|_| self.batcher.next_sft_batch(&self.data.train, self.cfg.batching.tokens_per_micro_batch).0)
             .collect();
-        let targets: usize =
-            micro.iter().map(|p| (0..p.num_seqs()).map(|s| p.num_targets(s)).sum::<usize>()).sum();
+        let targets: usize = micro.iter().map(|p| (0..p.num_seqs()).map(|s| p.num_targets(s)).sum::<usize>()).sum();
         ensure!(targets > 0, "sft step {}: the batch has no response tokens", self.step + 1);
         let backend = self.backend.clone();
         let b = &*backend;
@@ -390,6 +385,7 @@ impl<B: Backend> Trainer<B> {
             self.policy.backward(&dev, &dseq)?;
             self.interval.nll -= host.iter().map(|&x| x as f64).sum::<f64>();
             self.interval.tokens += packed.num_tokens();
+            self.train_tokens += packed.num_tokens();
         }
         self.interval.nll_tokens += targets;
         self.apply_update()
@@ -415,7 +411,8 @@ impl<B: Backend> Trainer<B> {
                 stats.write_means("eval/", &mut rec);
             }
             Task::Sft => {
-                let (nll, tokens) = evaluate_nll(&mut self.policy, &self.data.eval, self.budget())?;
+                let budget = self.budget();
+                let (nll, tokens) = evaluate_nll(&mut self.policy, &self.data.eval, budget)?;
                 rec.insert("eval/loss".into(), json_f64(nll / tokens.max(1) as f64));
             }
         }
@@ -537,8 +534,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         bail!("invalid configuration:\n{}", lines.join("\n"));
     }
     let out = &cfg.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating out_dir {}", out.display()))?;
-    let mut console = Console { quiet: opts.quiet, bar: None };
+    let console = Console { quiet: opts.quiet, bar: None };
     console.note(format!("{} run in {} on {}", task.name(), out.display(), backend.name()));
 
     let resume_from = resolve_resume(opts.resume.as_ref(), out)?;
@@ -562,19 +558,21 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         }
         None => None,
     };
-    write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     let tokenizer = run_tokenizer(cfg)?;
     let data = prepare_data(cfg, tokenizer.as_ref(), task)?;
     for line in &data.report {
         console.note(line);
     }
+    std::fs::create_dir_all(out).with_context(|| format!("creating out_dir {}", out.display()))?;
+    write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
     let policy = match (&resume_from, &cfg.model.init) {
         (Some(dir), _) => Gpt2::load(backend.clone(), dir),
-        (None, Some(dir)) => Gpt2::load(backend.clone(), dir)
-            .with_context(|| format!("loading model.init {}", dir.display())),
+        (None, Some(dir)) => {
+            Gpt2::load(backend.clone(), dir).with_context(|| format!("loading model.init {}", dir.display()))
+        }
         (None, None) => Gpt2::random(backend.clone(), cfg.model.random_shape(tokenizer.vocab_size()), cfg.seed),
     }?;
     let vocab = policy.config().vocab_size;
@@ -612,11 +610,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         );
         let budget = cfg.batching.tokens_per_micro_batch;
         if cfg.precompute_ref {
-            let key = cache_key(
-                &ref_model.to_host()?,
-                &[("train", &data.train), ("eval", &data.eval)],
-                &cfg.data.template,
-            );
+            let key =
+                cache_key(&ref_model.to_host()?, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);
             let path = out.join("reference_logps.safetensors");
             let t0 = Instant::now();
             let (mut sets, status) =
@@ -654,12 +649,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     )?;
     let mut batcher = Batcher::new(data.train.len(), cfg.seed);
     let total = total_steps(cfg, &batcher, &data.train, task);
-    let schedule = LrSchedule {
-        peak_lr: op.lr,
-        warmup_steps: op.warmup_steps,
-        total_steps: total,
-        min_lr_ratio: op.min_lr_ratio,
-    };
+    let schedule =
+        LrSchedule { peak_lr: op.lr, warmup_steps: op.warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     rng.set_stream(0x7361_6665_6470_6f); // independent of the data order's streams
     let metrics_path = out.join(METRICS_FILE);
@@ -743,7 +734,6 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
 
         let last = t.step == total;
         if t.step % cfg.intervals.log_every == 0 || last {
-            t.train_tokens += t.interval.tokens;
             let rec = t.train_record(&info);
             bar.set_message(brief(&rec));
             t.log.append(rec)?;

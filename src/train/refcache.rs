@@ -125,9 +125,9 @@ pub fn load_or_compute(
             Ok((name.to_string(), vec![*n, 2], v.as_slice()))
         })
         .collect::<Result<_>>()?;
-    let meta =
-        HashMap::from([("format".to_string(), CACHE_FORMAT.to_string()), ("key".to_string(), key.to_string())]);
-    write_f32_safetensors(path, &tensors, meta).with_context(|| format!("writing reference cache {}", path.display()))?;
+    let meta = HashMap::from([("format".to_string(), CACHE_FORMAT.to_string()), ("key".to_string(), key.to_string())]);
+    write_f32_safetensors(path, &tensors, meta)
+        .with_context(|| format!("writing reference cache {}", path.display()))?;
     Ok((values, status))
 }
 

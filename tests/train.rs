@@ -1,0 +1,310 @@
+//! The training loop on the CPU backend with tiny models and the synthetic data: exact resume,
+//! crash-safe checkpoints, the reference cache, configuration errors, and that SafeDPO learns.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safedpo::backend::cpu::CpuBackend;
+use safedpo::config::{RunConfig, RunOverrides};
+use safedpo::data::{synthetic_pku_rows, tokenize_pairs, write_pku_jsonl, ByteTokenizer, Template};
+use safedpo::model::Gpt2;
+use safedpo::train::checkpoint::{read_latest, LATEST_FILE};
+use safedpo::train::refcache::{cache_key, load_or_compute, sequence_logps, CacheStatus};
+use safedpo::train::{train, Resume, Task, TrainOptions};
+
+fn backend() -> Arc<CpuBackend> {
+    Arc::new(CpuBackend::new())
+}
+
+/// Writes `n` synthetic PKU-SafeRLHF rows and returns the file.
+fn synthetic_data(dir: &Path, n: usize, seed: u64) -> PathBuf {
+    let path = dir.join("data.jsonl");
+    write_pku_jsonl(&path, &synthetic_pku_rows(n, seed)).unwrap();
+    path
+}
+
+/// A run small enough for a test: one layer, d=16, a few steps, two micro-batches per step.
+fn tiny_config(out: &Path, data: &Path) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.out_dir = out.to_path_buf();
+    c.seed = 7;
+    c.data.path = Some(data.to_path_buf());
+    c.data.template = "U: {prompt} A:".into();
+    c.data.max_len = 128;
+    c.data.eval_fraction = 0.2;
+    c.model.n_positions = 128;
+    (c.model.n_layer, c.model.n_embd, c.model.n_head) = (1, 16, 2);
+    c.batching.tokens_per_micro_batch = 1024;
+    c.batching.grad_accum = 2;
+    c.optimizer.lr = 2e-3;
+    c.optimizer.warmup_steps = 2;
+    c.optimizer.total_steps = Some(6);
+    c.optimizer.weight_decay = 0.01;
+    c.intervals.eval_every = 2;
+    c.intervals.checkpoint_every = 0;
+    c
+}
+
+fn quiet() -> TrainOptions {
+    TrainOptions { quiet: true, ..Default::default() }
+}
+
+/// Every file of a directory (recursively), by relative path.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// The metrics of a run without the wall-clock ones.
+fn metrics_without_timing(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let mut recs = safedpo::plot::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    for r in &mut recs {
+        r.remove("tokens_per_second");
+    }
+    recs
+}
+
+/// N steps straight vs N/2, an interruption, and a resume: bit-identical weights, optimizer
+/// state, training state and metrics.
+fn check_resume_is_exact(task: Task, precompute_ref: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 80, 3);
+    let mut straight = tiny_config(&dir.path().join("straight"), &data);
+    straight.precompute_ref = precompute_ref;
+    let mut resumed = straight.clone();
+    resumed.out_dir = dir.path().join("resumed");
+
+    let a = train(backend(), &straight, task, &quiet()).unwrap();
+    assert!(a.completed && a.steps_this_run == 6);
+
+    let first = train(backend(), &resumed, task, &TrainOptions { stop_after_step: Some(3), ..quiet() }).unwrap();
+    assert!(!first.completed);
+    assert_eq!(first.steps_this_run, 3);
+    let latest = read_latest(&resumed.out_dir).unwrap().unwrap();
+    assert!(latest.ends_with("checkpoint-3"), "{}", latest.display());
+    let second = train(backend(), &resumed, task, &TrainOptions { resume: Some(Resume::Auto), ..quiet() }).unwrap();
+    assert!(second.completed);
+    assert_eq!(second.steps_this_run, 3);
+
+    for file in ["model.safetensors", "optimizer.safetensors", "state.json", "config.json"] {
+        let x = fs::read(straight.out_dir.join("final").join(file)).unwrap();
+        let y = fs::read(resumed.out_dir.join("final").join(file)).unwrap();
+        assert!(x == y, "{task:?}: final/{file} differs between the straight and the resumed run");
+    }
+    assert_eq!(metrics_without_timing(&straight.out_dir), metrics_without_timing(&resumed.out_dir));
+    // Training moved the weights.
+    let init = Gpt2::random(backend(), straight.model.random_shape(258), straight.seed).unwrap().to_host().unwrap();
+    let trained = Gpt2::load(backend(), &straight.out_dir.join("final")).unwrap().to_host().unwrap();
+    assert_ne!(init.tensors["h.0.attn.c_attn.weight"], trained.tensors["h.0.attn.c_attn.weight"]);
+}
+
+#[test]
+fn resume_is_bit_identical_preference_with_reference_model() {
+    check_resume_is_exact(Task::Preference, false);
+}
+
+#[test]
+fn resume_is_bit_identical_preference_with_cached_reference() {
+    check_resume_is_exact(Task::Preference, true);
+}
+
+#[test]
+fn resume_is_bit_identical_sft() {
+    check_resume_is_exact(Task::Sft, false);
+}
+
+#[test]
+fn failed_checkpoint_write_leaves_the_previous_one_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 60, 4);
+    let mut cfg = tiny_config(&dir.path().join("run"), &data);
+    cfg.optimizer.total_steps = Some(4);
+    cfg.intervals.checkpoint_every = 2;
+    let out = cfg.out_dir.clone();
+
+    // Steps 1–2 and checkpoint-2, then an interruption.
+    train(backend(), &cfg, Task::Preference, &TrainOptions { stop_after_step: Some(2), ..quiet() }).unwrap();
+    assert_eq!(fs::read_to_string(out.join(LATEST_FILE)).unwrap().trim(), "checkpoint-2");
+    let before = snapshot(&out.join("checkpoint-2"));
+
+    // Resume; every write of the next checkpoint (the final one, at step 4) fails at some file.
+    for file in ["model.safetensors", "optimizer.safetensors", "metrics.jsonl", "state.json"] {
+        let opts = TrainOptions { resume: Some(Resume::Auto), fail_checkpoint_file: Some(file.to_string()), ..quiet() };
+        let err = train(backend(), &cfg, Task::Preference, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains("previous checkpoint is intact"), "{err:#}");
+        assert_eq!(fs::read_to_string(out.join(LATEST_FILE)).unwrap().trim(), "checkpoint-2", "after failing {file}");
+        assert_eq!(snapshot(&out.join("checkpoint-2")), before, "checkpoint-2 changed after failing {file}");
+        assert!(!out.join("final").exists(), "a final directory appeared after failing {file}");
+        let leftovers: Vec<_> = fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+    }
+
+    // The intact checkpoint still resumes to the same weights as an uninterrupted run.
+    let done =
+        train(backend(), &cfg, Task::Preference, &TrainOptions { resume: Some(Resume::Auto), ..quiet() }).unwrap();
+    assert!(done.completed);
+    let mut straight = cfg.clone();
+    straight.out_dir = dir.path().join("straight");
+    train(backend(), &straight, Task::Preference, &quiet()).unwrap();
+    assert!(
+        fs::read(out.join("final/model.safetensors")).unwrap()
+            == fs::read(straight.out_dir.join("final/model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn reference_cache_hit_miss_and_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = synthetic_pku_rows(30, 5);
+    let pairs: Vec<_> = rows.iter().map(|r| r.better_pair()).collect();
+    let template = Template::new("U: {prompt} A:").unwrap();
+    let (tokenized, _) = tokenize_pairs(&pairs, &ByteTokenizer, &template, 128).unwrap();
+    let (train_set, eval_set) = tokenized.split_at(20);
+    let cfg = safedpo::model::Gpt2Config {
+        vocab_size: 258,
+        n_positions: 128,
+        n_embd: 16,
+        n_layer: 1,
+        n_head: 2,
+        layer_norm_epsilon: 1e-5,
+    };
+    let mut model = Gpt2::random(backend(), cfg.clone(), 1).unwrap();
+    let sets = [("train", train_set), ("eval", eval_set)];
+    let shapes = [("train", train_set.len()), ("eval", eval_set.len())];
+    let path = dir.path().join("ref.safetensors");
+    let key = cache_key(&model.to_host().unwrap(), &sets, &template.0);
+
+    let direct = |m: &mut Gpt2<CpuBackend>| {
+        vec![sequence_logps(m, train_set, 700).unwrap(), sequence_logps(m, eval_set, 700).unwrap()]
+    };
+    let expected = direct(&mut model);
+    assert!(expected[0].iter().all(|x| x.is_finite() && *x < 0.0));
+
+    let (values, status) = load_or_compute(&path, &key, &shapes, || Ok(direct(&mut model))).unwrap();
+    assert_eq!(status, CacheStatus::Miss);
+    assert_eq!(values, expected);
+    assert!(path.is_file());
+
+    let (values, status) = load_or_compute(&path, &key, &shapes, || panic!("a cache hit must not recompute")).unwrap();
+    assert_eq!(status, CacheStatus::Hit);
+    assert_eq!(values, expected);
+
+    // Other weights: the key changes, the file is stale and recomputed.
+    let mut other = Gpt2::random(backend(), cfg, 2).unwrap();
+    let other_key = cache_key(&other.to_host().unwrap(), &sets, &template.0);
+    assert_ne!(other_key, key);
+    let other_expected = direct(&mut other);
+    assert_ne!(other_expected, expected);
+    let (values, status) = load_or_compute(&path, &other_key, &shapes, || Ok(direct(&mut other))).unwrap();
+    assert_eq!(status, CacheStatus::Stale);
+    assert_eq!(values, other_expected);
+
+    // Other data or another template also change the key.
+    let fewer = [("train", &train_set[1..]), ("eval", eval_set)];
+    assert_ne!(cache_key(&other.to_host().unwrap(), &fewer, &template.0), other_key);
+    assert_ne!(cache_key(&other.to_host().unwrap(), &sets, "Q: {prompt} A:"), other_key);
+
+    // A corrupt file is replaced, not trusted.
+    fs::write(&path, b"not a safetensors file").unwrap();
+    let (values, status) = load_or_compute(&path, &other_key, &shapes, || Ok(direct(&mut other))).unwrap();
+    assert_eq!(status, CacheStatus::Stale);
+    assert_eq!(values, other_expected);
+}
+
+#[test]
+fn training_reuses_the_reference_cache_and_notices_a_new_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 40, 6);
+    let mut cfg = tiny_config(&dir.path().join("run"), &data);
+    cfg.optimizer.total_steps = Some(1);
+    cfg.optimizer.warmup_steps = 0;
+    let first = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+    assert_eq!(first.reference_cache, Some(CacheStatus::Miss));
+    let again = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+    assert_eq!(again.reference_cache, Some(CacheStatus::Hit));
+    // Another seed: another random reference.
+    cfg.seed += 1;
+    let other = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+    assert_eq!(other.reference_cache, Some(CacheStatus::Stale));
+}
+
+fn resolve_err(toml_text: &str, overrides: RunOverrides) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    fs::write(&path, toml_text).unwrap();
+    let overrides = RunOverrides { config: Some(path), ..overrides };
+    format!("{:#}", RunConfig::resolve(&overrides).unwrap_err())
+}
+
+#[test]
+fn config_errors_name_the_field_and_where_it_was_set() {
+    let e = resolve_err("seed = 1\n\n[optimizer]\nlr = -0.5\n", RunOverrides::default());
+    assert!(e.contains("optimizer.lr") && e.contains("run.toml:4"), "{e}");
+
+    let e = resolve_err("[optimizer]\nlearning_rate = 0.1\n", RunOverrides::default());
+    assert!(e.contains("learning_rate") && e.contains("run.toml:2"), "{e}");
+
+    let e = resolve_err("[data]\nmax_len = \"long\"\n", RunOverrides::default());
+    assert!(e.contains("max_len") && e.contains("run.toml:2"), "{e}");
+
+    let e = resolve_err("[objective]\nname = \"dpo\"\ndelta = 3.0\n", RunOverrides::default());
+    assert!(e.contains("objective.delta") && e.contains("dpo") && e.contains("run.toml:3"), "{e}");
+
+    let e = resolve_err("[optimizer]\ntotal_steps = 10\nepochs = 2.0\n", RunOverrides::default());
+    assert!(e.contains("optimizer.total_steps") && e.contains("epochs"), "{e}");
+
+    // A flag overrides the file, and the error says so.
+    let e = resolve_err("[optimizer]\nlr = 0.1\n", RunOverrides { lr: Some(f32::NAN), ..Default::default() });
+    assert!(e.contains("optimizer.lr") && e.contains("--lr"), "{e}");
+
+    let e = resolve_err("[model]\nn_embd = 30\nn_head = 4\n", RunOverrides::default());
+    assert!(e.contains("model.n_embd") && e.contains("run.toml:2"), "{e}");
+
+    // Valid files resolve, and flags win.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.toml");
+    fs::write(&path, "seed = 3\n[optimizer]\nlr = 0.1\ntotal_steps = 5\n").unwrap();
+    let cfg = RunConfig::resolve(&RunOverrides { config: Some(path), lr: Some(0.2), ..Default::default() }).unwrap();
+    assert_eq!((cfg.seed, cfg.optimizer.lr, cfg.optimizer.total_steps), (3, 0.2, Some(5)));
+}
+
+#[test]
+fn short_safedpo_run_improves_held_out_safe_preferred_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 300, 8);
+    let mut cfg = tiny_config(&dir.path().join("run"), &data);
+    (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) = (1, 32, 2);
+    cfg.data.eval_fraction = 0.2;
+    cfg.batching.grad_accum = 1;
+    cfg.batching.tokens_per_micro_batch = 4096;
+    cfg.optimizer.lr = 3e-3;
+    cfg.optimizer.total_steps = Some(12);
+    cfg.intervals.eval_every = 0;
+    let s = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+    let get =
+        |r: &Option<serde_json::Map<String, serde_json::Value>>, k: &str| r.as_ref().unwrap()[k].as_f64().unwrap();
+    let before = get(&s.first_eval, "eval/safe_preferred_accuracy");
+    let after = get(&s.last_eval, "eval/safe_preferred_accuracy");
+    // Policy = reference before training: every implicit reward is 0, a tie, counted as chance.
+    assert_eq!(before, 0.5);
+    assert!(after >= 0.9, "safe-preferred accuracy {before} -> {after}");
+    assert!(get(&s.last_eval, "eval/rewards/margins") > 0.0);
+    assert!(get(&s.last_eval, "eval/loss") < get(&s.first_eval, "eval/loss"));
+}
