@@ -546,3 +546,75 @@ fn end_to_end_gradient_through_every_objective() {
         check_all_gradients(&model, &mut reference, &batch, &total_loss, 6, 100 + k as u64, name);
     }
 }
+
+/// The same model in Hugging Face `transformers` (f64, eager attention): the saved directory loads
+/// as `GPT2LMHeadModel`, and log-probs and every gradient agree. Needs python3 with torch and
+/// transformers, hence ignored by default: `cargo test --release --test model -- --ignored`.
+#[test]
+#[ignore = "needs python3 with torch and transformers"]
+fn matches_transformers_gpt2lmheadmodel() {
+    const SCRIPT: &str = r#"
+import json, sys, torch
+from transformers import GPT2LMHeadModel
+d = sys.argv[1]
+model = GPT2LMHeadModel.from_pretrained(d, dtype=torch.float64, attn_implementation="eager")
+model.eval()
+batch = json.load(open(d + "/batch.json"))
+total, logps = 0.0, []
+for seq, w in zip(batch["seqs"], batch["weights"]):
+    logits = model(input_ids=torch.tensor([seq["tokens"]])).logits[0]
+    lp = torch.log_softmax(logits, -1)
+    rows = [t for t, y in enumerate(seq["targets"]) if y >= 0]
+    s = lp[rows, [seq["targets"][t] for t in rows]].sum()
+    logps.append(s.item())
+    total = total + w * s
+total.backward()
+grads = {n.removeprefix("transformer."): p.grad.flatten().tolist() for n, p in model.named_parameters()}
+json.dump({"logps": logps, "grads": grads}, open(d + "/out.json", "w"))
+model.to(torch.float32).save_pretrained(d + "/hf_f32")
+model.to(torch.bfloat16).save_pretrained(d + "/hf_bf16")
+"#;
+    let config = tiny_config();
+    let host = test_weights(&config, 26);
+    let backend = cpu();
+    let mut model = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save(dir.path()).unwrap();
+
+    let seqs = sequences(27, &LENS, config.vocab_size);
+    let batch = pack(&seqs);
+    let weights = uniform(&mut rng(28), seqs.len(), -1.0, 1.0);
+    let json_seqs: Vec<serde_json::Value> = (0..batch.num_seqs())
+        .map(|s| {
+            let (a, b) = (batch.cu_seqlens[s] as usize, batch.cu_seqlens[s + 1] as usize);
+            serde_json::json!({"tokens": &batch.tokens[a..b], "targets": &batch.targets[a..b]})
+        })
+        .collect();
+    let batch_json = serde_json::json!({"seqs": json_seqs, "weights": weights});
+    std::fs::write(dir.path().join("batch.json"), batch_json.to_string()).unwrap();
+    let status = std::process::Command::new("python3").arg("-c").arg(SCRIPT).arg(dir.path()).status().unwrap();
+    assert!(status.success(), "the transformers script failed");
+    let out: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap()).unwrap();
+    let floats =
+        |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+
+    let dev = DeviceBatch::upload(&*backend, &batch).unwrap();
+    let logps = model.forward(&dev).unwrap().clone();
+    assert_close("log-probs vs transformers", &logps, &floats(&out["logps"]), 1e-5, 1e-5);
+    model.backward(&dev, &backend.upload(&weights).unwrap()).unwrap();
+    let hf_grads = out["grads"].as_object().unwrap();
+    assert_eq!(hf_grads.len(), config.parameter_shapes().len(), "transformers sees the same parameters (head tied)");
+    for ((name, _), grad) in config.parameter_shapes().iter().zip(download_grads(&model)) {
+        assert_close_scaled(&format!("d/d {name} vs transformers"), &grad, &floats(&hf_grads[name]), 1e-4);
+    }
+
+    // What `save_pretrained` writes reads back: exactly in f32, rounded to bf16 in bf16.
+    let hf_f32 = safedpo::model::checkpoint::load_dir(&dir.path().join("hf_f32")).unwrap();
+    assert_eq!(hf_f32, host);
+    let hf_bf16 = safedpo::model::checkpoint::load_dir(&dir.path().join("hf_bf16")).unwrap();
+    for (name, (_, data)) in &host.tensors {
+        let rounded: Vec<f32> = data.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(hf_bf16.tensors[name].1, rounded, "{name} read from a bf16 save_pretrained");
+    }
+}
