@@ -141,9 +141,11 @@ fn tiny_model(seed: u64) -> Gpt2<CpuBackend> {
 /// random dL/d(seq logp).
 fn random_grads(model: &mut Gpt2<CpuBackend>, rng: &mut ChaCha8Rng) {
     let vocab = model.config().vocab_size as i32;
-    let seqs: Vec<(Vec<i32>, usize)> = (0..3)
-        .map(|_| {
-            let len = rng.random_range(4..14);
+    // Fixed lengths (random tokens and prompt lengths): the model reuses its activation buffers
+    // across batches, and the shape is not what these tests are about.
+    let seqs: Vec<(Vec<i32>, usize)> = [9usize, 5, 12]
+        .into_iter()
+        .map(|len| {
             let toks = (0..len).map(|_| rng.random_range(0..vocab)).collect();
             (toks, rng.random_range(1..len))
         })
@@ -173,37 +175,67 @@ fn host_params_and_grads(model: &Gpt2<CpuBackend>, opt: &AdamW<CpuBackend>) -> V
 }
 
 /// The f64 AdamW twin (PyTorch's `AdamW`: decoupled decay first, then the bias-corrected step).
+/// Beside each value it tracks the size of the operands that produced it (`m_size`, and the
+/// parameter's in `step`'s second result), the scale of the f32 rounding error the backend may make.
 struct HostAdamW {
     m: BTreeMap<String, Vec<f64>>,
+    m_size: BTreeMap<String, Vec<f64>>,
     v: BTreeMap<String, Vec<f64>>,
     step: i32,
 }
 
 impl HostAdamW {
-    fn step(&mut self, cfg: &AdamWConfig, lr: f64, scale: f64, name: &str, param: &[f32], grad: &[f32]) -> Vec<f64> {
+    fn new() -> Self {
+        Self { m: BTreeMap::new(), m_size: BTreeMap::new(), v: BTreeMap::new(), step: 0 }
+    }
+
+    /// The updated parameter and, per element, the size of its operands.
+    fn step(
+        &mut self,
+        cfg: &AdamWConfig,
+        lr: f64,
+        scale: f64,
+        name: &str,
+        param: &[f32],
+        grad: &[f32],
+    ) -> (Vec<f64>, Vec<f64>) {
         let (b1, b2, eps) = (cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64);
         let wd = if decays_weight(name) { cfg.weight_decay as f64 } else { 0.0 };
-        let m = self.m.entry(name.to_string()).or_insert_with(|| vec![0.0; param.len()]);
-        let v = self.v.entry(name.to_string()).or_insert_with(|| vec![0.0; param.len()]);
+        let zeros = || vec![0.0; param.len()];
+        let m = self.m.entry(name.to_string()).or_insert_with(zeros);
+        let m_size = self.m_size.entry(name.to_string()).or_insert_with(zeros);
+        let v = self.v.entry(name.to_string()).or_insert_with(zeros);
         let (bc1, bc2) = (1.0 - b1.powi(self.step), 1.0 - b2.powi(self.step));
         (0..param.len())
             .map(|i| {
                 let g = grad[i] as f64 * scale;
                 m[i] = b1 * m[i] + (1.0 - b1) * g;
+                m_size[i] = b1 * m_size[i] + (1.0 - b1) * g.abs();
                 v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let denominator = (v[i] / bc2).sqrt() + eps;
                 let p = param[i] as f64 * (1.0 - lr * wd);
-                p - lr * (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps)
+                let new = p - lr * (m[i] / bc1) / denominator;
+                let size = (param[i] as f64).abs() + lr * (m_size[i] / bc1) / denominator;
+                (new, size)
             })
-            .collect()
+            .unzip()
     }
 }
 
-fn assert_close_slices(what: &str, got: &[f32], want: &[f64], rel: f64, floor: f64) {
+/// `got` (f32, from the backend) against `want` (the f64 twin), element by element, within `rel`
+/// of `magnitude[i]`: the size of the operands that produced the element (an update `p − δ` that
+/// nearly cancels carries the rounding error of `p`, not of the small result).
+fn assert_close_slices(what: &str, got: &[f32], want: &[f64], magnitude: &[f64], rel: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let g = g as f64;
-        assert!((g - w).abs() <= rel * g.abs().max(w.abs()).max(floor), "{what}[{i}]: {g} vs f64 twin {w}");
+        let tolerance = rel * magnitude[i].max(g.abs()).max(w.abs());
+        assert!((g - w).abs() <= tolerance, "{what}[{i}]: {g} vs f64 twin {w} (tolerance {tolerance:e})");
     }
+}
+
+fn abs_plus(xs: &[f32], floor: f64) -> Vec<f64> {
+    xs.iter().map(|&x| (x as f64).abs() + floor).collect()
 }
 
 const ADAMW: AdamWConfig = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -214,7 +246,7 @@ fn adamw_steps_match_an_f64_twin() {
     let mut model = tiny_model(11);
     let mut opt = AdamW::new(&mut model, ADAMW).unwrap();
     assert_eq!(opt.step_count(), 0);
-    let mut twin = HostAdamW { m: BTreeMap::new(), v: BTreeMap::new(), step: 0 };
+    let mut twin = HostAdamW::new();
     for (lr, scale) in [(1e-3f32, 1.0f32), (3e-3, 0.5), (5e-4, 0.25)] {
         random_grads(&mut model, &mut rng);
         let before = host_params_and_grads(&model, &opt);
@@ -224,11 +256,11 @@ fn adamw_steps_match_an_f64_twin() {
         let after = model.to_host().unwrap();
         let state = opt.state_to_host().unwrap();
         for (name, param, grad) in &before {
-            let want = twin.step(&ADAMW, lr as f64, scale as f64, name, param, grad);
-            // Floor at lr: a parameter near 0 moves by about lr per step.
-            assert_close_slices(name, &after.tensors[name].1, &want, 1e-6, lr as f64);
-            assert_close_slices(&format!("m.{name}"), &state[&format!("m.{name}")], &twin.m[name], 1e-6, 1e-12);
-            assert_close_slices(&format!("v.{name}"), &state[&format!("v.{name}")], &twin.v[name], 1e-6, 1e-20);
+            let (want, size) = twin.step(&ADAMW, lr as f64, scale as f64, name, param, grad);
+            assert_close_slices(name, &after.tensors[name].1, &want, &size, 1e-6);
+            let (m_key, v_key) = (format!("m.{name}"), format!("v.{name}"));
+            assert_close_slices(&m_key, &state[&m_key], &twin.m[name], &twin.m_size[name], 1e-6);
+            assert_close_slices(&v_key, &state[&v_key], &twin.v[name], &twin.v[name], 1e-6);
         }
         assert_eq!(opt.step_count(), twin.step as u32);
     }
@@ -241,7 +273,9 @@ fn weight_decay_applies_only_to_matrices_and_embeddings() {
     let plan: Vec<(String, bool)> = opt.decay_plan().iter().map(|(n, d)| (n.to_string(), *d)).collect();
     assert!(plan.iter().any(|(_, d)| *d) && plan.iter().any(|(_, d)| !*d));
     for (name, decay) in &plan {
-        assert_eq!(*decay, decays_weight(name), "{name}");
+        // Stated independently of `decays_weight`: LayerNorm tensors and biases are exempt.
+        let exempt = name.starts_with("ln_") || name.contains(".ln_") || name.ends_with(".bias");
+        assert_eq!(*decay, !exempt, "{name}");
     }
     // With zero gradients the moments stay 0 and the Adam term vanishes: only the decay moves weights.
     let before = model.to_host().unwrap();
@@ -253,7 +287,7 @@ fn weight_decay_applies_only_to_matrices_and_embeddings() {
         let (old, new) = (&before.tensors[name].1, &after.tensors[name].1);
         if *decay {
             let want: Vec<f64> = old.iter().map(|&p| p as f64 * (1.0 - lr as f64 * 0.5)).collect();
-            assert_close_slices(name, new, &want, 1e-6, 1e-12);
+            assert_close_slices(name, new, &want, &abs_plus(old, 0.0), 1e-6);
             assert!(old.iter().zip(new).any(|(a, b)| a != b), "{name} must decay");
         } else {
             assert_eq!(old, new, "{name} must not be decayed");
@@ -274,7 +308,12 @@ fn sgd_step_matches_the_host() {
     for (name, param, grad) in &before {
         let want: Vec<f64> =
             param.iter().zip(grad).map(|(&p, &g)| p as f64 - lr as f64 * scale as f64 * g as f64).collect();
-        assert_close_slices(name, &after.tensors[name].1, &want, 1e-6, 1e-6);
+        let magnitude: Vec<f64> = param
+            .iter()
+            .zip(grad)
+            .map(|(&p, &g)| (p as f64).abs() + (lr as f64 * scale as f64 * g as f64).abs())
+            .collect();
+        assert_close_slices(name, &after.tensors[name].1, &want, &magnitude, 1e-6);
     }
 }
 
