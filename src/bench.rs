@@ -493,14 +493,9 @@ fn objective_label(o: &Objective) -> String {
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
-        writeln!(
-            f,
-            "{} on {} ({} threads), {}",
-            self.engine,
-            self.device,
-            self.threads,
-            objective_label(&c.objective)
-        )?;
+        let threads =
+            if self.device.contains("thread") { String::new() } else { format!(" ({} threads)", self.threads) };
+        writeln!(f, "{} on {}{threads}, {}", self.engine, self.device, objective_label(&c.objective))?;
         writeln!(
             f,
             "model   L={} d={} heads={} vocab={}  ({:.3} M params)",
