@@ -6,9 +6,8 @@
 //! log-probs. Every tensor is token-major over the whole packed batch; attention alone looks at
 //! the sequence boundaries.
 //!
-//! Activation buffers are sized for the largest batch seen so far and reused while a batch fits.
-//! Ops that take no token count (GELU, residual adds) then run over the whole buffer; the rows past
-//! the current batch hold stale values that no later op reads.
+//! Activation buffers are kept between batches and reallocated only when a batch does not fit
+//! them (see `fits`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,7 +34,7 @@ pub struct DeviceBatch<B: Backend> {
 }
 
 impl<B: Backend> DeviceBatch<B> {
-    /// Checks the batch is well formed (consistent lengths, non-empty sequences, no negative ids or
+    /// Checks the batch is well formed (consistent lengths, non-decreasing offsets, no negative ids or
     /// positions, targets ≥ −1) and uploads it.
     pub fn upload(backend: &B, batch: &PackedBatch) -> Result<Self> {
         let n = batch.tokens.len();
@@ -51,11 +50,8 @@ impl<B: Backend> DeviceBatch<B> {
             "packed batch: cu_seqlens ends at {} but there are {n} tokens",
             batch.cu_seqlens.last().unwrap()
         );
-        if let Some(s) = batch.cu_seqlens.windows(2).position(|w| w[1] <= w[0]) {
-            anyhow::bail!(
-                "packed batch: sequence {s} is empty or has a negative length (cu_seqlens {:?})",
-                &batch.cu_seqlens[s..s + 2]
-            );
+        if let Some(s) = batch.cu_seqlens.windows(2).position(|w| w[1] < w[0]) {
+            anyhow::bail!("packed batch: cu_seqlens decreases at sequence {s} ({:?})", &batch.cu_seqlens[s..s + 2]);
         }
         if let Some(i) = batch.tokens.iter().position(|&t| t < 0) {
             anyhow::bail!("packed batch: token {i} has negative id {}", batch.tokens[i]);
@@ -657,24 +653,20 @@ impl<B: Backend> Gpt2<B> {
         Ok(())
     }
 
-    /// Grows the activation buffers to hold `tokens` tokens and `saved` floats of attention state
-    /// per layer; keeps them when the batch fits.
+    /// Makes the activation buffers fit a batch of `tokens` tokens with `saved` floats of attention
+    /// state per layer, keeping the current ones when they fit.
     fn ensure_activations(&mut self, tokens: usize, saved: usize) -> Result<()> {
         let b = &*self.backend;
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
-        match &mut self.acts {
-            Some(acts) if acts.tokens >= tokens => {
-                if acts.saved < saved {
-                    for layer in &mut acts.layers {
-                        layer.att_saved = b.zeros(saved)?;
-                    }
-                    acts.saved = saved;
+        if let Some(acts) = self.acts.as_mut().filter(|a| fits(a.tokens, tokens)) {
+            if !fits(acts.saved, saved) {
+                for layer in &mut acts.layers {
+                    layer.att_saved = b.zeros(saved)?;
                 }
-                return Ok(());
+                acts.saved = saved;
             }
-            _ => {}
+            return Ok(());
         }
-        let saved = saved.max(self.acts.as_ref().map_or(0, |a| a.saved));
         // Free the old buffers before allocating the new ones (device memory).
         self.acts = None;
         let n = tokens;
@@ -712,10 +704,10 @@ impl<B: Backend> Gpt2<B> {
         Ok(())
     }
 
-    /// Sizes the backward's activation gradients like the forward's activations (at least
-    /// `tokens` tokens), so the whole-buffer ops (GELU backward) see equal lengths.
+    /// Sizes the backward's activation gradients exactly like the forward's activations, so that
+    /// ops without a token count (GELU backward) see equal lengths.
     fn ensure_scratch(&mut self, tokens: usize) -> Result<()> {
-        let n = self.acts.as_ref().map_or(tokens, |a| a.tokens).max(tokens);
+        let n = self.acts.as_ref().map_or(tokens, |a| a.tokens);
         if self.scratch.as_ref().is_some_and(|s| s.tokens == n) {
             return Ok(());
         }
@@ -733,6 +725,15 @@ impl<B: Backend> Gpt2<B> {
         });
         Ok(())
     }
+}
+
+/// Whether buffers allocated for `allocated` elements (tokens) can serve a batch that needs
+/// `needed`. The backends' contract is that a `[n, c]` argument has exactly `n·c` elements (the CPU
+/// backend checks it), so buffers are reused only for a batch of the same shape, e.g. a fixed
+/// evaluation batch or generation at a fixed length. Were the contract relaxed to "at least",
+/// this becomes `allocated >= needed` and the buffers grow to the largest batch seen.
+fn fits(allocated: usize, needed: usize) -> bool {
+    allocated == needed
 }
 
 /// `len` samples of N(0, std²) by Box–Muller, in f64 then rounded to f32.
