@@ -23,7 +23,7 @@
 //! [data]
 //! path = "data/train.jsonl"
 //! # eval_path = "data/test.jsonl"   # absent: hold out `eval_fraction` of `path`
-//! format = "auto"            # auto | pku-safe-rlhf | jsonl
+//! format = "auto"            # auto | pku-saferlhf | jsonl
 //! selection = "safedpo"      # better | safer | safedpo
 //! template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 //! max_len = 512
@@ -63,6 +63,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::data::{DataFormat, PairSelection};
 use crate::loss::Objective;
 use crate::model::Gpt2Config;
 
@@ -90,32 +91,6 @@ impl fmt::Display for DeviceKind {
             DeviceKind::Emu => "emu",
         })
     }
-}
-
-/// The dataset's file format (`data.format`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataFormatName {
-    /// Sniff the first line's fields.
-    #[default]
-    Auto,
-    /// PKU-SafeRLHF: `prompt`, `response_0/1`, `is_response_0/1_safe`, `better/safer_response_id`.
-    PkuSafeRlhf,
-    /// Generic `prompt`, `chosen`, `rejected` (+ optional `chosen_unsafe`, `rejected_unsafe`).
-    Jsonl,
-}
-
-/// Which pairs are built from a dataset (`data.selection`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SelectionName {
-    /// The helpfulness preference as labelled.
-    Better,
-    /// The safety preference as labelled.
-    Safer,
-    /// The helpfulness preference through the SafeDPO transform T(D).
-    #[default]
-    Safedpo,
 }
 
 /// The objective's name (`objective.name`).
@@ -169,8 +144,7 @@ impl ModelConfig {
     }
 }
 
-/// The default prompt template (PKU-SafeRLHF / Beaver's conversation format).
-pub const DEFAULT_TEMPLATE: &str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:";
+pub use crate::data::DEFAULT_TEMPLATE;
 
 /// `[data]`: the dataset and how pairs are built from it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,8 +154,8 @@ pub struct DataConfig {
     pub path: Option<PathBuf>,
     /// Separate evaluation data; absent: `eval_fraction` of `path` is held out.
     pub eval_path: Option<PathBuf>,
-    pub format: DataFormatName,
-    pub selection: SelectionName,
+    pub format: DataFormat,
+    pub selection: PairSelection,
     /// Prompt template; `{prompt}` is replaced by the prompt.
     pub template: String,
     /// Longest sequence (prompt + response) in tokens; longer pairs are truncated.
@@ -197,8 +171,8 @@ impl Default for DataConfig {
         Self {
             path: None,
             eval_path: None,
-            format: DataFormatName::Auto,
-            selection: SelectionName::Safedpo,
+            format: DataFormat::Auto,
+            selection: PairSelection::SafeDpo,
             template: DEFAULT_TEMPLATE.to_string(),
             max_len: 512,
             eval_fraction: 0.05,
@@ -650,6 +624,11 @@ fn toml_field_line(text: &str, field: &str) -> Option<usize> {
     Some(line_col(text, value.span().start).0)
 }
 
+/// A clap value parser for the types that parse with `FromStr` into an `anyhow` error.
+fn parse_via_from_str<T: std::str::FromStr<Err = anyhow::Error>>(s: &str) -> std::result::Result<T, String> {
+    s.parse::<T>().map_err(|e| e.to_string())
+}
+
 /// Command-line overrides of every `RunConfig` field (`--config` names the TOML file they apply on).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct RunOverrides {
@@ -662,6 +641,7 @@ pub struct RunOverrides {
     /// Output directory (metrics, checkpoints, final model).
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+    /// Where to run: auto, cpu, cuda or emu.
     #[arg(long, value_enum)]
     pub device: Option<DeviceKind>,
     /// Cache the reference log-probs on disk and drop the reference model (true/false).
@@ -674,12 +654,16 @@ pub struct RunOverrides {
     /// HF model directory of the reference (default: the policy's initial weights).
     #[arg(long, value_name = "DIR", help_heading = "Model")]
     pub reference: Option<PathBuf>,
+    /// Transformer blocks of a random init.
     #[arg(long, help_heading = "Model")]
     pub n_layer: Option<usize>,
+    /// Width of a random init.
     #[arg(long, help_heading = "Model")]
     pub n_embd: Option<usize>,
+    /// Attention heads of a random init.
     #[arg(long, help_heading = "Model")]
     pub n_head: Option<usize>,
+    /// Context length of a random init.
     #[arg(long, help_heading = "Model")]
     pub n_positions: Option<usize>,
 
@@ -689,22 +673,29 @@ pub struct RunOverrides {
     /// Evaluation data (JSONL); default: hold out --eval-fraction of --data.
     #[arg(long, value_name = "FILE", help_heading = "Data")]
     pub eval_data: Option<PathBuf>,
-    #[arg(long, value_enum, help_heading = "Data")]
-    pub format: Option<DataFormatName>,
-    #[arg(long, value_enum, help_heading = "Data")]
-    pub selection: Option<SelectionName>,
+    /// auto, pku-saferlhf or jsonl.
+    #[arg(long, value_parser = parse_via_from_str::<DataFormat>, help_heading = "Data")]
+    pub format: Option<DataFormat>,
+    /// better, safer or safedpo (better through T(D)).
+    #[arg(long, value_parser = parse_via_from_str::<PairSelection>, help_heading = "Data")]
+    pub selection: Option<PairSelection>,
     /// Prompt template containing `{prompt}`.
     #[arg(long, help_heading = "Data")]
     pub template: Option<String>,
+    /// Longest sequence (prompt + response) in tokens.
     #[arg(long, help_heading = "Data")]
     pub max_len: Option<usize>,
+    /// Fraction of --data held out for evaluation.
     #[arg(long, allow_negative_numbers = true, help_heading = "Data")]
     pub eval_fraction: Option<f64>,
+    /// Skip malformed lines instead of failing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "Data")]
     pub skip_invalid: Option<bool>,
 
+    /// The preference objective.
     #[arg(long, value_enum, help_heading = "Objective")]
     pub objective: Option<ObjectiveName>,
+    /// β: the implicit reward scale.
     #[arg(long, allow_negative_numbers = true, help_heading = "Objective")]
     pub beta: Option<f64>,
     /// SafeDPO's Δ.
@@ -723,17 +714,22 @@ pub struct RunOverrides {
     /// Peak learning rate.
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub lr: Option<f32>,
+    /// AdamW β1.
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub adam_beta1: Option<f32>,
+    /// AdamW β2.
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub adam_beta2: Option<f32>,
+    /// AdamW ε.
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub adam_eps: Option<f32>,
+    /// Decoupled weight decay (matrices and embeddings).
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub weight_decay: Option<f32>,
     /// Global grad-norm clip (0 disables).
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub grad_clip: Option<f32>,
+    /// Linear warmup steps.
     #[arg(long, help_heading = "Optimizer")]
     pub warmup_steps: Option<usize>,
     /// Optimizer steps (replaces any `epochs` from the config file).
@@ -742,21 +738,27 @@ pub struct RunOverrides {
     /// Passes over the data (replaces any `total_steps` from the config file).
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub epochs: Option<f64>,
+    /// The cosine decay ends at this fraction of --lr.
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimizer")]
     pub min_lr_ratio: Option<f32>,
 
     /// Token budget of one packed micro-batch.
     #[arg(long, help_heading = "Batching")]
     pub tokens_per_batch: Option<usize>,
+    /// Micro-batches per optimizer step.
     #[arg(long, help_heading = "Batching")]
     pub grad_accum: Option<usize>,
 
+    /// Steps between metrics records.
     #[arg(long, help_heading = "Intervals")]
     pub log_every: Option<usize>,
+    /// Steps between evaluations (0: first and last only).
     #[arg(long, help_heading = "Intervals")]
     pub eval_every: Option<usize>,
+    /// Steps between checkpoints (0: final only).
     #[arg(long, help_heading = "Intervals")]
     pub checkpoint_every: Option<usize>,
+    /// Checkpoints kept (0: all).
     #[arg(long, help_heading = "Intervals")]
     pub keep_checkpoints: Option<usize>,
 }

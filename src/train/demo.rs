@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use super::metrics::Record;
 use super::{train, RunSummary, Task, TrainOptions};
 use crate::backend::Backend;
-use crate::config::{DataFormatName, ObjectiveName, RunConfig, SelectionName};
+use crate::config::{ObjectiveName, RunConfig};
 use crate::data::{load_pairs, synthetic_pku_rows, write_pku_jsonl, DataFormat, PairSelection};
 
 /// How to run the demo.
@@ -60,8 +60,8 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig)
     sft.device = crate::config::DeviceKind::Cpu;
     sft.out_dir = opts.out_dir.join("sft");
     sft.data.path = Some(data);
-    sft.data.format = DataFormatName::PkuSafeRlhf;
-    sft.data.selection = SelectionName::Safedpo;
+    sft.data.format = DataFormat::PkuSafeRlhf;
+    sft.data.selection = PairSelection::SafeDpo;
     // A short template: bytes are tokens here, and every one costs attention time.
     sft.data.template = DEMO_TEMPLATE.to_string();
     sft.data.max_len = 160;

@@ -31,10 +31,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::{Backend, PAIR_METRICS};
-use crate::config::{DataFormatName, RunConfig, RunLength, SelectionName};
+use crate::config::{RunConfig, RunLength};
 use crate::data::{
-    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher, DataFormat,
-    PairSelection, PreferenceBatch, Template, TextTokenizer, TokenizedPair,
+    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher,
+    PreferenceBatch, Template, TextTokenizer, TokenizedPair,
 };
 use crate::loss::Objective;
 use crate::model::{DeviceBatch, Gpt2};
@@ -130,28 +130,12 @@ pub struct PreparedData {
     pub report: Vec<String>,
 }
 
-pub fn data_format(f: DataFormatName) -> DataFormat {
-    match f {
-        DataFormatName::Auto => DataFormat::Auto,
-        DataFormatName::PkuSafeRlhf => DataFormat::PkuSafeRlhf,
-        DataFormatName::Jsonl => DataFormat::Jsonl,
-    }
-}
-
-pub fn pair_selection(s: SelectionName) -> PairSelection {
-    match s {
-        SelectionName::Better => PairSelection::Better,
-        SelectionName::Safer => PairSelection::Safer,
-        SelectionName::Safedpo => PairSelection::SafeDpo,
-    }
-}
-
 /// Loads, selects (T(D) for SafeDPO), splits and tokenizes the data of `cfg`. For SFT only the pairs
 /// whose chosen response is safe are kept.
 pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Result<PreparedData> {
     let d = &cfg.data;
     let path = cfg.require_data()?;
-    let (format, selection) = (data_format(d.format), pair_selection(d.selection));
+    let (format, selection) = (d.format, d.selection);
     let mut report = Vec::new();
     let (pairs, load) = load_pairs(path, format, selection, d.skip_invalid)
         .with_context(|| format!("loading data.path {}", path.display()))?;
