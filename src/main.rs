@@ -118,9 +118,10 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Prompt template (`{prompt}` is replaced); the training default unless --raw.
-    #[arg(long, default_value = safedpo::config::DEFAULT_TEMPLATE)]
-    template: String,
+    /// Prompt template (`{prompt}` is replaced). Default: the template the model was trained with
+    /// (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
+    #[arg(long)]
+    template: Option<String>,
     /// Feed the prompt as is, without the template.
     #[arg(long)]
     raw: bool,
@@ -309,6 +310,16 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The prompt template a model directory was trained with (from the run configuration a training
+/// checkpoint carries), else the default.
+fn trained_template(model_dir: &Path) -> Result<String> {
+    let path = model_dir.join(safedpo::train::checkpoint::RUN_CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(safedpo::config::DEFAULT_TEMPLATE.to_string());
+    }
+    Ok(RunConfig::from_toml_file(&path)?.data.template)
+}
+
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let backend = cpu_backend(args.device)?;
     let tok = load_tokenizer(Some(&args.model))?;
@@ -317,7 +328,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let prompt = if args.raw {
         tok.encode(&args.prompt)
     } else {
-        Template::new(args.template.clone()).context("--template")?.encode_prompt(tok.as_ref(), &args.prompt)
+        let template = match &args.template {
+            Some(t) => t.clone(),
+            None => trained_template(&args.model)?,
+        };
+        Template::new(template).context("--template")?.encode_prompt(tok.as_ref(), &args.prompt)
     };
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0, got {}", args.temperature);

@@ -7,7 +7,8 @@
 //!   metrics.jsonl          appended as training goes
 //!   reference_logps.safetensors   the reference cache (precompute_ref)
 //!   checkpoint-<step>/     config.json, model.safetensors (HF), [tokenizer files],
-//!                          optimizer.safetensors, state.json, metrics.jsonl (up to <step>)
+//!                          optimizer.safetensors, state.json, metrics.jsonl (up to <step>),
+//!                          run_config.toml
 //!   final/                 the same, after the last step
 //!   latest                 one line: the name of the newest complete checkpoint directory
 //! ```
@@ -34,6 +35,8 @@ pub const STATE_FILE: &str = "state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const FINAL_DIR: &str = "final";
+/// The run configuration, copied into every checkpoint (`generate` reads its template).
+pub const RUN_CONFIG_FILE: &str = "run_config.toml";
 const STATE_FORMAT: &str = "safedpo-train-state-v1";
 
 /// The name of the checkpoint directory of `step`.

@@ -79,10 +79,10 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig)
         sft.optimizer.total_steps = Some(12);
         sft.intervals.eval_every = 6;
     } else {
-        (sft.model.n_layer, sft.model.n_embd, sft.model.n_head) = (2, 64, 4);
-        sft.optimizer.lr = 3e-3;
+        (sft.model.n_layer, sft.model.n_embd, sft.model.n_head) = (2, 128, 4);
+        sft.optimizer.lr = 2e-3;
         sft.optimizer.warmup_steps = 10;
-        sft.optimizer.total_steps = Some(150);
+        sft.optimizer.total_steps = Some(300);
         sft.intervals.eval_every = 50;
     }
 
@@ -99,10 +99,10 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig)
         dpo.optimizer.total_steps = Some(12);
         dpo.intervals.eval_every = 4;
     } else {
-        dpo.optimizer.lr = 1e-3;
+        dpo.optimizer.lr = 3e-4;
         dpo.optimizer.warmup_steps = 5;
-        dpo.optimizer.total_steps = Some(80);
-        dpo.intervals.eval_every = 10;
+        dpo.optimizer.total_steps = Some(40);
+        dpo.intervals.eval_every = 5;
     }
     (sft, dpo)
 }
@@ -197,6 +197,10 @@ pub fn run_demo<B: Backend>(backend: Arc<B>, opts: &DemoOptions) -> Result<DemoR
         safedpo.eval_pairs,
         out.join("metrics.jsonl").display(),
         plot.display()
+    ));
+    table.push_str(&format!(
+        "try: safedpo generate --model {} --prompt \"How do I steal a car?\"\n",
+        dpo_cfg.out_dir.join(super::checkpoint::FINAL_DIR).display()
     ));
     Ok(DemoReport { sft, safedpo, before, after, table, wall_seconds: wall })
 }

@@ -107,6 +107,11 @@ pub fn json_f64(x: f64) -> Value {
     serde_json::Number::from_f64(x).map(Value::Number).unwrap_or(Value::Null)
 }
 
+/// An f32 as JSON with its shortest decimal form (0.0002, not 0.00020000000949949026).
+pub fn json_f32(x: f32) -> Value {
+    format!("{x}").parse::<f64>().map(json_f64).unwrap_or(Value::Null)
+}
+
 /// The run's `metrics.jsonl`, appended to as training goes, and its records kept in memory (a
 /// checkpoint stores a copy, so that a resumed run continues the log from that point).
 pub struct MetricsLog {

@@ -43,7 +43,7 @@ use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
 use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_DIR, METRICS_FILE};
-use metrics::{json_f64, MetricsLog, PairStats, Record};
+use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
 
@@ -413,8 +413,8 @@ impl<B: Backend> Trainer<B> {
                 rec.insert("loss".into(), json_f64(iv.nll / iv.nll_tokens.max(1) as f64));
             }
         }
-        rec.insert("learning_rate".into(), json_f64(info.lr as f64));
-        rec.insert("grad_norm".into(), json_f64(info.grad_norm as f64));
+        rec.insert("learning_rate".into(), json_f32(info.lr));
+        rec.insert("grad_norm".into(), json_f32(info.grad_norm));
         rec.insert("tokens_per_second".into(), json_f64(iv.tokens as f64 / iv.seconds.max(1e-9)));
         rec.insert("epoch".into(), json_f64(self.epoch()));
         rec.insert("step".into(), self.step.into());
@@ -448,6 +448,7 @@ impl<B: Backend> Trainer<B> {
             checkpoint::write_optimizer_state(dir, &self.optimizer.state_to_host()?)?;
             check("metrics.jsonl")?;
             write_atomic(&dir.join(METRICS_FILE), self.log.to_jsonl().as_bytes())?;
+            write_atomic(&dir.join(checkpoint::RUN_CONFIG_FILE), self.cfg.to_toml()?.as_bytes())?;
             check("state.json")?;
             state.write(dir)
         })?;
