@@ -415,7 +415,7 @@ impl RunConfig {
             }
             if m.n_head == 0 {
                 err("model.n_head", "must be at least 1".into());
-            } else if m.n_embd == 0 || m.n_embd % m.n_head != 0 {
+            } else if m.n_embd == 0 || !m.n_embd.is_multiple_of(m.n_head) {
                 err(
                     "model.n_embd",
                     format!("must be a positive multiple of model.n_head ({}), got {}", m.n_head, m.n_embd),

@@ -27,9 +27,7 @@ fn synthetic_data(dir: &Path, n: usize, seed: u64) -> PathBuf {
 
 /// A run small enough for a test: one layer, d=16, a few steps, two micro-batches per step.
 fn tiny_config(out: &Path, data: &Path) -> RunConfig {
-    let mut c = RunConfig::default();
-    c.out_dir = out.to_path_buf();
-    c.seed = 7;
+    let mut c = RunConfig { out_dir: out.to_path_buf(), seed: 7, ..Default::default() };
     c.data.path = Some(data.to_path_buf());
     c.data.template = "U: {prompt} A:".into();
     c.data.max_len = 128;
@@ -307,4 +305,27 @@ fn short_safedpo_run_improves_held_out_safe_preferred_accuracy() {
     assert!(after >= 0.9, "safe-preferred accuracy {before} -> {after}");
     assert!(get(&s.last_eval, "eval/rewards/margins") > 0.0);
     assert!(get(&s.last_eval, "eval/loss") < get(&s.first_eval, "eval/loss"));
+}
+
+#[test]
+fn epochs_cover_the_training_pairs_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 50, 9);
+    for epochs in [1.0, 2.0] {
+        let mut cfg = tiny_config(&dir.path().join(format!("run-{epochs}")), &data);
+        cfg.batching.grad_accum = 1;
+        cfg.batching.tokens_per_micro_batch = 900;
+        cfg.optimizer.total_steps = None;
+        cfg.optimizer.epochs = Some(epochs);
+        cfg.optimizer.warmup_steps = 0;
+        cfg.intervals.eval_every = 0;
+        let s = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+        let state = safedpo::train::checkpoint::TrainState::read(&cfg.out_dir.join("final")).unwrap();
+        assert_eq!((state.batcher.epoch, state.batcher.position), (epochs as usize, 0), "{epochs} epochs");
+        assert_eq!(state.step, s.total_steps);
+        assert!(s.total_steps as f64 >= epochs * s.train_pairs as f64 / 10.0, "{} steps", s.total_steps);
+        let last = safedpo::plot::read_metrics(&cfg.out_dir.join("metrics.jsonl")).unwrap();
+        let epoch = last.iter().rev().find_map(|r| r.get("epoch").and_then(|v| v.as_f64())).unwrap();
+        assert_eq!(epoch, epochs);
+    }
 }

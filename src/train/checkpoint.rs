@@ -111,10 +111,11 @@ pub fn write_f32_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// Tensors by name: (shape, data).
+pub type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// All tensors of a safetensors file as f32 (every tensor must be F32), and its metadata.
-pub fn read_f32_safetensors(
-    path: &Path,
-) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>)> {
+pub fn read_f32_safetensors(path: &Path) -> Result<(F32Tensors, HashMap<String, String>)> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let metadata = header.metadata().clone().unwrap_or_default();

@@ -55,10 +55,12 @@ pub const DEMO_TEMPLATE: &str = "USER: {prompt} ASSISTANT:";
 
 /// The demo's two run configurations (SFT, SafeDPO) for a data file.
 pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig) {
-    let mut sft = RunConfig::default();
-    sft.seed = opts.seed;
-    sft.device = crate::config::DeviceKind::Cpu;
-    sft.out_dir = opts.out_dir.join("sft");
+    let mut sft = RunConfig {
+        seed: opts.seed,
+        device: crate::config::DeviceKind::Cpu,
+        out_dir: opts.out_dir.join("sft"),
+        ..Default::default()
+    };
     sft.data.path = Some(data);
     sft.data.format = DataFormat::PkuSafeRlhf;
     sft.data.selection = PairSelection::SafeDpo;

@@ -200,6 +200,9 @@ fn total_steps(cfg: &RunConfig, batcher: &Batcher, pairs: &[TokenizedPair], task
     }
 }
 
+/// The ChaCha stream of the run's RNG: apart from the streams the data order uses (one per epoch).
+const RUN_RNG_STREAM: u64 = 1 << 48;
+
 /// Files besides the weights that make a model directory usable (copied from the initial model).
 const TOKENIZER_FILES: [&str; 5] =
     ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
@@ -637,7 +640,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let schedule =
         LrSchedule { peak_lr: op.lr, warmup_steps: op.warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    rng.set_stream(0x7361_6665_6470_6f); // independent of the data order's streams
+    rng.set_stream(RUN_RNG_STREAM);
     let metrics_path = out.join(METRICS_FILE);
     let (step, log) = match (&resume_from, &saved_state) {
         (Some(dir), Some(state)) => {
