@@ -78,7 +78,8 @@ fn main() {
     let device_headers_hash = hash_files(&device_headers);
     let emu_headers_hash = hash_files(&emu_headers);
 
-    let nvcc = if env_flag("SAFEDPO_NO_NVCC") { None } else { find_nvcc(&manifest_dir) };
+    let skip_nvcc = env_flag("SAFEDPO_NO_NVCC");
+    let nvcc = if skip_nvcc { None } else { find_nvcc(&manifest_dir) };
     let ptxas_verbose = env_flag("SAFEDPO_PTXAS_VERBOSE");
     let mut jobs = Vec::new();
     match &nvcc {
@@ -96,6 +97,9 @@ fn main() {
             for (stem, source) in &sources {
                 jobs.push(nvcc_job(nvcc, &kernels_dir, &out_dir, stem, source, device_headers_hash, ptxas_verbose));
             }
+        }
+        None if skip_nvcc => {
+            println!("cargo:warning=SAFEDPO_NO_NVCC is set: building without GPU kernels (emulated device only)")
         }
         None => println!(
             "cargo:warning=nvcc not found ($NVCC, PATH, $CUDA_HOME, .toolchain/cuda, /usr/local/cuda): building \

@@ -4,7 +4,6 @@
 //! launches, and the cost of a context switch.
 
 use std::str::FromStr;
-use std::time::Instant;
 
 use half::bf16;
 use rand::rngs::StdRng;
