@@ -7,7 +7,7 @@
 //! the sequence boundaries.
 //!
 //! Activation buffers are kept between batches and reallocated only when a batch does not fit
-//! them (see [`fits`]).
+//! them (see `fits`).
 
 use std::path::Path;
 use std::sync::Arc;
