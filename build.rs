@@ -233,7 +233,8 @@ fn find_nvcc(manifest_dir: &Path) -> Option<Nvcc> {
     }
     candidates.push(manifest_dir.join(".toolchain").join("cuda").join("bin").join("nvcc"));
     candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
-    let found: Vec<Nvcc> = candidates.iter().filter(|path| path.is_file()).filter_map(|path| probe_nvcc(path)).collect();
+    let found: Vec<Nvcc> =
+        candidates.iter().filter(|path| path.is_file()).filter_map(|path| probe_nvcc(path)).collect();
     let preferred = found.iter().position(|nvcc| nvcc.release == WANT_NVCC_RELEASE).unwrap_or(0);
     found.into_iter().nth(preferred)
 }
@@ -383,14 +384,20 @@ fn write_kernel_list(out_dir: &Path, sources: &[(String, PathBuf)], nvcc: Option
         let constant = c_identifier(stem).to_uppercase();
         writeln!(code, "/// `kernels/{stem}.cu` compiled to a fatbin (empty when built without nvcc).").unwrap();
         if nvcc.is_some() {
-            writeln!(code, "pub const {constant}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"));")
-                .unwrap();
+            writeln!(
+                code,
+                "pub const {constant}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"));"
+            )
+            .unwrap();
         } else {
             writeln!(code, "pub const {constant}: &[u8] = &[];").unwrap();
         }
         writeln!(modules, "    (\"{stem}\", {constant}),").unwrap();
     }
-    writeln!(code, "\n/// Every kernel file as (file stem, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n{modules}];")
-        .unwrap();
+    writeln!(
+        code,
+        "\n/// Every kernel file as (file stem, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n{modules}];"
+    )
+    .unwrap();
     write_if_changed(&out_dir.join("kernels.rs"), &code);
 }
