@@ -9,6 +9,7 @@
 //! - [`train`]: the loop, reference log-probs, eval, checkpoints, metrics.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod loss;

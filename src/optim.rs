@@ -1,2 +1,313 @@
 //! Optimizers (AdamW with fp32 state, plain SGD), global grad-norm clipping, and the learning-rate
 //! schedule (linear warmup, then cosine decay).
+//!
+//! The update itself is one backend call per parameter tensor (`Backend::adamw`, `Backend::sgd`);
+//! this module owns the optimizer state, decides which tensors are weight-decayed, folds gradient
+//! clipping into the update as a `grad_scale`, and moves the state to and from checkpoints.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::backend::{AdamWParams, Backend};
+use crate::model::Gpt2;
+
+/// AdamW hyper-parameters. `lr` is the default learning rate; `AdamW::step` takes the one to use
+/// (usually `LrSchedule::lr`), so a schedule never has to mutate the optimizer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (Loshchilov & Hutter), applied only where `decays_weight` says.
+    pub weight_decay: f32,
+}
+
+impl AdamWConfig {
+    /// Checks the hyper-parameters: all finite, `lr ≥ 0`, `β1, β2 ∈ [0, 1)`, `eps > 0`,
+    /// `weight_decay ≥ 0`.
+    pub fn validate(&self) -> Result<()> {
+        let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = *self;
+        for (name, value) in
+            [("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay)]
+        {
+            ensure!(value.is_finite(), "adamw: {name} = {value} is not finite");
+        }
+        ensure!(lr >= 0.0, "adamw: lr = {lr} must be >= 0");
+        ensure!((0.0..1.0).contains(&beta1), "adamw: beta1 = {beta1} must be in [0, 1)");
+        ensure!((0.0..1.0).contains(&beta2), "adamw: beta2 = {beta2} must be in [0, 1)");
+        ensure!(eps > 0.0, "adamw: eps = {eps} must be > 0");
+        ensure!(weight_decay >= 0.0, "adamw: weight_decay = {weight_decay} must be >= 0");
+        Ok(())
+    }
+}
+
+/// Whether the parameter called `name` (HF GPT-2 naming) gets weight decay: the matrices and the
+/// embeddings (`wte.weight`, `wpe.weight`, `h.N.attn.c_attn.weight`, …), i.e. names ending in
+/// `weight` that are not LayerNorm gains (`ln_1`, `ln_2`, `ln_f`). Biases and LayerNorm parameters
+/// are not decayed. This is the GPT-2 / nanoGPT convention (nanoGPT decays every tensor of rank
+/// ≥ 2, which for GPT-2 is exactly this set).
+pub fn decays_weight(name: &str) -> bool {
+    let is_layernorm = name.split('.').any(|part| part.starts_with("ln_"));
+    name.ends_with("weight") && !is_layernorm
+}
+
+/// One parameter tensor's AdamW state.
+struct Slot<B: Backend> {
+    name: String,
+    len: usize,
+    decay: bool,
+    /// First moment, fp32, same length as the parameter.
+    m: B::Buf,
+    /// Second moment, fp32.
+    v: B::Buf,
+}
+
+/// AdamW (decoupled weight decay, bias-corrected moments) with its fp32 state on the backend.
+pub struct AdamW<B: Backend> {
+    backend: Arc<B>,
+    cfg: AdamWConfig,
+    slots: Vec<Slot<B>>,
+    /// Number of steps taken; the next step is `step + 1` (1-based, for bias correction).
+    step: u32,
+}
+
+/// Key under which `AdamW::state_to_host` stores the step count (one f32, exact up to 2²⁴ steps).
+pub const STEP_KEY: &str = "step";
+
+impl<B: Backend> AdamW<B> {
+    /// Zeroed state for every parameter of `model`, in the model's order.
+    ///
+    /// Takes the model mutably only to read the parameter names and sizes from
+    /// `Gpt2::params_and_grads_mut` (the model's one listing of named parameters); nothing is
+    /// changed.
+    pub fn new(model: &mut Gpt2<B>, cfg: AdamWConfig) -> Result<Self> {
+        cfg.validate()?;
+        let backend = model.backend().clone();
+        let mut slots = Vec::new();
+        for (name, param, grad) in model.params_and_grads_mut() {
+            let len = backend.buf_len(param);
+            ensure!(
+                backend.buf_len(grad) == len,
+                "adamw: gradient of {name} has {} elements, the parameter {len}",
+                backend.buf_len(grad)
+            );
+            let m = backend.zeros(len).with_context(|| format!("adamw: allocating m for {name} ({len} floats)"))?;
+            let v = backend.zeros(len).with_context(|| format!("adamw: allocating v for {name} ({len} floats)"))?;
+            slots.push(Slot { name: name.to_string(), len, decay: decays_weight(name), m, v });
+        }
+        Ok(Self { backend, cfg, slots, step: 0 })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Number of steps taken.
+    pub fn step_count(&self) -> u32 {
+        self.step
+    }
+
+    /// The parameter names the state is kept for, in order, with whether each is weight-decayed.
+    pub fn decay_plan(&self) -> Vec<(&str, bool)> {
+        self.slots.iter().map(|slot| (slot.name.as_str(), slot.decay)).collect()
+    }
+
+    /// One AdamW update of every parameter at learning rate `lr`, each gradient multiplied by
+    /// `grad_scale` first (clipping, see `clip_scale`; gradient-accumulation averaging).
+    pub fn step(&mut self, model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Result<()> {
+        ensure!(lr.is_finite() && lr >= 0.0, "adamw: learning rate {lr} must be finite and >= 0");
+        ensure!(grad_scale.is_finite(), "adamw: grad_scale {grad_scale} is not finite");
+        ensure!(
+            Arc::ptr_eq(model.backend(), &self.backend),
+            "adamw: the model is on another backend than the optimizer state"
+        );
+        let backend = self.backend.clone();
+        let params = model.params_and_grads_mut();
+        ensure!(
+            params.len() == self.slots.len(),
+            "adamw: the model has {} parameter tensors, the optimizer state {}",
+            params.len(),
+            self.slots.len()
+        );
+        // Check every tensor before touching any, so that a mismatch leaves the model as it was.
+        for ((name, param, grad), slot) in params.iter().zip(&self.slots) {
+            ensure!(*name == slot.name, "adamw: parameter {name} where the optimizer state has {}", slot.name);
+            ensure!(
+                backend.buf_len(param) == slot.len && backend.buf_len(grad) == slot.len,
+                "adamw: {name} has {} elements (gradient {}), the optimizer state {}",
+                backend.buf_len(param),
+                backend.buf_len(grad),
+                slot.len
+            );
+        }
+        let step = self.step + 1;
+        for ((name, param, grad), slot) in params.into_iter().zip(&mut self.slots) {
+            let hyper = AdamWParams {
+                lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: if slot.decay { self.cfg.weight_decay } else { 0.0 },
+                step,
+                grad_scale,
+            };
+            backend.adamw(param, grad, &mut slot.m, &mut slot.v, &hyper).with_context(|| format!("adamw on {name}"))?;
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// The state on the host, for checkpoints: `m.<param name>` and `v.<param name>` for every
+    /// parameter, and `step` (`STEP_KEY`) holding the step count as one f32.
+    pub fn state_to_host(&self) -> Result<BTreeMap<String, Vec<f32>>> {
+        let mut state = BTreeMap::new();
+        for slot in &self.slots {
+            for (moment, buf) in [("m", &slot.m), ("v", &slot.v)] {
+                let host =
+                    self.backend.download(buf).with_context(|| format!("adamw: downloading {moment}.{}", slot.name))?;
+                state.insert(format!("{moment}.{}", slot.name), host);
+            }
+        }
+        state.insert(STEP_KEY.to_string(), vec![self.step as f32]);
+        Ok(state)
+    }
+
+    /// Restores the state written by `state_to_host`, after `step` steps. Every `m.`/`v.` tensor
+    /// must be present with the parameter's length and finite values; unknown keys are an error (a
+    /// checkpoint of a different model). A `step` entry, where present, must agree with `step`.
+    /// Nothing is changed unless the whole state is valid.
+    pub fn load_state(&mut self, state: &BTreeMap<String, Vec<f32>>, step: u32) -> Result<()> {
+        if let Some(saved) = state.get(STEP_KEY) {
+            ensure!(
+                saved.len() == 1 && saved[0] == step as f32,
+                "adamw state: {STEP_KEY} = {saved:?} disagrees with the step {step} being restored"
+            );
+        }
+        let mut expected = 0;
+        for slot in &self.slots {
+            for moment in ["m", "v"] {
+                let key = format!("{moment}.{}", slot.name);
+                let data = state.get(&key).with_context(|| format!("adamw state: missing tensor {key}"))?;
+                ensure!(
+                    data.len() == slot.len,
+                    "adamw state: {key} has {} elements, the parameter {}",
+                    data.len(),
+                    slot.len
+                );
+                if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+                    bail!("adamw state: {key}[{i}] = {} is not finite", data[i]);
+                }
+                expected += 1;
+            }
+        }
+        let known = expected + usize::from(state.contains_key(STEP_KEY));
+        if state.len() != known {
+            let unknown: Vec<&str> = state
+                .keys()
+                .map(String::as_str)
+                .filter(|key| {
+                    *key != STEP_KEY
+                        && !self.slots.iter().any(|slot| {
+                            key.strip_prefix("m.").or_else(|| key.strip_prefix("v.")) == Some(slot.name.as_str())
+                        })
+                })
+                .collect();
+            bail!("adamw state: tensors for no parameter of this model: {}", unknown.join(", "));
+        }
+        let mut loaded = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let upload = |moment: &str| {
+                let key = format!("{moment}.{}", slot.name);
+                self.backend.upload(&state[&key]).with_context(|| format!("adamw: uploading {key}"))
+            };
+            loaded.push((upload("m")?, upload("v")?));
+        }
+        for (slot, (m, v)) in self.slots.iter_mut().zip(loaded) {
+            slot.m = m;
+            slot.v = v;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// One plain SGD step on every parameter: `param −= lr · grad_scale · grad`. No momentum, no
+/// weight decay (a baseline and a test oracle).
+pub fn sgd_step<B: Backend>(model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Result<()> {
+    ensure!(lr.is_finite(), "sgd: learning rate {lr} is not finite");
+    ensure!(grad_scale.is_finite(), "sgd: grad_scale {grad_scale} is not finite");
+    let backend = model.backend().clone();
+    for (name, param, grad) in model.params_and_grads_mut() {
+        backend.sgd(param, grad, lr, grad_scale).with_context(|| format!("sgd on {name}"))?;
+    }
+    Ok(())
+}
+
+/// Global grad norm; returns `(norm, scale)` with `scale = min(1, max_norm / (norm + 1e-6))`, or 1
+/// when `max_norm <= 0` (no clipping). Pass `scale` as the optimizer's `grad_scale`, so that clipping
+/// costs no extra pass over the gradients.
+///
+/// A non-finite norm (overflowed or NaN gradients) is returned as is, with scale 1: the caller
+/// decides whether to skip the step or stop, and must check `norm.is_finite()`.
+pub fn clip_scale<B: Backend>(model: &Gpt2<B>, max_norm: f32) -> Result<(f32, f32)> {
+    let sum_squares = model.backend().sum_squares(&model.grads()).context("global grad norm")?;
+    let norm = sum_squares.sqrt() as f32;
+    let scale = if max_norm > 0.0 && norm.is_finite() { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
+    Ok((norm, scale))
+}
+
+/// Learning rate by step: linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine decay
+/// to `min_lr_ratio · peak_lr` at `total_steps`, constant after.
+///
+/// `step` is the 1-based number of the update about to be made (`AdamW::step_count() + 1`), so the
+/// first update uses `peak_lr / warmup_steps`, update `warmup_steps` the peak, and update
+/// `total_steps` the minimum; `lr(0) = 0` is where the warmup line starts. Without warmup
+/// (`warmup_steps = 0`) the decay starts from the peak at step 0. When `total_steps ≤ warmup_steps`
+/// there is no decay phase: the rate stays at the peak after the warmup.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrSchedule {
+    pub peak_lr: f32,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    pub min_lr_ratio: f32,
+}
+
+impl LrSchedule {
+    /// A constant learning rate.
+    pub fn constant(lr: f32) -> Self {
+        Self { peak_lr: lr, warmup_steps: 0, total_steps: 0, min_lr_ratio: 1.0 }
+    }
+
+    /// Checks `peak_lr` finite and ≥ 0 and `min_lr_ratio ∈ [0, 1]`.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.peak_lr.is_finite() && self.peak_lr >= 0.0,
+            "lr schedule: peak_lr = {} must be finite and >= 0",
+            self.peak_lr
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.min_lr_ratio),
+            "lr schedule: min_lr_ratio = {} must be in [0, 1]",
+            self.min_lr_ratio
+        );
+        Ok(())
+    }
+
+    pub fn lr(&self, step: usize) -> f32 {
+        let peak = f64::from(self.peak_lr);
+        if step < self.warmup_steps {
+            return (peak * step as f64 / self.warmup_steps as f64) as f32;
+        }
+        let decay_steps = self.total_steps.saturating_sub(self.warmup_steps);
+        if decay_steps == 0 {
+            return self.peak_lr;
+        }
+        let min = peak * f64::from(self.min_lr_ratio);
+        let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        (min + (peak - min) * cosine) as f32
+    }
+}
