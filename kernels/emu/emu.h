@@ -198,6 +198,13 @@ inline typename std::common_type<A, B>::type max(A a, B b) {
 }
 
 // ---- float math: libm for the accurate functions; the fast intrinsics follow the GPU's formulas --
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
+inline float normcdff(float x) { return 0.5f * erfcf(-x * 0.70710678118654752f); }
+inline double normcdf(double x) { return 0.5 * erfc(-x * 0.70710678118654752); }
+inline float fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float rcbrtf(float x) { return 1.0f / cbrtf(x); }

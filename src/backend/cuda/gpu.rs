@@ -7,6 +7,7 @@
 //! limit first (as `cudaFuncSetAttribute` would). Argument counts and sizes are checked against the
 //! kernel's parameter list (`cuFuncGetParamInfo`) the first time a kernel is launched.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::env;
 use std::ffi::{c_char, c_int, c_void, CString};
@@ -36,8 +37,9 @@ pub fn probe() -> Result<(), String> {
         Ok(_) => {}
         Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
     }
-    // SAFETY: only tries to dlopen the library.
-    if !unsafe { lt::is_culib_present() } && !(preload_cublaslt() && unsafe { lt::is_culib_present() }) {
+    // SAFETY: only tries to dlopen the library (again after loading it by path).
+    let cublaslt = unsafe { lt::is_culib_present() } || (preload_cublaslt() && unsafe { lt::is_culib_present() });
+    if !cublaslt {
         return Err("libcublasLt.so.13 could not be loaded (needed for matrix products): put its folder on \
                     LD_LIBRARY_PATH, or set SAFEDPO_CUBLASLT=/path/to/libcublasLt.so.13"
             .into());
@@ -388,12 +390,12 @@ impl Gpu {
             align: [alignment(ops.a), alignment(ops.b), alignment(ops.d)],
         };
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
-            let plan =
-                self.plan_gemm(&key).with_context(|| format!("planning gemm {spec:?} ({:?} → {:?})", ops.ab, ops.c))?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(
+                self.plan_gemm(&key).with_context(|| format!("planning gemm {spec:?} ({:?} → {:?})", ops.ab, ops.c))?,
+            ),
+        };
         // SAFETY (all calls): descriptors owned by the plan; device pointers checked by Device::gemm.
         unsafe {
             if let Some(bias) = ops.bias {
