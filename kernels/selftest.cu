@@ -207,12 +207,25 @@ extern "C" __global__ void selftest_bad_mask(float* out) {
 }
 EMU_REGISTER(selftest_bad_mask)
 
-/// Lane 0 exits while the other lanes wait for it in a full-mask shuffle.
-extern "C" __global__ void selftest_bad_warp_exit(float* out) {
-    if (threadIdx.x % 32 == 0) return;
-    out[threadIdx.x] = __shfl_xor_sync(FULL_MASK, 1.0f, 1);
+/// Lane 0 of every warp exits before a full-mask shuffle, which CUDA allows (exited lanes take no
+/// part); lane 1 then reads its exited partner: undefined on a GPU, NaN on the emulator.
+extern "C" __global__ void selftest_warp_exit(float* out) {
+    const int lane = threadIdx.x % 32;
+    if (lane == 0) return;
+    out[threadIdx.x] = __shfl_xor_sync(FULL_MASK, (float)lane, 1);
 }
-EMU_REGISTER(selftest_bad_warp_exit)
+EMU_REGISTER(selftest_warp_exit)
+
+/// Lane 0 waits at `__syncthreads` while the rest of its warp waits for it in a shuffle: a deadlock.
+extern "C" __global__ void selftest_bad_warp_deadlock(float* out) {
+    if (threadIdx.x % 32 == 0) {
+        __syncthreads();
+    } else {
+        out[threadIdx.x] = __shfl_xor_sync(FULL_MASK, 1.0f, 1);
+        __syncthreads();
+    }
+}
+EMU_REGISTER(selftest_bad_warp_deadlock)
 
 /// A failing device-side assert.
 extern "C" __global__ void selftest_bad_assert(const int* values) {

@@ -9,10 +9,11 @@
 // opens and the next phase starts.
 //
 // Misuse stops the launch with an error naming the kernel, block and thread (the Rust side turns it
-// into an `Err`): `__syncthreads` not reached by every thread or reached at different call sites, warp
-// masks that leave out the caller or name lanes the block does not have, lanes of one mask in
-// different intrinsics, warps that can never complete an intrinsic (deadlock), `assert` and `__trap`.
-// A shuffle that reads a lane outside its mask gets all-ones bits (NaN), which tests then catch.
+// into an `Err`): `__syncthreads` not reached by every thread or reached at different call sites, a
+// warp mask that leaves out the caller, lanes of one mask in different intrinsics, warps that can
+// never complete an intrinsic (deadlock), `assert` and `__trap`. As in CUDA, exited lanes (and the
+// missing lanes of a partial warp) take no part in warp intrinsics; a shuffle that reads one, or a
+// lane outside its mask, gets all-ones bits (NaN), which tests then catch.
 //
 // Context switches: a hand-written x86-64 switch (the callee-saved registers only: no signal mask, so
 // no system call, and no MXCSR / x87 control word, which kernels never change; it resumes with an
@@ -132,6 +133,7 @@ struct Runtime {
     size_t dyn_bytes = 0, dyn_capacity = 0;
     int barrier_result = 0;
     unsigned warp_waiting[kMaxThreadsPerBlock / 32] = {};  // per warp: lanes waiting in a warp operation
+    unsigned warp_live[kMaxThreadsPerBlock / 32] = {};     // per warp: lanes that exist and have not exited
     bool failed = false;
     std::string error;
     uint64_t launches = 0, blocks = 0, switches = 0;
@@ -262,11 +264,14 @@ inline void yield(Fiber* f) {
 #endif
 }
 
+void lane_exited(Fiber* f);
+
 void fiber_entry() {
     Fiber* self = g.current;
     for (;;) {
         g.kernel->invoke(g.kernel->fn, g.args);
         self->state = State::Done;
+        lane_exited(self);
         yield(self);  // resumed again for the next block (state Ready)
     }
 }
@@ -335,16 +340,20 @@ unsigned shuffle_source(int kind, unsigned lane, int param, int width) {
     return j <= max_lane ? j : lane;
 }
 
-/// Completes the operation `f` waits in if every lane of its mask has arrived with the same mask.
+/// Completes the operation `f` waits in once every lane of its mask that has not exited has arrived
+/// with the same mask (CUDA: "all non-exited threads named in mask must execute the same intrinsic
+/// with the same mask"). Lanes that exited, or that the block does not have, take no part: a shuffle
+/// reading one, or a lane outside the mask, gets all-ones bits (NaN), undefined on the GPU.
 void try_complete_warp_op(Fiber* f, unsigned base) {
-    unsigned mask = f->op_mask;
+    const unsigned mask = f->op_mask;
+    const unsigned need = mask & g.warp_live[base / 32];
     unsigned& waiting = g.warp_waiting[base / 32];
-    if ((waiting & mask) != mask) return;  // the common case: not every lane is here yet
-    for (unsigned m = mask; m; m &= m - 1) {
+    if ((waiting & need) != need) return;  // the common case: not every lane is here yet
+    for (unsigned m = need; m; m &= m - 1) {
         const Fiber* o = g.fibers[base + __builtin_ctz(m)];
-        if (o->state != State::AtWarp || o->op_mask != mask) return;
+        if (o->op_mask != mask) return;  // waits in another group first
     }
-    for (unsigned m = mask; m; m &= m - 1) {
+    for (unsigned m = need; m; m &= m - 1) {
         const Fiber* o = g.fibers[base + __builtin_ctz(m)];
         if (o->op_kind != f->op_kind || o->op_width != f->op_width) {
             fail_in_fiber(format("lanes of one mask (0x%08x) are in different warp intrinsics: %s is in %s "
@@ -358,12 +367,12 @@ void try_complete_warp_op(Fiber* f, unsigned base) {
         case EMU_BALLOT:
         case EMU_ANY:
         case EMU_ALL:
-            for (unsigned m = mask; m; m &= m - 1) {
+            for (unsigned m = need; m; m &= m - 1) {
                 unsigned l = __builtin_ctz(m);
                 if (g.fibers[base + l]->op_value) acc |= 1ull << l;
             }
             if (f->op_kind == EMU_ANY) acc = acc != 0;
-            if (f->op_kind == EMU_ALL) acc = acc == mask;
+            if (f->op_kind == EMU_ALL) acc = acc == need;
             break;
         case EMU_REDUCE_MIN_U32:
         case EMU_REDUCE_AND: acc = 0xffffffffull; break;
@@ -372,7 +381,7 @@ void try_complete_warp_op(Fiber* f, unsigned base) {
         default: break;
     }
     if (f->op_kind >= EMU_REDUCE_ADD) {
-        for (unsigned m = mask; m; m &= m - 1) {
+        for (unsigned m = need; m; m &= m - 1) {
             uint32_t v = (uint32_t)g.fibers[base + __builtin_ctz(m)]->op_value, a = (uint32_t)acc;
             switch (f->op_kind) {
                 case EMU_REDUCE_ADD: a += v; break;
@@ -387,19 +396,28 @@ void try_complete_warp_op(Fiber* f, unsigned base) {
             acc = a;
         }
     }
-    for (unsigned m = mask; m; m &= m - 1) {
+    for (unsigned m = need; m; m &= m - 1) {
         unsigned l = __builtin_ctz(m);
         Fiber* o = g.fibers[base + l];
         if (is_shuffle(o->op_kind)) {
             unsigned src = shuffle_source(o->op_kind, l, o->op_param, o->op_width);
-            // reading a lane outside the mask is undefined on the GPU: poison it
-            o->op_result = (mask >> src & 1u) ? g.fibers[base + src]->op_value : ~0ull;
+            o->op_result = (need >> src & 1u) ? g.fibers[base + src]->op_value : ~0ull;
         } else {
             o->op_result = acc;
         }
         o->state = State::Ready;
     }
-    waiting &= ~mask;
+    waiting &= ~need;
+}
+
+/// A lane exited: operations that waited only for it can complete now.
+void lane_exited(Fiber* f) {
+    unsigned lane = f->tid & 31u, base = f->tid - lane;
+    g.warp_live[base / 32] &= ~(1u << lane);
+    for (unsigned m = g.warp_waiting[base / 32]; m; m &= m - 1) {
+        Fiber* o = g.fibers[base + __builtin_ctz(m)];
+        if (o->state == State::AtWarp) try_complete_warp_op(o, base);
+    }
 }
 
 /// Describes why the lanes of a warp that wait in warp intrinsics can never continue.
@@ -409,11 +427,10 @@ std::string describe_warp_deadlock(unsigned lo, unsigned hi) {
         if (f->state != State::AtWarp) continue;
         for (unsigned m = f->op_mask; m; m &= m - 1) {
             const Fiber* o = g.fibers[lo + __builtin_ctz(m)];
-            if (o->state == State::AtWarp && o->op_mask == f->op_mask) continue;
-            std::string where = o->state == State::Done        ? "has exited"
-                                : o->state == State::AtBarrier ? "waits at __syncthreads"
-                                                               : format("waits in %s with mask 0x%08x",
-                                                                        op_name(o->op_kind), o->op_mask);
+            if (o->state == State::Done || (o->state == State::AtWarp && o->op_mask == f->op_mask)) continue;
+            std::string where = o->state == State::AtBarrier ? "waits at __syncthreads"
+                                                             : format("waits in %s with mask 0x%08x",
+                                                                      op_name(o->op_kind), o->op_mask);
             return format("%s waits in %s with mask 0x%08x, but %s %s (deadlock)", thread_name(f).c_str(),
                           op_name(f->op_kind), f->op_mask, thread_name(o).c_str(), where.c_str());
         }
@@ -454,6 +471,10 @@ bool run_block() {
     if (g.dyn_bytes) memset(g.dyn_smem, 0xff, g.dyn_bytes);
     for (unsigned t = 0; t < g.nthreads; ++t) g.fibers[t]->state = State::Ready;
     std::fill(std::begin(g.warp_waiting), std::end(g.warp_waiting), 0u);
+    for (unsigned w = 0; w * 32 < g.nthreads; ++w) {
+        unsigned lanes = std::min(32u, g.nthreads - w * 32);
+        g.warp_live[w] = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+    }
     for (;;) {
         for (unsigned w = 0; w * 32 < g.nthreads; ++w)
             if (!run_warp(w)) return false;
@@ -516,13 +537,8 @@ extern "C" __attribute__((noinline)) uint64_t emu_warp_op(int kind, unsigned mas
     Fiber* f = g.current;
     if (f == nullptr) fail_in_fiber(op_name(kind));
     unsigned lane = f->tid & 31u, base = f->tid - lane;
-    unsigned lanes = std::min(32u, g.nthreads - base);
-    unsigned exists = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
     if (!(mask >> lane & 1u))
         fail_in_fiber(format("%s with mask 0x%08x, which leaves out the calling lane %u", op_name(kind), mask, lane));
-    if (mask & ~exists)
-        fail_in_fiber(format("%s with mask 0x%08x names lanes that do not exist (this warp has %u threads)",
-                             op_name(kind), mask, lanes));
     if (is_shuffle(kind) && (width < 1 || width > 32 || (width & (width - 1))))
         fail_in_fiber(format("%s with width %d (must be a power of two in 1..32)", op_name(kind), width));
     f->op_kind = kind;
@@ -540,10 +556,7 @@ extern "C" __attribute__((noinline)) uint64_t emu_warp_op(int kind, unsigned mas
 extern "C" unsigned emu_active_mask(void) {
     Fiber* f = g.current;
     if (f == nullptr) fail_in_fiber("__activemask");
-    unsigned base = f->tid & ~31u, lanes = std::min(32u, g.nthreads - base), mask = 0;
-    for (unsigned l = 0; l < lanes; ++l)
-        if (g.fibers[base + l]->state != State::Done) mask |= 1u << l;
-    return mask;
+    return g.warp_live[f->tid / 32];
 }
 
 extern "C" void* emu_dynamic_smem(void) { return g.dyn_bytes ? g.dyn_smem : nullptr; }
