@@ -36,7 +36,8 @@ const NVCC_GENCODE: &[&str] = &[
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_80,code=compute_80",
 ];
-const NVCC_FLAGS: &[&str] = &["--fatbin", "-std=c++17", "-O3", "-lineinfo", "-Xcudafe", "--display_error_number"];
+const NVCC_FLAGS: &[&str] =
+    &["--fatbin", "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcudafe", "--display_error_number"];
 /// The emulated device runs kernels at this optimisation level whatever the cargo profile: the
 /// emulator is what CI runs, and -O2 is several times faster than -O0 on fiber-heavy code.
 const EMU_FLAGS: &[&str] = &["-fno-strict-aliasing", "-fno-math-errno", "-Wno-unknown-pragmas"];

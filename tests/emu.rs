@@ -58,6 +58,14 @@ fn registry_knows_every_kernel_and_its_signature() {
 }
 
 #[test]
+fn device_and_buffers_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Device>();
+    assert_send_sync::<safedpo::backend::cuda::DeviceBuffer<f32>>();
+    assert_send_sync::<safedpo::backend::cuda::DeviceBuffer<bf16>>();
+}
+
+#[test]
 fn fresh_buffers_hold_nan() {
     let device = emu_device();
     let floats = device.alloc::<f32>(1000).unwrap();
