@@ -1,3 +1,396 @@
+//! Compiles `kernels/*.cu` twice:
+//!
+//! 1. with nvcc into one fatbin per file (sm_80 and sm_90 cubins plus compute_80 PTX), embedded in the
+//!    library as one constant per file (`src/backend/cuda/kernels.rs` includes the generated list);
+//! 2. with the C++ compiler (cc crate, C++17) through `kernels/emu/emu.h` into the emulated device, a
+//!    static library with the runtime in `kernels/emu/runtime.cpp`.
+//!
+//! nvcc is looked up in `$NVCC`, `PATH`, `$CUDA_HOME`/`$CUDA_PATH`, the project's `.toolchain/cuda`
+//! (`scripts/install-cuda-toolchain.sh`) and `/usr/local/cuda`; the first of release 13.0 wins (the GPU
+//! machines' driver is 13.0 and rejects newer PTX), else the first found, with a warning. Without nvcc
+//! the build still succeeds with a warning: the CUDA backend then reports at run time that it was
+//! built without kernels, and the CPU backend and the emulated device work as usual.
+//!
+//! Every compilation is cached in OUT_DIR under a hash of its inputs (sources, headers, flags and
+//! compiler), and the compilations run in parallel (NUM_JOBS). Environment:
+//! - `SAFEDPO_PTXAS_VERBOSE=1`: ptxas register and spill report for every kernel, as cargo warnings;
+//! - `SAFEDPO_NO_NVCC=1`: skip nvcc even when it is installed.
+
+use std::collections::hash_map::DefaultHasher;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// The CUDA release whose PTX the GPU machines' driver accepts.
+const WANT_NVCC_RELEASE: &str = "13.0";
+/// Targets of every fatbin: native code for A100 (sm_80) and H100 (sm_90), and PTX that newer GPUs JIT.
+const NVCC_GENCODE: &[&str] = &[
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_80,code=compute_80",
+];
+const NVCC_FLAGS: &[&str] = &["--fatbin", "-std=c++17", "-O3", "-lineinfo", "-Xcudafe", "--display_error_number"];
+/// The emulated device runs kernels at this optimisation level whatever the cargo profile: the
+/// emulator is what CI runs, and -O2 is several times faster than -O0 on fiber-heavy code.
+const EMU_FLAGS: &[&str] = &["-fno-strict-aliasing", "-fno-math-errno", "-Wno-unknown-pragmas"];
+
+struct Nvcc {
+    path: PathBuf,
+    /// The `release X.Y` number, e.g. "13.0".
+    release: String,
+    /// The full version line, e.g. "Cuda compilation tools, release 13.0, V13.0.88".
+    version_line: String,
+}
+
+/// One compilation: a command that writes `output`, skipped when `key_file` holds `key`.
+struct Job {
+    what: String,
+    command: Command,
+    output: PathBuf,
+    key: u64,
+    key_file: PathBuf,
+    /// Print the compiler's stderr as warnings even when it succeeds (ptxas -v).
+    verbose: bool,
+}
+
 fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kernels_dir = manifest_dir.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "SAFEDPO_PTXAS_VERBOSE", "SAFEDPO_NO_NVCC"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let sources = kernel_sources(&kernels_dir);
+    // Every header a kernel may include: their contents are part of each compilation's cache key.
+    let mut device_headers = Vec::new();
+    let mut emu_headers = Vec::new();
+    collect_headers(&kernels_dir, &kernels_dir.join("emu"), &mut device_headers, &mut emu_headers);
+    let device_headers_hash = hash_files(&device_headers);
+    let emu_headers_hash = hash_files(&emu_headers);
+
+    let nvcc = if env_flag("SAFEDPO_NO_NVCC") { None } else { find_nvcc(&manifest_dir) };
+    let ptxas_verbose = env_flag("SAFEDPO_PTXAS_VERBOSE");
+    let mut jobs = Vec::new();
+    match &nvcc {
+        Some(nvcc) => {
+            println!("cargo:rerun-if-changed={}", nvcc.path.display());
+            if nvcc.release != WANT_NVCC_RELEASE {
+                println!(
+                    "cargo:warning=using nvcc {} at {}: the GPU machines' CUDA {WANT_NVCC_RELEASE} driver cannot \
+                     load its PTX (cubins for sm_80/sm_90 still work); `bash scripts/install-cuda-toolchain.sh` \
+                     installs nvcc {WANT_NVCC_RELEASE}",
+                    nvcc.release,
+                    nvcc.path.display()
+                );
+            }
+            for (stem, source) in &sources {
+                jobs.push(nvcc_job(nvcc, &kernels_dir, &out_dir, stem, source, device_headers_hash, ptxas_verbose));
+            }
+        }
+        None => println!(
+            "cargo:warning=nvcc not found ($NVCC, PATH, $CUDA_HOME, .toolchain/cuda, /usr/local/cuda): building \
+             without GPU kernels (the CPU backend and the emulated device work). Install it with `bash \
+             scripts/install-cuda-toolchain.sh`."
+        ),
+    }
+
+    let emu_dir = out_dir.join("emu");
+    fs::create_dir_all(&emu_dir).unwrap();
+    let compiler = emu_compiler(&kernels_dir);
+    let compiler_hash = hash_of(&format!("{:?}", compiler.to_command()));
+    let mut emu_objects = Vec::new();
+    let mut units = String::from("// Generated by build.rs: references every kernel unit of the emulated device.\n");
+    let mut unit_calls = String::new();
+    for (stem, source) in &sources {
+        let ident = c_identifier(stem);
+        let wrapper = emu_dir.join(format!("{ident}.cpp"));
+        write_if_changed(
+            &wrapper,
+            &format!(
+                "// Generated by build.rs: kernels/{stem}.cu for the emulated device (see kernels/emu/emu.h).\n\
+                 #define EMU_UNIT_NAME \"{stem}\"\n\
+                 #include \"emu/emu.h\"\n\
+                 namespace {{\n\
+                 #include \"{source}\"\n\
+                 }}\n\
+                 extern \"C\" void emu_unit_{ident}(void) {{}}\n",
+                source = source.display()
+            ),
+        );
+        let key = hash_of(&(compiler_hash, emu_headers_hash, fs::read(source).unwrap(), fs::read(&wrapper).unwrap()));
+        jobs.push(cxx_job(&compiler, &wrapper, &emu_dir.join(format!("{ident}.o")), key, &format!("{stem}.cu (emu)")));
+        emu_objects.push(emu_dir.join(format!("{ident}.o")));
+        writeln!(units, "extern \"C\" void emu_unit_{ident}(void);").unwrap();
+        writeln!(unit_calls, "    emu_unit_{ident}();").unwrap();
+    }
+    let units_file = emu_dir.join("emu_units.cpp");
+    write_if_changed(&units_file, &format!("{units}extern \"C\" void emu_link_units(void) {{\n{unit_calls}}}\n"));
+    let runtime = kernels_dir.join("emu").join("runtime.cpp");
+    let key = hash_of(&(compiler_hash, emu_headers_hash, fs::read(&runtime).unwrap()));
+    jobs.push(cxx_job(&compiler, &runtime, &emu_dir.join("runtime.o"), key, "emu/runtime.cpp"));
+    emu_objects.push(emu_dir.join("runtime.o"));
+    let key = hash_of(&(compiler_hash, fs::read(&units_file).unwrap()));
+    jobs.push(cxx_job(&compiler, &units_file, &emu_dir.join("emu_units.o"), key, "emu_units.cpp"));
+    emu_objects.push(emu_dir.join("emu_units.o"));
+
+    run_jobs(jobs);
+
+    // The emulated device: archive the objects (cc links the C++ standard library too).
+    let mut archive = cc::Build::new();
+    archive.cpp(true).cargo_warnings(false);
+    for object in &emu_objects {
+        archive.object(object);
+    }
+    archive.compile("safedpo_emu");
+
+    write_kernel_list(&out_dir, &sources, nvcc.as_ref());
+}
+
+/// `kernels/*.cu`, sorted, as (file stem, path).
+fn kernel_sources(kernels_dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut sources: Vec<(String, PathBuf)> = fs::read_dir(kernels_dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", kernels_dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .map(|path| (path.file_stem().unwrap().to_string_lossy().into_owned(), path))
+        .collect();
+    sources.sort();
+    sources
+}
+
+/// Headers under `dir`: those under `emu_dir` matter to the emulator only, the others to both builds.
+fn collect_headers(dir: &Path, emu_dir: &Path, device: &mut Vec<PathBuf>, emu: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().path()).collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            collect_headers(&path, emu_dir, device, emu);
+        } else if path.extension().is_some_and(|ext| ext == "cuh" || ext == "h" || ext == "hpp") {
+            if !path.starts_with(emu_dir) {
+                device.push(path.clone());
+            }
+            emu.push(path);
+        }
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+fn hash_of<T: Hash>(value: &T) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn hash_files(paths: &[PathBuf]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for path in paths {
+        path.hash(&mut hasher);
+        fs::read(path).unwrap().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn c_identifier(stem: &str) -> String {
+    stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+/// Writes `contents` unless the file already holds exactly that (keeps mtimes stable).
+fn write_if_changed(path: &Path, contents: &str) {
+    if fs::read_to_string(path).ok().as_deref() != Some(contents) {
+        fs::write(path, contents).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+}
+
+// ---- nvcc ------------------------------------------------------------------------------------------
+
+fn find_nvcc(manifest_dir: &Path) -> Option<Nvcc> {
+    if let Some(explicit) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(explicit);
+        return match probe_nvcc(&path) {
+            Some(nvcc) => Some(nvcc),
+            None => panic!("$NVCC={} does not run (`{} --version` failed)", path.display(), path.display()),
+        };
+    }
+    let mut candidates = Vec::new();
+    if let Some(path_var) = env::var_os("PATH") {
+        candidates.extend(env::split_paths(&path_var).map(|dir| dir.join("nvcc")));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var).filter(|v| !v.is_empty()) {
+            candidates.push(PathBuf::from(home).join("bin").join("nvcc"));
+        }
+    }
+    candidates.push(manifest_dir.join(".toolchain").join("cuda").join("bin").join("nvcc"));
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
+    let found: Vec<Nvcc> = candidates.iter().filter(|path| path.is_file()).filter_map(|path| probe_nvcc(path)).collect();
+    let preferred = found.iter().position(|nvcc| nvcc.release == WANT_NVCC_RELEASE).unwrap_or(0);
+    found.into_iter().nth(preferred)
+}
+
+fn probe_nvcc(path: &Path) -> Option<Nvcc> {
+    let output = Command::new(path).arg("--version").output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let version_line = text.lines().find(|line| line.contains("release"))?.trim().to_string();
+    let release = version_line.split("release ").nth(1)?.split(',').next()?.trim().to_string();
+    Some(Nvcc { path: path.to_path_buf(), release, version_line })
+}
+
+fn nvcc_job(
+    nvcc: &Nvcc,
+    kernels_dir: &Path,
+    out_dir: &Path,
+    stem: &str,
+    source: &Path,
+    headers_hash: u64,
+    ptxas_verbose: bool,
+) -> Job {
+    let output = out_dir.join(format!("{stem}.fatbin"));
+    let mut command = Command::new(&nvcc.path);
+    command.args(NVCC_FLAGS).args(NVCC_GENCODE).arg("-I").arg(kernels_dir);
+    if ptxas_verbose {
+        command.args(["-Xptxas", "-v"]);
+    }
+    command.arg("-o").arg(&output).arg(source);
+    let key = hash_of(&(
+        &nvcc.path,
+        &nvcc.version_line,
+        NVCC_FLAGS,
+        NVCC_GENCODE,
+        ptxas_verbose,
+        headers_hash,
+        fs::read(source).unwrap(),
+    ));
+    Job {
+        what: format!("{stem}.cu (nvcc)"),
+        command,
+        key_file: out_dir.join(format!("{stem}.fatbin.key")),
+        output,
+        key,
+        verbose: ptxas_verbose,
+    }
+}
+
+// ---- the emulated device -----------------------------------------------------------------------------
+
+/// The C++ compiler as the cc crate configures it (CXX, target flags, -fPIC), plus our flags.
+fn emu_compiler(kernels_dir: &Path) -> cc::Tool {
+    let mut build = cc::Build::new();
+    build.cpp(true).std("c++17").opt_level(2).warnings(true).include(kernels_dir).cargo_warnings(false);
+    for flag in EMU_FLAGS {
+        build.flag(flag);
+    }
+    build.get_compiler()
+}
+
+fn cxx_job(compiler: &cc::Tool, source: &Path, output: &Path, key: u64, what: &str) -> Job {
+    let mut command = compiler.to_command();
+    command.arg("-c").arg(source).arg("-o").arg(output);
+    let key_file = output.with_extension("o.key");
+    Job { what: what.to_string(), command, output: output.to_path_buf(), key, key_file, verbose: false }
+}
+
+/// Runs the jobs whose outputs are stale, NUM_JOBS at a time; panics with the compiler's output if one
+/// fails, and prints warnings (and ptxas reports) as cargo warnings.
+fn run_jobs(jobs: Vec<Job>) {
+    let stale: Vec<Mutex<Job>> = jobs
+        .into_iter()
+        .filter(|job| !(job.output.is_file() && fs::read_to_string(&job.key_file).ok() == Some(job.key.to_string())))
+        .map(Mutex::new)
+        .collect();
+    let parallelism = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, stale.len().max(1));
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    let messages = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..parallelism {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = stale.get(index) else { break };
+                let mut job = job.lock().unwrap();
+                let _ = fs::remove_file(&job.key_file);
+                let started = std::time::Instant::now();
+                let result = job.command.output();
+                let seconds = started.elapsed().as_secs_f64();
+                match result {
+                    Ok(output) if output.status.success() => {
+                        fs::write(&job.key_file, job.key.to_string()).unwrap();
+                        let stderr = String::from_utf8_lossy(&output.stderr);
+                        let mut lines = Vec::new();
+                        if job.verbose || stderr.contains("warning") {
+                            lines.extend(stderr.lines().map(|line| format!("{}: {line}", job.what)));
+                        }
+                        lines.push(format!("compiled {} in {seconds:.1} s", job.what));
+                        messages.lock().unwrap().push((job.verbose || stderr.contains("warning"), lines));
+                    }
+                    Ok(output) => failures.lock().unwrap().push(format!(
+                        "{} failed ({:?}):\n{}{}",
+                        job.what,
+                        job.command,
+                        String::from_utf8_lossy(&output.stdout),
+                        String::from_utf8_lossy(&output.stderr)
+                    )),
+                    Err(e) => failures.lock().unwrap().push(format!("{}: cannot run {:?}: {e}", job.what, job.command)),
+                }
+            });
+        }
+    });
+    for (as_warning, lines) in messages.into_inner().unwrap() {
+        for line in lines {
+            if as_warning {
+                println!("cargo:warning={line}");
+            } else {
+                // visible with `cargo build -vv`: how long each kernel file takes
+                eprintln!("{line}");
+            }
+        }
+    }
+    let failures = failures.into_inner().unwrap();
+    if !failures.is_empty() {
+        panic!("kernel compilation failed:\n{}", failures.join("\n\n"));
+    }
+}
+
+/// OUT_DIR/kernels.rs: one constant per kernel file (its fatbin, or empty without nvcc), the list of
+/// modules, and how they were built.
+fn write_kernel_list(out_dir: &Path, sources: &[(String, PathBuf)], nvcc: Option<&Nvcc>) {
+    let mut code = String::from("// Generated by build.rs.\n\n");
+    writeln!(code, "/// Whether the kernels were compiled with nvcc (false: no GPU code is embedded).").unwrap();
+    writeln!(code, "pub const BUILT_WITH_NVCC: bool = {};", nvcc.is_some()).unwrap();
+    writeln!(code, "/// The nvcc that compiled the kernels (`nvcc --version`), or empty.").unwrap();
+    writeln!(code, "pub const NVCC_VERSION: &str = {:?};", nvcc.map_or("", |n| n.version_line.as_str())).unwrap();
+    writeln!(code, "/// The targets every fatbin holds.").unwrap();
+    writeln!(code, "pub const NVCC_TARGETS: &str = \"sm_80, sm_90 (cubin), compute_80 (PTX)\";\n").unwrap();
+    let mut modules = String::new();
+    for (stem, _) in sources {
+        let constant = c_identifier(stem).to_uppercase();
+        writeln!(code, "/// `kernels/{stem}.cu` compiled to a fatbin (empty when built without nvcc).").unwrap();
+        if nvcc.is_some() {
+            writeln!(code, "pub const {constant}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"));")
+                .unwrap();
+        } else {
+            writeln!(code, "pub const {constant}: &[u8] = &[];").unwrap();
+        }
+        writeln!(modules, "    (\"{stem}\", {constant}),").unwrap();
+    }
+    writeln!(code, "\n/// Every kernel file as (file stem, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n{modules}];")
+        .unwrap();
+    write_if_changed(&out_dir.join("kernels.rs"), &code);
 }
