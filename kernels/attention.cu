@@ -25,6 +25,11 @@
 // uncoalesced key loads. Tiled tensor-core kernels (or cuBLASLt batched products) come later.
 //
 // Dynamic shared memory: forward (hd + max_seqlen) floats, dq (2·hd + max_seqlen), dkdv (2·hd + 2·max_seqlen).
+//
+// Loops that precede a barrier run the same number of iterations on every lane (`base` steps, with the
+// lane's index tested inside), rather than `for (j = lane; j < count; j += 32)`: a lane-dependent trip
+// count lets the host compiler duplicate the barrier call into both exits, and the emulated device
+// tells barriers apart by call site. Same cost on the GPU.
 #include "common.cuh"
 
 /// The sequence holding token t: the last s with cu_seqlens[s] ≤ t (empty sequences are skipped).
@@ -58,21 +63,30 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
     float* q = dynamic_smem<float>();  // [hd]
     float* p = q + hd;                 // [max_seqlen] scores, then probabilities
     const T* q_row = qkv + t * row3 + h * hd;
-    for (int d = lane; d < hd; d += 32) q[d] = to_float(q_row[d]);
+    for (int base = 0; base < hd; base += 32) {
+        const int d = base + lane;
+        if (d < hd) q[d] = to_float(q_row[d]);
+    }
     __syncthreads();
 
     float m = -INFINITY;
-    for (int j = lane; j < keys; j += 32) {
-        const float s = scale * head_dot(q, qkv + (start + j) * row3 + c + h * hd, hd);
-        p[j] = s;
-        m = fmaxf(m, s);
+    for (int base = 0; base < keys; base += 32) {
+        const int j = base + lane;
+        if (j < keys) {
+            const float s = scale * head_dot(q, qkv + (start + j) * row3 + c + h * hd, hd);
+            p[j] = s;
+            m = fmaxf(m, s);
+        }
     }
     m = warp_reduce_max(m);
     float sum = 0.0f;
-    for (int j = lane; j < keys; j += 32) {
-        const float e = expf(p[j] - m);
-        p[j] = e;
-        sum += e;
+    for (int base = 0; base < keys; base += 32) {
+        const int j = base + lane;
+        if (j < keys) {
+            const float e = expf(p[j] - m);
+            p[j] = e;
+            sum += e;
+        }
     }
     sum = warp_reduce_sum(sum);
     const float inv_sum = 1.0f / sum;
@@ -105,20 +119,26 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
     const T* dy_row = dout + (long long)t * c + h * hd;
     const T* y_row = out + (long long)t * c + h * hd;
     float dot = 0.0f;
-    for (int d = lane; d < hd; d += 32) {
-        q[d] = to_float(q_row[d]);
-        dy[d] = to_float(dy_row[d]);
-        dot += dy[d] * to_float(y_row[d]);
+    for (int base = 0; base < hd; base += 32) {
+        const int d = base + lane;
+        if (d < hd) {
+            q[d] = to_float(q_row[d]);
+            dy[d] = to_float(dy_row[d]);
+            dot += dy[d] * to_float(y_row[d]);
+        }
     }
     const float dt = warp_reduce_sum(dot);  // D_t = dout_t·out_t = Σ_j P_tj (dout_t·v_j)
     const float l = lse[(long long)t * n_head + h];
     __syncthreads();
 
-    for (int j = lane; j < keys; j += 32) {
-        const long long key_row = (start + j) * row3 + h * hd;
-        const float pj = expf(scale * head_dot(q, qkv + key_row + c, hd) - l);
-        const float dp = head_dot(dy, qkv + key_row + 2 * c, hd);
-        ds[j] = pj * (dp - dt);
+    for (int base = 0; base < keys; base += 32) {
+        const int j = base + lane;
+        if (j < keys) {
+            const long long key_row = (start + j) * row3 + h * hd;
+            const float pj = expf(scale * head_dot(q, qkv + key_row + c, hd) - l);
+            const float dp = head_dot(dy, qkv + key_row + 2 * c, hd);
+            ds[j] = pj * (dp - dt);
+        }
     }
     __syncthreads();
 
@@ -147,18 +167,24 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
     float* p = v + hd;                 // [max_seqlen]
     float* ds = p + queries;           // [max_seqlen]
     const T* k_row = qkv + j * row3 + c + h * hd;
-    for (int d = lane; d < hd; d += 32) {
-        k[d] = to_float(k_row[d]);
-        v[d] = to_float(k_row[c + d]);
+    for (int base = 0; base < hd; base += 32) {
+        const int d = base + lane;
+        if (d < hd) {
+            k[d] = to_float(k_row[d]);
+            v[d] = to_float(k_row[c + d]);
+        }
     }
     __syncthreads();
 
-    for (int i = lane; i < queries; i += 32) {
-        const long long t = j + i;
-        const float pt = expf(scale * head_dot(k, qkv + t * row3 + h * hd, hd) - lse[t * n_head + h]);
-        const float dp = head_dot(v, dout + t * c + h * hd, hd);
-        p[i] = pt;
-        ds[i] = pt * (dp - delta[t * n_head + h]);
+    for (int base = 0; base < queries; base += 32) {
+        const int i = base + lane;
+        if (i < queries) {
+            const long long t = j + i;
+            const float pt = expf(scale * head_dot(k, qkv + t * row3 + h * hd, hd) - lse[t * n_head + h]);
+            const float dp = head_dot(v, dout + t * c + h * hd, hd);
+            p[i] = pt;
+            ds[i] = pt * (dp - delta[t * n_head + h]);
+        }
     }
     __syncthreads();
 

@@ -21,6 +21,10 @@
 // - logsoftmax_gather_backward_<T>: one block per row (grid n, 256 threads); each thread finds the row's
 //   sequence by binary search over cu_seqlens (no barrier needed) and overwrites its strided elements.
 //   Probabilities are never stored: the gradient replaces the logits.
+//
+// Loops before a block reduction run the same number of iterations on every thread (the element index
+// tested inside): with a thread-dependent trip count the host compiler may duplicate the barrier call,
+// and the emulated device tells barriers apart by call site.
 #include "common.cuh"
 
 #define LSG_THREADS 256
@@ -56,13 +60,16 @@ __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, const T
     // Online max and sum of exponentials over this thread's elements: the sum is rescaled only when
     // the maximum rises.
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float x = to_float(row[j]);
-        if (x > m) {
-            s = s * expf(m - x) + 1.0f;
-            m = x;
-        } else {
-            s += expf(x - m);
+    for (int base = 0; base < v; base += blockDim.x) {  // same trip count on every thread (see above)
+        const int j = base + threadIdx.x;
+        if (j < v) {
+            const float x = to_float(row[j]);
+            if (x > m) {
+                s = s * expf(m - x) + 1.0f;
+                m = x;
+            } else {
+                s += expf(x - m);
+            }
         }
     }
     const float row_max = block_reduce_max_lsg(m);
@@ -100,7 +107,9 @@ extern "C" __global__ void sequence_logp_sum_f32(float* seq_logp, const float* t
     const int s = blockIdx.x;
     const int start = cu_seqlens[s], end = cu_seqlens[s + 1];
     float acc = 0.0f;
-    for (int t = start + threadIdx.x; t < end; t += blockDim.x) acc += token_logp[t];
+    for (int base = start; base < end; base += blockDim.x) {
+        if (base + (int)threadIdx.x < end) acc += token_logp[base + threadIdx.x];
+    }
     acc = block_reduce_sum(acc);
     if (threadIdx.x == 0) seq_logp[s] = acc;
 }
