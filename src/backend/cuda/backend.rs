@@ -627,7 +627,10 @@ impl Backend for CudaBackend {
         check_len(OP, "out", out.len(), n * c)?;
         check_len(OP, "tokens", tokens.host.len(), n)?;
         check_len(OP, "positions", positions.host.len(), n)?;
-        ensure!(wte.len() % c == 0 && wpe.len() % c == 0, "{OP}: wte/wpe lengths must be multiples of c = {c}");
+        ensure!(
+            wte.len().is_multiple_of(c) && wpe.len().is_multiple_of(c),
+            "{OP}: wte/wpe lengths must be multiples of c = {c}"
+        );
         check_ids(OP, "tokens", &tokens.host, wte.len() / c, false)?;
         check_ids(OP, "positions", &positions.host, wpe.len() / c, false)?;
         if n == 0 {
@@ -658,7 +661,10 @@ impl Backend for CudaBackend {
         check_len(OP, "dout", dout.len(), n * c)?;
         check_len(OP, "tokens", tokens.host.len(), n)?;
         check_len(OP, "positions", positions.host.len(), n)?;
-        ensure!(dwte.len() % c == 0 && dwpe.len() % c == 0, "{OP}: dwte/dwpe lengths must be multiples of c = {c}");
+        ensure!(
+            dwte.len().is_multiple_of(c) && dwpe.len().is_multiple_of(c),
+            "{OP}: dwte/dwpe lengths must be multiples of c = {c}"
+        );
         check_ids(OP, "tokens", &tokens.host, dwte.len() / c, false)?;
         check_ids(OP, "positions", &positions.host, dwpe.len() / c, false)?;
         let dt = self.act();
@@ -896,7 +902,10 @@ impl Backend for CudaBackend {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "attention_forward";
-        ensure!(n_head > 0 && c % n_head == 0, "{OP}: c = {c} is not a positive multiple of n_head = {n_head}");
+        ensure!(
+            n_head > 0 && c.is_multiple_of(n_head),
+            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
+        );
         ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
         let n = packing.num_tokens();
         check_packing(OP, packing, n)?;
@@ -943,7 +952,10 @@ impl Backend for CudaBackend {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
-        ensure!(n_head > 0 && c % n_head == 0, "{OP}: c = {c} is not a positive multiple of n_head = {n_head}");
+        ensure!(
+            n_head > 0 && c.is_multiple_of(n_head),
+            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
+        );
         ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
         let n = packing.num_tokens();
         check_packing(OP, packing, n)?;
@@ -1133,7 +1145,11 @@ impl Backend for CudaBackend {
         grad_scale: f32,
     ) -> Result<()> {
         const OP: &str = "preference_loss";
-        ensure!(policy.len() % 2 == 0, "{OP}: `policy` has {} elements, expected an even number", policy.len());
+        ensure!(
+            policy.len().is_multiple_of(2),
+            "{OP}: `policy` has {} elements, expected an even number",
+            policy.len()
+        );
         let pairs = policy.len() / 2;
         let uses_reference = objective.uses_reference();
         if uses_reference {
