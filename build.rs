@@ -14,7 +14,9 @@
 //! Every compilation is cached in OUT_DIR under a hash of its inputs (sources, headers, flags and
 //! compiler), and the compilations run in parallel (NUM_JOBS). Environment:
 //! - `SAFEDPO_PTXAS_VERBOSE=1`: ptxas register and spill report for every kernel, as cargo warnings;
-//! - `SAFEDPO_NO_NVCC=1`: skip nvcc even when it is installed.
+//! - `SAFEDPO_NO_NVCC=1`: skip nvcc even when it is installed;
+//! - `SAFEDPO_EMU_UCONTEXT=1`: the emulator switches fibers with swapcontext instead of its x86-64
+//!   assembly (the portable path other architectures take).
 
 use std::collections::hash_map::DefaultHasher;
 use std::env;
@@ -64,7 +66,7 @@ fn main() {
     let kernels_dir = manifest_dir.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "SAFEDPO_PTXAS_VERBOSE", "SAFEDPO_NO_NVCC"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "SAFEDPO_PTXAS_VERBOSE", "SAFEDPO_NO_NVCC", "SAFEDPO_EMU_UCONTEXT"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -76,7 +78,8 @@ fn main() {
     let device_headers_hash = hash_files(&device_headers);
     let emu_headers_hash = hash_files(&emu_headers);
 
-    let nvcc = if env_flag("SAFEDPO_NO_NVCC") { None } else { find_nvcc(&manifest_dir) };
+    let skip_nvcc = env_flag("SAFEDPO_NO_NVCC");
+    let nvcc = if skip_nvcc { None } else { find_nvcc(&manifest_dir) };
     let ptxas_verbose = env_flag("SAFEDPO_PTXAS_VERBOSE");
     let mut jobs = Vec::new();
     match &nvcc {
@@ -94,6 +97,9 @@ fn main() {
             for (stem, source) in &sources {
                 jobs.push(nvcc_job(nvcc, &kernels_dir, &out_dir, stem, source, device_headers_hash, ptxas_verbose));
             }
+        }
+        None if skip_nvcc => {
+            println!("cargo:warning=SAFEDPO_NO_NVCC is set: building without GPU kernels (emulated device only)")
         }
         None => println!(
             "cargo:warning=nvcc not found ($NVCC, PATH, $CUDA_HOME, .toolchain/cuda, /usr/local/cuda): building \
@@ -233,7 +239,8 @@ fn find_nvcc(manifest_dir: &Path) -> Option<Nvcc> {
     }
     candidates.push(manifest_dir.join(".toolchain").join("cuda").join("bin").join("nvcc"));
     candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
-    let found: Vec<Nvcc> = candidates.iter().filter(|path| path.is_file()).filter_map(|path| probe_nvcc(path)).collect();
+    let found: Vec<Nvcc> =
+        candidates.iter().filter(|path| path.is_file()).filter_map(|path| probe_nvcc(path)).collect();
     let preferred = found.iter().position(|nvcc| nvcc.release == WANT_NVCC_RELEASE).unwrap_or(0);
     found.into_iter().nth(preferred)
 }
@@ -292,6 +299,9 @@ fn emu_compiler(kernels_dir: &Path) -> cc::Tool {
     build.cpp(true).std("c++17").opt_level(2).warnings(true).include(kernels_dir).cargo_warnings(false);
     for flag in EMU_FLAGS {
         build.flag(flag);
+    }
+    if env_flag("SAFEDPO_EMU_UCONTEXT") {
+        build.define("EMU_USE_UCONTEXT", None);
     }
     build.get_compiler()
 }
@@ -383,14 +393,20 @@ fn write_kernel_list(out_dir: &Path, sources: &[(String, PathBuf)], nvcc: Option
         let constant = c_identifier(stem).to_uppercase();
         writeln!(code, "/// `kernels/{stem}.cu` compiled to a fatbin (empty when built without nvcc).").unwrap();
         if nvcc.is_some() {
-            writeln!(code, "pub const {constant}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"));")
-                .unwrap();
+            writeln!(
+                code,
+                "pub const {constant}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"));"
+            )
+            .unwrap();
         } else {
             writeln!(code, "pub const {constant}: &[u8] = &[];").unwrap();
         }
         writeln!(modules, "    (\"{stem}\", {constant}),").unwrap();
     }
-    writeln!(code, "\n/// Every kernel file as (file stem, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n{modules}];")
-        .unwrap();
+    writeln!(
+        code,
+        "\n/// Every kernel file as (file stem, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n{modules}];"
+    )
+    .unwrap();
     write_if_changed(&out_dir.join("kernels.rs"), &code);
 }

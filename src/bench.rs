@@ -102,7 +102,7 @@ impl BenchConfig {
         ensure!(self.n_layer >= 1, "bench config: n_layer must be at least 1");
         ensure!(self.n_head >= 1, "bench config: n_head must be at least 1");
         ensure!(
-            self.n_embd >= 1 && self.n_embd % self.n_head == 0,
+            self.n_embd >= 1 && self.n_embd.is_multiple_of(self.n_head),
             "bench config: n_embd ({}) must be a positive multiple of n_head ({})",
             self.n_embd,
             self.n_head

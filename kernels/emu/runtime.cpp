@@ -14,8 +14,9 @@
 // different intrinsics, warps that can never complete an intrinsic (deadlock), `assert` and `__trap`.
 // A shuffle that reads a lane outside its mask gets all-ones bits (NaN), which tests then catch.
 //
-// Context switches: a hand-written x86-64 switch (callee-saved registers, MXCSR and the x87 control
-// word, no signal mask, so no system call); elsewhere, or with -DEMU_USE_UCONTEXT, swapcontext.
+// Context switches: a hand-written x86-64 switch (the callee-saved registers only: no signal mask, so
+// no system call, and no MXCSR / x87 control word, which kernels never change); elsewhere, or with
+// -DEMU_USE_UCONTEXT, swapcontext.
 #include "emu.h"
 
 #include <sys/mman.h>
@@ -53,6 +54,17 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxDynamicSmem = 163 * 1024;  // the smallest opt-in maximum of sm_80 and sm_90
 constexpr size_t kStackBytes = 256 * 1024;       // per fiber; reserved, not committed (MAP_NORESERVE)
 
+/// Adds the calling thread's CPU time between construction and destruction to g.cpu_ns.
+struct CpuTimer {
+    uint64_t start = now();
+    ~CpuTimer();
+    static uint64_t now() {
+        struct timespec ts;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    }
+};
+
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 std::string format(const char* fmt, ...) {
     char buf[1024];
@@ -86,6 +98,7 @@ struct Fiber {
     void* sp = nullptr;  // saved stack pointer while switched out
 #endif
     char* stack = nullptr;
+    unsigned color = 0;  // index in the pool, staggers the stack top
     State state = State::Done;
     unsigned tid = 0;  // linear thread index within the block
     uint3 idx = {0, 0, 0};
@@ -117,13 +130,17 @@ struct Runtime {
     unsigned char* dyn_smem = nullptr;
     size_t dyn_bytes = 0, dyn_capacity = 0;
     int barrier_result = 0;
+    unsigned warp_waiting[kMaxThreadsPerBlock / 32] = {};  // per warp: lanes waiting in a warp operation
     bool failed = false;
     std::string error;
     uint64_t launches = 0, blocks = 0, switches = 0;
+    uint64_t cpu_ns = 0;  // thread CPU time spent running launches
 };
 
 Runtime g;
 std::mutex g_launch_lock;
+
+CpuTimer::~CpuTimer() { g.cpu_ns += now() - start; }
 
 const char* op_name(int kind) {
     switch (kind) {
@@ -173,14 +190,8 @@ emu_fiber_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -202,26 +213,27 @@ emu_fiber_start:
 )");
 #endif
 
+/// The top of a fiber's stack, 16-byte aligned. Stacks are staggered by a few cache lines per fiber so
+/// that the frames saved at every switch do not all fall into the same cache sets.
+uintptr_t stack_top(const Fiber* f) {
+    uintptr_t top = reinterpret_cast<uintptr_t>(f->stack + kStackBytes) - (f->color % 61) * 64;
+    return top & ~uintptr_t(15);
+}
+
 void init_context(Fiber* f) {
 #ifdef EMU_UCONTEXT
     getcontext(&f->context);
     f->context.uc_stack.ss_sp = f->stack;
-    f->context.uc_stack.ss_size = kStackBytes;
+    f->context.uc_stack.ss_size = stack_top(f) - reinterpret_cast<uintptr_t>(f->stack);
     f->context.uc_link = nullptr;
     makecontext(&f->context, fiber_entry, 0);
 #else
-    // The frame emu_fiber_switch pops: [mxcsr|fpucw] r15 r14 r13 r12 rbx rbp, then the return address.
-    // After the `ret` the stack pointer is 16-byte aligned, as the call in emu_fiber_start requires.
-    uintptr_t top = reinterpret_cast<uintptr_t>(f->stack + kStackBytes) & ~uintptr_t(15);
-    uint64_t* sp = reinterpret_cast<uint64_t*>(top - 128);
-    uint32_t mxcsr;
-    uint16_t fpucw;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
-    sp[0] = mxcsr | (uint64_t(fpucw) << 32);
-    sp[1] = sp[2] = sp[3] = sp[5] = sp[6] = 0;
-    sp[4] = reinterpret_cast<uint64_t>(&fiber_entry);
-    sp[7] = reinterpret_cast<uint64_t>(&emu_fiber_start);
+    // The frame emu_fiber_switch pops: r15 r14 r13 r12 rbx rbp, then the return address. After the
+    // `ret` the stack pointer must be 16-byte aligned for the call in emu_fiber_start.
+    uint64_t* sp = reinterpret_cast<uint64_t*>(stack_top(f) - 64 - 8);
+    sp[0] = sp[1] = sp[2] = sp[4] = sp[5] = 0;
+    sp[3] = reinterpret_cast<uint64_t>(&fiber_entry);  // r12
+    sp[6] = reinterpret_cast<uint64_t>(&emu_fiber_start);
     f->sp = sp;
 #endif
 }
@@ -272,6 +284,7 @@ bool ensure_fibers(unsigned n) {
         mprotect(map, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
         Fiber* f = new Fiber();
         f->stack = static_cast<char*>(map) + page;
+        f->color = (unsigned)g.fibers.size();
         init_context(f);
         g.fibers.push_back(f);
     }
@@ -322,6 +335,8 @@ unsigned shuffle_source(int kind, unsigned lane, int param, int width) {
 /// Completes the operation `f` waits in if every lane of its mask has arrived with the same mask.
 void try_complete_warp_op(Fiber* f, unsigned base) {
     unsigned mask = f->op_mask;
+    unsigned& waiting = g.warp_waiting[base / 32];
+    if ((waiting & mask) != mask) return;  // the common case: not every lane is here yet
     for (unsigned m = mask; m; m &= m - 1) {
         const Fiber* o = g.fibers[base + __builtin_ctz(m)];
         if (o->state != State::AtWarp || o->op_mask != mask) return;
@@ -381,6 +396,7 @@ void try_complete_warp_op(Fiber* f, unsigned base) {
         }
         o->state = State::Ready;
     }
+    waiting &= ~mask;
 }
 
 /// Describes why the lanes of a warp that wait in warp intrinsics can never continue.
@@ -435,6 +451,7 @@ bool run_block() {
     if (shared_begin != shared_end) memset(shared_begin, 0xff, shared_end - shared_begin);
     if (g.dyn_bytes) memset(g.dyn_smem, 0xff, g.dyn_bytes);
     for (unsigned t = 0; t < g.nthreads; ++t) g.fibers[t]->state = State::Ready;
+    std::fill(std::begin(g.warp_waiting), std::end(g.warp_waiting), 0u);
     for (;;) {
         for (unsigned w = 0; w * 32 < g.nthreads; ++w)
             if (!run_warp(w)) return false;
@@ -512,6 +529,7 @@ extern "C" __attribute__((noinline)) uint64_t emu_warp_op(int kind, unsigned mas
     f->op_width = width;
     f->op_value = value;
     f->state = State::AtWarp;
+    g.warp_waiting[base / 32] |= 1u << lane;
     try_complete_warp_op(f, base);
     if (f->state == State::AtWarp) yield(f);
     return f->op_result;
@@ -589,12 +607,14 @@ extern "C" const char* emu_kernel_name(size_t i) {
     return i < list.size() ? list[i]->name.c_str() : nullptr;
 }
 
-/// Counters since process start: launches, blocks, fiber resumes (each resume is two switches).
-extern "C" void emu_counters(uint64_t out[3]) {
+/// Counters since process start: launches, blocks, fiber resumes (each resume is two switches), and
+/// the CPU time (ns) the launches took.
+extern "C" void emu_counters(uint64_t out[4]) {
     std::lock_guard<std::mutex> lock(g_launch_lock);
     out[0] = g.launches;
     out[1] = g.blocks;
     out[2] = g.switches;
+    out[3] = g.cpu_ns;
 }
 
 extern "C" const char* emu_context_switch_kind(void) {
@@ -690,6 +710,7 @@ extern "C" int emu_launch(const char* name, const unsigned grid[3], const unsign
         f->tid = t;
         f->idx = uint3{t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
     }
+    CpuTimer timer;
     for (unsigned z = 0; z < grid[2]; ++z) {
         for (unsigned y = 0; y < grid[1]; ++y) {
             for (unsigned x = 0; x < grid[0]; ++x) {

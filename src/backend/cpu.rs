@@ -7,6 +7,15 @@
 //! added in chunk order; the embedding backward buckets tokens by id so that each gradient row is
 //! owned by one task that adds its tokens in order; `gemm` never splits the inner dimension
 //! across threads.
+//!
+//! The attention forward saves the softmax probabilities for the backward
+//! (`attention_saved_len = n_head · Σ T_s²`): sequence by sequence, head by head, one row-major
+//! `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal) at offset
+//! `n_head · Σ_{s'<s} T_{s'}² + h · T_s²`.
+//!
+//! Row kernels (softmaxes, GELU, LayerNorm rows, AdamW) are compiled twice, portable and with
+//! AVX2, chosen at run time (`simd_kernel!`); both give bit-identical results. Exponentials use a
+//! vectorisable Cephes-style `expf` (≈1 ulp).
 
 use anyhow::{ensure, Result};
 use gemm::Parallelism;
@@ -47,6 +56,13 @@ fn check_len(op: &str, tensor: &str, actual: usize, expected: usize) -> Result<(
 struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer. (A method, so that closures capture the whole `SyncPtr`, not its field.)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// A strided matrix view for [`gemm_f32`]: `ptr[r * rs + c * cs]` is element `(r, c)`.
 #[derive(Clone, Copy)]
@@ -150,41 +166,335 @@ fn accumulate_column_sums(acc: &mut [f32], rows: &[f32], width: usize) {
     }
 }
 
+/// Defines a kernel function twice: as written, and compiled with AVX2 enabled (8 lanes instead
+/// of SSE2's 4), picking the latter at run time where the CPU has it. Only elementwise work and
+/// explicitly laned reductions go in these kernels, and Rust never fuses multiply-adds on its own,
+/// so both versions give bit-identical results.
+macro_rules! simd_kernel {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                if use_avx2() {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+/// Whether [`simd_kernel!`] functions take their AVX2 version. Unit tests can force the portable
+/// one on their own thread, to check that both agree bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn use_avx2() -> bool {
+    #[cfg(test)]
+    if tests::FORCE_PORTABLE.with(|f| f.get()) {
+        return false;
+    }
+    std::is_x86_feature_detected!("avx2")
+}
+
+/// Accumulator lanes for row sums: independent partial sums that the compiler keeps in one SIMD
+/// register, combined in a fixed order at the end (deterministic, and more accurate than one
+/// running sum).
+const LANES: usize = 8;
+
+/// `Σ f(x)` over a slice with [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] += f(chunk[l]);
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] += f(v);
+    }
+    combine_lanes(acc)
+}
+
+/// `Σ a ⊙ b` with [`LANES`] partial sums.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (&x, &y)) in ta.iter().zip(tb).enumerate() {
+        acc[l] += x * y;
+    }
+    combine_lanes(acc)
+}
+
+/// `max x` with [`LANES`] partial maxima (NaNs are skipped, as by `f32::max`).
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(chunk[l]);
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] = acc[l].max(v);
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// Adds the [`LANES`] partial sums pairwise, in a fixed order.
+#[inline(always)]
+fn combine_lanes(acc: [f32; LANES]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `eˣ` in f32 to about 1 ulp (Cephes `expf`), written with plain arithmetic and bit operations
+/// so that loops over it vectorise (libm's `expf` is a scalar call, and the softmaxes and GELU of
+/// a step evaluate millions of exponentials). `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`; `eʳ` by a
+/// degree-7 polynomial; `2ⁿ` built in the exponent bits. Underflows to 0 below −87.3 (no
+/// subnormals), overflows to +∞ above 88.7, and propagates NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n·LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const MIN_X: f32 = -87.336_55; // ln of the smallest normal f32
+    const MAX_X: f32 = 88.722_83;
+    let xc = x.clamp(MIN_X, MAX_X);
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = (p * r) * r + r + 1.0;
+    // 2ⁿ in two factors so that n = 128 (x near MAX_X) does not overflow the exponent field.
+    let half = n_int >> 1;
+    let s1 = f32::from_bits(((half + 127) << 23) as u32);
+    let s2 = f32::from_bits(((n_int - half + 127) << 23) as u32);
+    let y = er * s1 * s2;
+    if x < MIN_X {
+        0.0
+    } else if x > MAX_X {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
 /// `(max, ln Σ_j exp(row[j] − max))`, reading the row once: chunks of 64 values give a running
 /// maximum, and the running sum is rescaled only when a chunk raises it. The log-sum-exp is the sum
 /// of the two; keeping them apart lets `x − lse` be formed as `(x − max) − ln Σ` without rounding
 /// `lse` first (large logits keep their precision).
+#[inline(always)]
 fn row_logsumexp(row: &[f32]) -> (f32, f32) {
     let mut max = f32::NEG_INFINITY;
     let mut sum = 0.0f32;
     for chunk in row.chunks(64) {
-        let chunk_max = chunk.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let chunk_max = lane_max(chunk);
         if chunk_max > max {
-            sum *= (max - chunk_max).exp();
+            if sum != 0.0 {
+                sum *= exp_f32(max - chunk_max);
+            }
             max = chunk_max;
         }
-        sum += chunk.iter().map(|&x| (x - max).exp()).sum::<f32>();
+        // Exponentials into a small buffer first, then the laned sum: both loops vectorise.
+        let mut exps = [0.0f32; 64];
+        for (e, &x) in exps.iter_mut().zip(chunk) {
+            *e = exp_f32(x - max);
+        }
+        sum += lane_sum(&exps[..chunk.len()], |e| e);
     }
     (max, sum.ln())
+}
+
+simd_kernel! {
+    /// One row of the fused log-softmax-gather forward: returns `(lse, token log-prob)`.
+    fn logsoftmax_gather_row(row: &[f32], target: i32) -> (f32, f32) {
+        let (max, log_sum) = row_logsumexp(row);
+        let logp = if target >= 0 { (row[target as usize] - max) - log_sum } else { 0.0 };
+        (max + log_sum, logp)
+    }
+}
+
+simd_kernel! {
+    /// One row of the fused log-softmax-gather backward, in place: `g · (onehot(target) − softmax)`.
+    fn logsoftmax_gather_backward_row(row: &mut [f32], target: usize, g: f32, lse: f32) {
+        for x in row.iter_mut() {
+            *x = -g * exp_f32(*x - lse);
+        }
+        row[target] += g;
+    }
+}
+
+simd_kernel! {
+    /// Softmax in place over the causal part of a score row; zeros the masked rest.
+    fn causal_softmax_row(live: &mut [f32], masked: &mut [f32]) {
+        let max = lane_max(live);
+        live.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+        let inv = 1.0 / lane_sum(live, |x| x);
+        live.iter_mut().for_each(|x| *x *= inv);
+        masked.fill(0.0);
+    }
+}
+
+simd_kernel! {
+    /// Softmax backward for one row, in place over `dp`: `dS = P ⊙ (dP − Σ_j P dP)`.
+    fn softmax_backward_row(dp: &mut [f32], p: &[f32]) {
+        let dot = lane_dot(p, dp);
+        for (d, &pp) in dp.iter_mut().zip(p) {
+            *d = pp * (*d - dot);
+        }
+    }
+}
+
+/// AdamW's per-step constants.
+#[derive(Clone, Copy)]
+struct AdamWStep {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    grad_scale: f32,
+    /// `lr · weight_decay`
+    decay: f32,
+    /// `lr / (1 − β1ᵗ)`
+    step_size: f32,
+    /// `1 / √(1 − β2ᵗ)`
+    inv_sqrt_bc2: f32,
+}
+
+simd_kernel! {
+    /// AdamW over one chunk (PyTorch semantics; see `Backend::adamw`).
+    fn adamw_kernel(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], k: AdamWStep) {
+        for (((w, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * k.grad_scale;
+            *w -= k.decay * *w;
+            *m = k.beta1 * *m + (1.0 - k.beta1) * g;
+            *v = k.beta2 * *v + (1.0 - k.beta2) * g * g;
+            *w -= k.step_size * *m / (v.sqrt() * k.inv_sqrt_bc2 + k.eps);
+        }
+    }
 }
 
 /// `√(2/π)`, the GELU tanh approximation's constant.
 const GELU_SCALE: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
-#[inline]
+/// HF `gelu_new`, `½x(1 + tanh u)` with `u = √(2/π)(x + 0.044715x³)`, evaluated as the identical
+/// `x·σ(2u)` (since `1 + tanh u = 2σ(2u)`): one exponential, and no cancellation for negative x.
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
     let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    0.5 * x * (1.0 + u.tanh())
+    x / (1.0 + exp_f32(-2.0 * u))
 }
 
-/// d gelu / dx = ½(1 + tanh u) + ½ x (1 − tanh² u) · √(2/π)(1 + 3·0.044715 x²).
-#[inline]
+/// `d gelu/dx = ½(1 + tanh u) + ½x(1 − tanh²u)·u'`, i.e. with `s = σ(2u)`:
+/// `s + 2x·s(1 − s)·u'`, `u' = √(2/π)(1 + 3·0.044715x²)`.
+#[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
     let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    let th = u.tanh();
+    let s = 1.0 / (1.0 + exp_f32(-2.0 * u));
     let du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x);
-    0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du
+    s + 2.0 * x * s * (1.0 - s) * du
+}
+
+simd_kernel! {
+    /// `out = gelu(inp)` over one chunk.
+    fn gelu_forward_kernel(out: &mut [f32], inp: &[f32]) {
+        out.iter_mut().zip(inp).for_each(|(o, &x)| *o = gelu(x));
+    }
+}
+
+simd_kernel! {
+    /// `dinp = dout · gelu'(inp)` over one chunk.
+    fn gelu_backward_kernel(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        dinp.iter_mut().zip(inp.iter().zip(dout)).for_each(|(dx, (&x, &dy))| *dx = dy * gelu_grad(x));
+    }
+}
+
+simd_kernel! {
+    /// One LayerNorm row: writes `out` and returns `(mean, rstd)`. Two passes over the row (mean,
+    /// then the centred variance), as llm.c: no cancellation for rows far from zero.
+    fn layernorm_row(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
+        let c = x.len() as f32;
+        let mean = lane_sum(x, |v| v) / c;
+        let var = lane_sum(x, |v| (v - mean) * (v - mean)) / c;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+            *o = (v - mean) * rstd * w + b;
+        }
+        (mean, rstd)
+    }
+}
+
+simd_kernel! {
+    /// One LayerNorm backward row (llm.c): `dx += rstd · (dy·w − mean(dy·w) − x̂ · mean(dy·w·x̂))`
+    /// with `x̂ = (x − mean) · rstd`; adds the row's `x̂·dy` to `dweight_part` and `dy` to
+    /// `dbias_part`.
+    fn layernorm_backward_row(
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        weight: &[f32],
+        mean: f32,
+        rstd: f32,
+        dweight_part: &mut [f32],
+        dbias_part: &mut [f32],
+    ) {
+        let c = x.len();
+        let (mut acc_dnorm, mut acc_dnorm_norm) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let full = c - c % LANES;
+        let (xs, ws) = (x[..full].chunks_exact(LANES), weight[..full].chunks_exact(LANES));
+        for ((xs, ws), dys) in xs.zip(ws).zip(dy[..full].chunks_exact(LANES)) {
+            for l in 0..LANES {
+                let dnorm = ws[l] * dys[l];
+                acc_dnorm[l] += dnorm;
+                acc_dnorm_norm[l] += dnorm * ((xs[l] - mean) * rstd);
+            }
+        }
+        for (l, j) in (full..c).enumerate() {
+            let dnorm = weight[j] * dy[j];
+            acc_dnorm[l] += dnorm;
+            acc_dnorm_norm[l] += dnorm * ((x[j] - mean) * rstd);
+        }
+        let dnorm_mean = combine_lanes(acc_dnorm) / c as f32;
+        let dnorm_norm_mean = combine_lanes(acc_dnorm_norm) / c as f32;
+        for j in 0..c {
+            let norm = (x[j] - mean) * rstd;
+            let dnorm = weight[j] * dy[j];
+            dbias_part[j] += dy[j];
+            dweight_part[j] += norm * dy[j];
+            dx[j] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rstd;
+        }
+    }
 }
 
 /// One (sequence, head) unit of attention work.
@@ -241,6 +551,12 @@ impl Backend for CpuBackend {
     fn buf_len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
+    fn resize(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+        // Vec keeps its capacity when shrinking, so a batch that fits reuses the storage.
+        buf.resize(len, 0.0);
+        Ok(())
+    }
+
     fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
         buf.fill(value);
         Ok(())
@@ -270,7 +586,10 @@ impl Backend for CpuBackend {
         check_len(OP, "out", out.len(), n * c)?;
         check_len(OP, "tokens", tokens.len(), n)?;
         check_len(OP, "positions", positions.len(), n)?;
-        ensure!(wte.len() % c == 0 && wpe.len() % c == 0, "{OP}: wte/wpe lengths must be multiples of c = {c}");
+        ensure!(
+            wte.len().is_multiple_of(c) && wpe.len().is_multiple_of(c),
+            "{OP}: wte/wpe lengths must be multiples of c = {c}"
+        );
         check_ids(OP, "tokens", tokens, wte.len() / c, false)?;
         check_ids(OP, "positions", positions, wpe.len() / c, false)?;
         out.par_chunks_mut(c).with_min_len(64).zip(tokens.par_iter().zip(positions.par_iter())).for_each(
@@ -300,7 +619,10 @@ impl Backend for CpuBackend {
         check_len(OP, "dout", dout.len(), n * c)?;
         check_len(OP, "tokens", tokens.len(), n)?;
         check_len(OP, "positions", positions.len(), n)?;
-        ensure!(dwte.len() % c == 0 && dwpe.len() % c == 0, "{OP}: dwte/dwpe lengths must be multiples of c = {c}");
+        ensure!(
+            dwte.len().is_multiple_of(c) && dwpe.len().is_multiple_of(c),
+            "{OP}: dwte/dwpe lengths must be multiples of c = {c}"
+        );
         check_ids(OP, "tokens", tokens, dwte.len() / c, false)?;
         check_ids(OP, "positions", positions, dwpe.len() / c, false)?;
         rayon::join(|| scatter_add_rows(dwte, dout, tokens, c), || scatter_add_rows(dwpe, dout, positions, c));
@@ -332,17 +654,7 @@ impl Backend for CpuBackend {
             .zip(inp.par_chunks(c))
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .with_min_len(16)
-            .for_each(|((o, x), (mu, rs))| {
-                // Two passes over the row (mean, then centred variance), as llm.c: no cancellation.
-                let m = x.iter().sum::<f32>() / c as f32;
-                let var = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
-                let r = 1.0 / (var + eps).sqrt();
-                for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight.iter()).zip(bias.iter()) {
-                    *o = (v - m) * r * w + b;
-                }
-                *mu = m;
-                *rs = r;
-            });
+            .for_each(|((o, x), (mu, rs))| (*mu, *rs) = layernorm_row(o, x, weight, bias, eps));
         Ok(())
     }
 
@@ -380,26 +692,8 @@ impl Backend for CpuBackend {
                 let mut part = vec![0.0f32; 2 * c];
                 let (pw, pb) = part.split_at_mut(c);
                 for r in 0..mu.len() {
-                    let (dx, dy, x) = (&mut dx[r * c..][..c], &dy[r * c..][..c], &x[r * c..][..c]);
-                    let (m, rstd) = (mu[r], rs[r]);
-                    // llm.c: dx = rstd · (dy·w − mean(dy·w) − x̂ · mean(dy·w·x̂)).
-                    let mut dnorm_mean = 0.0f32;
-                    let mut dnorm_norm_mean = 0.0f32;
-                    for j in 0..c {
-                        let norm = (x[j] - m) * rstd;
-                        let dnorm = weight[j] * dy[j];
-                        dnorm_mean += dnorm;
-                        dnorm_norm_mean += dnorm * norm;
-                    }
-                    dnorm_mean /= c as f32;
-                    dnorm_norm_mean /= c as f32;
-                    for j in 0..c {
-                        let norm = (x[j] - m) * rstd;
-                        let dnorm = weight[j] * dy[j];
-                        pb[j] += dy[j];
-                        pw[j] += norm * dy[j];
-                        dx[j] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rstd;
-                    }
+                    let rows = (&mut dx[r * c..][..c], &dy[r * c..][..c], &x[r * c..][..c]);
+                    layernorm_backward_row(rows.0, rows.1, rows.2, weight, mu[r], rs[r], pw, pb);
                 }
                 part
             })
@@ -464,6 +758,9 @@ impl Backend for CpuBackend {
         check_len(OP, "inp", inp.len(), n * ic)?;
         check_len(OP, "weight", weight.len(), ic * oc)?;
         check_len(OP, "dweight", dweight.len(), ic * oc)?;
+        if let Some(db) = &dbias {
+            check_len(OP, "dbias", db.len(), oc)?;
+        }
         let dout_m = Mat::new(dout.as_ptr(), oc, 1);
         let inp_m = Mat::new(inp.as_ptr(), ic, 1);
         // SAFETY: shapes checked above; destinations are distinct allocations from the sources.
@@ -504,7 +801,6 @@ impl Backend for CpuBackend {
             }
         }
         if let Some(db) = dbias {
-            check_len(OP, "dbias", db.len(), oc)?;
             if oc > 0 {
                 accumulate_column_sums(db, dout, oc);
             }
@@ -514,7 +810,7 @@ impl Backend for CpuBackend {
 
     // ---- attention ---------------------------------------------------------------------------
     fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize {
-        n_head * packing.host_cu_seqlens.windows(2).map(|w| ((w[1] - w[0]) as usize).pow(2)).sum::<usize>()
+        n_head * packing.host_cu_seqlens.windows(2).map(|w| ((w[1] - w[0]).max(0) as usize).pow(2)).sum::<usize>()
     }
 
     fn attention_forward(
@@ -527,7 +823,10 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "attention_forward";
-        ensure!(n_head > 0 && c % n_head == 0, "{OP}: c = {c} is not a positive multiple of n_head = {n_head}");
+        ensure!(
+            n_head > 0 && c.is_multiple_of(n_head),
+            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
+        );
         let n = packing.num_tokens();
         let seqs = sequences(OP, packing, n)?;
         check_len(OP, "out", out.len(), n * c)?;
@@ -537,7 +836,6 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let (out_ptr, saved_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(saved.as_mut_ptr()));
         head_tasks(&seqs, n_head).into_par_iter().for_each(|task| {
-            let (out_ptr, saved_ptr) = (out_ptr, saved_ptr);
             let HeadTask { start, len: t, head, saved_offset } = task;
             // SAFETY: each task writes only its own probability block and the columns of its head
             // in the rows of its sequence; all offsets are in bounds by the length checks above.
@@ -545,8 +843,8 @@ impl Backend for CpuBackend {
                 let q = qkv.as_ptr().add(start * 3 * c + head * hd);
                 let k = q.add(c);
                 let v = q.add(2 * c);
-                let p = saved_ptr.0.add(saved_offset);
-                let o = out_ptr.0.add(start * c + head * hd);
+                let p = saved_ptr.get().add(saved_offset);
+                let o = out_ptr.get().add(start * c + head * hd);
                 for i0 in (0..t).step_by(ATTN_BLOCK) {
                     let i1 = (i0 + ATTN_BLOCK).min(t);
                     // Scores S[i0..i1, 0..i1] = scale · Q Kᵀ (Kᵀ element (d, j) = K[j, d]).
@@ -565,15 +863,7 @@ impl Backend for CpuBackend {
                     for i in i0..i1 {
                         let row = std::slice::from_raw_parts_mut(p.add(i * t), t);
                         let (live, masked) = row.split_at_mut(i + 1);
-                        let max = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                        let mut sum = 0.0f32;
-                        for x in live.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        live.iter_mut().for_each(|x| *x *= inv);
-                        masked.fill(0.0);
+                        causal_softmax_row(live, masked);
                     }
                     // out[i0..i1] = P[i0..i1, 0..i1] · V[0..i1]
                     gemm_f32(
@@ -606,7 +896,10 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
-        ensure!(n_head > 0 && c % n_head == 0, "{OP}: c = {c} is not a positive multiple of n_head = {n_head}");
+        ensure!(
+            n_head > 0 && c.is_multiple_of(n_head),
+            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
+        );
         let n = packing.num_tokens();
         let seqs = sequences(OP, packing, n)?;
         check_len(OP, "dqkv", dqkv.len(), n * 3 * c)?;
@@ -618,7 +911,6 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
         head_tasks(&seqs, n_head).into_par_iter().for_each_init(Vec::<f32>::new, |ds_buf, task| {
-            let dqkv_ptr = dqkv_ptr;
             let HeadTask { start, len: t, head, saved_offset } = task;
             if t == 0 {
                 return;
@@ -631,7 +923,7 @@ impl Backend for CpuBackend {
                 let q = qkv.as_ptr().add(start * 3 * c + head * hd);
                 let k = q.add(c);
                 let v = q.add(2 * c);
-                let dq = dqkv_ptr.0.add(start * 3 * c + head * hd);
+                let dq = dqkv_ptr.get().add(start * 3 * c + head * hd);
                 let dk = dq.add(c);
                 let dv = dq.add(2 * c);
                 let p = saved.as_ptr().add(saved_offset);
@@ -660,10 +952,7 @@ impl Backend for CpuBackend {
                     for i in i0..i1 {
                         let prow = std::slice::from_raw_parts(p.add(i * t), i1);
                         let drow = std::slice::from_raw_parts_mut(ds.add(i * t), i1);
-                        let dot: f32 = prow[..=i].iter().zip(&drow[..=i]).map(|(&a, &b)| a * b).sum();
-                        for (d, &pp) in drow[..=i].iter_mut().zip(&prow[..=i]) {
-                            *d = pp * (*d - dot);
-                        }
+                        softmax_backward_row(&mut drow[..=i], &prow[..=i]);
                         drow[i + 1..].fill(0.0);
                     }
                     let ds_block = ds.add(i0 * t);
@@ -716,7 +1005,7 @@ impl Backend for CpuBackend {
     fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> Result<()> {
         check_len("gelu_forward", "out", out.len(), inp.len())?;
         out.par_chunks_mut(POINTWISE_CHUNK).zip(inp.par_chunks(POINTWISE_CHUNK)).for_each(|(o, x)| {
-            o.iter_mut().zip(x).for_each(|(o, &x)| *o = gelu(x));
+            gelu_forward_kernel(o, x);
         });
         Ok(())
     }
@@ -726,9 +1015,7 @@ impl Backend for CpuBackend {
         check_len("gelu_backward", "dout", dout.len(), inp.len())?;
         dinp.par_chunks_mut(POINTWISE_CHUNK)
             .zip(inp.par_chunks(POINTWISE_CHUNK).zip(dout.par_chunks(POINTWISE_CHUNK)))
-            .for_each(|(dx, (x, dy))| {
-                dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(dx, (&x, &dy))| *dx = dy * gelu_grad(x));
-            });
+            .for_each(|(dx, (x, dy))| gelu_backward_kernel(dx, x, dy));
         Ok(())
     }
 
@@ -776,11 +1063,7 @@ impl Backend for CpuBackend {
             .zip(lse.par_iter_mut())
             .zip(logits.par_chunks(v).zip(targets.par_iter()))
             .with_min_len(8)
-            .for_each(|((lp, l), (row, &target))| {
-                let (max, log_sum) = row_logsumexp(row);
-                *l = max + log_sum;
-                *lp = if target >= 0 { (row[target as usize] - max) - log_sum } else { 0.0 };
-            });
+            .for_each(|((lp, l), (row, &target))| (*l, *lp) = logsoftmax_gather_row(row, target));
         Ok(())
     }
 
@@ -822,11 +1105,7 @@ impl Backend for CpuBackend {
             }
             // The sequence holding token t: the last s with cu[s] <= t (empty sequences skipped).
             let s = cu.partition_point(|&start| start as usize <= t) - 1;
-            let (g, l) = (dseq[s], lse[t]);
-            for x in row.iter_mut() {
-                *x = -g * (*x - l).exp();
-            }
-            row[target as usize] += g;
+            logsoftmax_gather_backward_row(row, target as usize, dseq[s], lse[t]);
         });
         Ok(())
     }
@@ -844,7 +1123,11 @@ impl Backend for CpuBackend {
         grad_scale: f32,
     ) -> Result<()> {
         const OP: &str = "preference_loss";
-        ensure!(policy.len() % 2 == 0, "{OP}: `policy` has {} elements, expected an even number", policy.len());
+        ensure!(
+            policy.len().is_multiple_of(2),
+            "{OP}: `policy` has {} elements, expected an even number",
+            policy.len()
+        );
         let pairs = policy.len() / 2;
         let uses_reference = objective.uses_reference();
         if uses_reference {
@@ -901,23 +1184,20 @@ impl Backend for CpuBackend {
         // Bias corrections in f64 (as PyTorch computes them in Python floats).
         let bc1 = 1.0 - (p.beta1 as f64).powi(p.step as i32);
         let bc2 = 1.0 - (p.beta2 as f64).powi(p.step as i32);
-        let step_size = (p.lr as f64 / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let decay = p.lr * p.weight_decay;
-        let AdamWParams { beta1, beta2, eps, grad_scale, .. } = *p;
+        let k = AdamWStep {
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            grad_scale: p.grad_scale,
+            decay: p.lr * p.weight_decay,
+            step_size: (p.lr as f64 / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+        };
         param
             .par_chunks_mut(POINTWISE_CHUNK)
             .zip(grad.par_chunks(POINTWISE_CHUNK))
             .zip(m.par_chunks_mut(POINTWISE_CHUNK).zip(v.par_chunks_mut(POINTWISE_CHUNK)))
-            .for_each(|((w, g), (m, v))| {
-                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let g = g * grad_scale;
-                    *w -= decay * *w;
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *w -= step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps);
-                }
-            });
+            .for_each(|((w, g), (m, v))| adamw_kernel(w, g, m, v, k));
         Ok(())
     }
 
@@ -969,4 +1249,120 @@ fn scatter_add_rows(dtable: &mut [f32], dout: &[f32], ids: &[i32], c: usize) {
             drow.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        pub(super) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Runs `f` once with the portable kernels and once with the dispatched (AVX2 where present) ones.
+    fn both_paths<R>(f: impl Fn() -> R) -> (R, R) {
+        FORCE_PORTABLE.with(|p| p.set(true));
+        let portable = f();
+        FORCE_PORTABLE.with(|p| p.set(false));
+        (portable, f())
+    }
+
+    fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{what}[{i}]: portable {x} vs dispatched {y}");
+        }
+    }
+
+    /// Deterministic pseudo-random values in [-scale, scale).
+    fn values(len: usize, seed: u32, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+                ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_kernels_are_bit_identical_to_portable_ones() {
+        let len = 1037; // not a multiple of any lane count
+        let (x, y, w, b) = (values(len, 1, 6.0), values(len, 2, 1.0), values(len, 3, 1.0), values(len, 4, 1.0));
+
+        let (p, d) = both_paths(|| {
+            let mut out = vec![0.0; len];
+            gelu_forward_kernel(&mut out, &x);
+            let mut dx = vec![0.0; len];
+            gelu_backward_kernel(&mut dx, &x, &y);
+            [out, dx].concat()
+        });
+        assert_same_bits("gelu", &p, &d);
+
+        let (p, d) = both_paths(|| {
+            let mut out = vec![0.0; len];
+            let (mean, rstd) = layernorm_row(&mut out, &x, &w, &b, 1e-5);
+            let (mut dx, mut dw, mut db) = (y.clone(), vec![0.0; len], vec![0.0; len]);
+            layernorm_backward_row(&mut dx, &y, &x, &w, mean, rstd, &mut dw, &mut db);
+            [out, dx, dw, db, vec![mean, rstd]].concat()
+        });
+        assert_same_bits("layernorm", &p, &d);
+
+        let (p, d) = both_paths(|| {
+            let (lse, logp) = logsoftmax_gather_row(&x, 17);
+            let mut row = x.clone();
+            logsoftmax_gather_backward_row(&mut row, 17, 0.7, lse);
+            let (mut live, mut masked) = (x[..700].to_vec(), vec![1.0; 5]);
+            causal_softmax_row(&mut live, &mut masked);
+            let mut dp = y[..700].to_vec();
+            softmax_backward_row(&mut dp, &live);
+            [row, live, masked, dp, vec![lse, logp]].concat()
+        });
+        assert_same_bits("softmaxes", &p, &d);
+
+        let (p, d) = both_paths(|| {
+            let (mut param, mut m, mut v) = (x.clone(), y.clone(), w.iter().map(|a| a * a).collect::<Vec<_>>());
+            let k = AdamWStep {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                grad_scale: 0.5,
+                decay: 1e-4,
+                step_size: 1e-3,
+                inv_sqrt_bc2: 1.3,
+            };
+            adamw_kernel(&mut param, &b, &mut m, &mut v, k);
+            [param, m, v].concat()
+        });
+        assert_same_bits("adamw", &p, &d);
+    }
+
+    /// `exp_f32` against f64 `exp` over its whole range, on a dense grid and at the edges.
+    #[test]
+    fn exp_f32_is_accurate_to_two_ulp() {
+        let mut worst = 0.0f64;
+        let grid = (-2_000_000..=2_000_000).map(|i| i as f32 * 4.36e-5);
+        for x in grid.chain([-87.33, -87.336, 88.7, 88.72, 0.0, -0.0, 1e-30, -1e-30]) {
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            let rel = (got - want).abs() / want;
+            assert!(rel < 2.5e-7, "exp_f32({x}) = {got}, want {want} (relative error {rel:e})");
+            worst = worst.max(rel);
+        }
+        assert!(worst > 0.0);
+        assert_eq!(exp_f32(-88.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_sums_match_plain_sums() {
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want_sum: f64 = x.iter().map(|&v| v as f64).sum();
+        let want_dot: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+        assert!((lane_sum(&x, |v| v) as f64 - want_sum).abs() < 1e-5);
+        assert!((lane_dot(&x, &y) as f64 - want_dot).abs() < 1e-5);
+    }
 }

@@ -1,6 +1,61 @@
 //! Preference data: reading datasets, pair selection and the SafeDPO transform T(D), prompt
 //! templates, tokenizers, and packing into padding-free batches.
+//!
+//! The path of a pair through this module, in the order a run uses it:
+//! - [`load_pairs`] reads a JSONL file (PKU-SafeRLHF rows or generic `chosen`/`rejected` rows),
+//!   selects the pair orientation ([`PairSelection`]) and, for SafeDPO, applies T(D)
+//!   ([`safedpo_transform`]);
+//! - [`tokenize_pairs`] renders the prompt through a [`Template`], tokenizes prompt and responses with
+//!   a [`TextTokenizer`] and truncates to the model's context ([`Truncation`]);
+//! - a [`Batcher`] shuffles the pairs per epoch and packs them, up to a token budget, into a
+//!   [`PreferenceBatch`] (or a [`PackedBatch`] for SFT).
+//!
+//! [`synthetic_safety_pairs`] is the demo's built-in dataset.
 
+mod batch;
+mod load;
 pub mod pack;
+mod synthetic;
+mod tokenize;
+mod tokenizer;
 
+pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
+pub use load::{
+    load_pairs, safedpo_transform, write_pairs_jsonl, write_pku_jsonl, DataFormat, LoadReport, PairSelection, PkuRow,
+    TransformCounts,
+};
 pub use pack::{PackedBatch, PreferenceBatch};
+pub use synthetic::{split_holdout, split_holdout_by, synthetic_pku_rows, synthetic_safety_pairs};
+pub use tokenize::{
+    tokenize_pairs, tokenize_pairs_with, Template, TokenizedPair, Truncation, TruncationReport,
+    DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
+};
+pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer};
+
+use serde::{Deserialize, Serialize};
+
+/// One preference pair: a prompt, the preferred (`chosen`) and the dispreferred (`rejected`)
+/// response, and a safety label per response (`true` = unsafe).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreferencePair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    #[serde(default)]
+    pub chosen_unsafe: bool,
+    #[serde(default)]
+    pub rejected_unsafe: bool,
+}
+
+impl PreferencePair {
+    /// The same pair with chosen and rejected exchanged (labels travel with their responses).
+    pub fn swapped(self) -> Self {
+        PreferencePair {
+            prompt: self.prompt,
+            chosen: self.rejected,
+            rejected: self.chosen,
+            chosen_unsafe: self.rejected_unsafe,
+            rejected_unsafe: self.chosen_unsafe,
+        }
+    }
+}

@@ -42,7 +42,7 @@ impl Gpt2Config {
             ensure!(value > 0, "model config: `{field}` must be positive, got 0");
         }
         ensure!(
-            self.n_embd % self.n_head == 0,
+            self.n_embd.is_multiple_of(self.n_head),
             "model config: `n_embd` ({}) must be divisible by `n_head` ({})",
             self.n_embd,
             self.n_head

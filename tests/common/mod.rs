@@ -94,7 +94,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64)
     let (i, ratio) = worst_error(got, want, rtol, atol);
     assert!(
         ratio <= 1.0,
-        "{what}: element {i} is {} but should be {} (|err| = {:.3e}, {ratio:.2}× the tolerance rtol {rtol:e}, atol {atol:e})",
+        "{what}: element {i} is {} but should be {} (|err| = {:.3e}, {ratio:.2}× the tolerance \
+         rtol {rtol:e}, atol {atol:e})",
         got[i],
         want[i],
         (got[i] as f64 - want[i]).abs()

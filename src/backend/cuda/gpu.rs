@@ -65,13 +65,52 @@ struct GemmKey {
     ab: Dtype,
     c: Dtype,
     bias: bool,
+    /// Byte alignment of our A, B and D pointers (at most 256): cuBLASLt picks algorithms that need no
+    /// more than this, so views at any element offset work.
+    align: [u32; 3],
+}
+
+/// The largest power of two (at most 256) that divides a device address.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
 }
 
 /// cuBLASLt descriptors and the chosen algorithm for one GEMM shape (the bias pointer is set per call).
 struct GemmPlan {
-    desc: lt::cublasLtMatmulDesc_t,
-    layouts: [lt::cublasLtMatrixLayout_t; 3],
+    desc: MatmulDesc,
+    layouts: [MatrixLayout; 3],
     algo: lt::cublasLtMatmulAlgo_t,
+}
+
+/// Owns a cuBLASLt matmul descriptor.
+struct MatmulDesc(lt::cublasLtMatmulDesc_t);
+impl Drop for MatmulDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matmul_desc, destroyed once.
+        let _ = unsafe { lt_result::destroy_matmul_desc(self.0) };
+    }
+}
+
+/// Owns a cuBLASLt matrix layout.
+struct MatrixLayout(lt::cublasLtMatrixLayout_t);
+impl Drop for MatrixLayout {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matrix_layout, destroyed once.
+        let _ = unsafe { lt_result::destroy_matrix_layout(self.0) };
+    }
+}
+
+/// Owns a cuBLASLt matmul preference.
+struct MatmulPref(lt::cublasLtMatmulPreference_t);
+impl Drop for MatmulPref {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matmul_pref, destroyed once.
+        let _ = unsafe { lt_result::destroy_matmul_pref(self.0) };
+    }
 }
 
 /// A GPU with the embedded kernels loaded.
@@ -302,6 +341,7 @@ impl Gpu {
             ab: ops.ab,
             c: ops.c,
             bias: ops.bias.is_some(),
+            align: [alignment(ops.a), alignment(ops.b), alignment(ops.d)],
         };
         let mut plans = self.plans.lock().unwrap();
         if !plans.contains_key(&key) {
@@ -314,7 +354,7 @@ impl Gpu {
         unsafe {
             if let Some(bias) = ops.bias {
                 lt_result::set_matmul_desc_attribute(
-                    plan.desc,
+                    plan.desc.0,
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &bias as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
@@ -323,17 +363,17 @@ impl Gpu {
             }
             lt_result::matmul(
                 self.blas,
-                plan.desc,
+                plan.desc.0,
                 &spec.alpha as *const f32 as *const c_void,
                 &spec.beta as *const f32 as *const c_void,
                 ops.b as *const c_void,
-                plan.layouts[0],
+                plan.layouts[0].0,
                 ops.a as *const c_void,
-                plan.layouts[1],
+                plan.layouts[1].0,
                 ops.d as *const c_void,
-                plan.layouts[2],
+                plan.layouts[2].0,
                 ops.d as *mut c_void,
-                plan.layouts[2],
+                plan.layouts[2].0,
                 &plan.algo,
                 self.workspace as *mut c_void,
                 GEMM_WORKSPACE_BYTES,
@@ -358,16 +398,17 @@ impl Gpu {
         let second = if key.trans_a { (m, k, m) } else { (k, m, k) };
         let output = (n, m, n);
         let layout = |dtype: Dtype, (rows, cols, ld): (u64, u64, u64)| {
-            lt_result::create_matrix_layout(cuda_type(dtype), rows, cols, ld as i64).map_err(lt_err)
+            lt_result::create_matrix_layout(cuda_type(dtype), rows, cols, ld as i64).map(MatrixLayout).map_err(lt_err)
         };
         let layouts = [layout(key.ab, first)?, layout(key.ab, second)?, layout(key.c, output)?];
-        let desc =
+        let desc = MatmulDesc(
             lt_result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType::CUDA_R_32F)
-                .map_err(lt_err)?;
+                .map_err(lt_err)?,
+        );
         let set = |attr: lt::cublasLtMatmulDescAttributes_t, value: u32| {
             // SAFETY: a 4-byte attribute on a live descriptor.
             unsafe {
-                lt_result::set_matmul_desc_attribute(desc, attr, &value as *const u32 as *const c_void, 4)
+                lt_result::set_matmul_desc_attribute(desc.0, attr, &value as *const u32 as *const c_void, 4)
                     .map_err(lt_err)
             }
         };
@@ -381,23 +422,42 @@ impl Gpu {
             )?;
             set(lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cuda_type(key.c) as u32)?;
         }
-        let pref = lt_result::create_matmul_pref().map_err(lt_err)?;
-        // SAFETY: live descriptors; the preference is destroyed right after the query.
-        let heuristic = unsafe {
-            let size = GEMM_WORKSPACE_BYTES;
-            lt_result::set_matmul_pref_attribute(
-                pref,
-                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &size as *const usize as *const c_void,
-                std::mem::size_of::<usize>(),
-            )
-            .map_err(lt_err)?;
-            let heuristic = lt_result::get_matmul_algo_heuristic(
-                self.blas, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref,
-            );
-            lt_result::destroy_matmul_pref(pref).map_err(lt_err)?;
-            heuristic.map_err(lt_err).context("no cuBLASLt algorithm for this shape and types")?
+        let pref = MatmulPref(lt_result::create_matmul_pref().map_err(lt_err)?);
+        let set_pref = |attr: lt::cublasLtMatmulPreferenceAttributes_t, value: &[u8]| {
+            // SAFETY: an attribute of the documented size on a live preference.
+            unsafe {
+                lt_result::set_matmul_pref_attribute(pref.0, attr, value.as_ptr() as *const c_void, value.len())
+                    .map_err(lt_err)
+            }
         };
+        set_pref(
+            lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &(GEMM_WORKSPACE_BYTES as u64).to_ne_bytes(),
+        )?;
+        // cuBLASLt's A is our B, its B our A, its C and D our D
+        let [align_a, align_b, align_d] = key.align;
+        for (attr, align) in [
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b),
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a),
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d),
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d),
+        ] {
+            set_pref(attr, &align.to_ne_bytes())?;
+        }
+        // SAFETY: live descriptors and preference.
+        let heuristic = unsafe {
+            lt_result::get_matmul_algo_heuristic(
+                self.blas,
+                desc.0,
+                layouts[0].0,
+                layouts[1].0,
+                layouts[2].0,
+                layouts[2].0,
+                pref.0,
+            )
+        }
+        .map_err(lt_err)
+        .context("no cuBLASLt algorithm for this shape and types")?;
         Ok(GemmPlan { desc, layouts, algo: heuristic.algo })
     }
 
@@ -422,26 +482,22 @@ fn param_sizes(function: sys::CUfunction) -> Option<Vec<usize>> {
     let mut sizes = Vec::new();
     loop {
         let (mut offset, mut size) = (0usize, 0usize);
-        // SAFETY: queries parameter `sizes.len()` of a valid function; fails past the last one.
-        let status = unsafe { sys::cuFuncGetParamInfo(function, sizes.len(), &mut offset, &mut size) };
-        if status != sys::CUresult::CUDA_SUCCESS {
-            return Some(sizes);
+        // SAFETY: queries parameter `sizes.len()` of a valid function; past the last one the driver
+        // answers CUDA_ERROR_INVALID_VALUE.
+        match unsafe { sys::cuFuncGetParamInfo(function, sizes.len(), &mut offset, &mut size) } {
+            sys::CUresult::CUDA_SUCCESS => sizes.push(size),
+            sys::CUresult::CUDA_ERROR_INVALID_VALUE => return Some(sizes),
+            _ => return None,
         }
-        sizes.push(size);
     }
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
         let _ = self.synchronize();
+        self.plans.get_mut().unwrap().clear();
         // SAFETY: nothing uses these handles any more (every buffer and event holds an Arc to us).
         unsafe {
-            for plan in self.plans.get_mut().unwrap().values() {
-                let _ = lt_result::destroy_matmul_desc(plan.desc);
-                for layout in plan.layouts {
-                    let _ = lt_result::destroy_matrix_layout(layout);
-                }
-            }
             let _ = lt_result::destroy_handle(self.blas);
             let _ = result::free_sync(self.workspace);
             for module in &self.modules {

@@ -1,0 +1,260 @@
+//! Prompt templates, tokenization of pairs, and truncation to the model's context.
+//!
+//! A sequence is `template(prompt)` followed by the response and EOS:
+//! `BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:` + ` ` + response + EOS.
+//! The prompt and the response are tokenized separately, so the boundary between them (where the
+//! loss starts) is exact. The response is joined with one space, as in PKU/safe-rlhf ("ASSISTANT:"
+//! then the answer): the space belongs to the response text (`" Sure..."`), which is also how a
+//! GPT-2 byte-level BPE tokenizes the whole string ("Ġ" starts the first response token) and what a
+//! model generating after "ASSISTANT:" produces. No space is added when the template already ends in
+//! whitespace or the response starts with whitespace.
+//!
+//! Truncation (see [`Truncation`]): a pair's two sequences share the prompt and must each fit in
+//! `max_len` tokens. When the longer one does not, the prompt is cut from the left (its start is the
+//! least informative part for the answer) down to what fits, but not below `min_prompt_tokens`; then
+//! each response still too long is cut from the right. A cut response loses its EOS: the model must
+//! not learn to stop where the text was cut. A pair that cannot keep one response token per side is
+//! dropped, as is a pair whose two responses are identical token for token (no preference signal).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{PreferencePair, TextTokenizer};
+
+/// The default template (PKU-SafeRLHF / safe-rlhf's conversation format).
+pub const DEFAULT_TEMPLATE: &str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:";
+
+/// The smallest number of prompt tokens truncation keeps (the whole prompt if shorter).
+pub const DEFAULT_MIN_PROMPT_TOKENS: usize = 8;
+
+const PLACEHOLDER: &str = "{prompt}";
+
+/// A prompt template: text with exactly one `{prompt}` placeholder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template(pub String);
+
+impl Default for Template {
+    fn default() -> Self {
+        Template(DEFAULT_TEMPLATE.to_string())
+    }
+}
+
+impl Template {
+    /// A checked template (see [`Template::validate`]).
+    pub fn new(text: impl Into<String>) -> Result<Self> {
+        let t = Template(text.into());
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// The template must contain `{prompt}` exactly once.
+    pub fn validate(&self) -> Result<()> {
+        match self.0.matches(PLACEHOLDER).count() {
+            1 => Ok(()),
+            0 => bail!("template {:?}: no {PLACEHOLDER} placeholder, expected exactly one", self.0),
+            n => bail!("template {:?}: {n} {PLACEHOLDER} placeholders, expected exactly one", self.0),
+        }
+    }
+
+    /// The prompt text: the template with `{prompt}` replaced.
+    pub fn render(&self, prompt: &str) -> String {
+        self.0.replacen(PLACEHOLDER, prompt, 1)
+    }
+
+    /// The response text as it follows the rendered prompt: with one leading space unless the
+    /// template ends in whitespace or the response starts with whitespace.
+    pub fn response_text<'a>(&self, response: &'a str) -> Cow<'a, str> {
+        let template_ends_in_space = self.0.chars().last().is_some_and(char::is_whitespace);
+        let response_starts_with_space = response.chars().next().is_some_and(char::is_whitespace);
+        if template_ends_in_space || response_starts_with_space {
+            Cow::Borrowed(response)
+        } else {
+            Cow::Owned(format!(" {response}"))
+        }
+    }
+
+    /// The prompt's tokens (what generation starts from).
+    pub fn encode_prompt(&self, tok: &dyn TextTokenizer, prompt: &str) -> Vec<i32> {
+        tok.encode(&self.render(prompt))
+    }
+
+    /// A response's tokens followed by EOS (untruncated).
+    pub fn encode_response(&self, tok: &dyn TextTokenizer, response: &str) -> Vec<i32> {
+        let mut ids = tok.encode(&self.response_text(response));
+        ids.push(tok.eos_id());
+        ids
+    }
+}
+
+/// A tokenized pair. Responses end with EOS unless truncation cut them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizedPair {
+    pub prompt: Vec<i32>,
+    pub chosen: Vec<i32>,
+    pub rejected: Vec<i32>,
+    pub chosen_unsafe: bool,
+    pub rejected_unsafe: bool,
+}
+
+impl TokenizedPair {
+    /// Tokens of both sequences (prompt + chosen, prompt + rejected): the pair's cost in a batch.
+    pub fn num_tokens(&self) -> usize {
+        2 * self.prompt.len() + self.chosen.len() + self.rejected.len()
+    }
+
+    /// Tokens of the SFT sequence (prompt + chosen).
+    pub fn sft_tokens(&self) -> usize {
+        self.prompt.len() + self.chosen.len()
+    }
+}
+
+/// Truncation limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncation {
+    /// Longest sequence (prompt + response + EOS) in tokens.
+    pub max_len: usize,
+    /// Prompt tokens kept at least (the whole prompt if shorter); values below 1 count as 1.
+    pub min_prompt_tokens: usize,
+}
+
+impl Truncation {
+    pub fn new(max_len: usize) -> Self {
+        Truncation { max_len, min_prompt_tokens: DEFAULT_MIN_PROMPT_TOKENS }
+    }
+}
+
+/// What tokenization and truncation did. `pairs_in = kept + dropped_too_long + dropped_identical +
+/// dropped_empty_prompt`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TruncationReport {
+    pub pairs_in: usize,
+    pub kept: usize,
+    /// Kept pairs whose prompt was cut from the left.
+    pub prompts_truncated: usize,
+    /// Responses (of kept pairs) cut from the right; each loses its EOS.
+    pub responses_truncated: usize,
+    /// Pairs that cannot keep `min_prompt_tokens` and one response token within `max_len`.
+    pub dropped_too_long: usize,
+    /// Pairs whose responses are identical after tokenization and truncation.
+    pub dropped_identical: usize,
+    /// Pairs whose rendered prompt encodes to no tokens.
+    pub dropped_empty_prompt: usize,
+    /// The longest kept sequence, in tokens.
+    pub longest_sequence: usize,
+}
+
+impl TruncationReport {
+    pub fn dropped(&self) -> usize {
+        self.dropped_too_long + self.dropped_identical + self.dropped_empty_prompt
+    }
+}
+
+impl fmt::Display for TruncationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} pairs: {} kept ({} prompts and {} responses truncated), dropped {} too long, {} identical, \
+             {} empty prompt; longest sequence {} tokens",
+            self.pairs_in,
+            self.kept,
+            self.prompts_truncated,
+            self.responses_truncated,
+            self.dropped_too_long,
+            self.dropped_identical,
+            self.dropped_empty_prompt,
+            self.longest_sequence
+        )
+    }
+}
+
+enum Outcome {
+    Kept { pair: TokenizedPair, prompt_truncated: bool, responses_truncated: usize },
+    TooLong,
+    Identical,
+    EmptyPrompt,
+}
+
+fn tokenize_one(pair: &PreferencePair, tok: &dyn TextTokenizer, template: &Template, limits: &Truncation) -> Outcome {
+    let mut prompt = template.encode_prompt(tok, &pair.prompt);
+    if prompt.is_empty() {
+        return Outcome::EmptyPrompt;
+    }
+    let mut chosen = template.encode_response(tok, &pair.chosen);
+    let mut rejected = template.encode_response(tok, &pair.rejected);
+    let longest = chosen.len().max(rejected.len());
+    let (mut prompt_truncated, mut responses_truncated) = (false, 0);
+    if prompt.len() + longest > limits.max_len {
+        let min_prompt = prompt.len().min(limits.min_prompt_tokens.max(1));
+        let keep = limits.max_len.saturating_sub(longest).max(min_prompt);
+        if keep < prompt.len() {
+            prompt.drain(..prompt.len() - keep);
+            prompt_truncated = true;
+        }
+        let room = limits.max_len.saturating_sub(prompt.len());
+        if room == 0 {
+            return Outcome::TooLong;
+        }
+        for response in [&mut chosen, &mut rejected] {
+            if response.len() > room {
+                // EOS is the last token, so the cut removes it.
+                response.truncate(room);
+                responses_truncated += 1;
+            }
+        }
+    }
+    if chosen == rejected {
+        return Outcome::Identical;
+    }
+    let pair = TokenizedPair {
+        prompt,
+        chosen,
+        rejected,
+        chosen_unsafe: pair.chosen_unsafe,
+        rejected_unsafe: pair.rejected_unsafe,
+    };
+    Outcome::Kept { pair, prompt_truncated, responses_truncated }
+}
+
+/// Tokenizes pairs with the default minimum prompt length; see [`tokenize_pairs_with`].
+pub fn tokenize_pairs(
+    pairs: &[PreferencePair],
+    tok: &dyn TextTokenizer,
+    template: &Template,
+    max_len: usize,
+) -> Result<(Vec<TokenizedPair>, TruncationReport)> {
+    tokenize_pairs_with(pairs, tok, template, &Truncation::new(max_len))
+}
+
+/// Tokenizes pairs (in parallel, order preserved) and truncates them by the rules in the module
+/// documentation. Fails only on an invalid template.
+pub fn tokenize_pairs_with(
+    pairs: &[PreferencePair],
+    tok: &dyn TextTokenizer,
+    template: &Template,
+    limits: &Truncation,
+) -> Result<(Vec<TokenizedPair>, TruncationReport)> {
+    template.validate()?;
+    let outcomes: Vec<Outcome> = pairs.par_iter().map(|p| tokenize_one(p, tok, template, limits)).collect();
+    let mut report = TruncationReport { pairs_in: pairs.len(), ..Default::default() };
+    let mut out = Vec::with_capacity(outcomes.len());
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Kept { pair, prompt_truncated, responses_truncated } => {
+                report.kept += 1;
+                report.prompts_truncated += prompt_truncated as usize;
+                report.responses_truncated += responses_truncated;
+                let longest = pair.prompt.len() + pair.chosen.len().max(pair.rejected.len());
+                report.longest_sequence = report.longest_sequence.max(longest);
+                out.push(pair);
+            }
+            Outcome::TooLong => report.dropped_too_long += 1,
+            Outcome::Identical => report.dropped_identical += 1,
+            Outcome::EmptyPrompt => report.dropped_empty_prompt += 1,
+        }
+    }
+    Ok((out, report))
+}
