@@ -46,6 +46,18 @@ extern "C" __global__ void selftest_shared_reload(float* out) {
 }
 EMU_REGISTER(selftest_shared_reload)
 
+/// The same through global memory behind `__restrict__` pointers: data[0] is read, changed by
+/// another thread between two barriers, and read again (out[2·tid], out[2·tid+1]).
+extern "C" __global__ void selftest_global_reload(float* __restrict__ data, float* __restrict__ out) {
+    const float first = data[0];
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) data[0] = first + 1.0f;
+    __syncthreads();
+    out[2 * threadIdx.x] = first;
+    out[2 * threadIdx.x + 1] = data[0];
+}
+EMU_REGISTER(selftest_global_reload)
+
 /// Every shuffle flavour on `in` (one value per thread): out[k·n + tid] for k = idx, up, down, xor.
 extern "C" __global__ void selftest_shuffles(const float* in, float* out, int src_lane, unsigned delta, int lane_mask,
                                              int width) {

@@ -215,7 +215,7 @@ fn concurrent_launches_from_many_threads_stay_correct() {
                 let device = emu_device();
                 let mut rng = StdRng::seed_from_u64(seed);
                 for _ in 0..5 {
-                    let n = rng.random_range(100..3000);
+                    let n: usize = rng.random_range(100..3000);
                     let input: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let input_buffer = device.upload(&input).unwrap();
                     let mut out = device.upload(&vec![f32::NAN; 256]).unwrap();

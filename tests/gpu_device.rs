@@ -197,6 +197,17 @@ fn shared_reload(device: &Device) -> Result<()> {
     for tid in 0..128 {
         ensure!(host[2 * tid] == 1.0 && host[2 * tid + 1] == 2.0, "thread {tid}: {:?}", &host[2 * tid..2 * tid + 2]);
     }
+    let mut data = device.upload(&[5.0f32])?;
+    let mut out = poisoned_f32(device, 2 * 96)?;
+    device.launch("selftest_global_reload", LaunchConfig::grid_1d(1, 96), &kernel_args![&mut data, &mut out])?;
+    let host = device.download(&out)?;
+    for tid in 0..96 {
+        ensure!(
+            host[2 * tid] == 5.0 && host[2 * tid + 1] == 6.0,
+            "global, thread {tid}: {:?}",
+            &host[2 * tid..2 * tid + 2]
+        );
+    }
     Ok(())
 }
 

@@ -7,9 +7,12 @@
 //! limit first (as `cudaFuncSetAttribute` would). Argument counts and sizes are checked against the
 //! kernel's parameter list (`cuFuncGetParamInfo`) the first time a kernel is launched.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex};
+use std::env;
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::{result as lt_result, sys as lt};
@@ -34,11 +37,54 @@ pub fn probe() -> Result<(), String> {
         Ok(_) => {}
         Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
     }
-    // SAFETY: only tries to dlopen the library.
-    if !unsafe { lt::is_culib_present() } {
-        return Err("libcublasLt.so (CUDA 13) could not be loaded; it is needed for matrix products".into());
+    // SAFETY: only tries to dlopen the library (again after loading it by path).
+    let cublaslt = unsafe { lt::is_culib_present() } || (preload_cublaslt() && unsafe { lt::is_culib_present() });
+    if !cublaslt {
+        return Err("libcublasLt.so.13 could not be loaded (needed for matrix products): put its folder on \
+                    LD_LIBRARY_PATH, or set SAFEDPO_CUBLASLT=/path/to/libcublasLt.so.13"
+            .into());
     }
     Ok(())
+}
+
+/// Loads libcublasLt.so.13 by full path from where CUDA installs usually keep it ($SAFEDPO_CUBLASLT,
+/// $CUDA_HOME, $CUDA_PATH, next to the nvcc on PATH, /usr/local/cuda). Once loaded, cudarc's lookup
+/// by name finds it (the dynamic loader matches already-loaded libraries by soname). Returns whether
+/// one was loaded.
+fn preload_cublaslt() -> bool {
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    *LOADED.get_or_init(|| {
+        extern "C" {
+            fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        }
+        const RTLD_NOW: c_int = 2;
+        const RTLD_GLOBAL: c_int = 0x100;
+        const NAME: &str = "libcublasLt.so.13";
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(path) = env::var_os("SAFEDPO_CUBLASLT") {
+            candidates.push(path.into());
+        }
+        let mut roots: Vec<PathBuf> =
+            ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(env::var_os).map(PathBuf::from).collect();
+        if let Some(path) = env::var_os("PATH") {
+            roots.extend(
+                env::split_paths(&path)
+                    .filter(|dir| dir.join("nvcc").is_file())
+                    .filter_map(|dir| dir.parent().map(PathBuf::from)),
+            );
+        }
+        roots.push(PathBuf::from("/usr/local/cuda"));
+        for root in roots {
+            for lib in ["lib64", "lib", "targets/x86_64-linux/lib"] {
+                candidates.push(root.join(lib).join(NAME));
+            }
+        }
+        candidates.iter().filter(|path| path.is_file()).any(|path| {
+            let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+            // SAFETY: loads a shared library by path; it stays loaded for the life of the process.
+            !unsafe { dlopen(c_path.as_ptr(), RTLD_NOW | RTLD_GLOBAL) }.is_null()
+        })
+    })
 }
 
 struct Module {
@@ -344,12 +390,12 @@ impl Gpu {
             align: [alignment(ops.a), alignment(ops.b), alignment(ops.d)],
         };
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
-            let plan =
-                self.plan_gemm(&key).with_context(|| format!("planning gemm {spec:?} ({:?} → {:?})", ops.ab, ops.c))?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(
+                self.plan_gemm(&key).with_context(|| format!("planning gemm {spec:?} ({:?} → {:?})", ops.ab, ops.c))?,
+            ),
+        };
         // SAFETY (all calls): descriptors owned by the plan; device pointers checked by Device::gemm.
         unsafe {
             if let Some(bias) = ops.bias {
