@@ -127,7 +127,8 @@ impl Storage {
             Storage::Bf16(_) => Dtype::Bf16,
         }
     }
-    fn len(&self) -> usize {
+    /// Elements allocated (at least the owning buffer's length, see `Backend::resize`).
+    fn capacity(&self) -> usize {
         match self {
             Storage::F32(b) => b.len(),
             Storage::Bf16(b) => b.len(),
@@ -147,6 +148,9 @@ impl Storage {
 /// A float tensor of the CUDA backend: its values in f32 or bf16 storage, and optionally an fp32
 /// master copy (see the module documentation).
 pub struct CudaBuf {
+    /// Number of elements: the first `len` of `storage` (and of `master`), whose capacity may be
+    /// larger after a `resize` to a shorter length.
+    len: usize,
     storage: Storage,
     master: Option<DeviceBuffer<f32>>,
 }
@@ -154,7 +158,7 @@ pub struct CudaBuf {
 impl CudaBuf {
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.storage.len()
+        self.len
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -363,13 +367,12 @@ impl CudaBackend {
         })
     }
 
-    /// `src` converted to `dtype`, in new storage.
-    fn convert(&self, src: &Storage, dtype: Dtype) -> Result<Storage> {
-        let n = src.len();
+    /// The first `n` elements of `src` converted to `dtype`, in new storage of `n` elements.
+    fn convert(&self, src: &Storage, n: usize, dtype: Dtype) -> Result<Storage> {
         let mut dst = self.alloc(dtype, n)?;
         match (src, &mut dst) {
-            (Storage::F32(s), Storage::F32(d)) => self.device.copy(d, s)?,
-            (Storage::Bf16(s), Storage::Bf16(d)) => self.device.copy(d, s)?,
+            (Storage::F32(s), Storage::F32(d)) => self.device.copy(d, s.slice(..n))?,
+            (Storage::Bf16(s), Storage::Bf16(d)) => self.device.copy(d, s.slice(..n))?,
             (Storage::F32(s), Storage::Bf16(d)) if n > 0 => self.launch(
                 "convert_f32_to_bf16",
                 pointwise_config(n),
@@ -394,7 +397,7 @@ impl CudaBackend {
             (Storage::Bf16(_), Dtype::F32) if buf.master.is_some() => {
                 Operand::F32(Held::Borrowed(buf.master.as_ref().unwrap()))
             }
-            (storage, _) => match self.convert(storage, dtype)? {
+            (storage, _) => match self.convert(storage, buf.len, dtype)? {
                 Storage::F32(b) => Operand::F32(Held::Owned(b)),
                 Storage::Bf16(b) => Operand::Bf16(Held::Owned(b)),
             },
@@ -410,8 +413,8 @@ impl CudaBackend {
         if buf.storage.dtype() != dtype {
             buf.storage = match master {
                 Some(master) if keep && dtype == Dtype::F32 => Storage::F32(master),
-                _ if keep => self.convert(&buf.storage, dtype)?,
-                _ => self.alloc(dtype, buf.storage.len())?,
+                _ if keep => self.convert(&buf.storage, buf.len, dtype)?,
+                _ => self.alloc(dtype, buf.len)?,
             };
         }
         Ok(&mut buf.storage)
@@ -457,19 +460,19 @@ impl CudaBackend {
         match (a, b, d) {
             (Operand::F32(a), Operand::F32(b), Storage::F32(d)) => {
                 let bias = match bias {
-                    Some(Operand::F32(x)) => Some(x.view()),
+                    Some(Operand::F32(x)) => Some(x.slice(..spec.n)),
                     None => None,
                     _ => bail!("gemm: bias type differs from the output's"),
                 };
-                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d, bias)
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
             }
             (Operand::Bf16(a), Operand::Bf16(b), Storage::Bf16(d)) => {
                 let bias = match bias {
-                    Some(Operand::Bf16(x)) => Some(x.view()),
+                    Some(Operand::Bf16(x)) => Some(x.slice(..spec.n)),
                     None => None,
                     _ => bail!("gemm: bias type differs from the output's"),
                 };
-                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d, bias)
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
             }
             _ => bail!("gemm: operands of mixed storage types"),
         }
@@ -533,15 +536,18 @@ impl Backend for CudaBackend {
             Dtype::Bf16 => Storage::Bf16(self.device.alloc_zeros(len)?),
             _ => Storage::F32(self.device.alloc_zeros(len)?),
         };
-        Ok(CudaBuf { storage, master: None })
+        Ok(CudaBuf { len, storage, master: None })
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
         Ok(match self.precision {
-            Precision::F32 => CudaBuf { storage: Storage::F32(self.device.upload(data)?), master: None },
+            Precision::F32 => {
+                CudaBuf { len: data.len(), storage: Storage::F32(self.device.upload(data)?), master: None }
+            }
             Precision::Bf16 => {
                 let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
                 CudaBuf {
+                    len: data.len(),
                     storage: Storage::Bf16(self.device.upload(&rounded)?),
                     master: Some(self.device.upload(data)?),
                 }
@@ -550,12 +556,13 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let n = buf.len;
         if let Some(master) = &buf.master {
-            return self.device.download(master);
+            return self.device.download(master.slice(..n));
         }
         match &buf.storage {
-            Storage::F32(b) => self.device.download(b),
-            Storage::Bf16(b) => Ok(self.device.download(b)?.into_iter().map(f32::from).collect()),
+            Storage::F32(b) => self.device.download(b.slice(..n)),
+            Storage::Bf16(b) => Ok(self.device.download(b.slice(..n))?.into_iter().map(f32::from).collect()),
         }
     }
 
@@ -572,34 +579,50 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
+        let n = buf.len;
         match &mut buf.storage {
-            Storage::F32(b) => self.device.fill(b, value)?,
-            Storage::Bf16(b) => self.device.fill(b, bf16::from_f32(value))?,
+            Storage::F32(b) => self.device.fill(b.slice_mut(..n), value)?,
+            Storage::Bf16(b) => self.device.fill(b.slice_mut(..n), bf16::from_f32(value))?,
         }
         if let Some(master) = &mut buf.master {
-            self.device.fill(master, value)?;
+            self.device.fill(master.slice_mut(..n), value)?;
         }
+        Ok(())
+    }
+
+    /// Keeps the storage (and its type) when it has room for `len`, else allocates new storage of
+    /// the same type; the master copy is dropped (contents are unspecified after a resize).
+    fn resize(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
+        buf.master = None;
+        if buf.storage.capacity() < len {
+            // Free first: device memory is what runs out.
+            let dtype = buf.storage.dtype();
+            buf.storage = self.alloc(dtype, 0)?;
+            buf.storage = self.alloc(dtype, len)?;
+        }
+        buf.len = len;
         Ok(())
     }
 
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
         check_len("copy", "dst", dst.len(), src.len())?;
+        let n = src.len;
         // dst becomes an exact copy: same storage type, same master.
-        if dst.storage.dtype() != src.storage.dtype() {
-            dst.storage = self.alloc(src.storage.dtype(), src.len())?;
+        if dst.storage.dtype() != src.storage.dtype() || dst.storage.capacity() < n {
+            dst.storage = self.alloc(src.storage.dtype(), n)?;
         }
         match (&mut dst.storage, &src.storage) {
-            (Storage::F32(d), Storage::F32(s)) => self.device.copy(d, s)?,
-            (Storage::Bf16(d), Storage::Bf16(s)) => self.device.copy(d, s)?,
+            (Storage::F32(d), Storage::F32(s)) => self.device.copy(d.slice_mut(..n), s.slice(..n))?,
+            (Storage::Bf16(d), Storage::Bf16(s)) => self.device.copy(d.slice_mut(..n), s.slice(..n))?,
             _ => unreachable!("storage types were made equal above"),
         }
         dst.master = match &src.master {
             Some(master) => {
                 let mut copy = match dst.master.take() {
-                    Some(own) => own,
-                    None => self.device.alloc(master.len())?,
+                    Some(own) if own.len() >= n => own,
+                    _ => self.device.alloc(n)?,
                 };
-                self.device.copy(&mut copy, master)?;
+                self.device.copy(copy.slice_mut(..n), master.slice(..n))?;
                 Some(copy)
             }
             None => None,
@@ -854,8 +877,8 @@ impl Backend for CudaBackend {
             let dinp = self.output(dinp, dt, false)?;
             if oc == 0 {
                 match dinp {
-                    Storage::F32(b) => self.device.zero(b)?,
-                    Storage::Bf16(b) => self.device.zero(b)?,
+                    Storage::F32(b) => self.device.zero(b.slice_mut(..n * ic))?,
+                    Storage::Bf16(b) => self.device.zero(b.slice_mut(..n * ic))?,
                 }
             } else {
                 // dinp[n, ic] = dout[n, oc] · Wᵀ
@@ -1004,36 +1027,36 @@ impl Backend for CudaBackend {
     // made it f32), so that they never round an f32 tensor to bf16.
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
         check_len("gelu_forward", "out", out.len(), inp.len())?;
-        let dt = out.dtype();
+        let (dt, n) = (out.dtype(), out.len());
         let inp = self.input(inp, dt)?;
         let out = self.output(out, dt, false)?;
-        self.pointwise("gelu_forward", dt, out.len(), &[out.arg(), inp.arg()])
+        self.pointwise("gelu_forward", dt, n, &[out.arg(), inp.arg()])
     }
 
     fn gelu_backward(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
         check_len("gelu_backward", "dinp", dinp.len(), inp.len())?;
         check_len("gelu_backward", "dout", dout.len(), inp.len())?;
-        let dt = dinp.dtype();
+        let (dt, n) = (dinp.dtype(), dinp.len());
         let (inp, dout) = (self.input(inp, dt)?, self.input(dout, dt)?);
         let dinp = self.output(dinp, dt, false)?;
-        self.pointwise("gelu_backward", dt, dinp.len(), &[dinp.arg(), inp.arg(), dout.arg()])
+        self.pointwise("gelu_backward", dt, n, &[dinp.arg(), inp.arg(), dout.arg()])
     }
 
     fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
         check_len("residual_forward", "a", a.len(), out.len())?;
         check_len("residual_forward", "b", b.len(), out.len())?;
-        let dt = out.dtype();
+        let (dt, n) = (out.dtype(), out.len());
         let (a, b) = (self.input(a, dt)?, self.input(b, dt)?);
         let out = self.output(out, dt, false)?;
-        self.pointwise("residual_forward", dt, out.len(), &[out.arg(), a.arg(), b.arg()])
+        self.pointwise("residual_forward", dt, n, &[out.arg(), a.arg(), b.arg()])
     }
 
     fn add_inplace(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
         check_len("add_inplace", "src", src.len(), dst.len())?;
-        let dt = dst.dtype();
+        let (dt, n) = (dst.dtype(), dst.len());
         let src = self.input(src, dt)?;
         let dst = self.output(dst, dt, true)?;
-        self.pointwise("add_inplace", dt, dst.len(), &[dst.arg(), src.arg()])
+        self.pointwise("add_inplace", dt, n, &[dst.arg(), src.arg()])
     }
 
     fn scale(&self, buf: &mut CudaBuf, s: f32) -> Result<()> {
@@ -1298,7 +1321,7 @@ impl CudaBackend {
     /// The fp32 master copy of a bf16 parameter, created from its values when absent.
     fn ensure_master(&self, param: &mut CudaBuf) -> Result<u64> {
         if param.master.is_none() {
-            let Storage::F32(master) = self.convert(&param.storage, Dtype::F32)? else {
+            let Storage::F32(master) = self.convert(&param.storage, param.len, Dtype::F32)? else {
                 unreachable!("convert to f32 gives f32 storage")
             };
             param.master = Some(master);
