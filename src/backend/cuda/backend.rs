@@ -26,6 +26,9 @@
 //! (the values would be stale). Optimizer moments uploaded from a checkpoint become f32 storage
 //! from their exact master copy, so a resume loses nothing.
 //!
+//! A buffer's length is the first `len` elements of its storage: `resize` to a shorter length keeps
+//! the storage (and its type) for the next batch, as the CPU backend keeps a `Vec`'s capacity.
+//!
 //! ## Determinism
 //! No kernel uses float atomics; every reduction has a fixed order that depends only on the shapes
 //! (see each kernel file's header). Two runs give bit-identical results.
