@@ -46,6 +46,18 @@ extern "C" __global__ void selftest_shared_reload(float* out) {
 }
 EMU_REGISTER(selftest_shared_reload)
 
+/// The same through global memory behind `__restrict__` pointers: data[0] is read, changed by
+/// another thread between two barriers, and read again (out[2·tid], out[2·tid+1]).
+extern "C" __global__ void selftest_global_reload(float* __restrict__ data, float* __restrict__ out) {
+    const float first = data[0];
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) data[0] = first + 1.0f;
+    __syncthreads();
+    out[2 * threadIdx.x] = first;
+    out[2 * threadIdx.x + 1] = data[0];
+}
+EMU_REGISTER(selftest_global_reload)
+
 /// Every shuffle flavour on `in` (one value per thread): out[k·n + tid] for k = idx, up, down, xor.
 extern "C" __global__ void selftest_shuffles(const float* in, float* out, int src_lane, unsigned delta, int lane_mask,
                                              int width) {
@@ -195,12 +207,25 @@ extern "C" __global__ void selftest_bad_mask(float* out) {
 }
 EMU_REGISTER(selftest_bad_mask)
 
-/// Lane 0 exits while the other lanes wait for it in a full-mask shuffle.
-extern "C" __global__ void selftest_bad_warp_exit(float* out) {
-    if (threadIdx.x % 32 == 0) return;
-    out[threadIdx.x] = __shfl_xor_sync(FULL_MASK, 1.0f, 1);
+/// Lane 0 of every warp exits before a full-mask shuffle, which CUDA allows (exited lanes take no
+/// part); lane 1 then reads its exited partner: undefined on a GPU, NaN on the emulator.
+extern "C" __global__ void selftest_warp_exit(float* out) {
+    const int lane = threadIdx.x % 32;
+    if (lane == 0) return;
+    out[threadIdx.x] = __shfl_xor_sync(FULL_MASK, (float)lane, 1);
 }
-EMU_REGISTER(selftest_bad_warp_exit)
+EMU_REGISTER(selftest_warp_exit)
+
+/// Lane 0 waits at `__syncthreads` while the rest of its warp waits for it in a shuffle: a deadlock.
+extern "C" __global__ void selftest_bad_warp_deadlock(float* out) {
+    if (threadIdx.x % 32 == 0) {
+        __syncthreads();
+    } else {
+        out[threadIdx.x] = __shfl_xor_sync(FULL_MASK, 1.0f, 1);
+        __syncthreads();
+    }
+}
+EMU_REGISTER(selftest_bad_warp_deadlock)
 
 /// A failing device-side assert.
 extern "C" __global__ void selftest_bad_assert(const int* values) {

@@ -102,4 +102,6 @@ rm -rf "$SITE"
 mv "$SITE.tmp" "$SITE"
 ln -sfn "site-13.0/nvidia/cu13" "$CUDA_DIR"
 printf '%s' "${PINS[*]}" >"$STAMP"
+# cargo reruns build.rs only when something it watches changes: make it look for nvcc again.
+touch "$ROOT/build.rs"
 log "installed nvcc ($("$CUDA_DIR/bin/nvcc" --version | grep release)) at $CUDA_DIR (CUDA_HOME)"

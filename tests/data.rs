@@ -644,6 +644,15 @@ fn hf_tokenizer_json_loads_and_round_trips() {
     from_files.inner().save(saved_dir.join("tokenizer.json"), false).unwrap();
     check_gpt2_like(load_tokenizer(Some(&saved_dir)).unwrap().as_ref(), &vocab);
 
+    // Through tokenize_pairs: the response's leading space merges into its first token ("Ġthe").
+    let pair =
+        PreferencePair { prompt: "x".into(), chosen: "the cat".into(), rejected: "on".into(), ..Default::default() };
+    let (tp, _) = tokenize_pairs(&[pair], &tok, &Template::new("{prompt}:").unwrap(), 64).unwrap();
+    let ids = |toks: &[&str]| toks.iter().map(|t| vocab[*t] as i32).collect::<Vec<_>>();
+    assert_eq!(tp[0].prompt, ids(&["x", ":"]));
+    assert_eq!(tp[0].chosen, ids(&["Ġthe", "Ġcat", "<|endoftext|>"]));
+    assert_eq!(tp[0].rejected, ids(&["Ġon", "<|endoftext|>"]));
+
     // Errors name the file.
     let broken = dir.path().join("broken");
     fs::create_dir(&broken).unwrap();
@@ -1052,4 +1061,115 @@ fn synthetic_pairs_tokenize_short_with_the_byte_tokenizer() {
     assert_eq!((rep.prompts_truncated, rep.responses_truncated), (0, 0));
     assert!(rep.longest_sequence <= 190, "{rep}");
     assert!(tokenized.iter().all(|t| *t.chosen.last().unwrap() == ByteTokenizer::EOS));
+}
+
+// ---------------------------------------------------------------------------------------------
+// learnability of the demo data (slow: about a minute on 2 cores; `cargo test --release -- --ignored`)
+
+mod learnability {
+    use std::sync::Arc;
+
+    use safedpo::backend::cpu::CpuBackend;
+    use safedpo::backend::Backend;
+    use safedpo::data::*;
+    use safedpo::loss::{pair_loss, Objective, PairInput};
+    use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
+    use safedpo::optim::{clip_scale, AdamW, AdamWConfig};
+
+    fn seq_logps(model: &mut Gpt2<CpuBackend>, backend: &CpuBackend, packed: &PackedBatch) -> Vec<f32> {
+        let batch = DeviceBatch::upload(backend, packed).unwrap();
+        backend.download(model.forward(&batch).unwrap()).unwrap()
+    }
+
+    fn adamw(lr: f32) -> AdamWConfig {
+        AdamWConfig { lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 }
+    }
+
+    /// SFT on the chosen (safe) responses, then SafeDPO against the SFT model: on held-out topics the
+    /// implicit reward must prefer the safe response of nearly every pair with one unsafe response.
+    #[test]
+    #[ignore = "slow: trains a tiny GPT-2 for about a minute"]
+    fn synthetic_data_is_learnable_by_a_tiny_gpt2() {
+        let (pairs, _) = safedpo_transform(synthetic_safety_pairs(3000, 1));
+        let (train, eval) = split_holdout(pairs, 0.2, 7);
+        let template = Template::default();
+        let (train, _) = tokenize_pairs(&train, &ByteTokenizer, &template, 256).unwrap();
+        let (eval, _) = tokenize_pairs(&eval, &ByteTokenizer, &template, 256).unwrap();
+        let mixed: Vec<usize> = (0..eval.len()).filter(|&i| eval[i].chosen_unsafe != eval[i].rejected_unsafe).collect();
+        assert!(mixed.len() > 100);
+
+        let backend = Arc::new(CpuBackend::new());
+        let config = Gpt2Config {
+            vocab_size: 258,
+            n_positions: 256,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            layer_norm_epsilon: 1e-5,
+        };
+        let mut model = Gpt2::random(backend.clone(), config, 0).unwrap();
+        let mut opt = AdamW::new(&mut model, adamw(3e-3)).unwrap();
+        let mut batcher = Batcher::new(train.len(), 1);
+        let sft_steps = 60;
+        for step in 0..sft_steps {
+            let (packed, _) = batcher.next_sft_batch(&train, 4096);
+            let batch = DeviceBatch::upload(&*backend, &packed).unwrap();
+            model.zero_grad().unwrap();
+            let num_seqs = backend.buf_len(model.forward(&batch).unwrap());
+            let targets: usize = (0..packed.num_seqs()).map(|s| packed.num_targets(s)).sum();
+            let grad = backend.upload(&vec![-1.0 / targets as f32; num_seqs]).unwrap();
+            model.backward(&batch, &grad).unwrap();
+            let (_, scale) = clip_scale(&model, 1.0).unwrap();
+            opt.step(&mut model, 3e-3 * (1.0 - step as f32 / sft_steps as f32).max(0.1), scale).unwrap();
+        }
+
+        let eval_batch = preference_batch(&eval, &mixed);
+        let ref_eval = seq_logps(&mut model, &backend, &eval_batch.packed);
+        let mut reference = Gpt2::from_host(backend.clone(), &model.to_host().unwrap()).unwrap();
+        let mut opt = AdamW::new(&mut model, adamw(1e-3)).unwrap();
+        let objective = Objective::SafeDpo { beta: 0.1, delta: 10.0 };
+        let mut batcher = Batcher::new(train.len(), 2);
+        for _ in 0..30 {
+            let batch = batcher.next_batch(&train, 4096);
+            let ref_logp = seq_logps(&mut reference, &backend, &batch.packed);
+            let device_batch = DeviceBatch::upload(&*backend, &batch.packed).unwrap();
+            model.zero_grad().unwrap();
+            let logp = backend.download(model.forward(&device_batch).unwrap()).unwrap();
+            let p = batch.num_pairs();
+            let mut grad = vec![0f32; 2 * p];
+            for k in 0..p {
+                let (c, r) = (2 * k, 2 * k + 1);
+                let out = pair_loss(
+                    &objective,
+                    &PairInput {
+                        policy_chosen: logp[c] as f64,
+                        policy_rejected: logp[r] as f64,
+                        ref_chosen: ref_logp[c] as f64,
+                        ref_rejected: ref_logp[r] as f64,
+                        chosen_unsafe: batch.unsafe_flags[c] == 1,
+                        rejected_unsafe: batch.unsafe_flags[r] == 1,
+                        chosen_len: batch.lengths[c] as u32,
+                        rejected_len: batch.lengths[r] as u32,
+                    },
+                );
+                grad[c] = (out.d_policy_chosen / p as f64) as f32;
+                grad[r] = (out.d_policy_rejected / p as f64) as f32;
+            }
+            model.backward(&device_batch, &backend.upload(&grad).unwrap()).unwrap();
+            let (_, scale) = clip_scale(&model, 1.0).unwrap();
+            opt.step(&mut model, 1e-3, scale).unwrap();
+        }
+
+        let policy_eval = seq_logps(&mut model, &backend, &eval_batch.packed);
+        let prefers_safe = (0..mixed.len())
+            .filter(|&k| {
+                let reward = |s: usize| policy_eval[s] - ref_eval[s];
+                let (safe, unsafe_) =
+                    if eval_batch.unsafe_flags[2 * k] == 0 { (2 * k, 2 * k + 1) } else { (2 * k + 1, 2 * k) };
+                reward(safe) > reward(unsafe_)
+            })
+            .count();
+        let accuracy = prefers_safe as f64 / mixed.len() as f64;
+        assert!(accuracy > 0.9, "held-out safe preference {accuracy:.3}");
+    }
 }

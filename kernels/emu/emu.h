@@ -3,19 +3,22 @@
 //
 // How a kernel file becomes emulated code (build.rs generates one wrapper per .cu):
 //
-//     #include "emu/emu.h"                    // everything outside the anonymous namespace
 //     #define EMU_UNIT_NAME "adamw"
+//     #define EMU_SHARED_SECTION "emu_shared_adamw"
+//     #include "emu/emu.h"                    // everything outside the anonymous namespace
 //     namespace {                             // per-file linkage, like nvcc without -rdc
+//     void emu_unit_shared_bounds(char** begin, char** end) { /* the unit's section */ }
 //     #include "kernels/adamw.cu"
 //     }
 //     extern "C" void emu_unit_adamw(void) {} // pulls the object out of the archive
 //
 // - The threads of a block are fibers (runtime.cpp); `__syncthreads` and the warp intrinsics switch.
-// - `__shared__` variables become function-local statics placed in the linker section `emu_shared`;
-//   blocks run one after another (launches hold a global lock) and the runtime fills the whole
-//   section with 0xFF bytes (NaN for every float type, -1 for integers) before each block, so a read
-//   of shared memory that no thread of the block wrote shows up as NaN. The anonymous namespace keeps
-//   every such static out of COMDAT groups, which GCC will not mix with plain statics in one section.
+// - `__shared__` variables become function-local statics placed in the unit's linker section
+//   (`emu_shared_<file>`); blocks run one after another (launches hold a global lock) and the runtime
+//   fills the launched kernel's section with 0xFF bytes (NaN for every float type, -1 for integers)
+//   before each block, so a read of shared memory that no thread of the block wrote shows up as NaN.
+//   The anonymous namespace keeps every such static out of COMDAT groups, which GCC will not mix with
+//   plain statics in one section.
 // - Dynamic shared memory: `dynamic_smem<T>()` from common.cuh (never `extern __shared__`).
 // - System headers must come from here: the kernel file is included inside a namespace.
 #ifndef SAFEDPO_EMU_H
@@ -48,7 +51,10 @@
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ __attribute__((section("emu_shared"))) static
+#ifndef EMU_SHARED_SECTION  // build.rs defines it per kernel file
+#define EMU_SHARED_SECTION "emu_shared"
+#endif
+#define __shared__ __attribute__((section(EMU_SHARED_SECTION))) static
 
 // ---- the runtime (kernels/emu/runtime.cpp) -------------------------------------------------------
 extern "C" {
@@ -192,6 +198,13 @@ inline typename std::common_type<A, B>::type max(A a, B b) {
 }
 
 // ---- float math: libm for the accurate functions; the fast intrinsics follow the GPU's formulas --
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
+inline float normcdff(float x) { return 0.5f * erfcf(-x * 0.70710678118654752f); }
+inline double normcdf(double x) { return 0.5 * erfc(-x * 0.70710678118654752); }
+inline float fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float rcbrtf(float x) { return 1.0f / cbrtf(x); }
@@ -563,7 +576,10 @@ __attribute__((always_inline)) inline unsigned __reduce_xor_sync(unsigned mask, 
 // ---- kernel registration: name → trampoline(void** args), with a signature for argument checks ---
 namespace emu {
 typedef void (*Invoke)(void* fn, void** args);
-void register_kernel(const char* name, void* fn, Invoke invoke, const char* signature, const char* unit);
+/// Gives the bounds of a kernel file's `__shared__` section.
+typedef void (*SharedBounds)(char** begin, char** end);
+void register_kernel(const char* name, void* fn, Invoke invoke, const char* signature, const char* unit,
+                     SharedBounds shared);
 
 /// One character per kernel parameter; the Rust side checks every launch against it:
 /// p pointer, f float, d double, i int32, u uint32, l int64, L uint64.
@@ -595,8 +611,8 @@ void invoke(void* fn, void** args) {
 }
 struct Registrar {
     template <typename... A>
-    Registrar(const char* name, void (*f)(A...), const char* unit) {
-        register_kernel(name, reinterpret_cast<void*>(f), &invoke<A...>, Signature<A...>::value, unit);
+    Registrar(const char* name, void (*f)(A...), const char* unit, SharedBounds shared) {
+        register_kernel(name, reinterpret_cast<void*>(f), &invoke<A...>, Signature<A...>::value, unit, shared);
     }
 };
 }  // namespace emu
@@ -605,6 +621,7 @@ struct Registrar {
 #define EMU_UNIT_NAME "?"
 #endif
 /// Makes kernel `name` launchable by name on the emulated device (empty under nvcc).
-#define EMU_REGISTER(name) static ::emu::Registrar emu_registrar_##name(#name, &name, EMU_UNIT_NAME);
+#define EMU_REGISTER(name)                                                                                 \
+    static ::emu::Registrar emu_registrar_##name(#name, &name, EMU_UNIT_NAME, &emu_unit_shared_bounds);
 
 #endif  // SAFEDPO_EMU_H

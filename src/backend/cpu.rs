@@ -551,6 +551,12 @@ impl Backend for CpuBackend {
     fn buf_len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
+    fn resize(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+        // Vec keeps its capacity when shrinking, so a batch that fits reuses the storage.
+        buf.resize(len, 0.0);
+        Ok(())
+    }
+
     fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
         buf.fill(value);
         Ok(())

@@ -97,6 +97,9 @@ pub trait Backend: Send + Sync {
     /// Number of elements.
     fn buf_len(&self, buf: &Self::Buf) -> usize;
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+    /// Sets `buf`'s length to `len`, reusing its storage when it is large enough (so a model whose
+    /// batches change shape every step does not reallocate). Contents are unspecified afterwards.
+    fn resize(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
     /// `dst = src` (same length).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// Waits for all queued work (no-op on the CPU).

@@ -654,53 +654,24 @@ impl<B: Backend> Gpt2<B> {
     }
 
     /// Makes the activation buffers fit a batch of `tokens` tokens with `saved` floats of attention
-    /// state per layer, keeping the current ones when they fit.
+    /// state per layer. Existing buffers are resized in place (the backend keeps their storage when
+    /// it is large enough), so batches whose shape changes every step cost no reallocation.
     fn ensure_activations(&mut self, tokens: usize, saved: usize) -> Result<()> {
-        let b = &*self.backend;
-        let (c, v) = (self.config.n_embd, self.config.vocab_size);
-        if let Some(acts) = self.acts.as_mut().filter(|a| fits(a.tokens, tokens)) {
-            if !fits(acts.saved, saved) {
-                for layer in &mut acts.layers {
-                    layer.att_saved = b.zeros(saved)?;
-                }
-                acts.saved = saved;
-            }
+        if self.acts.as_ref().is_some_and(|a| a.tokens == tokens && a.saved == saved) {
             return Ok(());
         }
-        // Free the old buffers before allocating the new ones (device memory).
-        self.acts = None;
-        let n = tokens;
-        let mut layers = Vec::with_capacity(self.config.n_layer);
-        for _ in 0..self.config.n_layer {
-            layers.push(LayerActivations {
-                ln_1: b.zeros(n * c)?,
-                ln_1_mean: b.zeros(n)?,
-                ln_1_rstd: b.zeros(n)?,
-                qkv: b.zeros(n * 3 * c)?,
-                atty: b.zeros(n * c)?,
-                att_saved: b.zeros(saved)?,
-                residual_2: b.zeros(n * c)?,
-                ln_2: b.zeros(n * c)?,
-                ln_2_mean: b.zeros(n)?,
-                ln_2_rstd: b.zeros(n)?,
-                fch: b.zeros(n * 4 * c)?,
-                fch_gelu: b.zeros(n * 4 * c)?,
-                residual_3: b.zeros(n * c)?,
-            });
+        let b = &*self.backend;
+        if self.acts.is_none() {
+            let layers = (0..self.config.n_layer).map(|_| LayerActivations::empty(b)).collect::<Result<_>>()?;
+            self.acts = Some(Activations::empty(b, layers)?);
         }
-        self.acts = Some(Activations {
-            tokens: n,
-            saved,
-            encoded: b.zeros(n * c)?,
-            layers,
-            proj: b.zeros(n * c)?,
-            ln_f: b.zeros(n * c)?,
-            ln_f_mean: b.zeros(n)?,
-            ln_f_rstd: b.zeros(n)?,
-            logits: b.zeros(n * v)?,
-            token_logp: b.zeros(n)?,
-            lse: b.zeros(n)?,
-        });
+        let acts = self.acts.as_mut().expect("allocated above");
+        let (n, c, v) = (tokens, self.config.n_embd, self.config.vocab_size);
+        for (buf, len) in acts.buffers_mut(n, c, v, saved) {
+            b.resize(buf, len)?;
+        }
+        acts.tokens = n;
+        acts.saved = saved;
         Ok(())
     }
 
@@ -711,29 +682,117 @@ impl<B: Backend> Gpt2<B> {
         if self.scratch.as_ref().is_some_and(|s| s.tokens == n) {
             return Ok(());
         }
-        let c = self.config.n_embd;
         let b = &*self.backend;
-        self.scratch = None;
-        self.scratch = Some(BackwardScratch {
-            tokens: n,
-            dresidual: b.zeros(n * c)?,
-            dln: b.zeros(n * c)?,
-            datty: b.zeros(n * c)?,
-            dqkv: b.zeros(n * 3 * c)?,
-            dfch_gelu: b.zeros(n * 4 * c)?,
-            dfch: b.zeros(n * 4 * c)?,
-        });
+        if self.scratch.is_none() {
+            self.scratch = Some(BackwardScratch::empty(b)?);
+        }
+        let scratch = self.scratch.as_mut().expect("allocated above");
+        for (buf, len) in scratch.buffers_mut(n, self.config.n_embd) {
+            b.resize(buf, len)?;
+        }
+        scratch.tokens = n;
         Ok(())
     }
 }
 
-/// Whether buffers allocated for `allocated` elements (tokens) can serve a batch that needs
-/// `needed`. The backends' contract is that a `[n, c]` argument has exactly `n·c` elements (the CPU
-/// backend checks it), so buffers are reused only for a batch of the same shape, e.g. a fixed
-/// evaluation batch or generation at a fixed length. Were the contract relaxed to "at least",
-/// this becomes `allocated >= needed` and the buffers grow to the largest batch seen.
-fn fits(allocated: usize, needed: usize) -> bool {
-    allocated == needed
+impl<T> LayerActivations<T> {
+    fn empty<B: Backend<Buf = T>>(b: &B) -> Result<Self> {
+        Ok(Self {
+            ln_1: b.zeros(0)?,
+            ln_1_mean: b.zeros(0)?,
+            ln_1_rstd: b.zeros(0)?,
+            qkv: b.zeros(0)?,
+            atty: b.zeros(0)?,
+            att_saved: b.zeros(0)?,
+            residual_2: b.zeros(0)?,
+            ln_2: b.zeros(0)?,
+            ln_2_mean: b.zeros(0)?,
+            ln_2_rstd: b.zeros(0)?,
+            fch: b.zeros(0)?,
+            fch_gelu: b.zeros(0)?,
+            residual_3: b.zeros(0)?,
+        })
+    }
+
+    /// Every buffer with its length for `n` tokens.
+    fn buffers_mut(&mut self, n: usize, c: usize, saved: usize) -> [(&mut T, usize); 13] {
+        [
+            (&mut self.ln_1, n * c),
+            (&mut self.ln_1_mean, n),
+            (&mut self.ln_1_rstd, n),
+            (&mut self.qkv, n * 3 * c),
+            (&mut self.atty, n * c),
+            (&mut self.att_saved, saved),
+            (&mut self.residual_2, n * c),
+            (&mut self.ln_2, n * c),
+            (&mut self.ln_2_mean, n),
+            (&mut self.ln_2_rstd, n),
+            (&mut self.fch, n * 4 * c),
+            (&mut self.fch_gelu, n * 4 * c),
+            (&mut self.residual_3, n * c),
+        ]
+    }
+}
+
+impl<T> Activations<T> {
+    fn empty<B: Backend<Buf = T>>(b: &B, layers: Vec<LayerActivations<T>>) -> Result<Self> {
+        Ok(Self {
+            tokens: 0,
+            saved: 0,
+            encoded: b.zeros(0)?,
+            layers,
+            proj: b.zeros(0)?,
+            ln_f: b.zeros(0)?,
+            ln_f_mean: b.zeros(0)?,
+            ln_f_rstd: b.zeros(0)?,
+            logits: b.zeros(0)?,
+            token_logp: b.zeros(0)?,
+            lse: b.zeros(0)?,
+        })
+    }
+
+    /// Every buffer (the layers' too) with its length for `n` tokens.
+    fn buffers_mut(&mut self, n: usize, c: usize, v: usize, saved: usize) -> Vec<(&mut T, usize)> {
+        let mut bufs = vec![
+            (&mut self.encoded, n * c),
+            (&mut self.proj, n * c),
+            (&mut self.ln_f, n * c),
+            (&mut self.ln_f_mean, n),
+            (&mut self.ln_f_rstd, n),
+            (&mut self.logits, n * v),
+            (&mut self.token_logp, n),
+            (&mut self.lse, n),
+        ];
+        for layer in &mut self.layers {
+            bufs.extend(layer.buffers_mut(n, c, saved));
+        }
+        bufs
+    }
+}
+
+impl<T> BackwardScratch<T> {
+    fn empty<B: Backend<Buf = T>>(b: &B) -> Result<Self> {
+        Ok(Self {
+            tokens: 0,
+            dresidual: b.zeros(0)?,
+            dln: b.zeros(0)?,
+            datty: b.zeros(0)?,
+            dqkv: b.zeros(0)?,
+            dfch_gelu: b.zeros(0)?,
+            dfch: b.zeros(0)?,
+        })
+    }
+
+    fn buffers_mut(&mut self, n: usize, c: usize) -> [(&mut T, usize); 6] {
+        [
+            (&mut self.dresidual, n * c),
+            (&mut self.dln, n * c),
+            (&mut self.datty, n * c),
+            (&mut self.dqkv, n * 3 * c),
+            (&mut self.dfch_gelu, n * 4 * c),
+            (&mut self.dfch, n * 4 * c),
+        ]
+    }
 }
 
 /// `len` samples of N(0, std²) by Box–Muller, in f64 then rounded to f32.

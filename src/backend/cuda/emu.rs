@@ -94,13 +94,15 @@ pub struct Counters {
     pub blocks: u64,
     /// Fiber resumes; each is a switch into a thread and one back out.
     pub resumes: u64,
+    /// CPU time the launches took, in nanoseconds (thread CPU time: unaffected by other load).
+    pub cpu_ns: u64,
 }
 
 pub fn counters() -> Counters {
-    let mut out = [0u64; 3];
-    // SAFETY: writes three u64.
+    let mut out = [0u64; 4];
+    // SAFETY: writes four u64.
     unsafe { ffi::emu_counters(out.as_mut_ptr()) };
-    Counters { launches: out[0], blocks: out[1], resumes: out[2] }
+    Counters { launches: out[0], blocks: out[1], resumes: out[2], cpu_ns: out[3] }
 }
 
 /// "x86-64 assembly" or "ucontext".
@@ -269,14 +271,16 @@ impl Emu {
         self.check_canaries().with_context(|| format!("after kernel `{name}` (kernels/{}.cu)", info.unit))
     }
 
-    /// Fails if a launch wrote into the slack after any live buffer.
+    /// Fails if a launch wrote into the slack after any live buffer (and restores the canary, so that
+    /// the next launch does not report the same overrun again).
     fn check_canaries(&self) -> Result<()> {
         let live = self.live.lock().unwrap();
         for (&start, a) in live.iter() {
             // SAFETY: [bytes, capacity) of a live allocation.
             let slack =
-                unsafe { std::slice::from_raw_parts((start + a.bytes as u64) as *const u8, a.capacity - a.bytes) };
+                unsafe { std::slice::from_raw_parts_mut((start + a.bytes as u64) as *mut u8, a.capacity - a.bytes) };
             if let Some(offset) = slack.iter().position(|&b| b != CANARY) {
+                slack.fill(CANARY);
                 bail!(
                     "a kernel wrote past the end of the buffer at {start:#x} ({} bytes): byte {} beyond its end \
                      changed",

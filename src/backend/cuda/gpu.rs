@@ -7,9 +7,12 @@
 //! limit first (as `cudaFuncSetAttribute` would). Argument counts and sizes are checked against the
 //! kernel's parameter list (`cuFuncGetParamInfo`) the first time a kernel is launched.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex};
+use std::env;
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::{result as lt_result, sys as lt};
@@ -34,11 +37,54 @@ pub fn probe() -> Result<(), String> {
         Ok(_) => {}
         Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
     }
-    // SAFETY: only tries to dlopen the library.
-    if !unsafe { lt::is_culib_present() } {
-        return Err("libcublasLt.so (CUDA 13) could not be loaded; it is needed for matrix products".into());
+    // SAFETY: only tries to dlopen the library (again after loading it by path).
+    let cublaslt = unsafe { lt::is_culib_present() } || (preload_cublaslt() && unsafe { lt::is_culib_present() });
+    if !cublaslt {
+        return Err("libcublasLt.so.13 could not be loaded (needed for matrix products): put its folder on \
+                    LD_LIBRARY_PATH, or set SAFEDPO_CUBLASLT=/path/to/libcublasLt.so.13"
+            .into());
     }
     Ok(())
+}
+
+/// Loads libcublasLt.so.13 by full path from where CUDA installs usually keep it ($SAFEDPO_CUBLASLT,
+/// $CUDA_HOME, $CUDA_PATH, next to the nvcc on PATH, /usr/local/cuda). Once loaded, cudarc's lookup
+/// by name finds it (the dynamic loader matches already-loaded libraries by soname). Returns whether
+/// one was loaded.
+fn preload_cublaslt() -> bool {
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    *LOADED.get_or_init(|| {
+        extern "C" {
+            fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        }
+        const RTLD_NOW: c_int = 2;
+        const RTLD_GLOBAL: c_int = 0x100;
+        const NAME: &str = "libcublasLt.so.13";
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(path) = env::var_os("SAFEDPO_CUBLASLT") {
+            candidates.push(path.into());
+        }
+        let mut roots: Vec<PathBuf> =
+            ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(env::var_os).map(PathBuf::from).collect();
+        if let Some(path) = env::var_os("PATH") {
+            roots.extend(
+                env::split_paths(&path)
+                    .filter(|dir| dir.join("nvcc").is_file())
+                    .filter_map(|dir| dir.parent().map(PathBuf::from)),
+            );
+        }
+        roots.push(PathBuf::from("/usr/local/cuda"));
+        for root in roots {
+            for lib in ["lib64", "lib", "targets/x86_64-linux/lib"] {
+                candidates.push(root.join(lib).join(NAME));
+            }
+        }
+        candidates.iter().filter(|path| path.is_file()).any(|path| {
+            let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+            // SAFETY: loads a shared library by path; it stays loaded for the life of the process.
+            !unsafe { dlopen(c_path.as_ptr(), RTLD_NOW | RTLD_GLOBAL) }.is_null()
+        })
+    })
 }
 
 struct Module {
@@ -65,13 +111,52 @@ struct GemmKey {
     ab: Dtype,
     c: Dtype,
     bias: bool,
+    /// Byte alignment of our A, B and D pointers (at most 256): cuBLASLt picks algorithms that need no
+    /// more than this, so views at any element offset work.
+    align: [u32; 3],
+}
+
+/// The largest power of two (at most 256) that divides a device address.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
 }
 
 /// cuBLASLt descriptors and the chosen algorithm for one GEMM shape (the bias pointer is set per call).
 struct GemmPlan {
-    desc: lt::cublasLtMatmulDesc_t,
-    layouts: [lt::cublasLtMatrixLayout_t; 3],
+    desc: MatmulDesc,
+    layouts: [MatrixLayout; 3],
     algo: lt::cublasLtMatmulAlgo_t,
+}
+
+/// Owns a cuBLASLt matmul descriptor.
+struct MatmulDesc(lt::cublasLtMatmulDesc_t);
+impl Drop for MatmulDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matmul_desc, destroyed once.
+        let _ = unsafe { lt_result::destroy_matmul_desc(self.0) };
+    }
+}
+
+/// Owns a cuBLASLt matrix layout.
+struct MatrixLayout(lt::cublasLtMatrixLayout_t);
+impl Drop for MatrixLayout {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matrix_layout, destroyed once.
+        let _ = unsafe { lt_result::destroy_matrix_layout(self.0) };
+    }
+}
+
+/// Owns a cuBLASLt matmul preference.
+struct MatmulPref(lt::cublasLtMatmulPreference_t);
+impl Drop for MatmulPref {
+    fn drop(&mut self) {
+        // SAFETY: created by create_matmul_pref, destroyed once.
+        let _ = unsafe { lt_result::destroy_matmul_pref(self.0) };
+    }
 }
 
 /// A GPU with the embedded kernels loaded.
@@ -302,19 +387,20 @@ impl Gpu {
             ab: ops.ab,
             c: ops.c,
             bias: ops.bias.is_some(),
+            align: [alignment(ops.a), alignment(ops.b), alignment(ops.d)],
         };
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
-            let plan =
-                self.plan_gemm(&key).with_context(|| format!("planning gemm {spec:?} ({:?} → {:?})", ops.ab, ops.c))?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(
+                self.plan_gemm(&key).with_context(|| format!("planning gemm {spec:?} ({:?} → {:?})", ops.ab, ops.c))?,
+            ),
+        };
         // SAFETY (all calls): descriptors owned by the plan; device pointers checked by Device::gemm.
         unsafe {
             if let Some(bias) = ops.bias {
                 lt_result::set_matmul_desc_attribute(
-                    plan.desc,
+                    plan.desc.0,
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &bias as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
@@ -323,17 +409,17 @@ impl Gpu {
             }
             lt_result::matmul(
                 self.blas,
-                plan.desc,
+                plan.desc.0,
                 &spec.alpha as *const f32 as *const c_void,
                 &spec.beta as *const f32 as *const c_void,
                 ops.b as *const c_void,
-                plan.layouts[0],
+                plan.layouts[0].0,
                 ops.a as *const c_void,
-                plan.layouts[1],
+                plan.layouts[1].0,
                 ops.d as *const c_void,
-                plan.layouts[2],
+                plan.layouts[2].0,
                 ops.d as *mut c_void,
-                plan.layouts[2],
+                plan.layouts[2].0,
                 &plan.algo,
                 self.workspace as *mut c_void,
                 GEMM_WORKSPACE_BYTES,
@@ -358,16 +444,17 @@ impl Gpu {
         let second = if key.trans_a { (m, k, m) } else { (k, m, k) };
         let output = (n, m, n);
         let layout = |dtype: Dtype, (rows, cols, ld): (u64, u64, u64)| {
-            lt_result::create_matrix_layout(cuda_type(dtype), rows, cols, ld as i64).map_err(lt_err)
+            lt_result::create_matrix_layout(cuda_type(dtype), rows, cols, ld as i64).map(MatrixLayout).map_err(lt_err)
         };
         let layouts = [layout(key.ab, first)?, layout(key.ab, second)?, layout(key.c, output)?];
-        let desc =
+        let desc = MatmulDesc(
             lt_result::create_matmul_desc(lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType::CUDA_R_32F)
-                .map_err(lt_err)?;
+                .map_err(lt_err)?,
+        );
         let set = |attr: lt::cublasLtMatmulDescAttributes_t, value: u32| {
             // SAFETY: a 4-byte attribute on a live descriptor.
             unsafe {
-                lt_result::set_matmul_desc_attribute(desc, attr, &value as *const u32 as *const c_void, 4)
+                lt_result::set_matmul_desc_attribute(desc.0, attr, &value as *const u32 as *const c_void, 4)
                     .map_err(lt_err)
             }
         };
@@ -381,23 +468,42 @@ impl Gpu {
             )?;
             set(lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cuda_type(key.c) as u32)?;
         }
-        let pref = lt_result::create_matmul_pref().map_err(lt_err)?;
-        // SAFETY: live descriptors; the preference is destroyed right after the query.
-        let heuristic = unsafe {
-            let size = GEMM_WORKSPACE_BYTES;
-            lt_result::set_matmul_pref_attribute(
-                pref,
-                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &size as *const usize as *const c_void,
-                std::mem::size_of::<usize>(),
-            )
-            .map_err(lt_err)?;
-            let heuristic = lt_result::get_matmul_algo_heuristic(
-                self.blas, desc, layouts[0], layouts[1], layouts[2], layouts[2], pref,
-            );
-            lt_result::destroy_matmul_pref(pref).map_err(lt_err)?;
-            heuristic.map_err(lt_err).context("no cuBLASLt algorithm for this shape and types")?
+        let pref = MatmulPref(lt_result::create_matmul_pref().map_err(lt_err)?);
+        let set_pref = |attr: lt::cublasLtMatmulPreferenceAttributes_t, value: &[u8]| {
+            // SAFETY: an attribute of the documented size on a live preference.
+            unsafe {
+                lt_result::set_matmul_pref_attribute(pref.0, attr, value.as_ptr() as *const c_void, value.len())
+                    .map_err(lt_err)
+            }
         };
+        set_pref(
+            lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &(GEMM_WORKSPACE_BYTES as u64).to_ne_bytes(),
+        )?;
+        // cuBLASLt's A is our B, its B our A, its C and D our D
+        let [align_a, align_b, align_d] = key.align;
+        for (attr, align) in [
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b),
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a),
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d),
+            (lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d),
+        ] {
+            set_pref(attr, &align.to_ne_bytes())?;
+        }
+        // SAFETY: live descriptors and preference.
+        let heuristic = unsafe {
+            lt_result::get_matmul_algo_heuristic(
+                self.blas,
+                desc.0,
+                layouts[0].0,
+                layouts[1].0,
+                layouts[2].0,
+                layouts[2].0,
+                pref.0,
+            )
+        }
+        .map_err(lt_err)
+        .context("no cuBLASLt algorithm for this shape and types")?;
         Ok(GemmPlan { desc, layouts, algo: heuristic.algo })
     }
 
@@ -422,26 +528,22 @@ fn param_sizes(function: sys::CUfunction) -> Option<Vec<usize>> {
     let mut sizes = Vec::new();
     loop {
         let (mut offset, mut size) = (0usize, 0usize);
-        // SAFETY: queries parameter `sizes.len()` of a valid function; fails past the last one.
-        let status = unsafe { sys::cuFuncGetParamInfo(function, sizes.len(), &mut offset, &mut size) };
-        if status != sys::CUresult::CUDA_SUCCESS {
-            return Some(sizes);
+        // SAFETY: queries parameter `sizes.len()` of a valid function; past the last one the driver
+        // answers CUDA_ERROR_INVALID_VALUE.
+        match unsafe { sys::cuFuncGetParamInfo(function, sizes.len(), &mut offset, &mut size) } {
+            sys::CUresult::CUDA_SUCCESS => sizes.push(size),
+            sys::CUresult::CUDA_ERROR_INVALID_VALUE => return Some(sizes),
+            _ => return None,
         }
-        sizes.push(size);
     }
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
         let _ = self.synchronize();
+        self.plans.get_mut().unwrap().clear();
         // SAFETY: nothing uses these handles any more (every buffer and event holds an Arc to us).
         unsafe {
-            for plan in self.plans.get_mut().unwrap().values() {
-                let _ = lt_result::destroy_matmul_desc(plan.desc);
-                for layout in plan.layouts {
-                    let _ = lt_result::destroy_matrix_layout(layout);
-                }
-            }
             let _ = lt_result::destroy_handle(self.blas);
             let _ = result::free_sync(self.workspace);
             for module in &self.modules {

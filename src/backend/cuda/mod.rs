@@ -10,6 +10,7 @@
 //!
 //! [`select_device`] picks one for `--device auto|cpu|cuda|emu`.
 
+pub mod backend;
 pub mod device;
 pub mod emu;
 pub mod gpu;
@@ -19,3 +20,4 @@ pub use device::{
     gpu_unavailable_reason, select_device, Device, DeviceBuffer, DeviceKind, DeviceScalar, Dtype, Event, Gemm,
     KernelArg, LaunchConfig, Selection, View, ViewMut,
 };
+pub use backend::{CudaBackend, CudaBuf, CudaIds, Precision};

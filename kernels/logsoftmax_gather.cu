@@ -1,0 +1,134 @@
+// kernels/logsoftmax_gather.cu — the fused log-softmax-gather: from logits to per-token and per-sequence
+// log-probs of the targets, and its backward written over the logits in place (llm.c's fused classifier).
+//
+//     forward:  lse[t] = log Σ_v exp(logits[t, v]);  token_logp[t] = logits[t, target_t] − lse[t]  (0 where
+//               target_t = −1)
+//     seq sum:  seq_logp[s] = Σ_{t in s} token_logp[t]
+//     backward: logits[t, :] ← dseq[s(t)]·(onehot(target_t) − exp(logits[t, :] − lse[t]))  (zeros where
+//               target_t = −1)
+//
+// CPU twins (src/backend/cpu.rs): `logsoftmax_gather_forward`, `sequence_logp_sum`,
+// `logsoftmax_gather_backward` (and its `row_logsumexp`).
+//
+// Launch shapes:
+// - logsoftmax_gather_forward_<T>: one block per row (grid n, 256 threads). Each thread keeps an online
+//   (max, Σ exp(x − max)) over its strided elements, so the row is read exactly once; the block then
+//   combines the pairs (block max, then the rescaled sums). The target's logit is one extra load. The
+//   log-prob is formed as (x − max) − log Σ, without rounding lse first (large logits keep precision).
+//   token_logp and lse are f32 whatever the logits' storage type.
+// - sequence_logp_sum_f32: one block per sequence (grid S, 256 threads): strided partial sums, then a
+//   fixed-tree block reduction. Deterministic; no float atomics.
+// - logsoftmax_gather_backward_<T>: one block per row (grid n, 256 threads); each thread finds the row's
+//   sequence by binary search over cu_seqlens (no barrier needed) and overwrites its strided elements.
+//   Probabilities are never stored: the gradient replaces the logits.
+//
+// Loops before a block reduction run the same number of iterations on every thread (the element index
+// tested inside): with a thread-dependent trip count the host compiler may duplicate the barrier call,
+// and the emulated device tells barriers apart by call site.
+#include "common.cuh"
+
+#define LSG_THREADS 256
+
+/// Maximum over all threads of a block whose size is a multiple of 32; every thread gets the result.
+/// Contains `__syncthreads`, so every thread of the block must call it. (common.cuh has the sum.)
+__device__ __forceinline__ float block_reduce_max_lsg(float v) {
+    __shared__ float warp_maxes[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
+    v = warp_reduce_max(v);
+    if (lane == 0) warp_maxes[warp] = v;
+    __syncthreads();
+    v = lane < num_warps ? warp_maxes[lane] : -INFINITY;
+    v = warp_reduce_max(v);
+    __syncthreads();  // warp_maxes may be reused by the next call
+    return v;
+}
+
+/// The sequence holding token t: the last s with cu_seqlens[s] ≤ t (empty sequences are skipped).
+__device__ __forceinline__ int sequence_of_token(const int* cu_seqlens, int num_seqs, int t) {
+    int lo = 0, hi = num_seqs;  // invariant: cu_seqlens[lo] ≤ t < cu_seqlens[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (cu_seqlens[mid] <= t) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+template <typename T>
+__device__ void logsoftmax_gather_forward(float* token_logp, float* lse, const T* logits, const int* targets, int v) {
+    const int t = blockIdx.x;
+    const T* row = logits + (long long)t * v;
+    // Online max and sum of exponentials over this thread's elements: the sum is rescaled only when
+    // the maximum rises.
+    float m = -INFINITY, s = 0.0f;
+    for (int base = 0; base < v; base += blockDim.x) {  // same trip count on every thread (see above)
+        const int j = base + threadIdx.x;
+        if (j < v) {
+            const float x = to_float(row[j]);
+            if (x > m) {
+                s = s * expf(m - x) + 1.0f;
+                m = x;
+            } else {
+                s += expf(x - m);
+            }
+        }
+    }
+    const float row_max = block_reduce_max_lsg(m);
+    // Threads that saw no element have s = 0 and m = −inf: their share is 0·exp(−inf) = 0.
+    const float sum = block_reduce_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max));
+    if (threadIdx.x == 0) {
+        const float log_sum = logf(sum);
+        const int target = targets[t];
+        lse[t] = row_max + log_sum;
+        token_logp[t] = target >= 0 ? (to_float(row[target]) - row_max) - log_sum : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ void logsoftmax_gather_backward(T* logits, const float* lse, const int* targets, const float* dseq,
+                                           const int* cu_seqlens, int num_seqs, int v) {
+    const int t = blockIdx.x;
+    T* row = logits + (long long)t * v;
+    const int target = targets[t];
+    if (target < 0) {
+        for (int j = threadIdx.x; j < v; j += blockDim.x) row[j] = from_float<T>(0.0f);
+        return;
+    }
+    const float g = dseq[sequence_of_token(cu_seqlens, num_seqs, t)];
+    const float l = lse[t];
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float d = -g * expf(to_float(row[j]) - l);
+        if (j == target) d += g;
+        row[j] = from_float<T>(d);
+    }
+}
+
+/// seq_logp[s] = Σ token_logp[cu_seqlens[s] .. cu_seqlens[s+1]]
+extern "C" __global__ void sequence_logp_sum_f32(float* seq_logp, const float* token_logp, const int* cu_seqlens) {
+    const int s = blockIdx.x;
+    const int start = cu_seqlens[s], end = cu_seqlens[s + 1];
+    float acc = 0.0f;
+    for (int base = start; base < end; base += blockDim.x) {
+        if (base + (int)threadIdx.x < end) acc += token_logp[base + threadIdx.x];
+    }
+    acc = block_reduce_sum(acc);
+    if (threadIdx.x == 0) seq_logp[s] = acc;
+}
+EMU_REGISTER(sequence_logp_sum_f32)
+
+#define LOGSOFTMAX_GATHER_KERNELS(T, suffix)                                                                  \
+    extern "C" __global__ void logsoftmax_gather_forward_##suffix(float* token_logp, float* lse,             \
+                                                                  const T* logits, const int* targets,       \
+                                                                  int v) {                                   \
+        logsoftmax_gather_forward<T>(token_logp, lse, logits, targets, v);                                   \
+    }                                                                                                         \
+    EMU_REGISTER(logsoftmax_gather_forward_##suffix)                                                          \
+    extern "C" __global__ void logsoftmax_gather_backward_##suffix(T* logits, const float* lse,              \
+                                                                   const int* targets, const float* dseq,    \
+                                                                   const int* cu_seqlens, int num_seqs,      \
+                                                                   int v) {                                  \
+        logsoftmax_gather_backward<T>(logits, lse, targets, dseq, cu_seqlens, num_seqs, v);                  \
+    }                                                                                                         \
+    EMU_REGISTER(logsoftmax_gather_backward_##suffix)
+
+LOGSOFTMAX_GATHER_KERNELS(float, f32)
+LOGSOFTMAX_GATHER_KERNELS(bf16, bf16)

@@ -1,0 +1,121 @@
+// kernels/pointwise.cu — elementwise ops: GELU forward and backward (tanh form, HF `gelu_new`), the
+// residual add, in-place add, scale, SGD, and the f32 <-> bf16 conversions the CUDA backend uses when a
+// tensor is stored in another type than an op wants.
+//
+//     gelu(x)  = ½·x·(1 + tanh u),  u = √(2/π)·(x + 0.044715·x³)
+//     gelu'(x) = ½·(1 + tanh u) + ½·x·(1 − tanh² u)·√(2/π)·(1 + 3·0.044715·x²)
+//
+// CPU twins (src/backend/cpu.rs): `gelu_forward`, `gelu_backward`, `residual_forward`, `add_inplace`,
+// `scale`, `sgd` (fill is a memset on the device, `Device::fill`).
+//
+// Launch shape: 1-D grid of 256-thread blocks, one thread per element with a grid-stride loop (the host
+// caps the grid; see `pointwise_launch` in src/backend/cuda/backend.rs). Every element is independent,
+// so results do not depend on the launch shape. Each op has an f32 and a bf16 instantiation
+// (`<op>_f32`, `<op>_bf16`): loads convert to f32, the math is f32, stores round once.
+// First version: scalar loads; 128-bit packed loads (llm.c's Packed128) are a later optimisation.
+#include "common.cuh"
+
+#define GELU_SCALE 0.7978845608028654f  // √(2/π)
+#define GELU_CUBIC 0.044715f
+
+#define GRID_STRIDE_LOOP(i, n)                                                                \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float gelu(float x) {
+    const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+
+__device__ __forceinline__ float gelu_grad(float x) {
+    const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+    const float th = tanhf(u);
+    const float du = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x);
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
+}
+
+// ---- GELU ---------------------------------------------------------------------------------------------
+/// out = gelu(inp)
+template <typename T>
+__device__ void gelu_forward(T* out, const T* inp, long long n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = from_float<T>(gelu(to_float(inp[i])));
+}
+
+/// dinp = dout · gelu'(inp)  (overwrites dinp)
+template <typename T>
+__device__ void gelu_backward(T* dinp, const T* inp, const T* dout, long long n) {
+    GRID_STRIDE_LOOP(i, n) dinp[i] = from_float<T>(to_float(dout[i]) * gelu_grad(to_float(inp[i])));
+}
+
+// ---- residual and in-place add --------------------------------------------------------------------------
+/// out = a + b
+template <typename T>
+__device__ void residual_forward(T* out, const T* a, const T* b, long long n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
+}
+
+/// dst += src
+template <typename T>
+__device__ void add_inplace(T* dst, const T* src, long long n) {
+    GRID_STRIDE_LOOP(i, n) dst[i] = from_float<T>(to_float(dst[i]) + to_float(src[i]));
+}
+
+/// buf *= s
+template <typename T>
+__device__ void scale(T* buf, float s, long long n) {
+    GRID_STRIDE_LOOP(i, n) buf[i] = from_float<T>(to_float(buf[i]) * s);
+}
+
+// ---- SGD ------------------------------------------------------------------------------------------------
+/// param −= step · grad, with step = lr · grad_scale. With an fp32 master copy (`master` non-null) the
+/// update is made on the master, and the parameter is written from it (bf16 rounding never accumulates).
+template <typename T>
+__device__ void sgd(T* param, float* master, const T* grad, long long n, float step) {
+    GRID_STRIDE_LOOP(i, n) {
+        float p = master != nullptr ? master[i] : to_float(param[i]);
+        p -= step * to_float(grad[i]);
+        if (master != nullptr) master[i] = p;
+        param[i] = from_float<T>(p);
+    }
+}
+
+// ---- instantiations -------------------------------------------------------------------------------------
+#define POINTWISE_KERNELS(T, suffix)                                                                         \
+    extern "C" __global__ void gelu_forward_##suffix(T* out, const T* inp, long long n) {                    \
+        gelu_forward<T>(out, inp, n);                                                                        \
+    }                                                                                                        \
+    EMU_REGISTER(gelu_forward_##suffix)                                                                      \
+    extern "C" __global__ void gelu_backward_##suffix(T* dinp, const T* inp, const T* dout, long long n) {   \
+        gelu_backward<T>(dinp, inp, dout, n);                                                                \
+    }                                                                                                        \
+    EMU_REGISTER(gelu_backward_##suffix)                                                                     \
+    extern "C" __global__ void residual_forward_##suffix(T* out, const T* a, const T* b, long long n) {      \
+        residual_forward<T>(out, a, b, n);                                                                   \
+    }                                                                                                        \
+    EMU_REGISTER(residual_forward_##suffix)                                                                  \
+    extern "C" __global__ void add_inplace_##suffix(T* dst, const T* src, long long n) {                     \
+        add_inplace<T>(dst, src, n);                                                                         \
+    }                                                                                                        \
+    EMU_REGISTER(add_inplace_##suffix)                                                                       \
+    extern "C" __global__ void scale_##suffix(T* buf, float s, long long n) { scale<T>(buf, s, n); }         \
+    EMU_REGISTER(scale_##suffix)                                                                             \
+    extern "C" __global__ void sgd_##suffix(T* param, float* master, const T* grad, long long n, float step) { \
+        sgd<T>(param, master, grad, n, step);                                                                \
+    }                                                                                                        \
+    EMU_REGISTER(sgd_##suffix)
+
+POINTWISE_KERNELS(float, f32)
+POINTWISE_KERNELS(bf16, bf16)
+
+// ---- storage conversions ----------------------------------------------------------------------------------
+/// out = bf16(in), round to nearest even.
+extern "C" __global__ void convert_f32_to_bf16(bf16* out, const float* in, long long n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = from_float<bf16>(in[i]);
+}
+EMU_REGISTER(convert_f32_to_bf16)
+
+/// out = f32(in), exact.
+extern "C" __global__ void convert_bf16_to_f32(float* out, const bf16* in, long long n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = to_float(in[i]);
+}
+EMU_REGISTER(convert_bf16_to_f32)

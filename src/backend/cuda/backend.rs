@@ -1,0 +1,1334 @@
+//! `CudaBackend`: the `Backend` trait on a CUDA device (a GPU, or the emulated device that runs the
+//! same kernels on the CPU). Every method is one or a few launches of the kernels in `kernels/*.cu`
+//! (named `<op>_<dtype>`); matrix products go through [`Device::gemm`] (cuBLASLt on a GPU).
+//!
+//! ## Precision
+//! - [`Precision::F32`]: every tensor is f32. The emulated device is held to the CPU backend at
+//!   f32 tolerances in this mode.
+//! - [`Precision::Bf16`]: parameters, activations, gradients and logits are stored in bf16 (all math in
+//!   f32, one rounding per store); LayerNorm statistics, attention log-sum-exps, token and sequence
+//!   log-probs, the preference loss, its metrics and gradients are f32; the optimizer keeps fp32 master
+//!   weights and fp32 moments.
+//!
+//! ## Buffers
+//! A [`CudaBuf`] holds its values in one storage type (f32 or bf16) and, optionally, an fp32 master
+//! copy. The trait's buffers carry no role, so the storage type follows the ops that write them:
+//! `zeros` allocates the precision's activation type; an op whose output is f32 by design (a
+//! log-prob, a LayerNorm statistic, an optimizer moment) switches that buffer to f32 storage the
+//! first time it writes it (converting the values when the op accumulates); an input stored in
+//! another type than a kernel wants is converted into a temporary. In F32 mode nothing ever converts.
+//!
+//! The master copy: in Bf16 mode `upload` keeps the exact f32 data beside the rounded bf16 values, so
+//! a checkpoint uploaded and downloaded again is unchanged and the optimizer starts from exact
+//! weights; `adamw` and `sgd` update the master and write the bf16 parameter from it (creating it
+//! from the bf16 values if absent, as llm.c does). `download` returns the master when there is one.
+//! `fill`, `scale` and `copy` keep it consistent; any other op that writes a buffer drops its master
+//! (the values would be stale). Optimizer moments uploaded from a checkpoint become f32 storage
+//! from their exact master copy, so a resume loses nothing.
+//!
+//! A buffer's length is the first `len` elements of its storage: `resize` to a shorter length keeps
+//! the storage (and its type) for the next batch, as the CPU backend keeps a `Vec`'s capacity.
+//!
+//! ## Determinism
+//! No kernel uses float atomics; every reduction has a fixed order that depends only on the shapes
+//! (see each kernel file's header). Two runs give bit-identical results.
+
+use std::fmt;
+use std::ops::Deref;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use anyhow::{bail, ensure, Context, Result};
+use half::bf16;
+
+use super::{Device, DeviceBuffer, DeviceScalar, Dtype, Gemm, KernelArg, LaunchConfig};
+use crate::backend::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use crate::loss::Objective;
+
+// ---- launch shapes (each kernel file's header comment explains its own) ------------------------------
+
+/// Threads per block of the elementwise kernels.
+const POINTWISE_THREADS: u32 = 256;
+/// Most blocks of an elementwise launch; larger tensors are covered by the grid-stride loop.
+const POINTWISE_MAX_BLOCKS: usize = 4096;
+/// Rows (warps) per block of the LayerNorm row kernels; `LN_WARPS_PER_BLOCK` in layernorm.cu.
+const LN_ROWS_PER_BLOCK: usize = 4;
+/// Rows per partial sum of the LayerNorm parameter gradients (at least; see `layernorm_backward`).
+const LN_ROWS_PER_CHUNK: usize = 32;
+/// Most threads per block of the row kernels (log-softmax-gather, sequence sums, channel loops).
+const ROW_THREADS: usize = 256;
+/// Threads per block of the preference loss (one per pair).
+const PAIR_THREADS: u32 = 128;
+/// Threads per block, and the fewest elements per block, of the grad-norm partial sums.
+const NORM_THREADS: u32 = 256;
+const NORM_ELEMENTS_PER_BLOCK: usize = 256 * 16;
+/// Most partial-sum blocks per tensor in the grad norm.
+const NORM_MAX_BLOCKS: usize = 1024;
+/// CUDA's limit on the y and z dimensions of a grid.
+const MAX_GRID_Y: usize = 65535;
+
+/// Storage precision of a [`CudaBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything f32: the mode the emulated device is checked in against the CPU backend.
+    F32,
+    /// bf16 parameters, activations, gradients and logits; fp32 master weights, optimizer state,
+    /// statistics, log-probs and loss.
+    Bf16,
+}
+
+impl Precision {
+    /// The storage type of parameters and activations.
+    pub fn activation_dtype(self) -> Dtype {
+        match self {
+            Precision::F32 => Dtype::F32,
+            Precision::Bf16 => Dtype::Bf16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => bail!("unknown precision `{other}`: expected f32 or bf16"),
+        }
+    }
+}
+
+/// The kernel-name suffix of a storage type (`<op>_f32`, `<op>_bf16`).
+fn suffix(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::Bf16 => "bf16",
+        _ => "f32",
+    }
+}
+
+// ---- buffers -----------------------------------------------------------------------------------------
+
+/// Device values in one of the two float storage types.
+enum Storage {
+    F32(DeviceBuffer<f32>),
+    Bf16(DeviceBuffer<bf16>),
+}
+
+impl Storage {
+    fn dtype(&self) -> Dtype {
+        match self {
+            Storage::F32(_) => Dtype::F32,
+            Storage::Bf16(_) => Dtype::Bf16,
+        }
+    }
+    /// Elements allocated (at least the owning buffer's length, see `Backend::resize`).
+    fn capacity(&self) -> usize {
+        match self {
+            Storage::F32(b) => b.len(),
+            Storage::Bf16(b) => b.len(),
+        }
+    }
+    fn ptr(&self) -> u64 {
+        match self {
+            Storage::F32(b) => b.device_ptr(),
+            Storage::Bf16(b) => b.device_ptr(),
+        }
+    }
+    fn arg(&self) -> KernelArg {
+        KernelArg::Ptr(self.ptr())
+    }
+}
+
+/// A float tensor of the CUDA backend: its values in f32 or bf16 storage, and optionally an fp32
+/// master copy (see the module documentation).
+pub struct CudaBuf {
+    /// Number of elements: the first `len` of `storage` (and of `master`), whose capacity may be
+    /// larger after a `resize` to a shorter length.
+    len: usize,
+    storage: Storage,
+    master: Option<DeviceBuffer<f32>>,
+}
+
+impl CudaBuf {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The storage type of the values (`Dtype::F32` or `Dtype::Bf16`).
+    pub fn dtype(&self) -> Dtype {
+        self.storage.dtype()
+    }
+    /// Whether the buffer carries an fp32 master copy.
+    pub fn has_master(&self) -> bool {
+        self.master.is_some()
+    }
+}
+
+impl fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CudaBuf[{} × {:?}{}]",
+            self.len(),
+            self.dtype(),
+            if self.has_master() { " + f32 master" } else { "" }
+        )
+    }
+}
+
+/// An i32 tensor on the device, with the host copy it was uploaded from (ids are never written by
+/// kernels), so that launch planning (embedding buckets, id checks) needs no read-back.
+pub struct CudaIds {
+    device: DeviceBuffer<i32>,
+    host: Vec<i32>,
+}
+
+impl CudaIds {
+    /// The values, as uploaded.
+    pub fn host(&self) -> &[i32] {
+        &self.host
+    }
+    fn arg(&self) -> KernelArg {
+        KernelArg::Ptr(self.device.device_ptr())
+    }
+}
+
+/// A borrowed or temporary device buffer.
+enum Held<'a, T: DeviceScalar> {
+    Borrowed(&'a DeviceBuffer<T>),
+    Owned(DeviceBuffer<T>),
+}
+
+impl<T: DeviceScalar> Deref for Held<'_, T> {
+    type Target = DeviceBuffer<T>;
+    fn deref(&self) -> &DeviceBuffer<T> {
+        match self {
+            Held::Borrowed(b) => b,
+            Held::Owned(b) => b,
+        }
+    }
+}
+
+/// A tensor as a kernel reads it: in the storage type the kernel wants, borrowed when the tensor
+/// already has it, else converted into a temporary that lives as long as the operand.
+enum Operand<'a> {
+    F32(Held<'a, f32>),
+    Bf16(Held<'a, bf16>),
+}
+
+impl Operand<'_> {
+    fn ptr(&self) -> u64 {
+        match self {
+            Operand::F32(b) => b.device_ptr(),
+            Operand::Bf16(b) => b.device_ptr(),
+        }
+    }
+    fn arg(&self) -> KernelArg {
+        KernelArg::Ptr(self.ptr())
+    }
+}
+
+// ---- the backend ---------------------------------------------------------------------------------------
+
+/// The CUDA backend: a device and a precision mode.
+pub struct CudaBackend {
+    device: Device,
+    precision: Precision,
+    /// Vectors of ones (f32 and bf16), grown on demand: the bias gradient is `ones[1, n] · dout`.
+    ones_f32: Mutex<Option<DeviceBuffer<f32>>>,
+    ones_bf16: Mutex<Option<DeviceBuffer<bf16>>>,
+}
+
+/// Returns an error naming the op, the tensor, and the expected and actual lengths.
+fn check_len(op: &str, tensor: &str, actual: usize, expected: usize) -> Result<()> {
+    ensure!(actual == expected, "{op}: `{tensor}` has {actual} elements, expected {expected}");
+    Ok(())
+}
+
+/// Checks that every id is in `0..limit` (or is `-1` when `allow_ignore`).
+fn check_ids(op: &str, tensor: &str, ids: &[i32], limit: usize, allow_ignore: bool) -> Result<()> {
+    if let Some((t, &id)) =
+        ids.iter().enumerate().find(|&(_, &id)| !((id >= 0 && (id as usize) < limit) || (allow_ignore && id == -1)))
+    {
+        let range = if allow_ignore { format!("-1 or 0..{limit}") } else { format!("0..{limit}") };
+        bail!("{op}: `{tensor}[{t}]` = {id} is outside {range}");
+    }
+    Ok(())
+}
+
+/// Checks `cu_seqlens` (starts at 0, non-decreasing, ends at `n`).
+fn check_packing(op: &str, packing: &Packing<CudaBackend>, n: usize) -> Result<()> {
+    let cu = &packing.host_cu_seqlens;
+    ensure!(!cu.is_empty() && cu[0] == 0, "{op}: cu_seqlens must start at 0");
+    ensure!(
+        *cu.last().unwrap() as usize == n,
+        "{op}: cu_seqlens ends at {}, but the batch has {n} tokens",
+        cu.last().unwrap()
+    );
+    if let Some(s) = cu.windows(2).position(|w| w[1] < w[0]) {
+        bail!("{op}: cu_seqlens decreases at sequence {s} ({} then {})", cu[s], cu[s + 1]);
+    }
+    check_len(op, "cu_seqlens (device)", packing.cu_seqlens.device.len(), cu.len())
+}
+
+/// A grid-stride launch over `n` elements.
+fn pointwise_config(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(POINTWISE_THREADS as usize).clamp(1, POINTWISE_MAX_BLOCKS) as u32;
+    LaunchConfig::grid_1d(blocks, POINTWISE_THREADS)
+}
+
+/// Threads for a block that loops over `width` items: a multiple of 32, at most `ROW_THREADS`.
+fn row_threads(width: usize) -> u32 {
+    width.next_multiple_of(32).clamp(32, ROW_THREADS) as u32
+}
+
+fn grid_dim(value: usize, what: &str) -> Result<u32> {
+    u32::try_from(value)
+        .ok()
+        .filter(|&v| v <= i32::MAX as u32)
+        .with_context(|| format!("{what} = {value} is too large for one launch"))
+}
+
+fn i32_arg(value: usize, what: &str) -> Result<KernelArg> {
+    Ok(KernelArg::I32(i32::try_from(value).with_context(|| format!("{what} = {value} does not fit a 32-bit int"))?))
+}
+
+/// The preference-loss kernel's objective code and (β, second parameter); the codes are the
+/// `OBJ_*` constants of kernels/preference_loss.cu.
+fn objective_code(objective: &Objective) -> (i32, f32, f32) {
+    match *objective {
+        Objective::Dpo { beta } => (0, beta as f32, 0.0),
+        Objective::SafeDpo { beta, delta } => (1, beta as f32, delta as f32),
+        Objective::Ipo { beta } => (2, beta as f32, 0.0),
+        Objective::Robust { beta, eps } => (3, beta as f32, eps as f32),
+        Objective::Cdpo { beta, eps } => (4, beta as f32, eps as f32),
+        Objective::Hinge { beta } => (5, beta as f32, 0.0),
+        Objective::Rpo { beta, alpha } => (6, beta as f32, alpha as f32),
+        Objective::Simpo { beta, gamma } => (7, beta as f32, gamma as f32),
+        Objective::Npo { beta } => (8, beta as f32, 0.0),
+    }
+}
+
+/// Token indices grouped by id for the embedding backward: `order` (grouped, token order inside a
+/// group), `starts` (group g is `order[starts[g]..starts[g+1]]`) and `rows` (the id of group g).
+fn bucket_by_id(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+    order.sort_by_key(|&t| ids[t as usize]); // stable: token order inside each group
+    let (mut starts, mut rows) = (Vec::new(), Vec::new());
+    for (k, &t) in order.iter().enumerate() {
+        let id = ids[t as usize];
+        if rows.last() != Some(&id) {
+            starts.push(k as i32);
+            rows.push(id);
+        }
+    }
+    starts.push(order.len() as i32);
+    (order, starts, rows)
+}
+
+impl CudaBackend {
+    /// A backend on `device` (a GPU or the emulated device) storing tensors as `precision` says.
+    pub fn new(device: Device, precision: Precision) -> Self {
+        Self { device, precision, ones_f32: Mutex::new(None), ones_bf16: Mutex::new(None) }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The storage type of parameters and activations in this backend's precision.
+    fn act(&self) -> Dtype {
+        self.precision.activation_dtype()
+    }
+
+    fn launch(&self, name: &str, config: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        self.device.launch(name, config, args).with_context(|| format!("kernel `{name}`"))
+    }
+
+    /// New storage of `len` elements of `dtype`, contents unspecified.
+    fn alloc(&self, dtype: Dtype, len: usize) -> Result<Storage> {
+        Ok(match dtype {
+            Dtype::F32 => Storage::F32(self.device.alloc(len)?),
+            Dtype::Bf16 => Storage::Bf16(self.device.alloc(len)?),
+            other => bail!("the CUDA backend stores floats as f32 or bf16, not {other:?}"),
+        })
+    }
+
+    /// The first `n` elements of `src` converted to `dtype`, in new storage of `n` elements.
+    fn convert(&self, src: &Storage, n: usize, dtype: Dtype) -> Result<Storage> {
+        let mut dst = self.alloc(dtype, n)?;
+        match (src, &mut dst) {
+            (Storage::F32(s), Storage::F32(d)) => self.device.copy(d, s.slice(..n))?,
+            (Storage::Bf16(s), Storage::Bf16(d)) => self.device.copy(d, s.slice(..n))?,
+            (Storage::F32(s), Storage::Bf16(d)) if n > 0 => self.launch(
+                "convert_f32_to_bf16",
+                pointwise_config(n),
+                &[KernelArg::Ptr(d.device_ptr()), KernelArg::Ptr(s.device_ptr()), KernelArg::I64(n as i64)],
+            )?,
+            (Storage::Bf16(s), Storage::F32(d)) if n > 0 => self.launch(
+                "convert_bf16_to_f32",
+                pointwise_config(n),
+                &[KernelArg::Ptr(d.device_ptr()), KernelArg::Ptr(s.device_ptr()), KernelArg::I64(n as i64)],
+            )?,
+            _ => {}
+        }
+        Ok(dst)
+    }
+
+    /// `buf` as a kernel reading `dtype` sees it: its own storage, its master (f32, exact), or a
+    /// converted temporary.
+    fn input<'a>(&self, buf: &'a CudaBuf, dtype: Dtype) -> Result<Operand<'a>> {
+        Ok(match (&buf.storage, dtype) {
+            (Storage::F32(b), Dtype::F32) => Operand::F32(Held::Borrowed(b)),
+            (Storage::Bf16(b), Dtype::Bf16) => Operand::Bf16(Held::Borrowed(b)),
+            (Storage::Bf16(_), Dtype::F32) if buf.master.is_some() => {
+                Operand::F32(Held::Borrowed(buf.master.as_ref().unwrap()))
+            }
+            (storage, _) => match self.convert(storage, buf.len, dtype)? {
+                Storage::F32(b) => Operand::F32(Held::Owned(b)),
+                Storage::Bf16(b) => Operand::Bf16(Held::Owned(b)),
+            },
+        })
+    }
+
+    /// Prepares `buf` to be written by a kernel writing `dtype`: drops its master copy (the values
+    /// change) and switches its storage to `dtype` if needed, converting the current values when
+    /// `keep` (accumulating ops; an f32 master is taken over as is) and leaving them unspecified
+    /// otherwise.
+    fn output<'a>(&self, buf: &'a mut CudaBuf, dtype: Dtype, keep: bool) -> Result<&'a mut Storage> {
+        let master = buf.master.take();
+        if buf.storage.dtype() != dtype {
+            buf.storage = match master {
+                Some(master) if keep && dtype == Dtype::F32 => Storage::F32(master),
+                _ if keep => self.convert(&buf.storage, buf.len, dtype)?,
+                _ => self.alloc(dtype, buf.len)?,
+            };
+        }
+        Ok(&mut buf.storage)
+    }
+
+    /// A vector of at least `n` ones of `dtype`, for the bias-gradient products.
+    fn with_ones<R>(&self, dtype: Dtype, n: usize, f: impl FnOnce(Operand<'_>) -> Result<R>) -> Result<R> {
+        fn grown<T: DeviceScalar>(device: &Device, slot: &mut Option<DeviceBuffer<T>>, n: usize, one: T) -> Result<()> {
+            if slot.as_ref().is_none_or(|b| b.len() < n) {
+                let mut ones = device.alloc::<T>(n.next_power_of_two())?;
+                device.fill(&mut ones, one)?;
+                *slot = Some(ones);
+            }
+            Ok(())
+        }
+        match dtype {
+            Dtype::Bf16 => {
+                let mut slot = self.ones_bf16.lock().unwrap();
+                grown(&self.device, &mut slot, n, bf16::ONE)?;
+                f(Operand::Bf16(Held::Borrowed(slot.as_ref().unwrap())))
+            }
+            _ => {
+                let mut slot = self.ones_f32.lock().unwrap();
+                grown(&self.device, &mut slot, n, 1.0f32)?;
+                f(Operand::F32(Held::Borrowed(slot.as_ref().unwrap())))
+            }
+        }
+    }
+
+    /// `D = alpha·op(A)·op(B) + beta·D (+ bias)` on operands of one type, `a` and `b` the first
+    /// `a_len` / `b_len` elements of their buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        spec: &Gemm,
+        a: &Operand<'_>,
+        a_len: usize,
+        b: &Operand<'_>,
+        d: &mut Storage,
+        bias: Option<&Operand<'_>>,
+    ) -> Result<()> {
+        let b_len = spec.k * spec.n;
+        match (a, b, d) {
+            (Operand::F32(a), Operand::F32(b), Storage::F32(d)) => {
+                let bias = match bias {
+                    Some(Operand::F32(x)) => Some(x.slice(..spec.n)),
+                    None => None,
+                    _ => bail!("gemm: bias type differs from the output's"),
+                };
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
+            }
+            (Operand::Bf16(a), Operand::Bf16(b), Storage::Bf16(d)) => {
+                let bias = match bias {
+                    Some(Operand::Bf16(x)) => Some(x.slice(..spec.n)),
+                    None => None,
+                    _ => bail!("gemm: bias type differs from the output's"),
+                };
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
+            }
+            _ => bail!("gemm: operands of mixed storage types"),
+        }
+    }
+
+    /// Launches elementwise kernel `<op>_<dtype>` over `n` elements with `args` followed by `n`.
+    fn pointwise(&self, op: &str, dtype: Dtype, n: usize, args: &[KernelArg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut all = args.to_vec();
+        all.push(KernelArg::I64(n as i64));
+        self.launch(&format!("{op}_{}", suffix(dtype)), pointwise_config(n), &all)
+    }
+
+    /// Adds `dout` summed over tokens by id into the rows of `dtable` (see kernels/embedding.cu).
+    fn embedding_scatter(&self, dtable: &Storage, dout: &Operand<'_>, ids: &[i32], c: usize) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (order, starts, rows) = bucket_by_id(ids);
+        let buckets = rows.len();
+        let mut plan = order;
+        plan.extend_from_slice(&starts);
+        plan.extend_from_slice(&rows);
+        let plan = self.device.upload(&plan)?;
+        let n = ids.len();
+        let threads = row_threads(c);
+        let config = LaunchConfig {
+            grid: (grid_dim(buckets, "embedding buckets")?, c.div_ceil(threads as usize) as u32, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        };
+        ensure!(config.grid.1 as usize <= MAX_GRID_Y, "embedding_backward: c = {c} is too wide");
+        self.launch(
+            &format!("embedding_backward_{}", suffix(dtable.dtype())),
+            config,
+            &[
+                dtable.arg(),
+                dout.arg(),
+                KernelArg::Ptr(plan.slice(..n).device_ptr()),
+                KernelArg::Ptr(plan.slice(n..n + buckets + 1).device_ptr()),
+                KernelArg::Ptr(plan.slice(n + buckets + 1..).device_ptr()),
+                i32_arg(c, "c")?,
+            ],
+        )
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Ids = CudaIds;
+
+    fn name(&self) -> String {
+        format!("{} ({})", self.device.name(), self.precision)
+    }
+
+    // ---- memory ------------------------------------------------------------------------------
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        let storage = match self.act() {
+            Dtype::Bf16 => Storage::Bf16(self.device.alloc_zeros(len)?),
+            _ => Storage::F32(self.device.alloc_zeros(len)?),
+        };
+        Ok(CudaBuf { len, storage, master: None })
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        Ok(match self.precision {
+            Precision::F32 => {
+                CudaBuf { len: data.len(), storage: Storage::F32(self.device.upload(data)?), master: None }
+            }
+            Precision::Bf16 => {
+                let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                CudaBuf {
+                    len: data.len(),
+                    storage: Storage::Bf16(self.device.upload(&rounded)?),
+                    master: Some(self.device.upload(data)?),
+                }
+            }
+        })
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let n = buf.len;
+        if let Some(master) = &buf.master {
+            return self.device.download(master.slice(..n));
+        }
+        match &buf.storage {
+            Storage::F32(b) => self.device.download(b.slice(..n)),
+            Storage::Bf16(b) => Ok(self.device.download(b.slice(..n))?.into_iter().map(f32::from).collect()),
+        }
+    }
+
+    fn upload_ids(&self, ids: &[i32]) -> Result<CudaIds> {
+        Ok(CudaIds { device: self.device.upload(ids)?, host: ids.to_vec() })
+    }
+
+    fn download_ids(&self, ids: &CudaIds) -> Result<Vec<i32>> {
+        self.device.download(&ids.device)
+    }
+
+    fn buf_len(&self, buf: &CudaBuf) -> usize {
+        buf.len()
+    }
+
+    fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
+        let n = buf.len;
+        match &mut buf.storage {
+            Storage::F32(b) => self.device.fill(b.slice_mut(..n), value)?,
+            Storage::Bf16(b) => self.device.fill(b.slice_mut(..n), bf16::from_f32(value))?,
+        }
+        if let Some(master) = &mut buf.master {
+            self.device.fill(master.slice_mut(..n), value)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the storage (and its type) when it has room for `len`, else allocates new storage of
+    /// the same type; the master copy is dropped (contents are unspecified after a resize).
+    fn resize(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
+        buf.master = None;
+        if buf.storage.capacity() < len {
+            // Free first: device memory is what runs out.
+            let dtype = buf.storage.dtype();
+            buf.storage = self.alloc(dtype, 0)?;
+            buf.storage = self.alloc(dtype, len)?;
+        }
+        buf.len = len;
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        check_len("copy", "dst", dst.len(), src.len())?;
+        let n = src.len;
+        // dst becomes an exact copy: same storage type, same master.
+        if dst.storage.dtype() != src.storage.dtype() || dst.storage.capacity() < n {
+            dst.storage = self.alloc(src.storage.dtype(), n)?;
+        }
+        match (&mut dst.storage, &src.storage) {
+            (Storage::F32(d), Storage::F32(s)) => self.device.copy(d.slice_mut(..n), s.slice(..n))?,
+            (Storage::Bf16(d), Storage::Bf16(s)) => self.device.copy(d.slice_mut(..n), s.slice(..n))?,
+            _ => unreachable!("storage types were made equal above"),
+        }
+        dst.master = match &src.master {
+            Some(master) => {
+                let mut copy = match dst.master.take() {
+                    Some(own) if own.len() >= n => own,
+                    _ => self.device.alloc(n)?,
+                };
+                self.device.copy(copy.slice_mut(..n), master.slice(..n))?;
+                Some(copy)
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.device.synchronize()
+    }
+
+    // ---- encoder -----------------------------------------------------------------------------
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        tokens: &CudaIds,
+        positions: &CudaIds,
+        wte: &CudaBuf,
+        wpe: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_forward";
+        ensure!(c > 0, "{OP}: channels must be positive");
+        check_len(OP, "out", out.len(), n * c)?;
+        check_len(OP, "tokens", tokens.host.len(), n)?;
+        check_len(OP, "positions", positions.host.len(), n)?;
+        ensure!(
+            wte.len().is_multiple_of(c) && wpe.len().is_multiple_of(c),
+            "{OP}: wte/wpe lengths must be multiples of c = {c}"
+        );
+        check_ids(OP, "tokens", &tokens.host, wte.len() / c, false)?;
+        check_ids(OP, "positions", &positions.host, wpe.len() / c, false)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (wte, wpe) = (self.input(wte, dt)?, self.input(wpe, dt)?);
+        let out = self.output(out, dt, false)?;
+        self.launch(
+            &format!("embedding_forward_{}", suffix(dt)),
+            pointwise_config(n * c),
+            &[out.arg(), tokens.arg(), positions.arg(), wte.arg(), wpe.arg(), i32_arg(n, "n")?, i32_arg(c, "c")?],
+        )
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut CudaBuf,
+        dwpe: &mut CudaBuf,
+        dout: &CudaBuf,
+        tokens: &CudaIds,
+        positions: &CudaIds,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_backward";
+        ensure!(c > 0, "{OP}: channels must be positive");
+        check_len(OP, "dout", dout.len(), n * c)?;
+        check_len(OP, "tokens", tokens.host.len(), n)?;
+        check_len(OP, "positions", positions.host.len(), n)?;
+        ensure!(
+            dwte.len().is_multiple_of(c) && dwpe.len().is_multiple_of(c),
+            "{OP}: dwte/dwpe lengths must be multiples of c = {c}"
+        );
+        check_ids(OP, "tokens", &tokens.host, dwte.len() / c, false)?;
+        check_ids(OP, "positions", &positions.host, dwpe.len() / c, false)?;
+        let dt = self.act();
+        let dout = self.input(dout, dt)?;
+        let dwte = self.output(dwte, dt, true)?;
+        self.embedding_scatter(dwte, &dout, &tokens.host, c)?;
+        let dwpe = self.output(dwpe, dt, true)?;
+        self.embedding_scatter(dwpe, &dout, &positions.host, c)
+    }
+
+    // ---- layernorm ---------------------------------------------------------------------------
+    fn layernorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_forward";
+        ensure!(c > 0, "{OP}: channels must be positive");
+        check_len(OP, "out", out.len(), n * c)?;
+        check_len(OP, "inp", inp.len(), n * c)?;
+        check_len(OP, "mean", mean.len(), n)?;
+        check_len(OP, "rstd", rstd.len(), n)?;
+        check_len(OP, "weight", weight.len(), c)?;
+        check_len(OP, "bias", bias.len(), c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (inp, weight, bias) = (self.input(inp, dt)?, self.input(weight, dt)?, self.input(bias, dt)?);
+        let mean = self.output(mean, Dtype::F32, false)?.arg();
+        let rstd = self.output(rstd, Dtype::F32, false)?.arg();
+        let out = self.output(out, dt, false)?;
+        let blocks = grid_dim(n.div_ceil(LN_ROWS_PER_BLOCK), "layernorm blocks")?;
+        self.launch(
+            &format!("layernorm_forward_{}", suffix(dt)),
+            LaunchConfig::grid_1d(blocks, 32 * LN_ROWS_PER_BLOCK as u32),
+            &[
+                out.arg(),
+                mean,
+                rstd,
+                inp.arg(),
+                weight.arg(),
+                bias.arg(),
+                i32_arg(n, "n")?,
+                i32_arg(c, "c")?,
+                KernelArg::F32(eps),
+            ],
+        )
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dbias: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_backward";
+        ensure!(c > 0, "{OP}: channels must be positive");
+        check_len(OP, "dinp", dinp.len(), n * c)?;
+        check_len(OP, "dout", dout.len(), n * c)?;
+        check_len(OP, "inp", inp.len(), n * c)?;
+        check_len(OP, "mean", mean.len(), n)?;
+        check_len(OP, "rstd", rstd.len(), n)?;
+        check_len(OP, "weight", weight.len(), c)?;
+        check_len(OP, "dweight", dweight.len(), c)?;
+        check_len(OP, "dbias", dbias.len(), c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (dout, inp, weight) = (self.input(dout, dt)?, self.input(inp, dt)?, self.input(weight, dt)?);
+        let (mean, rstd) = (self.input(mean, Dtype::F32)?, self.input(rstd, Dtype::F32)?);
+        let (n_arg, c_arg) = (i32_arg(n, "n")?, i32_arg(c, "c")?);
+
+        let dinp = self.output(dinp, dt, true)?;
+        let blocks = grid_dim(n.div_ceil(LN_ROWS_PER_BLOCK), "layernorm blocks")?;
+        self.launch(
+            &format!("layernorm_backward_dinp_{}", suffix(dt)),
+            LaunchConfig::grid_1d(blocks, 32 * LN_ROWS_PER_BLOCK as u32),
+            &[dinp.arg(), dout.arg(), inp.arg(), weight.arg(), mean.arg(), rstd.arg(), n_arg, c_arg],
+        )?;
+
+        // Parameter gradients: per-chunk partials, then one ordered sum per channel. The chunk size
+        // depends only on n (more rows per chunk only when the grid would exceed its y limit).
+        let rows_per_chunk = LN_ROWS_PER_CHUNK.max(n.div_ceil(MAX_GRID_Y));
+        let chunks = n.div_ceil(rows_per_chunk);
+        let partial = self.device.alloc::<f32>(chunks * 2 * c)?;
+        let threads = row_threads(c);
+        let channel_blocks = grid_dim(c.div_ceil(threads as usize), "layernorm channel blocks")?;
+        self.launch(
+            &format!("layernorm_backward_params_partial_{}", suffix(dt)),
+            LaunchConfig { grid: (channel_blocks, chunks as u32, 1), block: (threads, 1, 1), shared_bytes: 0 },
+            &[
+                KernelArg::Ptr(partial.device_ptr()),
+                dout.arg(),
+                inp.arg(),
+                mean.arg(),
+                rstd.arg(),
+                n_arg,
+                c_arg,
+                i32_arg(rows_per_chunk, "rows per chunk")?,
+            ],
+        )?;
+        let dweight = self.output(dweight, dt, true)?.arg();
+        let dbias = self.output(dbias, dt, true)?.arg();
+        self.launch(
+            &format!("layernorm_backward_params_reduce_{}", suffix(dt)),
+            LaunchConfig::grid_1d(channel_blocks, threads),
+            &[dweight, dbias, KernelArg::Ptr(partial.device_ptr()), i32_arg(chunks, "chunks")?, c_arg],
+        )
+    }
+
+    // ---- matmul ------------------------------------------------------------------------------
+    fn matmul_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        layout: WeightLayout,
+    ) -> Result<()> {
+        const OP: &str = "matmul_forward";
+        check_len(OP, "out", out.len(), n * oc)?;
+        check_len(OP, "inp", inp.len(), n * ic)?;
+        check_len(OP, "weight", weight.len(), ic * oc)?;
+        if let Some(b) = bias {
+            check_len(OP, "bias", b.len(), oc)?;
+        }
+        if n == 0 || oc == 0 {
+            return Ok(());
+        }
+        ensure!(ic > 0, "{OP}: an inner dimension of 0 is not supported on the CUDA backend");
+        let dt = self.act();
+        let (inp, weight) = (self.input(inp, dt)?, self.input(weight, dt)?);
+        let bias = bias.map(|b| self.input(b, dt)).transpose()?;
+        let out = self.output(out, dt, false)?;
+        // out[n, oc] = inp[n, ic] · W; W stored [ic, oc] (InOut) or [oc, ic] (OutIn, transposed).
+        let spec = Gemm::new(n, oc, ic).trans_b(layout == WeightLayout::OutIn);
+        self.gemm(&spec, &inp, n * ic, &weight, out, bias.as_ref())
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: &mut CudaBuf,
+        dweight: &mut CudaBuf,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        layout: WeightLayout,
+    ) -> Result<()> {
+        const OP: &str = "matmul_backward";
+        check_len(OP, "dinp", dinp.len(), n * ic)?;
+        check_len(OP, "dout", dout.len(), n * oc)?;
+        check_len(OP, "inp", inp.len(), n * ic)?;
+        check_len(OP, "weight", weight.len(), ic * oc)?;
+        check_len(OP, "dweight", dweight.len(), ic * oc)?;
+        if let Some(db) = &dbias {
+            check_len(OP, "dbias", db.len(), oc)?;
+        }
+        let dt = self.act();
+        if n == 0 {
+            return Ok(());
+        }
+        let (dout, inp, weight) = (self.input(dout, dt)?, self.input(inp, dt)?, self.input(weight, dt)?);
+        if ic > 0 {
+            let dinp = self.output(dinp, dt, false)?;
+            if oc == 0 {
+                match dinp {
+                    Storage::F32(b) => self.device.zero(b.slice_mut(..n * ic))?,
+                    Storage::Bf16(b) => self.device.zero(b.slice_mut(..n * ic))?,
+                }
+            } else {
+                // dinp[n, ic] = dout[n, oc] · Wᵀ
+                let spec = Gemm::new(n, ic, oc).trans_b(layout == WeightLayout::InOut);
+                self.gemm(&spec, &dout, n * oc, &weight, dinp, None)?;
+            }
+        }
+        if ic > 0 && oc > 0 {
+            let dweight = self.output(dweight, dt, true)?;
+            match layout {
+                // dW[ic, oc] += inpᵀ · dout
+                WeightLayout::InOut => {
+                    self.gemm(&Gemm::new(ic, oc, n).trans_a(true).beta(1.0), &inp, n * ic, &dout, dweight, None)?
+                }
+                // dW[oc, ic] += doutᵀ · inp
+                WeightLayout::OutIn => {
+                    self.gemm(&Gemm::new(oc, ic, n).trans_a(true).beta(1.0), &dout, n * oc, &inp, dweight, None)?
+                }
+            }
+        }
+        if let Some(dbias) = dbias {
+            if oc > 0 {
+                // dbias[oc] += ones[1, n] · dout[n, oc]: a product keeps the sum's order fixed.
+                let dbias = self.output(dbias, dt, true)?;
+                self.with_ones(dt, n, |ones| self.gemm(&Gemm::new(1, oc, n).beta(1.0), &ones, n, &dout, dbias, None))?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- attention ---------------------------------------------------------------------------
+    /// The forward keeps the log-sum-exp of every (token, head) row of scores: `n_head · n` f32.
+    fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize {
+        n_head * packing.num_tokens()
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuf,
+        saved: &mut CudaBuf,
+        qkv: &CudaBuf,
+        packing: &Packing<Self>,
+        n_head: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "attention_forward";
+        ensure!(
+            n_head > 0 && c.is_multiple_of(n_head),
+            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
+        );
+        ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
+        let n = packing.num_tokens();
+        check_packing(OP, packing, n)?;
+        check_len(OP, "out", out.len(), n * c)?;
+        check_len(OP, "qkv", qkv.len(), n * 3 * c)?;
+        check_len(OP, "saved", saved.len(), self.attention_saved_len(packing, n_head))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let hd = c / n_head;
+        let qkv = self.input(qkv, dt)?;
+        let lse = self.output(saved, Dtype::F32, false)?.arg();
+        let out = self.output(out, dt, false)?;
+        let smem = (hd + packing.max_seqlen) * 4;
+        self.launch(
+            &format!("attention_forward_{}", suffix(dt)),
+            LaunchConfig {
+                grid: (grid_dim(n, "tokens")?, n_head as u32, 1),
+                block: (32, 1, 1),
+                shared_bytes: grid_dim(smem, "attention shared memory")?,
+            },
+            &[
+                out.arg(),
+                lse,
+                qkv.arg(),
+                packing.cu_seqlens.arg(),
+                i32_arg(packing.num_seqs(), "sequences")?,
+                i32_arg(n_head, "n_head")?,
+                i32_arg(c, "c")?,
+            ],
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        saved: &CudaBuf,
+        packing: &Packing<Self>,
+        n_head: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "attention_backward";
+        ensure!(
+            n_head > 0 && c.is_multiple_of(n_head),
+            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
+        );
+        ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
+        let n = packing.num_tokens();
+        check_packing(OP, packing, n)?;
+        check_len(OP, "dqkv", dqkv.len(), n * 3 * c)?;
+        check_len(OP, "dout", dout.len(), n * c)?;
+        check_len(OP, "qkv", qkv.len(), n * 3 * c)?;
+        check_len(OP, "out", out.len(), n * c)?;
+        check_len(OP, "saved", saved.len(), self.attention_saved_len(packing, n_head))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let hd = c / n_head;
+        let (dout, qkv, out) = (self.input(dout, dt)?, self.input(qkv, dt)?, self.input(out, dt)?);
+        let lse = self.input(saved, Dtype::F32)?;
+        let delta = self.device.alloc::<f32>(n * n_head)?;
+        let dqkv = self.output(dqkv, dt, false)?;
+        let grid = (grid_dim(n, "tokens")?, n_head as u32, 1);
+        let common = [
+            packing.cu_seqlens.arg(),
+            i32_arg(packing.num_seqs(), "sequences")?,
+            i32_arg(n_head, "n_head")?,
+            i32_arg(c, "c")?,
+        ];
+        let dq_smem = (2 * hd + packing.max_seqlen) * 4;
+        let mut args =
+            vec![dqkv.arg(), KernelArg::Ptr(delta.device_ptr()), dout.arg(), qkv.arg(), out.arg(), lse.arg()];
+        args.extend(common);
+        self.launch(
+            &format!("attention_backward_dq_{}", suffix(dt)),
+            LaunchConfig { grid, block: (32, 1, 1), shared_bytes: grid_dim(dq_smem, "attention shared memory")? },
+            &args,
+        )?;
+        let dkdv_smem = (2 * hd + 2 * packing.max_seqlen) * 4;
+        let mut args = vec![dqkv.arg(), dout.arg(), qkv.arg(), lse.arg(), KernelArg::Ptr(delta.device_ptr())];
+        args.extend(common);
+        self.launch(
+            &format!("attention_backward_dkdv_{}", suffix(dt)),
+            LaunchConfig { grid, block: (32, 1, 1), shared_bytes: grid_dim(dkdv_smem, "attention shared memory")? },
+            &args,
+        )
+    }
+
+    // ---- pointwise ---------------------------------------------------------------------------
+    // Elementwise ops compute in their output's storage type (the activation type unless an op
+    // made it f32), so that they never round an f32 tensor to bf16.
+    fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
+        check_len("gelu_forward", "out", out.len(), inp.len())?;
+        let (dt, n) = (out.dtype(), out.len());
+        let inp = self.input(inp, dt)?;
+        let out = self.output(out, dt, false)?;
+        self.pointwise("gelu_forward", dt, n, &[out.arg(), inp.arg()])
+    }
+
+    fn gelu_backward(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
+        check_len("gelu_backward", "dinp", dinp.len(), inp.len())?;
+        check_len("gelu_backward", "dout", dout.len(), inp.len())?;
+        let (dt, n) = (dinp.dtype(), dinp.len());
+        let (inp, dout) = (self.input(inp, dt)?, self.input(dout, dt)?);
+        let dinp = self.output(dinp, dt, false)?;
+        self.pointwise("gelu_backward", dt, n, &[dinp.arg(), inp.arg(), dout.arg()])
+    }
+
+    fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
+        check_len("residual_forward", "a", a.len(), out.len())?;
+        check_len("residual_forward", "b", b.len(), out.len())?;
+        let (dt, n) = (out.dtype(), out.len());
+        let (a, b) = (self.input(a, dt)?, self.input(b, dt)?);
+        let out = self.output(out, dt, false)?;
+        self.pointwise("residual_forward", dt, n, &[out.arg(), a.arg(), b.arg()])
+    }
+
+    fn add_inplace(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
+        check_len("add_inplace", "src", src.len(), dst.len())?;
+        let (dt, n) = (dst.dtype(), dst.len());
+        let src = self.input(src, dt)?;
+        let dst = self.output(dst, dt, true)?;
+        self.pointwise("add_inplace", dt, n, &[dst.arg(), src.arg()])
+    }
+
+    fn scale(&self, buf: &mut CudaBuf, s: f32) -> Result<()> {
+        let n = buf.len();
+        self.pointwise("scale", buf.dtype(), n, &[buf.storage.arg(), KernelArg::F32(s)])?;
+        if let Some(master) = &buf.master {
+            self.pointwise("scale", Dtype::F32, n, &[KernelArg::Ptr(master.device_ptr()), KernelArg::F32(s)])?;
+        }
+        Ok(())
+    }
+
+    // ---- fused log-softmax-gather ------------------------------------------------------------
+    fn logsoftmax_gather_forward(
+        &self,
+        token_logp: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        logits: &CudaBuf,
+        targets: &CudaIds,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        const OP: &str = "logsoftmax_gather_forward";
+        ensure!(v > 0, "{OP}: vocabulary size must be positive");
+        check_len(OP, "logits", logits.len(), n * v)?;
+        check_len(OP, "targets", targets.host.len(), n)?;
+        check_len(OP, "token_logp", token_logp.len(), n)?;
+        check_len(OP, "lse", lse.len(), n)?;
+        check_ids(OP, "targets", &targets.host, v, true)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let logits = self.input(logits, dt)?;
+        let token_logp = self.output(token_logp, Dtype::F32, false)?.arg();
+        let lse = self.output(lse, Dtype::F32, false)?.arg();
+        self.launch(
+            &format!("logsoftmax_gather_forward_{}", suffix(dt)),
+            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(v)),
+            &[token_logp, lse, logits.arg(), targets.arg(), i32_arg(v, "v")?],
+        )
+    }
+
+    fn sequence_logp_sum(&self, seq_logp: &mut CudaBuf, token_logp: &CudaBuf, packing: &Packing<Self>) -> Result<()> {
+        const OP: &str = "sequence_logp_sum";
+        check_packing(OP, packing, token_logp.len())?;
+        let seqs = packing.num_seqs();
+        check_len(OP, "seq_logp", seq_logp.len(), seqs)?;
+        if seqs == 0 {
+            return Ok(());
+        }
+        let token_logp = self.input(token_logp, Dtype::F32)?;
+        let seq_logp = self.output(seq_logp, Dtype::F32, false)?;
+        self.launch(
+            "sequence_logp_sum_f32",
+            LaunchConfig::grid_1d(grid_dim(seqs, "sequences")?, row_threads(packing.max_seqlen)),
+            &[seq_logp.arg(), token_logp.arg(), packing.cu_seqlens.arg()],
+        )
+    }
+
+    fn logsoftmax_gather_backward(
+        &self,
+        logits: &mut CudaBuf,
+        lse: &CudaBuf,
+        targets: &CudaIds,
+        dseq: &CudaBuf,
+        packing: &Packing<Self>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        const OP: &str = "logsoftmax_gather_backward";
+        ensure!(v > 0, "{OP}: vocabulary size must be positive");
+        check_packing(OP, packing, n)?;
+        check_len(OP, "logits", logits.len(), n * v)?;
+        check_len(OP, "lse", lse.len(), n)?;
+        check_len(OP, "targets", targets.host.len(), n)?;
+        check_len(OP, "dseq", dseq.len(), packing.num_seqs())?;
+        check_ids(OP, "targets", &targets.host, v, true)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (lse, dseq) = (self.input(lse, Dtype::F32)?, self.input(dseq, Dtype::F32)?);
+        let logits = self.output(logits, dt, true)?;
+        self.launch(
+            &format!("logsoftmax_gather_backward_{}", suffix(dt)),
+            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(v)),
+            &[
+                logits.arg(),
+                lse.arg(),
+                targets.arg(),
+                dseq.arg(),
+                packing.cu_seqlens.arg(),
+                i32_arg(packing.num_seqs(), "sequences")?,
+                i32_arg(v, "v")?,
+            ],
+        )
+    }
+
+    // ---- preference loss ---------------------------------------------------------------------
+    fn preference_loss(
+        &self,
+        metrics: &mut CudaBuf,
+        dpolicy: &mut CudaBuf,
+        policy: &CudaBuf,
+        reference: &CudaBuf,
+        unsafe_flags: &CudaIds,
+        lengths: &CudaIds,
+        objective: &Objective,
+        grad_scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "preference_loss";
+        ensure!(
+            policy.len().is_multiple_of(2),
+            "{OP}: `policy` has {} elements, expected an even number",
+            policy.len()
+        );
+        let pairs = policy.len() / 2;
+        let uses_reference = objective.uses_reference();
+        if uses_reference {
+            check_len(OP, "reference", reference.len(), 2 * pairs)?;
+        }
+        check_len(OP, "unsafe_flags", unsafe_flags.host.len(), 2 * pairs)?;
+        check_len(OP, "lengths", lengths.host.len(), 2 * pairs)?;
+        check_len(OP, "metrics", metrics.len(), pairs * PAIR_METRICS)?;
+        check_len(OP, "dpolicy", dpolicy.len(), 2 * pairs)?;
+        if let Some(s) = lengths.host.iter().position(|&l| l < 0) {
+            bail!("{OP}: pair {} has a negative response length", s / 2);
+        }
+        if pairs == 0 {
+            return Ok(());
+        }
+        let (code, beta, param) = objective_code(objective);
+        let policy = self.input(policy, Dtype::F32)?;
+        let reference = if uses_reference { Some(self.input(reference, Dtype::F32)?) } else { None };
+        let metrics = self.output(metrics, Dtype::F32, false)?.arg();
+        let dpolicy = self.output(dpolicy, Dtype::F32, false)?.arg();
+        self.launch(
+            "preference_loss_f32",
+            LaunchConfig::for_elements(pairs, PAIR_THREADS),
+            &[
+                metrics,
+                dpolicy,
+                policy.arg(),
+                reference.as_ref().map_or(KernelArg::NULL, Operand::arg),
+                unsafe_flags.arg(),
+                lengths.arg(),
+                i32_arg(pairs, "pairs")?,
+                KernelArg::I32(code),
+                KernelArg::F32(beta),
+                KernelArg::F32(param),
+                KernelArg::F32(grad_scale),
+            ],
+        )
+    }
+
+    // ---- optimizer ---------------------------------------------------------------------------
+    fn adamw(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        p: &AdamWParams,
+    ) -> Result<()> {
+        const OP: &str = "adamw";
+        let n = param.len();
+        check_len(OP, "grad", grad.len(), n)?;
+        check_len(OP, "m", m.len(), n)?;
+        check_len(OP, "v", v.len(), n)?;
+        ensure!(p.step >= 1, "{OP}: step is 1-based, got 0");
+        if n == 0 {
+            return Ok(());
+        }
+        // Bias corrections in f64 (as PyTorch computes them in Python floats).
+        let bc1 = (1.0 - (p.beta1 as f64).powi(p.step as i32)) as f32;
+        let bc2 = (1.0 - (p.beta2 as f64).powi(p.step as i32)) as f32;
+        let m = self.output(m, Dtype::F32, true)?.arg();
+        let v = self.output(v, Dtype::F32, true)?.arg();
+        let hyper = [
+            KernelArg::I64(n as i64),
+            KernelArg::F32(p.lr),
+            KernelArg::F32(p.beta1),
+            KernelArg::F32(p.beta2),
+            KernelArg::F32(p.eps),
+            KernelArg::F32(p.weight_decay),
+            KernelArg::F32(bc1),
+            KernelArg::F32(bc2),
+            KernelArg::F32(p.grad_scale),
+        ];
+        let dt = param.dtype();
+        let grad = self.input(grad, dt)?;
+        let mut args = vec![param.storage.arg()];
+        match dt {
+            Dtype::Bf16 => {
+                let master = self.ensure_master(param)?;
+                args.push(KernelArg::Ptr(master));
+            }
+            _ => param.master = None,
+        }
+        args.extend([grad.arg(), m, v]);
+        args.extend(hyper);
+        self.launch(&format!("adamw_{}", suffix(dt)), pointwise_config(n), &args)
+    }
+
+    fn sgd(&self, param: &mut CudaBuf, grad: &CudaBuf, lr: f32, grad_scale: f32) -> Result<()> {
+        check_len("sgd", "grad", grad.len(), param.len())?;
+        let dt = param.dtype();
+        let grad = self.input(grad, dt)?;
+        let master = match dt {
+            Dtype::Bf16 => KernelArg::Ptr(self.ensure_master(param)?),
+            _ => {
+                param.master = None;
+                KernelArg::NULL
+            }
+        };
+        let n = param.len();
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("sgd_{}", suffix(dt)),
+            pointwise_config(n),
+            &[param.storage.arg(), master, grad.arg(), KernelArg::I64(n as i64), KernelArg::F32(lr * grad_scale)],
+        )
+    }
+
+    fn sum_squares(&self, bufs: &[&CudaBuf]) -> Result<f64> {
+        let blocks: Vec<usize> = bufs
+            .iter()
+            .map(|b| if b.is_empty() { 0 } else { b.len().div_ceil(NORM_ELEMENTS_PER_BLOCK).min(NORM_MAX_BLOCKS) })
+            .collect();
+        let total: usize = blocks.iter().sum();
+        if total == 0 {
+            return Ok(0.0);
+        }
+        let mut partials = self.device.alloc::<f32>(total)?;
+        let mut offset = 0;
+        for (buf, &count) in bufs.iter().zip(&blocks) {
+            if count == 0 {
+                continue;
+            }
+            let slot = partials.slice_mut(offset..offset + count).device_ptr();
+            self.launch(
+                &format!("sum_squares_partial_{}", suffix(buf.dtype())),
+                LaunchConfig::grid_1d(count as u32, NORM_THREADS),
+                &[KernelArg::Ptr(slot), buf.storage.arg(), KernelArg::I64(buf.len() as i64)],
+            )?;
+            offset += count;
+        }
+        // The f64 total comes back as its bit pattern (device buffers hold no f64 type).
+        let out = self.device.alloc::<u64>(1)?;
+        self.launch(
+            "sum_squares_final",
+            LaunchConfig::grid_1d(1, NORM_THREADS),
+            &[KernelArg::Ptr(out.device_ptr()), KernelArg::Ptr(partials.device_ptr()), i32_arg(total, "partials")?],
+        )?;
+        Ok(f64::from_bits(self.device.download(&out)?[0]))
+    }
+}
+
+impl CudaBackend {
+    /// The fp32 master copy of a bf16 parameter, created from its values when absent.
+    fn ensure_master(&self, param: &mut CudaBuf) -> Result<u64> {
+        if param.master.is_none() {
+            let Storage::F32(master) = self.convert(&param.storage, param.len, Dtype::F32)? else {
+                unreachable!("convert to f32 gives f32 storage")
+            };
+            param.master = Some(master);
+        }
+        Ok(param.master.as_ref().unwrap().device_ptr())
+    }
+}
