@@ -22,6 +22,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::cuda::{self, CudaBackend};
+use safedpo::backend::Backend;
 use safedpo::config::{DeviceKind, RunConfig, RunOverrides};
 use safedpo::data::{load_tokenizer, Template};
 use safedpo::model::Gpt2;
@@ -145,14 +147,43 @@ struct DemoArgs {
     quiet: bool,
 }
 
-/// The backend for `--device`. Only the CPU backend is built so far.
-fn cpu_backend(device: DeviceKind) -> Result<Arc<CpuBackend>> {
-    match device {
-        DeviceKind::Auto | DeviceKind::Cpu => Ok(Arc::new(CpuBackend::new())),
-        DeviceKind::Cuda | DeviceKind::Emu => {
-            bail!("device `{device}`: the CUDA backend is not built into this binary yet; use --device cpu (or auto)")
+/// The backend `--device` selects: `cpu`; `cuda` (GPU 0, bf16 with fp32 master weights); `emu` (the
+/// CUDA backend on the emulated device, f32 so that it matches the CPU closely; slow); `auto` (the GPU
+/// when one is usable, else the CPU, saying why).
+enum AnyBackend {
+    Cpu(Arc<CpuBackend>),
+    Cuda(Arc<CudaBackend>),
+}
+
+fn select_backend(device: DeviceKind) -> Result<AnyBackend> {
+    let kind = match device {
+        DeviceKind::Auto => cuda::DeviceKind::Auto,
+        DeviceKind::Cpu => cuda::DeviceKind::Cpu,
+        DeviceKind::Cuda => cuda::DeviceKind::Cuda,
+        DeviceKind::Emu => cuda::DeviceKind::Emu,
+    };
+    Ok(match cuda::select_device(kind)? {
+        cuda::Selection::Cpu { reason } => {
+            if let Some(reason) = reason {
+                eprintln!("device auto: running on the CPU ({reason})");
+            }
+            AnyBackend::Cpu(Arc::new(CpuBackend::new()))
         }
-    }
+        cuda::Selection::Device(dev) => {
+            let precision = if dev.is_emulated() { cuda::Precision::F32 } else { cuda::Precision::Bf16 };
+            AnyBackend::Cuda(Arc::new(CudaBackend::new(dev, precision)))
+        }
+    })
+}
+
+/// Runs `$body` with `$backend` bound to the selected backend (an `Arc<impl Backend>`).
+macro_rules! with_backend {
+    ($device:expr, |$backend:ident| $body:expr) => {
+        match select_backend($device)? {
+            AnyBackend::Cpu($backend) => $body,
+            AnyBackend::Cuda($backend) => $body,
+        }
+    };
 }
 
 fn main() -> ExitCode {
@@ -181,7 +212,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
         Command::Demo(args) => {
-            let backend = cpu_backend(args.device)?;
             let opts = DemoOptions {
                 out_dir: args.out_dir,
                 quick: args.quick,
@@ -189,7 +219,7 @@ fn run(cli: Cli) -> Result<()> {
                 quiet: args.quiet,
                 progress: !args.quiet,
             };
-            let report = run_demo(backend, &opts)?;
+            let report = with_backend!(args.device, |backend| run_demo(backend, &opts))?;
             println!("\n{}", report.table);
             Ok(())
         }
@@ -199,9 +229,8 @@ fn run(cli: Cli) -> Result<()> {
 fn run_training(args: TrainArgs, task: Task) -> Result<()> {
     let cfg = RunConfig::resolve(&args.run)?;
     cfg.require_data()?;
-    let backend = cpu_backend(cfg.device)?;
     let opts = TrainOptions { resume: args.resume, progress: !args.no_progress, ..Default::default() };
-    let summary = train::train(backend, &cfg, task, &opts)?;
+    let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
     let mut out = json!({
         "out_dir": summary.out_dir,
         "completed": summary.completed,
@@ -248,11 +277,7 @@ fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::Token
     })
 }
 
-fn load_models(
-    backend: &Arc<CpuBackend>,
-    policy: &Path,
-    reference: &Path,
-) -> Result<(Gpt2<CpuBackend>, Gpt2<CpuBackend>)> {
+fn load_models<B: Backend>(backend: &Arc<B>, policy: &Path, reference: &Path) -> Result<(Gpt2<B>, Gpt2<B>)> {
     let p = Gpt2::load(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
     let r = Gpt2::load(backend.clone(), reference)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
@@ -261,9 +286,12 @@ fn load_models(
 
 fn run_logps(args: LogpsArgs) -> Result<()> {
     let (cfg, reference) = model_data_config(&args.common)?;
-    let backend = cpu_backend(cfg.device)?;
-    let pairs = split_pairs(&cfg, args.common.split)?;
-    let (mut policy, mut reference) = load_models(&backend, &args.common.model, &reference)?;
+    with_backend!(cfg.device, |backend| write_logps(backend, &args, &cfg, &reference))
+}
+
+fn write_logps<B: Backend>(backend: Arc<B>, args: &LogpsArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
+    let pairs = split_pairs(cfg, args.common.split)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let pol = sequence_logps(&mut policy, &pairs, budget)?;
     let refl = sequence_logps(&mut reference, &pairs, budget)?;
@@ -291,10 +319,13 @@ fn run_logps(args: LogpsArgs) -> Result<()> {
 
 fn run_eval(args: EvalArgs) -> Result<()> {
     let (cfg, reference) = model_data_config(&args.common)?;
-    let backend = cpu_backend(cfg.device)?;
-    let pairs = split_pairs(&cfg, args.common.split)?;
+    with_backend!(cfg.device, |backend| evaluate_model(backend, &args, &cfg, &reference))
+}
+
+fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
+    let pairs = split_pairs(cfg, args.common.split)?;
     let objective = cfg.objective.build();
-    let (mut policy, mut reference) = load_models(&backend, &args.common.model, &reference)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let refl = if objective.uses_reference() {
         sequence_logps(&mut reference, &pairs, budget)?
@@ -321,7 +352,10 @@ fn trained_template(model_dir: &Path) -> Result<String> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let backend = cpu_backend(args.device)?;
+    with_backend!(args.device, |backend| generate_text(backend, &args))
+}
+
+fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
     let mut model =
         Gpt2::load(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
