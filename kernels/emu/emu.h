@@ -59,7 +59,9 @@
 // ---- the runtime (kernels/emu/runtime.cpp) -------------------------------------------------------
 extern "C" {
 /// `__syncthreads` and its counting variants. kind: 0 plain, 1 count, 2 and, 3 or.
-int emu_syncthreads(int kind, int predicate);
+/// `file`/`line` name the call site in the source: a barrier is identified by where it stands in the
+/// kernel source, not by its machine address, since the compiler may duplicate one call (tail copies).
+int emu_syncthreads(int kind, int predicate, const char* file, int line);
 /// One warp-synchronous operation (see EmuWarpOp); the lanes of `mask` meet here.
 uint64_t emu_warp_op(int kind, unsigned mask, uint64_t value, int param, int width);
 /// Mask of the lanes of the caller's warp that have not exited.
@@ -500,10 +502,18 @@ EMU_ATOMIC_ALIASES(atomicCAS)
 #undef EMU_ATOMIC_ALIASES
 
 // ---- barriers and warp intrinsics ----------------------------------------------------------------
-__attribute__((always_inline)) inline void __syncthreads(void) { emu_syncthreads(0, 0); }
-__attribute__((always_inline)) inline int __syncthreads_count(int p) { return emu_syncthreads(1, p); }
-__attribute__((always_inline)) inline int __syncthreads_and(int p) { return emu_syncthreads(2, p); }
-__attribute__((always_inline)) inline int __syncthreads_or(int p) { return emu_syncthreads(3, p); }
+__attribute__((always_inline)) inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    emu_syncthreads(0, 0, file, line);
+}
+__attribute__((always_inline)) inline int __syncthreads_count(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return emu_syncthreads(1, p, file, line);
+}
+__attribute__((always_inline)) inline int __syncthreads_and(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return emu_syncthreads(2, p, file, line);
+}
+__attribute__((always_inline)) inline int __syncthreads_or(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return emu_syncthreads(3, p, file, line);
+}
 __attribute__((always_inline)) inline void __syncwarp(unsigned mask = 0xffffffffu) {
     emu_warp_op(EMU_SYNCWARP, mask, 0, 0, 32);
 }

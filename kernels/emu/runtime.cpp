@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdarg>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -112,7 +113,8 @@ struct Fiber {
     // the barrier this thread waits at
     int bar_kind = 0;
     int bar_pred = 0;
-    const void* bar_site = nullptr;
+    const char* bar_file = "";
+    int bar_line = 0;
 };
 
 struct Runtime {
@@ -500,12 +502,13 @@ bool run_block() {
         int count = 0, all = 1, any = 0;
         for (unsigned t = 0; t < g.nthreads; ++t) {
             const Fiber* f = g.fibers[t];
-            if (f->bar_site != first_waiting->bar_site || f->bar_kind != first_waiting->bar_kind) {
-                record_failure(format("threads wait at different barriers: %s at %s (%p), %s at %s (%p); every "
-                                      "thread of a block must reach the same __syncthreads",
+            if (f->bar_line != first_waiting->bar_line || f->bar_kind != first_waiting->bar_kind ||
+                strcmp(f->bar_file, first_waiting->bar_file) != 0) {
+                record_failure(format("threads wait at different barriers: %s at %s (%s:%d), %s at %s (%s:%d); "
+                                      "every thread of a block must reach the same __syncthreads",
                                       thread_name(first_waiting).c_str(), barrier_name(first_waiting->bar_kind),
-                                      first_waiting->bar_site, thread_name(f).c_str(), barrier_name(f->bar_kind),
-                                      f->bar_site));
+                                      first_waiting->bar_file, first_waiting->bar_line, thread_name(f).c_str(),
+                                      barrier_name(f->bar_kind), f->bar_file, f->bar_line));
                 return false;
             }
             count += f->bar_pred != 0;
@@ -521,12 +524,13 @@ bool run_block() {
 }  // namespace
 
 // ---- what kernels call (through emu.h) -----------------------------------------------------------
-extern "C" __attribute__((noinline)) int emu_syncthreads(int kind, int predicate) {
+extern "C" __attribute__((noinline)) int emu_syncthreads(int kind, int predicate, const char* file, int line) {
     Fiber* f = g.current;
     if (f == nullptr) fail_in_fiber("__syncthreads");
     f->bar_kind = kind;
     f->bar_pred = predicate;
-    f->bar_site = __builtin_return_address(0);
+    f->bar_file = file;
+    f->bar_line = line;
     f->state = State::AtBarrier;
     yield(f);
     return g.barrier_result;

@@ -16,8 +16,8 @@ pub mod emu;
 pub mod gpu;
 pub mod kernels;
 
+pub use backend::{CudaBackend, CudaBuf, CudaIds, Precision};
 pub use device::{
     gpu_unavailable_reason, select_device, Device, DeviceBuffer, DeviceKind, DeviceScalar, Dtype, Event, Gemm,
     KernelArg, LaunchConfig, Selection, View, ViewMut,
 };
-pub use backend::{CudaBackend, CudaBuf, CudaIds, Precision};
