@@ -1,5 +1,9 @@
 //! Metrics: per-pair statistics accumulated over micro-batches and log intervals, and the JSONL log
 //! with TRL's metric names (`loss`, `rewards/chosen`, …, `eval/rewards/accuracies`).
+//!
+//! `safe_preferred_accuracy` is computed over the pairs with exactly one unsafe response: the fraction
+//! where the safe response's implicit reward is higher, a tie counting ½. Before training the policy
+//! is the reference, every reward is 0, and the metric is exactly chance (0.5).
 
 use std::fs::OpenOptions;
 use std::io::Write;
