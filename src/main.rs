@@ -55,6 +55,8 @@ enum Command {
     Generate(GenerateArgs),
     /// SFT then SafeDPO of a tiny model on synthetic safety data, with a before/after summary.
     Demo(DemoArgs),
+    /// Times training steps on synthetic data: tokens/s, step time, MFU, peak memory, phases.
+    Bench(safedpo::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -211,6 +213,26 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logps(args) => run_logps(args),
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
+        Command::Bench(args) => {
+            let cfg = args.to_config()?;
+            let device = match args.device.as_str() {
+                "auto" => DeviceKind::Auto,
+                "cpu" => DeviceKind::Cpu,
+                "emu" => DeviceKind::Emu,
+                d if d == "cuda" || d == "cuda:0" => DeviceKind::Cuda,
+                d => anyhow::bail!("--device {d}: expected auto, cpu, cuda (GPU 0) or emu"),
+            };
+            if let Some(threads) = args.threads {
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+            }
+            let report = with_backend!(device, |backend| safedpo::bench::run_bench(backend, &cfg)?);
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
         Command::Demo(args) => {
             let opts = DemoOptions {
                 out_dir: args.out_dir,
