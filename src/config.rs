@@ -64,7 +64,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DataFormat, PairSelection};
-use crate::loss::Objective;
+use crate::loss::{self, Objective};
 use crate::model::Gpt2Config;
 
 /// Where the model runs.
@@ -194,7 +194,7 @@ pub struct ObjectiveConfig {
     pub eps: Option<f64>,
     /// RPO's NLL weight (default 1).
     pub alpha: Option<f64>,
-    /// SimPO's target margin (default 0.5).
+    /// SimPO's target margin γ (default 1.0).
     pub gamma: Option<f64>,
 }
 
@@ -221,13 +221,13 @@ impl ObjectiveConfig {
         let beta = self.beta;
         match self.name {
             ObjectiveName::Dpo => Objective::Dpo { beta },
-            ObjectiveName::Safedpo => Objective::SafeDpo { beta, delta: self.delta.unwrap_or(10.0) },
+            ObjectiveName::Safedpo => Objective::SafeDpo { beta, delta: self.delta.unwrap_or(loss::DEFAULT_DELTA) },
             ObjectiveName::Ipo => Objective::Ipo { beta },
-            ObjectiveName::Robust => Objective::Robust { beta, eps: self.eps.unwrap_or(0.1) },
-            ObjectiveName::Cdpo => Objective::Cdpo { beta, eps: self.eps.unwrap_or(0.1) },
+            ObjectiveName::Robust => Objective::Robust { beta, eps: self.eps.unwrap_or(loss::DEFAULT_EPS) },
+            ObjectiveName::Cdpo => Objective::Cdpo { beta, eps: self.eps.unwrap_or(loss::DEFAULT_EPS) },
             ObjectiveName::Hinge => Objective::Hinge { beta },
-            ObjectiveName::Rpo => Objective::Rpo { beta, alpha: self.alpha.unwrap_or(1.0) },
-            ObjectiveName::Simpo => Objective::Simpo { beta, gamma: self.gamma.unwrap_or(0.5) },
+            ObjectiveName::Rpo => Objective::Rpo { beta, alpha: self.alpha.unwrap_or(loss::DEFAULT_ALPHA) },
+            ObjectiveName::Simpo => Objective::Simpo { beta, gamma: self.gamma.unwrap_or(loss::DEFAULT_SIMPO_GAMMA) },
             ObjectiveName::Npo => Objective::Npo { beta },
         }
     }

@@ -58,12 +58,12 @@ pub enum Objective {
 }
 
 /// Default parameters: β = 0.1, Δ = 10, ε = 0.1, α = 1.0; SimPO β = 2.0, γ = 1.0.
-const DEFAULT_BETA: f64 = 0.1;
-const DEFAULT_DELTA: f64 = 10.0;
-const DEFAULT_EPS: f64 = 0.1;
-const DEFAULT_ALPHA: f64 = 1.0;
-const DEFAULT_SIMPO_BETA: f64 = 2.0;
-const DEFAULT_SIMPO_GAMMA: f64 = 1.0;
+pub const DEFAULT_BETA: f64 = 0.1;
+pub const DEFAULT_DELTA: f64 = 10.0;
+pub const DEFAULT_EPS: f64 = 0.1;
+pub const DEFAULT_ALPHA: f64 = 1.0;
+pub const DEFAULT_SIMPO_BETA: f64 = 2.0;
+pub const DEFAULT_SIMPO_GAMMA: f64 = 1.0;
 
 impl Objective {
     /// Every objective's name, as `default_for`, `FromStr` and serde spell it.
