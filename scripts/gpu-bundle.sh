@@ -117,6 +117,13 @@ done
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n)"
     echo "nvcc: ${nvcc_version:-unknown}"
     echo "rustc: $(rustc --version 2>/dev/null || echo unknown)"
+    if command -v objdump >/dev/null; then
+        # The newest symbol versions the binaries need from the target machine's C and C++ libraries.
+        needs=$(find "$out" -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec objdump -T {} + 2>/dev/null |
+            grep -o 'GLIBC_[0-9.]*\|GLIBCXX_[0-9.]*' | sort -u | sort -V |
+            awk -F_ '{ last[$1] = $0 } END { for (k in last) printf "%s ", last[k] }')
+        echo "needs: ${needs:-unknown}(glibc / libstdc++ symbol versions)"
+    fi
     echo "files:"
     (cd "$out" && find . -type f ! -name MANIFEST.txt -printf '  %P %s\n' | sort)
 } >"$out/MANIFEST.txt"

@@ -56,7 +56,10 @@ fi
 mkdir -p "$1" || exit 2
 logdir=$(cd "$1" && pwd)
 device=${SAFEDPO_GPU_CHECK_DEVICE:-cuda}
-[[ "$device" == cuda || "$device" == emu ]] || { echo "gpu-check: SAFEDPO_GPU_CHECK_DEVICE=$device: expected cuda or emu" >&2; exit 2; }
+if [[ "$device" != cuda && "$device" != emu ]]; then
+    echo "gpu-check: SAFEDPO_GPU_CHECK_DEVICE=$device: expected cuda or emu" >&2
+    exit 2
+fi
 budget=${SAFEDPO_GPU_CHECK_BUDGET_S:-480}
 deadline=$((SECONDS + budget))
 scratch=${SAFEDPO_GPU_CHECK_SCRATCH:-}
@@ -207,6 +210,10 @@ fi
 peak_flags=()
 [[ -n "$peak" ]] && peak_flags=(--peak-flops "$peak")
 record device ok 0 0 "$logdir/device.txt" "${gpu_name:-no GPU (${device})}"
+# The binaries were built elsewhere: say at once if this machine's libraries cannot run them.
+if ! "$safedpo" --version >"$logdir/bundle.log" 2>&1; then
+    record bundle fail 1 0 "$logdir/bundle.log" "bin/safedpo does not run here (see MANIFEST.txt: needs)"
+fi
 
 # ---- 2. correctness: GPU tests and sanitizers, side by side ---------------------------------------
 # The tests that run for one test executable: its GPU twins (`--ignored`); on the emulated device,
