@@ -19,6 +19,7 @@
 //! n_embd = 128
 //! n_head = 4
 //! n_positions = 512
+//! # vocab_size = 50257       # random init only; absent: the tokenizer's vocabulary
 //!
 //! [data]
 //! path = "data/train.jsonl"
@@ -117,24 +118,31 @@ pub struct ModelConfig {
     pub init: Option<PathBuf>,
     /// HF model directory of the frozen reference; absent: the policy's initial weights.
     pub reference: Option<PathBuf>,
-    /// Random-init shape (ignored with `init`); the vocabulary is the tokenizer's.
+    /// Random-init shape (ignored with `init`).
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
     pub n_positions: usize,
+    /// Random-init vocabulary; absent: the tokenizer's. A larger one gives a model of a real
+    /// tokenizer's shape (GPT-2's 50257) on data from a smaller one (e.g. the byte tokenizer), for
+    /// timing and memory checks. Left out of the serialised form when absent, so configurations and
+    /// trajectory hashes written before the field existed are unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { init: None, reference: None, n_layer: 4, n_embd: 128, n_head: 4, n_positions: 512 }
+        Self { init: None, reference: None, n_layer: 4, n_embd: 128, n_head: 4, n_positions: 512, vocab_size: None }
     }
 }
 
 impl ModelConfig {
-    /// The GPT-2 shape of a random init with the given vocabulary.
-    pub fn random_shape(&self, vocab_size: usize) -> Gpt2Config {
+    /// The GPT-2 shape of a random init: `vocab_size` when set, else `tokenizer_vocab` (the
+    /// tokenizer's). The trainer checks every token id of the data fits the vocabulary.
+    pub fn random_shape(&self, tokenizer_vocab: usize) -> Gpt2Config {
         Gpt2Config {
-            vocab_size,
+            vocab_size: self.vocab_size.unwrap_or(tokenizer_vocab),
             n_positions: self.n_positions,
             n_embd: self.n_embd,
             n_layer: self.n_layer,
@@ -421,6 +429,11 @@ impl RunConfig {
                     format!("must be a positive multiple of model.n_head ({}), got {}", m.n_head, m.n_embd),
                 );
             }
+            if let Some(v) = m.vocab_size {
+                if !(2..=i32::MAX as usize).contains(&v) {
+                    err("model.vocab_size", format!("must be in 2..={} (token ids are i32), got {v}", i32::MAX));
+                }
+            }
             if m.n_positions < self.data.max_len {
                 err(
                     "model.n_positions",
@@ -666,6 +679,9 @@ pub struct RunOverrides {
     /// Context length of a random init.
     #[arg(long, help_heading = "Model")]
     pub n_positions: Option<usize>,
+    /// Vocabulary of a random init (default: the tokenizer's); e.g. 50257 for GPT-2's shape.
+    #[arg(long, help_heading = "Model")]
+    pub vocab_size: Option<usize>,
 
     /// Training data (JSONL).
     #[arg(long, value_name = "FILE", help_heading = "Data")]
@@ -785,6 +801,7 @@ impl RunOverrides {
         over!(n_embd => model.n_embd as "model.n_embd", "n-embd");
         over!(n_head => model.n_head as "model.n_head", "n-head");
         over!(n_positions => model.n_positions as "model.n_positions", "n-positions");
+        over!(vocab_size => model.vocab_size as "model.vocab_size", "vocab-size");
         over!(data => data.path as "data.path", "data");
         over!(eval_data => data.eval_path as "data.eval_path", "eval-data");
         over!(format => data.format as "data.format", "format");
@@ -841,6 +858,37 @@ mod tests {
         let text = cfg.to_toml().unwrap();
         let back = RunConfig::from_toml_str(&text, Path::new("x.toml")).unwrap();
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn vocab_size_of_a_random_init() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunOverrides,
+        }
+        use clap::Parser;
+        // Absent: the tokenizer's vocabulary, and nothing in the serialised forms (old hashes hold).
+        let cfg = RunConfig::resolve(&Cli::parse_from(["x"]).run).unwrap();
+        assert_eq!(cfg.model.vocab_size, None);
+        assert_eq!(cfg.model.random_shape(258).vocab_size, 258);
+        assert!(serde_json::to_value(&cfg.model).unwrap().get("vocab_size").is_none());
+        assert!(!cfg.to_toml().unwrap().contains("vocab_size"));
+
+        // The flag: the random init gets it, the hash changes, TOML round-trips.
+        let cli = Cli::parse_from(["x", "--vocab-size", "50257"]);
+        let big = RunConfig::resolve(&cli.run).unwrap();
+        assert_eq!(big.model.vocab_size, Some(50257));
+        assert_eq!(big.model.random_shape(258).vocab_size, 50257);
+        assert_ne!(big.trajectory_hash(), cfg.trajectory_hash());
+        let back = RunConfig::from_toml_str(&big.to_toml().unwrap(), Path::new("x.toml")).unwrap();
+        assert_eq!(back, big);
+        let from_file = RunConfig::from_toml_str("[model]\nvocab_size = 1000\n", Path::new("y.toml")).unwrap();
+        assert_eq!(from_file.model.random_shape(258).vocab_size, 1000);
+
+        // Out of range: named with the flag it came from.
+        let err = RunConfig::resolve(&Cli::parse_from(["x", "--vocab-size", "1"]).run).unwrap_err().to_string();
+        assert!(err.contains("model.vocab_size") && err.contains("--vocab-size"), "{err}");
     }
 
     #[test]

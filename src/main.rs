@@ -7,6 +7,7 @@
 //! safedpo eval     --model DIR --data FILE     preference metrics of a model on a dataset (JSON)
 //! safedpo generate --model DIR --prompt TEXT   greedy or sampled continuation
 //! safedpo demo     [--quick]                   the whole method on synthetic data in minutes
+//! safedpo demo     --data-only [--rows N]      only the demo's synthetic PKU-SafeRLHF data
 //! ```
 //!
 //! Run options come from the built-in defaults, then the `--config` TOML file, then the flags (a flag
@@ -147,6 +148,13 @@ struct DemoArgs {
     /// No progress bars or status lines (the summary table is still printed).
     #[arg(long)]
     quiet: bool,
+    /// Only write the demo's synthetic PKU-SafeRLHF data to OUT_DIR/data.jsonl and stop (data for a
+    /// `train` run of another shape; scripts/gpu-check.sh uses it).
+    #[arg(long)]
+    data_only: bool,
+    /// Rows of synthetic data written by --data-only.
+    #[arg(long, default_value_t = 2000, requires = "data_only")]
+    rows: usize,
 }
 
 /// The backend `--device` selects: `cpu`; `cuda` (GPU 0, bf16 with fp32 master weights); `emu` (the
@@ -233,6 +241,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Demo(args) if args.data_only => write_demo_data(&args),
         Command::Demo(args) => {
             let opts = DemoOptions {
                 out_dir: args.out_dir,
@@ -246,6 +255,27 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `demo --data-only`: the demo's synthetic rows as PKU-SafeRLHF JSONL, read back through the loader
+/// (so the file is known to load) with the T(D) counts on stderr; the file's path on stdout.
+fn write_demo_data(args: &DemoArgs) -> Result<()> {
+    use safedpo::data::{load_pairs, synthetic_pku_rows, write_pku_jsonl, DataFormat, PairSelection};
+    if args.rows == 0 {
+        bail!("--rows must be at least 1");
+    }
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let path = args.out_dir.join("data.jsonl");
+    write_pku_jsonl(&path, &synthetic_pku_rows(args.rows, args.seed))?;
+    let (_, report) = load_pairs(&path, DataFormat::PkuSafeRlhf, PairSelection::SafeDpo, false)?;
+    if !args.quiet {
+        eprintln!(
+            "synthetic safety data: {} PKU-SafeRLHF rows; T(D): {} kept, {} swapped, {} dropped",
+            args.rows, report.kept, report.swapped, report.dropped
+        );
+    }
+    println!("{}", path.display());
+    Ok(())
 }
 
 fn run_training(args: TrainArgs, task: Task) -> Result<()> {
@@ -400,4 +430,85 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs) -> Result<()>
     let new = generate(&mut model, &prompt, tok.eos_id(), args.max_new_tokens, &params)?;
     println!("{}", tok.decode(&new));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<()> {
+        run(Cli::try_parse_from(std::iter::once("safedpo").chain(args.iter().copied()))?)
+    }
+
+    #[test]
+    fn demo_data_only_writes_loadable_rows_and_nothing_else() {
+        use safedpo::data::{load_pairs, DataFormat, PairSelection};
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("data");
+        run_args(&[
+            "demo",
+            "--data-only",
+            "--rows",
+            "123",
+            "--seed",
+            "5",
+            "--quiet",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        let path = out.join("data.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 123);
+        let (pairs, report) = load_pairs(&path, DataFormat::PkuSafeRlhf, PairSelection::SafeDpo, false).unwrap();
+        assert_eq!(report.kept + report.swapped + report.dropped, 123);
+        assert_eq!(pairs.len(), report.kept + report.swapped);
+        let entries: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert_eq!(entries.len(), 1, "--data-only trains nothing: {entries:?}");
+        // Same seed, same file.
+        let again = dir.path().join("again");
+        run_args(&[
+            "demo",
+            "--data-only",
+            "--rows",
+            "123",
+            "--seed",
+            "5",
+            "--quiet",
+            "--out-dir",
+            again.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(again.join("data.jsonl")).unwrap(), text);
+
+        let err = Cli::try_parse_from(["safedpo", "demo", "--rows", "10"]).err().expect("--rows needs --data-only");
+        assert!(err.to_string().contains("--data-only"), "{err}");
+        let err = run_args(&["demo", "--data-only", "--rows", "0", "--out-dir", out.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("--rows"), "{err}");
+    }
+
+    #[test]
+    fn train_with_vocab_size_builds_a_model_of_that_vocabulary() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let run_dir = dir.path().join("run");
+        run_args(&["demo", "--data-only", "--rows", "40", "--quiet", "--out-dir", data.to_str().unwrap()]).unwrap();
+        let data_file = data.join("data.jsonl");
+        let mut args = vec!["train", "--device", "cpu", "--no-progress", "--total-steps", "2", "--max-len", "96"];
+        args.extend(["--n-positions", "96", "--n-layer", "1", "--n-embd", "16", "--n-head", "2"]);
+        args.extend(["--tokens-per-batch", "800", "--data", data_file.to_str().unwrap()]);
+        let common = args.clone();
+        args.extend(["--vocab-size", "300", "--out-dir", run_dir.to_str().unwrap()]);
+        run_args(&args).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run_dir.join("final/config.json")).unwrap()).unwrap();
+        assert_eq!(config["vocab_size"], 300, "{config}");
+
+        // Smaller than the byte tokenizer's 258 ids: the data's ids do not fit, and the error says so.
+        let small = dir.path().join("small");
+        let mut bad = common;
+        bad.extend(["--vocab-size", "200", "--out-dir", small.to_str().unwrap()]);
+        let err = format!("{:#}", run_args(&bad).unwrap_err());
+        assert!(err.contains("vocabulary has 200 tokens"), "{err}");
+    }
 }
