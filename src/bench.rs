@@ -652,28 +652,6 @@ impl BenchArgs {
     }
 }
 
-/// The `bench` command: picks the backend, runs, prints the table or the JSON to stdout.
-pub fn run_cli(args: &BenchArgs) -> Result<BenchReport> {
-    let cfg = args.to_config()?;
-    if let Some(threads) = args.threads {
-        // Fails only if the global pool already exists (e.g. the CLI built it); then it stays as is.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    }
-    let report = match cfg.device.as_str() {
-        "cpu" => run_bench(Arc::new(crate::backend::cpu::CpuBackend::new()), &cfg)?,
-        d if d.starts_with("cuda") => {
-            bail!("--device {d}: the CUDA backend is not wired into the benchmark yet (src/backend/cuda)")
-        }
-        d => bail!("--device {d}: expected cpu or cuda[:N]"),
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{report}");
-    }
-    Ok(report)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
