@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, PAIR_METRICS};
+use crate::backend::{Backend, DeviceKind, PAIR_METRICS};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
 use crate::model::{DeviceBatch, Gpt2, Gpt2Config};
@@ -53,7 +53,7 @@ pub struct BenchConfig {
     pub lr: f32,
     /// Global grad-norm clipping threshold (≤ 0: no clipping, the norm is still computed).
     pub max_grad_norm: f32,
-    /// The device asked for ("cpu", "cuda", "cuda:1"); the report names the backend actually used.
+    /// The device asked for ("auto", "cpu", "cuda", "emu"); the report names the backend actually used.
     pub device: String,
     /// Peak FLOP/s of the device, for MFU; none means MFU is not reported.
     pub peak_flops: Option<f64>,
@@ -614,9 +614,10 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, or cuda[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Where to run: auto, cpu, cuda (GPU 0) or emu. Only GPU 0 can be chosen (`cuda:N` is not accepted;
+    /// set `CUDA_VISIBLE_DEVICES` to run on another GPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
     /// Device peak FLOP/s for MFU (e.g. 989e12 for an H100's dense bf16).
     #[arg(long)]
     pub peak_flops: Option<f64>,
@@ -643,7 +644,7 @@ impl BenchArgs {
             warmup_steps: self.warmup,
             steps: self.steps,
             seed: self.seed,
-            device: self.device.clone(),
+            device: self.device.to_string(),
             peak_flops: self.peak_flops,
             ..BenchConfig::default()
         };

@@ -58,41 +58,15 @@
 //! keep_checkpoints = 0       # 0: keep all
 //! ```
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::backend::DeviceKind;
 use crate::data::{DataFormat, PairSelection};
 use crate::loss::{self, Objective};
 use crate::model::Gpt2Config;
-
-/// Where the model runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    /// A GPU when one is built and present, else the CPU.
-    #[default]
-    Auto,
-    /// The f32 CPU reference backend.
-    Cpu,
-    /// The CUDA backend on a GPU.
-    Cuda,
-    /// The CUDA backend on the emulated device (CUDA sources run on the CPU).
-    Emu,
-}
-
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DeviceKind::Auto => "auto",
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-            DeviceKind::Emu => "emu",
-        })
-    }
-}
 
 /// The objective's name (`objective.name`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

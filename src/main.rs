@@ -24,8 +24,8 @@ use serde_json::json;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{self, CudaBackend};
-use safedpo::backend::Backend;
-use safedpo::config::{DeviceKind, RunConfig, RunOverrides};
+use safedpo::backend::{Backend, DeviceKind};
+use safedpo::config::{RunConfig, RunOverrides};
 use safedpo::data::{load_tokenizer, Template};
 use safedpo::model::Gpt2;
 use safedpo::train::demo::{run_demo, DemoOptions};
@@ -166,13 +166,7 @@ enum AnyBackend {
 }
 
 fn select_backend(device: DeviceKind) -> Result<AnyBackend> {
-    let kind = match device {
-        DeviceKind::Auto => cuda::DeviceKind::Auto,
-        DeviceKind::Cpu => cuda::DeviceKind::Cpu,
-        DeviceKind::Cuda => cuda::DeviceKind::Cuda,
-        DeviceKind::Emu => cuda::DeviceKind::Emu,
-    };
-    Ok(match cuda::select_device(kind)? {
+    Ok(match cuda::select_device(device)? {
         cuda::Selection::Cpu { reason } => {
             if let Some(reason) = reason {
                 eprintln!("device auto: running on the CPU ({reason})");
@@ -223,17 +217,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => {
             let cfg = args.to_config()?;
-            let device = match args.device.as_str() {
-                "auto" => DeviceKind::Auto,
-                "cpu" => DeviceKind::Cpu,
-                "emu" => DeviceKind::Emu,
-                d if d == "cuda" || d == "cuda:0" => DeviceKind::Cuda,
-                d => anyhow::bail!("--device {d}: expected auto, cpu, cuda (GPU 0) or emu"),
-            };
             if let Some(threads) = args.threads {
                 rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
             }
-            let report = with_backend!(device, |backend| safedpo::bench::run_bench(backend, &cfg)?);
+            let report = with_backend!(args.device, |backend| safedpo::bench::run_bench(backend, &cfg)?);
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -17,6 +17,8 @@
 pub mod cpu;
 pub mod cuda;
 
+pub use cuda::DeviceKind;
+
 use anyhow::Result;
 
 use crate::loss::Objective;

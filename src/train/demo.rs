@@ -57,7 +57,7 @@ pub const DEMO_TEMPLATE: &str = "USER: {prompt} ASSISTANT:";
 pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig) {
     let mut sft = RunConfig {
         seed: opts.seed,
-        device: crate::config::DeviceKind::Cpu,
+        device: crate::backend::DeviceKind::Cpu,
         out_dir: opts.out_dir.join("sft"),
         ..Default::default()
     };

@@ -16,22 +16,28 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
 
 use super::{emu, gpu, kernels};
 
 // ---- choosing a device ---------------------------------------------------------------------------
 
-/// The compute device a run asks for (`--device auto|cpu|cuda|emu`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The compute device a run asks for (`--device auto|cpu|cuda|emu`, `device = "…"` in a run config).
+///
+/// The one device enum of the crate: the CLI parses it with clap (`ValueEnum`), run configs with serde
+/// (lowercase names), and [`FromStr`] also takes the aliases `gpu` and `emulated`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
-    /// The GPU when one is usable, else the CPU.
+    /// A GPU when one is built and present, else the CPU.
     #[default]
     Auto,
-    /// The CPU f32 reference backend.
+    /// The f32 CPU reference backend.
     Cpu,
-    /// GPU 0 through CUDA; an error when there is none.
+    /// The CUDA backend on GPU 0; an error when there is none.
     Cuda,
-    /// The emulated device: the CUDA kernels run on the CPU (slow; for tests and debugging).
+    /// The CUDA backend on the emulated device: the CUDA sources run on the CPU (slow; for tests and
+    /// debugging).
     Emu,
 }
 
