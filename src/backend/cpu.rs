@@ -17,11 +17,11 @@
 //! AVX2, chosen at run time (`simd_kernel!`); both give bit-identical results. Exponentials use a
 //! vectorisable Cephes-style `expf` (≈1 ulp).
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use super::{checks, AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
 use crate::loss::{pair_loss, Objective, PairInput};
 
 /// The CPU backend. Stateless: buffers are plain `Vec`s, work runs on rayon's global pool.
@@ -43,12 +43,6 @@ const REDUCE_ROWS: usize = 32;
 const ATTN_BLOCK: usize = 32;
 /// Products with at least this many multiply-adds run multi-threaded inside `gemm`.
 const GEMM_PARALLEL_FLOPS: usize = 1 << 18;
-
-/// Returns an error naming the op, the tensor, and the expected and actual lengths.
-fn check_len(op: &str, tensor: &str, actual: usize, expected: usize) -> Result<()> {
-    ensure!(actual == expected, "{op}: `{tensor}` has {actual} elements, expected {expected}");
-    Ok(())
-}
 
 /// A raw pointer that may cross threads. Used only where parallel tasks write provably disjoint
 /// strided regions of one buffer (attention heads), which safe slices cannot express.
@@ -118,35 +112,6 @@ unsafe fn gemm_f32(
         false,
         parallelism,
     );
-}
-
-/// Checks `cu_seqlens` (non-decreasing, ending at `n`) and returns the `(start, len)` of each sequence.
-fn sequences(op: &str, packing: &Packing<CpuBackend>, n: usize) -> Result<Vec<(usize, usize)>> {
-    let cu = &packing.host_cu_seqlens;
-    ensure!(!cu.is_empty() && cu[0] == 0, "{op}: cu_seqlens must start at 0");
-    ensure!(
-        *cu.last().unwrap() as usize == n,
-        "{op}: cu_seqlens ends at {}, but the batch has {n} tokens",
-        cu.last().unwrap()
-    );
-    cu.windows(2)
-        .enumerate()
-        .map(|(s, w)| {
-            ensure!(w[1] >= w[0], "{op}: cu_seqlens decreases at sequence {s} ({} then {})", w[0], w[1]);
-            Ok((w[0] as usize, (w[1] - w[0]) as usize))
-        })
-        .collect()
-}
-
-/// Checks that every id is in `0..limit` (or is `-1` when `allow_ignore`).
-fn check_ids(op: &str, tensor: &str, ids: &[i32], limit: usize, allow_ignore: bool) -> Result<()> {
-    if let Some((t, &id)) =
-        ids.iter().enumerate().find(|&(_, &id)| !((id >= 0 && (id as usize) < limit) || (allow_ignore && id == -1)))
-    {
-        let range = if allow_ignore { format!("-1 or 0..{limit}") } else { format!("0..{limit}") };
-        anyhow::bail!("{op}: `{tensor}[{t}]` = {id} is outside {range}");
-    }
-    Ok(())
 }
 
 /// `acc[j] += Σ_rows rows[r, j]` over a row-major `[rows, width]` matrix, deterministically.
@@ -562,7 +527,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
-        check_len("copy", "dst", dst.len(), src.len())?;
+        checks::copy(dst.len(), src.len())?;
         dst.copy_from_slice(src);
         Ok(())
     }
@@ -581,17 +546,7 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_forward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "tokens", tokens.len(), n)?;
-        check_len(OP, "positions", positions.len(), n)?;
-        ensure!(
-            wte.len().is_multiple_of(c) && wpe.len().is_multiple_of(c),
-            "{OP}: wte/wpe lengths must be multiples of c = {c}"
-        );
-        check_ids(OP, "tokens", tokens, wte.len() / c, false)?;
-        check_ids(OP, "positions", positions, wpe.len() / c, false)?;
+        checks::embedding_forward(out.len(), tokens, positions, wte.len(), wpe.len(), n, c)?;
         out.par_chunks_mut(c).with_min_len(64).zip(tokens.par_iter().zip(positions.par_iter())).for_each(
             |(row, (&tok, &pos))| {
                 let te = &wte[tok as usize * c..][..c];
@@ -614,17 +569,7 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_backward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "dout", dout.len(), n * c)?;
-        check_len(OP, "tokens", tokens.len(), n)?;
-        check_len(OP, "positions", positions.len(), n)?;
-        ensure!(
-            dwte.len().is_multiple_of(c) && dwpe.len().is_multiple_of(c),
-            "{OP}: dwte/dwpe lengths must be multiples of c = {c}"
-        );
-        check_ids(OP, "tokens", tokens, dwte.len() / c, false)?;
-        check_ids(OP, "positions", positions, dwpe.len() / c, false)?;
+        checks::embedding_backward(dwte.len(), dwpe.len(), dout.len(), tokens, positions, n, c)?;
         rayon::join(|| scatter_add_rows(dwte, dout, tokens, c), || scatter_add_rows(dwpe, dout, positions, c));
         Ok(())
     }
@@ -642,14 +587,7 @@ impl Backend for CpuBackend {
         c: usize,
         eps: f32,
     ) -> Result<()> {
-        const OP: &str = "layernorm_forward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "inp", inp.len(), n * c)?;
-        check_len(OP, "mean", mean.len(), n)?;
-        check_len(OP, "rstd", rstd.len(), n)?;
-        check_len(OP, "weight", weight.len(), c)?;
-        check_len(OP, "bias", bias.len(), c)?;
+        checks::layernorm_forward(out.len(), mean.len(), rstd.len(), inp.len(), weight.len(), bias.len(), n, c)?;
         out.par_chunks_mut(c)
             .zip(inp.par_chunks(c))
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
@@ -671,16 +609,18 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "layernorm_backward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "dinp", dinp.len(), n * c)?;
-        check_len(OP, "dout", dout.len(), n * c)?;
-        check_len(OP, "inp", inp.len(), n * c)?;
-        check_len(OP, "mean", mean.len(), n)?;
-        check_len(OP, "rstd", rstd.len(), n)?;
-        check_len(OP, "weight", weight.len(), c)?;
-        check_len(OP, "dweight", dweight.len(), c)?;
-        check_len(OP, "dbias", dbias.len(), c)?;
+        checks::layernorm_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.len(),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            mean.len(),
+            rstd.len(),
+            n,
+            c,
+        )?;
         let chunk = REDUCE_ROWS * c;
         // Per chunk of rows: dinp in place, and the chunk's partial [dweight | dbias].
         let partials: Vec<Vec<f32>> = dinp
@@ -717,12 +657,8 @@ impl Backend for CpuBackend {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()> {
-        const OP: &str = "matmul_forward";
-        check_len(OP, "out", out.len(), n * oc)?;
-        check_len(OP, "inp", inp.len(), n * ic)?;
-        check_len(OP, "weight", weight.len(), ic * oc)?;
+        checks::matmul_forward(out.len(), inp.len(), weight.len(), bias.map(Vec::len), n, ic, oc)?;
         if let Some(b) = bias {
-            check_len(OP, "bias", b.len(), oc)?;
             if oc > 0 {
                 out.par_chunks_mut(oc).with_min_len(64).for_each(|row| row.copy_from_slice(b));
             }
@@ -752,15 +688,8 @@ impl Backend for CpuBackend {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()> {
-        const OP: &str = "matmul_backward";
-        check_len(OP, "dinp", dinp.len(), n * ic)?;
-        check_len(OP, "dout", dout.len(), n * oc)?;
-        check_len(OP, "inp", inp.len(), n * ic)?;
-        check_len(OP, "weight", weight.len(), ic * oc)?;
-        check_len(OP, "dweight", dweight.len(), ic * oc)?;
-        if let Some(db) = &dbias {
-            check_len(OP, "dbias", db.len(), oc)?;
-        }
+        let dbias_len = dbias.as_ref().map(|db| db.len());
+        checks::matmul_backward(dinp.len(), dweight.len(), dbias_len, dout.len(), inp.len(), weight.len(), n, ic, oc)?;
         let dout_m = Mat::new(dout.as_ptr(), oc, 1);
         let inp_m = Mat::new(inp.as_ptr(), ic, 1);
         // SAFETY: shapes checked above; destinations are distinct allocations from the sources.
@@ -822,16 +751,16 @@ impl Backend for CpuBackend {
         n_head: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "attention_forward";
-        ensure!(
-            n_head > 0 && c.is_multiple_of(n_head),
-            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
-        );
-        let n = packing.num_tokens();
-        let seqs = sequences(OP, packing, n)?;
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "qkv", qkv.len(), n * 3 * c)?;
-        check_len(OP, "saved", saved.len(), self.attention_saved_len(packing, n_head))?;
+        let saved_len = self.attention_saved_len(packing, n_head);
+        let seqs = checks::attention_forward(
+            out.len(),
+            saved.len(),
+            qkv.len(),
+            &packing.host_cu_seqlens,
+            n_head,
+            c,
+            saved_len,
+        )?;
         let hd = c / n_head;
         let scale = 1.0 / (hd as f32).sqrt();
         let (out_ptr, saved_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(saved.as_mut_ptr()));
@@ -895,18 +824,18 @@ impl Backend for CpuBackend {
         n_head: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "attention_backward";
-        ensure!(
-            n_head > 0 && c.is_multiple_of(n_head),
-            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
-        );
-        let n = packing.num_tokens();
-        let seqs = sequences(OP, packing, n)?;
-        check_len(OP, "dqkv", dqkv.len(), n * 3 * c)?;
-        check_len(OP, "dout", dout.len(), n * c)?;
-        check_len(OP, "qkv", qkv.len(), n * 3 * c)?;
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "saved", saved.len(), self.attention_saved_len(packing, n_head))?;
+        let saved_len = self.attention_saved_len(packing, n_head);
+        let seqs = checks::attention_backward(
+            dqkv.len(),
+            dout.len(),
+            qkv.len(),
+            out.len(),
+            saved.len(),
+            &packing.host_cu_seqlens,
+            n_head,
+            c,
+            saved_len,
+        )?;
         let hd = c / n_head;
         let scale = 1.0 / (hd as f32).sqrt();
         let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
@@ -1003,7 +932,7 @@ impl Backend for CpuBackend {
 
     // ---- pointwise ---------------------------------------------------------------------------
     fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> Result<()> {
-        check_len("gelu_forward", "out", out.len(), inp.len())?;
+        checks::gelu_forward(out.len(), inp.len())?;
         out.par_chunks_mut(POINTWISE_CHUNK).zip(inp.par_chunks(POINTWISE_CHUNK)).for_each(|(o, x)| {
             gelu_forward_kernel(o, x);
         });
@@ -1011,8 +940,7 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_backward(&self, dinp: &mut Vec<f32>, inp: &Vec<f32>, dout: &Vec<f32>) -> Result<()> {
-        check_len("gelu_backward", "dinp", dinp.len(), inp.len())?;
-        check_len("gelu_backward", "dout", dout.len(), inp.len())?;
+        checks::gelu_backward(dinp.len(), inp.len(), dout.len())?;
         dinp.par_chunks_mut(POINTWISE_CHUNK)
             .zip(inp.par_chunks(POINTWISE_CHUNK).zip(dout.par_chunks(POINTWISE_CHUNK)))
             .for_each(|(dx, (x, dy))| gelu_backward_kernel(dx, x, dy));
@@ -1020,8 +948,7 @@ impl Backend for CpuBackend {
     }
 
     fn residual_forward(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) -> Result<()> {
-        check_len("residual_forward", "a", a.len(), out.len())?;
-        check_len("residual_forward", "b", b.len(), out.len())?;
+        checks::residual_forward(out.len(), a.len(), b.len())?;
         out.par_chunks_mut(POINTWISE_CHUNK)
             .zip(a.par_chunks(POINTWISE_CHUNK).zip(b.par_chunks(POINTWISE_CHUNK)))
             .for_each(|(o, (a, b))| o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = a + b));
@@ -1029,7 +956,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_inplace(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
-        check_len("add_inplace", "src", src.len(), dst.len())?;
+        checks::add_inplace(dst.len(), src.len())?;
         dst.par_chunks_mut(POINTWISE_CHUNK)
             .zip(src.par_chunks(POINTWISE_CHUNK))
             .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
@@ -1051,13 +978,7 @@ impl Backend for CpuBackend {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        const OP: &str = "logsoftmax_gather_forward";
-        ensure!(v > 0, "{OP}: vocabulary size must be positive");
-        check_len(OP, "logits", logits.len(), n * v)?;
-        check_len(OP, "targets", targets.len(), n)?;
-        check_len(OP, "token_logp", token_logp.len(), n)?;
-        check_len(OP, "lse", lse.len(), n)?;
-        check_ids(OP, "targets", targets, v, true)?;
+        checks::logsoftmax_gather_forward(token_logp.len(), lse.len(), logits.len(), targets, n, v)?;
         token_logp
             .par_iter_mut()
             .zip(lse.par_iter_mut())
@@ -1068,9 +989,7 @@ impl Backend for CpuBackend {
     }
 
     fn sequence_logp_sum(&self, seq_logp: &mut Vec<f32>, token_logp: &Vec<f32>, packing: &Packing<Self>) -> Result<()> {
-        const OP: &str = "sequence_logp_sum";
-        let seqs = sequences(OP, packing, token_logp.len())?;
-        check_len(OP, "seq_logp", seq_logp.len(), seqs.len())?;
+        let seqs = checks::sequence_logp_sum(seq_logp.len(), token_logp.len(), &packing.host_cu_seqlens)?;
         // Summed in f64 in token order: fixed, and exact enough to be the reference.
         for (out, &(start, len)) in seq_logp.iter_mut().zip(&seqs) {
             *out = token_logp[start..start + len].iter().map(|&x| x as f64).sum::<f64>() as f32;
@@ -1088,14 +1007,15 @@ impl Backend for CpuBackend {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        const OP: &str = "logsoftmax_gather_backward";
-        ensure!(v > 0, "{OP}: vocabulary size must be positive");
-        let seqs = sequences(OP, packing, n)?;
-        check_len(OP, "logits", logits.len(), n * v)?;
-        check_len(OP, "lse", lse.len(), n)?;
-        check_len(OP, "targets", targets.len(), n)?;
-        check_len(OP, "dseq", dseq.len(), seqs.len())?;
-        check_ids(OP, "targets", targets, v, true)?;
+        checks::logsoftmax_gather_backward(
+            logits.len(),
+            lse.len(),
+            targets,
+            dseq.len(),
+            &packing.host_cu_seqlens,
+            n,
+            v,
+        )?;
         let cu = &packing.host_cu_seqlens;
         logits.par_chunks_mut(v).enumerate().with_min_len(8).for_each(|(t, row)| {
             let target = targets[t];
@@ -1122,24 +1042,18 @@ impl Backend for CpuBackend {
         objective: &Objective,
         grad_scale: f32,
     ) -> Result<()> {
-        const OP: &str = "preference_loss";
-        ensure!(
-            policy.len().is_multiple_of(2),
-            "{OP}: `policy` has {} elements, expected an even number",
-            policy.len()
-        );
-        let pairs = policy.len() / 2;
         let uses_reference = objective.uses_reference();
-        if uses_reference {
-            check_len(OP, "reference", reference.len(), 2 * pairs)?;
-        }
-        check_len(OP, "unsafe_flags", unsafe_flags.len(), 2 * pairs)?;
-        check_len(OP, "lengths", lengths.len(), 2 * pairs)?;
-        check_len(OP, "metrics", metrics.len(), pairs * PAIR_METRICS)?;
-        check_len(OP, "dpolicy", dpolicy.len(), 2 * pairs)?;
+        let pairs = checks::preference_loss(
+            metrics.len(),
+            dpolicy.len(),
+            policy.len(),
+            reference.len(),
+            unsafe_flags,
+            lengths,
+            uses_reference,
+        )?;
         for i in 0..pairs {
             let (c, r) = (2 * i, 2 * i + 1);
-            ensure!(lengths[c] >= 0 && lengths[r] >= 0, "{OP}: pair {i} has a negative response length");
             let reference_of = |s: usize| if uses_reference { reference[s] as f64 } else { 0.0 };
             let out = pair_loss(
                 objective,
@@ -1176,11 +1090,7 @@ impl Backend for CpuBackend {
         v: &mut Vec<f32>,
         p: &AdamWParams,
     ) -> Result<()> {
-        const OP: &str = "adamw";
-        check_len(OP, "grad", grad.len(), param.len())?;
-        check_len(OP, "m", m.len(), param.len())?;
-        check_len(OP, "v", v.len(), param.len())?;
-        ensure!(p.step >= 1, "{OP}: step is 1-based, got 0");
+        checks::adamw(param.len(), grad.len(), m.len(), v.len(), p.step)?;
         // Bias corrections in f64 (as PyTorch computes them in Python floats).
         let bc1 = 1.0 - (p.beta1 as f64).powi(p.step as i32);
         let bc2 = 1.0 - (p.beta2 as f64).powi(p.step as i32);
@@ -1202,7 +1112,7 @@ impl Backend for CpuBackend {
     }
 
     fn sgd(&self, param: &mut Vec<f32>, grad: &Vec<f32>, lr: f32, grad_scale: f32) -> Result<()> {
-        check_len("sgd", "grad", grad.len(), param.len())?;
+        checks::sgd(param.len(), grad.len())?;
         let step = lr * grad_scale;
         param
             .par_chunks_mut(POINTWISE_CHUNK)

@@ -14,6 +14,7 @@
 //! - Targets are token ids, `-1` where a position carries no loss (prompt tokens, last token).
 //! - Every method is deterministic: the same inputs give bit-identical outputs (no float atomics).
 
+mod checks;
 pub mod cpu;
 pub mod cuda;
 

@@ -42,7 +42,7 @@ use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
 use super::{Device, DeviceBuffer, DeviceScalar, Dtype, Gemm, KernelArg, LaunchConfig};
-use crate::backend::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use crate::backend::{checks, AdamWParams, Backend, Packing, WeightLayout};
 use crate::loss::Objective;
 
 // ---- launch shapes (each kernel file's header comment explains its own) ------------------------------
@@ -251,36 +251,10 @@ pub struct CudaBackend {
     ones_bf16: Mutex<Option<DeviceBuffer<bf16>>>,
 }
 
-/// Returns an error naming the op, the tensor, and the expected and actual lengths.
-fn check_len(op: &str, tensor: &str, actual: usize, expected: usize) -> Result<()> {
-    ensure!(actual == expected, "{op}: `{tensor}` has {actual} elements, expected {expected}");
-    Ok(())
-}
-
-/// Checks that every id is in `0..limit` (or is `-1` when `allow_ignore`).
-fn check_ids(op: &str, tensor: &str, ids: &[i32], limit: usize, allow_ignore: bool) -> Result<()> {
-    if let Some((t, &id)) =
-        ids.iter().enumerate().find(|&(_, &id)| !((id >= 0 && (id as usize) < limit) || (allow_ignore && id == -1)))
-    {
-        let range = if allow_ignore { format!("-1 or 0..{limit}") } else { format!("0..{limit}") };
-        bail!("{op}: `{tensor}[{t}]` = {id} is outside {range}");
-    }
-    Ok(())
-}
-
-/// Checks `cu_seqlens` (starts at 0, non-decreasing, ends at `n`).
-fn check_packing(op: &str, packing: &Packing<CudaBackend>, n: usize) -> Result<()> {
-    let cu = &packing.host_cu_seqlens;
-    ensure!(!cu.is_empty() && cu[0] == 0, "{op}: cu_seqlens must start at 0");
-    ensure!(
-        *cu.last().unwrap() as usize == n,
-        "{op}: cu_seqlens ends at {}, but the batch has {n} tokens",
-        cu.last().unwrap()
-    );
-    if let Some(s) = cu.windows(2).position(|w| w[1] < w[0]) {
-        bail!("{op}: cu_seqlens decreases at sequence {s} ({} then {})", cu[s], cu[s + 1]);
-    }
-    check_len(op, "cu_seqlens (device)", packing.cu_seqlens.device.len(), cu.len())
+/// Checks that the device copy of `cu_seqlens` matches the host copy (the op's shared checks in
+/// [`checks`] validated the host copy).
+fn check_device_cu_seqlens(op: &str, packing: &Packing<CudaBackend>) -> Result<()> {
+    checks::check_len(op, "cu_seqlens (device)", packing.cu_seqlens.device.len(), packing.host_cu_seqlens.len())
 }
 
 /// A grid-stride launch over `n` elements.
@@ -608,7 +582,7 @@ impl Backend for CudaBackend {
     }
 
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
-        check_len("copy", "dst", dst.len(), src.len())?;
+        checks::copy(dst.len(), src.len())?;
         let n = src.len;
         // dst becomes an exact copy: same storage type, same master.
         if dst.storage.dtype() != src.storage.dtype() || dst.storage.capacity() < n {
@@ -648,17 +622,7 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_forward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "tokens", tokens.host.len(), n)?;
-        check_len(OP, "positions", positions.host.len(), n)?;
-        ensure!(
-            wte.len().is_multiple_of(c) && wpe.len().is_multiple_of(c),
-            "{OP}: wte/wpe lengths must be multiples of c = {c}"
-        );
-        check_ids(OP, "tokens", &tokens.host, wte.len() / c, false)?;
-        check_ids(OP, "positions", &positions.host, wpe.len() / c, false)?;
+        checks::embedding_forward(out.len(), &tokens.host, &positions.host, wte.len(), wpe.len(), n, c)?;
         if n == 0 {
             return Ok(());
         }
@@ -682,17 +646,7 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_backward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "dout", dout.len(), n * c)?;
-        check_len(OP, "tokens", tokens.host.len(), n)?;
-        check_len(OP, "positions", positions.host.len(), n)?;
-        ensure!(
-            dwte.len().is_multiple_of(c) && dwpe.len().is_multiple_of(c),
-            "{OP}: dwte/dwpe lengths must be multiples of c = {c}"
-        );
-        check_ids(OP, "tokens", &tokens.host, dwte.len() / c, false)?;
-        check_ids(OP, "positions", &positions.host, dwpe.len() / c, false)?;
+        checks::embedding_backward(dwte.len(), dwpe.len(), dout.len(), &tokens.host, &positions.host, n, c)?;
         let dt = self.act();
         let dout = self.input(dout, dt)?;
         let dwte = self.output(dwte, dt, true)?;
@@ -714,14 +668,7 @@ impl Backend for CudaBackend {
         c: usize,
         eps: f32,
     ) -> Result<()> {
-        const OP: &str = "layernorm_forward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "inp", inp.len(), n * c)?;
-        check_len(OP, "mean", mean.len(), n)?;
-        check_len(OP, "rstd", rstd.len(), n)?;
-        check_len(OP, "weight", weight.len(), c)?;
-        check_len(OP, "bias", bias.len(), c)?;
+        checks::layernorm_forward(out.len(), mean.len(), rstd.len(), inp.len(), weight.len(), bias.len(), n, c)?;
         if n == 0 {
             return Ok(());
         }
@@ -761,16 +708,18 @@ impl Backend for CudaBackend {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "layernorm_backward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "dinp", dinp.len(), n * c)?;
-        check_len(OP, "dout", dout.len(), n * c)?;
-        check_len(OP, "inp", inp.len(), n * c)?;
-        check_len(OP, "mean", mean.len(), n)?;
-        check_len(OP, "rstd", rstd.len(), n)?;
-        check_len(OP, "weight", weight.len(), c)?;
-        check_len(OP, "dweight", dweight.len(), c)?;
-        check_len(OP, "dbias", dbias.len(), c)?;
+        checks::layernorm_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.len(),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            mean.len(),
+            rstd.len(),
+            n,
+            c,
+        )?;
         if n == 0 {
             return Ok(());
         }
@@ -829,17 +778,11 @@ impl Backend for CudaBackend {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()> {
-        const OP: &str = "matmul_forward";
-        check_len(OP, "out", out.len(), n * oc)?;
-        check_len(OP, "inp", inp.len(), n * ic)?;
-        check_len(OP, "weight", weight.len(), ic * oc)?;
-        if let Some(b) = bias {
-            check_len(OP, "bias", b.len(), oc)?;
-        }
+        checks::matmul_forward(out.len(), inp.len(), weight.len(), bias.map(CudaBuf::len), n, ic, oc)?;
         if n == 0 || oc == 0 {
             return Ok(());
         }
-        ensure!(ic > 0, "{OP}: an inner dimension of 0 is not supported on the CUDA backend");
+        ensure!(ic > 0, "matmul_forward: an inner dimension of 0 is not supported on the CUDA backend");
         let dt = self.act();
         let (inp, weight) = (self.input(inp, dt)?, self.input(weight, dt)?);
         let bias = bias.map(|b| self.input(b, dt)).transpose()?;
@@ -862,15 +805,8 @@ impl Backend for CudaBackend {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()> {
-        const OP: &str = "matmul_backward";
-        check_len(OP, "dinp", dinp.len(), n * ic)?;
-        check_len(OP, "dout", dout.len(), n * oc)?;
-        check_len(OP, "inp", inp.len(), n * ic)?;
-        check_len(OP, "weight", weight.len(), ic * oc)?;
-        check_len(OP, "dweight", dweight.len(), ic * oc)?;
-        if let Some(db) = &dbias {
-            check_len(OP, "dbias", db.len(), oc)?;
-        }
+        let dbias_len = dbias.as_ref().map(|db| db.len());
+        checks::matmul_backward(dinp.len(), dweight.len(), dbias_len, dout.len(), inp.len(), weight.len(), n, ic, oc)?;
         let dt = self.act();
         if n == 0 {
             return Ok(());
@@ -928,16 +864,12 @@ impl Backend for CudaBackend {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "attention_forward";
-        ensure!(
-            n_head > 0 && c.is_multiple_of(n_head),
-            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
-        );
+        let saved_len = self.attention_saved_len(packing, n_head);
+        let cu = &packing.host_cu_seqlens;
+        checks::attention_forward(out.len(), saved.len(), qkv.len(), cu, n_head, c, saved_len)?;
         ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
+        check_device_cu_seqlens(OP, packing)?;
         let n = packing.num_tokens();
-        check_packing(OP, packing, n)?;
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "qkv", qkv.len(), n * 3 * c)?;
-        check_len(OP, "saved", saved.len(), self.attention_saved_len(packing, n_head))?;
         if n == 0 {
             return Ok(());
         }
@@ -978,18 +910,22 @@ impl Backend for CudaBackend {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
-        ensure!(
-            n_head > 0 && c.is_multiple_of(n_head),
-            "{OP}: c = {c} is not a positive multiple of n_head = {n_head}"
-        );
+        let saved_len = self.attention_saved_len(packing, n_head);
+        let cu = &packing.host_cu_seqlens;
+        checks::attention_backward(
+            dqkv.len(),
+            dout.len(),
+            qkv.len(),
+            out.len(),
+            saved.len(),
+            cu,
+            n_head,
+            c,
+            saved_len,
+        )?;
         ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
+        check_device_cu_seqlens(OP, packing)?;
         let n = packing.num_tokens();
-        check_packing(OP, packing, n)?;
-        check_len(OP, "dqkv", dqkv.len(), n * 3 * c)?;
-        check_len(OP, "dout", dout.len(), n * c)?;
-        check_len(OP, "qkv", qkv.len(), n * 3 * c)?;
-        check_len(OP, "out", out.len(), n * c)?;
-        check_len(OP, "saved", saved.len(), self.attention_saved_len(packing, n_head))?;
         if n == 0 {
             return Ok(());
         }
@@ -1029,7 +965,7 @@ impl Backend for CudaBackend {
     // Elementwise ops compute in their output's storage type (the activation type unless an op
     // made it f32), so that they never round an f32 tensor to bf16.
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
-        check_len("gelu_forward", "out", out.len(), inp.len())?;
+        checks::gelu_forward(out.len(), inp.len())?;
         let (dt, n) = (out.dtype(), out.len());
         let inp = self.input(inp, dt)?;
         let out = self.output(out, dt, false)?;
@@ -1037,8 +973,7 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_backward(&self, dinp: &mut CudaBuf, inp: &CudaBuf, dout: &CudaBuf) -> Result<()> {
-        check_len("gelu_backward", "dinp", dinp.len(), inp.len())?;
-        check_len("gelu_backward", "dout", dout.len(), inp.len())?;
+        checks::gelu_backward(dinp.len(), inp.len(), dout.len())?;
         let (dt, n) = (dinp.dtype(), dinp.len());
         let (inp, dout) = (self.input(inp, dt)?, self.input(dout, dt)?);
         let dinp = self.output(dinp, dt, false)?;
@@ -1046,8 +981,7 @@ impl Backend for CudaBackend {
     }
 
     fn residual_forward(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
-        check_len("residual_forward", "a", a.len(), out.len())?;
-        check_len("residual_forward", "b", b.len(), out.len())?;
+        checks::residual_forward(out.len(), a.len(), b.len())?;
         let (dt, n) = (out.dtype(), out.len());
         let (a, b) = (self.input(a, dt)?, self.input(b, dt)?);
         let out = self.output(out, dt, false)?;
@@ -1055,7 +989,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_inplace(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
-        check_len("add_inplace", "src", src.len(), dst.len())?;
+        checks::add_inplace(dst.len(), src.len())?;
         let (dt, n) = (dst.dtype(), dst.len());
         let src = self.input(src, dt)?;
         let dst = self.output(dst, dt, true)?;
@@ -1081,13 +1015,7 @@ impl Backend for CudaBackend {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        const OP: &str = "logsoftmax_gather_forward";
-        ensure!(v > 0, "{OP}: vocabulary size must be positive");
-        check_len(OP, "logits", logits.len(), n * v)?;
-        check_len(OP, "targets", targets.host.len(), n)?;
-        check_len(OP, "token_logp", token_logp.len(), n)?;
-        check_len(OP, "lse", lse.len(), n)?;
-        check_ids(OP, "targets", &targets.host, v, true)?;
+        checks::logsoftmax_gather_forward(token_logp.len(), lse.len(), logits.len(), &targets.host, n, v)?;
         if n == 0 {
             return Ok(());
         }
@@ -1103,10 +1031,9 @@ impl Backend for CudaBackend {
     }
 
     fn sequence_logp_sum(&self, seq_logp: &mut CudaBuf, token_logp: &CudaBuf, packing: &Packing<Self>) -> Result<()> {
-        const OP: &str = "sequence_logp_sum";
-        check_packing(OP, packing, token_logp.len())?;
+        checks::sequence_logp_sum(seq_logp.len(), token_logp.len(), &packing.host_cu_seqlens)?;
+        check_device_cu_seqlens("sequence_logp_sum", packing)?;
         let seqs = packing.num_seqs();
-        check_len(OP, "seq_logp", seq_logp.len(), seqs)?;
         if seqs == 0 {
             return Ok(());
         }
@@ -1129,14 +1056,9 @@ impl Backend for CudaBackend {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        const OP: &str = "logsoftmax_gather_backward";
-        ensure!(v > 0, "{OP}: vocabulary size must be positive");
-        check_packing(OP, packing, n)?;
-        check_len(OP, "logits", logits.len(), n * v)?;
-        check_len(OP, "lse", lse.len(), n)?;
-        check_len(OP, "targets", targets.host.len(), n)?;
-        check_len(OP, "dseq", dseq.len(), packing.num_seqs())?;
-        check_ids(OP, "targets", &targets.host, v, true)?;
+        let cu = &packing.host_cu_seqlens;
+        checks::logsoftmax_gather_backward(logits.len(), lse.len(), &targets.host, dseq.len(), cu, n, v)?;
+        check_device_cu_seqlens("logsoftmax_gather_backward", packing)?;
         if n == 0 {
             return Ok(());
         }
@@ -1170,24 +1092,16 @@ impl Backend for CudaBackend {
         objective: &Objective,
         grad_scale: f32,
     ) -> Result<()> {
-        const OP: &str = "preference_loss";
-        ensure!(
-            policy.len().is_multiple_of(2),
-            "{OP}: `policy` has {} elements, expected an even number",
-            policy.len()
-        );
-        let pairs = policy.len() / 2;
         let uses_reference = objective.uses_reference();
-        if uses_reference {
-            check_len(OP, "reference", reference.len(), 2 * pairs)?;
-        }
-        check_len(OP, "unsafe_flags", unsafe_flags.host.len(), 2 * pairs)?;
-        check_len(OP, "lengths", lengths.host.len(), 2 * pairs)?;
-        check_len(OP, "metrics", metrics.len(), pairs * PAIR_METRICS)?;
-        check_len(OP, "dpolicy", dpolicy.len(), 2 * pairs)?;
-        if let Some(s) = lengths.host.iter().position(|&l| l < 0) {
-            bail!("{OP}: pair {} has a negative response length", s / 2);
-        }
+        let pairs = checks::preference_loss(
+            metrics.len(),
+            dpolicy.len(),
+            policy.len(),
+            reference.len(),
+            &unsafe_flags.host,
+            &lengths.host,
+            uses_reference,
+        )?;
         if pairs == 0 {
             return Ok(());
         }
@@ -1224,12 +1138,8 @@ impl Backend for CudaBackend {
         v: &mut CudaBuf,
         p: &AdamWParams,
     ) -> Result<()> {
-        const OP: &str = "adamw";
         let n = param.len();
-        check_len(OP, "grad", grad.len(), n)?;
-        check_len(OP, "m", m.len(), n)?;
-        check_len(OP, "v", v.len(), n)?;
-        ensure!(p.step >= 1, "{OP}: step is 1-based, got 0");
+        checks::adamw(n, grad.len(), m.len(), v.len(), p.step)?;
         if n == 0 {
             return Ok(());
         }
@@ -1265,7 +1175,7 @@ impl Backend for CudaBackend {
     }
 
     fn sgd(&self, param: &mut CudaBuf, grad: &CudaBuf, lr: f32, grad_scale: f32) -> Result<()> {
-        check_len("sgd", "grad", grad.len(), param.len())?;
+        checks::sgd(param.len(), grad.len())?;
         let dt = param.dtype();
         let grad = self.input(grad, dt)?;
         let master = match dt {
