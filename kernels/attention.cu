@@ -32,16 +32,6 @@
 // tells barriers apart by call site. Same cost on the GPU.
 #include "common.cuh"
 
-/// The sequence holding token t: the last s with cu_seqlens[s] ≤ t (empty sequences are skipped).
-__device__ __forceinline__ int sequence_of(const int* cu_seqlens, int num_seqs, int t) {
-    int lo = 0, hi = num_seqs;  // invariant: cu_seqlens[lo] ≤ t < cu_seqlens[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (cu_seqlens[mid] <= t) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 /// Σ_d a[d]·b[d] over one head (hd values), a in shared memory, b a row of the storage type.
 template <typename T>
 __device__ __forceinline__ float head_dot(const float* a, const T* b, int hd) {

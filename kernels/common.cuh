@@ -1,6 +1,6 @@
 // kernels/common.cuh — what every kernel file includes: the storage types (f32, bf16), conversions,
-// warp and block reductions, dynamic shared memory, and the registration macro. The only place for
-// helpers shared between kernel files.
+// warp and block reductions, dynamic shared memory, the sequence lookup of a packed batch, and the
+// registration macro. The only place for helpers shared between kernel files.
 //
 // Conventions (candle's): kernels are `extern "C" __global__` functions named `<op>_<dtype>`
 // (`adamw_f32`, `adamw_bf16`), instantiated from one template per op by a macro in the op's file. Each
@@ -78,6 +78,20 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
     return v;
 }
 
+/// Maximum over all threads of a block whose size is a multiple of 32 (at most 1024); every thread
+/// gets the result. Contains `__syncthreads`, so every thread of the block must call it.
+__device__ __forceinline__ float block_reduce_max(float v) {
+    __shared__ float warp_maxes[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
+    v = warp_reduce_max(v);
+    if (lane == 0) warp_maxes[warp] = v;
+    __syncthreads();
+    v = lane < num_warps ? warp_maxes[lane] : -INFINITY;
+    v = warp_reduce_max(v);
+    __syncthreads();  // warp_maxes may be reused by the next call
+    return v;
+}
+
 // ---- dynamic shared memory ------------------------------------------------------------------------
 /// The block's dynamic shared memory (the `shared bytes` of the launch) as an array of T. On the
 /// emulated device it is filled with NaN bytes at the start of every block.
@@ -89,4 +103,16 @@ __device__ __forceinline__ T* dynamic_smem() {
 #else
     return static_cast<T*>(emu_dynamic_smem());
 #endif
+}
+
+// ---- packed batches -------------------------------------------------------------------------------
+/// The sequence holding token t: the last s with cu_seqlens[s] ≤ t (empty sequences are skipped).
+/// Binary search over the `num_seqs + 1` offsets; no barrier, so any thread may call it alone.
+__device__ __forceinline__ int sequence_of(const int* cu_seqlens, int num_seqs, int t) {
+    int lo = 0, hi = num_seqs;  // invariant: cu_seqlens[lo] ≤ t < cu_seqlens[hi]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (cu_seqlens[mid] <= t) lo = mid; else hi = mid;
+    }
+    return lo;
 }

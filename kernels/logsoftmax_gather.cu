@@ -29,30 +29,6 @@
 
 #define LSG_THREADS 256
 
-/// Maximum over all threads of a block whose size is a multiple of 32; every thread gets the result.
-/// Contains `__syncthreads`, so every thread of the block must call it. (common.cuh has the sum.)
-__device__ __forceinline__ float block_reduce_max_lsg(float v) {
-    __shared__ float warp_maxes[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
-    v = warp_reduce_max(v);
-    if (lane == 0) warp_maxes[warp] = v;
-    __syncthreads();
-    v = lane < num_warps ? warp_maxes[lane] : -INFINITY;
-    v = warp_reduce_max(v);
-    __syncthreads();  // warp_maxes may be reused by the next call
-    return v;
-}
-
-/// The sequence holding token t: the last s with cu_seqlens[s] ≤ t (empty sequences are skipped).
-__device__ __forceinline__ int sequence_of_token(const int* cu_seqlens, int num_seqs, int t) {
-    int lo = 0, hi = num_seqs;  // invariant: cu_seqlens[lo] ≤ t < cu_seqlens[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (cu_seqlens[mid] <= t) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 template <typename T>
 __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, const T* logits, const int* targets, int v) {
     const int t = blockIdx.x;
@@ -72,7 +48,7 @@ __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, const T
             }
         }
     }
-    const float row_max = block_reduce_max_lsg(m);
+    const float row_max = block_reduce_max(m);
     // Threads that saw no element have s = 0 and m = −inf: their share is 0·exp(−inf) = 0.
     const float sum = block_reduce_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max));
     if (threadIdx.x == 0) {
@@ -93,7 +69,7 @@ __device__ void logsoftmax_gather_backward(T* logits, const float* lse, const in
         for (int j = threadIdx.x; j < v; j += blockDim.x) row[j] = from_float<T>(0.0f);
         return;
     }
-    const float g = dseq[sequence_of_token(cu_seqlens, num_seqs, t)];
+    const float g = dseq[sequence_of(cu_seqlens, num_seqs, t)];
     const float l = lse[t];
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
         float d = -g * expf(to_float(row[j]) - l);
