@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::{random, Shape};
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -21,33 +23,11 @@ use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::cuda::{gpu_unavailable_reason, CudaBackend, CudaBuf, CudaIds, Device, Precision};
-use safedpo::backend::{AdamWParams, Backend, Packing, WeightLayout};
+use safedpo::backend::{AdamWParams, Backend, Packing};
 
 /// The GPU training shape.
-struct GpuShape {
-    seqs: usize,
-    seq_len: usize,
-    c: usize,
-    n_head: usize,
-    vocab: usize,
-    n_layer: usize,
-    n_positions: usize,
-}
-
-const GPT2_SMALL: GpuShape =
-    GpuShape { seqs: 16, seq_len: 512, c: 768, n_head: 12, vocab: 50257, n_layer: 12, n_positions: 1024 };
-
-impl GpuShape {
-    fn n(&self) -> usize {
-        self.seqs * self.seq_len
-    }
-    /// Parameters of the GPT-2 model of this shape (tied LM head): 124,439,808 for GPT-2 small.
-    fn params(&self) -> usize {
-        let c = self.c;
-        let layer = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
-        self.vocab * c + self.n_positions * c + self.n_layer * layer + 2 * c
-    }
-}
+const GPT2_SMALL: Shape =
+    Shape { seqs: 16, seq_len: 512, c: 768, n_head: 12, vocab: 50257, n_layer: 12, n_positions: 1024 };
 
 /// Bytes a tensor occupies in its current storage type.
 fn bytes(buf: &CudaBuf) -> u64 {
@@ -69,10 +49,6 @@ fn param_update_bytes(param: &CudaBuf) -> u64 {
     }
 }
 
-fn random(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-scale..scale)).collect()
-}
-
 /// Device time of `iters` back-to-back calls of `f`, between two CUDA events.
 fn device_time(backend: &CudaBackend, iters: u64, mut f: impl FnMut()) -> Duration {
     let dev = backend.device();
@@ -91,20 +67,12 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
     let label = format!("cuda-{}", backend.precision());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let up = |data: Vec<f32>| backend.upload(&data).expect("upload");
-    let cu: Vec<i32> = (0..=s.seqs).map(|i| (i * s.seq_len) as i32).collect();
-    let packing = Packing::new(backend, &cu).expect("packing");
+    let packing = Packing::new(backend, &s.cu_seqlens()).expect("packing");
 
     // ---- matmul (cuBLASLt through the backend): every product of a layer plus the tied LM head ----
     {
         let mut g = c.benchmark_group(format!("{label}/matmul (Gelem/s = GFLOP/s)"));
-        let products = [
-            ("qkv", ch, 3 * ch, WeightLayout::InOut, true),
-            ("attn_proj", ch, ch, WeightLayout::InOut, true),
-            ("mlp_fc", ch, 4 * ch, WeightLayout::InOut, true),
-            ("mlp_proj", 4 * ch, ch, WeightLayout::InOut, true),
-            ("lm_head", ch, v, WeightLayout::OutIn, false),
-        ];
-        for (name, ic, oc, layout, has_bias) in products {
+        for (name, ic, oc, layout, has_bias) in s.matmul_products() {
             let inp = up(random(n * ic, 1.0, &mut rng));
             let weight = up(random(ic * oc, 0.02, &mut rng));
             let bias = has_bias.then(|| up(random(oc, 0.02, &mut rng)));
@@ -263,18 +231,7 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
     // ---- fused log-softmax-gather at [N, V] --------------------------------------------------------
     {
         let logits = up(random(n * v, 4.0, &mut rng));
-        // Response targets on the last three quarters of each sequence, -1 elsewhere.
-        let targets: Vec<i32> = (0..n)
-            .map(|i| {
-                let p = i % s.seq_len;
-                if p + 1 >= s.seq_len / 4 && p + 1 < s.seq_len {
-                    rng.random_range(0..v as i32)
-                } else {
-                    -1
-                }
-            })
-            .collect();
-        let targets = backend.upload_ids(&targets).unwrap();
+        let targets = backend.upload_ids(&s.response_targets(&mut rng)).unwrap();
         let (mut token_logp, mut lse) = (backend.zeros(n).unwrap(), backend.zeros(n).unwrap());
         let mut seq_logp = backend.zeros(s.seqs).unwrap();
         let dseq = up(random(s.seqs, 1.0, &mut rng));

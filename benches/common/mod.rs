@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use safedpo::backend::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
 use safedpo::loss::Objective;
 
-/// The step shape.
+/// A training-step shape: the batch (sequences of equal length) and the GPT-2 model.
 pub struct Shape {
     pub seqs: usize,
     pub seq_len: usize,
@@ -32,6 +32,7 @@ pub struct Shape {
     pub n_positions: usize,
 }
 
+/// The step shape.
 pub const STEP_SHAPE: Shape =
     Shape { seqs: 16, seq_len: 128, c: 128, n_head: 4, vocab: 512, n_layer: 4, n_positions: 1024 };
 
@@ -39,11 +40,41 @@ impl Shape {
     pub fn n(&self) -> usize {
         self.seqs * self.seq_len
     }
-    /// Parameters of the GPT-2 model of this shape (tied LM head): 989,952 for the step shape.
+    /// Parameters of the GPT-2 model of this shape (tied LM head): 989,952 for the step shape,
+    /// 124,439,808 for GPT-2 small.
     pub fn params(&self) -> usize {
         let c = self.c;
         let layer = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
         self.vocab * c + self.n_positions * c + self.n_layer * layer + 2 * c
+    }
+    /// `cu_seqlens` of the batch: `seqs` sequences of `seq_len` tokens.
+    pub fn cu_seqlens(&self) -> Vec<i32> {
+        (0..=self.seqs).map(|i| (i * self.seq_len) as i32).collect()
+    }
+    /// Every matrix product of a layer plus the tied LM head: (name, in, out, layout, has bias).
+    pub fn matmul_products(&self) -> [(&'static str, usize, usize, WeightLayout, bool); 5] {
+        let (ch, v) = (self.c, self.vocab);
+        [
+            ("qkv", ch, 3 * ch, WeightLayout::InOut, true),
+            ("attn_proj", ch, ch, WeightLayout::InOut, true),
+            ("mlp_fc", ch, 4 * ch, WeightLayout::InOut, true),
+            ("mlp_proj", 4 * ch, ch, WeightLayout::InOut, true),
+            ("lm_head", ch, v, WeightLayout::OutIn, false),
+        ]
+    }
+    /// Log-softmax-gather targets: random tokens on the last three quarters of each sequence (the
+    /// response), -1 elsewhere.
+    pub fn response_targets(&self, rng: &mut ChaCha8Rng) -> Vec<i32> {
+        (0..self.n())
+            .map(|i| {
+                let p = i % self.seq_len;
+                if p + 1 >= self.seq_len / 4 && p + 1 < self.seq_len {
+                    rng.random_range(0..self.vocab as i32)
+                } else {
+                    -1
+                }
+            })
+            .collect()
     }
 }
 
@@ -56,7 +87,8 @@ pub fn quick_criterion() -> Criterion {
         .configure_from_args()
 }
 
-fn random(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
+/// `len` values uniform in `-scale..scale`.
+pub fn random(len: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
@@ -77,14 +109,7 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
     // ---- matmul: every product of a layer plus the tied LM head --------------------------------
     {
         let mut g = c.benchmark_group(format!("{label}/matmul (Gelem/s = GFLOP/s)"));
-        let products = [
-            ("qkv", ch, 3 * ch, WeightLayout::InOut, true),
-            ("attn_proj", ch, ch, WeightLayout::InOut, true),
-            ("mlp_fc", ch, 4 * ch, WeightLayout::InOut, true),
-            ("mlp_proj", 4 * ch, ch, WeightLayout::InOut, true),
-            ("lm_head", ch, v, WeightLayout::OutIn, false),
-        ];
-        for (name, ic, oc, layout, has_bias) in products {
+        for (name, ic, oc, layout, has_bias) in s.matmul_products() {
             let inp = up(random(n * ic, 1.0, &mut rng));
             let weight = up(random(ic * oc, 0.02, &mut rng));
             let bias = has_bias.then(|| up(random(oc, 0.02, &mut rng)));
@@ -119,8 +144,7 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
 
     // ---- attention -------------------------------------------------------------------------------
     {
-        let cu: Vec<i32> = (0..=s.seqs).map(|i| (i * s.seq_len) as i32).collect();
-        let packing = Packing::new(backend, &cu).unwrap();
+        let packing = Packing::new(backend, &s.cu_seqlens()).unwrap();
         let qkv = up(random(n * 3 * ch, 1.0, &mut rng));
         let mut out = backend.zeros(n * ch).unwrap();
         let mut saved = backend.zeros(backend.attention_saved_len(&packing, s.n_head)).unwrap();
@@ -234,21 +258,9 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
 
     // ---- fused log-softmax-gather --------------------------------------------------------------
     {
-        let cu: Vec<i32> = (0..=s.seqs).map(|i| (i * s.seq_len) as i32).collect();
-        let packing = Packing::new(backend, &cu).unwrap();
+        let packing = Packing::new(backend, &s.cu_seqlens()).unwrap();
         let logits = up(random(n * v, 4.0, &mut rng));
-        // Response targets on the last three quarters of each sequence, -1 elsewhere.
-        let targets: Vec<i32> = (0..n)
-            .map(|i| {
-                let p = i % s.seq_len;
-                if p + 1 >= s.seq_len / 4 && p + 1 < s.seq_len {
-                    rng.random_range(0..v as i32)
-                } else {
-                    -1
-                }
-            })
-            .collect();
-        let targets = backend.upload_ids(&targets).unwrap();
+        let targets = backend.upload_ids(&s.response_targets(&mut rng)).unwrap();
         let (mut token_logp, mut lse) = (backend.zeros(n).unwrap(), backend.zeros(n).unwrap());
         let mut seq_logp = backend.zeros(s.seqs).unwrap();
         let dseq = up(random(s.seqs, 1.0, &mut rng));
