@@ -34,13 +34,8 @@ mkdir -p "$out"
 common=(--device "$device" --objective "$objective" --steps "$steps" --warmup "$warmup" --threads "$threads")
 [[ -n "$peak" ]] && common+=(--peak-flops "$peak")
 
-# Ours: the CLI's bench subcommand when it exists, else the example binary with the same flags.
-cargo build --release --quiet --bin safedpo --example bench
-if ./target/release/safedpo bench --help >/dev/null 2>&1; then
-    ours=(./target/release/safedpo bench)
-else
-    ours=(./target/release/examples/bench)
-fi
+cargo build --release --quiet --bin safedpo
+ours=(./target/release/safedpo bench)
 echo "safedpo:       ${ours[*]} --json ${common[*]} ${shape[*]}" >&2
 RAYON_NUM_THREADS="$threads" "${ours[@]}" --json "${common[@]}" "${shape[@]}" >"$out/safedpo.json"
 

@@ -575,7 +575,8 @@ pub fn parse_objective(name: &str, beta: f64, delta: f64) -> Result<Objective> {
     })
 }
 
-/// The `bench` command's options; the CLI flattens this into its `bench` subcommand.
+/// The `bench` command's options; the CLI flattens this into its `bench` subcommand (src/main.rs picks the
+/// backend from `device` and calls [`run_bench`]).
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     /// Transformer layers.
@@ -614,7 +615,7 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, or cuda[:N].
+    /// auto, cpu, cuda (GPU 0) or emu (the emulated device).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Device peak FLOP/s for MFU (e.g. 989e12 for an H100's dense bf16).
@@ -650,28 +651,6 @@ impl BenchArgs {
         cfg.validate()?;
         Ok(cfg)
     }
-}
-
-/// The `bench` command: picks the backend, runs, prints the table or the JSON to stdout.
-pub fn run_cli(args: &BenchArgs) -> Result<BenchReport> {
-    let cfg = args.to_config()?;
-    if let Some(threads) = args.threads {
-        // Fails only if the global pool already exists (e.g. the CLI built it); then it stays as is.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    }
-    let report = match cfg.device.as_str() {
-        "cpu" => run_bench(Arc::new(crate::backend::cpu::CpuBackend::new()), &cfg)?,
-        d if d.starts_with("cuda") => {
-            bail!("--device {d}: the CUDA backend is not wired into the benchmark yet (src/backend/cuda)")
-        }
-        d => bail!("--device {d}: expected cpu or cuda[:N]"),
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{report}");
-    }
-    Ok(report)
 }
 
 #[cfg(test)]
