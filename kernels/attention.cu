@@ -41,7 +41,10 @@
 // Static shared memory: forward and dq two [TILE][HD_MAX] f32 tiles = 32 KiB for both HD_MAX; dkdv the
 // same plus 2·TILE floats (≤ 32.5 KiB). All under the 48 KiB static limit; no dynamic shared memory.
 //
-// Registers per thread: forward 16 q + 16 o + 16 scores; dq 48 (q, dout, dq); dkdv 64 (k, v, dk, dv).
+// Registers: each lane keeps 16 channels per row vector — forward q, o and 16 chunk scores; dq q, dout,
+// dq; dkdv k, v, dk, dv. `__launch_bounds__(256, 2)` caps them at 128 so that two blocks (16 warps) fit
+// an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 118/121, dkdv 128/128; no
+// spills except dkdv on sm_90 (4 bytes at hd64, 12 at hd128).
 //
 // Verified only on the emulated device (tests/cuda_kernels.rs against the CPU backend, both precisions,
 // both HD_MAX); it compiles with nvcc for sm_80/sm_90 but has not yet been run or timed on a real GPU.
@@ -298,7 +301,7 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
         }
         __syncthreads();
         const int first = qt == tile ? warp_first - q0 : 0;  // warp-uniform
-#pragma unroll 2
+#pragma unroll 1
         for (int r = first; r < rows; ++r) {
             const float sc = group_sum<G>(lane_dot<G>(k, q_tile + r * HD_MAX, g));
             const float dp = group_sum<G>(lane_dot<G>(v, dy_tile + r * HD_MAX, g));
@@ -314,20 +317,20 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
 }
 
 #define ATTENTION_KERNELS(T, HD, suffix)                                                                      \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_forward_hd##HD##_##suffix(T* out, float* lse, const T* qkv, const int* cu_seqlens,         \
                                             int n_head, int c) {                                              \
         attention_forward<T, HD>(out, lse, qkv, cu_seqlens, n_head, c);                                       \
     }                                                                                                         \
     EMU_REGISTER(attention_forward_hd##HD##_##suffix)                                                         \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_backward_dq_hd##HD##_##suffix(T* dqkv, float* delta, const T* dout, const T* qkv,          \
                                                 const T* out, const float* lse, const int* cu_seqlens,        \
                                                 int n_head, int c) {                                          \
         attention_backward_dq<T, HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens, n_head, c);                \
     }                                                                                                         \
     EMU_REGISTER(attention_backward_dq_hd##HD##_##suffix)                                                     \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                                \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_backward_dkdv_hd##HD##_##suffix(T* dqkv, const T* dout, const T* qkv, const float* lse,    \
                                                   const float* delta, const int* cu_seqlens, int n_head,      \
                                                   int c) {                                                    \
