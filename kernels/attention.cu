@@ -1,4 +1,5 @@
-// kernels/attention.cu — causal multi-head self-attention over a packed batch, forward and backward.
+// kernels/attention.cu — causal multi-head self-attention over a packed batch, forward and backward,
+// tiled in the manner of FlashAttention-2 (portable CUDA: no tensor-core instructions, no inline PTX).
 //
 // qkv [n, 3c] holds q, k, v side by side (HF `c_attn` output); head h of token t uses the hd = c/n_head
 // columns starting at h·hd of each third. Token t of sequence s (cu_seqlens[s] ≤ t < cu_seqlens[s+1])
@@ -14,206 +15,330 @@
 //
 // CPU twins (src/backend/cpu.rs): `attention_forward`, `attention_backward` (the CPU keeps P instead of lse).
 //
-// Launch shape (all three kernels): grid (n, n_head), one warp (32 threads) per (token, head); lanes split
-// the keys (or queries) when forming scores, then the hd channels when forming outputs; the scores of the
-// row live in dynamic shared memory (f32). The backward is two kernels so that no output needs atomics:
-// attention_backward_dq_<T> (one query row per warp; also writes D_t to `delta`) and
-// attention_backward_dkdv_<T> (one key row per warp, looping over the queries that see it), which reads
-// `delta`. Every element of dqkv is written by exactly one thread: deterministic.
+// Tiling. Each kernel is instantiated per storage type T (f32, bf16; all math in f32) and per head-dim
+// bound HD_MAX ∈ {64, 128} (kernel names `attention_<op>_hd<HD_MAX>_<T>`; the host picks the smallest
+// HD_MAX ≥ hd). A block has ATTN_THREADS = 256 threads; a "row" (one query or one key of the tile) is
+// owned by a group of G = HD_MAX/16 consecutive lanes, each lane holding 16 of the row's channels in
+// registers (channels 4·(g + G·i) .. +3 for i < 4, lane g of the group), so a tile has TILE = 256/G rows:
+// 64 for HD_MAX = 64, 32 for HD_MAX = 128. Channels hd ≤ d < HD_MAX are zeros (registers and shared
+// tiles), so the dot products need no bounds tests. A dot product is 16 FMAs per lane and a butterfly
+// shuffle over the group's G lanes (every lane of the group gets the bit-identical sum). Tiles are
+// aligned to the start of their sequence; query tile i and key tile j of a sequence interact only for
+// j ≤ i (causal), and on the diagonal a warp skips the keys (queries) past (before) all of its rows.
 //
-// First version, the simplest correct design: O(T²·hd) work per head like the CPU, but no tiling and
-// uncoalesced key loads. Tiled tensor-core kernels (or cuBLASLt batched products) come later.
+// Launch shape (all three kernels): grid (n_head, num_seqs, ceil(max_seqlen / TILE)), block 256. Block
+// (h, s, z) handles tile z of sequence s (reversed, z' = gridDim.z−1−z, in the forward and dq, so that the
+// long rows start first) and returns at once when the sequence is shorter; no tile table is needed.
+//   - attention_forward: one query tile; loops over key tiles 0..tile, staging K and V (f32) in shared
+//     memory, with an online softmax in f32 over chunks of 16 keys (running max m, sum l, output o in
+//     registers); writes out = o/l and lse = m + log l.
+//   - attention_backward_dq: one query tile; D_t = dout_t·out_t (written to `delta`), then loops over key
+//     tiles 0..tile (K and V in shared memory) accumulating dq in registers.
+//   - attention_backward_dkdv: one key tile; loops over query tiles tile..last, staging q, dout (f32), lse
+//     and D in shared memory, accumulating dk and dv in registers. Runs after dq (it reads `delta`).
+// Every element of out, lse, delta and dqkv is written by exactly one thread, no atomics: deterministic.
 //
-// Dynamic shared memory: forward (hd + max_seqlen) floats, dq (2·hd + max_seqlen), dkdv (2·hd + 2·max_seqlen).
+// Static shared memory: forward and dq two [TILE][HD_MAX] f32 tiles = 32 KiB for both HD_MAX; dkdv the
+// same plus 2·TILE floats (≤ 32.5 KiB). All under the 48 KiB static limit; no dynamic shared memory.
 //
-// Loops that precede a barrier run the same number of iterations on every lane (`base` steps, with the
-// lane's index tested inside), rather than `for (j = lane; j < count; j += 32)`: a lane-dependent trip
-// count lets the host compiler duplicate the barrier call into both exits, and the emulated device
-// tells barriers apart by call site. Same cost on the GPU.
+// Registers: each lane keeps 16 channels per row vector — forward q, o and 16 chunk scores; dq q, dout,
+// dq; dkdv k, v, dk, dv. `__launch_bounds__(256, 2)` caps them at 128 so that two blocks (16 warps) fit
+// an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 118/121, dkdv 128/128; no
+// spills except dkdv on sm_90 (4 bytes at hd64, 12 at hd128).
+//
+// Verified only on the emulated device (tests/cuda_kernels.rs against the CPU backend, both precisions,
+// both HD_MAX); it compiles with nvcc for sm_80/sm_90 but has not yet been run or timed on a real GPU.
 #include "common.cuh"
 
-/// Σ_d a[d]·b[d] over one head (hd values), a in shared memory, b a row of the storage type.
-template <typename T>
-__device__ __forceinline__ float head_dot(const float* a, const T* b, int hd) {
+/// Threads per block of every attention kernel.
+#define ATTN_THREADS 256
+/// Channels of a row held by one lane (four float4).
+#define ATTN_DIMS_PER_LANE 16
+/// Keys per step of the forward's online softmax.
+#define ATTN_CHUNK 16
+
+/// The tile geometry of head-dim bound HD_MAX (a multiple of 16, at most 16·32).
+template <int HD_MAX>
+struct AttnTile {
+    static constexpr int G = HD_MAX / ATTN_DIMS_PER_LANE;  // lanes per row
+    static constexpr int ROWS = ATTN_THREADS / G;           // rows per tile
+    static constexpr int ROWS_PER_WARP = 32 / G;
+    static_assert(HD_MAX % ATTN_DIMS_PER_LANE == 0 && 32 % G == 0, "HD_MAX must be 16·2^k, at most 512");
+    static_assert(ROWS % ATTN_CHUNK == 0, "tile rows must be a multiple of the softmax chunk");
+};
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+/// The channel of register slot r (0..15) of lane g in a group of G lanes.
+template <int G>
+__device__ __forceinline__ int lane_dim(int g, int r) {
+    return 4 * (g + G * (r / 4)) + r % 4;
+}
+
+/// Sum over the G lanes of a row group (aligned groups of consecutive lanes); every lane of the
+/// group gets the same bits. The whole warp must call it.
+template <int G>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int offset = 1; offset < G; offset <<= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+/// The lane's part of a·row: a holds the lane's 16 channels, row is a shared-memory row of HD_MAX floats.
+template <int G>
+__device__ __forceinline__ float lane_dot(const float (&a)[ATTN_DIMS_PER_LANE], const float* row, int g) {
     float acc = 0.0f;
-    for (int d = 0; d < hd; ++d) acc += a[d] * to_float(b[d]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float4 b = *reinterpret_cast<const float4*>(row + 4 * (g + G * i));
+        acc += a[4 * i] * b.x + a[4 * i + 1] * b.y + a[4 * i + 2] * b.z + a[4 * i + 3] * b.w;
+    }
     return acc;
 }
 
-template <typename T>
-__device__ void attention_forward(T* out, float* lse, const T* qkv, const int* cu_seqlens, int num_seqs, int n_head,
-                                  int c) {
-    const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
-    const int hd = c / n_head;
-    const int start = cu_seqlens[sequence_of(cu_seqlens, num_seqs, t)];
-    const int keys = t - start + 1;  // keys start..t
-    const float scale = 1.0f / sqrtf((float)hd);
-    const long long row3 = 3LL * c;
-
-    float* q = dynamic_smem<float>();  // [hd]
-    float* p = q + hd;                 // [max_seqlen] scores, then probabilities
-    const T* q_row = qkv + t * row3 + h * hd;
-    for (int base = 0; base < hd; base += 32) {
-        const int d = base + lane;
-        if (d < hd) q[d] = to_float(q_row[d]);
+/// acc += w · row over the lane's 16 channels (row in shared memory).
+template <int G>
+__device__ __forceinline__ void lane_axpy(float (&acc)[ATTN_DIMS_PER_LANE], float w, const float* row, int g) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float4 b = *reinterpret_cast<const float4*>(row + 4 * (g + G * i));
+        acc[4 * i] += w * b.x;
+        acc[4 * i + 1] += w * b.y;
+        acc[4 * i + 2] += w * b.z;
+        acc[4 * i + 3] += w * b.w;
     }
-    __syncthreads();
-
-    float m = -INFINITY;
-    for (int base = 0; base < keys; base += 32) {
-        const int j = base + lane;
-        if (j < keys) {
-            const float s = scale * head_dot(q, qkv + (start + j) * row3 + c + h * hd, hd);
-            p[j] = s;
-            m = fmaxf(m, s);
-        }
-    }
-    m = warp_reduce_max(m);
-    float sum = 0.0f;
-    for (int base = 0; base < keys; base += 32) {
-        const int j = base + lane;
-        if (j < keys) {
-            const float e = expf(p[j] - m);
-            p[j] = e;
-            sum += e;
-        }
-    }
-    sum = warp_reduce_sum(sum);
-    const float inv_sum = 1.0f / sum;
-    __syncthreads();  // every lane's probabilities are in p before any lane reads them all
-
-    T* o = out + (long long)t * c + h * hd;
-    for (int d = lane; d < hd; d += 32) {
-        const T* v = qkv + start * row3 + 2 * c + h * hd + d;
-        float acc = 0.0f;
-        for (int j = 0; j < keys; ++j) acc += p[j] * to_float(v[j * row3]);
-        o[d] = from_float<T>(acc * inv_sum);
-    }
-    if (lane == 0) lse[(long long)t * n_head + h] = m + logf(sum);
 }
 
-template <typename T>
+/// Loads the lane's 16 channels of a global row (zeros past hd), times `mul`.
+template <typename T, int G>
+__device__ __forceinline__ void load_row(float (&dst)[ATTN_DIMS_PER_LANE], const T* row, int hd, int g, float mul) {
+#pragma unroll
+    for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) {
+        const int d = lane_dim<G>(g, r);
+        dst[r] = d < hd ? mul * to_float(row[d]) : 0.0f;
+    }
+}
+
+/// Stores the lane's channels below hd of a row, times `mul`.
+template <typename T, int G>
+__device__ __forceinline__ void store_row(T* row, const float (&src)[ATTN_DIMS_PER_LANE], int hd, int g, float mul) {
+#pragma unroll
+    for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) {
+        const int d = lane_dim<G>(g, r);
+        if (d < hd) row[d] = from_float<T>(mul * src[r]);
+    }
+}
+
+/// Stages `rows` consecutive global rows (stride `stride`, hd channels each) into a [ROWS][HD_MAX] f32
+/// shared tile, zero past hd and past `rows`. Coalesced: consecutive threads read consecutive channels.
+/// No barrier inside; every thread runs the same trip count.
+template <typename T, int HD_MAX>
+__device__ __forceinline__ void stage_tile(float* tile, const T* src, long long stride, int rows, int hd) {
+    constexpr int ROWS = AttnTile<HD_MAX>::ROWS;
+    for (int e = threadIdx.x; e < ROWS * HD_MAX; e += ATTN_THREADS) {
+        const int r = e / HD_MAX, d = e % HD_MAX;
+        tile[e] = (r < rows && d < hd) ? to_float(src[r * stride + d]) : 0.0f;
+    }
+}
+
+template <typename T, int HD_MAX>
+__device__ void attention_forward(T* out, float* lse, const T* qkv, const int* cu_seqlens, int n_head, int c) {
+    constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
+    __shared__ __align__(16) float k_tile[ROWS * HD_MAX];
+    __shared__ __align__(16) float v_tile[ROWS * HD_MAX];
+
+    const int h = blockIdx.x, s = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
+    const int start = cu_seqlens[s], len = cu_seqlens[s + 1] - start;
+    if (tile * ROWS >= len) return;  // the whole block: before any barrier
+    const int hd = c / n_head;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const long long row3 = 3LL * c;
+    const int g = threadIdx.x % G, row = threadIdx.x / G;
+    const int i = tile * ROWS + row;  // the query, relative to the sequence start
+    // Rows past the sequence compute on the last row's query (finite values) and store nothing.
+    const int q_row = imin(i, len - 1);
+    // The warp's last query: keys past it are masked for every row of the warp.
+    const int warp_last = tile * ROWS + (threadIdx.x / 32 + 1) * AttnTile<HD_MAX>::ROWS_PER_WARP - 1;
+
+    float q[ATTN_DIMS_PER_LANE], o[ATTN_DIMS_PER_LANE];
+    load_row<T, G>(q, qkv + (start + q_row) * row3 + h * hd, hd, g, scale);  // q pre-scaled: S = q·k
+#pragma unroll
+    for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) o[r] = 0.0f;
+    float m = -INFINITY, l = 0.0f;  // running max and sum of exp(S − m)
+
+    for (int kt = 0; kt <= tile; ++kt) {
+        const int key0 = kt * ROWS;
+        __syncthreads();  // the previous tile's readers are done
+        const T* k_src = qkv + (start + key0) * row3 + c + h * hd;
+        stage_tile<T, HD_MAX>(k_tile, k_src, row3, imin(ROWS, len - key0), hd);
+        stage_tile<T, HD_MAX>(v_tile, k_src + c, row3, imin(ROWS, len - key0), hd);
+        __syncthreads();
+        const int keys = kt == tile ? warp_last - key0 + 1 : ROWS;  // warp-uniform, ≤ ROWS
+        for (int j0 = 0; j0 < keys; j0 += ATTN_CHUNK) {
+            float sc[ATTN_CHUNK];
+            float chunk_max = -INFINITY;
+#pragma unroll
+            for (int kk = 0; kk < ATTN_CHUNK; ++kk) {
+                float v = group_sum<G>(lane_dot<G>(q, k_tile + (j0 + kk) * HD_MAX, g));
+                if (key0 + j0 + kk > i) v = -INFINITY;
+                sc[kk] = v;
+                chunk_max = fmaxf(chunk_max, v);
+            }
+            // Key 0 is never masked and comes first, so m_new is finite from the first chunk on.
+            const float m_new = fmaxf(m, chunk_max);
+            const float alpha = expf(m - m_new);  // 0 on the first chunk (m = −∞)
+            l *= alpha;
+#pragma unroll
+            for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) o[r] *= alpha;
+#pragma unroll
+            for (int kk = 0; kk < ATTN_CHUNK; ++kk) {
+                const float p = expf(sc[kk] - m_new);
+                l += p;
+                lane_axpy<G>(o, p, v_tile + (j0 + kk) * HD_MAX, g);
+            }
+            m = m_new;
+        }
+    }
+    if (i < len) {
+        const long long t = start + i;
+        store_row<T, G>(out + t * c + h * hd, o, hd, g, 1.0f / l);
+        if (g == 0) lse[t * n_head + h] = m + logf(l);
+    }
+}
+
+template <typename T, int HD_MAX>
 __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, const T* qkv, const T* out,
-                                      const float* lse, const int* cu_seqlens, int num_seqs, int n_head, int c) {
-    const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+                                      const float* lse, const int* cu_seqlens, int n_head, int c) {
+    constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
+    __shared__ __align__(16) float k_tile[ROWS * HD_MAX];
+    __shared__ __align__(16) float v_tile[ROWS * HD_MAX];
+
+    const int h = blockIdx.x, s = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
+    const int start = cu_seqlens[s], len = cu_seqlens[s + 1] - start;
+    if (tile * ROWS >= len) return;
     const int hd = c / n_head;
-    const int start = cu_seqlens[sequence_of(cu_seqlens, num_seqs, t)];
-    const int keys = t - start + 1;
     const float scale = 1.0f / sqrtf((float)hd);
     const long long row3 = 3LL * c;
+    const int g = threadIdx.x % G, row = threadIdx.x / G;
+    const int i = tile * ROWS + row;
+    const long long t = start + imin(i, len - 1);  // rows past the sequence: finite values, no stores
+    const int warp_last = tile * ROWS + (threadIdx.x / 32 + 1) * AttnTile<HD_MAX>::ROWS_PER_WARP - 1;
 
-    float* q = dynamic_smem<float>();  // [hd]
-    float* dy = q + hd;                // [hd]
-    float* ds = dy + hd;               // [max_seqlen]
-    const T* q_row = qkv + t * row3 + h * hd;
-    const T* dy_row = dout + (long long)t * c + h * hd;
-    const T* y_row = out + (long long)t * c + h * hd;
+    float q[ATTN_DIMS_PER_LANE], dy[ATTN_DIMS_PER_LANE], dq[ATTN_DIMS_PER_LANE];
+    load_row<T, G>(q, qkv + t * row3 + h * hd, hd, g, scale);
+    load_row<T, G>(dy, dout + t * c + h * hd, hd, g, 1.0f);
     float dot = 0.0f;
-    for (int base = 0; base < hd; base += 32) {
-        const int d = base + lane;
-        if (d < hd) {
-            q[d] = to_float(q_row[d]);
-            dy[d] = to_float(dy_row[d]);
-            dot += dy[d] * to_float(y_row[d]);
+#pragma unroll
+    for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) {
+        const int d = lane_dim<G>(g, r);
+        if (d < hd) dot += dy[r] * to_float(out[t * c + h * hd + d]);
+        dq[r] = 0.0f;
+    }
+    const float dt = group_sum<G>(dot);  // D_t = dout_t·out_t = Σ_j P_tj (dout_t·v_j)
+    const float l = lse[t * n_head + h];
+
+    for (int kt = 0; kt <= tile; ++kt) {
+        const int key0 = kt * ROWS;
+        __syncthreads();
+        const T* k_src = qkv + (start + key0) * row3 + c + h * hd;
+        stage_tile<T, HD_MAX>(k_tile, k_src, row3, imin(ROWS, len - key0), hd);
+        stage_tile<T, HD_MAX>(v_tile, k_src + c, row3, imin(ROWS, len - key0), hd);
+        __syncthreads();
+        const int keys = kt == tile ? warp_last - key0 + 1 : ROWS;
+#pragma unroll 2
+        for (int j = 0; j < keys; ++j) {
+            const float sc = group_sum<G>(lane_dot<G>(q, k_tile + j * HD_MAX, g));
+            const float dp = group_sum<G>(lane_dot<G>(dy, v_tile + j * HD_MAX, g));
+            const float p = key0 + j <= i ? expf(sc - l) : 0.0f;
+            lane_axpy<G>(dq, p * (dp - dt), k_tile + j * HD_MAX, g);
         }
     }
-    const float dt = warp_reduce_sum(dot);  // D_t = dout_t·out_t = Σ_j P_tj (dout_t·v_j)
-    const float l = lse[(long long)t * n_head + h];
-    __syncthreads();
-
-    for (int base = 0; base < keys; base += 32) {
-        const int j = base + lane;
-        if (j < keys) {
-            const long long key_row = (start + j) * row3 + h * hd;
-            const float pj = expf(scale * head_dot(q, qkv + key_row + c, hd) - l);
-            const float dp = head_dot(dy, qkv + key_row + 2 * c, hd);
-            ds[j] = pj * (dp - dt);
-        }
+    if (i < len) {
+        store_row<T, G>(dqkv + t * row3 + h * hd, dq, hd, g, scale);
+        if (g == 0) delta[t * n_head + h] = dt;
     }
-    __syncthreads();
-
-    T* dq = dqkv + t * row3 + h * hd;
-    for (int d = lane; d < hd; d += 32) {
-        const T* k = qkv + start * row3 + c + h * hd + d;
-        float acc = 0.0f;
-        for (int j = 0; j < keys; ++j) acc += ds[j] * to_float(k[j * row3]);
-        dq[d] = from_float<T>(scale * acc);
-    }
-    if (lane == 0) delta[(long long)t * n_head + h] = dt;
 }
 
-template <typename T>
+template <typename T, int HD_MAX>
 __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* delta,
-                                        const int* cu_seqlens, int num_seqs, int n_head, int c) {
-    const int j = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;  // j: the key row
+                                        const int* cu_seqlens, int n_head, int c) {
+    constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
+    __shared__ __align__(16) float q_tile[ROWS * HD_MAX];
+    __shared__ __align__(16) float dy_tile[ROWS * HD_MAX];
+    __shared__ float lse_tile[ROWS];
+    __shared__ float delta_tile[ROWS];
+
+    const int h = blockIdx.x, s = blockIdx.y, tile = blockIdx.z;  // small key tiles see the most queries
+    const int start = cu_seqlens[s], len = cu_seqlens[s + 1] - start;
+    if (tile * ROWS >= len) return;
     const int hd = c / n_head;
-    const int s = sequence_of(cu_seqlens, num_seqs, j);
-    const int queries = cu_seqlens[s + 1] - j;  // queries j..end see key j
     const float scale = 1.0f / sqrtf((float)hd);
     const long long row3 = 3LL * c;
+    const int g = threadIdx.x % G, row = threadIdx.x / G;
+    const int j = tile * ROWS + row;  // the key, relative to the sequence start
+    const long long t = start + imin(j, len - 1);
+    // The warp's first key: queries before it are masked for every row of the warp.
+    const int warp_first = tile * ROWS + (threadIdx.x / 32) * AttnTile<HD_MAX>::ROWS_PER_WARP;
 
-    float* k = dynamic_smem<float>();  // [hd]
-    float* v = k + hd;                 // [hd]
-    float* p = v + hd;                 // [max_seqlen]
-    float* ds = p + queries;           // [max_seqlen]
-    const T* k_row = qkv + j * row3 + c + h * hd;
-    for (int base = 0; base < hd; base += 32) {
-        const int d = base + lane;
-        if (d < hd) {
-            k[d] = to_float(k_row[d]);
-            v[d] = to_float(k_row[c + d]);
+    float k[ATTN_DIMS_PER_LANE], v[ATTN_DIMS_PER_LANE], dk[ATTN_DIMS_PER_LANE], dv[ATTN_DIMS_PER_LANE];
+    load_row<T, G>(k, qkv + t * row3 + c + h * hd, hd, g, scale);  // k pre-scaled: S = q·k
+    load_row<T, G>(v, qkv + t * row3 + 2 * c + h * hd, hd, g, 1.0f);
+#pragma unroll
+    for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) dk[r] = dv[r] = 0.0f;
+
+    const int tiles = (int)ceil_div(len, ROWS);
+    for (int qt = tile; qt < tiles; ++qt) {
+        const int q0 = qt * ROWS, rows = imin(ROWS, len - q0);
+        __syncthreads();
+        stage_tile<T, HD_MAX>(q_tile, qkv + (start + q0) * row3 + h * hd, row3, rows, hd);
+        stage_tile<T, HD_MAX>(dy_tile, dout + (long long)(start + q0) * c + h * hd, c, rows, hd);
+        if (threadIdx.x < ROWS) {
+            const bool in = (int)threadIdx.x < rows;
+            const long long at = (long long)(start + q0 + threadIdx.x) * n_head + h;
+            lse_tile[threadIdx.x] = in ? lse[at] : 0.0f;
+            delta_tile[threadIdx.x] = in ? delta[at] : 0.0f;
+        }
+        __syncthreads();
+        const int first = qt == tile ? warp_first - q0 : 0;  // warp-uniform
+#pragma unroll 1
+        for (int r = first; r < rows; ++r) {
+            const float sc = group_sum<G>(lane_dot<G>(k, q_tile + r * HD_MAX, g));
+            const float dp = group_sum<G>(lane_dot<G>(v, dy_tile + r * HD_MAX, g));
+            const float p = q0 + r >= j ? expf(sc - lse_tile[r]) : 0.0f;
+            lane_axpy<G>(dv, p, dy_tile + r * HD_MAX, g);
+            lane_axpy<G>(dk, p * (dp - delta_tile[r]), q_tile + r * HD_MAX, g);
         }
     }
-    __syncthreads();
-
-    for (int base = 0; base < queries; base += 32) {
-        const int i = base + lane;
-        if (i < queries) {
-            const long long t = j + i;
-            const float pt = expf(scale * head_dot(k, qkv + t * row3 + h * hd, hd) - lse[t * n_head + h]);
-            const float dp = head_dot(v, dout + t * c + h * hd, hd);
-            p[i] = pt;
-            ds[i] = pt * (dp - delta[t * n_head + h]);
-        }
-    }
-    __syncthreads();
-
-    T* dk = dqkv + j * row3 + c + h * hd;
-    T* dv = dk + c;
-    for (int d = lane; d < hd; d += 32) {
-        const T* q = qkv + j * row3 + h * hd + d;
-        const T* dy = dout + (long long)j * c + h * hd + d;
-        float acc_k = 0.0f, acc_v = 0.0f;
-        for (int i = 0; i < queries; ++i) {
-            acc_k += ds[i] * to_float(q[i * row3]);
-            acc_v += p[i] * to_float(dy[(long long)i * c]);
-        }
-        dk[d] = from_float<T>(scale * acc_k);
-        dv[d] = from_float<T>(acc_v);
+    if (j < len) {
+        store_row<T, G>(dqkv + t * row3 + c + h * hd, dk, hd, g, scale);
+        store_row<T, G>(dqkv + t * row3 + 2 * c + h * hd, dv, hd, g, 1.0f);
     }
 }
 
-#define ATTENTION_KERNELS(T, suffix)                                                                          \
-    extern "C" __global__ void attention_forward_##suffix(T* out, float* lse, const T* qkv,                  \
-                                                          const int* cu_seqlens, int num_seqs, int n_head,   \
-                                                          int c) {                                           \
-        attention_forward<T>(out, lse, qkv, cu_seqlens, num_seqs, n_head, c);                                \
+#define ATTENTION_KERNELS(T, HD, suffix)                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
+        attention_forward_hd##HD##_##suffix(T* out, float* lse, const T* qkv, const int* cu_seqlens,         \
+                                            int n_head, int c) {                                              \
+        attention_forward<T, HD>(out, lse, qkv, cu_seqlens, n_head, c);                                       \
     }                                                                                                         \
-    EMU_REGISTER(attention_forward_##suffix)                                                                  \
-    extern "C" __global__ void attention_backward_dq_##suffix(T* dqkv, float* delta, const T* dout,          \
-                                                              const T* qkv, const T* out, const float* lse,  \
-                                                              const int* cu_seqlens, int num_seqs,           \
-                                                              int n_head, int c) {                           \
-        attention_backward_dq<T>(dqkv, delta, dout, qkv, out, lse, cu_seqlens, num_seqs, n_head, c);         \
+    EMU_REGISTER(attention_forward_hd##HD##_##suffix)                                                         \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
+        attention_backward_dq_hd##HD##_##suffix(T* dqkv, float* delta, const T* dout, const T* qkv,          \
+                                                const T* out, const float* lse, const int* cu_seqlens,        \
+                                                int n_head, int c) {                                          \
+        attention_backward_dq<T, HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens, n_head, c);                \
     }                                                                                                         \
-    EMU_REGISTER(attention_backward_dq_##suffix)                                                              \
-    extern "C" __global__ void attention_backward_dkdv_##suffix(T* dqkv, const T* dout, const T* qkv,        \
-                                                                const float* lse, const float* delta,        \
-                                                                const int* cu_seqlens, int num_seqs,         \
-                                                                int n_head, int c) {                         \
-        attention_backward_dkdv<T>(dqkv, dout, qkv, lse, delta, cu_seqlens, num_seqs, n_head, c);            \
+    EMU_REGISTER(attention_backward_dq_hd##HD##_##suffix)                                                     \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
+        attention_backward_dkdv_hd##HD##_##suffix(T* dqkv, const T* dout, const T* qkv, const float* lse,    \
+                                                  const float* delta, const int* cu_seqlens, int n_head,      \
+                                                  int c) {                                                    \
+        attention_backward_dkdv<T, HD>(dqkv, dout, qkv, lse, delta, cu_seqlens, n_head, c);                   \
     }                                                                                                         \
-    EMU_REGISTER(attention_backward_dkdv_##suffix)
+    EMU_REGISTER(attention_backward_dkdv_hd##HD##_##suffix)
 
-ATTENTION_KERNELS(float, f32)
-ATTENTION_KERNELS(bf16, bf16)
+ATTENTION_KERNELS(float, 64, f32)
+ATTENTION_KERNELS(bf16, 64, bf16)
+ATTENTION_KERNELS(float, 128, f32)
+ATTENTION_KERNELS(bf16, 128, bf16)

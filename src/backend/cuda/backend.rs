@@ -279,6 +279,42 @@ fn i32_arg(value: usize, what: &str) -> Result<KernelArg> {
     Ok(KernelArg::I32(i32::try_from(value).with_context(|| format!("{what} = {value} does not fit a 32-bit int"))?))
 }
 
+/// Threads per block of the attention kernels (`ATTN_THREADS` in kernels/attention.cu).
+const ATTENTION_THREADS: u32 = 256;
+/// The head-dim bounds the attention kernels are instantiated for (`attention_<op>_hd<bound>_<dtype>`).
+const ATTENTION_HEAD_DIM_BOUNDS: [usize; 2] = [64, 128];
+
+/// Launch plan of the tiled attention kernels (see kernels/attention.cu): the smallest head-dim
+/// bound that holds `hd`, its tile (256 threads, 16 channels per lane, so `256·16 / bound` rows), and
+/// the grid (n_head, sequences, tiles of the longest sequence).
+struct AttentionPlan {
+    head_dim_bound: usize,
+    grid: (u32, u32, u32),
+}
+
+impl AttentionPlan {
+    fn new(op: &str, packing: &Packing<CudaBackend>, n_head: usize, c: usize) -> Result<Self> {
+        let hd = c / n_head;
+        let head_dim_bound = ATTENTION_HEAD_DIM_BOUNDS.into_iter().find(|&b| hd <= b).with_context(|| {
+            format!("{op}: head dim {hd} (c = {c}, n_head = {n_head}) exceeds the kernels' maximum 128")
+        })?;
+        let tile = ATTENTION_THREADS as usize * 16 / head_dim_bound;
+        let tiles = packing.max_seqlen.div_ceil(tile);
+        let (seqs, max_y) = (packing.num_seqs(), MAX_GRID_Y);
+        ensure!(seqs <= max_y, "{op}: {seqs} sequences exceed the grid limit {max_y}");
+        ensure!(tiles <= max_y, "{op}: {tiles} tiles of {tile} tokens exceed the grid limit {max_y}");
+        Ok(Self { head_dim_bound, grid: (grid_dim(n_head, "n_head")?, seqs as u32, tiles as u32) })
+    }
+
+    fn kernel(&self, op: &str, dtype: Dtype) -> String {
+        format!("attention_{op}_hd{}_{}", self.head_dim_bound, suffix(dtype))
+    }
+
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig { grid: self.grid, block: (ATTENTION_THREADS, 1, 1), shared_bytes: 0 }
+    }
+}
+
 /// The preference-loss kernel's objective code and (β, second parameter); the codes are the
 /// `OBJ_*` constants of kernels/preference_loss.cu.
 fn objective_code(objective: &Objective) -> (i32, f32, f32) {
@@ -867,34 +903,19 @@ impl Backend for CudaBackend {
         let saved_len = self.attention_saved_len(packing, n_head);
         let cu = &packing.host_cu_seqlens;
         checks::attention_forward(out.len(), saved.len(), qkv.len(), cu, n_head, c, saved_len)?;
-        ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
         check_device_cu_seqlens(OP, packing)?;
-        let n = packing.num_tokens();
-        if n == 0 {
+        if packing.num_tokens() == 0 {
             return Ok(());
         }
+        let plan = AttentionPlan::new(OP, packing, n_head, c)?;
         let dt = self.act();
-        let hd = c / n_head;
         let qkv = self.input(qkv, dt)?;
         let lse = self.output(saved, Dtype::F32, false)?.arg();
         let out = self.output(out, dt, false)?;
-        let smem = (hd + packing.max_seqlen) * 4;
         self.launch(
-            &format!("attention_forward_{}", suffix(dt)),
-            LaunchConfig {
-                grid: (grid_dim(n, "tokens")?, n_head as u32, 1),
-                block: (32, 1, 1),
-                shared_bytes: grid_dim(smem, "attention shared memory")?,
-            },
-            &[
-                out.arg(),
-                lse,
-                qkv.arg(),
-                packing.cu_seqlens.arg(),
-                i32_arg(packing.num_seqs(), "sequences")?,
-                i32_arg(n_head, "n_head")?,
-                i32_arg(c, "c")?,
-            ],
+            &plan.kernel("forward", dt),
+            plan.config(),
+            &[out.arg(), lse, qkv.arg(), packing.cu_seqlens.arg(), i32_arg(n_head, "n_head")?, i32_arg(c, "c")?],
         )
     }
 
@@ -923,42 +944,26 @@ impl Backend for CudaBackend {
             c,
             saved_len,
         )?;
-        ensure!(n_head <= MAX_GRID_Y, "{OP}: n_head = {n_head} exceeds the grid limit {MAX_GRID_Y}");
         check_device_cu_seqlens(OP, packing)?;
         let n = packing.num_tokens();
         if n == 0 {
             return Ok(());
         }
+        let plan = AttentionPlan::new(OP, packing, n_head, c)?;
         let dt = self.act();
-        let hd = c / n_head;
         let (dout, qkv, out) = (self.input(dout, dt)?, self.input(qkv, dt)?, self.input(out, dt)?);
         let lse = self.input(saved, Dtype::F32)?;
+        // D_t = dout_t·out_t per (token, head): written by the dq kernel, read by the dk/dv kernel.
         let delta = self.device.alloc::<f32>(n * n_head)?;
         let dqkv = self.output(dqkv, dt, false)?;
-        let grid = (grid_dim(n, "tokens")?, n_head as u32, 1);
-        let common = [
-            packing.cu_seqlens.arg(),
-            i32_arg(packing.num_seqs(), "sequences")?,
-            i32_arg(n_head, "n_head")?,
-            i32_arg(c, "c")?,
-        ];
-        let dq_smem = (2 * hd + packing.max_seqlen) * 4;
+        let tail = [packing.cu_seqlens.arg(), i32_arg(n_head, "n_head")?, i32_arg(c, "c")?];
         let mut args =
             vec![dqkv.arg(), KernelArg::Ptr(delta.device_ptr()), dout.arg(), qkv.arg(), out.arg(), lse.arg()];
-        args.extend(common);
-        self.launch(
-            &format!("attention_backward_dq_{}", suffix(dt)),
-            LaunchConfig { grid, block: (32, 1, 1), shared_bytes: grid_dim(dq_smem, "attention shared memory")? },
-            &args,
-        )?;
-        let dkdv_smem = (2 * hd + 2 * packing.max_seqlen) * 4;
+        args.extend(tail);
+        self.launch(&plan.kernel("backward_dq", dt), plan.config(), &args)?;
         let mut args = vec![dqkv.arg(), dout.arg(), qkv.arg(), lse.arg(), KernelArg::Ptr(delta.device_ptr())];
-        args.extend(common);
-        self.launch(
-            &format!("attention_backward_dkdv_{}", suffix(dt)),
-            LaunchConfig { grid, block: (32, 1, 1), shared_bytes: grid_dim(dkdv_smem, "attention shared memory")? },
-            &args,
-        )
+        args.extend(tail);
+        self.launch(&plan.kernel("backward_dkdv", dt), plan.config(), &args)
     }
 
     // ---- pointwise ---------------------------------------------------------------------------
