@@ -13,8 +13,9 @@
 //! `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal) at offset
 //! `n_head · Σ_{s'<s} T_{s'}² + h · T_s²`.
 //!
-//! Row kernels (softmaxes, GELU, LayerNorm rows, AdamW) are compiled twice, portable and with
-//! AVX2, chosen at run time (`simd_kernel!`); both give bit-identical results. Exponentials use a
+//! Row kernels (softmaxes, GELU, LayerNorm rows, AdamW) are compiled three times, portable, with
+//! AVX2 and with AVX-512, the widest the CPU has chosen at run time (`simd_kernel!`); all give
+//! bit-identical results. Exponentials use a
 //! vectorisable Cephes-style `expf` (≈1 ulp).
 
 use anyhow::Result;
