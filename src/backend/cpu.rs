@@ -13,8 +13,9 @@
 //! `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal) at offset
 //! `n_head · Σ_{s'<s} T_{s'}² + h · T_s²`.
 //!
-//! Row kernels (softmaxes, GELU, LayerNorm rows, AdamW) are compiled twice, portable and with
-//! AVX2, chosen at run time (`simd_kernel!`); both give bit-identical results. Exponentials use a
+//! Row kernels (softmaxes, GELU, LayerNorm rows, AdamW) are compiled three times, portable, with
+//! AVX2 and with AVX-512, the widest the CPU has chosen at run time (`simd_kernel!`); all give
+//! bit-identical results. Exponentials use a
 //! vectorisable Cephes-style `expf` (≈1 ulp).
 
 use anyhow::Result;
@@ -131,10 +132,11 @@ fn accumulate_column_sums(acc: &mut [f32], rows: &[f32], width: usize) {
     }
 }
 
-/// Defines a kernel function twice: as written, and compiled with AVX2 enabled (8 lanes instead
-/// of SSE2's 4), picking the latter at run time where the CPU has it. Only elementwise work and
-/// explicitly laned reductions go in these kernels, and Rust never fuses multiply-adds on its own,
-/// so both versions give bit-identical results.
+/// Defines a kernel function three times: as written, and compiled with AVX2 (8 lanes instead of
+/// SSE2's 4) and with AVX-512 (16 lanes) enabled, picking the widest the CPU has at run time. Only
+/// elementwise work and explicitly laned reductions go in these kernels, and Rust never fuses
+/// multiply-adds on its own (nor reorders float operations), so all versions give bit-identical
+/// results.
 macro_rules! simd_kernel {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
@@ -145,14 +147,22 @@ macro_rules! simd_kernel {
             fn portable($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                if use_avx2() {
-                    // SAFETY: the CPU supports AVX2 (checked just above).
-                    return unsafe { avx2($($arg),*) };
+                match simd_level() {
+                    // SAFETY: the CPU supports AVX-512 (F, BW, DQ, VL; checked by `simd_level`).
+                    SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: the CPU supports AVX2 (checked by `simd_level`).
+                    SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    SimdLevel::Portable => {}
                 }
             }
             portable($($arg),*)
@@ -160,16 +170,41 @@ macro_rules! simd_kernel {
     };
 }
 
-/// Whether [`simd_kernel!`] functions take their AVX2 version. Unit tests can force the portable
-/// one on their own thread, to check that both agree bit for bit.
+/// Which compiled version [`simd_kernel!`] functions take.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SimdLevel {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The widest [`SimdLevel`] the CPU supports. Unit tests can cap it on their own thread, to check
+/// that every version agrees bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn use_avx2() -> bool {
+fn simd_level() -> SimdLevel {
+    let detected = if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx2")
+    {
+        SimdLevel::Avx512
+    } else if std::is_x86_feature_detected!("avx2") {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Portable
+    };
     #[cfg(test)]
-    if tests::FORCE_PORTABLE.with(|f| f.get()) {
-        return false;
+    if let Some(cap) = tests::SIMD_CAP.with(|f| f.get()) {
+        return match (cap, detected) {
+            (SimdLevel::Portable, _) | (_, SimdLevel::Portable) => SimdLevel::Portable,
+            (SimdLevel::Avx2, _) | (_, SimdLevel::Avx2) => SimdLevel::Avx2,
+            _ => SimdLevel::Avx512,
+        };
     }
-    std::is_x86_feature_detected!("avx2")
+    detected
 }
 
 /// Accumulator lanes for row sums: independent partial sums that the compiler keeps in one SIMD
@@ -1167,14 +1202,20 @@ mod tests {
     use std::cell::Cell;
 
     thread_local! {
-        pub(super) static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+        /// Caps `simd_level` on this thread (`None`: no cap).
+        pub(super) static SIMD_CAP: Cell<Option<SimdLevel>> = const { Cell::new(None) };
     }
 
-    /// Runs `f` once with the portable kernels and once with the dispatched (AVX2 where present) ones.
-    fn both_paths<R>(f: impl Fn() -> R) -> (R, R) {
-        FORCE_PORTABLE.with(|p| p.set(true));
+    /// Runs `f` with the portable kernels, with at most AVX2, and with the dispatched (widest) ones;
+    /// checks that the AVX2 result equals the portable one bit for bit and returns
+    /// `(portable, dispatched)`.
+    fn both_paths(f: impl Fn() -> Vec<f32>) -> (Vec<f32>, Vec<f32>) {
+        SIMD_CAP.with(|p| p.set(Some(SimdLevel::Portable)));
         let portable = f();
-        FORCE_PORTABLE.with(|p| p.set(false));
+        SIMD_CAP.with(|p| p.set(Some(SimdLevel::Avx2)));
+        let avx2 = f();
+        SIMD_CAP.with(|p| p.set(None));
+        assert_same_bits("AVX2 kernels", &portable, &avx2);
         (portable, f())
     }
 
