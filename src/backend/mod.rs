@@ -67,6 +67,16 @@ impl<B: Backend + ?Sized> Packing<B> {
 /// the chosen reward exceeds the rejected one, else 0).
 pub const PAIR_METRICS: usize = 5;
 
+/// Device memory held by a backend's allocations, in bytes (what `safedpo bench` reports as peak
+/// memory on a device; the CPU backend reports none and the bench falls back to the process RSS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes allocated now.
+    pub current_bytes: u64,
+    /// Most bytes allocated at once since the backend was made or `reset_peak_memory` was called.
+    pub peak_bytes: u64,
+}
+
 /// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWParams {
@@ -94,6 +104,12 @@ pub trait Backend: Send + Sync {
     /// A new buffer of `len` zeros.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Uploads a tensor that no optimizer will ever update (a frozen reference model's weights): a
+    /// backend with master copies may keep only the storage-precision values. `download` of such a
+    /// buffer returns those values.
+    fn upload_frozen(&self, data: &[f32]) -> Result<Self::Buf> {
+        self.upload(data)
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<i32>>;
@@ -107,6 +123,13 @@ pub trait Backend: Send + Sync {
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// Waits for all queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// Bytes this backend's buffers hold on its device, now and at the peak; `None` where the
+    /// backend does not count them (the CPU: its buffers are the process's heap).
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        None
+    }
+    /// Restarts the peak of `memory_stats` from the current allocation.
+    fn reset_peak_memory(&self) {}
 
     // ---- encoder -----------------------------------------------------------------------------
     /// `out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]`; out `[n, c]`.
@@ -163,6 +186,28 @@ pub trait Backend: Send + Sync {
         c: usize,
     ) -> Result<()>;
 
+    /// The residual add fused with the next LayerNorm: `residual = a + b`, then `out`, `mean`, `rstd`
+    /// as `layernorm_forward` of `residual`. One read of `a` and `b` instead of a write and a re-read
+    /// of the residual stream.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut Self::Buf,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.residual_forward(residual, a, b)?;
+        self.layernorm_forward(out, mean, rstd, residual, weight, bias, n, c, eps)
+    }
+
     // ---- matmul ------------------------------------------------------------------------------
     /// `out[n, oc] = inp[n, ic] · W (+ bias[oc])`, W laid out as `layout` says. Overwrites `out`.
     #[allow(clippy::too_many_arguments)]
@@ -177,6 +222,24 @@ pub trait Backend: Send + Sync {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()>;
+    /// `pre = inp · W + bias` (InOut layout) and `out = gelu(pre)` (tanh form), as `matmul_forward`
+    /// then `gelu_forward`; a backend may fuse the GELU into the product's epilogue (cuBLASLt
+    /// `GELU_AUX_BIAS`), computing it from the f32 accumulator before `pre` is rounded to storage.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bias_gelu_forward(
+        &self,
+        pre: &mut Self::Buf,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        self.matmul_forward(pre, inp, weight, Some(bias), n, ic, oc, WeightLayout::InOut)?;
+        self.gelu_forward(out, pre)
+    }
     /// Overwrites `dinp [n, ic]`; accumulates into `dweight` (same layout as `weight`) and `dbias`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
