@@ -117,6 +117,31 @@ pub(crate) fn layernorm_forward(
 }
 
 #[allow(clippy::too_many_arguments)]
+pub(crate) fn residual_layernorm_forward(
+    residual: usize,
+    out: usize,
+    mean: usize,
+    rstd: usize,
+    a: usize,
+    b: usize,
+    weight: usize,
+    bias: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "residual_layernorm_forward";
+    ensure!(c > 0, "{OP}: channels must be positive");
+    check_len(OP, "residual", residual, n * c)?;
+    check_len(OP, "out", out, n * c)?;
+    check_len(OP, "a", a, n * c)?;
+    check_len(OP, "b", b, n * c)?;
+    check_len(OP, "mean", mean, n)?;
+    check_len(OP, "rstd", rstd, n)?;
+    check_len(OP, "weight", weight, c)?;
+    check_len(OP, "bias", bias, c)
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn layernorm_backward(
     dinp: usize,
     dweight: usize,

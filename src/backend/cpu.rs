@@ -440,18 +440,45 @@ simd_kernel! {
     }
 }
 
+/// One LayerNorm row: writes `out` and returns `(mean, rstd)`. Two passes over the row (mean,
+/// then the centred variance), as llm.c: no cancellation for rows far from zero. Inlined into
+/// [`layernorm_row`] and [`residual_layernorm_row`], so it is compiled at their SIMD level.
+#[inline(always)]
+fn layernorm_row_body(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
+    let c = x.len() as f32;
+    let mean = lane_sum(x, |v| v) / c;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / c;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = (v - mean) * rstd * w + b;
+    }
+    (mean, rstd)
+}
+
 simd_kernel! {
-    /// One LayerNorm row: writes `out` and returns `(mean, rstd)`. Two passes over the row (mean,
-    /// then the centred variance), as llm.c: no cancellation for rows far from zero.
+    /// One LayerNorm row: writes `out` and returns `(mean, rstd)`.
     fn layernorm_row(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
-        let c = x.len() as f32;
-        let mean = lane_sum(x, |v| v) / c;
-        let var = lane_sum(x, |v| (v - mean) * (v - mean)) / c;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
-            *o = (v - mean) * rstd * w + b;
+        layernorm_row_body(out, x, weight, bias, eps)
+    }
+}
+
+simd_kernel! {
+    /// One row of the residual add fused with LayerNorm: `residual = a + b`, then the LayerNorm of
+    /// the row while it is still in L1; returns `(mean, rstd)`. Bit-identical to the add followed
+    /// by [`layernorm_row`].
+    fn residual_layernorm_row(
+        residual: &mut [f32],
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+    ) -> (f32, f32) {
+        for ((r, &x), &y) in residual.iter_mut().zip(a).zip(b) {
+            *r = x + y;
         }
-        (mean, rstd)
+        layernorm_row_body(out, residual, weight, bias, eps)
     }
 }
 
@@ -628,6 +655,46 @@ impl Backend for CpuBackend {
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .with_min_len(16)
             .for_each(|((o, x), (mu, rs))| (*mu, *rs) = layernorm_row(o, x, weight, bias, eps));
+        Ok(())
+    }
+
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        checks::residual_layernorm_forward(
+            residual.len(),
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            b.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        // One task per row: the add and both LayerNorm passes touch the row while it is in cache,
+        // instead of a pass over the whole residual stream for the add and another for the norm.
+        residual
+            .par_chunks_mut(c)
+            .zip(out.par_chunks_mut(c))
+            .zip(a.par_chunks(c).zip(b.par_chunks(c)))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .with_min_len(16)
+            .for_each(|(((r, o), (a, b)), (mu, rs))| {
+                (*mu, *rs) = residual_layernorm_row(r, o, a, b, weight, bias, eps)
+            });
         Ok(())
     }
 
@@ -1259,6 +1326,13 @@ mod tests {
             [out, dx, dw, db, vec![mean, rstd]].concat()
         });
         assert_same_bits("layernorm", &p, &d);
+
+        let (p, d) = both_paths(|| {
+            let (mut residual, mut out) = (vec![0.0; len], vec![0.0; len]);
+            let (mean, rstd) = residual_layernorm_row(&mut residual, &mut out, &x, &y, &w, &b, 1e-5);
+            [residual, out, vec![mean, rstd]].concat()
+        });
+        assert_same_bits("residual layernorm", &p, &d);
 
         let (p, d) = both_paths(|| {
             let (lse, logp) = logsoftmax_gather_row(&x, 17);

@@ -610,46 +610,71 @@ impl<B: Backend> Gpt2<B> {
         use WeightLayout::InOut;
 
         b.embedding_forward(&mut acts.encoded, &batch.tokens, &batch.positions, &p.wte, &p.wpe, n, c)?;
+        // Every other LayerNorm is fused with the residual add that produces its input (ln_2 with
+        // residual_2; the next block's ln_1, or ln_f, with residual_3). Only block 0's ln_1 reads a
+        // tensor that no add produces: the embeddings.
+        let (first, w0) = (&mut acts.layers[0], &p.blocks[0]);
+        b.layernorm_forward(
+            &mut first.ln_1,
+            &mut first.ln_1_mean,
+            &mut first.ln_1_rstd,
+            &acts.encoded,
+            &w0.ln_1_w,
+            &w0.ln_1_b,
+            n,
+            c,
+            eps,
+        )?;
         for l in 0..cfg.n_layer {
-            let (done, rest) = acts.layers.split_at_mut(l);
-            let a = &mut rest[0];
-            let x = if l == 0 { &acts.encoded } else { &done[l - 1].residual_3 };
+            let (done, later) = acts.layers.split_at_mut(l + 1);
+            let (before, current) = done.split_at_mut(l);
+            let a = &mut current[0];
+            let x = if l == 0 { &acts.encoded } else { &before[l - 1].residual_3 };
             let w = &p.blocks[l];
-            // Attention half: residual_2 = x + c_proj(attention(c_attn(ln_1(x)))).
-            b.layernorm_forward(&mut a.ln_1, &mut a.ln_1_mean, &mut a.ln_1_rstd, x, &w.ln_1_w, &w.ln_1_b, n, c, eps)?;
+            // Attention half: residual_2 = x + c_proj(attention(c_attn(ln_1(x)))); ln_1(x) is
+            // already there.
             b.matmul_forward(&mut a.qkv, &a.ln_1, &w.c_attn_w, Some(&w.c_attn_b), n, c, 3 * c, InOut)?;
             b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, nh, c)?;
             b.matmul_forward(&mut acts.proj, &a.atty, &w.c_proj_w, Some(&w.c_proj_b), n, c, c, InOut)?;
-            b.residual_forward(&mut a.residual_2, x, &acts.proj)?;
-            // MLP half: residual_3 = residual_2 + mlp_proj(gelu(c_fc(ln_2(residual_2)))).
-            b.layernorm_forward(
+            b.residual_layernorm_forward(
+                &mut a.residual_2,
                 &mut a.ln_2,
                 &mut a.ln_2_mean,
                 &mut a.ln_2_rstd,
-                &a.residual_2,
+                x,
+                &acts.proj,
                 &w.ln_2_w,
                 &w.ln_2_b,
                 n,
                 c,
                 eps,
             )?;
+            // MLP half: residual_3 = residual_2 + mlp_proj(gelu(c_fc(ln_2(residual_2)))).
             b.matmul_forward(&mut a.fch, &a.ln_2, &w.c_fc_w, Some(&w.c_fc_b), n, c, 4 * c, InOut)?;
             b.gelu_forward(&mut a.fch_gelu, &a.fch)?;
             b.matmul_forward(&mut acts.proj, &a.fch_gelu, &w.mlp_proj_w, Some(&w.mlp_proj_b), n, 4 * c, c, InOut)?;
-            b.residual_forward(&mut a.residual_3, &a.residual_2, &acts.proj)?;
+            // residual_3 with the LayerNorm that reads it: the next block's ln_1, or ln_f.
+            let (ln_out, ln_mean, ln_rstd, ln_w, ln_b) = match later.first_mut() {
+                Some(next) => {
+                    let wn = &p.blocks[l + 1];
+                    (&mut next.ln_1, &mut next.ln_1_mean, &mut next.ln_1_rstd, &wn.ln_1_w, &wn.ln_1_b)
+                }
+                None => (&mut acts.ln_f, &mut acts.ln_f_mean, &mut acts.ln_f_rstd, &p.ln_f_w, &p.ln_f_b),
+            };
+            b.residual_layernorm_forward(
+                &mut a.residual_3,
+                ln_out,
+                ln_mean,
+                ln_rstd,
+                &a.residual_2,
+                &acts.proj,
+                ln_w,
+                ln_b,
+                n,
+                c,
+                eps,
+            )?;
         }
-        let last = &acts.layers.last().expect("n_layer > 0").residual_3;
-        b.layernorm_forward(
-            &mut acts.ln_f,
-            &mut acts.ln_f_mean,
-            &mut acts.ln_f_rstd,
-            last,
-            &p.ln_f_w,
-            &p.ln_f_b,
-            n,
-            c,
-            eps,
-        )?;
         Ok(())
     }
 

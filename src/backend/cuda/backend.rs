@@ -731,6 +731,62 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        checks::residual_layernorm_forward(
+            residual.len(),
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            b.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (a, b) = (self.input(a, dt)?, self.input(b, dt)?);
+        let (weight, bias) = (self.input(weight, dt)?, self.input(bias, dt)?);
+        let mean = self.output(mean, Dtype::F32, false)?.arg();
+        let rstd = self.output(rstd, Dtype::F32, false)?.arg();
+        let residual = self.output(residual, dt, false)?.arg();
+        let out = self.output(out, dt, false)?;
+        let blocks = grid_dim(n.div_ceil(LN_ROWS_PER_BLOCK), "layernorm blocks")?;
+        self.launch(
+            &format!("residual_layernorm_forward_{}", suffix(dt)),
+            LaunchConfig::grid_1d(blocks, 32 * LN_ROWS_PER_BLOCK as u32),
+            &[
+                residual,
+                out.arg(),
+                mean,
+                rstd,
+                a.arg(),
+                b.arg(),
+                weight.arg(),
+                bias.arg(),
+                i32_arg(n, "n")?,
+                i32_arg(c, "c")?,
+                KernelArg::F32(eps),
+            ],
+        )
+    }
+
     fn layernorm_backward(
         &self,
         dinp: &mut CudaBuf,
