@@ -440,13 +440,14 @@ simd_kernel! {
     }
 }
 
-/// One LayerNorm row: writes `out` and returns `(mean, rstd)`. Two passes over the row (mean,
-/// then the centred variance), as llm.c: no cancellation for rows far from zero. Inlined into
-/// [`layernorm_row`] and [`residual_layernorm_row`], so it is compiled at their SIMD level.
+/// The rest of a LayerNorm row once its sum is known: the mean, the centred variance (a second
+/// pass, as llm.c: no cancellation for rows far from zero), then `out`; returns `(mean, rstd)`.
+/// Shared by [`layernorm_row`] and [`residual_layernorm_row`] and inlined into both, so it is
+/// compiled at their SIMD level.
 #[inline(always)]
-fn layernorm_row_body(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
+fn layernorm_row_from_sum(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32, sum: f32) -> (f32, f32) {
     let c = x.len() as f32;
-    let mean = lane_sum(x, |v| v) / c;
+    let mean = sum / c;
     let var = lane_sum(x, |v| (v - mean) * (v - mean)) / c;
     let rstd = 1.0 / (var + eps).sqrt();
     for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
@@ -458,14 +459,35 @@ fn layernorm_row_body(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], 
 simd_kernel! {
     /// One LayerNorm row: writes `out` and returns `(mean, rstd)`.
     fn layernorm_row(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
-        layernorm_row_body(out, x, weight, bias, eps)
+        layernorm_row_from_sum(out, x, weight, bias, eps, lane_sum(x, |v| v))
     }
 }
 
+/// `sum = a + b` elementwise, returning `Σ sum` with [`LANES`] partial sums: the same values in the
+/// same lanes as `lane_sum(sum, |v| v)`, so bit-identical to it, without reading `sum` back.
+#[inline(always)]
+fn add_lane_sum(sum: &mut [f32], a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut sums = sum.chunks_exact_mut(LANES);
+    let (mut ac, mut bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for ((s, x), y) in sums.by_ref().zip(ac.by_ref()).zip(bc.by_ref()) {
+        for l in 0..LANES {
+            s[l] = x[l] + y[l];
+            acc[l] += s[l];
+        }
+    }
+    let tails = sums.into_remainder().iter_mut().zip(ac.remainder().iter().zip(bc.remainder()));
+    for (l, (s, (&x, &y))) in tails.enumerate() {
+        *s = x + y;
+        acc[l] += *s;
+    }
+    combine_lanes(acc)
+}
+
 simd_kernel! {
-    /// One row of the residual add fused with LayerNorm: `residual = a + b`, then the LayerNorm of
-    /// the row while it is still in L1; returns `(mean, rstd)`. Bit-identical to the add followed
-    /// by [`layernorm_row`].
+    /// One row of the residual add fused with LayerNorm: `residual = a + b`, summed as it is
+    /// written, then the rest of the LayerNorm while the row is in L1; returns `(mean, rstd)`.
+    /// Bit-identical to the add followed by [`layernorm_row`].
     fn residual_layernorm_row(
         residual: &mut [f32],
         out: &mut [f32],
@@ -475,10 +497,8 @@ simd_kernel! {
         bias: &[f32],
         eps: f32,
     ) -> (f32, f32) {
-        for ((r, &x), &y) in residual.iter_mut().zip(a).zip(b) {
-            *r = x + y;
-        }
-        layernorm_row_body(out, residual, weight, bias, eps)
+        let sum = add_lane_sum(residual, a, b);
+        layernorm_row_from_sum(out, residual, weight, bias, eps, sum)
     }
 }
 
