@@ -1,18 +1,18 @@
 //! The training-step benchmark: N timed DPO/SafeDPO steps after a warm-up, on synthetic data.
 //!
-//! One step is what the trainer does per batch: the reference model's forward (no backward) to get
-//! the reference sequence log-probs, the policy's forward on the chosen and rejected sequences
-//! (packed together, through the fused log-softmax-gather), the preference loss, the policy's
-//! backward, global grad-norm clipping and AdamW. Each phase is timed between two
-//! `backend.synchronize()` calls, so on a GPU the breakdown is honest at the cost of a few
-//! bubbles.
+//! One step is what the trainer does per batch: the reference model's forward (a frozen model, as
+//! the trainer's: no gradients, two layers of activations) to get the reference sequence log-probs,
+//! the policy's forward on the chosen and rejected sequences (packed together, through the fused
+//! log-softmax-gather), the preference loss, the policy's backward, global grad-norm clipping and
+//! AdamW. Each phase is timed between two `backend.synchronize()` calls, so on a GPU the breakdown
+//! is honest at the cost of a few bubbles.
 //!
-//! Memory: `peak_memory_bytes` is the most device memory the backend's buffers held at once over
-//! the warm-up and timed steps, counted from the end of the setup (what `torch.cuda.
-//! max_memory_allocated` reports after `torch.cuda.reset_peak_memory_stats()` in the baseline): it
-//! includes the weights of both models, the gradients, the optimizer state and the activations. On
-//! a backend that does not count its memory (the CPU) it is the process's peak resident set instead,
-//! as `memory_source` says. `peak_host_rss_bytes` is the process's peak resident set in every case.
+//! Memory: `peak_memory_bytes` is the most device memory the backend's buffers held at once during
+//! the warm-up and timed steps, counted from the end of the setup, as the baseline reports
+//! `torch.cuda.max_memory_allocated()` after `torch.cuda.reset_peak_memory_stats()`: both models'
+//! weights, the gradients, the optimizer state and the activations. On a backend that does not
+//! count its memory (the CPU) it is the process's peak resident set instead, as `memory_source`
+//! says. `peak_host_rss_bytes` is the process's peak resident set in every case.
 //!
 //! The report's JSON field names are stable: `benches/baselines/torch_dpo.py` prints the same ones
 //! for PyTorch, and `scripts/bench-compare.sh` lines the two up.
