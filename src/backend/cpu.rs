@@ -1003,6 +1003,44 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    // ---- row selection -----------------------------------------------------------------------
+    fn gather_rows(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        rows: &Vec<i32>,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::gather_rows(out.len(), inp.len(), rows, m, n, c)?;
+        out.par_chunks_mut(c).zip(rows.par_iter()).with_min_len(64).for_each(|(dst, &r)| {
+            dst.copy_from_slice(&inp[r as usize * c..][..c]);
+        });
+        Ok(())
+    }
+
+    fn scatter_rows(
+        &self,
+        dinp: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        rows: &Vec<i32>,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::scatter_rows(dinp.len(), dout.len(), rows, m, n, c)?;
+        // Each output row finds its source by binary search (rows are increasing): one pass that
+        // writes every element once.
+        dinp.par_chunks_mut(c).enumerate().with_min_len(64).for_each(|(t, dst)| {
+            match rows.binary_search(&(t as i32)) {
+                Ok(i) => dst.copy_from_slice(&dout[i * c..][..c]),
+                Err(_) => dst.fill(0.0),
+            }
+        });
+        Ok(())
+    }
+
     // ---- fused log-softmax-gather ------------------------------------------------------------
     fn logsoftmax_gather_forward(
         &self,

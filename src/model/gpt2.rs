@@ -21,11 +21,21 @@ use crate::backend::{Backend, Packing, WeightLayout};
 use crate::data::PackedBatch;
 
 /// A packed batch uploaded to a backend.
+///
+/// Only the rows with a target (response tokens) go through the LM head: prompt tokens and each
+/// sequence's last token carry no loss, and skipping them saves their share of the head's products
+/// and of the `[rows, V]` logits. The upload works out those rows on the host, once per batch.
 pub struct DeviceBatch<B: Backend> {
     pub tokens: B::Ids,
     pub positions: B::Ids,
-    pub targets: B::Ids,
     pub packing: Packing<B>,
+    /// `[M]` the tokens t with `targets[t] != -1`, increasing: the rows of the LM head.
+    pub target_rows: B::Ids,
+    /// `[M]` the targets of those rows (none is −1).
+    pub row_targets: B::Ids,
+    /// The sequences over the LM head's rows: `cu_seqlens` counts each sequence's target rows (a
+    /// sequence without any is empty, and its log-prob is 0).
+    pub row_packing: Packing<B>,
     /// Largest token id, position and target of the batch, checked against the model's vocabulary
     /// and context length before a forward (on the host, so no device read-back is needed).
     pub max_token: usize,
@@ -62,11 +72,18 @@ impl<B: Backend> DeviceBatch<B> {
         if let Some(i) = batch.targets.iter().position(|&t| t < -1) {
             anyhow::bail!("packed batch: token {i} has target {} (expected a token id or -1)", batch.targets[i]);
         }
+        let target_rows: Vec<i32> = (0..n as i32).filter(|&t| batch.targets[t as usize] != -1).collect();
+        let row_targets: Vec<i32> = target_rows.iter().map(|&t| batch.targets[t as usize]).collect();
+        // Target rows before each sequence boundary: the boundaries of the compact rows.
+        let row_cu_seqlens: Vec<i32> =
+            batch.cu_seqlens.iter().map(|&start| target_rows.partition_point(|&t| t < start) as i32).collect();
         Ok(Self {
             tokens: backend.upload_ids(&batch.tokens)?,
             positions: backend.upload_ids(&batch.positions)?,
-            targets: backend.upload_ids(&batch.targets)?,
             packing: Packing::new(backend, &batch.cu_seqlens)?,
+            target_rows: backend.upload_ids(&target_rows)?,
+            row_targets: backend.upload_ids(&row_targets)?,
+            row_packing: Packing::new(backend, &row_cu_seqlens)?,
             max_token: batch.tokens.iter().copied().max().unwrap_or(0) as usize,
             max_position: batch.positions.iter().copied().max().unwrap_or(0) as usize,
             max_target: batch.targets.iter().copied().max().unwrap_or(-1),
@@ -77,6 +94,10 @@ impl<B: Backend> DeviceBatch<B> {
     }
     pub fn num_seqs(&self) -> usize {
         self.packing.num_seqs()
+    }
+    /// Number of tokens with a target: the rows of the LM head.
+    pub fn num_target_rows(&self) -> usize {
+        self.row_packing.num_tokens()
     }
 }
 
@@ -228,9 +249,12 @@ struct Activations<T> {
     ln_f: T,
     ln_f_mean: T,
     ln_f_rstd: T,
-    /// `[N, V]` logits; the backward overwrites them with their gradient.
+    /// The LM head's buffers are sized by the batch's `M` target rows, not its tokens (`forward`
+    /// resizes them): `[M, C]` the rows of `ln_f` with a target, the head's input.
+    ln_f_rows: T,
+    /// `[M, V]` logits of those rows; the backward overwrites them with their gradient.
     logits: T,
-    /// `[N]` log-prob of each target and each row's log-sum-exp.
+    /// `[M]` log-prob of each target and each row's log-sum-exp.
     token_logp: T,
     lse: T,
 }
@@ -250,6 +274,8 @@ struct BackwardScratch<T> {
     /// `[N, 4C]` gradients at the GELU output and input.
     dfch_gelu: T,
     dfch: T,
+    /// `[M, C]` gradient at the LM head's input rows (sized by `backward`, like the head's buffers).
+    dln_f_rows: T,
 }
 
 /// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
@@ -370,18 +396,32 @@ impl<B: Backend> Gpt2<B> {
     pub fn forward(&mut self, batch: &DeviceBatch<B>) -> Result<&B::Buf> {
         self.forward_trunk(batch)?;
         let (n, c, v) = (batch.num_tokens(), self.config.n_embd, self.config.vocab_size);
+        let m = batch.num_target_rows();
         let b = &*self.backend;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("forward_trunk allocates the activations");
-
-        // LM head, tied to the token embedding: logits = ln_f · wteᵀ.
-        b.matmul_forward(&mut acts.logits, &acts.ln_f, &p.wte, None, n, c, v, WeightLayout::OutIn)?;
-        b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.targets, n, v)?;
         let num_seqs = batch.num_seqs();
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
-        b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.packing)?;
+
+        // The LM head, tied to the token embedding (logits = ln_f · wteᵀ), on the M rows with a
+        // target only: the others would be computed to be multiplied by zero.
+        let head =
+            [(&mut acts.ln_f_rows, m * c), (&mut acts.logits, m * v), (&mut acts.token_logp, m), (&mut acts.lse, m)];
+        for (buf, len) in head {
+            b.resize(buf, len)?;
+        }
+        if m == 0 {
+            // No target in the batch: every sequence log-prob is an empty sum (and no empty product
+            // is launched).
+            b.fill(&mut self.seq_logp, 0.0)?;
+        } else {
+            b.gather_rows(&mut acts.ln_f_rows, &acts.ln_f, &batch.target_rows, m, n, c)?;
+            b.matmul_forward(&mut acts.logits, &acts.ln_f_rows, &p.wte, None, m, c, v, WeightLayout::OutIn)?;
+            b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.row_targets, m, v)?;
+            b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.row_packing)?;
+        }
         self.pending_backward = Some((n, num_seqs));
         Ok(&self.seq_logp)
     }
@@ -413,20 +453,34 @@ impl<B: Backend> Gpt2<B> {
         let s = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         use WeightLayout::InOut;
 
-        // dlogits, in place, then the LM head: dL/d(ln_f) and the head's share of dL/d(wte).
-        b.logsoftmax_gather_backward(&mut acts.logits, &acts.lse, &batch.targets, dseq, &batch.packing, n, v)?;
-        b.matmul_backward(
-            &mut s.dln,
-            &mut g.wte,
-            None,
-            &acts.logits,
-            &acts.ln_f,
-            &p.wte,
-            n,
-            c,
-            v,
-            WeightLayout::OutIn,
-        )?;
+        // dlogits, in place, then the LM head on the target rows: dL/d(ln_f rows) and the head's
+        // share of dL/d(wte); the rows' gradient goes back to its tokens, zeros elsewhere.
+        let m = batch.num_target_rows();
+        b.resize(&mut s.dln_f_rows, m * c)?;
+        if m > 0 {
+            b.logsoftmax_gather_backward(
+                &mut acts.logits,
+                &acts.lse,
+                &batch.row_targets,
+                dseq,
+                &batch.row_packing,
+                m,
+                v,
+            )?;
+            b.matmul_backward(
+                &mut s.dln_f_rows,
+                &mut g.wte,
+                None,
+                &acts.logits,
+                &acts.ln_f_rows,
+                &p.wte,
+                m,
+                c,
+                v,
+                WeightLayout::OutIn,
+            )?;
+        }
+        b.scatter_rows(&mut s.dln, &s.dln_f_rows, &batch.target_rows, m, n, c)?;
         // LayerNorm backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut s.dresidual, 0.0)?;
@@ -568,8 +622,8 @@ impl<B: Backend> Gpt2<B> {
         let (n, c, v) = (tokens.len(), self.config.n_embd, self.config.vocab_size);
         let b = &*self.backend;
         let acts = self.acts.as_ref().expect("forward_trunk allocates the activations");
-        let ln_f = b.download(&acts.ln_f)?;
-        let last_row = b.upload(&ln_f[(n - 1) * c..n * c])?;
+        let mut last_row = b.zeros(c)?;
+        b.gather_rows(&mut last_row, &acts.ln_f, &b.upload_ids(&[n as i32 - 1])?, 1, n, c)?;
         let mut logits = b.zeros(v)?;
         b.matmul_forward(&mut logits, &last_row, &self.params.wte, None, 1, c, v, WeightLayout::OutIn)?;
         b.download(&logits)
@@ -666,8 +720,8 @@ impl<B: Backend> Gpt2<B> {
             self.acts = Some(Activations::empty(b, layers)?);
         }
         let acts = self.acts.as_mut().expect("allocated above");
-        let (n, c, v) = (tokens, self.config.n_embd, self.config.vocab_size);
-        for (buf, len) in acts.buffers_mut(n, c, v, saved) {
+        let (n, c) = (tokens, self.config.n_embd);
+        for (buf, len) in acts.buffers_mut(n, c, saved) {
             b.resize(buf, len)?;
         }
         acts.tokens = n;
@@ -745,23 +799,21 @@ impl<T> Activations<T> {
             ln_f: b.zeros(0)?,
             ln_f_mean: b.zeros(0)?,
             ln_f_rstd: b.zeros(0)?,
+            ln_f_rows: b.zeros(0)?,
             logits: b.zeros(0)?,
             token_logp: b.zeros(0)?,
             lse: b.zeros(0)?,
         })
     }
 
-    /// Every buffer (the layers' too) with its length for `n` tokens.
-    fn buffers_mut(&mut self, n: usize, c: usize, v: usize, saved: usize) -> Vec<(&mut T, usize)> {
+    /// Every buffer (the layers' too) with its length for `n` tokens, except the LM head's.
+    fn buffers_mut(&mut self, n: usize, c: usize, saved: usize) -> Vec<(&mut T, usize)> {
         let mut bufs = vec![
             (&mut self.encoded, n * c),
             (&mut self.proj, n * c),
             (&mut self.ln_f, n * c),
             (&mut self.ln_f_mean, n),
             (&mut self.ln_f_rstd, n),
-            (&mut self.logits, n * v),
-            (&mut self.token_logp, n),
-            (&mut self.lse, n),
         ];
         for layer in &mut self.layers {
             bufs.extend(layer.buffers_mut(n, c, saved));
@@ -780,6 +832,7 @@ impl<T> BackwardScratch<T> {
             dqkv: b.zeros(0)?,
             dfch_gelu: b.zeros(0)?,
             dfch: b.zeros(0)?,
+            dln_f_rows: b.zeros(0)?,
         })
     }
 
