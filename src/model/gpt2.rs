@@ -863,3 +863,117 @@ fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
     out.truncate(len);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cuda::{CudaBackend, Device, Precision};
+
+    fn tiny_config() -> Gpt2Config {
+        Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+    }
+
+    /// Sequences of `(length, prompt length)`, tokens from a fixed pattern.
+    fn packed(seqs: &[(usize, usize)], vocab: usize) -> PackedBatch {
+        let mut batch = PackedBatch::default();
+        for (s, &(len, prompt)) in seqs.iter().enumerate() {
+            let tokens: Vec<i32> = (0..len).map(|t| ((t * 7 + s * 13 + 3) % vocab) as i32).collect();
+            batch.push(&tokens, prompt);
+        }
+        batch
+    }
+
+    fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// The LM head on the target rows only gives, on the CPU, the log-probs and the gradient at
+    /// `ln_f` of the head over every row bit for bit: the same rows go through the same kernels.
+    #[test]
+    fn head_on_target_rows_matches_the_full_head_bit_for_bit() {
+        let backend = Arc::new(CpuBackend::new());
+        let config = tiny_config();
+        let (c, v) = (config.n_embd, config.vocab_size);
+        let mut model = Gpt2::random(backend.clone(), config.clone(), 5).unwrap();
+        // Prompts of several lengths, a sequence without a target, one that is all prompt.
+        let host = packed(&[(7, 3), (1, 1), (10, 2), (4, 4), (6, 1)], v);
+        let batch = DeviceBatch::upload(&*backend, &host).unwrap();
+        let (n, m, seqs) = (batch.num_tokens(), batch.num_target_rows(), batch.num_seqs());
+        assert_eq!(m, host.targets.iter().filter(|&&t| t >= 0).count());
+        assert!(0 < m && m < n, "the batch has prompt tokens and targets");
+        assert_eq!(batch.row_packing.host_cu_seqlens, vec![0, 4, 4, 12, 12, 17]); // length − prompt each
+
+        let seq_logp = model.forward(&batch).unwrap().clone();
+        let acts = model.acts.as_ref().unwrap();
+        // The full head over all n rows, as the model computed it before it skipped rows.
+        let mut logits = vec![0.0; n * v];
+        backend.matmul_forward(&mut logits, &acts.ln_f, &model.params.wte, None, n, c, v, WeightLayout::OutIn).unwrap();
+        let (mut token_logp, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        backend.logsoftmax_gather_forward(&mut token_logp, &mut lse, &logits, &host.targets, n, v).unwrap();
+        let mut full_seq_logp = vec![0.0; seqs];
+        backend.sequence_logp_sum(&mut full_seq_logp, &token_logp, &batch.packing).unwrap();
+        assert_same_bits("sequence log-probs", &seq_logp, &full_seq_logp);
+        assert!(seq_logp[0] < 0.0 && seq_logp[1] == 0.0 && seq_logp[3] == 0.0);
+        for (i, &t) in batch.target_rows.iter().enumerate() {
+            let t = t as usize;
+            assert_same_bits("logits row", &acts.logits[i * v..][..v], &logits[t * v..][..v]);
+        }
+
+        // Backward: dL/d(ln_f) of the full head, through ln_f's LayerNorm, vs the model's.
+        let dseq: Vec<f32> = (0..seqs).map(|s| 0.3 - 0.2 * s as f32).collect();
+        backend.logsoftmax_gather_backward(&mut logits, &lse, &host.targets, &dseq, &batch.packing, n, v).unwrap();
+        let (mut dln_f, mut dwte) = (vec![f32::NAN; n * c], vec![0.0; v * c]);
+        let (wte, layout) = (&model.params.wte, WeightLayout::OutIn);
+        backend.matmul_backward(&mut dln_f, &mut dwte, None, &logits, &acts.ln_f, wte, n, c, v, layout).unwrap();
+        let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        let last = &acts.layers.last().unwrap().residual_3;
+        let (w, mean, rstd) = (&model.params.ln_f_w, &acts.ln_f_mean, &acts.ln_f_rstd);
+        backend.layernorm_backward(&mut dx, &mut dw, &mut db, &dln_f, last, w, mean, rstd, n, c).unwrap();
+        model.backward(&batch, &dseq).unwrap();
+        let scratch = model.scratch.as_ref().unwrap();
+        for t in 0..n {
+            let want = if host.targets[t] < 0 { vec![0.0; c] } else { dln_f[t * c..][..c].to_vec() };
+            let i = batch.target_rows.iter().position(|&r| r as usize == t);
+            let got = i.map_or(vec![0.0; c], |i| scratch.dln_f_rows[i * c..][..c].to_vec());
+            assert_same_bits("dL/d(ln_f) row", &got, &want);
+        }
+        assert_same_bits("dL/d(ln_f.weight)", &model.grads.ln_f_w, &dw);
+        assert_same_bits("dL/d(ln_f.bias)", &model.grads.ln_f_b, &db);
+    }
+
+    /// A batch without a single target (every sequence all prompt): zero log-probs and zero
+    /// gradients, no empty product launched, and the model still works on the next batch.
+    fn batch_without_targets<B: Backend>(backend: Arc<B>) {
+        let config = tiny_config();
+        let mut model = Gpt2::random(backend.clone(), config.clone(), 6).unwrap();
+        let none = DeviceBatch::upload(&*backend, &packed(&[(5, 5), (1, 1), (3, 3)], config.vocab_size)).unwrap();
+        assert_eq!(none.num_target_rows(), 0);
+        let logp = backend.download(model.forward(&none).unwrap()).unwrap();
+        assert_eq!(logp, vec![0.0; 3]);
+        model.backward(&none, &backend.upload(&[1.0, -2.0, 0.5]).unwrap()).unwrap();
+        for (name, grad) in model.names.clone().iter().zip(model.grads()) {
+            let grad = backend.download(grad).unwrap();
+            assert!(grad.iter().all(|&g| g == 0.0), "{name}: a batch without targets gave a nonzero gradient");
+        }
+        let some = DeviceBatch::upload(&*backend, &packed(&[(6, 2), (4, 1)], config.vocab_size)).unwrap();
+        let logp = backend.download(model.forward(&some).unwrap()).unwrap();
+        assert!(logp.iter().all(|&x| x < 0.0 && x.is_finite()), "{logp:?}");
+        model.backward(&some, &backend.upload(&[1.0, -2.0]).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn batch_without_targets_cpu() {
+        batch_without_targets(Arc::new(CpuBackend::new()));
+    }
+
+    #[test]
+    fn batch_without_targets_emulated_device() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            batch_without_targets(Arc::new(CudaBackend::new(Device::emulated().unwrap(), precision)));
+        }
+    }
+}
