@@ -4,7 +4,9 @@
 //! (`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`), a final LayerNorm, and the LM head tied to the
 //! token embedding, followed by the fused log-softmax-gather that turns logits into per-sequence
 //! log-probs. Every tensor is token-major over the whole packed batch; attention alone looks at
-//! the sequence boundaries.
+//! the sequence boundaries. The LM head, the largest product and the largest activation, runs only
+//! on the rows that carry a target (`DeviceBatch::target_rows`): the trunk's last output is gathered
+//! to those rows before the head, and their gradient scattered back after it.
 //!
 //! Activation buffers are kept between batches and reallocated only when a batch does not fit
 //! them (see `fits`).
