@@ -316,9 +316,11 @@ fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::Token
     })
 }
 
+/// The policy and the reference, both frozen: `logps` and `eval` only run forwards.
 fn load_models<B: Backend>(backend: &Arc<B>, policy: &Path, reference: &Path) -> Result<(Gpt2<B>, Gpt2<B>)> {
-    let p = Gpt2::load(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
-    let r = Gpt2::load(backend.clone(), reference)
+    let p =
+        Gpt2::load_frozen(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
+    let r = Gpt2::load_frozen(backend.clone(), reference)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
     Ok((p, r))
 }
@@ -397,7 +399,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
     let mut model =
-        Gpt2::load(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
+        Gpt2::load_frozen(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
         tok.encode(&args.prompt)
     } else {

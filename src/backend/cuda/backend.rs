@@ -24,7 +24,8 @@
 //! from the bf16 values if absent, as llm.c does). `download` returns the master when there is one.
 //! `fill`, `scale` and `copy` keep it consistent; any other op that writes a buffer drops its master
 //! (the values would be stale). Optimizer moments uploaded from a checkpoint become f32 storage
-//! from their exact master copy, so a resume loses nothing.
+//! from their exact master copy, so a resume loses nothing. `upload_frozen` (a frozen model's
+//! weights, never updated) keeps no master: the bf16 values alone.
 //!
 //! A buffer's length is the first `len` elements of its storage: `resize` to a shorter length keeps
 //! the storage (and its type) for the next batch, as the CPU backend keeps a `Vec`'s capacity.
@@ -564,6 +565,19 @@ impl Backend for CudaBackend {
                     storage: Storage::Bf16(self.device.upload(&rounded)?),
                     master: Some(self.device.upload(data)?),
                 }
+            }
+        })
+    }
+
+    /// In Bf16 mode only the rounded bf16 values: no optimizer will update the tensor, and every
+    /// kernel reads parameters in the activation type, so the fp32 master would be dead weight (4
+    /// bytes per element beside the 2 used). In F32 mode the same as `upload`.
+    fn upload_frozen(&self, data: &[f32]) -> Result<CudaBuf> {
+        Ok(match self.precision {
+            Precision::F32 => self.upload(data)?,
+            Precision::Bf16 => {
+                let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                CudaBuf { len: data.len(), storage: Storage::Bf16(self.device.upload(&rounded)?), master: None }
             }
         })
     }
