@@ -281,6 +281,42 @@ pub(crate) fn add_inplace(dst: usize, src: usize) -> Result<()> {
     check_len("add_inplace", "src", src, dst)
 }
 
+// ---- row selection ---------------------------------------------------------------------------
+
+/// Shapes of `gather_rows` / `scatter_rows`: `selected [m, c]`, `full [n, c]`, and `rows` of length
+/// `m`, strictly increasing, in `0..n`.
+#[allow(clippy::too_many_arguments)]
+fn row_selection(
+    op: &str,
+    selected_name: &str,
+    selected: usize,
+    full_name: &str,
+    full: usize,
+    rows: &[i32],
+    m: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    ensure!(c > 0, "{op}: channels must be positive");
+    check_len(op, selected_name, selected, m * c)?;
+    check_len(op, full_name, full, n * c)?;
+    check_len(op, "rows", rows.len(), m)?;
+    check_ids(op, "rows", rows, n, false)?;
+    if let Some(i) = rows.windows(2).position(|w| w[1] <= w[0]) {
+        let (a, b) = (rows[i], rows[i + 1]);
+        bail!("{op}: `rows` must be strictly increasing, but rows[{i}] = {a} and rows[{}] = {b}", i + 1);
+    }
+    Ok(())
+}
+
+pub(crate) fn gather_rows(out: usize, inp: usize, rows: &[i32], m: usize, n: usize, c: usize) -> Result<()> {
+    row_selection("gather_rows", "out", out, "inp", inp, rows, m, n, c)
+}
+
+pub(crate) fn scatter_rows(dinp: usize, dout: usize, rows: &[i32], m: usize, n: usize, c: usize) -> Result<()> {
+    row_selection("scatter_rows", "dout", dout, "dinp", dinp, rows, m, n, c)
+}
+
 // ---- fused log-softmax-gather ----------------------------------------------------------------
 
 pub(crate) fn logsoftmax_gather_forward(

@@ -1090,6 +1090,44 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    // ---- row selection -----------------------------------------------------------------------
+    fn gather_rows(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        rows: &Vec<i32>,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::gather_rows(out.len(), inp.len(), rows, m, n, c)?;
+        out.par_chunks_mut(c).zip(rows.par_iter()).with_min_len(64).for_each(|(dst, &r)| {
+            dst.copy_from_slice(&inp[r as usize * c..][..c]);
+        });
+        Ok(())
+    }
+
+    fn scatter_rows(
+        &self,
+        dinp: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        rows: &Vec<i32>,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::scatter_rows(dinp.len(), dout.len(), rows, m, n, c)?;
+        // Each output row finds its source by binary search (rows are increasing): one pass that
+        // writes every element once.
+        dinp.par_chunks_mut(c).enumerate().with_min_len(64).for_each(|(t, dst)| {
+            match rows.binary_search(&(t as i32)) {
+                Ok(i) => dst.copy_from_slice(&dout[i * c..][..c]),
+                Err(_) => dst.fill(0.0),
+            }
+        });
+        Ok(())
+    }
+
     // ---- fused log-softmax-gather ------------------------------------------------------------
     fn logsoftmax_gather_forward(
         &self,
@@ -1112,9 +1150,10 @@ impl Backend for CpuBackend {
 
     fn sequence_logp_sum(&self, seq_logp: &mut Vec<f32>, token_logp: &Vec<f32>, packing: &Packing<Self>) -> Result<()> {
         let seqs = checks::sequence_logp_sum(seq_logp.len(), token_logp.len(), &packing.host_cu_seqlens)?;
-        // Summed in f64 in token order: fixed, and exact enough to be the reference.
+        // Summed in f64 in token order: fixed, and exact enough to be the reference. From +0 (not
+        // `Sum`'s −0), so that an empty sequence gets +0, as on the device.
         for (out, &(start, len)) in seq_logp.iter_mut().zip(&seqs) {
-            *out = token_logp[start..start + len].iter().map(|&x| x as f64).sum::<f64>() as f32;
+            *out = token_logp[start..start + len].iter().fold(0.0f64, |acc, &x| acc + x as f64) as f32;
         }
         Ok(())
     }
@@ -1399,6 +1438,44 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(89.0), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// `gather_rows` copies the chosen rows exactly; `scatter_rows` puts them back and zeroes the
+    /// rest, and is its adjoint: `<gather(x), y> = <x, scatter(y)>` (the backward of a linear map).
+    #[test]
+    fn gather_and_scatter_rows_are_exact_adjoint_copies() {
+        let cpu = CpuBackend::new();
+        let (n, c) = (23, 5);
+        let x = values(n * c, 7, 1.0);
+        let some: Vec<i32> = (0..n as i32).filter(|t| t % 3 != 1).collect();
+        for rows in [some, vec![], (0..n as i32).collect(), vec![n as i32 - 1]] {
+            let m = rows.len();
+            let mut gathered = vec![f32::NAN; m * c];
+            cpu.gather_rows(&mut gathered, &x, &rows, m, n, c).unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                assert_same_bits("gathered row", &gathered[i * c..][..c], &x[r as usize * c..][..c]);
+            }
+            let y = values(m * c, 8, 1.0);
+            let mut scattered = vec![f32::NAN; n * c];
+            cpu.scatter_rows(&mut scattered, &y, &rows, m, n, c).unwrap();
+            for t in 0..n {
+                let want = match rows.iter().position(|&r| r as usize == t) {
+                    Some(i) => y[i * c..][..c].to_vec(),
+                    None => vec![0.0; c],
+                };
+                assert_same_bits("scattered row", &scattered[t * c..][..c], &want);
+            }
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+            let (lhs, rhs) = (dot(&gathered, &y), dot(&x, &scattered));
+            assert!((lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()), "adjoint: {lhs} vs {rhs}");
+        }
+        let mut out = vec![0.0; 2 * c];
+        let err = cpu.gather_rows(&mut out, &x, &vec![3, 3], 2, n, c).unwrap_err().to_string();
+        assert!(err.contains("strictly increasing"), "{err}");
+        let err = cpu.gather_rows(&mut out, &x, &vec![3, n as i32], 2, n, c).unwrap_err().to_string();
+        assert!(err.contains("rows[1]"), "{err}");
+        let err = cpu.scatter_rows(&mut out, &x[..2 * c].to_vec(), &vec![0, 1], 2, n, c).unwrap_err().to_string();
+        assert!(err.contains("scatter_rows") && err.contains("dinp"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! (`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`), a final LayerNorm, and the LM head tied to the
 //! token embedding, followed by the fused log-softmax-gather that turns logits into per-sequence
 //! log-probs. Every tensor is token-major over the whole packed batch; attention alone looks at
-//! the sequence boundaries.
+//! the sequence boundaries. The LM head, the largest product and the largest activation, runs only
+//! on the rows that carry a target (`DeviceBatch::target_rows`): the trunk's last output is gathered
+//! to those rows before the head, and their gradient scattered back after it.
 //!
 //! Activation buffers are kept between batches and resized in place when a batch's shape changes
 //! (see `ensure_activations`).
@@ -30,11 +32,21 @@ use crate::backend::{Backend, Packing, WeightLayout};
 use crate::data::PackedBatch;
 
 /// A packed batch uploaded to a backend.
+///
+/// Only the rows with a target (response tokens) go through the LM head: prompt tokens and each
+/// sequence's last token carry no loss, and skipping them saves their share of the head's products
+/// and of the `[rows, V]` logits. The upload works out those rows on the host, once per batch.
 pub struct DeviceBatch<B: Backend> {
     pub tokens: B::Ids,
     pub positions: B::Ids,
-    pub targets: B::Ids,
     pub packing: Packing<B>,
+    /// `[M]` the tokens t with `targets[t] != -1`, increasing: the rows of the LM head.
+    pub target_rows: B::Ids,
+    /// `[M]` the targets of those rows (none is −1).
+    pub row_targets: B::Ids,
+    /// The sequences over the LM head's rows: `cu_seqlens` counts each sequence's target rows (a
+    /// sequence without any is empty, and its log-prob is 0).
+    pub row_packing: Packing<B>,
     /// Largest token id, position and target of the batch, checked against the model's vocabulary
     /// and context length before a forward (on the host, so no device read-back is needed).
     pub max_token: usize,
@@ -71,11 +83,18 @@ impl<B: Backend> DeviceBatch<B> {
         if let Some(i) = batch.targets.iter().position(|&t| t < -1) {
             anyhow::bail!("packed batch: token {i} has target {} (expected a token id or -1)", batch.targets[i]);
         }
+        let target_rows: Vec<i32> = (0..n as i32).filter(|&t| batch.targets[t as usize] != -1).collect();
+        let row_targets: Vec<i32> = target_rows.iter().map(|&t| batch.targets[t as usize]).collect();
+        // Target rows before each sequence boundary: the boundaries of the compact rows.
+        let row_cu_seqlens: Vec<i32> =
+            batch.cu_seqlens.iter().map(|&start| target_rows.partition_point(|&t| t < start) as i32).collect();
         Ok(Self {
             tokens: backend.upload_ids(&batch.tokens)?,
             positions: backend.upload_ids(&batch.positions)?,
-            targets: backend.upload_ids(&batch.targets)?,
             packing: Packing::new(backend, &batch.cu_seqlens)?,
+            target_rows: backend.upload_ids(&target_rows)?,
+            row_targets: backend.upload_ids(&row_targets)?,
+            row_packing: Packing::new(backend, &row_cu_seqlens)?,
             max_token: batch.tokens.iter().copied().max().unwrap_or(0) as usize,
             max_position: batch.positions.iter().copied().max().unwrap_or(0) as usize,
             max_target: batch.targets.iter().copied().max().unwrap_or(-1),
@@ -86,6 +105,10 @@ impl<B: Backend> DeviceBatch<B> {
     }
     pub fn num_seqs(&self) -> usize {
         self.packing.num_seqs()
+    }
+    /// Number of tokens with a target: the rows of the LM head.
+    pub fn num_target_rows(&self) -> usize {
+        self.row_packing.num_tokens()
     }
 }
 
@@ -238,9 +261,12 @@ struct Activations<T> {
     ln_f: T,
     ln_f_mean: T,
     ln_f_rstd: T,
-    /// `[N, V]` logits; the backward overwrites them with their gradient.
+    /// The LM head's buffers are sized by the batch's `M` target rows, not its tokens (`forward`
+    /// resizes them): `[M, C]` the rows of `ln_f` with a target, the head's input.
+    ln_f_rows: T,
+    /// `[M, V]` logits of those rows; the backward overwrites them with their gradient.
     logits: T,
-    /// `[N]` log-prob of each target and each row's log-sum-exp.
+    /// `[M]` log-prob of each target and each row's log-sum-exp.
     token_logp: T,
     lse: T,
 }
@@ -260,6 +286,8 @@ struct BackwardScratch<T> {
     /// `[N, 4C]` gradients at the GELU output and input.
     dfch_gelu: T,
     dfch: T,
+    /// `[M, C]` gradient at the LM head's input rows (sized by `backward`, like the head's buffers).
+    dln_f_rows: T,
 }
 
 /// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
@@ -415,18 +443,32 @@ impl<B: Backend> Gpt2<B> {
     pub fn forward(&mut self, batch: &DeviceBatch<B>) -> Result<&B::Buf> {
         self.forward_trunk(batch)?;
         let (n, c, v) = (batch.num_tokens(), self.config.n_embd, self.config.vocab_size);
+        let m = batch.num_target_rows();
         let b = &*self.backend;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("forward_trunk allocates the activations");
-
-        // LM head, tied to the token embedding: logits = ln_f · wteᵀ.
-        b.matmul_forward(&mut acts.logits, &acts.ln_f, &p.wte, None, n, c, v, WeightLayout::OutIn)?;
-        b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.targets, n, v)?;
         let num_seqs = batch.num_seqs();
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
-        b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.packing)?;
+
+        // The LM head, tied to the token embedding (logits = ln_f · wteᵀ), on the M rows with a
+        // target only: the others would be computed to be multiplied by zero.
+        let head =
+            [(&mut acts.ln_f_rows, m * c), (&mut acts.logits, m * v), (&mut acts.token_logp, m), (&mut acts.lse, m)];
+        for (buf, len) in head {
+            b.resize(buf, len)?;
+        }
+        if m == 0 {
+            // No target in the batch: every sequence log-prob is an empty sum (and no empty product
+            // is launched).
+            b.fill(&mut self.seq_logp, 0.0)?;
+        } else {
+            b.gather_rows(&mut acts.ln_f_rows, &acts.ln_f, &batch.target_rows, m, n, c)?;
+            b.matmul_forward(&mut acts.logits, &acts.ln_f_rows, &p.wte, None, m, c, v, WeightLayout::OutIn)?;
+            b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.row_targets, m, v)?;
+            b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.row_packing)?;
+        }
         self.pending_backward = Some((n, num_seqs));
         Ok(&self.seq_logp)
     }
@@ -459,20 +501,34 @@ impl<B: Backend> Gpt2<B> {
         let s = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         use WeightLayout::InOut;
 
-        // dlogits, in place, then the LM head: dL/d(ln_f) and the head's share of dL/d(wte).
-        b.logsoftmax_gather_backward(&mut acts.logits, &acts.lse, &batch.targets, dseq, &batch.packing, n, v)?;
-        b.matmul_backward(
-            &mut s.dln,
-            &mut g.wte,
-            None,
-            &acts.logits,
-            &acts.ln_f,
-            &p.wte,
-            n,
-            c,
-            v,
-            WeightLayout::OutIn,
-        )?;
+        // dlogits, in place, then the LM head on the target rows: dL/d(ln_f rows) and the head's
+        // share of dL/d(wte); the rows' gradient goes back to its tokens, zeros elsewhere.
+        let m = batch.num_target_rows();
+        b.resize(&mut s.dln_f_rows, m * c)?;
+        if m > 0 {
+            b.logsoftmax_gather_backward(
+                &mut acts.logits,
+                &acts.lse,
+                &batch.row_targets,
+                dseq,
+                &batch.row_packing,
+                m,
+                v,
+            )?;
+            b.matmul_backward(
+                &mut s.dln_f_rows,
+                &mut g.wte,
+                None,
+                &acts.logits,
+                &acts.ln_f_rows,
+                &p.wte,
+                m,
+                c,
+                v,
+                WeightLayout::OutIn,
+            )?;
+        }
+        b.scatter_rows(&mut s.dln, &s.dln_f_rows, &batch.target_rows, m, n, c)?;
         // LayerNorm backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut s.dresidual, 0.0)?;
@@ -621,8 +677,8 @@ impl<B: Backend> Gpt2<B> {
         let (n, c, v) = (tokens.len(), self.config.n_embd, self.config.vocab_size);
         let b = &*self.backend;
         let acts = self.acts.as_ref().expect("forward_trunk allocates the activations");
-        let ln_f = b.download(&acts.ln_f)?;
-        let last_row = b.upload(&ln_f[(n - 1) * c..n * c])?;
+        let mut last_row = b.zeros(c)?;
+        b.gather_rows(&mut last_row, &acts.ln_f, &b.upload_ids(&[n as i32 - 1])?, 1, n, c)?;
         let mut logits = b.zeros(v)?;
         b.matmul_forward(&mut logits, &last_row, &self.params.wte, None, 1, c, v, WeightLayout::OutIn)?;
         b.download(&logits)
@@ -748,8 +804,8 @@ impl<B: Backend> Gpt2<B> {
             self.acts = Some(Activations::empty(b, layers)?);
         }
         let acts = self.acts.as_mut().expect("allocated above");
-        let (n, c, v) = (tokens, self.config.n_embd, self.config.vocab_size);
-        for (buf, len) in acts.buffers_mut(n, c, v, saved) {
+        let (n, c) = (tokens, self.config.n_embd);
+        for (buf, len) in acts.buffers_mut(n, c, saved) {
             b.resize(buf, len)?;
         }
         acts.tokens = n;
@@ -885,6 +941,7 @@ impl<T> Activations<T> {
             ln_f: b.zeros(0)?,
             ln_f_mean: b.zeros(0)?,
             ln_f_rstd: b.zeros(0)?,
+            ln_f_rows: b.zeros(0)?,
             logits: b.zeros(0)?,
             token_logp: b.zeros(0)?,
             lse: b.zeros(0)?,
@@ -898,6 +955,7 @@ impl<T> Activations<T> {
             &self.ln_f,
             &self.ln_f_mean,
             &self.ln_f_rstd,
+            &self.ln_f_rows,
             &self.logits,
             &self.token_logp,
             &self.lse,
@@ -906,17 +964,14 @@ impl<T> Activations<T> {
         bufs
     }
 
-    /// Every buffer (the layers' too) with its length for `n` tokens.
-    fn buffers_mut(&mut self, n: usize, c: usize, v: usize, saved: usize) -> Vec<(&mut T, usize)> {
+    /// Every buffer (the layers' too) with its length for `n` tokens, except the LM head's.
+    fn buffers_mut(&mut self, n: usize, c: usize, saved: usize) -> Vec<(&mut T, usize)> {
         let mut bufs = vec![
             (&mut self.encoded, n * c),
             (&mut self.proj, n * c),
             (&mut self.ln_f, n * c),
             (&mut self.ln_f_mean, n),
             (&mut self.ln_f_rstd, n),
-            (&mut self.logits, n * v),
-            (&mut self.token_logp, n),
-            (&mut self.lse, n),
         ];
         for layer in &mut self.layers {
             bufs.extend(layer.buffers_mut(n, c, saved));
@@ -935,11 +990,12 @@ impl<T> BackwardScratch<T> {
             dqkv: b.zeros(0)?,
             dfch_gelu: b.zeros(0)?,
             dfch: b.zeros(0)?,
+            dln_f_rows: b.zeros(0)?,
         })
     }
 
-    fn buffers(&self) -> [&T; 6] {
-        [&self.dresidual, &self.dln, &self.datty, &self.dqkv, &self.dfch_gelu, &self.dfch]
+    fn buffers(&self) -> [&T; 7] {
+        [&self.dresidual, &self.dln, &self.datty, &self.dqkv, &self.dfch_gelu, &self.dfch, &self.dln_f_rows]
     }
 
     fn buffers_mut(&mut self, n: usize, c: usize) -> [(&mut T, usize); 6] {
@@ -993,4 +1049,119 @@ fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
     }
     out.truncate(len);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cuda::{CudaBackend, Device, Precision};
+
+    fn tiny_config() -> Gpt2Config {
+        Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+    }
+
+    /// Sequences of `(length, prompt length)`, tokens from a fixed pattern.
+    fn packed(seqs: &[(usize, usize)], vocab: usize) -> PackedBatch {
+        let mut batch = PackedBatch::default();
+        for (s, &(len, prompt)) in seqs.iter().enumerate() {
+            let tokens: Vec<i32> = (0..len).map(|t| ((t * 7 + s * 13 + 3) % vocab) as i32).collect();
+            batch.push(&tokens, prompt);
+        }
+        batch
+    }
+
+    fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// The LM head on the target rows only gives, on the CPU, the log-probs and the gradient at
+    /// `ln_f` of the head over every row bit for bit: the same rows go through the same kernels.
+    #[test]
+    fn head_on_target_rows_matches_the_full_head_bit_for_bit() {
+        let backend = Arc::new(CpuBackend::new());
+        let config = tiny_config();
+        let (c, v) = (config.n_embd, config.vocab_size);
+        let mut model = Gpt2::random(backend.clone(), config.clone(), 5).unwrap();
+        // Prompts of several lengths, a sequence without a target, one that is all prompt.
+        let host = packed(&[(7, 3), (1, 1), (10, 2), (4, 4), (6, 1)], v);
+        let batch = DeviceBatch::upload(&*backend, &host).unwrap();
+        let (n, m, seqs) = (batch.num_tokens(), batch.num_target_rows(), batch.num_seqs());
+        assert_eq!(m, host.targets.iter().filter(|&&t| t >= 0).count());
+        assert!(0 < m && m < n, "the batch has prompt tokens and targets");
+        assert_eq!(batch.row_packing.host_cu_seqlens, vec![0, 4, 4, 12, 12, 17]); // length − prompt each
+
+        let seq_logp = model.forward(&batch).unwrap().clone();
+        let acts = model.acts.as_ref().unwrap();
+        // The full head over all n rows, as the model computed it before it skipped rows.
+        let mut logits = vec![0.0; n * v];
+        backend.matmul_forward(&mut logits, &acts.ln_f, &model.params.wte, None, n, c, v, WeightLayout::OutIn).unwrap();
+        let (mut token_logp, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        backend.logsoftmax_gather_forward(&mut token_logp, &mut lse, &logits, &host.targets, n, v).unwrap();
+        let mut full_seq_logp = vec![0.0; seqs];
+        backend.sequence_logp_sum(&mut full_seq_logp, &token_logp, &batch.packing).unwrap();
+        assert_same_bits("sequence log-probs", &seq_logp, &full_seq_logp);
+        assert!(seq_logp[0] < 0.0 && seq_logp[1] == 0.0 && seq_logp[3] == 0.0);
+        for (i, &t) in batch.target_rows.iter().enumerate() {
+            let t = t as usize;
+            assert_same_bits("logits row", &acts.logits[i * v..][..v], &logits[t * v..][..v]);
+        }
+
+        // Backward: dL/d(ln_f) of the full head, through ln_f's LayerNorm, vs the model's.
+        let dseq: Vec<f32> = (0..seqs).map(|s| 0.3 - 0.2 * s as f32).collect();
+        backend.logsoftmax_gather_backward(&mut logits, &lse, &host.targets, &dseq, &batch.packing, n, v).unwrap();
+        let (mut dln_f, mut dwte) = (vec![f32::NAN; n * c], vec![0.0; v * c]);
+        let (wte, layout) = (&model.params.wte, WeightLayout::OutIn);
+        backend.matmul_backward(&mut dln_f, &mut dwte, None, &logits, &acts.ln_f, wte, n, c, v, layout).unwrap();
+        let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        let last = &acts.layers.last().unwrap().residual_3;
+        let (w, mean, rstd) = (&model.params.ln_f_w, &acts.ln_f_mean, &acts.ln_f_rstd);
+        backend.layernorm_backward(&mut dx, &mut dw, &mut db, &dln_f, last, w, mean, rstd, n, c).unwrap();
+        model.backward(&batch, &dseq).unwrap();
+        let scratch = model.scratch.as_ref().unwrap();
+        for t in 0..n {
+            let want = if host.targets[t] < 0 { vec![0.0; c] } else { dln_f[t * c..][..c].to_vec() };
+            let i = batch.target_rows.iter().position(|&r| r as usize == t);
+            let got = i.map_or(vec![0.0; c], |i| scratch.dln_f_rows[i * c..][..c].to_vec());
+            assert_same_bits("dL/d(ln_f) row", &got, &want);
+        }
+        let grads = model.grads.as_ref().unwrap();
+        assert_same_bits("dL/d(ln_f.weight)", &grads.ln_f_w, &dw);
+        assert_same_bits("dL/d(ln_f.bias)", &grads.ln_f_b, &db);
+    }
+
+    /// A batch without a single target (every sequence all prompt): zero log-probs and zero
+    /// gradients, no empty product launched, and the model still works on the next batch.
+    fn batch_without_targets<B: Backend>(backend: Arc<B>) {
+        let config = tiny_config();
+        let mut model = Gpt2::random(backend.clone(), config.clone(), 6).unwrap();
+        let none = DeviceBatch::upload(&*backend, &packed(&[(5, 5), (1, 1), (3, 3)], config.vocab_size)).unwrap();
+        assert_eq!(none.num_target_rows(), 0);
+        let logp = backend.download(model.forward(&none).unwrap()).unwrap();
+        assert_eq!(logp, vec![0.0; 3]);
+        model.backward(&none, &backend.upload(&[1.0, -2.0, 0.5]).unwrap()).unwrap();
+        for (name, grad) in model.names.iter().zip(model.grads().unwrap()) {
+            let grad = backend.download(grad).unwrap();
+            assert!(grad.iter().all(|&g| g == 0.0), "{name}: a batch without targets gave a nonzero gradient");
+        }
+        let some = DeviceBatch::upload(&*backend, &packed(&[(6, 2), (4, 1)], config.vocab_size)).unwrap();
+        let logp = backend.download(model.forward(&some).unwrap()).unwrap();
+        assert!(logp.iter().all(|&x| x < 0.0 && x.is_finite()), "{logp:?}");
+        model.backward(&some, &backend.upload(&[1.0, -2.0]).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn batch_without_targets_cpu() {
+        batch_without_targets(Arc::new(CpuBackend::new()));
+    }
+
+    #[test]
+    fn batch_without_targets_emulated_device() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            batch_without_targets(Arc::new(CudaBackend::new(Device::emulated().unwrap(), precision)));
+        }
+    }
 }
