@@ -155,7 +155,7 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
     let (mut eval, eval_rep) = tokenize_pairs(&eval, tok, &template, d.max_len)?;
     report.push(format!("train: {train_rep}"));
     report.push(format!("eval: {eval_rep}"));
-    if task == Task::Sft {
+    if task == Task::Sft && d.sft_safe_only {
         train.retain(|p| !p.chosen_unsafe);
         eval.retain(|p| !p.chosen_unsafe);
         report.push(format!("sft: {} train and {} eval pairs with a safe chosen response", train.len(), eval.len()));
