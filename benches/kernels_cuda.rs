@@ -150,6 +150,20 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
 
     let mut g = c.benchmark_group(format!("{label}/memory-bound (GB/s)"));
 
+    // ---- the measured roofline: a device-to-device copy as large as the LM head's logits --------
+    // The memory-bound kernels' GB/s read against this one (the target for the fused
+    // log-softmax-gather forward is 80% of it), not against the datasheet's peak.
+    {
+        let len = n * v;
+        let src = backend.zeros(len).unwrap();
+        let mut dst = backend.zeros(len).unwrap();
+        backend.copy(&mut dst, &src).unwrap();
+        g.throughput(Throughput::BytesDecimal(bytes(&src) + bytes(&dst)));
+        g.bench_function(format!("device_copy {n}x{v} (measured bandwidth)"), |b| {
+            b.iter_custom(|iters| device_time(backend, iters, || backend.copy(&mut dst, &src).unwrap()))
+        });
+    }
+
     // ---- layernorm -------------------------------------------------------------------------------
     {
         let inp = up(random(n * ch, 1.0, &mut rng));
