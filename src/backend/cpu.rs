@@ -6,7 +6,8 @@
 //! gradients of LayerNorm and biases, `sum_squares`) use partial sums over fixed-size row chunks,
 //! added in chunk order; the embedding backward buckets tokens by id so that each gradient row is
 //! owned by one task that adds its tokens in order; `gemm` never splits the inner dimension
-//! across threads.
+//! across threads, and where we split it ourselves (weight gradients, over tokens) the parts are
+//! fixed by the shape and added in part order.
 //!
 //! The attention forward saves the softmax probabilities for the backward
 //! (`attention_saved_len = n_head · Σ T_s²`): sequence by sequence, head by head, one row-major
@@ -44,6 +45,15 @@ const REDUCE_ROWS: usize = 32;
 const ATTN_BLOCK: usize = 32;
 /// Products with at least this many multiply-adds run multi-threaded inside `gemm`.
 const GEMM_PARALLEL_FLOPS: usize = 1 << 18;
+/// Rows per block of the fused product + GELU (`matmul_bias_gelu_forward`): more than 64, see there;
+/// small enough that a block's `pre` (`rows × oc` f32, 256 KiB at oc = 512) stays in L2 for the GELU.
+const GELU_FUSE_ROWS: usize = 128;
+/// Tokens per part when a weight gradient's token dimension is split (see [`weight_grad_parts`]).
+const WGRAD_PART_TOKENS: usize = 512;
+/// Most parts a weight gradient is split into.
+const WGRAD_MAX_PARTS: usize = 8;
+/// Bound on the scratch partial gradients of a split weight gradient, in elements (32 MiB).
+const WGRAD_SCRATCH_ELEMS: usize = 1 << 23;
 
 /// A raw pointer that may cross threads. Used only where parallel tasks write provably disjoint
 /// strided regions of one buffer (attention heads), which safe slices cannot express.
@@ -66,10 +76,18 @@ struct Mat {
     rs: isize,
     cs: isize,
 }
+// A `Mat` is only ever read through, so tasks on several threads may share one.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
 
 impl Mat {
     fn new(ptr: *const f32, rs: usize, cs: usize) -> Self {
         Mat { ptr, rs: rs as isize, cs: cs as isize }
+    }
+
+    /// The view whose element `(0, 0)` is this one's `(r, c)`.
+    fn from(self, r: usize, c: usize) -> Self {
+        Mat { ptr: self.ptr.wrapping_offset(r as isize * self.rs + c as isize * self.cs), ..self }
     }
 }
 
@@ -113,6 +131,68 @@ unsafe fn gemm_f32(
         false,
         parallelism,
     );
+}
+
+/// How many parts of the token dimension a weight gradient `[m, n]` summed over `k` tokens is split
+/// into: about [`WGRAD_PART_TOKENS`] tokens each, at most [`WGRAD_MAX_PARTS`], and only as many as
+/// [`WGRAD_SCRATCH_ELEMS`] of scratch allows. A function of the shape alone, never of the thread
+/// count, so the gradient's bits are the same on any machine.
+fn weight_grad_parts(m: usize, n: usize, k: usize) -> usize {
+    let by_scratch = 1 + WGRAD_SCRATCH_ELEMS / (m * n).max(1);
+    (k / WGRAD_PART_TOKENS).min(WGRAD_MAX_PARTS).min(by_scratch).max(1)
+}
+
+/// `dst[m, n] += lhs[m, k] · rhs[k, n]` for a weight gradient, whose inner dimension `k` (tokens)
+/// is long and whose output is small.
+///
+/// Why split: `gemm` parallelises over the output only, and for a small output with a long `k`
+/// (the QKV weight gradient: 128 × 384 over 2,048 tokens) each thread repacks the whole of one
+/// operand for a narrow slice of columns, and meets at two barriers per 512-token block; it ran no
+/// faster on two threads than on one. Here each part of [`weight_grad_parts`] runs `gemm` over its
+/// own tokens (single-threaded when there are at least as many parts as threads), part 0 straight
+/// into `dst`, the others into scratch, added after in part order: `dst = ((dst + P₀) + P₁) + …`.
+///
+/// # Safety
+/// As [`gemm_f32`]: the views address valid memory for their shapes, `dst` aliases neither.
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_weight_grad(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: Mat, rhs: Mat) {
+    let parts = weight_grad_parts(m, n, k);
+    if parts == 1 {
+        gemm_f32(m, n, k, dst, dst_rs, true, lhs, rhs, 1.0, true);
+        return;
+    }
+    // Only the speed depends on this: `gemm`'s results do not depend on its threading.
+    let inner_parallel = parts < rayon::current_num_threads();
+    let tokens = k.div_ceil(parts);
+    let part_views = |p: usize| {
+        let t0 = p * tokens;
+        let len = tokens.min(k.saturating_sub(t0));
+        (len, lhs.from(0, t0), rhs.from(t0, 0))
+    };
+    let dst = SyncPtr(dst);
+    let mut scratch = vec![0.0f32; (parts - 1) * m * n];
+    rayon::join(
+        || {
+            let (len, lhs_0, rhs_0) = part_views(0);
+            // SAFETY: part 0 of the caller's views; `dst` is written by this task only.
+            unsafe { gemm_f32(m, n, len, dst.get(), dst_rs, true, lhs_0, rhs_0, 1.0, inner_parallel) }
+        },
+        || {
+            scratch.par_chunks_mut(m * n).enumerate().for_each(|(i, partial)| {
+                let (len, lhs_p, rhs_p) = part_views(i + 1);
+                // SAFETY: a part of the caller's views; `partial` is this task's own [m, n] matrix.
+                unsafe { gemm_f32(m, n, len, partial.as_mut_ptr(), n, false, lhs_p, rhs_p, 1.0, inner_parallel) }
+            });
+        },
+    );
+    // dst += P₁ + … in part order, in parallel over rows of dst.
+    (0..m).into_par_iter().with_min_len(16).for_each(|r| {
+        // SAFETY: row r of dst (n elements at stride 1 from r · dst_rs) is touched by this task only.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * dst_rs), n) };
+        for partial in scratch.chunks_exact(m * n) {
+            row.iter_mut().zip(&partial[r * n..(r + 1) * n]).for_each(|(d, &p)| *d += p);
+        }
+    });
 }
 
 /// `acc[j] += Σ_rows rows[r, j]` over a row-major `[rows, width]` matrix, deterministically.
@@ -797,6 +877,55 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// Fused over row blocks: each task runs `gemm` on a block of [`GELU_FUSE_ROWS`]–`2·`that
+    /// many rows (single-threaded) and then the GELU row kernel on the block while its `pre` is
+    /// still in cache, instead of a second pass over all of `pre` after the whole product.
+    ///
+    /// Bit-identical to `matmul_forward` then `gelu_forward`: every block has more than 64 rows, so
+    /// `gemm` (0.19) takes for it the same path as for the whole product (not its one-row gemv, nor
+    /// its small-matrix blocking of `k`, which differ in the order they add), and an output
+    /// element's sum is one chain of multiply-adds over `k` whatever the rows around it. A batch of
+    /// fewer than two blocks runs the two ops unfused. `tests/cpu_ops.rs` holds it to this, bit for
+    /// bit, on odd shapes.
+    fn matmul_bias_gelu_forward(
+        &self,
+        pre: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let blocks = n / GELU_FUSE_ROWS;
+        if blocks < 2 || oc == 0 {
+            self.matmul_forward(pre, inp, weight, Some(bias), n, ic, oc, WeightLayout::InOut)?;
+            return self.gelu_forward(out, pre);
+        }
+        checks::matmul_forward(pre.len(), inp.len(), weight.len(), Some(bias.len()), n, ic, oc)?;
+        checks::gelu_forward(out.len(), pre.len())?;
+        // Blocks of GELU_FUSE_ROWS rows; the last one takes the remainder too.
+        let split = (blocks - 1) * GELU_FUSE_ROWS * oc;
+        let (pre_head, pre_last) = pre.split_at_mut(split);
+        let (out_head, out_last) = out.split_at_mut(split);
+        let pre_blocks = pre_head.par_chunks_mut(GELU_FUSE_ROWS * oc).chain(rayon::iter::once(pre_last));
+        let out_blocks = out_head.par_chunks_mut(GELU_FUSE_ROWS * oc).chain(rayon::iter::once(out_last));
+        let w = Mat::new(weight.as_ptr(), oc, 1);
+        let inp_m = Mat::new(inp.as_ptr(), ic, 1);
+        pre_blocks.zip(out_blocks).enumerate().for_each(|(b, (pre_block, out_block))| {
+            let rows = pre_block.len() / oc;
+            pre_block.chunks_exact_mut(oc).for_each(|row| row.copy_from_slice(bias));
+            // SAFETY: shapes checked above; rows b·GELU_FUSE_ROWS.. of `inp` exist; `pre` is distinct.
+            unsafe {
+                let inp_block = inp_m.from(b * GELU_FUSE_ROWS, 0);
+                gemm_f32(rows, oc, ic, pre_block.as_mut_ptr(), oc, true, inp_block, w, 1.0, false);
+            }
+            gelu_forward_kernel(out_block, pre_block);
+        });
+        Ok(())
+    }
+
     fn matmul_backward(
         &self,
         dinp: &mut Vec<f32>,
@@ -824,31 +953,13 @@ impl Backend for CpuBackend {
             gemm_f32(n, ic, oc, dinp.as_mut_ptr(), ic, false, dout_m, wt, 1.0, true);
             match layout {
                 // dW[ic, oc] += inpᵀ · dout
-                WeightLayout::InOut => gemm_f32(
-                    ic,
-                    oc,
-                    n,
-                    dweight.as_mut_ptr(),
-                    oc,
-                    true,
-                    Mat::new(inp.as_ptr(), 1, ic),
-                    dout_m,
-                    1.0,
-                    true,
-                ),
+                WeightLayout::InOut => {
+                    accumulate_weight_grad(ic, oc, n, dweight.as_mut_ptr(), oc, Mat::new(inp.as_ptr(), 1, ic), dout_m)
+                }
                 // dW[oc, ic] += doutᵀ · inp
-                WeightLayout::OutIn => gemm_f32(
-                    oc,
-                    ic,
-                    n,
-                    dweight.as_mut_ptr(),
-                    ic,
-                    true,
-                    Mat::new(dout.as_ptr(), 1, oc),
-                    inp_m,
-                    1.0,
-                    true,
-                ),
+                WeightLayout::OutIn => {
+                    accumulate_weight_grad(oc, ic, n, dweight.as_mut_ptr(), ic, Mat::new(dout.as_ptr(), 1, oc), inp_m)
+                }
             }
         }
         if let Some(db) = dbias {
