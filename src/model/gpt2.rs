@@ -633,8 +633,7 @@ impl<B: Backend> Gpt2<B> {
                 c,
                 eps,
             )?;
-            b.matmul_forward(&mut a.fch, &a.ln_2, &w.c_fc_w, Some(&w.c_fc_b), n, c, 4 * c, InOut)?;
-            b.gelu_forward(&mut a.fch_gelu, &a.fch)?;
+            b.matmul_bias_gelu_forward(&mut a.fch, &mut a.fch_gelu, &a.ln_2, &w.c_fc_w, &w.c_fc_b, n, c, 4 * c)?;
             b.matmul_forward(&mut acts.proj, &a.fch_gelu, &w.mlp_proj_w, Some(&w.mlp_proj_b), n, 4 * c, c, InOut)?;
             b.residual_forward(&mut a.residual_3, &a.residual_2, &acts.proj)?;
         }
