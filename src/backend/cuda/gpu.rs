@@ -1,6 +1,6 @@
 //! A real GPU through the CUDA driver API (cudarc, libraries loaded at run time): kernels from the
-//! fatbins build.rs embedded ([`super::kernels`]), one stream, stream-ordered allocations, GEMM
-//! through cuBLASLt with f32 accumulation.
+//! fatbins build.rs embedded ([`super::kernels`]), one stream, stream-ordered allocations (the pool
+//! keeps freed memory), GEMM through cuBLASLt with f32 accumulation and its bias and GELU epilogues.
 //!
 //! Modules are loaded once when the device is created; functions are looked up by name on first use
 //! and cached. A launch that asks for more than 48 KiB of dynamic shared memory raises the function's
