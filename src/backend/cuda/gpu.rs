@@ -3,8 +3,8 @@
 //! keeps freed memory), GEMM through cuBLASLt with f32 accumulation and its bias and GELU epilogues.
 //!
 //! Modules are loaded once when the device is created; functions are looked up by name on first use
-//! and cached. A launch that asks for more than 48 KiB of dynamic shared memory raises the function's
-//! limit first (as `cudaFuncSetAttribute` would). Argument counts and sizes are checked against the
+//! and cached. A launch that asks for more dynamic shared memory than the function allows (by default
+//! 48 KiB less its static shared memory) raises the function's limit first (`cuFuncSetAttribute`). Argument counts and sizes are checked against the
 //! kernel's parameter list (`cuFuncGetParamInfo`) the first time a kernel is launched.
 
 use std::collections::hash_map::Entry;
@@ -23,8 +23,6 @@ use super::kernels;
 
 /// cuBLASLt workspace (NVIDIA's recommendation for Hopper; more than enough for Ampere).
 const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
-/// Above this much dynamic shared memory a function needs its limit raised.
-const DEFAULT_MAX_DYNAMIC_SMEM: u32 = 48 * 1024;
 /// Most cached GEMM plans: packed batches change the token count every step, so shapes keep coming;
 /// past this many the cache starts over (a plan costs one heuristic query, some microseconds).
 const MAX_GEMM_PLANS: usize = 4096;
@@ -372,8 +370,20 @@ impl Gpu {
                     let stems: Vec<&str> = self.modules.iter().map(|m| m.stem).collect();
                     anyhow!("no kernel named `{name}` in the embedded fatbins (kernels/{{{}}}.cu)", stems.join(","))
                 })?;
-            let function =
-                Function { handle, max_dynamic_smem: DEFAULT_MAX_DYNAMIC_SMEM, param_sizes: param_sizes(handle) };
+            // What the function allows before any attribute is set: 48 KiB less its static shared
+            // memory (not 48 KiB: a kernel with static shared memory needs its limit raised sooner).
+            let mut allowed: c_int = 0;
+            // SAFETY: a valid function handle; writes one int.
+            let max_dynamic_smem = unsafe {
+                sys::cuFuncGetAttribute(
+                    &mut allowed,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    handle,
+                )
+                .result()
+            }
+            .map_or(0, |()| allowed.max(0) as u32);
+            let function = Function { handle, max_dynamic_smem, param_sizes: param_sizes(handle) };
             functions.insert(name.to_string(), function);
         }
         let function = functions.get_mut(name).unwrap();
