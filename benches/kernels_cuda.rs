@@ -105,6 +105,19 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
         g.finish();
     }
 
+    // ---- the MLP's first product with its bias and GELU (fused into the epilogue where the backend can) --
+    {
+        let mut g = c.benchmark_group(format!("{label}/matmul (Gelem/s = GFLOP/s)"));
+        let (ic, oc) = (ch, 4 * ch);
+        let inp = up(random(n * ic, 1.0, &mut rng));
+        let weight = up(random(ic * oc, 0.02, &mut rng));
+        let bias = up(random(oc, 0.02, &mut rng));
+        let (mut pre, mut out) = (backend.zeros(n * oc).unwrap(), backend.zeros(n * oc).unwrap());
+        let mut fused = || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
+        g.throughput(Throughput::Elements((2 * n * ic * oc) as u64));
+        g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| b.iter_custom(|iters| device_time(backend, iters, &mut fused)));
+    }
+
     // ---- attention -------------------------------------------------------------------------------
     {
         let qkv = up(random(n * 3 * ch, 1.0, &mut rng));
@@ -136,6 +149,20 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
     }
 
     let mut g = c.benchmark_group(format!("{label}/memory-bound (GB/s)"));
+
+    // ---- the measured roofline: a device-to-device copy as large as the LM head's logits --------
+    // The memory-bound kernels' GB/s read against this one (the target for the fused
+    // log-softmax-gather forward is 80% of it), not against the datasheet's peak.
+    {
+        let len = n * v;
+        let src = backend.zeros(len).unwrap();
+        let mut dst = backend.zeros(len).unwrap();
+        backend.copy(&mut dst, &src).unwrap();
+        g.throughput(Throughput::BytesDecimal(bytes(&src) + bytes(&dst)));
+        g.bench_function(format!("device_copy {n}x{v} (measured bandwidth)"), |b| {
+            b.iter_custom(|iters| device_time(backend, iters, || backend.copy(&mut dst, &src).unwrap()))
+        });
+    }
 
     // ---- layernorm -------------------------------------------------------------------------------
     {
@@ -175,6 +202,50 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
                         .layernorm_backward(&mut dinp, &mut dw, &mut db, &dout, &inp, &weight, &mean, &rstd, n, ch)
                         .unwrap()
                 })
+            })
+        });
+    }
+
+    // ---- residual add fused with the next LayerNorm, and the LM head's target-row selection -----
+    {
+        let a = up(random(n * ch, 1.0, &mut rng));
+        let bb = up(random(n * ch, 1.0, &mut rng));
+        let weight = up(random(ch, 1.0, &mut rng));
+        let bias = up(random(ch, 0.1, &mut rng));
+        let (mut residual, mut out) = (backend.zeros(n * ch).unwrap(), backend.zeros(n * ch).unwrap());
+        let (mut mean, mut rstd) = (backend.zeros(n).unwrap(), backend.zeros(n).unwrap());
+        let mut fused = || {
+            backend
+                .residual_layernorm_forward(
+                    &mut residual, &mut out, &mut mean, &mut rstd, &a, &bb, &weight, &bias, n, ch, 1e-5,
+                )
+                .unwrap()
+        };
+        fused();
+        // a, b read; residual, out written (bf16 or f32 like a); weight, bias read, mean, rstd written (f32).
+        let moved = 4 * bytes(&a) + 2 * bytes(&weight) + 2 * (4 * n) as u64;
+        g.throughput(Throughput::BytesDecimal(moved));
+        g.bench_function(format!("residual_layernorm_fwd {n}x{ch}"), |b| {
+            b.iter_custom(|iters| device_time(backend, iters, &mut fused))
+        });
+        let rows: Vec<i32> =
+            s.response_targets(&mut rng).iter().enumerate().filter(|(_, &t)| t >= 0).map(|(i, _)| i as i32).collect();
+        let m = rows.len();
+        let rows = backend.upload_ids(&rows).unwrap();
+        let mut picked = backend.zeros(m * ch).unwrap();
+        let mut scattered = backend.zeros(n * ch).unwrap();
+        backend.gather_rows(&mut picked, &a, &rows, m, n, ch).unwrap();
+        backend.scatter_rows(&mut scattered, &picked, &rows, m, n, ch).unwrap();
+        g.throughput(Throughput::BytesDecimal(2 * bytes(&picked)));
+        g.bench_function(format!("gather_rows {m} of {n}x{ch}"), |b| {
+            b.iter_custom(|iters| {
+                device_time(backend, iters, || backend.gather_rows(&mut picked, &a, &rows, m, n, ch).unwrap())
+            })
+        });
+        g.throughput(Throughput::BytesDecimal(bytes(&picked) + bytes(&scattered)));
+        g.bench_function(format!("scatter_rows {m} into {n}x{ch}"), |b| {
+            b.iter_custom(|iters| {
+                device_time(backend, iters, || backend.scatter_rows(&mut scattered, &picked, &rows, m, n, ch).unwrap())
             })
         });
     }

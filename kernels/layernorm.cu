@@ -4,13 +4,17 @@
 //     backward: dinp += rstd·(dy·w − mean(dy·w) − x̂·mean(dy·w·x̂))     (accumulates)
 //               dweight += Σ_rows dy·x̂,  dbias += Σ_rows dy                 (accumulate)
 //
-// CPU twins (src/backend/cpu.rs): `layernorm_forward`, `layernorm_backward`. mean and rstd are kept in
-// f32 whatever the storage type of the activations.
+//     fused:    residual = a + b, then the forward of residual (the residual add before ln_2, ln_1
+//               of the next block and ln_f; its backward is the LayerNorm backward accumulating into
+//               the residual stream's gradient)
+//
+// CPU twins (src/backend/cpu.rs): `layernorm_forward`, `residual_layernorm_forward`, `layernorm_backward`.
+// mean and rstd are kept in f32 whatever the storage type of the activations.
 //
 // Launch shapes:
-// - layernorm_forward_<T>, layernorm_backward_dinp_<T>: one warp per row, 4 warps (128 threads) per
-//   block, grid ceil(n / 4). Two passes for the variance (mean first, then the centred sum), as the CPU
-//   does: no cancellation.
+// - layernorm_forward_<T>, residual_layernorm_forward_<T>, layernorm_backward_dinp_<T>: one warp per
+//   row, 4 warps (128 threads) per block, grid ceil(n / 4). Two passes for the variance (mean first,
+//   then the centred sum), as the CPU does: no cancellation.
 // - layernorm_backward_params_partial_<T>: grid (ceil(c / 256), num_chunks), 256 threads; each thread
 //   owns one channel of one chunk of `rows_per_chunk` rows and writes that chunk's partial dweight and
 //   dbias to `partial [num_chunks, 2, c]` (f32).
@@ -23,6 +27,30 @@
 
 #define LN_WARPS_PER_BLOCK 4
 
+/// The part of a LayerNorm row shared by `layernorm_forward` and `residual_layernorm_forward`: given
+/// this lane's share of the row sum (elements lane, lane + 32, ...), the mean, then the centred
+/// variance from a second read of `x`, then `out`; lane 0 stores the statistics. The whole warp calls
+/// it (warp reductions inside).
+template <typename T>
+__device__ __forceinline__ void layernorm_row_from_sum(T* o, float* mean, float* rstd, const T* x, const T* weight,
+                                                       const T* bias, int row, int c, float eps, float lane_sum) {
+    const int lane = threadIdx.x % 32;
+    const float m = warp_reduce_sum(lane_sum) / c;
+    float sq = 0.0f;
+    for (int j = lane; j < c; j += 32) {
+        const float d = to_float(x[j]) - m;
+        sq += d * d;
+    }
+    const float r = 1.0f / sqrtf(warp_reduce_sum(sq) / c + eps);
+    for (int j = lane; j < c; j += 32) {
+        o[j] = from_float<T>((to_float(x[j]) - m) * r * to_float(weight[j]) + to_float(bias[j]));
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
 template <typename T>
 __device__ void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias,
                                   int n, int c, float eps) {
@@ -32,21 +60,29 @@ __device__ void layernorm_forward(T* out, float* mean, float* rstd, const T* inp
     const T* x = inp + (long long)row * c;
     float sum = 0.0f;
     for (int j = lane; j < c; j += 32) sum += to_float(x[j]);
-    const float m = warp_reduce_sum(sum) / c;
-    float sq = 0.0f;
+    layernorm_row_from_sum(out + (long long)row * c, mean, rstd, x, weight, bias, row, c, eps, sum);
+}
+
+/// `residual = a + b` and the LayerNorm of `residual`, one warp per row: the first pass writes the
+/// residual and sums it, so the sum costs no extra read. The sum is taken over the values as stored
+/// (rounded to T), and the later passes re-read the stored row (each lane reads back only what it
+/// wrote, so no barrier is needed): the statistics are those of the residual the backward will read,
+/// exactly as with `residual_forward` followed by `layernorm_forward`.
+template <typename T>
+__device__ void residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* a, const T* b,
+                                           const T* weight, const T* bias, int n, int c, float eps) {
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * LN_WARPS_PER_BLOCK + threadIdx.x / 32;
+    if (row >= n) return;  // the whole warp leaves together; there is no block-wide barrier below
+    const long long base = (long long)row * c;
+    T* x = residual + base;
+    float sum = 0.0f;
     for (int j = lane; j < c; j += 32) {
-        const float d = to_float(x[j]) - m;
-        sq += d * d;
+        const T stored = from_float<T>(to_float(a[base + j]) + to_float(b[base + j]));
+        x[j] = stored;
+        sum += to_float(stored);
     }
-    const float r = 1.0f / sqrtf(warp_reduce_sum(sq) / c + eps);
-    T* o = out + (long long)row * c;
-    for (int j = lane; j < c; j += 32) {
-        o[j] = from_float<T>((to_float(x[j]) - m) * r * to_float(weight[j]) + to_float(bias[j]));
-    }
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = r;
-    }
+    layernorm_row_from_sum(out + base, mean, rstd, x, weight, bias, row, c, eps, sum);
 }
 
 template <typename T>
@@ -112,6 +148,13 @@ __device__ void layernorm_backward_params_reduce(T* dweight, T* dbias, const flo
         layernorm_forward<T>(out, mean, rstd, inp, weight, bias, n, c, eps);                                 \
     }                                                                                                         \
     EMU_REGISTER(layernorm_forward_##suffix)                                                                  \
+    extern "C" __global__ void residual_layernorm_forward_##suffix(T* residual, T* out, float* mean,         \
+                                                                   float* rstd, const T* a, const T* b,      \
+                                                                   const T* weight, const T* bias, int n,    \
+                                                                   int c, float eps) {                       \
+        residual_layernorm_forward<T>(residual, out, mean, rstd, a, b, weight, bias, n, c, eps);             \
+    }                                                                                                         \
+    EMU_REGISTER(residual_layernorm_forward_##suffix)                                                         \
     extern "C" __global__ void layernorm_backward_dinp_##suffix(T* dinp, const T* dout, const T* inp,        \
                                                                 const T* weight, const float* mean,          \
                                                                 const float* rstd, int n, int c) {           \

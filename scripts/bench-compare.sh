@@ -70,6 +70,7 @@ cols = [
     ("GFLOP/s", lambda r: fmt(r["flops_per_s"] / 1e9, ".2f"), ">8"),
     ("MFU", lambda r: fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""), ">6"),
     ("peak MiB", lambda r: fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f"), ">8"),
+    ("RSS MiB", lambda r: fmt(r.get("peak_host_rss_bytes") and r["peak_host_rss_bytes"] / 2**20, ".0f"), ">8"),
     ("loss", lambda r: fmt(r["final_loss"], ".4f"), ">7"),
 ]
 print("  ".join(format(h, s) for h, _, s in cols))
@@ -81,5 +82,6 @@ print(f"{'phase':<18}" + "".join(f"{r['engine']:>15}" for r in runs))
 for p in phases:
     print(f"{p:<18}" + "".join(f"{fmt(r['phases_ms'].get(p), '.2f'):>15}" for r in runs))
 print(f"\ndevices: " + "; ".join(f"{r['engine']}: {r['device']}" for r in runs))
+print("peak memory: " + "; ".join(f"{r['engine']}: {r['memory_source']}" for r in runs))
 print(f"JSON: {out}")
 PY

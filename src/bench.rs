@@ -1,11 +1,18 @@
 //! The training-step benchmark: N timed DPO/SafeDPO steps after a warm-up, on synthetic data.
 //!
-//! One step is what the trainer does per batch: the reference model's forward (no backward) to get
-//! the reference sequence log-probs, the policy's forward on the chosen and rejected sequences
-//! (packed together, through the fused log-softmax-gather), the preference loss, the policy's
-//! backward, global grad-norm clipping and AdamW. Each phase is timed between two
-//! `backend.synchronize()` calls, so on a GPU the breakdown is honest at the cost of a few
-//! bubbles.
+//! One step is what the trainer does per batch: the reference model's forward (a frozen model, as
+//! the trainer's: no gradients, two layers of activations) to get the reference sequence log-probs,
+//! the policy's forward on the chosen and rejected sequences (packed together, through the fused
+//! log-softmax-gather), the preference loss, the policy's backward, global grad-norm clipping and
+//! AdamW. Each phase is timed between two `backend.synchronize()` calls, so on a GPU the breakdown
+//! is honest at the cost of a few bubbles.
+//!
+//! Memory: `peak_memory_bytes` is the most device memory the backend's buffers held at once during
+//! the warm-up and timed steps, counted from the end of the setup, as the baseline reports
+//! `torch.cuda.max_memory_allocated()` after `torch.cuda.reset_peak_memory_stats()`: both models'
+//! weights, the gradients, the optimizer state and the activations. On a backend that does not
+//! count its memory (the CPU) it is the process's peak resident set instead, as `memory_source`
+//! says. `peak_host_rss_bytes` is the process's peak resident set in every case.
 //!
 //! The report's JSON field names are stable: `benches/baselines/torch_dpo.py` prints the same ones
 //! for PyTorch, and `scripts/bench-compare.sh` lines the two up.
@@ -24,9 +31,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DeviceKind, PAIR_METRICS};
+use crate::backend::{Backend, DeviceKind, MemoryStats, PAIR_METRICS};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
+use crate::model::gpt2::random_weights;
 use crate::model::{DeviceBatch, Gpt2, Gpt2Config};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
 
@@ -266,14 +274,26 @@ pub struct BenchReport {
     pub flops_per_s: f64,
     /// `flops_per_s / peak_flops` when a peak was given.
     pub mfu: Option<f64>,
-    /// Peak memory in bytes, with its source in `memory_source`.
+    /// Peak memory in bytes, with its source in `memory_source` (see the module doc): the device's
+    /// peak allocation (weights, gradients, optimizer state, activations) where the backend counts
+    /// it, else the process's peak resident set.
     pub peak_memory_bytes: Option<u64>,
-    /// "VmHWM" (peak resident set of the process, from /proc/self/status), or a device's allocator.
+    /// [`DEVICE_MEMORY_SOURCE`] (the backend's count of its device buffers;
+    /// "torch.cuda.max_memory_allocated" in the baseline) or [`HOST_MEMORY_SOURCE`].
     pub memory_source: String,
+    /// Peak resident set of the process (VmHWM), whatever the device; None where /proc is missing.
+    /// Absent from reports written before the field existed.
+    #[serde(default)]
+    pub peak_host_rss_bytes: Option<u64>,
     /// Mean preference loss of the last timed step (a sanity check: finite, near ln 2 at the start).
     pub final_loss: f64,
     pub notes: Vec<String>,
 }
+
+/// `memory_source` when `peak_memory_bytes` is the backend's own count of its device buffers.
+pub const DEVICE_MEMORY_SOURCE: &str = "device allocator";
+/// `memory_source` when `peak_memory_bytes` is the process's peak resident set (/proc/self/status).
+pub const HOST_MEMORY_SOURCE: &str = "VmHWM";
 
 /// One timed step's measurements.
 #[derive(Clone, Copy, Debug, Default)]
@@ -310,8 +330,11 @@ const DISTINCT_BATCHES: usize = 4;
 impl<B: Backend> StepRunner<B> {
     pub fn new(backend: Arc<B>, cfg: &BenchConfig) -> Result<Self> {
         cfg.validate()?;
-        let policy = Gpt2::random(backend.clone(), cfg.model_config(), cfg.seed).context("building the policy")?;
-        let reference = Gpt2::from_host(backend.clone(), &policy.to_host()?).context("building the reference model")?;
+        let weights = random_weights(cfg.model_config(), cfg.seed)?;
+        let policy = Gpt2::from_host(backend.clone(), &weights).context("building the policy")?;
+        // Inference only, as the trainer's: no gradients, two layers of activations.
+        let reference = Gpt2::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
+        drop(weights);
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5afe_d90b);
         let (mut batches, mut unsafe_flags, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..DISTINCT_BATCHES.min(cfg.warmup_steps + cfg.steps).max(1) {
@@ -421,6 +444,9 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
 /// Runs `cfg.warmup_steps` untimed steps then `cfg.steps` timed ones, and reports.
 pub fn run_bench<B: Backend>(backend: Arc<B>, cfg: &BenchConfig) -> Result<BenchReport> {
     let mut runner = StepRunner::new(backend.clone(), cfg)?;
+    // As the baseline resets torch's peak after building its models: the peak then starts from what
+    // the setup left allocated (weights, optimizer state, batches), not from its transients.
+    backend.reset_peak_memory();
     for _ in 0..cfg.warmup_steps {
         runner.step()?;
     }
@@ -430,7 +456,8 @@ pub fn run_bench<B: Backend>(backend: Arc<B>, cfg: &BenchConfig) -> Result<Bench
     }
     let mut report =
         report_from_samples(cfg, &samples, runner.num_params(), backend.name(), rayon::current_num_threads());
-    report.peak_memory_bytes = peak_rss_bytes();
+    backend.synchronize()?;
+    report.set_memory(backend.memory_stats(), peak_rss_bytes());
     Ok(report)
 }
 
@@ -476,9 +503,22 @@ pub fn report_from_samples(
         flops_per_s,
         mfu: cfg.peak_flops.map(|peak| flops_per_s / peak),
         peak_memory_bytes: None,
-        memory_source: "VmHWM".to_string(),
+        memory_source: HOST_MEMORY_SOURCE.to_string(),
+        peak_host_rss_bytes: None,
         final_loss: samples.last().map_or(f64::NAN, |s| s.loss),
         notes,
+    }
+}
+
+impl BenchReport {
+    /// Fills the memory fields: the device's peak where the backend counts its memory, else the
+    /// process's peak resident set; the resident set separately in any case.
+    pub fn set_memory(&mut self, device: Option<MemoryStats>, host_rss: Option<u64>) {
+        self.peak_host_rss_bytes = host_rss;
+        (self.peak_memory_bytes, self.memory_source) = match device {
+            Some(stats) => (Some(stats.peak_bytes), DEVICE_MEMORY_SOURCE.to_string()),
+            None => (host_rss, HOST_MEMORY_SOURCE.to_string()),
+        };
     }
 }
 
@@ -530,11 +570,14 @@ impl fmt::Display for BenchReport {
             self.flops_per_step / 1e9,
             self.flops_per_s / 1e9
         )?;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         match self.peak_memory_bytes {
-            Some(b) => {
-                writeln!(f, "peak memory       {:.1} MiB ({})", b as f64 / (1024.0 * 1024.0), self.memory_source)?
-            }
+            Some(b) => writeln!(f, "peak memory       {:.1} MiB ({})", mib(b), self.memory_source)?,
             None => writeln!(f, "peak memory       n/a")?,
+        }
+        // The resident set again only when the line above is about the device.
+        if let (Some(rss), true) = (self.peak_host_rss_bytes, self.memory_source != HOST_MEMORY_SOURCE) {
+            writeln!(f, "peak host RSS     {:.1} MiB ({HOST_MEMORY_SOURCE})", mib(rss))?;
         }
         writeln!(f, "final loss        {:.6}", self.final_loss)?;
         let p = &self.phases_ms;
@@ -793,6 +836,7 @@ mod tests {
             "mfu",
             "peak_memory_bytes",
             "memory_source",
+            "peak_host_rss_bytes",
             "final_loss",
             "notes",
         ] {
@@ -888,9 +932,63 @@ mod tests {
         assert!(r.phases_ms.reference_forward < r.phases_ms.policy_forward, "SimPO runs no reference forward");
         assert!(r.final_loss.is_finite());
         if cfg!(target_os = "linux") {
+            // The CPU counts no device memory: the headline peak is the resident set.
+            assert_eq!(r.memory_source, HOST_MEMORY_SOURCE);
             assert!(r.peak_memory_bytes.unwrap() > 0);
+            assert_eq!(r.peak_memory_bytes, r.peak_host_rss_bytes);
         }
         assert_eq!(r.config, cfg);
+    }
+
+    #[test]
+    fn memory_fields_prefer_the_device_and_keep_the_resident_set() {
+        let mut r = report_from_samples(&BenchConfig::default(), &[StepSample::default()], 10, "x".into(), 1);
+        r.set_memory(None, Some(7 << 20));
+        assert_eq!((r.peak_memory_bytes, r.peak_host_rss_bytes), (Some(7 << 20), Some(7 << 20)));
+        assert_eq!(r.memory_source, HOST_MEMORY_SOURCE);
+        assert!(r.to_string().contains("peak memory       7.0 MiB (VmHWM)"), "{r}");
+        assert!(!r.to_string().contains("host RSS"), "{r}");
+
+        let device = MemoryStats { current_bytes: 1 << 20, peak_bytes: 3 << 20 };
+        r.set_memory(Some(device), Some(7 << 20));
+        assert_eq!((r.peak_memory_bytes, r.peak_host_rss_bytes), (Some(3 << 20), Some(7 << 20)));
+        assert_eq!(r.memory_source, DEVICE_MEMORY_SOURCE);
+        let table = r.to_string();
+        assert!(table.contains("peak memory       3.0 MiB (device allocator)"), "{table}");
+        assert!(table.contains("peak host RSS     7.0 MiB (VmHWM)"), "{table}");
+
+        r.set_memory(None, None);
+        assert_eq!((r.peak_memory_bytes, r.peak_host_rss_bytes), (None, None));
+        assert!(r.to_string().contains("peak memory       n/a"));
+
+        // A report written before `peak_host_rss_bytes` existed still reads.
+        let mut json = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("peak_host_rss_bytes");
+        assert_eq!(serde_json::from_value::<BenchReport>(json).unwrap(), r);
+    }
+
+    #[test]
+    fn run_bench_on_the_emulated_device_reports_its_memory() {
+        use crate::backend::cuda::{CudaBackend, Device, Precision};
+        let backend = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16));
+        let cfg = BenchConfig { device: "emu".into(), ..tiny_cfg(Objective::SafeDpo { beta: 0.1, delta: 3.0 }) };
+        let r = run_bench(backend.clone(), &cfg).unwrap();
+        assert!(r.final_loss.is_finite());
+        match backend.memory_stats() {
+            Some(stats) => {
+                assert_eq!(r.memory_source, DEVICE_MEMORY_SOURCE);
+                let peak = r.peak_memory_bytes.unwrap();
+                // The peak holds at least both models' bf16 weights (the policy's with their fp32
+                // masters and bf16 gradients) and two fp32 AdamW moments.
+                let p = r.num_params as u64;
+                assert!(peak >= (2 + (2 + 4 + 2) + 8) * p, "peak {peak} bytes for {p} parameters");
+                assert!(peak >= stats.current_bytes, "{stats:?}");
+            }
+            None => assert_eq!(r.memory_source, HOST_MEMORY_SOURCE),
+        }
+        if cfg!(target_os = "linux") {
+            assert!(r.peak_host_rss_bytes.unwrap() > 0);
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! max_len = 512
 //! eval_fraction = 0.05
 //! skip_invalid = false
+//! sft_safe_only = true       # sft: train only on chosen responses labelled safe
 //!
 //! [objective]
 //! name = "safedpo"           # dpo | safedpo | ipo | robust | cdpo | hinge | rpo | simpo | npo
@@ -146,6 +147,9 @@ pub struct DataConfig {
     pub eval_fraction: f64,
     /// Skip malformed lines instead of failing on the first one.
     pub skip_invalid: bool,
+    /// SFT trains only on chosen responses labelled safe (default). `false`: on every chosen
+    /// response, a helpfulness-only SFT like the paper's Alpaca reference, which SafeDPO then aligns.
+    pub sft_safe_only: bool,
 }
 
 impl Default for DataConfig {
@@ -159,6 +163,7 @@ impl Default for DataConfig {
             max_len: 512,
             eval_fraction: 0.05,
             skip_invalid: false,
+            sft_safe_only: true,
         }
     }
 }

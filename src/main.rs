@@ -191,6 +191,13 @@ macro_rules! with_backend {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and closed early ends the process quietly, as for any Unix tool,
+    // instead of `println!` panicking on the broken pipe (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -316,9 +323,11 @@ fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::Token
     })
 }
 
+/// The policy and the reference, both frozen: `logps` and `eval` only run forwards.
 fn load_models<B: Backend>(backend: &Arc<B>, policy: &Path, reference: &Path) -> Result<(Gpt2<B>, Gpt2<B>)> {
-    let p = Gpt2::load(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
-    let r = Gpt2::load(backend.clone(), reference)
+    let p =
+        Gpt2::load_frozen(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
+    let r = Gpt2::load_frozen(backend.clone(), reference)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
     Ok((p, r))
 }
@@ -397,7 +406,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
     let mut model =
-        Gpt2::load(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
+        Gpt2::load_frozen(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
         tok.encode(&args.prompt)
     } else {

@@ -87,7 +87,7 @@ impl<B: Backend> AdamW<B> {
         cfg.validate()?;
         let backend = model.backend().clone();
         let mut slots = Vec::new();
-        for (name, param, grad) in model.params_and_grads_mut() {
+        for (name, param, grad) in model.params_and_grads_mut()? {
             let len = backend.buf_len(param);
             ensure!(
                 backend.buf_len(grad) == len,
@@ -125,7 +125,7 @@ impl<B: Backend> AdamW<B> {
             "adamw: the model is on another backend than the optimizer state"
         );
         let backend = self.backend.clone();
-        let params = model.params_and_grads_mut();
+        let params = model.params_and_grads_mut()?;
         ensure!(
             params.len() == self.slots.len(),
             "adamw: the model has {} parameter tensors, the optimizer state {}",
@@ -240,7 +240,7 @@ pub fn sgd_step<B: Backend>(model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Re
     ensure!(lr.is_finite(), "sgd: learning rate {lr} is not finite");
     ensure!(grad_scale.is_finite(), "sgd: grad_scale {grad_scale} is not finite");
     let backend = model.backend().clone();
-    for (name, param, grad) in model.params_and_grads_mut() {
+    for (name, param, grad) in model.params_and_grads_mut()? {
         backend.sgd(param, grad, lr, grad_scale).with_context(|| format!("sgd on {name}"))?;
     }
     Ok(())
@@ -253,7 +253,7 @@ pub fn sgd_step<B: Backend>(model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Re
 /// A non-finite norm (overflowed or NaN gradients) is returned as is, with scale 1: the caller
 /// decides whether to skip the step or stop, and must check `norm.is_finite()`.
 pub fn clip_scale<B: Backend>(model: &Gpt2<B>, max_norm: f32) -> Result<(f32, f32)> {
-    let sum_squares = model.backend().sum_squares(&model.grads()).context("global grad norm")?;
+    let sum_squares = model.backend().sum_squares(&model.grads()?).context("global grad norm")?;
     let norm = sum_squares.sqrt() as f32;
     let scale = if max_norm > 0.0 && norm.is_finite() { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
     Ok((norm, scale))

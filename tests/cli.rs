@@ -68,8 +68,14 @@ fn demo_quick_trains_and_writes_its_outputs() {
     for needle in ["safe-preferred accuracy", "reward accuracy", "reward margin", "before", "after", "tokens/s"] {
         assert!(stdout.contains(needle), "summary lacks {needle:?}:\n{stdout}");
     }
-    for file in ["data.jsonl", "metrics.jsonl", "plot.svg", "sft/final/model.safetensors", "safedpo/final/config.json"]
-    {
+    for file in [
+        "train.jsonl",
+        "eval.jsonl",
+        "metrics.jsonl",
+        "plot.svg",
+        "sft/final/model.safetensors",
+        "safedpo/final/config.json",
+    ] {
         assert!(out_dir.join(file).is_file(), "demo did not write {file}");
     }
     let recs = safedpo::plot::read_metrics(&out_dir.join("metrics.jsonl")).unwrap();

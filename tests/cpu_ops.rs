@@ -257,6 +257,51 @@ fn layernorm_backward_matches_finite_differences() {
     }
 }
 
+/// The fused residual add + LayerNorm is the add followed by the LayerNorm, bit for bit (the model's
+/// gradient checks cover the composition; this pins the fusion to it). Odd widths (tails shorter
+/// than a SIMD lane group), a single row and a single channel included.
+#[test]
+fn residual_layernorm_forward_is_residual_then_layernorm_bit_for_bit() {
+    let be = backend();
+    let mut r = rng(21);
+    for (n, c) in [(1, 1), (1, 37), (9, 33), (70, 13), (5, 1), (33, 771)] {
+        let eps = 1e-5;
+        // A large common offset in one input, as in a residual stream far from zero.
+        let a: Vec<f32> = randn(&mut r, n * c, 1.0).iter().map(|x| x + 20.0).collect();
+        let b = randn(&mut r, n * c, 3.0);
+        let (w, bias) = (randn(&mut r, c, 1.0), randn(&mut r, c, 1.0));
+
+        let mut want_residual = poison(n * c);
+        be.residual_forward(&mut want_residual, &a, &b).unwrap();
+        let (mut want_out, mut want_mean, mut want_rstd) = (poison(n * c), poison(n), poison(n));
+        be.layernorm_forward(&mut want_out, &mut want_mean, &mut want_rstd, &want_residual, &w, &bias, n, c, eps)
+            .unwrap();
+
+        let (mut residual, mut out, mut mean, mut rstd) = (poison(n * c), poison(n * c), poison(n), poison(n));
+        be.residual_layernorm_forward(&mut residual, &mut out, &mut mean, &mut rstd, &a, &b, &w, &bias, n, c, eps)
+            .unwrap();
+        let shape = format!("[{n}, {c}]");
+        assert_bitwise_eq(&format!("residual {shape}"), &residual, &want_residual);
+        assert_bitwise_eq(&format!("out {shape}"), &out, &want_out);
+        assert_bitwise_eq(&format!("mean {shape}"), &mean, &want_mean);
+        assert_bitwise_eq(&format!("rstd {shape}"), &rstd, &want_rstd);
+        // and the values are right, not just consistent: against the f64 twin of the composition
+        let sum: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 + y as f64).collect();
+        let (twin_out, _, _) = layernorm_twin(&sum, &to_f64(&w), &to_f64(&bias), n, c, eps as f64);
+        assert_close_scaled(&format!("out vs twin {shape}"), &out, &twin_out, 1e-4);
+    }
+
+    let (n, c) = (3, 4);
+    let (mut residual, mut out, mut mean, mut rstd) = (poison(n * c), poison(n * c), poison(n), poison(n));
+    let (x, w) = (vec![0.0; n * c], vec![1.0; c]);
+    let short = vec![0.0; n * c - 1];
+    let err = be
+        .residual_layernorm_forward(&mut residual, &mut out, &mut mean, &mut rstd, &x, &short, &w, &w, n, c, 1e-5)
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("residual_layernorm_forward") && msg.contains("`b`") && msg.contains("11"), "{msg}");
+}
+
 // ---- matmul -------------------------------------------------------------------------------------
 
 const LAYOUTS: [WeightLayout; 2] = [WeightLayout::InOut, WeightLayout::OutIn];
@@ -684,6 +729,9 @@ fn run_all_ops(be: &CpuBackend, seed: u64) -> Vec<f32> {
     let (mut dxl, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
     be.layernorm_backward(&mut dxl, &mut dw, &mut db, &dx, &x, &w, &mean, &rstd, n, c).unwrap();
     outputs.extend([y, dxl, dw, db].concat());
+    let (mut res, mut y2) = (vec![0.0; n * c], vec![0.0; n * c]);
+    be.residual_layernorm_forward(&mut res, &mut y2, &mut mean, &mut rstd, &x, &dx, &w, &b, n, c, 1e-5).unwrap();
+    outputs.extend([res, y2, mean.clone(), rstd.clone()].concat());
 
     for layout in LAYOUTS {
         let wm = randn(&mut r, c * v, 0.1);

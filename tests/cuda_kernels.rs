@@ -179,6 +179,87 @@ fn layernorm(device: &Device, precision: Precision) {
     }
 }
 
+/// The fused residual add + LayerNorm. The residual is checked against the CPU's; the LayerNorm
+/// outputs against the CPU's LayerNorm of the residual *as stored* (rounded to bf16 in Bf16 mode),
+/// with the f32 statistics held to 1e-5 in both modes: the statistics must come from the rounded
+/// residual that the backward re-reads, not from the f32 sums. The fused kernel must also equal the
+/// unfused pair of launches on the same device bit for bit.
+fn residual_layernorm(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 30);
+    let mut shapes = vec![(1, 1), (1, 45), (4, 32), (9, 300)];
+    for _ in 0..3 {
+        shapes.push((f.rng.gen_range(1..40), f.rng.gen_range(1..200) * 2 + 1));
+    }
+    for (n, c) in shapes {
+        let shape = format!("[{n}, {c}]");
+        // a residual stream far from zero plus a branch: the bf16 rounding of the sum matters.
+        let a: Vec<f32> = f.randn(n * c, 2.0).iter().map(|x| x + 20.0).collect();
+        let a = f.stored(a);
+        let b = f.randn(n * c, 1.0);
+        let (w, bias) = (f.randn(c, 1.0), f.randn(c, 0.5));
+        let ((ca, ga), (cb, gb), (cw, gw), (cbias, gbias)) = (f.both(&a), f.both(&b), f.both(&w), f.both(&bias));
+
+        let (mut want_residual, mut got_residual) = f.poisoned(n * c);
+        let (mut want, mut got) = f.poisoned(n * c);
+        let (mut want_mean, mut got_mean) = f.poisoned(n);
+        let (mut want_rstd, mut got_rstd) = f.poisoned(n);
+        f.cuda
+            .residual_layernorm_forward(
+                &mut got_residual,
+                &mut got,
+                &mut got_mean,
+                &mut got_rstd,
+                &ga,
+                &gb,
+                &gw,
+                &gbias,
+                n,
+                c,
+                1e-5,
+            )
+            .unwrap();
+        f.cpu
+            .residual_layernorm_forward(
+                &mut want_residual,
+                &mut want,
+                &mut want_mean,
+                &mut want_rstd,
+                &ca,
+                &cb,
+                &cw,
+                &cbias,
+                n,
+                c,
+                1e-5,
+            )
+            .unwrap();
+        f.check(&format!("residual_layernorm_forward residual {shape}"), &got_residual, &want_residual);
+        let stored_residual = f.stored(want_residual.clone());
+        f.cpu
+            .layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &stored_residual, &cw, &cbias, n, c, 1e-5)
+            .unwrap();
+        f.check(&format!("residual_layernorm_forward out {shape}"), &got, &want);
+        f.check_at(&format!("residual_layernorm_forward mean {shape}"), &got_mean, &want_mean, 1e-5);
+        f.check_at(&format!("residual_layernorm_forward rstd {shape}"), &got_rstd, &want_rstd, 1e-5);
+
+        // the unfused launches on the same device
+        let (_, mut residual) = f.poisoned(n * c);
+        let (_, mut out) = f.poisoned(n * c);
+        let ((_, mut mean), (_, mut rstd)) = (f.poisoned(n), f.poisoned(n));
+        f.cuda.residual_forward(&mut residual, &ga, &gb).unwrap();
+        f.cuda.layernorm_forward(&mut out, &mut mean, &mut rstd, &residual, &gw, &gbias, n, c, 1e-5).unwrap();
+        for (what, fused, unfused) in [
+            ("residual", &got_residual, &residual),
+            ("out", &got, &out),
+            ("mean", &got_mean, &mean),
+            ("rstd", &got_rstd, &rstd),
+        ] {
+            let (fused, unfused) = (f.cuda.download(fused).unwrap(), f.cuda.download(unfused).unwrap());
+            assert_bitwise_eq(&format!("fused vs unfused {what} {shape} ({precision})"), &fused, &unfused);
+        }
+    }
+}
+
 fn matmul(device: &Device, precision: Precision) {
     let mut f = Fixture::new(device, precision, 2);
     let (n, ic, oc) = (13, 24, 40);
@@ -361,6 +442,40 @@ fn logsoftmax_gather(device: &Device, precision: Precision) {
     f.cpu.logsoftmax_gather_backward(&mut cl, &want_lse, &ct, &cd, &cpu_packing, n, v).unwrap();
     f.cuda.logsoftmax_gather_backward(&mut gl, &got_lse, &gt, &gd, &cuda_packing, n, v).unwrap();
     f.check("logsoftmax_gather_backward dlogits", &gl, &cl);
+}
+
+/// `gather_rows` and `scatter_rows` are exact copies: bit-identical to the CPU in both modes. Random
+/// row subsets (increasing), none (m = 0) and all (m = n); c below, at and above a block's width.
+fn rows(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 12);
+    for (n, c, keep) in [(37, 40, 0.6), (5, 1, 0.5), (20, 300, 0.3), (9, 32, 0.0), (9, 32, 1.0), (1, 7, 1.0)] {
+        let rows: Vec<i32> = (0..n as i32).filter(|_| f.rng.random_bool(keep)).collect();
+        let m = rows.len();
+        let (cr, gr) = (f.cpu.upload_ids(&rows).unwrap(), f.cuda.upload_ids(&rows).unwrap());
+        let what = |op: &str| format!("{op} n={n} c={c} m={m} ({precision})");
+
+        let (ci, gi) = f.fresh(n * c, 1.0);
+        let (mut want, mut got) = f.poisoned(m * c);
+        f.cpu.gather_rows(&mut want, &ci, &cr, m, n, c).unwrap();
+        f.cuda.gather_rows(&mut got, &gi, &gr, m, n, c).unwrap();
+        assert_bitwise_eq(&what("gather_rows"), &f.cuda.download(&got).unwrap(), &want);
+
+        let (cd, gd) = f.fresh(m * c, 1.0);
+        let (mut want, mut got) = f.poisoned(n * c);
+        f.cpu.scatter_rows(&mut want, &cd, &cr, m, n, c).unwrap();
+        f.cuda.scatter_rows(&mut got, &gd, &gr, m, n, c).unwrap();
+        assert_bitwise_eq(&what("scatter_rows"), &f.cuda.download(&got).unwrap(), &want);
+    }
+    // The host-side checks: rows must increase and lie in 0..n.
+    let (inp, mut out) = (f.cuda.zeros(4 * 3).unwrap(), f.cuda.zeros(2 * 3).unwrap());
+    for (bad, expect) in [([2, 1], "strictly increasing"), ([1, 1], "strictly increasing"), ([0, 4], "rows[1]")] {
+        let rows = f.cuda.upload_ids(&bad).unwrap();
+        let err = f.cuda.gather_rows(&mut out, &inp, &rows, 2, 4, 3).unwrap_err().to_string();
+        assert!(err.contains("gather_rows") && err.contains(expect), "{err}");
+        let mut dinp = f.cuda.zeros(4 * 3).unwrap();
+        let err = f.cuda.scatter_rows(&mut dinp, &out, &rows, 2, 4, 3).unwrap_err().to_string();
+        assert!(err.contains("scatter_rows") && err.contains(expect), "{err}");
+    }
 }
 
 fn preference_loss(device: &Device, precision: Precision) {
@@ -617,10 +732,12 @@ macro_rules! device_tests {
 device_tests!(
     embedding,
     layernorm,
+    residual_layernorm,
     matmul,
     matmul_bias_gelu,
     attention,
     pointwise,
+    rows,
     logsoftmax_gather,
     preference_loss,
     sum_squares,

@@ -95,7 +95,7 @@ fn train_step<B: Backend>(
     policy.zero_grad().unwrap();
     policy.backward(&device_batch, &dpolicy).unwrap();
     let names: Vec<String> = policy.parameter_shapes().map(|(name, _)| name.to_string()).collect();
-    let grads = names.iter().cloned().zip(policy.grads().iter().map(|g| b.download(g).unwrap())).collect();
+    let grads = names.iter().cloned().zip(policy.grads().unwrap().iter().map(|g| b.download(g).unwrap())).collect();
     // A max norm below the actual norm, so that clipping is exercised.
     let (grad_norm, grad_scale) = clip_scale(&policy, 0.05).unwrap();
     let cfg = AdamWConfig { lr: LR, beta1: BETA1, beta2: BETA2, eps: EPS, weight_decay: WEIGHT_DECAY };

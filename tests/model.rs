@@ -203,7 +203,7 @@ impl Reference {
 // ---- helpers -----------------------------------------------------------------------------------
 
 fn download_grads(model: &Gpt2<CpuBackend>) -> Vec<Vec<f32>> {
-    model.grads().into_iter().cloned().collect()
+    model.grads().unwrap().into_iter().cloned().collect()
 }
 
 /// Compares every parameter gradient of `model` with central differences of `loss` through the
@@ -246,7 +246,7 @@ fn parameter_listing_matches_hf_names_shapes_and_count() {
     let mut model = Gpt2::random(cpu(), config.clone(), 0).unwrap();
     let shapes = config.parameter_shapes();
     let listed: Vec<(String, usize, usize)> =
-        model.params_and_grads_mut().into_iter().map(|(n, p, g)| (n.to_string(), p.len(), g.len())).collect();
+        model.params_and_grads_mut().unwrap().into_iter().map(|(n, p, g)| (n.to_string(), p.len(), g.len())).collect();
     assert_eq!(listed.len(), 4 + 12 * config.n_layer);
     for ((name, shape), (lname, plen, glen)) in shapes.iter().zip(&listed) {
         assert_eq!(name, lname);

@@ -162,7 +162,7 @@ fn random_grads(model: &mut Gpt2<CpuBackend>, rng: &mut ChaCha8Rng) {
 /// Host copies, in the optimizer's order: (name, param, grad).
 fn host_params_and_grads(model: &Gpt2<CpuBackend>, opt: &AdamW<CpuBackend>) -> Vec<(String, Vec<f32>, Vec<f32>)> {
     let weights = model.to_host().unwrap();
-    let grads = model.grads();
+    let grads = model.grads().unwrap();
     let plan = opt.decay_plan();
     assert_eq!(plan.len(), grads.len());
     plan.iter()

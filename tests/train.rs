@@ -359,3 +359,59 @@ fn trainer_on_the_emulated_cuda_backend_matches_the_cpu() {
         assert!((x - y).abs() <= 1e-3 * (1.0 + x.abs()), "{k}: cpu {x} vs emu {y}");
     }
 }
+
+/// The trainer's reference is a frozen model; it must give what a trainable model with the same
+/// weights gives. The step-0 evaluation (whose reference log-probs the frozen model computes) equals
+/// one computed here with trainable twins, with the reference run every step and with the cache;
+/// and the cache is keyed by the exact weights, as a trainable model's `to_host` gives them.
+#[test]
+fn the_frozen_reference_gives_what_a_trainable_model_gives() {
+    use safedpo::train::metrics::Record;
+    use safedpo::train::{evaluate_pairs, prepare_data, run_tokenizer};
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 50, 12);
+    let mut cfg = tiny_config(&dir.path().join("run"), &data);
+    (cfg.model.n_layer, cfg.model.n_embd) = (3, 16);
+    cfg.optimizer.total_steps = Some(2);
+    cfg.optimizer.warmup_steps = 0;
+    let tok = run_tokenizer(&cfg).unwrap();
+    // A reference other than the policy's init, so that the evaluation depends on it.
+    let ref_dir = dir.path().join("reference");
+    Gpt2::random(backend(), cfg.model.random_shape(tok.vocab_size()), 99).unwrap().save(&ref_dir).unwrap();
+    cfg.model.reference = Some(ref_dir.clone());
+
+    let prepared = prepare_data(&cfg, tok.as_ref(), Task::Preference).unwrap();
+    let budget = cfg.batching.tokens_per_micro_batch;
+    let mut reference = Gpt2::load(backend(), &ref_dir).unwrap();
+    let mut policy = Gpt2::random(backend(), cfg.model.random_shape(tok.vocab_size()), cfg.seed).unwrap();
+    assert!(!reference.is_frozen() && !policy.is_frozen());
+    let reference_logps = sequence_logps(&mut reference, &prepared.eval, budget).unwrap();
+    let stats = evaluate_pairs(&mut policy, &reference_logps, &prepared.eval, &cfg.objective.build(), budget).unwrap();
+    let mut expected = Record::new();
+    stats.write_means("eval/", &mut expected);
+    assert!(expected["eval/loss"].as_f64().unwrap() != std::f64::consts::LN_2, "the reference must matter");
+
+    for precompute_ref in [false, true] {
+        let mut run = cfg.clone();
+        run.precompute_ref = precompute_ref;
+        run.out_dir = dir.path().join(format!("run-{precompute_ref}"));
+        let s = train(backend(), &run, Task::Preference, &quiet()).unwrap();
+        let first = s.first_eval.unwrap();
+        for (key, value) in &expected {
+            assert_eq!(&first[key], value, "precompute_ref = {precompute_ref}: {key}");
+        }
+        if precompute_ref {
+            let key = cache_key(
+                &reference.to_host().unwrap(),
+                &[("train", &prepared.train), ("eval", &prepared.eval)],
+                &cfg.data.template,
+            );
+            let shapes = [("train", prepared.train.len()), ("eval", prepared.eval.len())];
+            let path = run.out_dir.join("reference_logps.safetensors");
+            let (values, status) =
+                load_or_compute(&path, &key, &shapes, || panic!("the trainer's cache must match this key")).unwrap();
+            assert_eq!(status, CacheStatus::Hit);
+            assert_eq!(values[1], reference_logps);
+        }
+    }
+}

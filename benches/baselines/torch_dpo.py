@@ -199,8 +199,10 @@ def main(argv=None):
         phases["optimizer"] = lap()
         return (mark - t0) * 1e3, phases, loss_value
 
+    # The peak counts from here, as src/bench.rs resets its backend's after the setup: it holds what
+    # the setup left (both models' weights, the batches), the optimizer state, gradients and activations.
     if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     for i in range(a.warmup):
         step(i)
     samples = [step(a.warmup + i) for i in range(a.steps)]
@@ -259,6 +261,7 @@ def main(argv=None):
         "mfu": (flops / (med / 1e3)) / a.peak_flops if a.peak_flops else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if on_gpu else peak_rss_bytes(),
         "memory_source": "torch.cuda.max_memory_allocated" if on_gpu else "VmHWM",
+        "peak_host_rss_bytes": peak_rss_bytes(),
         "final_loss": samples[-1][2],
         "notes": notes,
     }
@@ -274,6 +277,8 @@ def main(argv=None):
         print(f"model FLOPs       {flops / 1e9:.3f} GFLOP/step, {r['flops_per_s'] / 1e9:.2f} GFLOP/s")
         if r["peak_memory_bytes"]:
             print(f"peak memory       {r['peak_memory_bytes'] / 2**20:.1f} MiB ({r['memory_source']})")
+        if on_gpu and r["peak_host_rss_bytes"]:
+            print(f"peak host RSS     {r['peak_host_rss_bytes'] / 2**20:.1f} MiB (VmHWM)")
         print(f"final loss        {r['final_loss']:.6f}")
         for k, v in r["phases_ms"].items():
             if v is not None:

@@ -142,6 +142,19 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
         g.finish();
     }
 
+    // ---- the MLP's first product with its bias and GELU (fused into the epilogue where the backend can) --
+    {
+        let mut g = c.benchmark_group(format!("{label}/matmul (Gelem/s = GFLOP/s)"));
+        let (ic, oc) = (ch, 4 * ch);
+        let inp = up(random(n * ic, 1.0, &mut rng));
+        let weight = up(random(ic * oc, 0.02, &mut rng));
+        let bias = up(random(oc, 0.02, &mut rng));
+        let (mut pre, mut out) = (backend.zeros(n * oc).unwrap(), backend.zeros(n * oc).unwrap());
+        let mut fused = || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
+        g.throughput(Throughput::Elements((2 * n * ic * oc) as u64));
+        g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| b.iter(|| timed(backend, || fused())));
+    }
+
     // ---- attention -------------------------------------------------------------------------------
     {
         let packing = Packing::new(backend, &s.cu_seqlens()).unwrap();
@@ -205,6 +218,42 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
                         .unwrap()
                 })
             })
+        });
+    }
+
+    // ---- residual add fused with the next LayerNorm, and the LM head's target-row selection -----
+    {
+        let a = up(random(n * ch, 1.0, &mut rng));
+        let bb = up(random(n * ch, 1.0, &mut rng));
+        let weight = up(random(ch, 1.0, &mut rng));
+        let bias = up(random(ch, 0.1, &mut rng));
+        let (mut residual, mut out) = (backend.zeros(n * ch).unwrap(), backend.zeros(n * ch).unwrap());
+        let (mut mean, mut rstd) = (backend.zeros(n).unwrap(), backend.zeros(n).unwrap());
+        g.throughput(Throughput::BytesDecimal(f32b(4 * n * ch + 2 * n)));
+        g.bench_function(format!("residual_layernorm_fwd {n}x{ch}"), |b| {
+            b.iter(|| {
+                timed(backend, || {
+                    backend
+                        .residual_layernorm_forward(
+                            &mut residual, &mut out, &mut mean, &mut rstd, &a, &bb, &weight, &bias, n, ch, 1e-5,
+                        )
+                        .unwrap()
+                })
+            })
+        });
+        let rows: Vec<i32> =
+            s.response_targets(&mut rng).iter().enumerate().filter(|(_, &t)| t >= 0).map(|(i, _)| i as i32).collect();
+        let m = rows.len();
+        let rows = backend.upload_ids(&rows).unwrap();
+        let mut picked = backend.zeros(m * ch).unwrap();
+        let mut scattered = backend.zeros(n * ch).unwrap();
+        g.throughput(Throughput::BytesDecimal(f32b(2 * m * ch)));
+        g.bench_function(format!("gather_rows {m} of {n}x{ch}"), |b| {
+            b.iter(|| timed(backend, || backend.gather_rows(&mut picked, &a, &rows, m, n, ch).unwrap()))
+        });
+        g.throughput(Throughput::BytesDecimal(f32b(m * ch + n * ch)));
+        g.bench_function(format!("scatter_rows {m} into {n}x{ch}"), |b| {
+            b.iter(|| timed(backend, || backend.scatter_rows(&mut scattered, &picked, &rows, m, n, ch).unwrap()))
         });
     }
 

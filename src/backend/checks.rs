@@ -117,6 +117,31 @@ pub(crate) fn layernorm_forward(
 }
 
 #[allow(clippy::too_many_arguments)]
+pub(crate) fn residual_layernorm_forward(
+    residual: usize,
+    out: usize,
+    mean: usize,
+    rstd: usize,
+    a: usize,
+    b: usize,
+    weight: usize,
+    bias: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "residual_layernorm_forward";
+    ensure!(c > 0, "{OP}: channels must be positive");
+    check_len(OP, "residual", residual, n * c)?;
+    check_len(OP, "out", out, n * c)?;
+    check_len(OP, "a", a, n * c)?;
+    check_len(OP, "b", b, n * c)?;
+    check_len(OP, "mean", mean, n)?;
+    check_len(OP, "rstd", rstd, n)?;
+    check_len(OP, "weight", weight, c)?;
+    check_len(OP, "bias", bias, c)
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn layernorm_backward(
     dinp: usize,
     dweight: usize,
@@ -254,6 +279,42 @@ pub(crate) fn residual_forward(out: usize, a: usize, b: usize) -> Result<()> {
 
 pub(crate) fn add_inplace(dst: usize, src: usize) -> Result<()> {
     check_len("add_inplace", "src", src, dst)
+}
+
+// ---- row selection ---------------------------------------------------------------------------
+
+/// Shapes of `gather_rows` / `scatter_rows`: `selected [m, c]`, `full [n, c]`, and `rows` of length
+/// `m`, strictly increasing, in `0..n`.
+#[allow(clippy::too_many_arguments)]
+fn row_selection(
+    op: &str,
+    selected_name: &str,
+    selected: usize,
+    full_name: &str,
+    full: usize,
+    rows: &[i32],
+    m: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    ensure!(c > 0, "{op}: channels must be positive");
+    check_len(op, selected_name, selected, m * c)?;
+    check_len(op, full_name, full, n * c)?;
+    check_len(op, "rows", rows.len(), m)?;
+    check_ids(op, "rows", rows, n, false)?;
+    if let Some(i) = rows.windows(2).position(|w| w[1] <= w[0]) {
+        let (a, b) = (rows[i], rows[i + 1]);
+        bail!("{op}: `rows` must be strictly increasing, but rows[{i}] = {a} and rows[{}] = {b}", i + 1);
+    }
+    Ok(())
+}
+
+pub(crate) fn gather_rows(out: usize, inp: usize, rows: &[i32], m: usize, n: usize, c: usize) -> Result<()> {
+    row_selection("gather_rows", "out", out, "inp", inp, rows, m, n, c)
+}
+
+pub(crate) fn scatter_rows(dinp: usize, dout: usize, rows: &[i32], m: usize, n: usize, c: usize) -> Result<()> {
+    row_selection("scatter_rows", "dout", dout, "dinp", dinp, rows, m, n, c)
 }
 
 // ---- fused log-softmax-gather ----------------------------------------------------------------

@@ -440,18 +440,65 @@ simd_kernel! {
     }
 }
 
+/// The rest of a LayerNorm row once its sum is known: the mean, the centred variance (a second
+/// pass, as llm.c: no cancellation for rows far from zero), then `out`; returns `(mean, rstd)`.
+/// Shared by [`layernorm_row`] and [`residual_layernorm_row`] and inlined into both, so it is
+/// compiled at their SIMD level.
+#[inline(always)]
+fn layernorm_row_from_sum(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32, sum: f32) -> (f32, f32) {
+    let c = x.len() as f32;
+    let mean = sum / c;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / c;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = (v - mean) * rstd * w + b;
+    }
+    (mean, rstd)
+}
+
 simd_kernel! {
-    /// One LayerNorm row: writes `out` and returns `(mean, rstd)`. Two passes over the row (mean,
-    /// then the centred variance), as llm.c: no cancellation for rows far from zero.
+    /// One LayerNorm row: writes `out` and returns `(mean, rstd)`.
     fn layernorm_row(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
-        let c = x.len() as f32;
-        let mean = lane_sum(x, |v| v) / c;
-        let var = lane_sum(x, |v| (v - mean) * (v - mean)) / c;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
-            *o = (v - mean) * rstd * w + b;
+        layernorm_row_from_sum(out, x, weight, bias, eps, lane_sum(x, |v| v))
+    }
+}
+
+/// `sum = a + b` elementwise, returning `Σ sum` with [`LANES`] partial sums: the same values in the
+/// same lanes as `lane_sum(sum, |v| v)`, so bit-identical to it, without reading `sum` back.
+#[inline(always)]
+fn add_lane_sum(sum: &mut [f32], a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut sums = sum.chunks_exact_mut(LANES);
+    let (mut ac, mut bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for ((s, x), y) in sums.by_ref().zip(ac.by_ref()).zip(bc.by_ref()) {
+        for l in 0..LANES {
+            s[l] = x[l] + y[l];
+            acc[l] += s[l];
         }
-        (mean, rstd)
+    }
+    let tails = sums.into_remainder().iter_mut().zip(ac.remainder().iter().zip(bc.remainder()));
+    for (l, (s, (&x, &y))) in tails.enumerate() {
+        *s = x + y;
+        acc[l] += *s;
+    }
+    combine_lanes(acc)
+}
+
+simd_kernel! {
+    /// One row of the residual add fused with LayerNorm: `residual = a + b`, summed as it is
+    /// written, then the rest of the LayerNorm while the row is in L1; returns `(mean, rstd)`.
+    /// Bit-identical to the add followed by [`layernorm_row`].
+    fn residual_layernorm_row(
+        residual: &mut [f32],
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f32,
+    ) -> (f32, f32) {
+        let sum = add_lane_sum(residual, a, b);
+        layernorm_row_from_sum(out, residual, weight, bias, eps, sum)
     }
 }
 
@@ -628,6 +675,46 @@ impl Backend for CpuBackend {
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .with_min_len(16)
             .for_each(|((o, x), (mu, rs))| (*mu, *rs) = layernorm_row(o, x, weight, bias, eps));
+        Ok(())
+    }
+
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        checks::residual_layernorm_forward(
+            residual.len(),
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            b.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        // One task per row: the add and both LayerNorm passes touch the row while it is in cache,
+        // instead of a pass over the whole residual stream for the add and another for the norm.
+        residual
+            .par_chunks_mut(c)
+            .zip(out.par_chunks_mut(c))
+            .zip(a.par_chunks(c).zip(b.par_chunks(c)))
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .with_min_len(16)
+            .for_each(|(((r, o), (a, b)), (mu, rs))| {
+                (*mu, *rs) = residual_layernorm_row(r, o, a, b, weight, bias, eps)
+            });
         Ok(())
     }
 
@@ -1003,6 +1090,44 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    // ---- row selection -----------------------------------------------------------------------
+    fn gather_rows(
+        &self,
+        out: &mut Vec<f32>,
+        inp: &Vec<f32>,
+        rows: &Vec<i32>,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::gather_rows(out.len(), inp.len(), rows, m, n, c)?;
+        out.par_chunks_mut(c).zip(rows.par_iter()).with_min_len(64).for_each(|(dst, &r)| {
+            dst.copy_from_slice(&inp[r as usize * c..][..c]);
+        });
+        Ok(())
+    }
+
+    fn scatter_rows(
+        &self,
+        dinp: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        rows: &Vec<i32>,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::scatter_rows(dinp.len(), dout.len(), rows, m, n, c)?;
+        // Each output row finds its source by binary search (rows are increasing): one pass that
+        // writes every element once.
+        dinp.par_chunks_mut(c).enumerate().with_min_len(64).for_each(|(t, dst)| {
+            match rows.binary_search(&(t as i32)) {
+                Ok(i) => dst.copy_from_slice(&dout[i * c..][..c]),
+                Err(_) => dst.fill(0.0),
+            }
+        });
+        Ok(())
+    }
+
     // ---- fused log-softmax-gather ------------------------------------------------------------
     fn logsoftmax_gather_forward(
         &self,
@@ -1025,9 +1150,10 @@ impl Backend for CpuBackend {
 
     fn sequence_logp_sum(&self, seq_logp: &mut Vec<f32>, token_logp: &Vec<f32>, packing: &Packing<Self>) -> Result<()> {
         let seqs = checks::sequence_logp_sum(seq_logp.len(), token_logp.len(), &packing.host_cu_seqlens)?;
-        // Summed in f64 in token order: fixed, and exact enough to be the reference.
+        // Summed in f64 in token order: fixed, and exact enough to be the reference. From +0 (not
+        // `Sum`'s −0), so that an empty sequence gets +0, as on the device.
         for (out, &(start, len)) in seq_logp.iter_mut().zip(&seqs) {
-            *out = token_logp[start..start + len].iter().map(|&x| x as f64).sum::<f64>() as f32;
+            *out = token_logp[start..start + len].iter().fold(0.0f64, |acc, &x| acc + x as f64) as f32;
         }
         Ok(())
     }
@@ -1261,6 +1387,13 @@ mod tests {
         assert_same_bits("layernorm", &p, &d);
 
         let (p, d) = both_paths(|| {
+            let (mut residual, mut out) = (vec![0.0; len], vec![0.0; len]);
+            let (mean, rstd) = residual_layernorm_row(&mut residual, &mut out, &x, &y, &w, &b, 1e-5);
+            [residual, out, vec![mean, rstd]].concat()
+        });
+        assert_same_bits("residual layernorm", &p, &d);
+
+        let (p, d) = both_paths(|| {
             let (lse, logp) = logsoftmax_gather_row(&x, 17);
             let mut row = x.clone();
             logsoftmax_gather_backward_row(&mut row, 17, 0.7, lse);
@@ -1305,6 +1438,44 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(89.0), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// `gather_rows` copies the chosen rows exactly; `scatter_rows` puts them back and zeroes the
+    /// rest, and is its adjoint: `<gather(x), y> = <x, scatter(y)>` (the backward of a linear map).
+    #[test]
+    fn gather_and_scatter_rows_are_exact_adjoint_copies() {
+        let cpu = CpuBackend::new();
+        let (n, c) = (23, 5);
+        let x = values(n * c, 7, 1.0);
+        let some: Vec<i32> = (0..n as i32).filter(|t| t % 3 != 1).collect();
+        for rows in [some, vec![], (0..n as i32).collect(), vec![n as i32 - 1]] {
+            let m = rows.len();
+            let mut gathered = vec![f32::NAN; m * c];
+            cpu.gather_rows(&mut gathered, &x, &rows, m, n, c).unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                assert_same_bits("gathered row", &gathered[i * c..][..c], &x[r as usize * c..][..c]);
+            }
+            let y = values(m * c, 8, 1.0);
+            let mut scattered = vec![f32::NAN; n * c];
+            cpu.scatter_rows(&mut scattered, &y, &rows, m, n, c).unwrap();
+            for t in 0..n {
+                let want = match rows.iter().position(|&r| r as usize == t) {
+                    Some(i) => y[i * c..][..c].to_vec(),
+                    None => vec![0.0; c],
+                };
+                assert_same_bits("scattered row", &scattered[t * c..][..c], &want);
+            }
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+            let (lhs, rhs) = (dot(&gathered, &y), dot(&x, &scattered));
+            assert!((lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()), "adjoint: {lhs} vs {rhs}");
+        }
+        let mut out = vec![0.0; 2 * c];
+        let err = cpu.gather_rows(&mut out, &x, &vec![3, 3], 2, n, c).unwrap_err().to_string();
+        assert!(err.contains("strictly increasing"), "{err}");
+        let err = cpu.gather_rows(&mut out, &x, &vec![3, n as i32], 2, n, c).unwrap_err().to_string();
+        assert!(err.contains("rows[1]"), "{err}");
+        let err = cpu.scatter_rows(&mut out, &x[..2 * c].to_vec(), &vec![0, 1], 2, n, c).unwrap_err().to_string();
+        assert!(err.contains("scatter_rows") && err.contains("dinp"), "{err}");
     }
 
     #[test]

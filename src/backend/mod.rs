@@ -297,6 +297,36 @@ pub trait Backend: Send + Sync {
     /// `buf *= s`.
     fn scale(&self, buf: &mut Self::Buf, s: f32) -> Result<()>;
 
+    // ---- row selection -----------------------------------------------------------------------
+    // The LM head runs only on the rows that carry a target: the model gathers those rows of the
+    // final LayerNorm's output before the head and scatters their gradient back after it.
+
+    /// `out[i, :] = inp[rows[i], :]` for `i < m`: `out [m, c]`, `inp [n, c]`, `rows [m]`. Overwrites
+    /// `out` with an exact copy of the selected rows (no rounding: `out` takes `inp`'s storage
+    /// precision). `rows` are distinct and increasing, each in `0..n` (checked on the host).
+    fn gather_rows(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        rows: &Self::Ids,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// The backward of `gather_rows`: overwrites `dinp [n, c]` with zeros, except
+    /// `dinp[rows[i], :] = dout[i, :]` for `i < m` (an exact copy, in `dout`'s storage precision);
+    /// `dout [m, c]`. `rows` as for `gather_rows` (distinct, so no two rows land on one: no
+    /// accumulation, deterministic). `m = 0` zeroes `dinp`.
+    fn scatter_rows(
+        &self,
+        dinp: &mut Self::Buf,
+        dout: &Self::Buf,
+        rows: &Self::Ids,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+
     // ---- fused log-softmax-gather ------------------------------------------------------------
     /// For each row t of `logits [n, v]`: `lse[t] = log Σ exp(logits[t])`, and
     /// `token_logp[t] = logits[t, targets[t]] − lse[t]`, or 0 where `targets[t] == -1`. Reads each

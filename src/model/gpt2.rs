@@ -4,10 +4,21 @@
 //! (`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`), a final LayerNorm, and the LM head tied to the
 //! token embedding, followed by the fused log-softmax-gather that turns logits into per-sequence
 //! log-probs. Every tensor is token-major over the whole packed batch; attention alone looks at
-//! the sequence boundaries.
+//! the sequence boundaries. The LM head, the largest product and the largest activation, runs only
+//! on the rows that carry a target (`DeviceBatch::target_rows`): the trunk's last output is gathered
+//! to those rows before the head, and their gradient scattered back after it.
 //!
-//! Activation buffers are kept between batches and reallocated only when a batch does not fit
-//! them (see `fits`).
+//! Activation buffers are kept between batches and resized in place when a batch's shape changes
+//! (see `ensure_activations`).
+//!
+//! A model is either trainable (`from_host`, `load`, `random`: gradients, every layer's activations
+//! kept for the backward) or frozen (`from_host_frozen`, `load_frozen`: inference only, for the
+//! reference model, evaluation and generation). A frozen model uploads its weights with
+//! `Backend::upload_frozen` (no fp32 master copy on a bf16 device), holds no gradient and no backward
+//! scratch, and keeps the activations of two layers only, recycled: layer `l` writes slot `l % 2` and
+//! reads its input from the other slot. Its forward runs the same ops on the same values as a
+//! trainable model's, so the log-probs are bit-identical; what it saves is (L − 2) layers of
+//! activations and a gradient per parameter.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,11 +32,21 @@ use crate::backend::{Backend, Packing, WeightLayout};
 use crate::data::PackedBatch;
 
 /// A packed batch uploaded to a backend.
+///
+/// Only the rows with a target (response tokens) go through the LM head: prompt tokens and each
+/// sequence's last token carry no loss, and skipping them saves their share of the head's products
+/// and of the `[rows, V]` logits. The upload works out those rows on the host, once per batch.
 pub struct DeviceBatch<B: Backend> {
     pub tokens: B::Ids,
     pub positions: B::Ids,
-    pub targets: B::Ids,
     pub packing: Packing<B>,
+    /// `[M]` the tokens t with `targets[t] != -1`, increasing: the rows of the LM head.
+    pub target_rows: B::Ids,
+    /// `[M]` the targets of those rows (none is −1).
+    pub row_targets: B::Ids,
+    /// The sequences over the LM head's rows: `cu_seqlens` counts each sequence's target rows (a
+    /// sequence without any is empty, and its log-prob is 0).
+    pub row_packing: Packing<B>,
     /// Largest token id, position and target of the batch, checked against the model's vocabulary
     /// and context length before a forward (on the host, so no device read-back is needed).
     pub max_token: usize,
@@ -62,11 +83,18 @@ impl<B: Backend> DeviceBatch<B> {
         if let Some(i) = batch.targets.iter().position(|&t| t < -1) {
             anyhow::bail!("packed batch: token {i} has target {} (expected a token id or -1)", batch.targets[i]);
         }
+        let target_rows: Vec<i32> = (0..n as i32).filter(|&t| batch.targets[t as usize] != -1).collect();
+        let row_targets: Vec<i32> = target_rows.iter().map(|&t| batch.targets[t as usize]).collect();
+        // Target rows before each sequence boundary: the boundaries of the compact rows.
+        let row_cu_seqlens: Vec<i32> =
+            batch.cu_seqlens.iter().map(|&start| target_rows.partition_point(|&t| t < start) as i32).collect();
         Ok(Self {
             tokens: backend.upload_ids(&batch.tokens)?,
             positions: backend.upload_ids(&batch.positions)?,
-            targets: backend.upload_ids(&batch.targets)?,
             packing: Packing::new(backend, &batch.cu_seqlens)?,
+            target_rows: backend.upload_ids(&target_rows)?,
+            row_targets: backend.upload_ids(&row_targets)?,
+            row_packing: Packing::new(backend, &row_cu_seqlens)?,
             max_token: batch.tokens.iter().copied().max().unwrap_or(0) as usize,
             max_position: batch.positions.iter().copied().max().unwrap_or(0) as usize,
             max_target: batch.targets.iter().copied().max().unwrap_or(-1),
@@ -77,6 +105,10 @@ impl<B: Backend> DeviceBatch<B> {
     }
     pub fn num_seqs(&self) -> usize {
         self.packing.num_seqs()
+    }
+    /// Number of tokens with a target: the rows of the LM head.
+    pub fn num_target_rows(&self) -> usize {
+        self.row_packing.num_tokens()
     }
 }
 
@@ -222,15 +254,19 @@ struct Activations<T> {
     saved: usize,
     /// `[N, C]` token + position embeddings: the input of block 0.
     encoded: T,
+    /// One slot per layer in a trainable model; two, recycled, in a frozen one (see [`layer_slots`]).
     layers: Vec<LayerActivations<T>>,
     /// `[N, C]` scratch for the output projections before they join the residual stream.
     proj: T,
     ln_f: T,
     ln_f_mean: T,
     ln_f_rstd: T,
-    /// `[N, V]` logits; the backward overwrites them with their gradient.
+    /// The LM head's buffers are sized by the batch's `M` target rows, not its tokens (`forward`
+    /// resizes them): `[M, C]` the rows of `ln_f` with a target, the head's input.
+    ln_f_rows: T,
+    /// `[M, V]` logits of those rows; the backward overwrites them with their gradient.
     logits: T,
-    /// `[N]` log-prob of each target and each row's log-sum-exp.
+    /// `[M]` log-prob of each target and each row's log-sum-exp.
     token_logp: T,
     lse: T,
 }
@@ -250,10 +286,13 @@ struct BackwardScratch<T> {
     /// `[N, 4C]` gradients at the GELU output and input.
     dfch_gelu: T,
     dfch: T,
+    /// `[M, C]` gradient at the LM head's input rows (sized by `backward`, like the head's buffers).
+    dln_f_rows: T,
 }
 
 /// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
-/// forward pass (kept for the backward).
+/// forward pass (kept for the backward). A frozen model has no gradients and keeps two layers of
+/// activations (see the module documentation).
 pub struct Gpt2<B: Backend> {
     backend: Arc<B>,
     config: Gpt2Config,
@@ -261,7 +300,8 @@ pub struct Gpt2<B: Backend> {
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
     params: Params<B::Buf>,
-    grads: Params<B::Buf>,
+    /// `None` in a frozen model: it has no gradients, and `backward` refuses to run.
+    grads: Option<Params<B::Buf>>,
     acts: Option<Activations<B::Buf>>,
     scratch: Option<BackwardScratch<B::Buf>>,
     /// `[S]` sequence log-probs of the last forward.
@@ -271,50 +311,44 @@ pub struct Gpt2<B: Backend> {
 }
 
 impl<B: Backend> Gpt2<B> {
-    /// GPT-2's initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2L), zero
-    /// biases, unit LayerNorm gains. Deterministic in `seed`.
+    /// A trainable model with GPT-2's initialisation (see [`random_weights`]).
     pub fn random(backend: Arc<B>, config: Gpt2Config, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let residual_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
-        let mut tensors = std::collections::BTreeMap::new();
-        for (index, (name, shape)) in config.parameter_shapes().into_iter().enumerate() {
-            let len: usize = shape.iter().product();
-            let data = if name.ends_with("ln_1.weight") || name.ends_with("ln_2.weight") || name == "ln_f.weight" {
-                vec![1.0; len]
-            } else if name.ends_with(".bias") {
-                vec![0.0; len]
-            } else {
-                // One ChaCha stream per tensor: a tensor's values do not depend on the others' sizes.
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(index as u64);
-                let std = if name.ends_with("c_proj.weight") { residual_std } else { 0.02 };
-                normal_samples(&mut rng, len, std)
-            };
-            tensors.insert(name, (shape, data));
-        }
-        Self::from_host(backend, &HostWeights { config, tensors })
+        Self::from_host(backend, &random_weights(config, seed)?)
     }
 
-    /// Uploads host weights; their names and shapes must be exactly those of their config.
+    /// Uploads host weights as a trainable model; their names and shapes must be exactly those of
+    /// their config.
     pub fn from_host(backend: Arc<B>, weights: &HostWeights) -> Result<Self> {
+        Self::upload(backend, weights, false)
+    }
+
+    /// Uploads host weights as a frozen, inference-only model (see the module documentation).
+    pub fn from_host_frozen(backend: Arc<B>, weights: &HostWeights) -> Result<Self> {
+        Self::upload(backend, weights, true)
+    }
+
+    fn upload(backend: Arc<B>, weights: &HostWeights, frozen: bool) -> Result<Self> {
         weights.validate()?;
         let config = weights.config.clone();
         let (names, shapes): (Vec<String>, Vec<Vec<usize>>) = config.parameter_shapes().into_iter().unzip();
         let mut params = Vec::with_capacity(names.len());
-        let mut grads = Vec::with_capacity(names.len());
+        let mut grads = Vec::with_capacity(if frozen { 0 } else { names.len() });
         for (name, shape) in names.iter().zip(&shapes) {
             let data = &weights.tensors[name].1;
-            params.push(backend.upload(data).with_context(|| format!("uploading `{name}`"))?);
-            grads.push(
-                backend
-                    .zeros(shape.iter().product())
-                    .with_context(|| format!("allocating the gradient of `{name}`"))?,
-            );
+            let param = if frozen { backend.upload_frozen(data) } else { backend.upload(data) };
+            params.push(param.with_context(|| format!("uploading `{name}`"))?);
+            if !frozen {
+                grads.push(
+                    backend
+                        .zeros(shape.iter().product())
+                        .with_context(|| format!("allocating the gradient of `{name}`"))?,
+                );
+            }
         }
         let seq_logp = backend.zeros(0)?;
         Ok(Self {
             params: Params::from_ordered(params, config.n_layer),
-            grads: Params::from_ordered(grads, config.n_layer),
+            grads: (!frozen).then(|| Params::from_ordered(grads, config.n_layer)),
             backend,
             config,
             names,
@@ -337,10 +371,16 @@ impl<B: Backend> Gpt2<B> {
         Ok(HostWeights { config: self.config.clone(), tensors })
     }
 
-    /// Reads a HF model directory.
+    /// Reads a HF model directory as a trainable model.
     pub fn load(backend: Arc<B>, dir: &Path) -> Result<Self> {
         let weights = checkpoint::load_dir(dir)?;
         Self::from_host(backend, &weights)
+    }
+
+    /// Reads a HF model directory as a frozen, inference-only model.
+    pub fn load_frozen(backend: Arc<B>, dir: &Path) -> Result<Self> {
+        let weights = checkpoint::load_dir(dir)?;
+        Self::from_host_frozen(backend, &weights)
     }
 
     /// Writes a HF model directory, atomically file by file.
@@ -360,6 +400,39 @@ impl<B: Backend> Gpt2<B> {
         self.shapes.iter().map(|s| s.iter().product::<usize>()).sum()
     }
 
+    /// Whether this is a frozen, inference-only model (no gradients, no backward).
+    pub fn is_frozen(&self) -> bool {
+        self.grads.is_none()
+    }
+
+    /// Every buffer the model holds now: parameters, gradients, activations, backward scratch and
+    /// the sequence log-probs. For measuring what a model costs (sum `Backend::buf_len`, or bytes
+    /// on a backend that says how it stores a buffer).
+    pub fn held_buffers(&self) -> Vec<&B::Buf> {
+        let mut bufs = self.params.ordered();
+        if let Some(grads) = &self.grads {
+            bufs.extend(grads.ordered());
+        }
+        if let Some(acts) = &self.acts {
+            bufs.extend(acts.buffers());
+        }
+        if let Some(scratch) = &self.scratch {
+            bufs.extend(scratch.buffers());
+        }
+        bufs.push(&self.seq_logp);
+        bufs
+    }
+
+    /// The error of a gradient operation on a frozen model.
+    fn ensure_trainable(&self, what: &str) -> Result<()> {
+        ensure!(
+            !self.is_frozen(),
+            "{what}: this model is frozen (loaded for inference: no gradients); load it with `Gpt2::from_host` or \
+             `Gpt2::load` to train it"
+        );
+        Ok(())
+    }
+
     /// HF name and shape of every parameter, in the order of `params_and_grads_mut` and `grads`.
     pub fn parameter_shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
         self.names.iter().map(String::as_str).zip(self.shapes.iter().map(Vec::as_slice))
@@ -370,18 +443,32 @@ impl<B: Backend> Gpt2<B> {
     pub fn forward(&mut self, batch: &DeviceBatch<B>) -> Result<&B::Buf> {
         self.forward_trunk(batch)?;
         let (n, c, v) = (batch.num_tokens(), self.config.n_embd, self.config.vocab_size);
+        let m = batch.num_target_rows();
         let b = &*self.backend;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("forward_trunk allocates the activations");
-
-        // LM head, tied to the token embedding: logits = ln_f · wteᵀ.
-        b.matmul_forward(&mut acts.logits, &acts.ln_f, &p.wte, None, n, c, v, WeightLayout::OutIn)?;
-        b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.targets, n, v)?;
         let num_seqs = batch.num_seqs();
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
-        b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.packing)?;
+
+        // The LM head, tied to the token embedding (logits = ln_f · wteᵀ), on the M rows with a
+        // target only: the others would be computed to be multiplied by zero.
+        let head =
+            [(&mut acts.ln_f_rows, m * c), (&mut acts.logits, m * v), (&mut acts.token_logp, m), (&mut acts.lse, m)];
+        for (buf, len) in head {
+            b.resize(buf, len)?;
+        }
+        if m == 0 {
+            // No target in the batch: every sequence log-prob is an empty sum (and no empty product
+            // is launched).
+            b.fill(&mut self.seq_logp, 0.0)?;
+        } else {
+            b.gather_rows(&mut acts.ln_f_rows, &acts.ln_f, &batch.target_rows, m, n, c)?;
+            b.matmul_forward(&mut acts.logits, &acts.ln_f_rows, &p.wte, None, m, c, v, WeightLayout::OutIn)?;
+            b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.row_targets, m, v)?;
+            b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.row_packing)?;
+        }
         self.pending_backward = Some((n, num_seqs));
         Ok(&self.seq_logp)
     }
@@ -389,6 +476,7 @@ impl<B: Backend> Gpt2<B> {
     /// Given dL/d(seq logp) `[S]`, accumulates every parameter gradient. Must follow `forward`
     /// on the same batch.
     pub fn backward(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf) -> Result<()> {
+        self.ensure_trainable("backward")?;
         let (n, num_seqs) = (batch.num_tokens(), batch.num_seqs());
         ensure!(
             self.pending_backward == Some((n, num_seqs)),
@@ -408,25 +496,39 @@ impl<B: Backend> Gpt2<B> {
         let cfg = &self.config;
         let (c, v, nh) = (cfg.n_embd, cfg.vocab_size, cfg.n_head);
         let b = &*self.backend;
-        let (p, g) = (&self.params, &mut self.grads);
+        let (p, g) = (&self.params, self.grads.as_mut().expect("ensure_trainable checked"));
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let s = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         use WeightLayout::InOut;
 
-        // dlogits, in place, then the LM head: dL/d(ln_f) and the head's share of dL/d(wte).
-        b.logsoftmax_gather_backward(&mut acts.logits, &acts.lse, &batch.targets, dseq, &batch.packing, n, v)?;
-        b.matmul_backward(
-            &mut s.dln,
-            &mut g.wte,
-            None,
-            &acts.logits,
-            &acts.ln_f,
-            &p.wte,
-            n,
-            c,
-            v,
-            WeightLayout::OutIn,
-        )?;
+        // dlogits, in place, then the LM head on the target rows: dL/d(ln_f rows) and the head's
+        // share of dL/d(wte); the rows' gradient goes back to its tokens, zeros elsewhere.
+        let m = batch.num_target_rows();
+        b.resize(&mut s.dln_f_rows, m * c)?;
+        if m > 0 {
+            b.logsoftmax_gather_backward(
+                &mut acts.logits,
+                &acts.lse,
+                &batch.row_targets,
+                dseq,
+                &batch.row_packing,
+                m,
+                v,
+            )?;
+            b.matmul_backward(
+                &mut s.dln_f_rows,
+                &mut g.wte,
+                None,
+                &acts.logits,
+                &acts.ln_f_rows,
+                &p.wte,
+                m,
+                c,
+                v,
+                WeightLayout::OutIn,
+            )?;
+        }
+        b.scatter_rows(&mut s.dln, &s.dln_f_rows, &batch.target_rows, m, n, c)?;
         // LayerNorm backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut s.dresidual, 0.0)?;
@@ -530,14 +632,18 @@ impl<B: Backend> Gpt2<B> {
     }
 
     /// Each parameter tensor with its gradient, in a fixed order, named as in HF (`h.0.attn.c_attn.weight`).
-    pub fn params_and_grads_mut(&mut self) -> Vec<(&str, &mut B::Buf, &B::Buf)> {
-        self.names
+    /// An error on a frozen model.
+    pub fn params_and_grads_mut(&mut self) -> Result<Vec<(&str, &mut B::Buf, &B::Buf)>> {
+        self.ensure_trainable("params_and_grads_mut")?;
+        let grads = self.grads.as_ref().expect("ensure_trainable checked");
+        Ok(self
+            .names
             .iter()
             .map(String::as_str)
             .zip(self.params.ordered_mut())
-            .zip(self.grads.ordered())
+            .zip(grads.ordered())
             .map(|((name, param), grad)| (name, param, grad))
-            .collect()
+            .collect())
     }
 
     /// Every parameter tensor, in the order of `params_and_grads_mut`.
@@ -545,13 +651,16 @@ impl<B: Backend> Gpt2<B> {
         self.params.ordered()
     }
 
-    /// Every gradient tensor, in the order of `params_and_grads_mut`.
-    pub fn grads(&self) -> Vec<&B::Buf> {
-        self.grads.ordered()
+    /// Every gradient tensor, in the order of `params_and_grads_mut`. An error on a frozen model.
+    pub fn grads(&self) -> Result<Vec<&B::Buf>> {
+        self.ensure_trainable("grads")?;
+        Ok(self.grads.as_ref().expect("ensure_trainable checked").ordered())
     }
 
+    /// Sets every gradient to zero. An error on a frozen model.
     pub fn zero_grad(&mut self) -> Result<()> {
-        for g in self.grads.ordered_mut() {
+        self.ensure_trainable("zero_grad")?;
+        for g in self.grads.as_mut().expect("ensure_trainable checked").ordered_mut() {
             self.backend.fill(g, 0.0)?;
         }
         Ok(())
@@ -568,8 +677,8 @@ impl<B: Backend> Gpt2<B> {
         let (n, c, v) = (tokens.len(), self.config.n_embd, self.config.vocab_size);
         let b = &*self.backend;
         let acts = self.acts.as_ref().expect("forward_trunk allocates the activations");
-        let ln_f = b.download(&acts.ln_f)?;
-        let last_row = b.upload(&ln_f[(n - 1) * c..n * c])?;
+        let mut last_row = b.zeros(c)?;
+        b.gather_rows(&mut last_row, &acts.ln_f, &b.upload_ids(&[n as i32 - 1])?, 1, n, c)?;
         let mut logits = b.zeros(v)?;
         b.matmul_forward(&mut logits, &last_row, &self.params.wte, None, 1, c, v, WeightLayout::OutIn)?;
         b.download(&logits)
@@ -610,45 +719,71 @@ impl<B: Backend> Gpt2<B> {
         use WeightLayout::InOut;
 
         b.embedding_forward(&mut acts.encoded, &batch.tokens, &batch.positions, &p.wte, &p.wpe, n, c)?;
+        // Every other LayerNorm is fused with the residual add that produces its input (ln_2 with
+        // residual_2; the next block's ln_1, or ln_f, with residual_3). Only block 0's ln_1 reads a
+        // tensor that no add produces: the embeddings.
+        let (first, w0) = (&mut acts.layers[0], &p.blocks[0]);
+        b.layernorm_forward(
+            &mut first.ln_1,
+            &mut first.ln_1_mean,
+            &mut first.ln_1_rstd,
+            &acts.encoded,
+            &w0.ln_1_w,
+            &w0.ln_1_b,
+            n,
+            c,
+            eps,
+        )?;
         for l in 0..cfg.n_layer {
-            let (done, rest) = acts.layers.split_at_mut(l);
-            let a = &mut rest[0];
-            let x = if l == 0 { &acts.encoded } else { &done[l - 1].residual_3 };
+            let (x, a) = layer_slots(&mut acts.layers, &acts.encoded, l);
             let w = &p.blocks[l];
-            // Attention half: residual_2 = x + c_proj(attention(c_attn(ln_1(x)))).
-            b.layernorm_forward(&mut a.ln_1, &mut a.ln_1_mean, &mut a.ln_1_rstd, x, &w.ln_1_w, &w.ln_1_b, n, c, eps)?;
+            // Attention half: residual_2 = x + c_proj(attention(c_attn(ln_1(x)))); ln_1(x) is
+            // already there.
             b.matmul_forward(&mut a.qkv, &a.ln_1, &w.c_attn_w, Some(&w.c_attn_b), n, c, 3 * c, InOut)?;
             b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, nh, c)?;
             b.matmul_forward(&mut acts.proj, &a.atty, &w.c_proj_w, Some(&w.c_proj_b), n, c, c, InOut)?;
-            b.residual_forward(&mut a.residual_2, x, &acts.proj)?;
-            // MLP half: residual_3 = residual_2 + mlp_proj(gelu(c_fc(ln_2(residual_2)))).
-            b.layernorm_forward(
+            b.residual_layernorm_forward(
+                &mut a.residual_2,
                 &mut a.ln_2,
                 &mut a.ln_2_mean,
                 &mut a.ln_2_rstd,
-                &a.residual_2,
+                x,
+                &acts.proj,
                 &w.ln_2_w,
                 &w.ln_2_b,
                 n,
                 c,
                 eps,
             )?;
+            // MLP half: residual_3 = residual_2 + mlp_proj(gelu(c_fc(ln_2(residual_2)))).
             b.matmul_bias_gelu_forward(&mut a.fch, &mut a.fch_gelu, &a.ln_2, &w.c_fc_w, &w.c_fc_b, n, c, 4 * c)?;
             b.matmul_forward(&mut acts.proj, &a.fch_gelu, &w.mlp_proj_w, Some(&w.mlp_proj_b), n, 4 * c, c, InOut)?;
-            b.residual_forward(&mut a.residual_3, &a.residual_2, &acts.proj)?;
+            // residual_3 with the LayerNorm that reads it: the next block's ln_1 (in the next layer's
+            // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
+            // ln_f after the last block.
+            let slots = acts.layers.len();
+            let (a, ln_out, ln_mean, ln_rstd, ln_w, ln_b) = if l + 1 < cfg.n_layer {
+                let (a, next) = two_slots_mut(&mut acts.layers, l % slots, (l + 1) % slots);
+                let wn = &p.blocks[l + 1];
+                (a, &mut next.ln_1, &mut next.ln_1_mean, &mut next.ln_1_rstd, &wn.ln_1_w, &wn.ln_1_b)
+            } else {
+                let a = &mut acts.layers[l % slots];
+                (a, &mut acts.ln_f, &mut acts.ln_f_mean, &mut acts.ln_f_rstd, &p.ln_f_w, &p.ln_f_b)
+            };
+            b.residual_layernorm_forward(
+                &mut a.residual_3,
+                ln_out,
+                ln_mean,
+                ln_rstd,
+                &a.residual_2,
+                &acts.proj,
+                ln_w,
+                ln_b,
+                n,
+                c,
+                eps,
+            )?;
         }
-        let last = &acts.layers.last().expect("n_layer > 0").residual_3;
-        b.layernorm_forward(
-            &mut acts.ln_f,
-            &mut acts.ln_f_mean,
-            &mut acts.ln_f_rstd,
-            last,
-            &p.ln_f_w,
-            &p.ln_f_b,
-            n,
-            c,
-            eps,
-        )?;
         Ok(())
     }
 
@@ -661,12 +796,15 @@ impl<B: Backend> Gpt2<B> {
         }
         let b = &*self.backend;
         if self.acts.is_none() {
-            let layers = (0..self.config.n_layer).map(|_| LayerActivations::empty(b)).collect::<Result<_>>()?;
+            // A frozen model needs a layer's input and output only: two slots, recycled.
+            let n_layer = self.config.n_layer;
+            let slots = if self.is_frozen() { n_layer.min(2) } else { n_layer };
+            let layers = (0..slots).map(|_| LayerActivations::empty(b)).collect::<Result<_>>()?;
             self.acts = Some(Activations::empty(b, layers)?);
         }
         let acts = self.acts.as_mut().expect("allocated above");
-        let (n, c, v) = (tokens, self.config.n_embd, self.config.vocab_size);
-        for (buf, len) in acts.buffers_mut(n, c, v, saved) {
+        let (n, c) = (tokens, self.config.n_embd);
+        for (buf, len) in acts.buffers_mut(n, c, saved) {
             b.resize(buf, len)?;
         }
         acts.tokens = n;
@@ -694,6 +832,46 @@ impl<B: Backend> Gpt2<B> {
     }
 }
 
+/// Layer `l`'s input (the embeddings, or the previous layer's `residual_3`) and its activation slot.
+/// With one slot per layer this is layer `l - 1`'s and layer `l`'s; with fewer (a frozen model's
+/// two) layer `l` uses slot `l % slots` and reads the slot before it, which the previous layer wrote.
+fn layer_slots<'a, T>(
+    layers: &'a mut [LayerActivations<T>],
+    encoded: &'a T,
+    l: usize,
+) -> (&'a T, &'a mut LayerActivations<T>) {
+    let slots = layers.len();
+    let current = l % slots;
+    if l == 0 {
+        return (encoded, &mut layers[current]);
+    }
+    let previous = (l - 1) % slots;
+    assert_ne!(previous, current, "layer {l}: {slots} activation slot(s) cannot hold both its input and output");
+    if previous < current {
+        let (before, from) = layers.split_at_mut(current);
+        (&before[previous].residual_3, &mut from[0])
+    } else {
+        let (before, from) = layers.split_at_mut(previous);
+        (&from[0].residual_3, &mut before[current])
+    }
+}
+
+/// Mutable references to two different activation slots, `i` and `j`.
+fn two_slots_mut<T>(
+    layers: &mut [LayerActivations<T>],
+    i: usize,
+    j: usize,
+) -> (&mut LayerActivations<T>, &mut LayerActivations<T>) {
+    assert_ne!(i, j, "two_slots_mut: slot {i} twice");
+    if i < j {
+        let (before, from) = layers.split_at_mut(j);
+        (&mut before[i], &mut from[0])
+    } else {
+        let (before, from) = layers.split_at_mut(i);
+        (&mut from[0], &mut before[j])
+    }
+}
+
 impl<T> LayerActivations<T> {
     fn empty<B: Backend<Buf = T>>(b: &B) -> Result<Self> {
         Ok(Self {
@@ -711,6 +889,24 @@ impl<T> LayerActivations<T> {
             fch_gelu: b.zeros(0)?,
             residual_3: b.zeros(0)?,
         })
+    }
+
+    fn buffers(&self) -> [&T; 13] {
+        [
+            &self.ln_1,
+            &self.ln_1_mean,
+            &self.ln_1_rstd,
+            &self.qkv,
+            &self.atty,
+            &self.att_saved,
+            &self.residual_2,
+            &self.ln_2,
+            &self.ln_2_mean,
+            &self.ln_2_rstd,
+            &self.fch,
+            &self.fch_gelu,
+            &self.residual_3,
+        ]
     }
 
     /// Every buffer with its length for `n` tokens.
@@ -744,23 +940,37 @@ impl<T> Activations<T> {
             ln_f: b.zeros(0)?,
             ln_f_mean: b.zeros(0)?,
             ln_f_rstd: b.zeros(0)?,
+            ln_f_rows: b.zeros(0)?,
             logits: b.zeros(0)?,
             token_logp: b.zeros(0)?,
             lse: b.zeros(0)?,
         })
     }
 
-    /// Every buffer (the layers' too) with its length for `n` tokens.
-    fn buffers_mut(&mut self, n: usize, c: usize, v: usize, saved: usize) -> Vec<(&mut T, usize)> {
+    fn buffers(&self) -> Vec<&T> {
+        let mut bufs = vec![
+            &self.encoded,
+            &self.proj,
+            &self.ln_f,
+            &self.ln_f_mean,
+            &self.ln_f_rstd,
+            &self.ln_f_rows,
+            &self.logits,
+            &self.token_logp,
+            &self.lse,
+        ];
+        bufs.extend(self.layers.iter().flat_map(LayerActivations::buffers));
+        bufs
+    }
+
+    /// Every buffer (the layers' too) with its length for `n` tokens, except the LM head's.
+    fn buffers_mut(&mut self, n: usize, c: usize, saved: usize) -> Vec<(&mut T, usize)> {
         let mut bufs = vec![
             (&mut self.encoded, n * c),
             (&mut self.proj, n * c),
             (&mut self.ln_f, n * c),
             (&mut self.ln_f_mean, n),
             (&mut self.ln_f_rstd, n),
-            (&mut self.logits, n * v),
-            (&mut self.token_logp, n),
-            (&mut self.lse, n),
         ];
         for layer in &mut self.layers {
             bufs.extend(layer.buffers_mut(n, c, saved));
@@ -779,7 +989,12 @@ impl<T> BackwardScratch<T> {
             dqkv: b.zeros(0)?,
             dfch_gelu: b.zeros(0)?,
             dfch: b.zeros(0)?,
+            dln_f_rows: b.zeros(0)?,
         })
+    }
+
+    fn buffers(&self) -> [&T; 7] {
+        [&self.dresidual, &self.dln, &self.datty, &self.dqkv, &self.dfch_gelu, &self.dfch, &self.dln_f_rows]
     }
 
     fn buffers_mut(&mut self, n: usize, c: usize) -> [(&mut T, usize); 6] {
@@ -792,6 +1007,31 @@ impl<T> BackwardScratch<T> {
             (&mut self.dfch, n * 4 * c),
         ]
     }
+}
+
+/// GPT-2's initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2L), zero biases,
+/// unit LayerNorm gains. Deterministic in `seed`. On the host, so that the same weights can become
+/// a trainable policy and a frozen reference.
+pub fn random_weights(config: Gpt2Config, seed: u64) -> Result<HostWeights> {
+    config.validate()?;
+    let residual_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
+    let mut tensors = std::collections::BTreeMap::new();
+    for (index, (name, shape)) in config.parameter_shapes().into_iter().enumerate() {
+        let len: usize = shape.iter().product();
+        let data = if name.ends_with("ln_1.weight") || name.ends_with("ln_2.weight") || name == "ln_f.weight" {
+            vec![1.0; len]
+        } else if name.ends_with(".bias") {
+            vec![0.0; len]
+        } else {
+            // One ChaCha stream per tensor: a tensor's values do not depend on the others' sizes.
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(index as u64);
+            let std = if name.ends_with("c_proj.weight") { residual_std } else { 0.02 };
+            normal_samples(&mut rng, len, std)
+        };
+        tensors.insert(name, (shape, data));
+    }
+    Ok(HostWeights { config, tensors })
 }
 
 /// `len` samples of N(0, std²) by Box–Muller, in f64 then rounded to f32.
@@ -808,4 +1048,119 @@ fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
     }
     out.truncate(len);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cuda::{CudaBackend, Device, Precision};
+
+    fn tiny_config() -> Gpt2Config {
+        Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+    }
+
+    /// Sequences of `(length, prompt length)`, tokens from a fixed pattern.
+    fn packed(seqs: &[(usize, usize)], vocab: usize) -> PackedBatch {
+        let mut batch = PackedBatch::default();
+        for (s, &(len, prompt)) in seqs.iter().enumerate() {
+            let tokens: Vec<i32> = (0..len).map(|t| ((t * 7 + s * 13 + 3) % vocab) as i32).collect();
+            batch.push(&tokens, prompt);
+        }
+        batch
+    }
+
+    fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// The LM head on the target rows only gives, on the CPU, the log-probs and the gradient at
+    /// `ln_f` of the head over every row bit for bit: the same rows go through the same kernels.
+    #[test]
+    fn head_on_target_rows_matches_the_full_head_bit_for_bit() {
+        let backend = Arc::new(CpuBackend::new());
+        let config = tiny_config();
+        let (c, v) = (config.n_embd, config.vocab_size);
+        let mut model = Gpt2::random(backend.clone(), config.clone(), 5).unwrap();
+        // Prompts of several lengths, a sequence without a target, one that is all prompt.
+        let host = packed(&[(7, 3), (1, 1), (10, 2), (4, 4), (6, 1)], v);
+        let batch = DeviceBatch::upload(&*backend, &host).unwrap();
+        let (n, m, seqs) = (batch.num_tokens(), batch.num_target_rows(), batch.num_seqs());
+        assert_eq!(m, host.targets.iter().filter(|&&t| t >= 0).count());
+        assert!(0 < m && m < n, "the batch has prompt tokens and targets");
+        assert_eq!(batch.row_packing.host_cu_seqlens, vec![0, 4, 4, 12, 12, 17]); // length − prompt each
+
+        let seq_logp = model.forward(&batch).unwrap().clone();
+        let acts = model.acts.as_ref().unwrap();
+        // The full head over all n rows, as the model computed it before it skipped rows.
+        let mut logits = vec![0.0; n * v];
+        backend.matmul_forward(&mut logits, &acts.ln_f, &model.params.wte, None, n, c, v, WeightLayout::OutIn).unwrap();
+        let (mut token_logp, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        backend.logsoftmax_gather_forward(&mut token_logp, &mut lse, &logits, &host.targets, n, v).unwrap();
+        let mut full_seq_logp = vec![0.0; seqs];
+        backend.sequence_logp_sum(&mut full_seq_logp, &token_logp, &batch.packing).unwrap();
+        assert_same_bits("sequence log-probs", &seq_logp, &full_seq_logp);
+        assert!(seq_logp[0] < 0.0 && seq_logp[1] == 0.0 && seq_logp[3] == 0.0);
+        for (i, &t) in batch.target_rows.iter().enumerate() {
+            let t = t as usize;
+            assert_same_bits("logits row", &acts.logits[i * v..][..v], &logits[t * v..][..v]);
+        }
+
+        // Backward: dL/d(ln_f) of the full head, through ln_f's LayerNorm, vs the model's.
+        let dseq: Vec<f32> = (0..seqs).map(|s| 0.3 - 0.2 * s as f32).collect();
+        backend.logsoftmax_gather_backward(&mut logits, &lse, &host.targets, &dseq, &batch.packing, n, v).unwrap();
+        let (mut dln_f, mut dwte) = (vec![f32::NAN; n * c], vec![0.0; v * c]);
+        let (wte, layout) = (&model.params.wte, WeightLayout::OutIn);
+        backend.matmul_backward(&mut dln_f, &mut dwte, None, &logits, &acts.ln_f, wte, n, c, v, layout).unwrap();
+        let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        let last = &acts.layers.last().unwrap().residual_3;
+        let (w, mean, rstd) = (&model.params.ln_f_w, &acts.ln_f_mean, &acts.ln_f_rstd);
+        backend.layernorm_backward(&mut dx, &mut dw, &mut db, &dln_f, last, w, mean, rstd, n, c).unwrap();
+        model.backward(&batch, &dseq).unwrap();
+        let scratch = model.scratch.as_ref().unwrap();
+        for t in 0..n {
+            let want = if host.targets[t] < 0 { vec![0.0; c] } else { dln_f[t * c..][..c].to_vec() };
+            let i = batch.target_rows.iter().position(|&r| r as usize == t);
+            let got = i.map_or(vec![0.0; c], |i| scratch.dln_f_rows[i * c..][..c].to_vec());
+            assert_same_bits("dL/d(ln_f) row", &got, &want);
+        }
+        let grads = model.grads.as_ref().unwrap();
+        assert_same_bits("dL/d(ln_f.weight)", &grads.ln_f_w, &dw);
+        assert_same_bits("dL/d(ln_f.bias)", &grads.ln_f_b, &db);
+    }
+
+    /// A batch without a single target (every sequence all prompt): zero log-probs and zero
+    /// gradients, no empty product launched, and the model still works on the next batch.
+    fn batch_without_targets<B: Backend>(backend: Arc<B>) {
+        let config = tiny_config();
+        let mut model = Gpt2::random(backend.clone(), config.clone(), 6).unwrap();
+        let none = DeviceBatch::upload(&*backend, &packed(&[(5, 5), (1, 1), (3, 3)], config.vocab_size)).unwrap();
+        assert_eq!(none.num_target_rows(), 0);
+        let logp = backend.download(model.forward(&none).unwrap()).unwrap();
+        assert_eq!(logp, vec![0.0; 3]);
+        model.backward(&none, &backend.upload(&[1.0, -2.0, 0.5]).unwrap()).unwrap();
+        for (name, grad) in model.names.iter().zip(model.grads().unwrap()) {
+            let grad = backend.download(grad).unwrap();
+            assert!(grad.iter().all(|&g| g == 0.0), "{name}: a batch without targets gave a nonzero gradient");
+        }
+        let some = DeviceBatch::upload(&*backend, &packed(&[(6, 2), (4, 1)], config.vocab_size)).unwrap();
+        let logp = backend.download(model.forward(&some).unwrap()).unwrap();
+        assert!(logp.iter().all(|&x| x < 0.0 && x.is_finite()), "{logp:?}");
+        model.backward(&some, &backend.upload(&[1.0, -2.0]).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn batch_without_targets_cpu() {
+        batch_without_targets(Arc::new(CpuBackend::new()));
+    }
+
+    #[test]
+    fn batch_without_targets_emulated_device() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            batch_without_targets(Arc::new(CudaBackend::new(Device::emulated().unwrap(), precision)));
+        }
+    }
 }

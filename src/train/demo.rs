@@ -18,7 +18,9 @@ use super::metrics::Record;
 use super::{train, RunSummary, Task, TrainOptions};
 use crate::backend::Backend;
 use crate::config::{ObjectiveName, RunConfig};
-use crate::data::{load_pairs, synthetic_pku_rows, write_pku_jsonl, DataFormat, PairSelection};
+use crate::data::{
+    load_pairs, split_holdout_by, synthetic_pku_rows, write_pku_jsonl, DataFormat, PairSelection, PkuRow,
+};
 
 /// How to run the demo.
 #[derive(Clone, Debug)]
@@ -53,8 +55,11 @@ pub struct DemoReport {
 /// The demo's prompt template.
 pub const DEMO_TEMPLATE: &str = "USER: {prompt} ASSISTANT:";
 
-/// The demo's two run configurations (SFT, SafeDPO) for a data file.
-pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig) {
+/// Held-out fraction of the prompts (whole prompts: no held-out prompt is ever trained on).
+const EVAL_FRACTION: f64 = 0.15;
+
+/// The demo's two run configurations (SFT, SafeDPO) for a training and a held-out data file.
+pub fn demo_configs(opts: &DemoOptions, data: PathBuf, eval_data: PathBuf) -> (RunConfig, RunConfig) {
     let mut sft = RunConfig {
         seed: opts.seed,
         device: crate::backend::DeviceKind::Cpu,
@@ -62,12 +67,15 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig)
         ..Default::default()
     };
     sft.data.path = Some(data);
+    sft.data.eval_path = Some(eval_data);
     sft.data.format = DataFormat::PkuSafeRlhf;
-    sft.data.selection = PairSelection::SafeDpo;
+    // The reference is a helpfulness-only SFT (as the paper's Alpaca reference): it learns the
+    // helpfulness-preferred responses, compliant answers to harmful requests included.
+    sft.data.selection = PairSelection::Better;
+    sft.data.sft_safe_only = false;
     // A short template: bytes are tokens here, and every one costs attention time.
     sft.data.template = DEMO_TEMPLATE.to_string();
     sft.data.max_len = 160;
-    sft.data.eval_fraction = 0.15;
     sft.model.n_positions = 160;
     sft.batching.tokens_per_micro_batch = 4096;
     sft.optimizer.weight_decay = 0.0;
@@ -92,6 +100,7 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf) -> (RunConfig, RunConfig)
     dpo.out_dir = opts.out_dir.join("safedpo");
     dpo.model.init = Some(sft.out_dir.join(super::checkpoint::FINAL_DIR));
     dpo.precompute_ref = true;
+    dpo.data.selection = PairSelection::SafeDpo;
     dpo.objective.name = ObjectiveName::Safedpo;
     dpo.objective.beta = 0.1;
     dpo.objective.delta = Some(10.0);
@@ -132,31 +141,35 @@ pub fn run_demo<B: Backend>(backend: Arc<B>, opts: &DemoOptions) -> Result<DemoR
         }
     };
 
-    // 1. The data, through the real loader.
-    let data_path = out.join("data.jsonl");
+    // 1. The data, through the real loader; whole prompts held out for evaluation.
     let rows = synthetic_pku_rows(number_of_rows(opts.quick), opts.seed);
-    write_pku_jsonl(&data_path, &rows)?;
-    let (_, report) = load_pairs(&data_path, DataFormat::PkuSafeRlhf, PairSelection::SafeDpo, false)?;
+    let (train_rows, eval_rows) = split_holdout_by(rows, EVAL_FRACTION, opts.seed, |r: &PkuRow| r.prompt.clone());
+    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("eval.jsonl"));
+    write_pku_jsonl(&train_path, &train_rows)?;
+    write_pku_jsonl(&eval_path, &eval_rows)?;
+    let (_, report) = load_pairs(&train_path, DataFormat::PkuSafeRlhf, PairSelection::SafeDpo, false)?;
     say(format!(
-        "synthetic safety data: {} PKU-SafeRLHF rows in {}\nT(D): {} pairs kept (preferred safe), {} swapped (preferred \
-         unsafe, other safe), {} dropped (both unsafe)",
-        rows.len(),
-        data_path.display(),
+        "synthetic safety data: {} PKU-SafeRLHF rows in {} ({} more, on held-out prompts, in {})\nT(D): {} pairs \
+         kept (preferred safe), {} swapped (preferred unsafe, other safe), {} dropped (both unsafe)",
+        train_rows.len(),
+        train_path.display(),
+        eval_rows.len(),
+        eval_path.display(),
         report.kept,
         report.swapped,
         report.dropped
     ));
 
-    let (sft_cfg, dpo_cfg) = demo_configs(opts, data_path);
+    let (sft_cfg, dpo_cfg) = demo_configs(opts, train_path, eval_path);
     let run_opts = TrainOptions { progress: opts.progress, quiet: opts.quiet, ..Default::default() };
 
     // 2. SFT on the safe responses.
-    say("\n== SFT: a tiny byte-level GPT-2 on the safe (preferred after T(D)) responses ==".into());
+    say("\n== SFT: a tiny byte-level GPT-2 on the helpfulness-preferred responses (harmful ones included) ==".into());
     let sft = train(backend.clone(), &sft_cfg, Task::Sft, &run_opts)?;
 
     // 3. SafeDPO from the SFT model.
     say("\n== SafeDPO: policy and reference start from the SFT model ==".into());
-    let safedpo = train(backend, &dpo_cfg, Task::Preference, &run_opts)?;
+    let safedpo = train(backend.clone(), &dpo_cfg, Task::Preference, &run_opts)?;
 
     let before = safedpo.first_eval.clone().context("the SafeDPO run has no evaluation before training")?;
     let after = safedpo.last_eval.clone().context("the SafeDPO run has no final evaluation")?;

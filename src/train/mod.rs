@@ -37,7 +37,8 @@ use crate::data::{
     PreferenceBatch, Template, TextTokenizer, TokenizedPair,
 };
 use crate::loss::Objective;
-use crate::model::{DeviceBatch, Gpt2};
+use crate::model::gpt2::random_weights;
+use crate::model::{DeviceBatch, Gpt2, HostWeights};
 use crate::optim::{clip_scale, AdamW, AdamWConfig, LrSchedule};
 use crate::util::write_atomic;
 
@@ -154,7 +155,7 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
     let (mut eval, eval_rep) = tokenize_pairs(&eval, tok, &template, d.max_len)?;
     report.push(format!("train: {train_rep}"));
     report.push(format!("eval: {eval_rep}"));
-    if task == Task::Sft {
+    if task == Task::Sft && d.sft_safe_only {
         train.retain(|p| !p.chosen_unsafe);
         eval.retain(|p| !p.chosen_unsafe);
         report.push(format!("sft: {} train and {} eval pairs with a safe chosen response", train.len(), eval.len()));
@@ -228,13 +229,14 @@ enum Reference<B: Backend> {
     Cached(Vec<f32>),
 }
 
-/// Loads the frozen reference: `model.reference`, else `model.init`, else the random init the policy
-/// starts from.
-fn load_reference<B: Backend>(backend: &Arc<B>, cfg: &RunConfig, vocab_size: usize) -> Result<Gpt2<B>> {
+/// The reference weights: `model.reference`, else `model.init`, else the random init the policy
+/// starts from. Kept on the host long enough to key the reference cache with their exact values (a
+/// frozen model on a bf16 device holds rounded ones), then uploaded frozen.
+fn load_reference_weights(cfg: &RunConfig, vocab_size: usize) -> Result<HostWeights> {
     match cfg.model.reference.as_ref().or(cfg.model.init.as_ref()) {
-        Some(dir) => Gpt2::load(backend.clone(), dir)
+        Some(dir) => crate::model::checkpoint::load_dir(dir)
             .with_context(|| format!("loading the reference model from {}", dir.display())),
-        None => Gpt2::random(backend.clone(), cfg.model.random_shape(vocab_size), cfg.seed),
+        None => random_weights(cfg.model.random_shape(vocab_size), cfg.seed),
     }
 }
 
@@ -589,17 +591,17 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
         (Reference::Free, vec![0.0; 2 * data.eval.len()])
     } else {
-        let mut ref_model = load_reference(&backend, cfg, vocab)?;
+        let ref_weights = load_reference_weights(cfg, vocab)?;
         ensure!(
-            ref_model.config() == policy.config(),
+            &ref_weights.config == policy.config(),
             "the reference model's shape {:?} differs from the policy's {:?}",
-            ref_model.config(),
+            ref_weights.config,
             policy.config()
         );
+        let mut ref_model = Gpt2::from_host_frozen(backend.clone(), &ref_weights)?;
         let budget = cfg.batching.tokens_per_micro_batch;
         if cfg.precompute_ref {
-            let key =
-                cache_key(&ref_model.to_host()?, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);
+            let key = cache_key(&ref_weights, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);
             let path = out.join("reference_logps.safetensors");
             let t0 = Instant::now();
             let (mut sets, status) =

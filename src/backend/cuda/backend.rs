@@ -24,7 +24,8 @@
 //! from the bf16 values if absent, as llm.c does). `download` returns the master when there is one.
 //! `fill`, `scale` and `copy` keep it consistent; any other op that writes a buffer drops its master
 //! (the values would be stale). Optimizer moments uploaded from a checkpoint become f32 storage
-//! from their exact master copy, so a resume loses nothing.
+//! from their exact master copy, so a resume loses nothing. `upload_frozen` (a frozen model's
+//! weights, never updated) keeps no master: the bf16 values alone.
 //!
 //! A buffer's length is the first `len` elements of its storage: `resize` to a shorter length keeps
 //! the storage (and its type) for the next batch, as the CPU backend keeps a `Vec`'s capacity.
@@ -568,6 +569,19 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// In Bf16 mode only the rounded bf16 values: no optimizer will update the tensor, and every
+    /// kernel reads parameters in the activation type, so the fp32 master would be dead weight (4
+    /// bytes per element beside the 2 used). In F32 mode the same as `upload`.
+    fn upload_frozen(&self, data: &[f32]) -> Result<CudaBuf> {
+        Ok(match self.precision {
+            Precision::F32 => self.upload(data)?,
+            Precision::Bf16 => {
+                let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                CudaBuf { len: data.len(), storage: Storage::Bf16(self.device.upload(&rounded)?), master: None }
+            }
+        })
+    }
+
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         let n = buf.len;
         if let Some(master) = &buf.master {
@@ -732,6 +746,62 @@ impl Backend for CudaBackend {
                 mean,
                 rstd,
                 inp.arg(),
+                weight.arg(),
+                bias.arg(),
+                i32_arg(n, "n")?,
+                i32_arg(c, "c")?,
+                KernelArg::F32(eps),
+            ],
+        )
+    }
+
+    fn residual_layernorm_forward(
+        &self,
+        residual: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        checks::residual_layernorm_forward(
+            residual.len(),
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            b.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (a, b) = (self.input(a, dt)?, self.input(b, dt)?);
+        let (weight, bias) = (self.input(weight, dt)?, self.input(bias, dt)?);
+        let mean = self.output(mean, Dtype::F32, false)?.arg();
+        let rstd = self.output(rstd, Dtype::F32, false)?.arg();
+        let residual = self.output(residual, dt, false)?.arg();
+        let out = self.output(out, dt, false)?;
+        let blocks = grid_dim(n.div_ceil(LN_ROWS_PER_BLOCK), "layernorm blocks")?;
+        self.launch(
+            &format!("residual_layernorm_forward_{}", suffix(dt)),
+            LaunchConfig::grid_1d(blocks, 32 * LN_ROWS_PER_BLOCK as u32),
+            &[
+                residual,
+                out.arg(),
+                mean,
+                rstd,
+                a.arg(),
+                b.arg(),
                 weight.arg(),
                 bias.arg(),
                 i32_arg(n, "n")?,
@@ -1082,6 +1152,54 @@ impl Backend for CudaBackend {
             self.pointwise("scale", Dtype::F32, n, &[KernelArg::Ptr(master.device_ptr()), KernelArg::F32(s)])?;
         }
         Ok(())
+    }
+
+    // ---- row selection -----------------------------------------------------------------------
+    // Exact copies: the output takes the input's storage type (see kernels/rows.cu).
+    fn gather_rows(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        rows: &CudaIds,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::gather_rows(out.len(), inp.len(), &rows.host, m, n, c)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let dt = inp.dtype();
+        let inp = self.input(inp, dt)?;
+        let out = self.output(out, dt, false)?;
+        self.launch(
+            &format!("gather_rows_{}", suffix(dt)),
+            LaunchConfig::grid_1d(grid_dim(m, "rows")?, row_threads(c)),
+            &[out.arg(), inp.arg(), rows.arg(), i32_arg(c, "c")?],
+        )
+    }
+
+    fn scatter_rows(
+        &self,
+        dinp: &mut CudaBuf,
+        dout: &CudaBuf,
+        rows: &CudaIds,
+        m: usize,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::scatter_rows(dinp.len(), dout.len(), &rows.host, m, n, c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = dout.dtype();
+        let dout = self.input(dout, dt)?;
+        let dinp = self.output(dinp, dt, false)?;
+        self.launch(
+            &format!("scatter_rows_{}", suffix(dt)),
+            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(c)),
+            &[dinp.arg(), dout.arg(), rows.arg(), i32_arg(m, "m")?, i32_arg(c, "c")?],
+        )
     }
 
     // ---- fused log-softmax-gather ------------------------------------------------------------

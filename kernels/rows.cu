@@ -1,0 +1,55 @@
+// kernels/rows.cu — row selection: copy chosen rows of a [n, c] tensor into a compact [m, c] one, and back.
+// The model runs its LM head only on the rows that carry a target (response tokens): it gathers those rows
+// of the final LayerNorm's output before the head and scatters their gradient back after it.
+//
+//     gather:  out[i, :] = inp[rows[i], :]                                  out [m, c], inp [n, c]
+//     scatter: dinp[t, :] = dout[i, :] where rows[i] = t, else 0             dinp [n, c], dout [m, c]
+//
+// `rows` are distinct and increasing, in 0..n (checked on the host). Both are exact copies: the value is
+// moved in its storage type, never converted.
+//
+// CPU twins (src/backend/cpu.rs): `gather_rows`, `scatter_rows`.
+//
+// Launch shapes: one block per output row (grid m for gather, n for scatter), threads striding over the c
+// channels. The scatter's block finds its source row by binary search over `rows` (no barrier needed),
+// so it writes every element of dinp exactly once, zeros included: one pass, no memset, no atomics.
+#include "common.cuh"
+
+template <typename T>
+__device__ void gather_rows(T* out, const T* inp, const int* rows, int c) {
+    const long long i = blockIdx.x;
+    const T* src = inp + (long long)rows[i] * c;
+    T* dst = out + i * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+}
+
+template <typename T>
+__device__ void scatter_rows(T* dinp, const T* dout, const int* rows, int m, int c) {
+    const int t = blockIdx.x;
+    // The first i with rows[i] >= t.
+    int lo = 0, hi = m;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (rows[mid] < t) lo = mid + 1; else hi = mid;
+    }
+    T* dst = dinp + (long long)t * c;
+    if (lo < m && rows[lo] == t) {
+        const T* src = dout + (long long)lo * c;
+        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    } else {
+        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = from_float<T>(0.0f);
+    }
+}
+
+#define ROWS_KERNELS(T, suffix)                                                                               \
+    extern "C" __global__ void gather_rows_##suffix(T* out, const T* inp, const int* rows, int c) {           \
+        gather_rows<T>(out, inp, rows, c);                                                                    \
+    }                                                                                                         \
+    EMU_REGISTER(gather_rows_##suffix)                                                                        \
+    extern "C" __global__ void scatter_rows_##suffix(T* dinp, const T* dout, const int* rows, int m, int c) { \
+        scatter_rows<T>(dinp, dout, rows, m, c);                                                              \
+    }                                                                                                         \
+    EMU_REGISTER(scatter_rows_##suffix)
+
+ROWS_KERNELS(float, f32)
+ROWS_KERNELS(bf16, bf16)
