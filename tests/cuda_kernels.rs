@@ -188,7 +188,7 @@ fn residual_layernorm(device: &Device, precision: Precision) {
     let mut f = Fixture::new(device, precision, 30);
     let mut shapes = vec![(1, 1), (1, 45), (4, 32), (9, 300)];
     for _ in 0..3 {
-        shapes.push((f.rng.gen_range(1..40), f.rng.gen_range(1..200) * 2 + 1));
+        shapes.push((f.rng.random_range(1..40), f.rng.random_range(1..200) * 2 + 1));
     }
     for (n, c) in shapes {
         let shape = format!("[{n}, {c}]");
