@@ -558,7 +558,8 @@ for engine, r, st, mem in runs:
         "final_loss": r.get("final_loss"), "device": r.get("device"),
     }
 p("  GPU MiB: peak nvidia-smi memory.used during the run minus before it (100 ms samples);")
-p("  engine MiB: what each reports (safedpo: host VmHWM; torch on a GPU: max_memory_allocated).")
+p("  engine MiB: each engine's own peak of its device buffers (safedpo: its allocator's count; torch:")
+p("  max_memory_allocated), or the host VmHWM where an engine counts none (memory_source in its JSON).")
 out["bench"] = bench
 if ours:
     ph = ours["phases_ms"]
