@@ -374,6 +374,112 @@ fn matmul_backward_matches_finite_differences() {
     }
 }
 
+/// The weight gradient of `out = inp · W` summed over `n` tokens, in f64, in `layout`: `inpᵀ · dout`.
+fn weight_grad_twin(inp: &[f64], dout: &[f64], n: usize, ic: usize, oc: usize, layout: WeightLayout) -> Vec<f64> {
+    let mut dw = vec![0.0; ic * oc];
+    for t in 0..n {
+        for i in 0..ic {
+            for o in 0..oc {
+                let at = match layout {
+                    WeightLayout::InOut => i * oc + o,
+                    WeightLayout::OutIn => o * ic + i,
+                };
+                dw[at] += inp[t * ic + i] * dout[t * oc + o];
+            }
+        }
+    }
+    dw
+}
+
+/// Token counts long enough that the CPU backend splits the weight gradient's token dimension into
+/// parts (2 parts of 650; 8 parts, the last one shorter): the gradient still matches the f64 twin,
+/// accumulates, and has the same bits on 1, 3 and the global pool's threads.
+#[test]
+fn matmul_backward_over_many_tokens_matches_twin_on_any_thread_count() {
+    let be = backend();
+    let mut r = rng(24);
+    for &(n, ic, oc) in &[(1300, 24, 40), (4100, 40, 24)] {
+        for layout in LAYOUTS {
+            let what = format!("{n}x{ic}x{oc} {layout:?}");
+            let inp = randn(&mut r, n * ic, 1.0);
+            let w = randn(&mut r, ic * oc, 1.0);
+            let dout = randn(&mut r, n * oc, 1.0);
+            let (pw, pb) = (randn(&mut r, ic * oc, 1.0), randn(&mut r, oc, 1.0));
+            let run = || {
+                let (mut dx, mut dw, mut db) = (poison(n * ic), pw.clone(), pb.clone());
+                for _ in 0..2 {
+                    be.matmul_backward(&mut dx, &mut dw, Some(&mut db), &dout, &inp, &w, n, ic, oc, layout).unwrap();
+                }
+                (dx, dw, db)
+            };
+            let (dx, dw, db) = run();
+
+            let (x64, w64, dy) = (to_f64(&inp), to_f64(&w), to_f64(&dout));
+            let want_dw = accumulated(&pw, &weight_grad_twin(&x64, &dy, n, ic, oc, layout), 2.0);
+            assert_close_scaled(&format!("dweight {what}"), &dw, &want_dw, GRAD_RTOL);
+            // dinp = dout · Wᵀ: the twin's forward with dout as input and W transposed (the other layout).
+            let flipped = match layout {
+                WeightLayout::InOut => WeightLayout::OutIn,
+                WeightLayout::OutIn => WeightLayout::InOut,
+            };
+            let want_dx = matmul_twin(&dy, &w64, None, n, oc, ic, flipped);
+            assert_close_scaled(&format!("dinp {what}"), &dx, &want_dx, GRAD_RTOL);
+            let col_sums: Vec<f64> = (0..oc).map(|o| (0..n).map(|t| dy[t * oc + o]).sum()).collect();
+            assert_close_scaled(&format!("dbias {what}"), &db, &accumulated(&pb, &col_sums, 2.0), GRAD_RTOL);
+
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (dx_t, dw_t, db_t) = pool.install(run);
+                assert_bitwise_eq(&format!("dweight {what}, {threads} threads vs the global pool"), &dw_t, &dw);
+                assert_bitwise_eq(&format!("dinp {what}, {threads} threads vs the global pool"), &dx_t, &dx);
+                assert_bitwise_eq(&format!("dbias {what}, {threads} threads vs the global pool"), &db_t, &db);
+            }
+        }
+    }
+}
+
+/// The fused product + bias + GELU gives the bits of `matmul_forward` then `gelu_forward`: one
+/// row, a batch just short of the fused path, odd shapes, one output column, an inner dimension of
+/// 2 and one longer than 512 (where `gemm` blocks it), on the global pool and on 1 and 3 threads.
+#[test]
+fn matmul_bias_gelu_forward_is_matmul_then_gelu_bit_for_bit() {
+    let be = backend();
+    let mut r = rng(25);
+    let shapes = [
+        (1, 5, 7),
+        (255, 3, 9),
+        (256, 16, 64),
+        (301, 37, 53),
+        (517, 128, 512),
+        (777, 2, 33),
+        (389, 9, 1),
+        (1000, 600, 40),
+    ];
+    for &(n, ic, oc) in &shapes {
+        let what = format!("{n}x{ic}x{oc}");
+        let inp = randn(&mut r, n * ic, 1.0);
+        let w = randn(&mut r, ic * oc, 0.3);
+        let bias = randn(&mut r, oc, 0.5);
+        let (mut pre_want, mut out_want) = (poison(n * oc), poison(n * oc));
+        be.matmul_forward(&mut pre_want, &inp, &w, Some(&bias), n, ic, oc, WeightLayout::InOut).unwrap();
+        be.gelu_forward(&mut out_want, &pre_want).unwrap();
+        let fused = || {
+            let (mut pre, mut out) = (poison(n * oc), poison(n * oc));
+            be.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &w, &bias, n, ic, oc).unwrap();
+            (pre, out)
+        };
+        let (pre, out) = fused();
+        assert_bitwise_eq(&format!("pre {what}, fused vs matmul_forward"), &pre, &pre_want);
+        assert_bitwise_eq(&format!("out {what}, fused vs gelu_forward"), &out, &out_want);
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (pre_t, out_t) = pool.install(fused);
+            assert_bitwise_eq(&format!("pre {what}, {threads} threads"), &pre_t, &pre_want);
+            assert_bitwise_eq(&format!("out {what}, {threads} threads"), &out_t, &out_want);
+        }
+    }
+}
+
 // ---- attention ----------------------------------------------------------------------------------
 
 /// Runs the forward on a packed batch; returns (out, saved).

@@ -52,8 +52,8 @@ const GELU_FUSE_ROWS: usize = 128;
 const WGRAD_PART_TOKENS: usize = 512;
 /// Most parts a weight gradient is split into.
 const WGRAD_MAX_PARTS: usize = 8;
-/// Bound on the scratch partial gradients of a split weight gradient, in elements (32 MiB).
-const WGRAD_SCRATCH_ELEMS: usize = 1 << 23;
+/// Bound on the scratch partial gradients of a split weight gradient, in elements (16 MiB).
+const WGRAD_SCRATCH_ELEMS: usize = 1 << 22;
 
 /// A raw pointer that may cross threads. Used only where parallel tasks write provably disjoint
 /// strided regions of one buffer (attention heads), which safe slices cannot express.
@@ -882,11 +882,12 @@ impl Backend for CpuBackend {
     /// still in cache, instead of a second pass over all of `pre` after the whole product.
     ///
     /// Bit-identical to `matmul_forward` then `gelu_forward`: every block has more than 64 rows, so
-    /// `gemm` (0.19) takes for it the same path as for the whole product (not its one-row gemv, nor
-    /// its small-matrix blocking of `k`, which differ in the order they add), and an output
-    /// element's sum is one chain of multiply-adds over `k` whatever the rows around it. A batch of
-    /// fewer than two blocks runs the two ops unfused. `tests/cpu_ops.rs` holds it to this, bit for
-    /// bit, on odd shapes.
+    /// `gemm` (0.19) takes for it the same blocked path as for the whole product, where an output
+    /// element's sum is one chain of multiply-adds over `k` whatever the rows around it. Its other
+    /// paths add in an order that depends on the rows in the call (the one-output-column gemv does:
+    /// `tests/cpu_ops.rs` caught it), and so does its small-matrix blocking of `k`; the shapes that
+    /// would take them (one output column, `ic ≤ 2`) and batches of fewer than two blocks run the
+    /// two ops unfused. `tests/cpu_ops.rs` holds the fused path to this, bit for bit, on odd shapes.
     fn matmul_bias_gelu_forward(
         &self,
         pre: &mut Vec<f32>,
@@ -899,7 +900,7 @@ impl Backend for CpuBackend {
         oc: usize,
     ) -> Result<()> {
         let blocks = n / GELU_FUSE_ROWS;
-        if blocks < 2 || oc == 0 {
+        if blocks < 2 || oc < 2 || ic < 3 {
             self.matmul_forward(pre, inp, weight, Some(bias), n, ic, oc, WeightLayout::InOut)?;
             return self.gelu_forward(out, pre);
         }
@@ -1472,6 +1473,16 @@ mod tests {
                 ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
             })
             .collect()
+    }
+
+    #[test]
+    fn weight_gradients_split_by_shape_within_the_scratch_bound() {
+        assert_eq!(weight_grad_parts(128, 384, 2048), 4, "the step's QKV weight gradient");
+        assert_eq!(weight_grad_parts(128, 384, 1023), 1, "under two parts' worth of tokens");
+        assert_eq!(weight_grad_parts(64, 64, 1 << 20), WGRAD_MAX_PARTS);
+        // GPT-2 small's MLP weight: 2.4 M elements, so one scratch partial at most.
+        assert_eq!(weight_grad_parts(768, 3072, 8192), 2);
+        assert_eq!(weight_grad_parts(4096, 4096, 8192), 1);
     }
 
     #[test]
