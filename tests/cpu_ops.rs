@@ -438,48 +438,6 @@ fn matmul_backward_over_many_tokens_matches_twin_on_any_thread_count() {
     }
 }
 
-/// The fused product + bias + GELU gives the bits of `matmul_forward` then `gelu_forward`: one
-/// row, a batch just short of the fused path, odd shapes, one output column, an inner dimension of
-/// 2 and one longer than 512 (where `gemm` blocks it), on the global pool and on 1 and 3 threads.
-#[test]
-fn matmul_bias_gelu_forward_is_matmul_then_gelu_bit_for_bit() {
-    let be = backend();
-    let mut r = rng(25);
-    let shapes = [
-        (1, 5, 7),
-        (255, 3, 9),
-        (256, 16, 64),
-        (301, 37, 53),
-        (517, 128, 512),
-        (777, 2, 33),
-        (389, 9, 1),
-        (1000, 600, 40),
-    ];
-    for &(n, ic, oc) in &shapes {
-        let what = format!("{n}x{ic}x{oc}");
-        let inp = randn(&mut r, n * ic, 1.0);
-        let w = randn(&mut r, ic * oc, 0.3);
-        let bias = randn(&mut r, oc, 0.5);
-        let (mut pre_want, mut out_want) = (poison(n * oc), poison(n * oc));
-        be.matmul_forward(&mut pre_want, &inp, &w, Some(&bias), n, ic, oc, WeightLayout::InOut).unwrap();
-        be.gelu_forward(&mut out_want, &pre_want).unwrap();
-        let fused = || {
-            let (mut pre, mut out) = (poison(n * oc), poison(n * oc));
-            be.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &w, &bias, n, ic, oc).unwrap();
-            (pre, out)
-        };
-        let (pre, out) = fused();
-        assert_bitwise_eq(&format!("pre {what}, fused vs matmul_forward"), &pre, &pre_want);
-        assert_bitwise_eq(&format!("out {what}, fused vs gelu_forward"), &out, &out_want);
-        for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let (pre_t, out_t) = pool.install(fused);
-            assert_bitwise_eq(&format!("pre {what}, {threads} threads"), &pre_t, &pre_want);
-            assert_bitwise_eq(&format!("out {what}, {threads} threads"), &out_t, &out_want);
-        }
-    }
-}
-
 // ---- attention ----------------------------------------------------------------------------------
 
 /// Runs the forward on a packed batch; returns (out, saved).

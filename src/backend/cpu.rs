@@ -45,9 +45,6 @@ const REDUCE_ROWS: usize = 32;
 const ATTN_BLOCK: usize = 32;
 /// Products with at least this many multiply-adds run multi-threaded inside `gemm`.
 const GEMM_PARALLEL_FLOPS: usize = 1 << 18;
-/// Rows per block of the fused product + GELU (`matmul_bias_gelu_forward`): more than 64, see there;
-/// small enough that a block's `pre` (`rows × oc` f32, 256 KiB at oc = 512) stays in L2 for the GELU.
-const GELU_FUSE_ROWS: usize = 128;
 /// Tokens per part when a weight gradient's token dimension is split (see [`weight_grad_parts`]).
 const WGRAD_PART_TOKENS: usize = 512;
 /// Most parts a weight gradient is split into.
@@ -877,56 +874,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    /// Fused over row blocks: each task runs `gemm` on a block of [`GELU_FUSE_ROWS`]–`2·`that
-    /// many rows (single-threaded) and then the GELU row kernel on the block while its `pre` is
-    /// still in cache, instead of a second pass over all of `pre` after the whole product.
-    ///
-    /// Bit-identical to `matmul_forward` then `gelu_forward`: every block has more than 64 rows, so
-    /// `gemm` (0.19) takes for it the same blocked path as for the whole product, where an output
-    /// element's sum is one chain of multiply-adds over `k` whatever the rows around it. Its other
-    /// paths add in an order that depends on the rows in the call (the one-output-column gemv does:
-    /// `tests/cpu_ops.rs` caught it), and so does its small-matrix blocking of `k`; the shapes that
-    /// would take them (one output column, `ic ≤ 2`) and batches of fewer than two blocks run the
-    /// two ops unfused. `tests/cpu_ops.rs` holds the fused path to this, bit for bit, on odd shapes.
-    fn matmul_bias_gelu_forward(
-        &self,
-        pre: &mut Vec<f32>,
-        out: &mut Vec<f32>,
-        inp: &Vec<f32>,
-        weight: &Vec<f32>,
-        bias: &Vec<f32>,
-        n: usize,
-        ic: usize,
-        oc: usize,
-    ) -> Result<()> {
-        let blocks = n / GELU_FUSE_ROWS;
-        if blocks < 2 || oc < 2 || ic < 3 {
-            self.matmul_forward(pre, inp, weight, Some(bias), n, ic, oc, WeightLayout::InOut)?;
-            return self.gelu_forward(out, pre);
-        }
-        checks::matmul_forward(pre.len(), inp.len(), weight.len(), Some(bias.len()), n, ic, oc)?;
-        checks::gelu_forward(out.len(), pre.len())?;
-        // Blocks of GELU_FUSE_ROWS rows; the last one takes the remainder too.
-        let split = (blocks - 1) * GELU_FUSE_ROWS * oc;
-        let (pre_head, pre_last) = pre.split_at_mut(split);
-        let (out_head, out_last) = out.split_at_mut(split);
-        let pre_blocks = pre_head.par_chunks_mut(GELU_FUSE_ROWS * oc).chain(rayon::iter::once(pre_last));
-        let out_blocks = out_head.par_chunks_mut(GELU_FUSE_ROWS * oc).chain(rayon::iter::once(out_last));
-        let w = Mat::new(weight.as_ptr(), oc, 1);
-        let inp_m = Mat::new(inp.as_ptr(), ic, 1);
-        pre_blocks.zip(out_blocks).enumerate().for_each(|(b, (pre_block, out_block))| {
-            let rows = pre_block.len() / oc;
-            pre_block.chunks_exact_mut(oc).for_each(|row| row.copy_from_slice(bias));
-            // SAFETY: shapes checked above; rows b·GELU_FUSE_ROWS.. of `inp` exist; `pre` is distinct.
-            unsafe {
-                let inp_block = inp_m.from(b * GELU_FUSE_ROWS, 0);
-                gemm_f32(rows, oc, ic, pre_block.as_mut_ptr(), oc, true, inp_block, w, 1.0, false);
-            }
-            gelu_forward_kernel(out_block, pre_block);
-        });
-        Ok(())
-    }
+    // `matmul_bias_gelu_forward` keeps the trait's unfused default. A fusion over row blocks (gemm
+    // on 128–2048-row blocks, then the GELU row kernel on each block while it is in L2) gave the
+    // same bits but measured no faster (0.90 vs 0.89 ms at 2048 × 128 → 512): the GELU is bound by
+    // its arithmetic, not by memory, and each block repacks the weight. (On bits: gemm 0.19's
+    // per-row sums do depend on the rows in a call on its one-output-column gemv path, seen in a
+    // test, and for k > 512 on its small-matrix blocking of k, by its source; not on its blocked
+    // path, where the fusion was bit-identical on odd shapes.)
 
+    /// `dinp`, `dweight` and `dbias` are independent and computed side by side (`rayon::join`), so
+    /// that one fills the others' idle moments at gemm's internal barriers; no bits change.
     fn matmul_backward(
         &self,
         dinp: &mut Vec<f32>,
@@ -944,30 +901,27 @@ impl Backend for CpuBackend {
         checks::matmul_backward(dinp.len(), dweight.len(), dbias_len, dout.len(), inp.len(), weight.len(), n, ic, oc)?;
         let dout_m = Mat::new(dout.as_ptr(), oc, 1);
         let inp_m = Mat::new(inp.as_ptr(), ic, 1);
-        // SAFETY: shapes checked above; destinations are distinct allocations from the sources.
-        unsafe {
-            // dinp[n, ic] = dout[n, oc] · Wᵀ, Wᵀ element (o, i) = W(i, o).
-            let wt = match layout {
-                WeightLayout::InOut => Mat::new(weight.as_ptr(), 1, oc),
-                WeightLayout::OutIn => Mat::new(weight.as_ptr(), ic, 1),
-            };
-            gemm_f32(n, ic, oc, dinp.as_mut_ptr(), ic, false, dout_m, wt, 1.0, true);
-            match layout {
-                // dW[ic, oc] += inpᵀ · dout
-                WeightLayout::InOut => {
-                    accumulate_weight_grad(ic, oc, n, dweight.as_mut_ptr(), oc, Mat::new(inp.as_ptr(), 1, ic), dout_m)
-                }
-                // dW[oc, ic] += doutᵀ · inp
-                WeightLayout::OutIn => {
-                    accumulate_weight_grad(oc, ic, n, dweight.as_mut_ptr(), ic, Mat::new(dout.as_ptr(), 1, oc), inp_m)
-                }
-            }
-        }
-        if let Some(db) = dbias {
-            if oc > 0 {
+        // dinp[n, ic] = dout[n, oc] · Wᵀ, Wᵀ element (o, i) = W(i, o).
+        let wt = match layout {
+            WeightLayout::InOut => Mat::new(weight.as_ptr(), 1, oc),
+            WeightLayout::OutIn => Mat::new(weight.as_ptr(), ic, 1),
+        };
+        // dW[ic, oc] += inpᵀ · dout (InOut), or dW[oc, ic] += doutᵀ · inp (OutIn).
+        let (w_rows, w_cols, w_lhs, w_rhs) = match layout {
+            WeightLayout::InOut => (ic, oc, Mat::new(inp.as_ptr(), 1, ic), dout_m),
+            WeightLayout::OutIn => (oc, ic, Mat::new(dout.as_ptr(), 1, oc), inp_m),
+        };
+        // SAFETY (both products): shapes checked above; destinations are distinct allocations from
+        // the sources.
+        let dinp_task = || unsafe { gemm_f32(n, ic, oc, dinp.as_mut_ptr(), ic, false, dout_m, wt, 1.0, true) };
+        let dweight_task =
+            || unsafe { accumulate_weight_grad(w_rows, w_cols, n, dweight.as_mut_ptr(), w_cols, w_lhs, w_rhs) };
+        let dbias_task = || {
+            if let (Some(db), true) = (dbias, oc > 0) {
                 accumulate_column_sums(db, dout, oc);
             }
-        }
+        };
+        rayon::join(dinp_task, || rayon::join(dweight_task, dbias_task));
         Ok(())
     }
 
