@@ -30,7 +30,8 @@
 # Environment: SAFEDPO_GPU_CHECK_DEVICE (cuda | emu; default cuda), SAFEDPO_GPU_CHECK_BUDGET_S
 # (default 480: later stages are cut short or skipped past it), SAFEDPO_GPU_CHECK_PEAK_FLOPS (for
 # MFU; default from the GPU's name, e.g. 989e12 for an H100 SXM), SAFEDPO_GPU_CHECK_SCRATCH (where
-# the training run's checkpoints go; default a temporary directory, removed at the end).
+# the training run's checkpoints go; default a temporary directory, removed at the end),
+# SAFEDPO_CUBLASLT (path of libcublasLt.so.13; default: found in the usual places, see stage 1).
 set -uo pipefail # no -e: every stage's failure is recorded and the check goes on
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,7 +51,7 @@ if [[ ! -x "$here/bin/safedpo" ]]; then
 fi
 
 if [[ $# -ne 1 || "$1" == -* ]]; then
-    sed -n '2,32p' "$0" >&2
+    sed -n '2,34p' "$0" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -171,12 +172,36 @@ fi
 say "device $device, logs in $logdir, budget ${budget}s"
 cp "$here/MANIFEST.txt" "$logdir/MANIFEST.txt" 2>/dev/null
 sanitizer=""
-for c in compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+for c in compute-sanitizer "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \
+    /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     if have "$c"; then
         sanitizer=$(command -v "$c")
         break
     fi
 done
+# The matrix products need CUDA 13's libcublasLt.so.13. safedpo finds it on the loader's path, under
+# $CUDA_HOME, $CUDA_PATH, next to nvcc and in /usr/local/cuda; where CUDA came as pip wheels (torch's
+# nvidia-* packages) it is elsewhere: point SAFEDPO_CUBLASLT at the first one found.
+cublaslt_candidates() {
+    echo "${CUDA_HOME:-/usr/local/cuda}/lib64/libcublasLt.so.13"
+    echo /usr/local/cuda/lib64/libcublasLt.so.13
+    echo /usr/local/cuda/targets/x86_64-linux/lib/libcublasLt.so.13
+    ldconfig -p 2>/dev/null | awk '/libcublasLt[.]so[.]13 /{ print $NF }'
+    python3 - 2>/dev/null <<'PY'
+import glob, site
+for d in site.getsitepackages() + [site.getusersitepackages()]:
+    for path in sorted(glob.glob(d + "/nvidia/*/lib/libcublasLt.so.13")):
+        print(path)
+PY
+}
+if [[ "$device" == cuda && -z "${SAFEDPO_CUBLASLT:-}" ]]; then
+    while read -r c; do
+        if [[ -f "$c" ]]; then
+            export SAFEDPO_CUBLASLT=$c
+            break
+        fi
+    done < <(cublaslt_candidates)
+fi
 {
     echo "== host: $(uname -n), $(nproc) cores, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "== check device: $device"
@@ -187,6 +212,7 @@ done
         echo "nvidia-smi: not found"
     fi
     echo "== compute-sanitizer: ${sanitizer:-not found}"
+    echo "== libcublasLt.so.13: ${SAFEDPO_CUBLASLT:-not found here (safedpo then asks the dynamic loader)}"
     [[ -n "$sanitizer" ]] && "$sanitizer" --version | tail -n 2
     echo "== nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo 'not found')"
     echo "== python: $(python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tail -n 1)"
@@ -532,7 +558,8 @@ for engine, r, st, mem in runs:
         "final_loss": r.get("final_loss"), "device": r.get("device"),
     }
 p("  GPU MiB: peak nvidia-smi memory.used during the run minus before it (100 ms samples);")
-p("  engine MiB: what each reports (safedpo: host VmHWM; torch on a GPU: max_memory_allocated).")
+p("  engine MiB: each engine's own peak of its device buffers (safedpo: its allocator's count; torch:")
+p("  max_memory_allocated), or the host VmHWM where an engine counts none (memory_source in its JSON).")
 out["bench"] = bench
 if ours:
     ph = ours["phases_ms"]

@@ -9,8 +9,8 @@ use anyhow::{ensure, Result};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use safedpo::backend::cuda::{kernels, Device, DeviceBuffer, Gemm, LaunchConfig};
-use safedpo::backend::AdamWParams;
+use safedpo::backend::cuda::{kernels, CudaBackend, Device, DeviceBuffer, Gemm, LaunchConfig, Precision};
+use safedpo::backend::{AdamWParams, Backend, MemoryStats};
 use safedpo::kernel_args;
 
 /// One test per check and device: `<name>_emu` runs everywhere, `<name>_gpu` only with `--ignored`.
@@ -36,6 +36,7 @@ macro_rules! device_tests {
 
 device_tests!(
     memory_operations,
+    memory_accounting,
     launch_geometry,
     barrier_rounds,
     shared_reload,
@@ -146,6 +147,40 @@ fn memory_operations(device: &Device) -> Result<()> {
     ensure!(device.copy_in(&mut copy, &data[..10]).is_err(), "a length mismatch must be an error");
     ensure!(device.fill(&mut device.alloc::<u64>(4)?, 1u64).is_err(), "8-byte fill is unsupported");
     device.synchronize()
+}
+
+/// The device's count of live buffer bytes: allocation and drop move `current`, `peak` keeps the
+/// high-water mark until `reset_peak_memory`; clones share the count; views cost nothing; the CUDA
+/// backend reports the same numbers (a bf16 upload holds bf16 values plus an f32 master copy).
+fn memory_accounting(device: &Device) -> Result<()> {
+    let stats = |current, peak| MemoryStats { current_bytes: current, peak_bytes: peak };
+    ensure!(device.memory_stats() == stats(0, 0), "a fresh device holds nothing: {:?}", device.memory_stats());
+    let a = device.alloc::<f32>(1000)?;
+    let b = device.alloc::<bf16>(333)?;
+    let empty = device.alloc::<f32>(0)?;
+    ensure!(device.memory_stats() == stats(4666, 4666), "after two allocations: {:?}", device.memory_stats());
+    let _views = (a.slice(10..20), b.view(), empty.view());
+    drop(a);
+    ensure!(device.memory_stats() == stats(666, 4666), "after a drop: {:?}", device.memory_stats());
+    let clone = device.clone();
+    let c = clone.upload(&[1u8; 10])?;
+    ensure!(device.memory_stats() == stats(676, 4666), "a clone's buffer counts: {:?}", device.memory_stats());
+    device.reset_peak_memory();
+    ensure!(device.memory_stats() == stats(676, 676), "after reset_peak_memory: {:?}", device.memory_stats());
+    let d = device.alloc_zeros::<u64>(50)?;
+    drop(d);
+    ensure!(clone.memory_stats() == stats(676, 1076), "a new peak: {:?}", clone.memory_stats());
+    drop((b, c, empty));
+    ensure!(device.memory_stats() == stats(0, 1076), "all dropped: {:?}", device.memory_stats());
+
+    let backend = CudaBackend::new(device.clone(), Precision::Bf16);
+    backend.reset_peak_memory();
+    let zeros = backend.zeros(100)?;
+    let weights = backend.upload(&random_f32(&mut rng(2), 30, -1.0, 1.0))?;
+    ensure!(backend.memory_stats() == Some(stats(200 + 30 * 6, 200 + 30 * 6)), "backend: {:?}", backend.memory_stats());
+    drop((zeros, weights));
+    ensure!(backend.memory_stats() == Some(stats(0, 380)), "backend after drops: {:?}", backend.memory_stats());
+    Ok(())
 }
 
 fn launch_geometry(device: &Device) -> Result<()> {

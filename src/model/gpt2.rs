@@ -921,8 +921,7 @@ impl<B: Backend> Gpt2<B> {
                 eps,
             )?;
             // MLP half: residual_3 = residual_2 + mlp_proj(gelu(c_fc(ln_2(residual_2)))).
-            b.matmul_forward(&mut a.fch, &a.ln_2, &w.c_fc_w, Some(&w.c_fc_b), n, c, 4 * c, InOut)?;
-            b.gelu_forward(&mut a.fch_gelu, &a.fch)?;
+            b.matmul_bias_gelu_forward(&mut a.fch, &mut a.fch_gelu, &a.ln_2, &w.c_fc_w, &w.c_fc_b, n, c, 4 * c)?;
             b.matmul_forward(&mut acts.proj, &a.fch_gelu, &w.mlp_proj_w, Some(&w.mlp_proj_b), n, 4 * c, c, InOut)?;
             // residual_3 with the LayerNorm that reads it: the next block's ln_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or

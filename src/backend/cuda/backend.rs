@@ -43,7 +43,7 @@ use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
 use super::{Device, DeviceBuffer, DeviceScalar, Dtype, Gemm, KernelArg, LaunchConfig};
-use crate::backend::{checks, AdamWParams, Backend, Packing, WeightLayout};
+use crate::backend::{checks, AdamWParams, Backend, MemoryStats, Packing, WeightLayout};
 use crate::loss::Objective;
 
 // ---- launch shapes (each kernel file's header comment explains its own) ------------------------------
@@ -661,6 +661,16 @@ impl Backend for CudaBackend {
         self.device.synchronize()
     }
 
+    /// Every live buffer of the device (this backend's, and those of other backends sharing the
+    /// device), as the device counts them.
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        Some(self.device.memory_stats())
+    }
+
+    fn reset_peak_memory(&self) {
+        self.device.reset_peak_memory();
+    }
+
     // ---- encoder -----------------------------------------------------------------------------
     fn embedding_forward(
         &self,
@@ -896,6 +906,70 @@ impl Backend for CudaBackend {
         // out[n, oc] = inp[n, ic] · W; W stored [ic, oc] (InOut) or [oc, ic] (OutIn, transposed).
         let spec = Gemm::new(n, oc, ic).trans_b(layout == WeightLayout::OutIn);
         self.gemm(&spec, &inp, n * ic, &weight, out, bias.as_ref())
+    }
+
+    /// One cuBLASLt product with the `GELU_AUX_BIAS` epilogue where the device can fuse it (the
+    /// emulated device always; a GPU in Bf16 mode when cuBLASLt has an algorithm, see
+    /// [`Device::gemm_bias_gelu`]), else `matmul_forward` then `gelu_forward`. A GPU in F32 mode does
+    /// not fuse: that mode is held to the CPU at 1e-5, and cuBLASLt does not document the precision
+    /// of its GELU.
+    fn matmul_bias_gelu_forward(
+        &self,
+        pre: &mut CudaBuf,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul_bias_gelu_forward";
+        checks::check_len(OP, "pre", pre.len(), n * oc)?;
+        checks::check_len(OP, "out", out.len(), n * oc)?;
+        checks::check_len(OP, "inp", inp.len(), n * ic)?;
+        checks::check_len(OP, "weight", weight.len(), ic * oc)?;
+        checks::check_len(OP, "bias", bias.len(), oc)?;
+        if n == 0 || oc == 0 {
+            return Ok(());
+        }
+        ensure!(ic > 0, "{OP}: an inner dimension of 0 is not supported on the CUDA backend");
+        let dt = self.act();
+        if self.device.is_emulated() || dt == Dtype::Bf16 {
+            let (a, w, b) = (self.input(inp, dt)?, self.input(weight, dt)?, self.input(bias, dt)?);
+            let (pre_storage, out_storage) = (self.output(pre, dt, false)?, self.output(out, dt, false)?);
+            // out[n, oc] = gelu(inp[n, ic] · W[ic, oc] + bias)
+            let spec = Gemm::new(n, oc, ic);
+            let fused = match (&a, &w, &b, pre_storage, out_storage) {
+                (Operand::F32(a), Operand::F32(w), Operand::F32(b), Storage::F32(p), Storage::F32(o)) => {
+                    self.device.gemm_bias_gelu(
+                        &spec,
+                        a.slice(..n * ic),
+                        w.slice(..ic * oc),
+                        p.slice_mut(..n * oc),
+                        o.slice_mut(..n * oc),
+                        b.slice(..oc),
+                    )
+                }
+                (Operand::Bf16(a), Operand::Bf16(w), Operand::Bf16(b), Storage::Bf16(p), Storage::Bf16(o)) => {
+                    self.device.gemm_bias_gelu(
+                        &spec,
+                        a.slice(..n * ic),
+                        w.slice(..ic * oc),
+                        p.slice_mut(..n * oc),
+                        o.slice_mut(..n * oc),
+                        b.slice(..oc),
+                    )
+                }
+                _ => bail!("{OP}: operands of mixed storage types"),
+            }
+            .with_context(|| format!("{OP}: n = {n}, ic = {ic}, oc = {oc}"))?;
+            if fused {
+                return Ok(());
+            }
+        }
+        self.matmul_forward(pre, inp, weight, Some(bias), n, ic, oc, WeightLayout::InOut)?;
+        self.gelu_forward(out, pre)
     }
 
     fn matmul_backward(

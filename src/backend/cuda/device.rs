@@ -13,12 +13,14 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{emu, gpu, kernels};
+use crate::backend::MemoryStats;
 
 // ---- choosing a device ---------------------------------------------------------------------------
 
@@ -184,6 +186,8 @@ impl Memory {
 /// `len` elements of `T` in device memory.
 pub struct DeviceBuffer<T: DeviceScalar> {
     memory: Memory,
+    /// This buffer's bytes in its device's count; given back after `memory` is freed.
+    _lease: Option<MemoryLease>,
     len: usize,
     _element: PhantomData<T>,
 }
@@ -464,6 +468,49 @@ impl LaunchConfig {
     }
 }
 
+// ---- memory accounting ---------------------------------------------------------------------------
+
+/// Bytes held by one device's live buffers, now and at the peak; shared by the clones of a
+/// [`Device`]. Counts what buffers asked for (a GPU's allocator may round up; the emulated device
+/// pads to 256 bytes), the same on both devices.
+#[derive(Default)]
+struct MemoryCounter {
+    current: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemoryCounter {
+    fn lease(self: &Arc<Self>, bytes: usize) -> MemoryLease {
+        let bytes = bytes as u64;
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        MemoryLease { bytes, counter: self.clone() }
+    }
+
+    fn stats(&self) -> MemoryStats {
+        // The peak is read second so that it is never below the current value read first.
+        let current_bytes = self.current.load(Ordering::Relaxed);
+        let peak_bytes = self.peak.load(Ordering::Relaxed).max(current_bytes);
+        MemoryStats { current_bytes, peak_bytes }
+    }
+
+    fn reset_peak(&self) {
+        self.peak.store(self.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// A live buffer's bytes in its device's [`MemoryCounter`], subtracted when the buffer is dropped.
+struct MemoryLease {
+    bytes: u64,
+    counter: Arc<MemoryCounter>,
+}
+
+impl Drop for MemoryLease {
+    fn drop(&mut self) {
+        self.counter.current.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 // ---- GEMM ----------------------------------------------------------------------------------------
 
 /// A matrix product, row-major:
@@ -538,10 +585,11 @@ enum Imp {
     Emu(Arc<emu::Emu>),
 }
 
-/// A CUDA device: a GPU or the emulated device. Cloning shares the device.
+/// A CUDA device: a GPU or the emulated device. Cloning shares the device (and its memory count).
 #[derive(Clone)]
 pub struct Device {
     imp: Imp,
+    memory: Arc<MemoryCounter>,
 }
 
 /// A point in a device's stream of work, for timing ([`Device::elapsed_ms`]).
@@ -555,12 +603,12 @@ enum EventImp {
 impl Device {
     /// GPU `ordinal`, with the embedded kernels loaded.
     pub fn gpu(ordinal: usize) -> Result<Self> {
-        Ok(Self { imp: Imp::Gpu(gpu::Gpu::new(ordinal)?) })
+        Ok(Self { imp: Imp::Gpu(gpu::Gpu::new(ordinal)?), memory: Arc::default() })
     }
 
     /// The emulated device.
     pub fn emulated() -> Result<Self> {
-        Ok(Self { imp: Imp::Emu(emu::Emu::new()) })
+        Ok(Self { imp: Imp::Emu(emu::Emu::new()), memory: Arc::default() })
     }
 
     pub fn is_emulated(&self) -> bool {
@@ -587,15 +635,27 @@ impl Device {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| anyhow::anyhow!("allocation of {len} elements overflows"))?;
-        let memory = if bytes == 0 {
-            Memory::Empty
+        let (memory, lease) = if bytes == 0 {
+            (Memory::Empty, None)
         } else {
-            match &self.imp {
+            let memory = match &self.imp {
                 Imp::Gpu(g) => Memory::Gpu(gpu::Gpu::alloc(g, bytes)?),
                 Imp::Emu(e) => Memory::Emu(emu::Emu::alloc(e, bytes)?),
-            }
+            };
+            (memory, Some(self.memory.lease(bytes)))
         };
-        Ok(DeviceBuffer { memory, len, _element: PhantomData })
+        Ok(DeviceBuffer { memory, _lease: lease, len, _element: PhantomData })
+    }
+
+    /// Bytes held by the live buffers of this device (all its clones), now and at the peak since it
+    /// was created or [`Device::reset_peak_memory`] was called.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.memory.stats()
+    }
+
+    /// Restarts the peak of [`Device::memory_stats`] from the bytes allocated now.
+    pub fn reset_peak_memory(&self) {
+        self.memory.reset_peak();
     }
 
     /// A buffer of `len` zeros.
@@ -730,8 +790,69 @@ impl Device {
         if spec.m == 0 || spec.n == 0 {
             return Ok(());
         }
-        let operands =
-            GemmOperands { ab: TA::DTYPE, c: TC::DTYPE, a: a.ptr, b: b.ptr, d: d.ptr, bias: bias.map(|v| v.ptr) };
+        let operands = GemmOperands {
+            ab: TA::DTYPE,
+            c: TC::DTYPE,
+            a: a.ptr,
+            b: b.ptr,
+            d: d.ptr,
+            bias: bias.map(|v| v.ptr),
+            gelu_aux: None,
+        };
+        let done = match &self.imp {
+            Imp::Gpu(g) => g.gemm(spec, &operands)?,
+            Imp::Emu(e) => e.gemm(spec, &operands)?,
+        };
+        ensure!(done, "gemm {spec:?}: the device declined a product without an epilogue");
+        Ok(())
+    }
+
+    /// The product with a GELU epilogue (cuBLASLt's `GELU_AUX_BIAS`): `pre = alpha·op(A)·op(B) + bias`
+    /// and `out = gelu(pre)` (tanh form, HF `gelu_new`), the GELU taken of the f32 value before `pre`
+    /// is rounded to its storage type. `beta` must be 0; `pre` and `out` must not overlap each other
+    /// or the inputs.
+    ///
+    /// Returns `Ok(false)`, having written nothing, when this device cannot fuse this product — a GPU
+    /// needs `n` to be a multiple of 8 (the leading dimension of `pre` as cuBLASLt sees it), `pre`
+    /// 16-byte aligned, and a cuBLASLt algorithm for the epilogue at these shapes and alignments —
+    /// so that the caller runs [`Device::gemm`] and the GELU kernel instead. The emulated device
+    /// always fuses.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bias_gelu<'a, 'b, 'p, 'o, TA: DeviceScalar, TC: DeviceScalar>(
+        &self,
+        spec: &Gemm,
+        a: impl Into<View<'a, TA>>,
+        b: impl Into<View<'b, TA>>,
+        pre: impl Into<ViewMut<'p, TC>>,
+        out: impl Into<ViewMut<'o, TC>>,
+        bias: View<'_, TC>,
+    ) -> Result<bool> {
+        let (a, b, pre, out) = (a.into(), b.into(), pre.into(), out.into());
+        spec.check(TA::DTYPE, TC::DTYPE, a.len, b.len, out.len, Some(bias.len))?;
+        ensure!(pre.len == out.len, "gemm_bias_gelu {spec:?}: pre has {} elements, out {}", pre.len, out.len);
+        ensure!(spec.beta == 0.0, "gemm_bias_gelu {spec:?}: beta must be 0 (the epilogue does not accumulate)");
+        let bytes = |len: usize, size: usize| (len * size) as u64;
+        let overlap = |p: u64, p_bytes: u64, q: u64, q_bytes: u64| p < q + q_bytes && q < p + p_bytes;
+        let (c_size, ab_size) = (TC::DTYPE.size(), TA::DTYPE.size());
+        let (pre_bytes, out_bytes) = (bytes(pre.len, c_size), bytes(out.len, c_size));
+        ensure!(
+            !overlap(pre.ptr, pre_bytes, out.ptr, out_bytes)
+                && !overlap(pre.ptr, pre_bytes, a.ptr, bytes(a.len, ab_size))
+                && !overlap(pre.ptr, pre_bytes, b.ptr, bytes(b.len, ab_size)),
+            "gemm_bias_gelu {spec:?}: pre overlaps out or an input"
+        );
+        if spec.m == 0 || spec.n == 0 {
+            return Ok(true);
+        }
+        let operands = GemmOperands {
+            ab: TA::DTYPE,
+            c: TC::DTYPE,
+            a: a.ptr,
+            b: b.ptr,
+            d: out.ptr,
+            bias: Some(bias.ptr),
+            gelu_aux: Some(pre.ptr),
+        };
         match &self.imp {
             Imp::Gpu(g) => g.gemm(spec, &operands),
             Imp::Emu(e) => e.gemm(spec, &operands),
@@ -786,4 +907,7 @@ pub(crate) struct GemmOperands {
     pub b: u64,
     pub d: u64,
     pub bias: Option<u64>,
+    /// With the GELU epilogue ([`Device::gemm_bias_gelu`]; `bias` is then set): where the
+    /// pre-activation goes, `[m, n]` of D's type; D receives the GELU of it.
+    pub gelu_aux: Option<u64>,
 }

@@ -9,7 +9,8 @@
 //! against the live buffers of this device.
 //!
 //! GEMM is a CPU reference with the GPU path's semantics ([`Gemm`]): f32 products (the `gemm` crate),
-//! then `alpha·P + beta·D + bias` in f32, rounded once to D's type.
+//! then `alpha·P + beta·D + bias` in f32, rounded once to D's type; with the GELU epilogue, that value
+//! rounded to the pre-activation buffer and its GELU (f32) rounded to D.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -292,7 +293,8 @@ impl Emu {
         Ok(())
     }
 
-    pub(crate) fn gemm(&self, spec: &Gemm, ops: &GemmOperands) -> Result<()> {
+    /// Runs the product (always: the emulated device fuses every epilogue, so the result is `true`).
+    pub(crate) fn gemm(&self, spec: &Gemm, ops: &GemmOperands) -> Result<bool> {
         let _stream = self.stream.lock().unwrap();
         let (m, n, k) = (spec.m, spec.n, spec.k);
         let (ab_size, c_size) = (ops.ab.size(), ops.c.size());
@@ -307,6 +309,11 @@ impl Emu {
             !overlaps(ops.a, m * k * ab_size) && !overlaps(ops.b, k * n * ab_size),
             "gemm {spec:?}: the output D overlaps an input"
         );
+        if let Some(aux) = ops.gelu_aux {
+            ensure!(ops.bias.is_some() && spec.beta == 0.0, "gemm {spec:?}: the GELU epilogue needs a bias, beta 0");
+            self.check_range(aux, m * n * c_size, "gemm GELU pre-activation")?;
+            ensure!(!overlaps(aux, m * n * c_size), "gemm {spec:?}: the pre-activation overlaps D");
+        }
         // SAFETY (all raw slices below): ranges checked against live buffers of this device above,
         // D disjoint from A and B; buffers are 256-byte aligned and views whole-element offsets.
         let read_f32 = |ptr: u64, len: usize, dtype: Dtype| -> Vec<f32> {
@@ -361,16 +368,38 @@ impl Emu {
             }
             v
         };
+        // With the GELU epilogue the pre-activation goes to the aux buffer and D gets its GELU, both
+        // taken from the f32 value (one rounding each), as cuBLASLt's GELU_AUX_BIAS does.
+        let (d_value, aux): (&dyn Fn(usize) -> f32, _) = match ops.gelu_aux {
+            Some(aux) => (&|i| gelu(value(i)), Some(aux)),
+            None => (&value, None),
+        };
         match ops.c {
             Dtype::F32 => {
                 let d = unsafe { std::slice::from_raw_parts_mut(ops.d as *mut f32, m * n) };
-                d.iter_mut().enumerate().for_each(|(i, out)| *out = value(i));
+                d.iter_mut().enumerate().for_each(|(i, out)| *out = d_value(i));
+                if let Some(aux) = aux {
+                    let pre = unsafe { std::slice::from_raw_parts_mut(aux as *mut f32, m * n) };
+                    pre.iter_mut().enumerate().for_each(|(i, out)| *out = value(i));
+                }
             }
             _ => {
                 let d = unsafe { std::slice::from_raw_parts_mut(ops.d as *mut bf16, m * n) };
-                d.iter_mut().enumerate().for_each(|(i, out)| *out = bf16::from_f32(value(i)));
+                d.iter_mut().enumerate().for_each(|(i, out)| *out = bf16::from_f32(d_value(i)));
+                if let Some(aux) = aux {
+                    let pre = unsafe { std::slice::from_raw_parts_mut(aux as *mut bf16, m * n) };
+                    pre.iter_mut().enumerate().for_each(|(i, out)| *out = bf16::from_f32(value(i)));
+                }
             }
         }
-        Ok(())
+        Ok(true)
     }
+}
+
+/// GELU, tanh form (HF `gelu_new`), in f32 as kernels/pointwise.cu computes it.
+fn gelu(x: f32) -> f32 {
+    const SCALE: f32 = 0.797_884_6; // √(2/π)
+    const CUBIC: f32 = 0.044715;
+    let u = SCALE * (x + CUBIC * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
 }
