@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::*;
@@ -19,31 +18,13 @@ use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Dtype, Precision};
 use safedpo::backend::Backend;
 use safedpo::data::PackedBatch;
 use safedpo::model::gpt2::{plan_head_chunks, random_weights, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_CHUNK_ROWS};
-use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
+use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
 use safedpo::optim::{clip_scale, sgd_step, AdamW, AdamWConfig};
 
 fn config(n_layer: usize) -> Gpt2Config {
     Gpt2Config { vocab_size: 41, n_positions: 32, n_embd: 16, n_layer, n_head: 2, layer_norm_epsilon: 1e-5 }
 }
 
-/// Random weights well away from the init scale (peaked attention, curved GELU), so that a layer
-/// reading the wrong slot changes the output.
-fn weights(config: &Gpt2Config, seed: u64) -> HostWeights {
-    let mut r = rng(seed);
-    let mut tensors = BTreeMap::new();
-    for (name, shape) in config.parameter_shapes() {
-        let len: usize = shape.iter().product();
-        let data = if name.contains("ln_") && name.ends_with(".weight") {
-            randn(&mut r, len, 0.2).into_iter().map(|x| 1.0 + x).collect()
-        } else if name.ends_with(".bias") {
-            randn(&mut r, len, 0.1)
-        } else {
-            randn(&mut r, len, 0.3)
-        };
-        tensors.insert(name, (shape, data));
-    }
-    HostWeights { config: config.clone(), tensors }
-}
 
 /// A packed batch of random sequences with the given (length, prompt length) pairs.
 fn batch(seed: u64, lens: &[(usize, usize)], vocab: usize) -> PackedBatch {
@@ -60,7 +41,7 @@ const SHAPES: [&[(usize, usize)]; 3] = [&[(7, 2), (1, 1), (12, 4)], &[(3, 1)], &
 fn frozen_forward_matches_trainable<B: Backend>(backend: Arc<B>, what: &str) {
     for n_layer in 1..=4 {
         let cfg = config(n_layer);
-        let w = weights(&cfg, 100 + n_layer as u64);
+        let w = test_weights(&cfg, 100 + n_layer as u64);
         let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
         let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
         assert!(frozen.is_frozen() && !trainable.is_frozen());
@@ -110,7 +91,7 @@ fn message<T>(r: anyhow::Result<T>) -> String {
 fn gradient_operations_on_a_frozen_model_are_errors() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(3);
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &weights(&cfg, 1)).unwrap();
+    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &test_weights(&cfg, 1)).unwrap();
     let packed = batch(2, SHAPES[0], cfg.vocab_size);
     let dev = DeviceBatch::upload(&*backend, &packed).unwrap();
     frozen.forward(&dev).unwrap();
@@ -145,7 +126,7 @@ fn layer_elements(cfg: &Gpt2Config, tokens: usize, attention_saved: usize) -> us
 fn a_frozen_model_holds_no_gradients_and_two_layers_of_activations() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(5);
-    let w = weights(&cfg, 3);
+    let w = test_weights(&cfg, 3);
     let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
     let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
     let elements = |m: &Gpt2<CpuBackend>| m.held_buffers().into_iter().map(|b| backend.buf_len(b)).sum::<usize>();
@@ -181,7 +162,7 @@ fn cuda_bytes(b: &CudaBuf) -> usize {
 fn on_a_bf16_device_frozen_weights_keep_no_master_copy() {
     let backend = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16));
     let cfg = config(4);
-    let w = weights(&cfg, 5);
+    let w = test_weights(&cfg, 5);
     let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
     let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
     let p = cfg.num_params();
@@ -280,7 +261,7 @@ fn held_elements<B: Backend>(backend: &B, model: &Gpt2<B>) -> usize {
 fn chunked_head_matches_whole_head<B: Backend>(backend: Arc<B>, what: &str) {
     let cfg = config(2);
     let (c, v) = (cfg.n_embd, cfg.vocab_size);
-    let w = weights(&cfg, 31);
+    let w = test_weights(&cfg, 31);
     let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
     let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
     assert_eq!(frozen.head_chunk_rows(), FROZEN_HEAD_CHUNK_ROWS);
@@ -375,7 +356,7 @@ fn chunked_head_keeps_storage_for_its_largest_chunk_only_on_the_cpu() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(2);
     let (c, v) = (cfg.n_embd, cfg.vocab_size);
-    let w = weights(&cfg, 32);
+    let w = test_weights(&cfg, 32);
     let capacity = |m: &Gpt2<CpuBackend>| m.held_buffers().into_iter().map(Vec::capacity).sum::<usize>();
     for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
         let dev = DeviceBatch::upload(&*backend, &batch(70 + i as u64, lens, v)).unwrap();
@@ -431,7 +412,7 @@ fn chunked_head_is_bit_identical_at_gpt2_width_and_vocabulary_on_the_cpu() {
 #[test]
 fn only_a_frozen_model_takes_a_head_chunk_size() {
     let backend = Arc::new(CpuBackend::new());
-    let w = weights(&config(1), 33);
+    let w = test_weights(&config(1), 33);
     let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
     let msg = message(trainable.set_head_chunk_rows(64));
     assert!(msg.contains("frozen"), "{msg}");
