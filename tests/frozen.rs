@@ -3,11 +3,13 @@
 //! and bf16, over several batch shapes and layer counts (so the two recycled activation slots are
 //! exercised); every gradient operation on it is an error that says the model is frozen; it holds
 //! no gradient, no backward scratch and two layers of activations, counted element by element and,
-//! on the emulated device, byte by byte (no fp32 master copies in bf16).
+//! on the emulated device, byte by byte (no fp32 master copies in bf16). Its LM head, run in chunks
+//! of whole sequences, gives the same log-probs bit for bit as the whole head (chunk sizes from 1 row
+//! up, a sequence longer than a chunk, sequences without targets, a batch without any; and at GPT-2's
+//! width and vocabulary on the CPU), and holds the logits of its largest chunk only.
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::*;
@@ -15,31 +17,14 @@ use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Dtype, Precision};
 use safedpo::backend::Backend;
 use safedpo::data::PackedBatch;
-use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
+use safedpo::model::gpt2::{plan_head_chunks, random_weights, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_CHUNK_ROWS};
+use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
 use safedpo::optim::{clip_scale, sgd_step, AdamW, AdamWConfig};
 
 fn config(n_layer: usize) -> Gpt2Config {
     Gpt2Config { vocab_size: 41, n_positions: 32, n_embd: 16, n_layer, n_head: 2, layer_norm_epsilon: 1e-5 }
 }
 
-/// Random weights well away from the init scale (peaked attention, curved GELU), so that a layer
-/// reading the wrong slot changes the output.
-fn weights(config: &Gpt2Config, seed: u64) -> HostWeights {
-    let mut r = rng(seed);
-    let mut tensors = BTreeMap::new();
-    for (name, shape) in config.parameter_shapes() {
-        let len: usize = shape.iter().product();
-        let data = if name.contains("ln_") && name.ends_with(".weight") {
-            randn(&mut r, len, 0.2).into_iter().map(|x| 1.0 + x).collect()
-        } else if name.ends_with(".bias") {
-            randn(&mut r, len, 0.1)
-        } else {
-            randn(&mut r, len, 0.3)
-        };
-        tensors.insert(name, (shape, data));
-    }
-    HostWeights { config: config.clone(), tensors }
-}
 
 /// A packed batch of random sequences with the given (length, prompt length) pairs.
 fn batch(seed: u64, lens: &[(usize, usize)], vocab: usize) -> PackedBatch {
@@ -56,7 +41,7 @@ const SHAPES: [&[(usize, usize)]; 3] = [&[(7, 2), (1, 1), (12, 4)], &[(3, 1)], &
 fn frozen_forward_matches_trainable<B: Backend>(backend: Arc<B>, what: &str) {
     for n_layer in 1..=4 {
         let cfg = config(n_layer);
-        let w = weights(&cfg, 100 + n_layer as u64);
+        let w = test_weights(&cfg, 100 + n_layer as u64);
         let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
         let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
         assert!(frozen.is_frozen() && !trainable.is_frozen());
@@ -106,7 +91,7 @@ fn message<T>(r: anyhow::Result<T>) -> String {
 fn gradient_operations_on_a_frozen_model_are_errors() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(3);
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &weights(&cfg, 1)).unwrap();
+    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &test_weights(&cfg, 1)).unwrap();
     let packed = batch(2, SHAPES[0], cfg.vocab_size);
     let dev = DeviceBatch::upload(&*backend, &packed).unwrap();
     frozen.forward(&dev).unwrap();
@@ -141,7 +126,7 @@ fn layer_elements(cfg: &Gpt2Config, tokens: usize, attention_saved: usize) -> us
 fn a_frozen_model_holds_no_gradients_and_two_layers_of_activations() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(5);
-    let w = weights(&cfg, 3);
+    let w = test_weights(&cfg, 3);
     let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
     let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
     let elements = |m: &Gpt2<CpuBackend>| m.held_buffers().into_iter().map(|b| backend.buf_len(b)).sum::<usize>();
@@ -177,7 +162,7 @@ fn cuda_bytes(b: &CudaBuf) -> usize {
 fn on_a_bf16_device_frozen_weights_keep_no_master_copy() {
     let backend = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16));
     let cfg = config(4);
-    let w = weights(&cfg, 5);
+    let w = test_weights(&cfg, 5);
     let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
     let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
     let p = cfg.num_params();
@@ -215,4 +200,224 @@ fn upload_frozen_in_f32_mode_is_upload() {
     let buf = backend.upload_frozen(&data).unwrap();
     assert_eq!((buf.dtype(), buf.has_master()), (Dtype::F32, false));
     assert_bitwise_eq("f32 frozen upload", &backend.download(&buf).unwrap(), &data);
+}
+
+// ---- the frozen model's LM head in chunks -----------------------------------------------------
+
+/// Batches for the chunked head, as (length, prompt length) per sequence; each has more target rows
+/// than `MIN_HEAD_CHUNK_ROWS` several times over, so that small chunk sizes give several chunks.
+const CHUNK_SHAPES: [&[(usize, usize)]; 4] = [
+    // Many sequences of mixed lengths, among them one without a target and a one-token one.
+    &[(12, 3), (30, 5), (9, 9), (17, 2), (1, 1), (25, 20), (31, 4), (8, 1), (20, 6), (14, 7), (27, 3)],
+    // A sequence longer than most chunk sizes (31 rows) between short ones; trailing sequences
+    // without targets.
+    &[(5, 1), (32, 1), (3, 2), (11, 4), (2, 1), (28, 2), (6, 6), (4, 4)],
+    // Short sequences only: a last chunk thinner than MIN_HEAD_CHUNK_ROWS joins the one before.
+    &[
+        (4, 1),
+        (3, 1),
+        (5, 2),
+        (2, 1),
+        (6, 1),
+        (4, 2),
+        (3, 1),
+        (5, 1),
+        (4, 1),
+        (6, 2),
+        (3, 1),
+        (2, 1),
+        (4, 1),
+        (5, 1),
+        (4, 2),
+        (6, 1),
+        (3, 1),
+        (5, 2),
+        (4, 1),
+        (2, 1),
+        (6, 3),
+        (5, 1),
+        (3, 2),
+        (4, 1),
+        (6, 1),
+        (3, 1),
+    ],
+    // Leading sequences without targets, then two long ones.
+    &[(7, 7), (1, 1), (32, 2), (30, 1)],
+];
+
+/// Chunk sizes to try: 1 row (chunks of MIN_HEAD_CHUNK_ROWS), a few rows, a size below the longest
+/// sequence, a size a little under the whole batch, and the default (one chunk: the whole head).
+const CHUNK_ROWS: [usize; 6] = [1, 7, 20, 33, 60, FROZEN_HEAD_CHUNK_ROWS];
+
+/// Elements of every buffer a model holds.
+fn held_elements<B: Backend>(backend: &B, model: &Gpt2<B>) -> usize {
+    model.held_buffers().into_iter().map(|b| backend.buf_len(b)).sum()
+}
+
+/// For each batch shape and chunk size: the frozen model's chunked head gives the trainable model's
+/// log-probs bit for bit (with one frozen model throughout, so chunk plans are replaced and the
+/// head's buffers shrink and grow); and it holds the head buffers of its largest chunk only, counted
+/// against a frozen model that runs the whole head.
+fn chunked_head_matches_whole_head<B: Backend>(backend: Arc<B>, what: &str) {
+    let cfg = config(2);
+    let (c, v) = (cfg.n_embd, cfg.vocab_size);
+    let w = test_weights(&cfg, 31);
+    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
+    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+    assert_eq!(frozen.head_chunk_rows(), FROZEN_HEAD_CHUNK_ROWS);
+    let mut several_chunks = 0;
+    for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
+        let packed = batch(50 + i as u64, lens, v);
+        let dev = DeviceBatch::upload(&*backend, &packed).unwrap();
+        let (m, seqs) = (dev.num_target_rows(), dev.num_seqs());
+        let row_cu = &dev.row_packing.host_cu_seqlens;
+        assert!(m > 3 * MIN_HEAD_CHUNK_ROWS, "{what}: batch {i} has only {m} target rows");
+        let want = backend.download(trainable.forward(&dev).unwrap()).unwrap();
+        assert!(want.iter().any(|&x| x != 0.0), "{what}: all log-probs are 0; the test has no signal");
+        // A fresh frozen model on the whole head, for the memory count.
+        let mut whole = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        whole.set_head_chunk_rows(m).unwrap();
+        assert_bitwise_eq(
+            &format!("{what}: batch {i}, whole head"),
+            &backend.download(whole.forward(&dev).unwrap()).unwrap(),
+            &want,
+        );
+        for rows in CHUNK_ROWS {
+            frozen.set_head_chunk_rows(rows).unwrap();
+            let chunks = plan_head_chunks(row_cu, rows);
+            let chunk_rows: Vec<usize> = chunks.iter().map(|s| (row_cu[s.end] - row_cu[s.start]) as usize).collect();
+            several_chunks += (chunks.len() > 1) as usize;
+            // Twice: the second forward reuses the batch's uploaded chunks.
+            for run in 0..2 {
+                let got = backend.download(frozen.forward(&dev).unwrap()).unwrap();
+                let label = format!("{what}: batch {i}, {rows}-row chunks {chunk_rows:?}, run {run}");
+                assert_bitwise_eq(&label, &got, &want);
+                // Sequences without a target: +0, as in the whole head.
+                for (s, &x) in got.iter().enumerate() {
+                    if row_cu[s] == row_cu[s + 1] {
+                        assert_eq!(x.to_bits(), 0.0f32.to_bits(), "{label}: sequence {s} has no target");
+                    }
+                }
+            }
+            // Held by a fresh frozen model after this forward: the whole head's [m, C + V + 2] less
+            // the largest chunk's, plus the chunk's [S] sequence log-probs.
+            let mut fresh = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+            fresh.set_head_chunk_rows(rows).unwrap();
+            fresh.forward(&dev).unwrap();
+            let largest = if m > rows { *chunk_rows.iter().max().unwrap() } else { m };
+            let extra = if m > rows && chunks.len() > 1 { seqs } else { 0 };
+            assert_eq!(
+                held_elements(&*backend, &whole) + extra,
+                held_elements(&*backend, &fresh) + (m - largest) * (c + v + 2),
+                "{what}: batch {i}, {rows}-row chunks {chunk_rows:?}: held elements"
+            );
+            let longest = row_cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap();
+            assert!(largest < rows.max(longest) + 2 * MIN_HEAD_CHUNK_ROWS, "{what}: chunks {chunk_rows:?}");
+        }
+    }
+    assert!(several_chunks >= 10, "{what}: only {several_chunks} cases ran the head in several chunks");
+
+    // A batch without a target: zeros, whatever the chunk size, and the model runs on afterwards.
+    frozen.set_head_chunk_rows(1).unwrap();
+    let none = DeviceBatch::upload(&*backend, &batch(60, &[(5, 5), (1, 1), (9, 9)], v)).unwrap();
+    let got = backend.download(frozen.forward(&none).unwrap()).unwrap();
+    assert_bitwise_eq(&format!("{what}: no targets"), &got, &[0.0; 3]);
+    let dev = DeviceBatch::upload(&*backend, &batch(61, CHUNK_SHAPES[0], v)).unwrap();
+    let want = backend.download(trainable.forward(&dev).unwrap()).unwrap();
+    assert_bitwise_eq(
+        &format!("{what}: after no targets"),
+        &backend.download(frozen.forward(&dev).unwrap()).unwrap(),
+        &want,
+    );
+}
+
+#[test]
+fn chunked_head_is_bit_identical_on_the_cpu() {
+    chunked_head_matches_whole_head(Arc::new(CpuBackend::new()), "cpu");
+}
+
+#[test]
+fn chunked_head_is_bit_identical_on_the_emulated_device_f32() {
+    chunked_head_matches_whole_head(Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::F32)), "emu f32");
+}
+
+#[test]
+fn chunked_head_is_bit_identical_on_the_emulated_device_bf16() {
+    chunked_head_matches_whole_head(
+        Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16)),
+        "emu bf16",
+    );
+}
+
+/// On the CPU, the storage the head's buffers keep (Vec capacity, what the process's memory holds,
+/// not only their lengths): the largest chunk's, counted against a frozen model on the whole head.
+#[test]
+fn chunked_head_keeps_storage_for_its_largest_chunk_only_on_the_cpu() {
+    let backend = Arc::new(CpuBackend::new());
+    let cfg = config(2);
+    let (c, v) = (cfg.n_embd, cfg.vocab_size);
+    let w = test_weights(&cfg, 32);
+    let capacity = |m: &Gpt2<CpuBackend>| m.held_buffers().into_iter().map(Vec::capacity).sum::<usize>();
+    for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
+        let dev = DeviceBatch::upload(&*backend, &batch(70 + i as u64, lens, v)).unwrap();
+        let (m, seqs) = (dev.num_target_rows(), dev.num_seqs());
+        let row_cu = &dev.row_packing.host_cu_seqlens;
+        let mut whole = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        whole.set_head_chunk_rows(usize::MAX).unwrap();
+        whole.forward(&dev).unwrap();
+        for rows in [1, 24] {
+            let chunks = plan_head_chunks(row_cu, rows);
+            assert!(chunks.len() > 1, "batch {i}: one chunk of {rows} rows");
+            let largest = chunks.iter().map(|s| (row_cu[s.end] - row_cu[s.start]) as usize).max().unwrap();
+            let mut chunked = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+            chunked.set_head_chunk_rows(rows).unwrap();
+            chunked.forward(&dev).unwrap();
+            assert_eq!(
+                capacity(&whole) + seqs,
+                capacity(&chunked) + (m - largest) * (c + v + 2),
+                "batch {i}: {m} target rows in chunks of {rows} (largest {largest})"
+            );
+        }
+    }
+}
+
+/// At GPT-2's width (768, so the product's inner dimension is split into blocks) and vocabulary,
+/// one layer: the chunked head equals the whole head bit for bit on the CPU.
+#[test]
+fn chunked_head_is_bit_identical_at_gpt2_width_and_vocabulary_on_the_cpu() {
+    let backend = Arc::new(CpuBackend::new());
+    let cfg = Gpt2Config {
+        vocab_size: 50257,
+        n_positions: 64,
+        n_embd: 768,
+        n_layer: 1,
+        n_head: 12,
+        layer_norm_epsilon: 1e-5,
+    };
+    let w = random_weights(cfg.clone(), 3).unwrap();
+    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
+    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+    let lens = [(40, 8), (64, 2), (17, 16), (50, 10), (33, 33), (61, 5), (20, 3)];
+    let dev = DeviceBatch::upload(&*backend, &batch(80, &lens, cfg.vocab_size)).unwrap();
+    let want = backend.download(trainable.forward(&dev).unwrap()).unwrap();
+    for rows in [1, 40, 100] {
+        frozen.set_head_chunk_rows(rows).unwrap();
+        let row_cu = &dev.row_packing.host_cu_seqlens;
+        assert!(plan_head_chunks(row_cu, rows).len() > 1);
+        let got = backend.download(frozen.forward(&dev).unwrap()).unwrap();
+        assert_bitwise_eq(&format!("GPT-2 head, {rows}-row chunks"), &got, &want);
+    }
+}
+
+#[test]
+fn only_a_frozen_model_takes_a_head_chunk_size() {
+    let backend = Arc::new(CpuBackend::new());
+    let w = test_weights(&config(1), 33);
+    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
+    let msg = message(trainable.set_head_chunk_rows(64));
+    assert!(msg.contains("frozen"), "{msg}");
+    let mut frozen = Gpt2::from_host_frozen(backend, &w).unwrap();
+    assert!(message(frozen.set_head_chunk_rows(0)).contains("at least one row"));
+    frozen.set_head_chunk_rows(64).unwrap();
+    assert_eq!(frozen.head_chunk_rows(), 64);
 }

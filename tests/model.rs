@@ -24,24 +24,6 @@ fn cpu() -> Arc<CpuBackend> {
     Arc::new(CpuBackend::new())
 }
 
-/// Random weights far from GPT-2's init scale, so that attention is peaked, GELU is curved, and
-/// LayerNorm gains and biases matter: a gradient bug cannot hide in a near-linear regime.
-fn test_weights(config: &Gpt2Config, seed: u64) -> HostWeights {
-    let mut r = rng(seed);
-    let mut tensors = BTreeMap::new();
-    for (name, shape) in config.parameter_shapes() {
-        let len: usize = shape.iter().product();
-        let data = if name.contains("ln_") && name.ends_with(".weight") {
-            randn(&mut r, len, 0.2).into_iter().map(|x| 1.0 + x).collect()
-        } else if name.ends_with(".bias") {
-            randn(&mut r, len, 0.1)
-        } else {
-            randn(&mut r, len, 0.3)
-        };
-        tensors.insert(name, (shape, data));
-    }
-    HostWeights { config: config.clone(), tensors }
-}
 
 /// Sequences of varied lengths, including 1 (no target) and prompts of several lengths.
 fn sequences(seed: u64, lens: &[(usize, usize)], vocab: usize) -> Vec<(Vec<i32>, usize)> {

@@ -676,7 +676,12 @@ impl Backend for CpuBackend {
         buf.len()
     }
     fn resize(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
-        // Vec keeps its capacity when shrinking, so a batch that fits reuses the storage.
+        // Vec keeps its capacity when shrinking, so a batch that fits reuses the storage. Growing
+        // reserves exactly: `resize` alone may double the capacity, and a [rows, V] logits buffer
+        // would then hold up to twice what the largest batch needs.
+        if len > buf.capacity() {
+            buf.reserve_exact(len - buf.len());
+        }
         buf.resize(len, 0.0);
         Ok(())
     }
@@ -1437,6 +1442,19 @@ mod tests {
         // GPT-2 small's MLP weight: 2.4 M elements, so one scratch partial at most.
         assert_eq!(weight_grad_parts(768, 3072, 8192), 2);
         assert_eq!(weight_grad_parts(4096, 4096, 8192), 1);
+    }
+
+    #[test]
+    fn resize_grows_to_exactly_the_length_asked_and_keeps_storage_when_shrinking() {
+        let b = CpuBackend::new();
+        let mut buf = b.zeros(1000).unwrap();
+        for len in [1001, 1500, 2500, 4097] {
+            b.resize(&mut buf, len).unwrap();
+            assert_eq!((buf.len(), buf.capacity()), (len, len), "growing to {len}");
+        }
+        b.resize(&mut buf, 10).unwrap();
+        b.resize(&mut buf, 4000).unwrap();
+        assert_eq!((buf.len(), buf.capacity()), (4000, 4097), "a smaller batch reuses the storage");
     }
 
     #[test]

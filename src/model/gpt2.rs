@@ -19,9 +19,17 @@
 //! reads its input from the other slot. Its forward runs the same ops on the same values as a
 //! trainable model's, so the log-probs are bit-identical; what it saves is (L − 2) layers of
 //! activations and a gradient per parameter.
+//!
+//! A frozen model also runs its LM head in chunks of whole sequences, about
+//! [`FROZEN_HEAD_CHUNK_ROWS`] target rows at a time (`Gpt2::set_head_chunk_rows`): nothing reads its
+//! logits after the log-probs, so it holds the `[rows, V]` logits of one chunk instead of the batch's
+//! (at GPT-2's vocabulary, 2048 rows are 0.2 GB in bf16, where a batch of 12k target rows would hold
+//! 1.2 GB). Each sequence's log-prob is still one `sequence_logp_sum` over the same rows, so it is
+//! unchanged bit for bit.
 
+use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -52,6 +60,14 @@ pub struct DeviceBatch<B: Backend> {
     pub max_token: usize,
     pub max_position: usize,
     pub max_target: i32,
+    /// Host copies of `target_rows` and `row_targets`, from which a frozen model's head chunks are
+    /// planned (8 bytes per target row).
+    host_target_rows: Vec<i32>,
+    host_row_targets: Vec<i32>,
+    /// The head chunks the last frozen model asked for, planned and uploaded on its first forward
+    /// of this batch, so that a batch run again (the bench cycles through its batches) plans and
+    /// uploads nothing more. Never built for a trainable model.
+    head_chunks: Mutex<Option<Arc<HeadChunks<B>>>>,
 }
 
 impl<B: Backend> DeviceBatch<B> {
@@ -98,6 +114,9 @@ impl<B: Backend> DeviceBatch<B> {
             max_token: batch.tokens.iter().copied().max().unwrap_or(0) as usize,
             max_position: batch.positions.iter().copied().max().unwrap_or(0) as usize,
             max_target: batch.targets.iter().copied().max().unwrap_or(-1),
+            host_target_rows: target_rows,
+            host_row_targets: row_targets,
+            head_chunks: Mutex::new(None),
         })
     }
     pub fn num_tokens(&self) -> usize {
@@ -110,6 +129,97 @@ impl<B: Backend> DeviceBatch<B> {
     pub fn num_target_rows(&self) -> usize {
         self.row_packing.num_tokens()
     }
+
+    /// The LM head's rows split into chunks of whole sequences of about `max_rows` rows (see
+    /// [`plan_head_chunks`]), on the device; planned and uploaded once per batch and `max_rows`.
+    fn head_chunks(&self, backend: &B, max_rows: usize) -> Result<Arc<HeadChunks<B>>> {
+        let mut cached = self.head_chunks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(chunks) = cached.as_ref().filter(|c| c.max_rows == max_rows) {
+            return Ok(chunks.clone());
+        }
+        let row_cu = &self.row_packing.host_cu_seqlens;
+        let mut chunks = Vec::new();
+        for seqs in plan_head_chunks(row_cu, max_rows) {
+            let rows = row_cu[seqs.start] as usize..row_cu[seqs.end] as usize;
+            // Every sequence of the batch, those outside the chunk empty (log-prob +0), so that the
+            // chunk's sums land at their sequences' indices.
+            let (start, end) = (rows.start as i32, rows.end as i32);
+            let cu_seqlens: Vec<i32> = row_cu.iter().map(|&r| r.clamp(start, end) - start).collect();
+            let mut packing = Packing::new(backend, &cu_seqlens)?;
+            // The batch's longest sequence, not the chunk's: `sequence_logp_sum` then launches as for
+            // the whole head, and sums each sequence in the same order.
+            packing.max_seqlen = self.row_packing.max_seqlen;
+            chunks.push(HeadChunk {
+                num_rows: rows.len(),
+                target_rows: backend.upload_ids(&self.host_target_rows[rows.clone()])?,
+                row_targets: backend.upload_ids(&self.host_row_targets[rows])?,
+                packing,
+            });
+        }
+        // Largest first: the head's buffers take their size on the first chunk and only shrink
+        // after it (no reallocation, and no zero-fill of a CPU buffer growing back).
+        chunks.sort_by_key(|chunk| std::cmp::Reverse(chunk.num_rows));
+        let chunks = Arc::new(HeadChunks { max_rows, chunks });
+        *cached = Some(chunks.clone());
+        Ok(chunks)
+    }
+}
+
+/// Target rows a frozen model's LM head computes at once, unless set otherwise
+/// ([`Gpt2::set_head_chunk_rows`]). 2048 rows keep the product large enough to run at full speed
+/// (2048 × 768 × 50257 for GPT-2), with logits of 206 MB in bf16 (412 MB in f32).
+pub const FROZEN_HEAD_CHUNK_ROWS: usize = 2048;
+
+/// The fewest rows a chunk of the head has (unless the whole batch has fewer), whatever the chunk
+/// size: matrix-product libraries take other kernels for very thin products (the CPU's `gemm` a
+/// matrix-vector kernel for one row, a dot-product kernel while rows × V ≤ 256), which sum in
+/// another order; chunks of at least this many rows stay on the kernel of the whole head.
+pub const MIN_HEAD_CHUNK_ROWS: usize = 16;
+
+/// Splits the sequences over the LM head's rows (`row_cu_seqlens`, as in `DeviceBatch::row_packing`)
+/// into consecutive chunks of whole sequences, returned as ranges of sequence indices covering every
+/// sequence once. A chunk closes before the sequence that would take it past `max_rows` rows, once
+/// it has [`MIN_HEAD_CHUNK_ROWS`] rows; a last chunk with fewer joins the one before. So a chunk has
+/// fewer than `max(max_rows, longest sequence) + 2 · MIN_HEAD_CHUNK_ROWS` rows, and a sequence
+/// longer than `max_rows` gets a chunk of its own (with at most a few short neighbours).
+pub fn plan_head_chunks(row_cu_seqlens: &[i32], max_rows: usize) -> Vec<Range<usize>> {
+    let min_rows = MIN_HEAD_CHUNK_ROWS;
+    let num_seqs = row_cu_seqlens.len().saturating_sub(1);
+    let mut chunks = Vec::new();
+    let (mut start, mut rows) = (0, 0);
+    for s in 0..num_seqs {
+        let len = (row_cu_seqlens[s + 1] - row_cu_seqlens[s]) as usize;
+        if rows >= min_rows && rows + len > max_rows {
+            chunks.push(start..s);
+            (start, rows) = (s, 0);
+        }
+        rows += len;
+    }
+    if num_seqs > 0 {
+        match chunks.last_mut() {
+            Some(previous) if rows < min_rows => previous.end = num_seqs,
+            _ => chunks.push(start..num_seqs),
+        }
+    }
+    chunks
+}
+
+/// A frozen model's LM head in chunks (see [`plan_head_chunks`]), largest first.
+struct HeadChunks<B: Backend> {
+    /// The chunk size they were planned for.
+    max_rows: usize,
+    chunks: Vec<HeadChunk<B>>,
+}
+
+/// One chunk of the LM head: some consecutive sequences' target rows.
+struct HeadChunk<B: Backend> {
+    num_rows: usize,
+    /// `[rows]` the chunk's slice of `DeviceBatch::target_rows` and of `row_targets`.
+    target_rows: B::Ids,
+    row_targets: B::Ids,
+    /// Every sequence of the batch over the chunk's rows: the chunk's own sequences count their
+    /// rows, all the others are empty.
+    packing: Packing<B>,
 }
 
 /// The parameters of one transformer block, in HF order (`h.N.*`). Also used for their gradients.
@@ -262,13 +372,17 @@ struct Activations<T> {
     ln_f_mean: T,
     ln_f_rstd: T,
     /// The LM head's buffers are sized by the batch's `M` target rows, not its tokens (`forward`
-    /// resizes them): `[M, C]` the rows of `ln_f` with a target, the head's input.
+    /// resizes them), or in a frozen model by its largest head chunk: `[M, C]` the rows of `ln_f`
+    /// with a target, the head's input.
     ln_f_rows: T,
     /// `[M, V]` logits of those rows; the backward overwrites them with their gradient.
     logits: T,
     /// `[M]` log-prob of each target and each row's log-sum-exp.
     token_logp: T,
     lse: T,
+    /// `[S]` one head chunk's sequence log-probs (a frozen model's chunked head only), before they
+    /// are added to the batch's.
+    chunk_seq_logp: T,
 }
 
 /// Activation gradients of the backward, for up to `tokens` tokens. Allocated on the first
@@ -308,6 +422,9 @@ pub struct Gpt2<B: Backend> {
     seq_logp: B::Buf,
     /// (tokens, sequences) of the last forward whose activations and logits a backward may use.
     pending_backward: Option<(usize, usize)>,
+    /// A frozen model's LM head runs on about this many target rows at a time (see the module
+    /// documentation); a trainable model's on all of them, since its backward needs every logit.
+    head_chunk_rows: usize,
 }
 
 impl<B: Backend> Gpt2<B> {
@@ -357,6 +474,7 @@ impl<B: Backend> Gpt2<B> {
             scratch: None,
             seq_logp,
             pending_backward: None,
+            head_chunk_rows: FROZEN_HEAD_CHUNK_ROWS,
         })
     }
 
@@ -405,6 +523,26 @@ impl<B: Backend> Gpt2<B> {
         self.grads.is_none()
     }
 
+    /// Sets how many target rows a frozen model's LM head computes at once (default
+    /// [`FROZEN_HEAD_CHUNK_ROWS`]; chunks hold whole sequences, see [`plan_head_chunks`]). Fewer rows
+    /// hold smaller logits; the log-probs are the same bit for bit. An error on a trainable model,
+    /// whose backward needs the logits of every row.
+    pub fn set_head_chunk_rows(&mut self, rows: usize) -> Result<()> {
+        ensure!(rows > 0, "set_head_chunk_rows: a chunk of the LM head needs at least one row");
+        ensure!(
+            self.is_frozen(),
+            "set_head_chunk_rows: only a frozen model computes its LM head in chunks (a trainable model's \
+             backward needs the logits of every row)"
+        );
+        self.head_chunk_rows = rows;
+        Ok(())
+    }
+
+    /// Target rows a frozen model's LM head computes at once (see `set_head_chunk_rows`).
+    pub fn head_chunk_rows(&self) -> usize {
+        self.head_chunk_rows
+    }
+
     /// Every buffer the model holds now: parameters, gradients, activations, backward scratch and
     /// the sequence log-probs. For measuring what a model costs (sum `Backend::buf_len`, or bytes
     /// on a backend that says how it stores a buffer).
@@ -444,31 +582,58 @@ impl<B: Backend> Gpt2<B> {
         self.forward_trunk(batch)?;
         let (n, c, v) = (batch.num_tokens(), self.config.n_embd, self.config.vocab_size);
         let m = batch.num_target_rows();
+        let num_seqs = batch.num_seqs();
+        // A frozen model keeps none of the logits: a batch with more target rows than a chunk goes
+        // through the head chunk by chunk.
+        let chunks = if self.is_frozen() && m > self.head_chunk_rows {
+            Some(batch.head_chunks(&self.backend, self.head_chunk_rows)?)
+        } else {
+            None
+        };
         let b = &*self.backend;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("forward_trunk allocates the activations");
-        let num_seqs = batch.num_seqs();
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
 
         // The LM head, tied to the token embedding (logits = ln_f · wteᵀ), on the M rows with a
         // target only: the others would be computed to be multiplied by zero.
-        let head =
-            [(&mut acts.ln_f_rows, m * c), (&mut acts.logits, m * v), (&mut acts.token_logp, m), (&mut acts.lse, m)];
-        for (buf, len) in head {
-            b.resize(buf, len)?;
+        let Some(chunks) = chunks else {
+            acts.resize_head(b, m, c, v)?;
+            if m == 0 {
+                // No target in the batch: every sequence log-prob is an empty sum (and no empty
+                // product is launched).
+                b.fill(&mut self.seq_logp, 0.0)?;
+            } else {
+                acts.head(b, &p.wte, &batch.target_rows, &batch.row_targets, m, n, c, v)?;
+                b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.row_packing)?;
+            }
+            self.pending_backward = Some((n, num_seqs));
+            return Ok(&self.seq_logp);
+        };
+
+        // Chunk by chunk. Each chunk's packing holds every sequence, those of other chunks empty, so
+        // its sums are each sequence's exact log-prob (the same rows summed as over the whole head)
+        // or +0 (an empty sum); the first chunk writes the batch's log-probs, the others add theirs,
+        // and x + 0 = x: the result is the whole head's bit for bit. (No sum is −0, which + 0 would
+        // turn into +0: sums start from +0.)
+        for (i, chunk) in chunks.chunks.iter().enumerate() {
+            let rows = chunk.num_rows;
+            acts.resize_head(b, rows, c, v)?;
+            acts.head(b, &p.wte, &chunk.target_rows, &chunk.row_targets, rows, n, c, v)?;
+            if i == 0 {
+                b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &chunk.packing)?;
+            } else {
+                b.resize(&mut acts.chunk_seq_logp, num_seqs)?;
+                b.sequence_logp_sum(&mut acts.chunk_seq_logp, &acts.token_logp, &chunk.packing)?;
+                b.add_inplace(&mut self.seq_logp, &acts.chunk_seq_logp)?;
+            }
         }
-        if m == 0 {
-            // No target in the batch: every sequence log-prob is an empty sum (and no empty product
-            // is launched).
-            b.fill(&mut self.seq_logp, 0.0)?;
-        } else {
-            b.gather_rows(&mut acts.ln_f_rows, &acts.ln_f, &batch.target_rows, m, n, c)?;
-            b.matmul_forward(&mut acts.logits, &acts.ln_f_rows, &p.wte, None, m, c, v, WeightLayout::OutIn)?;
-            b.logsoftmax_gather_forward(&mut acts.token_logp, &mut acts.lse, &acts.logits, &batch.row_targets, m, v)?;
-            b.sequence_logp_sum(&mut self.seq_logp, &acts.token_logp, &batch.row_packing)?;
-        }
+        // The buffers keep the largest chunk's size, which is what they hold (a CPU buffer zero-fills
+        // when it grows back within its storage: here rather than on the next batch's first chunk).
+        acts.resize_head(b, chunks.chunks[0].num_rows, c, v)?;
+        // (A frozen model's `backward` refuses before it would read the logits.)
         self.pending_backward = Some((n, num_seqs));
         Ok(&self.seq_logp)
     }
@@ -944,7 +1109,42 @@ impl<T> Activations<T> {
             logits: b.zeros(0)?,
             token_logp: b.zeros(0)?,
             lse: b.zeros(0)?,
+            chunk_seq_logp: b.zeros(0)?,
         })
+    }
+
+    /// Sizes the LM head's buffers for `rows` target rows (width `c`, vocabulary `v`).
+    fn resize_head<B: Backend<Buf = T>>(&mut self, b: &B, rows: usize, c: usize, v: usize) -> Result<()> {
+        let head = [
+            (&mut self.ln_f_rows, rows * c),
+            (&mut self.logits, rows * v),
+            (&mut self.token_logp, rows),
+            (&mut self.lse, rows),
+        ];
+        for (buf, len) in head {
+            b.resize(buf, len)?;
+        }
+        Ok(())
+    }
+
+    /// The LM head on `rows` of `ln_f` (`target_rows`, with their `targets`): gathers them, then
+    /// `logits = ln_f_rows · wteᵀ` and their target log-probs and log-sum-exps. Buffers sized by
+    /// `resize_head`; `rows > 0`.
+    #[allow(clippy::too_many_arguments)]
+    fn head<B: Backend<Buf = T>>(
+        &mut self,
+        b: &B,
+        wte: &T,
+        target_rows: &B::Ids,
+        targets: &B::Ids,
+        rows: usize,
+        n: usize,
+        c: usize,
+        v: usize,
+    ) -> Result<()> {
+        b.gather_rows(&mut self.ln_f_rows, &self.ln_f, target_rows, rows, n, c)?;
+        b.matmul_forward(&mut self.logits, &self.ln_f_rows, wte, None, rows, c, v, WeightLayout::OutIn)?;
+        b.logsoftmax_gather_forward(&mut self.token_logp, &mut self.lse, &self.logits, targets, rows, v)
     }
 
     fn buffers(&self) -> Vec<&T> {
@@ -958,6 +1158,7 @@ impl<T> Activations<T> {
             &self.logits,
             &self.token_logp,
             &self.lse,
+            &self.chunk_seq_logp,
         ];
         bufs.extend(self.layers.iter().flat_map(LayerActivations::buffers));
         bufs
@@ -1130,6 +1331,51 @@ mod tests {
         let grads = model.grads.as_ref().unwrap();
         assert_same_bits("dL/d(ln_f.weight)", &grads.ln_f_w, &dw);
         assert_same_bits("dL/d(ln_f.bias)", &grads.ln_f_b, &db);
+    }
+
+    /// The chunk plan covers every sequence once, in order, with chunks of at least
+    /// `MIN_HEAD_CHUNK_ROWS` rows (unless there is one chunk), each under its bound, and none closed
+    /// while the next sequence would still have fitted.
+    #[test]
+    fn head_chunks_cover_every_sequence_once_within_their_bounds() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for case in 0..400 {
+            let num_seqs = rng.random_range(0..40usize);
+            // Mostly short sequences, some empty, now and then a long one.
+            let lens: Vec<i32> = (0..num_seqs)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => 0,
+                    1 => rng.random_range(30..120),
+                    _ => rng.random_range(1..12),
+                })
+                .collect();
+            let mut row_cu = vec![0];
+            for len in &lens {
+                row_cu.push(row_cu.last().unwrap() + len);
+            }
+            let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+            for max_rows in [1, 5, 16, 40, 100, 10_000] {
+                let chunks = plan_head_chunks(&row_cu, max_rows);
+                let what = format!("case {case}, lens {lens:?}, {max_rows} rows: {chunks:?}");
+                let covered: Vec<usize> = chunks.iter().flat_map(|c| c.clone()).collect();
+                assert_eq!(covered, (0..num_seqs).collect::<Vec<_>>(), "{what}");
+                let rows = |c: &Range<usize>| (row_cu[c.end] - row_cu[c.start]) as usize;
+                for (i, chunk) in chunks.iter().enumerate() {
+                    assert!(rows(chunk) < max_rows.max(longest) + 2 * MIN_HEAD_CHUNK_ROWS, "{what}");
+                    if chunks.len() > 1 {
+                        assert!(rows(chunk) >= MIN_HEAD_CHUNK_ROWS, "{what}: chunk {i} is too thin");
+                    }
+                    if let Some(next) = chunks.get(i + 1) {
+                        let first_next = (row_cu[next.start + 1] - row_cu[next.start]) as usize;
+                        assert!(rows(chunk) + first_next > max_rows, "{what}: chunk {i} closed early");
+                    }
+                }
+                let total = *row_cu.last().unwrap() as usize;
+                if total <= max_rows && num_seqs > 0 {
+                    assert_eq!(chunks, vec![0..num_seqs], "{what}: a head within the chunk size is one chunk");
+                }
+            }
+        }
     }
 
     /// A batch without a single target (every sequence all prompt): zero log-probs and zero

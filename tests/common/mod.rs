@@ -146,3 +146,22 @@ pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], rtol: f64) {
     let scale = want.iter().fold(0.0f64, |a, &w| a.max(w.abs())).max(1e-30);
     assert_close(what, got, want, rtol, rtol * scale);
 }
+
+/// Random weights far from GPT-2's init scale, so that attention is peaked, GELU is curved, and
+/// LayerNorm gains and biases matter: a gradient bug cannot hide in a near-linear regime.
+pub fn test_weights(config: &safedpo::model::Gpt2Config, seed: u64) -> safedpo::model::HostWeights {
+    let mut r = rng(seed);
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, shape) in config.parameter_shapes() {
+        let len: usize = shape.iter().product();
+        let data = if name.contains("ln_") && name.ends_with(".weight") {
+            randn(&mut r, len, 0.2).into_iter().map(|x| 1.0 + x).collect()
+        } else if name.ends_with(".bias") {
+            randn(&mut r, len, 0.1)
+        } else {
+            randn(&mut r, len, 0.3)
+        };
+        tensors.insert(name, (shape, data));
+    }
+    safedpo::model::HostWeights { config: config.clone(), tensors }
+}
