@@ -25,7 +25,6 @@ fn config(n_layer: usize) -> Gpt2Config {
     Gpt2Config { vocab_size: 41, n_positions: 32, n_embd: 16, n_layer, n_head: 2, layer_norm_epsilon: 1e-5 }
 }
 
-
 /// A packed batch of random sequences with the given (length, prompt length) pairs.
 fn batch(seed: u64, lens: &[(usize, usize)], vocab: usize) -> PackedBatch {
     let mut r = rng(seed);
@@ -420,4 +419,48 @@ fn only_a_frozen_model_takes_a_head_chunk_size() {
     assert!(message(frozen.set_head_chunk_rows(0)).contains("at least one row"));
     frozen.set_head_chunk_rows(64).unwrap();
     assert_eq!(frozen.head_chunk_rows(), 64);
+}
+
+/// The frozen model (weights without masters, chunked head) against the trainable one on a CUDA
+/// device, at the precision's tolerance: on a GPU, cuBLASLt may choose another algorithm for another
+/// row count, so bit-identity is a CPU/emulator property. Also checks, with the device's own byte
+/// count, that the frozen weights take less memory than the trainable weights and gradients.
+fn frozen_forward_close_to_trainable_on(device: &Device) {
+    for precision in [Precision::F32, Precision::Bf16] {
+        let backend = Arc::new(CudaBackend::new(device.clone(), precision));
+        let rtol = if precision == Precision::F32 { 1e-5 } else { 1e-2 };
+        let what = format!("{} {precision}", backend.name());
+        let cfg = config(3);
+        let w = test_weights(&cfg, 77);
+        let bytes = || backend.memory_stats().expect("the CUDA backend counts its memory").current_bytes;
+        let start = bytes();
+        let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
+        let trainable_bytes = bytes() - start;
+        let start = bytes();
+        let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        let frozen_bytes = bytes() - start;
+        assert!(
+            frozen_bytes < trainable_bytes,
+            "{what}: frozen weights take {frozen_bytes} bytes, trainable ones with gradients {trainable_bytes}"
+        );
+        frozen.set_head_chunk_rows(20).unwrap();
+        for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
+            let dev = DeviceBatch::upload(&*backend, &batch(80 + i as u64, lens, cfg.vocab_size)).unwrap();
+            let want = backend.download(trainable.forward(&dev).unwrap()).unwrap();
+            let got = backend.download(frozen.forward(&dev).unwrap()).unwrap();
+            assert!(want.iter().any(|&x| x != 0.0), "{what}: all log-probs are 0; the test has no signal");
+            assert_close_scaled(&format!("{what}: batch {i}: sequence log-probs"), &got, &to_f64(&want), rtol);
+        }
+    }
+}
+
+#[test]
+fn frozen_forward_is_close_to_trainable_on_the_emulated_device() {
+    frozen_forward_close_to_trainable_on(&Device::emulated().unwrap());
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn frozen_forward_is_close_to_trainable_on_the_gpu() {
+    frozen_forward_close_to_trainable_on(&Device::gpu(0).expect("GPU 0"));
 }
