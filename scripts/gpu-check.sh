@@ -252,6 +252,7 @@ test_args() {
     case "$1" in
         gpu_device) echo "on_emu::" ;;
         cuda_kernels | cuda_step) echo "emu::" ;;
+        frozen) echo "close_to_trainable_on_the_emulated_device" ;;
         *) echo "" ;;
     esac
 }
