@@ -159,16 +159,16 @@ fn exited_and_missing_lanes_take_no_part_in_warp_intrinsics() {
     let mut out = device.upload(&vec![-1.0f32; 64]).unwrap();
     device.launch("selftest_warp_exit", LaunchConfig::grid_1d(1, 64), &kernel_args![&mut out]).unwrap();
     let host = device.download(&out).unwrap();
-    for tid in 0..64 {
+    for (tid, &value) in host.iter().enumerate() {
         let lane = tid % 32;
         match lane {
-            0 => assert_eq!(host[tid], -1.0, "lane 0 exited without writing"),
-            1 => assert!(host[tid].is_nan(), "thread {tid} read its exited partner: {}", host[tid]),
-            _ => assert_eq!(host[tid], (lane ^ 1) as f32, "thread {tid}"),
+            0 => assert_eq!(value, -1.0, "lane 0 exited without writing"),
+            1 => assert!(value.is_nan(), "thread {tid} read its exited partner: {value}"),
+            _ => assert_eq!(value, (lane ^ 1) as f32, "thread {tid}"),
         }
     }
     // 48 threads: the second warp has 16 lanes; a full-warp sum there reads missing lanes
-    let mut sums = device.upload(&vec![0f32; 48]).unwrap();
+    let mut sums = device.upload(&[0f32; 48]).unwrap();
     device.launch("selftest_shuffle_loop", LaunchConfig::grid_1d(1, 48), &kernel_args![&mut sums, 1]).unwrap();
     let host = device.download(&sums).unwrap();
     assert!(host[..32].iter().all(|&s| s == (0..32).sum::<i32>() as f32), "{:?}", &host[..32]);

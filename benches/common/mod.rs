@@ -152,7 +152,7 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
         let (mut pre, mut out) = (backend.zeros(n * oc).unwrap(), backend.zeros(n * oc).unwrap());
         let mut fused = || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
         g.throughput(Throughput::Elements((2 * n * ic * oc) as u64));
-        g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| b.iter(|| timed(backend, || fused())));
+        g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| b.iter(|| timed(backend, &mut fused)));
     }
 
     // ---- attention -------------------------------------------------------------------------------

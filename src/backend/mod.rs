@@ -133,6 +133,7 @@ pub trait Backend: Send + Sync {
 
     // ---- encoder -----------------------------------------------------------------------------
     /// `out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]`; out `[n, c]`.
+    #[allow(clippy::too_many_arguments)]
     fn embedding_forward(
         &self,
         out: &mut Self::Buf,
@@ -144,6 +145,7 @@ pub trait Backend: Send + Sync {
         c: usize,
     ) -> Result<()>;
     /// Accumulates `dwte[tokens[t]] += dout[t]`, `dwpe[positions[t]] += dout[t]`, deterministically.
+    #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
         dwte: &mut Self::Buf,

@@ -404,6 +404,9 @@ struct BackwardScratch<T> {
     dln_f_rows: T,
 }
 
+/// One parameter's HF name, the parameter (mutable, for the optimizer) and its gradient.
+pub type ParamAndGrad<'a, B> = (&'a str, &'a mut <B as Backend>::Buf, &'a <B as Backend>::Buf);
+
 /// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
 /// forward pass (kept for the backward). A frozen model has no gradients and keeps two layers of
 /// activations (see the module documentation).
@@ -798,7 +801,7 @@ impl<B: Backend> Gpt2<B> {
 
     /// Each parameter tensor with its gradient, in a fixed order, named as in HF (`h.0.attn.c_attn.weight`).
     /// An error on a frozen model.
-    pub fn params_and_grads_mut(&mut self) -> Result<Vec<(&str, &mut B::Buf, &B::Buf)>> {
+    pub fn params_and_grads_mut(&mut self) -> Result<Vec<ParamAndGrad<'_, B>>> {
         self.ensure_trainable("params_and_grads_mut")?;
         let grads = self.grads.as_ref().expect("ensure_trainable checked");
         Ok(self

@@ -224,7 +224,7 @@ enum Reference<B: Backend> {
     /// A reference-free objective.
     Free,
     /// The frozen reference model, run on every micro-batch.
-    Model(Gpt2<B>),
+    Model(Box<Gpt2<B>>),
     /// Precomputed `[2T]` (chosen, rejected per training pair).
     Cached(Vec<f32>),
 }
@@ -627,7 +627,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             (Reference::Cached(train), eval)
         } else {
             let eval = sequence_logps(&mut ref_model, &data.eval, budget)?;
-            (Reference::Model(ref_model), eval)
+            (Reference::Model(Box::new(ref_model)), eval)
         }
     };
 
