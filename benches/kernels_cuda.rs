@@ -113,9 +113,12 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
         let weight = up(random(ic * oc, 0.02, &mut rng));
         let bias = up(random(oc, 0.02, &mut rng));
         let (mut pre, mut out) = (backend.zeros(n * oc).unwrap(), backend.zeros(n * oc).unwrap());
-        let mut fused = || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
+        let mut fused =
+            || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
         g.throughput(Throughput::Elements((2 * n * ic * oc) as u64));
-        g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| b.iter_custom(|iters| device_time(backend, iters, &mut fused)));
+        g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| {
+            b.iter_custom(|iters| device_time(backend, iters, &mut fused))
+        });
     }
 
     // ---- attention -------------------------------------------------------------------------------
@@ -217,7 +220,17 @@ fn kernels(c: &mut Criterion, backend: &CudaBackend) {
         let mut fused = || {
             backend
                 .residual_layernorm_forward(
-                    &mut residual, &mut out, &mut mean, &mut rstd, &a, &bb, &weight, &bias, n, ch, 1e-5,
+                    &mut residual,
+                    &mut out,
+                    &mut mean,
+                    &mut rstd,
+                    &a,
+                    &bb,
+                    &weight,
+                    &bias,
+                    n,
+                    ch,
+                    1e-5,
                 )
                 .unwrap()
         };

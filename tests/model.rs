@@ -24,7 +24,6 @@ fn cpu() -> Arc<CpuBackend> {
     Arc::new(CpuBackend::new())
 }
 
-
 /// Sequences of varied lengths, including 1 (no target) and prompts of several lengths.
 fn sequences(seed: u64, lens: &[(usize, usize)], vocab: usize) -> Vec<(Vec<i32>, usize)> {
     let mut r = rng(seed);

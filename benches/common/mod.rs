@@ -150,7 +150,8 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
         let weight = up(random(ic * oc, 0.02, &mut rng));
         let bias = up(random(oc, 0.02, &mut rng));
         let (mut pre, mut out) = (backend.zeros(n * oc).unwrap(), backend.zeros(n * oc).unwrap());
-        let mut fused = || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
+        let mut fused =
+            || backend.matmul_bias_gelu_forward(&mut pre, &mut out, &inp, &weight, &bias, n, ic, oc).unwrap();
         g.throughput(Throughput::Elements((2 * n * ic * oc) as u64));
         g.bench_function(format!("mlp_fc_gelu_fwd {n}x{ic}x{oc}"), |b| b.iter(|| timed(backend, &mut fused)));
     }
@@ -235,7 +236,17 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, backend: &B, label: &str) {
                 timed(backend, || {
                     backend
                         .residual_layernorm_forward(
-                            &mut residual, &mut out, &mut mean, &mut rstd, &a, &bb, &weight, &bias, n, ch, 1e-5,
+                            &mut residual,
+                            &mut out,
+                            &mut mean,
+                            &mut rstd,
+                            &a,
+                            &bb,
+                            &weight,
+                            &bias,
+                            n,
+                            ch,
+                            1e-5,
                         )
                         .unwrap()
                 })

@@ -453,7 +453,10 @@ impl Gpu {
             (Some(_), None) => Epilogue::Bias,
             (Some(_), Some(aux)) => {
                 // cuBLASLt's aux matrix is column-major [n, m] with leading dimension n (our row length).
-                if !spec.n.is_multiple_of(GELU_AUX_LD_MULTIPLE) || alignment(aux) < GELU_AUX_MIN_ALIGN || spec.beta != 0.0 {
+                if !spec.n.is_multiple_of(GELU_AUX_LD_MULTIPLE)
+                    || alignment(aux) < GELU_AUX_MIN_ALIGN
+                    || spec.beta != 0.0
+                {
                     return Ok(false);
                 }
                 Epilogue::GeluAuxBias
