@@ -554,19 +554,12 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
-        Ok(match self.precision {
-            Precision::F32 => {
-                CudaBuf { len: data.len(), storage: Storage::F32(self.device.upload(data)?), master: None }
-            }
-            Precision::Bf16 => {
-                let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                CudaBuf {
-                    len: data.len(),
-                    storage: Storage::Bf16(self.device.upload(&rounded)?),
-                    master: Some(self.device.upload(data)?),
-                }
-            }
-        })
+        // The storage-precision values, plus in Bf16 mode the exact f32 data as the master copy.
+        let mut buf = self.upload_frozen(data)?;
+        if self.precision == Precision::Bf16 {
+            buf.master = Some(self.device.upload(data)?);
+        }
+        Ok(buf)
     }
 
     /// In Bf16 mode only the rounded bf16 values: no optimizer will update the tensor, and every
@@ -574,7 +567,9 @@ impl Backend for CudaBackend {
     /// bytes per element beside the 2 used). In F32 mode the same as `upload`.
     fn upload_frozen(&self, data: &[f32]) -> Result<CudaBuf> {
         Ok(match self.precision {
-            Precision::F32 => self.upload(data)?,
+            Precision::F32 => {
+                CudaBuf { len: data.len(), storage: Storage::F32(self.device.upload(data)?), master: None }
+            }
             Precision::Bf16 => {
                 let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
                 CudaBuf { len: data.len(), storage: Storage::Bf16(self.device.upload(&rounded)?), master: None }
