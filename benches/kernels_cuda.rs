@@ -23,7 +23,8 @@ use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::cuda::{gpu_unavailable_reason, CudaBackend, CudaBuf, CudaIds, Device, Precision};
-use safedpo::backend::{AdamWParams, Backend, Packing};
+use safedpo::backend::prelude::*;
+use safedpo::backend::{AdamWParams, Packing};
 
 /// The GPU training shape.
 const GPT2_SMALL: Shape =

@@ -699,6 +699,7 @@ impl BenchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::prelude::*;
 
     /// FLOPs counted by walking every matrix product of the forward, one by one.
     fn forward_flops_by_enumeration(m: &Gpt2Config, t: usize) -> f64 {

@@ -57,6 +57,11 @@ pub enum Objective {
     Npo { beta: f64 },
 }
 
+/// Number of float outputs per pair written by a preference loss into its `metrics` buffer, in this
+/// order: loss, chosen reward, rejected reward, margin (chosen − rejected reward), accuracy (1 when
+/// the chosen reward exceeds the rejected one, else 0).
+pub const PAIR_METRICS: usize = 5;
+
 /// Default parameters: β = 0.1, Δ = 10, ε = 0.1, α = 1.0; SimPO β = 2.0, γ = 1.0.
 pub const DEFAULT_BETA: f64 = 0.1;
 pub const DEFAULT_DELTA: f64 = 10.0;
@@ -256,9 +261,9 @@ pub struct PairOutput {
 }
 
 impl PairOutput {
-    /// The metrics in the order of `crate::backend::PAIR_METRICS`: loss, chosen reward, rejected
+    /// The metrics in the order of `PAIR_METRICS`: loss, chosen reward, rejected
     /// reward, margin, accuracy.
-    pub fn metrics_row(&self) -> [f64; crate::backend::PAIR_METRICS] {
+    pub fn metrics_row(&self) -> [f64; PAIR_METRICS] {
         [self.loss, self.reward_chosen, self.reward_rejected, self.margin, self.accuracy]
     }
 }

@@ -24,7 +24,8 @@ use serde_json::json;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{self, CudaBackend};
-use safedpo::backend::{Backend, DeviceKind};
+use safedpo::backend::prelude::*;
+use safedpo::backend::DeviceKind;
 use safedpo::config::{RunConfig, RunOverrides};
 use safedpo::data::{load_tokenizer, Template};
 use safedpo::model::Gpt2;

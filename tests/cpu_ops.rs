@@ -11,7 +11,8 @@ mod common;
 use common::*;
 use rand::Rng;
 use safedpo::backend::cpu::CpuBackend;
-use safedpo::backend::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use safedpo::backend::prelude::*;
+use safedpo::backend::{AdamWParams, Packing, WeightLayout, PAIR_METRICS};
 use safedpo::loss::{pair_loss, Objective, PairInput};
 
 /// Relative tolerance of an f32 forward against its f64 twin.

@@ -21,7 +21,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Gemm, LaunchConfig, Precision};
-use safedpo::backend::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use safedpo::backend::prelude::*;
+use safedpo::backend::{AdamWParams, Packing, WeightLayout, PAIR_METRICS};
 use safedpo::kernel_args;
 use safedpo::loss::Objective;
 

@@ -1070,7 +1070,7 @@ mod learnability {
     use std::sync::Arc;
 
     use safedpo::backend::cpu::CpuBackend;
-    use safedpo::backend::Backend;
+    use safedpo::backend::prelude::*;
     use safedpo::data::*;
     use safedpo::loss::{pair_loss, Objective, PairInput};
     use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};

@@ -10,7 +10,8 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safedpo::backend::cuda::{kernels, CudaBackend, Device, DeviceBuffer, Gemm, LaunchConfig, Precision};
-use safedpo::backend::{AdamWParams, Backend, MemoryStats};
+use safedpo::backend::prelude::*;
+use safedpo::backend::{AdamWParams, MemoryStats};
 use safedpo::kernel_args;
 
 /// One test per check and device: `<name>_emu` runs everywhere, `<name>_gpu` only with `--ignored`.

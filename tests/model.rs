@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use common::*;
 use safedpo::backend::cpu::CpuBackend;
-use safedpo::backend::{Backend, PAIR_METRICS};
+use safedpo::backend::prelude::*;
+use safedpo::backend::PAIR_METRICS;
 use safedpo::data::PackedBatch;
 use safedpo::loss::{pair_loss, Objective, PairInput};
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};

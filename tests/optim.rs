@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::cpu::CpuBackend;
-use safedpo::backend::Backend;
+use safedpo::backend::prelude::*;
 use safedpo::data::PackedBatch;
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
 use safedpo::optim::{clip_scale, decays_weight, sgd_step, AdamW, AdamWConfig, LrSchedule, STEP_KEY};

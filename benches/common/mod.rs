@@ -17,7 +17,8 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safedpo::backend::{AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use safedpo::backend::prelude::*;
+use safedpo::backend::{AdamWParams, Packing, WeightLayout, PAIR_METRICS};
 use safedpo::loss::Objective;
 
 /// A training-step shape: the batch (sequences of equal length) and the GPT-2 model.

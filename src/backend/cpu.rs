@@ -23,7 +23,8 @@ use anyhow::Result;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{checks, AdamWParams, Backend, Packing, WeightLayout, PAIR_METRICS};
+use super::prelude::*;
+use super::{checks, AdamWParams, Packing, WeightLayout, PAIR_METRICS};
 use crate::loss::{pair_loss, Objective, PairInput};
 
 /// The CPU backend. Stateless: buffers are plain `Vec`s, work runs on rayon's global pool.
@@ -648,7 +649,7 @@ fn head_tasks(seqs: &[(usize, usize)], n_head: usize) -> Vec<HeadTask> {
     tasks
 }
 
-impl Backend for CpuBackend {
+impl Buffers for CpuBackend {
     type Buf = Vec<f32>;
     type Ids = Vec<i32>;
 
@@ -698,8 +699,9 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
 
-    // ---- encoder -----------------------------------------------------------------------------
+impl EmbeddingOps for CpuBackend {
     fn embedding_forward(
         &self,
         out: &mut Vec<f32>,
@@ -737,8 +739,9 @@ impl Backend for CpuBackend {
         rayon::join(|| scatter_add_rows(dwte, dout, tokens, c), || scatter_add_rows(dwpe, dout, positions, c));
         Ok(())
     }
+}
 
-    // ---- layernorm ---------------------------------------------------------------------------
+impl LayerNormOps for CpuBackend {
     fn layernorm_forward(
         &self,
         out: &mut Vec<f32>,
@@ -848,8 +851,9 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
 
-    // ---- matmul ------------------------------------------------------------------------------
+impl MatmulOps for CpuBackend {
     fn matmul_forward(
         &self,
         out: &mut Vec<f32>,
@@ -929,8 +933,9 @@ impl Backend for CpuBackend {
         rayon::join(dinp_task, || rayon::join(dweight_task, dbias_task));
         Ok(())
     }
+}
 
-    // ---- attention ---------------------------------------------------------------------------
+impl AttentionOps for CpuBackend {
     fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize {
         n_head * packing.host_cu_seqlens.windows(2).map(|w| ((w[1] - w[0]).max(0) as usize).pow(2)).sum::<usize>()
     }
@@ -1122,8 +1127,9 @@ impl Backend for CpuBackend {
         });
         Ok(())
     }
+}
 
-    // ---- pointwise ---------------------------------------------------------------------------
+impl PointwiseOps for CpuBackend {
     fn gelu_forward(&self, out: &mut Vec<f32>, inp: &Vec<f32>) -> Result<()> {
         checks::gelu_forward(out.len(), inp.len())?;
         out.par_chunks_mut(POINTWISE_CHUNK).zip(inp.par_chunks(POINTWISE_CHUNK)).for_each(|(o, x)| {
@@ -1160,8 +1166,9 @@ impl Backend for CpuBackend {
         buf.par_chunks_mut(POINTWISE_CHUNK).for_each(|b| b.iter_mut().for_each(|x| *x *= s));
         Ok(())
     }
+}
 
-    // ---- row selection -----------------------------------------------------------------------
+impl RowOps for CpuBackend {
     fn gather_rows(
         &self,
         out: &mut Vec<f32>,
@@ -1198,8 +1205,9 @@ impl Backend for CpuBackend {
         });
         Ok(())
     }
+}
 
-    // ---- fused log-softmax-gather ------------------------------------------------------------
+impl LogSoftmaxGatherOps for CpuBackend {
     fn logsoftmax_gather_forward(
         &self,
         token_logp: &mut Vec<f32>,
@@ -1261,8 +1269,9 @@ impl Backend for CpuBackend {
         });
         Ok(())
     }
+}
 
-    // ---- preference loss ---------------------------------------------------------------------
+impl PreferenceLossOps for CpuBackend {
     fn preference_loss(
         &self,
         metrics: &mut Vec<f32>,
@@ -1312,8 +1321,9 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
 
-    // ---- optimizer ---------------------------------------------------------------------------
+impl OptimizerOps for CpuBackend {
     fn adamw(
         &self,
         param: &mut Vec<f32>,

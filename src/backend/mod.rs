@@ -17,12 +17,17 @@
 mod checks;
 pub mod cpu;
 pub mod cuda;
+pub mod ops;
 
 pub use cuda::DeviceKind;
 
 use anyhow::Result;
 
-use crate::loss::Objective;
+pub use crate::loss::PAIR_METRICS;
+pub use ops::{
+    AttentionOps, EmbeddingOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps, OptimizerOps, PointwiseOps,
+    PreferenceLossOps, RowOps,
+};
 
 /// How a weight matrix is laid out in memory, for `matmul_*`.
 ///
@@ -37,7 +42,7 @@ pub enum WeightLayout {
 }
 
 /// The sequence layout of a packed batch, on the device and on the host.
-pub struct Packing<B: Backend + ?Sized> {
+pub struct Packing<B: Buffers + ?Sized> {
     /// `[S + 1]` sequence start offsets, device copy.
     pub cu_seqlens: B::Ids,
     /// The same offsets on the host (launch planning, CPU loops).
@@ -46,7 +51,7 @@ pub struct Packing<B: Backend + ?Sized> {
     pub max_seqlen: usize,
 }
 
-impl<B: Backend + ?Sized> Packing<B> {
+impl<B: Buffers + ?Sized> Packing<B> {
     pub fn new(backend: &B, cu_seqlens: &[i32]) -> Result<Self> {
         anyhow::ensure!(!cu_seqlens.is_empty() && cu_seqlens[0] == 0, "cu_seqlens must start at 0");
         let max_seqlen = cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
@@ -61,11 +66,6 @@ impl<B: Backend + ?Sized> Packing<B> {
         *self.host_cu_seqlens.last().unwrap() as usize
     }
 }
-
-/// Number of float outputs per pair written by `preference_loss` into its `metrics` buffer, in this
-/// order: loss, chosen reward, rejected reward, margin (chosen − rejected reward), accuracy (1 when
-/// the chosen reward exceeds the rejected one, else 0).
-pub const PAIR_METRICS: usize = 5;
 
 /// Device memory held by a backend's allocations, in bytes (what `safedpo bench` reports as peak
 /// memory on a device; the CPU backend reports none and the bench falls back to the process RSS).
@@ -91,7 +91,49 @@ pub struct AdamWParams {
     pub grad_scale: f32,
 }
 
-pub trait Backend: Send + Sync {
+/// Everything a training step needs from a device: buffers plus every op family. Implemented
+/// automatically for any type that implements all of them; the model and the trainer are generic
+/// over it.
+pub trait Backend:
+    Buffers
+    + EmbeddingOps
+    + LayerNormOps
+    + MatmulOps
+    + AttentionOps
+    + PointwiseOps
+    + RowOps
+    + LogSoftmaxGatherOps
+    + PreferenceLossOps
+    + OptimizerOps
+{
+}
+
+impl<B> Backend for B where
+    B: Buffers
+        + EmbeddingOps
+        + LayerNormOps
+        + MatmulOps
+        + AttentionOps
+        + PointwiseOps
+        + RowOps
+        + LogSoftmaxGatherOps
+        + PreferenceLossOps
+        + OptimizerOps
+{
+}
+
+/// What a program that holds a concrete backend imports to call its ops: `Backend` and every op
+/// family's trait.
+pub mod prelude {
+    pub use super::{
+        AttentionOps, Backend, Buffers, EmbeddingOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps, OptimizerOps,
+        PointwiseOps, PreferenceLossOps, RowOps,
+    };
+}
+
+/// Buffers on a backend's device: allocation, copies to and from the host, and the memory counters.
+/// Every op family builds on it.
+pub trait Buffers: Send + Sync {
     /// A float tensor (f32 semantics).
     type Buf: Send + Sync;
     /// An i32 tensor (token ids, targets, offsets, flags).
@@ -130,272 +172,4 @@ pub trait Backend: Send + Sync {
     }
     /// Restarts the peak of `memory_stats` from the current allocation.
     fn reset_peak_memory(&self) {}
-
-    // ---- encoder -----------------------------------------------------------------------------
-    /// `out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]`; out `[n, c]`.
-    #[allow(clippy::too_many_arguments)]
-    fn embedding_forward(
-        &self,
-        out: &mut Self::Buf,
-        tokens: &Self::Ids,
-        positions: &Self::Ids,
-        wte: &Self::Buf,
-        wpe: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// Accumulates `dwte[tokens[t]] += dout[t]`, `dwpe[positions[t]] += dout[t]`, deterministically.
-    #[allow(clippy::too_many_arguments)]
-    fn embedding_backward(
-        &self,
-        dwte: &mut Self::Buf,
-        dwpe: &mut Self::Buf,
-        dout: &Self::Buf,
-        tokens: &Self::Ids,
-        positions: &Self::Ids,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-
-    // ---- layernorm ---------------------------------------------------------------------------
-    /// `out = (inp − mean) · rstd · weight + bias` per row; saves `mean [n]` and `rstd [n]`.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(
-        &self,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        inp: &Self::Buf,
-        weight: &Self::Buf,
-        bias: &Self::Buf,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()>;
-    /// Accumulates into `dinp`, `dweight`, `dbias`.
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(
-        &self,
-        dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
-        dbias: &mut Self::Buf,
-        dout: &Self::Buf,
-        inp: &Self::Buf,
-        weight: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-
-    /// The residual add fused with the next LayerNorm: `residual = a + b`, then `out`, `mean`, `rstd`
-    /// as `layernorm_forward` of `residual`. One read of `a` and `b` instead of a write and a re-read
-    /// of the residual stream.
-    #[allow(clippy::too_many_arguments)]
-    fn residual_layernorm_forward(
-        &self,
-        residual: &mut Self::Buf,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        a: &Self::Buf,
-        b: &Self::Buf,
-        weight: &Self::Buf,
-        bias: &Self::Buf,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.residual_forward(residual, a, b)?;
-        self.layernorm_forward(out, mean, rstd, residual, weight, bias, n, c, eps)
-    }
-
-    // ---- matmul ------------------------------------------------------------------------------
-    /// `out[n, oc] = inp[n, ic] · W (+ bias[oc])`, W laid out as `layout` says. Overwrites `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_forward(
-        &self,
-        out: &mut Self::Buf,
-        inp: &Self::Buf,
-        weight: &Self::Buf,
-        bias: Option<&Self::Buf>,
-        n: usize,
-        ic: usize,
-        oc: usize,
-        layout: WeightLayout,
-    ) -> Result<()>;
-    /// `pre = inp · W + bias` (InOut layout) and `out = gelu(pre)` (tanh form), as `matmul_forward`
-    /// then `gelu_forward`; a backend may fuse the GELU into the product's epilogue (cuBLASLt
-    /// `GELU_AUX_BIAS`), computing it from the f32 accumulator before `pre` is rounded to storage.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_bias_gelu_forward(
-        &self,
-        pre: &mut Self::Buf,
-        out: &mut Self::Buf,
-        inp: &Self::Buf,
-        weight: &Self::Buf,
-        bias: &Self::Buf,
-        n: usize,
-        ic: usize,
-        oc: usize,
-    ) -> Result<()> {
-        self.matmul_forward(pre, inp, weight, Some(bias), n, ic, oc, WeightLayout::InOut)?;
-        self.gelu_forward(out, pre)
-    }
-    /// Overwrites `dinp [n, ic]`; accumulates into `dweight` (same layout as `weight`) and `dbias`.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_backward(
-        &self,
-        dinp: &mut Self::Buf,
-        dweight: &mut Self::Buf,
-        dbias: Option<&mut Self::Buf>,
-        dout: &Self::Buf,
-        inp: &Self::Buf,
-        weight: &Self::Buf,
-        n: usize,
-        ic: usize,
-        oc: usize,
-        layout: WeightLayout,
-    ) -> Result<()>;
-
-    // ---- attention ---------------------------------------------------------------------------
-    /// Length of the buffer `attention_forward` saves for the backward (backend-specific: the CPU
-    /// keeps the probabilities, `n_head · Σ T_s²`; a flash-style kernel keeps only `n_head · n` lse).
-    fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize;
-    /// Causal multi-head self-attention inside each sequence. `qkv [n, 3c]` holds q, k, v side by
-    /// side (HF `c_attn` output); writes `out [n, c]` (heads concatenated) and `saved`.
-    fn attention_forward(
-        &self,
-        out: &mut Self::Buf,
-        saved: &mut Self::Buf,
-        qkv: &Self::Buf,
-        packing: &Packing<Self>,
-        n_head: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// Overwrites `dqkv [n, 3c]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dqkv: &mut Self::Buf,
-        dout: &Self::Buf,
-        qkv: &Self::Buf,
-        out: &Self::Buf,
-        saved: &Self::Buf,
-        packing: &Packing<Self>,
-        n_head: usize,
-        c: usize,
-    ) -> Result<()>;
-
-    // ---- pointwise ---------------------------------------------------------------------------
-    /// GELU, tanh form (HF `gelu_new`). Overwrites `out`.
-    fn gelu_forward(&self, out: &mut Self::Buf, inp: &Self::Buf) -> Result<()>;
-    /// Overwrites `dinp = dout · gelu'(inp)`.
-    fn gelu_backward(&self, dinp: &mut Self::Buf, inp: &Self::Buf, dout: &Self::Buf) -> Result<()>;
-    /// `out = a + b`.
-    fn residual_forward(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
-    /// `dst += src`.
-    fn add_inplace(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
-    /// `buf *= s`.
-    fn scale(&self, buf: &mut Self::Buf, s: f32) -> Result<()>;
-
-    // ---- row selection -----------------------------------------------------------------------
-    // The LM head runs only on the rows that carry a target: the model gathers those rows of the
-    // final LayerNorm's output before the head and scatters their gradient back after it.
-
-    /// `out[i, :] = inp[rows[i], :]` for `i < m`: `out [m, c]`, `inp [n, c]`, `rows [m]`. Overwrites
-    /// `out` with an exact copy of the selected rows (no rounding: `out` takes `inp`'s storage
-    /// precision). `rows` are distinct and increasing, each in `0..n` (checked on the host).
-    fn gather_rows(
-        &self,
-        out: &mut Self::Buf,
-        inp: &Self::Buf,
-        rows: &Self::Ids,
-        m: usize,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// The backward of `gather_rows`: overwrites `dinp [n, c]` with zeros, except
-    /// `dinp[rows[i], :] = dout[i, :]` for `i < m` (an exact copy, in `dout`'s storage precision);
-    /// `dout [m, c]`. `rows` as for `gather_rows` (distinct, so no two rows land on one: no
-    /// accumulation, deterministic). `m = 0` zeroes `dinp`.
-    fn scatter_rows(
-        &self,
-        dinp: &mut Self::Buf,
-        dout: &Self::Buf,
-        rows: &Self::Ids,
-        m: usize,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-
-    // ---- fused log-softmax-gather ------------------------------------------------------------
-    /// For each row t of `logits [n, v]`: `lse[t] = log Σ exp(logits[t])`, and
-    /// `token_logp[t] = logits[t, targets[t]] − lse[t]`, or 0 where `targets[t] == -1`. Reads each
-    /// row once (online max and sum-exp).
-    #[allow(clippy::too_many_arguments)]
-    fn logsoftmax_gather_forward(
-        &self,
-        token_logp: &mut Self::Buf,
-        lse: &mut Self::Buf,
-        logits: &Self::Buf,
-        targets: &Self::Ids,
-        n: usize,
-        v: usize,
-    ) -> Result<()>;
-    /// `seq_logp[s] = Σ_{t in seq s} token_logp[t]`, a deterministic segmented sum (fixed order).
-    fn sequence_logp_sum(
-        &self,
-        seq_logp: &mut Self::Buf,
-        token_logp: &Self::Buf,
-        packing: &Packing<Self>,
-    ) -> Result<()>;
-    /// In place over `logits`: row t of sequence s becomes
-    /// `dseq[s] · (onehot(targets[t]) − exp(logits[t] − lse[t]))`, or zeros where `targets[t] == -1`.
-    #[allow(clippy::too_many_arguments)]
-    fn logsoftmax_gather_backward(
-        &self,
-        logits: &mut Self::Buf,
-        lse: &Self::Buf,
-        targets: &Self::Ids,
-        dseq: &Self::Buf,
-        packing: &Packing<Self>,
-        n: usize,
-        v: usize,
-    ) -> Result<()>;
-
-    // ---- preference loss ---------------------------------------------------------------------
-    /// One call for the batch of P pairs. Sequence `2i` is pair i's chosen response, `2i + 1` its
-    /// rejected one. Inputs `[2P]`: policy and reference sequence log-probs, `unsafe_flags` (1 =
-    /// unsafe), `lengths` (response tokens). Writes `metrics [P, PAIR_METRICS]` (see
-    /// `PAIR_METRICS`) and `dpolicy [2P]` = `grad_scale · dL_i/d(policy logp)`. `reference` is
-    /// ignored by reference-free objectives. The CPU twin is `crate::loss::pair_loss`.
-    #[allow(clippy::too_many_arguments)]
-    fn preference_loss(
-        &self,
-        metrics: &mut Self::Buf,
-        dpolicy: &mut Self::Buf,
-        policy: &Self::Buf,
-        reference: &Self::Buf,
-        unsafe_flags: &Self::Ids,
-        lengths: &Self::Ids,
-        objective: &Objective,
-        grad_scale: f32,
-    ) -> Result<()>;
-
-    // ---- optimizer ---------------------------------------------------------------------------
-    /// One AdamW step on one tensor; `m`, `v` are fp32 state of the same length.
-    fn adamw(
-        &self,
-        param: &mut Self::Buf,
-        grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
-        p: &AdamWParams,
-    ) -> Result<()>;
-    /// `param −= lr · grad_scale · grad`.
-    fn sgd(&self, param: &mut Self::Buf, grad: &Self::Buf, lr: f32, grad_scale: f32) -> Result<()>;
-    /// `Σ x²` over all the buffers, accumulated in f64 on the host side of the reduction (or a
-    /// deterministic two-pass tree on a device). Returns the squared global norm.
-    fn sum_squares(&self, bufs: &[&Self::Buf]) -> Result<f64>;
 }

@@ -36,7 +36,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{checkpoint, Gpt2Config, HostWeights};
-use crate::backend::{Backend, Packing, WeightLayout};
+use crate::backend::{Backend, Buffers, Packing, WeightLayout};
 use crate::data::PackedBatch;
 
 /// A packed batch uploaded to a backend.
@@ -405,7 +405,7 @@ struct BackwardScratch<T> {
 }
 
 /// One parameter's HF name, the parameter (mutable, for the optimizer) and its gradient.
-pub type ParamAndGrad<'a, B> = (&'a str, &'a mut <B as Backend>::Buf, &'a <B as Backend>::Buf);
+pub type ParamAndGrad<'a, B> = (&'a str, &'a mut <B as Buffers>::Buf, &'a <B as Buffers>::Buf);
 
 /// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
 /// forward pass (kept for the backward). A frozen model has no gradients and keeps two layers of
@@ -1259,6 +1259,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::backend::cuda::{CudaBackend, Device, Precision};
+    use crate::backend::prelude::*;
 
     fn tiny_config() -> Gpt2Config {
         Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }

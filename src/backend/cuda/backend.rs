@@ -43,7 +43,8 @@ use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
 use super::{Device, DeviceBuffer, DeviceScalar, Dtype, Gemm, KernelArg, LaunchConfig};
-use crate::backend::{checks, AdamWParams, Backend, MemoryStats, Packing, WeightLayout};
+use crate::backend::prelude::*;
+use crate::backend::{checks, AdamWParams, MemoryStats, Packing, WeightLayout};
 use crate::loss::Objective;
 
 // ---- launch shapes (each kernel file's header comment explains its own) ------------------------------
@@ -536,7 +537,7 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
+impl Buffers for CudaBackend {
     type Buf = CudaBuf;
     type Ids = CudaIds;
 
@@ -665,8 +666,9 @@ impl Backend for CudaBackend {
     fn reset_peak_memory(&self) {
         self.device.reset_peak_memory();
     }
+}
 
-    // ---- encoder -----------------------------------------------------------------------------
+impl EmbeddingOps for CudaBackend {
     fn embedding_forward(
         &self,
         out: &mut CudaBuf,
@@ -709,8 +711,9 @@ impl Backend for CudaBackend {
         let dwpe = self.output(dwpe, dt, true)?;
         self.embedding_scatter(dwpe, &dout, &positions.host, c)
     }
+}
 
-    // ---- layernorm ---------------------------------------------------------------------------
+impl LayerNormOps for CudaBackend {
     fn layernorm_forward(
         &self,
         out: &mut CudaBuf,
@@ -876,8 +879,9 @@ impl Backend for CudaBackend {
             &[dweight, dbias, KernelArg::Ptr(partial.device_ptr()), i32_arg(chunks, "chunks")?, c_arg],
         )
     }
+}
 
-    // ---- matmul ------------------------------------------------------------------------------
+impl MatmulOps for CudaBackend {
     fn matmul_forward(
         &self,
         out: &mut CudaBuf,
@@ -1022,8 +1026,9 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
+}
 
-    // ---- attention ---------------------------------------------------------------------------
+impl AttentionOps for CudaBackend {
     /// The forward keeps the log-sum-exp of every (token, head) row of scores: `n_head · n` f32.
     fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize {
         n_head * packing.num_tokens()
@@ -1104,8 +1109,9 @@ impl Backend for CudaBackend {
         args.extend(tail);
         self.launch(&plan.kernel("backward_dkdv", dt), plan.config(), &args)
     }
+}
 
-    // ---- pointwise ---------------------------------------------------------------------------
+impl PointwiseOps for CudaBackend {
     // Elementwise ops compute in their output's storage type (the activation type unless an op
     // made it f32), so that they never round an f32 tensor to bf16.
     fn gelu_forward(&self, out: &mut CudaBuf, inp: &CudaBuf) -> Result<()> {
@@ -1148,8 +1154,9 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
+}
 
-    // ---- row selection -----------------------------------------------------------------------
+impl RowOps for CudaBackend {
     // Exact copies: the output takes the input's storage type (see kernels/rows.cu).
     fn gather_rows(
         &self,
@@ -1196,8 +1203,9 @@ impl Backend for CudaBackend {
             &[dinp.arg(), dout.arg(), rows.arg(), i32_arg(m, "m")?, i32_arg(c, "c")?],
         )
     }
+}
 
-    // ---- fused log-softmax-gather ------------------------------------------------------------
+impl LogSoftmaxGatherOps for CudaBackend {
     fn logsoftmax_gather_forward(
         &self,
         token_logp: &mut CudaBuf,
@@ -1271,8 +1279,9 @@ impl Backend for CudaBackend {
             ],
         )
     }
+}
 
-    // ---- preference loss ---------------------------------------------------------------------
+impl PreferenceLossOps for CudaBackend {
     fn preference_loss(
         &self,
         metrics: &mut CudaBuf,
@@ -1320,8 +1329,9 @@ impl Backend for CudaBackend {
             ],
         )
     }
+}
 
-    // ---- optimizer ---------------------------------------------------------------------------
+impl OptimizerOps for CudaBackend {
     fn adamw(
         &self,
         param: &mut CudaBuf,

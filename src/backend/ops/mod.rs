@@ -1,0 +1,23 @@
+//! The op families of the `Backend` trait, one module per family, named as its kernel file
+//! (`kernels/<op>.cu`), its CPU twin (`backend/cpu/<op>.rs`) and its launch code
+//! (`backend/cuda/ops/<op>.rs`).
+
+pub mod attention;
+pub mod embedding;
+pub mod layernorm;
+pub mod logsoftmax_gather;
+pub mod matmul;
+pub mod optimizer;
+pub mod pointwise;
+pub mod preference_loss;
+pub mod rows;
+
+pub use attention::AttentionOps;
+pub use embedding::EmbeddingOps;
+pub use layernorm::LayerNormOps;
+pub use logsoftmax_gather::LogSoftmaxGatherOps;
+pub use matmul::MatmulOps;
+pub use optimizer::OptimizerOps;
+pub use pointwise::PointwiseOps;
+pub use preference_loss::PreferenceLossOps;
+pub use rows::RowOps;

@@ -1,0 +1,66 @@
+//! The preference loss: one launch for the batch, every objective of `crate::loss`
+//! (kernels/preference_loss.cu; its specification is `crate::loss::pair_loss`).
+//!
+//! The trait is the contract every backend implements; `check` holds the argument checks every
+//! backend runs first, so that the same mistake gives the same error everywhere.
+
+use anyhow::Result;
+
+use crate::backend::Buffers;
+use crate::loss::Objective;
+
+pub trait PreferenceLossOps: Buffers {
+    /// One call for the batch of P pairs. Sequence `2i` is pair i's chosen response, `2i + 1` its
+    /// rejected one. Inputs `[2P]`: policy and reference sequence log-probs, `unsafe_flags` (1 =
+    /// unsafe), `lengths` (response tokens). Writes `metrics [P, PAIR_METRICS]` (see
+    /// `PAIR_METRICS`) and `dpolicy [2P]` = `grad_scale · dL_i/d(policy logp)`. `reference` is
+    /// ignored by reference-free objectives. The CPU twin is `crate::loss::pair_loss`.
+    #[allow(clippy::too_many_arguments)]
+    fn preference_loss(
+        &self,
+        metrics: &mut Self::Buf,
+        dpolicy: &mut Self::Buf,
+        policy: &Self::Buf,
+        reference: &Self::Buf,
+        unsafe_flags: &Self::Ids,
+        lengths: &Self::Ids,
+        objective: &Objective,
+        grad_scale: f32,
+    ) -> Result<()>;
+}
+
+/// Argument checks, one per method, with its name and argument order (see `crate::backend::checks`).
+pub(crate) mod check {
+    #[allow(unused_imports)]
+    use anyhow::{bail, ensure, Result};
+
+    #[allow(unused_imports)]
+    use crate::backend::checks::{check_ids, check_len, sequences, Sequences};
+    use crate::loss::PAIR_METRICS;
+
+    /// `reference` is checked only when the objective `uses_reference`. Returns the number of pairs.
+    pub(crate) fn preference_loss(
+        metrics: usize,
+        dpolicy: usize,
+        policy: usize,
+        reference: usize,
+        unsafe_flags: &[i32],
+        lengths: &[i32],
+        uses_reference: bool,
+    ) -> Result<usize> {
+        const OP: &str = "preference_loss";
+        ensure!(policy.is_multiple_of(2), "{OP}: `policy` has {policy} elements, expected an even number");
+        let pairs = policy / 2;
+        if uses_reference {
+            check_len(OP, "reference", reference, 2 * pairs)?;
+        }
+        check_len(OP, "unsafe_flags", unsafe_flags.len(), 2 * pairs)?;
+        check_len(OP, "lengths", lengths.len(), 2 * pairs)?;
+        check_len(OP, "metrics", metrics, pairs * PAIR_METRICS)?;
+        check_len(OP, "dpolicy", dpolicy, 2 * pairs)?;
+        if let Some(s) = lengths.iter().position(|&l| l < 0) {
+            bail!("{OP}: pair {} has a negative response length", s / 2);
+        }
+        Ok(pairs)
+    }
+}
