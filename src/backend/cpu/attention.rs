@@ -4,7 +4,7 @@
 //!
 //! The forward saves the softmax probabilities for the backward: sequence by sequence, head by
 //! head, one row-major `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal) at
-//! offset `n_head · Σ_{s'<s} T_{s'}² + h · T_s²` (see [`head_tasks`]).
+//! offset `n_head · Σ_{s'<s} T_{s'}² + h · T_s²` (see `head_tasks`).
 
 use anyhow::Result;
 use rayon::prelude::*;

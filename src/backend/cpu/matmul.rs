@@ -1,5 +1,5 @@
 //! Matrix products with a weight, `out = inp · W (+ bias)`, and their backward (contract:
-//! `backend/ops/matmul.rs`; on the device, cuBLASLt). Products through [`super::gemm`].
+//! `backend/ops/matmul.rs`; on the device, cuBLASLt). Products through `cpu::gemm`.
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -9,7 +9,7 @@ use super::{CpuBackend, REDUCE_ROWS};
 use crate::backend::{checks, MatmulOps, WeightLayout};
 
 /// The specification, in f64: plain loops that the fast version below and the CUDA backend are
-/// held to. The backward is specified by finite differences of the forward; [`weight_grad`] is
+/// held to. The backward is specified by finite differences of the forward; [`weight_grad`](spec::weight_grad) is
 /// its weight part in closed form, for shapes too large to perturb.
 pub mod spec {
     use crate::backend::WeightLayout;

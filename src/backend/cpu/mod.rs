@@ -19,11 +19,12 @@
 //! all give bit-identical results. Exponentials use a vectorisable Cephes-style `expf` (≈1 ulp).
 //!
 //! Layout: one module per op family, named as its contract (`backend/ops/<op>.rs`) and its kernel
-//! file (`kernels/<op>.cu`). Each holds the op's `spec` (plain, unoptimised f64 loops: the
-//! specification that the fast CPU version here and the CUDA kernels are tested against), the fast
-//! row kernels, and the family's `impl <Family>Ops for CpuBackend`. The specs give forwards only
-//! where a backward is checked against finite differences of them. `simd` and `gemm` are the
-//! shared plumbing: vector kernels and lane sums, matrix products.
+//! file (`kernels/<op>.cu`). Each holds the op's public `spec` (plain, unoptimised loops, in f64
+//! wherever rounding matters: the specification that the fast CPU version here and the CUDA
+//! kernels are tested against), the fast row kernels, and the family's
+//! `impl <Family>Ops for CpuBackend`. A backward is specified by finite differences of its
+//! forward's spec, so most specs are forwards only. `simd` and `gemm` are the shared plumbing:
+//! vector kernels and lane sums, matrix products.
 
 mod gemm;
 mod simd;
