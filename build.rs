@@ -520,7 +520,10 @@ fn parse_exported_constant(code: &str, doc: Vec<String>) -> Result<ExportedConst
     } else {
         return Err("not a `#define` or a `constexpr` declaration".into());
     };
-    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if name.is_empty()
+        || name.starts_with(|c: char| c.is_ascii_digit())
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
         return Err(format!("`{name}` is not a C identifier"));
     }
     let (rust_type, value) = match c_type.as_str() {

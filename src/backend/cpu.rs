@@ -1362,7 +1362,9 @@ impl OptimizerOps for CpuBackend {
             .for_each(|(w, g)| w.iter_mut().zip(g).for_each(|(w, &g)| *w -= step * g));
         Ok(())
     }
+}
 
+impl GradNormOps for CpuBackend {
     fn sum_squares(&self, bufs: &[&Vec<f32>]) -> Result<f64> {
         // Fixed chunks, each summed in f64, partials added in order: deterministic.
         let mut total = 0.0f64;
