@@ -1,8 +1,9 @@
 //! The CUDA backend: bf16 activations and parameters with fp32 master weights, hand-written kernels
 //! from `kernels/`, cuBLASLt for matrix products. Runs on a GPU (cudarc) or on the emulated device.
 //!
-//! - [`backend`]: [`CudaBackend`], its buffers and the storage conversions; [`ops`](self) `ops/<op>.rs`:
-//!   each op family's launches, named as its kernel file;
+//! - [`backend`]: [`CudaBackend`], its buffers, the storage conversions and the `Buffers` impl;
+//! - `ops/<op>.rs`: each op family's launch plan and `impl <Op>Ops for CudaBackend`, named as its
+//!   kernel file `kernels/<op>.cu`; `launch.rs`: the launch helpers several families share;
 //! - [`device`]: [`Device`] allocates, copies, launches kernels by name, runs GEMMs and keeps time, on
 //!   either implementation —
 //!   - [`gpu`]: a real GPU through the CUDA driver API (cudarc), kernels from the embedded fatbins
@@ -10,9 +11,10 @@
 //!   - [`emu`]: the emulated device, which runs the same kernel sources compiled for the CPU
 //!     (`kernels/emu`), with a CPU reference GEMM of the same semantics;
 //! - [`types`]: the plain types the device interface passes around (element types, kernel arguments,
-//!   launch shapes, GEMMs), shared by the dispatcher and both implementations.
+//!   launch shapes, GEMMs), shared by the dispatcher and both implementations;
+//! - [`kernels`]: the embedded fatbins and the constants the kernel files share with the host.
 //!
-//! Which device a run uses, and in which precision, is decided in [`crate::backend::device`].
+//! Which device a run uses, and in which precision, is decided in `backend::device`, above this module.
 
 pub mod backend;
 pub mod device;

@@ -15,9 +15,8 @@ use crate::backend::{checks, AttentionOps, Packing};
 const HEAD_DIM_BOUNDS: [usize; 2] = [ATTN_HD_MAX_SMALL as usize, ATTN_HD_MAX_LARGE as usize];
 
 /// Launch plan of the tiled attention kernels (see kernels/attention.cu): the smallest head-dim
-/// bound that holds `hd`, its tile (`ATTN_THREADS` threads holding `ATTN_DIMS_PER_LANE` channels each, so
-/// `256·16 / bound` rows), and
-/// the grid (n_head, sequences, tiles of the longest sequence).
+/// bound that holds `hd`, its tile (`ATTN_THREADS` threads of `ATTN_DIMS_PER_LANE` channels each, so
+/// `256·16 / bound` rows), and the grid (n_head, sequences, tiles of the longest sequence).
 struct AttentionPlan {
     head_dim_bound: usize,
     grid: (u32, u32, u32),
