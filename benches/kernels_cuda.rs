@@ -22,7 +22,8 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safedpo::backend::cuda::{gpu_unavailable_reason, CudaBackend, CudaBuf, CudaIds, Device, Precision};
+use safedpo::backend::cuda::{CudaBackend, CudaBuf, CudaIds, Device, Precision};
+use safedpo::backend::device::gpu_unavailable_reason;
 use safedpo::backend::prelude::*;
 use safedpo::backend::{AdamWParams, Packing};
 

@@ -13,14 +13,16 @@
 //     D_t = dout_t·out_t          dS_tj = P_tj·(dout_t·v_j − D_t)
 //     dq_t = scale Σ_j dS_tj k_j   dk_j = scale Σ_t dS_tj q_t   dv_j = Σ_t P_tj dout_t
 //
-// CPU twins (src/backend/cpu.rs): `attention_forward`, `attention_backward` (the CPU keeps P instead of lse).
+// CPU twin: src/backend/cpu/attention.rs (`attention_forward`, `attention_backward`; the CPU keeps P
+// instead of lse). Host side: src/backend/cuda/ops/attention.rs (`AttentionPlan`).
 //
 // Tiling. Each kernel is instantiated per storage type T (f32, bf16; all math in f32) and per head-dim
-// bound HD_MAX ∈ {64, 128} (kernel names `attention_<op>_hd<HD_MAX>_<T>`; the host picks the smallest
-// HD_MAX ≥ hd). A block has ATTN_THREADS = 256 threads; a "row" (one query or one key of the tile) is
-// owned by a group of G = HD_MAX/16 consecutive lanes, each lane holding 16 of the row's channels in
-// registers (channels 4·(g + G·i) .. +3 for i < 4, lane g of the group), so a tile has TILE = 256/G rows:
-// 64 for HD_MAX = 64, 32 for HD_MAX = 128. Channels hd ≤ d < HD_MAX are zeros (registers and shared
+// bound HD_MAX ∈ {ATTN_HD_MAX_SMALL, ATTN_HD_MAX_LARGE} = {64, 128} (kernel names
+// `attention_<op>_hd<HD_MAX>_<T>`; the host picks the smallest HD_MAX ≥ hd). A block has ATTN_THREADS = 256
+// threads; a "row" (one query or one key of the tile) is owned by a group of G = HD_MAX/16 consecutive
+// lanes, each lane holding ATTN_DIMS_PER_LANE = 16 of the row's channels in registers (channels
+// 4·(g + G·i) .. +3 for i < 4, lane g of the group), so a tile has TILE = 256/G rows: 64 for HD_MAX = 64,
+// 32 for HD_MAX = 128. Channels hd ≤ d < HD_MAX are zeros (registers and shared
 // tiles), so the dot products need no bounds tests. A dot product is 16 FMAs per lane and a butterfly
 // shuffle over the group's G lanes (every lane of the group gets the bit-identical sum). Tiles are
 // aligned to the start of their sequence; query tile i and key tile j of a sequence interact only for
@@ -51,9 +53,13 @@
 #include "common.cuh"
 
 /// Threads per block of every attention kernel.
-#define ATTN_THREADS 256
+#define ATTN_THREADS 256  // @rust
 /// Channels of a row held by one lane (four float4).
-#define ATTN_DIMS_PER_LANE 16
+#define ATTN_DIMS_PER_LANE 16  // @rust
+/// The smaller head-dim bound HD_MAX the kernels are instantiated for.
+#define ATTN_HD_MAX_SMALL 64  // @rust
+/// The larger head-dim bound HD_MAX the kernels are instantiated for: the largest head dim they take.
+#define ATTN_HD_MAX_LARGE 128  // @rust
 /// Keys per step of the forward's online softmax.
 #define ATTN_CHUNK 16
 
@@ -316,7 +322,9 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
     }
 }
 
-#define ATTENTION_KERNELS(T, HD, suffix)                                                                      \
+// HD is expanded (ATTN_HD_MAX_SMALL → 64) before ATTENTION_KERNELS_ pastes it into the kernel names.
+#define ATTENTION_KERNELS(T, HD, suffix) ATTENTION_KERNELS_(T, HD, suffix)
+#define ATTENTION_KERNELS_(T, HD, suffix)                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_forward_hd##HD##_##suffix(T* out, float* lse, const T* qkv, const int* cu_seqlens,         \
                                             int n_head, int c) {                                              \
@@ -338,7 +346,7 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
     }                                                                                                         \
     EMU_REGISTER(attention_backward_dkdv_hd##HD##_##suffix)
 
-ATTENTION_KERNELS(float, 64, f32)
-ATTENTION_KERNELS(bf16, 64, bf16)
-ATTENTION_KERNELS(float, 128, f32)
-ATTENTION_KERNELS(bf16, 128, bf16)
+ATTENTION_KERNELS(float, ATTN_HD_MAX_SMALL, f32)
+ATTENTION_KERNELS(bf16, ATTN_HD_MAX_SMALL, bf16)
+ATTENTION_KERNELS(float, ATTN_HD_MAX_LARGE, f32)
+ATTENTION_KERNELS(bf16, ATTN_HD_MAX_LARGE, bf16)

@@ -14,6 +14,12 @@
 // - system headers only through this file (under the emulator the kernel file sits in a namespace);
 // - GPU-only code (inline PTX, tensor-core instructions) behind `#ifndef EMU_DEVICE`, with a portable
 //   path beside it, noted in the kernel's header comment.
+//
+// Each kernel file `kernels/<op>.cu` holds one op family: its header names the CPU twin
+// (`src/backend/cpu/<op>.rs`) and the host side that plans its launches (`src/backend/cuda/ops/<op>.rs`).
+// A constant the host needs too (a launch shape, an objective code) is defined here or in its kernel file
+// only, on a line ending in `// @rust` (`constexpr int NAME = <integer>;` or `#define NAME <number>`):
+// build.rs copies it, with the `///` lines above it, into `backend::cuda::kernels::constants::<file>`.
 #pragma once
 
 #ifdef __CUDACC__
@@ -32,6 +38,20 @@ typedef __nv_bfloat16 bf16;
 #define FULL_MASK 0xffffffffu
 
 __host__ __device__ __forceinline__ unsigned int ceil_div(unsigned int a, unsigned int b) { return (a + b - 1) / b; }
+
+// ---- launch shapes shared by several kernel files ---------------------------------------------------
+/// Threads per block of an elementwise (grid-stride) launch: one thread per element, GRID_STRIDE_LOOP.
+constexpr int GRID_STRIDE_THREADS = 256;  // @rust
+/// Most blocks of an elementwise launch; larger tensors are covered by the grid-stride loop.
+constexpr int GRID_STRIDE_MAX_BLOCKS = 4096;  // @rust
+/// Most threads per block of a row kernel (a block whose threads stride over one row's elements): the
+/// host launches the row's width rounded up to a multiple of 32, at most this.
+constexpr int ROW_MAX_THREADS = 256;  // @rust
+
+/// for i in this thread's elements of 0..n (a 1-D grid of any shape covers all of them).
+#define GRID_STRIDE_LOOP(i, n)                                                                \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)gridDim.x * blockDim.x)
 
 // ---- storage types: every kernel computes in f32 and converts at loads and stores ---------------
 __device__ __forceinline__ float to_float(float x) { return x; }

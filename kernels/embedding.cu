@@ -3,15 +3,17 @@
 //     forward:  out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]               out [n, c]
 //     backward: dtable[r, :] += Σ_{t : ids[t] = r} dout[t, :]                      (once for wte, once for wpe)
 //
-// CPU twins (src/backend/cpu.rs): `embedding_forward`, `embedding_backward` (its `scatter_add_rows`).
+// CPU twin: src/backend/cpu/embedding.rs (`embedding_forward`, `embedding_backward`). Host side:
+// src/backend/cuda/ops/embedding.rs (`bucket_by_id`).
 //
-// Forward launch: 1-D grid-stride loop over the n·c outputs, 256-thread blocks.
+// Forward launch: 1-D grid-stride loop over the n·c outputs, GRID_STRIDE_THREADS-thread blocks (common.cuh).
 //
 // Backward without float atomics (deterministic), as llm.c buckets its encoder backward: the host sorts
 // the token indices by id, stably (the ids are on the host already, so no device sort is needed), and
 // hands the kernel three arrays: `order` (token indices grouped by id, each group in token order),
 // `bucket_starts` (group g is order[bucket_starts[g] .. bucket_starts[g+1]]) and `bucket_rows` (the
-// table row of group g). Launch: grid (num_buckets, ceil(c / blockDim.x)); each thread owns one channel of
+// table row of group g). Launch: grid (num_buckets, ceil(c / blockDim.x)), blockDim.x = c rounded up to a
+// multiple of 32, at most ROW_MAX_THREADS (common.cuh); each thread owns one channel of
 // one table row, sums that row's tokens in order in f32, and adds the sum to the row once. Every output
 // element is written by exactly one thread, in a fixed order, so the result is bit-identical across runs.
 #include "common.cuh"

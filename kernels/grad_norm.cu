@@ -1,19 +1,28 @@
 // kernels/grad_norm.cu — the squared global gradient norm Σ x² over many tensors, deterministically.
 //
-// CPU twin (src/backend/cpu.rs): `sum_squares`.
+// CPU twin: src/backend/cpu/grad_norm.rs (`sum_squares`). Host side: src/backend/cuda/ops/grad_norm.rs.
 //
 // Two passes, no float atomics (llm.c's global_norm writes per-block partials the same way):
-// - sum_squares_partial_<T>: for each tensor, a 1-D grid of 256-thread blocks (the host picks the block
-//   count from the tensor's length only) runs a grid-stride loop of f32 x² sums; each block reduces its
-//   threads with a fixed tree and writes one f32 partial into its slot of `partials`;
-// - sum_squares_final: one block of 256 threads sums all the partials in f64 (strided, then a fixed
-//   tree) and writes the f64 total to out[0].
+// - sum_squares_partial_<T>: for each tensor, a 1-D grid of SUM_SQUARES_THREADS-thread blocks (the host
+//   picks the block count from the tensor's length only: one block per SUM_SQUARES_THREADS ·
+//   SUM_SQUARES_ELEMENTS_PER_THREAD elements, at most SUM_SQUARES_MAX_BLOCKS) runs a grid-stride loop of
+//   f32 x² sums; each block reduces its threads with a fixed tree and writes one f32 partial into its
+//   slot of `partials`;
+// - sum_squares_final: one block of SUM_SQUARES_THREADS threads sums all the partials in f64 (strided,
+//   then a fixed tree) and writes the f64 total to out[0].
 // The partition depends only on the tensors' lengths, so the result is bit-identical across runs.
 //
 // Loops before a block reduction run the same number of iterations on every thread of a block (the
 // element index tested inside): with a thread-dependent trip count the host compiler may duplicate the
 // barrier call, and the emulated device tells barriers apart by call site.
 #include "common.cuh"
+
+/// Threads per block of both passes (any multiple of 32 works; the partition depends on it).
+#define SUM_SQUARES_THREADS 256  // @rust
+/// The fewest elements per thread of a partial-sum block: fewer, larger blocks for small tensors.
+#define SUM_SQUARES_ELEMENTS_PER_THREAD 16  // @rust
+/// Most partial-sum blocks per tensor.
+#define SUM_SQUARES_MAX_BLOCKS 1024  // @rust
 
 template <typename T>
 __device__ void sum_squares_partial(float* partials, const T* x, long long n) {

@@ -8,24 +8,30 @@
 //               of the next block and ln_f; its backward is the LayerNorm backward accumulating into
 //               the residual stream's gradient)
 //
-// CPU twins (src/backend/cpu.rs): `layernorm_forward`, `residual_layernorm_forward`, `layernorm_backward`.
+// CPU twin: src/backend/cpu/layernorm.rs (`layernorm_forward`, `residual_layernorm_forward`,
+// `layernorm_backward`). Host side: src/backend/cuda/ops/layernorm.rs.
 // mean and rstd are kept in f32 whatever the storage type of the activations.
 //
 // Launch shapes:
 // - layernorm_forward_<T>, residual_layernorm_forward_<T>, layernorm_backward_dinp_<T>: one warp per
-//   row, 4 warps (128 threads) per block, grid ceil(n / 4). Two passes for the variance (mean first,
-//   then the centred sum), as the CPU does: no cancellation.
-// - layernorm_backward_params_partial_<T>: grid (ceil(c / 256), num_chunks), 256 threads; each thread
-//   owns one channel of one chunk of `rows_per_chunk` rows and writes that chunk's partial dweight and
-//   dbias to `partial [num_chunks, 2, c]` (f32).
-// - layernorm_backward_params_reduce_<T>: grid ceil(c / 256), 256 threads; each thread sums its channel's
-//   partials in chunk order and adds the sums to dweight and dbias.
+//   row, LN_WARPS_PER_BLOCK = 4 warps (128 threads) per block, grid ceil(n / 4). Two passes for the
+//   variance (mean first, then the centred sum), as the CPU does: no cancellation.
+// - layernorm_backward_params_partial_<T>: grid (ceil(c / threads), num_chunks), threads = c rounded up
+//   to a multiple of 32, at most ROW_MAX_THREADS (common.cuh); each thread owns one channel of one chunk
+//   of `rows_per_chunk` rows (LN_MIN_ROWS_PER_CHUNK, more only where the grid's y limit needs it; the
+//   count depends only on n) and writes that chunk's partial dweight and dbias to
+//   `partial [num_chunks, 2, c]` (f32).
+// - layernorm_backward_params_reduce_<T>: grid ceil(c / threads), the same threads; each thread sums its
+//   channel's partials in chunk order and adds the sums to dweight and dbias.
 // The parameter gradients are thus reduced over rows without float atomics, in a fixed order: the
 // result does not depend on scheduling (llm.c reduces into shared memory with atomics instead; that
 // is faster but not bit-reproducible). A later version can fuse the three backward kernels.
 #include "common.cuh"
 
-#define LN_WARPS_PER_BLOCK 4
+/// Rows per block of the LayerNorm row kernels: one warp per row.
+#define LN_WARPS_PER_BLOCK 4  // @rust
+/// The fewest rows per partial sum of the LayerNorm parameter gradients.
+#define LN_MIN_ROWS_PER_CHUNK 32  // @rust
 
 /// The part of a LayerNorm row shared by `layernorm_forward` and `residual_layernorm_forward`: given
 /// this lane's share of the row sum (elements lane, lane + 32, ...), the mean, then the centred

@@ -7,18 +7,19 @@
 //     backward: logits[t, :] ← dseq[s(t)]·(onehot(target_t) − exp(logits[t, :] − lse[t]))  (zeros where
 //               target_t = −1)
 //
-// CPU twins (src/backend/cpu.rs): `logsoftmax_gather_forward`, `sequence_logp_sum`,
-// `logsoftmax_gather_backward` (and its `row_logsumexp`).
+// CPU twin: src/backend/cpu/logsoftmax_gather.rs (`logsoftmax_gather_forward`, `sequence_logp_sum`,
+// `logsoftmax_gather_backward`). Host side: src/backend/cuda/ops/logsoftmax_gather.rs.
 //
-// Launch shapes:
-// - logsoftmax_gather_forward_<T>: one block per row (grid n, 256 threads). Each thread keeps an online
-//   (max, Σ exp(x − max)) over its strided elements, so the row is read exactly once; the block then
-//   combines the pairs (block max, then the rescaled sums). The target's logit is one extra load. The
-//   log-prob is formed as (x − max) − log Σ, without rounding lse first (large logits keep precision).
-//   token_logp and lse are f32 whatever the logits' storage type.
-// - sequence_logp_sum_f32: one block per sequence (grid S, 256 threads): strided partial sums, then a
-//   fixed-tree block reduction. Deterministic; no float atomics.
-// - logsoftmax_gather_backward_<T>: one block per row (grid n, 256 threads); each thread finds the row's
+// Launch shapes (threads: the row's width rounded up to a multiple of 32, at most ROW_MAX_THREADS = 256,
+// common.cuh):
+// - logsoftmax_gather_forward_<T>: one block per row (grid n; 256 threads for any real vocabulary). Each
+//   thread keeps an online (max, Σ exp(x − max)) over its strided elements, so the row is read exactly
+//   once; the block then combines the pairs (block max, then the rescaled sums). The target's logit is
+//   one extra load. The log-prob is formed as (x − max) − log Σ, without rounding lse first (large
+//   logits keep precision). token_logp and lse are f32 whatever the logits' storage type.
+// - sequence_logp_sum_f32: one block per sequence (grid S, threads from the longest sequence): strided
+//   partial sums, then a fixed-tree block reduction. Deterministic; no float atomics.
+// - logsoftmax_gather_backward_<T>: one block per row (grid n, as the forward); each thread finds the row's
 //   sequence by binary search over cu_seqlens (no barrier needed) and overwrites its strided elements.
 //   Probabilities are never stored: the gradient replaces the logits.
 //
@@ -26,8 +27,6 @@
 // tested inside): with a thread-dependent trip count the host compiler may duplicate the barrier call,
 // and the emulated device tells barriers apart by call site.
 #include "common.cuh"
-
-#define LSG_THREADS 256
 
 template <typename T>
 __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, const T* logits, const int* targets, int v) {

@@ -1,26 +1,25 @@
 // kernels/pointwise.cu — elementwise ops: GELU forward and backward (tanh form, HF `gelu_new`), the
-// residual add, in-place add, scale, SGD, and the f32 <-> bf16 conversions the CUDA backend uses when a
+// residual add, in-place add, scale, and the f32 <-> bf16 conversions the CUDA backend uses when a
 // tensor is stored in another type than an op wants.
 //
 //     gelu(x)  = ½·x·(1 + tanh u),  u = √(2/π)·(x + 0.044715·x³)
 //     gelu'(x) = ½·(1 + tanh u) + ½·x·(1 − tanh² u)·√(2/π)·(1 + 3·0.044715·x²)
 //
-// CPU twins (src/backend/cpu.rs): `gelu_forward`, `gelu_backward`, `residual_forward`, `add_inplace`,
-// `scale`, `sgd` (fill is a memset on the device, `Device::fill`).
+// CPU twin: src/backend/cpu/pointwise.rs (`gelu_forward`, `gelu_backward`, `residual_forward`,
+// `add_inplace`, `scale`; fill is a memset on the device, `Device::fill`). Host side:
+// src/backend/cuda/ops/pointwise.rs (the conversions: src/backend/cuda/backend.rs).
 //
-// Launch shape: 1-D grid of 256-thread blocks, one thread per element with a grid-stride loop (the host
-// caps the grid; see `pointwise_launch` in src/backend/cuda/backend.rs). Every element is independent,
+// Launch shape: 1-D grid of GRID_STRIDE_THREADS-thread blocks (common.cuh), one thread per element with a
+// grid-stride loop (the host caps the grid at GRID_STRIDE_MAX_BLOCKS). Every element is independent,
 // so results do not depend on the launch shape. Each op has an f32 and a bf16 instantiation
 // (`<op>_f32`, `<op>_bf16`): loads convert to f32, the math is f32, stores round once.
 // First version: scalar loads; 128-bit packed loads (llm.c's Packed128) are a later optimisation.
 #include "common.cuh"
 
-#define GELU_SCALE 0.7978845608028654f  // √(2/π)
-#define GELU_CUBIC 0.044715f
-
-#define GRID_STRIDE_LOOP(i, n)                                                                \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)gridDim.x * blockDim.x)
+/// √(2/π), the GELU tanh approximation's scale.
+#define GELU_SCALE 0.7978845608028654f  // @rust
+/// The cubic coefficient of the GELU tanh approximation.
+#define GELU_CUBIC 0.044715f  // @rust
 
 __device__ __forceinline__ float gelu(float x) {
     const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
@@ -66,19 +65,6 @@ __device__ void scale(T* buf, float s, long long n) {
     GRID_STRIDE_LOOP(i, n) buf[i] = from_float<T>(to_float(buf[i]) * s);
 }
 
-// ---- SGD ------------------------------------------------------------------------------------------------
-/// param −= step · grad, with step = lr · grad_scale. With an fp32 master copy (`master` non-null) the
-/// update is made on the master, and the parameter is written from it (bf16 rounding never accumulates).
-template <typename T>
-__device__ void sgd(T* param, float* master, const T* grad, long long n, float step) {
-    GRID_STRIDE_LOOP(i, n) {
-        float p = master != nullptr ? master[i] : to_float(param[i]);
-        p -= step * to_float(grad[i]);
-        if (master != nullptr) master[i] = p;
-        param[i] = from_float<T>(p);
-    }
-}
-
 // ---- instantiations -------------------------------------------------------------------------------------
 #define POINTWISE_KERNELS(T, suffix)                                                                         \
     extern "C" __global__ void gelu_forward_##suffix(T* out, const T* inp, long long n) {                    \
@@ -98,11 +84,7 @@ __device__ void sgd(T* param, float* master, const T* grad, long long n, float s
     }                                                                                                        \
     EMU_REGISTER(add_inplace_##suffix)                                                                       \
     extern "C" __global__ void scale_##suffix(T* buf, float s, long long n) { scale<T>(buf, s, n); }         \
-    EMU_REGISTER(scale_##suffix)                                                                             \
-    extern "C" __global__ void sgd_##suffix(T* param, float* master, const T* grad, long long n, float step) { \
-        sgd<T>(param, master, grad, n, step);                                                                \
-    }                                                                                                        \
-    EMU_REGISTER(sgd_##suffix)
+    EMU_REGISTER(scale_##suffix)
 
 POINTWISE_KERNELS(float, f32)
 POINTWISE_KERNELS(bf16, bf16)

@@ -15,28 +15,32 @@
 //     npo      (2/β)·softplus(β(πr − rr))           (no gradient to the chosen response)
 //
 // Writes metrics [P, 5] = (loss, chosen reward, rejected reward, margin, accuracy), rewards β(π − r)
-// (simpo: β·π/|y|), and dpolicy [2P] = grad_scale·dL/dπ. The CPU twin, and the specification, is
-// `pair_loss` in src/loss.rs (called by `preference_loss` in src/backend/cpu.rs); the objective codes
-// below are `objective_code` in src/backend/cuda/backend.rs.
+// (simpo: β·π/|y|), and dpolicy [2P] = grad_scale·dL/dπ. CPU twin: src/backend/cpu/preference_loss.rs
+// (`preference_loss`, which calls the specification, `pair_loss` in src/loss.rs). Host side:
+// src/backend/cuda/ops/preference_loss.rs (`objective_code` maps each objective to the OBJ_* code below).
 //
 // f32 math throughout, stable for any margin: softplus(x) = max(x, 0) + log1p(exp(−|x|)) never
 // overflows, and σ is evaluated on the side where exp cannot overflow.
 //
-// Launch: 1-D grid of 128-thread blocks, thread i handles pair i (inputs are f32 in every precision
+// Launch: 1-D grid of PAIR_THREADS-thread blocks, thread i handles pair i (inputs are f32 in every precision
 // mode, so there is only the f32 instantiation).
 #include "common.cuh"
 
-#define OBJ_DPO 0
-#define OBJ_SAFEDPO 1
-#define OBJ_IPO 2
-#define OBJ_ROBUST 3
-#define OBJ_CDPO 4
-#define OBJ_HINGE 5
-#define OBJ_RPO 6
-#define OBJ_SIMPO 7
-#define OBJ_NPO 8
+// The objective codes of the `objective` argument.
+#define OBJ_DPO 0  // @rust
+#define OBJ_SAFEDPO 1  // @rust
+#define OBJ_IPO 2  // @rust
+#define OBJ_ROBUST 3  // @rust
+#define OBJ_CDPO 4  // @rust
+#define OBJ_HINGE 5  // @rust
+#define OBJ_RPO 6  // @rust
+#define OBJ_SIMPO 7  // @rust
+#define OBJ_NPO 8  // @rust
 
-#define PAIR_METRICS 5
+/// Metrics per pair: loss, chosen reward, rejected reward, margin, accuracy.
+#define PAIR_METRICS 5  // @rust
+/// Threads per block (one per pair).
+#define PAIR_THREADS 128  // @rust
 
 __device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 

@@ -8,11 +8,12 @@
 // `rows` are distinct and increasing, in 0..n (checked on the host). Both are exact copies: the value is
 // moved in its storage type, never converted.
 //
-// CPU twins (src/backend/cpu.rs): `gather_rows`, `scatter_rows`.
+// CPU twin: src/backend/cpu/rows.rs (`gather_rows`, `scatter_rows`). Host side: src/backend/cuda/ops/rows.rs.
 //
 // Launch shapes: one block per output row (grid m for gather, n for scatter), threads striding over the c
-// channels. The scatter's block finds its source row by binary search over `rows` (no barrier needed),
-// so it writes every element of dinp exactly once, zeros included: one pass, no memset, no atomics.
+// channels (c rounded up to a multiple of 32, at most ROW_MAX_THREADS, common.cuh). The scatter's block
+// finds its source row by binary search over `rows` (no barrier needed), so it writes every element of
+// dinp exactly once, zeros included: one pass, no memset, no atomics.
 #include "common.cuh"
 
 template <typename T>

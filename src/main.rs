@@ -22,8 +22,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use safedpo::backend::cpu::CpuBackend;
-use safedpo::backend::cuda::{self, CudaBackend};
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
 use safedpo::config::{RunConfig, RunOverrides};
@@ -34,6 +32,7 @@ use safedpo::train::generate::{generate, SamplingParams};
 use safedpo::train::metrics::Record;
 use safedpo::train::refcache::sequence_logps;
 use safedpo::train::{self, evaluate_pairs, prepare_data, Resume, Task, TrainOptions};
+use safedpo::with_backend;
 
 #[derive(Parser)]
 #[command(name = "safedpo", version, about = "SafeDPO and the DPO family on GPT-2 models")]
@@ -156,39 +155,6 @@ struct DemoArgs {
     /// Rows of synthetic data written by --data-only.
     #[arg(long, default_value_t = 2000, requires = "data_only")]
     rows: usize,
-}
-
-/// The backend `--device` selects: `cpu`; `cuda` (GPU 0, bf16 with fp32 master weights); `emu` (the
-/// CUDA backend on the emulated device, f32 so that it matches the CPU closely; slow); `auto` (the GPU
-/// when one is usable, else the CPU, saying why).
-enum AnyBackend {
-    Cpu(Arc<CpuBackend>),
-    Cuda(Arc<CudaBackend>),
-}
-
-fn select_backend(device: DeviceKind) -> Result<AnyBackend> {
-    Ok(match cuda::select_device(device)? {
-        cuda::Selection::Cpu { reason } => {
-            if let Some(reason) = reason {
-                eprintln!("device auto: running on the CPU ({reason})");
-            }
-            AnyBackend::Cpu(Arc::new(CpuBackend::new()))
-        }
-        cuda::Selection::Device(dev) => {
-            let precision = if dev.is_emulated() { cuda::Precision::F32 } else { cuda::Precision::Bf16 };
-            AnyBackend::Cuda(Arc::new(CudaBackend::new(dev, precision)))
-        }
-    })
-}
-
-/// Runs `$body` with `$backend` bound to the selected backend (an `Arc<impl Backend>`).
-macro_rules! with_backend {
-    ($device:expr, |$backend:ident| $body:expr) => {
-        match select_backend($device)? {
-            AnyBackend::Cpu($backend) => $body,
-            AnyBackend::Cuda($backend) => $body,
-        }
-    };
 }
 
 fn main() -> ExitCode {

@@ -202,7 +202,7 @@ fn user_errors_are_reported_without_panics() {
     assert!(err.contains("data.path"), "{err}");
     let err = user_error(&["train", "--data", "/definitely/not/here.jsonl"]);
     assert!(err.contains("/definitely/not/here.jsonl"), "{err}");
-    if safedpo::backend::cuda::gpu_unavailable_reason().is_some() {
+    if safedpo::backend::device::gpu_unavailable_reason().is_some() {
         let err = user_error(&["train", "--data", "x.jsonl", "--device", "cuda"]);
         assert!(err.contains("--device cuda"), "{err}");
     }

@@ -8,9 +8,8 @@ use std::str::FromStr;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use safedpo::backend::cuda::{
-    emu, gpu_unavailable_reason, select_device, Device, DeviceKind, KernelArg, LaunchConfig, Selection,
-};
+use safedpo::backend::cuda::{emu, Device, KernelArg, LaunchConfig};
+use safedpo::backend::device::{gpu_unavailable_reason, select_device, DeviceKind, Selection};
 use safedpo::kernel_args;
 
 fn emu_device() -> Device {
@@ -48,7 +47,7 @@ fn registry_knows_every_kernel_and_its_signature() {
     let adamw = emu::kernel_signature("adamw_bf16").unwrap();
     // param, master, grad, m, v: pointers; n: long long; then eight floats
     assert_eq!(adamw.signature, "pppppl".to_string() + &"f".repeat(8));
-    assert_eq!(adamw.unit, "adamw");
+    assert_eq!(adamw.unit, "optimizer");
     let shuffles = emu::kernel_signature("selftest_shuffles").unwrap();
     assert_eq!(shuffles.signature, "ppiuii");
     let err = emu::kernel_signature("no_such_kernel").unwrap_err().to_string();

@@ -3,14 +3,14 @@
 //
 // How a kernel file becomes emulated code (build.rs generates one wrapper per .cu):
 //
-//     #define EMU_UNIT_NAME "adamw"
-//     #define EMU_SHARED_SECTION "emu_shared_adamw"
+//     #define EMU_UNIT_NAME "optimizer"
+//     #define EMU_SHARED_SECTION "emu_shared_optimizer"
 //     #include "emu/emu.h"                    // everything outside the anonymous namespace
 //     namespace {                             // per-file linkage, like nvcc without -rdc
 //     void emu_unit_shared_bounds(char** begin, char** end) { /* the unit's section */ }
-//     #include "kernels/adamw.cu"
+//     #include "kernels/optimizer.cu"
 //     }
-//     extern "C" void emu_unit_adamw(void) {} // pulls the object out of the archive
+//     extern "C" void emu_unit_optimizer(void) {} // pulls the object out of the archive
 //
 // - The threads of a block are fibers (runtime.cpp); `__syncthreads` and the warp intrinsics switch.
 // - `__shared__` variables become function-local statics placed in the unit's linker section

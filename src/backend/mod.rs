@@ -17,15 +17,16 @@
 mod checks;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod ops;
 
-pub use cuda::DeviceKind;
+pub use device::DeviceKind;
 
 use anyhow::Result;
 
 pub use crate::loss::PAIR_METRICS;
 pub use ops::{
-    AttentionOps, EmbeddingOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps, OptimizerOps, PointwiseOps,
+    AttentionOps, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps, OptimizerOps, PointwiseOps,
     PreferenceLossOps, RowOps,
 };
 
@@ -105,6 +106,7 @@ pub trait Backend:
     + LogSoftmaxGatherOps
     + PreferenceLossOps
     + OptimizerOps
+    + GradNormOps
 {
 }
 
@@ -119,6 +121,7 @@ impl<B> Backend for B where
         + LogSoftmaxGatherOps
         + PreferenceLossOps
         + OptimizerOps
+        + GradNormOps
 {
 }
 
@@ -126,8 +129,8 @@ impl<B> Backend for B where
 /// family's trait.
 pub mod prelude {
     pub use super::{
-        AttentionOps, Backend, Buffers, EmbeddingOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps, OptimizerOps,
-        PointwiseOps, PreferenceLossOps, RowOps,
+        AttentionOps, Backend, Buffers, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps,
+        OptimizerOps, PointwiseOps, PreferenceLossOps, RowOps,
     };
 }
 

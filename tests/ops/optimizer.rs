@@ -41,6 +41,6 @@ fn sgd_and_sum_squares() {
 
     let other = randn(&mut r, 77, 3.0);
     let got = be.sum_squares(&[&grad, &other, &Vec::new()]).unwrap();
-    let want = spec::sum_squares(&[&grad, &other, &[]]);
+    let want = safedpo::backend::cpu::grad_norm::spec::sum_squares(&[&grad, &other, &[]]);
     assert!((got - want).abs() <= 1e-12 * want, "sum_squares {got} vs {want}");
 }

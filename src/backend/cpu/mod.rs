@@ -31,6 +31,7 @@ mod simd;
 
 pub mod attention;
 pub mod embedding;
+pub mod grad_norm;
 pub mod layernorm;
 pub mod logsoftmax_gather;
 pub mod matmul;

@@ -1,5 +1,5 @@
-//! Parameter updates, AdamW and SGD, and the sum of squares behind the gradient norm (contract:
-//! `backend/ops/optimizer.rs`, kernels: `kernels/adamw.cu`, `kernels/pointwise.cu`).
+//! Parameter updates, AdamW and SGD (contract: `backend/ops/optimizer.rs`, kernels:
+//! `kernels/optimizer.cu`).
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -31,11 +31,6 @@ pub mod spec {
     /// One SGD step in place: `param −= lr · grad_scale · grad`.
     pub fn sgd(param: &mut [f64], grad: &[f64], lr: f64, grad_scale: f64) {
         param.iter_mut().zip(grad).for_each(|(w, &g)| *w -= lr * grad_scale * g);
-    }
-
-    /// `Σ x²` over every element of every buffer.
-    pub fn sum_squares(bufs: &[&[f32]]) -> f64 {
-        bufs.iter().flat_map(|b| b.iter()).map(|&x| (x as f64).powi(2)).sum()
     }
 }
 
@@ -105,19 +100,6 @@ impl OptimizerOps for CpuBackend {
             .zip(grad.par_chunks(POINTWISE_CHUNK))
             .for_each(|(w, g)| w.iter_mut().zip(g).for_each(|(w, &g)| *w -= step * g));
         Ok(())
-    }
-
-    fn sum_squares(&self, bufs: &[&Vec<f32>]) -> Result<f64> {
-        // Fixed chunks, each summed in f64, partials added in order: deterministic.
-        let mut total = 0.0f64;
-        for buf in bufs {
-            let partials: Vec<f64> = buf
-                .par_chunks(POINTWISE_CHUNK)
-                .map(|chunk| chunk.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .collect();
-            total += partials.iter().sum::<f64>();
-        }
-        Ok(total)
     }
 }
 

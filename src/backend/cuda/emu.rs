@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::bf16;
 
-use super::device::{Dtype, FillPattern, Gemm, GemmOperands, KernelArg, LaunchConfig};
+use super::kernels::constants::pointwise::{GELU_CUBIC, GELU_SCALE};
+use super::types::{Dtype, FillPattern, Gemm, GemmOperands, KernelArg, LaunchConfig};
 
 mod ffi {
     use std::ffi::{c_char, c_int, c_void};
@@ -396,10 +397,8 @@ impl Emu {
     }
 }
 
-/// GELU, tanh form (HF `gelu_new`), in f32 as kernels/pointwise.cu computes it.
+/// GELU, tanh form (HF `gelu_new`), in f32 as kernels/pointwise.cu computes it (with its constants).
 fn gelu(x: f32) -> f32 {
-    const SCALE: f32 = 0.797_884_6; // √(2/π)
-    const CUBIC: f32 = 0.044715;
-    let u = SCALE * (x + CUBIC * x * x * x);
+    let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
     0.5 * x * (1.0 + u.tanh())
 }

@@ -18,8 +18,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::{result as lt_result, sys as lt};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
-use super::device::{Dtype, FillPattern, Gemm, GemmOperands, KernelArg, LaunchConfig};
 use super::kernels;
+use super::types::{Dtype, FillPattern, Gemm, GemmOperands, KernelArg, LaunchConfig};
 
 /// cuBLASLt workspace (NVIDIA's recommendation for Hopper; more than enough for Ampere).
 const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
@@ -442,7 +442,7 @@ impl Gpu {
     }
 
     /// Runs the product; `Ok(false)` (nothing queued) when it asks for the GELU epilogue and cuBLASLt
-    /// cannot fuse it here (see [`super::Device::gemm_bias_gelu`]).
+    /// cannot fuse it here (see `Device::gemm_bias_gelu`).
     pub(crate) fn gemm(&self, spec: &Gemm, ops: &GemmOperands) -> Result<bool> {
         ensure!(
             spec.k > 0,

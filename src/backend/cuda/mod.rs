@@ -1,23 +1,30 @@
 //! The CUDA backend: bf16 activations and parameters with fp32 master weights, hand-written kernels
 //! from `kernels/`, cuBLASLt for matrix products. Runs on a GPU (cudarc) or on the emulated device.
 //!
-//! This module holds the device layer: [`Device`] allocates, copies, launches kernels by name, runs
-//! GEMMs and keeps time, on either implementation —
-//! - [`gpu`]: a real GPU through the CUDA driver API (cudarc), kernels from the embedded fatbins
-//!   ([`kernels`]), GEMM through cuBLASLt;
-//! - [`emu`]: the emulated device, which runs the same kernel sources compiled for the CPU
-//!   (`kernels/emu`), with a CPU reference GEMM of the same semantics.
+//! - [`backend`]: [`CudaBackend`], its buffers, the storage conversions and the `Buffers` impl;
+//! - `ops/<op>.rs`: each op family's launch plan and `impl <Op>Ops for CudaBackend`, named as its
+//!   kernel file `kernels/<op>.cu`; `launch.rs`: the launch helpers several families share;
+//! - [`device`]: [`Device`] allocates, copies, launches kernels by name, runs GEMMs and keeps time, on
+//!   either implementation —
+//!   - [`gpu`]: a real GPU through the CUDA driver API (cudarc), kernels from the embedded fatbins
+//!     ([`kernels`]), GEMM through cuBLASLt;
+//!   - [`emu`]: the emulated device, which runs the same kernel sources compiled for the CPU
+//!     (`kernels/emu`), with a CPU reference GEMM of the same semantics;
+//! - [`types`]: the plain types the device interface passes around (element types, kernel arguments,
+//!   launch shapes, GEMMs), shared by the dispatcher and both implementations;
+//! - [`kernels`]: the embedded fatbins and the constants the kernel files share with the host.
 //!
-//! [`select_device`] picks one for `--device auto|cpu|cuda|emu`.
+//! Which device a run uses, and in which precision, is decided in `backend::device`, above this module.
 
 pub mod backend;
 pub mod device;
 pub mod emu;
 pub mod gpu;
 pub mod kernels;
+mod launch;
+mod ops;
+pub mod types;
 
 pub use backend::{CudaBackend, CudaBuf, CudaIds, Precision};
-pub use device::{
-    gpu_unavailable_reason, select_device, Device, DeviceBuffer, DeviceKind, DeviceScalar, Dtype, Event, Gemm,
-    KernelArg, LaunchConfig, Selection, View, ViewMut,
-};
+pub use device::{Device, DeviceBuffer, Event, View, ViewMut};
+pub use types::{DeviceScalar, Dtype, Gemm, KernelArg, LaunchConfig};

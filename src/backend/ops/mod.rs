@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod grad_norm;
 pub mod layernorm;
 pub mod logsoftmax_gather;
 pub mod matmul;
@@ -14,6 +15,7 @@ pub mod rows;
 
 pub use attention::AttentionOps;
 pub use embedding::EmbeddingOps;
+pub use grad_norm::GradNormOps;
 pub use layernorm::LayerNormOps;
 pub use logsoftmax_gather::LogSoftmaxGatherOps;
 pub use matmul::MatmulOps;

@@ -1,5 +1,5 @@
 //! Parameter updates: AdamW (fp32 moments, bias-corrected, decoupled decay) and plain SGD
-//! (kernels/adamw.cu and kernels/pointwise.cu, CPU twin in cpu/optimizer.rs).
+//! (kernels/optimizer.cu, CPU twin in cpu/optimizer.rs).
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
 //! backend runs first, so that the same mistake gives the same error everywhere.
@@ -21,9 +21,6 @@ pub trait OptimizerOps: Buffers {
     ) -> Result<()>;
     /// `param −= lr · grad_scale · grad`.
     fn sgd(&self, param: &mut Self::Buf, grad: &Self::Buf, lr: f32, grad_scale: f32) -> Result<()>;
-    /// `Σ x²` over all the buffers, accumulated in f64 on the host side of the reduction (or a
-    /// deterministic two-pass tree on a device). Returns the squared global norm.
-    fn sum_squares(&self, bufs: &[&Self::Buf]) -> Result<f64>;
 }
 
 /// Argument checks, one per method, with its name and argument order (see `crate::backend::checks`).

@@ -1,5 +1,6 @@
-// kernels/adamw.cu — one AdamW step over a tensor (Backend::adamw; CPU twin in src/backend/cpu.rs).
+// kernels/optimizer.cu — parameter updates over one tensor: one AdamW step, one SGD step.
 //
+// AdamW:
 //     g  = grad_scale · grad                      (grad-norm clipping folded into grad_scale)
 //     m  = β1·m + (1 − β1)·g
 //     v  = β2·v + (1 − β2)·g²
@@ -8,13 +9,19 @@
 // with bias corrections bc1 = 1 − β1^step and bc2 = 1 − β2^step computed on the host in f64.
 // Decoupled weight decay uses the parameter before the update (PyTorch's AdamW).
 //
+// SGD:
+//     p ← p − step · grad,  step = lr · grad_scale (folded on the host)
+//
+// CPU twin: src/backend/cpu/optimizer.rs (`adamw`, `sgd`). Host side: src/backend/cuda/ops/optimizer.rs.
+//
 // Instantiations:
-// - adamw_f32:  f32 parameters, f32 gradients;
-// - adamw_bf16: bf16 parameters and gradients with an fp32 master copy: the update is computed on the
-//   master weight, which is stored back, and the bf16 parameter is written from it (round to nearest
-//   even), so bf16 rounding never accumulates across steps.
-// m and v are always fp32. One thread per element, grid-stride loop; every element is independent, so
-// the result does not depend on the launch shape.
+// - adamw_f32, sgd_f32: f32 parameters, f32 gradients;
+// - adamw_bf16, sgd_bf16: bf16 parameters and gradients with an fp32 master copy: the update is computed
+//   on the master weight, which is stored back, and the bf16 parameter is written from it (round to
+//   nearest even), so bf16 rounding never accumulates across steps (sgd_f32 is passed a null master).
+// AdamW's m and v are always fp32. Launch shape: 1-D grid of GRID_STRIDE_THREADS-thread blocks
+// (common.cuh), one thread per element, grid-stride loop; every element is independent, so the result
+// does not depend on the launch shape.
 #include "common.cuh"
 
 template <typename P>
@@ -52,3 +59,26 @@ extern "C" __global__ void adamw_bf16(bf16* param, float* master, const bf16* gr
                        bias_correction2, grad_scale);
 }
 EMU_REGISTER(adamw_bf16)
+
+// ---- SGD ------------------------------------------------------------------------------------------------
+/// param −= step · grad, with step = lr · grad_scale. With an fp32 master copy (`master` non-null) the
+/// update is made on the master, and the parameter is written from it (bf16 rounding never accumulates).
+template <typename T>
+__device__ void sgd(T* param, float* master, const T* grad, long long n, float step) {
+    GRID_STRIDE_LOOP(i, n) {
+        float p = master != nullptr ? master[i] : to_float(param[i]);
+        p -= step * to_float(grad[i]);
+        if (master != nullptr) master[i] = p;
+        param[i] = from_float<T>(p);
+    }
+}
+
+extern "C" __global__ void sgd_f32(float* param, float* master, const float* grad, long long n, float step) {
+    sgd<float>(param, master, grad, n, step);
+}
+EMU_REGISTER(sgd_f32)
+
+extern "C" __global__ void sgd_bf16(bf16* param, float* master, const bf16* grad, long long n, float step) {
+    sgd<bf16>(param, master, grad, n, step);
+}
+EMU_REGISTER(sgd_bf16)

@@ -1,0 +1,107 @@
+//! The encoder on the CUDA backend (kernels/embedding.cu): the forward is one grid-stride launch;
+//! the backward buckets the tokens by id on the host ([`bucket_by_id`]), so that each table row is
+//! summed by one thread in token order, without atomics.
+
+use anyhow::{ensure, Result};
+
+use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand, Storage};
+use crate::backend::cuda::launch::{grid_dim, grid_stride_config, i32_arg, row_threads, suffix, MAX_GRID_Y};
+use crate::backend::cuda::{KernelArg, LaunchConfig};
+use crate::backend::{checks, EmbeddingOps};
+
+/// Token indices grouped by id for the embedding backward: `order` (grouped, token order inside a
+/// group), `starts` (group g is `order[starts[g]..starts[g+1]]`) and `rows` (the id of group g).
+fn bucket_by_id(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+    order.sort_by_key(|&t| ids[t as usize]); // stable: token order inside each group
+    let (mut starts, mut rows) = (Vec::new(), Vec::new());
+    for (k, &t) in order.iter().enumerate() {
+        let id = ids[t as usize];
+        if rows.last() != Some(&id) {
+            starts.push(k as i32);
+            rows.push(id);
+        }
+    }
+    starts.push(order.len() as i32);
+    (order, starts, rows)
+}
+
+impl CudaBackend {
+    /// Adds `dout` summed over tokens by id into the rows of `dtable` (see kernels/embedding.cu).
+    fn embedding_scatter(&self, dtable: &Storage, dout: &Operand<'_>, ids: &[i32], c: usize) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (order, starts, rows) = bucket_by_id(ids);
+        let buckets = rows.len();
+        let mut plan = order;
+        plan.extend_from_slice(&starts);
+        plan.extend_from_slice(&rows);
+        let plan = self.device.upload(&plan)?;
+        let n = ids.len();
+        let threads = row_threads(c);
+        let config = LaunchConfig {
+            grid: (grid_dim(buckets, "embedding buckets")?, c.div_ceil(threads as usize) as u32, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        };
+        ensure!(config.grid.1 as usize <= MAX_GRID_Y, "embedding_backward: c = {c} is too wide");
+        self.launch(
+            &format!("embedding_backward_{}", suffix(dtable.dtype())),
+            config,
+            &[
+                dtable.arg(),
+                dout.arg(),
+                KernelArg::Ptr(plan.slice(..n).device_ptr()),
+                KernelArg::Ptr(plan.slice(n..n + buckets + 1).device_ptr()),
+                KernelArg::Ptr(plan.slice(n + buckets + 1..).device_ptr()),
+                i32_arg(c, "c")?,
+            ],
+        )
+    }
+}
+
+impl EmbeddingOps for CudaBackend {
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuf,
+        tokens: &CudaIds,
+        positions: &CudaIds,
+        wte: &CudaBuf,
+        wpe: &CudaBuf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::embedding_forward(out.len(), &tokens.host, &positions.host, wte.len(), wpe.len(), n, c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let (wte, wpe) = (self.input(wte, dt)?, self.input(wpe, dt)?);
+        let out = self.output(out, dt, false)?;
+        self.launch(
+            &format!("embedding_forward_{}", suffix(dt)),
+            grid_stride_config(n * c),
+            &[out.arg(), tokens.arg(), positions.arg(), wte.arg(), wpe.arg(), i32_arg(n, "n")?, i32_arg(c, "c")?],
+        )
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut CudaBuf,
+        dwpe: &mut CudaBuf,
+        dout: &CudaBuf,
+        tokens: &CudaIds,
+        positions: &CudaIds,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        checks::embedding_backward(dwte.len(), dwpe.len(), dout.len(), &tokens.host, &positions.host, n, c)?;
+        let dt = self.act();
+        let dout = self.input(dout, dt)?;
+        let dwte = self.output(dwte, dt, true)?;
+        self.embedding_scatter(dwte, &dout, &tokens.host, c)?;
+        let dwpe = self.output(dwpe, dt, true)?;
+        self.embedding_scatter(dwpe, &dout, &positions.host, c)
+    }
+}
