@@ -1,4 +1,5 @@
-//! GPT-2 model configuration, read from and written to Hugging Face's `config.json`.
+//! GPT-2 model configuration, read from and written to Hugging Face's `config.json`. The parameters
+//! a configuration defines (`Gpt2Config::parameter_shapes`) are listed in `params.rs`.
 
 use std::path::Path;
 

@@ -409,16 +409,8 @@ impl<B: Backend> Gpt2<B> {
                 c,
             )?;
         }
-        let embedding = &mut g.embedding;
-        b.embedding_backward(
-            &mut embedding.wte,
-            &mut embedding.wpe,
-            &d.residual,
-            &batch.tokens,
-            &batch.positions,
-            n,
-            c,
-        )?;
+        let (dwte, dwpe) = (&mut g.embedding.wte, &mut g.embedding.wpe);
+        b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
         Ok(())
     }
 
