@@ -7,7 +7,7 @@
 //! backend buffers. A list's order is the order of its lines; parameter lists follow Hugging Face's
 //! order, which checkpoints and the reference-log-prob cache's hash depend on.
 //!
-//! ```ignore
+//! ```text
 //! tensor_list! {
 //!     /// One block's parameters.
 //!     pub(super) struct Block<T> over (c) {
