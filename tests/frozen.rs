@@ -17,7 +17,7 @@ use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Dtype, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::data::PackedBatch;
-use safedpo::model::gpt2::{plan_head_chunks, random_weights, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_CHUNK_ROWS};
+use safedpo::model::{plan_head_chunks, random_weights, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_CHUNK_ROWS};
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
 use safedpo::optim::{clip_scale, sgd_step, AdamW, AdamWConfig};
 

@@ -1,4 +1,5 @@
-//! GPT-2 model configuration, read from and written to Hugging Face's `config.json`.
+//! GPT-2 model configuration, read from and written to Hugging Face's `config.json`. The parameters
+//! a configuration defines (`Gpt2Config::parameter_shapes`) are listed in `params.rs`.
 
 use std::path::Path;
 
@@ -58,39 +59,6 @@ impl Gpt2Config {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
-    }
-
-    /// Every parameter tensor in HF order and names (without the `transformer.` prefix), with its
-    /// shape; Conv1D weights are `[in, out]`. The model, the checkpoint reader and the writer all
-    /// enumerate parameters through this one list.
-    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (v, p, c) = (self.vocab_size, self.n_positions, self.n_embd);
-        let mut shapes = vec![("wte.weight".to_string(), vec![v, c]), ("wpe.weight".to_string(), vec![p, c])];
-        for l in 0..self.n_layer {
-            let layer: [(&str, Vec<usize>); 12] = [
-                ("ln_1.weight", vec![c]),
-                ("ln_1.bias", vec![c]),
-                ("attn.c_attn.weight", vec![c, 3 * c]),
-                ("attn.c_attn.bias", vec![3 * c]),
-                ("attn.c_proj.weight", vec![c, c]),
-                ("attn.c_proj.bias", vec![c]),
-                ("ln_2.weight", vec![c]),
-                ("ln_2.bias", vec![c]),
-                ("mlp.c_fc.weight", vec![c, 4 * c]),
-                ("mlp.c_fc.bias", vec![4 * c]),
-                ("mlp.c_proj.weight", vec![4 * c, c]),
-                ("mlp.c_proj.bias", vec![c]),
-            ];
-            shapes.extend(layer.into_iter().map(|(name, shape)| (format!("h.{l}.{name}"), shape)));
-        }
-        shapes.push(("ln_f.weight".to_string(), vec![c]));
-        shapes.push(("ln_f.bias".to_string(), vec![c]));
-        shapes
-    }
-
-    /// Total number of parameters (the tied LM head counted once).
-    pub fn num_params(&self) -> usize {
-        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
     /// Reads HF's `config.json`. Accepts only GPT-2 as `transformers` defines it with the options

@@ -1,0 +1,217 @@
+//! What the forward keeps for the backward, and the backward's scratch: each list written once
+//! with its shapes, sized per batch and resized in place.
+//!
+//! Every `[N, ·]` tensor is token-major over the whole packed batch. The buffers are kept between
+//! batches and resized in place when a batch's shape changes (the backend keeps their storage when
+//! it is large enough), so batches whose shape changes every step cost no reallocation.
+//!
+//! A trainable model keeps one slot of [`LayerActivations`] per layer. A frozen model keeps two,
+//! recycled: layer `l` writes slot `l % 2` and reads its input from the other slot, which the layer
+//! before wrote ([`layer_slots`]).
+
+use anyhow::Result;
+
+use super::tensor_list::tensor_list;
+use crate::backend::Buffers;
+
+tensor_list! {
+    /// What one block's forward keeps for its backward, for `n` tokens (and `saved` floats of
+    /// attention state).
+    pub(super) struct LayerActivations<T> over (n, c, saved) {
+        /// `[N, C]` ln_1 output, with its per-row mean and 1/std `[N]`.
+        ln_1: [n, c],
+        ln_1_mean: [n],
+        ln_1_rstd: [n],
+        /// `[N, 3C]` q, k, v.
+        qkv: [n, 3 * c],
+        /// `[N, C]` attention output, heads concatenated (before c_proj).
+        atty: [n, c],
+        /// Whatever the backend's attention keeps for its backward.
+        att_saved: [saved],
+        /// `[N, C]` residual stream after the attention half: `x + c_proj(atty)`.
+        residual_2: [n, c],
+        ln_2: [n, c],
+        ln_2_mean: [n],
+        ln_2_rstd: [n],
+        /// `[N, 4C]` c_fc output (GELU input) and the GELU output.
+        fch: [n, 4 * c],
+        fch_gelu: [n, 4 * c],
+        /// `[N, C]` the block's output: `residual_2 + mlp_proj(fch_gelu)`.
+        residual_3: [n, c],
+    }
+}
+
+tensor_list! {
+    /// The trunk's activations outside the blocks, for `n` tokens.
+    pub(super) struct TrunkActivations<T> over (n, c) {
+        /// `[N, C]` token + position embeddings: the input of block 0.
+        encoded: [n, c],
+        /// `[N, C]` scratch for the output projections before they join the residual stream.
+        proj: [n, c],
+        /// `[N, C]` the final LayerNorm's output, with its per-row mean and 1/std `[N]`.
+        ln_f: [n, c],
+        ln_f_mean: [n],
+        ln_f_rstd: [n],
+    }
+}
+
+tensor_list! {
+    /// The LM head's buffers, sized by its `rows`, not the batch's tokens: the batch's `M` target
+    /// rows, or in a frozen model its largest head chunk.
+    pub(super) struct HeadActivations<T> over (rows, c, v) {
+        /// `[M, C]` the rows of `ln_f` with a target, the head's input.
+        ln_f_rows: [rows, c],
+        /// `[M, V]` logits of those rows; the backward overwrites them with their gradient.
+        logits: [rows, v],
+        /// `[M]` log-prob of each target and each row's log-sum-exp.
+        token_logp: [rows],
+        lse: [rows],
+    }
+}
+
+tensor_list! {
+    /// The backward's gradients at the activations (`d.x` is dL/dx), for `n` tokens: sized exactly
+    /// like the forward's activations, so that ops without a token count (GELU backward) see equal
+    /// lengths.
+    pub(super) struct ActivationGrads<T> over (n, c) {
+        /// `[N, C]` dL/d(residual stream) at the current point of the backward.
+        residual: [n, c],
+        /// `[N, C]` gradient at a LayerNorm output.
+        ln: [n, c],
+        /// `[N, C]` gradient at the attention output.
+        atty: [n, c],
+        qkv: [n, 3 * c],
+        /// `[N, 4C]` gradients at the GELU output and input.
+        fch_gelu: [n, 4 * c],
+        fch: [n, 4 * c],
+    }
+}
+
+/// Forward activations for up to `tokens` tokens (and `saved` floats of attention state per layer).
+pub(super) struct Activations<T> {
+    tokens: usize,
+    saved: usize,
+    pub(super) trunk: TrunkActivations<T>,
+    /// One slot per layer in a trainable model; two, recycled, in a frozen one (see [`layer_slots`]).
+    pub(super) layers: Vec<LayerActivations<T>>,
+    /// Sized by the forward, for its head's rows.
+    pub(super) head: HeadActivations<T>,
+    /// `[S]` one head chunk's sequence log-probs (a frozen model's chunked head only), before they
+    /// are added to the batch's.
+    pub(super) chunk_seq_logp: T,
+}
+
+impl<T> Activations<T> {
+    /// Empty activations for a model of `n_layer` layers: a slot per layer, or two in a frozen
+    /// model, which needs a layer's input and output only.
+    pub(super) fn new<B: Buffers<Buf = T>>(b: &B, n_layer: usize, frozen: bool) -> Result<Self> {
+        let slots = if frozen { n_layer.min(2) } else { n_layer };
+        Ok(Self {
+            tokens: 0,
+            saved: 0,
+            trunk: TrunkActivations::empty(b)?,
+            layers: (0..slots).map(|_| LayerActivations::empty(b)).collect::<Result<_>>()?,
+            head: HeadActivations::empty(b)?,
+            chunk_seq_logp: b.zeros(0)?,
+        })
+    }
+
+    /// The number of tokens the activations are sized for.
+    pub(super) fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Makes every buffer but the head's fit `tokens` tokens (width `c`) with `saved` floats of
+    /// attention state per layer.
+    pub(super) fn resize<B: Buffers<Buf = T>>(&mut self, b: &B, tokens: usize, c: usize, saved: usize) -> Result<()> {
+        if (self.tokens, self.saved) == (tokens, saved) {
+            return Ok(());
+        }
+        self.trunk.resize(b, tokens, c)?;
+        for layer in &mut self.layers {
+            layer.resize(b, tokens, c, saved)?;
+        }
+        (self.tokens, self.saved) = (tokens, saved);
+        Ok(())
+    }
+
+    /// Every buffer held.
+    pub(super) fn buffers(&self) -> Vec<&T> {
+        let mut bufs: Vec<&T> = self.trunk.refs().into();
+        bufs.extend(self.head.refs());
+        bufs.push(&self.chunk_seq_logp);
+        bufs.extend(self.layers.iter().flat_map(LayerActivations::refs));
+        bufs
+    }
+}
+
+/// Layer `l`'s input (the embeddings, or the previous layer's `residual_3`) and its activation slot.
+/// With one slot per layer this is layer `l - 1`'s and layer `l`'s; with fewer (a frozen model's
+/// two) layer `l` uses slot `l % slots` and reads the slot before it, which the previous layer wrote.
+pub(super) fn layer_slots<'a, T>(
+    layers: &'a mut [LayerActivations<T>],
+    encoded: &'a T,
+    l: usize,
+) -> (&'a T, &'a mut LayerActivations<T>) {
+    let slots = layers.len();
+    let current = l % slots;
+    if l == 0 {
+        return (encoded, &mut layers[current]);
+    }
+    let previous = (l - 1) % slots;
+    assert_ne!(previous, current, "layer {l}: {slots} activation slot(s) cannot hold both its input and output");
+    if previous < current {
+        let (before, from) = layers.split_at_mut(current);
+        (&before[previous].residual_3, &mut from[0])
+    } else {
+        let (before, from) = layers.split_at_mut(previous);
+        (&from[0].residual_3, &mut before[current])
+    }
+}
+
+/// Mutable references to two different activation slots, `i` and `j`.
+pub(super) fn two_slots_mut<T>(
+    layers: &mut [LayerActivations<T>],
+    i: usize,
+    j: usize,
+) -> (&mut LayerActivations<T>, &mut LayerActivations<T>) {
+    assert_ne!(i, j, "two_slots_mut: slot {i} twice");
+    if i < j {
+        let (before, from) = layers.split_at_mut(j);
+        (&mut before[i], &mut from[0])
+    } else {
+        let (before, from) = layers.split_at_mut(i);
+        (&mut from[0], &mut before[j])
+    }
+}
+
+/// The backward's scratch for up to `tokens` tokens. Allocated on the first backward only, so a
+/// model used for inference (the reference) never holds it.
+pub(super) struct BackwardScratch<T> {
+    tokens: usize,
+    pub(super) d: ActivationGrads<T>,
+    /// `[M, C]` gradient at the LM head's input rows (sized by the backward, like the head's buffers).
+    pub(super) dln_f_rows: T,
+}
+
+impl<T> BackwardScratch<T> {
+    pub(super) fn new<B: Buffers<Buf = T>>(b: &B) -> Result<Self> {
+        Ok(Self { tokens: 0, d: ActivationGrads::empty(b)?, dln_f_rows: b.zeros(0)? })
+    }
+
+    /// Makes the token-sized buffers fit `tokens` tokens (width `c`).
+    pub(super) fn resize<B: Buffers<Buf = T>>(&mut self, b: &B, tokens: usize, c: usize) -> Result<()> {
+        if self.tokens != tokens {
+            self.d.resize(b, tokens, c)?;
+            self.tokens = tokens;
+        }
+        Ok(())
+    }
+
+    /// Every buffer held.
+    pub(super) fn buffers(&self) -> Vec<&T> {
+        let mut bufs: Vec<&T> = self.d.refs().into();
+        bufs.push(&self.dln_f_rows);
+        bufs
+    }
+}
