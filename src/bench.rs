@@ -31,12 +31,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DeviceKind, MemoryStats, PAIR_METRICS};
+use crate::backend::{Backend, MemoryStats, PAIR_METRICS};
+use crate::config::validate::Errors;
+use crate::config::{FieldError, ModelConfig, OptimizerConfig, Profile, RunConfig, SettingsArgs};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
 use crate::model::gpt2::random_weights;
-use crate::model::{DeviceBatch, Gpt2, Gpt2Config};
-use crate::optim::{clip_scale, AdamW, AdamWConfig};
+use crate::model::{Gpt2, Gpt2Config};
+use crate::optim::AdamW;
+use crate::train::step::{adamw_config, Learner, MicroBatch, Phase, Reference};
 
 /// What to benchmark: the model's shape, the batch's, the objective and how many steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,15 +108,60 @@ impl BenchConfig {
         }
     }
 
-    /// Checks the shape is one a step can run, naming the offending field.
+    /// The settings this benchmark shares with `train`: the random init's `[model]` shape, the
+    /// `[objective]`, `optimizer.lr` and `optimizer.grad_clip`, the seed and the device.
+    pub fn run_settings(&self) -> RunConfig {
+        let defaults = RunConfig::default();
+        RunConfig {
+            seed: self.seed,
+            device: self.device.parse().unwrap_or(defaults.device),
+            model: ModelConfig {
+                n_layer: self.n_layer,
+                n_embd: self.n_embd,
+                n_head: self.n_head,
+                n_positions: self.n_positions,
+                vocab_size: Some(self.vocab_size),
+                ..defaults.model
+            },
+            objective: self.objective.clone(),
+            optimizer: OptimizerConfig { lr: self.lr, grad_clip: self.max_grad_norm, ..defaults.optimizer },
+            ..defaults
+        }
+    }
+
+    /// The benchmark of `run`'s shared settings (see [`run_settings`](Self::run_settings)) on
+    /// batches of `pairs` pairs of `seq_len` tokens, `prompt_len` of them prompt.
+    pub fn from_settings(run: &RunConfig, pairs: usize, seq_len: usize, prompt_len: usize) -> Self {
+        let defaults = Self::default();
+        Self {
+            n_layer: run.model.n_layer,
+            n_embd: run.model.n_embd,
+            n_head: run.model.n_head,
+            vocab_size: run.model.vocab_size.unwrap_or(defaults.vocab_size),
+            n_positions: run.model.n_positions,
+            pairs,
+            seq_len,
+            prompt_len,
+            objective: run.objective.clone(),
+            seed: run.seed,
+            lr: run.optimizer.lr,
+            max_grad_norm: run.optimizer.grad_clip,
+            device: run.device.to_string(),
+            ..defaults
+        }
+    }
+
+    /// Checks the settings (as `train` would) and that the batch fits the model, naming the
+    /// offending field.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.n_layer >= 1, "bench config: n_layer must be at least 1");
-        ensure!(self.n_head >= 1, "bench config: n_head must be at least 1");
+        let errors = BenchSettings::validate(&self.run_settings());
+        if let Some(e) = errors.first() {
+            bail!("bench config: {}: {}", e.field, e.message);
+        }
         ensure!(
-            self.n_embd >= 1 && self.n_embd.is_multiple_of(self.n_head),
-            "bench config: n_embd ({}) must be a positive multiple of n_head ({})",
-            self.n_embd,
-            self.n_head
+            self.device.parse::<crate::backend::DeviceKind>().is_ok(),
+            "bench config: unknown device {:?}",
+            self.device
         );
         ensure!(self.vocab_size >= 2, "bench config: vocab_size must be at least 2, got {}", self.vocab_size);
         ensure!(self.pairs >= 1, "bench config: pairs must be at least 1");
@@ -184,21 +232,33 @@ pub fn synthetic_batch(cfg: &BenchConfig, rng: &mut ChaCha8Rng) -> PreferenceBat
 /// log-softmax-gather as its last stage and exposes no hook between them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PhaseTimes {
-    /// Reference model forward, log-probs included (0 for reference-free objectives).
+    /// Zeroing the gradients, then the reference model's forward, log-probs included (no forward for
+    /// reference-free objectives).
     pub reference_forward: f64,
     /// Policy forward on chosen and rejected, log-probs included.
     pub policy_forward: f64,
     /// Separate log-prob time where the model exposes it; `null` when folded into the forwards.
     pub log_probs: Option<f64>,
-    /// Preference loss and its gradient, metrics copied to the host.
+    /// Preference loss and its gradient, metrics and log-probs copied to the host.
     pub loss: f64,
-    /// Zeroing the gradients and the policy backward (log-softmax-gather backward included).
+    /// The policy backward (log-softmax-gather backward included).
     pub backward: f64,
     /// Global grad norm, clipping scale and AdamW.
     pub optimizer: f64,
 }
 
 impl PhaseTimes {
+    /// The time of a step's phase.
+    fn of(&mut self, phase: Phase) -> &mut f64 {
+        match phase {
+            Phase::ReferenceForward => &mut self.reference_forward,
+            Phase::PolicyForward => &mut self.policy_forward,
+            Phase::Loss => &mut self.loss,
+            Phase::Backward => &mut self.backward,
+            Phase::Optimizer => &mut self.optimizer,
+        }
+    }
+
     fn sum(&self) -> f64 {
         self.reference_forward
             + self.policy_forward
@@ -304,22 +364,15 @@ pub struct StepSample {
     pub loss: f64,
 }
 
-/// Everything one benchmark step needs, built once: policy and reference models, batches on the
-/// device, optimizer state. `step` runs one full training step. Used by [`run_bench`] and by the
-/// criterion bench `benches/step_cpu.rs`.
+/// Everything one benchmark step needs, built once: the trainer's [`Learner`] (policy, frozen
+/// reference, optimizer state) and batches on the device. `step` runs one training step through the
+/// trainer's own step code, timing its phases. Used by [`run_bench`] and by the criterion bench
+/// `benches/step_cpu.rs`.
 pub struct StepRunner<B: Backend> {
     backend: Arc<B>,
     cfg: BenchConfig,
-    policy: Gpt2<B>,
-    reference: Gpt2<B>,
-    batches: Vec<DeviceBatch<B>>,
-    unsafe_flags: Vec<B::Ids>,
-    lengths: Vec<B::Ids>,
-    optimizer: AdamW<B>,
-    metrics: B::Buf,
-    dpolicy: B::Buf,
-    /// The policy's log-probs when the objective has no reference (the kernel ignores them).
-    no_reference: B::Buf,
+    learner: Learner<B>,
+    batches: Vec<MicroBatch<B>>,
     step: u32,
 }
 
@@ -331,93 +384,50 @@ impl<B: Backend> StepRunner<B> {
     pub fn new(backend: Arc<B>, cfg: &BenchConfig) -> Result<Self> {
         cfg.validate()?;
         let weights = random_weights(cfg.model_config(), cfg.seed)?;
-        let policy = Gpt2::from_host(backend.clone(), &weights).context("building the policy")?;
+        let mut policy = Gpt2::from_host(backend.clone(), &weights).context("building the policy")?;
         // Inference only, as the trainer's: no gradients, two layers of activations.
-        let reference = Gpt2::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
+        let reference = if cfg.objective.uses_reference() {
+            let model = Gpt2::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
+            Reference::Model(Box::new(model))
+        } else {
+            Reference::Free
+        };
         drop(weights);
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5afe_d90b);
-        let (mut batches, mut unsafe_flags, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..DISTINCT_BATCHES.min(cfg.warmup_steps + cfg.steps).max(1) {
-            let batch = synthetic_batch(cfg, &mut rng);
-            batches.push(DeviceBatch::upload(&*backend, &batch.packed)?);
-            unsafe_flags.push(backend.upload_ids(&batch.unsafe_flags)?);
-            lengths.push(backend.upload_ids(&batch.lengths)?);
-        }
-        let mut policy = policy;
-        let optimizer = AdamW::new(
-            &mut policy,
-            AdamWConfig { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
-        )?;
-        Ok(Self {
-            metrics: backend.zeros(cfg.pairs * PAIR_METRICS)?,
-            dpolicy: backend.zeros(2 * cfg.pairs)?,
-            no_reference: backend.zeros(2 * cfg.pairs)?,
-            backend,
-            cfg: cfg.clone(),
-            policy,
-            reference,
-            batches,
-            unsafe_flags,
-            lengths,
-            optimizer,
-            step: 0,
-        })
+        let batches = (0..DISTINCT_BATCHES.min(cfg.warmup_steps + cfg.steps).max(1))
+            .map(|_| MicroBatch::upload(&*backend, synthetic_batch(cfg, &mut rng)))
+            .collect::<Result<Vec<_>>>()?;
+        let optimizer = AdamW::new(&mut policy, adamw_config(&cfg.run_settings().optimizer))?;
+        let learner =
+            Learner { policy, reference, optimizer, objective: cfg.objective.clone(), grad_clip: cfg.max_grad_norm };
+        Ok(Self { backend, cfg: cfg.clone(), learner, batches, step: 0 })
     }
 
     pub fn num_params(&self) -> usize {
-        self.policy.num_params()
+        self.learner.policy.num_params()
     }
 
     /// One training step, each phase timed between synchronisations.
     pub fn step(&mut self) -> Result<StepSample> {
-        let b = &*self.backend;
-        let i = self.step as usize % self.batches.len();
-        let batch = &self.batches[i];
-        let pairs = self.cfg.pairs;
+        let b = self.backend.clone();
+        let batch = std::slice::from_ref(&self.batches[self.step as usize % self.batches.len()]);
         let mut phases = PhaseTimes::default();
+        let mut metrics = Vec::new();
         b.synchronize()?;
         let start = Instant::now();
         let mut mark = start;
-        let mut lap = |b: &B| -> Result<f64> {
+        let mut lap = |phase: Phase| -> Result<()> {
             b.synchronize()?;
             let now = Instant::now();
-            let ms = (now - mark).as_secs_f64() * 1e3;
+            *phases.of(phase) += (now - mark).as_secs_f64() * 1e3;
             mark = now;
-            Ok(ms)
+            Ok(())
         };
-
-        let reference_logp =
-            if self.cfg.objective.uses_reference() { self.reference.forward(batch)? } else { &self.no_reference };
-        phases.reference_forward = lap(b)?;
-
-        let policy_logp = self.policy.forward(batch)?;
-        phases.policy_forward = lap(b)?;
-
-        b.preference_loss(
-            &mut self.metrics,
-            &mut self.dpolicy,
-            policy_logp,
-            reference_logp,
-            &self.unsafe_flags[i],
-            &self.lengths[i],
-            &self.cfg.objective,
-            1.0 / pairs as f32,
-        )?;
-        let metrics = b.download(&self.metrics)?;
-        let loss = (0..pairs).map(|p| metrics[p * PAIR_METRICS] as f64).sum::<f64>() / pairs as f64;
-        phases.loss = lap(b)?;
-
-        self.policy.zero_grad()?;
-        self.policy.backward(batch, &self.dpolicy)?;
-        phases.backward = lap(b)?;
-
+        self.learner.preference_step(batch, self.cfg.lr, |_, out| metrics = out.metrics, &mut lap)?;
         self.step += 1;
-        let (norm, clip) = clip_scale(&self.policy, self.cfg.max_grad_norm)?;
-        ensure!(norm.is_finite(), "bench step {}: the gradient norm is not finite ({norm})", self.step);
-        self.optimizer.step(&mut self.policy, self.cfg.lr, clip)?;
-        phases.optimizer = lap(b)?;
-
         let total_ms = (mark - start).as_secs_f64() * 1e3;
+        let pairs = self.cfg.pairs;
+        let loss = (0..pairs).map(|p| metrics[p * PAIR_METRICS] as f64).sum::<f64>() / pairs as f64;
         ensure!(loss.is_finite(), "bench step {}: the preference loss is not finite ({loss})", self.step);
         Ok(StepSample { total_ms, phases, loss })
     }
@@ -599,68 +609,68 @@ impl fmt::Display for BenchReport {
     }
 }
 
-/// Parses an objective name with the parameters the CLI exposes; the others take their papers'
-/// usual values (ε = 0.1, α = 1, γ = 0.5).
-pub fn parse_objective(name: &str, beta: f64, delta: f64) -> Result<Objective> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "dpo" => Objective::Dpo { beta },
-        "safedpo" => Objective::SafeDpo { beta, delta },
-        "ipo" => Objective::Ipo { beta },
-        "robust" => Objective::Robust { beta, eps: 0.1 },
-        "cdpo" => Objective::Cdpo { beta, eps: 0.1 },
-        "hinge" => Objective::Hinge { beta },
-        "rpo" => Objective::Rpo { beta, alpha: 1.0 },
-        "simpo" => Objective::Simpo { beta, gamma: 0.5 },
-        "npo" => Objective::Npo { beta },
-        other => bail!(
-            "unknown objective {other:?}: expected one of dpo, safedpo, ipo, robust, cdpo, hinge, rpo, simpo, npo"
-        ),
-    })
+/// Which run settings `bench` takes ([`BenchConfig::run_settings`]), its defaults
+/// (`BenchConfig::default()`), and their checks.
+pub struct BenchSettings;
+
+/// The settings `bench` takes besides `objective.*`.
+const BENCH_SETTINGS: [&str; 9] = [
+    "seed",
+    "device",
+    "model.n_layer",
+    "model.n_embd",
+    "model.n_head",
+    "model.n_positions",
+    "model.vocab_size",
+    "optimizer.lr",
+    "optimizer.grad_clip",
+];
+
+impl Profile for BenchSettings {
+    fn base() -> RunConfig {
+        BenchConfig::default().run_settings()
+    }
+
+    fn takes(path: &str) -> bool {
+        path.starts_with("objective.") || BENCH_SETTINGS.contains(&path)
+    }
+
+    fn validate(cfg: &RunConfig) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        for (field, dir) in [("model.init", &cfg.model.init), ("model.reference", &cfg.model.reference)] {
+            if dir.is_some() {
+                errs.add(field, "bench times a random init of the [model] shape; it reads no model directory");
+            }
+        }
+        cfg.check_model_shape(&mut errs);
+        cfg.check_objective(&mut errs);
+        cfg.check_optimizer(&mut errs);
+        errs.0
+    }
 }
 
-/// The `bench` command's options; the CLI flattens this into its `bench` subcommand.
+/// The `bench` command's options; the CLI flattens this into its `bench` subcommand. The model, the
+/// objective, the learning rate and clip, the seed and the device are `train`'s settings
+/// ([`BenchSettings`]: `--model.n_layer`, `--objective.name`, `--optimizer.lr`, `--device`, …).
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Transformer layers.
-    #[arg(long, default_value_t = 4)]
-    pub layers: usize,
-    /// Model width.
-    #[arg(long, default_value_t = 128)]
-    pub d_model: usize,
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 512)]
-    pub vocab: usize,
-    /// Position embeddings (max sequence length).
-    #[arg(long, default_value_t = 1024)]
-    pub positions: usize,
+    #[command(flatten)]
+    pub settings: SettingsArgs<BenchSettings>,
     /// Preference pairs per step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = BenchConfig::default().pairs)]
     pub pairs: usize,
     /// Tokens per sequence, prompt + response, each side of a pair.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = BenchConfig::default().seq_len)]
     pub seq_len: usize,
     /// Prompt tokens per sequence [default: a quarter of --seq-len].
     #[arg(long)]
     pub prompt_len: Option<usize>,
-    /// dpo, safedpo, ipo, robust, cdpo, hinge, rpo, simpo, npo.
-    #[arg(long, default_value = "dpo")]
-    pub objective: String,
-    #[arg(long, default_value_t = 0.1)]
-    pub beta: f64,
-    /// SafeDPO's Δ.
-    #[arg(long, default_value_t = 10.0)]
-    pub delta: f64,
-    #[arg(long, default_value_t = 3)]
+    /// Untimed steps first.
+    #[arg(long, default_value_t = BenchConfig::default().warmup_steps)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps.
+    #[arg(long, default_value_t = BenchConfig::default().steps)]
     pub steps: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Where to run: auto, cpu, cuda (GPU 0) or emu. Only GPU 0 can be chosen (`cuda:N` is not accepted;
-    /// set `CUDA_VISIBLE_DEVICES` to run on another GPU).
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceKind,
     /// Device peak FLOP/s for MFU (e.g. 989e12 for an H100's dense bf16).
     #[arg(long)]
     pub peak_flops: Option<f64>,
@@ -674,22 +684,13 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     pub fn to_config(&self) -> Result<BenchConfig> {
+        let run = self.settings.resolve()?.config;
+        let prompt_len = self.prompt_len.unwrap_or((self.seq_len / 4).max(1));
         let cfg = BenchConfig {
-            n_layer: self.layers,
-            n_embd: self.d_model,
-            n_head: self.heads,
-            vocab_size: self.vocab,
-            n_positions: self.positions,
-            pairs: self.pairs,
-            seq_len: self.seq_len,
-            prompt_len: self.prompt_len.unwrap_or((self.seq_len / 4).max(1)),
-            objective: parse_objective(&self.objective, self.beta, self.delta)?,
             warmup_steps: self.warmup,
             steps: self.steps,
-            seed: self.seed,
-            device: self.device.to_string(),
             peak_flops: self.peak_flops,
-            ..BenchConfig::default()
+            ..BenchConfig::from_settings(&run, self.pairs, self.seq_len, prompt_len)
         };
         cfg.validate()?;
         Ok(cfg)
