@@ -18,7 +18,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
@@ -72,17 +72,17 @@ pub struct Param {
 /// β of the objectives on reference log-ratios: 0.1, DPO's and SafeDPO's papers' value and TRL's
 /// `DPOConfig.beta` default.
 const BETA: Param =
-    Param { name: "beta", default: 0.1, bound: Bound::Positive, help: "β, the scale of the implicit rewards" };
+    Param { name: "beta", default: 0.1, bound: Bound::Positive, help: "The scale β of the implicit rewards" };
 /// SafeDPO's Δ = 10, the paper's value.
 const DELTA: Param =
     Param { name: "delta", default: 10.0, bound: Bound::NonNegative, help: "SafeDPO's safety margin Δ" };
 /// Robust DPO divides by `1 − 2ε`: ε must stay below ½.
 const ROBUST_EPS: Param =
-    Param { name: "eps", default: 0.1, bound: Bound::Below(0.5), help: "the label-noise rate ε" };
+    Param { name: "eps", default: 0.1, bound: Bound::Below(0.5), help: "The label-noise rate ε" };
 /// cDPO has no division: at ε = ½ its loss `½(softplus(−βh) + softplus(βh))` is even in h, finite,
 /// and only pulls h to 0 (labels that are pure noise teach nothing), so ½ is admitted; above ½ the
 /// labels would be read reversed.
-const CDPO_EPS: Param = Param { name: "eps", default: 0.1, bound: Bound::UpTo(0.5), help: "the label-noise rate ε" };
+const CDPO_EPS: Param = Param { name: "eps", default: 0.1, bound: Bound::UpTo(0.5), help: "The label-noise rate ε" };
 /// RPO's α = 1, the paper's value (TRL's `rpo_alpha` has no default: RPO is off unless set).
 const ALPHA: Param =
     Param { name: "alpha", default: 1.0, bound: Bound::NonNegative, help: "RPO's weight α of the chosen NLL" };
@@ -90,7 +90,7 @@ const ALPHA: Param =
 /// `scripts/simpo_config.py`; the paper tunes β in [2, 2.5]). TRL's `CPOConfig.beta` (0.1) is not
 /// used: it is shared with CPO's other loss types and too small for length-normalised rewards.
 const SIMPO_BETA: Param =
-    Param { name: "beta", default: 2.0, bound: Bound::Positive, help: "β, the scale of the implicit rewards" };
+    Param { name: "beta", default: 2.0, bound: Bound::Positive, help: "The scale β of the implicit rewards" };
 /// SimPO's γ = 0.5: TRL's `CPOConfig.simpo_gamma` default (trl/trainer/cpo_config.py), also the
 /// SimPO authors' `SimPOConfig` (β = 2 with `gamma_beta_ratio` = 0.25). A margin, so ≥ 0.
 const SIMPO_GAMMA: Param =
@@ -125,6 +125,11 @@ impl ObjectiveSpec {
 
     fn param_list(&self) -> String {
         self.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The error for a key of an `[objective]` table this objective does not take.
+    pub fn not_a_parameter(&self, key: &str) -> String {
+        format!("`{key}` is not a parameter of objective `{}` (its parameters: {})", self.name, self.param_list())
     }
 }
 
@@ -354,9 +359,8 @@ impl Serialize for Objective {
 }
 
 /// Reads the table `Serialize` writes. `name` may be an alias and defaults to `safedpo`; parameters
-/// left out take the objective's defaults; a parameter the objective does not take is an error
-/// (raised on its value, so that a TOML error points at its line). Bounds are checked by
-/// [`Objective::validate`], not here.
+/// left out take the objective's defaults; a parameter the objective does not take is an error.
+/// Bounds are checked by [`Objective::validate`], not here.
 impl<'de> Deserialize<'de> for Objective {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         deserializer.deserialize_map(ObjectiveVisitor)
@@ -373,13 +377,12 @@ impl<'de> Visitor<'de> for ObjectiveVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Objective, A::Error> {
+        // The keys may come in any order (TOML's in sorted order, `name` after most parameters).
         let mut spec = None;
         let mut given: Vec<(String, f64)> = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
             if key == "name" {
                 spec = Some(map.next_value_seed(NameSeed)?);
-            } else if let Some(s) = spec.filter(|s: &&ObjectiveSpec| s.param(&key).is_none()) {
-                map.next_value_seed(Reject(not_a_parameter(s, &key)))?;
             } else {
                 given.push((key, map.next_value()?));
             }
@@ -389,15 +392,11 @@ impl<'de> Visitor<'de> for ObjectiveVisitor {
         for (key, value) in given {
             match spec.params.iter().position(|p| p.name == key) {
                 Some(index) => values[index] = value,
-                None => return Err(de::Error::custom(not_a_parameter(spec, &key))),
+                None => return Err(de::Error::custom(spec.not_a_parameter(&key))),
             }
         }
         Ok(spec.build(&values))
     }
-}
-
-fn not_a_parameter(spec: &ObjectiveSpec, key: &str) -> String {
-    format!("`{key}` is not a parameter of objective `{}` (its parameters: {})", spec.name, spec.param_list())
 }
 
 /// Reads an objective's name; an unknown one is an error on the value.
@@ -409,18 +408,6 @@ impl<'de> DeserializeSeed<'de> for NameSeed {
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> std::result::Result<Self::Value, D::Error> {
         let name = String::deserialize(deserializer)?;
         Objective::spec_of(&name).map_err(de::Error::custom)
-    }
-}
-
-/// Fails on a value with `message` (after reading it, so that the error carries the value's place).
-struct Reject(String);
-
-impl<'de> DeserializeSeed<'de> for Reject {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> std::result::Result<(), D::Error> {
-        IgnoredAny::deserialize(deserializer)?;
-        Err(de::Error::custom(self.0))
     }
 }
 

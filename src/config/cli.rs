@@ -16,7 +16,7 @@ use clap::error::ErrorKind;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use super::settings::{keys_of, Key, Kind};
-use super::source::{field_at, toml_field_line};
+use super::source::{field_at, objective_key_error, toml_field_line};
 use super::{FieldError, RunConfig};
 
 /// Every setting of a run configuration, in declaration order.
@@ -156,6 +156,9 @@ pub fn resolve<P: Profile>(overrides: &RunOverrides) -> Result<Resolved> {
     }
     apply(&mut merged, &mut origins, layer);
 
+    if let Some((field, message)) = objective_key_error(&merged) {
+        bail!("invalid configuration:\n  {field}: {message} {}", origins.get(&field).unwrap_or(&Origin::Default));
+    }
     let text = render(&merged);
     let config: RunConfig = toml::from_str(&text).map_err(|e| {
         let message = e.message().trim_end();
@@ -282,8 +285,8 @@ fn remove_leaf(table: &mut toml::Table, path: &str) {
     }
 }
 
-/// `table` as a TOML document, one value per line and `name` first in its table, so that an error
-/// while reading it points at one setting (an objective's errors at the parameter it rejects).
+/// `table` as a TOML document, one value per line, so that an error while reading it points at one
+/// setting.
 fn render(table: &toml::Table) -> String {
     fn key(k: &str) -> String {
         let bare = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
@@ -300,9 +303,7 @@ fn render(table: &toml::Table) -> String {
     for (k, v) in table {
         let Some(inner) = v.as_table() else { continue };
         let _ = writeln!(text, "[{}]", key(k));
-        let mut entries: Vec<_> = inner.iter().collect();
-        entries.sort_by_key(|(k, _)| k.as_str() != "name");
-        for (k, v) in entries {
+        for (k, v) in inner {
             let _ = writeln!(text, "{} = {v}", key(k));
         }
     }
@@ -393,6 +394,8 @@ impl<P: Profile> clap::Args for SettingsArgs<P> {
             if let Some(default) = lookup(&base, path) {
                 let shown = match default {
                     toml::Value::String(s) => s.clone(),
+                    // An f32 setting's value widened to f64: shown as the f32 it is (1e-5, not 0.00000999…).
+                    toml::Value::Float(x) if f64::from(*x as f32) == *x => (*x as f32).to_string(),
                     other => other.to_string(),
                 };
                 let _ = write!(help, " [default: {shown}]");

@@ -231,6 +231,10 @@ pub struct FieldError {
 impl RunConfig {
     /// Parses a TOML document. Errors carry `file:line:column` and the field.
     pub fn from_toml_str(text: &str, file: &Path) -> Result<Self> {
+        if let Some((field, message)) = text.parse().ok().as_ref().and_then(source::objective_key_error) {
+            let offset = source::field_offset(text, &field).unwrap_or(0);
+            bail!("{}", source::describe_at(text, file, offset, Some(&field), &message));
+        }
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", source::describe_toml_error(&e, text, file)))
     }
 

@@ -127,10 +127,7 @@ fn param_help(takers: &[(&ObjectiveSpec, &Param)]) -> String {
             }
         })
         .collect();
-    let help = takers[0].1.help;
-    let mut first = help.chars();
-    let capitalised = first.next().map(|c| c.to_uppercase().chain(first).collect::<String>()).unwrap_or_default();
-    format!("{capitalised} ({})", parts.join("; "))
+    format!("{} ({})", takers[0].1.help, parts.join("; "))
 }
 
 /// Declares a configuration struct and its [`Setting`] listing from one definition:

@@ -1,20 +1,39 @@
 //! Where things are in a TOML document: the line and column of an error, the dotted path of the
-//! key at a position, the line a key is set on.
+//! key at a position, the line a key is set on; the `[objective]` keys its objective does not take.
 
 use std::path::Path;
 
-/// `file:line:column: message (field)` for a TOML parse or type error.
+use crate::loss::Objective;
+
+/// `file:line:column: field: message` and the line, for a TOML parse or type error.
 pub(crate) fn describe_toml_error(e: &toml::de::Error, text: &str, file: &Path) -> String {
     let msg = e.message().trim_end();
     match e.span() {
-        Some(span) => {
-            let (line, col) = line_col(text, span.start);
-            let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
-            let field = field_at(text, span.start).map(|f| format!("{f}: ")).unwrap_or_default();
-            format!("{}:{line}:{col}: {field}{msg}\n  | {snippet}", file.display())
-        }
+        Some(span) => describe_at(text, file, span.start, field_at(text, span.start).as_deref(), msg),
         None => format!("{}: {msg}", file.display()),
     }
+}
+
+/// `file:line:column: field: message` and the line, for a problem at byte `offset`.
+pub(crate) fn describe_at(text: &str, file: &Path, offset: usize, field: Option<&str>, msg: &str) -> String {
+    let (line, col) = line_col(text, offset);
+    let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
+    let field = field.map(|f| format!("{f}: ")).unwrap_or_default();
+    format!("{}:{line}:{col}: {field}{msg}\n  | {snippet}", file.display())
+}
+
+/// The first key of the `[objective]` table that its objective does not take, as (dotted path,
+/// message). Checked on the table, not left to serde, which hands an objective its keys in sorted
+/// order (`name` after most parameters), too late to point at the key.
+pub(crate) fn objective_key_error(table: &toml::Table) -> Option<(String, String)> {
+    let objective = table.get("objective")?.as_table()?;
+    let spec = match objective.get("name") {
+        // Not a string, or an unknown name: serde reports it at the name.
+        Some(name) => Objective::spec_of(name.as_str()?).ok()?,
+        None => Objective::default().spec(),
+    };
+    let key = objective.keys().find(|k| *k != "name" && spec.param(k).is_none())?;
+    Some((format!("objective.{key}"), spec.not_a_parameter(key)))
 }
 
 /// 1-based line and column of byte `offset`.
@@ -49,6 +68,11 @@ pub(crate) fn field_at(text: &str, offset: usize) -> Option<String> {
 
 /// The 1-based line of the value of a dotted `field` in a TOML document, if it is set there.
 pub(crate) fn toml_field_line(text: &str, field: &str) -> Option<usize> {
+    Some(line_col(text, field_offset(text, field)?).0)
+}
+
+/// The byte offset of the value of a dotted `field` in a TOML document, if it is set there.
+pub(crate) fn field_offset(text: &str, field: &str) -> Option<usize> {
     let doc = toml::de::DeTable::parse(text).ok()?;
     let mut keys = field.split('.');
     let first = keys.next()?;
@@ -56,5 +80,5 @@ pub(crate) fn toml_field_line(text: &str, field: &str) -> Option<usize> {
     for k in keys {
         value = value.get_ref().get(k)?;
     }
-    Some(line_col(text, value.span().start).0)
+    Some(value.span().start)
 }
