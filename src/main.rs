@@ -299,7 +299,7 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
 }
 
 /// The run configuration of `logps` / `eval`: the policy is `--model`; the reference is
-/// `--reference`, else `model.init`, else the policy itself.
+/// `model.reference`, else `model.init` (the policy a run started from), else the policy itself.
 fn model_data_config(args: &ModelDataArgs) -> Result<(RunConfig, PathBuf)> {
     let mut cfg = args.run.resolve()?.config;
     cfg.require_data()?;

@@ -1,7 +1,8 @@
 //! The training-step benchmark: N timed DPO/SafeDPO steps after a warm-up, on synthetic data.
 //!
-//! One step is what the trainer does per batch: the reference model's forward (a frozen model, as
-//! the trainer's: no gradients, two layers of activations) to get the reference sequence log-probs,
+//! One step is the trainer's own step code (`train::step::Learner::preference_step`) on one
+//! micro-batch: the reference model's forward (a frozen model, as the trainer's: no gradients, two
+//! layers of activations; none for a reference-free objective) to get the reference sequence log-probs,
 //! the policy's forward on the chosen and rejected sequences (packed together, through the fused
 //! log-softmax-gather), the preference loss, the policy's backward, global grad-norm clipping and
 //! AdamW. Each phase is timed between two `backend.synchronize()` calls, so on a GPU the breakdown
@@ -21,7 +22,6 @@
 //! products (2 FLOPs per multiply-add, the tied LM head included, embeddings and pointwise ops
 //! excluded) and causal attention (only the unmasked half of QKᵀ and AV). The backward costs twice
 //! the forward; the reference runs forward only. MFU is reported against a peak the user gives.
-
 //!
 //! Files: the configuration and the synthetic data here, `runner` (the timed steps), `report` (what a
 //! run reports), `cli` (the command's options).
@@ -70,7 +70,8 @@ pub struct BenchConfig {
     /// Seeds the model initialisation and the synthetic tokens.
     pub seed: u64,
     pub lr: f32,
-    /// Global grad-norm clipping threshold (≤ 0: no clipping, the norm is still computed).
+    /// Global grad-norm clipping threshold, `optimizer.grad_clip` (0: no clipping; the norm is still
+    /// computed).
     pub max_grad_norm: f32,
     /// The device asked for ("auto", "cpu", "cuda", "emu"); the report names the backend actually used.
     pub device: String,
@@ -92,7 +93,7 @@ impl Default for BenchConfig {
             pairs: 8,
             seq_len: 128,
             prompt_len: 32,
-            objective: Objective::Dpo { beta: 0.1 },
+            objective: Objective::default_for("dpo").expect("dpo is an objective"),
             warmup_steps: 3,
             steps: 10,
             seed: 0,

@@ -186,8 +186,11 @@ fn setting<P: Profile>(name: &str) -> Result<&'static Key> {
     let path = name.trim().replace('-', "_");
     let Some(key) = KEYS.iter().find(|k| k.path == path) else {
         let last = path.rsplit('.').next().unwrap_or_default();
-        let near: Vec<&str> =
-            KEYS.iter().filter(|k| P::takes(&k.path) && k.path.ends_with(last)).map(|k| k.path.as_str()).collect();
+        let near: Vec<&str> = KEYS
+            .iter()
+            .filter(|k| P::takes(&k.path) && k.path.rsplit('.').next() == Some(last))
+            .map(|k| k.path.as_str())
+            .collect();
         let hint = if near.is_empty() { String::new() } else { format!(" (did you mean {}?)", near.join(" or ")) };
         bail!("unknown setting `{path}`{hint}; --help lists them");
     };
@@ -442,12 +445,11 @@ impl<P: Profile> clap::FromArgMatches for SettingsArgs<P> {
             for (item, index) in values.zip(indices) {
                 let flag = format!("--set {item}");
                 let Some((key, value)) = item.split_once('=') else {
-                    let message = format!("{flag}: expected KEY=VALUE, e.g. --set optimizer.lr=1e-6\n");
+                    let message = format!("{flag}: expected KEY=VALUE, e.g. --set optimizer.lr=1e-6");
                     return Err(clap::Error::raw(ErrorKind::InvalidValue, message));
                 };
-                let key = setting::<P>(key)
-                    .map_err(|e| clap::Error::raw(ErrorKind::InvalidValue, format!("{flag}: {e}\n")))?;
-                given.push((index, Override { key: key.path.clone(), value: value.to_string(), flag }));
+                // The key is checked when the settings are resolved.
+                given.push((index, Override { key: key.to_string(), value: value.to_string(), flag }));
             }
         }
         given.sort_by_key(|(index, _)| *index);
