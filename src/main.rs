@@ -125,12 +125,11 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Feed the prompt as is, without `data.template`.
+    /// Feed the prompt as is. Otherwise `--data.template` wraps it; when that is not set, the template
+    /// the model was trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
     #[arg(long)]
     raw: bool,
-    /// `seed` seeds the sampling; `data.template` wraps the prompt (`{prompt}` is replaced), by
-    /// default the template the model was trained with (its `run_config.toml`), else the
-    /// PKU-SafeRLHF conversation format.
+    /// `seed` seeds the sampling.
     #[command(flatten)]
     settings: SettingsArgs<Generation>,
 }
