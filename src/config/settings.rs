@@ -132,7 +132,7 @@ fn param_help(takers: &[(&ObjectiveSpec, &Param)]) -> String {
 
 /// Declares a configuration struct and its [`Setting`] listing from one definition:
 ///
-/// ```ignore
+/// ```text
 /// settings! {
 ///     /// `[batching]`: …
 ///     pub struct BatchingConfig {
