@@ -2,11 +2,13 @@
 # Runs the training-step benchmark on safedpo and on the PyTorch baseline (eager, then
 # torch.compile) with the same shape and objective, and prints them side by side with the ratio.
 #
-#   scripts/bench-compare.sh [--device cpu|cuda] [--objective dpo|safedpo] [--steps N] [--warmup N]
+#   scripts/bench-compare.sh [--device cpu|cuda] [--objective.name dpo|safedpo] [--steps N] [--warmup N]
 #                            [--threads N] [--peak-flops F] [--no-compile] [--out DIR] [-- SHAPE FLAGS]
 #
-# SHAPE FLAGS go to both sides unchanged: --layers --d-model --heads --vocab --positions --pairs
-# --seq-len --prompt-len --beta --delta --seed. Needs python3 with torch and transformers.
+# SHAPE FLAGS go to both sides unchanged: safedpo bench's settings --model.n_layer --model.n_embd
+# --model.n_head --model.vocab_size --model.n_positions --objective.beta --objective.delta
+# --optimizer.lr --optimizer.grad_clip --seed (or --set KEY=VALUE), and --pairs --seq-len --prompt-len.
+# Needs python3 with torch and transformers.
 # Each run's JSON is kept in --out (default: a temporary directory, printed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ shape=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --device) device="$2"; shift 2 ;;
-        --objective) objective="$2"; shift 2 ;;
+        --objective.name) objective="$2"; shift 2 ;;
         --steps) steps="$2"; shift 2 ;;
         --warmup) warmup="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
@@ -24,14 +26,14 @@ while [[ $# -gt 0 ]]; do
         --no-compile) compile=0; shift ;;
         --out) out="$2"; shift 2 ;;
         --) shift; shape=("$@"); break ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "bench-compare: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 out="${out:-$(mktemp -d -t bench-compare.XXXXXX)}"
 mkdir -p "$out"
 
-common=(--device "$device" --objective "$objective" --steps "$steps" --warmup "$warmup" --threads "$threads")
+common=(--device "$device" --objective.name "$objective" --steps "$steps" --warmup "$warmup" --threads "$threads")
 [[ -n "$peak" ]] && common+=(--peak-flops "$peak")
 
 # Ours: the CLI's bench subcommand.

@@ -150,20 +150,24 @@ trap cleanup EXIT
 # ---- shapes ----------------------------------------------------------------------------------------
 if [[ "$device" == cuda ]]; then
     torch_device=cuda
-    model_flags=(--layers 12 --d-model 768 --heads 12 --vocab 50257 --positions 1024)
-    batch_flags=(--pairs 16 --seq-len 512 --objective safedpo --warmup 3 --steps 10)
+    model_flags=(--model.n_layer 12 --model.n_embd 768 --model.n_head 12 --model.vocab_size 50257
+        --model.n_positions 1024)
+    batch_flags=(--pairs 16 --seq-len 512 --objective.name safedpo --warmup 3 --steps 10)
     train_rows=1500
-    train_flags=(--n-layer 12 --n-embd 768 --n-head 12 --n-positions 1024 --vocab-size 50257 --max-len 256
-        --total-steps 50 --warmup-steps 5 --lr 1e-4 --tokens-per-batch 16384 --eval-fraction 0.02)
+    train_flags=(--model.n_layer 12 --model.n_embd 768 --model.n_head 12 --model.n_positions 1024
+        --model.vocab_size 50257 --data.max_len 256 --optimizer.total_steps 50 --optimizer.warmup_steps 5
+        --optimizer.lr 1e-4 --batching.tokens_per_micro_batch 16384 --data.eval_fraction 0.02)
     limit_test=90 limit_sanitizer=150 limit_train=100 limit_bench=75 limit_eager=45 limit_compile=100
     limit_kernels=120
 else
     torch_device=cpu
-    model_flags=(--layers 1 --d-model 32 --heads 2 --vocab 300 --positions 64)
-    batch_flags=(--pairs 2 --seq-len 32 --objective safedpo --warmup 1 --steps 2)
+    model_flags=(--model.n_layer 1 --model.n_embd 32 --model.n_head 2 --model.vocab_size 300
+        --model.n_positions 64)
+    batch_flags=(--pairs 2 --seq-len 32 --objective.name safedpo --warmup 1 --steps 2)
     train_rows=100
-    train_flags=(--n-layer 1 --n-embd 32 --n-head 2 --n-positions 160 --vocab-size 300 --max-len 160
-        --total-steps 3 --warmup-steps 1 --lr 1e-3 --tokens-per-batch 1024 --eval-fraction 0.1)
+    train_flags=(--model.n_layer 1 --model.n_embd 32 --model.n_head 2 --model.n_positions 160
+        --model.vocab_size 300 --data.max_len 160 --optimizer.total_steps 3 --optimizer.warmup_steps 1
+        --optimizer.lr 1e-3 --batching.tokens_per_micro_batch 1024 --data.eval_fraction 0.1)
     limit_test=60 limit_sanitizer=60 limit_train=120 limit_bench=60 limit_eager=60 limit_compile=150
     limit_kernels=30
 fi
@@ -310,9 +314,9 @@ rm -rf "$run_dir"
 if run_stage train-data "$(limit 60)" "$logdir/train/data.log" "" -- \
     "$safedpo" demo --data-only --rows "$train_rows" --seed 42 --out-dir "$data_dir"; then
     run_stage train "$(limit "$limit_train")" "$logdir/train/train.log" "$logdir/train/summary.json" -- \
-        "$safedpo" train --device "$device" --data "$data_dir/data.jsonl" --format pku-saferlhf \
-        --template "USER: {prompt} ASSISTANT:" --objective safedpo --out-dir "$run_dir" \
-        --eval-every 0 --checkpoint-every 0 --no-progress "${train_flags[@]}"
+        "$safedpo" train --device "$device" --data.path "$data_dir/data.jsonl" --data.format pku-saferlhf \
+        --data.template "USER: {prompt} ASSISTANT:" --objective.name safedpo --out_dir "$run_dir" \
+        --intervals.eval_every 0 --intervals.checkpoint_every 0 --no-progress "${train_flags[@]}"
     cp "$run_dir/metrics.jsonl" "$run_dir/config.toml" "$logdir/train/" 2>/dev/null
 else
     record train skipped "" 0 "" "no data"

@@ -1,17 +1,20 @@
 //! The `safedpo` command line.
 //!
 //! ```text
-//! safedpo train    --config run.toml [flags]   preference training (SafeDPO, DPO, IPO, …)
-//! safedpo sft      --config run.toml [flags]   supervised fine-tuning on the safe responses
-//! safedpo logps    --model DIR --data FILE --out FILE   per-pair policy and reference log-probs (JSONL)
-//! safedpo eval     --model DIR --data FILE     preference metrics of a model on a dataset (JSON)
-//! safedpo generate --model DIR --prompt TEXT   greedy or sampled continuation
-//! safedpo demo     [--quick]                   the whole method on synthetic data in minutes
-//! safedpo demo     --data-only [--rows N]      only the demo's synthetic PKU-SafeRLHF data
+//! safedpo train    --config run.toml [settings]   preference training (SafeDPO, DPO, IPO, …)
+//! safedpo sft      --config run.toml [settings]   supervised fine-tuning on the safe responses
+//! safedpo logps    --model DIR --data.path FILE --out FILE   per-pair policy and reference log-probs
+//! safedpo eval     --model DIR --data.path FILE   preference metrics of a model on a dataset (JSON)
+//! safedpo generate --model DIR --prompt TEXT      greedy or sampled continuation
+//! safedpo bench    [settings] [--steps N …]      timed training steps on synthetic data
+//! safedpo demo     [--quick]                      the whole method on synthetic data in minutes
+//! safedpo demo     --data-only [--rows N]         only the demo's synthetic PKU-SafeRLHF data
 //! ```
 //!
-//! Run options come from the built-in defaults, then the `--config` TOML file, then the flags (a flag
-//! wins). Errors go to stderr with exit code 1.
+//! Settings (`safedpo::config`) come from the command's defaults, then the `--config` TOML file, then
+//! the flags, each named by its TOML path (`--optimizer.lr 1e-6`, `--set optimizer.lr=1e-6`); a flag
+//! wins. Every command that reads a model takes the same settings flags. Errors go to stderr with
+//! exit code 1.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,7 @@ use serde_json::json;
 
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
-use safedpo::config::{RunConfig, RunOverrides};
+use safedpo::config::{Generation, Resolved, RunConfig, SettingsArgs, Training};
 use safedpo::data::{load_tokenizer, Template};
 use safedpo::model::Gpt2;
 use safedpo::train::demo::{run_demo, DemoOptions};
@@ -63,7 +66,7 @@ enum Command {
 #[derive(clap::Args)]
 struct TrainArgs {
     #[command(flatten)]
-    run: RunOverrides,
+    run: SettingsArgs<Training>,
     /// Continue from a checkpoint directory, a run directory (its `latest`), or `auto` (this
     /// out_dir's latest checkpoint if there is one, else a fresh start).
     #[arg(long, value_name = "DIR|auto")]
@@ -82,7 +85,7 @@ struct ModelDataArgs {
     #[arg(long, value_enum, default_value = "all")]
     split: Split,
     #[command(flatten)]
-    run: RunOverrides,
+    run: SettingsArgs<Training>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -121,22 +124,19 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Prompt template (`{prompt}` is replaced). Default: the template the model was trained with
-    /// (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
-    #[arg(long)]
-    template: Option<String>,
-    /// Feed the prompt as is, without the template.
+    /// Feed the prompt as is. Otherwise `--data.template` wraps it; when that is not set, the template
+    /// the model was trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
     #[arg(long)]
     raw: bool,
-    #[arg(long, value_enum, default_value = "auto")]
-    device: DeviceKind,
+    /// `seed` seeds the sampling.
+    #[command(flatten)]
+    settings: SettingsArgs<Generation>,
 }
 
 #[derive(clap::Args)]
 struct DemoArgs {
-    #[arg(long, default_value = "runs/demo", value_name = "DIR")]
+    /// Where the runs, the data and the plot go.
+    #[arg(long, alias = "out_dir", default_value = "runs/demo", value_name = "DIR")]
     out_dir: PathBuf,
     /// A much smaller run (smoke test).
     #[arg(long)]
@@ -191,10 +191,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Bench(args) => {
             let cfg = args.to_config()?;
+            let device: DeviceKind = cfg.device.parse()?;
             if let Some(threads) = args.threads {
                 rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
             }
-            let report = with_backend!(args.device, |backend| safedpo::bench::run_bench(backend, &cfg)?);
+            let report = with_backend!(device, |backend| safedpo::bench::run_bench(backend, &cfg)?);
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -240,7 +241,7 @@ fn write_demo_data(args: &DemoArgs) -> Result<()> {
 }
 
 fn run_training(args: TrainArgs, task: Task) -> Result<()> {
-    let cfg = RunConfig::resolve(&args.run)?;
+    let cfg = args.run.resolve()?.config;
     cfg.require_data()?;
     let opts = TrainOptions { resume: args.resume, progress: !args.no_progress, ..Default::default() };
     let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
@@ -263,9 +264,9 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
 }
 
 /// The run configuration of `logps` / `eval`: the policy is `--model`; the reference is
-/// `--reference`, else `model.init`, else the policy itself.
+/// `model.reference`, else `model.init` (the policy a run started from), else the policy itself.
 fn model_data_config(args: &ModelDataArgs) -> Result<(RunConfig, PathBuf)> {
-    let mut cfg = RunConfig::resolve(&args.run)?;
+    let mut cfg = args.run.resolve()?.config;
     cfg.require_data()?;
     let reference = cfg.model.reference.clone().or(cfg.model.init.clone()).unwrap_or_else(|| args.model.clone());
     cfg.model.init = Some(args.model.clone());
@@ -339,7 +340,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 
 fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
     let pairs = split_pairs(cfg, args.common.split)?;
-    let objective = cfg.objective.build();
+    let objective = &cfg.objective;
     let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let refl = if objective.uses_reference() {
@@ -348,7 +349,7 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
         vec![0.0; 2 * pairs.len()]
     };
     drop(reference);
-    let stats = evaluate_pairs(&mut policy, &refl, &pairs, &objective, budget)?;
+    let stats = evaluate_pairs(&mut policy, &refl, &pairs, objective, budget)?;
     let mut rec = Record::new();
     rec.insert("pairs".into(), pairs.len().into());
     stats.write_means("eval/", &mut rec);
@@ -367,21 +368,22 @@ fn trained_template(model_dir: &Path) -> Result<String> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    with_backend!(args.device, |backend| generate_text(backend, &args))
+    let settings = args.settings.resolve()?;
+    with_backend!(settings.config.device, |backend| generate_text(backend, &args, &settings))
 }
 
-fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs) -> Result<()> {
+fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Resolved) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
     let mut model =
         Gpt2::load_frozen(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
         tok.encode(&args.prompt)
     } else {
-        let template = match &args.template {
-            Some(t) => t.clone(),
-            None => trained_template(&args.model)?,
+        let template = match settings.is_set("data.template") {
+            true => settings.config.data.template.clone(),
+            false => trained_template(&args.model)?,
         };
-        Template::new(template).context("--template")?.encode_prompt(tok.as_ref(), &args.prompt)
+        Template::new(template).context("data.template")?.encode_prompt(tok.as_ref(), &args.prompt)
     };
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0, got {}", args.temperature);
@@ -389,7 +391,7 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs) -> Result<()>
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
-    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: settings.config.seed };
     let new = generate(&mut model, &prompt, tok.eos_id(), args.max_new_tokens, &params)?;
     println!("{}", tok.decode(&new));
     Ok(())
@@ -457,11 +459,12 @@ mod tests {
         let run_dir = dir.path().join("run");
         run_args(&["demo", "--data-only", "--rows", "40", "--quiet", "--out-dir", data.to_str().unwrap()]).unwrap();
         let data_file = data.join("data.jsonl");
-        let mut args = vec!["train", "--device", "cpu", "--no-progress", "--total-steps", "2", "--max-len", "96"];
-        args.extend(["--n-positions", "96", "--n-layer", "1", "--n-embd", "16", "--n-head", "2"]);
-        args.extend(["--tokens-per-batch", "800", "--data", data_file.to_str().unwrap()]);
+        let mut args = vec!["train", "--device", "cpu", "--no-progress", "--optimizer.total_steps", "2"];
+        args.extend(["--data.max_len", "96", "--model.n_positions", "96", "--model.n_layer", "1"]);
+        args.extend(["--model.n_embd", "16", "--model.n_head", "2", "--batching.tokens_per_micro_batch", "800"]);
+        args.extend(["--data.path", data_file.to_str().unwrap()]);
         let common = args.clone();
-        args.extend(["--vocab-size", "300", "--out-dir", run_dir.to_str().unwrap()]);
+        args.extend(["--model.vocab_size", "300", "--out-dir", run_dir.to_str().unwrap()]);
         run_args(&args).unwrap();
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run_dir.join("final/config.json")).unwrap()).unwrap();
@@ -470,7 +473,7 @@ mod tests {
         // Smaller than the byte tokenizer's 258 ids: the data's ids do not fit, and the error says so.
         let small = dir.path().join("small");
         let mut bad = common;
-        bad.extend(["--vocab-size", "200", "--out-dir", small.to_str().unwrap()]);
+        bad.extend(["--model.vocab_size", "200", "--out-dir", small.to_str().unwrap()]);
         let err = format!("{:#}", run_args(&bad).unwrap_err());
         assert!(err.contains("vocabulary has 200 tokens"), "{err}");
     }

@@ -93,25 +93,25 @@ fn sft_then_train_with_resume_from_the_command_line() {
     let data = data_file(dir.path(), 60);
     let sft_dir = dir.path().join("sft");
     let common = [
-        "--data",
+        "--data.path",
         p(&data),
-        "--template",
+        "--data.template",
         "U: {prompt} A:",
-        "--max-len",
+        "--data.max_len",
         "96",
-        "--n-positions",
+        "--model.n_positions",
         "96",
-        "--n-layer",
+        "--model.n_layer",
         "1",
-        "--n-embd",
+        "--model.n_embd",
         "16",
-        "--n-head",
+        "--model.n_head",
         "2",
-        "--tokens-per-batch",
+        "--batching.tokens_per_micro_batch",
         "800",
         "--no-progress",
     ];
-    let mut args = vec!["sft", "--out-dir", p(&sft_dir), "--total-steps", "3", "--lr", "1e-3"];
+    let mut args = vec!["sft", "--out-dir", p(&sft_dir), "--optimizer.total_steps", "3", "--optimizer.lr", "1e-3"];
     args.extend(common);
     let summary: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
     assert_eq!(summary["completed"], true);
@@ -121,8 +121,8 @@ fn sft_then_train_with_resume_from_the_command_line() {
     // `--resume auto` finds the run complete and does nothing.
     let run_dir = dir.path().join("dpo");
     let init = sft_dir.join("final");
-    let mut args =
-        vec!["train", "--out-dir", p(&run_dir), "--init", p(&init), "--total-steps", "2", "--checkpoint-every", "1"];
+    let mut args = vec!["train", "--out-dir", p(&run_dir), "--model.init", p(&init), "--optimizer.total_steps", "2"];
+    args.extend(["--intervals.checkpoint_every", "1"]);
     args.extend(common);
     ok(&args);
     assert!(run_dir.join("checkpoint-1/optimizer.safetensors").is_file());
@@ -133,7 +133,7 @@ fn sft_then_train_with_resume_from_the_command_line() {
 
     // A changed configuration is refused on resume.
     let mut changed = args.clone();
-    changed.extend(["--lr", "0.5"]);
+    changed.extend(["--optimizer.lr", "0.5"]);
     let err = user_error(&changed);
     assert!(err.contains("configuration differs"), "{err}");
 }
@@ -145,8 +145,17 @@ fn logps_writes_one_line_per_pair_consistent_with_eval() {
     let policy = tiny_model(dir.path(), 1);
     let reference = tiny_model(dir.path(), 2);
     let out = dir.path().join("logps.jsonl");
-    let common = ["--data", p(&data), "--template", "U: {prompt} A:", "--max-len", "96", "--selection", "better"];
-    let mut args = vec!["logps", "--model", p(&policy), "--reference", p(&reference), "--out", p(&out)];
+    let common = [
+        "--data.path",
+        p(&data),
+        "--data.template",
+        "U: {prompt} A:",
+        "--data.max_len",
+        "96",
+        "--data.selection",
+        "better",
+    ];
+    let mut args = vec!["logps", "--model", p(&policy), "--model.reference", p(&reference), "--out", p(&out)];
     args.extend(common);
     ok(&args);
     let lines: Vec<serde_json::Value> =
@@ -171,7 +180,7 @@ fn logps_writes_one_line_per_pair_consistent_with_eval() {
                 - (f("policy_rejected_logp") - f("reference_rejected_logp")));
     }
     // `eval` on the same pairs reports the mean implicit-reward margin computed from these log-probs.
-    let mut args = vec!["eval", "--model", p(&policy), "--reference", p(&reference), "--objective", "dpo"];
+    let mut args = vec!["eval", "--model", p(&policy), "--model.reference", p(&reference), "--objective.name", "dpo"];
     args.extend(common);
     let metrics: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
     assert_eq!(metrics["pairs"], 12);
@@ -200,14 +209,14 @@ fn user_errors_are_reported_without_panics() {
     let dir = tempfile::tempdir().unwrap();
     let err = user_error(&["train"]);
     assert!(err.contains("data.path"), "{err}");
-    let err = user_error(&["train", "--data", "/definitely/not/here.jsonl"]);
+    let err = user_error(&["train", "--data.path", "/definitely/not/here.jsonl"]);
     assert!(err.contains("/definitely/not/here.jsonl"), "{err}");
     if safedpo::backend::device::gpu_unavailable_reason().is_some() {
-        let err = user_error(&["train", "--data", "x.jsonl", "--device", "cuda"]);
+        let err = user_error(&["train", "--data.path", "x.jsonl", "--device", "cuda"]);
         assert!(err.contains("--device cuda"), "{err}");
     }
-    let err = user_error(&["train", "--data", "x.jsonl", "--lr", "-1"]);
-    assert!(err.contains("optimizer.lr") && err.contains("--lr"), "{err}");
+    let err = user_error(&["train", "--data.path", "x.jsonl", "--optimizer.lr", "-1"]);
+    assert!(err.contains("optimizer.lr") && err.contains("--optimizer.lr"), "{err}");
     let bad = dir.path().join("bad.toml");
     fs::write(&bad, "[optimizer]\nlr = 0.1\nwarmup = 3\n").unwrap();
     let err = user_error(&["train", "--config", p(&bad)]);
@@ -216,6 +225,6 @@ fn user_errors_are_reported_without_panics() {
     assert!(err.contains("none"), "{err}");
     let err = user_error(&["train", "--no-such-flag"]);
     assert!(err.contains("--no-such-flag"), "{err}");
-    let err = user_error(&["train", "--data", "x.jsonl", "--resume", p(dir.path())]);
+    let err = user_error(&["train", "--data.path", "x.jsonl", "--resume", p(dir.path())]);
     assert!(err.contains("--resume"), "{err}");
 }

@@ -337,7 +337,7 @@ fn names_defaults_and_parsing() {
         assert_eq!(serde_json::from_value::<Objective>(json).unwrap(), objective);
     }
     assert_eq!(Objective::default_for("SafeDPO").unwrap(), Objective::SafeDpo { beta: 0.1, delta: 10.0 });
-    assert_eq!(Objective::default_for("simpo").unwrap(), Objective::Simpo { beta: 2.0, gamma: 1.0 });
+    assert_eq!(Objective::default_for("simpo").unwrap(), Objective::Simpo { beta: 2.0, gamma: 0.5 });
     assert_eq!(Objective::default_for("robust").unwrap(), Objective::Robust { beta: 0.1, eps: 0.1 });
     assert_eq!(Objective::default_for("rpo").unwrap(), Objective::Rpo { beta: 0.1, alpha: 1.0 });
     assert_eq!("safedpo:delta=5".parse::<Objective>().unwrap(), Objective::SafeDpo { beta: 0.1, delta: 5.0 });

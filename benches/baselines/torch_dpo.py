@@ -12,7 +12,10 @@ each model; the backward comes from AOTAutograd). On a GPU the forwards run unde
 AdamW is the fused kernel; on the CPU everything is f32 and AdamW is fused when this torch has it.
 
     python3 benches/baselines/torch_dpo.py --mode eager --json
-    python3 benches/baselines/torch_dpo.py --mode compile --device cuda --peak-flops 989e12
+    python3 benches/baselines/torch_dpo.py --mode compile --device cuda --peak-flops 989e12 --model.n_layer 12
+
+The shape, the objective, the learning rate and clip, the seed and the device are `safedpo bench`'s
+settings, with the same flags (`--model.n_layer`, `--objective.name`, ..., `--set KEY=VALUE`).
 """
 
 import argparse
@@ -23,37 +26,63 @@ import sys
 import time
 
 
+# The settings this baseline shares with `safedpo bench`, spelled as safedpo spells them (their TOML
+# paths; `-` and `_` interchangeable), with `safedpo bench`'s defaults: (path, type, default, help).
+SETTINGS = [
+    ("seed", int, 0, "seeds the init and the synthetic tokens"),
+    ("device", str, "cpu", "cpu, cuda or cuda:N"),
+    ("model.n_layer", int, 4, "transformer blocks"),
+    ("model.n_embd", int, 128, "width"),
+    ("model.n_head", int, 4, "attention heads"),
+    ("model.n_positions", int, 1024, "position embeddings (longest sequence)"),
+    ("model.vocab_size", int, 512, "vocabulary"),
+    ("objective.name", str, "dpo", "dpo (or sigmoid) or safedpo"),
+    ("objective.beta", float, 0.1, "the scale beta of the implicit rewards"),
+    ("objective.delta", float, 10.0, "SafeDPO's safety margin"),
+    ("optimizer.lr", float, 1e-4, "learning rate (constant)"),
+    ("optimizer.grad_clip", float, 1.0, "global grad-norm clip; 0 disables it"),
+]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--positions", type=int, default=1024)
+    for path, kind, default, help in SETTINGS:
+        names = [f"--{path}"] + ([f"--{path.replace('_', '-')}"] if "_" in path else [])
+        metavar = path.rsplit(".", 1)[-1].upper()
+        dest = path.replace(".", "__")
+        help = f"{help} (default: {default})"
+        p.add_argument(*names, dest=dest, metavar=metavar, type=kind, default=default, help=help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any of the settings above")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, prompt + response")
     p.add_argument("--prompt-len", type=int, default=None, help="default: a quarter of --seq-len")
-    p.add_argument("--objective", choices=["dpo", "safedpo"], default="dpo")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--delta", type=float, default=10.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, for MFU")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     p.add_argument("--mode", choices=["eager", "compile"], default="eager")
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation: sdpa or eager")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
+    kinds = {path: kind for path, kind, _, _ in SETTINGS}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in kinds:
+            p.error(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+        setattr(a, key.replace(".", "__"), kinds[key](value))
+    # Short names for the code below.
+    for path, _, _, _ in SETTINGS:
+        setattr(a, path.rsplit(".", 1)[-1], getattr(a, path.replace(".", "__")))
+    a.objective = {"sigmoid": "dpo"}.get(a.name.lower(), a.name.lower())
+    if a.objective not in ("dpo", "safedpo"):
+        p.error(f"--objective.name {a.name}: the baseline implements dpo and safedpo")
     if a.prompt_len is None:
         a.prompt_len = max(a.seq_len // 4, 1)
-    if not (1 <= a.prompt_len < a.seq_len <= a.positions):
-        p.error(f"need 1 <= prompt_len ({a.prompt_len}) < seq_len ({a.seq_len}) <= positions ({a.positions})")
-    if a.d_model % a.heads:
-        p.error(f"--d-model ({a.d_model}) must be a multiple of --heads ({a.heads})")
+    if not (1 <= a.prompt_len < a.seq_len <= a.n_positions):
+        p.error(f"need 1 <= prompt_len ({a.prompt_len}) < seq_len ({a.seq_len}) <= n_positions ({a.n_positions})")
+    if a.n_embd % a.n_head:
+        p.error(f"--model.n_embd ({a.n_embd}) must be a multiple of --model.n_head ({a.n_head})")
     return a
 
 
@@ -63,7 +92,7 @@ def forward_flops_per_sequence(layers, d, vocab, t):
 
 
 def step_flops(a):
-    return 4.0 * 2 * a.pairs * forward_flops_per_sequence(a.layers, a.d_model, a.vocab, a.seq_len)
+    return 4.0 * 2 * a.pairs * forward_flops_per_sequence(a.n_layer, a.n_embd, a.vocab_size, a.seq_len)
 
 
 def peak_rss_bytes():
@@ -90,19 +119,19 @@ def main(argv=None):
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     config = GPT2Config(
-        vocab_size=a.vocab,
-        n_positions=a.positions,
-        n_embd=a.d_model,
-        n_layer=a.layers,
-        n_head=a.heads,
+        vocab_size=a.vocab_size,
+        n_positions=a.n_positions,
+        n_embd=a.n_embd,
+        n_layer=a.n_layer,
+        n_head=a.n_head,
         layer_norm_epsilon=1e-5,
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=True,
-        bos_token_id=a.vocab - 1,
-        eos_token_id=a.vocab - 1,
+        bos_token_id=a.vocab_size - 1,
+        eos_token_id=a.vocab_size - 1,
     )
     policy = GPT2LMHeadModel._from_config(config, attn_implementation=a.attn).to(device)
     policy.train()
@@ -115,8 +144,8 @@ def main(argv=None):
     T, P = a.seq_len, a.prompt_len
     batches = []
     for _ in range(max(1, min(4, a.warmup + a.steps))):
-        prompt = torch.randint(0, a.vocab, (a.pairs, 1, P), generator=gen).expand(a.pairs, 2, P)
-        resp = torch.randint(0, a.vocab, (a.pairs, 2, T - P), generator=gen)
+        prompt = torch.randint(0, a.vocab_size, (a.pairs, 1, P), generator=gen).expand(a.pairs, 2, P)
+        resp = torch.randint(0, a.vocab_size, (a.pairs, 2, T - P), generator=gen)
         ids = torch.cat([prompt, resp], dim=2).reshape(2 * a.pairs, T)
         unsafe = torch.zeros(a.pairs, 2)
         unsafe[:, 1] = (torch.rand(a.pairs, generator=gen) < 0.5).float()  # T(D): chosen safe
@@ -194,7 +223,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         phases["backward"] = lap()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), a.max_grad_norm if a.max_grad_norm > 0 else float("inf"))
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
         opt.step()
         phases["optimizer"] = lap()
         return (mark - t0) * 1e3, phases, loss_value
@@ -228,11 +257,11 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu (torch {torch.__version__})",
         "threads": torch.get_num_threads(),
         "config": {
-            "n_layer": a.layers,
-            "n_embd": a.d_model,
-            "n_head": a.heads,
-            "vocab_size": a.vocab,
-            "n_positions": a.positions,
+            "n_layer": a.n_layer,
+            "n_embd": a.n_embd,
+            "n_head": a.n_head,
+            "vocab_size": a.vocab_size,
+            "n_positions": a.n_positions,
             "pairs": a.pairs,
             "seq_len": a.seq_len,
             "prompt_len": a.prompt_len,
@@ -243,7 +272,7 @@ def main(argv=None):
             "steps": a.steps,
             "seed": a.seed,
             "lr": a.lr,
-            "max_grad_norm": a.max_grad_norm,
+            "max_grad_norm": a.grad_clip,
             "device": a.device,
             "peak_flops": a.peak_flops,
         },
@@ -270,7 +299,7 @@ def main(argv=None):
     else:
         r = report
         print(f"{r['engine']} on {r['device']} ({r['threads']} threads), {a.objective}")
-        print(f"model   L={a.layers} d={a.d_model} heads={a.heads} vocab={a.vocab} ({num_params / 1e6:.3f} M params)")
+        print(f"model   L={a.n_layer} d={a.n_embd} heads={a.n_head} vocab={a.vocab_size} ({num_params / 1e6:.3f} M params)")
         print(f"policy tokens/s   {r['tokens_per_s']:10.0f} (median step)  {r['tokens_per_s_best']:10.0f} (best step)")
         s = r["step_ms"]
         print(f"step time ms      median {s['median']:.2f}  mean {s['mean']:.2f}  min {s['min']:.2f}  max {s['max']:.2f}")

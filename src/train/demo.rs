@@ -17,10 +17,11 @@ use anyhow::{Context, Result};
 use super::metrics::Record;
 use super::{train, RunSummary, Task, TrainOptions};
 use crate::backend::Backend;
-use crate::config::{ObjectiveName, RunConfig};
+use crate::config::RunConfig;
 use crate::data::{
     load_pairs, split_holdout_by, synthetic_pku_rows, write_pku_jsonl, DataFormat, PairSelection, PkuRow,
 };
+use crate::loss::Objective;
 
 /// How to run the demo.
 #[derive(Clone, Debug)]
@@ -101,9 +102,7 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf, eval_data: PathBuf) -> (R
     dpo.model.init = Some(sft.out_dir.join(super::checkpoint::FINAL_DIR));
     dpo.precompute_ref = true;
     dpo.data.selection = PairSelection::SafeDpo;
-    dpo.objective.name = ObjectiveName::Safedpo;
-    dpo.objective.beta = 0.1;
-    dpo.objective.delta = Some(10.0);
+    dpo.objective = Objective::SafeDpo { beta: 0.1, delta: 10.0 };
     if opts.quick {
         dpo.optimizer.lr = 2e-3;
         dpo.optimizer.warmup_steps = 2;

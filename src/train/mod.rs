@@ -1,7 +1,8 @@
 //! The training loop: reference log-probs, policy step, clipping, optimizer, schedule, eval,
 //! checkpoints, metrics.
 //!
-//! One optimizer step of preference training, as [`Trainer::preference_step`] runs it:
+//! One optimizer step of preference training, as [`step::Learner::preference_step`] runs it (the
+//! same code times the step in `safedpo bench`):
 //! 1. the batcher hands out `grad_accum` micro-batches of whole pairs, each within the token budget;
 //! 2. per micro-batch: reference log-probs (the frozen model, or the on-disk cache), policy forward,
 //!    the backend's preference loss with `grad_scale = 1 / P` (P = the step's pairs, so the gradient
@@ -19,6 +20,7 @@ pub mod demo;
 pub mod generate;
 pub mod metrics;
 pub mod refcache;
+pub mod step;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -33,13 +35,13 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::{RunConfig, RunLength};
 use crate::data::{
-    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher,
-    PreferenceBatch, Template, TextTokenizer, TokenizedPair,
+    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher, Template,
+    TextTokenizer, TokenizedPair,
 };
 use crate::loss::Objective;
 use crate::model::gpt2::random_weights;
 use crate::model::{DeviceBatch, Gpt2, HostWeights};
-use crate::optim::{clip_scale, AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{AdamW, LrSchedule};
 use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
@@ -47,6 +49,7 @@ use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
+use step::{adamw_config, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
 
 /// What a run trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,16 +222,6 @@ fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where the reference log-probs of training pairs come from.
-enum Reference<B: Backend> {
-    /// A reference-free objective.
-    Free,
-    /// The frozen reference model, run on every micro-batch.
-    Model(Box<Gpt2<B>>),
-    /// Precomputed `[2T]` (chosen, rejected per training pair).
-    Cached(Vec<f32>),
-}
-
 /// The reference weights: `model.reference`, else `model.init`, else the random init the policy
 /// starts from. Kept on the host long enough to key the reference cache with their exact values (a
 /// frozen model on a bf16 device holds rounded ones), then uploaded frozen.
@@ -246,12 +239,10 @@ struct Trainer<B: Backend> {
     cfg: RunConfig,
     task: Task,
     opts: TrainOptions,
-    policy: Gpt2<B>,
-    reference: Reference<B>,
+    /// The policy, its optimizer, the reference and the objective.
+    learner: Learner<B>,
     /// Reference log-probs of the eval pairs `[2E]` (fixed, so computed once).
     eval_reference: Vec<f32>,
-    objective: Objective,
-    optimizer: AdamW<B>,
     schedule: LrSchedule,
     batcher: Batcher,
     rng: ChaCha8Rng,
@@ -276,12 +267,6 @@ struct Interval {
     seconds: f64,
 }
 
-/// One step's outcome.
-struct StepInfo {
-    grad_norm: f32,
-    lr: f32,
-}
-
 impl<B: Backend> Trainer<B> {
     fn epoch(&self) -> f64 {
         self.batcher.epoch() as f64 + self.batcher.position() as f64 / self.batcher.num_pairs() as f64
@@ -291,70 +276,25 @@ impl<B: Backend> Trainer<B> {
         self.cfg.batching.tokens_per_micro_batch
     }
 
-    /// The reference log-probs `[2P]` of a training micro-batch.
-    fn batch_reference(&mut self, dev: &DeviceBatch<B>, batch: &PreferenceBatch) -> Result<B::Buf> {
-        let b = &*self.backend;
-        match &mut self.reference {
-            Reference::Free => b.zeros(2 * batch.num_pairs()),
-            Reference::Model(model) => {
-                let logps = model.forward(dev)?;
-                let mut own = b.zeros(b.buf_len(logps))?;
-                b.copy(&mut own, logps)?;
-                Ok(own)
-            }
-            Reference::Cached(all) => {
-                let host: Vec<f32> = batch.pair_ids.iter().flat_map(|&i| [all[2 * i], all[2 * i + 1]]).collect();
-                b.upload(&host)
-            }
-        }
-    }
-
-    fn apply_update(&mut self) -> Result<StepInfo> {
-        let (grad_norm, scale) = clip_scale(&self.policy, self.cfg.optimizer.grad_clip)?;
-        ensure!(
-            grad_norm.is_finite(),
-            "step {}: the gradient norm is {grad_norm}; training diverged (lower optimizer.lr or set optimizer.grad_clip)",
-            self.step + 1
-        );
-        let lr = self.schedule.lr(self.optimizer.step_count() as usize + 1);
-        self.optimizer.step(&mut self.policy, lr, scale)?;
-        Ok(StepInfo { grad_norm, lr })
+    /// The learning rate of the next update.
+    fn next_lr(&self) -> f32 {
+        self.schedule.lr(self.learner.optimizer.step_count() as usize + 1)
     }
 
     fn preference_step(&mut self) -> Result<StepInfo> {
-        let micro: Vec<PreferenceBatch> = (0..self.cfg.batching.grad_accum)
-            .map(|_| self.batcher.next_batch(&self.data.train, self.cfg.batching.tokens_per_micro_batch))
-            .collect();
-        let pairs: usize = micro.iter().map(PreferenceBatch::num_pairs).sum();
-        let grad_scale = 1.0 / pairs as f32;
+        let budget = self.budget();
         let backend = self.backend.clone();
-        let b = &*backend;
-        self.policy.zero_grad()?;
-        for batch in &micro {
-            let dev = DeviceBatch::upload(b, &batch.packed)?;
-            let reference = self.batch_reference(&dev, batch)?;
-            let flags = b.upload_ids(&batch.unsafe_flags)?;
-            let lengths = b.upload_ids(&batch.lengths)?;
-            let mut metrics = b.zeros(batch.num_pairs() * PAIR_METRICS)?;
-            let mut dpolicy = b.zeros(2 * batch.num_pairs())?;
-            let logps = self.policy.forward(&dev)?;
-            b.preference_loss(
-                &mut metrics,
-                &mut dpolicy,
-                logps,
-                &reference,
-                &flags,
-                &lengths,
-                &self.objective,
-                grad_scale,
-            )?;
-            let host_logps = b.download(logps)?;
-            self.policy.backward(&dev, &dpolicy)?;
-            self.interval.stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
-            self.interval.tokens += batch.packed.num_tokens();
-            self.train_tokens += batch.packed.num_tokens();
-        }
-        self.apply_update()
+        let micro = (0..self.cfg.batching.grad_accum)
+            .map(|_| MicroBatch::upload(&*backend, self.batcher.next_batch(&self.data.train, budget)))
+            .collect::<Result<Vec<_>>>()?;
+        let lr = self.next_lr();
+        let (interval, train_tokens) = (&mut self.interval, &mut self.train_tokens);
+        let each = |batch: &MicroBatch<B>, out: MicroOutput| {
+            interval.stats.add_batch(&out.metrics, &out.logps, &batch.host.unsafe_flags);
+            interval.tokens += batch.host.packed.num_tokens();
+            *train_tokens += batch.host.packed.num_tokens();
+        };
+        self.learner.preference_step(&micro, lr, each, &mut |_| Ok(()))
     }
 
     fn sft_step(&mut self) -> Result<StepInfo> {
@@ -365,19 +305,21 @@ impl<B: Backend> Trainer<B> {
         ensure!(targets > 0, "sft step {}: the batch has no response tokens", self.step + 1);
         let backend = self.backend.clone();
         let b = &*backend;
-        self.policy.zero_grad()?;
+        let policy = &mut self.learner.policy;
+        policy.zero_grad()?;
         for packed in &micro {
             let dev = DeviceBatch::upload(b, packed)?;
             let dseq = b.upload(&vec![-1.0 / targets as f32; packed.num_seqs()])?;
-            let logps = self.policy.forward(&dev)?;
+            let logps = policy.forward(&dev)?;
             let host = b.download(logps)?;
-            self.policy.backward(&dev, &dseq)?;
+            policy.backward(&dev, &dseq)?;
             self.interval.nll -= host.iter().map(|&x| x as f64).sum::<f64>();
             self.interval.tokens += packed.num_tokens();
             self.train_tokens += packed.num_tokens();
         }
         self.interval.nll_tokens += targets;
-        self.apply_update()
+        let lr = self.next_lr();
+        self.learner.update(lr)
     }
 
     /// Evaluates the policy on the held-out pairs; `None` when there are none.
@@ -391,17 +333,17 @@ impl<B: Backend> Trainer<B> {
         match self.task {
             Task::Preference => {
                 let stats = evaluate_pairs(
-                    &mut self.policy,
+                    &mut self.learner.policy,
                     &self.eval_reference,
                     &self.data.eval,
-                    &self.objective,
+                    &self.learner.objective,
                     self.cfg.batching.tokens_per_micro_batch,
                 )?;
                 stats.write_means("eval/", &mut rec);
             }
             Task::Sft => {
                 let budget = self.budget();
-                let (nll, tokens) = evaluate_nll(&mut self.policy, &self.data.eval, budget)?;
+                let (nll, tokens) = evaluate_nll(&mut self.learner.policy, &self.data.eval, budget)?;
                 rec.insert("eval/loss".into(), json_f64(nll / tokens.max(1) as f64));
             }
         }
@@ -445,12 +387,12 @@ impl<B: Backend> Trainer<B> {
         );
         let dir = commit_dir(&self.cfg.out_dir, name, |dir| {
             check("model.safetensors")?;
-            self.policy.save(dir)?;
+            self.learner.policy.save(dir)?;
             if let Some(src) = &self.tokenizer_dir {
                 copy_tokenizer_files(src, dir)?;
             }
             check("optimizer.safetensors")?;
-            checkpoint::write_optimizer_state(dir, &self.optimizer.state_to_host()?)?;
+            checkpoint::write_optimizer_state(dir, &self.learner.optimizer.state_to_host()?)?;
             check("metrics.jsonl")?;
             write_atomic(&dir.join(METRICS_FILE), self.log.to_jsonl().as_bytes())?;
             write_atomic(&dir.join(checkpoint::RUN_CONFIG_FILE), self.cfg.to_toml()?.as_bytes())?;
@@ -586,7 +528,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     ));
 
     // The reference: cached log-probs (the model dropped), or the frozen model.
-    let objective = cfg.objective.build();
+    let objective = cfg.objective.clone();
     let mut reference_cache = None;
     let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
         (Reference::Free, vec![0.0; 2 * data.eval.len()])
@@ -633,10 +575,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
 
     let op = &cfg.optimizer;
     let mut policy = policy;
-    let mut optimizer = AdamW::new(
-        &mut policy,
-        AdamWConfig { lr: op.lr, beta1: op.beta1, beta2: op.beta2, eps: op.eps, weight_decay: op.weight_decay },
-    )?;
+    let mut optimizer = AdamW::new(&mut policy, adamw_config(op))?;
     let mut batcher = Batcher::new(data.train.len(), cfg.seed);
     let total = total_steps(cfg, &batcher, &data.train, task);
     let schedule =
@@ -667,11 +606,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         cfg: cfg.clone(),
         task,
         opts: opts.clone(),
-        policy,
-        reference,
+        learner: Learner { policy, reference, optimizer, objective, grad_clip: op.grad_clip },
         eval_reference,
-        objective,
-        optimizer,
         schedule,
         batcher,
         rng,

@@ -1,0 +1,294 @@
+//! Run configuration: one definition of every setting ([`settings!`] in `settings`), read from TOML,
+//! overridable from the command line with the same names (`cli`), validated with errors that name
+//! the setting and where its value came from.
+//!
+//! Precedence, lowest to highest: the command's defaults (`RunConfig::default()` for `train`), the
+//! TOML file given with `--config`, then the flags (`--optimizer.lr 1e-6`, or `--set
+//! optimizer.lr=1e-6`). A flag always wins over the file.
+//!
+//! A complete file, every field optional (these are the defaults, except `data.path`):
+//!
+//! ```toml
+//! seed = 42
+//! out_dir = "runs/safedpo"
+//! device = "auto"            # auto | cpu | cuda | emu
+//! precompute_ref = true      # reference log-probs computed once and cached; the reference is dropped
+//!
+//! [model]
+//! # init = "models/sft"      # HF model dir for the policy; absent: random init of the shape below
+//! # reference = "models/sft" # HF model dir for the reference; absent: the policy's initial weights
+//! n_layer = 4
+//! n_embd = 128
+//! n_head = 4
+//! n_positions = 512
+//! # vocab_size = 50257       # random init only; absent: the tokenizer's vocabulary
+//!
+//! [data]
+//! path = "data/train.jsonl"
+//! # eval_path = "data/test.jsonl"   # absent: hold out `eval_fraction` of `path`
+//! format = "auto"            # auto | pku-saferlhf | jsonl
+//! selection = "safedpo"      # better | safer | safedpo
+//! template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+//! max_len = 512
+//! eval_fraction = 0.05
+//! skip_invalid = false
+//! sft_safe_only = true       # sft: train only on chosen responses labelled safe
+//!
+//! [objective]                # names, parameters, defaults and bounds: `loss::Objective::ALL`
+//! name = "safedpo"           # dpo (or sigmoid) | safedpo | ipo | robust | cdpo | hinge | rpo | simpo | npo
+//! beta = 0.1
+//! delta = 10.0               # safedpo only; eps: robust/cdpo; alpha: rpo; gamma: simpo
+//!
+//! [optimizer]
+//! lr = 1e-5
+//! beta1 = 0.9
+//! beta2 = 0.999
+//! eps = 1e-8
+//! weight_decay = 0.0
+//! grad_clip = 1.0            # 0 disables clipping
+//! warmup_steps = 0
+//! epochs = 1.0               # or total_steps = 1000 (not both)
+//! min_lr_ratio = 0.1
+//!
+//! [batching]
+//! tokens_per_micro_batch = 8192
+//! grad_accum = 1
+//!
+//! [intervals]
+//! log_every = 1
+//! eval_every = 100           # 0: only before the first and after the last step
+//! checkpoint_every = 500     # 0: only the final checkpoint
+//! keep_checkpoints = 0       # 0: keep all
+//! ```
+
+pub mod cli;
+pub mod settings;
+mod source;
+pub(crate) mod validate;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+pub use crate::backend::DeviceKind;
+pub use crate::data::DEFAULT_TEMPLATE;
+use crate::data::{DataFormat, PairSelection};
+use crate::loss::Objective;
+use crate::model::Gpt2Config;
+pub use cli::{Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
+use settings::settings;
+
+settings! {
+    /// `[model]`: where the policy and the reference come from.
+    pub struct ModelConfig {
+        /// HF model directory the policy starts from; absent: a random model of the shape below.
+        pub init: Option<PathBuf> = None,
+        /// HF model directory of the frozen reference; absent: the policy's initial weights.
+        pub reference: Option<PathBuf> = None,
+        /// Transformer blocks of a random init (ignored with `init`).
+        pub n_layer: usize = 4,
+        /// Width of a random init.
+        pub n_embd: usize = 128,
+        /// Attention heads of a random init.
+        pub n_head: usize = 4,
+        /// Context length (position embeddings) of a random init.
+        pub n_positions: usize = 512,
+        /// Vocabulary of a random init; absent: the tokenizer's. A larger one (GPT-2's 50257) gives a
+        /// model of a real tokenizer's shape on data from a smaller one, for timing and memory checks.
+        // Left out of the serialised form when absent, so that configurations and trajectory
+        // hashes written before the field existed are unchanged.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub vocab_size: Option<usize> = None,
+    }
+}
+
+impl ModelConfig {
+    /// The GPT-2 shape of a random init: `vocab_size` when set, else `tokenizer_vocab` (the
+    /// tokenizer's). The trainer checks every token id of the data fits the vocabulary.
+    pub fn random_shape(&self, tokenizer_vocab: usize) -> Gpt2Config {
+        Gpt2Config {
+            vocab_size: self.vocab_size.unwrap_or(tokenizer_vocab),
+            n_positions: self.n_positions,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            layer_norm_epsilon: 1e-5,
+        }
+    }
+}
+
+settings! {
+    /// `[data]`: the dataset and how pairs are built from it.
+    pub struct DataConfig {
+        /// Training data (JSONL).
+        pub path: Option<PathBuf> = None,
+        /// Separate evaluation data (JSONL); absent: `eval_fraction` of `path` is held out.
+        pub eval_path: Option<PathBuf> = None,
+        /// auto | pku-saferlhf | jsonl.
+        pub format: DataFormat = DataFormat::Auto,
+        /// better | safer | safedpo (the better pairs through T(D)).
+        pub selection: PairSelection = PairSelection::SafeDpo,
+        /// Prompt template; `{prompt}` is replaced by the prompt.
+        pub template: String = DEFAULT_TEMPLATE.to_string(),
+        /// Longest sequence (prompt + response) in tokens; longer pairs are truncated.
+        pub max_len: usize = 512,
+        /// Fraction of the pairs held out for evaluation (when there is no `eval_path`).
+        pub eval_fraction: f64 = 0.05,
+        /// Skip malformed lines instead of failing on the first one.
+        pub skip_invalid: bool = false,
+        /// SFT trains only on chosen responses labelled safe; false: on every chosen response (a
+        /// helpfulness-only SFT like the paper's Alpaca reference, which SafeDPO then aligns).
+        pub sft_safe_only: bool = true,
+    }
+}
+
+settings! {
+    /// `[optimizer]`: AdamW, clipping and the learning-rate schedule.
+    pub struct OptimizerConfig {
+        /// Peak learning rate.
+        pub lr: f32 = 1e-5,
+        /// AdamW β1.
+        pub beta1: f32 = 0.9,
+        /// AdamW β2.
+        pub beta2: f32 = 0.999,
+        /// AdamW ε.
+        pub eps: f32 = 1e-8,
+        /// Decoupled weight decay (matrices and embeddings).
+        pub weight_decay: f32 = 0.0,
+        /// Global grad-norm clip; 0 disables it.
+        pub grad_clip: f32 = 1.0,
+        /// Linear warmup from 0 over this many steps.
+        pub warmup_steps: usize = 0,
+        /// Number of optimizer steps (exclusive with `epochs`; one replaces the other).
+        pub total_steps: Option<usize> = None,
+        /// Passes over the training pairs (exclusive with `total_steps`); absent: 1 epoch.
+        pub epochs: Option<f64> = None,
+        /// The cosine decay ends at `min_lr_ratio · lr`.
+        pub min_lr_ratio: f32 = 0.1,
+    }
+}
+
+settings! {
+    /// `[batching]`: micro-batch size and gradient accumulation.
+    pub struct BatchingConfig {
+        /// Token budget of one packed micro-batch (chosen and rejected sequences together).
+        pub tokens_per_micro_batch: usize = 8192,
+        /// Micro-batches per optimizer step.
+        pub grad_accum: usize = 1,
+    }
+}
+
+settings! {
+    /// `[intervals]`: how often to log, evaluate and checkpoint, in optimizer steps.
+    pub struct IntervalConfig {
+        /// Steps between metrics records.
+        pub log_every: usize = 1,
+        /// Steps between evaluations; 0: only before the first step and after the last.
+        pub eval_every: usize = 100,
+        /// Steps between checkpoints; 0: only the final checkpoint.
+        pub checkpoint_every: usize = 500,
+        /// How many `checkpoint-<step>` directories to keep (oldest removed first); 0 keeps all.
+        pub keep_checkpoints: usize = 0,
+    }
+}
+
+settings! {
+    /// Everything a training run needs.
+    pub struct RunConfig {
+        /// Random seed (data order, holdout split, random init; `generate`: sampling).
+        pub seed: u64 = 42,
+        /// Output directory (metrics, checkpoints, final model).
+        pub out_dir: PathBuf = PathBuf::from("runs/safedpo"),
+        /// Where to run: auto | cpu | cuda | emu.
+        pub device: DeviceKind = DeviceKind::Auto,
+        /// Compute the reference log-probs once for the whole dataset, cache them on disk, and drop
+        /// the reference model during training.
+        pub precompute_ref: bool = true,
+        pub model: ModelConfig = ModelConfig::default(),
+        pub data: DataConfig = DataConfig::default(),
+        /// `[objective]`: the preference objective and its parameters (see `loss::Objective::ALL`).
+        pub objective: Objective = Objective::default(),
+        pub optimizer: OptimizerConfig = OptimizerConfig::default(),
+        pub batching: BatchingConfig = BatchingConfig::default(),
+        pub intervals: IntervalConfig = IntervalConfig::default(),
+    }
+}
+
+/// The length of a run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RunLength {
+    Steps(usize),
+    Epochs(f64),
+}
+
+/// One validation failure: the dotted field path (`optimizer.lr`) and what was expected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl RunConfig {
+    /// Parses a TOML document. Errors carry `file:line:column` and the field.
+    pub fn from_toml_str(text: &str, file: &Path) -> Result<Self> {
+        if let Some((field, message)) = text.parse().ok().as_ref().and_then(source::objective_key_error) {
+            let offset = source::field_offset(text, &field).unwrap_or(0);
+            bail!("{}", source::describe_at(text, file, offset, Some(&field), &message));
+        }
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", source::describe_toml_error(&e, text, file)))
+    }
+
+    /// Reads a TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// The defaults, then the `--config` file if any, then the flags; validated. Errors name the field
+    /// and where its value came from (`file:line`, the flag, or the default).
+    pub fn resolve(overrides: &RunOverrides) -> Result<Self> {
+        Ok(cli::resolve::<Training>(overrides)?.config)
+    }
+
+    /// Checks the fields a training run needs beyond `validate` (a data path).
+    pub fn require_data(&self) -> Result<&Path> {
+        match &self.data.path {
+            Some(p) => Ok(p),
+            None => bail!("data.path: required (set `path` under [data] in the config, or pass --data.path)"),
+        }
+    }
+
+    /// How long to train: `Steps(n)` with `total_steps`, else `Epochs(e)` (1 by default); the
+    /// trainer converts epochs to steps once it knows the data.
+    pub fn length(&self) -> RunLength {
+        match self.optimizer.total_steps {
+            Some(n) => RunLength::Steps(n),
+            None => RunLength::Epochs(self.optimizer.epochs.unwrap_or(1.0)),
+        }
+    }
+
+    /// A sha256 over everything that determines the training trajectory (not the output dir, the
+    /// device or the logging intervals). A resumed run must have the same hash.
+    pub fn trajectory_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let key = serde_json::json!({
+            "seed": self.seed,
+            "precompute_ref": self.precompute_ref,
+            "model": self.model,
+            "data": self.data,
+            "objective": self.objective,
+            "optimizer": self.optimizer,
+            "batching": self.batching,
+        });
+        let digest = Sha256::digest(key.to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The configuration as TOML (written next to every run's outputs).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).context("serialising the run configuration to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! The checks of a run configuration that TOML's types cannot express, one function per table, each
+//! failure naming its field.
+
+use super::{FieldError, RunConfig};
+
+/// Collects failures.
+#[derive(Default)]
+pub(crate) struct Errors(pub Vec<FieldError>);
+
+impl Errors {
+    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.to_string(), message: message.into() });
+    }
+}
+
+impl RunConfig {
+    /// Every problem with the configuration, each naming its field. Checks what can be checked without
+    /// reading the data or the model.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        self.check_model_shape(&mut errs);
+        self.check_data(&mut errs);
+        self.check_objective(&mut errs);
+        self.check_optimizer(&mut errs);
+        self.check_batching_and_intervals(&mut errs);
+        if self.out_dir.as_os_str().is_empty() {
+            errs.add("out_dir", "must not be empty");
+        }
+        errs.0
+    }
+
+    /// `[model]`: the shape of a random init.
+    pub(crate) fn check_model_shape(&self, errs: &mut Errors) {
+        let m = &self.model;
+        if m.init.is_some() {
+            return;
+        }
+        if m.n_layer == 0 {
+            errs.add("model.n_layer", "must be at least 1");
+        }
+        if m.n_head == 0 {
+            errs.add("model.n_head", "must be at least 1");
+        } else if m.n_embd == 0 || !m.n_embd.is_multiple_of(m.n_head) {
+            let message = format!("must be a positive multiple of model.n_head ({}), got {}", m.n_head, m.n_embd);
+            errs.add("model.n_embd", message);
+        }
+        if let Some(v) = m.vocab_size {
+            if !(2..=i32::MAX as usize).contains(&v) {
+                errs.add("model.vocab_size", format!("must be in 2..={} (token ids are i32), got {v}", i32::MAX));
+            }
+        }
+    }
+
+    /// `[data]`, and the random init's context against `data.max_len`.
+    fn check_data(&self, errs: &mut Errors) {
+        let d = &self.data;
+        if self.model.init.is_none() && self.model.n_positions < d.max_len {
+            let message = format!("must be at least data.max_len ({}), got {}", d.max_len, self.model.n_positions);
+            errs.add("model.n_positions", message);
+        }
+        if d.template.matches("{prompt}").count() != 1 {
+            errs.add("data.template", format!("must contain `{{prompt}}` exactly once, got {:?}", d.template));
+        }
+        if d.max_len < 2 {
+            errs.add("data.max_len", format!("must be at least 2 tokens, got {}", d.max_len));
+        }
+        if !(0.0..1.0).contains(&d.eval_fraction) {
+            errs.add("data.eval_fraction", format!("must be in [0, 1), got {}", d.eval_fraction));
+        }
+    }
+
+    /// `[objective]`: every parameter within its bound (`loss::Param::bound`).
+    pub(crate) fn check_objective(&self, errs: &mut Errors) {
+        for (param, message) in self.objective.param_errors() {
+            errs.add(&format!("objective.{param}"), format!("{message} (objective {})", self.objective.name()));
+        }
+    }
+
+    /// `[optimizer]`.
+    pub(crate) fn check_optimizer(&self, errs: &mut Errors) {
+        let op = &self.optimizer;
+        if !(op.lr.is_finite() && op.lr > 0.0) {
+            errs.add("optimizer.lr", format!("must be a positive number, got {}", op.lr));
+        }
+        if !(0.0..1.0).contains(&op.beta1) {
+            errs.add("optimizer.beta1", format!("must be in [0, 1), got {}", op.beta1));
+        }
+        if !(0.0..1.0).contains(&op.beta2) {
+            errs.add("optimizer.beta2", format!("must be in [0, 1), got {}", op.beta2));
+        }
+        if !(op.eps.is_finite() && op.eps > 0.0) {
+            errs.add("optimizer.eps", format!("must be a positive number, got {}", op.eps));
+        }
+        if !(op.weight_decay.is_finite() && op.weight_decay >= 0.0) {
+            errs.add("optimizer.weight_decay", format!("must be >= 0, got {}", op.weight_decay));
+        }
+        if !(op.grad_clip.is_finite() && op.grad_clip >= 0.0) {
+            errs.add("optimizer.grad_clip", format!("must be >= 0 (0 disables clipping), got {}", op.grad_clip));
+        }
+        if !(0.0..=1.0).contains(&op.min_lr_ratio) {
+            errs.add("optimizer.min_lr_ratio", format!("must be in [0, 1], got {}", op.min_lr_ratio));
+        }
+        match (op.total_steps, op.epochs) {
+            (Some(_), Some(_)) => errs.add("optimizer.total_steps", "and optimizer.epochs are exclusive; set one"),
+            (Some(0), None) => errs.add("optimizer.total_steps", "must be at least 1"),
+            (None, Some(e)) if !(e.is_finite() && e > 0.0) => {
+                errs.add("optimizer.epochs", format!("must be a positive number, got {e}"))
+            }
+            _ => {}
+        }
+        if let Some(total) = op.total_steps {
+            if op.warmup_steps > total {
+                let message = format!("must be at most optimizer.total_steps ({total}), got {}", op.warmup_steps);
+                errs.add("optimizer.warmup_steps", message);
+            }
+        }
+    }
+
+    /// `[batching]` and `[intervals]`.
+    fn check_batching_and_intervals(&self, errs: &mut Errors) {
+        let b = &self.batching;
+        let max_len = self.data.max_len;
+        if b.tokens_per_micro_batch < 2 * max_len {
+            let message = format!(
+                "must hold one full pair, 2 × data.max_len = {}, got {}",
+                2 * max_len,
+                b.tokens_per_micro_batch
+            );
+            errs.add("batching.tokens_per_micro_batch", message);
+        }
+        if b.grad_accum == 0 {
+            errs.add("batching.grad_accum", "must be at least 1");
+        }
+        if self.intervals.log_every == 0 {
+            errs.add("intervals.log_every", "must be at least 1");
+        }
+    }
+}

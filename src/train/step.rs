@@ -1,0 +1,161 @@
+//! One optimizer step of preference training, the one implementation the trainer and `safedpo
+//! bench` both run: per micro-batch the reference log-probs, the policy's forward, the preference
+//! loss and the policy's backward (gradients accumulate over the micro-batches), then the global
+//! grad-norm clip folded into AdamW. A hook after each [`Phase`] lets the benchmark synchronise the
+//! device and read its clock; the trainer's does nothing.
+
+use anyhow::{ensure, Result};
+
+use crate::backend::{Backend, PAIR_METRICS};
+use crate::config::OptimizerConfig;
+use crate::data::PreferenceBatch;
+use crate::loss::Objective;
+use crate::model::{DeviceBatch, Gpt2};
+use crate::optim::{clip_scale, AdamW, AdamWConfig};
+
+/// The parts of a step, in order, as the hook sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The reference log-probs of a micro-batch (zeroing the gradients first, on the first one).
+    ReferenceForward,
+    /// The policy's forward and log-probs.
+    PolicyForward,
+    /// The preference loss and its gradient; metrics and log-probs copied to the host.
+    Loss,
+    /// The policy's backward.
+    Backward,
+    /// Global grad norm, clipping scale and AdamW.
+    Optimizer,
+}
+
+/// Where the reference log-probs of training pairs come from.
+pub enum Reference<B: Backend> {
+    /// A reference-free objective (or SFT).
+    Free,
+    /// The frozen reference model, run on every micro-batch.
+    Model(Box<Gpt2<B>>),
+    /// Precomputed `[2T]` (chosen, rejected per training pair).
+    Cached(Vec<f32>),
+}
+
+/// A preference micro-batch on the device, with the host batch it came from.
+pub struct MicroBatch<B: Backend> {
+    pub host: PreferenceBatch,
+    pub packed: DeviceBatch<B>,
+    pub unsafe_flags: B::Ids,
+    pub lengths: B::Ids,
+}
+
+impl<B: Backend> MicroBatch<B> {
+    pub fn upload(b: &B, host: PreferenceBatch) -> Result<Self> {
+        Ok(Self {
+            packed: DeviceBatch::upload(b, &host.packed)?,
+            unsafe_flags: b.upload_ids(&host.unsafe_flags)?,
+            lengths: b.upload_ids(&host.lengths)?,
+            host,
+        })
+    }
+}
+
+/// What one micro-batch gave, on the host.
+pub struct MicroOutput {
+    /// `PAIR_METRICS` values per pair (loss first).
+    pub metrics: Vec<f32>,
+    /// The policy's sequence log-probs `[2P]` (chosen, rejected per pair).
+    pub logps: Vec<f32>,
+}
+
+/// One step's outcome.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    pub grad_norm: f32,
+    pub lr: f32,
+}
+
+/// AdamW's settings from `[optimizer]`.
+pub fn adamw_config(op: &OptimizerConfig) -> AdamWConfig {
+    AdamWConfig { lr: op.lr, beta1: op.beta1, beta2: op.beta2, eps: op.eps, weight_decay: op.weight_decay }
+}
+
+/// What a step updates: the policy and its optimizer state, with the reference and the objective.
+pub struct Learner<B: Backend> {
+    pub policy: Gpt2<B>,
+    pub reference: Reference<B>,
+    pub optimizer: AdamW<B>,
+    pub objective: Objective,
+    /// Global grad-norm clip; 0 disables it (the norm is still computed).
+    pub grad_clip: f32,
+}
+
+impl<B: Backend> Learner<B> {
+    /// One optimizer step on `micro` at learning rate `lr`, the gradient that of the mean loss over
+    /// all their pairs. `each` gets every micro-batch's output; `lap` is called after each phase.
+    pub fn preference_step(
+        &mut self,
+        micro: &[MicroBatch<B>],
+        lr: f32,
+        mut each: impl FnMut(&MicroBatch<B>, MicroOutput),
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
+    ) -> Result<StepInfo> {
+        let pairs: usize = micro.iter().map(|m| m.host.num_pairs()).sum();
+        let grad_scale = 1.0 / pairs as f32;
+        let backend = self.policy.backend().clone();
+        let b = &*backend;
+        self.policy.zero_grad()?;
+        for batch in micro {
+            let n = batch.host.num_pairs();
+            let owned;
+            let reference = match &mut self.reference {
+                Reference::Model(model) => model.forward(&batch.packed)?,
+                Reference::Free => {
+                    owned = b.zeros(2 * n)?;
+                    &owned
+                }
+                Reference::Cached(all) => {
+                    let ids = &batch.host.pair_ids;
+                    owned = b.upload(&ids.iter().flat_map(|&i| [all[2 * i], all[2 * i + 1]]).collect::<Vec<_>>())?;
+                    &owned
+                }
+            };
+            lap(Phase::ReferenceForward)?;
+
+            let logps = self.policy.forward(&batch.packed)?;
+            lap(Phase::PolicyForward)?;
+
+            let mut metrics = b.zeros(n * PAIR_METRICS)?;
+            let mut dpolicy = b.zeros(2 * n)?;
+            let (flags, lengths) = (&batch.unsafe_flags, &batch.lengths);
+            b.preference_loss(
+                &mut metrics,
+                &mut dpolicy,
+                logps,
+                reference,
+                flags,
+                lengths,
+                &self.objective,
+                grad_scale,
+            )?;
+            let output = MicroOutput { metrics: b.download(&metrics)?, logps: b.download(logps)? };
+            lap(Phase::Loss)?;
+
+            self.policy.backward(&batch.packed, &dpolicy)?;
+            lap(Phase::Backward)?;
+            each(batch, output);
+        }
+        let info = self.update(lr)?;
+        lap(Phase::Optimizer)?;
+        Ok(info)
+    }
+
+    /// Clips by the global grad norm and applies AdamW at `lr`.
+    pub fn update(&mut self, lr: f32) -> Result<StepInfo> {
+        let (grad_norm, scale) = clip_scale(&self.policy, self.grad_clip)?;
+        ensure!(
+            grad_norm.is_finite(),
+            "step {}: the gradient norm is {grad_norm}; training diverged (lower optimizer.lr or set optimizer.grad_clip)",
+            self.optimizer.step_count() + 1
+        );
+        self.optimizer.step(&mut self.policy, lr, scale)?;
+        Ok(StepInfo { grad_norm, lr })
+    }
+}
