@@ -48,7 +48,7 @@
 // an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 118/121, dkdv 128/128; no
 // spills except dkdv on sm_90 (4 bytes at hd64, 12 at hd128).
 //
-// Verified only on the emulated device (tests/cuda_kernels.rs against the CPU backend, both precisions,
+// Verified only on the emulated device (tests/ops/attention.rs against the CPU backend, both precisions,
 // both HD_MAX); it compiles with nvcc for sm_80/sm_90 but has not yet been run or timed on a real GPU.
 #include "common.cuh"
 

@@ -38,10 +38,14 @@ if ! cargo bench --no-run --bench kernels_cuda --message-format=json >>"$json"; 
     echo "gpu-bundle: warning: the kernels_cuda bench did not build; the bundle goes without it" >&2
 fi
 
-# Test targets whose sources hold GPU tests: tests/<name>.rs, and the library's unit tests if src/ has any.
+# Test targets whose sources hold GPU tests: tests/<name>.rs, tests/<name>/main.rs with its modules,
+# and the library's unit tests if src/ has any.
 gpu_targets=()
 for f in tests/*.rs; do
     grep -q 'needs a GPU' "$f" && gpu_targets+=("test:$(basename "$f" .rs)")
+done
+for d in tests/*/; do
+    [[ -f "$d/main.rs" ]] && grep -rq 'needs a GPU' "$d" && gpu_targets+=("test:$(basename "$d")")
 done
 if grep -rq 'needs a GPU' src/; then
     gpu_targets+=("lib:safedpo")

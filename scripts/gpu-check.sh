@@ -255,7 +255,7 @@ test_args() {
     fi
     case "$1" in
         gpu_device) echo "on_emu::" ;;
-        cuda_kernels | cuda_step) echo "emu::" ;;
+        ops | cuda_step) echo "emu::" ;;
         frozen) echo "close_to_trainable_on_the_emulated_device" ;;
         *) echo "" ;;
     esac
@@ -282,10 +282,10 @@ done
 
 # (tool, test executable, filter): the kernel families, the device self-tests, one whole step.
 sanitizer_runs=(
-    "memcheck cuda_kernels gpu:: --skip determinism --skip errors"
+    "memcheck ops gpu:: --skip determinism --skip errors"
     "memcheck gpu_device on_gpu::"
     "memcheck cuda_step gpu::step_matches_cpu"
-    "racecheck cuda_kernels gpu:: --skip determinism --skip errors"
+    "racecheck ops gpu:: --skip determinism --skip errors"
     "racecheck gpu_device on_gpu::"
 )
 for run in "${sanitizer_runs[@]}"; do

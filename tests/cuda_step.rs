@@ -13,10 +13,11 @@ use std::sync::Arc;
 use common::*;
 use half::bf16;
 use rand::Rng;
+use safedpo::backend::cpu::optimizer::spec;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::PAIR_METRICS;
+use safedpo::backend::{AdamWParams, PAIR_METRICS};
 use safedpo::data::{PackedBatch, PreferenceBatch};
 use safedpo::loss::Objective;
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
@@ -197,20 +198,13 @@ fn step_matches_cpu(device: &Device, precision: Precision) {
     }
 }
 
-/// The first AdamW step (m = v = 0 before it) in f64, as `AdamW::step` configures it.
+/// The first AdamW step (m = v = 0 before it) in f64 (the op's spec), as `AdamW::step` configures it.
 fn adamw_first_step_twin(param: &[f32], grad: &[f32], grad_scale: f32, decay: bool) -> Vec<f64> {
-    let (beta1, beta2, eps) = (BETA1 as f64, BETA2 as f64, EPS as f64);
-    let (lr, wd) = (LR as f64, if decay { WEIGHT_DECAY as f64 } else { 0.0 });
+    let weight_decay = if decay { WEIGHT_DECAY } else { 0.0 };
+    let p = AdamWParams { lr: LR, beta1: BETA1, beta2: BETA2, eps: EPS, weight_decay, step: 1, grad_scale };
+    let (mut param, mut m, mut v) = (to_f64(param), vec![0.0; param.len()], vec![0.0; param.len()]);
+    spec::adamw(&mut param, &to_f64(grad), &mut m, &mut v, &p);
     param
-        .iter()
-        .zip(grad)
-        .map(|(&p, &g)| {
-            let (p, g) = (p as f64, g as f64 * grad_scale as f64);
-            let m_hat = (1.0 - beta1) * g / (1.0 - beta1);
-            let v_hat = (1.0 - beta2) * g * g / (1.0 - beta2);
-            p - lr * (m_hat / (v_hat.sqrt() + eps) + wd * p)
-        })
-        .collect()
 }
 
 /// Checks parameters after one AdamW step. At step 1 AdamW moves each weight by ±lr (the moments

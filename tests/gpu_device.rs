@@ -1,7 +1,7 @@
 //! The device interface, checked the same way on the emulated device (always) and on a real GPU
 //! (`cargo test --release --test gpu_device -- --ignored` on a machine with one): memory operations,
 //! launch geometry, barriers, shuffles, votes, block reductions, atomics, bf16/fp16 conversion, GEMM
-//! against an f64 host reference, and the AdamW kernel against an f64 host reference.
+//! against an f64 host reference, and the AdamW kernel against the op's f64 spec (`optimizer::spec`).
 //!
 //! Every check generates its own random data; outputs are poisoned before a kernel writes them.
 
@@ -9,6 +9,7 @@ use anyhow::{ensure, Result};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use safedpo::backend::cpu::optimizer;
 use safedpo::backend::cuda::{kernels, CudaBackend, Device, DeviceBuffer, Gemm, LaunchConfig, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::backend::{AdamWParams, MemoryStats};
@@ -585,20 +586,6 @@ fn gemm_matches_host_reference(device: &Device) -> Result<()> {
 
 // ---- AdamW ---------------------------------------------------------------------------------------
 
-/// One AdamW step in f64 (PyTorch's AdamW: decoupled weight decay on the pre-update parameter).
-fn adamw_reference(param: &mut [f64], grad: &[f64], m: &mut [f64], v: &mut [f64], p: &AdamWParams) {
-    let (b1, b2) = (p.beta1 as f64, p.beta2 as f64);
-    let bc1 = 1.0 - b1.powi(p.step as i32);
-    let bc2 = 1.0 - b2.powi(p.step as i32);
-    for i in 0..param.len() {
-        let g = grad[i] * p.grad_scale as f64;
-        m[i] = b1 * m[i] + (1.0 - b1) * g;
-        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-        let update = (m[i] / bc1) / ((v[i] / bc2).sqrt() + p.eps as f64);
-        param[i] -= p.lr as f64 * (update + p.weight_decay as f64 * param[i]);
-    }
-}
-
 /// The bias corrections the kernels take, computed in f64 as the backend will.
 fn bias_corrections(p: &AdamWParams) -> (f32, f32) {
     ((1.0 - (p.beta1 as f64).powi(p.step as i32)) as f32, (1.0 - (p.beta2 as f64).powi(p.step as i32)) as f32)
@@ -655,7 +642,7 @@ fn adamw_f32_matches_host_reference(device: &Device) -> Result<()> {
             ],
         )?;
         let grad64: Vec<f64> = grad_host.iter().map(|&x| x as f64).collect();
-        adamw_reference(&mut ref_param, &grad64, &mut ref_m, &mut ref_v, &p);
+        optimizer::spec::adamw(&mut ref_param, &grad64, &mut ref_m, &mut ref_v, &p);
         let (got_p, got_m, got_v) = (device.download(&param)?, device.download(&m)?, device.download(&v)?);
         for i in 0..n {
             ensure!(
@@ -707,7 +694,7 @@ fn adamw_bf16_matches_host_reference(device: &Device) -> Result<()> {
             ],
         )?;
         let grad64: Vec<f64> = grad_host.iter().map(|x| x.to_f64()).collect();
-        adamw_reference(&mut ref_master, &grad64, &mut ref_m, &mut ref_v, &p);
+        optimizer::spec::adamw(&mut ref_master, &grad64, &mut ref_m, &mut ref_v, &p);
         let (got_param, got_master) = (device.download(&param)?, device.download(&master)?);
         let (got_m, got_v) = (device.download(&m)?, device.download(&v)?);
         for i in 0..n {

@@ -1,8 +1,8 @@
-//! The GPT-2 model on the CPU backend, held to an independent naive f64 implementation written
-//! here from the architecture's definition (HF `GPT2LMHeadModel` with `gelu_new`): forward values,
-//! every parameter gradient against central differences of the f64 model, packing invariance,
-//! determinism, buffer reuse across batch shapes, initialisation, generation logits, and the
-//! end-to-end gradient through the model and every preference objective.
+//! The GPT-2 model on the CPU backend, held to a naive f64 GPT-2 composed here from the ops' specs
+//! after the architecture's definition (HF `GPT2LMHeadModel` with `gelu_new`): forward values, every
+//! parameter gradient against central differences of the f64 model, packing invariance, determinism,
+//! buffer reuse across batch shapes, initialisation, generation logits, and the end-to-end gradient
+//! through the model and every preference objective.
 
 mod common;
 
@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::*;
-use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::cpu::{attention, embedding, layernorm, logsoftmax_gather, matmul, pointwise, CpuBackend};
 use safedpo::backend::prelude::*;
-use safedpo::backend::PAIR_METRICS;
+use safedpo::backend::{WeightLayout, PAIR_METRICS};
 use safedpo::data::PackedBatch;
 use safedpo::loss::{pair_loss, Objective, PairInput};
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
@@ -37,41 +37,22 @@ fn pack(seqs: &[(Vec<i32>, usize)]) -> PackedBatch {
 
 const LENS: [(usize, usize); 5] = [(5, 2), (1, 1), (9, 3), (3, 1), (12, 5)];
 
-// ---- the naive f64 reference -------------------------------------------------------------------
+// ---- the f64 reference -----------------------------------------------------------------------
 
-/// GPT-2 in f64, one loop per formula, sharing nothing with the code under test but the weights.
+/// GPT-2 in f64, composed from the ops' specs (`safedpo::backend::cpu::<op>::spec`, plain f64 loops),
+/// sharing nothing with the code under test but the weights.
 struct Reference {
     config: Gpt2Config,
     w: BTreeMap<String, Vec<f64>>,
 }
 
-fn layernorm(x: &[f64], w: &[f64], b: &[f64], c: usize, eps: f64) -> Vec<f64> {
-    let mut out = vec![0.0; x.len()];
-    for (row, o) in x.chunks(c).zip(out.chunks_mut(c)) {
-        let mean = row.iter().sum::<f64>() / c as f64;
-        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for i in 0..c {
-            o[i] = (row[i] - mean) * rstd * w[i] + b[i];
-        }
-    }
-    out
-}
-
 /// `x [n, ic] · w [ic, oc] + b` (HF Conv1D layout).
 fn conv1d(x: &[f64], w: &[f64], b: &[f64], ic: usize, oc: usize) -> Vec<f64> {
-    let n = x.len() / ic;
-    let mut out = vec![0.0; n * oc];
-    for t in 0..n {
-        for o in 0..oc {
-            out[t * oc + o] = b[o] + (0..ic).map(|i| x[t * ic + i] * w[i * oc + o]).sum::<f64>();
-        }
-    }
-    out
+    matmul::spec::forward(x, w, Some(b), x.len() / ic, ic, oc, WeightLayout::InOut)
 }
 
-fn gelu_new(x: f64) -> f64 {
-    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+fn layernorm(x: &[f64], w: &[f64], b: &[f64], c: usize, eps: f64) -> Vec<f64> {
+    layernorm::spec::forward(x, w, b, x.len() / c, c, eps).0
 }
 
 fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -88,80 +69,32 @@ impl Reference {
         &self.w[name]
     }
 
-    /// Causal attention inside each sequence; `qkv [n, 3c]` → `[n, c]`.
-    fn attention(&self, qkv: &[f64], cu: &[i32]) -> Vec<f64> {
-        let (c, nh) = (self.config.n_embd, self.config.n_head);
-        let d = c / nh;
-        let n = qkv.len() / (3 * c);
-        let mut out = vec![0.0; n * c];
-        for s in cu.windows(2) {
-            let (a, b) = (s[0] as usize, s[1] as usize);
-            for h in 0..nh {
-                for t in a..b {
-                    let q = &qkv[t * 3 * c + h * d..][..d];
-                    let scores: Vec<f64> = (a..=t)
-                        .map(|u| {
-                            let k = &qkv[u * 3 * c + c + h * d..][..d];
-                            q.iter().zip(k).map(|(x, y)| x * y).sum::<f64>() / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                    for (j, u) in (a..=t).enumerate() {
-                        let p = (scores[j] - max).exp() / z;
-                        for i in 0..d {
-                            out[t * c + h * d + i] += p * qkv[u * 3 * c + 2 * c + h * d + i];
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// Logits `[n, v]` and sequence log-probs `[S]`.
     fn forward(&self, batch: &PackedBatch) -> (Vec<f64>, Vec<f64>) {
         let cfg = &self.config;
         let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon as f64);
         let n = batch.num_tokens();
-        let (wte, wpe) = (self.p("wte.weight"), self.p("wpe.weight"));
-        let mut x = vec![0.0; n * c];
-        for t in 0..n {
-            let (tok, pos) = (batch.tokens[t] as usize, batch.positions[t] as usize);
-            for i in 0..c {
-                x[t * c + i] = wte[tok * c + i] + wpe[pos * c + i];
-            }
-        }
+        let lens: Vec<usize> = batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+        let wte = self.p("wte.weight");
+        let mut x = embedding::spec::forward(&batch.tokens, &batch.positions, wte, self.p("wpe.weight"), c);
         for l in 0..cfg.n_layer {
             let p = |s: &str| self.p(&format!("h.{l}.{s}"));
             let h = layernorm(&x, p("ln_1.weight"), p("ln_1.bias"), c, eps);
             let qkv = conv1d(&h, p("attn.c_attn.weight"), p("attn.c_attn.bias"), c, 3 * c);
-            let y = self.attention(&qkv, &batch.cu_seqlens);
+            let (y, _) = attention::spec::forward(&qkv, &lens, cfg.n_head, c);
             x = add(&x, &conv1d(&y, p("attn.c_proj.weight"), p("attn.c_proj.bias"), c, c));
             let h = layernorm(&x, p("ln_2.weight"), p("ln_2.bias"), c, eps);
-            let f: Vec<f64> =
-                conv1d(&h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), c, 4 * c).into_iter().map(gelu_new).collect();
+            let f: Vec<f64> = conv1d(&h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), c, 4 * c)
+                .into_iter()
+                .map(pointwise::spec::gelu)
+                .collect();
             x = add(&x, &conv1d(&f, p("mlp.c_proj.weight"), p("mlp.c_proj.bias"), 4 * c, c));
         }
         let h = layernorm(&x, self.p("ln_f.weight"), self.p("ln_f.bias"), c, eps);
-        let mut logits = vec![0.0; n * v];
-        for t in 0..n {
-            for k in 0..v {
-                logits[t * v + k] = (0..c).map(|i| h[t * c + i] * wte[k * c + i]).sum();
-            }
-        }
-        let mut seq = vec![0.0; batch.num_seqs()];
-        for (s, w) in batch.cu_seqlens.windows(2).enumerate() {
-            for t in w[0] as usize..w[1] as usize {
-                if batch.targets[t] < 0 {
-                    continue;
-                }
-                let row = &logits[t * v..][..v];
-                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
-                seq[s] += row[batch.targets[t] as usize] - lse;
-            }
-        }
+        // The tied LM head: `wte` is `[vocab, c]`.
+        let logits = matmul::spec::forward(&h, wte, None, n, c, v, WeightLayout::OutIn);
+        let (token_logp, _) = logsoftmax_gather::spec::forward(&logits, &batch.targets, v);
+        let seq = logsoftmax_gather::spec::sequence_sums(&token_logp, &lens);
         (logits, seq)
     }
 

@@ -1,13 +1,14 @@
 //! The learning-rate schedule, the weight-decay rule, and (on the CPU backend with a tiny random
-//! GPT-2) AdamW, SGD and grad-norm clipping against hand-written f64 twins on host copies.
+//! GPT-2) AdamW, SGD and grad-norm clipping against the ops' f64 specs on host copies.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::cpu::{grad_norm, optimizer, CpuBackend};
 use safedpo::backend::prelude::*;
+use safedpo::backend::AdamWParams;
 use safedpo::data::PackedBatch;
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
 use safedpo::optim::{clip_scale, decays_weight, sgd_step, AdamW, AdamWConfig, LrSchedule, STEP_KEY};
@@ -174,14 +175,15 @@ fn host_params_and_grads(model: &Gpt2<CpuBackend>, opt: &AdamW<CpuBackend>) -> V
         .collect()
 }
 
-/// The f64 AdamW twin (PyTorch's `AdamW`: decoupled decay first, then the bias-corrected step).
-/// Beside each value it tracks the size of the operands that produced it (`m_size`, and the
-/// parameter's in `step`'s second result), the scale of the f32 rounding error the backend may make.
+/// The f64 AdamW twin: the op's spec (`optimizer::spec::adamw`, PyTorch's `AdamW`) on host copies,
+/// with each tensor's moments kept by name. Beside each value it tracks the size of the operands
+/// that produced it (`m_size`, and the parameter's in `step`'s second result), the scale of the f32
+/// rounding error the backend may make.
 struct HostAdamW {
     m: BTreeMap<String, Vec<f64>>,
     m_size: BTreeMap<String, Vec<f64>>,
     v: BTreeMap<String, Vec<f64>>,
-    step: i32,
+    step: u32,
 }
 
 impl HostAdamW {
@@ -193,32 +195,34 @@ impl HostAdamW {
     fn step(
         &mut self,
         cfg: &AdamWConfig,
-        lr: f64,
-        scale: f64,
+        lr: f32,
+        scale: f32,
         name: &str,
         param: &[f32],
         grad: &[f32],
     ) -> (Vec<f64>, Vec<f64>) {
-        let (b1, b2, eps) = (cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64);
-        let wd = if decays_weight(name) { cfg.weight_decay as f64 } else { 0.0 };
+        let weight_decay = if decays_weight(name) { cfg.weight_decay } else { 0.0 };
+        let (beta1, beta2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
+        let hp = AdamWParams { lr, beta1, beta2, eps, weight_decay, step: self.step, grad_scale: scale };
         let zeros = || vec![0.0; param.len()];
         let m = self.m.entry(name.to_string()).or_insert_with(zeros);
         let m_size = self.m_size.entry(name.to_string()).or_insert_with(zeros);
         let v = self.v.entry(name.to_string()).or_insert_with(zeros);
-        let (bc1, bc2) = (1.0 - b1.powi(self.step), 1.0 - b2.powi(self.step));
-        (0..param.len())
+        let mut new: Vec<f64> = param.iter().map(|&p| p as f64).collect();
+        let grad: Vec<f64> = grad.iter().map(|&g| g as f64).collect();
+        optimizer::spec::adamw(&mut new, &grad, m, v, &hp);
+        // The operands' size: the update's terms taken in absolute value.
+        let (b1, b2, lr) = (beta1 as f64, beta2 as f64, lr as f64);
+        let (bc1, bc2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
+        let size = (0..param.len())
             .map(|i| {
-                let g = grad[i] as f64 * scale;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                let g = grad[i] * scale as f64;
                 m_size[i] = b1 * m_size[i] + (1.0 - b1) * g.abs();
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let denominator = (v[i] / bc2).sqrt() + eps;
-                let p = param[i] as f64 * (1.0 - lr * wd);
-                let new = p - lr * (m[i] / bc1) / denominator;
-                let size = (param[i] as f64).abs() + lr * (m_size[i] / bc1) / denominator;
-                (new, size)
+                let denominator = (v[i] / bc2).sqrt() + eps as f64;
+                (param[i] as f64).abs() + lr * (m_size[i] / bc1) / denominator
             })
-            .unzip()
+            .collect();
+        (new, size)
     }
 }
 
@@ -256,13 +260,13 @@ fn adamw_steps_match_an_f64_twin() {
         let after = model.to_host().unwrap();
         let state = opt.state_to_host().unwrap();
         for (name, param, grad) in &before {
-            let (want, size) = twin.step(&ADAMW, lr as f64, scale as f64, name, param, grad);
+            let (want, size) = twin.step(&ADAMW, lr, scale, name, param, grad);
             assert_close_slices(name, &after.tensors[name].1, &want, &size, 1e-6);
             let (m_key, v_key) = (format!("m.{name}"), format!("v.{name}"));
             assert_close_slices(&m_key, &state[&m_key], &twin.m[name], &twin.m_size[name], 1e-6);
             assert_close_slices(&v_key, &state[&v_key], &twin.v[name], &twin.v[name], 1e-6);
         }
-        assert_eq!(opt.step_count(), twin.step as u32);
+        assert_eq!(opt.step_count(), twin.step);
     }
 }
 
@@ -306,8 +310,8 @@ fn sgd_step_matches_the_host() {
     sgd_step(&mut model, lr, scale).unwrap();
     let after = model.to_host().unwrap();
     for (name, param, grad) in &before {
-        let want: Vec<f64> =
-            param.iter().zip(grad).map(|(&p, &g)| p as f64 - lr as f64 * scale as f64 * g as f64).collect();
+        let mut want: Vec<f64> = param.iter().map(|&p| p as f64).collect();
+        optimizer::spec::sgd(&mut want, &grad.iter().map(|&g| g as f64).collect::<Vec<_>>(), lr as f64, scale as f64);
         let magnitude: Vec<f64> = param
             .iter()
             .zip(grad)
@@ -324,7 +328,8 @@ fn clip_scale_uses_the_global_norm_of_all_gradients() {
     let opt = AdamW::new(&mut model, ADAMW).unwrap();
     random_grads(&mut model, &mut rng);
     let host = host_params_and_grads(&model, &opt);
-    let norm = host.iter().flat_map(|(_, _, g)| g).map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+    let grads: Vec<&[f32]> = host.iter().map(|(_, _, g)| g.as_slice()).collect();
+    let norm = grad_norm::spec::sum_squares(&grads).sqrt();
     assert!(norm > 0.0);
     let (got, no_clip) = clip_scale(&model, 0.0).unwrap();
     assert!(close(got as f64, norm, 1e-6), "norm {got} vs host {norm}");

@@ -1,11 +1,13 @@
 //! Causal attention over packed sequences: against the spec and its finite differences, and
-//! sequences independent of what they are packed with.
+//! sequences independent of what they are packed with; the CUDA backend against the CPU.
 
 use safedpo::backend::cpu::attention::spec;
 use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
+use crate::device::Fixture;
 use crate::{backend, packing, FD_STEP, GRAD_RTOL};
 
 /// Runs the forward on a packed batch; returns (out, saved).
@@ -86,3 +88,40 @@ fn attention_sequences_are_independent() {
     assert_bitwise_eq("out of A packed vs alone", &out_packed[lb * c..(lb + la) * c], &out_alone);
     assert_bitwise_eq("dqkv of A packed vs alone", &dqkv_packed[lb * 3 * c..(lb + la) * 3 * c], &dqkv_alone);
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+fn attention(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 3);
+    // (lengths, n_head, c). The kernels tile 64 rows for head dims ≤ 64 and 32 rows for ≤ 128.
+    let cases: [(&[usize], usize, usize); 3] = [
+        // hd = 8 (zero-padded to 64): lengths 1 and 0, shorter and longer than a warp, one tile.
+        (&[1, 7, 33, 0, 5, 32], 3, 24),
+        // hd = 64: tile boundaries 63/64/65, three tiles (130), a single token after them.
+        (&[63, 64, 65, 130, 1], 2, 128),
+        // hd = 72 (the 128 bound, 32-row tiles, padded channels): 1, 0, 33, 65 = 2 tiles + 1.
+        (&[33, 1, 0, 65, 32], 1, 72),
+    ];
+    for (lens, nh, c) in cases {
+        let what = format!("lens {lens:?}, n_head {nh}, c {c}");
+        let n: usize = lens.iter().sum();
+        let (cpu_packing, cuda_packing) = f.packing(lens);
+        let qkv = f.randn(n * 3 * c, 1.0);
+        let (cq, gq) = f.both(&qkv);
+        let (mut want, mut got) = f.poisoned(n * c);
+        let mut want_saved = f.cpu.zeros(f.cpu.attention_saved_len(&cpu_packing, nh)).unwrap();
+        let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
+        f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, nh, c).unwrap();
+        f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, nh, c).unwrap();
+        f.check(&format!("attention_forward out ({what})"), &got, &want);
+
+        let dout = f.randn(n * c, 1.0);
+        let (cd, gd) = f.both(&dout);
+        let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * 3 * c);
+        f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, nh, c).unwrap();
+        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, nh, c).unwrap();
+        f.check(&format!("attention_backward dqkv ({what})"), &got_dqkv, &want_dqkv);
+    }
+}
+
+device_tests!(attention);

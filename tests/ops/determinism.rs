@@ -1,9 +1,12 @@
-//! Every op with a reduction, run twice and on 1, 3 and the global pool's threads: the same bits.
+//! Every op with a reduction, run twice and on 1, 3 and the global pool's threads: the same bits; on
+//! the CUDA backend, the backward ops run twice.
 
 use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
+use crate::device::Fixture;
 use crate::matmul::LAYOUTS;
 use crate::{backend, packing};
 
@@ -79,3 +82,34 @@ fn every_op_is_deterministic_and_independent_of_thread_count() {
     let three = three_threads.install(|| run_all_ops(&be, 18));
     assert_bitwise_eq("3 threads vs the global pool", &three, &first);
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+/// Backward ops run twice on the same inputs give bit-identical results.
+fn determinism(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 9);
+    let (n, c, vocab) = (45, 36, 11);
+    let tokens = rand_ids(&mut f.rng, n, vocab);
+    let ids = f.cuda.upload_ids(&tokens).unwrap();
+    let dout = f.fresh(n * c, 1.0).1;
+    let inp = f.fresh(n * c, 1.0).1;
+    let w = f.fresh(c, 1.0).1;
+    let run = || {
+        let mut dwte = f.cuda.zeros(vocab * c).unwrap();
+        let mut dwpe = f.cuda.zeros(vocab * c).unwrap();
+        f.cuda.embedding_backward(&mut dwte, &mut dwpe, &dout, &ids, &ids, n, c).unwrap();
+        let (mut mean, mut rstd, mut out) =
+            (f.cuda.zeros(n).unwrap(), f.cuda.zeros(n).unwrap(), f.cuda.zeros(n * c).unwrap());
+        f.cuda.layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &w, n, c, 1e-5).unwrap();
+        let (mut dinp, mut dw, mut db) =
+            (f.cuda.zeros(n * c).unwrap(), f.cuda.zeros(c).unwrap(), f.cuda.zeros(c).unwrap());
+        f.cuda.layernorm_backward(&mut dinp, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, n, c).unwrap();
+        [dwte, dinp, dw, db].map(|b| f.cuda.download(&b).unwrap())
+    };
+    let (first, second) = (run(), run());
+    for (k, (a, b)) in first.iter().zip(&second).enumerate() {
+        assert_bitwise_eq(&format!("backward output {k} ({precision})"), a, b);
+    }
+}
+
+device_tests!(determinism);

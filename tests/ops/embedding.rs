@@ -1,9 +1,12 @@
-//! Token and position embeddings: forward against the spec, backward against its finite differences.
+//! Token and position embeddings: forward against the spec, backward against its finite differences;
+//! the CUDA backend against the CPU, and its argument errors.
 
 use safedpo::backend::cpu::embedding::spec;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
+use crate::device::Fixture;
 use crate::{accumulated, backend};
 
 #[test]
@@ -64,3 +67,47 @@ fn embedding_rejects_out_of_range_ids() {
     let msg = format!("{:#}", err.unwrap_err());
     assert!(msg.contains("embedding_forward") && msg.contains("tokens[1]") && msg.contains('4'), "{msg}");
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+fn embedding(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 1);
+    let (n, c, vocab, ctx) = (37, 40, 23, 13);
+    let tokens = rand_ids(&mut f.rng, n, vocab);
+    let positions = rand_ids(&mut f.rng, n, ctx);
+    let (wte, wpe) = (f.randn(vocab * c, 1.0), f.randn(ctx * c, 1.0));
+    let (cpu_tok, cuda_tok) = (f.cpu.upload_ids(&tokens).unwrap(), f.cuda.upload_ids(&tokens).unwrap());
+    let (cpu_pos, cuda_pos) = (f.cpu.upload_ids(&positions).unwrap(), f.cuda.upload_ids(&positions).unwrap());
+    let ((cw, gw), (cp, gp)) = (f.both(&wte), f.both(&wpe));
+
+    let (mut want, mut got) = f.poisoned(n * c);
+    f.cpu.embedding_forward(&mut want, &cpu_tok, &cpu_pos, &cw, &cp, n, c).unwrap();
+    f.cuda.embedding_forward(&mut got, &cuda_tok, &cuda_pos, &gw, &gp, n, c).unwrap();
+    f.check("embedding_forward out", &got, &want);
+
+    let dout = f.randn(n * c, 1.0);
+    let (cd, gd) = f.both(&dout);
+    let (mut want_wte, mut got_wte) = f.fresh(vocab * c, 1.0);
+    let (mut want_wpe, mut got_wpe) = f.fresh(ctx * c, 1.0);
+    for _ in 0..2 {
+        f.cpu.embedding_backward(&mut want_wte, &mut want_wpe, &cd, &cpu_tok, &cpu_pos, n, c).unwrap();
+        f.cuda.embedding_backward(&mut got_wte, &mut got_wpe, &gd, &cuda_tok, &cuda_pos, n, c).unwrap();
+    }
+    f.check("embedding_backward dwte", &got_wte, &want_wte);
+    f.check("embedding_backward dwpe", &got_wpe, &want_wpe);
+}
+
+/// Errors name the op and the tensor; nothing is launched on bad input.
+fn errors(device: &Device, precision: Precision) {
+    let f = Fixture::new(device, precision, 10);
+    let mut out = f.cuda.zeros(10).unwrap();
+    let ids = f.cuda.upload_ids(&[0, 7]).unwrap();
+    let table = f.cuda.zeros(5 * 4).unwrap();
+    let err = f.cuda.embedding_forward(&mut out, &ids, &ids, &table, &table, 2, 5).unwrap_err().to_string();
+    assert!(err.contains("embedding_forward") && err.contains("out"), "{err}");
+    let mut out = f.cuda.zeros(8).unwrap();
+    let err = f.cuda.embedding_forward(&mut out, &ids, &ids, &table, &table, 2, 4).unwrap_err().to_string();
+    assert!(err.contains("tokens[1]") && err.contains("7"), "{err}");
+}
+
+device_tests!(embedding, errors);

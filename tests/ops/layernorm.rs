@@ -1,9 +1,13 @@
-//! LayerNorm and the fused residual LayerNorm: against the spec and its finite differences.
+//! LayerNorm and the fused residual LayerNorm: against the spec and its finite differences; the CUDA
+//! backend against the CPU.
 
+use rand::Rng;
 use safedpo::backend::cpu::layernorm::spec;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
+use crate::device::Fixture;
 use crate::{accumulated, backend, FD_STEP, FWD_RTOL, GRAD_RTOL};
 
 #[test]
@@ -95,3 +99,136 @@ fn residual_layernorm_forward_is_residual_then_layernorm_bit_for_bit() {
     let msg = format!("{err:#}");
     assert!(msg.contains("residual_layernorm_forward") && msg.contains("`b`") && msg.contains("11"), "{msg}");
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+fn layernorm(device: &Device, precision: Precision) {
+    for (seed, (n, c)) in [(1, 19), (1, 1), (5, 72), (3, 300)].into_iter().enumerate() {
+        let mut f = Fixture::new(device, precision, 10 + seed as u64);
+        let inp: Vec<f32> = f.randn(n * c, 2.0).iter().map(|x| x + 0.5).collect();
+        let inp = f.stored(inp);
+        let (w, b) = (f.randn(c, 1.0), f.randn(c, 0.5));
+        let ((ci, gi), (cw, gw), (cb, gb)) = (f.both(&inp), f.both(&w), f.both(&b));
+        let (mut want, mut got) = f.poisoned(n * c);
+        let (mut want_mean, mut got_mean) = f.poisoned(n);
+        let (mut want_rstd, mut got_rstd) = f.poisoned(n);
+        f.cpu.layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &ci, &cw, &cb, n, c, 1e-5).unwrap();
+        f.cuda.layernorm_forward(&mut got, &mut got_mean, &mut got_rstd, &gi, &gw, &gb, n, c, 1e-5).unwrap();
+        let shape = format!("[{n}, {c}]");
+        f.check(&format!("layernorm_forward out {shape}"), &got, &want);
+        // mean and rstd are f32 in both modes, computed from the same (stored) inputs
+        f.check_at(&format!("layernorm_forward mean {shape}"), &got_mean, &want_mean, 1e-5);
+        f.check_at(&format!("layernorm_forward rstd {shape}"), &got_rstd, &want_rstd, 1e-5);
+
+        let dout = f.randn(n * c, 1.0);
+        let (cd, gd) = f.both(&dout);
+        let (mut want_dinp, mut got_dinp) = f.fresh(n * c, 1.0);
+        let (mut want_dw, mut got_dw) = f.fresh(c, 1.0);
+        let (mut want_db, mut got_db) = f.fresh(c, 1.0);
+        for _ in 0..2 {
+            f.cpu
+                .layernorm_backward(
+                    &mut want_dinp,
+                    &mut want_dw,
+                    &mut want_db,
+                    &cd,
+                    &ci,
+                    &cw,
+                    &want_mean,
+                    &want_rstd,
+                    n,
+                    c,
+                )
+                .unwrap();
+            f.cuda
+                .layernorm_backward(&mut got_dinp, &mut got_dw, &mut got_db, &gd, &gi, &gw, &got_mean, &got_rstd, n, c)
+                .unwrap();
+        }
+        f.check(&format!("layernorm_backward dinp {shape}"), &got_dinp, &want_dinp);
+        f.check(&format!("layernorm_backward dweight {shape}"), &got_dw, &want_dw);
+        f.check(&format!("layernorm_backward dbias {shape}"), &got_db, &want_db);
+    }
+}
+
+/// The fused residual add + LayerNorm. The residual is checked against the CPU's; the LayerNorm
+/// outputs against the CPU's LayerNorm of the residual *as stored* (rounded to bf16 in Bf16 mode),
+/// with the f32 statistics held to 1e-5 in both modes: the statistics must come from the rounded
+/// residual that the backward re-reads, not from the f32 sums. The fused kernel must also equal the
+/// unfused pair of launches on the same device bit for bit.
+fn residual_layernorm(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 30);
+    let mut shapes = vec![(1, 1), (1, 45), (4, 32), (9, 300)];
+    for _ in 0..3 {
+        shapes.push((f.rng.random_range(1..40), f.rng.random_range(1..200) * 2 + 1));
+    }
+    for (n, c) in shapes {
+        let shape = format!("[{n}, {c}]");
+        // a residual stream far from zero plus a branch: the bf16 rounding of the sum matters.
+        let a: Vec<f32> = f.randn(n * c, 2.0).iter().map(|x| x + 20.0).collect();
+        let a = f.stored(a);
+        let b = f.randn(n * c, 1.0);
+        let (w, bias) = (f.randn(c, 1.0), f.randn(c, 0.5));
+        let ((ca, ga), (cb, gb), (cw, gw), (cbias, gbias)) = (f.both(&a), f.both(&b), f.both(&w), f.both(&bias));
+
+        let (mut want_residual, mut got_residual) = f.poisoned(n * c);
+        let (mut want, mut got) = f.poisoned(n * c);
+        let (mut want_mean, mut got_mean) = f.poisoned(n);
+        let (mut want_rstd, mut got_rstd) = f.poisoned(n);
+        f.cuda
+            .residual_layernorm_forward(
+                &mut got_residual,
+                &mut got,
+                &mut got_mean,
+                &mut got_rstd,
+                &ga,
+                &gb,
+                &gw,
+                &gbias,
+                n,
+                c,
+                1e-5,
+            )
+            .unwrap();
+        f.cpu
+            .residual_layernorm_forward(
+                &mut want_residual,
+                &mut want,
+                &mut want_mean,
+                &mut want_rstd,
+                &ca,
+                &cb,
+                &cw,
+                &cbias,
+                n,
+                c,
+                1e-5,
+            )
+            .unwrap();
+        f.check(&format!("residual_layernorm_forward residual {shape}"), &got_residual, &want_residual);
+        let stored_residual = f.stored(want_residual.clone());
+        f.cpu
+            .layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &stored_residual, &cw, &cbias, n, c, 1e-5)
+            .unwrap();
+        f.check(&format!("residual_layernorm_forward out {shape}"), &got, &want);
+        f.check_at(&format!("residual_layernorm_forward mean {shape}"), &got_mean, &want_mean, 1e-5);
+        f.check_at(&format!("residual_layernorm_forward rstd {shape}"), &got_rstd, &want_rstd, 1e-5);
+
+        // the unfused launches on the same device
+        let (_, mut residual) = f.poisoned(n * c);
+        let (_, mut out) = f.poisoned(n * c);
+        let ((_, mut mean), (_, mut rstd)) = (f.poisoned(n), f.poisoned(n));
+        f.cuda.residual_forward(&mut residual, &ga, &gb).unwrap();
+        f.cuda.layernorm_forward(&mut out, &mut mean, &mut rstd, &residual, &gw, &gbias, n, c, 1e-5).unwrap();
+        for (what, fused, unfused) in [
+            ("residual", &got_residual, &residual),
+            ("out", &got, &out),
+            ("mean", &got_mean, &mean),
+            ("rstd", &got_rstd, &rstd),
+        ] {
+            let (fused, unfused) = (f.cuda.download(fused).unwrap(), f.cuda.download(unfused).unwrap());
+            assert_bitwise_eq(&format!("fused vs unfused {what} {shape} ({precision})"), &fused, &unfused);
+        }
+    }
+}
+
+device_tests!(layernorm, residual_layernorm);

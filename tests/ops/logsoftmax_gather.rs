@@ -1,11 +1,14 @@
 //! The fused log-softmax-gather and the per-sequence sum: against the spec and its finite
-//! differences, on ordinary rows, rows near 1e4 and a large vocabulary.
+//! differences, on ordinary rows, rows near 1e4 and a large vocabulary; the CUDA backend against the
+//! CPU.
 
 use rand::Rng;
 use safedpo::backend::cpu::logsoftmax_gather::spec;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
+use crate::device::Fixture;
 use crate::{backend, packing};
 
 /// Logits with a mix of scales: ordinary rows, rows near 1e4, and a row with one huge logit.
@@ -106,3 +109,39 @@ fn logsoftmax_gather_rejects_bad_targets() {
     let msg = format!("{err:#}");
     assert!(msg.contains("targets[1]") && msg.contains("-1 or 0..3"), "{msg}");
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+fn logsoftmax_gather(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 5);
+    // v not a multiple of the block; rows with and without targets; a sequence of length 1
+    let (lens, v) = ([1usize, 10, 18], 300);
+    let n: usize = lens.iter().sum();
+    let (cpu_packing, cuda_packing) = f.packing(&lens);
+    let logits: Vec<f32> = f.randn(n * v, 3.0).iter().map(|x| x + 20.0).collect(); // large logits
+    let logits = f.stored(logits);
+    let targets: Vec<i32> = (0..n).map(|t| if t % 4 == 3 { -1 } else { f.rng.random_range(0..v as i32) }).collect();
+    let (ct, gt) = (f.cpu.upload_ids(&targets).unwrap(), f.cuda.upload_ids(&targets).unwrap());
+    let (mut cl, mut gl) = f.both(&logits);
+
+    let (mut want_logp, mut got_logp) = f.poisoned(n);
+    let (mut want_lse, mut got_lse) = f.poisoned(n);
+    f.cpu.logsoftmax_gather_forward(&mut want_logp, &mut want_lse, &cl, &ct, n, v).unwrap();
+    f.cuda.logsoftmax_gather_forward(&mut got_logp, &mut got_lse, &gl, &gt, n, v).unwrap();
+    // f32 outputs in both modes, from the same stored logits
+    f.check_at("logsoftmax_gather_forward token_logp", &got_logp, &want_logp, 1e-5);
+    f.check_at("logsoftmax_gather_forward lse", &got_lse, &want_lse, 1e-5);
+
+    let (mut want_seq, mut got_seq) = f.poisoned(lens.len());
+    f.cpu.sequence_logp_sum(&mut want_seq, &want_logp, &cpu_packing).unwrap();
+    f.cuda.sequence_logp_sum(&mut got_seq, &got_logp, &cuda_packing).unwrap();
+    f.check_at("sequence_logp_sum", &got_seq, &want_seq, 1e-5);
+
+    let dseq = randn(&mut f.rng, lens.len(), 1.0);
+    let (cd, gd) = f.both(&dseq);
+    f.cpu.logsoftmax_gather_backward(&mut cl, &want_lse, &ct, &cd, &cpu_packing, n, v).unwrap();
+    f.cuda.logsoftmax_gather_backward(&mut gl, &got_lse, &gt, &gd, &cuda_packing, n, v).unwrap();
+    f.check("logsoftmax_gather_backward dlogits", &gl, &cl);
+}
+
+device_tests!(logsoftmax_gather);

@@ -6,19 +6,27 @@
 //! (w random), so the spec's forward is the only specification. Accumulating backwards start from
 //! random priors and are called twice (the gradient must add twice); overwriting ones start from
 //! NaN.
+//!
+//! Beside them, each family's CUDA kernels on the emulated device against the CPU backend, and their
+//! GPU twins, ignored without a GPU (`device`: `<op>::emu::*`, `<op>::gpu::*`).
 
 #[path = "../common/mod.rs"]
 mod common;
+#[macro_use]
+mod device;
 
 mod attention;
+mod buffers;
 mod determinism;
 mod embedding;
+mod grad_norm;
 mod layernorm;
 mod logsoftmax_gather;
 mod matmul;
 mod optimizer;
 mod pointwise;
 mod preference_loss;
+mod rows;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::prelude::*;

@@ -1,9 +1,12 @@
-//! GELU against the spec and its derivative; the adds and the scale exact.
+//! GELU against the spec and its derivative; the adds and the scale exact; the CUDA backend against
+//! the CPU.
 
 use safedpo::backend::cpu::pointwise::spec;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
+use crate::device::Fixture;
 use crate::{backend, FD_STEP};
 
 #[test]
@@ -55,3 +58,53 @@ fn residual_add_and_scale_are_exact() {
     let msg = format!("{err:#}");
     assert!(msg.contains("residual_forward") && msg.contains("`b`") && msg.contains('4') && msg.contains('3'), "{msg}");
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+fn pointwise(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 4);
+    let n = 1003;
+    let (a, b) = (f.randn(n, 2.0), f.randn(n, 1.0));
+    let ((ca, ga), (cb, gb)) = (f.both(&a), f.both(&b));
+
+    let (mut want, mut got) = f.poisoned(n);
+    f.cpu.gelu_forward(&mut want, &ca).unwrap();
+    f.cuda.gelu_forward(&mut got, &ga).unwrap();
+    f.check("gelu_forward", &got, &want);
+
+    let (mut want, mut got) = f.poisoned(n);
+    f.cpu.gelu_backward(&mut want, &ca, &cb).unwrap();
+    f.cuda.gelu_backward(&mut got, &ga, &gb).unwrap();
+    f.check("gelu_backward", &got, &want);
+
+    let (mut want, mut got) = f.poisoned(n);
+    f.cpu.residual_forward(&mut want, &ca, &cb).unwrap();
+    f.cuda.residual_forward(&mut got, &ga, &gb).unwrap();
+    f.check("residual_forward", &got, &want);
+
+    let (mut want, mut got) = f.both(&a);
+    f.cpu.add_inplace(&mut want, &cb).unwrap();
+    f.cuda.add_inplace(&mut got, &gb).unwrap();
+    f.check("add_inplace", &got, &want);
+
+    f.cpu.scale(&mut want, -0.37).unwrap();
+    f.cuda.scale(&mut got, -0.37).unwrap();
+    f.check("scale", &got, &want);
+
+    let (mut want, mut got) = f.poisoned(n);
+    f.cpu.copy(&mut want, &ca).unwrap();
+    f.cuda.copy(&mut got, &ga).unwrap();
+    f.check("copy", &got, &want);
+
+    f.cpu.fill(&mut want, 0.25).unwrap();
+    f.cuda.fill(&mut got, 0.25).unwrap();
+    f.check("fill", &got, &want);
+
+    // zeros, and empty tensors, go through without launching anything
+    assert!(f.cuda.download(&f.cuda.zeros(n).unwrap()).unwrap().iter().all(|&x| x == 0.0));
+    let (mut empty, none) = (f.cuda.zeros(0).unwrap(), f.cuda.zeros(0).unwrap());
+    f.cuda.gelu_forward(&mut empty, &none).unwrap();
+    f.cuda.scale(&mut empty, 2.0).unwrap();
+}
+
+device_tests!(pointwise);

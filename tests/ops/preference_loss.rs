@@ -1,12 +1,16 @@
-//! The preference loss of a batch against the spec (`pair_loss` per pair), every objective kind.
+//! The preference loss of a batch against the spec (`pair_loss` per pair), every objective kind; the
+//! CUDA backend against the CPU.
 
+use rand::Rng;
 use safedpo::backend::cpu::preference_loss::spec;
+use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::backend::PAIR_METRICS;
 use safedpo::loss::Objective;
 
 use crate::backend;
 use crate::common::*;
+use crate::device::Fixture;
 
 #[test]
 fn preference_loss_applies_pair_loss_to_each_pair() {
@@ -41,3 +45,39 @@ fn preference_loss_applies_pair_loss_to_each_pair() {
         }
     }
 }
+
+// ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+fn preference_loss(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 6);
+    let pairs = 37;
+    let policy = uniform(&mut f.rng, 2 * pairs, -60.0, -5.0);
+    let reference: Vec<f32> = policy.iter().map(|p| p + f.rng.random_range(-3.0..3.0)).collect();
+    let flags = rand_ids(&mut f.rng, 2 * pairs, 2);
+    let mut lengths = rand_ids(&mut f.rng, 2 * pairs, 40);
+    lengths[3] = 0;
+    let ((cp, gp), (cr, gr)) = (f.both(&policy), f.both(&reference));
+    let (cf, gf) = (f.cpu.upload_ids(&flags).unwrap(), f.cuda.upload_ids(&flags).unwrap());
+    let (cl, gl) = (f.cpu.upload_ids(&lengths).unwrap(), f.cuda.upload_ids(&lengths).unwrap());
+    for name in Objective::NAMES {
+        let objective = Objective::default_for(name).unwrap();
+        let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
+        let (mut want_d, mut got_d) = f.poisoned(2 * pairs);
+        f.cpu.preference_loss(&mut want_m, &mut want_d, &cp, &cr, &cf, &cl, &objective, 0.7).unwrap();
+        f.cuda.preference_loss(&mut got_m, &mut got_d, &gp, &gr, &gf, &gl, &objective, 0.7).unwrap();
+        // Each metric column on its own scale; inputs and outputs are f32 in both modes.
+        let got = f.cuda.download(&got_m).unwrap();
+        for k in 0..PAIR_METRICS {
+            let column = |x: &[f32]| -> Vec<f32> { x.iter().skip(k).step_by(PAIR_METRICS).copied().collect() };
+            assert_close_scaled(
+                &format!("preference_loss {objective} metric {k} ({precision})"),
+                &column(&got),
+                &to_f64(&column(&want_m)),
+                2e-5,
+            );
+        }
+        f.check_at(&format!("preference_loss {objective} dpolicy"), &got_d, &want_d, 2e-5);
+    }
+}
+
+device_tests!(preference_loss);

@@ -6,6 +6,8 @@ use rayon::prelude::*;
 
 use super::simd::{exp_f32, simd_kernel};
 use super::{CpuBackend, POINTWISE_CHUNK};
+// The GELU constants are the kernels' (`kernels/pointwise.cu`), so both backends round alike.
+use crate::backend::cuda::kernels::constants::pointwise::{GELU_CUBIC, GELU_SCALE};
 use crate::backend::{checks, PointwiseOps};
 
 /// The specification, in f64, that the fast version below and the CUDA kernels are held to. GELU's
@@ -17,10 +19,6 @@ pub mod spec {
         0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
     }
 }
-
-/// `√(2/π)`, the GELU tanh approximation's constant.
-const GELU_SCALE: f32 = 0.797_884_6;
-const GELU_CUBIC: f32 = 0.044_715;
 
 /// HF `gelu_new`, `½x(1 + tanh u)` with `u = √(2/π)(x + 0.044715x³)`, evaluated as the identical
 /// `x·σ(2u)` (since `1 + tanh u = 2σ(2u)`): one exponential, and no cancellation for negative x.
