@@ -81,13 +81,31 @@ struct ExpectedPair {
     rejected_logp: f64,
 }
 
+/// One response of a pair with what `transformers` computed for it.
+struct Response<'a> {
+    tokens: &'a [i32],
+    token_logps: &'a [f64],
+    logp: f64,
+    /// Its log-prob's weight in the loss whose gradients the fixture holds.
+    weight: f64,
+}
+
 impl ExpectedPair {
-    /// (response, its token log-probs, their sum, its weight in the loss): chosen, then rejected,
-    /// the order of the pair's two sequences in a preference batch.
-    fn responses(&self) -> [(&[i32], &[f64], f64, f64); 2] {
+    /// Chosen, then rejected: the order of the pair's two sequences in a preference batch.
+    fn responses(&self) -> [Response<'_>; 2] {
         [
-            (&self.chosen, &self.chosen_token_logps, self.chosen_logp, self.chosen_weight),
-            (&self.rejected, &self.rejected_token_logps, self.rejected_logp, self.rejected_weight),
+            Response {
+                tokens: &self.chosen,
+                token_logps: &self.chosen_token_logps,
+                logp: self.chosen_logp,
+                weight: self.chosen_weight,
+            },
+            Response {
+                tokens: &self.rejected,
+                token_logps: &self.rejected_token_logps,
+                logp: self.rejected_logp,
+                weight: self.rejected_weight,
+            },
         ]
     }
 }
@@ -126,11 +144,11 @@ impl Fixture {
         ensure!(!e.pairs.is_empty(), "no pairs");
         for (i, pair) in e.pairs.iter().enumerate() {
             ensure!(!pair.prompt.is_empty(), "pair {i}: empty prompt");
-            for (response, token_logps, logp, _) in pair.responses() {
-                ensure!(!response.is_empty(), "pair {i}: empty response");
-                ensure!(token_logps.len() == response.len(), "pair {i}: a log-prob per response token");
-                let sum: f64 = token_logps.iter().sum();
-                ensure!((sum - logp).abs() <= 1e-9 * logp.abs(), "pair {i}: the log-prob is not its tokens' sum");
+            for r in pair.responses() {
+                ensure!(!r.tokens.is_empty(), "pair {i}: empty response");
+                ensure!(r.token_logps.len() == r.tokens.len(), "pair {i}: a log-prob per response token");
+                let sum: f64 = r.token_logps.iter().sum();
+                ensure!((sum - r.logp).abs() <= 1e-9 * r.logp.abs(), "pair {i}: the log-prob is not its tokens' sum");
             }
         }
         for (name, grad) in &e.grads {
@@ -196,8 +214,8 @@ fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances
         .collect();
     let batch = preference_batch(&pairs, &(0..pairs.len()).collect::<Vec<_>>());
     let responses: Vec<_> = expected.pairs.iter().flat_map(|p| p.responses()).collect();
-    let want_logps: Vec<f64> = responses.iter().map(|r| r.2).collect();
-    let loss_weights: Vec<f32> = responses.iter().map(|r| r.3 as f32).collect();
+    let want_logps: Vec<f64> = responses.iter().map(|r| r.logp).collect();
+    let loss_weights: Vec<f32> = responses.iter().map(|r| r.weight as f32).collect();
     let dev = DeviceBatch::upload(&*backend, &batch.packed).unwrap();
 
     // Sequence log-probs and every gradient, from the trainable model.
@@ -223,8 +241,14 @@ fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances
         let got_max = all.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
         let floor = tol.grad_floor * want.abs_max;
         assert_close(&at(&format!("d loss / d {name}")), &got, &want.values, tol.grad_rel, floor);
+        // The largest entry over the whole tensor, sampled or not.
         let max_err = (got_max - want.abs_max).abs();
-        assert!(max_err <= tol.grad_rel * want.abs_max + floor, "{}", at(&format!("largest |d/d {name}|")));
+        assert!(
+            max_err <= tol.grad_rel * want.abs_max + floor,
+            "{}: {got_max} but should be {}",
+            at(&format!("largest |d loss / d {name}|")),
+            want.abs_max
+        );
     }
 
     // The frozen model (the reference model of a run), its LM head in chunks of a few rows.
@@ -237,10 +261,10 @@ fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances
     let mut prefixes = Vec::new();
     let mut want_tokens = Vec::new();
     for pair in &expected.pairs {
-        for (response, token_logps, _, _) in pair.responses() {
-            for (j, &logp) in token_logps.iter().enumerate() {
+        for response in pair.responses() {
+            for (j, &logp) in response.token_logps.iter().enumerate() {
                 let mut tokens = pair.prompt.clone();
-                tokens.extend_from_slice(&response[..=j]);
+                tokens.extend_from_slice(&response.tokens[..=j]);
                 prefixes.push((tokens, pair.prompt.len() + j));
                 want_tokens.push(logp);
             }
