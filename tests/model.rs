@@ -1,8 +1,8 @@
-//! The GPT-2 model on the CPU backend, held to a naive f64 GPT-2 composed here from the ops' specs
-//! after the architecture's definition (HF `GPT2LMHeadModel` with `gelu_new`): forward values, every
-//! parameter gradient against central differences of the f64 model, packing invariance, determinism,
-//! buffer reuse across batch shapes, initialisation, generation logits, and the end-to-end gradient
-//! through the model and every preference objective.
+//! The GPT-2 model on the CPU backend, held to an independent naive f64 implementation written
+//! here from the architecture's definition (HF `GPT2LMHeadModel` with `gelu_new`): forward values,
+//! every parameter gradient against central differences of the f64 model, packing invariance,
+//! determinism, buffer reuse across batch shapes, initialisation, generation logits, and the
+//! end-to-end gradient through the model and every preference objective.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::*;
-use safedpo::backend::cpu::{attention, embedding, layernorm, logsoftmax_gather, matmul, pointwise, CpuBackend};
+use safedpo::backend::cpu::{attention, embedding, layernorm, matmul, pointwise, CpuBackend};
 use safedpo::backend::prelude::*;
 use safedpo::backend::{WeightLayout, PAIR_METRICS};
 use safedpo::data::PackedBatch;
@@ -25,34 +25,57 @@ fn cpu() -> Arc<CpuBackend> {
     Arc::new(CpuBackend::new())
 }
 
-/// Sequences of varied lengths, including 1 (no target) and prompts of several lengths.
-fn sequences(seed: u64, lens: &[(usize, usize)], vocab: usize) -> Vec<(Vec<i32>, usize)> {
-    let mut r = rng(seed);
-    lens.iter().map(|&(len, prompt)| (rand_ids(&mut r, len, vocab), prompt)).collect()
+/// A sequence as raw token lists: the prompt, then the response, whose tokens carry the loss.
+#[derive(Clone, Debug)]
+struct Seq {
+    prompt: Vec<i32>,
+    response: Vec<i32>,
 }
 
-fn pack(seqs: &[(Vec<i32>, usize)]) -> PackedBatch {
-    PackedBatch::from_sequences(seqs.iter().map(|(t, p)| (t.as_slice(), *p)))
+impl Seq {
+    /// `tokens` with its first `prompt_len` tokens as the prompt.
+    fn split(tokens: &[i32], prompt_len: usize) -> Self {
+        Seq { prompt: tokens[..prompt_len].to_vec(), response: tokens[prompt_len..].to_vec() }
+    }
+
+    fn tokens(&self) -> Vec<i32> {
+        [self.prompt.as_slice(), &self.response].concat()
+    }
+}
+
+/// Sequences of (length, prompt length): varied lengths, including 1 (no target), and prompts of
+/// several lengths.
+fn sequences(seed: u64, lens: &[(usize, usize)], vocab: usize) -> Vec<Seq> {
+    let mut r = rng(seed);
+    lens.iter().map(|&(len, prompt)| Seq::split(&rand_ids(&mut r, len, vocab), prompt)).collect()
+}
+
+/// The batch under test, packed by the library.
+fn pack(seqs: &[Seq]) -> PackedBatch {
+    let tokens: Vec<Vec<i32>> = seqs.iter().map(Seq::tokens).collect();
+    PackedBatch::from_sequences(tokens.iter().zip(seqs).map(|(t, s)| (t.as_slice(), s.prompt.len())))
 }
 
 const LENS: [(usize, usize); 5] = [(5, 2), (1, 1), (9, 3), (3, 1), (12, 5)];
 
-// ---- the f64 reference -----------------------------------------------------------------------
+// ---- the naive f64 reference -------------------------------------------------------------------
 
 /// GPT-2 in f64, composed from the ops' specs (`safedpo::backend::cpu::<op>::spec`, plain f64 loops),
-/// sharing nothing with the code under test but the weights.
+/// sharing nothing with the code under test but the weights: it runs each sequence on its own from
+/// its raw token lists (positions `0..T`, the loss on the
+/// response tokens, each predicted from the position before it), never reading a `PackedBatch`.
 struct Reference {
     config: Gpt2Config,
     w: BTreeMap<String, Vec<f64>>,
 }
 
+fn layernorm(x: &[f64], w: &[f64], b: &[f64], c: usize, eps: f64) -> Vec<f64> {
+    layernorm::spec::forward(x, w, b, x.len() / c, c, eps).0
+}
+
 /// `x [n, ic] · w [ic, oc] + b` (HF Conv1D layout).
 fn conv1d(x: &[f64], w: &[f64], b: &[f64], ic: usize, oc: usize) -> Vec<f64> {
     matmul::spec::forward(x, w, Some(b), x.len() / ic, ic, oc, WeightLayout::InOut)
-}
-
-fn layernorm(x: &[f64], w: &[f64], b: &[f64], c: usize, eps: f64) -> Vec<f64> {
-    layernorm::spec::forward(x, w, b, x.len() / c, c, eps).0
 }
 
 fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -69,19 +92,19 @@ impl Reference {
         &self.w[name]
     }
 
-    /// Logits `[n, v]` and sequence log-probs `[S]`.
-    fn forward(&self, batch: &PackedBatch) -> (Vec<f64>, Vec<f64>) {
+    /// Logits `[T, v]` of one sequence; token `t` sits at position `t`.
+    fn sequence_logits(&self, tokens: &[i32]) -> Vec<f64> {
         let cfg = &self.config;
         let (c, v, eps) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon as f64);
-        let n = batch.num_tokens();
-        let lens: Vec<usize> = batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+        let n = tokens.len();
         let wte = self.p("wte.weight");
-        let mut x = embedding::spec::forward(&batch.tokens, &batch.positions, wte, self.p("wpe.weight"), c);
+        let positions: Vec<i32> = (0..n as i32).collect();
+        let mut x = embedding::spec::forward(tokens, &positions, wte, self.p("wpe.weight"), c);
         for l in 0..cfg.n_layer {
             let p = |s: &str| self.p(&format!("h.{l}.{s}"));
             let h = layernorm(&x, p("ln_1.weight"), p("ln_1.bias"), c, eps);
             let qkv = conv1d(&h, p("attn.c_attn.weight"), p("attn.c_attn.bias"), c, 3 * c);
-            let (y, _) = attention::spec::forward(&qkv, &lens, cfg.n_head, c);
+            let (y, _) = attention::spec::forward(&qkv, &[n], cfg.n_head, c);
             x = add(&x, &conv1d(&y, p("attn.c_proj.weight"), p("attn.c_proj.bias"), c, c));
             let h = layernorm(&x, p("ln_2.weight"), p("ln_2.bias"), c, eps);
             let f: Vec<f64> = conv1d(&h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), c, 4 * c)
@@ -92,22 +115,41 @@ impl Reference {
         }
         let h = layernorm(&x, self.p("ln_f.weight"), self.p("ln_f.bias"), c, eps);
         // The tied LM head: `wte` is `[vocab, c]`.
-        let logits = matmul::spec::forward(&h, wte, None, n, c, v, WeightLayout::OutIn);
-        let (token_logp, _) = logsoftmax_gather::spec::forward(&logits, &batch.targets, v);
-        let seq = logsoftmax_gather::spec::sequence_sums(&token_logp, &lens);
-        (logits, seq)
+        matmul::spec::forward(&h, wte, None, n, c, v, WeightLayout::OutIn)
+    }
+
+    /// The logits of all sequences one after the other `[Σ T, v]`, and each sequence's log-prob:
+    /// `Σ_j log softmax(logits[p − 1 + j])[response[j]]` for a prompt of length `p`.
+    fn forward(&self, seqs: &[Seq]) -> (Vec<f64>, Vec<f64>) {
+        let v = self.config.vocab_size;
+        let mut all_logits = Vec::new();
+        let mut seq_logps = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            assert!(!seq.prompt.is_empty(), "a sequence starts with at least one prompt token");
+            let logits = self.sequence_logits(&seq.tokens());
+            let mut logp = 0.0;
+            for (j, &target) in seq.response.iter().enumerate() {
+                let row = &logits[(seq.prompt.len() - 1 + j) * v..][..v];
+                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+                logp += row[target as usize] - lse;
+            }
+            all_logits.extend(logits);
+            seq_logps.push(logp);
+        }
+        (all_logits, seq_logps)
     }
 
     /// Central differences of `loss(seq logps)` w.r.t. `tensor` at `idx`.
-    fn fd_grad(&mut self, tensor: &str, idx: &[usize], batch: &PackedBatch, loss: &dyn Fn(&[f64]) -> f64) -> Vec<f64> {
+    fn fd_grad(&mut self, tensor: &str, idx: &[usize], seqs: &[Seq], loss: &dyn Fn(&[f64]) -> f64) -> Vec<f64> {
         let h = 1e-5;
         idx.iter()
             .map(|&i| {
                 let orig = self.w[tensor][i];
                 self.w.get_mut(tensor).unwrap()[i] = orig + h;
-                let up = loss(&self.forward(batch).1);
+                let up = loss(&self.forward(seqs).1);
                 self.w.get_mut(tensor).unwrap()[i] = orig - h;
-                let down = loss(&self.forward(batch).1);
+                let down = loss(&self.forward(seqs).1);
                 self.w.get_mut(tensor).unwrap()[i] = orig;
                 (up - down) / (2.0 * h)
             })
@@ -127,7 +169,7 @@ fn download_grads(model: &Gpt2<CpuBackend>) -> Vec<Vec<f32>> {
 fn check_all_gradients(
     model: &Gpt2<CpuBackend>,
     reference: &mut Reference,
-    batch: &PackedBatch,
+    seqs: &[Seq],
     loss: &dyn Fn(&[f64]) -> f64,
     samples: usize,
     seed: u64,
@@ -145,7 +187,7 @@ fn check_all_gradients(
         if !idx.contains(&argmax) {
             idx.push(argmax);
         }
-        let fd = reference.fd_grad(name, &idx, batch, loss);
+        let fd = reference.fd_grad(name, &idx, seqs, loss);
         let got: Vec<f32> = idx.iter().map(|&i| grad[i]).collect();
         let scale = fd.iter().fold(0.0f64, |m, x| m.max(x.abs()));
         assert!(scale > 0.0, "{what}: {name}: every sampled finite difference is 0; the test has no signal");
@@ -181,10 +223,10 @@ fn forward_matches_the_f64_reference() {
     let host = test_weights(&config, 1);
     let backend = cpu();
     let mut model = Gpt2::from_host(backend.clone(), &host).unwrap();
-    let batch = pack(&sequences(2, &LENS, config.vocab_size));
-    let dev = DeviceBatch::upload(&*backend, &batch).unwrap();
+    let seqs = sequences(2, &LENS, config.vocab_size);
+    let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
     let got = backend.download(model.forward(&dev).unwrap()).unwrap();
-    let (_, want) = Reference::new(&host).forward(&batch);
+    let (_, want) = Reference::new(&host).forward(&seqs);
     assert_eq!(want[1], 0.0, "the length-1 sequence has no target");
     assert!(want.iter().filter(|x| **x != 0.0).all(|x| x.abs() > 1.0), "log-probs of the test data are not trivial");
     assert_close("sequence log-probs", &got, &want, 1e-5, 1e-5);
@@ -196,16 +238,16 @@ fn every_parameter_gradient_matches_finite_differences() {
     let host = test_weights(&config, 3);
     let backend = cpu();
     let mut model = Gpt2::from_host(backend.clone(), &host).unwrap();
-    let batch = pack(&sequences(4, &LENS, config.vocab_size));
-    let dev = DeviceBatch::upload(&*backend, &batch).unwrap();
-    let weights: Vec<f64> = uniform(&mut rng(5), batch.num_seqs(), -1.0, 1.0).into_iter().map(f64::from).collect();
+    let seqs = sequences(4, &LENS, config.vocab_size);
+    let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
+    let weights: Vec<f64> = uniform(&mut rng(5), seqs.len(), -1.0, 1.0).into_iter().map(f64::from).collect();
     model.forward(&dev).unwrap();
     let dseq = backend.upload(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>()).unwrap();
     model.zero_grad().unwrap();
     model.backward(&dev, &dseq).unwrap();
     let mut reference = Reference::new(&host);
     let loss = |seq: &[f64]| weighted_sum(&weights, seq);
-    check_all_gradients(&model, &mut reference, &batch, &loss, 24, 6, "Σ w·logp");
+    check_all_gradients(&model, &mut reference, &seqs, &loss, 24, 6, "Σ w·logp");
 }
 
 #[test]
@@ -304,19 +346,19 @@ fn misuse_and_out_of_range_inputs_are_errors() {
     let mut model = Gpt2::random(backend.clone(), config.clone(), 1).unwrap();
     let message = |r: anyhow::Result<()>| format!("{:#}", r.expect_err("should fail"));
 
-    let too_long = pack(&[((0..33).map(|i| i % 37).collect(), 1)]);
+    let too_long = pack(&[Seq::split(&(0..33).map(|i| i % 37).collect::<Vec<_>>(), 1)]);
     let dev = DeviceBatch::upload(&*backend, &too_long).unwrap();
     let msg = message(model.forward(&dev).map(|_| ()));
     assert!(msg.contains("position 32") && msg.contains("n_positions"), "{msg}");
     assert!(message(model.last_logits(&[0; 33]).map(|_| ())).contains("n_positions"));
     assert!(message(model.last_logits(&[]).map(|_| ())).contains("empty"));
 
-    let bad_token = pack(&[(vec![3, 37, 4], 1)]);
+    let bad_token = pack(&[Seq::split(&[3, 37, 4], 1)]);
     let dev = DeviceBatch::upload(&*backend, &bad_token).unwrap();
     let msg = message(model.forward(&dev).map(|_| ()));
     assert!(msg.contains("37") && msg.contains("vocabulary"), "{msg}");
 
-    let mut bad = pack(&[(vec![3, 4], 1)]);
+    let mut bad = pack(&[Seq::split(&[3, 4], 1)]);
     bad.tokens[0] = -2;
     assert!(DeviceBatch::<CpuBackend>::upload(&backend, &bad).is_err());
 
@@ -367,14 +409,14 @@ fn last_logits_match_the_reference_last_row() {
     let mut model = Gpt2::from_host(cpu(), &host).unwrap();
     let tokens = rand_ids(&mut rng(20), 9, config.vocab_size);
     let got = model.last_logits(&tokens).unwrap();
-    let (logits, _) = Reference::new(&host).forward(&pack(&[(tokens.clone(), tokens.len())]));
+    let (logits, _) = Reference::new(&host).forward(&[Seq::split(&tokens, tokens.len())]);
     let v = config.vocab_size;
     assert_close("last logits", &got, &logits[8 * v..], 1e-5, 1e-5);
     assert_close(
         "one-token logits",
         &model.last_logits(&tokens[..1]).unwrap(),
         &{
-            let (l, _) = Reference::new(&host).forward(&pack(&[(tokens[..1].to_vec(), 1)]));
+            let (l, _) = Reference::new(&host).forward(&[Seq::split(&tokens[..1], 1)]);
             l
         },
         1e-5,
@@ -412,15 +454,13 @@ fn end_to_end_gradient_through_every_objective() {
     for (prompt_len, chosen_len, rejected_len) in [(3, 4, 6), (1, 2, 1), (5, 7, 3)] {
         let prompt = rand_ids(&mut r, prompt_len, config.vocab_size);
         for len in [chosen_len, rejected_len] {
-            let mut toks = prompt.clone();
-            toks.extend(rand_ids(&mut r, len, config.vocab_size));
-            seqs.push((toks, prompt_len));
+            seqs.push(Seq { prompt: prompt.clone(), response: rand_ids(&mut r, len, config.vocab_size) });
         }
     }
-    let batch = pack(&seqs);
-    let lengths: Vec<i32> = (0..batch.num_seqs()).map(|s| batch.num_targets(s) as i32).collect();
+    // The loss's length normalisation counts response tokens, as the trainer's batches do.
+    let lengths: Vec<i32> = seqs.iter().map(|s| s.response.len() as i32).collect();
     let num_pairs = seqs.len() / 2;
-    let dev = DeviceBatch::upload(&*backend, &batch).unwrap();
+    let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
 
     let mut reference_model = Gpt2::from_host(backend.clone(), &reference_host).unwrap();
     let ref_logps = reference_model.forward(&dev).unwrap().clone();
@@ -454,19 +494,22 @@ fn end_to_end_gradient_through_every_objective() {
         let total_loss = |seq: &[f64]| pair_inputs(seq).iter().map(|p| pair_loss(&objective, p).loss).sum::<f64>();
 
         let mut reference = Reference::new(&policy_host);
-        let (_, policy_f64) = reference.forward(&batch);
+        let (_, policy_f64) = reference.forward(&seqs);
         let want_losses: Vec<f64> = pair_inputs(&policy_f64).iter().map(|p| pair_loss(&objective, p).loss).collect();
         let got_losses: Vec<f32> = (0..num_pairs).map(|i| metrics[i * PAIR_METRICS]).collect();
         assert_close(&format!("{name}: pair losses"), &got_losses, &want_losses, 1e-4, 1e-5);
-        check_all_gradients(&model, &mut reference, &batch, &total_loss, 6, 100 + k as u64, name);
+        check_all_gradients(&model, &mut reference, &seqs, &total_loss, 6, 100 + k as u64, name);
     }
 }
 
 /// The same model in Hugging Face `transformers` (f64, eager attention): the saved directory loads
-/// as `GPT2LMHeadModel`, and log-probs and every gradient agree. Needs python3 with torch and
-/// transformers, hence ignored by default: `cargo test --release --test model -- --ignored`.
+/// as `GPT2LMHeadModel`, and log-probs and every gradient agree. The script gets the raw prompt and
+/// response tokens and picks the response rows itself. Needs a Python with torch and transformers
+/// (`$PYTHON`, else `python3`), hence ignored by default:
+/// `PYTHON=/path/to/venv/bin/python cargo test --release --test model -- --ignored`.
+/// (tests/golden.rs holds the engine to committed `transformers` results without Python.)
 #[test]
-#[ignore = "needs python3 with torch and transformers"]
+#[ignore = "needs a Python with torch and transformers ($PYTHON or python3)"]
 fn matches_transformers_gpt2lmheadmodel() {
     const SCRIPT: &str = r#"
 import json, sys, torch
@@ -477,10 +520,11 @@ model.eval()
 batch = json.load(open(d + "/batch.json"))
 total, logps = 0.0, []
 for seq, w in zip(batch["seqs"], batch["weights"]):
-    logits = model(input_ids=torch.tensor([seq["tokens"]])).logits[0]
+    prompt, response = seq["prompt"], seq["response"]
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
     lp = torch.log_softmax(logits, -1)
-    rows = [t for t, y in enumerate(seq["targets"]) if y >= 0]
-    s = lp[rows, [seq["targets"][t] for t in rows]].sum()
+    rows = list(range(len(prompt) - 1, len(prompt) + len(response) - 1))
+    s = lp[rows, response].sum()
     logps.append(s.item())
     total = total + w * s
 total.backward()
@@ -499,16 +543,18 @@ model.to(torch.bfloat16).save_pretrained(d + "/hf_bf16")
     let seqs = sequences(27, &LENS, config.vocab_size);
     let batch = pack(&seqs);
     let weights = uniform(&mut rng(28), seqs.len(), -1.0, 1.0);
-    let json_seqs: Vec<serde_json::Value> = (0..batch.num_seqs())
-        .map(|s| {
-            let (a, b) = (batch.cu_seqlens[s] as usize, batch.cu_seqlens[s + 1] as usize);
-            serde_json::json!({"tokens": &batch.tokens[a..b], "targets": &batch.targets[a..b]})
-        })
-        .collect();
+    let json_seqs: Vec<serde_json::Value> =
+        seqs.iter().map(|s| serde_json::json!({"prompt": &s.prompt, "response": &s.response})).collect();
     let batch_json = serde_json::json!({"seqs": json_seqs, "weights": weights});
     std::fs::write(dir.path().join("batch.json"), batch_json.to_string()).unwrap();
-    let status = std::process::Command::new("python3").arg("-c").arg(SCRIPT).arg(dir.path()).status().unwrap();
-    assert!(status.success(), "the transformers script failed");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let status = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(dir.path())
+        .status()
+        .unwrap_or_else(|e| panic!("running {python}: {e}"));
+    assert!(status.success(), "the transformers script failed ({python})");
     let out: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap()).unwrap();
     let floats =
