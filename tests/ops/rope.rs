@@ -156,17 +156,15 @@ fn rope_checks_its_arguments() {
     let (n, inv_freq) = (3, vec![1.0; 3]);
     let pos = vec![0, 1, 2];
     let mut qkv = vec![0.0; n * good.width()];
-    let cases: [(QkvLayout, Vec<i32>, Vec<f32>, &[&str]); 5] = [
-        (QkvLayout { n_kv_head: 3, ..good }, pos.clone(), inv_freq.clone(), &["n_head = 4", "n_kv_head = 3"]),
-        (QkvLayout { head_dim: 5, ..good }, pos.clone(), inv_freq.clone(), &["head_dim = 5"]),
-        (good, pos.clone(), vec![1.0; 2], &["`inv_freq`", "2", "3"]),
-        (good, vec![0, -1, 2], inv_freq.clone(), &["positions[1]", "-1"]),
-        (good, vec![0, 1], inv_freq.clone(), &["`positions`", "2", "3"]),
-    ];
-    for (layout, pos, inv_freq, fragments) in cases {
-        let msg = format!("{:#}", be.rope_forward(&mut qkv, &pos, &inv_freq, n, layout).unwrap_err());
+    let mut fails = |layout: QkvLayout, pos: &Vec<i32>, inv_freq: &Vec<f32>, fragments: &[&str]| {
+        let msg = format!("{:#}", be.rope_forward(&mut qkv, pos, inv_freq, n, layout).unwrap_err());
         assert!(msg.contains("rope_forward") && fragments.iter().all(|f| msg.contains(f)), "{msg}");
-    }
+    };
+    fails(QkvLayout { n_kv_head: 3, ..good }, &pos, &inv_freq, &["n_head = 4", "n_kv_head = 3"]);
+    fails(QkvLayout { head_dim: 5, ..good }, &pos, &inv_freq, &["head_dim = 5"]);
+    fails(good, &pos, &vec![1.0; 2], &["`inv_freq`", "2", "3"]);
+    fails(good, &vec![0, -1, 2], &inv_freq, &["positions[1]", "-1"]);
+    fails(good, &vec![0, 1], &inv_freq, &["`positions`", "2", "3"]);
     let mut short = vec![0.0; n * good.width() - 1];
     let msg = format!("{:#}", be.rope_backward(&mut short, &pos, &inv_freq, n, good).unwrap_err());
     assert!(
