@@ -16,7 +16,7 @@ use criterion::{BenchmarkGroup, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::prelude::*;
-use safedpo::backend::{AdamWParams, Packing, PAIR_METRICS};
+use safedpo::backend::{rope_inverse_frequencies, AdamWParams, Packing, QkvLayout, RopeScaling, PAIR_METRICS};
 use safedpo::loss::Objective;
 
 use super::{random, Shape};
@@ -121,8 +121,11 @@ pub fn kernel_benches<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     attention(c, t);
     buffers(c, t);
     layernorm(c, t);
+    rmsnorm(c, t);
     rows(c, t);
     pointwise(c, t);
+    swiglu(c, t);
+    rope(c, t);
     embedding(c, t);
     logsoftmax_gather(c, t);
     optimizer(c, t);
@@ -247,6 +250,40 @@ pub fn layernorm<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     g.finish();
 }
 
+/// RMSNorm forward and backward, and the residual add fused with the next RMSNorm.
+pub fn rmsnorm<B: Backend>(c: &mut Criterion, t: &Target<B>) {
+    let (be, s) = (t.backend, &t.shape);
+    let (n, ch) = (s.n(), s.c);
+    let mut rng = seeded();
+    let mut g = t.group(c, MEMORY_BOUND);
+    let inp = t.upload(random(n * ch, 1.0, &mut rng));
+    let weight = t.upload(random(ch, 1.0, &mut rng));
+    let (mut out, mut rstd) = (t.zeros(n * ch), t.zeros(n));
+    be.rmsnorm_forward(&mut out, &mut rstd, &inp, &weight, n, ch, 1e-5).unwrap();
+    let moved = t.storage(&[&inp, &weight, &out, &rstd]);
+    t.bench(&mut g, format!("rmsnorm_fwd {n}x{ch}"), Throughput::BytesDecimal(moved), || {
+        be.rmsnorm_forward(&mut out, &mut rstd, &inp, &weight, n, ch, 1e-5).unwrap()
+    });
+
+    let dout = t.upload(random(n * ch, 1.0, &mut rng));
+    let (mut dinp, mut dw) = (t.zeros(n * ch), t.zeros(ch));
+    be.rmsnorm_backward(&mut dinp, &mut dw, &dout, &inp, &weight, &rstd, n, ch).unwrap();
+    // dinp and dweight accumulate: read and written.
+    let moved = t.storage(&[&dout, &inp, &weight, &rstd]) + 2 * t.storage(&[&dinp, &dw]);
+    t.bench(&mut g, format!("rmsnorm_bwd {n}x{ch}"), Throughput::BytesDecimal(moved), || {
+        be.rmsnorm_backward(&mut dinp, &mut dw, &dout, &inp, &weight, &rstd, n, ch).unwrap()
+    });
+
+    let (a, b) = (t.upload(random(n * ch, 1.0, &mut rng)), t.upload(random(n * ch, 1.0, &mut rng)));
+    let mut residual = t.zeros(n * ch);
+    be.residual_rmsnorm_forward(&mut residual, &mut out, &mut rstd, &a, &b, &weight, n, ch, 1e-5).unwrap();
+    let moved = t.storage(&[&a, &b, &residual, &out, &weight, &rstd]);
+    t.bench(&mut g, format!("residual_rmsnorm_fwd {n}x{ch}"), Throughput::BytesDecimal(moved), || {
+        be.residual_rmsnorm_forward(&mut residual, &mut out, &mut rstd, &a, &b, &weight, n, ch, 1e-5).unwrap()
+    });
+    g.finish();
+}
+
 /// The LM head's target-row selection: gathering the rows with a target, scattering their gradient.
 pub fn rows<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     let (be, s) = (t.backend, &t.shape);
@@ -304,6 +341,56 @@ pub fn pointwise<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     let moved = t.storage(&[&a, &b, &sum]);
     t.bench(&mut g, format!("residual_fwd {n}x{ch}"), Throughput::BytesDecimal(moved), || {
         be.residual_forward(&mut sum, &a, &b).unwrap()
+    });
+    g.finish();
+}
+
+/// SwiGLU forward and backward on the MLP's hidden activations (`f = 4c`, as GPT-2's MLP, so that
+/// it reads against GELU's figures), gate and up side by side.
+pub fn swiglu<B: Backend>(c: &mut Criterion, t: &Target<B>) {
+    let (be, s) = (t.backend, &t.shape);
+    let (n, f) = (s.n(), 4 * s.c);
+    let mut rng = seeded();
+    let mut g = t.group(c, MEMORY_BOUND);
+    let inp = t.upload(random(n * 2 * f, 3.0, &mut rng));
+    let dout = t.upload(random(n * f, 1.0, &mut rng));
+    let (mut out, mut dinp) = (t.zeros(n * f), t.zeros(n * 2 * f));
+    be.swiglu_forward(&mut out, &inp, n, f).unwrap();
+    be.swiglu_backward(&mut dinp, &inp, &dout, n, f).unwrap();
+    let moved = t.storage(&[&inp, &out]);
+    t.bench(&mut g, format!("swiglu_fwd {n}x{f}"), Throughput::BytesDecimal(moved), || {
+        be.swiglu_forward(&mut out, &inp, n, f).unwrap()
+    });
+    let moved = t.storage(&[&inp, &dout, &dinp]);
+    t.bench(&mut g, format!("swiglu_bwd {n}x{f}"), Throughput::BytesDecimal(moved), || {
+        be.swiglu_backward(&mut dinp, &inp, &dout, n, f).unwrap()
+    });
+    g.finish();
+}
+
+/// RoPE forward and backward, in place on the q and k heads of a grouped-query `qkv` (half as many
+/// key/value heads as query heads, at least one), positions restarting with each sequence.
+pub fn rope<B: Backend>(c: &mut Criterion, t: &Target<B>) {
+    let (be, s) = (t.backend, &t.shape);
+    let n = s.n();
+    let layout = QkvLayout { n_kv_head: (s.n_head / 2).max(1), ..QkvLayout::mha(s.n_head, s.c) };
+    let mut rng = seeded();
+    let positions: Vec<i32> = (0..n).map(|i| (i % s.seq_len) as i32).collect();
+    let positions = t.ids(&positions);
+    let inv_freq = rope_inverse_frequencies(layout.head_dim, 1e4, RopeScaling::Default).expect("frequencies");
+    let inv_freq = t.upload(inv_freq);
+    let mut qkv = t.upload(random(n * layout.width(), 1.0, &mut rng));
+    be.rope_forward(&mut qkv, &positions, &inv_freq, n, layout).unwrap();
+    // The q and k columns read and written, a position per token (v is not touched).
+    let rotated = t.storage(&[&qkv]) / layout.width() as u64 * layout.v_offset() as u64;
+    let moved = 2 * rotated + id_bytes(n);
+    let what = format!("{n}x{} h{}/{} hd{}", layout.width(), layout.n_head, layout.n_kv_head, layout.head_dim);
+    let mut g = t.group(c, MEMORY_BOUND);
+    t.bench(&mut g, format!("rope_fwd {what}"), Throughput::BytesDecimal(moved), || {
+        be.rope_forward(&mut qkv, &positions, &inv_freq, n, layout).unwrap()
+    });
+    t.bench(&mut g, format!("rope_bwd {what}"), Throughput::BytesDecimal(moved), || {
+        be.rope_backward(&mut qkv, &positions, &inv_freq, n, layout).unwrap()
     });
     g.finish();
 }

@@ -26,8 +26,8 @@ use anyhow::Result;
 
 pub use crate::loss::PAIR_METRICS;
 pub use ops::{
-    AttentionOps, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps, OptimizerOps, PointwiseOps,
-    PreferenceLossOps, RowOps,
+    rope_inverse_frequencies, AttentionOps, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps,
+    OptimizerOps, PointwiseOps, PreferenceLossOps, QkvLayout, RmsNormOps, RopeOps, RopeScaling, RowOps, SwiGluOps,
 };
 
 /// How a weight matrix is laid out in memory, for `matmul_*`.
@@ -107,6 +107,9 @@ pub trait Backend:
     + PreferenceLossOps
     + OptimizerOps
     + GradNormOps
+    + RmsNormOps
+    + RopeOps
+    + SwiGluOps
 {
 }
 
@@ -122,6 +125,9 @@ impl<B> Backend for B where
         + PreferenceLossOps
         + OptimizerOps
         + GradNormOps
+        + RmsNormOps
+        + RopeOps
+        + SwiGluOps
 {
 }
 
@@ -130,7 +136,7 @@ impl<B> Backend for B where
 pub mod prelude {
     pub use super::{
         AttentionOps, Backend, Buffers, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps,
-        OptimizerOps, PointwiseOps, PreferenceLossOps, RowOps,
+        OptimizerOps, PointwiseOps, PreferenceLossOps, RmsNormOps, RopeOps, RowOps, SwiGluOps,
     };
 }
 

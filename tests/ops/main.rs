@@ -26,7 +26,10 @@ mod matmul;
 mod optimizer;
 mod pointwise;
 mod preference_loss;
+mod rmsnorm;
+mod rope;
 mod rows;
+mod swiglu;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::prelude::*;

@@ -3,7 +3,7 @@
 //! products through the `gemm` crate.
 //!
 //! Determinism: no result depends on how rayon schedules work. Reductions across rows (parameter
-//! gradients of LayerNorm and biases, `sum_squares`) use partial sums over fixed-size row chunks,
+//! gradients of LayerNorm, RMSNorm and biases, `sum_squares`) use partial sums over fixed-size row chunks,
 //! added in chunk order; the embedding backward buckets tokens by id so that each gradient row is
 //! owned by one task that adds its tokens in order; `gemm` never splits the inner dimension
 //! across threads, and where we split it ourselves (weight gradients, over tokens) the parts are
@@ -38,7 +38,10 @@ pub mod matmul;
 pub mod optimizer;
 pub mod pointwise;
 pub mod preference_loss;
+pub mod rmsnorm;
+pub mod rope;
 pub mod rows;
+pub mod swiglu;
 
 use anyhow::Result;
 

@@ -11,7 +11,10 @@ pub mod matmul;
 pub mod optimizer;
 pub mod pointwise;
 pub mod preference_loss;
+pub mod rmsnorm;
+pub mod rope;
 pub mod rows;
+pub mod swiglu;
 
 pub use attention::AttentionOps;
 pub use embedding::EmbeddingOps;
@@ -22,4 +25,7 @@ pub use matmul::MatmulOps;
 pub use optimizer::OptimizerOps;
 pub use pointwise::PointwiseOps;
 pub use preference_loss::PreferenceLossOps;
+pub use rmsnorm::RmsNormOps;
+pub use rope::{rope_inverse_frequencies, QkvLayout, RopeOps, RopeScaling};
 pub use rows::RowOps;
+pub use swiglu::SwiGluOps;

@@ -11,4 +11,7 @@ mod matmul;
 mod optimizer;
 mod pointwise;
 mod preference_loss;
+mod rmsnorm;
+mod rope;
 mod rows;
+mod swiglu;
