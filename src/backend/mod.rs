@@ -92,53 +92,40 @@ pub struct AdamWParams {
     pub grad_scale: f32,
 }
 
-/// Everything a training step needs from a device: buffers plus every op family. Implemented
-/// automatically for any type that implements all of them; the model and the trainer are generic
-/// over it.
-pub trait Backend:
-    Buffers
-    + EmbeddingOps
-    + LayerNormOps
-    + MatmulOps
-    + AttentionOps
-    + PointwiseOps
-    + RowOps
-    + LogSoftmaxGatherOps
-    + PreferenceLossOps
-    + OptimizerOps
-    + GradNormOps
-    + RmsNormOps
-    + RopeOps
-    + SwiGluOps
-{
-}
+/// Declares `Backend` as the union of `Buffers` and the op families, its blanket impl, and the
+/// prelude, from one list (a new family is one more name here).
+macro_rules! backend_union {
+    ($($family:ident),+ $(,)?) => {
+        /// Everything a training step needs from a device: buffers plus every op family. Implemented
+        /// automatically for any type that implements all of them; the model and the trainer are
+        /// generic over it.
+        pub trait Backend: Buffers $(+ $family)+ {}
 
-impl<B> Backend for B where
-    B: Buffers
-        + EmbeddingOps
-        + LayerNormOps
-        + MatmulOps
-        + AttentionOps
-        + PointwiseOps
-        + RowOps
-        + LogSoftmaxGatherOps
-        + PreferenceLossOps
-        + OptimizerOps
-        + GradNormOps
-        + RmsNormOps
-        + RopeOps
-        + SwiGluOps
-{
-}
+        impl<B: Buffers $(+ $family)+> Backend for B {}
 
-/// What a program that holds a concrete backend imports to call its ops: `Backend` and every op
-/// family's trait.
-pub mod prelude {
-    pub use super::{
-        AttentionOps, Backend, Buffers, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, MatmulOps,
-        OptimizerOps, PointwiseOps, PreferenceLossOps, RmsNormOps, RopeOps, RowOps, SwiGluOps,
+        /// What a program that holds a concrete backend imports to call its ops: `Backend`,
+        /// `Buffers` and every op family's trait.
+        pub mod prelude {
+            pub use super::{Backend, Buffers $(, $family)+};
+        }
     };
 }
+
+backend_union!(
+    EmbeddingOps,
+    LayerNormOps,
+    RmsNormOps,
+    MatmulOps,
+    AttentionOps,
+    RopeOps,
+    PointwiseOps,
+    SwiGluOps,
+    RowOps,
+    LogSoftmaxGatherOps,
+    PreferenceLossOps,
+    OptimizerOps,
+    GradNormOps,
+);
 
 /// Buffers on a backend's device: allocation, copies to and from the host, and the memory counters.
 /// Every op family builds on it.
