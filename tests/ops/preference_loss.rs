@@ -23,9 +23,9 @@ fn preference_loss_applies_pair_loss_to_each_pair() {
     let lengths: Vec<i32> = rand_ids(&mut r, 2 * pairs, 20).iter().map(|l| l + 1).collect();
     let grad_scale = 0.25;
     let objectives = [
-        Objective::Dpo { beta: 0.1 },
+        Objective::Dpo { beta: 0.1, safety_margin: 0.0 },
         Objective::SafeDpo { beta: 0.1, delta: 10.0 },
-        Objective::Simpo { beta: 2.0, gamma: 0.5 },
+        Objective::Simpo { beta: 2.0, gamma: 0.5, safety_margin: 0.0 },
     ];
     for objective in &objectives {
         let (mut metrics, mut dpolicy) = (poison(pairs * PAIR_METRICS), poison(2 * pairs));
