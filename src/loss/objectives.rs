@@ -133,8 +133,9 @@ objectives! {
     /// `ε ∈ [0, ½)`: `[(1−ε) softplus(−z) − ε softplus(z)] / (1 − 2ε)`, `z = βh − sΔ`, an unbiased
     /// estimate of the clean-label DPO loss.
     Robust = "robust" { beta: BETA, eps: ROBUST_EPS, safety_margin: SAFETY_MARGIN },
-    /// Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL `sigmoid` with
-    /// `label_smoothing = ε`), `ε ∈ [0, ½]`: `(1−ε) softplus(−z) + ε softplus(z)`, `z = βh − sΔ`.
+    /// Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL < 1.0 `sigmoid`
+    /// with `label_smoothing = ε`, which TRL 1.x's `sigmoid` no longer reads), `ε ∈ [0, ½]`:
+    /// `(1−ε) softplus(−z) + ε softplus(z)`, `z = βh − sΔ`.
     Cdpo = "cdpo" { beta: BETA, eps: CDPO_EPS, safety_margin: SAFETY_MARGIN },
     /// Hinge / SLiC (Zhao et al. 2023, arXiv 2305.10425; TRL `hinge`): `max(0, 1 − z)`, `z = βh − sΔ`.
     /// At the kink `z = 1` the subgradient 0 is used.

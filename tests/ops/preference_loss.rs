@@ -131,7 +131,7 @@ fn preference_loss_at_extreme_margins(device: &Device, precision: Precision) {
     let pairs = 2 * magnitudes.len() * 2;
     let (mut policy, mut reference) = (Vec::new(), Vec::new());
     for i in 0..pairs {
-        let h = magnitudes[i % magnitudes.len()] * if (i / magnitudes.len()) % 2 == 0 { 1.0 } else { -1.0 };
+        let h = magnitudes[i % magnitudes.len()] * if (i / magnitudes.len()).is_multiple_of(2) { 1.0 } else { -1.0 };
         let (rc, rr) = (f.rng.random_range(-60.0f32..-5.0), f.rng.random_range(-60.0f32..-5.0));
         // h split unevenly between the sides, so the chosen and rejected rewards saturate apart.
         let split = f.rng.random_range(0.2f32..0.8);
