@@ -197,9 +197,9 @@ objectives! {
     /// BCO on pairs (Jung et al. 2024, arXiv 2404.04656; TRL `bco_pair`): `softplus(−r_c) + softplus(r_r)`,
     /// `r_c = β x_c`, `r_r = β x_r + sΔ`: the chosen response classified as good, the rejected as
     /// bad, at threshold 0. TRL < 1.0 subtracted a running mean δ of all rewards from both (the BCO
-    /// paper's reward shift); TRL 1.x's `bco_pair` has no δ, and neither has this one: δ would be
-    /// trainer state that depends on how a step is split into micro-batches (the BCO trainer keeps
-    /// it; TRL issue 7265 shows it drifting within one accumulated step).
+    /// paper's reward shift, kept by TRL's separate BCO trainer); TRL 1.x's `bco_pair` has no δ, and
+    /// neither has this one: δ is trainer state, updated at every loss call, so the loss of a pair
+    /// would depend on the pairs before it and on how a step is split into micro-batches.
     BcoPair = "bco_pair" { beta: BETA, safety_margin: SAFETY_MARGIN },
 }
 
