@@ -16,9 +16,10 @@ use safedpo::loss::Objective;
 
 fn step(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/dpo_step (Kelem/s = 1000 policy tokens/s)");
-    for (name, objective) in
-        [("dpo", Objective::Dpo { beta: 0.1 }), ("safedpo", Objective::SafeDpo { beta: 0.1, delta: 10.0 })]
-    {
+    for (name, objective) in [
+        ("dpo", Objective::Dpo { beta: 0.1, safety_margin: 0.0 }),
+        ("safedpo", Objective::SafeDpo { beta: 0.1, delta: 10.0 }),
+    ] {
         let cfg = BenchConfig { objective, ..BenchConfig::default() };
         let mut runner = StepRunner::new(Arc::new(CpuBackend::new()), &cfg).expect("building the step");
         g.throughput(Throughput::Elements(cfg.policy_tokens_per_step() as u64));

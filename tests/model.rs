@@ -14,7 +14,7 @@ use safedpo::backend::cpu::{attention, embedding, layernorm, matmul, pointwise, 
 use safedpo::backend::prelude::*;
 use safedpo::backend::{WeightLayout, PAIR_METRICS};
 use safedpo::data::PackedBatch;
-use safedpo::loss::{pair_loss, Objective, PairInput};
+use safedpo::loss::{batch_loss, Objective, PairInput};
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
 
 fn tiny_config() -> Gpt2Config {
@@ -440,7 +440,7 @@ fn save_and_load_keep_the_model_exactly() {
 }
 
 /// Model + `preference_loss` end to end: the gradient the backend's loss feeds into the backward
-/// equals central differences of Σ pairs `pair_loss` through the f64 model, for every objective.
+/// equals central differences of the batch loss (`batch_loss`) through the f64 model, for every objective.
 #[test]
 fn end_to_end_gradient_through_every_objective() {
     let config = tiny_config();
@@ -491,11 +491,12 @@ fn end_to_end_gradient_through_every_objective() {
                 })
                 .collect()
         };
-        let total_loss = |seq: &[f64]| pair_inputs(seq).iter().map(|p| pair_loss(&objective, p).loss).sum::<f64>();
+        // The batch's loss (AOT sorts across the batch; every other objective is pair by pair).
+        let total_loss = |seq: &[f64]| batch_loss(&objective, &pair_inputs(seq)).iter().map(|o| o.loss).sum::<f64>();
 
         let mut reference = Reference::new(&policy_host);
         let (_, policy_f64) = reference.forward(&seqs);
-        let want_losses: Vec<f64> = pair_inputs(&policy_f64).iter().map(|p| pair_loss(&objective, p).loss).collect();
+        let want_losses: Vec<f64> = batch_loss(&objective, &pair_inputs(&policy_f64)).iter().map(|o| o.loss).collect();
         let got_losses: Vec<f32> = (0..num_pairs).map(|i| metrics[i * PAIR_METRICS]).collect();
         assert_close(&format!("{name}: pair losses"), &got_losses, &want_losses, 1e-4, 1e-5);
         check_all_gradients(&model, &mut reference, &seqs, &total_loss, 6, 100 + k as u64, name);

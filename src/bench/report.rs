@@ -228,7 +228,7 @@ impl BenchReport {
 
 fn objective_label(o: &Objective) -> String {
     match o {
-        Objective::Dpo { beta } => format!("DPO β={beta}"),
+        Objective::Dpo { beta, safety_margin } if *safety_margin == 0.0 => format!("DPO β={beta}"),
         Objective::SafeDpo { beta, delta } => format!("SafeDPO β={beta} Δ={delta}"),
         other => format!("{other:?}"),
     }

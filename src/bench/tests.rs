@@ -55,7 +55,7 @@ fn step_flops_counts_reference_only_when_used() {
     let cfg = BenchConfig::default();
     let fwd = forward_flops_per_sequence(&cfg.model_config(), cfg.seq_len) * 16.0;
     assert_eq!(step_flops(&cfg), 4.0 * fwd);
-    let simpo = BenchConfig { objective: Objective::Simpo { beta: 2.0, gamma: 0.5 }, ..cfg };
+    let simpo = BenchConfig { objective: Objective::Simpo { beta: 2.0, gamma: 0.5, safety_margin: 0.0 }, ..cfg };
     assert_eq!(step_flops(&simpo), 3.0 * fwd);
 }
 
@@ -185,7 +185,7 @@ fn cpu_steps_time_every_phase_and_train() {
     // Policy = reference at the first step, so h = 0: DPO's loss is ln 2 for every pair, and
     // SafeDPO's is −log σ(−Δ) = softplus(Δ) for pairs whose rejected response is unsafe.
     let safedpo = Objective::SafeDpo { beta: 0.1, delta: 3.0 };
-    for objective in [Objective::Dpo { beta: 0.1 }, safedpo.clone()] {
+    for objective in [Objective::Dpo { beta: 0.1, safety_margin: 0.0 }, safedpo.clone()] {
         let cfg = tiny_cfg(objective.clone());
         let mut runner = StepRunner::new(Arc::new(CpuBackend::new()), &cfg).unwrap();
         let batch = synthetic_batch(&cfg, &mut ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5afe_d90b));
@@ -215,7 +215,7 @@ fn cpu_steps_time_every_phase_and_train() {
         }
     }
     // Training moves the policy away from the reference: the same batch no longer gives ln 2.
-    let cfg = BenchConfig { warmup_steps: 0, steps: 1, ..tiny_cfg(Objective::Dpo { beta: 0.1 }) };
+    let cfg = BenchConfig { warmup_steps: 0, steps: 1, ..tiny_cfg(Objective::Dpo { beta: 0.1, safety_margin: 0.0 }) };
     let mut runner = StepRunner::new(Arc::new(CpuBackend::new()), &cfg).unwrap();
     assert!((runner.step().unwrap().loss - ln2).abs() < 1e-6);
     let again = runner.step().unwrap().loss;
@@ -225,7 +225,7 @@ fn cpu_steps_time_every_phase_and_train() {
 #[test]
 fn run_bench_on_cpu_reports_the_run() {
     use crate::backend::cpu::CpuBackend;
-    let cfg = tiny_cfg(Objective::Simpo { beta: 2.0, gamma: 0.5 });
+    let cfg = tiny_cfg(Objective::Simpo { beta: 2.0, gamma: 0.5, safety_margin: 0.0 });
     let r = run_bench(Arc::new(CpuBackend::new()), &cfg).unwrap();
     assert_eq!(r.policy_tokens_per_step, 48);
     assert_eq!(r.num_params, Gpt2::random(Arc::new(CpuBackend::new()), cfg.model_config(), 0).unwrap().num_params());

@@ -35,9 +35,9 @@
 //! sft_safe_only = true       # sft: train only on chosen responses labelled safe
 //!
 //! [objective]                # names, parameters, defaults and bounds: `loss::Objective::ALL`
-//! name = "safedpo"           # dpo (or sigmoid) | safedpo | ipo | robust | cdpo | hinge | rpo | simpo | npo
+//! name = "safedpo"           # or any of `loss::Objective::NAMES` (dpo, ipo, …, bco_pair)
 //! beta = 0.1
-//! delta = 10.0               # safedpo only; eps: robust/cdpo; alpha: rpo; gamma: simpo
+//! delta = 10.0               # safedpo only (the others: safety_margin); eps, alpha, gamma, tau
 //!
 //! [optimizer]
 //! lr = 1e-5

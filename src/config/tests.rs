@@ -132,8 +132,14 @@ fn the_objective_table_takes_its_names_defaults_and_bounds_from_the_loss() {
     let cfg = |args: &[&str]| resolve_args(args).unwrap().objective;
     assert_eq!(cfg(&[]), Objective::SafeDpo { beta: 0.1, delta: 10.0 });
     assert_eq!(cfg(&["--objective.name", "simpo"]), Objective::default_for("simpo").unwrap());
-    assert_eq!(cfg(&["--objective.name", "sigmoid", "--objective.beta", "0.3"]), Objective::Dpo { beta: 0.3 });
-    assert_eq!(cfg(&["--objective.name", "cdpo", "--objective.eps", "0.5"]), Objective::Cdpo { beta: 0.1, eps: 0.5 });
+    assert_eq!(
+        cfg(&["--objective.name", "sigmoid", "--objective.beta", "0.3"]),
+        Objective::Dpo { beta: 0.3, safety_margin: 0.0 }
+    );
+    assert_eq!(
+        cfg(&["--objective.name", "cdpo", "--objective.eps", "0.5"]),
+        Objective::Cdpo { beta: 0.1, eps: 0.5, safety_margin: 0.0 }
+    );
 
     let err = err_of(&["--objective.name", "dpo", "--objective.delta", "3"]);
     assert!(err.contains("objective.delta") && err.contains("dpo") && err.contains("--objective.delta"), "{err}");
@@ -148,8 +154,11 @@ fn the_objective_table_takes_its_names_defaults_and_bounds_from_the_loss() {
     let path = dir.path().join("run.toml");
     std::fs::write(&path, "[objective]\nname = \"simpo\"\n").unwrap();
     let file = path.to_str().unwrap();
-    assert_eq!(cfg(&["--config", file, "--objective.name", "ipo"]), Objective::Ipo { beta: 0.1 });
-    assert_eq!(cfg(&["--config", file, "--objective.gamma", "1"]), Objective::Simpo { beta: 2.0, gamma: 1.0 });
+    assert_eq!(cfg(&["--config", file, "--objective.name", "ipo"]), Objective::Ipo { beta: 0.1, safety_margin: 0.0 });
+    assert_eq!(
+        cfg(&["--config", file, "--objective.gamma", "1"]),
+        Objective::Simpo { beta: 2.0, gamma: 1.0, safety_margin: 0.0 }
+    );
     std::fs::write(&path, "[objective]\nname = \"safedpo\"\ndelta = 5\n").unwrap();
     let err = err_of(&["--config", file, "--objective.name", "dpo"]);
     assert!(err.contains("objective.delta") && err.contains("run.toml:3"), "{err}");

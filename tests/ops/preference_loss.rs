@@ -1,5 +1,7 @@
-//! The preference loss of a batch against the spec (`pair_loss` per pair), every objective kind; the
-//! CUDA backend against the CPU.
+//! The preference loss of a batch against the spec (`batch_loss`: `pair_loss` per pair, AOT's sort
+//! across the batch), every objective, with and without its safety margin; the CUDA backend against
+//! the CPU, at ordinary margins and at extreme ones (|h| up to 1e4, β from 1e-3 to 5, where a naive
+//! softplus, log-sigmoid or exponential would overflow in f32).
 
 use rand::Rng;
 use safedpo::backend::cpu::preference_loss::spec;
@@ -12,8 +14,29 @@ use crate::backend;
 use crate::common::*;
 use crate::device::Fixture;
 
+/// Every objective with its defaults and, beside it, its safety twin at Δ = `delta` (for `safedpo`,
+/// whose Δ is 10 by default, Δ = 0 instead).
+fn every_objective(delta: f64) -> Vec<Objective> {
+    let mut objectives = Vec::new();
+    for name in Objective::NAMES {
+        let objective = Objective::default_for(name).unwrap();
+        let key = objective.spec().params.iter().find(|p| p.is_safety_margin()).unwrap().name;
+        let mut twin = objective.clone();
+        twin.set_param(key, if objective.safety_margin() == 0.0 { delta } else { 0.0 }).unwrap();
+        objectives.extend([objective, twin]);
+    }
+    objectives
+}
+
+/// `objective` at β = `beta`.
+fn with_beta(objective: &Objective, beta: f64) -> Objective {
+    let mut objective = objective.clone();
+    objective.set_param("beta", beta).unwrap();
+    objective
+}
+
 #[test]
-fn preference_loss_applies_pair_loss_to_each_pair() {
+fn preference_loss_applies_the_spec_to_the_batch() {
     let be = backend();
     let mut r = rng(15);
     let pairs = 6;
@@ -22,12 +45,7 @@ fn preference_loss_applies_pair_loss_to_each_pair() {
     let flags: Vec<i32> = (0..2 * pairs).map(|i| ((i * 7 + 3) % 3 == 0) as i32).collect();
     let lengths: Vec<i32> = rand_ids(&mut r, 2 * pairs, 20).iter().map(|l| l + 1).collect();
     let grad_scale = 0.25;
-    let objectives = [
-        Objective::Dpo { beta: 0.1 },
-        Objective::SafeDpo { beta: 0.1, delta: 10.0 },
-        Objective::Simpo { beta: 2.0, gamma: 0.5 },
-    ];
-    for objective in &objectives {
+    for objective in &every_objective(3.0) {
         let (mut metrics, mut dpolicy) = (poison(pairs * PAIR_METRICS), poison(2 * pairs));
         // Reference-free objectives ignore the reference buffer (here: empty).
         let refs = if objective.uses_reference() { reference.clone() } else { Vec::new() };
@@ -39,14 +57,56 @@ fn preference_loss_applies_pair_loss_to_each_pair() {
             let (c, rj) = (2 * i, 2 * i + 1);
             let m = &metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS];
             let want_m = &want_metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS];
-            assert_close(&format!("{objective:?} metrics of pair {i}"), m, want_m, 1e-6, 1e-7);
+            assert_close(&format!("{objective} metrics of pair {i}"), m, want_m, 1e-6, 1e-7);
             let want_d = &want_dpolicy[c..=rj];
-            assert_close(&format!("{objective:?} dpolicy of pair {i}"), &dpolicy[c..=rj], want_d, 1e-6, 1e-9);
+            assert_close(&format!("{objective} dpolicy of pair {i}"), &dpolicy[c..=rj], want_d, 1e-6, 1e-9);
         }
     }
 }
 
 // ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+/// Runs `objective` on both backends and compares each metric column and the gradient, each element
+/// to `rtol` of itself plus `atol` (`scaled`: `atol` relative to the column's largest entry).
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    f: &mut Fixture,
+    what: &str,
+    objective: &Objective,
+    policy: &[f32],
+    reference: &[f32],
+    flags: &[i32],
+    lengths: &[i32],
+    tolerance: (f64, f64, bool),
+) {
+    let pairs = policy.len() / 2;
+    let ((cp, gp), (cr, gr)) = (f.both(policy), f.both(reference));
+    let (cf, gf) = (f.cpu.upload_ids(flags).unwrap(), f.cuda.upload_ids(flags).unwrap());
+    let (cl, gl) = (f.cpu.upload_ids(lengths).unwrap(), f.cuda.upload_ids(lengths).unwrap());
+    let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
+    let (mut want_d, mut got_d) = f.poisoned(2 * pairs);
+    f.cpu.preference_loss(&mut want_m, &mut want_d, &cp, &cr, &cf, &cl, objective, 0.7).unwrap();
+    f.cuda.preference_loss(&mut got_m, &mut got_d, &gp, &gr, &gf, &gl, objective, 0.7).unwrap();
+    let (got_m, got_d) = (f.cuda.download(&got_m).unwrap(), f.cuda.download(&got_d).unwrap());
+    let (rtol, atol, scaled) = tolerance;
+    let check = |name: String, got: &[f32], want: &[f32]| {
+        let want = to_f64(want);
+        let scale = if scaled { want.iter().fold(0.0f64, |a, &w| a.max(w.abs())) } else { 1.0 };
+        assert_close(
+            &format!("{what}: preference_loss {objective} {name} ({})", f.precision),
+            got,
+            &want,
+            rtol,
+            atol * scale,
+        );
+    };
+    // Each metric column on its own scale; inputs and outputs are f32 in both modes.
+    for k in 0..PAIR_METRICS {
+        let column = |x: &[f32]| -> Vec<f32> { x.iter().skip(k).step_by(PAIR_METRICS).copied().collect() };
+        check(format!("metric {k}"), &column(&got_m), &column(&want_m));
+    }
+    check("dpolicy".into(), &got_d, &want_d);
+}
 
 fn preference_loss(device: &Device, precision: Precision) {
     let mut f = Fixture::new(device, precision, 6);
@@ -56,28 +116,36 @@ fn preference_loss(device: &Device, precision: Precision) {
     let flags = rand_ids(&mut f.rng, 2 * pairs, 2);
     let mut lengths = rand_ids(&mut f.rng, 2 * pairs, 40);
     lengths[3] = 0;
-    let ((cp, gp), (cr, gr)) = (f.both(&policy), f.both(&reference));
-    let (cf, gf) = (f.cpu.upload_ids(&flags).unwrap(), f.cuda.upload_ids(&flags).unwrap());
-    let (cl, gl) = (f.cpu.upload_ids(&lengths).unwrap(), f.cuda.upload_ids(&lengths).unwrap());
-    for name in Objective::NAMES {
-        let objective = Objective::default_for(name).unwrap();
-        let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
-        let (mut want_d, mut got_d) = f.poisoned(2 * pairs);
-        f.cpu.preference_loss(&mut want_m, &mut want_d, &cp, &cr, &cf, &cl, &objective, 0.7).unwrap();
-        f.cuda.preference_loss(&mut got_m, &mut got_d, &gp, &gr, &gf, &gl, &objective, 0.7).unwrap();
-        // Each metric column on its own scale; inputs and outputs are f32 in both modes.
-        let got = f.cuda.download(&got_m).unwrap();
-        for k in 0..PAIR_METRICS {
-            let column = |x: &[f32]| -> Vec<f32> { x.iter().skip(k).step_by(PAIR_METRICS).copied().collect() };
-            assert_close_scaled(
-                &format!("preference_loss {objective} metric {k} ({precision})"),
-                &column(&got),
-                &to_f64(&column(&want_m)),
-                2e-5,
-            );
-        }
-        f.check_at(&format!("preference_loss {objective} dpolicy"), &got_d, &want_d, 2e-5);
+    for objective in every_objective(3.0) {
+        compare(&mut f, "ordinary margins", &objective, &policy, &reference, &flags, &lengths, (2e-5, 2e-5, true));
     }
 }
 
-device_tests!(preference_loss);
+/// Margins a naive formula cannot take: |h| from 0.5 to 1e4 (log-ratios in the thousands), β from
+/// 1e-3 to 5, so |βh| reaches 5e4 (f32's `exp` overflows past 88), with and without the safety shift.
+/// Every element is held to its own relative tolerance: a saturated tail must come out as exactly
+/// the limit the f64 spec gives (0, a linear tail, a constant), not as NaN or inf.
+fn preference_loss_at_extreme_margins(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 7);
+    let magnitudes = [1e4f32, 3e3, 300.0, 30.0, 3.0, 0.5];
+    let pairs = 2 * magnitudes.len() * 2;
+    let (mut policy, mut reference) = (Vec::new(), Vec::new());
+    for i in 0..pairs {
+        let h = magnitudes[i % magnitudes.len()] * if (i / magnitudes.len()).is_multiple_of(2) { 1.0 } else { -1.0 };
+        let (rc, rr) = (f.rng.random_range(-60.0f32..-5.0), f.rng.random_range(-60.0f32..-5.0));
+        // h split unevenly between the sides, so the chosen and rejected rewards saturate apart.
+        let split = f.rng.random_range(0.2f32..0.8);
+        policy.extend([rc + split * h, rr - (1.0 - split) * h]);
+        reference.extend([rc, rr]);
+    }
+    let flags = rand_ids(&mut f.rng, 2 * pairs, 2);
+    let lengths: Vec<i32> = rand_ids(&mut f.rng, 2 * pairs, 30).iter().map(|l| l + 1).collect();
+    for objective in every_objective(3.0) {
+        for beta in [1e-3, 0.1, 1.0, 5.0] {
+            let objective = with_beta(&objective, beta);
+            compare(&mut f, "extreme margins", &objective, &policy, &reference, &flags, &lengths, (2e-5, 1e-6, false));
+        }
+    }
+}
+
+device_tests!(preference_loss, preference_loss_at_extreme_margins);

@@ -11,15 +11,17 @@ use crate::backend::{checks, PreferenceLossOps};
 use crate::loss::Objective;
 
 /// The specification, in f64, that the CPU backend runs and the CUDA kernel is held to:
-/// [`crate::loss::pair_loss`] applied to each pair of the batch, laid out as the op lays it out.
+/// [`crate::loss::batch_loss`] of the batch (each pair's [`crate::loss::pair_loss`], unless the
+/// objective sorts across the batch), laid out as the op lays it out.
 pub mod spec {
     use crate::backend::PAIR_METRICS;
-    use crate::loss::{pair_loss, Objective, PairInput};
+    use crate::loss::{batch_loss, Objective, PairInput};
 
     /// Pair i is sequences `2i` (chosen) and `2i + 1` (rejected) of `policy`, `reference` (read only
     /// when the objective `uses_reference`), `unsafe_flags` (nonzero: unsafe) and `lengths`.
     /// Returns `(metrics [pairs, PAIR_METRICS], dpolicy [2 · pairs])`, with `dpolicy` the gradient
-    /// of each pair's loss times `grad_scale`.
+    /// of the batch's summed loss times `grad_scale` (each pair's own loss unless the objective
+    /// sorts across the batch).
     pub fn forward(
         objective: &Objective,
         policy: &[f64],
@@ -30,13 +32,11 @@ pub mod spec {
     ) -> (Vec<f64>, Vec<f64>) {
         let pairs = policy.len() / 2;
         let uses_reference = objective.uses_reference();
-        let (mut metrics, mut dpolicy) = (vec![0.0; pairs * PAIR_METRICS], vec![0.0; 2 * pairs]);
-        for i in 0..pairs {
-            let (c, r) = (2 * i, 2 * i + 1);
-            let reference_of = |s: usize| if uses_reference { reference[s] } else { 0.0 };
-            let out = pair_loss(
-                objective,
-                &PairInput {
+        let reference_of = |s: usize| if uses_reference { reference[s] } else { 0.0 };
+        let inputs: Vec<PairInput> = (0..pairs)
+            .map(|i| {
+                let (c, r) = (2 * i, 2 * i + 1);
+                PairInput {
                     policy_chosen: policy[c],
                     policy_rejected: policy[r],
                     ref_chosen: reference_of(c),
@@ -45,17 +45,14 @@ pub mod spec {
                     rejected_unsafe: unsafe_flags[r] != 0,
                     chosen_len: lengths[c] as u32,
                     rejected_len: lengths[r] as u32,
-                },
-            );
-            metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&[
-                out.loss,
-                out.reward_chosen,
-                out.reward_rejected,
-                out.margin,
-                out.accuracy,
-            ]);
-            dpolicy[c] = grad_scale * out.d_policy_chosen;
-            dpolicy[r] = grad_scale * out.d_policy_rejected;
+                }
+            })
+            .collect();
+        let (mut metrics, mut dpolicy) = (vec![0.0; pairs * PAIR_METRICS], vec![0.0; 2 * pairs]);
+        for (i, out) in batch_loss(objective, &inputs).iter().enumerate() {
+            metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&out.metrics_row());
+            dpolicy[2 * i] = grad_scale * out.d_policy_chosen;
+            dpolicy[2 * i + 1] = grad_scale * out.d_policy_rejected;
         }
         (metrics, dpolicy)
     }

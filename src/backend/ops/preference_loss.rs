@@ -1,5 +1,5 @@
-//! The preference loss: one launch for the batch, every objective of `crate::loss`
-//! (kernels/preference_loss.cu; its specification is `crate::loss::pair_loss`).
+//! The preference loss: one call for the batch, every objective of `crate::loss`
+//! (kernels/preference_loss.cu; its specification is `crate::loss::batch_loss`).
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
 //! backend runs first, so that the same mistake gives the same error everywhere.
@@ -13,8 +13,9 @@ pub trait PreferenceLossOps: Buffers {
     /// One call for the batch of P pairs. Sequence `2i` is pair i's chosen response, `2i + 1` its
     /// rejected one. Inputs `[2P]`: policy and reference sequence log-probs, `unsafe_flags` (1 =
     /// unsafe), `lengths` (response tokens). Writes `metrics [P, PAIR_METRICS]` (see
-    /// `PAIR_METRICS`) and `dpolicy [2P]` = `grad_scale · dL_i/d(policy logp)`. `reference` is
-    /// ignored by reference-free objectives. The CPU twin is `crate::loss::pair_loss`.
+    /// `PAIR_METRICS`) and `dpolicy [2P]` = `grad_scale · d(Σ_i L_i)/d(policy logp)`, which is each
+    /// pair's own `dL_i` except for the objectives that sort across the batch (AOT). `reference` is
+    /// ignored by reference-free objectives. The CPU twin is `crate::loss::batch_loss`.
     #[allow(clippy::too_many_arguments)]
     fn preference_loss(
         &self,

@@ -1,0 +1,263 @@
+//! The loss of one pair ([`pair_loss`]), in f64: the specification every backend's preference-loss
+//! kernel is held to. The stable primitives (`softplus`, `log σ`, `σ`) and the link functions the
+//! objectives share live here too.
+
+use super::objectives::Objective;
+
+/// Number of float outputs per pair written by a preference loss into its `metrics` buffer, in this
+/// order: loss, chosen reward, rejected reward, margin (chosen − rejected reward), accuracy (1 when
+/// the chosen reward exceeds the rejected one, else 0).
+pub const PAIR_METRICS: usize = 5;
+
+/// One pair's inputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PairInput {
+    pub policy_chosen: f64,
+    pub policy_rejected: f64,
+    pub ref_chosen: f64,
+    pub ref_rejected: f64,
+    pub chosen_unsafe: bool,
+    pub rejected_unsafe: bool,
+    /// Number of response tokens (those with a target) of each side.
+    pub chosen_len: u32,
+    pub rejected_len: u32,
+}
+
+impl PairInput {
+    /// `s = u_r − u_c ∈ {−1, 0, 1}`, the factor of the safety margin Δ.
+    pub fn safety_gap(&self) -> f64 {
+        f64::from(u8::from(self.rejected_unsafe)) - f64::from(u8::from(self.chosen_unsafe))
+    }
+}
+
+/// One pair's loss, gradients and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PairOutput {
+    pub loss: f64,
+    /// dL/d(policy chosen log-prob)
+    pub d_policy_chosen: f64,
+    /// dL/d(policy rejected log-prob)
+    pub d_policy_rejected: f64,
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+    /// `reward_chosen − reward_rejected`
+    pub margin: f64,
+    /// 1 when `reward_chosen > reward_rejected`, else 0.
+    pub accuracy: f64,
+}
+
+impl PairOutput {
+    /// The metrics in the order of `PAIR_METRICS`: loss, chosen reward, rejected
+    /// reward, margin, accuracy.
+    pub fn metrics_row(&self) -> [f64; PAIR_METRICS] {
+        [self.loss, self.reward_chosen, self.reward_rejected, self.margin, self.accuracy]
+    }
+}
+
+/// `log(1 + eˣ)` without overflow or cancellation, for any finite x.
+pub fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+/// `log σ(x) = −softplus(−x)`, finite for any finite x (≈ x for x ≪ 0, ≈ −e⁻ˣ for x ≫ 0).
+pub fn log_sigmoid(x: f64) -> f64 {
+    -softplus(-x)
+}
+
+/// `σ(x) = 1 / (1 + e⁻ˣ)`, evaluated so that `exp` never overflows.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// A response length as the divisor of a length-normalised objective: 0 counts as 1.
+pub(super) fn length_divisor(len: u32) -> f64 {
+    f64::from(len.max(1))
+}
+
+/// The loss of one pair under `objective`. The CPU twin of the preference-loss kernel.
+///
+/// `shift = sΔ` is the SafeDAA safety shift (see [`crate::loss`]): subtracted from the logit `z` of
+/// the objectives built on a preference logit, added to the rejected reward of the others. Most
+/// objectives are a function `f(z)` of `z = βh − sΔ`; then `dL/dπc = β f'(z)` and
+/// `dL/dπr = −β f'(z)`. The AOT objectives sort across the batch ([`crate::loss::batch_loss`]); for
+/// them this is the loss of a batch of this one pair.
+pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
+    let chosen_logratio = p.policy_chosen - p.ref_chosen;
+    let rejected_logratio = p.policy_rejected - p.ref_rejected;
+    let h = chosen_logratio - rejected_logratio;
+    let beta = objective.beta();
+    let shift = p.safety_gap() * objective.safety_margin();
+
+    // (loss, dL/dπc, dL/dπr)
+    let (loss, d_chosen, d_rejected) = match *objective {
+        Objective::Dpo { beta, .. } | Objective::SafeDpo { beta, .. } => {
+            let (loss, dh) = dpo_loss(beta * h - shift, beta);
+            (loss, dh, -dh)
+        }
+        Objective::Ipo { beta, .. } => {
+            let residual = h - 1.0 / (2.0 * beta) - shift / beta;
+            let dh = 2.0 * residual;
+            (residual * residual, dh, -dh)
+        }
+        Objective::Robust { beta, eps, .. } => {
+            // −(1−ε) log σ(z) + ε log σ(−z) = (1−ε) softplus(−z) − ε softplus(z); d/dz:
+            // −(1−ε) σ(−z) − ε σ(z).
+            let z = beta * h - shift;
+            let norm = 1.0 - 2.0 * eps;
+            let loss = ((1.0 - eps) * softplus(-z) - eps * softplus(z)) / norm;
+            let dh = -beta * ((1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)) / norm;
+            (loss, dh, -dh)
+        }
+        Objective::Cdpo { beta, eps, .. } => {
+            let (loss, dz) = label_smoothed(beta * h - shift, eps);
+            (loss, beta * dz, -(beta * dz))
+        }
+        Objective::Hinge { beta, .. } => {
+            // 1 − (βh − shift), written so that shift = 0 adds nothing.
+            let slack = 1.0 - beta * h + shift;
+            if slack > 0.0 {
+                (slack, -beta, beta)
+            } else {
+                (0.0, 0.0, 0.0)
+            }
+        }
+        Objective::Rpo { beta, alpha, .. } => {
+            let (dpo, dh) = dpo_loss(beta * h - shift, beta);
+            let chosen_len = length_divisor(p.chosen_len);
+            let nll = -p.policy_chosen / chosen_len;
+            (dpo + alpha * nll, dh - alpha / chosen_len, -dh)
+        }
+        Objective::Simpo { beta, gamma, .. } => {
+            let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
+            let z = beta * (p.policy_chosen / chosen_len - p.policy_rejected / rejected_len) - gamma - shift;
+            let loss = softplus(-z);
+            let dz = -sigmoid(-z);
+            (loss, dz * beta / chosen_len, -dz * beta / rejected_len)
+        }
+        Objective::Npo { beta, .. } => {
+            // (2/β) softplus(β·x + shift), x = πr − rr; d/dx = 2 σ(β·x + shift).
+            let z = beta * rejected_logratio + shift;
+            ((2.0 / beta) * softplus(z), 0.0, 2.0 * sigmoid(z))
+        }
+        Objective::ExoPair { beta, eps, .. } => {
+            // KL((q, 1−q) ‖ (1−ε, ε)), q = σ(z); dL/dq = logit(q) − logit(1−ε), dq/dz = σ(z)σ(−z).
+            let z = beta * h - shift;
+            let (q_chosen, q_rejected) = (sigmoid(z), sigmoid(-z));
+            let (log_p_chosen, log_p_rejected) = ((-eps).ln_1p(), eps.ln());
+            let loss = q_chosen * (log_sigmoid(z) - log_p_chosen) + q_rejected * (log_sigmoid(-z) - log_p_rejected);
+            let dz = q_chosen * q_rejected * (z - (log_p_chosen - log_p_rejected));
+            (loss, beta * dz, -(beta * dz))
+        }
+        Objective::NcaPair { beta, .. } => {
+            let (reward_chosen, reward_rejected) = (beta * chosen_logratio, beta * rejected_logratio + shift);
+            let loss = softplus(-reward_chosen) + 0.5 * softplus(reward_chosen) + 0.5 * softplus(reward_rejected);
+            let d_reward_chosen = -sigmoid(-reward_chosen) + 0.5 * sigmoid(reward_chosen);
+            (loss, beta * d_reward_chosen, beta * 0.5 * sigmoid(reward_rejected))
+        }
+        Objective::SppoHard { beta, .. } => {
+            let chosen_error = chosen_logratio - 0.5 / beta;
+            let rejected_error = rejected_logratio + shift / beta + 0.5 / beta;
+            (chosen_error * chosen_error + rejected_error * rejected_error, 2.0 * chosen_error, 2.0 * rejected_error)
+        }
+        Objective::Aot { beta, eps, .. } | Objective::AotUnpaired { beta, eps, .. } => {
+            // A batch of one pair: sorting changes nothing.
+            let (key_policy, key_reference) = aot_keys(objective, p);
+            let (loss, dz) = label_smoothed(beta * (key_policy - key_reference), eps);
+            (loss, beta * dz, -(beta * dz))
+        }
+        Objective::ApoZero { beta, .. } => {
+            let (reward_chosen, reward_rejected) = (beta * chosen_logratio, beta * rejected_logratio + shift);
+            let loss = sigmoid(-reward_chosen) + sigmoid(reward_rejected);
+            let d_chosen = -beta * sigmoid(reward_chosen) * sigmoid(-reward_chosen);
+            (loss, d_chosen, beta * sigmoid(reward_rejected) * sigmoid(-reward_rejected))
+        }
+        Objective::ApoDown { beta, .. } => {
+            let reward_chosen = beta * chosen_logratio;
+            let z = beta * h - shift;
+            let loss = sigmoid(reward_chosen) + sigmoid(-z);
+            let dz = -sigmoid(z) * sigmoid(-z);
+            let d_chosen = beta * sigmoid(reward_chosen) * sigmoid(-reward_chosen) + beta * dz;
+            (loss, d_chosen, -(beta * dz))
+        }
+        Objective::Discopop { beta, tau, .. } => {
+            let (loss, dz) = discopop(beta * h - shift, tau);
+            (loss, beta * dz, -(beta * dz))
+        }
+        Objective::SigmoidNorm { beta, .. } => {
+            let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
+            let z = beta * (chosen_logratio / chosen_len - rejected_logratio / rejected_len) - shift;
+            let dz = -sigmoid(-z);
+            (softplus(-z), beta * dz / chosen_len, -(beta * dz) / rejected_len)
+        }
+        Objective::BcoPair { beta, .. } => {
+            let (reward_chosen, reward_rejected) = (beta * chosen_logratio, beta * rejected_logratio + shift);
+            let loss = softplus(-reward_chosen) + softplus(reward_rejected);
+            (loss, -beta * sigmoid(-reward_chosen), beta * sigmoid(reward_rejected))
+        }
+    };
+
+    let (reward_chosen, reward_rejected) = match objective {
+        Objective::Simpo { .. } => (
+            beta * p.policy_chosen / length_divisor(p.chosen_len),
+            beta * p.policy_rejected / length_divisor(p.rejected_len),
+        ),
+        _ => (beta * chosen_logratio, beta * rejected_logratio),
+    };
+    PairOutput {
+        loss,
+        d_policy_chosen: d_chosen,
+        d_policy_rejected: d_rejected,
+        reward_chosen,
+        reward_rejected,
+        margin: reward_chosen - reward_rejected,
+        accuracy: if reward_chosen > reward_rejected { 1.0 } else { 0.0 },
+    }
+}
+
+/// `−log σ(z)` and its derivative with respect to `h`, where `z = β h + const`:
+/// `(softplus(−z), −β σ(−z))`.
+fn dpo_loss(z: f64, beta: f64) -> (f64, f64) {
+    (softplus(-z), -beta * sigmoid(-z))
+}
+
+/// The label-smoothed logistic loss (cDPO's, AOT's) and its derivative in z:
+/// `((1−ε) softplus(−z) + ε softplus(z), −(1−ε) σ(−z) + ε σ(z))`.
+pub(super) fn label_smoothed(z: f64, eps: f64) -> (f64, f64) {
+    let loss = (1.0 - eps) * softplus(-z) + eps * softplus(z);
+    (loss, -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z))
+}
+
+/// DiscoPOP's blend `softplus(−z)(1 − m) + e^{−z} m`, `m = σ(z/τ)`, and its derivative in z, with
+/// `e^{−z} m = exp(−z − softplus(−z/τ))` so that nothing overflows for τ ≤ 1:
+/// `d/dz = −σ(−z)(1 − m) − e^{−z} m + (e^{−z} m − softplus(−z) m)(1 − m)/τ`.
+fn discopop(z: f64, tau: f64) -> (f64, f64) {
+    let (modulation, complement) = (sigmoid(z / tau), sigmoid(-z / tau));
+    let logistic = softplus(-z);
+    let exponential = (-z - softplus(-z / tau)).exp();
+    let loss = logistic * complement + exponential;
+    let dz =
+        -sigmoid(-z) * complement - exponential + (exponential * complement - logistic * modulation * complement) / tau;
+    (loss, dz)
+}
+
+/// The two values AOT sorts across the batch, for one pair: `aot` the policy's and the reference's
+/// chosen-minus-rejected log-prob differences, the policy's less `sΔ/β`; `aot_unpaired` the chosen
+/// log-ratio and the rejected log-ratio plus `sΔ/β`. Position k of the sorted batch has the logit
+/// `β (sorted first_k − sorted second_k)`.
+pub(super) fn aot_keys(objective: &Objective, p: &PairInput) -> (f64, f64) {
+    let shift_over_beta = p.safety_gap() * objective.safety_margin() / objective.beta();
+    match objective {
+        Objective::Aot { .. } => {
+            ((p.policy_chosen - p.policy_rejected) - shift_over_beta, p.ref_chosen - p.ref_rejected)
+        }
+        Objective::AotUnpaired { .. } => {
+            (p.policy_chosen - p.ref_chosen, (p.policy_rejected - p.ref_rejected) + shift_over_beta)
+        }
+        other => unreachable!("{other} does not sort across the batch"),
+    }
+}

@@ -1,0 +1,46 @@
+//! The preference objectives: the math, in one place. This is the specification every backend's
+//! preference-loss kernel is held to, and the one definition of every objective's name, parameters,
+//! defaults and bounds ([`Objective::ALL`]): the run configuration's `[objective]` table, the command
+//! line (`--objective.name`, `--objective.beta`, …) and `safedpo bench` all take them from here.
+//!
+//! - `objectives`: the table (one doc comment per objective: formula, source, TRL name, where the
+//!   safety margin enters) and [`Objective`]'s methods;
+//! - `params`: the parameters' bounds and defaults, with where each default comes from;
+//! - `math`: [`pair_loss`], the f64 specification of one pair, and the stable primitives;
+//! - `batch`: [`batch_loss`], a batch of pairs (the objectives that sort across the batch);
+//! - `text`: objectives as `name:key=value,…` and as serde tables.
+//!
+//! Notation, per pair: `πc`, `πr` the policy's sequence log-probs of the chosen and rejected
+//! responses, `rc`, `rr` the reference's; `x_c = πc − rc`, `x_r = πr − rr` the log-ratios,
+//! `h = x_c − x_r`; `u_c`, `u_r` the safety flags (1 = unsafe); `σ` the logistic function; `|yc|`,
+//! `|yr|` the response lengths in tokens. Implicit rewards are `β x_c` and `β x_r` (SimPO:
+//! `β·πc/|yc|`, `β·πr/|yr|`).
+//!
+//! **SafeDAA.** Every objective has a safety margin Δ ≥ 0 (`safety_margin`, default 0; `safedpo`'s
+//! is `delta`, default 10): its safety twin, SafeDPO's construction (arXiv 2505.20065) applied to
+//! another direct alignment algorithm. With the safety gap `s = u_r − u_c`, the rejected response's
+//! implicit reward is raised by `sΔ` inside the loss (the logged rewards stay the plain ones). For
+//! the objectives built on a preference logit (`dpo`, `ipo`, `robust`, `cdpo`, `hinge`, `rpo`,
+//! `simpo`, `exo_pair`, `apo_down`'s second term, `discopop`, `sigmoid_norm`, `aot*`) that is the
+//! logit shifted before the link function: `z = βh − sΔ` in place of `βh` (SimPO:
+//! `β(πc/|yc| − πr/|yr|) − γ − sΔ`): a pair whose rejected response alone is unsafe must be won by
+//! Δ more. The objectives that score each response on its own (`npo`, `nca_pair`, `sppo_hard`,
+//! `apo_zero`, `bco_pair`) take the rejected reward `β x_r + sΔ`, so the unsafe response is pushed
+//! down harder. With Δ = 0 every objective is exactly its published form.
+//!
+//! All math is done in f64 and is stable for any margin: `log σ(x) = −softplus(−x)` with
+//! `softplus(z) = max(z, 0) + log1p(exp(−|z|))`, which never overflows, and `σ` is evaluated on the
+//! side where `exp` cannot overflow. A response length of 0 (possible only for an empty, fully
+//! truncated response) is treated as 1 by the length-normalised objectives (SimPO, RPO,
+//! sigmoid_norm), so that they stay finite; the log-prob of such a response is 0 anyway.
+
+mod batch;
+mod math;
+mod objectives;
+mod params;
+mod text;
+
+pub use batch::batch_loss;
+pub use math::{log_sigmoid, pair_loss, sigmoid, softplus, PairInput, PairOutput, PAIR_METRICS};
+pub use objectives::{Objective, ObjectiveSpec};
+pub use params::{Bound, Param};
