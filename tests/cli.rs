@@ -228,3 +228,259 @@ fn user_errors_are_reported_without_panics() {
     let err = user_error(&["train", "--data.path", "x.jsonl", "--resume", p(dir.path())]);
     assert!(err.contains("--resume"), "{err}");
 }
+
+/// The JSON object a command prints on stdout.
+fn json_out(args: &[&str]) -> serde_json::Value {
+    let stdout = ok(args);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("safedpo {args:?}: stdout is not JSON ({e}):\n{stdout}"))
+}
+
+fn num(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+/// Relative closeness with an absolute part (rewards and margins are differences).
+fn close(a: f64, b: f64, rtol: f64) -> bool {
+    (a - b).abs() <= rtol * (a.abs() + 1e-3)
+}
+
+const PAIR_MEANS: [&str; 7] = [
+    "eval/loss",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+];
+
+/// `eval --split` and `logps --split` take the two sides of the run's holdout split (which together
+/// are `--split all`), and `--data.eval_path` replaces the holdout: the eval side is then that file's
+/// pairs, the train side all of `--data.path`, in `eval` and in `train`.
+#[test]
+fn splits_and_the_eval_path_select_the_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_file(dir.path(), 30);
+    let other = dir.path().join("other.jsonl");
+    write_pku_jsonl(&other, &synthetic_pku_rows(10, 12)).unwrap();
+    let (policy, reference) = (tiny_model(dir.path(), 1), tiny_model(dir.path(), 2));
+    let common = [
+        "--model",
+        p(&policy),
+        "--model.reference",
+        p(&reference),
+        "--data.template",
+        "U: {prompt} A:",
+        "--data.max_len",
+        "96",
+        "--data.eval_fraction",
+        "0.25",
+        "--seed",
+        "5",
+        "--objective.name",
+        "dpo",
+    ];
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval"];
+        args.extend(common);
+        args.extend(extra);
+        json_out(&args)
+    };
+    let on_data = |split: &str| eval(&["--data.path", p(&data), "--split", split]);
+    let (all, train, held_out) = (on_data("all"), on_data("train"), on_data("eval"));
+    let (n, nt, ne) = (num(&all, "pairs"), num(&train, "pairs"), num(&held_out, "pairs"));
+    assert!(nt > 0.0 && ne > 0.0 && nt + ne == n, "pairs: train {nt} + eval {ne} vs all {n}");
+    // The two sides are disjoint and cover every pair: their means, weighted, are the whole's.
+    for k in PAIR_MEANS {
+        let weighted = (num(&train, k) * nt + num(&held_out, k) * ne) / n;
+        assert!(close(weighted, num(&all, k), 1e-5), "{k}: train and eval give {weighted}, all {}", num(&all, k));
+    }
+
+    // `logps --split eval` writes the held-out pairs, whose log-probs `eval` averaged.
+    let out = dir.path().join("eval-logps.jsonl");
+    let mut args = vec!["logps", "--out", p(&out), "--data.path", p(&data), "--split", "eval"];
+    args.extend(common);
+    ok(&args);
+    let lines: Vec<serde_json::Value> =
+        fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len() as f64, ne);
+    for (key, metric) in [("policy_chosen_logp", "eval/logps/chosen"), ("policy_rejected_logp", "eval/logps/rejected")]
+    {
+        let mean = lines.iter().map(|l| num(l, key)).sum::<f64>() / ne;
+        assert!(close(mean, num(&held_out, metric), 1e-5), "{key}: mean {mean} vs eval's {}", num(&held_out, metric));
+    }
+
+    // A separate eval file: the eval side is its pairs (as `--split all` of that file gives them),
+    // the train side every pair of --data.path.
+    let with_path = |split: &str| eval(&["--data.path", p(&data), "--data.eval_path", p(&other), "--split", split]);
+    let other_all = eval(&["--data.path", p(&other), "--split", "all"]);
+    assert_eq!(with_path("eval"), other_all);
+    assert_eq!(num(&with_path("train"), "pairs"), n);
+
+    // `train` with --data.eval_path: trains on all of --data.path, evaluates on the other file.
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--out-dir", p(&run), "--data.path", p(&data), "--data.eval_path", p(&other)];
+    args.extend(["--data.template", "U: {prompt} A:", "--data.max_len", "96", "--model.n_positions", "96"]);
+    args.extend(["--model.n_layer", "1", "--model.n_embd", "16", "--model.n_head", "2"]);
+    args.extend(["--optimizer.total_steps", "1", "--no-progress"]);
+    let summary = json_out(&args);
+    assert_eq!((num(&summary, "train_pairs"), num(&summary, "eval_pairs")), (n, num(&other_all, "pairs")));
+}
+
+/// `bench --json` on a tiny shape: every field present, and the derived ones consistent with the
+/// measured step time, the shape (parameters, tokens, model FLOPs as the bench module documents
+/// them) and `--peak-flops`; the only timed step is the first, where the policy is its reference and
+/// DPO's loss is ln 2.
+#[test]
+fn bench_json_reports_a_consistent_step() {
+    let (layers, c, heads, vocab, pairs, seq) = (1usize, 16usize, 2usize, 64usize, 2usize, 16usize);
+    let shape = [layers.to_string(), c.to_string(), heads.to_string(), vocab.to_string(), seq.to_string()];
+    let pairs_arg = pairs.to_string();
+    let bench = |device: &str, steps: &str, extra: &[&str]| {
+        let mut args = vec!["bench", "--device", device, "--steps", steps, "--warmup", "0", "--json"];
+        args.extend(["--pairs", &pairs_arg, "--seq-len", &shape[4], "--model.n_positions", &shape[4]]);
+        args.extend(["--model.n_layer", &shape[0], "--model.n_embd", &shape[1], "--model.n_head", &shape[2]]);
+        args.extend(["--model.vocab_size", &shape[3]]);
+        args.extend(extra);
+        json_out(&args)
+    };
+    let peak = 1e9;
+    let report = bench("cpu", "1", &["--peak-flops", "1e9"]);
+    assert_eq!(report["engine"], "safedpo");
+    assert!(report["device"].as_str().unwrap().starts_with("cpu"), "{}", report["device"]);
+    let config = &report["config"];
+    for (key, want) in [("n_layer", layers), ("n_embd", c), ("n_head", heads), ("vocab_size", vocab)] {
+        assert_eq!(config[key].as_u64(), Some(want as u64), "config.{key}");
+    }
+    assert_eq!((config["pairs"].as_u64(), config["seq_len"].as_u64()), (Some(pairs as u64), Some(seq as u64)));
+    assert_eq!((config["steps"].as_u64(), config["warmup_steps"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(config["objective"]["name"], "dpo");
+
+    let params = vocab * c + seq * c + layers * (12 * c * c + 13 * c) + 2 * c;
+    assert_eq!(num(&report, "num_params"), params as f64);
+    let tokens = 2 * pairs * seq;
+    assert_eq!(num(&report, "policy_tokens_per_step"), tokens as f64);
+    // Model FLOPs: the matrix products (tied LM head included) at 2 per multiply-add, forward once for
+    // the reference and the policy, backward twice the forward; causal attention's unmasked half.
+    let matmul = 2 * tokens * (layers * 12 * c * c + vocab * c);
+    let attention = layers * 2 * pairs * 2 * (2 * c * seq * (seq + 1) / 2);
+    assert_eq!(num(&report, "flops_per_step"), (4 * matmul + 4 * attention) as f64);
+
+    let step = &report["step_ms"];
+    let median_s = num(step, "median") / 1e3;
+    assert!(median_s > 0.0 && num(step, "min") <= num(step, "median") && num(step, "median") <= num(step, "max"));
+    assert!(close(num(&report, "tokens_per_s"), tokens as f64 / median_s, 1e-9));
+    assert!(close(num(&report, "flops_per_s"), num(&report, "flops_per_step") / median_s, 1e-9));
+    assert!(close(num(&report, "mfu"), num(&report, "flops_per_s") / peak, 1e-9));
+    let phases = &report["phases_ms"];
+    let phase_sum: f64 =
+        ["reference_forward", "policy_forward", "loss", "backward", "optimizer"].iter().map(|k| num(phases, k)).sum();
+    assert!(phase_sum > 0.0 && phase_sum <= num(step, "median") * 1.001, "phases {phase_sum} ms, step {step}");
+    assert!(num(&report, "peak_memory_bytes") > 0.0);
+    assert_eq!(report["memory_source"], "VmHWM");
+    assert!((num(&report, "final_loss") - std::f64::consts::LN_2).abs() < 1e-6, "{}", report["final_loss"]);
+
+    // Three timed steps: the median and the best step give the two rates.
+    let three = bench("cpu", "3", &[]);
+    let step = &three["step_ms"];
+    assert_eq!(three["config"]["steps"].as_u64(), Some(3));
+    assert!(num(step, "min") <= num(step, "median") && num(step, "median") <= num(step, "max"), "{step}");
+    assert!(close(num(&three, "tokens_per_s"), tokens as f64 * 1e3 / num(step, "median"), 1e-9));
+    assert!(close(num(&three, "tokens_per_s_best"), tokens as f64 * 1e3 / num(step, "min"), 1e-9));
+    assert!(three["mfu"].is_null() && num(&three, "final_loss").is_finite());
+
+    // The same on the emulated device, which counts its own buffers; no peak given, no MFU.
+    let emu = bench("emu", "1", &[]);
+    assert!(emu["device"].as_str().unwrap().starts_with("emu"), "{}", emu["device"]);
+    assert_eq!(emu["memory_source"], "device allocator");
+    assert!(emu["mfu"].is_null());
+    assert_eq!((num(&emu, "num_params"), num(&emu, "flops_per_step")), (params as f64, num(&report, "flops_per_step")));
+    assert!((num(&emu, "final_loss") - std::f64::consts::LN_2).abs() < 1e-6, "{}", emu["final_loss"]);
+}
+
+/// `--device emu` runs `train`, `eval`, `logps` and `generate` through the CUDA kernels on the
+/// emulated device, with what `--device cpu` gives; `generate` on a trained model wraps the prompt
+/// in the template the model was trained with.
+#[test]
+fn device_emu_from_the_command_line_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_file(dir.path(), 16);
+    let common = [
+        "--data.path",
+        p(&data),
+        "--data.template",
+        "U: {prompt} A:",
+        "--data.max_len",
+        "64",
+        "--objective.name",
+        "dpo",
+    ];
+    let train_on = |device: &str| {
+        let run = dir.path().join(format!("run-{device}"));
+        let mut args = vec!["train", "--device", device, "--out-dir", p(&run), "--no-progress"];
+        args.extend(common);
+        args.extend(["--model.n_positions", "64", "--model.n_layer", "1", "--model.n_embd", "16"]);
+        args.extend(["--model.n_head", "2", "--optimizer.total_steps", "2", "--optimizer.lr", "1e-3"]);
+        let out = safedpo(&args);
+        assert!(out.status.success(), "train --device {device}:\n{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(&format!("on {device}")), "{}", text(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+        (run.join("final"), summary)
+    };
+    let (cpu_model, cpu_run) = train_on("cpu");
+    let (emu_model, emu_run) = train_on("emu");
+    for k in ["eval/loss", "eval/rewards/margins", "eval/logps/chosen"] {
+        let (x, y) = (num(&cpu_run["eval"], k), num(&emu_run["eval"], k));
+        assert!(close(x, y, 1e-4), "train: {k}: cpu {x} vs emu {y}");
+    }
+    let load = |dir: &Path| Gpt2::load(Arc::new(CpuBackend::new()), dir).unwrap().to_host().unwrap();
+    let (wa, wb) = (load(&cpu_model), load(&emu_model));
+    for (name, (_, x)) in &wa.tensors {
+        let max = x.iter().zip(&wb.tensors[name].1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(max < 1e-4, "{name}: max |cpu − emu| = {max}");
+    }
+
+    // eval and logps of the same trained model on both devices (the reference: its init).
+    fn args_of<'a>(cmd: &'a str, device: &'a str, model: &'a str, rest: &[&[&'a str]]) -> Vec<&'a str> {
+        let mut args = vec![cmd, "--device", device, "--model", model];
+        rest.iter().for_each(|r| args.extend(*r));
+        args
+    }
+    let model = p(&cpu_model);
+    let on = |cmd: &'static str, device: &'static str, extra: &[&'static str]| {
+        args_of(cmd, device, model, &[&common, extra])
+    };
+    let (x, y) = (json_out(&on("eval", "cpu", &[])), json_out(&on("eval", "emu", &[])));
+    assert_eq!(x["pairs"], y["pairs"]);
+    for k in PAIR_MEANS {
+        assert!(close(num(&x, k), num(&y, k), 1e-4), "eval {k}: cpu {} vs emu {}", x[k], y[k]);
+    }
+    let logps = |device: &'static str| {
+        let out = dir.path().join(format!("logps-{device}.jsonl"));
+        let mut args = on("logps", device, &[]);
+        args.extend(["--out", p(&out)]);
+        ok(&args);
+        let text = fs::read_to_string(&out).unwrap();
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>()
+    };
+    let (lx, ly) = (logps("cpu"), logps("emu"));
+    assert_eq!(lx.len(), ly.len());
+    for (a, b) in lx.iter().zip(&ly) {
+        assert_eq!(a["chosen_ids"], b["chosen_ids"]);
+        for k in ["policy_chosen_logp", "policy_rejected_logp", "reference_chosen_logp", "reference_rejected_logp"] {
+            assert!(close(num(a, k), num(b, k), 1e-5), "logps {k}: cpu {} vs emu {}", a[k], b[k]);
+        }
+    }
+
+    // generate: greedy on both devices; without --data.template the trained model's own template.
+    let generate = |device: &str, extra: &[&str]| {
+        let mut args = vec!["generate", "--device", device, "--model", p(&cpu_model), "--prompt", "How do I"];
+        args.extend(["--max-new-tokens", "12"]);
+        args.extend(extra);
+        ok(&args)
+    };
+    let greedy = generate("cpu", &[]);
+    assert_eq!(greedy, generate("emu", &[]));
+    assert_eq!(greedy, generate("cpu", &["--data.template", "U: {prompt} A:"]));
+}

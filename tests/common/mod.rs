@@ -79,7 +79,9 @@ pub fn worst_error(got: &[f32], want: &[f64], rtol: f64, atol: f64) -> (usize, f
     assert_eq!(got.len(), want.len(), "length mismatch: got {} values, want {}", got.len(), want.len());
     let mut worst = (0, 0.0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs() / (atol + rtol * w.abs());
+        let diff = (g as f64 - w).abs();
+        // An exact match passes even at zero tolerance (0 / 0); a NaN never does.
+        let err = if diff == 0.0 { 0.0 } else { diff / (atol + rtol * w.abs()) };
         let err = if err.is_nan() { f64::INFINITY } else { err };
         if err > worst.1 {
             worst = (i, err);
@@ -145,6 +147,22 @@ pub fn sample_indices(rng: &mut impl Rng, len: usize, count: usize) -> Vec<usize
 pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], rtol: f64) {
     let scale = want.iter().fold(0.0f64, |a, &w| a.max(w.abs())).max(1e-30);
     assert_close(what, got, want, rtol, rtol * scale);
+}
+
+/// bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of itself (half
+/// a unit in the last place, at the bottom of a binade), truncation by up to 2^-7. One rounding of
+/// an exactly computed value is therefore within `BF16_ROUNDING · |value|`.
+pub const BF16_ROUNDING: f64 = 1.0 / 256.0;
+
+/// Asserts each element within `rtol` of itself plus an absolute floor of `floor` × the largest
+/// `|want|`: `|got − want| ≤ rtol·|want| + floor·max|want|` (NaN fails), naming the worst element.
+/// The check for values stored in bf16: `rtol` is what the roundings allow every element, and the
+/// floor, kept small, only what cancellation leaves to the smallest entries of a sum. (Unlike
+/// [`assert_close_scaled`], a large element cannot use up a tolerance sized for the whole tensor.)
+#[track_caller]
+pub fn assert_close_with_floor(what: &str, got: &[f32], want: &[f64], rtol: f64, floor: f64) {
+    let scale = want.iter().fold(0.0f64, |a, &w| a.max(w.abs()));
+    assert_close(what, got, want, rtol, floor * scale);
 }
 
 /// Random weights far from GPT-2's init scale, so that attention is peaked, GELU is curved, and

@@ -7,7 +7,7 @@ use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
-use crate::device::Fixture;
+use crate::device::{Fixture, ATTENTION_DQKV_FLOOR};
 use crate::{backend, packing, FD_STEP, GRAD_RTOL};
 
 /// Runs the forward on a packed batch; returns (out, saved).
@@ -120,7 +120,12 @@ fn attention(device: &Device, precision: Precision) {
         let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * 3 * c);
         f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, nh, c).unwrap();
         f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, nh, c).unwrap();
-        f.check(&format!("attention_backward dqkv ({what})"), &got_dqkv, &want_dqkv);
+        // The CUDA backward forms `D = dout·out` from the output as stored (rounded to bf16), the
+        // CPU's as `Σ_j P·dP` in f32: `dS = P(dout·v − D)` moves by an amount set by |dout|·|out|,
+        // not by the result, and the sums over keys keep it as an absolute error (up to 2.4e-3 of
+        // the largest entry in these cases).
+        let what = format!("attention_backward dqkv ({what})");
+        f.check_rounded(&what, &got_dqkv, &want_dqkv, 1.0, ATTENTION_DQKV_FLOOR);
     }
 }
 

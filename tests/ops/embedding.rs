@@ -6,7 +6,7 @@ use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
-use crate::device::Fixture;
+use crate::device::{Fixture, ACCUMULATED_FLOOR};
 use crate::{accumulated, backend};
 
 #[test]
@@ -93,8 +93,10 @@ fn embedding(device: &Device, precision: Precision) {
         f.cpu.embedding_backward(&mut want_wte, &mut want_wpe, &cd, &cpu_tok, &cpu_pos, n, c).unwrap();
         f.cuda.embedding_backward(&mut got_wte, &mut got_wpe, &gd, &cuda_tok, &cuda_pos, n, c).unwrap();
     }
-    f.check("embedding_backward dwte", &got_wte, &want_wte);
-    f.check("embedding_backward dwpe", &got_wpe, &want_wpe);
+    // Two accumulations onto a prior, each rounded: rows where the prior and the gradients cancel
+    // keep the roundings of the larger partial sums.
+    f.check_rounded("embedding_backward dwte", &got_wte, &want_wte, 2.0, ACCUMULATED_FLOOR);
+    f.check_rounded("embedding_backward dwpe", &got_wpe, &want_wpe, 2.0, ACCUMULATED_FLOOR);
 }
 
 /// Errors name the op and the tensor; nothing is launched on bad input.

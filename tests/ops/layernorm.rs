@@ -7,7 +7,7 @@ use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
-use crate::device::Fixture;
+use crate::device::{Fixture, ACCUMULATED_FLOOR};
 use crate::{accumulated, backend, FD_STEP, FWD_RTOL, GRAD_RTOL};
 
 #[test]
@@ -144,9 +144,12 @@ fn layernorm(device: &Device, precision: Precision) {
                 .layernorm_backward(&mut got_dinp, &mut got_dw, &mut got_db, &gd, &gi, &gw, &got_mean, &got_rstd, n, c)
                 .unwrap();
         }
-        f.check(&format!("layernorm_backward dinp {shape}"), &got_dinp, &want_dinp);
-        f.check(&format!("layernorm_backward dweight {shape}"), &got_dw, &want_dw);
-        f.check(&format!("layernorm_backward dbias {shape}"), &got_db, &want_db);
+        // Two accumulations onto a prior, each rounded: entries where the prior and the gradients
+        // cancel keep the roundings of the larger partial sums.
+        let (dinp, dweight, dbias) = (&got_dinp, &got_dw, &got_db);
+        f.check_rounded(&format!("layernorm_backward dinp {shape}"), dinp, &want_dinp, 2.0, ACCUMULATED_FLOOR);
+        f.check_rounded(&format!("layernorm_backward dweight {shape}"), dweight, &want_dw, 2.0, ACCUMULATED_FLOOR);
+        f.check_rounded(&format!("layernorm_backward dbias {shape}"), dbias, &want_db, 2.0, ACCUMULATED_FLOOR);
     }
 }
 

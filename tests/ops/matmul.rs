@@ -10,7 +10,7 @@ use safedpo::backend::WeightLayout;
 use safedpo::kernel_args;
 
 use crate::common::*;
-use crate::device::Fixture;
+use crate::device::{Fixture, ACCUMULATED_FLOOR, BF16_NOISE_FLOOR};
 use crate::{accumulated, backend, GRAD_RTOL};
 
 pub const LAYOUTS: [WeightLayout; 2] = [WeightLayout::InOut, WeightLayout::OutIn];
@@ -159,8 +159,10 @@ fn matmul(device: &Device, precision: Precision) {
                 f.cuda.matmul_backward(&mut got_dinp, &mut got_dw, gdb, &gd, &gi, &gw, n, ic, oc, layout).unwrap();
             }
             f.check(&format!("matmul_backward dinp ({what})"), &got_dinp, &want_dinp);
-            f.check(&format!("matmul_backward dweight ({what})"), &got_dw, &want_dw);
-            f.check(&format!("matmul_backward dbias ({what})"), &got_db, &want_db);
+            // Two accumulations onto a prior, each rounded (dinp is overwritten: one rounding).
+            let (dweight, dbias) = (&got_dw, &got_db);
+            f.check_rounded(&format!("matmul_backward dweight ({what})"), dweight, &want_dw, 2.0, ACCUMULATED_FLOOR);
+            f.check_rounded(&format!("matmul_backward dbias ({what})"), dbias, &want_db, 2.0, ACCUMULATED_FLOOR);
         }
     }
 }
@@ -237,8 +239,13 @@ fn fused_gelu_epilogue_matches_unfused(device: &Device) {
             let wide = |v: Vec<bf16>| v.into_iter().map(|x| x.to_f64()).collect::<Vec<_>>();
             let (pre, out) = (f32s(device.download(&pre).unwrap()), f32s(device.download(&out).unwrap()));
             let (d, g) = (wide(device.download(&d).unwrap()), wide(device.download(&g).unwrap()));
-            assert_close_scaled(&format!("bf16 {what}: fused pre vs gemm"), &pre, &d, 1e-2);
-            assert_close_scaled(&format!("bf16 {what}: fused gelu vs gelu kernel"), &out, &g, 1e-2);
+            // Two roundings of the same f32 sums (accumulated in any order): one bf16 unit apart at
+            // most. The GELU kernel reads the pre-activation rounded, the epilogue before rounding,
+            // and its GELU may be an approximation: the f32 comparison below allows it 2e-3 of the
+            // largest entry, and so does the floor here.
+            let (pre_tol, gelu_floor) = (2.0 * BF16_ROUNDING, 2e-3);
+            assert_close_with_floor(&format!("bf16 {what}: fused pre vs gemm"), &pre, &d, pre_tol, BF16_NOISE_FLOOR);
+            assert_close_with_floor(&format!("bf16 {what}: fused gelu vs gelu kernel"), &out, &g, pre_tol, gelu_floor);
         }
         {
             let (a, b, bias) =
