@@ -8,7 +8,7 @@ use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 
 use crate::common::*;
-use crate::device::Fixture;
+use crate::device::{Fixture, ACCUMULATED_FLOOR};
 use crate::{accumulated, backend, FD_STEP, FWD_RTOL, GRAD_RTOL};
 
 #[test]
@@ -146,8 +146,12 @@ fn rmsnorm(device: &Device, precision: Precision) {
             f.cpu.rmsnorm_backward(&mut want_dinp, &mut want_dw, &cd, &ci, &cw, &want_rstd, n, c).unwrap();
             f.cuda.rmsnorm_backward(&mut got_dinp, &mut got_dw, &gd, &gi, &gw, &got_rstd, n, c).unwrap();
         }
-        f.check(&format!("rmsnorm_backward dinp {shape}"), &got_dinp, &want_dinp);
-        f.check(&format!("rmsnorm_backward dweight {shape}"), &got_dw, &want_dw);
+        // Accumulated twice onto a random prior, as layernorm_backward's gradients are. dinp is
+        // rstd·(w·dout − x̂·mean(w·dout·x̂)): where the two terms cancel, an element keeps the roundings
+        // of the terms (measured up to 7.2e-4 of the largest entry), hence twice the floor.
+        let dinp_floor = 2.0 * ACCUMULATED_FLOOR;
+        f.check_rounded(&format!("rmsnorm_backward dinp {shape}"), &got_dinp, &want_dinp, 2.0, dinp_floor);
+        f.check_rounded(&format!("rmsnorm_backward dweight {shape}"), &got_dw, &want_dw, 2.0, ACCUMULATED_FLOOR);
 
         // the weight gradient's reduction has a fixed order: the same bits again
         let mut again = f.cuda.zeros(c).unwrap();
