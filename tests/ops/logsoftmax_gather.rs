@@ -2,10 +2,12 @@
 //! differences, on ordinary rows, rows near 1e4 and a large vocabulary; the CUDA backend against the
 //! CPU.
 
+use half::bf16;
 use rand::Rng;
 use safedpo::backend::cpu::logsoftmax_gather::spec;
-use safedpo::backend::cuda::{Device, Precision};
+use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
+use safedpo::backend::Packing;
 
 use crate::common::*;
 use crate::device::Fixture;
@@ -144,4 +146,85 @@ fn logsoftmax_gather(device: &Device, precision: Precision) {
     f.check("logsoftmax_gather_backward dlogits", &gl, &cl);
 }
 
-device_tests!(logsoftmax_gather);
+/// Logits of more than 2^31 elements (a chunk of 42,734 rows of GPT-2's 50,257-token vocabulary, 4.3
+/// GB in bf16): the rows past element 2^31 are found by a 64-bit product of row and vocabulary, in the
+/// backward and in the forward. Through the backend as the model calls it, in Bf16 mode, from
+/// all-zero logits (whose lse is ln V in every row):
+/// 1. the backward, with targets only on the last rows and on the first, writes
+///    `g·(onehot(target) − 1/V)` there (bf16) and zeros everywhere else;
+/// 2. the forward reads them back: `lse = log((V−1)·e^a + e^b)` with `a`, `b` the stored off-target
+///    and target values, the target's log-prob `b − lse`; ln V and 0 in the other rows.
+///
+/// A 32-bit product wraps below the buffer for the last rows: the backward writes, or the forward
+/// reads, the wrong memory (a crash, or other values than these). The emulated device takes about
+/// 25 s (allocating and zeroing 4.3 GB, then two passes over it) and 4.3 GB of memory.
+fn rows_past_2_pow_31(device: &Device) {
+    let v = 50_257usize;
+    let first_high_row = (1usize << 31).div_ceil(v); // the first row starting past element 2^31
+    let n = first_high_row + 3;
+    assert!(n * v > 1 << 31 && (first_high_row - 1) * v < 1 << 31);
+    let cuda = CudaBackend::new(device.clone(), Precision::Bf16);
+    let mut logits = cuda.zeros(n * v).unwrap();
+    // Targets on the first row, on the row that straddles element 2^31 and on every row after it.
+    let target_rows: Vec<usize> = [0].into_iter().chain(first_high_row - 1..n).collect();
+    let mut targets = vec![-1i32; n];
+    for (k, &t) in target_rows.iter().enumerate() {
+        targets[t] = [0, 17, v as i32 / 2, 4097, v as i32 - 1][k];
+    }
+    let ids = cuda.upload_ids(&targets).unwrap();
+    // Two sequences, the second made of the straddling row and those after it, with distinct dL/dseq.
+    let packing = Packing::new(&cuda, &[0, first_high_row as i32 - 1, n as i32]).unwrap();
+    let dseq = [1.0f32, 2.0];
+    let g_of = |t: usize| if t < first_high_row - 1 { dseq[0] } else { dseq[1] };
+
+    let ln_v = (v as f64).ln();
+    let mut lse = cuda.upload(&vec![ln_v as f32; n]).unwrap();
+    let dseq_buf = cuda.upload(&dseq).unwrap();
+    cuda.logsoftmax_gather_backward(&mut logits, &lse, &ids, &dseq_buf, &packing, n, v).unwrap();
+
+    let mut logp = cuda.upload(&poison(n)).unwrap();
+    cuda.fill(&mut lse, f32::NAN).unwrap();
+    cuda.logsoftmax_gather_forward(&mut logp, &mut lse, &logits, &ids, n, v).unwrap();
+    let (got_logp, got_lse) = (cuda.download(&logp).unwrap(), cuda.download(&lse).unwrap());
+    let stored = |x: f32| bf16::from_f32(x).to_f64();
+    let (mut want_lse, mut want_logp) = (vec![ln_v; n], vec![0.0; n]);
+    for &t in &target_rows {
+        let g = g_of(t);
+        let (a, b) = (stored(-g / v as f32), stored(g - g / v as f32));
+        want_lse[t] = ((v - 1) as f64 * a.exp() + b.exp()).ln();
+        want_logp[t] = b - want_lse[t];
+    }
+    assert_close("lse after the backward", &got_lse, &want_lse, 1e-6, 0.0);
+    assert_close("token_logp after the backward", &got_logp, &want_logp, 1e-5, 0.0);
+}
+
+/// On the emulated device, in a child process (this test binary, running `rows_past_2_pow_31_child`):
+/// a wrong index product may crash the process, and the child's crash then fails this test by name
+/// instead of taking the whole test binary down. The 4.3 GB go with the child.
+#[test]
+fn rows_past_2_pow_31_on_the_emulated_device() {
+    let child = "logsoftmax_gather::rows_past_2_pow_31_child";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, child)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{child} failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("1 passed") && stderr.contains(CHILD_RAN), "{child} did not run:\n{stdout}\n{stderr}");
+}
+
+/// Set (to the test's name) in the child process of `rows_past_2_pow_31_on_the_emulated_device`.
+const CHILD_ENV: &str = "SAFEDPO_TEST_CHILD";
+const CHILD_RAN: &str = "rows past 2^31: checked";
+
+/// The child of `rows_past_2_pow_31_on_the_emulated_device`; does nothing in any other process.
+#[test]
+fn rows_past_2_pow_31_child() {
+    if std::env::var(CHILD_ENV).is_ok_and(|name| name.ends_with("rows_past_2_pow_31_child")) {
+        rows_past_2_pow_31(&Device::emulated().unwrap());
+        eprintln!("{CHILD_RAN}");
+    }
+}
+
+device_tests!(logsoftmax_gather; gpu only: rows_past_2_pow_31);
