@@ -43,3 +43,37 @@ pub(super) fn grid_dim(value: usize, what: &str) -> Result<u32> {
 pub(super) fn i32_arg(value: usize, what: &str) -> Result<KernelArg> {
     Ok(KernelArg::I32(i32::try_from(value).with_context(|| format!("{what} = {value} does not fit a 32-bit int"))?))
 }
+
+/// The launch plan of a deterministic per-channel sum over rows (a norm's weight and bias
+/// gradients): per-chunk partials on a `[channel blocks, chunks]` grid, then one ordered sum per
+/// channel over the chunks. The chunk size depends only on `n` (more rows per chunk only when the
+/// grid would exceed its y limit), so the order of the sum, and its bits, do too.
+pub(super) struct ChannelSums {
+    pub(super) rows_per_chunk: usize,
+    pub(super) chunks: usize,
+    threads: u32,
+    channel_blocks: u32,
+}
+
+impl ChannelSums {
+    pub(super) fn new(n: usize, c: usize, min_rows_per_chunk: usize, what: &str) -> Result<Self> {
+        let rows_per_chunk = min_rows_per_chunk.max(n.div_ceil(MAX_GRID_Y));
+        let threads = row_threads(c);
+        let channel_blocks = grid_dim(c.div_ceil(threads as usize), &format!("{what} channel blocks"))?;
+        Ok(Self { rows_per_chunk, chunks: n.div_ceil(rows_per_chunk), threads, channel_blocks })
+    }
+
+    /// The partial sums' launch: one block row per chunk.
+    pub(super) fn partial_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid: (self.channel_blocks, self.chunks as u32, 1),
+            block: (self.threads, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// The final, ordered sum over the chunks.
+    pub(super) fn reduce_config(&self) -> LaunchConfig {
+        LaunchConfig::grid_1d(self.channel_blocks, self.threads)
+    }
+}

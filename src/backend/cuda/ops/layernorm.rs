@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
 use crate::backend::cuda::kernels::constants::layernorm::{LN_MIN_ROWS_PER_CHUNK, LN_WARPS_PER_BLOCK};
-use crate::backend::cuda::launch::{grid_dim, i32_arg, row_threads, suffix, MAX_GRID_Y};
+use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, ChannelSums};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, LayerNormOps};
 
@@ -149,14 +149,12 @@ impl LayerNormOps for CudaBackend {
 
         // Parameter gradients: per-chunk partials, then one ordered sum per channel. The chunk size
         // depends only on n (more rows per chunk only when the grid would exceed its y limit).
-        let rows_per_chunk = (LN_MIN_ROWS_PER_CHUNK as usize).max(n.div_ceil(MAX_GRID_Y));
-        let chunks = n.div_ceil(rows_per_chunk);
+        let sums = ChannelSums::new(n, c, LN_MIN_ROWS_PER_CHUNK as usize, "layernorm")?;
+        let (rows_per_chunk, chunks) = (sums.rows_per_chunk, sums.chunks);
         let partial = self.device.alloc::<f32>(chunks * 2 * c)?;
-        let threads = row_threads(c);
-        let channel_blocks = grid_dim(c.div_ceil(threads as usize), "layernorm channel blocks")?;
         self.launch(
             &format!("layernorm_backward_params_partial_{}", suffix(dt)),
-            LaunchConfig { grid: (channel_blocks, chunks as u32, 1), block: (threads, 1, 1), shared_bytes: 0 },
+            sums.partial_config(),
             &[
                 KernelArg::Ptr(partial.device_ptr()),
                 dout.arg(),
@@ -172,7 +170,7 @@ impl LayerNormOps for CudaBackend {
         let dbias = self.output(dbias, dt, true)?.arg();
         self.launch(
             &format!("layernorm_backward_params_reduce_{}", suffix(dt)),
-            LaunchConfig::grid_1d(channel_blocks, threads),
+            sums.reduce_config(),
             &[dweight, dbias, KernelArg::Ptr(partial.device_ptr()), i32_arg(chunks, "chunks")?, c_arg],
         )
     }

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
 use crate::backend::cuda::kernels::constants::rmsnorm::{RMS_MIN_ROWS_PER_CHUNK, RMS_WARPS_PER_BLOCK};
-use crate::backend::cuda::launch::{grid_dim, i32_arg, row_threads, suffix, MAX_GRID_Y};
+use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, ChannelSums};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, RmsNormOps};
 
@@ -109,14 +109,12 @@ impl RmsNormOps for CudaBackend {
 
         // The weight gradient: per-chunk partials, then one ordered sum per channel. The chunk size
         // depends only on n (more rows per chunk only when the grid would exceed its y limit).
-        let rows_per_chunk = (RMS_MIN_ROWS_PER_CHUNK as usize).max(n.div_ceil(MAX_GRID_Y));
-        let chunks = n.div_ceil(rows_per_chunk);
+        let sums = ChannelSums::new(n, c, RMS_MIN_ROWS_PER_CHUNK as usize, "rmsnorm")?;
+        let (rows_per_chunk, chunks) = (sums.rows_per_chunk, sums.chunks);
         let partial = self.device.alloc::<f32>(chunks * c)?;
-        let threads = row_threads(c);
-        let channel_blocks = grid_dim(c.div_ceil(threads as usize), "rmsnorm channel blocks")?;
         self.launch(
             &format!("rmsnorm_backward_dweight_partial_{}", suffix(dt)),
-            LaunchConfig { grid: (channel_blocks, chunks as u32, 1), block: (threads, 1, 1), shared_bytes: 0 },
+            sums.partial_config(),
             &[
                 KernelArg::Ptr(partial.device_ptr()),
                 dout.arg(),
@@ -130,7 +128,7 @@ impl RmsNormOps for CudaBackend {
         let dweight = self.output(dweight, dt, true)?.arg();
         self.launch(
             &format!("rmsnorm_backward_dweight_reduce_{}", suffix(dt)),
-            LaunchConfig::grid_1d(channel_blocks, threads),
+            sums.reduce_config(),
             &[dweight, KernelArg::Ptr(partial.device_ptr()), i32_arg(chunks, "chunks")?, c_arg],
         )
     }
