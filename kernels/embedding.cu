@@ -1,6 +1,7 @@
 // kernels/embedding.cu — the encoder: token plus position embeddings, forward and backward.
 //
 //     forward:  out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]               out [n, c]
+//               (wpe == nullptr, the Llama family's RoPE models: out[t, :] = wte[tokens[t], :])
 //     backward: dtable[r, :] += Σ_{t : ids[t] = r} dout[t, :]                      (once for wte, once for wpe)
 //
 // CPU twin: src/backend/cpu/embedding.rs (`embedding_forward`, `embedding_backward`). Host side:
@@ -25,9 +26,8 @@ __device__ void embedding_forward(T* out, const int* tokens, const int* position
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const long long t = i / c, j = i % c;
-        const float te = to_float(wte[(long long)tokens[t] * c + j]);
-        const float pe = to_float(wpe[(long long)positions[t] * c + j]);
-        out[i] = from_float<T>(te + pe);
+        const T te = wte[(long long)tokens[t] * c + j];
+        out[i] = wpe == nullptr ? te : from_float<T>(to_float(te) + to_float(wpe[(long long)positions[t] * c + j]));
     }
 }
 

@@ -29,7 +29,7 @@ use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
 use safedpo::config::{Generation, Resolved, RunConfig, SettingsArgs, Training};
 use safedpo::data::{load_tokenizer, Template};
-use safedpo::model::Gpt2;
+use safedpo::model::Decoder;
 use safedpo::train::demo::{run_demo, DemoOptions};
 use safedpo::train::generate::{generate, SamplingParams};
 use safedpo::train::metrics::Record;
@@ -292,10 +292,10 @@ fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::Token
 }
 
 /// The policy and the reference, both frozen: `logps` and `eval` only run forwards.
-fn load_models<B: Backend>(backend: &Arc<B>, policy: &Path, reference: &Path) -> Result<(Gpt2<B>, Gpt2<B>)> {
-    let p =
-        Gpt2::load_frozen(backend.clone(), policy).with_context(|| format!("loading --model {}", policy.display()))?;
-    let r = Gpt2::load_frozen(backend.clone(), reference)
+fn load_models<B: Backend>(backend: &Arc<B>, policy: &Path, reference: &Path) -> Result<(Decoder<B>, Decoder<B>)> {
+    let p = Decoder::load_frozen(backend.clone(), policy)
+        .with_context(|| format!("loading --model {}", policy.display()))?;
+    let r = Decoder::load_frozen(backend.clone(), reference)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
     Ok((p, r))
 }
@@ -374,8 +374,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Resolved) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
-    let mut model =
-        Gpt2::load_frozen(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
+    let mut model = Decoder::load_frozen(backend, &args.model)
+        .with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
         tok.encode(&args.prompt)
     } else {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::{AdamWParams, Backend};
-use crate::model::Gpt2;
+use crate::model::Decoder;
 
 /// AdamW hyper-parameters. `lr` is the default learning rate; `AdamW::step` takes the one to use
 /// (usually `LrSchedule::lr`), so a schedule never has to mutate the optimizer.
@@ -81,9 +81,9 @@ impl<B: Backend> AdamW<B> {
     /// Zeroed state for every parameter of `model`, in the model's order.
     ///
     /// Takes the model mutably only to read the parameter names and sizes from
-    /// `Gpt2::params_and_grads_mut` (the model's one listing of named parameters); nothing is
+    /// `Decoder::params_and_grads_mut` (the model's one listing of named parameters); nothing is
     /// changed.
-    pub fn new(model: &mut Gpt2<B>, cfg: AdamWConfig) -> Result<Self> {
+    pub fn new(model: &mut Decoder<B>, cfg: AdamWConfig) -> Result<Self> {
         cfg.validate()?;
         let backend = model.backend().clone();
         let mut slots = Vec::new();
@@ -117,7 +117,7 @@ impl<B: Backend> AdamW<B> {
 
     /// One AdamW update of every parameter at learning rate `lr`, each gradient multiplied by
     /// `grad_scale` first (clipping, see `clip_scale`; gradient-accumulation averaging).
-    pub fn step(&mut self, model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Result<()> {
+    pub fn step(&mut self, model: &mut Decoder<B>, lr: f32, grad_scale: f32) -> Result<()> {
         ensure!(lr.is_finite() && lr >= 0.0, "adamw: learning rate {lr} must be finite and >= 0");
         ensure!(grad_scale.is_finite(), "adamw: grad_scale {grad_scale} is not finite");
         ensure!(
@@ -236,7 +236,7 @@ impl<B: Backend> AdamW<B> {
 
 /// One plain SGD step on every parameter: `param −= lr · grad_scale · grad`. No momentum, no
 /// weight decay (a baseline and a test oracle).
-pub fn sgd_step<B: Backend>(model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Result<()> {
+pub fn sgd_step<B: Backend>(model: &mut Decoder<B>, lr: f32, grad_scale: f32) -> Result<()> {
     ensure!(lr.is_finite(), "sgd: learning rate {lr} is not finite");
     ensure!(grad_scale.is_finite(), "sgd: grad_scale {grad_scale} is not finite");
     let backend = model.backend().clone();
@@ -252,7 +252,7 @@ pub fn sgd_step<B: Backend>(model: &mut Gpt2<B>, lr: f32, grad_scale: f32) -> Re
 ///
 /// A non-finite norm (overflowed or NaN gradients) is returned as is, with scale 1: the caller
 /// decides whether to skip the step or stop, and must check `norm.is_finite()`.
-pub fn clip_scale<B: Backend>(model: &Gpt2<B>, max_norm: f32) -> Result<(f32, f32)> {
+pub fn clip_scale<B: Backend>(model: &Decoder<B>, max_norm: f32) -> Result<(f32, f32)> {
     let sum_squares = model.backend().sum_squares(&model.grads()?).context("global grad norm")?;
     let norm = sum_squares.sqrt() as f32;
     let scale = if max_norm > 0.0 && norm.is_finite() { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };

@@ -9,18 +9,18 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::model::checkpoint::{self, HostWeights};
-use safedpo::model::Gpt2Config;
+use safedpo::model::DecoderConfig;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-fn tiny_config() -> Gpt2Config {
-    Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+fn tiny_config() -> DecoderConfig {
+    DecoderConfig::gpt2(37, 32, 16, 2, 2)
 }
 
 /// Random weights of every parameter, with a few awkward f32 values (−0, subnormal, huge) so that
 /// "bit-exact" means it.
-fn random_weights(config: &Gpt2Config, seed: u64) -> HostWeights {
+fn random_weights(config: &DecoderConfig, seed: u64) -> HostWeights {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for (name, shape) in config.parameter_shapes() {
@@ -103,7 +103,7 @@ fn assert_mentions(msg: &str, needles: &[&str]) {
 }
 
 /// config.json with one field changed (`None` removes it).
-fn edited_config(config: &Gpt2Config, field: &str, value: Option<Value>) -> String {
+fn edited_config(config: &DecoderConfig, field: &str, value: Option<Value>) -> String {
     let mut v: Value = serde_json::from_str(&config.to_hf_json()).unwrap();
     let obj = v.as_object_mut().unwrap();
     match value {
@@ -174,7 +174,7 @@ fn config_json_has_what_transformers_needs_and_reads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("config.json");
     fs::write(&path, config.to_hf_json()).unwrap();
-    assert_eq!(Gpt2Config::from_hf_json(&path).unwrap(), config);
+    assert_eq!(DecoderConfig::from_hf_json(&path).unwrap(), config);
 
     // The real GPT-2 124M config.json from the Hub (trimmed of task parameters): n_ctx and n_positions.
     let hub = r#"{"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
@@ -182,10 +182,10 @@ fn config_json_has_what_transformers_needs_and_reads_back() {
         "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
         "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "vocab_size": 50257}"#;
     fs::write(&path, hub).unwrap();
-    assert_eq!(Gpt2Config::from_hf_json(&path).unwrap(), Gpt2Config::gpt2_124m());
+    assert_eq!(DecoderConfig::from_hf_json(&path).unwrap(), DecoderConfig::gpt2_124m());
     // Only n_ctx (older configs).
     fs::write(&path, edited_config(&config, "n_positions", None)).unwrap();
-    assert_eq!(Gpt2Config::from_hf_json(&path).unwrap().n_positions, 32);
+    assert_eq!(DecoderConfig::from_hf_json(&path).unwrap().n_positions, 32);
 }
 
 #[test]
@@ -398,7 +398,7 @@ fn config_and_weights_of_different_sizes_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_config();
     let raw = raw_f32(&random_weights(&config, 12), "");
-    let bigger = Gpt2Config { n_embd: 32, ..config.clone() };
+    let bigger = DecoderConfig { n_embd: 32, ..config.clone() };
     write_dir(tmp.path(), &bigger.to_hf_json(), &raw);
     assert_mentions(&load_error(tmp.path()), &["wte.weight", "[37, 16]", "[37, 32]"]);
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::data::{synthetic_pku_rows, write_pku_jsonl};
-use safedpo::model::{Gpt2, Gpt2Config};
+use safedpo::model::{Decoder, DecoderConfig};
 
 fn safedpo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().expect("running the safedpo binary")
@@ -48,9 +48,8 @@ fn data_file(dir: &Path, n: usize) -> PathBuf {
 
 /// A random byte-vocabulary model directory.
 fn tiny_model(dir: &Path, seed: u64) -> PathBuf {
-    let cfg =
-        Gpt2Config { vocab_size: 258, n_positions: 96, n_embd: 16, n_layer: 1, n_head: 2, layer_norm_epsilon: 1e-5 };
-    let model = Gpt2::random(Arc::new(CpuBackend::new()), cfg, seed).unwrap();
+    let cfg = DecoderConfig::gpt2(258, 96, 16, 1, 2);
+    let model = Decoder::random(Arc::new(CpuBackend::new()), cfg, seed).unwrap();
     let path = dir.join(format!("model-{seed}"));
     model.save(&path).unwrap();
     path
@@ -434,7 +433,7 @@ fn device_emu_from_the_command_line_matches_the_cpu() {
         let (x, y) = (num(&cpu_run["eval"], k), num(&emu_run["eval"], k));
         assert!(close(x, y, 1e-4), "train: {k}: cpu {x} vs emu {y}");
     }
-    let load = |dir: &Path| Gpt2::load(Arc::new(CpuBackend::new()), dir).unwrap().to_host().unwrap();
+    let load = |dir: &Path| Decoder::load(Arc::new(CpuBackend::new()), dir).unwrap().to_host().unwrap();
     let (wa, wb) = (load(&cpu_model), load(&emu_model));
     for (name, (_, x)) in &wa.tensors {
         let max = x.iter().zip(&wb.tensors[name].1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

@@ -23,12 +23,12 @@ use safedpo::backend::prelude::*;
 use safedpo::backend::{AdamWParams, PAIR_METRICS};
 use safedpo::data::{PackedBatch, PreferenceBatch};
 use safedpo::loss::Objective;
-use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, HostWeights};
 use safedpo::optim::{clip_scale, decays_weight, AdamW, AdamWConfig};
 
 /// A tiny GPT-2: 2 layers, 4 heads of width 12, a vocabulary that is not a multiple of 32.
-fn config() -> Gpt2Config {
-    Gpt2Config { vocab_size: 61, n_positions: 40, n_embd: 48, n_layer: 2, n_head: 4, layer_norm_epsilon: 1e-5 }
+fn config() -> DecoderConfig {
+    DecoderConfig::gpt2(61, 40, 48, 2, 4)
 }
 
 /// Three pairs of random sequences: prompts of several lengths, a response of one token, and a
@@ -78,8 +78,8 @@ fn train_step<B: Backend>(
     batch: &PreferenceBatch,
 ) -> StepResult {
     let b = &*backend;
-    let mut policy = Gpt2::from_host(backend.clone(), policy).unwrap();
-    let mut reference = Gpt2::from_host(backend.clone(), reference).unwrap();
+    let mut policy = Decoder::from_host(backend.clone(), policy).unwrap();
+    let mut reference = Decoder::from_host(backend.clone(), reference).unwrap();
     let device_batch = DeviceBatch::upload(b, &batch.packed).unwrap();
     let seqs = batch.packed.num_seqs();
     let pairs = batch.num_pairs();
@@ -121,7 +121,7 @@ fn train_step<B: Backend>(
 
 /// Random weights; in Bf16 mode rounded to bf16, so that both backends start from the same model.
 fn weights(seed: u64, precision: Precision) -> HostWeights {
-    let mut weights = Gpt2::random(Arc::new(CpuBackend::new()), config(), seed).unwrap().to_host().unwrap();
+    let mut weights = Decoder::random(Arc::new(CpuBackend::new()), config(), seed).unwrap().to_host().unwrap();
     // LayerNorm gains and biases away from 1 and 0, so that their gradients are exercised.
     let mut rng = rng(seed + 100);
     for (name, (_, data)) in weights.tensors.iter_mut() {

@@ -18,11 +18,11 @@ use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Dtype, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::data::PackedBatch;
 use safedpo::model::{plan_head_chunks, random_weights, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_CHUNK_ROWS};
-use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch};
 use safedpo::optim::{clip_scale, sgd_step, AdamW, AdamWConfig};
 
-fn config(n_layer: usize) -> Gpt2Config {
-    Gpt2Config { vocab_size: 41, n_positions: 32, n_embd: 16, n_layer, n_head: 2, layer_norm_epsilon: 1e-5 }
+fn config(n_layer: usize) -> DecoderConfig {
+    DecoderConfig::gpt2(41, 32, 16, n_layer, 2)
 }
 
 /// A packed batch of random sequences with the given (length, prompt length) pairs.
@@ -41,8 +41,8 @@ fn frozen_forward_matches_trainable<B: Backend>(backend: Arc<B>, what: &str) {
     for n_layer in 1..=4 {
         let cfg = config(n_layer);
         let w = test_weights(&cfg, 100 + n_layer as u64);
-        let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
-        let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
+        let mut frozen = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
         assert!(frozen.is_frozen() && !trainable.is_frozen());
         for (i, lens) in SHAPES.iter().enumerate() {
             let packed = batch(7 * i as u64 + n_layer as u64, lens, cfg.vocab_size);
@@ -90,7 +90,7 @@ fn message<T>(r: anyhow::Result<T>) -> String {
 fn gradient_operations_on_a_frozen_model_are_errors() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(3);
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &test_weights(&cfg, 1)).unwrap();
+    let mut frozen = Decoder::from_host_frozen(backend.clone(), &test_weights(&cfg, 1)).unwrap();
     let packed = batch(2, SHAPES[0], cfg.vocab_size);
     let dev = DeviceBatch::upload(&*backend, &packed).unwrap();
     frozen.forward(&dev).unwrap();
@@ -117,7 +117,7 @@ fn gradient_operations_on_a_frozen_model_are_errors() {
 
 /// Elements per token of one layer's activations: ln_1, qkv, atty, residual_2, ln_2, fch, fch_gelu,
 /// residual_3 (16 C) and the four LayerNorm statistics.
-fn layer_elements(cfg: &Gpt2Config, tokens: usize, attention_saved: usize) -> usize {
+fn layer_elements(cfg: &DecoderConfig, tokens: usize, attention_saved: usize) -> usize {
     tokens * (16 * cfg.n_embd + 4) + attention_saved
 }
 
@@ -126,9 +126,9 @@ fn a_frozen_model_holds_no_gradients_and_two_layers_of_activations() {
     let backend = Arc::new(CpuBackend::new());
     let cfg = config(5);
     let w = test_weights(&cfg, 3);
-    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
-    let elements = |m: &Gpt2<CpuBackend>| m.held_buffers().into_iter().map(|b| backend.buf_len(b)).sum::<usize>();
+    let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
+    let mut frozen = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
+    let elements = |m: &Decoder<CpuBackend>| m.held_buffers().into_iter().map(|b| backend.buf_len(b)).sum::<usize>();
     // Before any forward: the parameters (and the frozen model nothing else, not even gradients).
     let p = cfg.num_params();
     assert_eq!(elements(&frozen), p);
@@ -162,13 +162,13 @@ fn on_a_bf16_device_frozen_weights_keep_no_master_copy() {
     let backend = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16));
     let cfg = config(4);
     let w = test_weights(&cfg, 5);
-    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+    let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
+    let mut frozen = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
     let p = cfg.num_params();
     for param in frozen.params() {
         assert_eq!((param.dtype(), param.has_master()), (Dtype::Bf16, false), "{param:?}");
     }
-    let bytes = |m: &Gpt2<CudaBackend>| m.held_buffers().into_iter().map(cuda_bytes).sum::<usize>();
+    let bytes = |m: &Decoder<CudaBackend>| m.held_buffers().into_iter().map(cuda_bytes).sum::<usize>();
     // bf16 values only, against bf16 values + fp32 master + bf16 gradient.
     assert_eq!(bytes(&frozen), 2 * p);
     assert_eq!(bytes(&trainable), (2 + 4 + 2) * p);
@@ -249,7 +249,7 @@ const CHUNK_SHAPES: [&[(usize, usize)]; 4] = [
 const CHUNK_ROWS: [usize; 6] = [1, 7, 20, 33, 60, FROZEN_HEAD_CHUNK_ROWS];
 
 /// Elements of every buffer a model holds.
-fn held_elements<B: Backend>(backend: &B, model: &Gpt2<B>) -> usize {
+fn held_elements<B: Backend>(backend: &B, model: &Decoder<B>) -> usize {
     model.held_buffers().into_iter().map(|b| backend.buf_len(b)).sum()
 }
 
@@ -261,8 +261,8 @@ fn chunked_head_matches_whole_head<B: Backend>(backend: Arc<B>, what: &str) {
     let cfg = config(2);
     let (c, v) = (cfg.n_embd, cfg.vocab_size);
     let w = test_weights(&cfg, 31);
-    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+    let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
+    let mut frozen = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
     assert_eq!(frozen.head_chunk_rows(), FROZEN_HEAD_CHUNK_ROWS);
     let mut several_chunks = 0;
     for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
@@ -274,7 +274,7 @@ fn chunked_head_matches_whole_head<B: Backend>(backend: Arc<B>, what: &str) {
         let want = backend.download(trainable.forward(&dev).unwrap()).unwrap();
         assert!(want.iter().any(|&x| x != 0.0), "{what}: all log-probs are 0; the test has no signal");
         // A fresh frozen model on the whole head, for the memory count.
-        let mut whole = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        let mut whole = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
         whole.set_head_chunk_rows(m).unwrap();
         assert_bitwise_eq(
             &format!("{what}: batch {i}, whole head"),
@@ -300,7 +300,7 @@ fn chunked_head_matches_whole_head<B: Backend>(backend: Arc<B>, what: &str) {
             }
             // Held by a fresh frozen model after this forward: the whole head's [m, C + V + 2] less
             // the largest chunk's, plus the chunk's [S] sequence log-probs.
-            let mut fresh = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+            let mut fresh = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
             fresh.set_head_chunk_rows(rows).unwrap();
             fresh.forward(&dev).unwrap();
             let largest = if m > rows { *chunk_rows.iter().max().unwrap() } else { m };
@@ -356,19 +356,19 @@ fn chunked_head_keeps_storage_for_its_largest_chunk_only_on_the_cpu() {
     let cfg = config(2);
     let (c, v) = (cfg.n_embd, cfg.vocab_size);
     let w = test_weights(&cfg, 32);
-    let capacity = |m: &Gpt2<CpuBackend>| m.held_buffers().into_iter().map(Vec::capacity).sum::<usize>();
+    let capacity = |m: &Decoder<CpuBackend>| m.held_buffers().into_iter().map(Vec::capacity).sum::<usize>();
     for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
         let dev = DeviceBatch::upload(&*backend, &batch(70 + i as u64, lens, v)).unwrap();
         let (m, seqs) = (dev.num_target_rows(), dev.num_seqs());
         let row_cu = &dev.row_packing.host_cu_seqlens;
-        let mut whole = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        let mut whole = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
         whole.set_head_chunk_rows(usize::MAX).unwrap();
         whole.forward(&dev).unwrap();
         for rows in [1, 24] {
             let chunks = plan_head_chunks(row_cu, rows);
             assert!(chunks.len() > 1, "batch {i}: one chunk of {rows} rows");
             let largest = chunks.iter().map(|s| (row_cu[s.end] - row_cu[s.start]) as usize).max().unwrap();
-            let mut chunked = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+            let mut chunked = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
             chunked.set_head_chunk_rows(rows).unwrap();
             chunked.forward(&dev).unwrap();
             assert_eq!(
@@ -385,17 +385,10 @@ fn chunked_head_keeps_storage_for_its_largest_chunk_only_on_the_cpu() {
 #[test]
 fn chunked_head_is_bit_identical_at_gpt2_width_and_vocabulary_on_the_cpu() {
     let backend = Arc::new(CpuBackend::new());
-    let cfg = Gpt2Config {
-        vocab_size: 50257,
-        n_positions: 64,
-        n_embd: 768,
-        n_layer: 1,
-        n_head: 12,
-        layer_norm_epsilon: 1e-5,
-    };
+    let cfg = DecoderConfig::gpt2(50257, 64, 768, 1, 12);
     let w = random_weights(cfg.clone(), 3).unwrap();
-    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
-    let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+    let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
+    let mut frozen = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
     let lens = [(40, 8), (64, 2), (17, 16), (50, 10), (33, 33), (61, 5), (20, 3)];
     let dev = DeviceBatch::upload(&*backend, &batch(80, &lens, cfg.vocab_size)).unwrap();
     let want = backend.download(trainable.forward(&dev).unwrap()).unwrap();
@@ -412,10 +405,10 @@ fn chunked_head_is_bit_identical_at_gpt2_width_and_vocabulary_on_the_cpu() {
 fn only_a_frozen_model_takes_a_head_chunk_size() {
     let backend = Arc::new(CpuBackend::new());
     let w = test_weights(&config(1), 33);
-    let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
+    let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
     let msg = message(trainable.set_head_chunk_rows(64));
     assert!(msg.contains("frozen"), "{msg}");
-    let mut frozen = Gpt2::from_host_frozen(backend, &w).unwrap();
+    let mut frozen = Decoder::from_host_frozen(backend, &w).unwrap();
     assert!(message(frozen.set_head_chunk_rows(0)).contains("at least one row"));
     frozen.set_head_chunk_rows(64).unwrap();
     assert_eq!(frozen.head_chunk_rows(), 64);
@@ -434,10 +427,10 @@ fn frozen_forward_close_to_trainable_on(device: &Device) {
         let w = test_weights(&cfg, 77);
         let bytes = || backend.memory_stats().expect("the CUDA backend counts its memory").current_bytes;
         let start = bytes();
-        let mut trainable = Gpt2::from_host(backend.clone(), &w).unwrap();
+        let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
         let trainable_bytes = bytes() - start;
         let start = bytes();
-        let mut frozen = Gpt2::from_host_frozen(backend.clone(), &w).unwrap();
+        let mut frozen = Decoder::from_host_frozen(backend.clone(), &w).unwrap();
         let frozen_bytes = bytes() - start;
         assert!(
             frozen_bytes < trainable_bytes,

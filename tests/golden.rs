@@ -4,7 +4,7 @@
 //! and what `transformers` computes in f64: the log-prob of every response token, their sums, and
 //! the gradients of a weighted sum of those sums.
 //!
-//! The model is loaded with `Gpt2::load` and the pairs are packed the way the trainer packs them
+//! The model is loaded with `Decoder::load` and the pairs are packed the way the trainer packs them
 //! (`preference_batch`); the expected values come from code that shares nothing with this engine,
 //! so a mistake in the packing (which token is a target, at which position) fails here as surely as
 //! one in a kernel. Checked: the sequence log-probs of a trainable and of a frozen (reference) model,
@@ -27,7 +27,7 @@ use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::data::{preference_batch, PackedBatch, TokenizedPair};
-use safedpo::model::{DeviceBatch, Gpt2};
+use safedpo::model::{Decoder, DeviceBatch};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -219,7 +219,7 @@ fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances
     let dev = DeviceBatch::upload(&*backend, &batch.packed).unwrap();
 
     // Sequence log-probs and every gradient, from the trainable model.
-    let mut model = Gpt2::load(backend.clone(), dir.path()).unwrap_or_else(|e| panic!("{}: {e:#}", at("load")));
+    let mut model = Decoder::load(backend.clone(), dir.path()).unwrap_or_else(|e| panic!("{}: {e:#}", at("load")));
     let logps = backend.download(model.forward(&dev).unwrap()).unwrap();
     assert_close(&at("sequence log-probs"), &logps, &want_logps, tol.logp_rel, tol.logp_floor);
     model.zero_grad().unwrap();
@@ -252,7 +252,7 @@ fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances
     }
 
     // The frozen model (the reference model of a run), its LM head in chunks of a few rows.
-    let mut frozen = Gpt2::load_frozen(backend.clone(), dir.path()).unwrap();
+    let mut frozen = Decoder::load_frozen(backend.clone(), dir.path()).unwrap();
     frozen.set_head_chunk_rows(5).unwrap();
     let frozen_logps = backend.download(frozen.forward(&dev).unwrap()).unwrap();
     assert_close(&at("sequence log-probs, frozen model"), &frozen_logps, &want_logps, tol.logp_rel, tol.logp_floor);

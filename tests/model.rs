@@ -15,10 +15,10 @@ use safedpo::backend::prelude::*;
 use safedpo::backend::{WeightLayout, PAIR_METRICS};
 use safedpo::data::PackedBatch;
 use safedpo::loss::{batch_loss, Objective, PairInput};
-use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, HostWeights};
 
-fn tiny_config() -> Gpt2Config {
-    Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+fn tiny_config() -> DecoderConfig {
+    DecoderConfig::gpt2(37, 32, 16, 2, 2)
 }
 
 fn cpu() -> Arc<CpuBackend> {
@@ -65,7 +65,7 @@ const LENS: [(usize, usize); 5] = [(5, 2), (1, 1), (9, 3), (3, 1), (12, 5)];
 /// its raw token lists (positions `0..T`, the loss on the
 /// response tokens, each predicted from the position before it), never reading a `PackedBatch`.
 struct Reference {
-    config: Gpt2Config,
+    config: DecoderConfig,
     w: BTreeMap<String, Vec<f64>>,
 }
 
@@ -159,7 +159,7 @@ impl Reference {
 
 // ---- helpers -----------------------------------------------------------------------------------
 
-fn download_grads(model: &Gpt2<CpuBackend>) -> Vec<Vec<f32>> {
+fn download_grads(model: &Decoder<CpuBackend>) -> Vec<Vec<f32>> {
     model.grads().unwrap().into_iter().cloned().collect()
 }
 
@@ -167,7 +167,7 @@ fn download_grads(model: &Gpt2<CpuBackend>) -> Vec<Vec<f32>> {
 /// reference at `samples` random entries plus the entry of largest model gradient (so a wrong
 /// large value cannot hide), with tolerance relative to the largest finite difference.
 fn check_all_gradients(
-    model: &Gpt2<CpuBackend>,
+    model: &Decoder<CpuBackend>,
     reference: &mut Reference,
     seqs: &[Seq],
     loss: &dyn Fn(&[f64]) -> f64,
@@ -200,7 +200,7 @@ fn check_all_gradients(
 #[test]
 fn parameter_listing_matches_hf_names_shapes_and_count() {
     let config = tiny_config();
-    let mut model = Gpt2::random(cpu(), config.clone(), 0).unwrap();
+    let mut model = Decoder::random(cpu(), config.clone(), 0).unwrap();
     let shapes = config.parameter_shapes();
     let listed: Vec<(String, usize, usize)> =
         model.params_and_grads_mut().unwrap().into_iter().map(|(n, p, g)| (n.to_string(), p.len(), g.len())).collect();
@@ -214,7 +214,7 @@ fn parameter_listing_matches_hf_names_shapes_and_count() {
     assert_eq!(model.num_params(), listed.iter().map(|l| l.1).sum::<usize>());
     assert_eq!(model.num_params(), config.num_params());
     // GPT-2 small has 124,439,808 parameters (tied head counted once).
-    assert_eq!(Gpt2Config::gpt2_124m().num_params(), 124_439_808);
+    assert_eq!(DecoderConfig::gpt2_124m().num_params(), 124_439_808);
 }
 
 #[test]
@@ -222,7 +222,7 @@ fn forward_matches_the_f64_reference() {
     let config = tiny_config();
     let host = test_weights(&config, 1);
     let backend = cpu();
-    let mut model = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
     let seqs = sequences(2, &LENS, config.vocab_size);
     let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
     let got = backend.download(model.forward(&dev).unwrap()).unwrap();
@@ -237,7 +237,7 @@ fn every_parameter_gradient_matches_finite_differences() {
     let config = tiny_config();
     let host = test_weights(&config, 3);
     let backend = cpu();
-    let mut model = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
     let seqs = sequences(4, &LENS, config.vocab_size);
     let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
     let weights: Vec<f64> = uniform(&mut rng(5), seqs.len(), -1.0, 1.0).into_iter().map(f64::from).collect();
@@ -259,7 +259,7 @@ fn packing_does_not_change_log_probs_or_gradients() {
     let weights = uniform(&mut rng(9), seqs.len(), -1.0, 1.0);
 
     // Each sequence alone; gradients accumulate over the calls.
-    let mut alone = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut alone = Decoder::from_host(backend.clone(), &host).unwrap();
     let mut alone_logps = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
         let dev = DeviceBatch::upload(&*backend, &pack(std::slice::from_ref(seq))).unwrap();
@@ -267,7 +267,7 @@ fn packing_does_not_change_log_probs_or_gradients() {
         alone.backward(&dev, &backend.upload(&[weights[s]]).unwrap()).unwrap();
     }
 
-    let mut packed = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut packed = Decoder::from_host(backend.clone(), &host).unwrap();
     let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
     let packed_logps = backend.download(packed.forward(&dev).unwrap()).unwrap();
     packed.backward(&dev, &backend.upload(&weights).unwrap()).unwrap();
@@ -293,18 +293,18 @@ fn forward_and_backward_are_deterministic_and_buffers_survive_shape_changes() {
     let dseq_big = backend.upload(&uniform(&mut rng(13), big.num_seqs(), -1.0, 1.0)).unwrap();
     let dseq_small = backend.upload(&uniform(&mut rng(14), small.num_seqs(), -1.0, 1.0)).unwrap();
 
-    let run = |model: &mut Gpt2<CpuBackend>| -> (Vec<f32>, Vec<Vec<f32>>) {
+    let run = |model: &mut Decoder<CpuBackend>| -> (Vec<f32>, Vec<Vec<f32>>) {
         model.zero_grad().unwrap();
         let logps = model.forward(&dbig).unwrap().clone();
         model.backward(&dbig, &dseq_big).unwrap();
         (logps, download_grads(model))
     };
-    let mut fresh = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut fresh = Decoder::from_host(backend.clone(), &host).unwrap();
     let first = run(&mut fresh);
     let again = run(&mut fresh);
 
     // The same model after batches of other shapes (smaller, then a generation call).
-    let mut used = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut used = Decoder::from_host(backend.clone(), &host).unwrap();
     used.forward(&dsmall).unwrap();
     used.backward(&dsmall, &dseq_small).unwrap();
     used.last_logits(&[1, 2, 3]).unwrap();
@@ -322,7 +322,7 @@ fn forward_and_backward_are_deterministic_and_buffers_survive_shape_changes() {
 fn gradients_accumulate_until_zero_grad() {
     let config = tiny_config();
     let backend = cpu();
-    let mut model = Gpt2::from_host(backend.clone(), &test_weights(&config, 15)).unwrap();
+    let mut model = Decoder::from_host(backend.clone(), &test_weights(&config, 15)).unwrap();
     let dev = DeviceBatch::upload(&*backend, &pack(&sequences(16, &LENS, config.vocab_size))).unwrap();
     let dseq = backend.upload(&uniform(&mut rng(17), LENS.len(), -1.0, 1.0)).unwrap();
     model.forward(&dev).unwrap();
@@ -343,7 +343,7 @@ fn gradients_accumulate_until_zero_grad() {
 fn misuse_and_out_of_range_inputs_are_errors() {
     let config = tiny_config();
     let backend = cpu();
-    let mut model = Gpt2::random(backend.clone(), config.clone(), 1).unwrap();
+    let mut model = Decoder::random(backend.clone(), config.clone(), 1).unwrap();
     let message = |r: anyhow::Result<()>| format!("{:#}", r.expect_err("should fail"));
 
     let too_long = pack(&[Seq::split(&(0..33).map(|i| i % 37).collect::<Vec<_>>(), 1)]);
@@ -375,12 +375,11 @@ fn misuse_and_out_of_range_inputs_are_errors() {
 
 #[test]
 fn random_init_is_deterministic_and_has_gpt2_statistics() {
-    let config =
-        Gpt2Config { vocab_size: 300, n_positions: 64, n_embd: 64, n_layer: 4, n_head: 4, layer_norm_epsilon: 1e-5 };
+    let config = DecoderConfig::gpt2(300, 64, 64, 4, 4);
     let backend = cpu();
-    let a = Gpt2::random(backend.clone(), config.clone(), 42).unwrap().to_host().unwrap();
-    let b = Gpt2::random(backend.clone(), config.clone(), 42).unwrap().to_host().unwrap();
-    let c = Gpt2::random(backend.clone(), config.clone(), 43).unwrap().to_host().unwrap();
+    let a = Decoder::random(backend.clone(), config.clone(), 42).unwrap().to_host().unwrap();
+    let b = Decoder::random(backend.clone(), config.clone(), 42).unwrap().to_host().unwrap();
+    let c = Decoder::random(backend.clone(), config.clone(), 43).unwrap().to_host().unwrap();
     assert_eq!(a, b, "same seed, same weights");
     assert_ne!(a.tensors["wte.weight"], c.tensors["wte.weight"], "another seed, other weights");
     assert_ne!(a.tensors["wte.weight"].1[..64], a.tensors["wpe.weight"].1[..64], "tensors draw from their own streams");
@@ -406,7 +405,7 @@ fn random_init_is_deterministic_and_has_gpt2_statistics() {
 fn last_logits_match_the_reference_last_row() {
     let config = tiny_config();
     let host = test_weights(&config, 19);
-    let mut model = Gpt2::from_host(cpu(), &host).unwrap();
+    let mut model = Decoder::from_host(cpu(), &host).unwrap();
     let tokens = rand_ids(&mut rng(20), 9, config.vocab_size);
     let got = model.last_logits(&tokens).unwrap();
     let (logits, _) = Reference::new(&host).forward(&[Seq::split(&tokens, tokens.len())]);
@@ -428,10 +427,10 @@ fn last_logits_match_the_reference_last_row() {
 fn save_and_load_keep_the_model_exactly() {
     let config = tiny_config();
     let backend = cpu();
-    let mut model = Gpt2::from_host(backend.clone(), &test_weights(&config, 21)).unwrap();
+    let mut model = Decoder::from_host(backend.clone(), &test_weights(&config, 21)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model.save(dir.path()).unwrap();
-    let mut loaded = Gpt2::load(backend.clone(), dir.path()).unwrap();
+    let mut loaded = Decoder::load(backend.clone(), dir.path()).unwrap();
     assert_eq!(loaded.to_host().unwrap(), model.to_host().unwrap());
     let dev = DeviceBatch::upload(&*backend, &pack(&sequences(22, &LENS, config.vocab_size))).unwrap();
     let a = model.forward(&dev).unwrap().clone();
@@ -462,13 +461,13 @@ fn end_to_end_gradient_through_every_objective() {
     let num_pairs = seqs.len() / 2;
     let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
 
-    let mut reference_model = Gpt2::from_host(backend.clone(), &reference_host).unwrap();
+    let mut reference_model = Decoder::from_host(backend.clone(), &reference_host).unwrap();
     let ref_logps = reference_model.forward(&dev).unwrap().clone();
     let (flags_dev, lengths_dev) = (backend.upload_ids(&flags).unwrap(), backend.upload_ids(&lengths).unwrap());
 
     for (k, name) in Objective::NAMES.iter().enumerate() {
         let objective = Objective::default_for(name).unwrap();
-        let mut model = Gpt2::from_host(backend.clone(), &policy_host).unwrap();
+        let mut model = Decoder::from_host(backend.clone(), &policy_host).unwrap();
         let policy = model.forward(&dev).unwrap().clone();
         let mut metrics = backend.zeros(num_pairs * PAIR_METRICS).unwrap();
         let mut dpolicy = backend.zeros(2 * num_pairs).unwrap();
@@ -537,7 +536,7 @@ model.to(torch.bfloat16).save_pretrained(d + "/hf_bf16")
     let config = tiny_config();
     let host = test_weights(&config, 26);
     let backend = cpu();
-    let mut model = Gpt2::from_host(backend.clone(), &host).unwrap();
+    let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model.save(dir.path()).unwrap();
 

@@ -10,7 +10,7 @@ use safedpo::backend::cpu::{grad_norm, optimizer, CpuBackend};
 use safedpo::backend::prelude::*;
 use safedpo::backend::AdamWParams;
 use safedpo::data::PackedBatch;
-use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch};
 use safedpo::optim::{clip_scale, decays_weight, sgd_step, AdamW, AdamWConfig, LrSchedule, STEP_KEY};
 
 fn random_schedule(rng: &mut ChaCha8Rng) -> LrSchedule {
@@ -130,17 +130,17 @@ fn adamw_config_validation_names_the_field() {
 
 // ---- AdamW, SGD and clipping on a tiny random GPT-2 (CPU backend) ---------------------------------
 
-fn micro_config() -> Gpt2Config {
-    Gpt2Config { vocab_size: 48, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+fn micro_config() -> DecoderConfig {
+    DecoderConfig::gpt2(48, 32, 16, 2, 2)
 }
 
-fn tiny_model(seed: u64) -> Gpt2<CpuBackend> {
-    Gpt2::random(Arc::new(CpuBackend::new()), micro_config(), seed).unwrap()
+fn tiny_model(seed: u64) -> Decoder<CpuBackend> {
+    Decoder::random(Arc::new(CpuBackend::new()), micro_config(), seed).unwrap()
 }
 
 /// Fresh random gradients: zero, then one forward and backward of a random packed batch with a
 /// random dL/d(seq logp).
-fn random_grads(model: &mut Gpt2<CpuBackend>, rng: &mut ChaCha8Rng) {
+fn random_grads(model: &mut Decoder<CpuBackend>, rng: &mut ChaCha8Rng) {
     let vocab = model.config().vocab_size as i32;
     // Fixed lengths (random tokens and prompt lengths): the model reuses its activation buffers
     // across batches, and the shape is not what these tests are about.
@@ -161,7 +161,7 @@ fn random_grads(model: &mut Gpt2<CpuBackend>, rng: &mut ChaCha8Rng) {
 }
 
 /// Host copies, in the optimizer's order: (name, param, grad).
-fn host_params_and_grads(model: &Gpt2<CpuBackend>, opt: &AdamW<CpuBackend>) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+fn host_params_and_grads(model: &Decoder<CpuBackend>, opt: &AdamW<CpuBackend>) -> Vec<(String, Vec<f32>, Vec<f32>)> {
     let weights = model.to_host().unwrap();
     let grads = model.grads().unwrap();
     let plan = opt.decay_plan();
@@ -355,7 +355,7 @@ fn state_round_trip_resumes_bit_identically() {
     assert_eq!(state.len(), 2 * opt.decay_plan().len() + 1);
 
     // A resumed copy: the same weights, a fresh optimizer with the saved state.
-    let mut resumed = Gpt2::from_host(Arc::new(CpuBackend::new()), &model.to_host().unwrap()).unwrap();
+    let mut resumed = Decoder::from_host(Arc::new(CpuBackend::new()), &model.to_host().unwrap()).unwrap();
     let mut resumed_opt = AdamW::new(&mut resumed, ADAMW).unwrap();
     resumed_opt.load_state(&state, opt.step_count()).unwrap();
     assert_eq!(resumed_opt.step_count(), 2);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::config::{RunConfig, RunOverrides};
 use safedpo::data::{synthetic_pku_rows, tokenize_pairs, write_pku_jsonl, ByteTokenizer, Template};
-use safedpo::model::Gpt2;
+use safedpo::model::Decoder;
 use safedpo::train::checkpoint::{read_latest, LATEST_FILE};
 use safedpo::train::refcache::{cache_key, load_or_compute, sequence_logps, CacheStatus};
 use safedpo::train::{train, Resume, Task, TrainOptions};
@@ -104,8 +104,8 @@ fn check_resume_is_exact(task: Task, precompute_ref: bool) {
     }
     assert_eq!(metrics_without_timing(&straight.out_dir), metrics_without_timing(&resumed.out_dir));
     // Training moved the weights.
-    let init = Gpt2::random(backend(), straight.model.random_shape(258), straight.seed).unwrap().to_host().unwrap();
-    let trained = Gpt2::load(backend(), &straight.out_dir.join("final")).unwrap().to_host().unwrap();
+    let init = Decoder::random(backend(), straight.model.random_shape(258), straight.seed).unwrap().to_host().unwrap();
+    let trained = Decoder::load(backend(), &straight.out_dir.join("final")).unwrap().to_host().unwrap();
     assert_ne!(init.tensors["h.0.attn.c_attn.weight"], trained.tensors["h.0.attn.c_attn.weight"]);
 }
 
@@ -175,21 +175,14 @@ fn reference_cache_hit_miss_and_stale() {
     let template = Template::new("U: {prompt} A:").unwrap();
     let (tokenized, _) = tokenize_pairs(&pairs, &ByteTokenizer, &template, 128).unwrap();
     let (train_set, eval_set) = tokenized.split_at(20);
-    let cfg = safedpo::model::Gpt2Config {
-        vocab_size: 258,
-        n_positions: 128,
-        n_embd: 16,
-        n_layer: 1,
-        n_head: 2,
-        layer_norm_epsilon: 1e-5,
-    };
-    let mut model = Gpt2::random(backend(), cfg.clone(), 1).unwrap();
+    let cfg = safedpo::model::DecoderConfig::gpt2(258, 128, 16, 1, 2);
+    let mut model = Decoder::random(backend(), cfg.clone(), 1).unwrap();
     let sets = [("train", train_set), ("eval", eval_set)];
     let shapes = [("train", train_set.len()), ("eval", eval_set.len())];
     let path = dir.path().join("ref.safetensors");
     let key = cache_key(&model.to_host().unwrap(), &sets, &template.0);
 
-    let direct = |m: &mut Gpt2<CpuBackend>| {
+    let direct = |m: &mut Decoder<CpuBackend>| {
         vec![sequence_logps(m, train_set, 700).unwrap(), sequence_logps(m, eval_set, 700).unwrap()]
     };
     let expected = direct(&mut model);
@@ -205,7 +198,7 @@ fn reference_cache_hit_miss_and_stale() {
     assert_eq!(values, expected);
 
     // Other weights: the key changes, the file is stale and recomputed.
-    let mut other = Gpt2::random(backend(), cfg, 2).unwrap();
+    let mut other = Decoder::random(backend(), cfg, 2).unwrap();
     let other_key = cache_key(&other.to_host().unwrap(), &sets, &template.0);
     assert_ne!(other_key, key);
     let other_expected = direct(&mut other);
@@ -346,8 +339,8 @@ fn trainer_on_the_emulated_cuda_backend_matches_the_cpu() {
     let emu = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::F32));
     let a = train(backend(), &cpu_cfg, Task::Preference, &quiet()).unwrap();
     let b = train(emu, &emu_cfg, Task::Preference, &quiet()).unwrap();
-    let wa = Gpt2::load(backend(), &cpu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
-    let wb = Gpt2::load(backend(), &emu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
+    let wa = Decoder::load(backend(), &cpu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
+    let wb = Decoder::load(backend(), &emu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
     for (name, (_, x)) in &wa.tensors {
         let y = &wb.tensors[name].1;
         let max = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
@@ -378,13 +371,13 @@ fn the_frozen_reference_gives_what_a_trainable_model_gives() {
     let tok = run_tokenizer(&cfg).unwrap();
     // A reference other than the policy's init, so that the evaluation depends on it.
     let ref_dir = dir.path().join("reference");
-    Gpt2::random(backend(), cfg.model.random_shape(tok.vocab_size()), 99).unwrap().save(&ref_dir).unwrap();
+    Decoder::random(backend(), cfg.model.random_shape(tok.vocab_size()), 99).unwrap().save(&ref_dir).unwrap();
     cfg.model.reference = Some(ref_dir.clone());
 
     let prepared = prepare_data(&cfg, tok.as_ref(), Task::Preference).unwrap();
     let budget = cfg.batching.tokens_per_micro_batch;
-    let mut reference = Gpt2::load(backend(), &ref_dir).unwrap();
-    let mut policy = Gpt2::random(backend(), cfg.model.random_shape(tok.vocab_size()), cfg.seed).unwrap();
+    let mut reference = Decoder::load(backend(), &ref_dir).unwrap();
+    let mut policy = Decoder::random(backend(), cfg.model.random_shape(tok.vocab_size()), cfg.seed).unwrap();
     assert!(!reference.is_frozen() && !policy.is_frozen());
     let reference_logps = sequence_logps(&mut reference, &prepared.eval, budget).unwrap();
     let stats = evaluate_pairs(&mut policy, &reference_logps, &prepared.eval, &cfg.objective, budget).unwrap();
@@ -433,7 +426,7 @@ fn cached_and_live_reference_train_identically() {
     // A reference other than the policy's init, so that the reference log-probs matter from step 1.
     let tok = safedpo::train::run_tokenizer(&live).unwrap();
     let ref_dir = dir.path().join("reference");
-    Gpt2::random(backend(), live.model.random_shape(tok.vocab_size()), 31).unwrap().save(&ref_dir).unwrap();
+    Decoder::random(backend(), live.model.random_shape(tok.vocab_size()), 31).unwrap().save(&ref_dir).unwrap();
     live.model.reference = Some(ref_dir);
     live.precompute_ref = false;
     let mut cached = live.clone();
@@ -505,7 +498,7 @@ fn every_objective_trains_on_the_cpu_and_on_the_emulated_device() {
     // every objective's step-0 evaluation starts from.
     let tok = safedpo::train::run_tokenizer(&base).unwrap();
     let pairs = safedpo::train::prepare_data(&base, tok.as_ref(), Task::Preference).unwrap().eval;
-    let mut init = Gpt2::random(backend(), base.model.random_shape(tok.vocab_size()), base.seed).unwrap();
+    let mut init = Decoder::random(backend(), base.model.random_shape(tok.vocab_size()), base.seed).unwrap();
     let logps = sequence_logps(&mut init, &pairs, 4096).unwrap();
     let inputs: Vec<PairInput> = pairs
         .iter()
@@ -569,8 +562,8 @@ fn every_objective_trains_on_the_cpu_and_on_the_emulated_device() {
                 );
             }
         }
-        let wa = Gpt2::load(backend(), &cpu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
-        let wb = Gpt2::load(backend(), &emu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
+        let wa = Decoder::load(backend(), &cpu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
+        let wb = Decoder::load(backend(), &emu_cfg.out_dir.join("final")).unwrap().to_host().unwrap();
         for (tensor, (_, x)) in &wa.tensors {
             let y = &wb.tensors[tensor].1;
             let max = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ModelConfig, OptimizerConfig, Profile, RunConfig};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
-use crate::model::Gpt2Config;
+use crate::model::DecoderConfig;
 
 pub use cli::{BenchArgs, BenchSettings};
 pub use report::{
@@ -83,7 +83,7 @@ impl Default for BenchConfig {
     /// The shape: L=4, d=128, 4 heads, vocab 512, 8 pairs of 128 tokens each side
     /// (a quarter of them prompt), DPO with β = 0.1.
     fn default() -> Self {
-        let model = Gpt2Config::tiny();
+        let model = DecoderConfig::tiny();
         Self {
             n_layer: model.n_layer,
             n_embd: model.n_embd,
@@ -106,15 +106,8 @@ impl Default for BenchConfig {
 }
 
 impl BenchConfig {
-    pub fn model_config(&self) -> Gpt2Config {
-        Gpt2Config {
-            vocab_size: self.vocab_size,
-            n_positions: self.n_positions,
-            n_embd: self.n_embd,
-            n_layer: self.n_layer,
-            n_head: self.n_head,
-            layer_norm_epsilon: 1e-5,
-        }
+    pub fn model_config(&self) -> DecoderConfig {
+        DecoderConfig::gpt2(self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.n_head)
     }
 
     /// The settings this benchmark shares with `train`: the random init's `[model]` shape, the
@@ -202,7 +195,7 @@ impl BenchConfig {
 /// Forward FLOPs of one sequence of `t` tokens: `2 · t · (12 L d² + d V)` for the matrix
 /// products (QKV, attention projection, the two MLP layers, the tied LM head) plus `2 L d t (t+1)`
 /// for causal attention (QKᵀ and AV over the `t (t+1) / 2` unmasked query-key pairs).
-pub fn forward_flops_per_sequence(model: &Gpt2Config, t: usize) -> f64 {
+pub fn forward_flops_per_sequence(model: &DecoderConfig, t: usize) -> f64 {
     let (l, d, v, t) = (model.n_layer as f64, model.n_embd as f64, model.vocab_size as f64, t as f64);
     2.0 * t * (12.0 * l * d * d + d * v) + 2.0 * l * d * t * (t + 1.0)
 }

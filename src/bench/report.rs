@@ -11,7 +11,7 @@ use crate::loss::Objective;
 use crate::train::step::Phase;
 
 /// The phases of a step, in order. `log_probs` is folded into `policy_forward` (and the reference
-/// log-probs into `reference_forward`): `Gpt2::forward` runs the LM head and the fused
+/// log-probs into `reference_forward`): `Decoder::forward` runs the LM head and the fused
 /// log-softmax-gather as its last stage and exposes no hook between them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PhaseTimes {

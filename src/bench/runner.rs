@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use super::report::{peak_rss_bytes, report_from_samples, BenchReport, PhaseTimes, StepSample};
 use super::{synthetic_batch, BenchConfig};
 use crate::backend::{Backend, PAIR_METRICS};
-use crate::model::gpt2::random_weights;
-use crate::model::Gpt2;
+use crate::model::decoder::random_weights;
+use crate::model::Decoder;
 use crate::optim::AdamW;
 use crate::train::step::{adamw_config, Learner, MicroBatch, Phase, Reference};
 
@@ -36,10 +36,10 @@ impl<B: Backend> StepRunner<B> {
     pub fn new(backend: Arc<B>, cfg: &BenchConfig) -> Result<Self> {
         cfg.validate()?;
         let weights = random_weights(cfg.model_config(), cfg.seed)?;
-        let mut policy = Gpt2::from_host(backend.clone(), &weights).context("building the policy")?;
+        let mut policy = Decoder::from_host(backend.clone(), &weights).context("building the policy")?;
         // Inference only, as the trainer's: no gradients, two layers of activations.
         let reference = if cfg.objective.uses_reference() {
-            let model = Gpt2::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
+            let model = Decoder::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
             Reference::Model(Box::new(model))
         } else {
             Reference::Free

@@ -9,10 +9,10 @@ use super::report::parse_vm_hwm;
 use super::*;
 use crate::backend::prelude::*;
 use crate::backend::MemoryStats;
-use crate::model::Gpt2;
+use crate::model::Decoder;
 
 /// FLOPs counted by walking every matrix product of the forward, one by one.
-fn forward_flops_by_enumeration(m: &Gpt2Config, t: usize) -> f64 {
+fn forward_flops_by_enumeration(m: &DecoderConfig, t: usize) -> f64 {
     let (d, v) = (m.n_embd, m.vocab_size);
     let mut flops = 0usize;
     for _layer in 0..m.n_layer {
@@ -36,14 +36,13 @@ fn flop_formula_matches_enumeration() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for _ in 0..20 {
         let heads = rng.random_range(1..5usize);
-        let m = Gpt2Config {
-            vocab_size: rng.random_range(2..300),
-            n_positions: 64,
-            n_embd: heads * rng.random_range(1..9usize),
-            n_layer: rng.random_range(1..4),
-            n_head: heads,
-            layer_norm_epsilon: 1e-5,
-        };
+        let m = DecoderConfig::gpt2(
+            rng.random_range(2..300),
+            64,
+            heads * rng.random_range(1..9usize),
+            rng.random_range(1..4),
+            heads,
+        );
         let t = rng.random_range(1..40);
         let (a, b) = (forward_flops_per_sequence(&m, t), forward_flops_by_enumeration(&m, t));
         assert!((a - b).abs() <= 1e-9 * b, "{m:?} t={t}: formula {a} vs enumeration {b}");
@@ -228,7 +227,7 @@ fn run_bench_on_cpu_reports_the_run() {
     let cfg = tiny_cfg(Objective::Simpo { beta: 2.0, gamma: 0.5, safety_margin: 0.0 });
     let r = run_bench(Arc::new(CpuBackend::new()), &cfg).unwrap();
     assert_eq!(r.policy_tokens_per_step, 48);
-    assert_eq!(r.num_params, Gpt2::random(Arc::new(CpuBackend::new()), cfg.model_config(), 0).unwrap().num_params());
+    assert_eq!(r.num_params, Decoder::random(Arc::new(CpuBackend::new()), cfg.model_config(), 0).unwrap().num_params());
     assert!(r.step_ms.min <= r.step_ms.median && r.step_ms.median <= r.step_ms.max);
     assert!(r.tokens_per_s > 0.0 && r.tokens_per_s <= r.tokens_per_s_best);
     assert!(r.phases_ms.reference_forward < r.phases_ms.policy_forward, "SimPO runs no reference forward");

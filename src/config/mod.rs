@@ -74,7 +74,7 @@ pub use crate::backend::DeviceKind;
 pub use crate::data::DEFAULT_TEMPLATE;
 use crate::data::{DataFormat, PairSelection};
 use crate::loss::Objective;
-use crate::model::Gpt2Config;
+use crate::model::DecoderConfig;
 pub use cli::{Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
 use settings::settings;
 
@@ -105,15 +105,14 @@ settings! {
 impl ModelConfig {
     /// The GPT-2 shape of a random init: `vocab_size` when set, else `tokenizer_vocab` (the
     /// tokenizer's). The trainer checks every token id of the data fits the vocabulary.
-    pub fn random_shape(&self, tokenizer_vocab: usize) -> Gpt2Config {
-        Gpt2Config {
-            vocab_size: self.vocab_size.unwrap_or(tokenizer_vocab),
-            n_positions: self.n_positions,
-            n_embd: self.n_embd,
-            n_layer: self.n_layer,
-            n_head: self.n_head,
-            layer_norm_epsilon: 1e-5,
-        }
+    pub fn random_shape(&self, tokenizer_vocab: usize) -> DecoderConfig {
+        DecoderConfig::gpt2(
+            self.vocab_size.unwrap_or(tokenizer_vocab),
+            self.n_positions,
+            self.n_embd,
+            self.n_layer,
+            self.n_head,
+        )
     }
 }
 

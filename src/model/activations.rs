@@ -11,47 +11,91 @@
 
 use anyhow::Result;
 
+use super::config::DecoderConfig;
 use super::tensor_list::tensor_list;
 use crate::backend::Buffers;
 
+/// The widths of a model's activations, from its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Widths {
+    /// The residual stream.
+    pub(super) c: usize,
+    /// A `qkv` row (`QkvLayout::width`).
+    pub(super) qkv: usize,
+    /// The attention's output, heads concatenated (`n_head · head_dim`).
+    pub(super) att: usize,
+    /// The MLP's up projection: GPT-2's 4C, the Llama family's gate and up side by side, 2F.
+    pub(super) up: usize,
+    /// The MLP's activation, the down projection's input: 4C, or F.
+    pub(super) hidden: usize,
+    /// LayerNorm keeps each row's mean for its backward; RMSNorm has none.
+    pub(super) keeps_mean: bool,
+}
+
+impl Widths {
+    pub(super) fn of(config: &DecoderConfig) -> Self {
+        let layout = config.qkv_layout();
+        let f = config.intermediate_size;
+        let gpt2 = config.family.is_gpt2();
+        Self {
+            c: config.n_embd,
+            qkv: layout.width(),
+            att: layout.q_width(),
+            up: if gpt2 { f } else { 2 * f },
+            hidden: f,
+            keeps_mean: gpt2,
+        }
+    }
+
+    /// The length of a norm's saved mean for `n` rows (0 for RMSNorm).
+    fn mean_rows(&self, n: usize) -> usize {
+        if self.keeps_mean {
+            n
+        } else {
+            0
+        }
+    }
+}
+
 tensor_list! {
     /// What one block's forward keeps for its backward, for `n` tokens (and `saved` floats of
-    /// attention state).
-    pub(super) struct LayerActivations<T> over (n, c, saved) {
-        /// `[N, C]` ln_1 output, with its per-row mean and 1/std `[N]`.
-        ln_1: [n, c],
-        ln_1_mean: [n],
-        ln_1_rstd: [n],
-        /// `[N, 3C]` q, k, v.
-        qkv: [n, 3 * c],
-        /// `[N, C]` attention output, heads concatenated (before c_proj).
-        atty: [n, c],
+    /// attention state); `m` is `n` where the norms keep a mean, 0 where they do not.
+    pub(super) struct LayerActivations<T> over (n, m, c, qkv, att, up, hidden, saved) {
+        /// `[N, C]` the first norm's output, with its per-row mean (LayerNorm) and 1/std `[N]`.
+        norm_1: [n, c],
+        norm_1_mean: [m],
+        norm_1_rstd: [n],
+        /// `[N, width]` q, k, v (RoPE applied, in the Llama family).
+        qkv: [n, qkv],
+        /// `[N, n_head · head_dim]` attention output, heads concatenated (before the output projection).
+        atty: [n, att],
         /// Whatever the backend's attention keeps for its backward.
         att_saved: [saved],
-        /// `[N, C]` residual stream after the attention half: `x + c_proj(atty)`.
+        /// `[N, C]` residual stream after the attention half: `x + o(atty)`.
         residual_2: [n, c],
-        ln_2: [n, c],
-        ln_2_mean: [n],
-        ln_2_rstd: [n],
-        /// `[N, 4C]` c_fc output (GELU input) and the GELU output.
-        fch: [n, 4 * c],
-        fch_gelu: [n, 4 * c],
-        /// `[N, C]` the block's output: `residual_2 + mlp_proj(fch_gelu)`.
+        norm_2: [n, c],
+        norm_2_mean: [m],
+        norm_2_rstd: [n],
+        /// `[N, up]` the MLP's up projection (GELU input, or gate and up side by side) and
+        /// `[N, hidden]` its activation (GELU, or SwiGLU).
+        mlp_up: [n, up],
+        mlp_act: [n, hidden],
+        /// `[N, C]` the block's output: `residual_2 + down(mlp_act)`.
         residual_3: [n, c],
     }
 }
 
 tensor_list! {
     /// The trunk's activations outside the blocks, for `n` tokens.
-    pub(super) struct TrunkActivations<T> over (n, c) {
-        /// `[N, C]` token + position embeddings: the input of block 0.
+    pub(super) struct TrunkActivations<T> over (n, m, c) {
+        /// `[N, C]` the embeddings: the input of block 0.
         encoded: [n, c],
         /// `[N, C]` scratch for the output projections before they join the residual stream.
         proj: [n, c],
-        /// `[N, C]` the final LayerNorm's output, with its per-row mean and 1/std `[N]`.
-        ln_f: [n, c],
-        ln_f_mean: [n],
-        ln_f_rstd: [n],
+        /// `[N, C]` the final norm's output, with its per-row mean (LayerNorm) and 1/std `[N]`.
+        norm_f: [n, c],
+        norm_f_mean: [m],
+        norm_f_rstd: [n],
     }
 }
 
@@ -59,8 +103,8 @@ tensor_list! {
     /// The LM head's buffers, sized by its `rows`, not the batch's tokens: the batch's `M` target
     /// rows, or in a frozen model its largest head chunk.
     pub(super) struct HeadActivations<T> over (rows, c, v) {
-        /// `[M, C]` the rows of `ln_f` with a target, the head's input.
-        ln_f_rows: [rows, c],
+        /// `[M, C]` the rows of `norm_f` with a target, the head's input.
+        norm_f_rows: [rows, c],
         /// `[M, V]` logits of those rows; the backward overwrites them with their gradient.
         logits: [rows, v],
         /// `[M]` log-prob of each target and each row's log-sum-exp.
@@ -73,17 +117,17 @@ tensor_list! {
     /// The backward's gradients at the activations (`d.x` is dL/dx), for `n` tokens: sized exactly
     /// like the forward's activations, so that ops without a token count (GELU backward) see equal
     /// lengths.
-    pub(super) struct ActivationGrads<T> over (n, c) {
+    pub(super) struct ActivationGrads<T> over (n, c, qkv, att, up, hidden) {
         /// `[N, C]` dL/d(residual stream) at the current point of the backward.
         residual: [n, c],
-        /// `[N, C]` gradient at a LayerNorm output.
-        ln: [n, c],
-        /// `[N, C]` gradient at the attention output.
-        atty: [n, c],
-        qkv: [n, 3 * c],
-        /// `[N, 4C]` gradients at the GELU output and input.
-        fch_gelu: [n, 4 * c],
-        fch: [n, 4 * c],
+        /// `[N, C]` gradient at a norm's output.
+        norm: [n, c],
+        /// `[N, att]` gradient at the attention output.
+        atty: [n, att],
+        qkv: [n, qkv],
+        /// Gradients at the MLP's activation and at its up projection.
+        mlp_act: [n, hidden],
+        mlp_up: [n, up],
     }
 }
 
@@ -121,15 +165,16 @@ impl<T> Activations<T> {
         self.tokens
     }
 
-    /// Makes every buffer but the head's fit `tokens` tokens (width `c`) with `saved` floats of
+    /// Makes every buffer but the head's fit `tokens` tokens of widths `w` with `saved` floats of
     /// attention state per layer.
-    pub(super) fn resize<B: Buffers<Buf = T>>(&mut self, b: &B, tokens: usize, c: usize, saved: usize) -> Result<()> {
+    pub(super) fn resize<B: Buffers<Buf = T>>(&mut self, b: &B, tokens: usize, w: &Widths, saved: usize) -> Result<()> {
         if (self.tokens, self.saved) == (tokens, saved) {
             return Ok(());
         }
-        self.trunk.resize(b, tokens, c)?;
+        let (n, m) = (tokens, w.mean_rows(tokens));
+        self.trunk.resize(b, n, m, w.c)?;
         for layer in &mut self.layers {
-            layer.resize(b, tokens, c, saved)?;
+            layer.resize(b, n, m, w.c, w.qkv, w.att, w.up, w.hidden, saved)?;
         }
         (self.tokens, self.saved) = (tokens, saved);
         Ok(())
@@ -191,18 +236,18 @@ pub(super) struct BackwardScratch<T> {
     tokens: usize,
     pub(super) d: ActivationGrads<T>,
     /// `[M, C]` gradient at the LM head's input rows (sized by the backward, like the head's buffers).
-    pub(super) dln_f_rows: T,
+    pub(super) dnorm_f_rows: T,
 }
 
 impl<T> BackwardScratch<T> {
     pub(super) fn new<B: Buffers<Buf = T>>(b: &B) -> Result<Self> {
-        Ok(Self { tokens: 0, d: ActivationGrads::empty(b)?, dln_f_rows: b.zeros(0)? })
+        Ok(Self { tokens: 0, d: ActivationGrads::empty(b)?, dnorm_f_rows: b.zeros(0)? })
     }
 
-    /// Makes the token-sized buffers fit `tokens` tokens (width `c`).
-    pub(super) fn resize<B: Buffers<Buf = T>>(&mut self, b: &B, tokens: usize, c: usize) -> Result<()> {
+    /// Makes the token-sized buffers fit `tokens` tokens of widths `w`.
+    pub(super) fn resize<B: Buffers<Buf = T>>(&mut self, b: &B, tokens: usize, w: &Widths) -> Result<()> {
         if self.tokens != tokens {
-            self.d.resize(b, tokens, c)?;
+            self.d.resize(b, tokens, w.c, w.qkv, w.att, w.up, w.hidden)?;
             self.tokens = tokens;
         }
         Ok(())
@@ -211,7 +256,7 @@ impl<T> BackwardScratch<T> {
     /// Every buffer held.
     pub(super) fn buffers(&self) -> Vec<&T> {
         let mut bufs: Vec<&T> = self.d.refs().into();
-        bufs.push(&self.dln_f_rows);
+        bufs.push(&self.dnorm_f_rows);
         bufs
     }
 }

@@ -136,10 +136,10 @@ impl<B: Backend> DeviceBatch<B> {
 }
 
 /// Target rows a frozen model's LM head computes at once, unless set otherwise
-/// ([`Gpt2::set_head_chunk_rows`]). 2048 rows keep the product large enough to run at full speed
+/// ([`Decoder::set_head_chunk_rows`]). 2048 rows keep the product large enough to run at full speed
 /// (2048 × 768 × 50257 for GPT-2), with logits of 206 MB in bf16 (412 MB in f32).
 ///
-/// [`Gpt2::set_head_chunk_rows`]: super::Gpt2::set_head_chunk_rows
+/// [`Decoder::set_head_chunk_rows`]: super::Decoder::set_head_chunk_rows
 pub const FROZEN_HEAD_CHUNK_ROWS: usize = 2048;
 
 /// The fewest rows a chunk of the head has (unless the whole batch has fewer), whatever the chunk

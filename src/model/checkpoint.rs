@@ -1,11 +1,18 @@
-//! Model directories exactly as Hugging Face writes them: `config.json` + `model.safetensors`.
+//! Model directories exactly as Hugging Face writes them: `config.json` + `model.safetensors`, or
+//! the shards listed in `model.safetensors.index.json`.
 //!
-//! Reading accepts what `transformers` and the Hub produce for GPT-2: tensor names with or without
-//! the `transformer.` prefix, Conv1D weights `[in, out]`, f32/bf16/f16 data, an optional
-//! `lm_head.weight` that must equal `wte.weight` (tied), and HF's attention-mask buffers
-//! (`h.N.attn.bias`, `h.N.attn.masked_bias`), which are not parameters and are skipped. Writing
-//! produces what `GPT2LMHeadModel.save_pretrained` does in f32: prefixed names, no `lm_head`
-//! (tied), metadata `{"format": "pt"}`; each file is written atomically.
+//! Reading accepts what `transformers` and the Hub produce: tensor names with or without the trunk
+//! prefix (`transformer.` for GPT-2, `model.` for the Llama family), f32/bf16/f16 data, one file or
+//! shards, an optional `lm_head.weight` that must equal the token embedding when the config ties
+//! them, and the buffers older `transformers` versions saved beside the parameters (GPT-2's
+//! `h.N.attn.bias` / `h.N.attn.masked_bias`, Llama's `rotary_emb.inv_freq`), which are skipped. The
+//! Llama family's q/k/v and gate/up projections are joined into the engine's fused parameters on
+//! the way in and split back on the way out (`params::fused_parts`).
+//!
+//! Writing produces what `save_pretrained` does: prefixed names (the untied `lm_head.weight`
+//! without), the tied head left out, metadata `{"format": "pt"}`, f32 by default (bf16/f16 on
+//! request), one file or, above the shard size, `model-0000i-of-0000N.safetensors` + the index;
+//! every file atomically, the weights before the config.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -15,23 +22,45 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
+use serde_json::{json, Value};
 
-use super::Gpt2Config;
+use super::params::fused_parts;
+use super::DecoderConfig;
 use crate::util::{write_atomic, write_atomic_with};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
-/// The prefix `GPT2LMHeadModel` puts before the trunk's tensor names.
-const PREFIX: &str = "transformer.";
 const LM_HEAD: &str = "lm_head.weight";
 
-/// Parameters on the host in HF GPT-2 names without the `transformer.` prefix (`wte.weight`,
-/// `h.0.attn.c_attn.weight`, …, `ln_f.bias`), Conv1D weights `[in, out]`, all f32.
+/// HF's default shard size for `save_pretrained` (`max_shard_size="5GB"`, decimal).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// The prefix a family's causal LM puts before the trunk's tensor names.
+fn trunk_prefix(config: &DecoderConfig) -> &'static str {
+    if config.family.is_gpt2() {
+        "transformer."
+    } else {
+        "model."
+    }
+}
+
+/// The name a tensor has in a file: prefixed, except the LM head.
+fn stored_name(config: &DecoderConfig, name: &str) -> String {
+    if name == LM_HEAD {
+        name.to_string()
+    } else {
+        format!("{}{name}", trunk_prefix(config))
+    }
+}
+
+/// Parameters on the host in the names of [`DecoderConfig::parameter_shapes`] (HF's without the
+/// trunk prefix; the Llama family's fused projections), all f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostWeights {
-    pub config: Gpt2Config,
+    pub config: DecoderConfig,
     /// name → (shape, data)
     pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 }
@@ -60,75 +89,183 @@ impl HostWeights {
         }
         Ok(())
     }
+
+    /// The tensors as HF stores them, in the model's order: each fused parameter split into its
+    /// parts, each name as in the file (prefixed); the tied head is not stored.
+    fn hf_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        let mut out = Vec::new();
+        for (name, _) in self.config.parameter_shapes() {
+            let (shape, data) = &self.tensors[&name];
+            match fused_parts(&self.config, &name) {
+                None => out.push((stored_name(&self.config, &name), shape.clone(), data.as_slice())),
+                Some(parts) => {
+                    let row: usize = shape[1..].iter().product();
+                    let mut start = 0;
+                    for (part, rows) in parts {
+                        let mut part_shape = shape.clone();
+                        part_shape[0] = rows;
+                        let slice = &data[start * row..(start + rows) * row];
+                        out.push((stored_name(&self.config, &part), part_shape, slice));
+                        start += rows;
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
-/// Reads a model directory: `config.json` and `model.safetensors`. Any `tokenizer.json` there is
-/// left to the caller (see [`copy_tokenizer`]).
+/// Reads a model directory: `config.json` and `model.safetensors` (or its shards). Any
+/// `tokenizer.json` there is left to the caller (see [`copy_tokenizer`]).
 pub fn load_dir(dir: &Path) -> Result<HostWeights> {
     ensure!(dir.is_dir(), "model directory {} does not exist or is not a directory", dir.display());
     let config_path = dir.join(CONFIG_FILE);
     ensure!(config_path.is_file(), "{} is not a model directory: {CONFIG_FILE} is missing", dir.display());
-    let config = Gpt2Config::from_hf_json(&config_path)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    ensure!(weights_path.is_file(), "{} is not a model directory: {WEIGHTS_FILE} is missing", dir.display());
-    let bytes = fs::read(&weights_path).with_context(|| format!("reading {}", weights_path.display()))?;
-    read_safetensors(&bytes, config).with_context(|| format!("weights file {}", weights_path.display()))
+    let config = DecoderConfig::from_hf_json(&config_path)?;
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    // As `transformers` does: the single file first, then the index.
+    let files: Vec<(String, Vec<u8>)> = if single.is_file() {
+        let bytes = fs::read(&single).with_context(|| format!("reading {}", single.display()))?;
+        vec![(single.display().to_string(), bytes)]
+    } else if index.is_file() {
+        read_shards(dir, &index)?
+    } else {
+        bail!("{} is not a model directory: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is there", dir.display());
+    };
+    let mut parsed = Vec::with_capacity(files.len());
+    for (path, bytes) in &files {
+        let file = SafeTensors::deserialize(bytes).map_err(|e| {
+            anyhow::anyhow!("weights file {path}: not a valid safetensors file, truncated or corrupt? ({e})")
+        })?;
+        parsed.push((path.as_str(), file));
+    }
+    read_tensors(&parsed, config)
 }
 
-/// Parses the bytes of a `model.safetensors` for a model of shape `config`.
-fn read_safetensors(bytes: &[u8], config: Gpt2Config) -> Result<HostWeights> {
-    let file = SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow::anyhow!("not a valid safetensors file, truncated or corrupt? ({e})"))?;
-
-    // Strip the `transformer.` prefix; keep the file's own name for error messages.
-    let mut by_name: HashMap<&str, &str> = HashMap::new();
-    for stored in file.names() {
-        let name = stored.strip_prefix(PREFIX).unwrap_or(stored);
-        if let Some(other) = by_name.insert(name, stored) {
-            bail!("tensor `{name}` is stored twice, as `{other}` and as `{stored}`");
+/// The shard files `index` lists, read whole: (path, bytes) each.
+fn read_shards(dir: &Path, index: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let text = fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .with_context(|| format!("{}: field `weight_map` is missing or not an object", index.display()))?;
+    let mut shards: Vec<&str> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .with_context(|| format!("{}: `weight_map.{tensor}`: expected a file name, got {file}", index.display()))?;
+        ensure!(
+            !file.contains('/') && !file.contains('\\') && file != ".." && !file.is_empty(),
+            "{}: `weight_map.{tensor}`: \"{file}\" is not a file name in the model directory",
+            index.display()
+        );
+        if !shards.contains(&file) {
+            shards.push(file);
         }
     }
+    shards.sort_unstable();
+    shards
+        .into_iter()
+        .map(|file| {
+            let path = dir.join(file);
+            ensure!(
+                path.is_file(),
+                "{}: shard {file} is missing (listed in {WEIGHTS_INDEX_FILE}), the checkpoint is incomplete",
+                dir.display()
+            );
+            let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            Ok((path.display().to_string(), bytes))
+        })
+        .collect()
+}
 
-    let expected = config.parameter_shapes();
-    let mut tensors = BTreeMap::new();
-    for (name, shape) in &expected {
-        let stored = by_name.get(name.as_str()).with_context(|| {
-            format!("missing tensor `{name}` (looked for `{name}` and `{PREFIX}{name}`), expected shape {shape:?}")
+/// Where each tensor is: (file path, file) by stored name.
+type TensorIndex<'a, 'b> = HashMap<&'a str, (&'a str, &'a SafeTensors<'b>, &'a str)>;
+
+/// The parameters of a model of shape `config` from parsed safetensors files (one, or the shards).
+fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig) -> Result<HostWeights> {
+    let prefix = trunk_prefix(&config);
+    // Strip the trunk prefix; keep the file's own name for error messages.
+    let mut by_name: TensorIndex<'_, '_> = HashMap::new();
+    for (path, file) in files {
+        for stored in file.names() {
+            let name = stored.strip_prefix(prefix).unwrap_or(stored);
+            if let Some((other_path, _, other)) = by_name.insert(name, (path, file, stored)) {
+                bail!("tensor `{name}` is stored twice, as `{other}` ({other_path}) and as `{stored}` ({path})");
+            }
+        }
+    }
+    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let (path, file, stored) = by_name.get(name).with_context(|| {
+            format!("missing tensor `{name}` (looked for `{name}` and `{prefix}{name}`), expected shape {shape:?}")
         })?;
-        let data = read_f32_tensor(&file, stored, shape)?;
-        tensors.insert(name.clone(), (shape.clone(), data));
+        read_f32_tensor(file, stored, shape).with_context(|| format!("weights file {path}"))
+    };
+
+    let mut tensors = BTreeMap::new();
+    let mut used: Vec<String> = Vec::new();
+    for (name, shape) in config.parameter_shapes() {
+        let data = match fused_parts(&config, &name) {
+            None => {
+                used.push(name.clone());
+                read(&name, &shape)?
+            }
+            Some(parts) => {
+                let mut data = Vec::with_capacity(shape.iter().product());
+                for (part, rows) in parts {
+                    let mut part_shape = shape.clone();
+                    part_shape[0] = rows;
+                    data.extend(read(&part, &part_shape)?);
+                    used.push(part);
+                }
+                data
+            }
+        };
+        tensors.insert(name, (shape, data));
     }
 
-    // Everything else must be the tied LM head or one of HF's non-parameter buffers.
-    for (&name, &stored) in &by_name {
-        if tensors.contains_key(name) || is_hf_buffer(name, config.n_layer) {
+    // Everything else must be a tied LM head or one of HF's non-parameter buffers.
+    let embedding = &config.parameter_shapes()[0].0;
+    for (&name, &(path, file, stored)) in &by_name {
+        if used.iter().any(|u| u == name) || is_hf_buffer(name, config.n_layer) {
             continue;
         }
-        if name == LM_HEAD {
-            let (wte_shape, wte) = &tensors["wte.weight"];
-            let head = read_f32_tensor(&file, stored, wte_shape)
-                .context("`lm_head.weight` must be tied to `wte.weight` (same shape and values)")?;
+        if name == LM_HEAD && config.tie_word_embeddings {
+            let (shape, wte) = &tensors[embedding];
+            let head = read_f32_tensor(file, stored, shape)
+                .with_context(|| format!("{path}: `lm_head.weight` must be tied to `{embedding}` (same shape)"))?;
             ensure!(
                 head == *wte,
-                "`{stored}` differs from `wte.weight`: untied LM heads are not supported (the head must equal the \
-                 token embedding)"
+                "`{stored}` ({path}) differs from `{embedding}`, but the config ties them (tie_word_embeddings)"
             );
             continue;
         }
         bail!(
-            "unexpected tensor `{stored}` for a GPT-2 with {} layers (config.json and the weights disagree?)",
+            "unexpected tensor `{stored}` in {path} for a {} with {} layers (config.json and the weights disagree?)",
+            config.family,
             config.n_layer
         );
     }
     Ok(HostWeights { config, tensors })
 }
 
-/// `h.N.attn.bias` / `h.N.attn.masked_bias`: the causal mask and its fill value, saved by older
-/// `transformers` versions; not parameters.
+/// Buffers older `transformers` versions saved beside the parameters: GPT-2's causal mask and its
+/// fill value (`h.N.attn.bias`, `h.N.attn.masked_bias`), Llama's RoPE frequencies
+/// (`layers.N.self_attn.rotary_emb.inv_freq`).
 fn is_hf_buffer(name: &str, n_layer: usize) -> bool {
-    let Some(rest) = name.strip_prefix("h.") else { return false };
-    let Some((layer, what)) = rest.split_once('.') else { return false };
-    layer.parse::<usize>().is_ok_and(|l| l < n_layer) && (what == "attn.bias" || what == "attn.masked_bias")
+    let in_layer = |rest: &str, what: &[&str]| {
+        rest.split_once('.')
+            .is_some_and(|(layer, tail)| layer.parse::<usize>().is_ok_and(|l| l < n_layer) && what.contains(&tail))
+    };
+    if let Some(rest) = name.strip_prefix("h.") {
+        return in_layer(rest, &["attn.bias", "attn.masked_bias"]);
+    }
+    if let Some(rest) = name.strip_prefix("layers.") {
+        return in_layer(rest, &["self_attn.rotary_emb.inv_freq"]);
+    }
+    false
 }
 
 /// One tensor as f32, its shape checked against `shape`.
@@ -145,35 +282,155 @@ fn read_f32_tensor(file: &SafeTensors<'_>, stored: &str, shape: &[usize]) -> Res
     Ok(data)
 }
 
-/// Writes a model directory (created if needed): `config.json` and `model.safetensors` (f32,
-/// `transformer.`-prefixed names, no `lm_head`), each file atomically (temp file, fsync, rename).
-/// The weights are written before the config, so a directory whose config is new also has new
-/// weights.
-pub fn save_dir(weights: &HostWeights, dir: &Path) -> Result<()> {
-    weights.validate()?;
-    fs::create_dir_all(dir).with_context(|| format!("creating model directory {}", dir.display()))?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    write_atomic_with(&weights_path, |f| write_safetensors(weights, f))
-        .with_context(|| format!("writing {}", weights_path.display()))?;
-    let config_path = dir.join(CONFIG_FILE);
-    write_atomic(&config_path, weights.config.to_hf_json().as_bytes())
-        .with_context(|| format!("writing {}", config_path.display()))
+/// The storage type of saved weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SaveDtype {
+    /// Exact: a save and a load give back the same bits.
+    #[default]
+    F32,
+    /// Rounded to nearest even, as `model.to(torch.bfloat16)` does.
+    Bf16,
+    F16,
 }
 
-/// Streams the safetensors encoding of `weights` into `out` without building the file in memory.
-/// The header is the `safetensors` crate's own serialisation (tensors sorted by name, all f32,
-/// padded with spaces to 8 bytes), so the bytes equal `safetensors::serialize`'s.
-fn write_safetensors(weights: &HostWeights, out: &mut fs::File) -> Result<()> {
-    let mut infos = Vec::with_capacity(weights.tensors.len());
-    let mut offset = 0usize;
-    let mut named: Vec<(String, &Vec<usize>, &Vec<f32>)> =
-        weights.tensors.iter().map(|(name, (shape, data))| (format!("{PREFIX}{name}"), shape, data)).collect();
+impl SaveDtype {
+    fn dtype(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::Bf16 => Dtype::BF16,
+            SaveDtype::F16 => Dtype::F16,
+        }
+    }
+    fn bytes_per_value(self) -> usize {
+        if self == SaveDtype::F32 {
+            4
+        } else {
+            2
+        }
+    }
+    /// HF `torch_dtype` / `dtype`.
+    fn torch_name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "float32",
+            SaveDtype::Bf16 => "bfloat16",
+            SaveDtype::F16 => "float16",
+        }
+    }
+}
+
+/// How [`save_dir_with`] writes the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaveOptions {
+    pub dtype: SaveDtype,
+    /// Weights larger than this go into shards of at most this size (a single larger tensor gets a
+    /// shard of its own), as `save_pretrained(max_shard_size=…)` does.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self { dtype: SaveDtype::F32, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+    }
+}
+
+/// Writes a model directory in f32, sharded above HF's default 5 GB (see [`save_dir_with`]).
+pub fn save_dir(weights: &HostWeights, dir: &Path) -> Result<()> {
+    save_dir_with(weights, dir, SaveOptions::default())
+}
+
+/// Writes a model directory (created if needed): `config.json` and `model.safetensors`, or shards
+/// and their index, each file atomically (temp file, fsync, rename). The weights are written before
+/// the config, so a directory whose config is new also has new weights; the files of the other
+/// form (a single file where shards are written now, or the other way round) are removed after.
+pub fn save_dir_with(weights: &HostWeights, dir: &Path, options: SaveOptions) -> Result<()> {
+    weights.validate()?;
+    fs::create_dir_all(dir).with_context(|| format!("creating model directory {}", dir.display()))?;
+    let tensors = weights.hf_tensors();
+    let bytes = |t: &(String, Vec<usize>, &[f32])| (t.2.len() * options.dtype.bytes_per_value()) as u64;
+    // Shards in the model's order, each filled until the next tensor would overflow it.
+    let mut shards: Vec<Vec<&(String, Vec<usize>, &[f32])>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in &tensors {
+        let last = shards.last_mut().expect("one shard at least");
+        if !last.is_empty() && size + bytes(t) > options.max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("pushed").push(t);
+        size += bytes(t);
+    }
+    let old_index = dir.join(WEIGHTS_INDEX_FILE);
+    let old_shards = listed_shards(&old_index);
+    if shards.len() == 1 {
+        let path = dir.join(WEIGHTS_FILE);
+        write_atomic_with(&path, |f| write_safetensors(&shards[0], options.dtype, f))
+            .with_context(|| format!("writing {}", path.display()))?;
+        remove_files(dir, old_shards.iter().map(String::as_str).chain([WEIGHTS_INDEX_FILE]))?;
+    } else {
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut names = Vec::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+            let path = dir.join(&file);
+            write_atomic_with(&path, |f| write_safetensors(shard, options.dtype, f))
+                .with_context(|| format!("writing {}", path.display()))?;
+            for (name, _, _) in shard {
+                weight_map.insert(name.clone(), json!(file));
+            }
+            names.push(file);
+        }
+        let total: u64 = tensors.iter().map(bytes).sum();
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let mut text = serde_json::to_string_pretty(&index)?;
+        text.push('\n');
+        write_atomic(&old_index, text.as_bytes()).with_context(|| format!("writing {}", old_index.display()))?;
+        let stale = old_shards.iter().filter(|f| !names.contains(f)).map(String::as_str);
+        remove_files(dir, stale.chain([WEIGHTS_FILE]))?;
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    let config_text = weights.config.to_hf_json_with_dtype(options.dtype.torch_name());
+    write_atomic(&config_path, config_text.as_bytes()).with_context(|| format!("writing {}", config_path.display()))
+}
+
+/// The shard files an index lists (none when there is no readable index).
+fn listed_shards(index: &Path) -> Vec<String> {
+    let Ok(text) = fs::read_to_string(index) else { return Vec::new() };
+    let Ok(value) = serde_json::from_str::<Value>(&text) else { return Vec::new() };
+    let mut files: Vec<String> = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .map(|m| m.values().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    files.sort_unstable();
+    files.dedup();
+    files.retain(|f| !f.contains('/') && !f.contains('\\') && f.ends_with(".safetensors"));
+    files
+}
+
+fn remove_files<'a>(dir: &Path, files: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    for file in files {
+        let path = dir.join(file);
+        if path.is_file() {
+            fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Streams the safetensors encoding of `tensors` into `out` without building the file in memory.
+/// The header is the `safetensors` crate's own serialisation (tensors sorted by name, padded with
+/// spaces to 8 bytes), so the bytes equal `safetensors::serialize`'s.
+fn write_safetensors(tensors: &[&(String, Vec<usize>, &[f32])], dtype: SaveDtype, out: &mut fs::File) -> Result<()> {
+    let mut named: Vec<&(String, Vec<usize>, &[f32])> = tensors.to_vec();
     named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut infos = Vec::with_capacity(named.len());
+    let mut offset = 0usize;
     for (name, shape, data) in &named {
-        let len = data.len() * 4;
+        let len = data.len() * dtype.bytes_per_value();
         infos.push((
             name.clone(),
-            TensorInfo { dtype: Dtype::F32, shape: shape.to_vec(), data_offsets: (offset, offset + len) },
+            TensorInfo { dtype: dtype.dtype(), shape: shape.to_vec(), data_offsets: (offset, offset + len) },
         ));
         offset += len;
     }
@@ -186,12 +443,11 @@ fn write_safetensors(weights: &HostWeights, out: &mut fs::File) -> Result<()> {
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(&header)?;
     for (_, _, data) in &named {
-        if cfg!(target_endian = "little") {
-            w.write_all(bytemuck::cast_slice(data.as_slice()))?;
-        } else {
-            for x in data.iter() {
-                w.write_all(&x.to_le_bytes())?;
-            }
+        match dtype {
+            SaveDtype::F32 if cfg!(target_endian = "little") => w.write_all(bytemuck::cast_slice(data))?,
+            SaveDtype::F32 => data.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))?,
+            SaveDtype::Bf16 => data.iter().try_for_each(|&x| w.write_all(&half::bf16::from_f32(x).to_le_bytes()))?,
+            SaveDtype::F16 => data.iter().try_for_each(|&x| w.write_all(&half::f16::from_f32(x).to_le_bytes()))?,
         }
     }
     w.flush()?;

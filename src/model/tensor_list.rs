@@ -59,11 +59,13 @@ macro_rules! tensor_list {
                 [$($crate::model::tensor_list::tensor_list!(@name $field $($name)?)),+];
 
             /// Each tensor's shape, in list order.
+            #[allow(clippy::too_many_arguments)]
             $vis fn shapes($($dim: usize),+) -> [Vec<usize>; $List::<()>::LEN] {
                 [$(vec![$($extent),+]),+]
             }
 
             /// Each tensor's length (the product of its shape), in list order.
+            #[allow(clippy::too_many_arguments)]
             $vis fn lens($($dim: usize),+) -> [usize; $List::<()>::LEN] {
                 [$([$($extent),+].into_iter().product::<usize>()),+]
             }
@@ -94,6 +96,7 @@ macro_rules! tensor_list {
             }
 
             /// Resizes every buffer in place to its length for these dimensions, in list order.
+            #[allow(clippy::too_many_arguments)]
             $vis fn resize<B: $crate::backend::Buffers<Buf = $T>>(
                 &mut self,
                 b: &B,

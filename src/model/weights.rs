@@ -1,6 +1,6 @@
 //! A model's weights on a backend: uploaded from host weights (trainable, or frozen for inference),
 //! downloaded, read from and written to HF model directories, and what the optimizer sees of them:
-//! each parameter with its gradient, in the order of [`Gpt2Config::parameter_shapes`].
+//! each parameter with its gradient, in the order of [`DecoderConfig::parameter_shapes`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,17 +8,17 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::batch::FROZEN_HEAD_CHUNK_ROWS;
-use super::gpt2::{random_weights, Gpt2};
+use super::decoder::{random_weights, Decoder};
 use super::params::Params;
-use super::{checkpoint, Gpt2Config, HostWeights};
-use crate::backend::{Backend, Buffers};
+use super::{checkpoint, DecoderConfig, HostWeights};
+use crate::backend::{rope_inverse_frequencies, Backend, Buffers};
 
 /// One parameter's HF name, the parameter (mutable, for the optimizer) and its gradient.
 pub type ParamAndGrad<'a, B> = (&'a str, &'a mut <B as Buffers>::Buf, &'a <B as Buffers>::Buf);
 
-impl<B: Backend> Gpt2<B> {
-    /// A trainable model with GPT-2's initialisation (see [`random_weights`]).
-    pub fn random(backend: Arc<B>, config: Gpt2Config, seed: u64) -> Result<Self> {
+impl<B: Backend> Decoder<B> {
+    /// A trainable model with its family's initialisation (see [`random_weights`]).
+    pub fn random(backend: Arc<B>, config: DecoderConfig, seed: u64) -> Result<Self> {
         Self::from_host(backend, &random_weights(config, seed)?)
     }
 
@@ -28,7 +28,7 @@ impl<B: Backend> Gpt2<B> {
         Self::upload(backend, weights, false)
     }
 
-    /// Uploads host weights as a frozen, inference-only model (see [`Gpt2`]).
+    /// Uploads host weights as a frozen, inference-only model (see [`Decoder`]).
     pub fn from_host_frozen(backend: Arc<B>, weights: &HostWeights) -> Result<Self> {
         Self::upload(backend, weights, true)
     }
@@ -52,9 +52,17 @@ impl<B: Backend> Gpt2<B> {
             }
         }
         let seq_logp = backend.zeros(0)?;
+        // RoPE's frequencies in f32 (`upload`: a bf16 backend keeps the exact f32 copy).
+        let rope_freqs = match config.rope {
+            Some(rope) => {
+                Some(backend.upload(&rope_inverse_frequencies(config.head_dim, rope.theta, rope.scaling)?)?)
+            }
+            None => None,
+        };
         Ok(Self {
-            params: Params::from_ordered(params, config.n_layer),
-            grads: (!frozen).then(|| Params::from_ordered(grads, config.n_layer)),
+            params: Params::from_ordered(params, &config),
+            grads: (!frozen).then(|| Params::from_ordered(grads, &config)),
+            rope_freqs,
             backend,
             config,
             names,
@@ -95,7 +103,7 @@ impl<B: Backend> Gpt2<B> {
         checkpoint::save_dir(&self.to_host()?, dir)
     }
 
-    pub fn config(&self) -> &Gpt2Config {
+    pub fn config(&self) -> &DecoderConfig {
         &self.config
     }
 
@@ -130,7 +138,7 @@ impl<B: Backend> Gpt2<B> {
         bufs
     }
 
-    /// Each parameter tensor with its gradient, in a fixed order, named as in HF (`h.0.attn.c_attn.weight`).
+    /// Each parameter tensor with its gradient, in a fixed order, named as in [`DecoderConfig::parameter_shapes`] (`h.0.attn.c_attn.weight`).
     /// An error on a frozen model.
     pub fn params_and_grads_mut(&mut self) -> Result<Vec<ParamAndGrad<'_, B>>> {
         self.ensure_trainable("params_and_grads_mut")?;

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::Backend;
-use crate::model::Gpt2;
+use crate::model::Decoder;
 
 /// How the next token is chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -73,7 +73,7 @@ pub fn sample_next(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl 
 /// Continues `prompt` token by token until `eos` is produced (not included in the result),
 /// `max_new_tokens` are generated, or the model's context is full. Returns the new tokens.
 pub fn generate<B: Backend>(
-    model: &mut Gpt2<B>,
+    model: &mut Decoder<B>,
     prompt: &[i32],
     eos: i32,
     max_new_tokens: usize,

@@ -39,8 +39,8 @@ use crate::data::{
     TextTokenizer, TokenizedPair,
 };
 use crate::loss::Objective;
-use crate::model::gpt2::random_weights;
-use crate::model::{DeviceBatch, Gpt2, HostWeights};
+use crate::model::decoder::random_weights;
+use crate::model::{Decoder, DeviceBatch, HostWeights};
 use crate::optim::{AdamW, LrSchedule};
 use crate::util::write_atomic;
 
@@ -407,7 +407,7 @@ impl<B: Backend> Trainer<B> {
 /// Evaluates `policy` on fixed pairs whose reference log-probs `[2P]` are given (zeros for a
 /// reference-free objective).
 pub fn evaluate_pairs<B: Backend>(
-    policy: &mut Gpt2<B>,
+    policy: &mut Decoder<B>,
     reference: &[f32],
     pairs: &[TokenizedPair],
     objective: &Objective,
@@ -436,7 +436,7 @@ pub fn evaluate_pairs<B: Backend>(
 
 /// The summed negative log-likelihood of the chosen responses of `pairs` and their token count.
 pub fn evaluate_nll<B: Backend>(
-    model: &mut Gpt2<B>,
+    model: &mut Decoder<B>,
     pairs: &[TokenizedPair],
     token_budget: usize,
 ) -> Result<(f64, usize)> {
@@ -501,11 +501,11 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
     let policy = match (&resume_from, &cfg.model.init) {
-        (Some(dir), _) => Gpt2::load(backend.clone(), dir),
+        (Some(dir), _) => Decoder::load(backend.clone(), dir),
         (None, Some(dir)) => {
-            Gpt2::load(backend.clone(), dir).with_context(|| format!("loading model.init {}", dir.display()))
+            Decoder::load(backend.clone(), dir).with_context(|| format!("loading model.init {}", dir.display()))
         }
-        (None, None) => Gpt2::random(backend.clone(), cfg.model.random_shape(tokenizer.vocab_size()), cfg.seed),
+        (None, None) => Decoder::random(backend.clone(), cfg.model.random_shape(tokenizer.vocab_size()), cfg.seed),
     }?;
     let vocab = policy.config().vocab_size;
     check_vocab(&data.train, vocab, "training data")?;
@@ -540,7 +540,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             ref_weights.config,
             policy.config()
         );
-        let mut ref_model = Gpt2::from_host_frozen(backend.clone(), &ref_weights)?;
+        let mut ref_model = Decoder::from_host_frozen(backend.clone(), &ref_weights)?;
         let budget = cfg.batching.tokens_per_micro_batch;
         if cfg.precompute_ref {
             let key = cache_key(&ref_weights, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::checkpoint::{read_f32_safetensors, write_f32_safetensors};
 use crate::backend::Backend;
 use crate::data::{preference_batch, TokenizedPair};
-use crate::model::{DeviceBatch, Gpt2, HostWeights};
+use crate::model::{Decoder, DeviceBatch, HostWeights};
 
 const CACHE_FORMAT: &str = "safedpo-reference-logps-v1";
 
@@ -41,7 +41,7 @@ pub fn chunk_pairs(pairs: &[TokenizedPair], token_budget: usize) -> Vec<Vec<usiz
 
 /// The sequence log-probs of every pair under `model`: `[2P]`, chosen at `2i`, rejected at `2i + 1`.
 pub fn sequence_logps<B: Backend>(
-    model: &mut Gpt2<B>,
+    model: &mut Decoder<B>,
     pairs: &[TokenizedPair],
     token_budget: usize,
 ) -> Result<Vec<f32>> {
@@ -62,7 +62,7 @@ pub fn sequence_logps<B: Backend>(
 pub fn cache_key(weights: &HostWeights, sets: &[(&str, &[TokenizedPair])], template: &str) -> String {
     let mut h = Sha256::new();
     h.update(CACHE_FORMAT.as_bytes());
-    h.update(serde_json::to_string(&weights.config).unwrap_or_default().as_bytes());
+    h.update(weights.config.to_hf_json().as_bytes());
     for (name, (shape, data)) in &weights.tensors {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());

@@ -10,7 +10,7 @@ use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::OptimizerConfig;
 use crate::data::PreferenceBatch;
 use crate::loss::Objective;
-use crate::model::{DeviceBatch, Gpt2};
+use crate::model::{Decoder, DeviceBatch};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
 
 /// The parts of a step, in order, as the hook sees them.
@@ -33,7 +33,7 @@ pub enum Reference<B: Backend> {
     /// A reference-free objective (or SFT).
     Free,
     /// The frozen reference model, run on every micro-batch.
-    Model(Box<Gpt2<B>>),
+    Model(Box<Decoder<B>>),
     /// Precomputed `[2T]` (chosen, rejected per training pair).
     Cached(Vec<f32>),
 }
@@ -79,7 +79,7 @@ pub fn adamw_config(op: &OptimizerConfig) -> AdamWConfig {
 
 /// What a step updates: the policy and its optimizer state, with the reference and the objective.
 pub struct Learner<B: Backend> {
-    pub policy: Gpt2<B>,
+    pub policy: Decoder<B>,
     pub reference: Reference<B>,
     pub optimizer: AdamW<B>,
     pub objective: Objective,

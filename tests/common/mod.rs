@@ -167,7 +167,7 @@ pub fn assert_close_with_floor(what: &str, got: &[f32], want: &[f64], rtol: f64,
 
 /// Random weights far from GPT-2's init scale, so that attention is peaked, GELU is curved, and
 /// LayerNorm gains and biases matter: a gradient bug cannot hide in a near-linear regime.
-pub fn test_weights(config: &safedpo::model::Gpt2Config, seed: u64) -> safedpo::model::HostWeights {
+pub fn test_weights(config: &safedpo::model::DecoderConfig, seed: u64) -> safedpo::model::HostWeights {
     let mut r = rng(seed);
     let mut tensors = std::collections::BTreeMap::new();
     for (name, shape) in config.parameter_shapes() {

@@ -93,10 +93,10 @@ mod learnability {
     use safedpo::backend::prelude::*;
     use safedpo::data::*;
     use safedpo::loss::{pair_loss, Objective, PairInput};
-    use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config};
+    use safedpo::model::{Decoder, DecoderConfig, DeviceBatch};
     use safedpo::optim::{clip_scale, AdamW, AdamWConfig};
 
-    fn seq_logps(model: &mut Gpt2<CpuBackend>, backend: &CpuBackend, packed: &PackedBatch) -> Vec<f32> {
+    fn seq_logps(model: &mut Decoder<CpuBackend>, backend: &CpuBackend, packed: &PackedBatch) -> Vec<f32> {
         let batch = DeviceBatch::upload(backend, packed).unwrap();
         backend.download(model.forward(&batch).unwrap()).unwrap()
     }
@@ -119,15 +119,8 @@ mod learnability {
         assert!(mixed.len() > 100);
 
         let backend = Arc::new(CpuBackend::new());
-        let config = Gpt2Config {
-            vocab_size: 258,
-            n_positions: 256,
-            n_embd: 64,
-            n_layer: 2,
-            n_head: 4,
-            layer_norm_epsilon: 1e-5,
-        };
-        let mut model = Gpt2::random(backend.clone(), config, 0).unwrap();
+        let config = DecoderConfig::gpt2(258, 256, 64, 2, 4);
+        let mut model = Decoder::random(backend.clone(), config, 0).unwrap();
         let mut opt = AdamW::new(&mut model, adamw(3e-3)).unwrap();
         let mut batcher = Batcher::new(train.len(), 1);
         let sft_steps = 60;
@@ -145,7 +138,7 @@ mod learnability {
 
         let eval_batch = preference_batch(&eval, &mixed);
         let ref_eval = seq_logps(&mut model, &backend, &eval_batch.packed);
-        let mut reference = Gpt2::from_host(backend.clone(), &model.to_host().unwrap()).unwrap();
+        let mut reference = Decoder::from_host(backend.clone(), &model.to_host().unwrap()).unwrap();
         let mut opt = AdamW::new(&mut model, adamw(1e-3)).unwrap();
         let objective = Objective::SafeDpo { beta: 0.1, delta: 10.0 };
         let mut batcher = Batcher::new(train.len(), 2);

@@ -1,6 +1,6 @@
 //! Token and position embeddings (contract: `backend/ops/embedding.rs`, kernels:
-//! `kernels/embedding.cu`): `out[t] = wte[tokens[t]] + wpe[positions[t]]`, and its backward, a
-//! deterministic scatter-add into both tables.
+//! `kernels/embedding.cu`): `out[t] = wte[tokens[t]] (+ wpe[positions[t]])`, and its backward, a
+//! deterministic scatter-add into the tables.
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -11,12 +11,14 @@ use crate::backend::{checks, EmbeddingOps};
 /// The specification, in f64: plain loops that the fast version below and the CUDA kernels are
 /// held to. The backward is specified by finite differences of the forward.
 pub mod spec {
-    /// `out[t, j] = wte[tokens[t], j] + wpe[positions[t], j]`, `[tokens.len(), c]`.
-    pub fn forward(tokens: &[i32], positions: &[i32], wte: &[f64], wpe: &[f64], c: usize) -> Vec<f64> {
+    /// `out[t, j] = wte[tokens[t], j] + wpe[positions[t], j]` (no second term without `wpe`),
+    /// `[tokens.len(), c]`.
+    pub fn forward(tokens: &[i32], positions: &[i32], wte: &[f64], wpe: Option<&[f64]>, c: usize) -> Vec<f64> {
         let mut out = vec![0.0; tokens.len() * c];
         for t in 0..tokens.len() {
             for j in 0..c {
-                out[t * c + j] = wte[tokens[t] as usize * c + j] + wpe[positions[t] as usize * c + j];
+                let pe = wpe.map_or(0.0, |wpe| wpe[positions[t] as usize * c + j]);
+                out[t * c + j] = wte[tokens[t] as usize * c + j] + pe;
             }
         }
         out
@@ -30,17 +32,22 @@ impl EmbeddingOps for CpuBackend {
         tokens: &Vec<i32>,
         positions: &Vec<i32>,
         wte: &Vec<f32>,
-        wpe: &Vec<f32>,
+        wpe: Option<&Vec<f32>>,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        checks::embedding_forward(out.len(), tokens, positions, wte.len(), wpe.len(), n, c)?;
+        checks::embedding_forward(out.len(), tokens, positions, wte.len(), wpe.map(Vec::len), n, c)?;
         out.par_chunks_mut(c).with_min_len(64).zip(tokens.par_iter().zip(positions.par_iter())).for_each(
             |(row, (&tok, &pos))| {
                 let te = &wte[tok as usize * c..][..c];
-                let pe = &wpe[pos as usize * c..][..c];
-                for ((o, &a), &b) in row.iter_mut().zip(te).zip(pe) {
-                    *o = a + b;
+                match wpe {
+                    Some(wpe) => {
+                        let pe = &wpe[pos as usize * c..][..c];
+                        for ((o, &a), &b) in row.iter_mut().zip(te).zip(pe) {
+                            *o = a + b;
+                        }
+                    }
+                    None => row.copy_from_slice(te),
                 }
             },
         );
@@ -50,15 +57,20 @@ impl EmbeddingOps for CpuBackend {
     fn embedding_backward(
         &self,
         dwte: &mut Vec<f32>,
-        dwpe: &mut Vec<f32>,
+        dwpe: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         tokens: &Vec<i32>,
         positions: &Vec<i32>,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        checks::embedding_backward(dwte.len(), dwpe.len(), dout.len(), tokens, positions, n, c)?;
-        rayon::join(|| scatter_add_rows(dwte, dout, tokens, c), || scatter_add_rows(dwpe, dout, positions, c));
+        checks::embedding_backward(dwte.len(), dwpe.as_ref().map(|d| d.len()), dout.len(), tokens, positions, n, c)?;
+        match dwpe {
+            Some(dwpe) => {
+                rayon::join(|| scatter_add_rows(dwte, dout, tokens, c), || scatter_add_rows(dwpe, dout, positions, c));
+            }
+            None => scatter_add_rows(dwte, dout, tokens, c),
+        }
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
-//! The encoder: token plus position embeddings, and their deterministic backward (kernels/embedding.cu,
-//! CPU twin in cpu/embedding.rs).
+//! The encoder: token embeddings, plus learned position embeddings where the model has them
+//! (GPT-2; the Llama family's positions are RoPE, inside attention), and their deterministic
+//! backward (kernels/embedding.cu, CPU twin in cpu/embedding.rs).
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
 //! backend runs first, so that the same mistake gives the same error everywhere.
@@ -9,7 +10,8 @@ use anyhow::Result;
 use crate::backend::Buffers;
 
 pub trait EmbeddingOps: Buffers {
-    /// `out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]`; out `[n, c]`.
+    /// `out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]`, or `wte[tokens[t], :]` without
+    /// `wpe`; out `[n, c]`.
     #[allow(clippy::too_many_arguments)]
     fn embedding_forward(
         &self,
@@ -17,16 +19,17 @@ pub trait EmbeddingOps: Buffers {
         tokens: &Self::Ids,
         positions: &Self::Ids,
         wte: &Self::Buf,
-        wpe: &Self::Buf,
+        wpe: Option<&Self::Buf>,
         n: usize,
         c: usize,
     ) -> Result<()>;
-    /// Accumulates `dwte[tokens[t]] += dout[t]`, `dwpe[positions[t]] += dout[t]`, deterministically.
+    /// Accumulates `dwte[tokens[t]] += dout[t]` and, with `dwpe`, `dwpe[positions[t]] += dout[t]`,
+    /// deterministically.
     #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
         dwte: &mut Self::Buf,
-        dwpe: &mut Self::Buf,
+        dwpe: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         tokens: &Self::Ids,
         positions: &Self::Ids,
@@ -48,39 +51,49 @@ pub(crate) mod check {
         tokens: &[i32],
         positions: &[i32],
         wte: usize,
-        wpe: usize,
+        wpe: Option<usize>,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_forward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "out", out, n * c)?;
-        check_len(OP, "tokens", tokens.len(), n)?;
-        check_len(OP, "positions", positions.len(), n)?;
-        ensure!(wte.is_multiple_of(c) && wpe.is_multiple_of(c), "{OP}: wte/wpe lengths must be multiples of c = {c}");
-        check_ids(OP, "tokens", tokens, wte / c, false)?;
-        check_ids(OP, "positions", positions, wpe / c, false)
+        tables("embedding_forward", out, "out", tokens, positions, wte, wpe, n, c)
+    }
+
+    /// The checks both directions share: `[n, c]` activations, `n` ids each, tables `[rows, c]`
+    /// that every id indexes.
+    #[allow(clippy::too_many_arguments)]
+    fn tables(
+        op: &str,
+        act: usize,
+        act_name: &str,
+        tokens: &[i32],
+        positions: &[i32],
+        wte: usize,
+        wpe: Option<usize>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        ensure!(c > 0, "{op}: channels must be positive");
+        check_len(op, act_name, act, n * c)?;
+        check_len(op, "tokens", tokens.len(), n)?;
+        check_len(op, "positions", positions.len(), n)?;
+        ensure!(wte.is_multiple_of(c), "{op}: the token table's length must be a multiple of c = {c}");
+        check_ids(op, "tokens", tokens, wte / c, false)?;
+        if let Some(wpe) = wpe {
+            ensure!(wpe.is_multiple_of(c), "{op}: the position table's length must be a multiple of c = {c}");
+            check_ids(op, "positions", positions, wpe / c, false)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn embedding_backward(
         dwte: usize,
-        dwpe: usize,
+        dwpe: Option<usize>,
         dout: usize,
         tokens: &[i32],
         positions: &[i32],
         n: usize,
         c: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_backward";
-        ensure!(c > 0, "{OP}: channels must be positive");
-        check_len(OP, "dout", dout, n * c)?;
-        check_len(OP, "tokens", tokens.len(), n)?;
-        check_len(OP, "positions", positions.len(), n)?;
-        ensure!(
-            dwte.is_multiple_of(c) && dwpe.is_multiple_of(c),
-            "{OP}: dwte/dwpe lengths must be multiples of c = {c}"
-        );
-        check_ids(OP, "tokens", tokens, dwte / c, false)?;
-        check_ids(OP, "positions", positions, dwpe / c, false)
+        tables("embedding_backward", dout, "dout", tokens, positions, dwte, dwpe, n, c)
     }
 }

@@ -68,40 +68,49 @@ impl EmbeddingOps for CudaBackend {
         tokens: &CudaIds,
         positions: &CudaIds,
         wte: &CudaBuf,
-        wpe: &CudaBuf,
+        wpe: Option<&CudaBuf>,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        checks::embedding_forward(out.len(), &tokens.host, &positions.host, wte.len(), wpe.len(), n, c)?;
+        checks::embedding_forward(out.len(), &tokens.host, &positions.host, wte.len(), wpe.map(CudaBuf::len), n, c)?;
         if n == 0 {
             return Ok(());
         }
         let dt = self.act();
-        let (wte, wpe) = (self.input(wte, dt)?, self.input(wpe, dt)?);
+        let wte = self.input(wte, dt)?;
+        let wpe = wpe.map(|wpe| self.input(wpe, dt)).transpose()?;
+        // Without a position table the kernel gets a null pointer and copies the token rows.
+        let wpe_arg = wpe.as_ref().map_or(KernelArg::NULL, |wpe| wpe.arg());
         let out = self.output(out, dt, false)?;
         self.launch(
             &format!("embedding_forward_{}", suffix(dt)),
             grid_stride_config(n * c),
-            &[out.arg(), tokens.arg(), positions.arg(), wte.arg(), wpe.arg(), i32_arg(n, "n")?, i32_arg(c, "c")?],
+            &[out.arg(), tokens.arg(), positions.arg(), wte.arg(), wpe_arg, i32_arg(n, "n")?, i32_arg(c, "c")?],
         )
     }
 
     fn embedding_backward(
         &self,
         dwte: &mut CudaBuf,
-        dwpe: &mut CudaBuf,
+        dwpe: Option<&mut CudaBuf>,
         dout: &CudaBuf,
         tokens: &CudaIds,
         positions: &CudaIds,
         n: usize,
         c: usize,
     ) -> Result<()> {
-        checks::embedding_backward(dwte.len(), dwpe.len(), dout.len(), &tokens.host, &positions.host, n, c)?;
+        let dwpe_len = dwpe.as_ref().map(|d| d.len());
+        checks::embedding_backward(dwte.len(), dwpe_len, dout.len(), &tokens.host, &positions.host, n, c)?;
         let dt = self.act();
         let dout = self.input(dout, dt)?;
         let dwte = self.output(dwte, dt, true)?;
         self.embedding_scatter(dwte, &dout, &tokens.host, c)?;
-        let dwpe = self.output(dwpe, dt, true)?;
-        self.embedding_scatter(dwpe, &dout, &positions.host, c)
+        match dwpe {
+            Some(dwpe) => {
+                let dwpe = self.output(dwpe, dt, true)?;
+                self.embedding_scatter(dwpe, &dout, &positions.host, c)
+            }
+            None => Ok(()),
+        }
     }
 }

@@ -1,15 +1,21 @@
-//! GPT-2 on a backend ([`Gpt2`]): its forward and backward over a packed batch, written once over
-//! [`Backend`], and its initialisation ([`random_weights`]).
+//! The decoder on a backend ([`Decoder`]): its forward and backward over a packed batch, written
+//! once over [`Backend`] for every family, and its initialisation ([`random_weights`]).
 //!
-//! The forward reads like llm.c's `gpt2_forward`, top to bottom: token + position embeddings,
-//! pre-LayerNorm blocks (`x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`), a final LayerNorm, the LM
-//! head tied to the token embedding, and the fused log-softmax-gather that turns logits into
-//! per-sequence log-probs; the backward (llm.c's `gpt2_backward`) runs the same steps in reverse.
+//! The forward reads like llm.c's `gpt2_forward`, top to bottom: the embeddings (GPT-2 adds its
+//! learned positions), pre-norm blocks (`x + attn(norm_1(x))`, then `x + mlp(norm_2(x))`), a final
+//! norm, the LM head, and the fused log-softmax-gather that turns logits into per-sequence
+//! log-probs; the backward (llm.c's `gpt2_backward`) runs the same steps in reverse. A family is a
+//! set of choices inside that one path ([`Family`]): the norm (LayerNorm, or RMSNorm), the
+//! positions (learned, or RoPE applied to q and k after their projection), the MLP (GELU, or
+//! SwiGLU), the weight layout (GPT-2's Conv1D `[in, out]`, `nn.Linear`'s `[out, in]`), which biases
+//! exist, grouped-query attention, and whether the LM head is tied to the token embedding.
+//!
 //! Every tensor is token-major over the whole packed batch; attention alone looks at the sequence
-//! boundaries. The LM head, the largest product and the largest activation, runs only on the rows
-//! that carry a target (`DeviceBatch::target_rows`): the trunk's last output is gathered to those
-//! rows before the head, and their gradient scattered back after it. The parameters are listed in
-//! `params.rs`, the activations and their recycling in `activations.rs`.
+//! boundaries (and RoPE at each token's position inside its sequence). The LM head, the largest
+//! product and the largest activation, runs only on the rows that carry a target
+//! (`DeviceBatch::target_rows`): the trunk's last output is gathered to those rows before the head,
+//! and their gradient scattered back after it. The parameters are listed in `params.rs`, the
+//! activations and their recycling in `activations.rs`.
 //!
 //! A model is either trainable (`from_host`, `load`, `random`: gradients, every layer's activations
 //! kept for the backward) or frozen (`from_host_frozen`, `load_frozen`: inference only, for the
@@ -21,13 +27,14 @@
 //! activations and a gradient per parameter.
 //!
 //! A frozen model also runs its LM head in chunks of whole sequences, about
-//! [`FROZEN_HEAD_CHUNK_ROWS`] target rows at a time (`Gpt2::set_head_chunk_rows`): nothing reads its
-//! logits after the log-probs, so it holds the `[rows, V]` logits of one chunk instead of the batch's
-//! (at GPT-2's vocabulary, 2048 rows are 0.2 GB in bf16, where a batch of 12k target rows would hold
-//! 1.2 GB). Each sequence's log-prob is still one `sequence_logp_sum` over the same rows, so it is
-//! unchanged bit for bit.
+//! [`FROZEN_HEAD_CHUNK_ROWS`] target rows at a time (`Decoder::set_head_chunk_rows`): nothing reads
+//! its logits after the log-probs, so it holds the `[rows, V]` logits of one chunk instead of the
+//! batch's (at GPT-2's vocabulary, 2048 rows are 0.2 GB in bf16, where a batch of 12k target rows
+//! would hold 1.2 GB). Each sequence's log-prob is still one `sequence_logp_sum` over the same rows,
+//! so it is unchanged bit for bit.
 //!
 //! [`FROZEN_HEAD_CHUNK_ROWS`]: super::FROZEN_HEAD_CHUNK_ROWS
+//! [`Family`]: super::Family
 
 use std::sync::Arc;
 
@@ -35,25 +42,27 @@ use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::activations::{layer_slots, two_slots_mut, Activations, BackwardScratch, HeadActivations};
+use super::activations::{layer_slots, two_slots_mut, Activations, BackwardScratch, HeadActivations, Widths};
 use super::batch::DeviceBatch;
-use super::params::Params;
-use super::{Gpt2Config, HostWeights};
-use crate::backend::{Backend, WeightLayout};
+use super::params::{Init, Norm, Params};
+use super::{DecoderConfig, HostWeights};
+use crate::backend::{Backend, QkvLayout, WeightLayout};
 use crate::data::PackedBatch;
 
-/// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
-/// forward pass (kept for the backward). A frozen model has no gradients and keeps two layers of
+/// A decoder on a backend: parameters, their gradients, and the activations of the last forward
+/// pass (kept for the backward). A frozen model has no gradients and keeps two layers of
 /// activations (see the module documentation).
-pub struct Gpt2<B: Backend> {
+pub struct Decoder<B: Backend> {
     pub(super) backend: Arc<B>,
-    pub(super) config: Gpt2Config,
-    /// HF name and shape of each parameter, in `Params::ordered` order.
+    pub(super) config: DecoderConfig,
+    /// Name and shape of each parameter, in `Params::ordered` order.
     pub(super) names: Vec<String>,
     pub(super) shapes: Vec<Vec<usize>>,
     pub(super) params: Params<B::Buf>,
     /// `None` in a frozen model: it has no gradients, and `backward` refuses to run.
     pub(super) grads: Option<Params<B::Buf>>,
+    /// RoPE's inverse frequencies `[head_dim / 2]` (f32), for the families with RoPE.
+    pub(super) rope_freqs: Option<B::Buf>,
     pub(super) acts: Option<Activations<B::Buf>>,
     pub(super) scratch: Option<BackwardScratch<B::Buf>>,
     /// `[S]` sequence log-probs of the last forward.
@@ -65,8 +74,100 @@ pub struct Gpt2<B: Backend> {
     pub(super) head_chunk_rows: usize,
 }
 
-impl<B: Backend> Gpt2<B> {
-    /// Embeddings, the blocks and the final LayerNorm: leaves `ln_f` `[N, C]` for the head.
+/// What a family's blocks are made of, decided once from its configuration.
+#[derive(Clone, Copy)]
+struct BlockKind {
+    /// LayerNorm (with bias) or RMSNorm.
+    layernorm: bool,
+    /// GELU (tanh) MLP, or SwiGLU.
+    gelu: bool,
+    /// Every projection's weight layout.
+    weights: WeightLayout,
+    qkv: QkvLayout,
+    widths: Widths,
+    eps: f32,
+}
+
+impl BlockKind {
+    fn of(config: &DecoderConfig) -> Self {
+        let gpt2 = config.family.is_gpt2();
+        Self {
+            layernorm: gpt2,
+            gelu: gpt2,
+            weights: if gpt2 { WeightLayout::InOut } else { WeightLayout::OutIn },
+            qkv: config.qkv_layout(),
+            widths: Widths::of(config),
+            eps: config.norm_eps,
+        }
+    }
+
+    /// `out = norm(inp)`, saving the row statistics the backward needs.
+    #[allow(clippy::too_many_arguments)]
+    fn norm<B: Backend>(
+        &self,
+        b: &B,
+        out: &mut B::Buf,
+        mean: &mut B::Buf,
+        rstd: &mut B::Buf,
+        inp: &B::Buf,
+        w: &Norm<B::Buf>,
+        n: usize,
+    ) -> Result<()> {
+        let (c, eps) = (self.widths.c, self.eps);
+        match (&w.b, self.layernorm) {
+            (Some(bias), true) => b.layernorm_forward(out, mean, rstd, inp, &w.w, bias, n, c, eps),
+            (None, false) => b.rmsnorm_forward(out, rstd, inp, &w.w, n, c, eps),
+            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
+        }
+    }
+
+    /// `residual = a + r`, then `out = norm(residual)`, fused.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_norm<B: Backend>(
+        &self,
+        b: &B,
+        residual: &mut B::Buf,
+        out: &mut B::Buf,
+        mean: &mut B::Buf,
+        rstd: &mut B::Buf,
+        a: &B::Buf,
+        r: &B::Buf,
+        w: &Norm<B::Buf>,
+        n: usize,
+    ) -> Result<()> {
+        let (c, eps) = (self.widths.c, self.eps);
+        match (&w.b, self.layernorm) {
+            (Some(bias), true) => b.residual_layernorm_forward(residual, out, mean, rstd, a, r, &w.w, bias, n, c, eps),
+            (None, false) => b.residual_rmsnorm_forward(residual, out, rstd, a, r, &w.w, n, c, eps),
+            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
+        }
+    }
+
+    /// Accumulates into `dinp` and the norm's gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward<B: Backend>(
+        &self,
+        b: &B,
+        dinp: &mut B::Buf,
+        g: &mut Norm<B::Buf>,
+        dout: &B::Buf,
+        inp: &B::Buf,
+        w: &Norm<B::Buf>,
+        mean: &B::Buf,
+        rstd: &B::Buf,
+        n: usize,
+    ) -> Result<()> {
+        let c = self.widths.c;
+        match (&mut g.b, self.layernorm) {
+            (Some(dbias), true) => b.layernorm_backward(dinp, &mut g.w, dbias, dout, inp, &w.w, mean, rstd, n, c),
+            (None, false) => b.rmsnorm_backward(dinp, &mut g.w, dout, inp, &w.w, rstd, n, c),
+            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
+        }
+    }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Embeddings, the blocks and the final norm: leaves `norm_f` `[N, C]` for the head.
     fn forward_trunk(&mut self, batch: &DeviceBatch<B>) -> Result<()> {
         self.pending_backward = None;
         let cfg = &self.config;
@@ -78,6 +179,14 @@ impl<B: Backend> Gpt2<B> {
             batch.max_position,
             cfg.n_positions
         );
+        if let Some(window) = cfg.sliding_window {
+            ensure!(
+                batch.max_position < window,
+                "forward: a sequence of {} tokens is longer than the model's sliding attention window of {window} \
+                 tokens; sliding-window attention is not implemented (shorten data.max_len to at most {window})",
+                batch.max_position + 1
+            );
+        }
         ensure!(
             batch.max_token < cfg.vocab_size,
             "forward: token id {} is outside the vocabulary of {} tokens",
@@ -93,80 +202,62 @@ impl<B: Backend> Gpt2<B> {
         let saved = self.backend.attention_saved_len(&batch.packing, cfg.n_head);
         self.ensure_activations(n, saved)?;
 
-        let cfg = &self.config;
-        let (c, nh, eps) = (cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon);
+        let kind = BlockKind::of(&self.config);
+        let (n_layer, w) = (self.config.n_layer, kind.widths);
+        let (c, layout) = (w.c, kind.weights);
         let b = &*self.backend;
         let p = &self.params;
         let acts = self.acts.as_mut().expect("ensure_activations allocated them");
         let (trunk, layers) = (&mut acts.trunk, &mut acts.layers);
-        use WeightLayout::InOut;
 
-        let embedding = &p.embedding;
-        b.embedding_forward(&mut trunk.encoded, &batch.tokens, &batch.positions, &embedding.wte, &embedding.wpe, n, c)?;
-        // Every other LayerNorm is fused with the residual add that produces its input (ln_2 with
-        // residual_2; the next block's ln_1, or ln_f, with residual_3). Only block 0's ln_1 reads a
-        // tensor that no add produces: the embeddings.
-        let (first, w0) = (&mut layers[0], &p.blocks[0]);
-        b.layernorm_forward(
-            &mut first.ln_1,
-            &mut first.ln_1_mean,
-            &mut first.ln_1_rstd,
-            &trunk.encoded,
-            &w0.ln_1_w,
-            &w0.ln_1_b,
-            n,
-            c,
-            eps,
-        )?;
-        for l in 0..cfg.n_layer {
+        b.embedding_forward(&mut trunk.encoded, &batch.tokens, &batch.positions, &p.wte, p.wpe.as_ref(), n, c)?;
+        // Every other norm is fused with the residual add that produces its input (norm_2 with
+        // residual_2; the next block's norm_1, or norm_f, with residual_3). Only block 0's norm_1
+        // reads a tensor that no add produces: the embeddings.
+        let first = &mut layers[0];
+        let w0 = &p.blocks[0].norm_1;
+        kind.norm(b, &mut first.norm_1, &mut first.norm_1_mean, &mut first.norm_1_rstd, &trunk.encoded, w0, n)?;
+        for l in 0..n_layer {
             let (x, a) = layer_slots(layers, &trunk.encoded, l);
-            let w = &p.blocks[l];
-            // Attention half: residual_2 = x + c_proj(attention(c_attn(ln_1(x)))); ln_1(x) is
+            let wl = &p.blocks[l];
+            // Attention half: residual_2 = x + o(attention(rope(qkv(norm_1(x))))); norm_1(x) is
             // already there.
-            b.matmul_forward(&mut a.qkv, &a.ln_1, &w.c_attn_w, Some(&w.c_attn_b), n, c, 3 * c, InOut)?;
-            b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, nh, c)?;
-            b.matmul_forward(&mut trunk.proj, &a.atty, &w.c_proj_w, Some(&w.c_proj_b), n, c, c, InOut)?;
-            b.residual_layernorm_forward(
-                &mut a.residual_2,
-                &mut a.ln_2,
-                &mut a.ln_2_mean,
-                &mut a.ln_2_rstd,
-                x,
-                &trunk.proj,
-                &w.ln_2_w,
-                &w.ln_2_b,
-                n,
-                c,
-                eps,
+            b.matmul_forward(&mut a.qkv, &a.norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
+            if let Some(freqs) = &self.rope_freqs {
+                b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
+            }
+            b.attention_forward(
+                &mut a.atty,
+                &mut a.att_saved,
+                &a.qkv,
+                &batch.packing,
+                kind.qkv.n_head,
+                kind.qkv.q_width(),
             )?;
-            // MLP half: residual_3 = residual_2 + mlp_proj(gelu(c_fc(ln_2(residual_2)))).
-            b.matmul_bias_gelu_forward(&mut a.fch, &mut a.fch_gelu, &a.ln_2, &w.c_fc_w, &w.c_fc_b, n, c, 4 * c)?;
-            b.matmul_forward(&mut trunk.proj, &a.fch_gelu, &w.mlp_proj_w, Some(&w.mlp_proj_b), n, 4 * c, c, InOut)?;
-            // residual_3 with the LayerNorm that reads it: the next block's ln_1 (in the next layer's
+            b.matmul_forward(&mut trunk.proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
+            let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
+            kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, &trunk.proj, &wl.norm_2, n)?;
+            // MLP half: residual_3 = residual_2 + down(act(up(norm_2(residual_2)))).
+            if kind.gelu {
+                let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
+                b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)?;
+            } else {
+                b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
+                b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)?;
+            }
+            b.matmul_forward(&mut trunk.proj, &a.mlp_act, &wl.down.w, wl.down.b.as_ref(), n, w.hidden, c, layout)?;
+            // residual_3 with the norm that reads it: the next block's norm_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
-            // ln_f after the last block.
+            // norm_f after the last block.
             let slots = layers.len();
-            let (a, ln_out, ln_mean, ln_rstd, ln_w, ln_b) = if l + 1 < cfg.n_layer {
+            let (a, out, mean, rstd, wn) = if l + 1 < n_layer {
                 let (a, next) = two_slots_mut(layers, l % slots, (l + 1) % slots);
-                let wn = &p.blocks[l + 1];
-                (a, &mut next.ln_1, &mut next.ln_1_mean, &mut next.ln_1_rstd, &wn.ln_1_w, &wn.ln_1_b)
+                (a, &mut next.norm_1, &mut next.norm_1_mean, &mut next.norm_1_rstd, &p.blocks[l + 1].norm_1)
             } else {
                 let a = &mut layers[l % slots];
-                (a, &mut trunk.ln_f, &mut trunk.ln_f_mean, &mut trunk.ln_f_rstd, &p.ln_f.w, &p.ln_f.b)
+                (a, &mut trunk.norm_f, &mut trunk.norm_f_mean, &mut trunk.norm_f_rstd, &p.norm_f)
             };
-            b.residual_layernorm_forward(
-                &mut a.residual_3,
-                ln_out,
-                ln_mean,
-                ln_rstd,
-                &a.residual_2,
-                &trunk.proj,
-                ln_w,
-                ln_b,
-                n,
-                c,
-                eps,
-            )?;
+            kind.residual_norm(b, &mut a.residual_3, out, mean, rstd, &a.residual_2, &trunk.proj, wn, n)?;
         }
         Ok(())
     }
@@ -186,15 +277,15 @@ impl<B: Backend> Gpt2<B> {
             None
         };
         let b = &*self.backend;
-        let wte = &self.params.embedding.wte;
+        let weight = self.params.head();
         let acts = self.acts.as_mut().expect("forward_trunk allocates the activations");
-        let (head, ln_f) = (&mut acts.head, &acts.trunk.ln_f);
+        let (head, norm_f) = (&mut acts.head, &acts.trunk.norm_f);
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
 
-        // The LM head, tied to the token embedding (logits = ln_f · wteᵀ), on the M rows with a
-        // target only: the others would be computed to be multiplied by zero.
+        // The LM head (logits = norm_f · Wᵀ, W the head's weight or the token embedding it is tied
+        // to), on the M rows with a target only: the others would be computed to be multiplied by zero.
         let Some(chunks) = chunks else {
             head.resize(b, m, c, v)?;
             if m == 0 {
@@ -202,7 +293,7 @@ impl<B: Backend> Gpt2<B> {
                 // product is launched).
                 b.fill(&mut self.seq_logp, 0.0)?;
             } else {
-                lm_head(b, head, ln_f, wte, &batch.target_rows, &batch.row_targets, m, n, c, v)?;
+                lm_head(b, head, norm_f, weight, &batch.target_rows, &batch.row_targets, m, n, c, v)?;
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &batch.row_packing)?;
             }
             self.pending_backward = Some((n, num_seqs));
@@ -217,7 +308,7 @@ impl<B: Backend> Gpt2<B> {
         for (i, chunk) in chunks.chunks.iter().enumerate() {
             let rows = chunk.num_rows;
             head.resize(b, rows, c, v)?;
-            lm_head(b, head, ln_f, wte, &chunk.target_rows, &chunk.row_targets, rows, n, c, v)?;
+            lm_head(b, head, norm_f, weight, &chunk.target_rows, &chunk.row_targets, rows, n, c, v)?;
             if i == 0 {
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &chunk.packing)?;
             } else {
@@ -246,10 +337,9 @@ impl<B: Backend> Gpt2<B> {
         let b = &*self.backend;
         let acts = self.acts.as_ref().expect("forward_trunk allocates the activations");
         let mut last_row = b.zeros(c)?;
-        b.gather_rows(&mut last_row, &acts.trunk.ln_f, &b.upload_ids(&[n as i32 - 1])?, 1, n, c)?;
+        b.gather_rows(&mut last_row, &acts.trunk.norm_f, &b.upload_ids(&[n as i32 - 1])?, 1, n, c)?;
         let mut logits = b.zeros(v)?;
-        let wte = &self.params.embedding.wte;
-        b.matmul_forward(&mut logits, &last_row, wte, None, 1, c, v, WeightLayout::OutIn)?;
+        b.matmul_forward(&mut logits, &last_row, self.params.head(), None, 1, c, v, WeightLayout::OutIn)?;
         b.download(&logits)
     }
 
@@ -273,20 +363,21 @@ impl<B: Backend> Gpt2<B> {
         self.pending_backward = None;
         self.ensure_scratch(n)?;
 
-        let cfg = &self.config;
-        let (c, v, nh) = (cfg.n_embd, cfg.vocab_size, cfg.n_head);
+        let kind = BlockKind::of(&self.config);
+        let (n_layer, v, w) = (self.config.n_layer, self.config.vocab_size, kind.widths);
+        let (c, layout) = (w.c, kind.weights);
         let b = &*self.backend;
         let (p, g) = (&self.params, self.grads.as_mut().expect("ensure_trainable checked"));
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let scratch = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
-        let (d, dln_f_rows) = (&mut scratch.d, &mut scratch.dln_f_rows);
+        let (d, dnorm_f_rows) = (&mut scratch.d, &mut scratch.dnorm_f_rows);
         let (head, trunk) = (&mut acts.head, &acts.trunk);
-        use WeightLayout::InOut;
 
-        // dlogits, in place, then the LM head on the target rows: dL/d(ln_f rows) and the head's
-        // share of dL/d(wte); the rows' gradient goes back to its tokens, zeros elsewhere.
+        // dlogits, in place, then the LM head on the target rows: dL/d(norm_f rows) and the head's
+        // weight gradient (the token embedding's, when tied); the rows' gradient goes back to its
+        // tokens, zeros elsewhere.
         let m = batch.num_target_rows();
-        b.resize(dln_f_rows, m * c)?;
+        b.resize(dnorm_f_rows, m * c)?;
         if m > 0 {
             b.logsoftmax_gather_backward(
                 &mut head.logits,
@@ -297,119 +388,56 @@ impl<B: Backend> Gpt2<B> {
                 m,
                 v,
             )?;
-            b.matmul_backward(
-                dln_f_rows,
-                &mut g.embedding.wte,
-                None,
-                &head.logits,
-                &head.ln_f_rows,
-                &p.embedding.wte,
-                m,
-                c,
-                v,
-                WeightLayout::OutIn,
-            )?;
+            let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
+            let (logits, rows) = (&head.logits, &head.norm_f_rows);
+            b.matmul_backward(dnorm_f_rows, dhead, None, logits, rows, p.head(), m, c, v, WeightLayout::OutIn)?;
         }
-        b.scatter_rows(&mut d.ln, dln_f_rows, &batch.target_rows, m, n, c)?;
-        // LayerNorm backward accumulates into dinp, which is how the residual stream's gradient
+        b.scatter_rows(&mut d.norm, dnorm_f_rows, &batch.target_rows, m, n, c)?;
+        // A norm's backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut d.residual, 0.0)?;
         let last = &acts.layers.last().expect("n_layer > 0").residual_3;
-        b.layernorm_backward(
-            &mut d.residual,
-            &mut g.ln_f.w,
-            &mut g.ln_f.b,
-            &d.ln,
-            last,
-            &p.ln_f.w,
-            &trunk.ln_f_mean,
-            &trunk.ln_f_rstd,
-            n,
-            c,
-        )?;
+        let (mean, rstd) = (&trunk.norm_f_mean, &trunk.norm_f_rstd);
+        kind.norm_backward(b, &mut d.residual, &mut g.norm_f, &d.norm, last, &p.norm_f, mean, rstd, n)?;
 
-        for l in (0..cfg.n_layer).rev() {
+        for l in (0..n_layer).rev() {
             let a = &acts.layers[l];
             let x = if l == 0 { &trunk.encoded } else { &acts.layers[l - 1].residual_3 };
-            let (w, gw) = (&p.blocks[l], &mut g.blocks[l]);
+            let (wl, gl) = (&p.blocks[l], &mut g.blocks[l]);
             // residual_3 = residual_2 + mlp: dresidual flows unchanged to residual_2 and into the MLP.
-            b.matmul_backward(
-                &mut d.fch_gelu,
-                &mut gw.mlp_proj_w,
-                Some(&mut gw.mlp_proj_b),
-                &d.residual,
-                &a.fch_gelu,
-                &w.mlp_proj_w,
-                n,
-                4 * c,
-                c,
-                InOut,
-            )?;
-            b.gelu_backward(&mut d.fch, &a.fch, &d.fch_gelu)?;
-            b.matmul_backward(
-                &mut d.ln,
-                &mut gw.c_fc_w,
-                Some(&mut gw.c_fc_b),
-                &d.fch,
-                &a.ln_2,
-                &w.c_fc_w,
-                n,
-                c,
-                4 * c,
-                InOut,
-            )?;
-            b.layernorm_backward(
-                &mut d.residual,
-                &mut gw.ln_2_w,
-                &mut gw.ln_2_b,
-                &d.ln,
-                &a.residual_2,
-                &w.ln_2_w,
-                &a.ln_2_mean,
-                &a.ln_2_rstd,
-                n,
-                c,
-            )?;
+            let (dw, db) = (&mut gl.down.w, gl.down.b.as_mut());
+            b.matmul_backward(&mut d.mlp_act, dw, db, &d.residual, &a.mlp_act, &wl.down.w, n, w.hidden, c, layout)?;
+            if kind.gelu {
+                b.gelu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act)?;
+            } else {
+                b.swiglu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act, n, w.hidden)?;
+            }
+            let (dw, db) = (&mut gl.up.w, gl.up.b.as_mut());
+            b.matmul_backward(&mut d.norm, dw, db, &d.mlp_up, &a.norm_2, &wl.up.w, n, c, w.up, layout)?;
+            let (mean, rstd) = (&a.norm_2_mean, &a.norm_2_rstd);
+            kind.norm_backward(b, &mut d.residual, &mut gl.norm_2, &d.norm, &a.residual_2, &wl.norm_2, mean, rstd, n)?;
             // residual_2 = x + attn: the same again for the attention half.
-            b.matmul_backward(
-                &mut d.atty,
-                &mut gw.c_proj_w,
-                Some(&mut gw.c_proj_b),
-                &d.residual,
+            let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
+            b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
+            b.attention_backward(
+                &mut d.qkv,
+                &d.atty,
+                &a.qkv,
                 &a.atty,
-                &w.c_proj_w,
-                n,
-                c,
-                c,
-                InOut,
+                &a.att_saved,
+                &batch.packing,
+                kind.qkv.n_head,
+                kind.qkv.q_width(),
             )?;
-            b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, nh, c)?;
-            b.matmul_backward(
-                &mut d.ln,
-                &mut gw.c_attn_w,
-                Some(&mut gw.c_attn_b),
-                &d.qkv,
-                &a.ln_1,
-                &w.c_attn_w,
-                n,
-                c,
-                3 * c,
-                InOut,
-            )?;
-            b.layernorm_backward(
-                &mut d.residual,
-                &mut gw.ln_1_w,
-                &mut gw.ln_1_b,
-                &d.ln,
-                x,
-                &w.ln_1_w,
-                &a.ln_1_mean,
-                &a.ln_1_rstd,
-                n,
-                c,
-            )?;
+            if let Some(freqs) = &self.rope_freqs {
+                b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
+            }
+            let (dw, db) = (&mut gl.qkv.w, gl.qkv.b.as_mut());
+            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &a.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
+            let (mean, rstd) = (&a.norm_1_mean, &a.norm_1_rstd);
+            kind.norm_backward(b, &mut d.residual, &mut gl.norm_1, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
         }
-        let (dwte, dwpe) = (&mut g.embedding.wte, &mut g.embedding.wpe);
+        let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
         b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
         Ok(())
     }
@@ -423,8 +451,8 @@ impl<B: Backend> Gpt2<B> {
     pub(super) fn ensure_trainable(&self, what: &str) -> Result<()> {
         ensure!(
             !self.is_frozen(),
-            "{what}: this model is frozen (loaded for inference: no gradients); load it with `Gpt2::from_host` or \
-             `Gpt2::load` to train it"
+            "{what}: this model is frozen (loaded for inference: no gradients); load it with `Decoder::from_host` or \
+             `Decoder::load` to train it"
         );
         Ok(())
     }
@@ -459,7 +487,7 @@ impl<B: Backend> Gpt2<B> {
         if self.acts.is_none() {
             self.acts = Some(Activations::new(b, self.config.n_layer, self.is_frozen())?);
         }
-        self.acts.as_mut().expect("allocated above").resize(b, tokens, self.config.n_embd, saved)
+        self.acts.as_mut().expect("allocated above").resize(b, tokens, &Widths::of(&self.config), saved)
     }
 
     /// Sizes the backward's scratch for the tokens of the forward's activations: allocated on the
@@ -470,19 +498,20 @@ impl<B: Backend> Gpt2<B> {
         if self.scratch.is_none() {
             self.scratch = Some(BackwardScratch::new(b)?);
         }
-        self.scratch.as_mut().expect("allocated above").resize(b, n, self.config.n_embd)
+        self.scratch.as_mut().expect("allocated above").resize(b, n, &Widths::of(&self.config))
     }
 }
 
-/// The LM head on `rows` rows of `ln_f` (`target_rows`, with their `targets`): gathers them, then
-/// `logits = ln_f_rows · wteᵀ` (the head tied to the token embedding) and their target log-probs
-/// and log-sum-exps. Buffers sized by `HeadActivations::resize`; `rows > 0`.
+/// The LM head on `rows` rows of `norm_f` (`target_rows`, with their `targets`): gathers them,
+/// then `logits = norm_f_rows · weightᵀ` (`weight [V, C]`: the head's, or the token embedding it is
+/// tied to) and their target log-probs and log-sum-exps. Buffers sized by
+/// `HeadActivations::resize`; `rows > 0`.
 #[allow(clippy::too_many_arguments)]
 fn lm_head<B: Backend>(
     b: &B,
     head: &mut HeadActivations<B::Buf>,
-    ln_f: &B::Buf,
-    wte: &B::Buf,
+    norm_f: &B::Buf,
+    weight: &B::Buf,
     target_rows: &B::Ids,
     targets: &B::Ids,
     rows: usize,
@@ -490,30 +519,33 @@ fn lm_head<B: Backend>(
     c: usize,
     v: usize,
 ) -> Result<()> {
-    b.gather_rows(&mut head.ln_f_rows, ln_f, target_rows, rows, n, c)?;
-    b.matmul_forward(&mut head.logits, &head.ln_f_rows, wte, None, rows, c, v, WeightLayout::OutIn)?;
+    b.gather_rows(&mut head.norm_f_rows, norm_f, target_rows, rows, n, c)?;
+    b.matmul_forward(&mut head.logits, &head.norm_f_rows, weight, None, rows, c, v, WeightLayout::OutIn)?;
     b.logsoftmax_gather_forward(&mut head.token_logp, &mut head.lse, &head.logits, targets, rows, v)
 }
 
-/// GPT-2's initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2L), zero biases,
-/// unit LayerNorm gains. Deterministic in `seed`. On the host, so that the same weights can become
-/// a trainable policy and a frozen reference.
-pub fn random_weights(config: Gpt2Config, seed: u64) -> Result<HostWeights> {
+/// The initialisation `transformers` gives each family: N(0, 0.02) weights, zero biases, unit norm
+/// gains; GPT-2 also scales its residual projections (the attention's and the MLP's output) by
+/// 1/√(2L). Deterministic in `seed`, one random stream per tensor. On the host, so that the same
+/// weights can become a trainable policy and a frozen reference.
+pub fn random_weights(config: DecoderConfig, seed: u64) -> Result<HostWeights> {
     config.validate()?;
     let residual_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
+    let gpt2 = config.family.is_gpt2();
+    let init = Params::schema(&config).initialisation();
     let mut tensors = std::collections::BTreeMap::new();
-    for (index, (name, shape)) in config.parameter_shapes().into_iter().enumerate() {
+    for (index, ((name, shape), init)) in config.parameter_shapes().into_iter().zip(init).enumerate() {
         let len: usize = shape.iter().product();
-        let data = if name.ends_with("ln_1.weight") || name.ends_with("ln_2.weight") || name == "ln_f.weight" {
-            vec![1.0; len]
-        } else if name.ends_with(".bias") {
-            vec![0.0; len]
-        } else {
-            // One ChaCha stream per tensor: a tensor's values do not depend on the others' sizes.
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(index as u64);
-            let std = if name.ends_with("c_proj.weight") { residual_std } else { 0.02 };
-            normal_samples(&mut rng, len, std)
+        let data = match init {
+            Init::One => vec![1.0; len],
+            Init::Zero => vec![0.0; len],
+            Init::Normal { residual } => {
+                // One ChaCha stream per tensor: a tensor's values do not depend on the others' sizes.
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(index as u64);
+                let std = if residual && gpt2 { residual_std } else { 0.02 };
+                normal_samples(&mut rng, len, std)
+            }
         };
         tensors.insert(name, (shape, data));
     }
@@ -543,8 +575,8 @@ mod tests {
     use crate::backend::cuda::{CudaBackend, Device, Precision};
     use crate::backend::prelude::*;
 
-    fn tiny_config() -> Gpt2Config {
-        Gpt2Config { vocab_size: 37, n_positions: 32, n_embd: 16, n_layer: 2, n_head: 2, layer_norm_epsilon: 1e-5 }
+    fn tiny_config() -> DecoderConfig {
+        DecoderConfig::gpt2(37, 32, 16, 2, 2)
     }
 
     /// Sequences of `(length, prompt length)`, tokens from a fixed pattern.
@@ -565,13 +597,13 @@ mod tests {
     }
 
     /// The LM head on the target rows only gives, on the CPU, the log-probs and the gradient at
-    /// `ln_f` of the head over every row bit for bit: the same rows go through the same kernels.
+    /// `norm_f` of the head over every row bit for bit: the same rows go through the same kernels.
     #[test]
     fn head_on_target_rows_matches_the_full_head_bit_for_bit() {
         let backend = Arc::new(CpuBackend::new());
         let config = tiny_config();
         let (c, v) = (config.n_embd, config.vocab_size);
-        let mut model = Gpt2::random(backend.clone(), config.clone(), 5).unwrap();
+        let mut model = Decoder::random(backend.clone(), config.clone(), 5).unwrap();
         // Prompts of several lengths, a sequence without a target, one that is all prompt.
         let host = packed(&[(7, 3), (1, 1), (10, 2), (4, 4), (6, 1)], v);
         let batch = DeviceBatch::upload(&*backend, &host).unwrap();
@@ -584,7 +616,7 @@ mod tests {
         let acts = model.acts.as_ref().unwrap();
         // The full head over all n rows, as the model computed it before it skipped rows.
         let mut logits = vec![0.0; n * v];
-        let (ln_f, wte) = (&acts.trunk.ln_f, &model.params.embedding.wte);
+        let (ln_f, wte) = (&acts.trunk.norm_f, &model.params.wte);
         backend.matmul_forward(&mut logits, ln_f, wte, None, n, c, v, WeightLayout::OutIn).unwrap();
         let (mut token_logp, mut lse) = (vec![0.0; n], vec![0.0; n]);
         backend.logsoftmax_gather_forward(&mut token_logp, &mut lse, &logits, &host.targets, n, v).unwrap();
@@ -605,26 +637,26 @@ mod tests {
         backend.matmul_backward(&mut dln_f, &mut dwte, None, &logits, ln_f, wte, n, c, v, layout).unwrap();
         let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
         let last = &acts.layers.last().unwrap().residual_3;
-        let (w, mean, rstd) = (&model.params.ln_f.w, &acts.trunk.ln_f_mean, &acts.trunk.ln_f_rstd);
+        let (w, mean, rstd) = (&model.params.norm_f.w, &acts.trunk.norm_f_mean, &acts.trunk.norm_f_rstd);
         backend.layernorm_backward(&mut dx, &mut dw, &mut db, &dln_f, last, w, mean, rstd, n, c).unwrap();
         model.backward(&batch, &dseq).unwrap();
         let scratch = model.scratch.as_ref().unwrap();
         for t in 0..n {
             let want = if host.targets[t] < 0 { vec![0.0; c] } else { dln_f[t * c..][..c].to_vec() };
             let i = batch.target_rows.iter().position(|&r| r as usize == t);
-            let got = i.map_or(vec![0.0; c], |i| scratch.dln_f_rows[i * c..][..c].to_vec());
+            let got = i.map_or(vec![0.0; c], |i| scratch.dnorm_f_rows[i * c..][..c].to_vec());
             assert_same_bits("dL/d(ln_f) row", &got, &want);
         }
         let grads = model.grads.as_ref().unwrap();
-        assert_same_bits("dL/d(ln_f.weight)", &grads.ln_f.w, &dw);
-        assert_same_bits("dL/d(ln_f.bias)", &grads.ln_f.b, &db);
+        assert_same_bits("dL/d(ln_f.weight)", &grads.norm_f.w, &dw);
+        assert_same_bits("dL/d(ln_f.bias)", grads.norm_f.b.as_ref().unwrap(), &db);
     }
 
     /// A batch without a single target (every sequence all prompt): zero log-probs and zero
     /// gradients, no empty product launched, and the model still works on the next batch.
     fn batch_without_targets<B: Backend>(backend: Arc<B>) {
         let config = tiny_config();
-        let mut model = Gpt2::random(backend.clone(), config.clone(), 6).unwrap();
+        let mut model = Decoder::random(backend.clone(), config.clone(), 6).unwrap();
         let none = DeviceBatch::upload(&*backend, &packed(&[(5, 5), (1, 1), (3, 3)], config.vocab_size)).unwrap();
         assert_eq!(none.num_target_rows(), 0);
         let logp = backend.download(model.forward(&none).unwrap()).unwrap();
