@@ -51,7 +51,16 @@ from pathlib import Path
 import safetensors
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "tests" / "fixtures" / "golden"
@@ -68,6 +77,12 @@ class Family:
     model_class: type
     # Whether a parameter is a normalisation gain (initialised around 1 instead of 0).
     is_norm_gain: object
+    # The config's dropout fields, all switched off.
+    dropout: tuple = ()
+
+
+def llama_norm_gain(name):
+    return name.endswith("norm.weight")
 
 
 FAMILIES = {
@@ -75,7 +90,11 @@ FAMILIES = {
         config_class=GPT2Config,
         model_class=GPT2LMHeadModel,
         is_norm_gain=lambda name: ".ln_" in name and name.endswith(".weight"),
+        dropout=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
     ),
+    "llama": Family(LlamaConfig, LlamaForCausalLM, llama_norm_gain, ("attention_dropout",)),
+    "mistral": Family(MistralConfig, MistralForCausalLM, llama_norm_gain, ("attention_dropout",)),
+    "qwen2": Family(Qwen2Config, Qwen2ForCausalLM, llama_norm_gain, ("attention_dropout",)),
 }
 
 
@@ -89,6 +108,17 @@ class Fixture:
     seed: int
     # (prompt length, chosen length, rejected length) of each pair.
     pairs: list = field(default_factory=list)
+    # Rewrite config.json as transformers 4.x writes it (rope_theta + rope_scaling instead of
+    # rope_parameters): the engine reads both forms, and transformers 5.x still loads the 4.x one.
+    hf4_config: bool = False
+
+
+def to_hf4_config(path):
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 FIXTURES = [
@@ -112,6 +142,46 @@ FIXTURES = [
                     bos_token_id=49, eos_token_id=49),
         seed=21,
         pairs=[(3, 5, 2), (1, 1, 1), (10, 14, 6)],
+    ),
+    Fixture(
+        name="llama-gqa-llama3-rope-untied",
+        family="llama",
+        description="Llama, 2 layers, 6 query heads sharing 2 key/value heads (GQA) of width 8, SwiGLU "
+        "of 72, llama3 RoPE scaling (theta 5e5), an untied LM head, a vocabulary of 97; config.json as "
+        "transformers 5.x writes it (rope_parameters)",
+        config=dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
+                    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0, original_max_position_embeddings=16),
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        seed=22,
+        pairs=[(4, 6, 3), (1, 2, 5), (9, 1, 12), (16, 30, 9)],
+    ),
+    Fixture(
+        name="mistral-mqa-headdim",
+        family="mistral",
+        description="Mistral, 1 layer, 4 query heads and one key/value head (MQA) of width 12 (head_dim "
+        "given, not hidden/heads), hidden 40, SwiGLU of 56, theta 1e6, a sliding window longer than any "
+        "sequence; config.json rewritten in the transformers 4.x form (rope_theta, rope_scaling null)",
+        config=dict(vocab_size=61, hidden_size=40, intermediate_size=56, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=1, head_dim=12, max_position_embeddings=48, rms_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="default", rope_theta=1000000.0), sliding_window=48,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        seed=23,
+        pairs=[(2, 4, 7), (1, 1, 1), (12, 20, 5)],
+        hf4_config=True,
+    ),
+    Fixture(
+        name="qwen2-tied-qkv-bias-linear-rope",
+        family="qwen2",
+        description="Qwen2, 2 layers, 4 query heads sharing 2 key/value heads of width 8, biases on q, k "
+        "and v, a tied LM head, linear RoPE scaling (factor 2), SwiGLU of 40, a vocabulary of 53",
+        config=dict(vocab_size=53, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+                    tie_word_embeddings=True, use_sliding_window=False, bos_token_id=52, eos_token_id=52),
+        seed=24,
+        pairs=[(5, 3, 8), (1, 6, 2), (20, 25, 11)],
     ),
 ]
 
@@ -192,10 +262,7 @@ def make_fixture(fixture, out_root):
     out.mkdir(parents=True)
 
     # The model in f32, written as HF writes it.
-    config = family.config_class(
-        **fixture.config,
-        **{k: 0.0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")},
-    )
+    config = family.config_class(**fixture.config, **{k: 0.0 for k in family.dropout})
     torch.manual_seed(fixture.seed)
     model = family.model_class(config).to(torch.float32)
     init_weights(model, family, torch.Generator().manual_seed(fixture.seed))
@@ -204,6 +271,8 @@ def make_fixture(fixture, out_root):
     (out / "generation_config.json").unlink(missing_ok=True)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "model.safetensors"], f"save_pretrained wrote {names}"
+    if fixture.hf4_config:
+        to_hf4_config(out / "config.json")
 
     # The expected values, in f64 from exactly the weights on disk.
     model = family.model_class.from_pretrained(out, dtype=torch.float64, attn_implementation="eager")

@@ -27,7 +27,7 @@ use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::data::{preference_batch, PackedBatch, TokenizedPair};
-use safedpo::model::{Decoder, DeviceBatch};
+use safedpo::model::{Decoder, DeviceBatch, Family, HostWeights};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -51,12 +51,16 @@ macro_rules! fixture {
 }
 
 /// Every fixture directory (`every_fixture_directory_is_tested` keeps this list complete).
-const FIXTURES: [Fixture; 2] = [fixture!("gpt2-2layer-4head"), fixture!("gpt2-1layer-1head-wide")];
+const FIXTURES: [Fixture; 5] = [
+    fixture!("gpt2-2layer-4head"),
+    fixture!("gpt2-1layer-1head-wide"),
+    fixture!("llama-gqa-llama3-rope-untied"),
+    fixture!("mistral-mqa-headdim"),
+    fixture!("qwen2-tied-qkv-bias-linear-rope"),
+];
 
 /// The expected.json format this test reads.
 const FORMAT: u32 = 1;
-/// The prefix `GPT2LMHeadModel` puts before the trunk's parameter names.
-const HF_PREFIX: &str = "transformer.";
 
 #[derive(Deserialize)]
 struct Expected {
@@ -133,7 +137,11 @@ impl Fixture {
         let e: Expected = serde_json::from_str(self.expected).context("expected.json does not parse")?;
         ensure!(e.format == FORMAT, "expected.json has format {}, this test reads {FORMAT}", e.format);
         ensure!(e.name == self.name, "expected.json is that of fixture `{}`", e.name);
-        ensure!(e.family == "gpt2", "family `{}`: this engine runs GPT-2 only", e.family);
+        let family: Family = e.family.parse()?;
+        ensure!(
+            self.config.contains(&format!("\"{}\"", family.model_type())),
+            "expected.json says family `{family}`, config.json does not"
+        );
         let sha: String = Sha256::digest(self.weights).iter().map(|b| format!("{b:02x}")).collect();
         ensure!(
             sha == e.model_sha256,
@@ -224,19 +232,25 @@ fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances
     assert_close(&at("sequence log-probs"), &logps, &want_logps, tol.logp_rel, tol.logp_floor);
     model.zero_grad().unwrap();
     model.backward(&dev, &backend.upload(&loss_weights).unwrap()).unwrap();
-    let names: Vec<String> = model.parameter_shapes().map(|(name, _)| name.to_string()).collect();
-    let grad_names: Vec<String> =
-        expected.grads.keys().map(|k| k.strip_prefix(HF_PREFIX).unwrap_or(k).into()).collect();
+    // The gradients as HF names them: the fused q/k/v and gate/up parameters split back.
+    let grads = HostWeights {
+        config: model.config().clone(),
+        tensors: model
+            .parameter_shapes()
+            .zip(model.grads().unwrap())
+            .map(|((name, shape), g)| (name.to_string(), (shape.to_vec(), backend.download(g).unwrap())))
+            .collect(),
+    };
+    let hf_grads = grads.hf_tensors();
     assert_eq!(
-        names.iter().collect::<std::collections::BTreeSet<_>>(),
-        grad_names.iter().collect(),
+        hf_grads.iter().map(|(name, _, _)| name).collect::<std::collections::BTreeSet<_>>(),
+        expected.grads.keys().collect(),
         "{}",
-        at("transformers lists the engine's parameters (the LM head tied)")
+        at("transformers lists the engine's parameters (a tied LM head once)")
     );
-    for ((name, shape), grad) in model.parameter_shapes().zip(model.grads().unwrap()) {
-        let want = &expected.grads[&format!("{HF_PREFIX}{name}")];
-        assert_eq!(shape, want.shape.as_slice(), "{}", at(&format!("shape of {name}")));
-        let all = backend.download(grad).unwrap();
+    for (name, shape, all) in hf_grads {
+        let want = &expected.grads[&name];
+        assert_eq!(shape, want.shape, "{}", at(&format!("shape of {name}")));
         let got: Vec<f32> = want.indices().iter().map(|&i| all[i]).collect();
         let got_max = all.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
         let floor = tol.grad_floor * want.abs_max;

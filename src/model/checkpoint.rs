@@ -91,8 +91,9 @@ impl HostWeights {
     }
 
     /// The tensors as HF stores them, in the model's order: each fused parameter split into its
-    /// parts, each name as in the file (prefixed); the tied head is not stored.
-    fn hf_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+    /// parts, each name as `save_pretrained` writes it (prefixed); the tied head is not stored.
+    /// Also the names `named_parameters()` gives a `transformers` model.
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
         let mut out = Vec::new();
         for (name, _) in self.config.parameter_shapes() {
             let (shape, data) = &self.tensors[&name];
@@ -131,8 +132,12 @@ pub fn load_dir(dir: &Path) -> Result<HostWeights> {
     } else if index.is_file() {
         read_shards(dir, &index)?
     } else {
-        bail!("{} is not a model directory: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is there", dir.display());
+        bail!(
+            "{} is not a model directory: {WEIGHTS_FILE} is missing (and there is no sharded {WEIGHTS_INDEX_FILE})",
+            dir.display()
+        );
     };
+    let source = if single.is_file() { single } else { index };
     let mut parsed = Vec::with_capacity(files.len());
     for (path, bytes) in &files {
         let file = SafeTensors::deserialize(bytes).map_err(|e| {
@@ -140,7 +145,7 @@ pub fn load_dir(dir: &Path) -> Result<HostWeights> {
         })?;
         parsed.push((path.as_str(), file));
     }
-    read_tensors(&parsed, config)
+    read_tensors(&parsed, config, &source.display().to_string())
 }
 
 /// The shard files `index` lists, read whole: (path, bytes) each.
@@ -184,8 +189,9 @@ fn read_shards(dir: &Path, index: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 /// Where each tensor is: (file path, file) by stored name.
 type TensorIndex<'a, 'b> = HashMap<&'a str, (&'a str, &'a SafeTensors<'b>, &'a str)>;
 
-/// The parameters of a model of shape `config` from parsed safetensors files (one, or the shards).
-fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig) -> Result<HostWeights> {
+/// The parameters of a model of shape `config` from parsed safetensors files (one, or the shards
+/// of the index `source`).
+fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig, source: &str) -> Result<HostWeights> {
     let prefix = trunk_prefix(&config);
     // Strip the trunk prefix; keep the file's own name for error messages.
     let mut by_name: TensorIndex<'_, '_> = HashMap::new();
@@ -199,7 +205,9 @@ fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig) -> Res
     }
     let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let (path, file, stored) = by_name.get(name).with_context(|| {
-            format!("missing tensor `{name}` (looked for `{name}` and `{prefix}{name}`), expected shape {shape:?}")
+            format!(
+                "{source}: missing tensor `{name}` (looked for `{name}` and `{prefix}{name}`), expected shape {shape:?}"
+            )
         })?;
         read_f32_tensor(file, stored, shape).with_context(|| format!("weights file {path}"))
     };

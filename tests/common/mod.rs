@@ -5,6 +5,8 @@
 //! helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -172,7 +174,8 @@ pub fn test_weights(config: &safedpo::model::DecoderConfig, seed: u64) -> safedp
     let mut tensors = std::collections::BTreeMap::new();
     for (name, shape) in config.parameter_shapes() {
         let len: usize = shape.iter().product();
-        let data = if name.contains("ln_") && name.ends_with(".weight") {
+        let is_norm = name.contains("ln_") || name.contains("norm");
+        let data = if is_norm && name.ends_with(".weight") {
             randn(&mut r, len, 0.2).into_iter().map(|x| 1.0 + x).collect()
         } else if name.ends_with(".bias") {
             randn(&mut r, len, 0.1)
