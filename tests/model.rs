@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::*;
 use safedpo::backend::cpu::{attention, embedding, layernorm, matmul, pointwise, CpuBackend};
 use safedpo::backend::prelude::*;
-use safedpo::backend::{WeightLayout, PAIR_METRICS};
+use safedpo::backend::{QkvLayout, WeightLayout, PAIR_METRICS};
 use safedpo::data::PackedBatch;
 use safedpo::loss::{batch_loss, Objective, PairInput};
 use safedpo::model::{DeviceBatch, Gpt2, Gpt2Config, HostWeights};
@@ -104,7 +104,7 @@ impl Reference {
             let p = |s: &str| self.p(&format!("h.{l}.{s}"));
             let h = layernorm(&x, p("ln_1.weight"), p("ln_1.bias"), c, eps);
             let qkv = conv1d(&h, p("attn.c_attn.weight"), p("attn.c_attn.bias"), c, 3 * c);
-            let (y, _) = attention::spec::forward(&qkv, &[n], cfg.n_head, c);
+            let (y, _) = attention::spec::forward(&qkv, &[n], QkvLayout::mha(cfg.n_head, c));
             x = add(&x, &conv1d(&y, p("attn.c_proj.weight"), p("attn.c_proj.bias"), c, c));
             let h = layernorm(&x, p("ln_2.weight"), p("ln_2.bias"), c, eps);
             let f: Vec<f64> = conv1d(&h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), c, 4 * c)

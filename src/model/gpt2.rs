@@ -39,7 +39,7 @@ use super::activations::{layer_slots, two_slots_mut, Activations, BackwardScratc
 use super::batch::DeviceBatch;
 use super::params::Params;
 use super::{Gpt2Config, HostWeights};
-use crate::backend::{Backend, WeightLayout};
+use crate::backend::{Backend, QkvLayout, WeightLayout};
 use crate::data::PackedBatch;
 
 /// A GPT-2 model on a backend: parameters, their gradients, and the activations of the last
@@ -124,7 +124,7 @@ impl<B: Backend> Gpt2<B> {
             // Attention half: residual_2 = x + c_proj(attention(c_attn(ln_1(x)))); ln_1(x) is
             // already there.
             b.matmul_forward(&mut a.qkv, &a.ln_1, &w.c_attn_w, Some(&w.c_attn_b), n, c, 3 * c, InOut)?;
-            b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, nh, c)?;
+            b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, QkvLayout::mha(nh, c))?;
             b.matmul_forward(&mut trunk.proj, &a.atty, &w.c_proj_w, Some(&w.c_proj_b), n, c, c, InOut)?;
             b.residual_layernorm_forward(
                 &mut a.residual_2,
@@ -383,7 +383,15 @@ impl<B: Backend> Gpt2<B> {
                 c,
                 InOut,
             )?;
-            b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, nh, c)?;
+            b.attention_backward(
+                &mut d.qkv,
+                &d.atty,
+                &a.qkv,
+                &a.atty,
+                &a.att_saved,
+                &batch.packing,
+                QkvLayout::mha(nh, c),
+            )?;
             b.matmul_backward(
                 &mut d.ln,
                 &mut gw.c_attn_w,
