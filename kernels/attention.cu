@@ -35,8 +35,9 @@
 // j ≤ i (causal), and on the diagonal a warp skips the keys (queries) past (before) all of its rows.
 //
 // Launch shape: grid (heads, num_seqs, ceil(max_seqlen / TILE)), block 256, heads = n_head for the forward
-// and dq, n_kv_head for dkdv. Block (h, s, z) handles tile z of sequence s (reversed, z' = gridDim.z−1−z, in the forward and dq, so that the
-// long rows start first) and returns at once when the sequence is shorter; no tile table is needed.
+// and dq, n_kv_head for dkdv. Block (h, s, z) handles tile z of sequence s (reversed, z' = gridDim.z−1−z,
+// in the forward and dq, so that the long rows start first) and returns at once when the sequence is
+// shorter; no tile table is needed.
 //   - attention_forward: one query tile; loops over key tiles 0..tile, staging K and V (f32) in shared
 //     memory, with an online softmax in f32 over chunks of 16 keys (running max m, sum l, output o in
 //     registers); writes out = o/l and lse = m + log l.
@@ -45,7 +46,8 @@
 //   - attention_backward_dkdv: one key tile of one key/value head; for each query head of its group in
 //     order, loops over query tiles tile..last, staging q, dout (f32), lse and D in shared memory,
 //     accumulating dk and dv in registers (so a group's sum has a fixed order, and with n_kv_head =
-//     n_head it is the multi-head kernel, bit for bit). Runs after dq (it reads `delta`).
+//     n_head it is the multi-head kernel, bit for bit; with groups of G query heads it has G times fewer
+//     blocks, each G times longer). Runs after dq (it reads `delta`).
 // Every element of out, lse, delta and dqkv is written by exactly one thread, no atomics: deterministic.
 // Any head dim up to ATTN_HD_MAX_LARGE works (the host refuses larger ones).
 //
@@ -54,11 +56,12 @@
 //
 // Registers: each lane keeps 16 channels per row vector — forward q, o and 16 chunk scores; dq q, dout,
 // dq; dkdv k, v, dk, dv. `__launch_bounds__(256, 2)` caps them at 128 so that two blocks (16 warps) fit
-// an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 118/121, dkdv 128/128; no
-// spills except dkdv on sm_90 (4 bytes at hd64, 12 at hd128).
+// an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 117/122, dkdv 128/128; no
+// spills except dkdv on sm_90 at hd128 (4 bytes).
 //
 // Verified only on the emulated device (tests/ops/attention.rs against the CPU backend, both precisions,
-// both HD_MAX, multi-head and grouped-query); it compiles with nvcc for sm_80/sm_90 but has not yet been run or timed on a real GPU.
+// both HD_MAX, multi-head and grouped-query); it compiles with nvcc for sm_80/sm_90 but has not yet been
+// run or timed on a real GPU.
 #include "common.cuh"
 
 /// Threads per block of every attention kernel.
