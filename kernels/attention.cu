@@ -1,17 +1,23 @@
-// kernels/attention.cu — causal multi-head self-attention over a packed batch, forward and backward,
-// tiled in the manner of FlashAttention-2 (portable CUDA: no tensor-core instructions, no inline PTX).
+// kernels/attention.cu — causal self-attention over a packed batch, multi-head or grouped-query, forward
+// and backward, tiled in the manner of FlashAttention-2 (portable CUDA: no tensor-core instructions, no
+// inline PTX).
 //
-// qkv [n, 3c] holds q, k, v side by side (HF `c_attn` output); head h of token t uses the hd = c/n_head
-// columns starting at h·hd of each third. Token t of sequence s (cu_seqlens[s] ≤ t < cu_seqlens[s+1])
-// attends to the tokens of its own sequence up to itself:
+// qkv [n, width] holds per token [q: n_head·hd | k: n_kv_head·hd | v: n_kv_head·hd] (QkvLayout in
+// src/backend/ops/attention.rs; GPT-2's `c_attn` output [n, 3c] when n_kv_head = n_head). Query head h
+// attends through key/value head g = h / (n_head / n_kv_head) (HF `repeat_kv`). Token t of sequence s
+// (cu_seqlens[s] ≤ t < cu_seqlens[s+1]) attends to the tokens of its own sequence up to itself, per query
+// head h (q_t of head h, k_j and v_j of head g):
 //
 //     S_tj = scale · q_t·k_j   (j in s, j ≤ t, scale = 1/√hd)     lse_t = log Σ_j exp S_tj
 //     P_tj = exp(S_tj − lse_t)                                   out_t = Σ_j P_tj v_j
 //
-// The forward saves only lse [n, n_head] (f32), as flash attention does; the backward recomputes P:
+// out is [n, n_head·hd]. The forward saves only lse [n, n_head] (f32), as flash attention does; the
+// backward recomputes P:
 //
 //     D_t = dout_t·out_t          dS_tj = P_tj·(dout_t·v_j − D_t)
-//     dq_t = scale Σ_j dS_tj k_j   dk_j = scale Σ_t dS_tj q_t   dv_j = Σ_t P_tj dout_t
+//     dq_t = scale Σ_j dS_tj k_j   dk_j = scale Σ_h Σ_t dS_tj q_t   dv_j = Σ_h Σ_t P_tj dout_t
+//
+// (the sums over h: the query heads of key/value head g, in order).
 //
 // CPU twin: src/backend/cpu/attention.rs (`attention_forward`, `attention_backward`; the CPU keeps P
 // instead of lse). Host side: src/backend/cuda/ops/attention.rs (`AttentionPlan`).
@@ -28,28 +34,34 @@
 // aligned to the start of their sequence; query tile i and key tile j of a sequence interact only for
 // j ≤ i (causal), and on the diagonal a warp skips the keys (queries) past (before) all of its rows.
 //
-// Launch shape (all three kernels): grid (n_head, num_seqs, ceil(max_seqlen / TILE)), block 256. Block
-// (h, s, z) handles tile z of sequence s (reversed, z' = gridDim.z−1−z, in the forward and dq, so that the
-// long rows start first) and returns at once when the sequence is shorter; no tile table is needed.
+// Launch shape: grid (heads, num_seqs, ceil(max_seqlen / TILE)), block 256, heads = n_head for the forward
+// and dq, n_kv_head for dkdv. Block (h, s, z) handles tile z of sequence s (reversed, z' = gridDim.z−1−z,
+// in the forward and dq, so that the long rows start first) and returns at once when the sequence is
+// shorter; no tile table is needed.
 //   - attention_forward: one query tile; loops over key tiles 0..tile, staging K and V (f32) in shared
 //     memory, with an online softmax in f32 over chunks of 16 keys (running max m, sum l, output o in
 //     registers); writes out = o/l and lse = m + log l.
 //   - attention_backward_dq: one query tile; D_t = dout_t·out_t (written to `delta`), then loops over key
 //     tiles 0..tile (K and V in shared memory) accumulating dq in registers.
-//   - attention_backward_dkdv: one key tile; loops over query tiles tile..last, staging q, dout (f32), lse
-//     and D in shared memory, accumulating dk and dv in registers. Runs after dq (it reads `delta`).
+//   - attention_backward_dkdv: one key tile of one key/value head; for each query head of its group in
+//     order, loops over query tiles tile..last, staging q, dout (f32), lse and D in shared memory,
+//     accumulating dk and dv in registers (so a group's sum has a fixed order, and with n_kv_head =
+//     n_head it is the multi-head kernel, bit for bit; with groups of G query heads it has G times fewer
+//     blocks, each G times longer). Runs after dq (it reads `delta`).
 // Every element of out, lse, delta and dqkv is written by exactly one thread, no atomics: deterministic.
+// Any head dim up to ATTN_HD_MAX_LARGE works (the host refuses larger ones).
 //
 // Static shared memory: forward and dq two [TILE][HD_MAX] f32 tiles = 32 KiB for both HD_MAX; dkdv the
 // same plus 2·TILE floats (≤ 32.5 KiB). All under the 48 KiB static limit; no dynamic shared memory.
 //
 // Registers: each lane keeps 16 channels per row vector — forward q, o and 16 chunk scores; dq q, dout,
 // dq; dkdv k, v, dk, dv. `__launch_bounds__(256, 2)` caps them at 128 so that two blocks (16 warps) fit
-// an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 118/121, dkdv 128/128; no
-// spills except dkdv on sm_90 (4 bytes at hd64, 12 at hd128).
+// an SM. ptxas (CUDA 13.0, -v): forward 118/126 registers (sm_80/sm_90), dq 117/122, dkdv 128/128; no
+// spills except dkdv on sm_90 at hd128 (4 bytes).
 //
 // Verified only on the emulated device (tests/ops/attention.rs against the CPU backend, both precisions,
-// both HD_MAX); it compiles with nvcc for sm_80/sm_90 but has not yet been run or timed on a real GPU.
+// both HD_MAX, multi-head and grouped-query); it compiles with nvcc for sm_80/sm_90 but has not yet been
+// run or timed on a real GPU.
 #include "common.cuh"
 
 /// Threads per block of every attention kernel.
@@ -71,6 +83,20 @@ struct AttnTile {
     static constexpr int ROWS_PER_WARP = 32 / G;
     static_assert(HD_MAX % ATTN_DIMS_PER_LANE == 0 && 32 % G == 0, "HD_MAX must be 16·2^k, at most 512");
     static_assert(ROWS % ATTN_CHUNK == 0, "tile rows must be a multiple of the softmax chunk");
+};
+
+/// The columns of a qkv row (QkvLayout in src/backend/ops/attention.rs).
+struct QkvColumns {
+    int n_head, n_kv_head, hd;
+    /// Elements per row of qkv (and dqkv).
+    __device__ long long width() const { return (long long)(n_head + 2 * n_kv_head) * hd; }
+    /// Elements per row of out (and dout): the query heads.
+    __device__ long long q_width() const { return (long long)n_head * hd; }
+    /// The key/value head of query head h.
+    __device__ int kv_head_of(int h) const { return h / (n_head / n_kv_head); }
+    __device__ int q(int h) const { return h * hd; }
+    __device__ int k(int g) const { return (n_head + g) * hd; }
+    __device__ int v(int g) const { return (n_head + n_kv_head + g) * hd; }
 };
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
@@ -149,7 +175,7 @@ __device__ __forceinline__ void stage_tile(float* tile, const T* src, long long 
 }
 
 template <typename T, int HD_MAX>
-__device__ void attention_forward(T* out, float* lse, const T* qkv, const int* cu_seqlens, int n_head, int c) {
+__device__ void attention_forward(T* out, float* lse, const T* qkv, const int* cu_seqlens, QkvColumns cols) {
     constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
     __shared__ __align__(16) float k_tile[ROWS * HD_MAX];
     __shared__ __align__(16) float v_tile[ROWS * HD_MAX];
@@ -157,9 +183,9 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
     const int h = blockIdx.x, s = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int start = cu_seqlens[s], len = cu_seqlens[s + 1] - start;
     if (tile * ROWS >= len) return;  // the whole block: before any barrier
-    const int hd = c / n_head;
+    const int hd = cols.hd, kv = cols.kv_head_of(h);
     const float scale = 1.0f / sqrtf((float)hd);
-    const long long row3 = 3LL * c;
+    const long long width = cols.width();
     const int g = threadIdx.x % G, row = threadIdx.x / G;
     const int i = tile * ROWS + row;  // the query, relative to the sequence start
     // Rows past the sequence compute on the last row's query (finite values) and store nothing.
@@ -168,7 +194,7 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
     const int warp_last = tile * ROWS + (threadIdx.x / 32 + 1) * AttnTile<HD_MAX>::ROWS_PER_WARP - 1;
 
     float q[ATTN_DIMS_PER_LANE], o[ATTN_DIMS_PER_LANE];
-    load_row<T, G>(q, qkv + (start + q_row) * row3 + h * hd, hd, g, scale);  // q pre-scaled: S = q·k
+    load_row<T, G>(q, qkv + (start + q_row) * width + cols.q(h), hd, g, scale);  // q pre-scaled: S = q·k
 #pragma unroll
     for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) o[r] = 0.0f;
     float m = -INFINITY, l = 0.0f;  // running max and sum of exp(S − m)
@@ -176,9 +202,9 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
     for (int kt = 0; kt <= tile; ++kt) {
         const int key0 = kt * ROWS;
         __syncthreads();  // the previous tile's readers are done
-        const T* k_src = qkv + (start + key0) * row3 + c + h * hd;
-        stage_tile<T, HD_MAX>(k_tile, k_src, row3, imin(ROWS, len - key0), hd);
-        stage_tile<T, HD_MAX>(v_tile, k_src + c, row3, imin(ROWS, len - key0), hd);
+        const T* key_row = qkv + (start + key0) * width;
+        stage_tile<T, HD_MAX>(k_tile, key_row + cols.k(kv), width, imin(ROWS, len - key0), hd);
+        stage_tile<T, HD_MAX>(v_tile, key_row + cols.v(kv), width, imin(ROWS, len - key0), hd);
         __syncthreads();
         const int keys = kt == tile ? warp_last - key0 + 1 : ROWS;  // warp-uniform, ≤ ROWS
         for (int j0 = 0; j0 < keys; j0 += ATTN_CHUNK) {
@@ -208,14 +234,14 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
     }
     if (i < len) {
         const long long t = start + i;
-        store_row<T, G>(out + t * c + h * hd, o, hd, g, 1.0f / l);
-        if (g == 0) lse[t * n_head + h] = m + logf(l);
+        store_row<T, G>(out + t * cols.q_width() + cols.q(h), o, hd, g, 1.0f / l);
+        if (g == 0) lse[t * cols.n_head + h] = m + logf(l);
     }
 }
 
 template <typename T, int HD_MAX>
 __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, const T* qkv, const T* out,
-                                      const float* lse, const int* cu_seqlens, int n_head, int c) {
+                                      const float* lse, const int* cu_seqlens, QkvColumns cols) {
     constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
     __shared__ __align__(16) float k_tile[ROWS * HD_MAX];
     __shared__ __align__(16) float v_tile[ROWS * HD_MAX];
@@ -223,22 +249,22 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
     const int h = blockIdx.x, s = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int start = cu_seqlens[s], len = cu_seqlens[s + 1] - start;
     if (tile * ROWS >= len) return;
-    const int hd = c / n_head;
+    const int hd = cols.hd, kv = cols.kv_head_of(h), n_head = cols.n_head;
     const float scale = 1.0f / sqrtf((float)hd);
-    const long long row3 = 3LL * c;
+    const long long width = cols.width(), q_width = cols.q_width();
     const int g = threadIdx.x % G, row = threadIdx.x / G;
     const int i = tile * ROWS + row;
     const long long t = start + imin(i, len - 1);  // rows past the sequence: finite values, no stores
     const int warp_last = tile * ROWS + (threadIdx.x / 32 + 1) * AttnTile<HD_MAX>::ROWS_PER_WARP - 1;
 
     float q[ATTN_DIMS_PER_LANE], dy[ATTN_DIMS_PER_LANE], dq[ATTN_DIMS_PER_LANE];
-    load_row<T, G>(q, qkv + t * row3 + h * hd, hd, g, scale);
-    load_row<T, G>(dy, dout + t * c + h * hd, hd, g, 1.0f);
+    load_row<T, G>(q, qkv + t * width + cols.q(h), hd, g, scale);
+    load_row<T, G>(dy, dout + t * q_width + cols.q(h), hd, g, 1.0f);
     float dot = 0.0f;
 #pragma unroll
     for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) {
         const int d = lane_dim<G>(g, r);
-        if (d < hd) dot += dy[r] * to_float(out[t * c + h * hd + d]);
+        if (d < hd) dot += dy[r] * to_float(out[t * q_width + cols.q(h) + d]);
         dq[r] = 0.0f;
     }
     const float dt = group_sum<G>(dot);  // D_t = dout_t·out_t = Σ_j P_tj (dout_t·v_j)
@@ -247,9 +273,9 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
     for (int kt = 0; kt <= tile; ++kt) {
         const int key0 = kt * ROWS;
         __syncthreads();
-        const T* k_src = qkv + (start + key0) * row3 + c + h * hd;
-        stage_tile<T, HD_MAX>(k_tile, k_src, row3, imin(ROWS, len - key0), hd);
-        stage_tile<T, HD_MAX>(v_tile, k_src + c, row3, imin(ROWS, len - key0), hd);
+        const T* key_row = qkv + (start + key0) * width;
+        stage_tile<T, HD_MAX>(k_tile, key_row + cols.k(kv), width, imin(ROWS, len - key0), hd);
+        stage_tile<T, HD_MAX>(v_tile, key_row + cols.v(kv), width, imin(ROWS, len - key0), hd);
         __syncthreads();
         const int keys = kt == tile ? warp_last - key0 + 1 : ROWS;
 #pragma unroll 2
@@ -261,26 +287,26 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
         }
     }
     if (i < len) {
-        store_row<T, G>(dqkv + t * row3 + h * hd, dq, hd, g, scale);
+        store_row<T, G>(dqkv + t * width + cols.q(h), dq, hd, g, scale);
         if (g == 0) delta[t * n_head + h] = dt;
     }
 }
 
 template <typename T, int HD_MAX>
 __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* delta,
-                                        const int* cu_seqlens, int n_head, int c) {
+                                        const int* cu_seqlens, QkvColumns cols) {
     constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
     __shared__ __align__(16) float q_tile[ROWS * HD_MAX];
     __shared__ __align__(16) float dy_tile[ROWS * HD_MAX];
     __shared__ float lse_tile[ROWS];
     __shared__ float delta_tile[ROWS];
 
-    const int h = blockIdx.x, s = blockIdx.y, tile = blockIdx.z;  // small key tiles see the most queries
+    const int kv = blockIdx.x, s = blockIdx.y, tile = blockIdx.z;  // small key tiles see the most queries
     const int start = cu_seqlens[s], len = cu_seqlens[s + 1] - start;
     if (tile * ROWS >= len) return;
-    const int hd = c / n_head;
+    const int hd = cols.hd, n_head = cols.n_head, group = n_head / cols.n_kv_head;
     const float scale = 1.0f / sqrtf((float)hd);
-    const long long row3 = 3LL * c;
+    const long long width = cols.width(), q_width = cols.q_width();
     const int g = threadIdx.x % G, row = threadIdx.x / G;
     const int j = tile * ROWS + row;  // the key, relative to the sequence start
     const long long t = start + imin(j, len - 1);
@@ -288,37 +314,40 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
     const int warp_first = tile * ROWS + (threadIdx.x / 32) * AttnTile<HD_MAX>::ROWS_PER_WARP;
 
     float k[ATTN_DIMS_PER_LANE], v[ATTN_DIMS_PER_LANE], dk[ATTN_DIMS_PER_LANE], dv[ATTN_DIMS_PER_LANE];
-    load_row<T, G>(k, qkv + t * row3 + c + h * hd, hd, g, scale);  // k pre-scaled: S = q·k
-    load_row<T, G>(v, qkv + t * row3 + 2 * c + h * hd, hd, g, 1.0f);
+    load_row<T, G>(k, qkv + t * width + cols.k(kv), hd, g, scale);  // k pre-scaled: S = q·k
+    load_row<T, G>(v, qkv + t * width + cols.v(kv), hd, g, 1.0f);
 #pragma unroll
     for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) dk[r] = dv[r] = 0.0f;
 
     const int tiles = (int)ceil_div(len, ROWS);
-    for (int qt = tile; qt < tiles; ++qt) {
-        const int q0 = qt * ROWS, rows = imin(ROWS, len - q0);
-        __syncthreads();
-        stage_tile<T, HD_MAX>(q_tile, qkv + (start + q0) * row3 + h * hd, row3, rows, hd);
-        stage_tile<T, HD_MAX>(dy_tile, dout + (long long)(start + q0) * c + h * hd, c, rows, hd);
-        if (threadIdx.x < ROWS) {
-            const bool in = (int)threadIdx.x < rows;
-            const long long at = (long long)(start + q0 + threadIdx.x) * n_head + h;
-            lse_tile[threadIdx.x] = in ? lse[at] : 0.0f;
-            delta_tile[threadIdx.x] = in ? delta[at] : 0.0f;
-        }
-        __syncthreads();
-        const int first = qt == tile ? warp_first - q0 : 0;  // warp-uniform
+    // The group's query heads one after another: their sum over h has the same order every run.
+    for (int h = kv * group; h < (kv + 1) * group; ++h) {
+        for (int qt = tile; qt < tiles; ++qt) {
+            const int q0 = qt * ROWS, rows = imin(ROWS, len - q0);
+            __syncthreads();
+            stage_tile<T, HD_MAX>(q_tile, qkv + (start + q0) * width + cols.q(h), width, rows, hd);
+            stage_tile<T, HD_MAX>(dy_tile, dout + (start + q0) * q_width + cols.q(h), q_width, rows, hd);
+            if (threadIdx.x < ROWS) {
+                const bool in = (int)threadIdx.x < rows;
+                const long long at = (long long)(start + q0 + threadIdx.x) * n_head + h;
+                lse_tile[threadIdx.x] = in ? lse[at] : 0.0f;
+                delta_tile[threadIdx.x] = in ? delta[at] : 0.0f;
+            }
+            __syncthreads();
+            const int first = qt == tile ? warp_first - q0 : 0;  // warp-uniform
 #pragma unroll 1
-        for (int r = first; r < rows; ++r) {
-            const float sc = group_sum<G>(lane_dot<G>(k, q_tile + r * HD_MAX, g));
-            const float dp = group_sum<G>(lane_dot<G>(v, dy_tile + r * HD_MAX, g));
-            const float p = q0 + r >= j ? expf(sc - lse_tile[r]) : 0.0f;
-            lane_axpy<G>(dv, p, dy_tile + r * HD_MAX, g);
-            lane_axpy<G>(dk, p * (dp - delta_tile[r]), q_tile + r * HD_MAX, g);
+            for (int r = first; r < rows; ++r) {
+                const float sc = group_sum<G>(lane_dot<G>(k, q_tile + r * HD_MAX, g));
+                const float dp = group_sum<G>(lane_dot<G>(v, dy_tile + r * HD_MAX, g));
+                const float p = q0 + r >= j ? expf(sc - lse_tile[r]) : 0.0f;
+                lane_axpy<G>(dv, p, dy_tile + r * HD_MAX, g);
+                lane_axpy<G>(dk, p * (dp - delta_tile[r]), q_tile + r * HD_MAX, g);
+            }
         }
     }
     if (j < len) {
-        store_row<T, G>(dqkv + t * row3 + c + h * hd, dk, hd, g, scale);
-        store_row<T, G>(dqkv + t * row3 + 2 * c + h * hd, dv, hd, g, 1.0f);
+        store_row<T, G>(dqkv + t * width + cols.k(kv), dk, hd, g, scale);
+        store_row<T, G>(dqkv + t * width + cols.v(kv), dv, hd, g, 1.0f);
     }
 }
 
@@ -327,22 +356,24 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
 #define ATTENTION_KERNELS_(T, HD, suffix)                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_forward_hd##HD##_##suffix(T* out, float* lse, const T* qkv, const int* cu_seqlens,         \
-                                            int n_head, int c) {                                              \
-        attention_forward<T, HD>(out, lse, qkv, cu_seqlens, n_head, c);                                       \
+                                            int n_head, int n_kv_head, int head_dim) {                        \
+        attention_forward<T, HD>(out, lse, qkv, cu_seqlens, QkvColumns{n_head, n_kv_head, head_dim});         \
     }                                                                                                         \
     EMU_REGISTER(attention_forward_hd##HD##_##suffix)                                                         \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_backward_dq_hd##HD##_##suffix(T* dqkv, float* delta, const T* dout, const T* qkv,          \
                                                 const T* out, const float* lse, const int* cu_seqlens,        \
-                                                int n_head, int c) {                                          \
-        attention_backward_dq<T, HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens, n_head, c);                \
+                                                int n_head, int n_kv_head, int head_dim) {                    \
+        attention_backward_dq<T, HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens,                            \
+                                     QkvColumns{n_head, n_kv_head, head_dim});                                \
     }                                                                                                         \
     EMU_REGISTER(attention_backward_dq_hd##HD##_##suffix)                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_backward_dkdv_hd##HD##_##suffix(T* dqkv, const T* dout, const T* qkv, const float* lse,    \
                                                   const float* delta, const int* cu_seqlens, int n_head,      \
-                                                  int c) {                                                    \
-        attention_backward_dkdv<T, HD>(dqkv, dout, qkv, lse, delta, cu_seqlens, n_head, c);                   \
+                                                  int n_kv_head, int head_dim) {                              \
+        attention_backward_dkdv<T, HD>(dqkv, dout, qkv, lse, delta, cu_seqlens,                               \
+                                       QkvColumns{n_head, n_kv_head, head_dim});                              \
     }                                                                                                         \
     EMU_REGISTER(attention_backward_dkdv_hd##HD##_##suffix)
 

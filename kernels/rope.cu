@@ -2,7 +2,7 @@
 // k heads of the packed qkv tensor, forward and backward.
 //
 // qkv [n, width] holds per token [q: n_head·hd | k: n_kv_head·hd | v: n_kv_head·hd] (QkvLayout in
-// src/backend/ops/rope.rs), so the heads to rotate are the first `rotated_heads = n_head + n_kv_head` heads
+// src/backend/ops/attention.rs), so the heads to rotate are the first `rotated_heads = n_head + n_kv_head` heads
 // of each row. For token t at position p = positions[t], in each of those heads x, half = hd/2, i < half:
 //
 //     θ = fl32(p · inv_freq[i])                       (HF forms the angle in f32 too)

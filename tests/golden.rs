@@ -200,6 +200,11 @@ const F32: Tolerances = Tolerances { logp_rel: 1e-5, logp_floor: 1e-5, grad_rel:
 /// the bf16 kernels are held to the f32 ones more tightly, at GPT-2's weight scale, in
 /// tests/cuda_step.rs.
 const BF16: Tolerances = Tolerances { logp_rel: 2e-2, logp_floor: 2e-2, grad_rel: 5e-2, grad_floor: 6e-2 };
+/// bf16 for the Llama family: log-probs within 4%. SwiGLU multiplies two bf16 activations, and at
+/// the fixtures' weight scale PyTorch's own bf16 forward of them (transformers 5.25, CPU, eager)
+/// misses the f64 token log-probs by up to 1.27× the GPT-2 bound above (llama fixture: 0.17 on
+/// a log-prob of about −4), this engine by up to 1.3× (qwen2 fixture).
+const BF16_LLAMA: Tolerances = Tolerances { logp_rel: 4e-2, logp_floor: 4e-2, ..BF16 };
 
 /// Every check of one fixture on one backend.
 fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances) {
@@ -330,11 +335,13 @@ fn cpu_matches_transformers() {
 }
 
 fn device_matches_transformers(device: &Device, precision: Precision) {
-    let tol = match precision {
-        Precision::F32 => F32,
-        Precision::Bf16 => BF16,
-    };
     for fixture in &FIXTURES {
+        let gpt2 = fixture.name.starts_with("gpt2");
+        let tol = match precision {
+            Precision::F32 => F32,
+            Precision::Bf16 if gpt2 => BF16,
+            Precision::Bf16 => BF16_LLAMA,
+        };
         check_fixture(Arc::new(CudaBackend::new(device.clone(), precision)), fixture, tol);
     }
 }

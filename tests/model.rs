@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::reference::*;
 use common::*;
 use safedpo::backend::cpu::CpuBackend;

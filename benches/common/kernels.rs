@@ -169,28 +169,40 @@ pub fn matmul<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     g.finish();
 }
 
-/// Causal attention over the batch's sequences, forward and backward.
+/// A Llama-3.2-1B-like grouped-query attention: 32 query heads sharing 8 key/value heads of 64.
+const LLAMA_GQA: QkvLayout = QkvLayout { n_head: 32, n_kv_head: 8, head_dim: 64 };
+
+/// Causal attention over the batch's sequences, forward and backward: the shape's multi-head
+/// attention, then a grouped-query one ([`LLAMA_GQA`]) over the same batch.
 pub fn attention<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     let (be, s) = (t.backend, &t.shape);
-    let (n, ch, nh) = (s.n(), s.c, s.n_head);
+    let n = s.n();
     let mut rng = seeded();
     let packing = Packing::new(be, &s.cu_seqlens()).expect("packing");
-    let qkv = t.upload(random(n * 3 * ch, 1.0, &mut rng));
-    let mut out = t.zeros(n * ch);
-    let mut saved = t.zeros(be.attention_saved_len(&packing, nh));
-    let dout = t.upload(random(n * ch, 1.0, &mut rng));
-    let mut dqkv = t.zeros(n * 3 * ch);
-    // Causal: QKᵀ and AV over the t(t+1)/2 unmasked pairs of each sequence, 2 FLOPs per MAC.
-    let flops = (s.seqs * 2 * ch * s.seq_len * (s.seq_len + 1)) as u64;
-    let what = format!("{}x{} h{nh}", s.seqs, s.seq_len);
     let mut g = t.group(c, ATTENTION);
-    t.bench(&mut g, format!("fwd {what}"), Throughput::Elements(flops), || {
-        be.attention_forward(&mut out, &mut saved, &qkv, &packing, nh, ch).unwrap()
-    });
-    be.attention_forward(&mut out, &mut saved, &qkv, &packing, nh, ch).unwrap();
-    t.bench(&mut g, format!("bwd {what}"), Throughput::Elements(2 * flops), || {
-        be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, nh, ch).unwrap()
-    });
+    let mha = QkvLayout::mha(s.n_head, s.c);
+    for layout in [mha, LLAMA_GQA] {
+        let (nh, q_width) = (layout.n_head, layout.q_width());
+        let qkv = t.upload(random(n * layout.width(), 1.0, &mut rng));
+        let mut out = t.zeros(n * q_width);
+        let mut saved = t.zeros(be.attention_saved_len(&packing, nh));
+        let dout = t.upload(random(n * q_width, 1.0, &mut rng));
+        let mut dqkv = t.zeros(n * layout.width());
+        // Causal: QKᵀ and AV over the t(t+1)/2 unmasked pairs of each sequence, 2 FLOPs per MAC.
+        let flops = (s.seqs * 2 * q_width * s.seq_len * (s.seq_len + 1)) as u64;
+        let what = if layout == mha {
+            format!("{}x{} h{nh}", s.seqs, s.seq_len)
+        } else {
+            format!("{}x{} h{nh}/{} hd{}", s.seqs, s.seq_len, layout.n_kv_head, layout.head_dim)
+        };
+        t.bench(&mut g, format!("fwd {what}"), Throughput::Elements(flops), || {
+            be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap()
+        });
+        be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap();
+        t.bench(&mut g, format!("bwd {what}"), Throughput::Elements(2 * flops), || {
+            be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout).unwrap()
+        });
+    }
     g.finish();
 }
 

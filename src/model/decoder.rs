@@ -226,14 +226,7 @@ impl<B: Backend> Decoder<B> {
             if let Some(freqs) = &self.rope_freqs {
                 b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
             }
-            b.attention_forward(
-                &mut a.atty,
-                &mut a.att_saved,
-                &a.qkv,
-                &batch.packing,
-                kind.qkv.n_head,
-                kind.qkv.q_width(),
-            )?;
+            b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
             b.matmul_forward(&mut trunk.proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
             let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
             kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, &trunk.proj, &wl.norm_2, n)?;
@@ -419,16 +412,7 @@ impl<B: Backend> Decoder<B> {
             // residual_2 = x + attn: the same again for the attention half.
             let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
             b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
-            b.attention_backward(
-                &mut d.qkv,
-                &d.atty,
-                &a.qkv,
-                &a.atty,
-                &a.att_saved,
-                &batch.packing,
-                kind.qkv.n_head,
-                kind.qkv.q_width(),
-            )?;
+            b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
             if let Some(freqs) = &self.rope_freqs {
                 b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
             }

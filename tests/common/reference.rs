@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use safedpo::backend::cpu::{attention, embedding, layernorm, matmul, pointwise, rmsnorm, rope, swiglu, CpuBackend};
-use safedpo::backend::{rope_inverse_frequencies, WeightLayout};
+use safedpo::backend::{rope_inverse_frequencies, QkvLayout, WeightLayout};
 use safedpo::data::PackedBatch;
 use safedpo::model::{Decoder, DecoderConfig, HostWeights};
 
@@ -74,12 +74,6 @@ fn linear(x: &[f64], w: &[f64], b: Option<&[f64]>, ic: usize, oc: usize) -> Vec<
     matmul::spec::forward(x, w, b, x.len() / ic, ic, oc, WeightLayout::OutIn)
 }
 
-/// Causal attention of one sequence (MERGE: becomes the spec's grouped-query form).
-fn attend(qkv: &[f64], lens: &[usize], layout: safedpo::backend::QkvLayout) -> Vec<f64> {
-    assert_eq!(layout.n_head, layout.n_kv_head);
-    attention::spec::forward(qkv, lens, layout.n_head, layout.q_width()).0
-}
-
 fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
@@ -115,7 +109,7 @@ impl Reference {
             let p = |s: &str| self.p(&format!("h.{l}.{s}"));
             let h = layernorm(&x, p("ln_1.weight"), p("ln_1.bias"), c, eps);
             let qkv = conv1d(&h, p("attn.c_attn.weight"), p("attn.c_attn.bias"), c, 3 * c);
-            let (y, _) = attention::spec::forward(&qkv, &[n], cfg.n_head, c);
+            let (y, _) = attention::spec::forward(&qkv, &[n], QkvLayout::mha(cfg.n_head, c));
             x = add(&x, &conv1d(&y, p("attn.c_proj.weight"), p("attn.c_proj.bias"), c, c));
             let h = layernorm(&x, p("ln_2.weight"), p("ln_2.bias"), c, eps);
             let f: Vec<f64> = conv1d(&h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), c, 4 * c)
@@ -148,8 +142,9 @@ impl Reference {
             let qkv_w = self.p(&p("self_attn.qkv_proj.weight"));
             let qkv = linear(&h, qkv_w, opt(p("self_attn.qkv_proj.bias")), c, layout.width());
             let qkv = rope::spec::forward(&qkv, &positions, &inv_freq, layout);
-            let y = attend(&qkv, &[n], layout);
-            let o = linear(&y, self.p(&p("self_attn.o_proj.weight")), opt(p("self_attn.o_proj.bias")), layout.q_width(), c);
+            let y = attention::spec::forward(&qkv, &[n], layout).0;
+            let o =
+                linear(&y, self.p(&p("self_attn.o_proj.weight")), opt(p("self_attn.o_proj.bias")), layout.q_width(), c);
             x = add(&x, &o);
             let h = rmsnorm::spec::forward(&x, self.p(&p("post_attention_layernorm.weight")), n, c, eps).0;
             let gate_up = linear(&h, self.p(&p("mlp.gate_up_proj.weight")), opt(p("mlp.gate_up_proj.bias")), c, 2 * f);
@@ -237,4 +232,3 @@ pub fn check_all_gradients(
         assert_close(&format!("{what}: d/d {name}"), &got, &fd, 2e-3, 2e-3 * scale);
     }
 }
-

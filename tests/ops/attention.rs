@@ -1,24 +1,42 @@
-//! Causal attention over packed sequences: against the spec and its finite differences, and
-//! sequences independent of what they are packed with; the CUDA backend against the CPU.
+//! Causal attention over packed sequences, multi-head and grouped-query: against the spec and its
+//! finite differences, and sequences independent of what they are packed with; the CUDA backend
+//! against the CPU.
 
 use safedpo::backend::cpu::attention::spec;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
+use safedpo::backend::QkvLayout;
 
 use crate::common::*;
 use crate::device::{Fixture, ATTENTION_DQKV_FLOOR};
 use crate::{backend, packing, FD_STEP, GRAD_RTOL};
 
+/// `(n_head, n_kv_head, head_dim)` as a layout.
+fn gqa(n_head: usize, n_kv_head: usize, head_dim: usize) -> QkvLayout {
+    QkvLayout { n_head, n_kv_head, head_dim }
+}
+
 /// Runs the forward on a packed batch; returns (out, saved).
-fn run_attention(be: &CpuBackend, qkv: &[f32], lens: &[usize], nh: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
+fn run_attention(be: &CpuBackend, qkv: &[f32], lens: &[usize], layout: QkvLayout) -> (Vec<f32>, Vec<f32>) {
     let pk = packing(be, lens);
     let n = pk.num_tokens();
+    let nh = layout.n_head;
     let saved_len = be.attention_saved_len(&pk, nh);
     assert_eq!(saved_len, nh * lens.iter().map(|l| l * l).sum::<usize>());
-    let (mut out, mut saved) = (poison(n * c), poison(saved_len));
-    be.attention_forward(&mut out, &mut saved, &qkv.to_vec(), &pk, nh, c).unwrap();
+    let (mut out, mut saved) = (poison(n * layout.q_width()), poison(saved_len));
+    be.attention_forward(&mut out, &mut saved, &qkv.to_vec(), &pk, layout).unwrap();
     (out, saved)
+}
+
+/// The forward against the spec: outputs and saved probabilities.
+fn check_forward(be: &CpuBackend, r: &mut rand_chacha::ChaCha8Rng, lens: &[usize], layout: QkvLayout) {
+    let n: usize = lens.iter().sum();
+    let qkv = randn(r, n * layout.width(), 1.5);
+    let (out, saved) = run_attention(be, &qkv, lens, layout);
+    let (want_out, want_p) = spec::forward(&to_f64(&qkv), lens, layout);
+    assert_close_scaled(&format!("attention out {lens:?} {layout:?}"), &out, &want_out, 1e-5);
+    assert_close(&format!("attention probabilities {lens:?} {layout:?}"), &saved, &want_p, 1e-5, 1e-7);
 }
 
 #[test]
@@ -27,13 +45,43 @@ fn attention_forward_matches_twin() {
     let mut r = rng(7);
     // Lengths of 1, below, at and above the backend's 32-row blocks, packed together.
     for &(ref lens, nh, c) in &[(vec![1usize, 5, 33, 70, 2, 32], 4, 16), (vec![1], 2, 8), (vec![64, 3], 3, 24)] {
-        let n: usize = lens.iter().sum();
-        let qkv = randn(&mut r, n * 3 * c, 1.5);
-        let (out, saved) = run_attention(&be, &qkv, lens, nh, c);
-        let (want_out, want_p) = spec::forward(&to_f64(&qkv), lens, nh, c);
-        assert_close_scaled(&format!("attention out {lens:?}"), &out, &want_out, 1e-5);
-        assert_close(&format!("attention probabilities {lens:?}"), &saved, &want_p, 1e-5, 1e-7);
+        check_forward(&be, &mut r, lens, QkvLayout::mha(nh, c));
     }
+}
+
+#[test]
+fn attention_forward_with_grouped_queries_matches_twin() {
+    let be = backend();
+    let mut r = rng(17);
+    let lens = [1usize, 5, 33, 70, 2, 1];
+    // One key/value head for all, 2 of 8 (groups of 4), head dims 24 and 64, and an odd one.
+    for layout in [gqa(8, 1, 24), gqa(8, 2, 64), gqa(8, 2, 24), gqa(6, 3, 13)] {
+        check_forward(&be, &mut r, &lens, layout);
+    }
+}
+
+/// The backward against central differences of the spec at `probes` sampled elements of `qkv`,
+/// then run again: the same bits (overwrite semantics, a fixed order of the group sums).
+fn check_backward(be: &CpuBackend, r: &mut rand_chacha::ChaCha8Rng, lens: &[usize], layout: QkvLayout, probes: usize) {
+    let n: usize = lens.iter().sum();
+    let pk = packing(be, lens);
+    let qkv = randn(r, n * layout.width(), 1.0);
+    let dout = randn(r, n * layout.q_width(), 1.0);
+    let (out, saved) = run_attention(be, &qkv, lens, layout);
+    let mut dqkv = poison(n * layout.width());
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout).unwrap();
+
+    let dy = to_f64(&dout);
+    let idx = sample_indices(r, n * layout.width(), probes);
+    let want = fd_grad_at(|x| weighted_sum(&dy, &spec::forward(x, lens, layout).0), &to_f64(&qkv), FD_STEP, &idx);
+    let got: Vec<f32> = idx.iter().map(|&i| dqkv[i]).collect();
+    assert_close_scaled(&format!("dqkv {lens:?} {layout:?}"), &got, &want, GRAD_RTOL);
+    assert!(dqkv.iter().all(|x| x.is_finite()), "dqkv {lens:?} {layout:?}: an element was left unwritten");
+
+    // Overwrite semantics: a second call gives the same values, not twice them.
+    let first = dqkv.clone();
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout).unwrap();
+    assert_bitwise_eq("dqkv second call", &dqkv, &first);
 }
 
 #[test]
@@ -41,25 +89,23 @@ fn attention_backward_matches_finite_differences() {
     let be = backend();
     let mut r = rng(8);
     for &(ref lens, nh, c, probes) in &[(vec![3usize, 1, 4], 2, 8, usize::MAX), (vec![1, 40, 33, 70], 3, 12, 400)] {
-        let n: usize = lens.iter().sum();
-        let pk = packing(&be, lens);
-        let qkv = randn(&mut r, n * 3 * c, 1.0);
-        let dout = randn(&mut r, n * c, 1.0);
-        let (out, saved) = run_attention(&be, &qkv, lens, nh, c);
-        let mut dqkv = poison(n * 3 * c);
-        be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, nh, c).unwrap();
+        check_backward(&be, &mut r, lens, QkvLayout::mha(nh, c), probes);
+    }
+}
 
-        let dy = to_f64(&dout);
-        let idx = sample_indices(&mut r, n * 3 * c, probes);
-        let want = fd_grad_at(|x| weighted_sum(&dy, &spec::forward(x, lens, nh, c).0), &to_f64(&qkv), FD_STEP, &idx);
-        let got: Vec<f32> = idx.iter().map(|&i| dqkv[i]).collect();
-        assert_close_scaled(&format!("dqkv {lens:?}"), &got, &want, GRAD_RTOL);
-        assert!(dqkv.iter().all(|x| x.is_finite()), "dqkv {lens:?}: an element was left unwritten");
-
-        // Overwrite semantics: a second call gives the same values, not twice them.
-        let first = dqkv.clone();
-        be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, nh, c).unwrap();
-        assert_bitwise_eq("dqkv second call", &dqkv, &first);
+#[test]
+fn attention_backward_with_grouped_queries_matches_finite_differences() {
+    let be = backend();
+    let mut r = rng(18);
+    // Every element where the tensor is small; otherwise a sample, a third of it in k and v.
+    let cases = [
+        (vec![3usize, 1, 4], gqa(4, 1, 8), usize::MAX),
+        (vec![1, 33, 6], gqa(8, 2, 24), 400),
+        (vec![5, 1, 34], gqa(8, 1, 24), 300),
+        (vec![2, 1, 9], gqa(8, 2, 64), 300),
+    ];
+    for (lens, layout, probes) in cases {
+        check_backward(&be, &mut r, &lens, layout, probes);
     }
 }
 
@@ -67,29 +113,106 @@ fn attention_backward_matches_finite_differences() {
 fn attention_sequences_are_independent() {
     let be = backend();
     let mut r = rng(9);
-    let (nh, c) = (2, 16);
-    let (la, lb, lc) = (45, 7, 1);
-    let qkv_a = randn(&mut r, la * 3 * c, 1.0);
-    let dout_a = randn(&mut r, la * c, 1.0);
-    let (qkv_b, qkv_c) = (randn(&mut r, lb * 3 * c, 1.0), randn(&mut r, lc * 3 * c, 1.0));
-    let (dout_b, dout_c) = (randn(&mut r, lb * c, 1.0), randn(&mut r, lc * c, 1.0));
-    let qkv_packed = [qkv_b.clone(), qkv_a.clone(), qkv_c].concat();
-    let dout_packed = [dout_b, dout_a.clone(), dout_c].concat();
+    for layout in [QkvLayout::mha(2, 16), gqa(4, 2, 8)] {
+        let (width, q_width) = (layout.width(), layout.q_width());
+        let (la, lb, lc) = (45, 7, 1);
+        let qkv_a = randn(&mut r, la * width, 1.0);
+        let dout_a = randn(&mut r, la * q_width, 1.0);
+        let (qkv_b, qkv_c) = (randn(&mut r, lb * width, 1.0), randn(&mut r, lc * width, 1.0));
+        let (dout_b, dout_c) = (randn(&mut r, lb * q_width, 1.0), randn(&mut r, lc * q_width, 1.0));
+        let qkv_packed = [qkv_b.clone(), qkv_a.clone(), qkv_c].concat();
+        let dout_packed = [dout_b, dout_a.clone(), dout_c].concat();
 
-    let backward = |qkv: &[f32], dout: &[f32], lens: &[usize]| {
-        let pk = packing(&be, lens);
-        let (out, saved) = run_attention(&be, qkv, lens, nh, c);
-        let mut dqkv = poison(qkv.len());
-        be.attention_backward(&mut dqkv, &dout.to_vec(), &qkv.to_vec(), &out, &saved, &pk, nh, c).unwrap();
-        (out, dqkv)
+        let backward = |qkv: &[f32], dout: &[f32], lens: &[usize]| {
+            let pk = packing(&be, lens);
+            let (out, saved) = run_attention(&be, qkv, lens, layout);
+            let mut dqkv = poison(qkv.len());
+            be.attention_backward(&mut dqkv, &dout.to_vec(), &qkv.to_vec(), &out, &saved, &pk, layout).unwrap();
+            (out, dqkv)
+        };
+        let (out_alone, dqkv_alone) = backward(&qkv_a, &dout_a, &[la]);
+        let (out_packed, dqkv_packed) = backward(&qkv_packed, &dout_packed, &[lb, la, lc]);
+        let what = format!("{layout:?}");
+        assert_bitwise_eq(
+            &format!("out of A packed vs alone, {what}"),
+            &out_packed[lb * q_width..][..la * q_width],
+            &out_alone,
+        );
+        assert_bitwise_eq(
+            &format!("dqkv of A packed vs alone, {what}"),
+            &dqkv_packed[lb * width..][..la * width],
+            &dqkv_alone,
+        );
+    }
+}
+
+#[test]
+fn attention_checks_its_arguments() {
+    let be = backend();
+    let lens = [3usize, 2];
+    let pk = packing(&be, &lens);
+    let good = gqa(4, 2, 6);
+    let n = 5;
+    let saved_len = be.attention_saved_len(&pk, good.n_head);
+    let (mut out, mut saved, qkv) = (vec![0.0; n * good.q_width()], vec![0.0; saved_len], vec![0.0; n * good.width()]);
+    let mut fails = |layout: QkvLayout, qkv: &Vec<f32>, fragments: &[&str]| {
+        let msg = format!("{:#}", be.attention_forward(&mut out, &mut saved, qkv, &pk, layout).unwrap_err());
+        assert!(msg.contains("attention_forward") && fragments.iter().all(|f| msg.contains(f)), "{msg}");
     };
-    let (out_alone, dqkv_alone) = backward(&qkv_a, &dout_a, &[la]);
-    let (out_packed, dqkv_packed) = backward(&qkv_packed, &dout_packed, &[lb, la, lc]);
-    assert_bitwise_eq("out of A packed vs alone", &out_packed[lb * c..(lb + la) * c], &out_alone);
-    assert_bitwise_eq("dqkv of A packed vs alone", &dqkv_packed[lb * 3 * c..(lb + la) * 3 * c], &dqkv_alone);
+    fails(gqa(4, 3, 6), &qkv, &["n_head = 4", "n_kv_head = 3"]);
+    fails(gqa(4, 0, 6), &qkv, &["n_head = 4", "n_kv_head = 0"]);
+    fails(gqa(4, 2, 0), &qkv, &["head_dim = 0"]);
+    fails(good, &vec![0.0; n * good.width() - 1], &["`qkv`", "239", "240"]);
+    // `qkv` as wide as with 4 key/value heads: a multi-head row is not a grouped one.
+    fails(good, &vec![0.0; n * QkvLayout::mha(4, 24).width()], &["`qkv`", "360", "240"]);
+    let mut dqkv = vec![0.0; n * good.width()];
+    let msg = format!(
+        "{:#}",
+        be.attention_backward(&mut dqkv, &vec![0.0; n * good.width()], &qkv, &out, &saved, &pk, good).unwrap_err()
+    );
+    assert!(
+        msg.contains("attention_backward") && msg.contains("`dout`") && msg.contains("240") && msg.contains("120"),
+        "{msg}"
+    );
 }
 
 // ---- the CUDA backend against the CPU (see `device`) -----------------------------------------------------
+
+/// Forward and backward of `layout` on `lens`, the CUDA backend against the CPU, outputs poisoned
+/// first; the backward run twice on the device must give the same bits.
+fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout) {
+    let nh = layout.n_head;
+    let what = format!("lens {lens:?}, {layout:?}");
+    let n: usize = lens.iter().sum();
+    let (cpu_packing, cuda_packing) = f.packing(lens);
+    let qkv = f.randn(n * layout.width(), 1.0);
+    let (cq, gq) = f.both(&qkv);
+    let (mut want, mut got) = f.poisoned(n * layout.q_width());
+    let mut want_saved = f.cpu.zeros(f.cpu.attention_saved_len(&cpu_packing, nh)).unwrap();
+    let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
+    f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout).unwrap();
+    f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout).unwrap();
+    f.check(&format!("attention_forward out ({what})"), &got, &want);
+
+    let dout = f.randn(n * layout.q_width(), 1.0);
+    let (cd, gd) = f.both(&dout);
+    let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * layout.width());
+    f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, layout).unwrap();
+    f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+    // The CUDA backward forms `D = dout·out` from the output as stored (rounded to bf16), the
+    // CPU's as `Σ_j P·dP` in f32: `dS = P(dout·v − D)` moves by an amount set by |dout|·|out|,
+    // not by the result, and the sums over keys keep it as an absolute error (up to 2.4e-3 of
+    // the largest entry in these cases).
+    f.check_rounded(&format!("attention_backward dqkv ({what})"), &got_dqkv, &want_dqkv, 1.0, ATTENTION_DQKV_FLOOR);
+
+    let first = f.cuda.download(&got_dqkv).unwrap();
+    f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+    assert_bitwise_eq(
+        &format!("attention_backward dqkv, second run ({what})"),
+        &f.cuda.download(&got_dqkv).unwrap(),
+        &first,
+    );
+}
 
 fn attention(device: &Device, precision: Precision) {
     let mut f = Fixture::new(device, precision, 3);
@@ -103,30 +226,33 @@ fn attention(device: &Device, precision: Precision) {
         (&[33, 1, 0, 65, 32], 1, 72),
     ];
     for (lens, nh, c) in cases {
-        let what = format!("lens {lens:?}, n_head {nh}, c {c}");
-        let n: usize = lens.iter().sum();
-        let (cpu_packing, cuda_packing) = f.packing(lens);
-        let qkv = f.randn(n * 3 * c, 1.0);
-        let (cq, gq) = f.both(&qkv);
-        let (mut want, mut got) = f.poisoned(n * c);
-        let mut want_saved = f.cpu.zeros(f.cpu.attention_saved_len(&cpu_packing, nh)).unwrap();
-        let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
-        f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, nh, c).unwrap();
-        f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, nh, c).unwrap();
-        f.check(&format!("attention_forward out ({what})"), &got, &want);
-
-        let dout = f.randn(n * c, 1.0);
-        let (cd, gd) = f.both(&dout);
-        let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * 3 * c);
-        f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, nh, c).unwrap();
-        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, nh, c).unwrap();
-        // The CUDA backward forms `D = dout·out` from the output as stored (rounded to bf16), the
-        // CPU's as `Σ_j P·dP` in f32: `dS = P(dout·v − D)` moves by an amount set by |dout|·|out|,
-        // not by the result, and the sums over keys keep it as an absolute error (up to 2.4e-3 of
-        // the largest entry in these cases).
-        let what = format!("attention_backward dqkv ({what})");
-        f.check_rounded(&what, &got_dqkv, &want_dqkv, 1.0, ATTENTION_DQKV_FLOOR);
+        check_on_device(&mut f, lens, QkvLayout::mha(nh, c));
     }
 }
 
-device_tests!(attention);
+fn attention_grouped_queries(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 13);
+    let cases: [(&[usize], QkvLayout); 4] = [
+        // One key/value head for 8 query heads, hd = 24 (the 64 bound): lengths 1 and 0, one tile.
+        (&[1, 7, 33, 0, 5], gqa(8, 1, 24)),
+        // 2 of 8, hd = 64: a tile boundary (65 = 64 + 1), a single token.
+        (&[65, 1, 12], gqa(8, 2, 64)),
+        // hd = 80 (the 128 bound, 32-row tiles): two tiles and one row past them.
+        (&[33, 1, 0, 40], gqa(4, 2, 80)),
+        // hd = 128, the largest head dim, one key/value head.
+        (&[1, 34], gqa(2, 1, 128)),
+    ];
+    for (lens, layout) in cases {
+        check_on_device(&mut f, lens, layout);
+    }
+    // A head dim past the kernels' largest bound is refused before anything runs.
+    let layout = gqa(2, 1, 136);
+    let (_, cuda_packing) = f.packing(&[3]);
+    let (_, mut out) = f.poisoned(3 * layout.q_width());
+    let mut saved = f.cuda.zeros(f.cuda.attention_saved_len(&cuda_packing, 2)).unwrap();
+    let qkv = f.cuda.zeros(3 * layout.width()).unwrap();
+    let msg = format!("{:#}", f.cuda.attention_forward(&mut out, &mut saved, &qkv, &cuda_packing, layout).unwrap_err());
+    assert!(msg.contains("attention_forward") && msg.contains("head_dim = 136") && msg.contains("128"), "{msg}");
+}
+
+device_tests!(attention, attention_grouped_queries);

@@ -4,6 +4,7 @@
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
+use safedpo::backend::QkvLayout;
 
 use crate::common::*;
 use crate::device::Fixture;
@@ -48,12 +49,15 @@ fn run_all_ops(be: &CpuBackend, seed: u64) -> Vec<f32> {
         outputs.extend([out, dinp, dwm, dbias].concat());
     }
 
-    let qkv = randn(&mut r, n * 3 * c, 1.0);
-    let (mut att, mut saved) = (vec![0.0; n * c], vec![0.0; be.attention_saved_len(&pk, nh)]);
-    be.attention_forward(&mut att, &mut saved, &qkv, &pk, nh, c).unwrap();
-    let mut dqkv = vec![0.0; n * 3 * c];
-    be.attention_backward(&mut dqkv, &dx, &qkv, &att, &saved, &pk, nh, c).unwrap();
-    outputs.extend([att, saved, dqkv].concat());
+    // Multi-head, then grouped-query (the backward sums a key/value head's gradient over 2 heads).
+    for layout in [QkvLayout::mha(nh, c), QkvLayout { n_kv_head: nh / 2, ..QkvLayout::mha(nh, c) }] {
+        let qkv = randn(&mut r, n * layout.width(), 1.0);
+        let (mut att, mut saved) = (vec![0.0; n * c], vec![0.0; be.attention_saved_len(&pk, nh)]);
+        be.attention_forward(&mut att, &mut saved, &qkv, &pk, layout).unwrap();
+        let mut dqkv = vec![0.0; n * layout.width()];
+        be.attention_backward(&mut dqkv, &dx, &qkv, &att, &saved, &pk, layout).unwrap();
+        outputs.extend([att, saved, dqkv].concat());
+    }
 
     let mut logits = randn(&mut r, n * v, 2.0);
     let targets = rand_ids(&mut r, n, v);

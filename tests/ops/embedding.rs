@@ -35,10 +35,16 @@ fn embedding_backward_accumulates_the_gradient() {
     let (wte, wpe) = (randn(&mut r, vocab * c, 1.0), randn(&mut r, max_pos * c, 1.0));
     let dout = randn(&mut r, n * c, 1.0);
     let w = to_f64(&dout);
-    let want_dwte =
-        fd_grad(|x| weighted_sum(&w, &spec::forward(&tokens, &positions, x, Some(&to_f64(&wpe)), c)), &to_f64(&wte), 1e-3);
-    let want_dwpe =
-        fd_grad(|x| weighted_sum(&w, &spec::forward(&tokens, &positions, &to_f64(&wte), Some(x), c)), &to_f64(&wpe), 1e-3);
+    let want_dwte = fd_grad(
+        |x| weighted_sum(&w, &spec::forward(&tokens, &positions, x, Some(&to_f64(&wpe)), c)),
+        &to_f64(&wte),
+        1e-3,
+    );
+    let want_dwpe = fd_grad(
+        |x| weighted_sum(&w, &spec::forward(&tokens, &positions, &to_f64(&wte), Some(x), c)),
+        &to_f64(&wpe),
+        1e-3,
+    );
     let (prior_te, prior_pe) = (randn(&mut r, vocab * c, 1.0), randn(&mut r, max_pos * c, 1.0));
     let (mut dwte, mut dwpe) = (prior_te.clone(), prior_pe.clone());
     for k in 1..=2 {
@@ -73,11 +79,8 @@ fn embedding_without_positions_is_the_token_rows() {
     let want = spec::forward(&tokens, &positions, &to_f64(&wte), None, c);
     assert_close("embedding out", &out, &want, 0.0, 0.0);
     let dout = randn(&mut r, n * c, 1.0);
-    let want_dwte = fd_grad(
-        |x| weighted_sum(&to_f64(&dout), &spec::forward(&tokens, &positions, x, None, c)),
-        &to_f64(&wte),
-        1e-3,
-    );
+    let want_dwte =
+        fd_grad(|x| weighted_sum(&to_f64(&dout), &spec::forward(&tokens, &positions, x, None, c)), &to_f64(&wte), 1e-3);
     let mut dwte = vec![0.0; vocab * c];
     be.embedding_backward(&mut dwte, None, &dout, &tokens, &positions, n, c).unwrap();
     assert_close_scaled("dwte", &dwte, &want_dwte, 1e-5);

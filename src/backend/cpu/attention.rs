@@ -1,6 +1,8 @@
-//! Causal multi-head self-attention over a packed batch, forward and backward (contract:
-//! `backend/ops/attention.rs`, kernels: `kernels/attention.cu`). One task per (sequence, head);
-//! scores, softmax and the product with V in blocks of query rows.
+//! Causal self-attention over a packed batch, multi-head or grouped-query, forward and backward
+//! (contract: `backend/ops/attention.rs`, kernels: `kernels/attention.cu`). The forward runs one
+//! task per (sequence, query head), the backward one per (sequence, key/value head), which sums the
+//! gradients of its query heads in order; scores, softmax and the product with V in blocks of query
+//! rows.
 //!
 //! The forward saves the softmax probabilities for the backward: sequence by sequence, head by
 //! head, one row-major `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal) at
@@ -12,27 +14,30 @@ use rayon::prelude::*;
 use super::gemm::{gemm_f32, Mat, SyncPtr};
 use super::simd::{exp_f32, lane_dot, lane_max, lane_sum, simd_kernel};
 use super::CpuBackend;
-use crate::backend::{checks, AttentionOps, Packing};
+use crate::backend::{checks, AttentionOps, Packing, QkvLayout};
 
 /// The specification, in f64: plain loops that the fast version below and the CUDA kernels are
 /// held to. The backward is specified by finite differences of the forward.
 pub mod spec {
+    use crate::backend::QkvLayout;
+
     /// Causal attention over the sequences of lengths `lens` packed end to end; `qkv` is
-    /// `[n, 3c]` (q, k, v of each token side by side), heads of `c / n_head` channels. Returns
-    /// `(out [n, c], probabilities)`, the probabilities in the CPU backend's saved layout (module
-    /// doc).
-    pub fn forward(qkv: &[f64], lens: &[usize], n_head: usize, c: usize) -> (Vec<f64>, Vec<f64>) {
+    /// `[n, layout.width()]` (q, k, v heads of each token side by side), query head `h` attending
+    /// through key/value head `layout.kv_head_of(h)`. Returns `(out [n, layout.q_width()],
+    /// probabilities)`, the probabilities in the CPU backend's saved layout (module doc).
+    pub fn forward(qkv: &[f64], lens: &[usize], layout: QkvLayout) -> (Vec<f64>, Vec<f64>) {
         let n: usize = lens.iter().sum();
-        let hd = c / n_head;
+        let (hd, width, q_width) = (layout.head_dim, layout.width(), layout.q_width());
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut out = vec![0.0; n * c];
+        let mut out = vec![0.0; n * q_width];
         let mut probs = Vec::new();
         let mut start = 0;
         for &t in lens {
-            for h in 0..n_head {
-                let q = |i: usize, d: usize| qkv[(start + i) * 3 * c + h * hd + d];
-                let k = |j: usize, d: usize| qkv[(start + j) * 3 * c + c + h * hd + d];
-                let v = |j: usize, d: usize| qkv[(start + j) * 3 * c + 2 * c + h * hd + d];
+            for h in 0..layout.n_head {
+                let g = layout.kv_head_of(h);
+                let q = |i: usize, d: usize| qkv[(start + i) * width + h * hd + d];
+                let k = |j: usize, d: usize| qkv[(start + j) * width + layout.k_offset() + g * hd + d];
+                let v = |j: usize, d: usize| qkv[(start + j) * width + layout.v_offset() + g * hd + d];
                 for i in 0..t {
                     let scores: Vec<f64> =
                         (0..=i).map(|j| (0..hd).map(|d| q(i, d) * k(j, d)).sum::<f64>() * scale).collect();
@@ -40,7 +45,7 @@ pub mod spec {
                     let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
                     let p: Vec<f64> = scores.iter().map(|s| (s - max).exp() / z).collect();
                     for d in 0..hd {
-                        out[(start + i) * c + h * hd + d] = (0..=i).map(|j| p[j] * v(j, d)).sum();
+                        out[(start + i) * q_width + h * hd + d] = (0..=i).map(|j| p[j] * v(j, d)).sum();
                     }
                     probs.extend_from_slice(&p);
                     probs.extend(std::iter::repeat_n(0.0, t - i - 1));
@@ -77,13 +82,14 @@ simd_kernel! {
     }
 }
 
-/// One (sequence, head) unit of attention work.
+/// One (sequence, query head) unit of attention work.
 #[derive(Clone, Copy)]
 struct HeadTask {
     /// First token of the sequence.
     start: usize,
     /// Sequence length.
     len: usize,
+    /// The query head.
     head: usize,
     /// Offset of this head's `[len, len]` probability block in the saved buffer.
     saved_offset: usize,
@@ -115,32 +121,23 @@ impl AttentionOps for CpuBackend {
         saved: &mut Vec<f32>,
         qkv: &Vec<f32>,
         packing: &Packing<Self>,
-        n_head: usize,
-        c: usize,
+        layout: QkvLayout,
     ) -> Result<()> {
-        let saved_len = self.attention_saved_len(packing, n_head);
-        let seqs = checks::attention_forward(
-            out.len(),
-            saved.len(),
-            qkv.len(),
-            &packing.host_cu_seqlens,
-            n_head,
-            c,
-            saved_len,
-        )?;
-        let hd = c / n_head;
+        let saved_len = self.attention_saved_len(packing, layout.n_head);
+        let seqs =
+            checks::attention_forward(out.len(), saved.len(), qkv.len(), &packing.host_cu_seqlens, layout, saved_len)?;
+        let (hd, width, q_width) = (layout.head_dim, layout.width(), layout.q_width());
         let scale = 1.0 / (hd as f32).sqrt();
         let (out_ptr, saved_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(saved.as_mut_ptr()));
-        head_tasks(&seqs, n_head).into_par_iter().for_each(|task| {
+        head_tasks(&seqs, layout.n_head).into_par_iter().for_each(|task| {
             let HeadTask { start, len: t, head, saved_offset } = task;
-            // SAFETY: each task writes only its own probability block and the columns of its head
-            // in the rows of its sequence; all offsets are in bounds by the length checks above.
+            // SAFETY: each task writes only its own probability block and the columns of its query
+            // head in the rows of its sequence; all offsets are in bounds by the length checks above.
             unsafe {
-                let q = qkv.as_ptr().add(start * 3 * c + head * hd);
-                let k = q.add(c);
-                let v = q.add(2 * c);
+                let row = qkv.as_ptr().add(start * width);
+                let [q, k, v] = head_columns(layout, head).map(|col| row.add(col));
                 let p = saved_ptr.get().add(saved_offset);
-                let o = out_ptr.get().add(start * c + head * hd);
+                let o = out_ptr.get().add(start * q_width + head * hd);
                 for i0 in (0..t).step_by(ATTN_BLOCK) {
                     let i1 = (i0 + ATTN_BLOCK).min(t);
                     // Scores S[i0..i1, 0..i1] = scale · Q Kᵀ (Kᵀ element (d, j) = K[j, d]).
@@ -151,8 +148,8 @@ impl AttentionOps for CpuBackend {
                         p.add(i0 * t),
                         t,
                         false,
-                        Mat::new(q.add(i0 * 3 * c), 3 * c, 1),
-                        Mat::new(k, 1, 3 * c),
+                        Mat::new(q.add(i0 * width), width, 1),
+                        Mat::new(k, 1, width),
                         scale,
                         false,
                     );
@@ -166,11 +163,11 @@ impl AttentionOps for CpuBackend {
                         i1 - i0,
                         hd,
                         i1,
-                        o.add(i0 * c),
-                        c,
+                        o.add(i0 * q_width),
+                        q_width,
                         false,
                         Mat::new(p.add(i0 * t), t, 1),
-                        Mat::new(v, 3 * c, 1),
+                        Mat::new(v, width, 1),
                         1.0,
                         false,
                     );
@@ -188,10 +185,9 @@ impl AttentionOps for CpuBackend {
         out: &Vec<f32>,
         saved: &Vec<f32>,
         packing: &Packing<Self>,
-        n_head: usize,
-        c: usize,
+        layout: QkvLayout,
     ) -> Result<()> {
-        let saved_len = self.attention_saved_len(packing, n_head);
+        let saved_len = self.attention_saved_len(packing, layout.n_head);
         let seqs = checks::attention_backward(
             dqkv.len(),
             dout.len(),
@@ -199,103 +195,113 @@ impl AttentionOps for CpuBackend {
             out.len(),
             saved.len(),
             &packing.host_cu_seqlens,
-            n_head,
-            c,
+            layout,
             saved_len,
         )?;
-        let hd = c / n_head;
+        let (hd, width, q_width) = (layout.head_dim, layout.width(), layout.q_width());
         let scale = 1.0 / (hd as f32).sqrt();
         let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
-        head_tasks(&seqs, n_head).into_par_iter().for_each_init(Vec::<f32>::new, |ds_buf, task| {
-            let HeadTask { start, len: t, head, saved_offset } = task;
+        // The query heads of a key/value head are consecutive, so each chunk of `group` tasks is one
+        // (sequence, key/value head): one task sums the group's dK and dV, head by head, in order.
+        let group = layout.n_head / layout.n_kv_head;
+        let tasks = head_tasks(&seqs, layout.n_head);
+        tasks.par_chunks(group).for_each_init(Vec::<f32>::new, |ds_buf, group_tasks| {
+            let t = group_tasks[0].len;
             if t == 0 {
                 return;
             }
             ds_buf.resize(t * t, 0.0);
             let ds = ds_buf.as_mut_ptr();
-            // SAFETY: each task writes only the q, k and v columns of its head in the rows of its
-            // sequence (and its own scratch); offsets are in bounds by the length checks above.
-            unsafe {
-                let q = qkv.as_ptr().add(start * 3 * c + head * hd);
-                let k = q.add(c);
-                let v = q.add(2 * c);
-                let dq = dqkv_ptr.get().add(start * 3 * c + head * hd);
-                let dk = dq.add(c);
-                let dv = dq.add(2 * c);
-                let p = saved.as_ptr().add(saved_offset);
-                let dy = dout.as_ptr().add(start * c + head * hd);
-                // Row blocks last to first: the last block's dK, dV products cover every key, so
-                // they overwrite, and the earlier (shorter) blocks accumulate onto them.
-                let blocks: Vec<usize> = (0..t).step_by(ATTN_BLOCK).collect();
-                for (nth, &i0) in blocks.iter().rev().enumerate() {
-                    let i1 = (i0 + ATTN_BLOCK).min(t);
-                    let rows = i1 - i0;
-                    let first = nth == 0;
-                    // dP[i0..i1, 0..i1] = dY Vᵀ
-                    gemm_f32(
-                        rows,
-                        i1,
-                        hd,
-                        ds.add(i0 * t),
-                        t,
-                        false,
-                        Mat::new(dy.add(i0 * c), c, 1),
-                        Mat::new(v, 1, 3 * c),
-                        1.0,
-                        false,
-                    );
-                    // dS = P ⊙ (dP − Σ_j P dP), causal part only (the rest of the block row is 0).
-                    for i in i0..i1 {
-                        let prow = std::slice::from_raw_parts(p.add(i * t), i1);
-                        let drow = std::slice::from_raw_parts_mut(ds.add(i * t), i1);
-                        softmax_backward_row(&mut drow[..=i], &prow[..=i]);
-                        drow[i + 1..].fill(0.0);
+            for (member, &HeadTask { start, head, saved_offset, .. }) in group_tasks.iter().enumerate() {
+                // SAFETY: each task writes only the q columns of its group's query heads and the k
+                // and v columns of its key/value head, in the rows of its sequence (and its own
+                // scratch); offsets are in bounds by the length checks above.
+                unsafe {
+                    let columns = head_columns(layout, head);
+                    let (row, drow) = (qkv.as_ptr().add(start * width), dqkv_ptr.get().add(start * width));
+                    let [q, k, v] = columns.map(|col| row.add(col));
+                    let [dq, dk, dv] = columns.map(|col| drow.add(col));
+                    let p = saved.as_ptr().add(saved_offset);
+                    let dy = dout.as_ptr().add(start * q_width + head * hd);
+                    // Row blocks last to first: the first head's last block's dK, dV products cover
+                    // every key, so they overwrite, and everything after accumulates onto them.
+                    let blocks: Vec<usize> = (0..t).step_by(ATTN_BLOCK).collect();
+                    for (nth, &i0) in blocks.iter().rev().enumerate() {
+                        let i1 = (i0 + ATTN_BLOCK).min(t);
+                        let rows = i1 - i0;
+                        let overwrite = member == 0 && nth == 0;
+                        // dP[i0..i1, 0..i1] = dY Vᵀ
+                        gemm_f32(
+                            rows,
+                            i1,
+                            hd,
+                            ds.add(i0 * t),
+                            t,
+                            false,
+                            Mat::new(dy.add(i0 * q_width), q_width, 1),
+                            Mat::new(v, 1, width),
+                            1.0,
+                            false,
+                        );
+                        // dS = P ⊙ (dP − Σ_j P dP), causal part only (the rest of the block row is 0).
+                        for i in i0..i1 {
+                            let prow = std::slice::from_raw_parts(p.add(i * t), i1);
+                            let drow = std::slice::from_raw_parts_mut(ds.add(i * t), i1);
+                            softmax_backward_row(&mut drow[..=i], &prow[..=i]);
+                            drow[i + 1..].fill(0.0);
+                        }
+                        let ds_block = ds.add(i0 * t);
+                        // dQ[i0..i1] = scale · dS K
+                        gemm_f32(
+                            rows,
+                            hd,
+                            i1,
+                            dq.add(i0 * width),
+                            width,
+                            false,
+                            Mat::new(ds_block, t, 1),
+                            Mat::new(k, width, 1),
+                            scale,
+                            false,
+                        );
+                        // dK[0..i1] (+)= scale · dSᵀ Q[i0..i1]
+                        gemm_f32(
+                            i1,
+                            hd,
+                            rows,
+                            dk,
+                            width,
+                            !overwrite,
+                            Mat::new(ds_block, 1, t),
+                            Mat::new(q.add(i0 * width), width, 1),
+                            scale,
+                            false,
+                        );
+                        // dV[0..i1] (+)= Pᵀ dY[i0..i1]
+                        gemm_f32(
+                            i1,
+                            hd,
+                            rows,
+                            dv,
+                            width,
+                            !overwrite,
+                            Mat::new(p.add(i0 * t), 1, t),
+                            Mat::new(dy.add(i0 * q_width), q_width, 1),
+                            1.0,
+                            false,
+                        );
                     }
-                    let ds_block = ds.add(i0 * t);
-                    // dQ[i0..i1] = scale · dS K
-                    gemm_f32(
-                        rows,
-                        hd,
-                        i1,
-                        dq.add(i0 * 3 * c),
-                        3 * c,
-                        false,
-                        Mat::new(ds_block, t, 1),
-                        Mat::new(k, 3 * c, 1),
-                        scale,
-                        false,
-                    );
-                    // dK[0..i1] (+)= scale · dSᵀ Q[i0..i1]
-                    gemm_f32(
-                        i1,
-                        hd,
-                        rows,
-                        dk,
-                        3 * c,
-                        !first,
-                        Mat::new(ds_block, 1, t),
-                        Mat::new(q.add(i0 * 3 * c), 3 * c, 1),
-                        scale,
-                        false,
-                    );
-                    // dV[0..i1] (+)= Pᵀ dY[i0..i1]
-                    gemm_f32(
-                        i1,
-                        hd,
-                        rows,
-                        dv,
-                        3 * c,
-                        !first,
-                        Mat::new(p.add(i0 * t), 1, t),
-                        Mat::new(dy.add(i0 * c), c, 1),
-                        1.0,
-                        false,
-                    );
                 }
             }
         });
         Ok(())
     }
+}
+
+/// The first columns of query head `head` and of its key and value heads in a row of `qkv`.
+fn head_columns(layout: QkvLayout, head: usize) -> [usize; 3] {
+    let kv = layout.kv_head_of(head) * layout.head_dim;
+    [head * layout.head_dim, layout.k_offset() + kv, layout.v_offset() + kv]
 }
 
 #[cfg(test)]

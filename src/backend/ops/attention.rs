@@ -1,5 +1,6 @@
-//! Causal multi-head self-attention inside each sequence of a packed batch (kernels/attention.cu, CPU
-//! twin in cpu/attention.rs).
+//! Causal self-attention inside each sequence of a packed batch, multi-head or grouped-query
+//! (kernels/attention.cu, CPU twin in cpu/attention.rs), and the layout of the `qkv` tensor it
+//! reads ([`QkvLayout`]; RoPE rotates the same tensor in place first).
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
 //! backend runs first, so that the same mistake gives the same error everywhere.
@@ -9,22 +10,87 @@ use anyhow::Result;
 use crate::backend::Buffers;
 use crate::backend::Packing;
 
+/// The packed `qkv [n, width]` tensor the attention reads, with `n_kv_head` key/value heads shared
+/// by groups of `n_head / n_kv_head` query heads (grouped-query attention). Each token's row is
+///
+/// ```text
+/// [ q: n_head · head_dim | k: n_kv_head · head_dim | v: n_kv_head · head_dim ]
+/// ```
+///
+/// head `h` of q at column `h · head_dim`, head `g` of k at `k_offset() + g · head_dim`, of v at
+/// `v_offset() + g · head_dim`; query head `h` attends with key/value head
+/// `h / (n_head / n_kv_head)` (HF `repeat_kv`). It is the output of one product with the
+/// concatenated weight `[q_proj; k_proj; v_proj]`. With `n_kv_head = n_head` and
+/// `head_dim = c / n_head` it is GPT-2's `c_attn` output `[n, 3c]` ([`QkvLayout::mha`]). The q
+/// and k heads, the ones RoPE rotates, are the first `n_head + n_kv_head` heads of the row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvLayout {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+impl QkvLayout {
+    /// Multi-head attention over `c` channels: every query head has its own key/value head.
+    pub fn mha(n_head: usize, c: usize) -> Self {
+        Self { n_head, n_kv_head: n_head, head_dim: c / n_head.max(1) }
+    }
+    /// Columns of q (also the width of the attention's output).
+    pub fn q_width(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    /// Columns of k, and of v.
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+    /// Columns of a row: `q_width + 2 · kv_width`.
+    pub fn width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+    /// First column of k.
+    pub fn k_offset(&self) -> usize {
+        self.q_width()
+    }
+    /// First column of v.
+    pub fn v_offset(&self) -> usize {
+        self.q_width() + self.kv_width()
+    }
+    /// The heads RoPE rotates: the q heads, then the k heads (contiguous, from column 0).
+    pub fn rotated_heads(&self) -> usize {
+        self.n_head + self.n_kv_head
+    }
+    /// The key/value head query head `h` attends with.
+    pub fn kv_head_of(&self, h: usize) -> usize {
+        h / (self.n_head / self.n_kv_head)
+    }
+}
+
 pub trait AttentionOps: Buffers {
-    /// Length of the buffer `attention_forward` saves for the backward (backend-specific: the CPU
-    /// keeps the probabilities, `n_head · Σ T_s²`; a flash-style kernel keeps only `n_head · n` lse).
+    /// Length of the buffer `attention_forward` saves for the backward, for `n_head` query heads
+    /// (backend-specific: the CPU keeps the probabilities, `n_head · Σ T_s²`; a flash-style kernel
+    /// keeps only `n_head · n` lse).
     fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize;
-    /// Causal multi-head self-attention inside each sequence. `qkv [n, 3c]` holds q, k, v side by
-    /// side (HF `c_attn` output); writes `out [n, c]` (heads concatenated) and `saved`.
+    /// Causal self-attention inside each sequence, one query head at a time. `qkv [n, layout.width()]`
+    /// holds each token's q, k and v heads side by side ([`QkvLayout`]); query head `h` of token
+    /// `t` attends to the tokens `j ≤ t` of its own sequence through key/value head
+    /// `g = layout.kv_head_of(h)`, with `scale = 1 / √head_dim`:
+    ///
+    /// ```text
+    /// P_tj = softmax_j(scale · q_t,h · k_j,g)        out_t,h = Σ_j P_tj v_j,g
+    /// ```
+    ///
+    /// Writes `out [n, layout.q_width()]` (heads concatenated) and `saved` (`attention_saved_len`
+    /// with `layout.n_head`).
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
         saved: &mut Self::Buf,
         qkv: &Self::Buf,
         packing: &Packing<Self>,
-        n_head: usize,
-        c: usize,
+        layout: QkvLayout,
     ) -> Result<()>;
-    /// Overwrites `dqkv [n, 3c]`.
+    /// Overwrites `dqkv [n, layout.width()]`. The gradient of a key/value head shared by a group
+    /// of query heads is the sum over the group, formed in a fixed order (the same bits every run).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -34,25 +100,31 @@ pub trait AttentionOps: Buffers {
         out: &Self::Buf,
         saved: &Self::Buf,
         packing: &Packing<Self>,
-        n_head: usize,
-        c: usize,
+        layout: QkvLayout,
     ) -> Result<()>;
 }
 
 /// Argument checks, one per method, with its name and argument order (see `crate::backend::checks`).
 pub(crate) mod check {
-    #[allow(unused_imports)]
-    use anyhow::{bail, ensure, Result};
+    use anyhow::{ensure, Result};
 
-    #[allow(unused_imports)]
-    use crate::backend::checks::{check_ids, check_len, sequences, Sequences};
+    use super::QkvLayout;
+    use crate::backend::checks::{check_len, sequences, Sequences};
 
-    /// `n_head` divides `c`, and `cu_seqlens` is valid; returns the sequences and the token count.
-    fn attention_shape(op: &str, cu_seqlens: &[i32], n_head: usize, c: usize) -> Result<(Sequences, usize)> {
+    /// The heads and `head_dim` are positive, and `n_kv_head` divides `n_head`.
+    pub(crate) fn qkv_layout(op: &str, layout: QkvLayout) -> Result<()> {
+        let QkvLayout { n_head, n_kv_head, head_dim } = layout;
         ensure!(
-            n_head > 0 && c.is_multiple_of(n_head),
-            "{op}: c = {c} is not a positive multiple of n_head = {n_head}"
+            n_kv_head > 0 && n_head.is_multiple_of(n_kv_head) && n_head > 0,
+            "{op}: n_head = {n_head} is not a positive multiple of n_kv_head = {n_kv_head}"
         );
+        ensure!(head_dim > 0, "{op}: head_dim = {head_dim} must be positive");
+        Ok(())
+    }
+
+    /// A valid layout, and `cu_seqlens` is valid; returns the sequences and the token count.
+    fn attention_shape(op: &str, cu_seqlens: &[i32], layout: QkvLayout) -> Result<(Sequences, usize)> {
+        qkv_layout(op, layout)?;
         let n = cu_seqlens.last().map_or(0, |&last| last as usize);
         Ok((sequences(op, cu_seqlens, n)?, n))
     }
@@ -63,14 +135,13 @@ pub(crate) mod check {
         saved: usize,
         qkv: usize,
         cu_seqlens: &[i32],
-        n_head: usize,
-        c: usize,
+        layout: QkvLayout,
         saved_len: usize,
     ) -> Result<Sequences> {
         const OP: &str = "attention_forward";
-        let (seqs, n) = attention_shape(OP, cu_seqlens, n_head, c)?;
-        check_len(OP, "out", out, n * c)?;
-        check_len(OP, "qkv", qkv, n * 3 * c)?;
+        let (seqs, n) = attention_shape(OP, cu_seqlens, layout)?;
+        check_len(OP, "out", out, n * layout.q_width())?;
+        check_len(OP, "qkv", qkv, n * layout.width())?;
         check_len(OP, "saved", saved, saved_len)?;
         Ok(seqs)
     }
@@ -84,16 +155,15 @@ pub(crate) mod check {
         out: usize,
         saved: usize,
         cu_seqlens: &[i32],
-        n_head: usize,
-        c: usize,
+        layout: QkvLayout,
         saved_len: usize,
     ) -> Result<Sequences> {
         const OP: &str = "attention_backward";
-        let (seqs, n) = attention_shape(OP, cu_seqlens, n_head, c)?;
-        check_len(OP, "dqkv", dqkv, n * 3 * c)?;
-        check_len(OP, "dout", dout, n * c)?;
-        check_len(OP, "qkv", qkv, n * 3 * c)?;
-        check_len(OP, "out", out, n * c)?;
+        let (seqs, n) = attention_shape(OP, cu_seqlens, layout)?;
+        check_len(OP, "dqkv", dqkv, n * layout.width())?;
+        check_len(OP, "dout", dout, n * layout.q_width())?;
+        check_len(OP, "qkv", qkv, n * layout.width())?;
+        check_len(OP, "out", out, n * layout.q_width())?;
         check_len(OP, "saved", saved, saved_len)?;
         Ok(seqs)
     }

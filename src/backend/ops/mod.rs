@@ -16,7 +16,7 @@ pub mod rope;
 pub mod rows;
 pub mod swiglu;
 
-pub use attention::AttentionOps;
+pub use attention::{AttentionOps, QkvLayout};
 pub use embedding::EmbeddingOps;
 pub use grad_norm::GradNormOps;
 pub use layernorm::LayerNormOps;
@@ -26,6 +26,6 @@ pub use optimizer::OptimizerOps;
 pub use pointwise::PointwiseOps;
 pub use preference_loss::PreferenceLossOps;
 pub use rmsnorm::RmsNormOps;
-pub use rope::{rope_inverse_frequencies, QkvLayout, RopeOps, RopeScaling};
+pub use rope::{rope_inverse_frequencies, RopeOps, RopeScaling};
 pub use rows::RowOps;
 pub use swiglu::SwiGluOps;

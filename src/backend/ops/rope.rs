@@ -1,6 +1,6 @@
 //! Rotary position embeddings (RoPE), applied in place to the queries and keys of the packed `qkv`
-//! tensor, forward and backward (kernels/rope.cu, CPU twin in cpu/rope.rs); the layout of `qkv` with
-//! grouped-query attention ([`QkvLayout`]); and the frequency table, computed on the host
+//! tensor ([`QkvLayout`], defined with the attention that reads it), forward and backward
+//! (kernels/rope.cu, CPU twin in cpu/rope.rs); and the frequency table, computed on the host
 //! ([`rope_inverse_frequencies`]), so that every `rope_scaling` rule is a host-side change.
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
@@ -8,62 +8,8 @@
 
 use anyhow::{ensure, Result};
 
+pub use super::attention::QkvLayout;
 use crate::backend::Buffers;
-
-/// The packed `qkv [n, width]` tensor the attention reads, with `n_kv_head` key/value heads shared
-/// by groups of `n_head / n_kv_head` query heads (grouped-query attention). Each token's row is
-///
-/// ```text
-/// [ q: n_head · head_dim | k: n_kv_head · head_dim | v: n_kv_head · head_dim ]
-/// ```
-///
-/// head `h` of q at column `h · head_dim`, head `g` of k at `k_offset() + g · head_dim`, of v at
-/// `v_offset() + g · head_dim`; query head `h` attends with key/value head
-/// `h / (n_head / n_kv_head)` (HF `repeat_kv`). It is the output of one product with the
-/// concatenated weight `[q_proj; k_proj; v_proj]`. With `n_kv_head = n_head` and
-/// `head_dim = c / n_head` it is GPT-2's `c_attn` output `[n, 3c]` ([`QkvLayout::mha`]). The q
-/// and k heads, the ones RoPE rotates, are the first `n_head + n_kv_head` heads of the row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QkvLayout {
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-}
-
-impl QkvLayout {
-    /// Multi-head attention over `c` channels: every query head has its own key/value head.
-    pub fn mha(n_head: usize, c: usize) -> Self {
-        Self { n_head, n_kv_head: n_head, head_dim: c / n_head.max(1) }
-    }
-    /// Columns of q (also the width of the attention's output).
-    pub fn q_width(&self) -> usize {
-        self.n_head * self.head_dim
-    }
-    /// Columns of k, and of v.
-    pub fn kv_width(&self) -> usize {
-        self.n_kv_head * self.head_dim
-    }
-    /// Columns of a row: `q_width + 2 · kv_width`.
-    pub fn width(&self) -> usize {
-        self.q_width() + 2 * self.kv_width()
-    }
-    /// First column of k.
-    pub fn k_offset(&self) -> usize {
-        self.q_width()
-    }
-    /// First column of v.
-    pub fn v_offset(&self) -> usize {
-        self.q_width() + self.kv_width()
-    }
-    /// The heads RoPE rotates: the q heads, then the k heads (contiguous, from column 0).
-    pub fn rotated_heads(&self) -> usize {
-        self.n_head + self.n_kv_head
-    }
-    /// The key/value head query head `h` attends with.
-    pub fn kv_head_of(&self, h: usize) -> usize {
-        h / (self.n_head / self.n_kv_head)
-    }
-}
 
 /// How the inverse frequencies are derived from `rope_theta` (HF `config.rope_scaling`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -163,16 +109,13 @@ pub(crate) mod check {
     use anyhow::{ensure, Result};
 
     use super::QkvLayout;
-    use crate::backend::checks::check_len;
+    use crate::backend::checks::{check_len, qkv_layout};
 
-    /// The heads are positive, `n_kv_head` divides `n_head`, and `head_dim` is positive and even.
-    pub(crate) fn qkv_layout(op: &str, layout: QkvLayout) -> Result<()> {
-        let QkvLayout { n_head, n_kv_head, head_dim } = layout;
-        ensure!(
-            n_kv_head > 0 && n_head.is_multiple_of(n_kv_head) && n_head > 0,
-            "{op}: n_head = {n_head} is not a positive multiple of n_kv_head = {n_kv_head}"
-        );
-        ensure!(head_dim > 0 && head_dim.is_multiple_of(2), "{op}: head_dim = {head_dim} must be positive and even");
+    /// A valid layout (`qkv_layout`) whose `head_dim` is even: RoPE rotates channel pairs.
+    fn rotatable_layout(op: &str, layout: QkvLayout) -> Result<()> {
+        qkv_layout(op, layout)?;
+        let head_dim = layout.head_dim;
+        ensure!(head_dim.is_multiple_of(2), "{op}: head_dim = {head_dim} must be positive and even");
         Ok(())
     }
 
@@ -185,7 +128,7 @@ pub(crate) mod check {
         n: usize,
         layout: QkvLayout,
     ) -> Result<()> {
-        qkv_layout(op, layout)?;
+        rotatable_layout(op, layout)?;
         check_len(op, tensor, len, n * layout.width())?;
         check_len(op, "positions", positions.len(), n)?;
         check_len(op, "inv_freq", inv_freq, layout.head_dim / 2)?;
