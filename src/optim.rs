@@ -44,14 +44,17 @@ impl AdamWConfig {
     }
 }
 
-/// Whether the parameter called `name` (HF GPT-2 naming) gets weight decay: the matrices and the
-/// embeddings (`wte.weight`, `wpe.weight`, `h.N.attn.c_attn.weight`, …), i.e. names ending in
-/// `weight` that are not LayerNorm gains (`ln_1`, `ln_2`, `ln_f`). Biases and LayerNorm parameters
-/// are not decayed. This is the GPT-2 / nanoGPT convention (nanoGPT decays every tensor of rank
-/// ≥ 2, which for GPT-2 is exactly this set).
+/// Whether the parameter called `name` (as `DecoderConfig::parameter_shapes` names it) gets weight
+/// decay: the matrices and the embeddings (`wte.weight`, `h.N.attn.c_attn.weight`,
+/// `embed_tokens.weight`, `layers.N.self_attn.qkv_proj.weight`, `lm_head.weight`, …), i.e. names
+/// ending in `weight` that are not norm gains (GPT-2's `ln_1`, `ln_2`, `ln_f`; the Llama family's
+/// `input_layernorm`, `post_attention_layernorm`, `norm`). Biases and norm parameters are not
+/// decayed. This is the GPT-2 / nanoGPT convention (nanoGPT decays every tensor of rank ≥ 2, which
+/// for these models is exactly this set) and the `transformers` Trainer's (no decay for biases and
+/// norms).
 pub fn decays_weight(name: &str) -> bool {
-    let is_layernorm = name.split('.').any(|part| part.starts_with("ln_"));
-    name.ends_with("weight") && !is_layernorm
+    let is_norm = name.split('.').any(|part| part.starts_with("ln_") || part == "norm" || part.ends_with("layernorm"));
+    name.ends_with("weight") && !is_norm
 }
 
 /// One parameter tensor's AdamW state.

@@ -196,8 +196,7 @@ fn a_sharded_checkpoint_with_a_missing_shard_or_tensor_is_refused() {
     let weights = test_weights(&llama(), 13);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path();
-    checkpoint::save_dir_with(&weights, path, SaveOptions { max_shard_bytes: 4096, ..SaveOptions::default() })
-        .unwrap();
+    checkpoint::save_dir_with(&weights, path, SaveOptions { max_shard_bytes: 4096, ..SaveOptions::default() }).unwrap();
     let index_path = path.join("model.safetensors.index.json");
     let index = fs::read_to_string(&index_path).unwrap();
     let second = "model-00002-of-";

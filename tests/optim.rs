@@ -110,6 +110,13 @@ fn weight_decay_only_on_matrices_and_embeddings() {
     ] {
         assert!(!decays_weight(name), "{name} must not be decayed");
     }
+    // The Llama family: every norm gain exempt, every matrix (the head included) decayed.
+    let llama = DecoderConfig::llama(40, 16, 16, 2, 2, 1, 24);
+    let llama = DecoderConfig { tie_word_embeddings: false, qkv_bias: true, ..llama };
+    for (name, shape) in llama.parameter_shapes() {
+        let matrix = shape.len() == 2;
+        assert_eq!(decays_weight(&name), matrix, "{name} {shape:?}");
+    }
 }
 
 #[test]

@@ -12,9 +12,13 @@ use crate::config::{FieldError, Profile, RunConfig, SettingsArgs};
 pub struct BenchSettings;
 
 /// The settings `bench` takes besides `objective.*`.
-const BENCH_SETTINGS: [&str; 9] = [
+const BENCH_SETTINGS: [&str; 13] = [
     "seed",
     "device",
+    "model.arch",
+    "model.n_kv_head",
+    "model.intermediate_size",
+    "model.tie_word_embeddings",
     "model.n_layer",
     "model.n_embd",
     "model.n_head",

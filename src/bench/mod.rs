@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ModelConfig, OptimizerConfig, Profile, RunConfig};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
-use crate::model::DecoderConfig;
+use crate::model::{DecoderConfig, Family};
 
 pub use cli::{BenchArgs, BenchSettings};
 pub use report::{
@@ -52,9 +52,21 @@ pub use runner::{run_bench, StepRunner};
 /// What to benchmark: the model's shape, the batch's, the objective and how many steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BenchConfig {
+    /// The model family (`--model.arch`); reports written before it existed are GPT-2.
+    #[serde(default)]
+    pub arch: Family,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
+    /// Key/value heads of a Llama-family model (absent: `n_head`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<usize>,
+    /// MLP width (absent: the family's default, see `ModelConfig::intermediate_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
+    /// A Llama-family LM head tied to the token embedding.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tie_word_embeddings: bool,
     pub vocab_size: usize,
     pub n_positions: usize,
     /// Preference pairs per step; the policy sees `2 · pairs` sequences.
@@ -85,9 +97,13 @@ impl Default for BenchConfig {
     fn default() -> Self {
         let model = DecoderConfig::tiny();
         Self {
+            arch: model.family,
             n_layer: model.n_layer,
             n_embd: model.n_embd,
             n_head: model.n_head,
+            n_kv_head: None,
+            intermediate_size: None,
+            tie_word_embeddings: false,
             vocab_size: model.vocab_size,
             n_positions: model.n_positions,
             pairs: 8,
@@ -107,7 +123,7 @@ impl Default for BenchConfig {
 
 impl BenchConfig {
     pub fn model_config(&self) -> DecoderConfig {
-        DecoderConfig::gpt2(self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.n_head)
+        self.run_settings().model.random_shape(self.vocab_size)
     }
 
     /// The settings this benchmark shares with `train`: the random init's `[model]` shape, the
@@ -118,6 +134,10 @@ impl BenchConfig {
             seed: self.seed,
             device: self.device.parse().unwrap_or(defaults.device),
             model: ModelConfig {
+                arch: self.arch,
+                n_kv_head: self.n_kv_head,
+                intermediate_size: self.intermediate_size,
+                tie_word_embeddings: self.tie_word_embeddings,
                 n_layer: self.n_layer,
                 n_embd: self.n_embd,
                 n_head: self.n_head,
@@ -136,6 +156,10 @@ impl BenchConfig {
     pub fn from_settings(run: &RunConfig, pairs: usize, seq_len: usize, prompt_len: usize) -> Self {
         let defaults = Self::default();
         Self {
+            arch: run.model.arch,
+            n_kv_head: run.model.n_kv_head,
+            intermediate_size: run.model.intermediate_size,
+            tie_word_embeddings: run.model.tie_word_embeddings,
             n_layer: run.model.n_layer,
             n_embd: run.model.n_embd,
             n_head: run.model.n_head,
@@ -192,12 +216,18 @@ impl BenchConfig {
     }
 }
 
-/// Forward FLOPs of one sequence of `t` tokens: `2 · t · (12 L d² + d V)` for the matrix
-/// products (QKV, attention projection, the two MLP layers, the tied LM head) plus `2 L d t (t+1)`
-/// for causal attention (QKᵀ and AV over the `t (t+1) / 2` unmasked query-key pairs).
+/// Forward FLOPs of one sequence of `t` tokens: `2 · t · P` for the matrix products, `P` the
+/// weights they multiply by (per layer the q/k/v, output, MLP up and down projections; the LM head
+/// `d V`), plus `2 L q t (t+1)` for causal attention (QKᵀ and AV over the `t (t+1) / 2` unmasked
+/// query-key pairs, `q = n_head · head_dim`). For GPT-2 `P = 12 L d² + d V`.
 pub fn forward_flops_per_sequence(model: &DecoderConfig, t: usize) -> f64 {
-    let (l, d, v, t) = (model.n_layer as f64, model.n_embd as f64, model.vocab_size as f64, t as f64);
-    2.0 * t * (12.0 * l * d * d + d * v) + 2.0 * l * d * t * (t + 1.0)
+    let layout = model.qkv_layout();
+    let (d, f) = (model.n_embd as f64, model.intermediate_size as f64);
+    let (width, q) = (layout.width() as f64, layout.q_width() as f64);
+    let up = if model.family.is_gpt2() { f } else { 2.0 * f };
+    let (l, v, t) = (model.n_layer as f64, model.vocab_size as f64, t as f64);
+    let weights = l * (d * width + q * d + d * up + f * d) + d * v;
+    2.0 * t * weights + 2.0 * l * q * t * (t + 1.0)
 }
 
 /// Model FLOPs of one step: policy forward + backward (3× forward) on every sequence, plus the

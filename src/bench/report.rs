@@ -240,13 +240,17 @@ impl fmt::Display for BenchReport {
         let threads =
             if self.device.contains("thread") { String::new() } else { format!(" ({} threads)", self.threads) };
         writeln!(f, "{} on {}{threads}, {}", self.engine, self.device, objective_label(&c.objective))?;
+        let m = c.model_config();
+        let heads =
+            if m.n_kv_head == m.n_head { format!("{}", m.n_head) } else { format!("{}/{}kv", m.n_head, m.n_kv_head) };
         writeln!(
             f,
-            "model   L={} d={} heads={} vocab={}  ({:.3} M params)",
-            c.n_layer,
-            c.n_embd,
-            c.n_head,
-            c.vocab_size,
+            "model   {} L={} d={} heads={heads} mlp={} vocab={}  ({:.3} M params)",
+            m.family,
+            m.n_layer,
+            m.n_embd,
+            m.intermediate_size,
+            m.vocab_size,
             self.num_params as f64 / 1e6
         )?;
         writeln!(

@@ -71,10 +71,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 pub use crate::backend::DeviceKind;
+use crate::backend::RopeScaling;
 pub use crate::data::DEFAULT_TEMPLATE;
 use crate::data::{DataFormat, PairSelection};
 use crate::loss::Objective;
-use crate::model::DecoderConfig;
+use crate::model::{DecoderConfig, Family, Rope};
 pub use cli::{Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
 use settings::settings;
 
@@ -85,12 +86,31 @@ settings! {
         pub init: Option<PathBuf> = None,
         /// HF model directory of the frozen reference; absent: the policy's initial weights.
         pub reference: Option<PathBuf> = None,
+        /// Architecture of a random init: gpt2 | llama | mistral | qwen2 (ignored with `init`, whose
+        /// config.json says).
+        // Left out of the serialised form when GPT-2 (like every field added after the first
+        // release), so that configurations and trajectory hashes written before it are unchanged.
+        #[serde(skip_serializing_if = "Family::is_gpt2_ref")]
+        pub arch: Family = Family::Gpt2,
         /// Transformer blocks of a random init (ignored with `init`).
         pub n_layer: usize = 4,
         /// Width of a random init.
         pub n_embd: usize = 128,
         /// Attention heads of a random init.
         pub n_head: usize = 4,
+        /// Key/value heads of a random Llama-family init (grouped-query attention); absent: `n_head`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub n_kv_head: Option<usize> = None,
+        /// MLP width of a random init; absent: 4·n_embd (GPT-2), 8/3·n_embd rounded up to a multiple
+        /// of 8 (the Llama family's SwiGLU).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub intermediate_size: Option<usize> = None,
+        /// RoPE base of a random Llama-family init; absent: 10000.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub rope_theta: Option<f64> = None,
+        /// Tie the LM head to the token embedding in a random Llama-family init (GPT-2's always is).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        pub tie_word_embeddings: bool = false,
         /// Context length (position embeddings) of a random init.
         pub n_positions: usize = 512,
         /// Vocabulary of a random init; absent: the tokenizer's. A larger one (GPT-2's 50257) gives a
@@ -103,16 +123,24 @@ settings! {
 }
 
 impl ModelConfig {
-    /// The GPT-2 shape of a random init: `vocab_size` when set, else `tokenizer_vocab` (the
+    /// The shape of a random init: `vocab_size` when set, else `tokenizer_vocab` (the
     /// tokenizer's). The trainer checks every token id of the data fits the vocabulary.
     pub fn random_shape(&self, tokenizer_vocab: usize) -> DecoderConfig {
-        DecoderConfig::gpt2(
-            self.vocab_size.unwrap_or(tokenizer_vocab),
-            self.n_positions,
-            self.n_embd,
-            self.n_layer,
-            self.n_head,
-        )
+        let vocab = self.vocab_size.unwrap_or(tokenizer_vocab);
+        let (c, heads) = (self.n_embd, self.n_head);
+        if self.arch.is_gpt2() {
+            return DecoderConfig::gpt2(vocab, self.n_positions, c, self.n_layer, heads);
+        }
+        let mlp = self.intermediate_size.unwrap_or((8 * c).div_ceil(3).next_multiple_of(8));
+        let kv = self.n_kv_head.unwrap_or(heads);
+        let mut config = DecoderConfig::llama(vocab, self.n_positions, c, self.n_layer, heads, kv, mlp);
+        config.family = self.arch;
+        config.qkv_bias = self.arch == Family::Qwen2;
+        config.tie_word_embeddings = self.tie_word_embeddings;
+        if let Some(theta) = self.rope_theta {
+            config.rope = Some(Rope { theta, scaling: RopeScaling::Default });
+        }
+        config
     }
 }
 

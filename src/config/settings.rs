@@ -75,6 +75,7 @@ value_settings!(
     DeviceKind => Text,
     DataFormat => Text,
     PairSelection => Text,
+    crate::model::Family => Text,
 );
 
 /// An optional value is set like the value (and absent by default).

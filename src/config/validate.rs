@@ -44,6 +44,34 @@ impl RunConfig {
             let message = format!("must be a positive multiple of model.n_head ({}), got {}", m.n_head, m.n_embd);
             errs.add("model.n_embd", message);
         }
+        if m.arch.is_gpt2() {
+            for (field, set) in [
+                ("model.n_kv_head", m.n_kv_head.is_some()),
+                ("model.rope_theta", m.rope_theta.is_some()),
+                ("model.tie_word_embeddings", m.tie_word_embeddings),
+            ] {
+                if set {
+                    errs.add(field, "is a Llama-family setting; GPT-2 (model.arch = gpt2) has no such option");
+                }
+            }
+            if m.intermediate_size.is_some_and(|f| f != 4 * m.n_embd) {
+                errs.add("model.intermediate_size", "GPT-2's MLP is 4·n_embd wide");
+            }
+        } else {
+            let kv = m.n_kv_head.unwrap_or(m.n_head);
+            if kv == 0 || (m.n_head > 0 && !m.n_head.is_multiple_of(kv)) {
+                errs.add("model.n_kv_head", format!("must divide model.n_head ({}), got {kv}", m.n_head));
+            }
+            if m.n_head > 0 && !(m.n_embd / m.n_head).is_multiple_of(2) {
+                errs.add("model.n_embd", "n_embd / n_head must be even for RoPE");
+            }
+            if m.intermediate_size == Some(0) {
+                errs.add("model.intermediate_size", "must be at least 1");
+            }
+            if m.rope_theta.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+                errs.add("model.rope_theta", "must be a positive number");
+            }
+        }
         if let Some(v) = m.vocab_size {
             if !(2..=i32::MAX as usize).contains(&v) {
                 errs.add("model.vocab_size", format!("must be in 2..={} (token ids are i32), got {v}", i32::MAX));

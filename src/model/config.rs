@@ -18,11 +18,13 @@ use crate::backend::{QkvLayout, RopeScaling};
 
 /// A model family: which norm, positions, MLP, weight layout and biases the decoder uses, and the
 /// HF names of its tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     /// GPT-2: LayerNorm with bias, learned positions, GELU (tanh) MLP, biases everywhere, Conv1D
     /// weights `[in, out]`, LM head tied to the token embedding.
-    Decoder,
+    #[default]
+    Gpt2,
     /// Llama: RMSNorm, RoPE, SwiGLU MLP, no biases (unless `attention_bias` / `mlp_bias`),
     /// `nn.Linear` weights `[out, in]`, grouped-query attention, head tied or not.
     Llama,
@@ -33,12 +35,12 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 4] = [Family::Decoder, Family::Llama, Family::Mistral, Family::Qwen2];
+    pub const ALL: [Family; 4] = [Family::Gpt2, Family::Llama, Family::Mistral, Family::Qwen2];
 
     /// HF `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
-            Family::Decoder => "gpt2",
+            Family::Gpt2 => "gpt2",
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
@@ -48,7 +50,7 @@ impl Family {
     /// HF `architectures` entry of the causal-LM class.
     pub fn causal_lm_class(self) -> &'static str {
         match self {
-            Family::Decoder => "GPT2LMHeadModel",
+            Family::Gpt2 => "GPT2LMHeadModel",
             Family::Llama => "LlamaForCausalLM",
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
@@ -58,7 +60,7 @@ impl Family {
     /// The `architectures` entries whose weights this family reads (the causal LM, or its trunk).
     fn known_architectures(self) -> [&'static str; 2] {
         match self {
-            Family::Decoder => ["GPT2LMHeadModel", "GPT2Model"],
+            Family::Gpt2 => ["GPT2LMHeadModel", "GPT2Model"],
             Family::Llama => ["LlamaForCausalLM", "LlamaModel"],
             Family::Mistral => ["MistralForCausalLM", "MistralModel"],
             Family::Qwen2 => ["Qwen2ForCausalLM", "Qwen2Model"],
@@ -74,7 +76,12 @@ impl Family {
 
     /// GPT-2's blocks (LayerNorm, learned positions, GELU, Conv1D); else the Llama family's.
     pub fn is_gpt2(self) -> bool {
-        self == Family::Decoder
+        self == Family::Gpt2
+    }
+
+    /// [`Family::is_gpt2`] by reference (for serde's `skip_serializing_if`).
+    pub fn is_gpt2_ref(&self) -> bool {
+        self.is_gpt2()
     }
 }
 
@@ -141,7 +148,7 @@ impl DecoderConfig {
     /// A GPT-2 of the given sizes (`n_kv_head = n_head`, MLP 4·n_embd, eps 1e-5).
     pub fn gpt2(vocab_size: usize, n_positions: usize, n_embd: usize, n_layer: usize, n_head: usize) -> Self {
         Self {
-            family: Family::Decoder,
+            family: Family::Gpt2,
             vocab_size,
             n_positions,
             n_embd,

@@ -78,7 +78,7 @@ impl Params<Described> {
     pub(super) fn schema(config: &DecoderConfig) -> Self {
         let (v, c) = (config.vocab_size, config.n_embd);
         let (q, width, f) = (config.qkv_layout().q_width(), config.qkv_layout().width(), config.intermediate_size);
-        let gpt2 = config.family == Family::Decoder;
+        let gpt2 = config.family == Family::Gpt2;
         let block = |l: usize| {
             if gpt2 {
                 let h = format!("h.{l}");
