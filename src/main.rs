@@ -38,7 +38,7 @@ use safedpo::train::{self, evaluate_pairs, prepare_data, Resume, Task, TrainOpti
 use safedpo::with_backend;
 
 #[derive(Parser)]
-#[command(name = "safedpo", version, about = "SafeDPO and the DPO family on GPT-2 models")]
+#[command(name = "safedpo", version, about = "SafeDPO and the DPO family on GPT-2 and Llama-family models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -145,6 +145,9 @@ struct DemoArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceKind,
+    /// Model family: gpt2, or llama / mistral / qwen2 (a tiny model of that architecture).
+    #[arg(long, default_value = "gpt2", value_name = "FAMILY")]
+    arch: safedpo::model::Family,
     /// No progress bars or status lines (the summary table is still printed).
     #[arg(long)]
     quiet: bool,
@@ -211,6 +214,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: args.seed,
                 quiet: args.quiet,
                 progress: !args.quiet,
+                arch: args.arch,
             };
             let report = with_backend!(args.device, |backend| run_demo(backend, &opts))?;
             println!("\n{}", report.table);

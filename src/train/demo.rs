@@ -2,7 +2,8 @@
 //!
 //! 1. Builds the synthetic safety preference set, writes it as PKU-SafeRLHF JSONL and reads it back
 //!    through the real loader with selection `safedpo` (printing the T(D) counts).
-//! 2. SFTs a tiny byte-level GPT-2 on the safe responses (the held-out prompts excluded).
+//! 2. SFTs a tiny byte-level GPT-2 (or, with `--arch llama`, a tiny Llama-architecture model) on
+//!    the helpfulness-preferred responses (the held-out prompts excluded).
 //! 3. Runs SafeDPO with the SFT model as reference and initial policy, the reference log-probs
 //!    precomputed once.
 //! 4. Prints a before/after table (safe-preferred accuracy on held-out prompts, reward accuracy,
@@ -22,6 +23,7 @@ use crate::data::{
     load_pairs, split_holdout_by, synthetic_pku_rows, write_pku_jsonl, DataFormat, PairSelection, PkuRow,
 };
 use crate::loss::Objective;
+use crate::model::Family;
 
 /// How to run the demo.
 #[derive(Clone, Debug)]
@@ -32,11 +34,21 @@ pub struct DemoOptions {
     pub seed: u64,
     pub quiet: bool,
     pub progress: bool,
+    /// The model family: GPT-2 (the default demo), or a tiny Llama-architecture model (RMSNorm,
+    /// RoPE, SwiGLU, 4 query heads sharing 2 key/value heads, an untied head).
+    pub arch: Family,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self { out_dir: PathBuf::from("runs/demo"), quick: false, seed: 42, quiet: false, progress: true }
+        Self {
+            out_dir: PathBuf::from("runs/demo"),
+            quick: false,
+            seed: 42,
+            quiet: false,
+            progress: true,
+            arch: Family::Gpt2,
+        }
     }
 }
 
@@ -83,6 +95,10 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf, eval_data: PathBuf) -> (R
     sft.optimizer.grad_clip = 1.0;
     sft.optimizer.min_lr_ratio = 0.1;
     sft.intervals.checkpoint_every = 0;
+    sft.model.arch = opts.arch;
+    if !opts.arch.is_gpt2() {
+        sft.model.n_kv_head = Some(2);
+    }
     if opts.quick {
         (sft.model.n_layer, sft.model.n_embd, sft.model.n_head) = (1, 32, 2);
         sft.optimizer.lr = 3e-3;
