@@ -10,9 +10,10 @@ use common::reference::*;
 use common::*;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::prelude::*;
+use safedpo::backend::RopeScaling;
 use safedpo::backend::PAIR_METRICS;
 use safedpo::loss::{batch_loss, Objective, PairInput};
-use safedpo::model::{Decoder, DecoderConfig, DeviceBatch};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, Family, HostWeights, Rope};
 
 fn tiny_config() -> DecoderConfig {
     DecoderConfig::gpt2(37, 32, 16, 2, 2)
@@ -326,19 +327,17 @@ fn end_to_end_gradient_through_every_objective() {
 }
 
 /// The same model in Hugging Face `transformers` (f64, eager attention): the saved directory loads
-/// as `GPT2LMHeadModel`, and log-probs and every gradient agree. The script gets the raw prompt and
-/// response tokens and picks the response rows itself. Needs a Python with torch and transformers
-/// (`$PYTHON`, else `python3`), hence ignored by default:
+/// as the family's causal LM (`AutoModelForCausalLM`), and log-probs and every gradient agree. The
+/// script gets the raw prompt and response tokens and picks the response rows itself. Needs a
+/// Python with torch and transformers (`$PYTHON`, else `python3`), hence ignored by default:
 /// `PYTHON=/path/to/venv/bin/python cargo test --release --test model -- --ignored`.
 /// (tests/golden.rs holds the engine to committed `transformers` results without Python.)
-#[test]
-#[ignore = "needs a Python with torch and transformers ($PYTHON or python3)"]
-fn matches_transformers_gpt2lmheadmodel() {
+fn matches_transformers(config: DecoderConfig, seed: u64) {
     const SCRIPT: &str = r#"
 import json, sys, torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 d = sys.argv[1]
-model = GPT2LMHeadModel.from_pretrained(d, dtype=torch.float64, attn_implementation="eager")
+model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64, attn_implementation="eager")
 model.eval()
 batch = json.load(open(d + "/batch.json"))
 total, logps = 0.0, []
@@ -351,21 +350,20 @@ for seq, w in zip(batch["seqs"], batch["weights"]):
     logps.append(s.item())
     total = total + w * s
 total.backward()
-grads = {n.removeprefix("transformer."): p.grad.flatten().tolist() for n, p in model.named_parameters()}
+grads = {n: p.grad.flatten().tolist() for n, p in model.named_parameters()}
 json.dump({"logps": logps, "grads": grads}, open(d + "/out.json", "w"))
 model.to(torch.float32).save_pretrained(d + "/hf_f32")
 model.to(torch.bfloat16).save_pretrained(d + "/hf_bf16")
 "#;
-    let config = tiny_config();
-    let host = test_weights(&config, 26);
+    let host = test_weights(&config, seed);
     let backend = cpu();
     let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model.save(dir.path()).unwrap();
 
-    let seqs = sequences(27, &LENS, config.vocab_size);
+    let seqs = sequences(seed + 1, &LENS, config.vocab_size);
     let batch = pack(&seqs);
-    let weights = uniform(&mut rng(28), seqs.len(), -1.0, 1.0);
+    let weights = uniform(&mut rng(seed + 2), seqs.len(), -1.0, 1.0);
     let json_seqs: Vec<serde_json::Value> =
         seqs.iter().map(|s| serde_json::json!({"prompt": &s.prompt, "response": &s.response})).collect();
     let batch_json = serde_json::json!({"seqs": json_seqs, "weights": weights});
@@ -387,18 +385,68 @@ model.to(torch.bfloat16).save_pretrained(d + "/hf_bf16")
     let logps = model.forward(&dev).unwrap().clone();
     assert_close("log-probs vs transformers", &logps, &floats(&out["logps"]), 1e-5, 1e-5);
     model.backward(&dev, &backend.upload(&weights).unwrap()).unwrap();
+    // The gradients in HF's names and tensors (the fused projections split back).
+    let grads = HostWeights {
+        config: config.clone(),
+        tensors: config
+            .parameter_shapes()
+            .into_iter()
+            .zip(download_grads(&model))
+            .map(|((n, s), g)| (n, (s, g)))
+            .collect(),
+    };
     let hf_grads = out["grads"].as_object().unwrap();
-    assert_eq!(hf_grads.len(), config.parameter_shapes().len(), "transformers sees the same parameters (head tied)");
-    for ((name, _), grad) in config.parameter_shapes().iter().zip(download_grads(&model)) {
-        assert_close_scaled(&format!("d/d {name} vs transformers"), &grad, &floats(&hf_grads[name]), 1e-4);
+    let ours = grads.hf_tensors();
+    assert_eq!(hf_grads.len(), ours.len(), "transformers sees the same parameters (a tied head once)");
+    for (name, _, grad) in ours {
+        assert_close_scaled(&format!("d/d {name} vs transformers"), grad, &floats(&hf_grads[&name]), 1e-4);
     }
 
     // What `save_pretrained` writes reads back: exactly in f32, rounded to bf16 in bf16.
-    let hf_f32 = safedpo::model::checkpoint::load_dir(&dir.path().join("hf_f32")).unwrap();
+    let mut hf_f32 = safedpo::model::checkpoint::load_dir(&dir.path().join("hf_f32")).unwrap();
+    hf_f32.config.hf_extra = host.config.hf_extra.clone(); // token ids, versions: not the model
     assert_eq!(hf_f32, host);
     let hf_bf16 = safedpo::model::checkpoint::load_dir(&dir.path().join("hf_bf16")).unwrap();
     for (name, (_, data)) in &host.tensors {
         let rounded: Vec<f32> = data.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
         assert_eq!(hf_bf16.tensors[name].1, rounded, "{name} read from a bf16 save_pretrained");
     }
+}
+
+#[test]
+#[ignore = "needs a Python with torch and transformers ($PYTHON or python3)"]
+fn matches_transformers_gpt2lmheadmodel() {
+    matches_transformers(tiny_config(), 26);
+}
+
+/// Llama with GQA, llama3 RoPE and an untied head; Qwen2 with q/k/v biases, a tied head and
+/// linear RoPE; Mistral with one key/value head.
+#[test]
+#[ignore = "needs a Python with torch and transformers ($PYTHON or python3)"]
+fn matches_transformers_llama_family() {
+    let mut llama = DecoderConfig::llama(41, 32, 24, 2, 4, 2, 40);
+    llama.rope = Some(Rope {
+        theta: 5e5,
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8.0,
+        },
+    });
+    matches_transformers(llama, 30);
+    let qwen2 = DecoderConfig {
+        family: Family::Qwen2,
+        qkv_bias: true,
+        tie_word_embeddings: true,
+        rope: Some(Rope { theta: 1e4, scaling: RopeScaling::Linear { factor: 2.0 } }),
+        ..DecoderConfig::llama(37, 32, 16, 2, 4, 2, 24)
+    };
+    matches_transformers(qwen2, 31);
+    let mistral = DecoderConfig {
+        family: Family::Mistral,
+        sliding_window: Some(32),
+        ..DecoderConfig::llama(29, 32, 16, 1, 4, 1, 24)
+    };
+    matches_transformers(mistral, 32);
 }
