@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The PyTorch baseline of `safedpo bench`: the same DPO/SafeDPO training step with Hugging Face
-transformers' GPT2LMHeadModel, the same shapes, the same kind of synthetic data, the same JSON fields.
+transformers' GPT2LMHeadModel (or, with --model.arch, LlamaForCausalLM / MistralForCausalLM /
+Qwen2ForCausalLM), the same shapes, the same kind of synthetic data, the same JSON fields.
 
 One step: reference forward (no grad) → policy forward on chosen and rejected (one batch of 2P
 sequences, no padding: every sequence has the same length) → sequence log-probs of the response
@@ -31,9 +32,13 @@ import time
 SETTINGS = [
     ("seed", int, 0, "seeds the init and the synthetic tokens"),
     ("device", str, "cpu", "cpu, cuda or cuda:N"),
+    ("model.arch", str, "gpt2", "gpt2, llama, mistral or qwen2"),
     ("model.n_layer", int, 4, "transformer blocks"),
     ("model.n_embd", int, 128, "width"),
     ("model.n_head", int, 4, "attention heads"),
+    ("model.n_kv_head", int, 0, "key/value heads of the Llama family (0: n_head)"),
+    ("model.intermediate_size", int, 0, "MLP width (0: 4 n_embd for gpt2, 8/3 n_embd rounded up to 8 else)"),
+    ("model.tie_word_embeddings", lambda v: str(v).lower() in ("1", "true"), False, "tie a Llama-family head"),
     ("model.n_positions", int, 1024, "position embeddings (longest sequence)"),
     ("model.vocab_size", int, 512, "vocabulary"),
     ("objective.name", str, "dpo", "dpo (or sigmoid) or safedpo"),
@@ -83,16 +88,69 @@ def parse_args(argv=None):
         p.error(f"need 1 <= prompt_len ({a.prompt_len}) < seq_len ({a.seq_len}) <= n_positions ({a.n_positions})")
     if a.n_embd % a.n_head:
         p.error(f"--model.n_embd ({a.n_embd}) must be a multiple of --model.n_head ({a.n_head})")
+    if a.arch not in ("gpt2", "llama", "mistral", "qwen2"):
+        p.error(f"--model.arch {a.arch}: expected gpt2, llama, mistral or qwen2")
+    a.n_kv_head = a.n_kv_head or a.n_head
+    if not a.intermediate_size:
+        swiglu = -(-8 * a.n_embd // 3)  # ceil(8 d / 3)
+        a.intermediate_size = 4 * a.n_embd if a.arch == "gpt2" else (swiglu + 7) // 8 * 8
     return a
 
 
-def forward_flops_per_sequence(layers, d, vocab, t):
-    """The same count as src/bench.rs: matrix products (tied LM head included) + causal attention."""
-    return 2.0 * t * (12.0 * layers * d * d + d * vocab) + 2.0 * layers * d * t * (t + 1.0)
+def forward_flops_per_sequence(a, t):
+    """The same count as src/bench/mod.rs: the matrix products (per layer q/k/v, output, MLP up and
+    down; the LM head) + causal attention."""
+    d, f, hd = a.n_embd, a.intermediate_size, a.n_embd // a.n_head
+    q, kv = a.n_head * hd, a.n_kv_head * hd
+    up = f if a.arch == "gpt2" else 2 * f
+    weights = a.n_layer * (d * (q + 2 * kv) + q * d + d * up + f * d) + d * a.vocab_size
+    return 2.0 * t * weights + 2.0 * a.n_layer * q * t * (t + 1.0)
 
 
 def step_flops(a):
-    return 4.0 * 2 * a.pairs * forward_flops_per_sequence(a.n_layer, a.n_embd, a.vocab_size, a.seq_len)
+    return 4.0 * 2 * a.pairs * forward_flops_per_sequence(a, a.seq_len)
+
+
+def make_model(a):
+    """The model class and config of `safedpo bench`'s random init of this shape."""
+    import transformers as tf
+
+    if a.arch == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=a.vocab_size,
+            n_positions=a.n_positions,
+            n_embd=a.n_embd,
+            n_layer=a.n_layer,
+            n_head=a.n_head,
+            layer_norm_epsilon=1e-5,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            bos_token_id=a.vocab_size - 1,
+            eos_token_id=a.vocab_size - 1,
+        )
+        return tf.GPT2LMHeadModel, config
+    classes = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+    }
+    config_class, model_class = classes[a.arch]
+    config = config_class(
+        vocab_size=a.vocab_size,
+        hidden_size=a.n_embd,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.n_layer,
+        num_attention_heads=a.n_head,
+        num_key_value_heads=a.n_kv_head,
+        max_position_embeddings=a.n_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=a.tie_word_embeddings,
+        attention_dropout=0.0,
+    )
+    return model_class, config
 
 
 def peak_rss_bytes():
@@ -110,7 +168,6 @@ def main(argv=None):
     a = parse_args(argv)
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -118,22 +175,8 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
-    config = GPT2Config(
-        vocab_size=a.vocab_size,
-        n_positions=a.n_positions,
-        n_embd=a.n_embd,
-        n_layer=a.n_layer,
-        n_head=a.n_head,
-        layer_norm_epsilon=1e-5,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-        bos_token_id=a.vocab_size - 1,
-        eos_token_id=a.vocab_size - 1,
-    )
-    policy = GPT2LMHeadModel._from_config(config, attn_implementation=a.attn).to(device)
+    model_class, config = make_model(a)
+    policy = model_class._from_config(config, attn_implementation=a.attn).to(device)
     policy.train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     num_params = sum(p.numel() for p in policy.parameters())
@@ -245,7 +288,7 @@ def main(argv=None):
         vals = [s[1][name] for s in samples]
         return None if vals[0] is None else statistics.median(vals)
 
-    notes = [f"transformers GPT2LMHeadModel, attn_implementation={a.attn}, AdamW fused={fused}"]
+    notes = [f"transformers {model_class.__name__}, attn_implementation={a.attn}, AdamW fused={fused}"]
     if on_gpu:
         notes.append("bf16 autocast forwards, f32 log-softmax")
     if a.mode == "compile":
@@ -299,7 +342,10 @@ def main(argv=None):
     else:
         r = report
         print(f"{r['engine']} on {r['device']} ({r['threads']} threads), {a.objective}")
-        print(f"model   L={a.n_layer} d={a.n_embd} heads={a.n_head} vocab={a.vocab_size} ({num_params / 1e6:.3f} M params)")
+        print(
+            f"model   {a.arch} L={a.n_layer} d={a.n_embd} heads={a.n_head}/{a.n_kv_head}kv mlp={a.intermediate_size} "
+            f"vocab={a.vocab_size} ({num_params / 1e6:.3f} M params)"
+        )
         print(f"policy tokens/s   {r['tokens_per_s']:10.0f} (median step)  {r['tokens_per_s_best']:10.0f} (best step)")
         s = r["step_ms"]
         print(f"step time ms      median {s['median']:.2f}  mean {s['mean']:.2f}  min {s['min']:.2f}  max {s['max']:.2f}")
