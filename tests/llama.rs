@@ -187,7 +187,7 @@ fn bf16_saves_round_each_weight() {
 }
 
 fn load_error(dir: &std::path::Path) -> String {
-    format!("{:#}", checkpoint::load_dir(dir).err().expect("loading should fail"))
+    format!("{:#}", checkpoint::load_dir(dir).expect_err("loading should fail"))
 }
 
 /// A shard listed in the index but not on disk is named; so is a tensor no shard holds.

@@ -93,7 +93,7 @@ impl HostWeights {
     /// The tensors as HF stores them, in the model's order: each fused parameter split into its
     /// parts, each name as `save_pretrained` writes it (prefixed); the tied head is not stored.
     /// Also the names `named_parameters()` gives a `transformers` model.
-    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+    pub fn hf_tensors(&self) -> Vec<HfTensor<'_>> {
         let mut out = Vec::new();
         for (name, _) in self.config.parameter_shapes() {
             let (shape, data) = &self.tensors[&name];
@@ -290,6 +290,9 @@ fn read_f32_tensor(file: &SafeTensors<'_>, stored: &str, shape: &[usize]) -> Res
     Ok(data)
 }
 
+/// A tensor as HF stores it: its name in the file, its shape, its values.
+pub type HfTensor<'a> = (String, Vec<usize>, &'a [f32]);
+
 /// The storage type of saved weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SaveDtype {
@@ -354,9 +357,9 @@ pub fn save_dir_with(weights: &HostWeights, dir: &Path, options: SaveOptions) ->
     weights.validate()?;
     fs::create_dir_all(dir).with_context(|| format!("creating model directory {}", dir.display()))?;
     let tensors = weights.hf_tensors();
-    let bytes = |t: &(String, Vec<usize>, &[f32])| (t.2.len() * options.dtype.bytes_per_value()) as u64;
+    let bytes = |t: &HfTensor<'_>| (t.2.len() * options.dtype.bytes_per_value()) as u64;
     // Shards in the model's order, each filled until the next tensor would overflow it.
-    let mut shards: Vec<Vec<&(String, Vec<usize>, &[f32])>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<&HfTensor<'_>>> = vec![Vec::new()];
     let mut size = 0u64;
     for t in &tensors {
         let last = shards.last_mut().expect("one shard at least");
@@ -429,8 +432,8 @@ fn remove_files<'a>(dir: &Path, files: impl IntoIterator<Item = &'a str>) -> Res
 /// Streams the safetensors encoding of `tensors` into `out` without building the file in memory.
 /// The header is the `safetensors` crate's own serialisation (tensors sorted by name, padded with
 /// spaces to 8 bytes), so the bytes equal `safetensors::serialize`'s.
-fn write_safetensors(tensors: &[&(String, Vec<usize>, &[f32])], dtype: SaveDtype, out: &mut fs::File) -> Result<()> {
-    let mut named: Vec<&(String, Vec<usize>, &[f32])> = tensors.to_vec();
+fn write_safetensors(tensors: &[&HfTensor<'_>], dtype: SaveDtype, out: &mut fs::File) -> Result<()> {
+    let mut named: Vec<&HfTensor<'_>> = tensors.to_vec();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut infos = Vec::with_capacity(named.len());
     let mut offset = 0usize;
