@@ -28,7 +28,7 @@ use serde_json::json;
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
 use safedpo::config::{Generation, Resolved, RunConfig, SettingsArgs, Training};
-use safedpo::data::{load_tokenizer, Template};
+use safedpo::data::{load_tokenizer, sequence_format};
 use safedpo::model::Gpt2;
 use safedpo::train::demo::{run_demo, DemoOptions};
 use safedpo::train::generate::{generate, SamplingParams};
@@ -383,7 +383,8 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
             true => settings.config.data.template.clone(),
             false => trained_template(&args.model)?,
         };
-        Template::new(template).context("data.template")?.encode_prompt(tok.as_ref(), &args.prompt)
+        let format = sequence_format(&template, Some(&args.model)).context("data.template")?;
+        format.generation_prompt(tok.as_ref(), &args.prompt)?
     };
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0, got {}", args.temperature);
@@ -392,7 +393,7 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: settings.config.seed };
-    let new = generate(&mut model, &prompt, tok.eos_id(), args.max_new_tokens, &params)?;
+    let new = generate(&mut model, &prompt, &tok.stop_ids(), args.max_new_tokens, &params)?;
     println!("{}", tok.decode(&new));
     Ok(())
 }
