@@ -217,6 +217,49 @@ ENCODE_TEXTS = [
 ]
 
 
+# Jinja features Hugging Face chat templates use, each rendered by transformers' own environment on
+# JINJA_MESSAGES (with the special tokens JINJA_TOKENS), or failing (`raise_exception`).
+JINJA_MESSAGES = [
+    {"role": "system", "content": "  Be brief.  "},
+    {"role": "user", "content": "Hi 'there', \"you\"\n"},
+    {"role": "assistant", "content": "Hello!"},
+]
+JINJA_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+JINJA_CASES = {
+    "loop_controls": "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+    "{% if m.role == 'assistant' %}{% break %}{% endif %}[{{ m.content }}]{% endfor %}",
+    "python_methods": "{{ messages[0].content.strip() }}|{{ messages[0].content.lstrip() }}|"
+    "{{ messages[0].content.rstrip() }}|{{ messages[1].content.split(' ') }}|{{ 'ab'.upper() }}|"
+    "{{ messages[2].content.startswith('Hel') }}|{{ messages[2].content.endswith('?') }}|"
+    "{{ messages[2].content.replace('l', 'L') }}|{{ messages[0].get('role') }}|{{ messages[0].get('name', 'none') }}|"
+    "{% for k, v in messages[2].items() %}{{ k }}={{ v }};{% endfor %}|{{ messages[0]['content'] | trim }}",
+    "python_values": "{{ none }} {{ true }} {{ false }} {{ [1, 'a', none, true] }} {{ {'k': 'v', 'n': 2} }} "
+    "{{ 1.5 }} {{ 2 }} {{ \"it's\" }} {{ ['it\\'s'] }} {{ messages[0] }}",
+    "tojson": "{{ {'a': [1, 2.5, none, true, []], 'b': 'é\"\\n\\t<>&', 'c': {}} | tojson }}\n"
+    "{{ {'a': [1, {'x': 'y'}], 'b': 'é'} | tojson(indent=2) }}\n"
+    "{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}\n{{ 'é✓🙂' | tojson(ensure_ascii=true) }}\n"
+    "{{ [1, {'a': 2}] | tojson(separators=(',', ':')) }}\n{{ messages | tojson }}",
+    "namespace_and_tests": "{% set ns = namespace(found=false, n=0) %}{% for m in messages %}"
+    "{% if m.role == 'system' %}{% set ns.found = true %}{% endif %}{% set ns.n = ns.n + 1 %}{% endfor %}"
+    "{{ ns.found }} {{ ns.n }} {{ tools is none }} {{ documents is none }} {{ date_string is defined }} "
+    "{{ messages[0].content is string }} {{ messages | length }} {{ messages[1:] | length }} "
+    "{{ (messages | selectattr('role', 'equalto', 'user') | list | length) }} {{ messages[-1].role }} "
+    "{{ missing | default('fallback') }} {{ (messages | first).role }} {{ bos_token }}{{ eos_token }}{{ pad_token }}",
+    "generation_blocks": "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+    "{{ m.content }}{% endgeneration %}\n{%- generation -%}\n  {{ m.content | upper }}  \n{%- endgeneration -%}\n!"
+    "{% else %}<{{ m.role }}>{% endif %}{% endfor %}",
+    "whitespace": "{%- for m in messages %}\n    {%- if loop.first %}\n  first: {{ m.role }}\n    {% endif %}\n"
+    "    {% if not loop.last %}\n{{ m.role }},\n    {% else %}\n{{ m.role }}.\n    {% endif %}\n{% endfor %}\n"
+    "{% if add_generation_prompt %}\n  GEN\n{% endif %}\n",
+    "macros_and_strings": "{% macro show(m, sep=': ') %}{{ m.role | title }}{{ sep }}{{ m.content | trim }}"
+    "{% endmacro %}{% for m in messages %}{{ show(m) ~ ' / ' + m.role | capitalize }}"
+    "{{ '\\n' if not loop.last }}{% endfor %}{% set d = dict(a=1, b='x') %} {{ d.a }}{{ d['b'] }} "
+    "{{ messages | map(attribute='role') | join(',') }} {{ 'x' * 3 }} {{ 7 // 2 }} {{ 7 % 3 }} {{ -1 | abs }}",
+    "raise_exception": "{% if messages[0].role == 'system' %}{{ raise_exception('System roles are not supported') }}"
+    "{% endif %}never",
+}
+
+
 def train_bpe(pre_tokenizer, vocab_size, *, initial_alphabet=(), limit_alphabet=None, **model_args):
     """BPE vocabulary and merges trained on CORPUS (no special tokens)."""
     tok = Tokenizer(models.BPE(**model_args))
@@ -588,6 +631,23 @@ def family_expectations(directory, trl, warnings):
     return {"facts": facts, "encode": encode, "chat": chat, "text": text_rows}
 
 
+def jinja_expectations():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    cases = []
+    for name, source in JINJA_CASES.items():
+        case = {"name": name, "template": source, "add_generation_prompt": True}
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[JINJA_MESSAGES], chat_template=source, add_generation_prompt=True, **JINJA_TOKENS
+            )
+            case["rendered"] = rendered[0]
+        except Exception as error:  # the template's own failure (raise_exception)
+            case["error"] = str(error)
+        cases.append(case)
+    return {"messages": JINJA_MESSAGES, "special_tokens": JINJA_TOKENS, "cases": cases}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "tokenizers")
@@ -606,6 +666,7 @@ def main():
         },
         "text_template": TEXT_TEMPLATE,
         "families": {},
+        "jinja": jinja_expectations(),
     }
     for name, files in families().items():
         directory = args.out / name

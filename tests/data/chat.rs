@@ -108,3 +108,35 @@ fn fixture_text_template_pairs_match_trl_plain_text_rows() {
         }
     }
 }
+
+#[test]
+fn jinja_features_render_as_transformers_jinja2() {
+    let expected = expected();
+    let jinja = &expected["jinja"];
+    let tokens: Vec<(String, String)> = jinja["special_tokens"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, token)| (name.clone(), text(token).to_string()))
+        .collect();
+    let messages: Vec<(String, String)> = jinja["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (text(&m["role"]).to_string(), text(&m["content"]).to_string()))
+        .collect();
+    let messages: Vec<Message> = messages.iter().map(|(role, content)| Message { role, content }).collect();
+    for case in jinja["cases"].as_array().unwrap() {
+        let name = text(&case["name"]);
+        let template = ChatTemplate::new(text(&case["template"]), Path::new(name), &tokens).unwrap();
+        let rendered = template.render(&messages, case["add_generation_prompt"].as_bool().unwrap());
+        match (&case.get("rendered"), rendered) {
+            (Some(want), Ok(got)) => assert_eq!(got, text(want), "{name}"),
+            (None, Err(e)) => {
+                let message = format!("{e:#}");
+                assert!(message.contains(text(&case["error"])) && message.contains(name), "{name}: {message}");
+            }
+            (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+        }
+    }
+}
