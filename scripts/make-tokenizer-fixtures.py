@@ -14,6 +14,7 @@ are, with a `config.json` naming the model type (transformers picks the tokenize
 
 - llama2:  SentencePiece-style BPE with byte fallback (`<0x..>` tokens), the Llama-2 tokenizer.json
            pipeline (Prepend + Replace normalizer), `LlamaTokenizer`, a Llama-2-chat template;
+- llama2_legacy: the same with `legacy: true` (`▁` before every piece between special tokens);
 - mistral: the same tokenizer.json with model type `mistral` (transformers 5 then reads tokenizer.json
            as it is instead of rebuilding a `LlamaTokenizer`), a Mistral-instruct template in
            `chat_template.jinja` (the file transformers 5 writes);
@@ -439,6 +440,9 @@ def families():
         "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
         "config.json": model_config("llama", sp_json),
     }
+    # `legacy: true`: transformers' LlamaTokenizer puts `▁` before every piece between special tokens.
+    out["llama2_legacy"] = dict(out["llama2"])
+    out["llama2_legacy"]["tokenizer_config.json"] = {**out["llama2"]["tokenizer_config.json"], "legacy": True}
     out["mistral"] = {
         "tokenizer.json": sp_json,
         "tokenizer_config.json": {
