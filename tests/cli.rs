@@ -491,7 +491,7 @@ fn device_emu_from_the_command_line_matches_the_cpu() {
 /// model without a chat template is a clean error naming its files.
 #[test]
 fn chat_template_runs_through_sft_logps_and_generate() {
-    use safedpo::data::{load_tokenizer, TextTokenizer};
+    use safedpo::data::load_tokenizer;
     let dir = tempfile::tempdir().unwrap();
     let data = data_file(dir.path(), 24);
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/qwen2");

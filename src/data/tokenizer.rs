@@ -25,7 +25,9 @@ use serde_json::{json, Value};
 
 use super::tokenizer_config::TokenizerSettings;
 
-/// Text ↔ token ids. Encoding never adds special tokens; callers append EOS where a text ends.
+/// Text ↔ token ids. Encoding never adds special tokens (special-token text in the input, such as
+/// `<|eot_id|>`, still maps to its token, as in transformers); callers put [`TextTokenizer::bos_ids`]
+/// before a prompt and EOS where a text ends.
 pub trait TextTokenizer: Send + Sync {
     fn encode(&self, s: &str) -> Vec<i32>;
     /// Decodes ids to text; special tokens are left out and invalid byte sequences are replaced
@@ -170,8 +172,9 @@ fn post_processor_prefix(inner: &tokenizers::Tokenizer) -> Vec<i32> {
 }
 
 impl HfTokenizer {
-    /// Reads `tokenizer.json`. The EOS token is the first of `<|endoftext|>` (GPT-2), `</s>`,
-    /// `<|end_of_text|>`, `<eos>`, `<|eos|>`, `[SEP]` found in the vocabulary.
+    /// Reads `tokenizer.json` alone, as it is: BOS from its post-processor; the EOS token is the first
+    /// of `<|endoftext|>` (GPT-2), `</s>`, `<|end_of_text|>`, `<eos>`, `<|eos|>`, `[SEP]` found in the
+    /// vocabulary. [`HfTokenizer::from_model_dir`] also reads the files beside it.
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;

@@ -165,7 +165,7 @@ fn error_of<T>(result: anyhow::Result<T>) -> String {
 fn chat_template_errors_name_the_files() {
     let tokenizer = ("tokenizer.json", fixture_file("llama3", "tokenizer.json"));
     // No template anywhere: the error names both places looked at.
-    let bare = model_dir(&[tokenizer.clone()]);
+    let bare = model_dir(std::slice::from_ref(&tokenizer));
     let err = error_of(sequence_format(CHAT_TEMPLATE, Some(bare.path())));
     assert!(err.contains("no chat template") && err.contains("chat_template.jinja"), "{err}");
     assert!(err.contains("tokenizer_config.json") && err.contains(&bare.path().display().to_string()), "{err}");
@@ -226,7 +226,7 @@ fn eos_and_stop_tokens_come_from_the_model_files() {
         load_tokenizer(Some(dir.path())).map(|t| (t.eos_id(), t.stop_ids(), t.bos_ids().to_vec()))
     };
     // tokenizer.json alone: the candidates; BOS from the post-processor.
-    assert_eq!(load(&[tokenizer.clone()]).unwrap(), (end_of_text, vec![end_of_text], vec![bos]));
+    assert_eq!(load(std::slice::from_ref(&tokenizer)).unwrap(), (end_of_text, vec![end_of_text], vec![bos]));
     // generation_config.json: an id, or a list whose first is EOS and all of which stop generation.
     let generation = |ids: Value| ("generation_config.json", json!({"eos_token_id": ids}).to_string());
     assert_eq!(load(&[tokenizer.clone(), generation(json!(eot))]).unwrap().0, eot);
