@@ -124,8 +124,9 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Feed the prompt as is. Otherwise `--data.template` wraps it; when that is not set, the template
-    /// the model was trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
+    /// Feed the prompt as is (after the tokenizer's BOS, if it has one). Otherwise `--data.template`
+    /// wraps it (`chat`: the model's chat template); when that is not set, the template the model was
+    /// trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
     #[arg(long)]
     raw: bool,
     /// `seed` seeds the sampling.
@@ -377,7 +378,7 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
     let mut model =
         Gpt2::load_frozen(backend, &args.model).with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
-        tok.encode(&args.prompt)
+        [tok.bos_ids(), &tok.encode(&args.prompt)].concat()
     } else {
         let template = match settings.is_set("data.template") {
             true => settings.config.data.template.clone(),
