@@ -162,14 +162,11 @@ impl Template {
         prompt_ids: &[i32],
         response: &str,
     ) -> Vec<i32> {
-        let response = self.response_text(response);
-        let whole = tok.encode(&format!("{prompt_text}{response}"));
-        let mut ids = match whole.strip_prefix(prompt_ids) {
-            Some(rest) => rest.to_vec(),
-            None => tok.encode(&response),
-        };
-        ids.push(tok.eos_id());
-        ids
+        let whole = tok.encode(&format!("{prompt_text}{}", self.response_text(response)));
+        match whole.strip_prefix(prompt_ids) {
+            Some(rest) => [rest, &[tok.eos_id()]].concat(),
+            None => self.encode_response(tok, response),
+        }
     }
 }
 

@@ -264,6 +264,7 @@ fn gpt2_directories_keep_their_tokens_and_add_bos_token_needs_the_older_files() 
     let config = ("tokenizer_config.json", json!({"add_bos_token": true, "bos_token": "<|endoftext|>"}).to_string());
     // GPT-2's files as the Hub has them (generation_config.json names <|endoftext|>): as before.
     let generation = ("generation_config.json", json!({"bos_token_id": eos, "eos_token_id": eos}).to_string());
+    let older_dir = model_dir(&older);
     for files in [vec![json_file.clone()], vec![json_file.clone(), generation.clone()], older.to_vec()] {
         let dir = model_dir(&files);
         let tok = load_tokenizer(Some(dir.path())).unwrap();
@@ -282,6 +283,15 @@ fn gpt2_directories_keep_their_tokens_and_add_bos_token_needs_the_older_files() 
     let (prompt, [chosen, _]) = template.encode_pair(tok.as_ref(), "x", ["the cat", "on"]).unwrap();
     assert_eq!(prompt, [eos, vocab["x"] as i32, vocab[":"] as i32]);
     assert_eq!(chosen, [vocab["Ġthe"] as i32, vocab["Ġcat"] as i32, eos]);
+    // A template ending in a space that would merge into the response's first token: the prompt stays
+    // what generation starts from, and the response is tokenized on its own (as before).
+    let tok = load_tokenizer(Some(older_dir.path())).unwrap();
+    let template = Template::new("{prompt}: ").unwrap();
+    let (prompt, [chosen, _]) = template.encode_pair(tok.as_ref(), "x", ["the cat", "on"]).unwrap();
+    let id = |t: &str| vocab[t] as i32;
+    assert_eq!(prompt, [id("x"), id(":"), id("Ġ")]);
+    assert_eq!(chosen, [id("t"), id("he"), id("Ġcat"), eos]);
+    assert_eq!(tok.encode("x: the cat")[..3], [id("x"), id(":"), id("Ġthe")]);
 }
 
 #[test]
