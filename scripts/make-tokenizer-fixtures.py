@@ -215,6 +215,7 @@ ENCODE_TEXTS = [
     "a\nb\r\n\tc  \n\n d",
     "</s><s> <|eot_id|>x<|im_end|>\n",
     "trailing   ",
+    "cre\u0300me de\u0301ja\u0300\u00a0vu",  # decomposed accents (Qwen2's NFC composes them), a no-break space
 ]
 
 
