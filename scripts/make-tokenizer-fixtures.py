@@ -32,13 +32,19 @@ TRL is read, not imported (importing it needs accelerate, datasets and pyarrow):
 - text: the plain row our `{prompt}` template makes ({"prompt": template(prompt), "chosen": " " +
         response, ...}), through `add_eos` as TRL's non-conversational path does.
 
+Also in expected.json: `facts` (EOS, BOS, the generation config's EOS ids, the vocabulary size),
+`encode` (texts encoded with no special tokens added, and decoded with special tokens skipped), and
+`jinja` (small templates using the Jinja features Hugging Face templates use, rendered by transformers'
+own Jinja2 environment, or the error they raise).
+
 The committed files were made with transformers 5.25.0, tokenizers 0.23.3 and TRL 1.16.0; expected.json
-records the versions.
+records the versions. The script is deterministic: run again, it writes the same files.
 """
 
 import argparse
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import platform
@@ -683,6 +689,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import importlib.util
-
     main()
