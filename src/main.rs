@@ -28,7 +28,7 @@ use serde_json::json;
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
 use safedpo::config::{Generation, Resolved, RunConfig, SettingsArgs, Training};
-use safedpo::data::{load_tokenizer, Template};
+use safedpo::data::{load_tokenizer, sequence_format};
 use safedpo::model::Decoder;
 use safedpo::train::demo::{run_demo, DemoOptions};
 use safedpo::train::generate::{generate, SamplingParams};
@@ -124,8 +124,9 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Feed the prompt as is. Otherwise `--data.template` wraps it; when that is not set, the template
-    /// the model was trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
+    /// Feed the prompt as is (after the tokenizer's BOS, if it has one). Otherwise `--data.template`
+    /// wraps it (`chat`: the model's chat template); when that is not set, the template the model was
+    /// trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
     #[arg(long)]
     raw: bool,
     /// `seed` seeds the sampling.
@@ -381,13 +382,14 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
     let mut model = Decoder::load_frozen(backend, &args.model)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
-        tok.encode(&args.prompt)
+        [tok.bos_ids(), &tok.encode(&args.prompt)].concat()
     } else {
         let template = match settings.is_set("data.template") {
             true => settings.config.data.template.clone(),
             false => trained_template(&args.model)?,
         };
-        Template::new(template).context("data.template")?.encode_prompt(tok.as_ref(), &args.prompt)
+        let format = sequence_format(&template, Some(&args.model)).context("data.template")?;
+        format.generation_prompt(tok.as_ref(), &args.prompt)?
     };
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0, got {}", args.temperature);
@@ -396,7 +398,7 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: settings.config.seed };
-    let new = generate(&mut model, &prompt, tok.eos_id(), args.max_new_tokens, &params)?;
+    let new = generate(&mut model, &prompt, &tok.stop_ids(), args.max_new_tokens, &params)?;
     println!("{}", tok.decode(&new));
     Ok(())
 }

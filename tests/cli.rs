@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::data::{synthetic_pku_rows, write_pku_jsonl};
-use safedpo::model::{Decoder, DecoderConfig};
+use safedpo::model::{Decoder, DecoderConfig, Family};
 
 fn safedpo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().expect("running the safedpo binary")
@@ -482,4 +482,63 @@ fn device_emu_from_the_command_line_matches_the_cpu() {
     let greedy = generate("cpu", &[]);
     assert_eq!(greedy, generate("emu", &[]));
     assert_eq!(greedy, generate("cpu", &["--data.template", "U: {prompt} A:"]));
+}
+
+/// `--data.template chat` with a Qwen2-style tokenizer (tests/fixtures/tokenizers/qwen2): `sft` renders
+/// the model's chat template, the trained model keeps the tokenizer's files, `logps` shows the ChatML
+/// sequences, `generate` starts from the chat prompt (the trained model's template by default), and a
+/// model without a chat template is a clean error naming its files.
+#[test]
+fn chat_template_runs_through_sft_logps_and_generate() {
+    use safedpo::data::load_tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_file(dir.path(), 24);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/qwen2");
+    let tok = load_tokenizer(Some(&fixture)).unwrap();
+    // A tiny Qwen2 (q/k/v biases, two query heads on one key/value head) with the Qwen2 tokenizer.
+    let cfg = DecoderConfig {
+        family: Family::Qwen2,
+        qkv_bias: true,
+        ..DecoderConfig::llama(tok.vocab_size(), 256, 16, 1, 2, 1, 24)
+    };
+    let init = dir.path().join("qwen-tiny");
+    Decoder::random(Arc::new(CpuBackend::new()), cfg, 5).unwrap().save(&init).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        fs::copy(fixture.join(file), init.join(file)).unwrap();
+    }
+    let common = ["--data.path", p(&data), "--data.template", "chat", "--data.max_len", "256"];
+    let sft_dir = dir.path().join("sft");
+    let mut args = vec!["sft", "--out-dir", p(&sft_dir), "--model.init", p(&init), "--no-progress"];
+    args.extend(["--optimizer.total_steps", "2", "--batching.tokens_per_micro_batch", "1024"]);
+    args.extend(common);
+    ok(&args);
+    let trained = sft_dir.join("final");
+    for file in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(trained.join(file).is_file(), "{file} not copied");
+    }
+
+    let out = dir.path().join("logps.jsonl");
+    let mut args = vec!["logps", "--model", p(&trained), "--split", "all", "--out", p(&out)];
+    args.extend(common);
+    ok(&args);
+    let header = tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n");
+    let end_of_turn = tok.encode("<|im_end|>\n");
+    let lines = fs::read_to_string(&out).unwrap();
+    assert!(!lines.is_empty());
+    for line in lines.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ids: Vec<i32> = serde_json::from_value(row["chosen_ids"].clone()).unwrap();
+        assert!(ids.starts_with(&header) && ids.ends_with(&end_of_turn), "{}", tok.decode(&ids));
+    }
+
+    let generate = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", p(model), "--prompt", "How do I", "--max-new-tokens", "6"];
+        args.extend(extra);
+        ok(&args)
+    };
+    assert_eq!(generate(&trained, &[]), generate(&trained, &["--data.template", "chat"]));
+    generate(&init, &["--data.template", "chat"]);
+    let bytes_model = tiny_model(dir.path(), 4);
+    let err = user_error(&["generate", "--model", p(&bytes_model), "--prompt", "x", "--data.template", "chat"]);
+    assert!(err.contains("no chat template") && err.contains("tokenizer_config.json"), "{err}");
 }

@@ -28,7 +28,7 @@
 //! # eval_path = "data/test.jsonl"   # absent: hold out `eval_fraction` of `path`
 //! format = "auto"            # auto | pku-saferlhf | jsonl
 //! selection = "safedpo"      # better | safer | safedpo
-//! template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+//! template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # or "chat": the model's chat template
 //! max_len = 512
 //! eval_fraction = 0.05
 //! skip_invalid = false
@@ -155,7 +155,8 @@ settings! {
         pub format: DataFormat = DataFormat::Auto,
         /// better | safer | safedpo (the better pairs through T(D)).
         pub selection: PairSelection = PairSelection::SafeDpo,
-        /// Prompt template; `{prompt}` is replaced by the prompt.
+        /// Prompt template; `{prompt}` is replaced by the prompt. `chat`: the chat template of
+        /// model.init's directory (its tokenizer_config.json or chat_template.jinja), as TRL applies it.
         pub template: String = DEFAULT_TEMPLATE.to_string(),
         /// Longest sequence (prompt + response) in tokens; longer pairs are truncated.
         pub max_len: usize = 512,

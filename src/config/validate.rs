@@ -2,6 +2,7 @@
 //! failure naming its field.
 
 use super::{FieldError, RunConfig};
+use crate::data::CHAT_TEMPLATE;
 
 /// Collects failures.
 #[derive(Default)]
@@ -86,8 +87,12 @@ impl RunConfig {
             let message = format!("must be at least data.max_len ({}), got {}", d.max_len, self.model.n_positions);
             errs.add("model.n_positions", message);
         }
-        if d.template.matches("{prompt}").count() != 1 {
-            errs.add("data.template", format!("must contain `{{prompt}}` exactly once, got {:?}", d.template));
+        if d.template != CHAT_TEMPLATE && d.template.matches("{prompt}").count() != 1 {
+            let message = format!(
+                "must contain `{{prompt}}` exactly once, or be `{CHAT_TEMPLATE}` (the model's chat template), got {:?}",
+                d.template
+            );
+            errs.add("data.template", message);
         }
         if d.max_len < 2 {
             errs.add("data.max_len", format!("must be at least 2 tokens, got {}", d.max_len));

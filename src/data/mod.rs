@@ -5,21 +5,27 @@
 //! - [`load_pairs`] reads a JSONL file (PKU-SafeRLHF rows or generic `chosen`/`rejected` rows),
 //!   selects the pair orientation ([`PairSelection`]) and, for SafeDPO, applies T(D)
 //!   ([`safedpo_transform`]);
-//! - [`tokenize_pairs`] renders the prompt through a [`Template`], tokenizes prompt and responses with
-//!   a [`TextTokenizer`] and truncates to the model's context ([`Truncation`]);
+//! - [`tokenize_pairs`] renders the prompt through a [`SequenceFormat`] (a text [`Template`], or the
+//!   model's [`ChatTemplate`]), tokenizes prompt and responses with a [`TextTokenizer`] (a model
+//!   directory's, read as transformers reads it: [`load_tokenizer`]) and truncates to the model's
+//!   context ([`Truncation`]);
 //! - a [`Batcher`] shuffles the pairs per epoch and packs them, up to a token budget, into a
 //!   [`PreferenceBatch`] (or a [`PackedBatch`] for SFT).
 //!
 //! [`synthetic_safety_pairs`] is the demo's built-in dataset.
 
 mod batch;
+mod chat;
+mod jinja_python;
 mod load;
 pub mod pack;
 mod synthetic;
 mod tokenize;
 mod tokenizer;
+pub mod tokenizer_config;
 
 pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
+pub use chat::{common_prefix_len, ChatTemplate, Message};
 pub use load::{
     load_pairs, safedpo_transform, write_pairs_jsonl, write_pku_jsonl, DataFormat, LoadReport, PairSelection, PkuRow,
     TransformCounts,
@@ -27,10 +33,10 @@ pub use load::{
 pub use pack::{PackedBatch, PreferenceBatch};
 pub use synthetic::{split_holdout, split_holdout_by, synthetic_pku_rows, synthetic_safety_pairs};
 pub use tokenize::{
-    tokenize_pairs, tokenize_pairs_with, Template, TokenizedPair, Truncation, TruncationReport,
-    DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
+    sequence_format, tokenize_pairs, tokenize_pairs_with, SequenceFormat, Template, TokenizedPair, Truncation,
+    TruncationReport, CHAT_TEMPLATE, DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
 };
-pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer};
+pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
 
 use serde::{Deserialize, Serialize};
 

@@ -1,13 +1,22 @@
 //! Prompt templates, tokenization of pairs, and truncation to the model's context.
 //!
-//! A sequence is `template(prompt)` followed by the response and EOS:
+//! A pair becomes token ids through a [`SequenceFormat`]: a text [`Template`], or with
+//! `--data.template chat` the model's own chat template ([`ChatTemplate`]; see `chat` for how it
+//! renders and splits a pair, as TRL does).
+//!
+//! With a text template a sequence is BOS (when the tokenizer puts one before a text) +
+//! `template(prompt)` followed by the response and EOS:
 //! `BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:` + ` ` + response + EOS.
-//! The prompt and the response are tokenized separately, so the boundary between them (where the
-//! loss starts) is exact. The response is joined with one space, as in PKU/safe-rlhf ("ASSISTANT:"
-//! then the answer): the space belongs to the response text (`" Sure..."`), which is also how a
-//! GPT-2 byte-level BPE tokenizes the whole string ("Ġ" starts the first response token) and what a
-//! model generating after "ASSISTANT:" produces. No space is added when the template already ends in
-//! whitespace or the response starts with whitespace.
+//! The response is joined with one space, as in PKU/safe-rlhf ("ASSISTANT:" then the answer): the
+//! space belongs to the response text (`" Sure..."`), which is also how a GPT-2 byte-level BPE
+//! tokenizes the whole string ("Ġ" starts the first response token) and what a model generating after
+//! "ASSISTANT:" produces. No space is added when the template already ends in whitespace or the
+//! response starts with whitespace. The response's tokens are those that follow the prompt's in the
+//! tokenization of the whole text (as TRL splits a plain-text pair; it matters for SentencePiece
+//! tokenizers, which mark the start of a text with `▁`); when the prompt's tokens are not a prefix of
+//! the whole text's (the prompt's last token would merge with the response's first), the response is
+//! tokenized on its own, so that the prompt stays the one generation starts from. Either way the
+//! boundary between prompt and response (where the loss starts) is exact.
 //!
 //! Truncation (see [`Truncation`]): a pair's two sequences share the prompt and must each fit in
 //! `max_len` tokens. When the longer one does not, the prompt is cut from the left (its start is the
@@ -18,15 +27,67 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::chat::ChatTemplate;
 use super::{PreferencePair, TextTokenizer};
 
 /// The default template (PKU-SafeRLHF / safe-rlhf's conversation format).
 pub const DEFAULT_TEMPLATE: &str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:";
+
+/// The `data.template` value that renders the model's own chat template.
+pub const CHAT_TEMPLATE: &str = "chat";
+
+/// How a prompt and its responses become token ids.
+pub trait SequenceFormat: Send + Sync {
+    /// Fails when the format cannot be used.
+    fn check(&self) -> Result<()>;
+    /// The tokens generation starts from.
+    fn generation_prompt(&self, tok: &dyn TextTokenizer, prompt: &str) -> Result<Vec<i32>>;
+    /// The prompt's tokens and each response's (untruncated; a response ends with EOS or the
+    /// template's end of turn).
+    fn encode_pair(
+        &self,
+        tok: &dyn TextTokenizer,
+        prompt: &str,
+        responses: [&str; 2],
+    ) -> Result<(Vec<i32>, [Vec<i32>; 2])>;
+}
+
+/// The format `data.template` names: [`CHAT_TEMPLATE`] for the chat template of `model_dir`, else a
+/// text template with one `{prompt}`.
+pub fn sequence_format(template: &str, model_dir: Option<&Path>) -> Result<Box<dyn SequenceFormat>> {
+    if template != CHAT_TEMPLATE {
+        return Ok(Box::new(Template::new(template)?));
+    }
+    let dir = model_dir.ok_or_else(|| {
+        anyhow!("`{CHAT_TEMPLATE}` renders the chat template of the model directory (model.init), and there is none")
+    })?;
+    Ok(Box::new(ChatTemplate::from_model_dir(dir)?))
+}
+
+impl SequenceFormat for ChatTemplate {
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn generation_prompt(&self, tok: &dyn TextTokenizer, prompt: &str) -> Result<Vec<i32>> {
+        ChatTemplate::generation_prompt(self, tok, prompt)
+    }
+
+    fn encode_pair(
+        &self,
+        tok: &dyn TextTokenizer,
+        prompt: &str,
+        responses: [&str; 2],
+    ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
+        ChatTemplate::encode_pair(self, tok, prompt, responses)
+    }
+}
 
 /// The smallest number of prompt tokens truncation keeps (the whole prompt if shorter).
 pub const DEFAULT_MIN_PROMPT_TOKENS: usize = 8;
@@ -77,16 +138,59 @@ impl Template {
         }
     }
 
-    /// The prompt's tokens (what generation starts from).
+    /// The prompt's tokens (what generation starts from): the tokenizer's BOS, then the rendered
+    /// prompt.
     pub fn encode_prompt(&self, tok: &dyn TextTokenizer, prompt: &str) -> Vec<i32> {
-        tok.encode(&self.render(prompt))
+        let mut ids = tok.bos_ids().to_vec();
+        ids.extend(tok.encode(&self.render(prompt)));
+        ids
     }
 
-    /// A response's tokens followed by EOS (untruncated).
+    /// A response's tokens, tokenized on its own, followed by EOS (untruncated).
     pub fn encode_response(&self, tok: &dyn TextTokenizer, response: &str) -> Vec<i32> {
         let mut ids = tok.encode(&self.response_text(response));
         ids.push(tok.eos_id());
         ids
+    }
+
+    /// A response's tokens as they follow the prompt (see the module documentation), then EOS;
+    /// `prompt_text` is the rendered prompt and `prompt_ids` its tokens without BOS.
+    fn encode_continuation(
+        &self,
+        tok: &dyn TextTokenizer,
+        prompt_text: &str,
+        prompt_ids: &[i32],
+        response: &str,
+    ) -> Vec<i32> {
+        let whole = tok.encode(&format!("{prompt_text}{}", self.response_text(response)));
+        match whole.strip_prefix(prompt_ids) {
+            Some(rest) => [rest, &[tok.eos_id()]].concat(),
+            None => self.encode_response(tok, response),
+        }
+    }
+}
+
+impl SequenceFormat for Template {
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
+    fn generation_prompt(&self, tok: &dyn TextTokenizer, prompt: &str) -> Result<Vec<i32>> {
+        Ok(self.encode_prompt(tok, prompt))
+    }
+
+    fn encode_pair(
+        &self,
+        tok: &dyn TextTokenizer,
+        prompt: &str,
+        responses: [&str; 2],
+    ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
+        let text = self.render(prompt);
+        let body = tok.encode(&text);
+        let responses = responses.map(|r| self.encode_continuation(tok, &text, &body, r));
+        let mut ids = tok.bos_ids().to_vec();
+        ids.extend(body);
+        Ok((ids, responses))
     }
 }
 
@@ -178,13 +282,17 @@ enum Outcome {
     EmptyPrompt,
 }
 
-fn tokenize_one(pair: &PreferencePair, tok: &dyn TextTokenizer, template: &Template, limits: &Truncation) -> Outcome {
-    let mut prompt = template.encode_prompt(tok, &pair.prompt);
+fn tokenize_one(
+    pair: &PreferencePair,
+    tok: &dyn TextTokenizer,
+    format: &dyn SequenceFormat,
+    limits: &Truncation,
+) -> Result<Outcome> {
+    let (mut prompt, [mut chosen, mut rejected]) =
+        format.encode_pair(tok, &pair.prompt, [&pair.chosen, &pair.rejected])?;
     if prompt.is_empty() {
-        return Outcome::EmptyPrompt;
+        return Ok(Outcome::EmptyPrompt);
     }
-    let mut chosen = template.encode_response(tok, &pair.chosen);
-    let mut rejected = template.encode_response(tok, &pair.rejected);
     let longest = chosen.len().max(rejected.len());
     let (mut prompt_truncated, mut responses_truncated) = (false, 0);
     if prompt.len() + longest > limits.max_len {
@@ -196,7 +304,7 @@ fn tokenize_one(pair: &PreferencePair, tok: &dyn TextTokenizer, template: &Templ
         }
         let room = limits.max_len.saturating_sub(prompt.len());
         if room == 0 {
-            return Outcome::TooLong;
+            return Ok(Outcome::TooLong);
         }
         for response in [&mut chosen, &mut rejected] {
             if response.len() > room {
@@ -207,7 +315,7 @@ fn tokenize_one(pair: &PreferencePair, tok: &dyn TextTokenizer, template: &Templ
         }
     }
     if chosen == rejected {
-        return Outcome::Identical;
+        return Ok(Outcome::Identical);
     }
     let pair = TokenizedPair {
         prompt,
@@ -216,29 +324,34 @@ fn tokenize_one(pair: &PreferencePair, tok: &dyn TextTokenizer, template: &Templ
         chosen_unsafe: pair.chosen_unsafe,
         rejected_unsafe: pair.rejected_unsafe,
     };
-    Outcome::Kept { pair, prompt_truncated, responses_truncated }
+    Ok(Outcome::Kept { pair, prompt_truncated, responses_truncated })
 }
 
 /// Tokenizes pairs with the default minimum prompt length; see [`tokenize_pairs_with`].
 pub fn tokenize_pairs(
     pairs: &[PreferencePair],
     tok: &dyn TextTokenizer,
-    template: &Template,
+    template: &dyn SequenceFormat,
     max_len: usize,
 ) -> Result<(Vec<TokenizedPair>, TruncationReport)> {
     tokenize_pairs_with(pairs, tok, template, &Truncation::new(max_len))
 }
 
 /// Tokenizes pairs (in parallel, order preserved) and truncates them by the rules in the module
-/// documentation. Fails only on an invalid template.
+/// documentation. Fails on an invalid template, or a chat template that fails on a pair (the error
+/// names the pair's index).
 pub fn tokenize_pairs_with(
     pairs: &[PreferencePair],
     tok: &dyn TextTokenizer,
-    template: &Template,
+    template: &dyn SequenceFormat,
     limits: &Truncation,
 ) -> Result<(Vec<TokenizedPair>, TruncationReport)> {
-    template.validate()?;
-    let outcomes: Vec<Outcome> = pairs.par_iter().map(|p| tokenize_one(p, tok, template, limits)).collect();
+    template.check()?;
+    let outcomes: Vec<Outcome> = pairs
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| tokenize_one(p, tok, template, limits).with_context(|| format!("pair {i}")))
+        .collect::<Result<_>>()?;
     let mut report = TruncationReport { pairs_in: pairs.len(), ..Default::default() };
     let mut out = Vec::with_capacity(outcomes.len());
     for outcome in outcomes {

@@ -1,11 +1,33 @@
-//! Tokenizers: Hugging Face `tokenizer.json` (GPT-2 byte-level BPE and others) through the
-//! `tokenizers` crate, and a built-in byte tokenizer for tiny models and tests.
+//! Tokenizers: Hugging Face `tokenizer.json` (GPT-2 byte-level BPE, the Llama family's SentencePiece-style
+//! BPE with byte fallback and byte-level BPE with the Llama-3 / Qwen2 pre-tokenizer, added special
+//! tokens) through the `tokenizers` crate, and a built-in byte tokenizer for tiny models and tests.
+//!
+//! A model directory's tokenizer is read as transformers 5 reads it:
+//! - `tokenizer.json` as it is, except for the `LlamaTokenizer` class (Llama-2 and its like, named by
+//!   `tokenizer_config.json`), which transformers 5 rebuilds around the file's vocabulary and merges:
+//!   no normalizer, a `Metaspace` pre-tokenizer that puts `▁` before the first word of a text only
+//!   (`legacy: true`: before every piece between special tokens; `add_prefix_space: false`: never),
+//!   byte fallback. Not when `tokenizer.json` is byte-level, nor for Mistral's model types, which
+//!   transformers (without `mistral-common`) reads as the file says.
+//! - BOS: what `tokenizer.json`'s post-processor puts before a text (transformers ignores
+//!   `add_bos_token` when there is a `tokenizer.json`); with a `vocab.json` + `merges.txt` pair,
+//!   `add_bos_token` and `bos_token` from `tokenizer_config.json`.
+//! - EOS: `tokenizer_config.json`'s `eos_token` (a string or an `AddedToken` object: what
+//!   transformers calls `tokenizer.eos_token` and TRL appends to plain-text responses), else
+//!   `special_tokens_map.json`'s, else the first id of `generation_config.json`'s `eos_token_id`, else
+//!   the first of [`EOS_CANDIDATES`] in the vocabulary. Generation stops at EOS and at every id of
+//!   `generation_config.json`'s `eos_token_id` (Llama-3-Instruct ends turns with `<|eot_id|>`).
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
 
-/// Text ↔ token ids. Encoding never adds special tokens; callers append EOS where a text ends.
+use super::tokenizer_config::TokenizerSettings;
+
+/// Text ↔ token ids. Encoding never adds special tokens (special-token text in the input, such as
+/// `<|eot_id|>`, still maps to its token, as in transformers); callers put [`TextTokenizer::bos_ids`]
+/// before a prompt and EOS where a text ends.
 pub trait TextTokenizer: Send + Sync {
     fn encode(&self, s: &str) -> Vec<i32>;
     /// Decodes ids to text; special tokens are left out and invalid byte sequences are replaced
@@ -14,6 +36,16 @@ pub trait TextTokenizer: Send + Sync {
     fn eos_id(&self) -> i32;
     /// One more than the largest id `encode` or `eos_id` can return.
     fn vocab_size(&self) -> usize;
+    /// What the tokenizer puts before a text it encodes with special tokens (a BOS): a sequence carries
+    /// it once, at the start of its prompt.
+    fn bos_ids(&self) -> &[i32] {
+        &[]
+    }
+    /// The tokens generation stops at: EOS, and any other end-of-sequence token the model's generation
+    /// configuration names.
+    fn stop_ids(&self) -> Vec<i32> {
+        vec![self.eos_id()]
+    }
 }
 
 /// Bytes as tokens: ids 0..=255 are the UTF-8 bytes, 256 is BOS, 257 is EOS (vocabulary 258).
@@ -46,25 +78,103 @@ impl TextTokenizer for ByteTokenizer {
     }
 }
 
-/// End-of-sequence tokens looked for, in order, when a `tokenizer.json` names none explicitly.
-const EOS_CANDIDATES: [&str; 6] = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]"];
+/// End-of-sequence tokens looked for, in order, when nothing names one explicitly.
+pub const EOS_CANDIDATES: [&str; 6] = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]"];
 
-/// A Hugging Face tokenizer read from `tokenizer.json`.
+/// Model types whose `LlamaTokenizer` configurations transformers 5 reads as `tokenizer.json` says (it
+/// registers no tokenizer class of their own for them, or `mistral-common`'s).
+const AS_IS_MODEL_TYPES: [&str; 8] =
+    ["mistral", "mixtral", "ministral", "ministral3", "mistral3", "mistral_large4", "pixtral", "voxtral"];
+
+/// Where a tokenizer's BOS comes from: `tokenizer.json`'s post-processor, or `tokenizer_config.json`'s
+/// `add_bos_token` (without a `tokenizer.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BosSource {
+    PostProcessor,
+    AddBosToken,
+}
+
+/// A Hugging Face tokenizer read from `tokenizer.json` (or GPT-2's `vocab.json` + `merges.txt`).
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     eos_id: i32,
     vocab_size: usize,
+    bos_ids: Vec<i32>,
+    stop_ids: Vec<i32>,
 }
 
 impl std::fmt::Debug for HfTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HfTokenizer").field("eos_id", &self.eos_id).field("vocab_size", &self.vocab_size).finish()
+        f.debug_struct("HfTokenizer")
+            .field("eos_id", &self.eos_id)
+            .field("bos_ids", &self.bos_ids)
+            .field("stop_ids", &self.stop_ids)
+            .field("vocab_size", &self.vocab_size)
+            .finish()
+    }
+}
+
+/// The `LlamaTokenizer` pipeline transformers 5 builds around a `tokenizer.json`'s BPE vocabulary and
+/// merges (see the module documentation), as a change to the file's JSON.
+fn rebuild_as_llama_tokenizer(json: &mut Value, settings: &TokenizerSettings) {
+    let add_prefix_space = settings.add_prefix_space.unwrap_or(true);
+    let prepend_scheme = match (add_prefix_space, settings.legacy.unwrap_or(false)) {
+        (false, _) => "never",
+        (true, true) => "always",
+        (true, false) => "first",
+    };
+    json["normalizer"] = Value::Null;
+    json["pre_tokenizer"] =
+        json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend_scheme, "split": false});
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_prefix_space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json["decoder"] = json!({"type": "Sequence", "decoders": decoders});
+    let model = &mut json["model"];
+    for (key, value) in [
+        ("fuse_unk", json!(true)),
+        ("byte_fallback", json!(true)),
+        ("unk_token", Value::Null),
+        ("dropout", Value::Null),
+        ("continuing_subword_prefix", Value::Null),
+        ("end_of_word_suffix", Value::Null),
+        ("ignore_merges", json!(false)),
+    ] {
+        model[key] = value;
+    }
+}
+
+/// Whether transformers 5 rebuilds this `tokenizer.json` as a `LlamaTokenizer`.
+fn rebuilt_as_llama(text: &str, json: &Value, settings: &TokenizerSettings) -> bool {
+    settings.tokenizer_class.as_deref() == Some("LlamaTokenizer")
+        && json["model"]["type"] == "BPE"
+        && !text.contains("\"ByteLevel\"")
+        && !settings.model_type.as_deref().is_some_and(|t| AS_IS_MODEL_TYPES.contains(&t))
+}
+
+/// The ids the post-processor puts before a text (its BOS), found by encoding a probe with and
+/// without special tokens.
+fn post_processor_prefix(inner: &tokenizers::Tokenizer) -> Vec<i32> {
+    let probe = "a";
+    let (Ok(with), Ok(without)) = (inner.encode_fast(probe, true), inner.encode_fast(probe, false)) else {
+        return Vec::new();
+    };
+    let (with, without) = (with.get_ids(), without.get_ids());
+    match (0..=with.len().saturating_sub(without.len())).find(|&at| with[at..].starts_with(without)) {
+        Some(at) if !without.is_empty() => with[..at].iter().map(|&id| id as i32).collect(),
+        _ => Vec::new(),
     }
 }
 
 impl HfTokenizer {
-    /// Reads `tokenizer.json`. The EOS token is the first of `<|endoftext|>` (GPT-2), `</s>`,
-    /// `<|end_of_text|>`, `<eos>`, `<|eos|>`, `[SEP]` found in the vocabulary.
+    /// Reads `tokenizer.json` alone, as it is: BOS from its post-processor; the EOS token is the first
+    /// of `<|endoftext|>` (GPT-2), `</s>`, `<|end_of_text|>`, `<eos>`, `<|eos|>`, `[SEP]` found in the
+    /// vocabulary. [`HfTokenizer::from_model_dir`] also reads the files beside it.
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;
@@ -93,12 +203,90 @@ impl HfTokenizer {
         if vocab_size > i32::MAX as usize {
             bail!("vocabulary of {vocab_size} tokens does not fit i32 ids");
         }
-        Ok(HfTokenizer { inner, eos_id: eos as i32, vocab_size })
+        let bos_ids = post_processor_prefix(&inner);
+        Ok(HfTokenizer { inner, eos_id: eos as i32, vocab_size, bos_ids, stop_ids: vec![eos as i32] })
+    }
+
+    /// Reads a model directory's `tokenizer.json` with the settings beside it, as transformers 5
+    /// does (see the module documentation).
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let settings = TokenizerSettings::read(dir)?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: cannot read tokenizer: invalid JSON", path.display()))?;
+        if rebuilt_as_llama(&text, &json, &settings) {
+            rebuild_as_llama_tokenizer(&mut json, &settings);
+        }
+        let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&json)?)
+            .map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;
+        Self::with_settings(inner, &settings, BosSource::PostProcessor).with_context(|| format!("{}", dir.display()))
+    }
+
+    /// EOS, BOS and the stop ids from `settings` (see the module documentation).
+    fn with_settings(inner: tokenizers::Tokenizer, settings: &TokenizerSettings, bos: BosSource) -> Result<Self> {
+        let named = |name: &str| -> Result<Option<u32>> {
+            match settings.token(name) {
+                None => Ok(None),
+                Some(token) => inner.token_to_id(token).map(Some).ok_or_else(|| {
+                    anyhow!(
+                        "the {name} {token:?} of tokenizer_config.json (or special_tokens_map.json) is not in \
+                         the vocabulary"
+                    )
+                }),
+            }
+        };
+        let eos = match (named("eos_token")?, settings.generation_eos_ids.first()) {
+            (Some(id), _) | (None, Some(&id)) => id,
+            (None, None) => EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t)).ok_or_else(|| {
+                anyhow!(
+                    "no end-of-sequence token: no eos_token in tokenizer_config.json, no eos_token_id in \
+                     generation_config.json, and none of {} in the vocabulary",
+                    EOS_CANDIDATES.join(", ")
+                )
+            })?,
+        };
+        let config_bos = match (bos, settings.add_bos_token, named("bos_token")?) {
+            (BosSource::AddBosToken, Some(true), Some(id)) => vec![id as i32],
+            _ => Vec::new(),
+        };
+        let mut tok = Self::with_eos_id(inner, eos)?;
+        if bos == BosSource::AddBosToken {
+            tok.bos_ids = config_bos;
+        }
+        for &id in &settings.generation_eos_ids {
+            if id as usize >= tok.vocab_size {
+                bail!(
+                    "generation_config.json: eos_token_id {id} is outside the vocabulary ({} tokens)",
+                    tok.vocab_size
+                );
+            }
+            if !tok.stop_ids.contains(&(id as i32)) {
+                tok.stop_ids.push(id as i32);
+            }
+        }
+        Ok(tok)
     }
 
     /// A GPT-2 byte-level BPE tokenizer from the older `vocab.json` + `merges.txt` pair, EOS
     /// `<|endoftext|>`.
     pub fn from_gpt2_files(vocab: &Path, merges: &Path) -> Result<Self> {
+        Self::gpt2_tokenizer(vocab, merges).and_then(|inner| {
+            let eos = inner
+                .token_to_id("<|endoftext|>")
+                .ok_or_else(|| anyhow!("{}: no <|endoftext|> token", vocab.display()))?;
+            Self::with_eos_id(inner, eos).with_context(|| format!("{}", vocab.display()))
+        })
+    }
+
+    /// [`HfTokenizer::from_gpt2_files`] in a model directory, with the settings beside the files.
+    fn from_gpt2_dir(dir: &Path, vocab: &Path, merges: &Path) -> Result<Self> {
+        let settings = TokenizerSettings::read(dir)?;
+        let inner = Self::gpt2_tokenizer(vocab, merges)?;
+        Self::with_settings(inner, &settings, BosSource::AddBosToken).with_context(|| format!("{}", dir.display()))
+    }
+
+    fn gpt2_tokenizer(vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
         use tokenizers::decoders::byte_level::ByteLevel;
         let bpe = tokenizers::models::bpe::BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
             .build()
@@ -109,9 +297,7 @@ impl HfTokenizer {
         // GPT-2's vocab.json lists <|endoftext|> as a plain entry; make it special so that decoding
         // skips it and the text "<|endoftext|>" maps to the single id, as tokenizer.json does.
         inner.add_special_tokens(&[tokenizers::AddedToken::from("<|endoftext|>", true)]);
-        let eos =
-            inner.token_to_id("<|endoftext|>").ok_or_else(|| anyhow!("{}: no <|endoftext|> token", vocab.display()))?;
-        Self::with_eos_id(inner, eos).with_context(|| format!("{}", vocab.display()))
+        Ok(inner)
     }
 
     /// The wrapped `tokenizers` tokenizer.
@@ -146,20 +332,28 @@ impl TextTokenizer for HfTokenizer {
     fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+
+    fn bos_ids(&self) -> &[i32] {
+        &self.bos_ids
+    }
+
+    fn stop_ids(&self) -> Vec<i32> {
+        self.stop_ids.clone()
+    }
 }
 
 /// The tokenizer of a model directory: its `tokenizer.json` when there is one, else a GPT-2
-/// `vocab.json` + `merges.txt` pair, else the built-in [`ByteTokenizer`] (also when no directory is
-/// given). Callers should check that `vocab_size()` fits the model's vocabulary.
+/// `vocab.json` + `merges.txt` pair, each with the settings beside it (see the module documentation),
+/// else the built-in [`ByteTokenizer`] (also when no directory is given). Callers should check that
+/// `vocab_size()` fits the model's vocabulary.
 pub fn load_tokenizer(model_dir: Option<&Path>) -> Result<Box<dyn TextTokenizer>> {
     if let Some(dir) = model_dir {
-        let path = dir.join("tokenizer.json");
-        if path.is_file() {
-            return Ok(Box::new(HfTokenizer::from_file(&path)?));
+        if dir.join("tokenizer.json").is_file() {
+            return Ok(Box::new(HfTokenizer::from_model_dir(dir)?));
         }
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if vocab.is_file() && merges.is_file() {
-            return Ok(Box::new(HfTokenizer::from_gpt2_files(&vocab, &merges)?));
+            return Ok(Box::new(HfTokenizer::from_gpt2_dir(dir, &vocab, &merges)?));
         }
         if !dir.is_dir() {
             bail!("model directory {} does not exist", dir.display());

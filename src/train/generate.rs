@@ -1,5 +1,7 @@
 //! Text generation from a policy: greedy decoding, or temperature plus nucleus (top-p) sampling
-//! with a seeded RNG, stopping at EOS or after a token budget.
+//! with a seeded RNG, stopping at a stop token (EOS, or a chat model's end of turn) or after a token
+//! budget. The prompt's tokens come from the run's `SequenceFormat` (`data::sequence_format`): a text
+//! template, or the model's chat template with its generation prompt.
 
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
@@ -70,12 +72,12 @@ pub fn sample_next(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl 
     probs[kept - 1].0
 }
 
-/// Continues `prompt` token by token until `eos` is produced (not included in the result),
+/// Continues `prompt` token by token until one of `stop` is produced (not included in the result),
 /// `max_new_tokens` are generated, or the model's context is full. Returns the new tokens.
 pub fn generate<B: Backend>(
     model: &mut Decoder<B>,
     prompt: &[i32],
-    eos: i32,
+    stop: &[i32],
     max_new_tokens: usize,
     params: &SamplingParams,
 ) -> Result<Vec<i32>> {
@@ -92,7 +94,7 @@ pub fn generate<B: Backend>(
     while new.len() < max_new_tokens && ids.len() < context {
         let logits = model.last_logits(&ids)?;
         let next = sample_next(&logits, params.temperature, params.top_p, &mut rng) as i32;
-        if next == eos {
+        if stop.contains(&next) {
             break;
         }
         ids.push(next);

@@ -35,8 +35,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::{RunConfig, RunLength};
 use crate::data::{
-    self, load_pairs, load_tokenizer, preference_batch, sft_batch, split_holdout, tokenize_pairs, Batcher, Template,
-    TextTokenizer, TokenizedPair,
+    self, load_pairs, load_tokenizer, preference_batch, sequence_format, sft_batch, split_holdout, tokenize_pairs,
+    Batcher, TextTokenizer, TokenizedPair,
 };
 use crate::loss::Objective;
 use crate::model::decoder::random_weights;
@@ -153,9 +153,9 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
         }
         None => split_holdout(pairs, d.eval_fraction, cfg.seed),
     };
-    let template = Template::new(d.template.clone()).context("data.template")?;
-    let (mut train, train_rep) = tokenize_pairs(&train, tok, &template, d.max_len)?;
-    let (mut eval, eval_rep) = tokenize_pairs(&eval, tok, &template, d.max_len)?;
+    let format = sequence_format(&d.template, cfg.model.init.as_deref()).context("data.template")?;
+    let (mut train, train_rep) = tokenize_pairs(&train, tok, format.as_ref(), d.max_len)?;
+    let (mut eval, eval_rep) = tokenize_pairs(&eval, tok, format.as_ref(), d.max_len)?;
     report.push(format!("train: {train_rep}"));
     report.push(format!("eval: {eval_rep}"));
     if task == Task::Sft && d.sft_safe_only {
@@ -208,8 +208,15 @@ fn total_steps(cfg: &RunConfig, batcher: &Batcher, pairs: &[TokenizedPair], task
 const RUN_RNG_STREAM: u64 = 1 << 48;
 
 /// Files besides the weights that make a model directory usable (copied from the initial model).
-const TOKENIZER_FILES: [&str; 5] =
-    ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_FILES: [&str; 7] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
 
 fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {

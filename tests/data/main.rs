@@ -109,6 +109,7 @@ fn random_generic(rng: &mut ChaCha8Rng) -> (Value, PreferencePair) {
 }
 
 mod batch;
+mod chat;
 mod load;
 mod synthetic;
 mod tokenize;

@@ -96,7 +96,7 @@ fn gpt2_byte_chars() -> Vec<char> {
 }
 
 /// A tiny GPT-2-style vocabulary: the 256 byte symbols, a few merges, and `<|endoftext|>` last.
-fn tiny_gpt2_vocab() -> (BTreeMap<String, u32>, Vec<(String, String)>) {
+pub(super) fn tiny_gpt2_vocab() -> (BTreeMap<String, u32>, Vec<(String, String)>) {
     let byte_chars = gpt2_byte_chars();
     let mut vocab: BTreeMap<String, u32> = BTreeMap::new();
     for (b, c) in byte_chars.iter().enumerate() {
@@ -117,7 +117,7 @@ fn tiny_gpt2_vocab() -> (BTreeMap<String, u32>, Vec<(String, String)>) {
 }
 
 /// tokenizer.json as Hugging Face writes it for GPT-2 (merges as "a b" strings).
-fn gpt2_tokenizer_json(vocab: &BTreeMap<String, u32>, merges: &[(String, String)]) -> Value {
+pub(super) fn gpt2_tokenizer_json(vocab: &BTreeMap<String, u32>, merges: &[(String, String)]) -> Value {
     let eos = vocab["<|endoftext|>"];
     json!({
         "version": "1.0",
