@@ -5,8 +5,9 @@
 #   scripts/bench-compare.sh [--device cpu|cuda] [--objective.name dpo|safedpo] [--steps N] [--warmup N]
 #                            [--threads N] [--peak-flops F] [--no-compile] [--out DIR] [-- SHAPE FLAGS]
 #
-# SHAPE FLAGS go to both sides unchanged: safedpo bench's settings --model.n_layer --model.n_embd
-# --model.n_head --model.vocab_size --model.n_positions --objective.beta --objective.delta
+# SHAPE FLAGS go to both sides unchanged: safedpo bench's settings --model.arch --model.n_layer
+# --model.n_embd --model.n_head --model.n_kv_head --model.intermediate_size --model.tie_word_embeddings
+# --model.vocab_size --model.n_positions --objective.beta --objective.delta
 # --optimizer.lr --optimizer.grad_clip --seed (or --set KEY=VALUE), and --pairs --seq-len --prompt-len.
 # Needs python3 with torch and transformers.
 # Each run's JSON is kept in --out (default: a temporary directory, printed at the end).
@@ -26,7 +27,7 @@ while [[ $# -gt 0 ]]; do
         --no-compile) compile=0; shift ;;
         --out) out="$2"; shift 2 ;;
         --) shift; shape=("$@"); break ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "bench-compare: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
