@@ -219,6 +219,26 @@ impl DecoderConfig {
         config
     }
 
+    /// Whether `other` is the same architecture: every field but `hf_extra` (token ids, versions
+    /// and the other fields the engine does not read may differ between two models of one shape).
+    pub fn same_architecture(&self, other: &Self) -> bool {
+        let strip = |c: &Self| Self { hf_extra: Map::new(), ..c.clone() };
+        strip(self) == strip(other)
+    }
+
+    /// One line for logs: family, layers, width, heads (and key/value heads), MLP, vocabulary.
+    pub fn summary(&self) -> String {
+        let heads = if self.n_kv_head == self.n_head {
+            format!("{} heads", self.n_head)
+        } else {
+            format!("{} heads on {} key/value heads", self.n_head, self.n_kv_head)
+        };
+        format!(
+            "{} with {} layers, d={}, {heads} of {}, MLP {}, vocab {}",
+            self.family, self.n_layer, self.n_embd, self.head_dim, self.intermediate_size, self.vocab_size
+        )
+    }
+
     /// The layout of the attention's `qkv` rows.
     pub fn qkv_layout(&self) -> QkvLayout {
         QkvLayout { n_head: self.n_head, n_kv_head: self.n_kv_head, head_dim: self.head_dim }

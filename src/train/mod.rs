@@ -524,11 +524,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         cfg.data.max_len
     );
     console.note(format!(
-        "model: {} layers, d={}, {} heads, vocab {}, {:.2}M parameters; {} train / {} eval pairs",
-        policy.config().n_layer,
-        policy.config().n_embd,
-        policy.config().n_head,
-        vocab,
+        "model: {}, {:.2}M parameters; {} train / {} eval pairs",
+        policy.config().summary(),
         policy.num_params() as f64 / 1e6,
         data.train.len(),
         data.eval.len()
@@ -542,10 +539,10 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     } else {
         let ref_weights = load_reference_weights(cfg, vocab)?;
         ensure!(
-            &ref_weights.config == policy.config(),
-            "the reference model's shape {:?} differs from the policy's {:?}",
-            ref_weights.config,
-            policy.config()
+            ref_weights.config.same_architecture(policy.config()),
+            "the reference model ({}) differs from the policy ({})",
+            ref_weights.config.summary(),
+            policy.config().summary()
         );
         let mut ref_model = Decoder::from_host_frozen(backend.clone(), &ref_weights)?;
         let budget = cfg.batching.tokens_per_micro_batch;
