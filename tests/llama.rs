@@ -334,3 +334,16 @@ fn random_init_has_the_llama_statistics() {
         }
     }
 }
+
+/// Two models of one architecture may differ in the config fields the engine does not read (token
+/// ids, versions): a reference saved by another tool still pairs with the policy; a size does not.
+#[test]
+fn same_architecture_ignores_unread_config_fields_only() {
+    let a = llama();
+    let mut b = llama();
+    b.hf_extra.insert("bos_token_id".into(), 7.into());
+    assert!(a.same_architecture(&b) && a != b);
+    let c = DecoderConfig { n_kv_head: 4, ..llama() };
+    assert!(!a.same_architecture(&c));
+    assert!(a.summary().contains("llama") && a.summary().contains("4 heads on 2 key/value heads"), "{}", a.summary());
+}
