@@ -402,16 +402,65 @@ fn chunked_head_is_bit_identical_at_gpt2_width_and_vocabulary_on_the_cpu() {
 }
 
 #[test]
-fn only_a_frozen_model_takes_a_head_chunk_size() {
+fn a_head_chunk_has_at_least_one_row() {
     let backend = Arc::new(CpuBackend::new());
     let w = test_weights(&config(1), 33);
     let mut trainable = Decoder::from_host(backend.clone(), &w).unwrap();
-    let msg = message(trainable.set_head_chunk_rows(64));
-    assert!(msg.contains("frozen"), "{msg}");
+    assert_eq!(trainable.head_chunk_rows(), usize::MAX, "a trainable model runs its head whole by default");
+    assert!(message(trainable.set_head_chunk_rows(0)).contains("at least one row"));
     let mut frozen = Decoder::from_host_frozen(backend, &w).unwrap();
     assert!(message(frozen.set_head_chunk_rows(0)).contains("at least one row"));
     frozen.set_head_chunk_rows(64).unwrap();
     assert_eq!(frozen.head_chunk_rows(), 64);
+}
+
+/// A trainable model with a chunked head (its backward recomputes each chunk's logits) against the
+/// whole head: the log-probs bit for bit, every gradient within f32 summation-order noise (the
+/// head's weight gradient adds its chunks in another order), for every batch shape and chunk size,
+/// with one chunked model throughout (chunk plans replaced, head buffers resized). Two steps each,
+/// so that gradients accumulate across chunked backwards.
+fn trainable_chunked_head_matches_whole_head<B: Backend>(backend: Arc<B>, what: &str, rtol: f64) {
+    let cfg = config(2);
+    let w = test_weights(&cfg, 37);
+    let mut chunked = Decoder::from_host(backend.clone(), &w).unwrap();
+    for (i, lens) in CHUNK_SHAPES.iter().enumerate() {
+        let packed = batch(70 + i as u64, lens, cfg.vocab_size);
+        let dev = DeviceBatch::upload(&*backend, &packed).unwrap();
+        let dseq = backend.upload(&uniform(&mut rng(80 + i as u64), dev.num_seqs(), -1.0, 1.0)).unwrap();
+        let run = |model: &mut Decoder<B>| {
+            model.zero_grad().unwrap();
+            let mut logps = Vec::new();
+            for _ in 0..2 {
+                logps = backend.download(model.forward(&dev).unwrap()).unwrap();
+                model.backward(&dev, &dseq).unwrap();
+            }
+            let grads: Vec<Vec<f32>> =
+                model.grads().unwrap().into_iter().map(|g| backend.download(g).unwrap()).collect();
+            (logps, grads)
+        };
+        let mut whole = Decoder::from_host(backend.clone(), &w).unwrap();
+        let (want_logps, want_grads) = run(&mut whole);
+        for rows in [1, 7, 20, 33, 60] {
+            chunked.set_head_chunk_rows(rows).unwrap();
+            let (logps, grads) = run(&mut chunked);
+            let label = format!("{what}: batch {i}, {rows}-row chunks");
+            assert_bitwise_eq(&format!("{label}: log-probs"), &logps, &want_logps);
+            for ((name, _), (got, want)) in cfg.parameter_shapes().iter().zip(grads.iter().zip(&want_grads)) {
+                assert_close_scaled(&format!("{label}: d/d {name}"), got, &to_f64(want), rtol);
+            }
+        }
+    }
+}
+
+#[test]
+fn trainable_chunked_head_matches_whole_head_cpu() {
+    trainable_chunked_head_matches_whole_head(Arc::new(CpuBackend::new()), "cpu", 1e-5);
+}
+
+#[test]
+fn trainable_chunked_head_matches_whole_head_emulated_device() {
+    let backend = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::F32));
+    trainable_chunked_head_matches_whole_head(backend, "emu f32", 1e-5);
 }
 
 /// The frozen model (weights without masters, chunked head) against the trainable one on a CUDA

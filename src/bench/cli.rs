@@ -12,7 +12,7 @@ use crate::config::{FieldError, Profile, RunConfig, SettingsArgs};
 pub struct BenchSettings;
 
 /// The settings `bench` takes besides `objective.*`.
-const BENCH_SETTINGS: [&str; 13] = [
+const BENCH_SETTINGS: [&str; 14] = [
     "seed",
     "device",
     "model.arch",
@@ -26,6 +26,7 @@ const BENCH_SETTINGS: [&str; 13] = [
     "model.vocab_size",
     "optimizer.lr",
     "optimizer.grad_clip",
+    "batching.head_chunk_rows",
 ];
 
 impl Profile for BenchSettings {
@@ -47,6 +48,9 @@ impl Profile for BenchSettings {
         cfg.check_model_shape(&mut errs);
         cfg.check_objective(&mut errs);
         cfg.check_optimizer(&mut errs);
+        if cfg.batching.head_chunk_rows == Some(0) {
+            errs.add("batching.head_chunk_rows", "must be at least 1");
+        }
         errs.0
     }
 }

@@ -37,7 +37,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ModelConfig, OptimizerConfig, Profile, RunConfig};
+use crate::config::{BatchingConfig, ModelConfig, OptimizerConfig, Profile, RunConfig};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family};
@@ -75,6 +75,9 @@ pub struct BenchConfig {
     pub seq_len: usize,
     /// Prompt tokens at the start of each sequence (no loss on them); the response is the rest.
     pub prompt_len: usize,
+    /// `batching.head_chunk_rows`: LM head rows computed at once (absent: the trainer's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_chunk_rows: Option<usize>,
     pub objective: Objective,
     /// Untimed steps first (allocation, caches, lazy initialisation).
     pub warmup_steps: usize,
@@ -109,6 +112,7 @@ impl Default for BenchConfig {
             pairs: 8,
             seq_len: 128,
             prompt_len: 32,
+            head_chunk_rows: None,
             objective: Objective::default_for("dpo").expect("dpo is an objective"),
             warmup_steps: 3,
             steps: 10,
@@ -147,6 +151,7 @@ impl BenchConfig {
             },
             objective: self.objective.clone(),
             optimizer: OptimizerConfig { lr: self.lr, grad_clip: self.max_grad_norm, ..defaults.optimizer },
+            batching: BatchingConfig { head_chunk_rows: self.head_chunk_rows, ..defaults.batching },
             ..defaults
         }
     }
@@ -168,6 +173,7 @@ impl BenchConfig {
             pairs,
             seq_len,
             prompt_len,
+            head_chunk_rows: run.batching.head_chunk_rows,
             objective: run.objective.clone(),
             seed: run.seed,
             lr: run.optimizer.lr,

@@ -37,9 +37,16 @@ impl<B: Backend> StepRunner<B> {
         cfg.validate()?;
         let weights = random_weights(cfg.model_config(), cfg.seed)?;
         let mut policy = Decoder::from_host(backend.clone(), &weights).context("building the policy")?;
+        if let Some(rows) = cfg.head_chunk_rows {
+            policy.set_head_chunk_rows(rows)?;
+        }
         // Inference only, as the trainer's: no gradients, two layers of activations.
         let reference = if cfg.objective.uses_reference() {
-            let model = Decoder::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
+            let mut model =
+                Decoder::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
+            if let Some(rows) = cfg.head_chunk_rows {
+                model.set_head_chunk_rows(rows)?;
+            }
             Reference::Model(Box::new(model))
         } else {
             Reference::Free

@@ -203,6 +203,12 @@ settings! {
         pub tokens_per_micro_batch: usize = 8192,
         /// Micro-batches per optimizer step.
         pub grad_accum: usize = 1,
+        /// LM head rows computed at once, by the policy and the reference: logits of `[rows, V]`
+        /// instead of the whole micro-batch's; the policy's backward then recomputes each chunk's
+        /// logits (one more head product per step). Absent: the policy's head runs whole, the
+        /// reference's in chunks of 2048 rows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub head_chunk_rows: Option<usize> = None,
     }
 }
 

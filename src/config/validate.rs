@@ -161,6 +161,9 @@ impl RunConfig {
             );
             errs.add("batching.tokens_per_micro_batch", message);
         }
+        if b.head_chunk_rows == Some(0) {
+            errs.add("batching.head_chunk_rows", "must be at least 1");
+        }
         if b.grad_accum == 0 {
             errs.add("batching.grad_accum", "must be at least 1");
         }

@@ -33,6 +33,14 @@
 //! would hold 1.2 GB). Each sequence's log-prob is still one `sequence_logp_sum` over the same rows,
 //! so it is unchanged bit for bit.
 //!
+//! A trainable model runs its head whole by default: the backward turns the kept logits into their
+//! gradient in place. Given a chunk size, it runs the head in chunks too and keeps no logits; its
+//! backward then recomputes each chunk's logits (the same rows through the same ops, so the same
+//! bits), turns them into their gradient, and adds the chunk's share to the head's weight gradient
+//! and to the trunk's (Liger-Kernel's trade: one more head product for `[chunk, V]` instead of
+//! `[M, V]` of logits). The log-probs are bit-identical either way; the weight gradient sums its
+//! chunks in another order.
+//!
 //! [`FROZEN_HEAD_CHUNK_ROWS`]: super::FROZEN_HEAD_CHUNK_ROWS
 //! [`Family`]: super::Family
 
@@ -69,8 +77,12 @@ pub struct Decoder<B: Backend> {
     pub(super) seq_logp: B::Buf,
     /// (tokens, sequences) of the last forward whose activations and logits a backward may use.
     pub(super) pending_backward: Option<(usize, usize)>,
-    /// A frozen model's LM head runs on about this many target rows at a time (see the module
-    /// documentation); a trainable model's on all of them, since its backward needs every logit.
+    /// Whether the last forward ran the LM head in chunks, keeping no logits: the backward
+    /// recomputes them chunk by chunk.
+    pub(super) head_chunked: bool,
+    /// The LM head runs on about this many target rows at a time (see the module documentation):
+    /// by default [`FROZEN_HEAD_CHUNK_ROWS`] in a frozen model, all of them (`usize::MAX`) in a
+    /// trainable one.
     pub(super) head_chunk_rows: usize,
 }
 
@@ -264,11 +276,9 @@ impl<B: Backend> Decoder<B> {
         let num_seqs = batch.num_seqs();
         // A frozen model keeps none of the logits: a batch with more target rows than a chunk goes
         // through the head chunk by chunk.
-        let chunks = if self.is_frozen() && m > self.head_chunk_rows {
-            Some(batch.head_chunks(&self.backend, self.head_chunk_rows)?)
-        } else {
-            None
-        };
+        let chunks =
+            if m > self.head_chunk_rows { Some(batch.head_chunks(&self.backend, self.head_chunk_rows)?) } else { None };
+        self.head_chunked = chunks.is_some();
         let b = &*self.backend;
         let weight = self.params.head();
         let acts = self.acts.as_mut().expect("forward_trunk allocates the activations");
@@ -313,7 +323,7 @@ impl<B: Backend> Decoder<B> {
         // The buffers keep the largest chunk's size, which is what they hold (a CPU buffer zero-fills
         // when it grows back within its storage: here rather than on the next batch's first chunk).
         head.resize(b, chunks.chunks[0].num_rows, c, v)?;
-        // (A frozen model's `backward` refuses before it would read the logits.)
+        // (A trainable model's backward recomputes the logits; a frozen model's refuses.)
         self.pending_backward = Some((n, num_seqs));
         Ok(&self.seq_logp)
     }
@@ -371,7 +381,7 @@ impl<B: Backend> Decoder<B> {
         // tokens, zeros elsewhere.
         let m = batch.num_target_rows();
         b.resize(dnorm_f_rows, m * c)?;
-        if m > 0 {
+        if m > 0 && !self.head_chunked {
             b.logsoftmax_gather_backward(
                 &mut head.logits,
                 &head.lse,
@@ -385,7 +395,30 @@ impl<B: Backend> Decoder<B> {
             let (logits, rows) = (&head.logits, &head.norm_f_rows);
             b.matmul_backward(dnorm_f_rows, dhead, None, logits, rows, p.head(), m, c, v, WeightLayout::OutIn)?;
         }
-        b.scatter_rows(&mut d.norm, dnorm_f_rows, &batch.target_rows, m, n, c)?;
+        if self.head_chunked {
+            // Chunk by chunk, the logits recomputed: dL/d(norm_f) is the sum of the chunks' rows
+            // scattered to their tokens (d.residual, zeroed below, holds each chunk's scatter).
+            let chunks = batch.head_chunks(b, self.head_chunk_rows)?;
+            for (i, chunk) in chunks.chunks.iter().enumerate() {
+                let (rows, targets) = (chunk.num_rows, &chunk.row_targets);
+                head.resize(b, rows, c, v)?;
+                lm_head(b, head, &trunk.norm_f, p.head(), &chunk.target_rows, targets, rows, n, c, v)?;
+                b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, &chunk.packing, rows, v)?;
+                b.resize(dnorm_f_rows, rows * c)?;
+                let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
+                let (logits, x) = (&head.logits, &head.norm_f_rows);
+                b.matmul_backward(dnorm_f_rows, dhead, None, logits, x, p.head(), rows, c, v, WeightLayout::OutIn)?;
+                if i == 0 {
+                    b.scatter_rows(&mut d.norm, dnorm_f_rows, &chunk.target_rows, rows, n, c)?;
+                } else {
+                    b.scatter_rows(&mut d.residual, dnorm_f_rows, &chunk.target_rows, rows, n, c)?;
+                    b.add_inplace(&mut d.norm, &d.residual)?;
+                }
+            }
+            head.resize(b, chunks.chunks[0].num_rows, c, v)?;
+        } else {
+            b.scatter_rows(&mut d.norm, dnorm_f_rows, &batch.target_rows, m, n, c)?;
+        }
         // A norm's backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut d.residual, 0.0)?;
@@ -441,25 +474,21 @@ impl<B: Backend> Decoder<B> {
         Ok(())
     }
 
-    /// Sets how many target rows a frozen model's LM head computes at once (default
-    /// [`FROZEN_HEAD_CHUNK_ROWS`]; chunks hold whole sequences, see [`plan_head_chunks`]). Fewer rows
-    /// hold smaller logits; the log-probs are the same bit for bit. An error on a trainable model,
-    /// whose backward needs the logits of every row.
+    /// Sets how many target rows the LM head computes at once (default: [`FROZEN_HEAD_CHUNK_ROWS`]
+    /// in a frozen model, all of them in a trainable one; chunks hold whole sequences, see
+    /// [`plan_head_chunks`]). Fewer rows hold smaller logits; the log-probs are the same bit for bit.
+    /// A trainable model with chunks recomputes each chunk's logits in its backward (one more head
+    /// product per step); `usize::MAX` turns chunking off.
     ///
     /// [`FROZEN_HEAD_CHUNK_ROWS`]: super::FROZEN_HEAD_CHUNK_ROWS
     /// [`plan_head_chunks`]: super::plan_head_chunks
     pub fn set_head_chunk_rows(&mut self, rows: usize) -> Result<()> {
         ensure!(rows > 0, "set_head_chunk_rows: a chunk of the LM head needs at least one row");
-        ensure!(
-            self.is_frozen(),
-            "set_head_chunk_rows: only a frozen model computes its LM head in chunks (a trainable model's \
-             backward needs the logits of every row)"
-        );
         self.head_chunk_rows = rows;
         Ok(())
     }
 
-    /// Target rows a frozen model's LM head computes at once (see `set_head_chunk_rows`).
+    /// Target rows the LM head computes at once (see `set_head_chunk_rows`).
     pub fn head_chunk_rows(&self) -> usize {
         self.head_chunk_rows
     }

@@ -71,7 +71,8 @@ impl<B: Backend> Decoder<B> {
             scratch: None,
             seq_logp,
             pending_backward: None,
-            head_chunk_rows: FROZEN_HEAD_CHUNK_ROWS,
+            head_chunked: false,
+            head_chunk_rows: if frozen { FROZEN_HEAD_CHUNK_ROWS } else { usize::MAX },
         })
     }
 

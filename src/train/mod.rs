@@ -507,13 +507,16 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
-    let policy = match (&resume_from, &cfg.model.init) {
+    let mut policy = match (&resume_from, &cfg.model.init) {
         (Some(dir), _) => Decoder::load(backend.clone(), dir),
         (None, Some(dir)) => {
             Decoder::load(backend.clone(), dir).with_context(|| format!("loading model.init {}", dir.display()))
         }
         (None, None) => Decoder::random(backend.clone(), cfg.model.random_shape(tokenizer.vocab_size()), cfg.seed),
     }?;
+    if let Some(rows) = cfg.batching.head_chunk_rows {
+        policy.set_head_chunk_rows(rows)?;
+    }
     let vocab = policy.config().vocab_size;
     check_vocab(&data.train, vocab, "training data")?;
     check_vocab(&data.eval, vocab, "eval data")?;
@@ -545,6 +548,9 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             policy.config().summary()
         );
         let mut ref_model = Decoder::from_host_frozen(backend.clone(), &ref_weights)?;
+        if let Some(rows) = cfg.batching.head_chunk_rows {
+            ref_model.set_head_chunk_rows(rows)?;
+        }
         let budget = cfg.batching.tokens_per_micro_batch;
         if cfg.precompute_ref {
             let key = cache_key(&ref_weights, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);
