@@ -211,7 +211,7 @@ const RUN_RNG_STREAM: u64 = 1 << 48;
 const TOKENIZER_FILES: [&str; 5] =
     ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
-fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
         let from = src.join(f);
         if from.is_file() {
