@@ -221,7 +221,7 @@ pub unsafe extern "C" fn safedpo_load_reference(engine: *mut SafedpoEngine, dir:
 }
 
 /// A randomly initialised policy from a HF `config.json` text (e.g. `{"model_type": "gpt2",
-/// "vocab_size": 258, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}`) and a seed.
+/// "vocab_size": 258, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "layer_norm_epsilon": 1e-5}`) and a seed.
 ///
 /// # Safety
 /// `engine` is a live engine; `config_json` a NUL-terminated string.
