@@ -67,10 +67,11 @@ use crate::model::{checkpoint, random_weights, DecoderConfig, HostWeights};
 use crate::optim::AdamWConfig;
 use crate::train::step::adamw_config;
 
-/// The models on the backend the engine runs on (one arm per backend type).
+/// The models on the backend the engine runs on (one arm per backend type; boxed: a model's
+/// handles on the CUDA backend are large).
 enum Backends {
-    Cpu(Models<CpuBackend>),
-    Cuda(Models<CudaBackend>),
+    Cpu(Box<Models<CpuBackend>>),
+    Cuda(Box<Models<CudaBackend>>),
 }
 
 /// Runs `$body` with `$models` bound to the engine's `Models<B>`, whichever backend `B` is.
@@ -149,12 +150,22 @@ impl Engine {
                 if precision == Some(Precision::Bf16) {
                     bail!("the CPU backend runs f32 only (bf16 needs --device cuda or emu)");
                 }
-                (Backends::Cpu(Models::new(Arc::new(CpuBackend::new()))), DeviceKind::Cpu, Precision::F32, reason)
+                (
+                    Backends::Cpu(Box::new(Models::new(Arc::new(CpuBackend::new())))),
+                    DeviceKind::Cpu,
+                    Precision::F32,
+                    reason,
+                )
             }
             Selection::Device(dev) => {
                 let precision = precision.unwrap_or_else(|| precision_for(&dev));
                 let kind = dev.kind();
-                (Backends::Cuda(Models::new(Arc::new(CudaBackend::new(dev, precision)))), kind, precision, None)
+                (
+                    Backends::Cuda(Box::new(Models::new(Arc::new(CudaBackend::new(dev, precision))))),
+                    kind,
+                    precision,
+                    None,
+                )
             }
         };
         let optimizer = OptimizerConfig::default();
