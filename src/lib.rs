@@ -1,6 +1,11 @@
 //! safedpo: SafeDPO and the DPO family on a small, fast transformer engine.
 //!
-//! The pieces, in the order a training step uses them:
+//! Start with [`Engine`]: a policy and a reference on a device (`auto|cpu|cuda|emu`), per-pair
+//! log-probs, the loss of any [`Objective`], training steps and checkpoints, all as plain host
+//! values (the module [`engine`] has a complete program). The C ABI is `capi` (header
+//! `include/safedpo.h`); `examples/` has runnable programs.
+//!
+//! The building blocks, in the order a training step uses them:
 //! - [`data`]: preference pairs, the SafeDPO transform T(D), templates, tokenizers, packing;
 //! - [`model`]: the GPT-2 family, forward and backward, written once over [`backend::Backend`];
 //! - [`backend`]: the CPU f32 reference and the CUDA backend (a GPU or the emulated device);
@@ -10,8 +15,10 @@
 
 pub mod backend;
 pub mod bench;
+pub mod capi;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod loss;
 pub mod model;
 pub mod optim;
@@ -19,4 +26,10 @@ pub mod plot;
 pub mod train;
 pub mod util;
 
-pub use backend::Backend;
+pub use backend::cuda::Precision;
+pub use backend::{Backend, DeviceKind};
+pub use data::{PreferencePair, TokenizedPair};
+pub use engine::{Engine, Logps, LossReport, PairLogps, PairMetrics, StepReport};
+pub use loss::Objective;
+pub use model::DecoderConfig;
+pub use optim::AdamWConfig;

@@ -54,6 +54,21 @@ pub struct PreferencePair {
 }
 
 impl PreferencePair {
+    /// A pair with both responses labelled safe.
+    ///
+    /// ```
+    /// let pair = safedpo::PreferencePair::new("Hi", "Hello!", "Go away.").with_safety(false, true);
+    /// assert!(pair.rejected_unsafe && !pair.chosen_unsafe);
+    /// ```
+    pub fn new(prompt: impl Into<String>, chosen: impl Into<String>, rejected: impl Into<String>) -> Self {
+        PreferencePair { prompt: prompt.into(), chosen: chosen.into(), rejected: rejected.into(), ..Default::default() }
+    }
+
+    /// The same pair with the safety labels given (`true` = unsafe).
+    pub fn with_safety(self, chosen_unsafe: bool, rejected_unsafe: bool) -> Self {
+        PreferencePair { chosen_unsafe, rejected_unsafe, ..self }
+    }
+
     /// The same pair with chosen and rejected exchanged (labels travel with their responses).
     pub fn swapped(self) -> Self {
         PreferencePair {

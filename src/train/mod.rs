@@ -218,7 +218,7 @@ const TOKENIZER_FILES: [&str; 7] = [
     "generation_config.json",
 ];
 
-fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
         let from = src.join(f);
         if from.is_file() {

@@ -1,0 +1,238 @@
+//! The engine's models on one backend, written once over [`Backend`]: the policy, the frozen
+//! reference and the optimizer state, and what the engine does with them (log-probs, the loss, a
+//! training step through the trainer's own [`Learner`], saving). `Engine` holds one of these per
+//! backend kind and dispatches to it, so that its users never see the backend type.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::{Logps, PairLogps, PairMetrics};
+use crate::backend::{Backend, PAIR_METRICS};
+use crate::data::{preference_batch, TokenizedPair};
+use crate::loss::Objective;
+use crate::model::{Decoder, DecoderConfig, HostWeights};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::train::checkpoint::write_optimizer_state;
+use crate::train::step::{Learner, MicroBatch, Reference, StepInfo};
+
+/// The policy (trainable), the reference (frozen) and the policy's optimizer state on `backend`.
+/// The optimizer state is allocated by the first training step, so that an engine that only scores
+/// pairs holds no moments.
+pub(super) struct Models<B: Backend> {
+    backend: Arc<B>,
+    policy: Option<Decoder<B>>,
+    reference: Option<Box<Decoder<B>>>,
+    optimizer: Option<AdamW<B>>,
+}
+
+/// What a training step gave, on the host.
+pub(super) struct StepOutput {
+    pub info: StepInfo,
+    pub step: u32,
+    pub metrics: Vec<f32>,
+    pub logps: Vec<f32>,
+}
+
+impl<B: Backend> Models<B> {
+    pub fn new(backend: Arc<B>) -> Self {
+        Self { backend, policy: None, reference: None, optimizer: None }
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    pub fn set_policy(&mut self, weights: &HostWeights) -> Result<()> {
+        self.policy = Some(Decoder::from_host(self.backend.clone(), weights).context("uploading the policy")?);
+        self.optimizer = None;
+        Ok(())
+    }
+
+    pub fn set_reference(&mut self, weights: &HostWeights) -> Result<()> {
+        let model = Decoder::from_host_frozen(self.backend.clone(), weights).context("uploading the reference")?;
+        self.reference = Some(Box::new(model));
+        Ok(())
+    }
+
+    /// The policy's current weights, downloaded.
+    pub fn policy_weights(&self) -> Result<HostWeights> {
+        self.policy()?.to_host()
+    }
+
+    pub fn policy_config(&self) -> Option<&DecoderConfig> {
+        self.policy.as_ref().map(Decoder::config)
+    }
+
+    pub fn reference_config(&self) -> Option<&DecoderConfig> {
+        self.reference.as_deref().map(Decoder::config)
+    }
+
+    pub fn steps_taken(&self) -> u32 {
+        self.optimizer.as_ref().map_or(0, AdamW::step_count)
+    }
+
+    pub fn has_optimizer(&self) -> bool {
+        self.optimizer.is_some()
+    }
+
+    fn policy(&self) -> Result<&Decoder<B>> {
+        self.policy.as_ref().context("no policy: load one first (Engine::load_policy or Engine::random_policy)")
+    }
+
+    fn reference_for(&self, objective: &Objective) -> Result<Option<&Decoder<B>>> {
+        if !objective.uses_reference() {
+            return Ok(None);
+        }
+        match self.reference.as_deref() {
+            Some(model) => Ok(Some(model)),
+            None => bail!(
+                "objective `{}` needs a reference model: load one first (Engine::load_reference, \
+                 Engine::random_reference or Engine::reference_from_policy)",
+                objective.name()
+            ),
+        }
+    }
+
+    /// Policy (and, when loaded, reference) log-probs `[2P]`, chosen and rejected per pair.
+    pub fn logps(&mut self, pairs: &[TokenizedPair]) -> Result<PairLogps> {
+        let batch = MicroBatch::upload(&*self.backend, preference_batch(pairs, &all(pairs)))?;
+        let b = &*self.backend;
+        let policy = self.policy.as_mut().context("no policy: load one first")?;
+        let policy = Logps::from_interleaved(&b.download(policy.forward(&batch.packed)?)?);
+        let reference = match self.reference.as_deref_mut() {
+            Some(model) => Some(Logps::from_interleaved(&b.download(model.forward(&batch.packed)?)?)),
+            None => None,
+        };
+        Ok(PairLogps { policy, reference })
+    }
+
+    /// The loss of every pair under `objective` (the backend's preference-loss kernel, the one
+    /// training runs), with the log-probs it came from. No gradient is kept.
+    pub fn loss(&mut self, pairs: &[TokenizedPair], objective: &Objective) -> Result<(PairLogps, PairMetrics)> {
+        self.reference_for(objective)?;
+        let n = pairs.len();
+        let batch = MicroBatch::upload(&*self.backend, preference_batch(pairs, &all(pairs)))?;
+        let b = &*self.backend;
+        let policy = self.policy.as_mut().context("no policy: load one first")?;
+        let policy_logps = policy.forward(&batch.packed)?;
+        let owned;
+        let reference_logps = match self.reference.as_deref_mut() {
+            Some(model) => Some(model.forward(&batch.packed)?),
+            None => None,
+        };
+        let reference_buf = match (objective.uses_reference(), reference_logps) {
+            (true, Some(buf)) => buf,
+            _ => {
+                owned = b.zeros(2 * n)?;
+                &owned
+            }
+        };
+        let mut metrics = b.zeros(n * PAIR_METRICS)?;
+        let mut dpolicy = b.zeros(2 * n)?;
+        b.preference_loss(
+            &mut metrics,
+            &mut dpolicy,
+            policy_logps,
+            reference_buf,
+            &batch.unsafe_flags,
+            &batch.lengths,
+            objective,
+            1.0 / n as f32,
+        )?;
+        let logps = PairLogps {
+            policy: Logps::from_interleaved(&b.download(policy_logps)?),
+            reference: reference_logps.map(|buf| b.download(buf)).transpose()?.map(|v| Logps::from_interleaved(&v)),
+        };
+        Ok((logps, PairMetrics::from_rows(&b.download(&metrics)?)))
+    }
+
+    /// One optimizer step on `pairs` (one micro-batch) through [`Learner::preference_step`]. The
+    /// models are lent to a `Learner` for the step and taken back, also when it fails.
+    pub fn train_step(
+        &mut self,
+        pairs: &[TokenizedPair],
+        objective: &Objective,
+        optimizer: AdamWConfig,
+        grad_clip: f32,
+        lr: f32,
+    ) -> Result<StepOutput> {
+        self.reference_for(objective)?;
+        let batch = MicroBatch::upload(&*self.backend, preference_batch(pairs, &all(pairs)))?;
+        let mut policy = self.policy.take().context("no policy: load one first")?;
+        let optimizer = match self.optimizer.take() {
+            Some(state) => Ok(state),
+            None => AdamW::new(&mut policy, optimizer),
+        };
+        let optimizer = match optimizer {
+            Ok(state) => state,
+            Err(e) => {
+                self.policy = Some(policy);
+                return Err(e);
+            }
+        };
+        let reference = match (objective.uses_reference(), self.reference.take()) {
+            (true, Some(model)) => Reference::Model(model),
+            (_, model) => {
+                self.reference = model;
+                Reference::Free
+            }
+        };
+        let mut learner = Learner { policy, reference, optimizer, objective: objective.clone(), grad_clip };
+        let mut output = (Vec::new(), Vec::new());
+        let result = learner.preference_step(
+            std::slice::from_ref(&batch),
+            lr,
+            |_, out| output = (out.metrics, out.logps),
+            &mut |_| Ok(()),
+        );
+        let Learner { policy, reference, optimizer, .. } = learner;
+        self.policy = Some(policy);
+        if let Reference::Model(model) = reference {
+            self.reference = Some(model);
+        }
+        let step = optimizer.step_count();
+        self.optimizer = Some(optimizer);
+        let info = result?;
+        Ok(StepOutput { info, step, metrics: output.0, logps: output.1 })
+    }
+
+    /// Writes the policy as a HF model directory, with `optimizer.safetensors` once it has trained.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.policy()?.save(dir)?;
+        if let Some(optimizer) = &self.optimizer {
+            write_optimizer_state(dir, &optimizer.state_to_host()?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every pair, in order: `0..pairs.len()`.
+fn all(pairs: &[TokenizedPair]) -> Vec<usize> {
+    (0..pairs.len()).collect()
+}
+
+/// Checks a batch before it is packed: not empty, ids inside the vocabulary, every sequence inside
+/// the context, one response token per side at least; errors name the pair.
+pub(super) fn check_pairs(pairs: &[TokenizedPair], config: &DecoderConfig) -> Result<()> {
+    ensure!(!pairs.is_empty(), "the batch has no pairs");
+    for (i, pair) in pairs.iter().enumerate() {
+        for (side, ids) in [("prompt", &pair.prompt), ("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
+            if let Some(&id) = ids.iter().find(|&&id| id < 0 || id as usize >= config.vocab_size) {
+                bail!("pair {i}: {side} token id {id} is outside the model's vocabulary 0..{}", config.vocab_size);
+            }
+        }
+        ensure!(
+            !pair.chosen.is_empty() && !pair.rejected.is_empty(),
+            "pair {i}: a response is empty (each side needs one token at least)"
+        );
+        let longest = pair.prompt.len() + pair.chosen.len().max(pair.rejected.len());
+        ensure!(
+            longest <= config.n_positions,
+            "pair {i}: a sequence of {longest} tokens exceeds the model's context of {} positions",
+            config.n_positions
+        );
+    }
+    Ok(())
+}
