@@ -1,6 +1,6 @@
 /* safedpo.h: the C ABI of safedpo's Engine (src/capi.rs; tests/capi.rs keeps the two in step).
  *
- * Link with -lsafedpo (target/release/libsafedpo.so or libsafedpo.a). Every function but the
+ * Link with -lsafedpo (target/release/libsafedpo.so). Every function but the
  * last three returns a status code; on failure safedpo_last_error() says why. No function unwinds
  * or aborts on bad input. An engine may be used from one thread at a time. */
 #ifndef SAFEDPO_H
