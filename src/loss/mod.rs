@@ -7,7 +7,11 @@
 //!   safety margin enters) and [`Objective`]'s methods;
 //! - `params`: the parameters' bounds and defaults, with where each default comes from;
 //! - `math`: [`pair_loss`], the f64 specification of one pair, and the stable primitives;
-//! - `batch`: [`batch_loss`], a batch of pairs (the objectives that sort across the batch);
+//! - `combination`: [`Combination`], objectives summed with weights and TRL's modifiers (the
+//!   f-divergence, `bco_pair`'s running reward mean), and the trainer state the loss reads
+//!   ([`LossState`]);
+//! - `batch`: [`batch_loss`], a batch of pairs (the objectives that sort across the batch or take
+//!   the batch's token mean, and the terms of a combination);
 //! - `text`: objectives as `name:key=value,…` and as serde tables.
 //!
 //! Notation, per pair: `πc`, `πr` the policy's sequence log-probs of the chosen and rejected
@@ -35,12 +39,19 @@
 //! sigmoid_norm), so that they stay finite; the log-prob of such a response is 0 anyway.
 
 mod batch;
+mod combination;
 mod math;
 mod objectives;
 mod params;
 mod text;
 
-pub use batch::batch_loss;
-pub use math::{log_sigmoid, pair_loss, sigmoid, softplus, PairInput, PairOutput, PAIR_METRICS};
+pub use batch::{batch_loss, batch_loss_with};
+pub use combination::{
+    Combination, FDivergence, LossState, RunningMean, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF,
+};
+pub use math::{
+    log1mexp, log_sigmoid, pair_loss, sigmoid, softplus, PairInput, PairOutput, ORPO_MAX_MEAN_LOGP, PAIR_METRICS,
+};
 pub use objectives::{Objective, ObjectiveSpec};
-pub use params::{Bound, Param};
+pub use params::{canonical_param, Bound, Param, PARAM_ALIASES};
+pub use text::{parse_terms, unknown_key, MODIFIER_KEYS};
