@@ -143,11 +143,12 @@ __device__ __forceinline__ void f_divergence_score(int f_divergence, float alpha
     *dx = 1.0f;
 }
 
-/// Whether the objective reads the (f-divergence) scores of its log-ratios: those built on h.
-__device__ __forceinline__ bool takes_f_divergence(int objective) {
+/// Whether the objective reads the (f-divergence) scores of its log-ratios: those built on h (`sft`
+/// takes an f-divergence too, but reads no log-ratio).
+__device__ __forceinline__ bool reads_scores(int objective) {
     return objective == OBJ_DPO || objective == OBJ_IPO || objective == OBJ_ROBUST || objective == OBJ_CDPO ||
            objective == OBJ_HINGE || objective == OBJ_RPO || objective == OBJ_EXO_PAIR ||
-           objective == OBJ_DISCOPOP || objective == OBJ_SIGMOID_NORM || objective == OBJ_SFT;
+           objective == OBJ_DISCOPOP || objective == OBJ_SIGMOID_NORM;
 }
 
 /// `log(1 − eˣ)` for x < 0 without cancellation (split at −log 2).
@@ -205,7 +206,7 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
     const float chosen_len = (float)max(lengths[c], 1), rejected_len = (float)max(lengths[r], 1);
     const float shift = safety_shift(unsafe_flags, i, safety_margin);
     // The scores of the log-ratios: the log-ratios themselves unless an f-divergence applies.
-    const bool scored = f_divergence != FDIV_REVERSE_KL && takes_f_divergence(objective);
+    const bool scored = f_divergence != FDIV_REVERSE_KL && reads_scores(objective);
     float chosen_score = chosen_logratio, rejected_score = rejected_logratio;
     float d_chosen_score = 1.0f, d_rejected_score = 1.0f;
     if (scored) {
