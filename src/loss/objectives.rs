@@ -207,10 +207,11 @@ objectives! {
     SigmoidNorm = "sigmoid_norm" { beta: BETA, safety_margin: SAFETY_MARGIN },
     /// BCO on pairs (Jung et al. 2024, arXiv 2404.04656; TRL `bco_pair`): `softplus(−r_c) + softplus(r_r)`,
     /// `r_c = β x_c`, `r_r = β x_r + sΔ`: the chosen response classified as good, the rejected as
-    /// bad, at threshold 0. TRL < 1.0 subtracted a running mean δ of all rewards from both (the BCO
-    /// paper's reward shift, kept by TRL's separate BCO trainer); TRL 1.x's `bco_pair` has no δ, and
-    /// neither has this one: δ is trainer state, updated at every loss call, so the loss of a pair
-    /// would depend on the pairs before it and on how a step is split into micro-batches.
+    /// bad, at threshold 0, as TRL 1.x's `bco_pair`. TRL < 1.0 subtracted a running mean δ of all
+    /// rewards from both (the BCO paper's reward shift, kept by TRL's separate BCO trainer):
+    /// `bco_pair` with `bco_running_mean = true` (a [`Combination`] modifier) does, with δ trainer
+    /// state ([`crate::loss::LossState`]) updated before every loss call, so that its loss depends on
+    /// the pairs before it and on how a step is split into micro-batches.
     BcoPair = "bco_pair" { beta: BETA, safety_margin: SAFETY_MARGIN },
     /// SFT on the chosen responses (TRL `sft`): the negative log-likelihood of the batch's chosen
     /// response tokens, averaged over those tokens, `−Σ_i πc_i / Σ_i |yc_i|` (a batch of one pair:
