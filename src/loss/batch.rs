@@ -6,9 +6,21 @@
 //!
 //! [`Combination`]: crate::loss::Combination
 
-use super::combination::LossState;
 use super::math::{aot_keys, label_smoothed, length_divisor, pairwise, rewards, Modifiers, PairInput, PairOutput};
 use super::objectives::Objective;
+use super::state::LossState;
+
+/// The loss of one pair under `objective`: [`batch_loss`] of a batch of this one pair.
+/// The CPU twin of the preference-loss kernel.
+///
+/// `shift = sΔ` is the SafeDAA safety shift (see [`crate::loss`]): subtracted from the logit `z` of
+/// the objectives built on a preference logit, added to the rejected reward of the others. Most
+/// objectives are a function `f(z)` of `z = βh − sΔ`; then `dL/dπc = β f'(z)` and
+/// `dL/dπr = −β f'(z)`. The batch-level objectives (AOT's sort, the `sft` term's token mean) give
+/// here the loss of a batch of this one pair.
+pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
+    batch_loss(objective, std::slice::from_ref(p)).remove(0)
+}
 
 /// The outputs of a batch, one per pair, in the order of `pairs`, with the trainer state at its
 /// start (before any step): see [`batch_loss_with`].

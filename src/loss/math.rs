@@ -2,8 +2,8 @@
 //! kernel is held to. The stable primitives (`softplus`, `log σ`, `σ`) and the link functions the
 //! objectives share live here too.
 
-use super::combination::FDivergence;
 use super::objectives::Objective;
+use super::objectives::{FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT};
 
 /// Number of float outputs per pair written by a preference loss into its `metrics` buffer, in this
 /// order: loss, chosen reward, rejected reward, margin (chosen − rejected reward), accuracy (1 when
@@ -75,21 +75,33 @@ pub fn sigmoid(x: f64) -> f64 {
     }
 }
 
+/// The score of a log-ratio `x` under `f_divergence` and its derivative in `x` (TRL's formulas; see
+/// [`FDivergence`]'s variants).
+pub fn f_divergence_score(f_divergence: FDivergence, x: f64) -> (f64, f64) {
+    match f_divergence {
+        FDivergence::ReverseKl => (x, 1.0),
+        FDivergence::ForwardKl => {
+            let inverse_ratio = (-x).exp();
+            (1.0 - inverse_ratio, inverse_ratio)
+        }
+        FDivergence::JsDivergence => (std::f64::consts::LN_2 + log_sigmoid(x), sigmoid(-x)),
+        FDivergence::Alpha(alpha) if (alpha - 1.0).abs() < 1e-6 => (x, 1.0),
+        FDivergence::Alpha(alpha) => {
+            // TRL's arithmetic: the exponent clamped, then `(exp(t) − 1)·(1/(α − 1))`.
+            let (exponent, coef) = ((alpha - 1.0) * x, 1.0 / (alpha - 1.0));
+            if exponent > ALPHA_DIVERGENCE_MAX_EXPONENT {
+                ((ALPHA_DIVERGENCE_MAX_EXPONENT.exp() - 1.0) * coef, 0.0)
+            } else {
+                let ratio = exponent.exp();
+                ((ratio - 1.0) * coef, ratio)
+            }
+        }
+    }
+}
+
 /// A response length as the divisor of a length-normalised objective: 0 counts as 1.
 pub(super) fn length_divisor(len: u32) -> f64 {
     f64::from(len.max(1))
-}
-
-/// The loss of one pair under `objective`: [`crate::loss::batch_loss`] of a batch of this one pair.
-/// The CPU twin of the preference-loss kernel.
-///
-/// `shift = sΔ` is the SafeDAA safety shift (see [`crate::loss`]): subtracted from the logit `z` of
-/// the objectives built on a preference logit, added to the rejected reward of the others. Most
-/// objectives are a function `f(z)` of `z = βh − sΔ`; then `dL/dπc = β f'(z)` and
-/// `dL/dπr = −β f'(z)`. The batch-level objectives (AOT's sort, the `sft` term's token mean) give
-/// here the loss of a batch of this one pair.
-pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
-    super::batch::batch_loss(objective, std::slice::from_ref(p)).remove(0)
 }
 
 /// What every term of a loss call reads besides its pair: the f-divergence that scores the
@@ -110,7 +122,10 @@ pub(super) fn pairwise(objective: &Objective, p: &PairInput, modifiers: &Modifie
     // validation refuses it for the others); the reverse KL leaves them as they are.
     let scored = modifiers.f_divergence != FDivergence::ReverseKl && objective.takes_f_divergence();
     let ((chosen_score, d_chosen_score), (rejected_score, d_rejected_score)) = if scored {
-        (modifiers.f_divergence.score(chosen_logratio), modifiers.f_divergence.score(rejected_logratio))
+        (
+            f_divergence_score(modifiers.f_divergence, chosen_logratio),
+            f_divergence_score(modifiers.f_divergence, rejected_logratio),
+        )
     } else {
         ((chosen_logratio, 1.0), (rejected_logratio, 1.0))
     };

@@ -7,12 +7,14 @@
 //!   safety margin enters, where it differs from TRL) and [`Objective`]'s methods;
 //! - `params`: the parameters' bounds and defaults, with where each default comes from, and TRL's
 //!   spellings of them;
-//! - `math`: [`pair_loss`], the f64 specification of one pair, and the stable primitives;
-//! - `combination`: [`Combination`], objectives summed with weights (TRL's `loss_type` list with
-//!   `loss_weights`) and TRL's modifiers (the f-divergence, `bco_pair`'s running reward mean), and
-//!   the trainer state the loss reads ([`LossState`]);
+//!   Its submodule `combination`: [`Combination`], objectives summed with weights (TRL's `loss_type`
+//!   list with `loss_weights`) and TRL's modifiers (the f-divergence, `bco_pair`'s running reward
+//!   mean);
+//! - `math`: the f64 specification of one pair's part of each objective (`pairwise`), the
+//!   f-divergence scores and the stable primitives;
+//! - `state`: the trainer state the loss reads ([`LossState`]);
 //! - `batch`: [`batch_loss`], a batch of pairs (the objectives that sort across the batch or take
-//!   the batch's token mean, and the terms of a combination);
+//!   the batch's token mean, and the terms of a combination), and [`pair_loss`], a batch of one;
 //! - `text`: objectives as `name:key=value,…` and as serde tables.
 //!
 //! Notation, per pair: `πc`, `πr` the policy's sequence log-probs of the chosen and rejected
@@ -45,19 +47,20 @@
 //! response is 0 anyway (and `sft`'s token count is at least 1).
 
 mod batch;
-mod combination;
 mod math;
 mod objectives;
 mod params;
+mod state;
 mod text;
 
-pub use batch::{batch_loss, batch_loss_with};
-pub use combination::{
-    Combination, FDivergence, LossState, RunningMean, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF,
-};
+pub use batch::{batch_loss, batch_loss_with, pair_loss};
 pub use math::{
-    log1mexp, log_sigmoid, pair_loss, sigmoid, softplus, PairInput, PairOutput, ORPO_MAX_MEAN_LOGP, PAIR_METRICS,
+    f_divergence_score, log1mexp, log_sigmoid, sigmoid, softplus, PairInput, PairOutput, ORPO_MAX_MEAN_LOGP,
+    PAIR_METRICS,
 };
-pub use objectives::{Objective, ObjectiveSpec};
+pub use objectives::{
+    Combination, FDivergence, Objective, ObjectiveSpec, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF,
+};
 pub use params::{canonical_param, Bound, Param, PARAM_ALIASES};
+pub use state::{LossState, RunningMean};
 pub use text::{parse_terms, unknown_key, MODIFIER_KEYS};

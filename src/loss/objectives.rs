@@ -12,7 +12,10 @@
 
 use anyhow::{bail, Result};
 
-use super::combination::Combination;
+mod combination;
+
+pub use combination::{Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF};
+
 use super::params::{
     canonical_param, Param, ALPHA, AOT_EPS, BETA, CDPO_EPS, CPO_ALPHA, CPO_EPS, DELTA, DISCOPOP_TAU, EXO_EPS,
     ORPO_BETA, ROBUST_EPS, SAFETY_MARGIN, SIMPO_BETA, SIMPO_GAMMA,

@@ -3,13 +3,13 @@
 //! applies to every term of the sum: the f-divergence of the log-ratios (`f_divergence_type`), and
 //! `bco_pair`'s running reward mean. TRL's `rpo_alpha` is the `sft` term with weight α.
 //!
-//! A [`Combination`] is the value of [`Objective::Combination`]; a single objective without modifiers
+//! A [`Combination`] is the value of [`Objective::Combination`] (and a submodule of the objectives',
+//! as each refers to the other); a single objective without modifiers
 //! is never written as one (see [`Combination::into_objective`]), so that every objective keeps one
 //! spelling. Its terms share their parameters by name (one `beta` for all, as TRL has one), which
 //! [`Combination::shared_param_errors`] checks.
 
-use super::math::{log_sigmoid, sigmoid};
-use super::objectives::Objective;
+use super::Objective;
 
 /// TRL's `f_divergence_type` (f-DPO, Wang et al. 2023, arXiv 2309.16240): the function `f'` of the
 /// likelihood ratio `u = e^x` that scores each response in place of its log-ratio `x`.
@@ -24,6 +24,7 @@ pub enum FDivergence {
     JsDivergence,
     /// The α-divergence with `f_alpha_divergence_coef = α`: the score `(e^{(α−1)x} − 1)/(α − 1)`,
     /// TRL's exponent clamped at [`ALPHA_DIVERGENCE_MAX_EXPONENT`]; `|α − 1| < 1e-6` is the reverse KL.
+    /// (The scores are computed by the loss's `f_divergence_score`.)
     Alpha(f64),
 }
 
@@ -68,29 +69,6 @@ impl FDivergence {
         match self {
             FDivergence::Alpha(coef) => *coef,
             _ => DEFAULT_ALPHA_DIVERGENCE_COEF,
-        }
-    }
-
-    /// The score of a log-ratio `x` and its derivative in `x` (TRL's formulas; see the variants).
-    pub fn score(&self, x: f64) -> (f64, f64) {
-        match *self {
-            FDivergence::ReverseKl => (x, 1.0),
-            FDivergence::ForwardKl => {
-                let inverse_ratio = (-x).exp();
-                (1.0 - inverse_ratio, inverse_ratio)
-            }
-            FDivergence::JsDivergence => (std::f64::consts::LN_2 + log_sigmoid(x), sigmoid(-x)),
-            FDivergence::Alpha(alpha) if (alpha - 1.0).abs() < 1e-6 => (x, 1.0),
-            FDivergence::Alpha(alpha) => {
-                // TRL's arithmetic: the exponent clamped, then `(exp(t) − 1)·(1/(α − 1))`.
-                let (exponent, coef) = ((alpha - 1.0) * x, 1.0 / (alpha - 1.0));
-                if exponent > ALPHA_DIVERGENCE_MAX_EXPONENT {
-                    ((ALPHA_DIVERGENCE_MAX_EXPONENT.exp() - 1.0) * coef, 0.0)
-                } else {
-                    let ratio = exponent.exp();
-                    ((ratio - 1.0) * coef, ratio)
-                }
-            }
         }
     }
 }
@@ -213,66 +191,5 @@ impl Combination {
             errors.push(("bco_running_mean", "needs a bco_pair term".to_string()));
         }
         errors
-    }
-}
-
-/// `bco_pair`'s running reward mean δ, TRL's `RunningMoments` (trl < 1.0, `trl/trainer/utils.py`) as
-/// its `bco_pair` used it: one update per loss call with that call's mean reward (the mean of
-/// `β x_c` and `β x_r` over the micro-batch, one sample per call), starting from mean 0 and count
-/// 1e-24; the loss then uses the updated mean. Saved with the trainer's checkpoint state.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RunningMean {
-    pub mean: f64,
-    pub count: f64,
-}
-
-impl Default for RunningMean {
-    fn default() -> Self {
-        RunningMean { mean: 0.0, count: 1e-24 }
-    }
-}
-
-impl RunningMean {
-    /// Adds one sample and returns the new mean.
-    pub fn update(&mut self, sample: f64) -> f64 {
-        let total = self.count + 1.0;
-        self.mean += (sample - self.mean) / total;
-        self.count = total;
-        self.mean
-    }
-}
-
-/// What the loss reads besides the batch and the objective: trainer state, updated by the trainer
-/// between loss calls (see [`RunningMean`]). The default is the state before the first step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LossState {
-    /// `bco_pair`'s running reward mean, used when the objective has `bco_running_mean`.
-    pub bco_reward_mean: RunningMean,
-}
-
-impl LossState {
-    /// The reward shift δ the `bco_pair` terms of `objective` subtract (0 without `bco_running_mean`).
-    pub fn bco_shift(&self, objective: &Objective) -> f64 {
-        match objective {
-            Objective::Combination(c) if c.bco_running_mean => self.bco_reward_mean.mean,
-            _ => 0.0,
-        }
-    }
-
-    /// Whether `objective` reads the state, so that `before_loss` needs the micro-batch's log-probs.
-    pub fn is_read_by(objective: &Objective) -> bool {
-        matches!(objective, Objective::Combination(c) if c.bco_running_mean)
-    }
-
-    /// Before a loss call on a micro-batch with sequence log-probs `policy` and `reference` (`[2P]`,
-    /// chosen and rejected per pair): adds its mean reward `β(π − r)` (TRL's
-    /// `cat(chosen_rewards, rejected_rewards).mean()`) to the running mean, where `objective` uses it.
-    pub fn before_loss(&mut self, objective: &Objective, policy: &[f32], reference: &[f32]) {
-        if !Self::is_read_by(objective) || policy.is_empty() {
-            return;
-        }
-        let beta = objective.beta();
-        let total: f64 = policy.iter().zip(reference).map(|(&p, &r)| beta * (f64::from(p) - f64::from(r))).sum();
-        self.bco_reward_mean.update(total / policy.len() as f64);
     }
 }
