@@ -90,6 +90,11 @@ r = [json.loads(l) for l in open(sys.argv[1]) if "eval/loss" in l][0]
 print("%.3f %.3f" % (r["eval/safe_preferred_accuracy"], r["eval/rewards/accuracies"]))' "$OUT/demo/safedpo/metrics.jsonl")"
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2- | tr ' ' '\n' | grep -E '^(avx|avx2|avx512f|avx512bw|avx512vl|fma|f16c|sse4_2)$' | tr '\n' ' ')
+# Notes below the table (from the `<!-- notes -->` line on) survive a rerun.
+notes=""
+if [ -f "$TABLE" ] && grep -q '^<!-- notes -->' "$TABLE"; then
+    notes=$(sed -n '/^<!-- notes -->/,$p' "$TABLE")
+fi
 {
     cat <<EOF
 # Objectives on the demo data, with and without their safety twin
@@ -121,5 +126,7 @@ another scale may want another one, so a row is a comparison at equal settings, 
 |---|---|---|---|---|
 EOF
     printf '%s\n' "${rows[@]}"
-} >"$TABLE"
+    if [ -n "$notes" ]; then printf '\n%s\n' "$notes"; fi
+} >"$TABLE.tmp"
+mv "$TABLE.tmp" "$TABLE"
 echo "wrote $TABLE" >&2
