@@ -1,10 +1,10 @@
-// kernels/preference_loss.cu — the preference objectives, one thread per pair, all pairs in one launch
-// (two for the objectives that sort across the batch).
+// kernels/preference_loss.cu — the preference objectives, one thread per pair, one launch per term of the
+// objective (two for a term that sorts across the batch).
 //
 // Per pair i (sequence 2i is the chosen response, 2i+1 the rejected one), with πc, πr the policy's and rc,
 // rr the reference's sequence log-probs, x_c = πc − rc, x_r = πr − rr, h = x_c − x_r, u the safety flags
-// (1 = unsafe), |y| the response lengths (0 counts as 1), and the SafeDAA shift t = (u_r − u_c)·Δ
-// (Δ = `safety_margin`; 0 leaves every objective as published):
+// (1 = unsafe), |y| the response lengths (0 counts as 1), a = π/|y| the mean token log-probs, and the
+// SafeDAA shift t = (u_r − u_c)·Δ (Δ = `safety_margin`; 0 leaves every objective as published):
 //
 //     dpo           softplus(−z), z = βh − t                         (also safedpo: Δ = its delta)
 //     ipo           (h − 1/(2β) − t/β)²
@@ -12,7 +12,7 @@
 //     cdpo          (1−ε)·softplus(−z) + ε·softplus(z)
 //     hinge         max(0, 1 − βh + t)                  (subgradient 0 at the kink)
 //     rpo           softplus(−z) + α·(−πc/|yc|)
-//     simpo         softplus(−z), z = β(πc/|yc| − πr/|yr|) − γ − t   (reference-free)
+//     simpo         softplus(−z), z = β(a_c − a_r) − γ − t           (reference-free)
 //     npo           (2/β)·softplus(βx_r + t)             (no gradient to the chosen response)
 //     exo_pair      σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)
 //     nca_pair      softplus(−βx_c) + ½softplus(βx_c) + ½softplus(βx_r + t)
@@ -21,23 +21,37 @@
 //     apo_down      σ(βx_c) + σ(−z)
 //     discopop      softplus(−z)·σ(−z/τ) + exp(−z − softplus(−z/τ))
 //     sigmoid_norm  softplus(−z), z = β(x_c/|yc| − x_r/|yr|) − t
-//     bco_pair      softplus(−βx_c) + softplus(βx_r + t)
+//     bco_pair      softplus(−(βx_c − δ)) + softplus(βx_r + t − δ)   (δ: the running reward mean, or 0)
 //     aot           (1−ε)·softplus(−z_k) + ε·softplus(z_k), z_k = β(sort(πc − πr − t/β)_k − sort(rc − rr)_k)
 //     aot_unpaired  the same with z_k = β(sort(x_c)_k − sort(x_r + t/β)_k)
+//     sft           −Σ_j πc_j / Σ_j |yc_j| on every row (the batch's token-mean NLL)
+//     orpo          β·softplus(−z), z = (a_c − a_r) − (log(1 − e^{a_c}) − log(1 − e^{a_r})) − t
+//     cpo           (1−ε)·softplus(−z) + ε·softplus(z), z = β(πc − πr) − t          (reference-free)
+//     cpo_hinge     max(0, 1 − β(πc − πr) + t)
+//     cpo_ipo       (a_c − a_r − t/β − 1/(2β))²
+//     cpo_simpo     (1−ε)·softplus(−z) + ε·softplus(z), z = β(a_c − a_r) − γ − t
+//
+// The objectives built on h (dpo, ipo, robust, cdpo, hinge, rpo's first part, exo_pair, discopop,
+// sigmoid_norm) read, under an f-divergence (`f_divergence` ≠ FDIV_REVERSE_KL), the scores f'(e^x) of x_c
+// and x_r in place of x_c and x_r. ORPO's and CPO's NLL terms are `sft` launches of their own, as is each
+// term of a combination: launch k > 0 accumulates (`accumulate` = 1: metrics row's loss += weight·loss,
+// dpolicy += ...), launch 0 writes the rows. CPU twin: src/backend/cpu/preference_loss.rs (`spec::forward`,
+// which calls the specification, `batch_loss_with` in src/loss/). Host side:
+// src/backend/cuda/ops/preference_loss.rs (`launches` maps an objective to its launches and OBJ_* codes).
 //
 // Writes metrics [P, 5] = (loss, chosen reward, rejected reward, margin, accuracy), rewards β(π − r)
-// (simpo: β·π/|y|), and dpolicy [2P] = grad_scale·d(Σ loss)/dπ. CPU twin: src/backend/cpu/preference_loss.rs
-// (`spec::forward`, which calls the specification, `batch_loss` and `pair_loss` in src/loss/). Host side:
-// src/backend/cuda/ops/preference_loss.rs (`objective_code` maps each objective to the OBJ_* code below).
+// (cpo, cpo_hinge: β·π; simpo, orpo, cpo_ipo, cpo_simpo: β·a), and dpolicy [2P] = grad_scale·d(Σ loss)/dπ.
 //
 // f32 math throughout, stable for any margin: softplus(x) = max(x, 0) + log1p(exp(−|x|)) never
 // overflows, σ is evaluated on the side where exp cannot overflow, and every exponential of a margin is
-// written so that its argument is ≤ 0 where it could grow (discopop's, for τ ≤ 1).
+// written so that its argument is ≤ 0 where it could grow (discopop's, for τ ≤ 1); the f-divergences'
+// scores are TRL's (the forward KL's e^{−x} overflows for x < −88, as TRL's does).
 //
 // Launch: 1-D grid of PAIR_THREADS-thread blocks, thread i handles pair i (inputs are f32 in every precision
 // mode, so there is only the f32 instantiation). AOT: `preference_loss_rank_f32` first (thread i ranks pair
-// i's two sort keys and writes its index into the metrics rows of its ranks, as scratch), then
-// `preference_loss_sorted_f32` (thread k scores sorted position k and overwrites metrics row k).
+// i's two sort keys and writes its index into a scratch buffer at those ranks), then
+// `preference_loss_sorted_f32` (thread k scores sorted position k and writes metrics row k). `sft` sums
+// over the batch in every thread (a batch has few pairs; the sums are the same in every thread).
 #include "common.cuh"
 
 // The objective codes of the `objective` argument.
@@ -60,12 +74,29 @@
 /// The objectives that sort across the batch: the two-launch path.
 #define OBJ_AOT 16  // @rust
 #define OBJ_AOT_UNPAIRED 17  // @rust
+/// The reference-free objectives of the preference optimisers TRL keeps outside `DPOTrainer`, and SFT.
+#define OBJ_SFT 18  // @rust
+#define OBJ_ORPO 19  // @rust
+#define OBJ_CPO 20  // @rust
+#define OBJ_CPO_HINGE 21  // @rust
+#define OBJ_CPO_IPO 22  // @rust
+#define OBJ_CPO_SIMPO 23  // @rust
+
+// The f-divergence codes of the `f_divergence` argument (TRL's `f_divergence_type`).
+#define FDIV_REVERSE_KL 0  // @rust
+#define FDIV_FORWARD_KL 1  // @rust
+#define FDIV_JS_DIVERGENCE 2  // @rust
+#define FDIV_ALPHA_DIVERGENCE 3  // @rust
+/// TRL clamps the α-divergence's exponent (α−1)·x here before exp.
+#define ALPHA_DIVERGENCE_MAX_EXPONENT 80.0f  // @rust
+/// ORPO's largest mean token log-prob (its log odds are infinite at 0).
+#define ORPO_MAX_MEAN_LOGP -1e-6f  // @rust
 
 /// Metrics per pair: loss, chosen reward, rejected reward, margin, accuracy.
 #define PAIR_METRICS 5  // @rust
 /// Threads per block (one per pair).
 #define PAIR_THREADS 128  // @rust
-/// AOT's rank pass stores pair indices as floats in the metrics rows: exact below 2^24.
+/// AOT's rank pass stores pair indices as floats in its scratch buffer: exact below 2^24.
 #define SORTED_MAX_PAIRS 16777216  // @rust
 
 __device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
@@ -80,6 +111,49 @@ __device__ __forceinline__ float sigmoid_f(float x) {
 __device__ __forceinline__ void label_smoothed_f(float z, float eps, float* loss, float* dz) {
     *loss = (1.0f - eps) * softplus_f(-z) + eps * softplus_f(z);
     *dz = -(1.0f - eps) * sigmoid_f(-z) + eps * sigmoid_f(z);
+}
+
+/// The f-divergence score of a log-ratio x and its derivative in x (TRL's `f_divergence_type` formulas).
+__device__ __forceinline__ void f_divergence_score(int f_divergence, float alpha, float x, float* score, float* dx) {
+    switch (f_divergence) {
+        case FDIV_FORWARD_KL: {
+            const float inverse_ratio = expf(-x);
+            *score = 1.0f - inverse_ratio;
+            *dx = inverse_ratio;
+            return;
+        }
+        case FDIV_JS_DIVERGENCE:
+            *score = 0.69314718055994531f - softplus_f(-x);
+            *dx = sigmoid_f(-x);
+            return;
+        case FDIV_ALPHA_DIVERGENCE:
+            if (fabsf(alpha - 1.0f) >= 1e-6f) {
+                const float exponent = (alpha - 1.0f) * x, coef = 1.0f / (alpha - 1.0f);
+                const bool clamped = exponent > ALPHA_DIVERGENCE_MAX_EXPONENT;
+                const float ratio = expf(clamped ? ALPHA_DIVERGENCE_MAX_EXPONENT : exponent);
+                *score = (ratio - 1.0f) * coef;
+                *dx = clamped ? 0.0f : ratio;
+                return;
+            }
+            break;  // α = 1: the reverse KL
+        default:
+            break;
+    }
+    *score = x;
+    *dx = 1.0f;
+}
+
+/// Whether the objective reads the (f-divergence) scores of its log-ratios: those built on h (`sft`
+/// takes an f-divergence too, but reads no log-ratio).
+__device__ __forceinline__ bool reads_scores(int objective) {
+    return objective == OBJ_DPO || objective == OBJ_IPO || objective == OBJ_ROBUST || objective == OBJ_CDPO ||
+           objective == OBJ_HINGE || objective == OBJ_RPO || objective == OBJ_EXO_PAIR ||
+           objective == OBJ_DISCOPOP || objective == OBJ_SIGMOID_NORM;
+}
+
+/// `log(1 − eˣ)` for x < 0 without cancellation (split at −log 2).
+__device__ __forceinline__ float log1mexp_f(float x) {
+    return x < -0.69314718055994531f ? log1pf(-expf(x)) : logf(-expm1f(x));
 }
 
 /// The SafeDAA shift (u_r − u_c)·Δ of pair i.
@@ -98,11 +172,30 @@ __device__ __forceinline__ void write_metrics(float* metrics, int row, float los
     out[4] = reward_chosen > reward_rejected ? 1.0f : 0.0f;
 }
 
-/// `param` is the objective's second parameter: ε (robust, cdpo, exo_pair), α (rpo), γ (simpo), τ (discopop).
+/// Launch 0 writes the rows (loss, rewards, margin, accuracy) and dpolicy; a later launch (`accumulate`)
+/// adds its weighted loss and gradient.
+__device__ __forceinline__ void write_pair(float* metrics, float* dpolicy, int i, int accumulate, float weight,
+                                           float grad_scale, float loss, float d_chosen, float d_rejected,
+                                           float reward_chosen, float reward_rejected) {
+    if (accumulate) {
+        metrics[(long long)i * PAIR_METRICS] += weight * loss;
+        dpolicy[2 * i] += grad_scale * (weight * d_chosen);
+        dpolicy[2 * i + 1] += grad_scale * (weight * d_rejected);
+    } else {
+        write_metrics(metrics, i, weight * loss, reward_chosen, reward_rejected);
+        dpolicy[2 * i] = grad_scale * (weight * d_chosen);
+        dpolicy[2 * i + 1] = grad_scale * (weight * d_rejected);
+    }
+}
+
+/// One term of the objective. `param` is its second parameter: ε (robust, cdpo, exo_pair, cpo, cpo_simpo),
+/// α (rpo), γ (simpo), τ (discopop); `param2` its third: γ (cpo_simpo). `f_divergence`/`alpha`: the
+/// f-divergence and its α; `bco_shift`: bco_pair's δ; `weight`: the term's weight.
 extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, const float* policy,
                                                const float* reference, const int* unsafe_flags, const int* lengths,
-                                               int num_pairs, int objective, float beta, float param,
-                                               float safety_margin, float grad_scale) {
+                                               int num_pairs, int objective, float beta, float param, float param2,
+                                               float safety_margin, int f_divergence, float alpha, float bco_shift,
+                                               float weight, int accumulate, float grad_scale) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= num_pairs) return;
     const int c = 2 * i, r = 2 * i + 1;
@@ -110,13 +203,23 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
     const float rc = reference != nullptr ? reference[c] : 0.0f;
     const float rr = reference != nullptr ? reference[r] : 0.0f;
     const float chosen_logratio = pc - rc, rejected_logratio = pr - rr;
-    const float h = chosen_logratio - rejected_logratio;
     const float chosen_len = (float)max(lengths[c], 1), rejected_len = (float)max(lengths[r], 1);
     const float shift = safety_shift(unsafe_flags, i, safety_margin);
+    // The scores of the log-ratios: the log-ratios themselves unless an f-divergence applies.
+    const bool scored = f_divergence != FDIV_REVERSE_KL && reads_scores(objective);
+    float chosen_score = chosen_logratio, rejected_score = rejected_logratio;
+    float d_chosen_score = 1.0f, d_rejected_score = 1.0f;
+    if (scored) {
+        f_divergence_score(f_divergence, alpha, chosen_logratio, &chosen_score, &d_chosen_score);
+        f_divergence_score(f_divergence, alpha, rejected_logratio, &rejected_score, &d_rejected_score);
+    }
+    const float h = chosen_score - rejected_score;
 
+    // The derivatives are in the scores until the chain rule after the switch.
     float loss, d_chosen, d_rejected;
     switch (objective) {
-        case OBJ_DPO: {
+        case OBJ_DPO:
+        case OBJ_RPO: {
             float z = beta * h;
             z -= shift;
             loss = softplus_f(-z);
@@ -145,19 +248,12 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
             d_rejected = -d_chosen;
             break;
         }
-        case OBJ_HINGE: {
-            const float slack = 1.0f - beta * h + shift;
+        case OBJ_HINGE:
+        case OBJ_CPO_HINGE: {
+            const float slack = objective == OBJ_HINGE ? 1.0f - beta * h + shift : 1.0f - beta * (pc - pr) + shift;
             loss = slack > 0.0f ? slack : 0.0f;
             d_chosen = slack > 0.0f ? -beta : 0.0f;
             d_rejected = -d_chosen;
-            break;
-        }
-        case OBJ_RPO: {
-            const float z = beta * h - shift, alpha = param;
-            const float dh = -beta * sigmoid_f(-z);
-            loss = softplus_f(-z) + alpha * (-pc / chosen_len);
-            d_chosen = dh - alpha / chosen_len;
-            d_rejected = -dh;
             break;
         }
         case OBJ_SIMPO: {
@@ -228,7 +324,7 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
             break;
         }
         case OBJ_SIGMOID_NORM: {
-            const float z = beta * (chosen_logratio / chosen_len - rejected_logratio / rejected_len) - shift;
+            const float z = beta * (chosen_score / chosen_len - rejected_score / rejected_len) - shift;
             const float dz = -sigmoid_f(-z);
             loss = softplus_f(-z);
             d_chosen = beta * dz / chosen_len;
@@ -236,23 +332,79 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
             break;
         }
         case OBJ_BCO_PAIR: {
-            const float reward_chosen = beta * chosen_logratio, reward_rejected = beta * rejected_logratio + shift;
+            const float reward_chosen = beta * chosen_logratio - bco_shift;
+            const float reward_rejected = beta * rejected_logratio + shift - bco_shift;
             loss = softplus_f(-reward_chosen) + softplus_f(reward_rejected);
             d_chosen = -beta * sigmoid_f(-reward_chosen);
             d_rejected = beta * sigmoid_f(reward_rejected);
             break;
         }
+        case OBJ_SFT: {
+            // The batch's token-mean NLL of the chosen responses, the same sums in every thread.
+            float logps = 0.0f;
+            int tokens = 0;
+            for (int j = 0; j < num_pairs; ++j) {
+                logps += policy[2 * j];
+                tokens += lengths[2 * j];
+            }
+            const float token_count = (float)max(tokens, 1);
+            loss = -logps / token_count;
+            d_chosen = -(float)num_pairs / token_count;
+            d_rejected = 0.0f;
+            break;
+        }
+        case OBJ_ORPO: {
+            // z = (a_c − a_r) − (log1mexp(a_c) − log1mexp(a_r)) − t; d/da of `a − log1mexp(a)` = −1/expm1(a).
+            float chosen_mean = pc / chosen_len, rejected_mean = pr / rejected_len;
+            const bool chosen_clamped = chosen_mean > ORPO_MAX_MEAN_LOGP;
+            const bool rejected_clamped = rejected_mean > ORPO_MAX_MEAN_LOGP;
+            chosen_mean = chosen_clamped ? ORPO_MAX_MEAN_LOGP : chosen_mean;
+            rejected_mean = rejected_clamped ? ORPO_MAX_MEAN_LOGP : rejected_mean;
+            const float d_chosen_mean = chosen_clamped ? 0.0f : -1.0f / expm1f(chosen_mean);
+            const float d_rejected_mean = rejected_clamped ? 0.0f : -1.0f / expm1f(rejected_mean);
+            const float log_odds =
+                (chosen_mean - rejected_mean) - (log1mexp_f(chosen_mean) - log1mexp_f(rejected_mean));
+            const float z = log_odds - shift, dz = -beta * sigmoid_f(-z);
+            loss = beta * softplus_f(-z);
+            d_chosen = dz * d_chosen_mean / chosen_len;
+            d_rejected = -dz * d_rejected_mean / rejected_len;
+            break;
+        }
+        case OBJ_CPO:
+        case OBJ_CPO_SIMPO: {
+            const float z = objective == OBJ_CPO ? beta * (pc - pr) - shift
+                                                 : beta * (pc / chosen_len - pr / rejected_len) - param2 - shift;
+            float dz;
+            label_smoothed_f(z, param, &loss, &dz);
+            d_chosen = objective == OBJ_CPO ? beta * dz : beta * dz / chosen_len;
+            d_rejected = objective == OBJ_CPO ? -(beta * dz) : -(beta * dz) / rejected_len;
+            break;
+        }
+        case OBJ_CPO_IPO: {
+            const float residual = (pc / chosen_len - pr / rejected_len) - 1.0f / (2.0f * beta) - shift / beta;
+            loss = residual * residual;
+            d_chosen = 2.0f * residual / chosen_len;
+            d_rejected = -2.0f * residual / rejected_len;
+            break;
+        }
         default:  // the host validates the code (and sends AOT elsewhere); a NaN makes a bad one impossible to miss
             loss = d_chosen = d_rejected = __int_as_float(0x7fc00000);
     }
-
-    if (objective == OBJ_SIMPO) {
-        write_metrics(metrics, i, loss, beta * pc / chosen_len, beta * pr / rejected_len);
-    } else {
-        write_metrics(metrics, i, loss, beta * chosen_logratio, beta * rejected_logratio);
+    if (scored) {
+        d_chosen *= d_chosen_score;
+        d_rejected *= d_rejected_score;
     }
-    dpolicy[c] = grad_scale * d_chosen;
-    dpolicy[r] = grad_scale * d_rejected;
+    if (objective == OBJ_RPO) {  // RPO's NLL term reads the log-prob itself, not its score
+        loss += param * (-pc / chosen_len);
+        d_chosen -= param / chosen_len;
+    }
+
+    const bool mean_rewards = objective == OBJ_SIMPO || objective == OBJ_ORPO || objective == OBJ_CPO_IPO ||
+                              objective == OBJ_CPO_SIMPO;
+    const float reward_chosen = mean_rewards ? beta * pc / chosen_len : beta * chosen_logratio;
+    const float reward_rejected = mean_rewards ? beta * pr / rejected_len : beta * rejected_logratio;
+    write_pair(metrics, dpolicy, i, accumulate, weight, grad_scale, loss, d_chosen, d_rejected, reward_chosen,
+               reward_rejected);
 }
 EMU_REGISTER(preference_loss_f32)
 
@@ -280,9 +432,9 @@ __device__ __forceinline__ int total_order_key(float x) {
     return bits >= 0 ? bits : bits ^ 0x7fffffff;
 }
 
-/// Thread i ranks pair i's keys among the batch's (ties by index) and writes i into columns 0 (first key)
-/// and 1 (second key) of the metrics rows at those ranks.
-extern "C" __global__ void preference_loss_rank_f32(float* metrics, const float* policy, const float* reference,
+/// Thread i ranks pair i's keys among the batch's (ties by index) and writes i into `ranks` at those ranks:
+/// `ranks[k]` is the pair holding the k-th smallest first key, `ranks[P + k]` the k-th smallest second key.
+extern "C" __global__ void preference_loss_rank_f32(float* ranks, const float* policy, const float* reference,
                                                     const int* unsafe_flags, int num_pairs, int objective,
                                                     float beta, float safety_margin) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -298,29 +450,39 @@ extern "C" __global__ void preference_loss_rank_f32(float* metrics, const float*
         first_rank += a < first_key || (a == first_key && j < i);
         second_rank += b < second_key || (b == second_key && j < i);
     }
-    metrics[(long long)first_rank * PAIR_METRICS + 0] = (float)i;
-    metrics[(long long)second_rank * PAIR_METRICS + 1] = (float)i;
+    ranks[first_rank] = (float)i;
+    ranks[num_pairs + second_rank] = (float)i;
 }
 EMU_REGISTER(preference_loss_rank_f32)
 
-/// Thread k scores sorted position k (the pairs the rank pass put in row k), sends the gradient to those
-/// pairs, and overwrites row k with position k's loss and pair k's own rewards. `param` is ε.
-extern "C" __global__ void preference_loss_sorted_f32(float* metrics, float* dpolicy, const float* policy,
-                                                      const float* reference, const int* unsafe_flags,
-                                                      int num_pairs, int objective, float beta, float param,
-                                                      float safety_margin, float grad_scale) {
+/// Thread k scores sorted position k (the pairs the rank pass put at rank k), sends the gradient to those
+/// pairs, and writes row k: position k's loss and pair k's own rewards (or, accumulating, adds the loss).
+/// Every pair is the first key's holder of one position and the second key's of one, so the writes to
+/// dpolicy never collide. `param` is ε.
+extern "C" __global__ void preference_loss_sorted_f32(float* metrics, float* dpolicy, const float* ranks,
+                                                      const float* policy, const float* reference,
+                                                      const int* unsafe_flags, int num_pairs, int objective,
+                                                      float beta, float param, float safety_margin, float weight,
+                                                      int accumulate, float grad_scale) {
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= num_pairs) return;
-    const int i = (int)metrics[(long long)k * PAIR_METRICS + 0], j = (int)metrics[(long long)k * PAIR_METRICS + 1];
+    const int i = (int)ranks[k], j = (int)ranks[num_pairs + k];
     float first, second, unused, loss, dz;
     aot_keys(objective, policy, reference, unsafe_flags, i, beta, safety_margin, &first, &unused);
     aot_keys(objective, policy, reference, unsafe_flags, j, beta, safety_margin, &unused, &second);
     label_smoothed_f(beta * (first - second), param, &loss, &dz);
-    const float d_chosen = beta * dz;
-    dpolicy[2 * i] = grad_scale * d_chosen;
+    const float d_chosen = grad_scale * (weight * (beta * dz));
     // aot: both sides of pair i (its key is πc − πr); aot_unpaired: the rejected side of pair j.
-    dpolicy[objective == OBJ_AOT ? 2 * i + 1 : 2 * j + 1] = grad_scale * -d_chosen;
-    write_metrics(metrics, k, loss, beta * (policy[2 * k] - reference[2 * k]),
-                  beta * (policy[2 * k + 1] - reference[2 * k + 1]));
+    const int rejected = objective == OBJ_AOT ? 2 * i + 1 : 2 * j + 1;
+    if (accumulate) {
+        metrics[(long long)k * PAIR_METRICS] += weight * loss;
+        dpolicy[2 * i] += d_chosen;
+        dpolicy[rejected] += -d_chosen;
+    } else {
+        write_metrics(metrics, k, weight * loss, beta * (policy[2 * k] - reference[2 * k]),
+                      beta * (policy[2 * k + 1] - reference[2 * k + 1]));
+        dpolicy[2 * i] = d_chosen;
+        dpolicy[rejected] = -d_chosen;
+    }
 }
 EMU_REGISTER(preference_loss_sorted_f32)

@@ -55,6 +55,25 @@ fn random_objectives(rng: &mut ChaCha8Rng) -> Vec<Objective> {
         Objective::SigmoidNorm { beta, safety_margin },
         Objective::BcoPair { beta, safety_margin },
     ];
+    // The objectives added later draw from their own stream, seeded from this call's draws, so that
+    // the draws above (and the cases of every test) stay what they were.
+    let mut more = ChaCha8Rng::seed_from_u64(beta.to_bits() ^ safety_margin.to_bits().rotate_left(17));
+    let rng = &mut more;
+    let mut objectives = objectives;
+    objectives.extend([
+        Objective::Sft { beta },
+        Objective::Orpo { beta, safety_margin },
+        Objective::Cpo { beta, eps: rng.random_range(0.0..0.5), cpo_alpha: rng.random_range(0.0..2.0), safety_margin },
+        Objective::CpoHinge { beta, cpo_alpha: rng.random_range(0.0..2.0), safety_margin },
+        Objective::CpoIpo { beta, cpo_alpha: rng.random_range(0.0..2.0), safety_margin },
+        Objective::CpoSimpo {
+            beta: rng.random_range(0.5..3.0),
+            eps: rng.random_range(0.0..0.5),
+            gamma: rng.random_range(0.0..2.0),
+            cpo_alpha: rng.random_range(0.0..2.0),
+            safety_margin,
+        },
+    ]);
     assert_eq!(objectives.len(), Objective::NAMES.len(), "every objective is tested");
     objectives
 }
@@ -110,6 +129,29 @@ fn closed_form_loss(objective: &Objective, p: &PairInput) -> f64 {
         }
         Objective::SigmoidNorm { .. } => -naive_log_sigmoid(beta * (x_c / len_c - x_r / len_r) - t),
         Objective::BcoPair { .. } => -naive_log_sigmoid(r_c) - naive_log_sigmoid(-r_r),
+        // A batch of one pair: the `sft` part is this pair's chosen token-mean NLL.
+        Objective::Sft { .. } => -p.policy_chosen / len_c,
+        Objective::Orpo { .. } => {
+            let (a_c, a_r) = (p.policy_chosen / len_c, p.policy_rejected / len_r);
+            let log_odds = (a_c - a_r) - ((1.0 - a_c.exp()).ln() - (1.0 - a_r.exp()).ln());
+            -beta * naive_log_sigmoid(log_odds - t) - p.policy_chosen / len_c
+        }
+        Objective::Cpo { eps, cpo_alpha, .. } => {
+            let z = beta * (p.policy_chosen - p.policy_rejected) - t;
+            -(1.0 - eps) * naive_log_sigmoid(z) - eps * naive_log_sigmoid(-z) - cpo_alpha * p.policy_chosen / len_c
+        }
+        Objective::CpoHinge { cpo_alpha, .. } => {
+            (1.0 - beta * (p.policy_chosen - p.policy_rejected) + t).max(0.0) - cpo_alpha * p.policy_chosen / len_c
+        }
+        Objective::CpoIpo { cpo_alpha, .. } => {
+            let logits = p.policy_chosen / len_c - p.policy_rejected / len_r;
+            (logits - t / beta - 1.0 / (2.0 * beta)).powi(2) - cpo_alpha * p.policy_chosen / len_c
+        }
+        Objective::CpoSimpo { eps, gamma, cpo_alpha, .. } => {
+            let z = beta * (p.policy_chosen / len_c - p.policy_rejected / len_r) - gamma - t;
+            -(1.0 - eps) * naive_log_sigmoid(z) - eps * naive_log_sigmoid(-z) - cpo_alpha * p.policy_chosen / len_c
+        }
+        Objective::Combination(_) => unreachable!("random_objectives makes single objectives"),
     }
 }
 
@@ -131,11 +173,12 @@ fn assert_all_finite(out: &PairOutput, what: &str) {
     }
 }
 
-fn with_safety_margin(objective: &Objective, delta: f64) -> Objective {
-    let key = objective.spec().params.iter().find(|p| p.is_safety_margin()).unwrap().name;
+/// `objective` with its safety margin at `delta`; `None` for `sft`, which has none.
+fn with_safety_margin(objective: &Objective, delta: f64) -> Option<Objective> {
+    let key = objective.spec().params.iter().find(|p| p.is_safety_margin())?.name;
     let mut shifted = objective.clone();
     shifted.set_param(key, delta).unwrap();
-    shifted
+    Some(shifted)
 }
 
 #[test]
@@ -341,8 +384,10 @@ fn the_safety_margin_raises_the_rejected_reward_of_every_objective() {
         let p = random_pair(&mut rng);
         let delta = rng.random_range(0.5..12.0);
         for objective in random_objectives(&mut rng) {
-            let base = with_safety_margin(&objective, 0.0);
-            let safe = with_safety_margin(&objective, delta);
+            let (Some(base), Some(safe)) = (with_safety_margin(&objective, 0.0), with_safety_margin(&objective, delta))
+            else {
+                continue; // sft: no rejected response, no safety margin
+            };
             let plain = PairInput { chosen_unsafe: false, rejected_unsafe: false, ..p };
             let want = closed_form_loss(&base, &plain);
             assert!(close(pair_loss(&base, &p).loss, want, 1e-10, 1e-12), "{base} at Δ = 0 is not its closed form");
@@ -352,7 +397,19 @@ fn the_safety_margin_raises_the_rejected_reward_of_every_objective() {
             }
             for (u_c, u_r, gap) in [(false, true, 1.0), (true, false, -1.0)] {
                 let flagged = PairInput { chosen_unsafe: u_c, rejected_unsafe: u_r, ..p };
-                let per_token = matches!(base, Objective::Simpo { .. } | Objective::SigmoidNorm { .. });
+                if let Objective::Orpo { .. } = base {
+                    // ORPO's logit (the log odds ratio) is not linear in πr: Δ shifts the logit itself.
+                    let want = closed_form_loss(&safe, &flagged);
+                    assert!(close(pair_loss(&safe, &flagged).loss, want, 1e-10, 1e-12), "{safe}: {want}");
+                    continue;
+                }
+                let per_token = matches!(
+                    base,
+                    Objective::Simpo { .. }
+                        | Objective::SigmoidNorm { .. }
+                        | Objective::CpoIpo { .. }
+                        | Objective::CpoSimpo { .. }
+                );
                 let scale = if per_token { p.rejected_len as f64 } else { 1.0 };
                 let moved =
                     PairInput { policy_rejected: p.policy_rejected + gap * delta * scale / base.beta(), ..flagged };
@@ -436,7 +493,7 @@ fn aot_sorts_across_the_batch() {
 fn batch_loss_is_pair_loss_for_the_objectives_that_do_not_sort() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let pairs: Vec<PairInput> = (0..7).map(|_| random_pair(&mut rng)).collect();
-    for objective in random_objectives(&mut rng).into_iter().filter(|o| !o.sorts_batch()) {
+    for objective in random_objectives(&mut rng).into_iter().filter(|o| !o.batch_level()) {
         let want: Vec<PairOutput> = pairs.iter().map(|p| pair_loss(&objective, p)).collect();
         assert_eq!(batch_loss(&objective, &pairs), want, "{objective}");
     }
@@ -452,8 +509,14 @@ fn metrics_are_the_implicit_rewards() {
             let beta = objective.beta();
             let out = pair_loss(&objective, &p);
             let (want_chosen, want_rejected) = match objective {
-                Objective::Simpo { .. } => {
+                Objective::Simpo { .. }
+                | Objective::Orpo { .. }
+                | Objective::CpoIpo { .. }
+                | Objective::CpoSimpo { .. } => {
                     (beta * p.policy_chosen / p.chosen_len as f64, beta * p.policy_rejected / p.rejected_len as f64)
+                }
+                Objective::Cpo { .. } | Objective::CpoHinge { .. } => {
+                    (beta * p.policy_chosen, beta * p.policy_rejected)
                 }
                 _ => (beta * (p.policy_chosen - p.ref_chosen), beta * (p.policy_rejected - p.ref_rejected)),
             };
@@ -580,6 +643,7 @@ fn every_trl_pairwise_loss_matches_trl_on_fixed_inputs() {
         "discopop",
         "sigmoid_norm",
         "bco_pair",
+        "sft",
     ] {
         assert!(covered.contains(&name), "no TRL case for {name}");
     }

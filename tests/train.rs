@@ -78,10 +78,18 @@ fn metrics_without_timing(run: &Path) -> Vec<serde_json::Map<String, serde_json:
 /// N steps straight vs N/2, an interruption, and a resume: bit-identical weights, optimizer
 /// state, training state and metrics.
 fn check_resume_is_exact(task: Task, precompute_ref: bool) {
+    check_resume_is_exact_with(task, precompute_ref, None);
+}
+
+/// [`check_resume_is_exact`] with `objective` in place of the default one.
+fn check_resume_is_exact_with(task: Task, precompute_ref: bool, objective: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_data(dir.path(), 80, 3);
     let mut straight = tiny_config(&dir.path().join("straight"), &data);
     straight.precompute_ref = precompute_ref;
+    if let Some(text) = objective {
+        straight.objective = text.parse().unwrap();
+    }
     let mut resumed = straight.clone();
     resumed.out_dir = dir.path().join("resumed");
 
@@ -122,6 +130,22 @@ fn resume_is_bit_identical_preference_with_cached_reference() {
 #[test]
 fn resume_is_bit_identical_sft() {
     check_resume_is_exact(Task::Sft, false);
+}
+
+/// MPO with `bco_pair`'s running reward mean: the mean is trainer state, saved with the checkpoint
+/// and restored on resume (a resumed run that started the mean again would train differently).
+#[test]
+fn resume_is_bit_identical_with_bco_pairs_running_mean() {
+    check_resume_is_exact_with(Task::Preference, true, Some("0.8*dpo+0.2*bco_pair+sft:bco_running_mean=true"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path(), 80, 3);
+    let mut cfg = tiny_config(&dir.path().join("run"), &data);
+    cfg.objective = "bco_pair:bco_running_mean=true".parse().unwrap();
+    train(backend(), &cfg, Task::Preference, &TrainOptions { stop_after_step: Some(2), ..quiet() }).unwrap();
+    let state = safedpo::train::checkpoint::TrainState::read(&cfg.out_dir.join("checkpoint-2")).unwrap();
+    // Two steps of two micro-batches: four updates of the mean, each one sample.
+    assert_eq!(state.loss.bco_reward_mean.count, 4.0);
+    assert!(state.loss.bco_reward_mean.mean != 0.0 && state.loss.bco_reward_mean.mean.is_finite(), "{state:?}");
 }
 
 #[test]
@@ -483,7 +507,7 @@ fn check_records_are_sane(name: &str, run: &Path) {
 #[test]
 fn every_objective_trains_on_the_cpu_and_on_the_emulated_device() {
     use safedpo::backend::cuda::{CudaBackend, Device, Precision};
-    use safedpo::loss::{pair_loss, Objective, PairInput};
+    use safedpo::loss::{batch_loss, Objective, PairInput};
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_data(dir.path(), 5, 14);
     let emu = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::F32));
@@ -536,8 +560,10 @@ fn every_objective_trains_on_the_cpu_and_on_the_emulated_device() {
             let rec = if first { &s.first_eval } else { &s.last_eval };
             rec.as_ref().unwrap()[k].as_f64().unwrap()
         };
-        // The trainer ran this objective: its step-0 loss is the objective's, from its specification.
-        let want = inputs.iter().map(|p| pair_loss(&cpu_cfg.objective, p).loss).sum::<f64>() / inputs.len() as f64;
+        // The trainer ran this objective: its step-0 loss is the objective's, from its specification
+        // (of the batch: the eval pairs are one micro-batch, and `sft`'s token mean runs over it).
+        let batch = batch_loss(&cpu_cfg.objective, &inputs);
+        let want = batch.iter().map(|o| o.loss).sum::<f64>() / inputs.len() as f64;
         for (backend, summary) in [("cpu", &a), ("emu", &b)] {
             let got = eval(summary, true, "eval/loss");
             assert!(

@@ -57,8 +57,14 @@ impl<B: Backend> StepRunner<B> {
             .map(|_| MicroBatch::upload(&*backend, synthetic_batch(cfg, &mut rng)))
             .collect::<Result<Vec<_>>>()?;
         let optimizer = AdamW::new(&mut policy, adamw_config(&cfg.run_settings().optimizer))?;
-        let learner =
-            Learner { policy, reference, optimizer, objective: cfg.objective.clone(), grad_clip: cfg.max_grad_norm };
+        let learner = Learner {
+            policy,
+            reference,
+            optimizer,
+            objective: cfg.objective.clone(),
+            grad_clip: cfg.max_grad_norm,
+            loss_state: Default::default(),
+        };
         Ok(Self { backend, cfg: cfg.clone(), learner, batches, step: 0 })
     }
 

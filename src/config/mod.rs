@@ -35,9 +35,12 @@
 //! sft_safe_only = true       # sft: train only on chosen responses labelled safe
 //!
 //! [objective]                # names, parameters, defaults and bounds: `loss::Objective::ALL`
-//! name = "safedpo"           # or any of `loss::Objective::NAMES` (dpo, ipo, …, bco_pair)
+//! name = "safedpo"           # or any of `loss::Objective::NAMES` (dpo, ipo, …, cpo_simpo), or a
+//!                            # list summed with loss_weights: ["sigmoid", "bco_pair", "sft"]
 //! beta = 0.1
-//! delta = 10.0               # safedpo only (the others: safety_margin); eps, alpha, gamma, tau
+//! delta = 10.0               # safedpo only (the others: safety_margin); eps, alpha, gamma, tau, cpo_alpha
+//! # loss_weights = [0.8, 0.2, 1.0]; rpo_alpha = 1.0; f_divergence_type = "js_divergence";
+//! # f_alpha_divergence_coef = 0.5; bco_running_mean = true      (TRL's modifiers: `loss::Combination`)
 //!
 //! [optimizer]
 //! lr = 1e-5

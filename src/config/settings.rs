@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::backend::DeviceKind;
 use crate::data::{DataFormat, PairSelection};
-use crate::loss::{Objective, ObjectiveSpec, Param};
+use crate::loss::{Objective, ObjectiveSpec, Param, MODIFIER_KEYS, PARAM_ALIASES};
 
 /// How a setting's value is read from the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,10 +86,15 @@ impl<T: Setting> Setting for Option<T> {
 }
 
 /// `[objective]`: `name`, then every parameter any objective takes, each with the objectives that
-/// take it, their bounds and defaults (all from [`Objective::ALL`]).
+/// take it, their bounds and defaults (all from [`Objective::ALL`]), TRL's spellings of parameters,
+/// and the keys of a combination and of TRL's modifiers ([`MODIFIER_KEYS`]).
 impl Setting for Objective {
     fn keys(path: &str, _doc: &str, out: &mut Vec<Key>) {
-        let help = format!("The preference objective: {}", Objective::name_list());
+        let help = format!(
+            "The preference objective: {}; several (TRL's `loss_type` list) joined by `,` or `+`, each \
+             optionally weighted (`0.8*sigmoid+0.2*bco_pair+sft`)",
+            Objective::name_list()
+        );
         out.push(Key { path: join(path, "name"), kind: Kind::Text, help });
         let mut names: Vec<&str> = Vec::new();
         for param in Objective::ALL.iter().flat_map(|spec| spec.params) {
@@ -101,6 +106,21 @@ impl Setting for Objective {
             let takers: Vec<(&ObjectiveSpec, &Param)> =
                 Objective::ALL.iter().filter_map(|spec| spec.param(name).map(|p| (spec, p))).collect();
             out.push(Key { path: join(path, name), kind: Kind::Number, help: param_help(&takers) });
+        }
+        for (alias, name) in PARAM_ALIASES {
+            let help = format!("TRL's name of `{name}`");
+            out.push(Key { path: join(path, alias), kind: Kind::Number, help });
+        }
+        for key in MODIFIER_KEYS {
+            let (kind, help) = match key {
+                "loss_weights" => (Kind::Number, "The weights of the objectives named (TRL `loss_weights`), e.g. 0.8,0.2,1; absent: 1 each"),
+                "rpo_alpha" => (Kind::Number, "Adds the `sft` term (the chosen responses' token-mean NLL) with this weight to any objective (TRL < 1.0 `rpo_alpha`)"),
+                "f_divergence_type" => (Kind::Text, "The f-divergence of the log-ratios (TRL `f_divergence_type`): reverse_kl (default), forward_kl, js_divergence, alpha_divergence"),
+                "f_alpha_divergence_coef" => (Kind::Number, "α of alpha_divergence (TRL `f_alpha_divergence_coef`, default 0.5)"),
+                "bco_running_mean" => (Kind::Bool, "bco_pair subtracts the running mean of the rewards (BCO's δ, TRL < 1.0; default false, as TRL 1.x)"),
+                other => unreachable!("modifier {other} has no help"),
+            };
+            out.push(Key { path: join(path, key), kind, help: help.to_string() });
         }
     }
 }

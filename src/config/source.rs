@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::loss::Objective;
+use crate::loss::{parse_terms, unknown_key, Objective};
 
 /// `file:line:column: field: message` and the line, for a TOML parse or type error.
 pub(crate) fn describe_toml_error(e: &toml::de::Error, text: &str, file: &Path) -> String {
@@ -27,13 +27,18 @@ pub(crate) fn describe_at(text: &str, file: &Path, offset: usize, field: Option<
 /// order (`name` after most parameters), too late to point at the key.
 pub(crate) fn objective_key_error(table: &toml::Table) -> Option<(String, String)> {
     let objective = table.get("objective")?.as_table()?;
-    let spec = match objective.get("name") {
-        // Not a string, or an unknown name: serde reports it at the name.
-        Some(name) => Objective::spec_of(name.as_str()?).ok()?,
-        None => Objective::default().spec(),
+    let terms = match objective.get("name") {
+        // Not a string or a list of strings, or an unknown name: serde reports it at the name.
+        Some(toml::Value::String(name)) => parse_terms(name).ok()?,
+        Some(toml::Value::Array(items)) => {
+            let names: Option<Vec<&str>> = items.iter().map(|v| v.as_str()).collect();
+            parse_terms(&names?.join("+")).ok()?
+        }
+        Some(_) => return None,
+        None => parse_terms(Objective::default().name()).ok()?,
     };
-    let key = objective.keys().find(|k| *k != "name" && spec.param(k).is_none())?;
-    Some((format!("objective.{key}"), spec.not_a_parameter(key)))
+    let specs: Vec<_> = terms.into_iter().map(|(_, spec)| spec).collect();
+    objective.keys().find_map(|key| unknown_key(&specs, key).map(|message| (format!("objective.{key}"), message)))
 }
 
 /// 1-based line and column of byte `offset`.

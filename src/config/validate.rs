@@ -105,7 +105,7 @@ impl RunConfig {
     /// `[objective]`: every parameter within its bound (`loss::Param::bound`).
     pub(crate) fn check_objective(&self, errs: &mut Errors) {
         for (param, message) in self.objective.param_errors() {
-            errs.add(&format!("objective.{param}"), format!("{message} (objective {})", self.objective.name()));
+            errs.add(&format!("objective.{param}"), format!("{message} (objective {})", self.objective.describe()));
         }
     }
 

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use super::{Logps, PairLogps, PairMetrics};
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::data::{preference_batch, TokenizedPair};
-use crate::loss::Objective;
+use crate::loss::{LossState, Objective};
 use crate::model::{Decoder, DecoderConfig, HostWeights};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::train::checkpoint::write_optimizer_state;
@@ -25,6 +25,8 @@ pub(super) struct Models<B: Backend> {
     policy: Option<Decoder<B>>,
     reference: Option<Box<Decoder<B>>>,
     optimizer: Option<AdamW<B>>,
+    /// The trainer state the loss reads (`bco_pair`'s running mean), carried across steps.
+    loss_state: LossState,
 }
 
 /// What a training step gave, on the host.
@@ -37,7 +39,7 @@ pub(super) struct StepOutput {
 
 impl<B: Backend> Models<B> {
     pub fn new(backend: Arc<B>) -> Self {
-        Self { backend, policy: None, reference: None, optimizer: None }
+        Self { backend, policy: None, reference: None, optimizer: None, loss_state: LossState::default() }
     }
 
     pub fn backend_name(&self) -> String {
@@ -179,7 +181,8 @@ impl<B: Backend> Models<B> {
                 Reference::Free
             }
         };
-        let mut learner = Learner { policy, reference, optimizer, objective: objective.clone(), grad_clip };
+        let loss_state = self.loss_state;
+        let mut learner = Learner { policy, reference, optimizer, objective: objective.clone(), grad_clip, loss_state };
         let mut output = (Vec::new(), Vec::new());
         let result = learner.preference_step(
             std::slice::from_ref(&batch),
@@ -187,7 +190,8 @@ impl<B: Backend> Models<B> {
             |_, out| output = (out.metrics, out.logps),
             &mut |_| Ok(()),
         );
-        let Learner { policy, reference, optimizer, .. } = learner;
+        let Learner { policy, reference, optimizer, loss_state, .. } = learner;
+        self.loss_state = loss_state;
         self.policy = Some(policy);
         if let Reference::Model(model) = reference {
             self.reference = Some(model);

@@ -3,6 +3,7 @@
 //! objectives share live here too.
 
 use super::objectives::Objective;
+use super::objectives::{FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT};
 
 /// Number of float outputs per pair written by a preference loss into its `metrics` buffer, in this
 /// order: loss, chosen reward, rejected reward, margin (chosen − rejected reward), accuracy (1 when
@@ -74,28 +75,68 @@ pub fn sigmoid(x: f64) -> f64 {
     }
 }
 
+/// The score of a log-ratio `x` under `f_divergence` and its derivative in `x` (TRL's formulas; see
+/// [`FDivergence`]'s variants).
+pub fn f_divergence_score(f_divergence: FDivergence, x: f64) -> (f64, f64) {
+    match f_divergence {
+        FDivergence::ReverseKl => (x, 1.0),
+        FDivergence::ForwardKl => {
+            let inverse_ratio = (-x).exp();
+            (1.0 - inverse_ratio, inverse_ratio)
+        }
+        FDivergence::JsDivergence => (std::f64::consts::LN_2 + log_sigmoid(x), sigmoid(-x)),
+        FDivergence::Alpha(alpha) if (alpha - 1.0).abs() < 1e-6 => (x, 1.0),
+        FDivergence::Alpha(alpha) => {
+            // TRL's arithmetic: the exponent clamped, then `(exp(t) − 1)·(1/(α − 1))`.
+            let (exponent, coef) = ((alpha - 1.0) * x, 1.0 / (alpha - 1.0));
+            if exponent > ALPHA_DIVERGENCE_MAX_EXPONENT {
+                ((ALPHA_DIVERGENCE_MAX_EXPONENT.exp() - 1.0) * coef, 0.0)
+            } else {
+                let ratio = exponent.exp();
+                ((ratio - 1.0) * coef, ratio)
+            }
+        }
+    }
+}
+
 /// A response length as the divisor of a length-normalised objective: 0 counts as 1.
 pub(super) fn length_divisor(len: u32) -> f64 {
     f64::from(len.max(1))
 }
 
-/// The loss of one pair under `objective`. The CPU twin of the preference-loss kernel.
-///
-/// `shift = sΔ` is the SafeDAA safety shift (see [`crate::loss`]): subtracted from the logit `z` of
-/// the objectives built on a preference logit, added to the rejected reward of the others. Most
-/// objectives are a function `f(z)` of `z = βh − sΔ`; then `dL/dπc = β f'(z)` and
-/// `dL/dπr = −β f'(z)`. The AOT objectives sort across the batch ([`crate::loss::batch_loss`]); for
-/// them this is the loss of a batch of this one pair.
-pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
+/// What every term of a loss call reads besides its pair: the f-divergence that scores the
+/// log-ratios and `bco_pair`'s reward shift δ (0 without a running mean).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Modifiers {
+    pub f_divergence: FDivergence,
+    pub bco_shift: f64,
+}
+
+/// The per-pair part of single `objective` on pair `p`, as (loss, dL/dπc, dL/dπr): everything but
+/// the batch-level parts (AOT's sort: here a batch of one; the `sft` term's token mean: not here,
+/// see `Objective::nll_weight`).
+pub(super) fn pairwise(objective: &Objective, p: &PairInput, modifiers: &Modifiers) -> (f64, f64, f64) {
     let chosen_logratio = p.policy_chosen - p.ref_chosen;
     let rejected_logratio = p.policy_rejected - p.ref_rejected;
-    let h = chosen_logratio - rejected_logratio;
-    let beta = objective.beta();
+    // The f-divergence scores of the log-ratios, for the objectives built on their difference (the
+    // validation refuses it for the others); the reverse KL leaves them as they are.
+    let scored = modifiers.f_divergence != FDivergence::ReverseKl && objective.takes_f_divergence();
+    let ((chosen_score, d_chosen_score), (rejected_score, d_rejected_score)) = if scored {
+        (
+            f_divergence_score(modifiers.f_divergence, chosen_logratio),
+            f_divergence_score(modifiers.f_divergence, rejected_logratio),
+        )
+    } else {
+        ((chosen_logratio, 1.0), (rejected_logratio, 1.0))
+    };
+    let h = chosen_score - rejected_score;
     let shift = p.safety_gap() * objective.safety_margin();
+    let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
 
-    // (loss, dL/dπc, dL/dπr)
+    // (loss, dL/dπc, dL/dπr); for the objectives that take an f-divergence, the derivatives are in
+    // the scores until the chain rule below.
     let (loss, d_chosen, d_rejected) = match *objective {
-        Objective::Dpo { beta, .. } | Objective::SafeDpo { beta, .. } => {
+        Objective::Dpo { beta, .. } | Objective::SafeDpo { beta, .. } | Objective::Rpo { beta, .. } => {
             let (loss, dh) = dpo_loss(beta * h - shift, beta);
             (loss, dh, -dh)
         }
@@ -117,23 +158,8 @@ pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
             let (loss, dz) = label_smoothed(beta * h - shift, eps);
             (loss, beta * dz, -(beta * dz))
         }
-        Objective::Hinge { beta, .. } => {
-            // 1 − (βh − shift), written so that shift = 0 adds nothing.
-            let slack = 1.0 - beta * h + shift;
-            if slack > 0.0 {
-                (slack, -beta, beta)
-            } else {
-                (0.0, 0.0, 0.0)
-            }
-        }
-        Objective::Rpo { beta, alpha, .. } => {
-            let (dpo, dh) = dpo_loss(beta * h - shift, beta);
-            let chosen_len = length_divisor(p.chosen_len);
-            let nll = -p.policy_chosen / chosen_len;
-            (dpo + alpha * nll, dh - alpha / chosen_len, -dh)
-        }
+        Objective::Hinge { beta, .. } => hinge(1.0 - beta * h + shift, beta),
         Objective::Simpo { beta, gamma, .. } => {
-            let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
             let z = beta * (p.policy_chosen / chosen_len - p.policy_rejected / rejected_len) - gamma - shift;
             let loss = softplus(-z);
             let dz = -sigmoid(-z);
@@ -178,7 +204,7 @@ pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
         }
         Objective::ApoDown { beta, .. } => {
             let reward_chosen = beta * chosen_logratio;
-            let z = beta * h - shift;
+            let z = beta * (chosen_logratio - rejected_logratio) - shift;
             let loss = sigmoid(reward_chosen) + sigmoid(-z);
             let dz = -sigmoid(z) * sigmoid(-z);
             let d_chosen = beta * sigmoid(reward_chosen) * sigmoid(-reward_chosen) + beta * dz;
@@ -189,34 +215,106 @@ pub fn pair_loss(objective: &Objective, p: &PairInput) -> PairOutput {
             (loss, beta * dz, -(beta * dz))
         }
         Objective::SigmoidNorm { beta, .. } => {
-            let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
-            let z = beta * (chosen_logratio / chosen_len - rejected_logratio / rejected_len) - shift;
+            let z = beta * (chosen_score / chosen_len - rejected_score / rejected_len) - shift;
             let dz = -sigmoid(-z);
             (softplus(-z), beta * dz / chosen_len, -(beta * dz) / rejected_len)
         }
         Objective::BcoPair { beta, .. } => {
-            let (reward_chosen, reward_rejected) = (beta * chosen_logratio, beta * rejected_logratio + shift);
+            // δ (the running reward mean, 0 without one) shifts both rewards.
+            let reward_chosen = beta * chosen_logratio - modifiers.bco_shift;
+            let reward_rejected = beta * rejected_logratio + shift - modifiers.bco_shift;
             let loss = softplus(-reward_chosen) + softplus(reward_rejected);
             (loss, -beta * sigmoid(-reward_chosen), beta * sigmoid(reward_rejected))
         }
+        Objective::Sft { .. } => (0.0, 0.0, 0.0),
+        Objective::Orpo { beta, .. } => orpo(p, beta, shift),
+        Objective::Cpo { beta, eps, .. } => {
+            let (loss, dz) = label_smoothed(beta * (p.policy_chosen - p.policy_rejected) - shift, eps);
+            (loss, beta * dz, -(beta * dz))
+        }
+        Objective::CpoHinge { beta, .. } => hinge(1.0 - beta * (p.policy_chosen - p.policy_rejected) + shift, beta),
+        Objective::CpoIpo { beta, .. } => {
+            let residual =
+                (p.policy_chosen / chosen_len - p.policy_rejected / rejected_len) - 1.0 / (2.0 * beta) - shift / beta;
+            (residual * residual, 2.0 * residual / chosen_len, -2.0 * residual / rejected_len)
+        }
+        Objective::CpoSimpo { beta, eps, gamma, .. } => {
+            let z = beta * (p.policy_chosen / chosen_len - p.policy_rejected / rejected_len) - gamma - shift;
+            let (loss, dz) = label_smoothed(z, eps);
+            (loss, beta * dz / chosen_len, -(beta * dz) / rejected_len)
+        }
+        Objective::Combination(_) => unreachable!("pairwise takes the terms of a combination one by one"),
     };
-
-    let (reward_chosen, reward_rejected) = match objective {
-        Objective::Simpo { .. } => (
-            beta * p.policy_chosen / length_divisor(p.chosen_len),
-            beta * p.policy_rejected / length_divisor(p.rejected_len),
-        ),
-        _ => (beta * chosen_logratio, beta * rejected_logratio),
+    let (mut loss, mut d_chosen, d_rejected) = if scored {
+        (loss, d_chosen * d_chosen_score, d_rejected * d_rejected_score)
+    } else {
+        (loss, d_chosen, d_rejected)
     };
-    PairOutput {
-        loss,
-        d_policy_chosen: d_chosen,
-        d_policy_rejected: d_rejected,
-        reward_chosen,
-        reward_rejected,
-        margin: reward_chosen - reward_rejected,
-        accuracy: if reward_chosen > reward_rejected { 1.0 } else { 0.0 },
+    if let Objective::Rpo { alpha, .. } = *objective {
+        // RPO's NLL term reads the log-prob itself, not its score.
+        loss += alpha * (-p.policy_chosen / chosen_len);
+        d_chosen -= alpha / chosen_len;
     }
+    (loss, d_chosen, d_rejected)
+}
+
+/// The rewards a single objective logs for pair `p`: `β(π − r)`; `β π` for the reference-free ones
+/// on summed log-probs (`cpo`, `cpo_hinge`), `β π/|y|` for those on mean token log-probs (`simpo`,
+/// `orpo`, `cpo_ipo`, `cpo_simpo`), as TRL's trainers log them.
+pub(super) fn rewards(objective: &Objective, p: &PairInput) -> (f64, f64) {
+    let beta = objective.beta();
+    let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
+    match objective {
+        Objective::Simpo { .. } | Objective::Orpo { .. } | Objective::CpoIpo { .. } | Objective::CpoSimpo { .. } => {
+            (beta * p.policy_chosen / chosen_len, beta * p.policy_rejected / rejected_len)
+        }
+        Objective::Cpo { .. } | Objective::CpoHinge { .. } => (beta * p.policy_chosen, beta * p.policy_rejected),
+        _ => (beta * (p.policy_chosen - p.ref_chosen), beta * (p.policy_rejected - p.ref_rejected)),
+    }
+}
+
+/// The hinge `max(0, slack)` of a slack `1 − z` with `dz/dπc = β`, `dz/dπr = −β`; at the kink the
+/// subgradient 0.
+fn hinge(slack: f64, beta: f64) -> (f64, f64, f64) {
+    if slack > 0.0 {
+        (slack, -beta, beta)
+    } else {
+        (0.0, 0.0, 0.0)
+    }
+}
+
+/// ORPO's largest mean token log-prob: above it the log odds `log(p/(1 − p))` would overflow (and
+/// at 0, an empty response, be infinite).
+pub const ORPO_MAX_MEAN_LOGP: f64 = -1e-6;
+
+/// `log(1 − eˣ)` for x < 0 without cancellation (Mächler's split at −log 2, as TRL's `log1mexp`).
+pub fn log1mexp(x: f64) -> f64 {
+    if x < -std::f64::consts::LN_2 {
+        (-x.exp()).ln_1p()
+    } else {
+        (-x.exp_m1()).ln()
+    }
+}
+
+/// ORPO's odds-ratio term `−β log σ(z)`, `z` the log odds ratio of the mean token log-probs less
+/// the safety shift, and its gradient in the summed log-probs.
+fn orpo(p: &PairInput, beta: f64, shift: f64) -> (f64, f64, f64) {
+    let (chosen_len, rejected_len) = (length_divisor(p.chosen_len), length_divisor(p.rejected_len));
+    let (chosen_mean, rejected_mean) = (p.policy_chosen / chosen_len, p.policy_rejected / rejected_len);
+    // d/da of `a − log(1 − eᵃ)` is `1/(1 − eᵃ) = −1/expm1(a)`; 0 where a is clamped.
+    let clamped = |a: f64| {
+        if a > ORPO_MAX_MEAN_LOGP {
+            (ORPO_MAX_MEAN_LOGP, 0.0)
+        } else {
+            (a, -1.0 / a.exp_m1())
+        }
+    };
+    let ((chosen_mean, d_chosen_mean), (rejected_mean, d_rejected_mean)) =
+        (clamped(chosen_mean), clamped(rejected_mean));
+    let log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean));
+    let z = log_odds - shift;
+    let dz = -beta * sigmoid(-z);
+    (beta * softplus(-z), dz * d_chosen_mean / chosen_len, -dz * d_rejected_mean / rejected_len)
 }
 
 /// `−log σ(z)` and its derivative with respect to `h`, where `z = β h + const`:

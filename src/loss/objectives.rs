@@ -12,9 +12,13 @@
 
 use anyhow::{bail, Result};
 
+mod combination;
+
+pub use combination::{Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF};
+
 use super::params::{
-    Param, ALPHA, AOT_EPS, BETA, CDPO_EPS, DELTA, DISCOPOP_TAU, EXO_EPS, ROBUST_EPS, SAFETY_MARGIN, SIMPO_BETA,
-    SIMPO_GAMMA,
+    canonical_param, Param, ALPHA, AOT_EPS, BETA, CDPO_EPS, CPO_ALPHA, CPO_EPS, DELTA, DISCOPOP_TAU, EXO_EPS,
+    ORPO_BETA, ROBUST_EPS, SAFETY_MARGIN, SIMPO_BETA, SIMPO_GAMMA,
 };
 
 /// One objective: its name, the other names it is known by, and its parameters.
@@ -29,7 +33,9 @@ pub struct ObjectiveSpec {
 }
 
 impl ObjectiveSpec {
+    /// The parameter called `key` or one of TRL's spellings of it (`label_smoothing` for `eps`, …).
     pub fn param(&self, key: &str) -> Option<&'static Param> {
+        let key = canonical_param(key);
         self.params.iter().find(|p| p.name == key)
     }
 
@@ -68,6 +74,10 @@ macro_rules! objectives {
         #[derive(Clone, Debug, PartialEq)]
         pub enum Objective {
             $( $(#[doc = $doc])* $variant { $($field: f64),+ }, )+
+            /// A weighted sum of objectives, or objectives with TRL's modifiers (see
+            /// [`Combination`]): `sigmoid+bco_pair+sft` with `loss_weights`, `rpo_alpha`,
+            /// `f_divergence_type`, `bco_running_mean`.
+            Combination(Box<Combination>),
         }
 
         const OBJECTIVE_COUNT: usize = [$($name),+].len();
@@ -81,24 +91,28 @@ macro_rules! objectives {
             /// Every objective's name, as `default_for`, `FromStr` and serde spell it.
             pub const NAMES: [&'static str; OBJECTIVE_COUNT] = [$($name),+];
 
-            /// The objective's name (one of `NAMES`).
+            /// The objective's name (one of `NAMES`; `combination` for a [`Combination`], whose
+            /// terms `describe` lists).
             pub fn name(&self) -> &'static str {
                 match self {
                     $( Objective::$variant { .. } => $name, )+
+                    Objective::Combination(_) => "combination",
                 }
             }
 
-            /// β, the inverse temperature every objective has.
+            /// β, the inverse temperature every objective has (a combination's terms share it).
             pub fn beta(&self) -> f64 {
                 match *self {
                     $( Objective::$variant { beta, .. } => beta, )+
+                    Objective::Combination(ref c) => c.terms.first().map_or(BETA.default, |(_, t)| t.beta()),
                 }
             }
 
-            /// The parameter values in the order of `spec().params`.
+            /// The parameter values in the order of `spec().params` (a combination: of `params`).
             pub fn values(&self) -> Vec<f64> {
                 match *self {
                     $( Objective::$variant { $($field),+ } => vec![$($field),+], )+
+                    Objective::Combination(ref c) => c.params().into_iter().map(|(_, v)| v).collect(),
                 }
             }
 
@@ -196,11 +210,52 @@ objectives! {
     SigmoidNorm = "sigmoid_norm" { beta: BETA, safety_margin: SAFETY_MARGIN },
     /// BCO on pairs (Jung et al. 2024, arXiv 2404.04656; TRL `bco_pair`): `softplus(−r_c) + softplus(r_r)`,
     /// `r_c = β x_c`, `r_r = β x_r + sΔ`: the chosen response classified as good, the rejected as
-    /// bad, at threshold 0. TRL < 1.0 subtracted a running mean δ of all rewards from both (the BCO
-    /// paper's reward shift, kept by TRL's separate BCO trainer); TRL 1.x's `bco_pair` has no δ, and
-    /// neither has this one: δ is trainer state, updated at every loss call, so the loss of a pair
-    /// would depend on the pairs before it and on how a step is split into micro-batches.
+    /// bad, at threshold 0, as TRL 1.x's `bco_pair`. TRL < 1.0 subtracted a running mean δ of all
+    /// rewards from both (the BCO paper's reward shift, kept by TRL's separate BCO trainer):
+    /// `bco_pair` with `bco_running_mean = true` (a [`Combination`] modifier) does, with δ trainer
+    /// state ([`crate::loss::LossState`]) updated before every loss call, so that its loss depends on
+    /// the pairs before it and on how a step is split into micro-batches.
     BcoPair = "bco_pair" { beta: BETA, safety_margin: SAFETY_MARGIN },
+    /// SFT on the chosen responses (TRL `sft`): the negative log-likelihood of the batch's chosen
+    /// response tokens, averaged over those tokens, `−Σ_i πc_i / Σ_i |yc_i|` (a batch of one pair:
+    /// `−πc/|yc|`); TRL writes this batch value as every pair's loss, and so does [`batch_loss`]. A
+    /// batch-level objective: the gradient of the batch's summed loss is `−P / Σ|yc|` for every
+    /// chosen log-prob (P pairs). The loss reads no reference; the logged rewards are TRL's
+    /// `β(π − r)`, which do. No safety margin: there is no rejected response. As a term of a
+    /// [`Combination`] it is TRL's `loss_type=[…, "sft"]` (MPO), and with weight α TRL < 1.0's
+    /// `rpo_alpha`.
+    ///
+    /// [`batch_loss`]: crate::loss::batch_loss
+    Sft = "sft" { beta: BETA },
+    /// ORPO (Hong et al. 2024, arXiv 2403.07691, eqs. 4–7; TRL `ORPOTrainer`), reference-free, on the
+    /// mean token log-probs `a = π/|y|`: `−β log σ(z) + NLL`, the log odds ratio
+    /// `z = (a_c − a_r) − (log(1 − e^{a_c}) − log(1 − e^{a_r})) − sΔ` (β is the paper's λ) and NLL the
+    /// `sft` term. Rewards are `β a`. A mean log-prob above −1e-6 (a probability within 1e-6 of 1;
+    /// an empty response's 0) counts as −1e-6, so that the log odds stay finite (TRL's are ±inf
+    /// there). TRL's NLL covers the prompt tokens too; here it covers the response tokens, as CPO's.
+    Orpo = "orpo" { beta: ORPO_BETA, safety_margin: SAFETY_MARGIN },
+    /// CPO (Xu et al. 2024, arXiv 2401.08417, eq. 3; TRL `CPOTrainer`, `loss_type="sigmoid"`),
+    /// reference-free: `(1−ε) softplus(−z) + ε softplus(z)`, `z = β(πc − πr) − sΔ`, plus `cpo_alpha`
+    /// times the `sft` term. Rewards are `β π`. TRL's AlphaPO reward transform (`alpha`) is not here.
+    Cpo = "cpo" { beta: BETA, eps: CPO_EPS, cpo_alpha: CPO_ALPHA, safety_margin: SAFETY_MARGIN },
+    /// CPO with the hinge loss (TRL `CPOTrainer`, `loss_type="hinge"`): `max(0, 1 − z)`,
+    /// `z = β(πc − πr) − sΔ`, plus `cpo_alpha` times the `sft` term. Rewards are `β π`.
+    CpoHinge = "cpo_hinge" { beta: BETA, cpo_alpha: CPO_ALPHA, safety_margin: SAFETY_MARGIN },
+    /// CPO with the IPO loss (TRL `CPOTrainer`, `loss_type="ipo"`), on the mean token log-probs
+    /// `a = π/|y|`: `(a_c − a_r − sΔ/β − 1/(2β))²` (IPO's `((z − ½)/β)²`, `z = β(a_c − a_r) − sΔ`),
+    /// plus `cpo_alpha` times the `sft` term. Rewards are `β a`.
+    CpoIpo = "cpo_ipo" { beta: BETA, cpo_alpha: CPO_ALPHA, safety_margin: SAFETY_MARGIN },
+    /// CPO with SimPO's loss (TRL `CPOTrainer`, `loss_type="simpo"`): `(1−ε) softplus(−z) + ε
+    /// softplus(z)`, `z = β(a_c − a_r) − γ − sΔ` on the mean token log-probs, plus `cpo_alpha` times
+    /// the `sft` term (TRL's CPO default 1; `cpo_alpha = 0`, `eps = 0` is `simpo` at these β, γ).
+    /// Rewards are `β a`.
+    CpoSimpo = "cpo_simpo" {
+        beta: BETA,
+        eps: CPO_EPS,
+        gamma: SIMPO_GAMMA,
+        cpo_alpha: CPO_ALPHA,
+        safety_margin: SAFETY_MARGIN,
+    },
 }
 
 /// SafeDPO with its defaults: the objective this crate is about.
@@ -234,37 +289,146 @@ impl Objective {
         Ok(Self::spec_of(name)?.defaults())
     }
 
+    /// The table entry of a single objective; a combination's first term's.
     pub fn spec(&self) -> &'static ObjectiveSpec {
-        Self::ALL.iter().find(|s| s.name == self.name()).expect("every variant is in Objective::ALL")
+        match self {
+            Objective::Combination(c) => c.terms.first().map_or(Objective::default().spec(), |(_, t)| t.spec()),
+            single => {
+                Self::ALL.iter().find(|s| s.name == single.name()).expect("every single objective is in Objective::ALL")
+            }
+        }
     }
 
-    /// Whether the objective needs reference log-probs.
+    /// The terms of the sum: `(1, self)` for a single objective.
+    pub fn terms(&self) -> Vec<(f64, &Objective)> {
+        match self {
+            Objective::Combination(c) => c.terms.iter().map(|(w, t)| (*w, t)).collect(),
+            single => vec![(1.0, single)],
+        }
+    }
+
+    /// `dpo`, or a combination's terms: `0.8*dpo+0.2*bco_pair+sft` (without parameters; `Display`
+    /// writes them).
+    pub fn describe(&self) -> String {
+        match self {
+            Objective::Combination(c) => {
+                let terms =
+                    c.terms
+                        .iter()
+                        .map(|(w, t)| if *w == 1.0 { t.name().to_string() } else { format!("{w}*{}", t.name()) });
+                terms.collect::<Vec<_>>().join("+")
+            }
+            single => single.name().to_string(),
+        }
+    }
+
+    /// Whether the objective needs reference log-probs (a combination: whether any term does).
     pub fn uses_reference(&self) -> bool {
-        !matches!(self, Objective::Simpo { .. })
+        match self {
+            Objective::Combination(c) => c.terms.iter().any(|(_, t)| t.uses_reference()),
+            single => !matches!(
+                single,
+                Objective::Simpo { .. }
+                    | Objective::Orpo { .. }
+                    | Objective::Cpo { .. }
+                    | Objective::CpoHinge { .. }
+                    | Objective::CpoIpo { .. }
+                    | Objective::CpoSimpo { .. }
+            ),
+        }
     }
 
     /// Whether the objective sorts across the batch (AOT), so that a pair's loss depends on the other
     /// pairs of its batch: see [`crate::loss::batch_loss`].
     pub fn sorts_batch(&self) -> bool {
-        matches!(self, Objective::Aot { .. } | Objective::AotUnpaired { .. })
+        self.terms().iter().any(|(_, t)| matches!(t, Objective::Aot { .. } | Objective::AotUnpaired { .. }))
     }
 
-    /// The safety margin Δ: `delta` of `safedpo`, `safety_margin` of every other objective.
+    /// Whether a pair's loss depends on the other pairs of its batch: the sorting objectives, and
+    /// those with the `sft` term (its token mean runs over the batch).
+    pub fn batch_level(&self) -> bool {
+        self.sorts_batch() || self.terms().iter().any(|(_, t)| t.nll_weight() > 0.0)
+    }
+
+    /// The weight of the `sft` term (the chosen responses' token-mean NLL over the batch) inside a
+    /// single objective: 1 for `sft` and `orpo`, `cpo_alpha` for the CPO objectives, else 0 (RPO's
+    /// NLL is per pair: see `rpo`). 0 for a combination, whose terms say.
+    pub fn nll_weight(&self) -> f64 {
+        match *self {
+            Objective::Sft { .. } | Objective::Orpo { .. } => 1.0,
+            Objective::Cpo { cpo_alpha, .. }
+            | Objective::CpoHinge { cpo_alpha, .. }
+            | Objective::CpoIpo { cpo_alpha, .. }
+            | Objective::CpoSimpo { cpo_alpha, .. } => cpo_alpha,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether the objective is built on the chosen-minus-rejected log-ratio difference, so that an
+    /// f-divergence can score its log-ratios (TRL's list, `DPOTrainer.__init__`: `sigmoid`,
+    /// `sigmoid_norm`, `hinge`, `ipo`, `exo_pair`, `robust`, `discopop`, `sft`; here also the
+    /// objectives made of those: `safedpo`, `cdpo`, `rpo`).
+    pub fn takes_f_divergence(&self) -> bool {
+        matches!(
+            self,
+            Objective::Dpo { .. }
+                | Objective::SafeDpo { .. }
+                | Objective::Ipo { .. }
+                | Objective::Robust { .. }
+                | Objective::Cdpo { .. }
+                | Objective::Hinge { .. }
+                | Objective::Rpo { .. }
+                | Objective::ExoPair { .. }
+                | Objective::Discopop { .. }
+                | Objective::SigmoidNorm { .. }
+                | Objective::Sft { .. }
+        )
+    }
+
+    /// The safety margin Δ: `delta` of `safedpo`, `safety_margin` of every other objective; 0 for
+    /// `sft`, which has none; a combination's first term's that has one (they share it).
     pub fn safety_margin(&self) -> f64 {
-        let params = self.spec().params.iter().zip(self.values());
-        params.filter(|(p, _)| p.is_safety_margin()).map(|(_, v)| v).next().expect("every objective has a Δ")
+        let terms = self.terms();
+        let mut margins = terms.iter().flat_map(|(_, t)| {
+            let params = t.spec().params.iter().zip(t.values());
+            params.filter(|(p, _)| p.is_safety_margin()).map(|(_, v)| v).collect::<Vec<_>>()
+        });
+        margins.next().unwrap_or(0.0)
     }
 
-    /// The parameters as (name, value), in a fixed order (β first).
+    /// The parameters as (name, value), in a fixed order (β first; a combination: each shared
+    /// parameter once, see [`Combination::params`]).
     pub fn params(&self) -> Vec<(&'static str, f64)> {
-        self.spec().params.iter().map(|p| p.name).zip(self.values()).collect()
+        match self {
+            Objective::Combination(c) => c.params(),
+            single => single.spec().params.iter().map(|p| p.name).zip(single.values()).collect(),
+        }
     }
 
-    /// Sets parameter `key` (as named by `params`) to `value`; errors name the objective and list
-    /// its parameters. Does not validate the value (see `validate`).
+    /// Sets parameter `key` (as named by `params`, or TRL's spelling of it) to `value`; a
+    /// combination sets it on every term that takes it. Errors name the objective and list its
+    /// parameters. Does not validate the value (see `validate`).
     pub fn set_param(&mut self, key: &str, value: f64) -> Result<()> {
+        if let Objective::Combination(c) = self {
+            let mut found = false;
+            for (_, term) in c.terms.iter_mut() {
+                if term.spec().param(key).is_some() {
+                    term.set_param(key, value)?;
+                    found = true;
+                }
+            }
+            if !found {
+                let names: Vec<&str> = c.params().into_iter().map(|(n, _)| n).collect();
+                bail!(
+                    "objective {} has no parameter {key:?}; its parameters are: {}",
+                    self.describe(),
+                    names.join(", ")
+                )
+            }
+            return Ok(());
+        }
         let spec = self.spec();
-        let Some(index) = spec.params.iter().position(|p| p.name == key) else {
+        let Some(index) = spec.param(key).and_then(|p| spec.params.iter().position(|q| q.name == p.name)) else {
             bail!("objective {} has no parameter {key:?}; its parameters are: {}", spec.name, spec.param_list())
         };
         let mut values = self.values();
@@ -273,8 +437,22 @@ impl Objective {
         Ok(())
     }
 
-    /// Every parameter outside its bound, as (name, "must be …, got …").
+    /// Every parameter outside its bound, as (name, "must be …, got …"); for a combination also its
+    /// weights, its modifiers and the parameters its terms hold with different values.
     pub fn param_errors(&self) -> Vec<(&'static str, String)> {
+        if let Objective::Combination(c) = self {
+            let mut errors: Vec<(&'static str, String)> = Vec::new();
+            for (_, term) in &c.terms {
+                for (key, message) in term.param_errors() {
+                    if !errors.iter().any(|(k, _)| *k == key) {
+                        errors.push((key, format!("{message} ({})", term.name())));
+                    }
+                }
+            }
+            errors.extend(c.shared_param_errors());
+            errors.extend(c.errors());
+            return errors;
+        }
         let params = self.spec().params.iter().zip(self.values());
         params
             .filter(|(p, v)| !p.bound.admits(*v))
@@ -283,10 +461,11 @@ impl Objective {
     }
 
     /// Checks every parameter against its bound (see [`Param`]): β > 0, Δ ≥ 0, ε in [0, ½) for robust,
-    /// [0, ½] for cdpo and aot, (0, ½] for exo_pair, α ≥ 0, γ ≥ 0, τ in (0, 1], all finite.
+    /// [0, ½] for cdpo, aot and cpo, (0, ½] for exo_pair, α ≥ 0, γ ≥ 0, τ in (0, 1], all finite; and
+    /// a combination's weights and modifiers (see [`Combination::errors`]).
     pub fn validate(&self) -> Result<()> {
         match self.param_errors().into_iter().next() {
-            Some((key, message)) => bail!("objective {}: {key} {message}", self.name()),
+            Some((key, message)) => bail!("objective {}: {key} {message}", self.describe()),
             None => Ok(()),
         }
     }

@@ -111,7 +111,38 @@ pub(super) const ALPHA: Param =
 /// used: it is shared with CPO's other loss types and too small for length-normalised rewards.
 pub(super) const SIMPO_BETA: Param =
     Param { name: "beta", default: 2.0, bound: Bound::Positive, help: "The scale β of the implicit rewards" };
+/// ORPO's λ, here β (TRL's `ORPOConfig.beta`, 0.1: the weight of the odds-ratio term against the NLL;
+/// the ORPO paper's λ, 0.1 in its experiments).
+pub(super) const ORPO_BETA: Param = Param {
+    name: "beta",
+    default: 0.1,
+    bound: Bound::Positive,
+    help: "The scale β of the implicit rewards (ORPO: the weight λ of the odds-ratio term)",
+};
+/// CPO's weight of the chosen response's NLL: TRL's `CPOConfig.cpo_alpha` default, 1 (the CPO paper's
+/// behaviour-cloning regulariser; 0 drops it, which makes `cpo_simpo` SimPO).
+pub(super) const CPO_ALPHA: Param = Param {
+    name: "cpo_alpha",
+    default: 1.0,
+    bound: Bound::NonNegative,
+    help: "CPO's weight of the chosen response's NLL (TRL `cpo_alpha`)",
+};
+/// CPO's label smoothing (TRL's `CPOConfig.label_smoothing`, default 0), bounded as cDPO's.
+pub(super) const CPO_EPS: Param =
+    Param { name: "eps", default: 0.0, bound: Bound::UpTo(0.5), help: "The label-noise rate ε" };
 /// SimPO's γ = 0.5: TRL's `CPOConfig.simpo_gamma` default (trl/trainer/cpo_config.py), also the
 /// SimPO authors' `SimPOConfig` (β = 2 with `gamma_beta_ratio` = 0.25). A margin, so ≥ 0.
 pub(super) const SIMPO_GAMMA: Param =
     Param { name: "gamma", default: 0.5, bound: Bound::NonNegative, help: "SimPO's target reward margin γ" };
+
+/// TRL's spellings of parameters that are named otherwise here, accepted wherever a parameter is
+/// named (`[objective]`, `--objective.*`, `name:key=value`): `label_smoothing` (read by TRL's
+/// `robust`, `exo_pair`, `aot`, `aot_unpaired`, CPO's `sigmoid` and `simpo`, TRL < 1.0's `sigmoid`,
+/// i.e. `cdpo`) is ε, `discopop_tau` τ, `simpo_gamma` γ.
+pub const PARAM_ALIASES: [(&str, &str); 3] =
+    [("label_smoothing", "eps"), ("discopop_tau", "tau"), ("simpo_gamma", "gamma")];
+
+/// The parameter name `key` means: itself, or the name TRL's spelling stands for.
+pub fn canonical_param(key: &str) -> &str {
+    PARAM_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, name)| name)
+}

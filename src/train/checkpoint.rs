@@ -28,6 +28,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::data::BatcherState;
+use crate::loss::LossState;
 use crate::util::write_atomic;
 
 pub const LATEST_FILE: &str = "latest";
@@ -59,6 +60,14 @@ pub struct TrainState {
     pub rng: ChaCha8Rng,
     /// `RunConfig::trajectory_hash` of the run that wrote it.
     pub config_hash: String,
+    /// The trainer state the loss reads (`bco_pair`'s running reward mean); absent (the initial
+    /// state) in checkpoints whose objective has none.
+    #[serde(default, skip_serializing_if = "is_initial_loss_state")]
+    pub loss: LossState,
+}
+
+fn is_initial_loss_state(state: &LossState) -> bool {
+    *state == LossState::default()
 }
 
 impl TrainState {
@@ -70,7 +79,8 @@ impl TrainState {
         rng: ChaCha8Rng,
         config_hash: String,
     ) -> Self {
-        Self { format: STATE_FORMAT.to_string(), task: task.to_string(), step, total_steps, batcher, rng, config_hash }
+        let (format, task, loss) = (STATE_FORMAT.to_string(), task.to_string(), LossState::default());
+        Self { format, task, step, total_steps, batcher, rng, config_hash, loss }
     }
 
     pub fn read(dir: &Path) -> Result<Self> {

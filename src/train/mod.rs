@@ -38,7 +38,7 @@ use crate::data::{
     self, load_pairs, load_tokenizer, preference_batch, sequence_format, sft_batch, split_holdout, tokenize_pairs,
     Batcher, TextTokenizer, TokenizedPair,
 };
-use crate::loss::Objective;
+use crate::loss::{LossState, Objective};
 use crate::model::decoder::random_weights;
 use crate::model::{Decoder, DeviceBatch, HostWeights};
 use crate::optim::{AdamW, LrSchedule};
@@ -339,11 +339,12 @@ impl<B: Backend> Trainer<B> {
         rec.insert("epoch".into(), json_f64(self.epoch()));
         match self.task {
             Task::Preference => {
-                let stats = evaluate_pairs(
+                let stats = evaluate_pairs_with(
                     &mut self.learner.policy,
                     &self.eval_reference,
                     &self.data.eval,
                     &self.learner.objective,
+                    &self.learner.loss_state,
                     self.cfg.batching.tokens_per_micro_batch,
                 )?;
                 stats.write_means("eval/", &mut rec);
@@ -384,14 +385,17 @@ impl<B: Backend> Trainer<B> {
             }
             Ok(())
         };
-        let state = TrainState::new(
-            self.task.name(),
-            self.step,
-            self.total_steps,
-            self.batcher.state(),
-            self.rng.clone(),
-            self.cfg.trajectory_hash(),
-        );
+        let state = TrainState {
+            loss: self.learner.loss_state,
+            ..TrainState::new(
+                self.task.name(),
+                self.step,
+                self.total_steps,
+                self.batcher.state(),
+                self.rng.clone(),
+                self.cfg.trajectory_hash(),
+            )
+        };
         let dir = commit_dir(&self.cfg.out_dir, name, |dir| {
             check("model.safetensors")?;
             self.learner.policy.save(dir)?;
@@ -412,12 +416,25 @@ impl<B: Backend> Trainer<B> {
 }
 
 /// Evaluates `policy` on fixed pairs whose reference log-probs `[2P]` are given (zeros for a
-/// reference-free objective).
+/// reference-free objective), at the loss state before any step.
 pub fn evaluate_pairs<B: Backend>(
     policy: &mut Decoder<B>,
     reference: &[f32],
     pairs: &[TokenizedPair],
     objective: &Objective,
+    token_budget: usize,
+) -> Result<PairStats> {
+    evaluate_pairs_with(policy, reference, pairs, objective, &LossState::default(), token_budget)
+}
+
+/// [`evaluate_pairs`] at the trainer's loss state `state` (read, not updated: evaluation does not
+/// move `bco_pair`'s running mean).
+pub fn evaluate_pairs_with<B: Backend>(
+    policy: &mut Decoder<B>,
+    reference: &[f32],
+    pairs: &[TokenizedPair],
+    objective: &Objective,
+    state: &LossState,
     token_budget: usize,
 ) -> Result<PairStats> {
     ensure!(reference.len() == 2 * pairs.len(), "{} reference log-probs for {} pairs", reference.len(), pairs.len());
@@ -434,7 +451,7 @@ pub fn evaluate_pairs<B: Backend>(
         let mut metrics = b.zeros(ids.len() * PAIR_METRICS)?;
         let mut dpolicy = b.zeros(2 * ids.len())?;
         let logps = policy.forward(&dev)?;
-        b.preference_loss(&mut metrics, &mut dpolicy, logps, &reference, &flags, &lengths, objective, 1.0)?;
+        b.preference_loss_with(&mut metrics, &mut dpolicy, logps, &reference, &flags, &lengths, objective, state, 1.0)?;
         let host_logps = b.download(logps)?;
         stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
     }
@@ -616,7 +633,14 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         cfg: cfg.clone(),
         task,
         opts: opts.clone(),
-        learner: Learner { policy, reference, optimizer, objective, grad_clip: op.grad_clip },
+        learner: Learner {
+            policy,
+            reference,
+            optimizer,
+            objective,
+            grad_clip: op.grad_clip,
+            loss_state: saved_state.as_ref().map(|s| s.loss).unwrap_or_default(),
+        },
         eval_reference,
         schedule,
         batcher,

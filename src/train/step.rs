@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::OptimizerConfig;
 use crate::data::PreferenceBatch;
-use crate::loss::Objective;
+use crate::loss::{LossState, Objective};
 use crate::model::{Decoder, DeviceBatch};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
 
@@ -85,6 +85,8 @@ pub struct Learner<B: Backend> {
     pub objective: Objective,
     /// Global grad-norm clip; 0 disables it (the norm is still computed).
     pub grad_clip: f32,
+    /// The trainer state the loss reads (saved with checkpoints), updated before each loss call.
+    pub loss_state: LossState,
 }
 
 impl<B: Backend> Learner<B> {
@@ -122,10 +124,13 @@ impl<B: Backend> Learner<B> {
             let logps = self.policy.forward(&batch.packed)?;
             lap(Phase::PolicyForward)?;
 
+            if LossState::is_read_by(&self.objective) {
+                self.loss_state.before_loss(&self.objective, &b.download(logps)?, &b.download(reference)?);
+            }
             let mut metrics = b.zeros(n * PAIR_METRICS)?;
             let mut dpolicy = b.zeros(2 * n)?;
-            let (flags, lengths) = (&batch.unsafe_flags, &batch.lengths);
-            b.preference_loss(
+            let (flags, lengths, state) = (&batch.unsafe_flags, &batch.lengths, &self.loss_state);
+            b.preference_loss_with(
                 &mut metrics,
                 &mut dpolicy,
                 logps,
@@ -133,6 +138,7 @@ impl<B: Backend> Learner<B> {
                 flags,
                 lengths,
                 &self.objective,
+                state,
                 grad_scale,
             )?;
             let output = MicroOutput { metrics: b.download(&metrics)?, logps: b.download(logps)? };

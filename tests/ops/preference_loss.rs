@@ -1,31 +1,53 @@
 //! The preference loss of a batch against the spec (`batch_loss`: `pair_loss` per pair, AOT's sort
-//! across the batch), every objective, with and without its safety margin; the CUDA backend against
-//! the CPU, at ordinary margins and at extreme ones (|h| up to 1e4, β from 1e-3 to 5, where a naive
-//! softplus, log-sigmoid or exponential would overflow in f32).
+//! across the batch, the `sft` term's token mean), every objective, with and without its safety
+//! margin, and combinations of them with TRL's modifiers (the f-divergences, `bco_pair`'s running
+//! mean); the CUDA backend against the CPU, at ordinary margins and at extreme ones (|h| up to 1e4, β
+//! from 1e-3 to 5, where a naive softplus, log-sigmoid or exponential would overflow in f32).
 
 use rand::Rng;
 use safedpo::backend::cpu::preference_loss::spec;
 use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::backend::PAIR_METRICS;
-use safedpo::loss::Objective;
+use safedpo::loss::{LossState, Objective, RunningMean};
 
 use crate::backend;
 use crate::common::*;
 use crate::device::Fixture;
 
 /// Every objective with its defaults and, beside it, its safety twin at Δ = `delta` (for `safedpo`,
-/// whose Δ is 10 by default, Δ = 0 instead).
+/// whose Δ is 10 by default, Δ = 0 instead; `sft` has no safety margin, hence no twin).
 fn every_objective(delta: f64) -> Vec<Objective> {
     let mut objectives = Vec::new();
     for name in Objective::NAMES {
         let objective = Objective::default_for(name).unwrap();
-        let key = objective.spec().params.iter().find(|p| p.is_safety_margin()).unwrap().name;
-        let mut twin = objective.clone();
-        twin.set_param(key, if objective.safety_margin() == 0.0 { delta } else { 0.0 }).unwrap();
-        objectives.extend([objective, twin]);
+        if let Some(key) = objective.spec().params.iter().find(|p| p.is_safety_margin()).map(|p| p.name) {
+            let mut twin = objective.clone();
+            twin.set_param(key, if objective.safety_margin() == 0.0 { delta } else { 0.0 }).unwrap();
+            objectives.push(twin);
+        }
+        objectives.push(objective);
     }
     objectives
+}
+
+/// Combinations and modifiers, each with the loss state it runs at: mixtures (a sorting term first
+/// and later, the `sft` term), every f-divergence, `bco_pair`'s running mean, safety margins.
+fn combinations() -> Vec<(Objective, LossState)> {
+    let state = LossState { bco_reward_mean: RunningMean { mean: 0.37, count: 3.0 } };
+    let texts = [
+        "0.8*dpo+0.2*bco_pair+sft",
+        "0.8*dpo+0.2*bco_pair+sft:bco_running_mean=true,safety_margin=2",
+        "aot+0.5*ipo+0.25*aot_unpaired:eps=0.1",
+        "nca_pair+2*aot:safety_margin=1.5",
+        "dpo:rpo_alpha=0.7,f_divergence_type=js_divergence",
+        "hinge+robust+exo_pair:eps=0.2,f_divergence_type=forward_kl",
+        "discopop+sigmoid_norm+sft:f_divergence_type=alpha_divergence,f_alpha_divergence_coef=0.3",
+        "cdpo+rpo:f_divergence_type=alpha_divergence,f_alpha_divergence_coef=1.6,safety_margin=3",
+        "orpo+0.5*cpo_simpo:beta=0.4,safety_margin=1",
+        "simpo+cpo_ipo+cpo_hinge:beta=0.5,gamma=0.3",
+    ];
+    texts.iter().map(|text| (text.parse::<Objective>().unwrap(), state)).collect()
 }
 
 /// `objective` at β = `beta`.
@@ -45,14 +67,16 @@ fn preference_loss_applies_the_spec_to_the_batch() {
     let flags: Vec<i32> = (0..2 * pairs).map(|i| ((i * 7 + 3) % 3 == 0) as i32).collect();
     let lengths: Vec<i32> = rand_ids(&mut r, 2 * pairs, 20).iter().map(|l| l + 1).collect();
     let grad_scale = 0.25;
-    for objective in &every_objective(3.0) {
+    let singles = every_objective(3.0).into_iter().map(|o| (o, LossState::default()));
+    for (objective, state) in &singles.chain(combinations()).collect::<Vec<_>>() {
         let (mut metrics, mut dpolicy) = (poison(pairs * PAIR_METRICS), poison(2 * pairs));
         // Reference-free objectives ignore the reference buffer (here: empty).
         let refs = if objective.uses_reference() { reference.clone() } else { Vec::new() };
-        be.preference_loss(&mut metrics, &mut dpolicy, &policy, &refs, &flags, &lengths, objective, grad_scale)
-            .unwrap();
+        let (p, f, l) = (&policy, &flags, &lengths);
+        be.preference_loss_with(&mut metrics, &mut dpolicy, p, &refs, f, l, objective, state, grad_scale).unwrap();
+        let (policy, reference) = (to_f64(&policy), to_f64(&reference));
         let (want_metrics, want_dpolicy) =
-            spec::forward(objective, &to_f64(&policy), &to_f64(&reference), &flags, &lengths, grad_scale as f64);
+            spec::forward_with(objective, state, &policy, &reference, &flags, &lengths, grad_scale as f64);
         for i in 0..pairs {
             let (c, rj) = (2 * i, 2 * i + 1);
             let m = &metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS];
@@ -79,14 +103,30 @@ fn compare(
     lengths: &[i32],
     tolerance: (f64, f64, bool),
 ) {
+    compare_with(f, what, objective, &LossState::default(), policy, reference, flags, lengths, tolerance)
+}
+
+/// [`compare`] at the loss state `state`.
+#[allow(clippy::too_many_arguments)]
+fn compare_with(
+    f: &mut Fixture,
+    what: &str,
+    objective: &Objective,
+    state: &LossState,
+    policy: &[f32],
+    reference: &[f32],
+    flags: &[i32],
+    lengths: &[i32],
+    tolerance: (f64, f64, bool),
+) {
     let pairs = policy.len() / 2;
     let ((cp, gp), (cr, gr)) = (f.both(policy), f.both(reference));
     let (cf, gf) = (f.cpu.upload_ids(flags).unwrap(), f.cuda.upload_ids(flags).unwrap());
     let (cl, gl) = (f.cpu.upload_ids(lengths).unwrap(), f.cuda.upload_ids(lengths).unwrap());
     let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
     let (mut want_d, mut got_d) = f.poisoned(2 * pairs);
-    f.cpu.preference_loss(&mut want_m, &mut want_d, &cp, &cr, &cf, &cl, objective, 0.7).unwrap();
-    f.cuda.preference_loss(&mut got_m, &mut got_d, &gp, &gr, &gf, &gl, objective, 0.7).unwrap();
+    f.cpu.preference_loss_with(&mut want_m, &mut want_d, &cp, &cr, &cf, &cl, objective, state, 0.7).unwrap();
+    f.cuda.preference_loss_with(&mut got_m, &mut got_d, &gp, &gr, &gf, &gl, objective, state, 0.7).unwrap();
     let (got_m, got_d) = (f.cuda.download(&got_m).unwrap(), f.cuda.download(&got_d).unwrap());
     let (rtol, atol, scaled) = tolerance;
     let check = |name: String, got: &[f32], want: &[f32]| {
@@ -118,6 +158,10 @@ fn preference_loss(device: &Device, precision: Precision) {
     lengths[3] = 0;
     for objective in every_objective(3.0) {
         compare(&mut f, "ordinary margins", &objective, &policy, &reference, &flags, &lengths, (2e-5, 2e-5, true));
+    }
+    for (objective, state) in combinations() {
+        let (p, r, fl, l) = (&policy, &reference, &flags, &lengths);
+        compare_with(&mut f, "ordinary margins", &objective, &state, p, r, fl, l, (2e-5, 2e-5, true));
     }
 }
 

@@ -8,14 +8,14 @@ use anyhow::Result;
 
 use super::CpuBackend;
 use crate::backend::{checks, PreferenceLossOps};
-use crate::loss::Objective;
+use crate::loss::{LossState, Objective};
 
 /// The specification, in f64, that the CPU backend runs and the CUDA kernel is held to:
-/// [`crate::loss::batch_loss`] of the batch (each pair's [`crate::loss::pair_loss`], unless the
-/// objective sorts across the batch), laid out as the op lays it out.
+/// [`crate::loss::batch_loss_with`] of the batch (each pair's [`crate::loss::pair_loss`], unless the
+/// objective is batch-level), laid out as the op lays it out.
 pub mod spec {
     use crate::backend::PAIR_METRICS;
-    use crate::loss::{batch_loss, Objective, PairInput};
+    use crate::loss::{batch_loss_with, LossState, Objective, PairInput};
 
     /// Pair i is sequences `2i` (chosen) and `2i + 1` (rejected) of `policy`, `reference` (read only
     /// when the objective `uses_reference`), `unsafe_flags` (nonzero: unsafe) and `lengths`.
@@ -24,6 +24,19 @@ pub mod spec {
     /// sorts across the batch).
     pub fn forward(
         objective: &Objective,
+        policy: &[f64],
+        reference: &[f64],
+        unsafe_flags: &[i32],
+        lengths: &[i32],
+        grad_scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        forward_with(objective, &LossState::default(), policy, reference, unsafe_flags, lengths, grad_scale)
+    }
+
+    /// [`forward`] under the trainer state `state` (see [`crate::loss::LossState`]).
+    pub fn forward_with(
+        objective: &Objective,
+        state: &LossState,
         policy: &[f64],
         reference: &[f64],
         unsafe_flags: &[i32],
@@ -49,7 +62,7 @@ pub mod spec {
             })
             .collect();
         let (mut metrics, mut dpolicy) = (vec![0.0; pairs * PAIR_METRICS], vec![0.0; 2 * pairs]);
-        for (i, out) in batch_loss(objective, &inputs).iter().enumerate() {
+        for (i, out) in batch_loss_with(objective, &inputs, state).iter().enumerate() {
             metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&out.metrics_row());
             dpolicy[2 * i] = grad_scale * out.d_policy_chosen;
             dpolicy[2 * i + 1] = grad_scale * out.d_policy_rejected;
@@ -59,7 +72,7 @@ pub mod spec {
 }
 
 impl PreferenceLossOps for CpuBackend {
-    fn preference_loss(
+    fn preference_loss_with(
         &self,
         metrics: &mut Vec<f32>,
         dpolicy: &mut Vec<f32>,
@@ -68,6 +81,7 @@ impl PreferenceLossOps for CpuBackend {
         unsafe_flags: &Vec<i32>,
         lengths: &Vec<i32>,
         objective: &Objective,
+        state: &LossState,
         grad_scale: f32,
     ) -> Result<()> {
         checks::preference_loss(
@@ -80,8 +94,9 @@ impl PreferenceLossOps for CpuBackend {
             objective.uses_reference(),
         )?;
         let to_f64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let (policy, reference) = (to_f64(policy), to_f64(reference));
         let (metrics_f64, dpolicy_f64) =
-            spec::forward(objective, &to_f64(policy), &to_f64(reference), unsafe_flags, lengths, grad_scale as f64);
+            spec::forward_with(objective, state, &policy, &reference, unsafe_flags, lengths, grad_scale as f64);
         metrics.iter_mut().zip(&metrics_f64).for_each(|(m, &x)| *m = x as f32);
         dpolicy.iter_mut().zip(&dpolicy_f64).for_each(|(d, &x)| *d = x as f32);
         Ok(())

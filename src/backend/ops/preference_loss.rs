@@ -1,5 +1,5 @@
-//! The preference loss: one call for the batch, every objective of `crate::loss`
-//! (kernels/preference_loss.cu; its specification is `crate::loss::batch_loss`).
+//! The preference loss: one call for the batch, every objective of `crate::loss`, single or combined
+//! (kernels/preference_loss.cu; its specification is `crate::loss::batch_loss_with`).
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
 //! backend runs first, so that the same mistake gives the same error everywhere.
@@ -7,15 +7,32 @@
 use anyhow::Result;
 
 use crate::backend::Buffers;
-use crate::loss::Objective;
+use crate::loss::{LossState, Objective};
 
 pub trait PreferenceLossOps: Buffers {
     /// One call for the batch of P pairs. Sequence `2i` is pair i's chosen response, `2i + 1` its
     /// rejected one. Inputs `[2P]`: policy and reference sequence log-probs, `unsafe_flags` (1 =
     /// unsafe), `lengths` (response tokens). Writes `metrics [P, PAIR_METRICS]` (see
     /// `PAIR_METRICS`) and `dpolicy [2P]` = `grad_scale · d(Σ_i L_i)/d(policy logp)`, which is each
-    /// pair's own `dL_i` except for the objectives that sort across the batch (AOT). `reference` is
-    /// ignored by reference-free objectives. The CPU twin is `crate::loss::batch_loss`.
+    /// pair's own `dL_i` except for the batch-level objectives (AOT's sort, the `sft` term's token
+    /// mean). `reference` is ignored by reference-free objectives. `state` is the trainer state the
+    /// loss reads (`bco_pair`'s running reward mean). The CPU twin is
+    /// `crate::loss::batch_loss_with`.
+    #[allow(clippy::too_many_arguments)]
+    fn preference_loss_with(
+        &self,
+        metrics: &mut Self::Buf,
+        dpolicy: &mut Self::Buf,
+        policy: &Self::Buf,
+        reference: &Self::Buf,
+        unsafe_flags: &Self::Ids,
+        lengths: &Self::Ids,
+        objective: &Objective,
+        state: &LossState,
+        grad_scale: f32,
+    ) -> Result<()>;
+
+    /// `preference_loss_with` at the state before any step (`crate::loss::batch_loss`).
     #[allow(clippy::too_many_arguments)]
     fn preference_loss(
         &self,
@@ -27,7 +44,20 @@ pub trait PreferenceLossOps: Buffers {
         lengths: &Self::Ids,
         objective: &Objective,
         grad_scale: f32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let state = LossState::default();
+        self.preference_loss_with(
+            metrics,
+            dpolicy,
+            policy,
+            reference,
+            unsafe_flags,
+            lengths,
+            objective,
+            &state,
+            grad_scale,
+        )
+    }
 }
 
 /// Argument checks, one per method, with its name and argument order (see `crate::backend::checks`).

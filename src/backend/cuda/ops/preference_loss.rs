@@ -1,62 +1,124 @@
 //! The preference objectives on the CUDA backend (kernels/preference_loss.cu): one thread per pair,
-//! all pairs in one launch, the objective passed as its code; the objectives that sort across the
-//! batch (AOT) take two launches, a rank pass and the scoring of the sorted positions.
+//! all pairs in one launch per term of the objective, each passed as its code; a term that sorts
+//! across the batch (AOT) takes two launches, a rank pass and the scoring of the sorted positions.
+//! The first launch writes the metrics and the gradient, the others add to them.
 
 use anyhow::{ensure, Result};
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand};
 use crate::backend::cuda::kernels::constants::preference_loss::{
-    OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO, OBJ_BCO_PAIR, OBJ_CDPO, OBJ_DISCOPOP, OBJ_DPO, OBJ_EXO_PAIR,
-    OBJ_HINGE, OBJ_IPO, OBJ_NCA_PAIR, OBJ_NPO, OBJ_ROBUST, OBJ_RPO, OBJ_SIGMOID_NORM, OBJ_SIMPO, OBJ_SPPO_HARD,
-    PAIR_METRICS, PAIR_THREADS, SORTED_MAX_PAIRS,
+    ALPHA_DIVERGENCE_MAX_EXPONENT, FDIV_ALPHA_DIVERGENCE, FDIV_FORWARD_KL, FDIV_JS_DIVERGENCE, FDIV_REVERSE_KL,
+    OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO, OBJ_BCO_PAIR, OBJ_CDPO, OBJ_CPO, OBJ_CPO_HINGE, OBJ_CPO_IPO,
+    OBJ_CPO_SIMPO, OBJ_DISCOPOP, OBJ_DPO, OBJ_EXO_PAIR, OBJ_HINGE, OBJ_IPO, OBJ_NCA_PAIR, OBJ_NPO, OBJ_ORPO,
+    OBJ_ROBUST, OBJ_RPO, OBJ_SFT, OBJ_SIGMOID_NORM, OBJ_SIMPO, OBJ_SPPO_HARD, ORPO_MAX_MEAN_LOGP, PAIR_METRICS,
+    PAIR_THREADS, SORTED_MAX_PAIRS,
 };
 use crate::backend::cuda::launch::i32_arg;
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, PreferenceLossOps};
-use crate::loss::Objective;
+use crate::loss::{FDivergence, LossState, Objective};
 
-// The kernel writes the metrics the loss module defines, in its order.
+// The kernel writes the metrics the loss module defines, in its order, with its constants.
 const _: () = assert!(PAIR_METRICS as usize == crate::loss::PAIR_METRICS);
+const _: () = assert!(ALPHA_DIVERGENCE_MAX_EXPONENT as f64 == crate::loss::ALPHA_DIVERGENCE_MAX_EXPONENT);
+const _: () = assert!(ORPO_MAX_MEAN_LOGP == crate::loss::ORPO_MAX_MEAN_LOGP as f32);
 
-/// The preference-loss kernel's arguments for `objective`: its code (the `OBJ_*` constants of
-/// kernels/preference_loss.cu), β, its second parameter (0 when it has none) and its safety margin Δ.
-fn objective_code(objective: &Objective) -> (i32, f32, f32, f32) {
-    let code = match *objective {
-        Objective::Dpo { .. } | Objective::SafeDpo { .. } => OBJ_DPO,
-        Objective::Ipo { .. } => OBJ_IPO,
-        Objective::Robust { .. } => OBJ_ROBUST,
-        Objective::Cdpo { .. } => OBJ_CDPO,
-        Objective::Hinge { .. } => OBJ_HINGE,
-        Objective::Rpo { .. } => OBJ_RPO,
-        Objective::Simpo { .. } => OBJ_SIMPO,
-        Objective::Npo { .. } => OBJ_NPO,
-        Objective::ExoPair { .. } => OBJ_EXO_PAIR,
-        Objective::NcaPair { .. } => OBJ_NCA_PAIR,
-        Objective::SppoHard { .. } => OBJ_SPPO_HARD,
-        Objective::Aot { .. } => OBJ_AOT,
-        Objective::AotUnpaired { .. } => OBJ_AOT_UNPAIRED,
-        Objective::ApoZero { .. } => OBJ_APO_ZERO,
-        Objective::ApoDown { .. } => OBJ_APO_DOWN,
-        Objective::Discopop { .. } => OBJ_DISCOPOP,
-        Objective::SigmoidNorm { .. } => OBJ_SIGMOID_NORM,
-        Objective::BcoPair { .. } => OBJ_BCO_PAIR,
+/// One launch of the kernel: one term of the objective (or the `sft` part of one), with its scalars.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Launch {
+    /// An `OBJ_*` code of kernels/preference_loss.cu.
+    code: i32,
+    beta: f32,
+    /// The term's second and third parameters (0 where it has none): see the kernel.
+    param: f32,
+    param2: f32,
+    safety_margin: f32,
+    weight: f32,
+    /// Whether it reads the reference log-probs.
+    uses_reference: bool,
+}
+
+/// The launches of `objective`, in order: each term's own code, then, for a term with an `sft` part
+/// (`orpo`, the CPO objectives with `cpo_alpha` > 0), an `OBJ_SFT` launch weighted by it.
+fn launches(objective: &Objective) -> Vec<Launch> {
+    let mut out = Vec::new();
+    for (weight, term) in objective.terms() {
+        let code = match *term {
+            Objective::Dpo { .. } | Objective::SafeDpo { .. } => OBJ_DPO,
+            Objective::Ipo { .. } => OBJ_IPO,
+            Objective::Robust { .. } => OBJ_ROBUST,
+            Objective::Cdpo { .. } => OBJ_CDPO,
+            Objective::Hinge { .. } => OBJ_HINGE,
+            Objective::Rpo { .. } => OBJ_RPO,
+            Objective::Simpo { .. } => OBJ_SIMPO,
+            Objective::Npo { .. } => OBJ_NPO,
+            Objective::ExoPair { .. } => OBJ_EXO_PAIR,
+            Objective::NcaPair { .. } => OBJ_NCA_PAIR,
+            Objective::SppoHard { .. } => OBJ_SPPO_HARD,
+            Objective::Aot { .. } => OBJ_AOT,
+            Objective::AotUnpaired { .. } => OBJ_AOT_UNPAIRED,
+            Objective::ApoZero { .. } => OBJ_APO_ZERO,
+            Objective::ApoDown { .. } => OBJ_APO_DOWN,
+            Objective::Discopop { .. } => OBJ_DISCOPOP,
+            Objective::SigmoidNorm { .. } => OBJ_SIGMOID_NORM,
+            Objective::BcoPair { .. } => OBJ_BCO_PAIR,
+            Objective::Sft { .. } => OBJ_SFT,
+            Objective::Orpo { .. } => OBJ_ORPO,
+            Objective::Cpo { .. } => OBJ_CPO,
+            Objective::CpoHinge { .. } => OBJ_CPO_HINGE,
+            Objective::CpoIpo { .. } => OBJ_CPO_IPO,
+            Objective::CpoSimpo { .. } => OBJ_CPO_SIMPO,
+            Objective::Combination(_) => unreachable!("a combination's terms are single objectives"),
+        };
+        let (param, param2) = match *term {
+            Objective::Robust { eps, .. }
+            | Objective::Cdpo { eps, .. }
+            | Objective::ExoPair { eps, .. }
+            | Objective::Aot { eps, .. }
+            | Objective::AotUnpaired { eps, .. }
+            | Objective::Cpo { eps, .. } => (eps, 0.0),
+            Objective::Rpo { alpha, .. } => (alpha, 0.0),
+            Objective::Simpo { gamma, .. } => (gamma, 0.0),
+            Objective::Discopop { tau, .. } => (tau, 0.0),
+            Objective::CpoSimpo { eps, gamma, .. } => (eps, gamma),
+            _ => (0.0, 0.0),
+        };
+        let launch = Launch {
+            code,
+            beta: term.beta() as f32,
+            param: param as f32,
+            param2: param2 as f32,
+            safety_margin: term.safety_margin() as f32,
+            weight: weight as f32,
+            uses_reference: term.uses_reference(),
+        };
+        out.push(launch);
+        let nll_weight = term.nll_weight();
+        if code != OBJ_SFT && nll_weight > 0.0 {
+            out.push(Launch { code: OBJ_SFT, weight: (weight * nll_weight) as f32, uses_reference: false, ..launch });
+        }
+    }
+    out
+}
+
+/// The kernel's f-divergence code and its α.
+fn f_divergence_args(objective: &Objective) -> (i32, f32) {
+    let f_divergence = match objective {
+        Objective::Combination(c) => c.f_divergence,
+        _ => FDivergence::ReverseKl,
     };
-    let param = match *objective {
-        Objective::Robust { eps, .. }
-        | Objective::Cdpo { eps, .. }
-        | Objective::ExoPair { eps, .. }
-        | Objective::Aot { eps, .. }
-        | Objective::AotUnpaired { eps, .. } => eps,
-        Objective::Rpo { alpha, .. } => alpha,
-        Objective::Simpo { gamma, .. } => gamma,
-        Objective::Discopop { tau, .. } => tau,
-        _ => 0.0,
+    let code = match f_divergence {
+        FDivergence::ReverseKl => FDIV_REVERSE_KL,
+        FDivergence::ForwardKl => FDIV_FORWARD_KL,
+        FDivergence::JsDivergence => FDIV_JS_DIVERGENCE,
+        FDivergence::Alpha(_) => FDIV_ALPHA_DIVERGENCE,
     };
-    (code, objective.beta() as f32, param as f32, objective.safety_margin() as f32)
+    debug_assert_eq!(code, f_divergence.code());
+    (code, f_divergence.coef() as f32)
 }
 
 impl PreferenceLossOps for CudaBackend {
-    fn preference_loss(
+    fn preference_loss_with(
         &self,
         metrics: &mut CudaBuf,
         dpolicy: &mut CudaBuf,
@@ -65,6 +127,7 @@ impl PreferenceLossOps for CudaBackend {
         unsafe_flags: &CudaIds,
         lengths: &CudaIds,
         objective: &Objective,
+        state: &LossState,
         grad_scale: f32,
     ) -> Result<()> {
         let uses_reference = objective.uses_reference();
@@ -80,27 +143,57 @@ impl PreferenceLossOps for CudaBackend {
         if pairs == 0 {
             return Ok(());
         }
-        let (code, beta, param, safety_margin) = objective_code(objective);
-        let policy = self.input(policy, Dtype::F32)?;
-        let reference = if uses_reference { Some(self.input(reference, Dtype::F32)?) } else { None };
-        let metrics = self.output(metrics, Dtype::F32, false)?.arg();
-        let dpolicy = self.output(dpolicy, Dtype::F32, false)?.arg();
-        let reference = reference.as_ref().map_or(KernelArg::NULL, Operand::arg);
-        let (config, pairs_arg) = (LaunchConfig::for_elements(pairs, PAIR_THREADS as u32), i32_arg(pairs, "pairs")?);
-        let (code, beta, param, safety_margin) =
-            (KernelArg::I32(code), KernelArg::F32(beta), KernelArg::F32(param), KernelArg::F32(safety_margin));
         if objective.sorts_batch() {
             ensure!(
                 pairs <= SORTED_MAX_PAIRS as usize,
                 "preference_loss: {objective} sorts at most {SORTED_MAX_PAIRS} pairs"
             );
+        }
+        let policy = self.input(policy, Dtype::F32)?;
+        let reference = if uses_reference { Some(self.input(reference, Dtype::F32)?) } else { None };
+        let reference_arg = reference.as_ref().map_or(KernelArg::NULL, Operand::arg);
+        let metrics = self.output(metrics, Dtype::F32, false)?.arg();
+        let dpolicy = self.output(dpolicy, Dtype::F32, false)?.arg();
+        let (config, pairs_arg) = (LaunchConfig::for_elements(pairs, PAIR_THREADS as u32), i32_arg(pairs, "pairs")?);
+        let (f_divergence, alpha) = f_divergence_args(objective);
+        let bco_shift = state.bco_shift(objective) as f32;
+        for (k, launch) in launches(objective).into_iter().enumerate() {
+            let reference = if launch.uses_reference { reference_arg } else { KernelArg::NULL };
+            let (code, beta) = (KernelArg::I32(launch.code), KernelArg::F32(launch.beta));
+            let (weight, accumulate) = (KernelArg::F32(launch.weight), KernelArg::I32(i32::from(k > 0)));
+            let (param, safety_margin) = (KernelArg::F32(launch.param), KernelArg::F32(launch.safety_margin));
+            if launch.code == OBJ_AOT || launch.code == OBJ_AOT_UNPAIRED {
+                // ranks[k] / ranks[P + k]: the pairs holding the k-th smallest first / second key.
+                let ranks = self.alloc(Dtype::F32, 2 * pairs)?;
+                self.launch(
+                    "preference_loss_rank_f32",
+                    config,
+                    &[ranks.arg(), policy.arg(), reference, unsafe_flags.arg(), pairs_arg, code, beta, safety_margin],
+                )?;
+                self.launch(
+                    "preference_loss_sorted_f32",
+                    config,
+                    &[
+                        metrics,
+                        dpolicy,
+                        ranks.arg(),
+                        policy.arg(),
+                        reference,
+                        unsafe_flags.arg(),
+                        pairs_arg,
+                        code,
+                        beta,
+                        param,
+                        safety_margin,
+                        weight,
+                        accumulate,
+                        KernelArg::F32(grad_scale),
+                    ],
+                )?;
+                continue;
+            }
             self.launch(
-                "preference_loss_rank_f32",
-                config,
-                &[metrics, policy.arg(), reference, unsafe_flags.arg(), pairs_arg, code, beta, safety_margin],
-            )?;
-            return self.launch(
-                "preference_loss_sorted_f32",
+                "preference_loss_f32",
                 config,
                 &[
                     metrics,
@@ -108,32 +201,22 @@ impl PreferenceLossOps for CudaBackend {
                     policy.arg(),
                     reference,
                     unsafe_flags.arg(),
+                    lengths.arg(),
                     pairs_arg,
                     code,
                     beta,
                     param,
+                    KernelArg::F32(launch.param2),
                     safety_margin,
+                    KernelArg::I32(f_divergence),
+                    KernelArg::F32(alpha),
+                    KernelArg::F32(bco_shift),
+                    weight,
+                    accumulate,
                     KernelArg::F32(grad_scale),
                 ],
-            );
+            )?;
         }
-        self.launch(
-            "preference_loss_f32",
-            config,
-            &[
-                metrics,
-                dpolicy,
-                policy.arg(),
-                reference,
-                unsafe_flags.arg(),
-                lengths.arg(),
-                pairs_arg,
-                code,
-                beta,
-                param,
-                safety_margin,
-                KernelArg::F32(grad_scale),
-            ],
-        )
+        Ok(())
     }
 }
