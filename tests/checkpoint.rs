@@ -2,6 +2,9 @@
 //! not, f32/bf16/f16, tied `lm_head`, mask buffers), and every malformed input with an error that
 //! names what is wrong and where.
 
+mod common;
+
+use common::assert_bit_identical;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
@@ -33,18 +36,6 @@ fn random_weights(config: &DecoderConfig, seed: u64) -> HostWeights {
         tensors.insert(name, (shape, data));
     }
     HostWeights { config: config.clone(), tensors }
-}
-
-fn assert_bit_identical(a: &HostWeights, b: &HostWeights) {
-    assert_eq!(a.config, b.config);
-    assert_eq!(a.tensors.keys().collect::<Vec<_>>(), b.tensors.keys().collect::<Vec<_>>());
-    for (name, (shape, data)) in &a.tensors {
-        let (shape_b, data_b) = &b.tensors[name];
-        assert_eq!(shape, shape_b, "{name}");
-        let bits: Vec<u32> = data.iter().map(|x| x.to_bits()).collect();
-        let bits_b: Vec<u32> = data_b.iter().map(|x| x.to_bits()).collect();
-        assert_eq!(bits, bits_b, "tensor {name} differs");
-    }
 }
 
 /// A tensor to write with the `safetensors` crate: name, dtype, shape, little-endian bytes.

@@ -71,18 +71,7 @@ fn forward_matches_the_f64_reference() {
 #[test]
 fn every_parameter_gradient_matches_finite_differences() {
     for (what, config) in configs() {
-        let host = test_weights(&config, 3);
-        let backend = cpu();
-        let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
-        let seqs = sequences(4, &LENS, config.vocab_size);
-        let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
-        let weights: Vec<f64> = uniform(&mut rng(5), seqs.len(), -1.0, 1.0).into_iter().map(f64::from).collect();
-        model.forward(&dev).unwrap();
-        let dseq = backend.upload(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>()).unwrap();
-        model.zero_grad().unwrap();
-        model.backward(&dev, &dseq).unwrap();
-        let loss = |seq: &[f64]| weighted_sum(&weights, seq);
-        check_all_gradients(&model, &mut Reference::new(&host), &seqs, &loss, 16, 6, what);
+        gradients_match_finite_differences(&config, 3, 16, what);
     }
 }
 
@@ -124,17 +113,6 @@ fn step<B: Backend>(
     model.backward(&dev, &backend.upload(dseq).unwrap()).unwrap();
     let grads = model.grads().unwrap().into_iter().map(|g| backend.download(g).unwrap()).collect();
     (logp, grads)
-}
-
-fn assert_bit_identical(a: &HostWeights, b: &HostWeights) {
-    assert_eq!(a.config, b.config);
-    assert_eq!(a.tensors.keys().collect::<Vec<_>>(), b.tensors.keys().collect::<Vec<_>>());
-    for (name, (shape, data)) in &a.tensors {
-        let (shape_b, data_b) = &b.tensors[name];
-        assert_eq!(shape, shape_b, "{name}");
-        let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(data), bits(data_b), "tensor {name} differs");
-    }
 }
 
 /// A save and a load give back the same bits, in one file and in shards; a directory that changes

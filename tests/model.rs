@@ -58,20 +58,7 @@ fn forward_matches_the_f64_reference() {
 
 #[test]
 fn every_parameter_gradient_matches_finite_differences() {
-    let config = tiny_config();
-    let host = test_weights(&config, 3);
-    let backend = cpu();
-    let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
-    let seqs = sequences(4, &LENS, config.vocab_size);
-    let dev = DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
-    let weights: Vec<f64> = uniform(&mut rng(5), seqs.len(), -1.0, 1.0).into_iter().map(f64::from).collect();
-    model.forward(&dev).unwrap();
-    let dseq = backend.upload(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>()).unwrap();
-    model.zero_grad().unwrap();
-    model.backward(&dev, &dseq).unwrap();
-    let mut reference = Reference::new(&host);
-    let loss = |seq: &[f64]| weighted_sum(&weights, seq);
-    check_all_gradients(&model, &mut reference, &seqs, &loss, 24, 6, "Σ w·logp");
+    gradients_match_finite_differences(&tiny_config(), 3, 24, "Σ w·logp");
 }
 
 #[test]

@@ -186,3 +186,15 @@ pub fn test_weights(config: &safedpo::model::DecoderConfig, seed: u64) -> safedp
     }
     safedpo::model::HostWeights { config: config.clone(), tensors }
 }
+
+/// Two sets of host weights are the same bit for bit: config, names, shapes and every value's bits.
+pub fn assert_bit_identical(a: &safedpo::model::HostWeights, b: &safedpo::model::HostWeights) {
+    assert_eq!(a.config, b.config);
+    assert_eq!(a.tensors.keys().collect::<Vec<_>>(), b.tensors.keys().collect::<Vec<_>>());
+    for (name, (shape, data)) in &a.tensors {
+        let (shape_b, data_b) = &b.tensors[name];
+        assert_eq!(shape, shape_b, "{name}");
+        let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(data), bits(data_b), "tensor {name} differs");
+    }
+}

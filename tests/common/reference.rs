@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use safedpo::backend::cpu::{attention, embedding, layernorm, matmul, pointwise, rmsnorm, rope, swiglu, CpuBackend};
+use safedpo::backend::prelude::*;
 use safedpo::backend::{rope_inverse_frequencies, QkvLayout, WeightLayout};
 use safedpo::data::PackedBatch;
 use safedpo::model::{Decoder, DecoderConfig, HostWeights};
@@ -231,4 +232,21 @@ pub fn check_all_gradients(
         assert!(scale > 0.0, "{what}: {name}: every sampled finite difference is 0; the test has no signal");
         assert_close(&format!("{what}: d/d {name}"), &got, &fd, 2e-3, 2e-3 * scale);
     }
+}
+
+/// The CPU model's gradient of `Σ w·logp` (random weights `w` per sequence, over `LENS`) against
+/// central differences of the f64 reference, for every parameter at `samples` entries.
+pub fn gradients_match_finite_differences(config: &DecoderConfig, seed: u64, samples: usize, what: &str) {
+    let host = test_weights(config, seed);
+    let backend = cpu();
+    let mut model = Decoder::from_host(backend.clone(), &host).unwrap();
+    let seqs = sequences(seed + 1, &LENS, config.vocab_size);
+    let dev = safedpo::model::DeviceBatch::upload(&*backend, &pack(&seqs)).unwrap();
+    let weights: Vec<f64> = uniform(&mut rng(seed + 2), seqs.len(), -1.0, 1.0).into_iter().map(f64::from).collect();
+    model.forward(&dev).unwrap();
+    let dseq = backend.upload(&weights.iter().map(|&w| w as f32).collect::<Vec<_>>()).unwrap();
+    model.zero_grad().unwrap();
+    model.backward(&dev, &dseq).unwrap();
+    let loss = |seq: &[f64]| weighted_sum(&weights, seq);
+    check_all_gradients(&model, &mut Reference::new(&host), &seqs, &loss, samples, seed + 3, what);
 }
