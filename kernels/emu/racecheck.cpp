@@ -35,7 +35,7 @@ namespace emu_racecheck {
 
 bool enabled = [] {
     const char* v = getenv("SAFEDPO_EMU_RACECHECK");
-    return !(v && (strcmp(v, "0") == 0 || strcmp(v, "false") == 0 || strcmp(v, "off") == 0));
+    return v && *v && strcmp(v, "0") != 0 && strcmp(v, "false") != 0 && strcmp(v, "off") != 0;
 }();
 unsigned current_tid = 0;
 
@@ -106,6 +106,11 @@ int find_object(dl_phdr_info* info, size_t, void* data) {
         uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
         if (ph.p_type == PT_LOAD && l->addr >= lo && l->addr < lo + ph.p_memsz) {
             l->file = info->dlpi_name && *info->dlpi_name ? info->dlpi_name : "/proc/self/exe";
+            if (l->file == "/proc/self/exe") {  // the executable: name it, for addr2line
+                char path[4096];
+                ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
+                if (n > 0) l->file.assign(path, (size_t)n);
+            }
             l->base = info->dlpi_addr;
             l->found = true;
             return 1;
@@ -170,7 +175,7 @@ std::string symbol_at(const std::string& path, uintptr_t off) {
 
 /// `function+0x12 (binary+0x4567)` for a code address.
 std::string describe_code(const void* pc) {
-    ObjectLookup l{reinterpret_cast<uintptr_t>(pc)};
+    ObjectLookup l(reinterpret_cast<uintptr_t>(pc));
     if (!pc || !dl_iterate_phdr(find_object, &l)) return "an unknown address";
     uintptr_t off = l.addr - l.base;
     std::string sym = symbol_at(l.file, off);
@@ -193,10 +198,10 @@ std::string thread_name(unsigned tid) {
     char buf[160];
     if (word < s.static_words) {
         uintptr_t addr = ranges.static_lo + word * 4;
-        ObjectLookup l{addr};
+        ObjectLookup l(addr);
         std::string var = dl_iterate_phdr(find_object, &l) ? symbol_at(l.file, addr - l.base) : "";
         snprintf(buf, sizeof buf, "static __shared__ offset %zu", word * 4);
-        where = buf + (var.empty() ? std::string() : " (" + var + ")");
+        where = var.empty() ? std::string(buf) : var + " (" + buf + ")";
     } else {
         snprintf(buf, sizeof buf, "dynamic shared memory offset %zu", (word - s.static_words) * 4);
         where = buf;

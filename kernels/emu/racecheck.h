@@ -1,11 +1,14 @@
 // kernels/emu/racecheck.h — what the emulator's runtime (runtime.cpp) tells its shared-memory race
 // detector (racecheck.cpp), and the detector's switch. Kernels never include this file.
 //
-// The kernel files are compiled for the emulated device with `-fsanitize=thread` (build.rs): the
-// compiler then calls `__tsan_read4(addr)`, `__tsan_write8(addr)`, … before every load and store
-// (nvcc never sees the flag, so the GPU build is unchanged). racecheck.cpp defines those hooks itself
-// (no ThreadSanitizer runtime is linked): an address outside the launched kernel's shared memory
-// costs a call and two comparisons; one inside is checked against a shadow record per 4-byte word.
+// Each kernel file is compiled for the emulated device twice (build.rs): plainly, and with
+// `-fsanitize=thread`, for which the compiler calls `__tsan_read4(addr)`, `__tsan_write8(addr)`, …
+// before every load and store (nvcc never sees the flag, so the GPU build is unchanged). While the
+// detector is on, the runtime launches the second copy. racecheck.cpp defines the hooks itself (no
+// ThreadSanitizer runtime is linked): an address outside the launched kernel's shared memory costs a
+// call and two comparisons; one inside is checked against a shadow record per 4-byte word. The calls
+// are what costs: every float register is caller-saved, so the checked copy runs 3-5x slower (the
+// golden emulated-device tests take about 4.5x their time), hence a copy of its own.
 //
 // Happens-before from a sequence number. Every synchronising event of the block (the block's start,
 // a `__syncthreads` opening, the completion of a warp collective or `__syncwarp`) increments `seq`;
@@ -20,7 +23,8 @@
 
 namespace emu_racecheck {
 
-/// On unless the environment says `SAFEDPO_EMU_RACECHECK=0`; the Rust side can switch it.
+/// Off unless the environment says `SAFEDPO_EMU_RACECHECK=1`; the Rust side switches it (the test mode
+/// turns it on).
 extern bool enabled;
 /// The linear index (within the block) of the thread now running; set by the scheduler at each resume.
 extern unsigned current_tid;

@@ -96,6 +96,11 @@ std::unordered_map<std::string, Kernel>& registry() {
     static std::unordered_map<std::string, Kernel> kernels;
     return kernels;
 }
+/// The race-checked copies (racecheck.h), launched instead while the detector is on.
+std::unordered_map<std::string, Kernel>& checked_registry() {
+    static std::unordered_map<std::string, Kernel> kernels;
+    return kernels;
+}
 
 enum class State : uint8_t { Ready, AtBarrier, AtWarp, Done };
 
@@ -624,8 +629,8 @@ extern "C" long long emu_clock64(void) {
 }
 
 void emu::register_kernel(const char* name, void* fn, Invoke invoke, const char* signature, const char* unit,
-                          SharedBounds shared) {
-    auto& kernels = registry();
+                          SharedBounds shared, bool checked) {
+    auto& kernels = checked ? checked_registry() : registry();
     auto it = kernels.find(name);
     if (it != kernels.end()) {
         it->second.duplicate_unit = unit;
@@ -724,7 +729,8 @@ extern "C" int emu_launch(const char* name, const unsigned grid[3], const unsign
         copy_error(err, err_len, format("no kernel named `%s` in the emulated device", name));
         return 1;
     }
-    const Kernel& k = it->second;
+    auto checked = checked_registry().find(name);
+    const Kernel& k = emu_racecheck::enabled && checked != checked_registry().end() ? checked->second : it->second;
     if (k.duplicate_unit) {
         copy_error(err, err_len, format("kernel `%s` is defined in both %s.cu and %s.cu", name, k.unit,
                                         k.duplicate_unit));

@@ -8,10 +8,10 @@
 //! launch also checks its arguments against the kernel's C++ signature and every pointer argument
 //! against the live buffers of this device.
 //!
-//! Shared memory is checked too: a race detector ([`set_racecheck`], on by default) reports any
-//! access to a shared-memory word that another thread of the block wrote (or read, for a write)
-//! with no barrier between, and a test mode ([`use_test_mode`]) runs blocks, warps and lanes in a
-//! seeded random order (docs/TESTING.md, "Shared-memory races").
+//! The test mode ([`use_test_mode`]) checks shared memory too: a race detector ([`set_racecheck`])
+//! reports any access to a shared-memory word that another thread of the block wrote (or read, for
+//! a write) with no barrier between, and blocks, warps and lanes run in a seeded random order
+//! (docs/TESTING.md, "Shared-memory races").
 //!
 //! GEMM is a CPU reference with the GPU path's semantics ([`Gemm`]): f32 products (the `gemm` crate),
 //! then `alpha·P + beta·D + bias` in f32, rounded once to D's type; with the GELU epilogue, that value
@@ -143,12 +143,18 @@ pub fn set_schedule(schedule: Schedule) {
     unsafe { ffi::emu_set_schedule(random, seed) };
 }
 
-/// The test mode the test suites run the emulated device in: a random schedule (seed from
-/// `SAFEDPO_EMU_SEED`, decimal or 0x-hex, else a fixed one) and the race detector as the
-/// environment leaves it (on unless `SAFEDPO_EMU_RACECHECK=0`). Process-wide.
+/// The test mode the test suites run the emulated device in: the race detector on and a random
+/// schedule (seed from `SAFEDPO_EMU_SEED`, decimal or 0x-hex, else a fixed one). Process-wide. What
+/// the environment sets wins: `SAFEDPO_EMU_RACECHECK=0`, `SAFEDPO_EMU_SCHEDULE=in-order` (or
+/// `random:SEED`).
 pub fn use_test_mode() {
-    let seed = std::env::var("SAFEDPO_EMU_SEED").ok().and_then(|s| parse_seed(&s)).unwrap_or(0x5afe_d90);
-    set_schedule(Schedule::Random { seed });
+    if std::env::var_os("SAFEDPO_EMU_RACECHECK").is_none() {
+        set_racecheck(true);
+    }
+    if std::env::var_os("SAFEDPO_EMU_SCHEDULE").is_none() {
+        let seed = std::env::var("SAFEDPO_EMU_SEED").ok().and_then(|s| parse_seed(&s)).unwrap_or(0x5afe_d90);
+        set_schedule(Schedule::Random { seed });
+    }
 }
 
 fn parse_seed(text: &str) -> Option<u64> {
@@ -159,7 +165,8 @@ fn parse_seed(text: &str) -> Option<u64> {
 }
 
 /// Turns the shared-memory race detector (`kernels/emu/racecheck.cpp`) on or off for later launches
-/// (process-wide). It is on unless the environment says `SAFEDPO_EMU_RACECHECK=0`: an access to a
+/// (process-wide; off unless the environment says `SAFEDPO_EMU_RACECHECK=1`, on in the test mode).
+/// While it is on, launches run the kernels' race-checked copies (3-5x slower): an access to a
 /// shared-memory word by one thread after another thread of the block wrote it (or read it, for a
 /// write) with no `__syncthreads` between (nor, inside one warp, a `__syncwarp` or warp collective
 /// taking both lanes) fails the launch with an error naming the kernel, the word and both threads.
