@@ -69,6 +69,8 @@ struct Job {
     key_file: PathBuf,
     /// Print the compiler's stderr as warnings even when it succeeds (ptxas -v).
     verbose: bool,
+    /// Make the object's strong global functions local, all but this one (see `localize_functions`).
+    localize_all_but: Option<String>,
 }
 
 fn main() {
@@ -158,9 +160,14 @@ fn main() {
             );
             let (tool, tool_hash) =
                 if checked { (&checked_compiler, checked_compiler_hash) } else { (&compiler, compiler_hash) };
-            let key = hash_of(&(tool_hash, emu_headers_hash, fs::read(source).unwrap(), fs::read(&wrapper).unwrap()));
+            let key =
+                hash_of(&(tool_hash, emu_headers_hash, fs::read(source).unwrap(), fs::read(&wrapper).unwrap(), checked));
             let what = format!("{stem}.cu (emu{})", if checked { ", racecheck" } else { "" });
-            jobs.push(cxx_job(tool, &wrapper, &emu_dir.join(format!("{ident}.o")), key, &what));
+            let mut job = cxx_job(tool, &wrapper, &emu_dir.join(format!("{ident}.o")), key, &what);
+            if checked {
+                job.localize_all_but = Some(format!("emu_unit_{ident}"));
+            }
+            jobs.push(job);
             emu_objects.push(emu_dir.join(format!("{ident}.o")));
             writeln!(units, "extern \"C\" void emu_unit_{ident}(void);").unwrap();
             writeln!(unit_calls, "    emu_unit_{ident}();").unwrap();
@@ -326,6 +333,7 @@ fn nvcc_job(
         output,
         key,
         verbose: ptxas_verbose,
+        localize_all_but: None,
     }
 }
 
@@ -348,7 +356,44 @@ fn cxx_job(compiler: &cc::Tool, source: &Path, output: &Path, key: u64, what: &s
     let mut command = compiler.to_command();
     command.arg("-c").arg(source).arg("-o").arg(output);
     let key_file = output.with_extension("o.key");
-    Job { what: what.to_string(), command, output: output.to_path_buf(), key, key_file, verbose: false }
+    Job {
+        what: what.to_string(),
+        command,
+        output: output.to_path_buf(),
+        key,
+        key_file,
+        verbose: false,
+        localize_all_but: None,
+    }
+}
+
+/// Makes every strong global function that `object` defines local, except `keep`: the race-checked
+/// copy of a kernel file defines the same `extern "C"` kernels as the plain one, and the runtime
+/// reaches both through their registrars, never by symbol. Uses binutils' nm and objcopy.
+fn localize_functions(object: &Path, keep: &str) -> Result<(), String> {
+    let listing = Command::new("nm")
+        .args(["--defined-only", "--extern-only", "--format=posix"])
+        .arg(object)
+        .output()
+        .map_err(|e| format!("cannot run nm: {e}"))?;
+    if !listing.status.success() {
+        return Err(format!("nm {}: {}", object.display(), String::from_utf8_lossy(&listing.stderr)));
+    }
+    let mut objcopy = Command::new("objcopy");
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(name), Some("T")) = (fields.next(), fields.next()) {
+            if name != keep {
+                objcopy.arg(format!("--localize-symbol={name}"));
+            }
+        }
+    }
+    let status = objcopy.arg(object).status().map_err(|e| format!("cannot run objcopy: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("objcopy failed on {}", object.display()))
+    }
 }
 
 /// Runs the jobs whose outputs are stale, NUM_JOBS at a time; panics with the compiler's output if one
@@ -379,6 +424,12 @@ fn run_jobs(jobs: Vec<Job>) {
                 let seconds = started.elapsed().as_secs_f64();
                 match result {
                     Ok(output) if output.status.success() => {
+                        if let Some(keep) = &job.localize_all_but {
+                            if let Err(e) = localize_functions(&job.output, keep) {
+                                failures.lock().unwrap().push(format!("{}: {e}", job.what));
+                                continue;
+                            }
+                        }
                         fs::write(&job.key_file, job.key.to_string()).unwrap();
                         let stderr = String::from_utf8_lossy(&output.stderr);
                         let mut lines = Vec::new();
