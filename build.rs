@@ -163,10 +163,18 @@ fn main() {
                     source = source.display()
                 ),
             );
-            let (tool, tool_hash) =
-                if checked { (&checked_compiler, checked_compiler_hash) } else { (&plain_compiler, plain_compiler_hash) };
-            let key =
-                hash_of(&(tool_hash, emu_headers_hash, fs::read(source).unwrap(), fs::read(&wrapper).unwrap(), checked));
+            let (tool, tool_hash) = if checked {
+                (&checked_compiler, checked_compiler_hash)
+            } else {
+                (&plain_compiler, plain_compiler_hash)
+            };
+            let key = hash_of(&(
+                tool_hash,
+                emu_headers_hash,
+                fs::read(source).unwrap(),
+                fs::read(&wrapper).unwrap(),
+                checked,
+            ));
             let what = format!("{stem}.cu (emu{})", if checked { ", racecheck" } else { "" });
             let mut job = cxx_job(tool, &wrapper, &emu_dir.join(format!("{ident}.o")), key, &what);
             job.emu_unit = Some(ident.clone());
@@ -359,15 +367,7 @@ fn cxx_job(compiler: &cc::Tool, source: &Path, output: &Path, key: u64, what: &s
     let mut command = compiler.to_command();
     command.arg("-c").arg(source).arg("-o").arg(output);
     let key_file = output.with_extension("o.key");
-    Job {
-        what: what.to_string(),
-        command,
-        output: output.to_path_buf(),
-        key,
-        key_file,
-        verbose: false,
-        emu_unit: None,
-    }
+    Job { what: what.to_string(), command, output: output.to_path_buf(), key, key_file, verbose: false, emu_unit: None }
 }
 
 /// Fixes up the object of kernel unit `ident` with binutils' objdump and objcopy:

@@ -29,8 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The flags build.rs passes nvcc (NVCC_FLAGS there), less --fatbin and -lineinfo.
 NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr"]
-# kernel name -> why it may spill. Empty: no kernel may.
-ALLOWED_SPILLS = {}
+# kernel name -> why it may spill; every other kernel must not.
+ALLOWED_SPILLS = {
+    name: "4 bytes (one register) at the 128-register cap that __launch_bounds__(256, 2) sets; the "
+          "tensor-core attention of issue 12 replaces this kernel"
+    for name in ("attention_backward_dkdv_hd128_f32", "attention_backward_dkdv_hd128_bf16")
+}
 
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -60,7 +64,8 @@ def register_occupancy(registers):
 
 FUNCTION = re.compile(r"Function properties for (\S+)")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?")
+SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def parse_ptxas(text, source):
@@ -73,7 +78,8 @@ def parse_ptxas(text, source):
             current.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
         elif current and (m := USED.search(line)):
             regs = int(m[1])
-            current.update(registers=regs, barriers=int(m[2] or 0), smem=int(m[3] or 0),
+            smem = SMEM.search(line)
+            current.update(registers=regs, barriers=int(m[2] or 0), smem=int(smem[1]) if smem else 0,
                            warps_per_sm=register_occupancy(regs))
             current = None
     return [r for r in rows.values() if "registers" in r]
@@ -150,7 +156,10 @@ def main():
                 print("    SASS: " + ", ".join(f"{k} {v}" for k, v in r["sass"].items()))
         if not cuobjdump:
             print(f"\n(no SASS instruction mix: no cuobjdump beside {nvcc} or on PATH)")
-        print(f"\n{len(rows)} kernels for {args.arch}; warps/SM: the occupancy their registers allow")
+        print(f"\n{len(rows)} kernels for {args.arch}; warps/SM: the occupancy their registers allow", flush=True)
+    for r in rows:
+        if r["kernel"] in ALLOWED_SPILLS and (r["spill_stores"] or r["spill_loads"]):
+            print(f"kernel-report: {r['kernel']} spills (allowed: {ALLOWED_SPILLS[r['kernel']]})", file=sys.stderr)
     for r in spills:
         print(f"kernel-report: {r['kernel']} ({r['file']}) spills {r['spill_stores']} bytes stored, "
               f"{r['spill_loads']} loaded", file=sys.stderr)

@@ -327,7 +327,13 @@ fn context_switch_cost() {
 }
 
 /// Runs `kernel(out, x, fixed)` (x = 0, 1, 2, …) on one block of `threads` threads; the error, if any.
-fn run_race_kernel(kernel: &str, blocks: u32, threads: u32, shared_bytes: u32, fixed: bool) -> Result<Vec<f32>, String> {
+fn run_race_kernel(
+    kernel: &str,
+    blocks: u32,
+    threads: u32,
+    shared_bytes: u32,
+    fixed: bool,
+) -> Result<Vec<f32>, String> {
     let device = emu_device();
     let n = (blocks * threads * 2) as usize;
     let x = device.upload(&(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();

@@ -152,7 +152,7 @@ pub fn use_test_mode() {
         set_racecheck(true);
     }
     if std::env::var_os("SAFEDPO_EMU_SCHEDULE").is_none() {
-        let seed = std::env::var("SAFEDPO_EMU_SEED").ok().and_then(|s| parse_seed(&s)).unwrap_or(0x5afe_d90);
+        let seed = std::env::var("SAFEDPO_EMU_SEED").ok().and_then(|s| parse_seed(&s)).unwrap_or(0x05af_ed90);
         set_schedule(Schedule::Random { seed });
     }
 }
