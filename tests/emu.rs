@@ -1,7 +1,8 @@
 //! The emulated device's own guarantees (the checks shared with a GPU are in tests/gpu_device.rs):
 //! NaN-poisoned memory, misuse that must fail loudly with the kernel's name, argument and pointer
 //! checks, out-of-bounds writes, launch limits, the kernel registry, device selection, concurrent
-//! launches, and the cost of a context switch.
+//! launches, the cost of a context switch, the shared-memory race detector against the deliberately
+//! racy kernels of kernels/selftest_races.cu, and the random schedule of the test mode.
 
 use std::str::FromStr;
 
@@ -13,6 +14,7 @@ use safedpo::backend::device::{gpu_unavailable_reason, select_device, DeviceKind
 use safedpo::kernel_args;
 
 fn emu_device() -> Device {
+    emu::use_test_mode();
     Device::emulated().unwrap()
 }
 
@@ -113,11 +115,13 @@ fn syncthreads_skipped_by_exited_threads_fails() {
         &[
             "selftest_bad_barrier_exit",
             "selftest.cu",
-            "block (0,0,0)",
+            "of grid (2,1,1)",
             "__syncthreads reached by 48 of 64 threads",
             "exited",
         ],
     );
+    // the test mode runs the blocks in a random order: the error names whichever failed first
+    assert!(err.contains("block (0,0,0)") || err.contains("block (1,0,0)"), "no block named in: {err}");
     assert_still_works(&device);
     // when every thread exits before the barrier, nobody waits: not an error
     device.launch("selftest_bad_barrier_exit", LaunchConfig::grid_1d(1, 64), &kernel_args![&mut out, 64]).unwrap();
@@ -320,4 +324,103 @@ fn context_switch_cost() {
          ({threads} threads, {rounds} rounds; upper bounds when other tests launch concurrently)",
         emu::context_switch_kind()
     );
+}
+
+/// Runs `kernel(out, x, fixed)` (x = 0, 1, 2, …) on one block of `threads` threads; the error, if any.
+fn run_race_kernel(
+    kernel: &str,
+    blocks: u32,
+    threads: u32,
+    shared_bytes: u32,
+    fixed: bool,
+) -> Result<Vec<f32>, String> {
+    let device = emu_device();
+    let n = (blocks * threads * 2) as usize;
+    let x = device.upload(&(0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let mut out = device.upload(&vec![f32::NAN; n]).unwrap();
+    let config = LaunchConfig::grid_1d(blocks, threads).with_shared_bytes(shared_bytes);
+    let launched = if kernel == "selftest_race_tile_reuse" {
+        device.launch(kernel, config, &kernel_args![&mut out, &x, 2i32, fixed as i32])
+    } else {
+        device.launch(kernel, config, &kernel_args![&mut out, &x, fixed as i32])
+    };
+    match launched {
+        Ok(()) => Ok(device.download(&out).unwrap()),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+#[test]
+fn race_detector_is_on_in_the_test_mode() {
+    let _device = emu_device();
+    if std::env::var_os("SAFEDPO_EMU_RACECHECK").is_none() {
+        assert!(emu::racecheck_enabled());
+    }
+}
+
+#[test]
+fn race_detector_reports_the_planted_races() {
+    let _device = emu_device();
+    if !emu::racecheck_enabled() {
+        return; // SAFEDPO_EMU_RACECHECK=0
+    }
+    // kernel, blocks, threads, dynamic shared bytes, what the error must name
+    let cases: [(&str, u32, u32, u32, &[&str]); 5] = [
+        ("selftest_race_reduction", 2, 256, 0, &["selftest_race_reduction", "partial"]),
+        ("selftest_race_tile_reuse", 1, 128, 0, &["selftest_race_tile_reuse", "tile"]),
+        ("selftest_race_warp_exchange", 1, 32, 0, &["lanes", "same warp"]),
+        ("selftest_race_warp_collective", 1, 32, 0, &["lanes", "same warp"]),
+        ("selftest_race_dynamic", 1, 64, 256, &["dynamic shared memory offset"]),
+    ];
+    for (kernel, blocks, threads, shared, names) in cases {
+        let err = run_race_kernel(kernel, blocks, threads, shared, false).expect_err(kernel);
+        assert_contains(&err, &[kernel, "shared-memory race", "this thread", "thread (", "with no __syncthreads"]);
+        assert_contains(&err, names);
+        assert!(
+            ["read after write", "write after read", "write after write"].iter().any(|kind| err.contains(kind)),
+            "no race kind in: {err}"
+        );
+    }
+    assert_still_works(&emu_device());
+}
+
+#[test]
+fn race_detector_passes_the_synchronised_twins() {
+    let n = |i: usize| i as f32;
+    let sum = |lo: usize, len: usize| (lo..lo + len).map(|i| i as f32).sum::<f32>();
+    let out = run_race_kernel("selftest_race_reduction", 2, 256, 0, true).unwrap();
+    assert_eq!(&out[..2], &[sum(0, 256), sum(256, 256)]);
+    let out = run_race_kernel("selftest_race_tile_reuse", 1, 128, 0, true).unwrap();
+    assert!((0..128).all(|t| out[t] == n((t + 1) % 128) + n(128 + (t + 1) % 128)), "{out:?}");
+    for kernel in ["selftest_race_warp_exchange", "selftest_race_warp_collective"] {
+        let out = run_race_kernel(kernel, 1, 32, 0, true).unwrap();
+        assert!((0..32).all(|l| out[l] == n(l ^ 1)), "{kernel}: {out:?}");
+    }
+    let out = run_race_kernel("selftest_race_dynamic", 1, 64, 256, true).unwrap();
+    assert!((0..64).all(|t| out[t] == n((t + 1) % 64)), "{out:?}");
+    // two threads writing the two bf16 halves of one word in one phase do not race
+    let out = run_race_kernel("selftest_race_bf16_halves", 1, 256, 0, false).unwrap();
+    assert!((0..256).all(|t| out[t] == n(t ^ 1)), "{out:?}");
+}
+
+#[test]
+fn test_mode_runs_blocks_and_threads_in_random_orders() {
+    let device = emu_device();
+    let (blocks, threads) = (4usize, 96usize);
+    let order = || {
+        let mut ticket = device.upload(&vec![-1i32; blocks * threads]).unwrap();
+        let mut counter = device.upload(&[0i32]).unwrap();
+        let config = LaunchConfig::grid_1d(blocks as u32, threads as u32);
+        device.launch("selftest_schedule_order", config, &kernel_args![&mut ticket, &mut counter]).unwrap();
+        device.download(&ticket).unwrap()
+    };
+    let (first, second) = (order(), order());
+    for tickets in [&first, &second] {
+        let mut sorted = tickets.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..(blocks * threads) as i32).collect::<Vec<_>>(), "every thread ran once");
+        // in order, thread i of block b would hold ticket b·threads + i
+        assert!(tickets.iter().enumerate().any(|(i, &t)| t != i as i32), "random schedule ran in order: {tickets:?}");
+    }
+    assert_ne!(first, second, "two launches ran in the same order");
 }

@@ -352,11 +352,13 @@ mod emu {
 
     #[test]
     fn f32_matches_transformers() {
+        safedpo::backend::cuda::emu::use_test_mode(); // random schedule, race detector
         device_matches_transformers(&Device::emulated().unwrap(), Precision::F32);
     }
 
     #[test]
     fn bf16_matches_transformers() {
+        safedpo::backend::cuda::emu::use_test_mode();
         device_matches_transformers(&Device::emulated().unwrap(), Precision::Bf16);
     }
 }

@@ -79,6 +79,7 @@ fn every_parameter_gradient_matches_finite_differences() {
 /// tolerances and in bf16 at bf16's, for each configuration.
 #[test]
 fn emulated_device_matches_the_cpu() {
+    safedpo::backend::cuda::emu::use_test_mode(); // random schedule, race detector
     let device = Device::emulated().unwrap();
     for (what, config) in configs() {
         let host = test_weights(&config, 7);

@@ -20,6 +20,13 @@
 //   The anonymous namespace keeps every such static out of COMDAT groups, which GCC will not mix with
 //   plain statics in one section.
 // - Dynamic shared memory: `dynamic_smem<T>()` from common.cuh (never `extern __shared__`).
+// - Shared-memory races: each kernel file is built a second time with `-fsanitize=thread`, so that
+//   every load and store calls a hook of the race detector (racecheck.h, racecheck.cpp); while the
+//   detector is on, launches run that copy, and an access to a shared-memory word that another thread
+//   of the block wrote (or read, for a write) with no barrier between (inside one warp: no
+//   `__syncwarp` or warp collective) fails the launch. Kernels need no annotation.
+// - The test mode (runtime.cpp, `emu_set_schedule`) runs blocks, warps and lanes in a seeded random
+//   order instead of index order.
 // - System headers must come from here: the kernel file is included inside a namespace.
 #ifndef SAFEDPO_EMU_H
 #define SAFEDPO_EMU_H
@@ -588,8 +595,9 @@ namespace emu {
 typedef void (*Invoke)(void* fn, void** args);
 /// Gives the bounds of a kernel file's `__shared__` section.
 typedef void (*SharedBounds)(char** begin, char** end);
+/// `checked`: the race-checked copy of the kernel (its file built with -fsanitize=thread).
 void register_kernel(const char* name, void* fn, Invoke invoke, const char* signature, const char* unit,
-                     SharedBounds shared);
+                     SharedBounds shared, bool checked);
 
 /// One character per kernel parameter; the Rust side checks every launch against it:
 /// p pointer, f float, d double, i int32, u uint32, l int64, L uint64.
@@ -622,7 +630,12 @@ void invoke(void* fn, void** args) {
 struct Registrar {
     template <typename... A>
     Registrar(const char* name, void (*f)(A...), const char* unit, SharedBounds shared) {
-        register_kernel(name, reinterpret_cast<void*>(f), &invoke<A...>, Signature<A...>::value, unit, shared);
+#ifdef __SANITIZE_THREAD__
+        constexpr bool checked = true;
+#else
+        constexpr bool checked = false;
+#endif
+        register_kernel(name, reinterpret_cast<void*>(f), &invoke<A...>, Signature<A...>::value, unit, shared, checked);
     }
 };
 }  // namespace emu

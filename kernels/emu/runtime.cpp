@@ -15,11 +15,17 @@
 // missing lanes of a partial warp) take no part in warp intrinsics; a shuffle that reads one, or a
 // lane outside its mask, gets all-ones bits (NaN), which tests then catch.
 //
+// Test mode (`emu_set_schedule`, or SAFEDPO_EMU_SCHEDULE=random[:SEED]): blocks, the warps of each phase
+// and the lanes of each round run in a seeded random order instead, so that a kernel which depends on
+// the fixed order (a missing barrier, a lane that reads what an earlier lane wrote) sees another one.
+// Races on shared memory are caught whatever the order by the detector in racecheck.cpp.
+//
 // Context switches: a hand-written x86-64 switch (the callee-saved registers only: no signal mask, so
 // no system call, and no MXCSR / x87 control word, which kernels never change; it resumes with an
 // indirect jump rather than `ret`, which the return-stack predictor would get wrong every time, about
 // 3x faster); elsewhere, or with -DEMU_USE_UCONTEXT, swapcontext.
 #include "emu.h"
+#include "racecheck.h"
 
 #include <sys/mman.h>
 #include <time.h>
@@ -29,6 +35,7 @@
 #include <cstdarg>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -89,6 +96,11 @@ std::unordered_map<std::string, Kernel>& registry() {
     static std::unordered_map<std::string, Kernel> kernels;
     return kernels;
 }
+/// The race-checked copies (racecheck.h), launched instead while the detector is on.
+std::unordered_map<std::string, Kernel>& checked_registry() {
+    static std::unordered_map<std::string, Kernel> kernels;
+    return kernels;
+}
 
 enum class State : uint8_t { Ready, AtBarrier, AtWarp, Done };
 
@@ -140,10 +152,41 @@ struct Runtime {
     std::string error;
     uint64_t launches = 0, blocks = 0, switches = 0;
     uint64_t cpu_ns = 0;  // thread CPU time spent running launches
+    bool random_order = false;  // the test mode: a seeded random order of blocks, warps and lanes
+    uint64_t seed = 0;          // its seed, and the state of the launch's generator
+    uint64_t rng = 0;
 };
 
 Runtime g;
 std::mutex g_launch_lock;
+
+uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+/// A number below n from the launch's generator.
+unsigned random_below(unsigned n) {
+    g.rng = splitmix64(g.rng);
+    return (unsigned)(((g.rng >> 32) * (uint64_t)n) >> 32);
+}
+/// SAFEDPO_EMU_SCHEDULE=random[:SEED] starts the process in the test mode.
+const bool g_schedule_from_env = [] {
+    const char* v = getenv("SAFEDPO_EMU_SCHEDULE");
+    if (v && strncmp(v, "random", 6) == 0) {
+        g.random_order = true;
+        g.seed = v[6] == ':' ? strtoull(v + 7, nullptr, 0) : 0;
+    }
+    return g.random_order;
+}();
+
+/// order[0..n) = 0..n, shuffled in the test mode.
+void schedule_order(unsigned* order, unsigned n) {
+    for (unsigned i = 0; i < n; ++i) order[i] = i;
+    if (g.random_order)
+        for (unsigned i = n; i > 1; --i) std::swap(order[i - 1], order[random_below(i)]);
+}
 
 CpuTimer::~CpuTimer() { g.cpu_ns += now() - start; }
 
@@ -176,49 +219,7 @@ const char* barrier_name(int kind) {
 // ---- context switching ---------------------------------------------------------------------------
 void fiber_entry();
 
-#ifndef EMU_UCONTEXT
-extern "C" void emu_fiber_switch(void** save_sp, void* load_sp);
-extern "C" void emu_fiber_start();
-// emu_fiber_switch saves the callee-saved state of the running context on its stack, stores the stack
-// pointer through `save_sp`, and resumes the context saved at `load_sp` (popping its return address
-// into rax, which the ABI lets a void function clobber). emu_fiber_start is where a new fiber's first
-// switch lands: it calls the entry function kept in r12.
-asm(R"(
-    .pushsection .text
-    .p2align 4
-    .globl emu_fiber_switch
-    .hidden emu_fiber_switch
-    .type emu_fiber_switch, @function
-emu_fiber_switch:
-    pushq %rbp
-    pushq %rbx
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    movq %rsp, (%rdi)
-    movq %rsi, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbx
-    popq %rbp
-    popq %rax
-    jmpq *%rax
-    .size emu_fiber_switch, .-emu_fiber_switch
-
-    .p2align 4
-    .globl emu_fiber_start
-    .hidden emu_fiber_start
-    .type emu_fiber_start, @function
-emu_fiber_start:
-    callq *%r12
-    ud2
-    .size emu_fiber_start, .-emu_fiber_start
-    .popsection
-)");
-#endif
+#include "fiber_switch.h"  // emu_fiber_switch, emu_fiber_start (x86-64 only)
 
 /// The top of a fiber's stack, 16-byte aligned. Stacks are staggered by a few cache lines per fiber so
 /// that the frames saved at every switch do not all fall into the same cache sets.
@@ -249,6 +250,7 @@ void init_context(Fiber* f) {
 inline void resume(Fiber* f) {
     g.current = f;
     threadIdx = f->idx;
+    emu_racecheck::current_tid = f->tid;
     ++g.switches;
 #ifdef EMU_UCONTEXT
     swapcontext(&g.scheduler, &f->context);
@@ -410,6 +412,7 @@ void try_complete_warp_op(Fiber* f, unsigned base) {
         o->state = State::Ready;
     }
     waiting &= ~need;
+    emu_racecheck::warp_sync(base / 32, need, need == g.warp_live[base / 32]);
 }
 
 /// A lane exited: operations that waited only for it can complete now.
@@ -442,11 +445,12 @@ std::string describe_warp_deadlock(unsigned lo, unsigned hi) {
 
 /// Runs the lanes of warp `w` until each waits at `__syncthreads` or has exited.
 bool run_warp(unsigned w) {
-    unsigned lo = w * 32, hi = std::min(lo + 32, g.nthreads);
+    unsigned lo = w * 32, hi = std::min(lo + 32, g.nthreads), lanes[32];
     for (;;) {
         bool any_ready = false, any_waiting = false;
-        for (unsigned t = lo; t < hi; ++t) {
-            Fiber* f = g.fibers[t];
+        schedule_order(lanes, hi - lo);
+        for (unsigned i = 0; i < hi - lo; ++i) {
+            Fiber* f = g.fibers[lo + lanes[i]];
             if (f->state == State::Ready) {
                 resume(f);
                 if (g.failed) return false;
@@ -473,13 +477,17 @@ bool run_block() {
     if (g.dyn_bytes) memset(g.dyn_smem, 0xff, g.dyn_bytes);
     for (unsigned t = 0; t < g.nthreads; ++t) g.fibers[t]->state = State::Ready;
     std::fill(std::begin(g.warp_waiting), std::end(g.warp_waiting), 0u);
+    emu_racecheck::begin_block();
     for (unsigned w = 0; w * 32 < g.nthreads; ++w) {
         unsigned lanes = std::min(32u, g.nthreads - w * 32);
         g.warp_live[w] = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
     }
+    const unsigned warps = (g.nthreads + 31) / 32;
+    unsigned order[kMaxThreadsPerBlock / 32];
     for (;;) {
-        for (unsigned w = 0; w * 32 < g.nthreads; ++w)
-            if (!run_warp(w)) return false;
+        schedule_order(order, warps);
+        for (unsigned i = 0; i < warps; ++i)
+            if (!run_warp(order[i])) return false;
         const Fiber* first_waiting = nullptr;
         const Fiber* first_exited = nullptr;
         unsigned waiting = 0;
@@ -517,6 +525,7 @@ bool run_block() {
         }
         int kind = first_waiting->bar_kind;
         g.barrier_result = kind == 1 ? count : kind == 2 ? all : kind == 3 ? any : 0;
+        emu_racecheck::barrier();
         for (unsigned t = 0; t < g.nthreads; ++t) g.fibers[t]->state = State::Ready;
     }
 }
@@ -578,8 +587,8 @@ extern "C" long long emu_clock64(void) {
 }
 
 void emu::register_kernel(const char* name, void* fn, Invoke invoke, const char* signature, const char* unit,
-                          SharedBounds shared) {
-    auto& kernels = registry();
+                          SharedBounds shared, bool checked) {
+    auto& kernels = checked ? checked_registry() : registry();
     auto it = kernels.find(name);
     if (it != kernels.end()) {
         it->second.duplicate_unit = unit;
@@ -678,7 +687,8 @@ extern "C" int emu_launch(const char* name, const unsigned grid[3], const unsign
         copy_error(err, err_len, format("no kernel named `%s` in the emulated device", name));
         return 1;
     }
-    const Kernel& k = it->second;
+    auto checked = checked_registry().find(name);
+    const Kernel& k = emu_racecheck::enabled && checked != checked_registry().end() ? checked->second : it->second;
     if (k.duplicate_unit) {
         copy_error(err, err_len, format("kernel `%s` is defined in both %s.cu and %s.cu", name, k.unit,
                                         k.duplicate_unit));
@@ -731,24 +741,57 @@ extern "C" int emu_launch(const char* name, const unsigned grid[3], const unsign
         f->tid = t;
         f->idx = uint3{t % block[0], (t / block[0]) % block[1], t / (block[0] * block[1])};
     }
+    emu_racecheck::begin_launch(g.shared_begin, g.shared_end, g.dyn_smem, g.dyn_bytes, g.nthreads);
+    // Blocks in the order i → (i·a + c) mod n: a = 1, c = 0 in order; a coprime to n, c random in the
+    // test mode, which the launch's own seed reproduces.
+    const uint64_t launch_seed = splitmix64(g.seed ^ g.launches);
+    g.rng = launch_seed;
+    const uint64_t nblocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    uint64_t a = 1, c = 0;
+    if (g.random_order && nblocks > 1) {
+        c = splitmix64(g.rng ^ 1) % nblocks;
+        do a = 1 + splitmix64(g.rng += 0x9e37) % (nblocks - 1); while (std::gcd(a, nblocks) != 1);
+    }
     CpuTimer timer;
-    for (unsigned z = 0; z < grid[2]; ++z) {
-        for (unsigned y = 0; y < grid[1]; ++y) {
-            for (unsigned x = 0; x < grid[0]; ++x) {
-                blockIdx = uint3{x, y, z};
-                if (!run_block()) {
-                    g.fibers_dirty = true;
-                    g.current = nullptr;
-                    copy_error(err, err_len,
-                               format("kernel `%s` (%s.cu), block (%u,%u,%u) of grid (%u,%u,%u), block size "
-                                      "(%u,%u,%u): %s",
-                                      name, k.unit, x, y, z, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                      g.error.c_str()));
-                    return 1;
-                }
-            }
+    for (uint64_t i = 0; i < nblocks; ++i) {
+        const uint64_t b = (uint64_t)(((unsigned __int128)i * a + c) % nblocks);
+        const unsigned x = (unsigned)(b % grid[0]), y = (unsigned)(b / grid[0] % grid[1]),
+                       z = (unsigned)(b / grid[0] / grid[1]);
+        blockIdx = uint3{x, y, z};
+        if (!run_block()) {
+            g.fibers_dirty = true;
+            g.current = nullptr;
+            emu_racecheck::end_launch();
+            std::string schedule = g.random_order ? format(" [random schedule, launch seed 0x%016llx]",
+                                                           (unsigned long long)launch_seed)
+                                                  : "";
+            copy_error(err, err_len,
+                       format("kernel `%s` (%s.cu), block (%u,%u,%u) of grid (%u,%u,%u), block size (%u,%u,%u): %s%s",
+                              name, k.unit, x, y, z, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                              g.error.c_str(), schedule.c_str()));
+            return 1;
         }
     }
+    emu_racecheck::end_launch();
     g.current = nullptr;
     return 0;
+}
+
+/// The test mode: `random` nonzero runs blocks, warps and lanes in an order drawn from `seed` (mixed
+/// with the launch's number); zero restores the fixed order.
+extern "C" void emu_set_schedule(int random, uint64_t seed) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    g.random_order = random != 0;
+    g.seed = seed;
+}
+
+/// Turns the shared-memory race detector on or off (on by default; SAFEDPO_EMU_RACECHECK=0 turns it off).
+extern "C" void emu_set_racecheck(int on) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    emu_racecheck::enabled = on != 0;
+}
+
+extern "C" int emu_racecheck_enabled(void) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    return emu_racecheck::enabled;
 }

@@ -141,6 +141,7 @@ macro_rules! device_tests {
         mod emu {
             $(#[test]
             fn $check() {
+                safedpo::backend::cuda::emu::use_test_mode(); // random schedule, race detector
                 let device = safedpo::backend::cuda::Device::emulated().unwrap();
                 $crate::device::both_precisions(&device, super::$check);
             })*

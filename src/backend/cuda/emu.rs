@@ -8,6 +8,11 @@
 //! launch also checks its arguments against the kernel's C++ signature and every pointer argument
 //! against the live buffers of this device.
 //!
+//! The test mode ([`use_test_mode`]) checks shared memory too: a race detector ([`set_racecheck`])
+//! reports any access to a shared-memory word that another thread of the block wrote (or read, for
+//! a write) with no barrier between, and blocks, warps and lanes run in a seeded random order
+//! (docs/TESTING.md, "Shared-memory races").
+//!
 //! GEMM is a CPU reference with the GPU path's semantics ([`Gemm`]): f32 products (the `gemm` crate),
 //! then `alpha·P + beta·D + bias` in f32, rounded once to D's type; with the GELU epilogue, that value
 //! rounded to the pre-activation buffer and its GELU (f32) rounded to D.
@@ -48,6 +53,9 @@ mod ffi {
         pub fn emu_context_switch_kind() -> *const c_char;
         pub fn emu_mem_alloc(capacity: usize) -> *mut c_void;
         pub fn emu_mem_free(ptr: *mut c_void, capacity: usize);
+        pub fn emu_set_schedule(random: c_int, seed: u64);
+        pub fn emu_set_racecheck(on: c_int);
+        pub fn emu_racecheck_enabled() -> c_int;
     }
 }
 
@@ -111,6 +119,66 @@ pub fn counters() -> Counters {
 pub fn context_switch_kind() -> &'static str {
     // SAFETY: a static string.
     unsafe { CStr::from_ptr(ffi::emu_context_switch_kind()) }.to_str().unwrap_or("?")
+}
+
+/// The order in which the emulated device runs the blocks of a launch, the warps of a block between
+/// two barriers and the lanes of a warp between two warp operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// Blocks, warps and lanes in index order (the default): fast and reproducible.
+    InOrder,
+    /// The test mode: an order drawn from `seed`, mixed with the launch's number (each launch gets
+    /// another order; a failing launch's error names its own seed). `SAFEDPO_EMU_SCHEDULE=random:SEED`
+    /// starts a process in this mode.
+    Random { seed: u64 },
+}
+
+/// Sets the schedule of every later launch on the emulated device (process-wide).
+pub fn set_schedule(schedule: Schedule) {
+    let (random, seed) = match schedule {
+        Schedule::InOrder => (0, 0),
+        Schedule::Random { seed } => (1, seed),
+    };
+    // SAFETY: plain values; the runtime takes its launch lock.
+    unsafe { ffi::emu_set_schedule(random, seed) };
+}
+
+/// The test mode the test suites run the emulated device in: the race detector on and a random
+/// schedule (seed from `SAFEDPO_EMU_SEED`, decimal or 0x-hex, else a fixed one). Process-wide. What
+/// the environment sets wins: `SAFEDPO_EMU_RACECHECK=0`, `SAFEDPO_EMU_SCHEDULE=in-order` (or
+/// `random:SEED`).
+pub fn use_test_mode() {
+    if std::env::var_os("SAFEDPO_EMU_RACECHECK").is_none() {
+        set_racecheck(true);
+    }
+    if std::env::var_os("SAFEDPO_EMU_SCHEDULE").is_none() {
+        let seed = std::env::var("SAFEDPO_EMU_SEED").ok().and_then(|s| parse_seed(&s)).unwrap_or(0x05af_ed90);
+        set_schedule(Schedule::Random { seed });
+    }
+}
+
+fn parse_seed(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// Turns the shared-memory race detector (`kernels/emu/racecheck.cpp`) on or off for later launches
+/// (process-wide; off unless the environment says `SAFEDPO_EMU_RACECHECK=1`, on in the test mode).
+/// While it is on, launches run the kernels' race-checked copies (3-5x slower): an access to a
+/// shared-memory word by one thread after another thread of the block wrote it (or read it, for a
+/// write) with no `__syncthreads` between (nor, inside one warp, a `__syncwarp` or warp collective
+/// taking both lanes) fails the launch with an error naming the kernel, the word and both threads.
+pub fn set_racecheck(on: bool) {
+    // SAFETY: a plain value; the runtime takes its launch lock.
+    unsafe { ffi::emu_set_racecheck(on as std::ffi::c_int) };
+}
+
+/// Whether the race detector checks the next launch.
+pub fn racecheck_enabled() -> bool {
+    // SAFETY: no arguments.
+    unsafe { ffi::emu_racecheck_enabled() != 0 }
 }
 
 /// A live buffer: `bytes` used, `capacity` allocated (canary in between).
