@@ -213,11 +213,11 @@ fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig, source
     };
 
     let mut tensors = BTreeMap::new();
-    let mut used: Vec<String> = Vec::new();
+    let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (name, shape) in config.parameter_shapes() {
         let data = match fused_parts(&config, &name) {
             None => {
-                used.push(name.clone());
+                used.insert(name.clone());
                 read(&name, &shape)?
             }
             Some(parts) => {
@@ -226,7 +226,7 @@ fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig, source
                     let mut part_shape = shape.clone();
                     part_shape[0] = rows;
                     data.extend(read(&part, &part_shape)?);
-                    used.push(part);
+                    used.insert(part);
                 }
                 data
             }
@@ -237,7 +237,7 @@ fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig, source
     // Everything else must be a tied LM head or one of HF's non-parameter buffers.
     let embedding = &config.parameter_shapes()[0].0;
     for (&name, &(path, file, stored)) in &by_name {
-        if used.iter().any(|u| u == name) || is_hf_buffer(name, config.n_layer) {
+        if used.contains(name) || is_hf_buffer(name, config.n_layer) {
             continue;
         }
         if name == LM_HEAD && config.tie_word_embeddings {
