@@ -65,6 +65,7 @@
 //! ```
 
 pub mod cli;
+pub mod model_dir;
 pub mod settings;
 mod source;
 pub(crate) mod validate;
@@ -80,6 +81,7 @@ use crate::data::{DataFormat, PairSelection};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family, Rope};
 pub use cli::{Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
+pub use model_dir::{check_init_shape, ModelDirSettings, RUN_CONFIG_FILE};
 use settings::settings;
 
 settings! {

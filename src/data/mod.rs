@@ -23,6 +23,7 @@ mod synthetic;
 mod tokenize;
 mod tokenizer;
 pub mod tokenizer_config;
+pub mod tokenizer_files;
 
 pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
@@ -37,6 +38,7 @@ pub use tokenize::{
     TruncationReport, CHAT_TEMPLATE, DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
 };
 pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
+pub use tokenizer_files::{check_same_tokenizer, has_own_tokenizer, save_tokenizer_files, tokenizer_source};
 
 use serde::{Deserialize, Serialize};
 
