@@ -248,23 +248,8 @@ fn write_demo_data(args: &DemoArgs) -> Result<()> {
 }
 
 fn run_training(args: TrainArgs, task: Task) -> Result<()> {
-    let mut settings = args.run.resolve()?;
-    settings.config.require_data()?;
-    if let Some(init) = settings.config.model.init.clone() {
-        let init = ModelDirSettings::read(&init).with_context(|| format!("model.init {}", init.display()))?;
-        check_init_shape(&settings, &init)?;
-        let reference = match &settings.config.model.reference {
-            Some(dir) => {
-                Some(ModelDirSettings::read(dir).with_context(|| format!("model.reference {}", dir.display()))?)
-            }
-            None => None,
-        };
-        let mut notes: Vec<String> = init.adopt_template(&mut settings).into_iter().collect();
-        let cap = DataConfig::default().max_len;
-        notes.push(init.adopt_max_len(&mut settings, &reference.iter().collect::<Vec<_>>(), Some(cap))?);
-        print_settings_notes(&notes);
-    }
-    let cfg = settings.config;
+    let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
+    cfg.require_data()?;
     let opts = TrainOptions { resume: args.resume, progress: !args.no_progress, ..Default::default() };
     let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
     let mut out = json!({
@@ -292,24 +277,59 @@ fn print_settings_notes(notes: &[String]) {
     }
 }
 
+/// The bounds of a `data.max_len` left unset besides the models' contexts: a micro-batch holds a pair
+/// (and training keeps to the default's memory use).
+fn max_len_caps(settings: &Resolved, training: bool) -> Vec<(usize, &'static str)> {
+    let budget = settings.config.batching.tokens_per_micro_batch;
+    let mut caps = vec![(budget / 2, "half of batching.tokens_per_micro_batch")];
+    if training {
+        caps.push((DataConfig::default().max_len, "the default"));
+    }
+    caps
+}
+
+/// `train` / `sft` from `model.init`: its shape is the model's (a shape setting that differs is an
+/// error), and the data settings left unset come from its directory (see `config::model_dir`).
+fn adopt_init_settings(settings: &mut Resolved) -> Result<()> {
+    let Some(init) = settings.config.model.init.clone() else {
+        return Ok(());
+    };
+    let init = ModelDirSettings::read(&init).with_context(|| format!("model.init {}", init.display()))?;
+    check_init_shape(settings, &init)?;
+    let reference = match &settings.config.model.reference {
+        Some(dir) => Some(ModelDirSettings::read(dir).with_context(|| format!("model.reference {}", dir.display()))?),
+        None => None,
+    };
+    let mut notes: Vec<String> = init.adopt_template(settings).into_iter().collect();
+    let caps = max_len_caps(settings, true);
+    notes.push(init.adopt_max_len(settings, &reference.iter().collect::<Vec<_>>(), &caps)?);
+    print_settings_notes(&notes);
+    Ok(())
+}
+
 /// The run configuration of `logps` / `eval`: the policy is `--model`; the reference is
 /// `model.reference`, else `model.init` (the policy a run started from), else the policy itself. The
 /// data settings the flags and the file leave unset come from the policy's directory (the template it
 /// was trained with; `data.max_len`: the models' context, at most the length it was trained with).
 fn model_data_config(args: &ModelDataArgs) -> Result<(RunConfig, PathBuf)> {
-    let mut settings = args.run.resolve()?;
-    settings.config.require_data()?;
-    let cfg = &settings.config;
-    let reference = cfg.model.reference.clone().or(cfg.model.init.clone()).unwrap_or_else(|| args.model.clone());
-    let policy = ModelDirSettings::read(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
-    check_init_shape(&settings, &policy)?;
-    let reference_settings =
-        ModelDirSettings::read(&reference).with_context(|| format!("the reference {}", reference.display()))?;
-    let mut notes: Vec<String> = policy.adopt_template(&mut settings).into_iter().collect();
-    notes.push(policy.adopt_max_len(&mut settings, &[&reference_settings], None)?);
-    notes.push(format!("the tokenizer {}", tokenizer_source(Some(&args.model))));
-    print_settings_notes(&notes);
-    let mut cfg = settings.config;
+    let mut reference = args.model.clone();
+    let adopt = |settings: &mut Resolved| -> Result<()> {
+        let cfg = &settings.config;
+        reference = cfg.model.reference.clone().or(cfg.model.init.clone()).unwrap_or_else(|| args.model.clone());
+        let policy =
+            ModelDirSettings::read(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+        check_init_shape(settings, &policy)?;
+        let reference_settings =
+            ModelDirSettings::read(&reference).with_context(|| format!("the reference {}", reference.display()))?;
+        let mut notes: Vec<String> = policy.adopt_template(settings).into_iter().collect();
+        let caps = max_len_caps(settings, false);
+        notes.push(policy.adopt_max_len(settings, &[&reference_settings], &caps)?);
+        notes.push(format!("the tokenizer {}", tokenizer_source(Some(&args.model))));
+        print_settings_notes(&notes);
+        Ok(())
+    };
+    let mut cfg = args.run.resolve_adjusted(adopt)?.config;
+    cfg.require_data()?;
     cfg.model.init = Some(args.model.clone());
     Ok((cfg, reference))
 }
@@ -401,15 +421,17 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let mut settings = args.settings.resolve()?;
-    let model = ModelDirSettings::read(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
-    check_init_shape(&settings, &model)?;
-    let mut notes: Vec<String> = Vec::new();
-    if !args.raw {
-        notes.extend(model.adopt_template(&mut settings));
-    }
-    notes.push(format!("the tokenizer {}", tokenizer_source(Some(&args.model))));
-    print_settings_notes(&notes);
+    let settings = args.settings.resolve_adjusted(|settings| {
+        let model = ModelDirSettings::read(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+        check_init_shape(settings, &model)?;
+        let mut notes: Vec<String> = Vec::new();
+        if !args.raw {
+            notes.extend(model.adopt_template(settings));
+        }
+        notes.push(format!("the tokenizer {}", tokenizer_source(Some(&args.model))));
+        print_settings_notes(&notes);
+        Ok(())
+    })?;
     with_backend!(settings.config.device, |backend| generate_text(backend, &args, &settings))
 }
 

@@ -64,13 +64,13 @@ impl ModelDirSettings {
     }
 
     /// `data.max_len`, unless given: the smallest context of this model and `others`, at most the
-    /// length this model was trained with and `cap`. A value given above a context is an error.
-    /// Returns a note saying where the default came from.
+    /// length this model was trained with and each of `caps` (a bound and what it is). A value given
+    /// above a context is an error. Returns a note saying where the value came from.
     pub fn adopt_max_len(
         &self,
         resolved: &mut Resolved,
         others: &[&ModelDirSettings],
-        cap: Option<usize>,
+        caps: &[(usize, &str)],
     ) -> Result<String> {
         let models = std::iter::once(self).chain(others.iter().copied());
         let (context, smallest) = models.map(|m| (m.config.n_positions, m)).min_by_key(|(n, _)| *n).expect("one model");
@@ -91,8 +91,10 @@ impl ModelDirSettings {
         if let Some(trained) = self.run.as_ref().map(|r| r.data.max_len).filter(|&n| n < max_len) {
             (max_len, source) = (trained, format!("{}, as trained", self.run_config_path().display()));
         }
-        if let Some(cap) = cap.filter(|&c| c < max_len) {
-            (max_len, source) = (cap, "the default".to_string());
+        for &(cap, what) in caps {
+            if cap < max_len {
+                (max_len, source) = (cap, what.to_string());
+            }
         }
         resolved.config.data.max_len = max_len;
         Ok(format!("data.max_len = {max_len} (from {source})"))

@@ -121,7 +121,8 @@ pub fn byte_tokenizer_config() -> String {
 /// documentation).
 pub fn save_tokenizer_files(tok: &dyn TextTokenizer, src: Option<&Path>, dst: &Path) -> Result<()> {
     let own = src.filter(|dir| has_own_tokenizer(dir));
-    let is_byte = own.is_none() && tokenizer_difference(tok, &ByteTokenizer).is_none();
+    // Also when read back from its own tokenizer.json (whose BOS is no longer known as such).
+    let is_byte = tokenizer_difference(tok, &ByteTokenizer).is_none();
     if let Some(src) = own {
         for f in TOKENIZER_FILES {
             let from = src.join(f);
@@ -151,16 +152,18 @@ pub fn save_tokenizer_files(tok: &dyn TextTokenizer, src: Option<&Path>, dst: &P
     set_config_token_ids(&dst.join(MODEL_CONFIG_FILE), bos, tok.eos_id())
 }
 
-/// Sets `config.json`'s `bos_token_id` (to `bos`, else to EOS, as GPT-2's single `<|endoftext|>`) and
-/// `eos_token_id`: always for GPT-2, where they are missing for the other families.
+/// Sets `config.json`'s `bos_token_id` and `eos_token_id`: always for GPT-2 (BOS, else EOS, as GPT-2's
+/// single `<|endoftext|>`), where they are missing for the other families (BOS only when there is one).
 fn set_config_token_ids(path: &Path, bos: Option<i32>, eos: i32) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut config: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
     let obj = config.as_object_mut().ok_or_else(|| anyhow!("{}: expected a JSON object", path.display()))?;
-    let always = obj.get("model_type").and_then(Value::as_str) == Some("gpt2");
+    let gpt2 = obj.get("model_type").and_then(Value::as_str) == Some("gpt2");
+    let bos = if gpt2 { Some(bos.unwrap_or(eos)) } else { bos };
     let mut changed = false;
-    for (key, id) in [("bos_token_id", bos.unwrap_or(eos)), ("eos_token_id", eos)] {
-        if always || obj.get(key).is_none_or(Value::is_null) {
+    for (key, id) in [("bos_token_id", bos), ("eos_token_id", Some(eos))] {
+        let Some(id) = id else { continue };
+        if gpt2 || obj.get(key).is_none_or(Value::is_null) {
             changed |= obj.insert(key.to_string(), json!(id)) != Some(json!(id));
         }
     }
