@@ -12,6 +12,9 @@
 //! - a [`Batcher`] shuffles the pairs per epoch and packs them, up to a token budget, into a
 //!   [`PreferenceBatch`] (or a [`PackedBatch`] for SFT).
 //!
+//! A model directory carries its tokenizer in Hugging Face's files (the byte tokenizer as a
+//! `tokenizer.json` too): [`save_tokenizer_files`], in `tokenizer_files`.
+//!
 //! [`synthetic_safety_pairs`] is the demo's built-in dataset.
 
 mod batch;
