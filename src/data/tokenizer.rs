@@ -372,9 +372,9 @@ impl TextTokenizer for HfTokenizer {
     /// Encodes without special tokens.
     ///
     /// # Panics
-    /// When `tokenizers` fails, which a byte-level tokenizer never does (a model without byte fallback
-    /// or unknown token can meet a word it cannot tokenize): dropping the text silently would corrupt
-    /// the data.
+    /// When `tokenizers` fails: dropping the text silently would corrupt the data. Reading a tokenizer
+    /// refuses the models that could (an unknown token missing from the vocabulary, a Unigram model
+    /// with neither `unk_id` nor byte fallback), so no input file leads here.
     fn encode(&self, s: &str) -> Vec<i32> {
         match self.inner.encode_fast(s, false) {
             Ok(enc) => enc.get_ids().iter().map(|&id| id as i32).collect(),
