@@ -43,6 +43,11 @@ pub const FINAL_DIR: &str = "final";
 pub const RUN_CONFIG_FILE: &str = "run_config.toml";
 const STATE_FORMAT: &str = "safedpo-train-state-v1";
 
+/// Whether `name` is that of a checkpoint directory: `final` or `checkpoint-<step>`.
+pub fn is_checkpoint_name(name: &str) -> bool {
+    name == FINAL_DIR || name.strip_prefix("checkpoint-").is_some_and(|s| s.parse::<usize>().is_ok())
+}
+
 /// The name of the checkpoint directory of `step`.
 pub fn checkpoint_name(step: usize) -> String {
     format!("checkpoint-{step}")
@@ -207,7 +212,7 @@ pub fn commit_dir_with(
     after: &mut dyn FnMut(CommitStep) -> Result<()>,
 ) -> Result<PathBuf> {
     let target = out_dir.join(name);
-    remove_leftovers(out_dir, name)?;
+    remove_leftovers(out_dir, Some(name))?;
     let stamp = unique_stamp();
     let staging = out_dir.join(format!(".{name}.{stamp}.partial"));
     fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
@@ -230,7 +235,7 @@ pub fn commit_dir_with(
     }
     write_latest(out_dir, name)?;
     after(CommitStep::LatestMoved)?;
-    remove_leftovers(out_dir, name)?;
+    remove_leftovers(out_dir, Some(name))?;
     Ok(target)
 }
 
@@ -253,20 +258,18 @@ fn install(out_dir: &Path, name: &str, fresh: &str, after: &mut dyn FnMut(Commit
     after(CommitStep::InPlace)
 }
 
-/// Completes a commit a crash interrupted after `latest` moved to a replacing directory's hidden
-/// name (see [`commit_dir_with`]): the directory takes its name and `latest` names it. Nothing to do
-/// (`None`) when `latest` names a directory by its own name.
-pub fn finish_interrupted_commit(out_dir: &Path) -> Result<Option<PathBuf>> {
-    let Some(dir) = read_latest(out_dir)? else { return Ok(None) };
-    let hidden = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let Some(name) = hidden.strip_prefix('.').and_then(|rest| rest.split('.').next()).filter(|n| !n.is_empty()) else {
-        return Ok(None);
-    };
-    let name = name.to_string();
-    install(out_dir, &name, &hidden, &mut |_| Ok(()))?;
-    write_latest(out_dir, &name)?;
-    remove_leftovers(out_dir, &name)?;
-    Ok(Some(out_dir.join(name)))
+/// Tidies what crashed commits left, at the start of a run (which holds the directory's lock): a
+/// commit interrupted after `latest` moved to a replacing directory's hidden name (see
+/// [`commit_dir_with`]) is completed, the directory taking its name; every other leftover goes.
+pub fn finish_interrupted_commits(out_dir: &Path) -> Result<()> {
+    if let Some(dir) = read_latest(out_dir)? {
+        let hidden = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some((name, _)) = hidden.strip_prefix('.').and_then(|rest| rest.split_once('.')) {
+            install(out_dir, name, &hidden, &mut |_| Ok(()))?;
+            write_latest(out_dir, name)?;
+        }
+    }
+    remove_leftovers(out_dir, None)
 }
 
 /// A name no other commit of this or another process uses.
@@ -286,15 +289,20 @@ fn write_latest(out_dir: &Path, name: &str) -> Result<()> {
     write_atomic(&out_dir.join(LATEST_FILE), format!("{name}\n").as_bytes())
 }
 
-/// Removes what interrupted commits of `name` left (`.name.*`: staging, replaced and half-copied
-/// directories), except the one `latest` names.
-fn remove_leftovers(out_dir: &Path, name: &str) -> Result<()> {
+/// Removes what interrupted commits of `name` (of any checkpoint: `None`) left (`.name.*`:
+/// staging, replaced and half-copied directories), except the one `latest` names.
+fn remove_leftovers(out_dir: &Path, name: Option<&str>) -> Result<()> {
     let keep = read_latest_name(out_dir);
-    let prefix = format!(".{name}.");
     for entry in fs::read_dir(out_dir).with_context(|| format!("listing {}", out_dir.display()))? {
         let entry = entry?;
         let file = entry.file_name().to_string_lossy().into_owned();
-        if file.starts_with(&prefix) && Some(&file) != keep.as_ref() {
+        let of = file.strip_prefix('.').and_then(|rest| rest.split_once('.')).map(|(of, _)| of);
+        let leftover = match (of, name) {
+            (Some(of), Some(name)) => of == name,
+            (Some(of), None) => is_checkpoint_name(of),
+            (None, _) => false,
+        };
+        if leftover && Some(&file) != keep.as_ref() {
             let path = entry.path();
             let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             removed.with_context(|| format!("removing {} (left by an interrupted checkpoint)", path.display()))?;
@@ -345,6 +353,14 @@ pub fn read_latest(out_dir: &Path) -> Result<Option<PathBuf>> {
     let dir = out_dir.join(name);
     ensure!(dir.join(STATE_FILE).is_file(), "{} names {}, which has no {STATE_FILE}", path.display(), dir.display());
     Ok(Some(dir))
+}
+
+/// Where a stopped run's last good checkpoint is, for its error message.
+pub fn describe_latest(out_dir: &Path) -> String {
+    match read_latest(out_dir) {
+        Ok(Some(dir)) => format!("`latest` still names {}", dir.display()),
+        _ => "no checkpoint was written".to_string(),
+    }
 }
 
 /// Where to resume from.
@@ -425,6 +441,83 @@ mod tests {
         assert_eq!(fs::read(out.join("checkpoint-1/a")).unwrap(), b"one");
         assert!(!out.join("checkpoint-2").exists());
         assert!(!out.join(".checkpoint-2.partial").exists());
+    }
+
+    /// A directory `read_latest` accepts (a `state.json`), holding `content` in `a`.
+    fn fake_checkpoint(dir: &Path, content: &str) -> Result<()> {
+        write_atomic(&dir.join(STATE_FILE), b"{}")?;
+        write_atomic(&dir.join("a"), content.as_bytes())
+    }
+
+    fn hidden_entries(out: &Path) -> Vec<String> {
+        let names = fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+        names.filter(|n| n.starts_with('.')).collect()
+    }
+
+    /// A commit killed after any of its steps, of a new name or of one that exists (`final` again):
+    /// `latest` names a complete directory, the old one until the new one is whole; a later start
+    /// (`finish_interrupted_commit`) and a later commit of the name clean up.
+    #[test]
+    fn a_commit_killed_at_any_step_leaves_latest_naming_a_complete_checkpoint() {
+        use CommitStep::*;
+        let cases = [
+            (false, Staged, "one"),
+            (false, InPlace, "one"),
+            (false, LatestMoved, "new"),
+            (true, Staged, "old"),
+            (true, LatestOnNew, "new"),
+            (true, OldRemoved, "new"),
+            (true, InPlace, "new"),
+            (true, LatestMoved, "new"),
+        ];
+        for (replacing, stop, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path();
+            commit_dir(out, "checkpoint-1", |d| fake_checkpoint(d, "one")).unwrap();
+            if replacing {
+                commit_dir(out, FINAL_DIR, |d| fake_checkpoint(d, "old")).unwrap();
+            }
+            let mut kill = |at: CommitStep| if at == stop { bail!("killed") } else { Ok(()) };
+            let err = commit_dir_with(out, FINAL_DIR, |d| fake_checkpoint(d, "new"), &mut kill).unwrap_err();
+            assert_eq!(err.to_string(), "killed");
+            let case = format!("replacing {replacing}, killed after {stop:?}");
+            let latest = read_latest(out).unwrap_or_else(|e| panic!("{case}: {e:#}")).unwrap();
+            assert_eq!(fs::read_to_string(latest.join("a")).unwrap(), want, "{case}");
+            assert!(latest.join(STATE_FILE).is_file(), "{case}");
+
+            // The next run's start puts a replaced directory in place under its name, and tidies.
+            finish_interrupted_commits(out).unwrap();
+            let latest = read_latest(out).unwrap().unwrap();
+            assert!(!latest.file_name().unwrap().to_string_lossy().starts_with('.'), "{case}: {}", latest.display());
+            assert_eq!(fs::read_to_string(latest.join("a")).unwrap(), want, "{case}");
+            assert_eq!(hidden_entries(out), Vec::<String>::new(), "{case}");
+            commit_dir(out, FINAL_DIR, |d| fake_checkpoint(d, "newer")).unwrap();
+            assert_eq!(read_latest(out).unwrap().unwrap(), out.join(FINAL_DIR), "{case}");
+            assert_eq!(fs::read_to_string(out.join("final/a")).unwrap(), "newer", "{case}");
+            assert_eq!(hidden_entries(out), Vec::<String>::new(), "{case}");
+        }
+    }
+
+    /// Replacing the directory `latest` names: the name holds the new files, the hidden copy is gone.
+    #[test]
+    fn replacing_the_latest_directory_keeps_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        commit_dir(out, FINAL_DIR, |d| fake_checkpoint(d, "old")).unwrap();
+        let mut seen = Vec::new();
+        let mut watch = |at: CommitStep| {
+            let latest = read_latest(out)?.expect("latest names a checkpoint");
+            seen.push((at, fs::read_to_string(latest.join("a"))?));
+            Ok(())
+        };
+        commit_dir_with(out, FINAL_DIR, |d| fake_checkpoint(d, "new"), &mut watch).unwrap();
+        let steps: Vec<CommitStep> = seen.iter().map(|(at, _)| *at).collect();
+        use CommitStep::*;
+        assert_eq!(steps, [Staged, LatestOnNew, OldRemoved, InPlace, LatestMoved]);
+        assert_eq!(seen[0].1, "old");
+        assert!(seen[1..].iter().all(|(_, a)| a == "new"), "{seen:?}");
+        assert_eq!(fs::read_to_string(out.join(LATEST_FILE)).unwrap(), "final\n");
+        assert_eq!(hidden_entries(out), Vec::<String>::new());
     }
 
     #[test]

@@ -199,6 +199,23 @@ pub(crate) fn append_whole(
     Ok(())
 }
 
+/// A one-line digest of a metrics record for the console.
+pub fn brief(rec: &Record) -> String {
+    let keys = [
+        ("loss", "loss"),
+        ("rewards/accuracies", "acc"),
+        ("rewards/margins", "margin"),
+        ("eval/loss", "eval loss"),
+        ("eval/rewards/accuracies", "eval acc"),
+        ("eval/rewards/margins", "eval margin"),
+        ("eval/safe_preferred_accuracy", "safe-preferred"),
+    ];
+    keys.iter()
+        .filter_map(|(k, label)| rec.get(*k).and_then(|v| v.as_f64()).map(|v| format!("{label} {v:.4}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +244,33 @@ mod tests {
         assert_eq!(rec["eval/rewards/accuracies"].as_f64().unwrap(), 0.5);
         assert_eq!(rec["eval/logps/chosen"].as_f64().unwrap(), -4.0);
         assert!((rec["eval/loss"].as_f64().unwrap() - 0.5725).abs() < 1e-6);
+    }
+
+    /// A disk that fills in the middle of a record: the file is cut back to the records before it,
+    /// and appending goes on where it was once there is room.
+    #[test]
+    fn a_record_is_appended_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::create(&path).unwrap();
+        let record = |step: usize| {
+            let mut r = Record::new();
+            r.insert("step".into(), step.into());
+            r.insert("loss".into(), json_f64(0.5));
+            r
+        };
+        log.append(record(1)).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let line = format!("{}\n", Value::Object(record(2)));
+        let full_disk = |f: &mut File, bytes: &[u8]| {
+            f.write_all(&bytes[..bytes.len() / 2])?;
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"))
+        };
+        let err = append_whole(&path, line.as_bytes(), full_disk).unwrap_err();
+        assert!(format!("{err:#}").contains("no space left") && format!("{err:#}").contains("not written"), "{err:#}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "a torn record was left behind");
+        log.append(record(2)).unwrap();
+        assert_eq!(crate::plot::read_metrics_report(&path).unwrap(), (vec![record(1), record(2)], None));
     }
 
     #[test]

@@ -47,6 +47,7 @@ use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
 use checkpoint::{checkpoint_name, commit_dir_with, CommitStep, TrainState, FINAL_DIR, METRICS_FILE};
+pub use metrics::brief;
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
@@ -717,7 +718,9 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         // A diverged step stops the run before anything of it is written.
         check_loss(t.step, info.loss.unwrap_or(0.0), cfg.train.max_loss)
             .and_then(|()| check_parameters(&t.learner.policy, t.step))
-            .context("the run stopped; nothing of this step was written, `latest` names the last good checkpoint")?;
+            .with_context(|| {
+                format!("the run stopped, nothing of this step written; {}", checkpoint::describe_latest(out))
+            })?;
         let secs = t0.elapsed().as_secs_f64();
         t.interval.seconds += secs;
         t.train_seconds += secs;
@@ -774,23 +777,6 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         t.console.note(format!("checkpoint: {}", dir.display()));
     }
     Ok(summary)
-}
-
-/// A one-line digest of a metrics record for the console.
-pub fn brief(rec: &Record) -> String {
-    let keys = [
-        ("loss", "loss"),
-        ("rewards/accuracies", "acc"),
-        ("rewards/margins", "margin"),
-        ("eval/loss", "eval loss"),
-        ("eval/rewards/accuracies", "eval acc"),
-        ("eval/rewards/margins", "eval margin"),
-        ("eval/safe_preferred_accuracy", "safe-preferred"),
-    ];
-    keys.iter()
-        .filter_map(|(k, label)| rec.get(*k).and_then(|v| v.as_f64()).map(|v| format!("{label} {v:.4}")))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Re-exports for the command line and the demo.

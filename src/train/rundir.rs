@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{
-    finish_interrupted_commit, read_latest, resolve_resume, TrainState, FINAL_DIR, LATEST_FILE, METRICS_FILE,
+    finish_interrupted_commits, is_checkpoint_name, read_latest, resolve_resume, TrainState, LATEST_FILE, METRICS_FILE,
 };
 use super::TrainOptions;
 use crate::config::RunConfig;
@@ -209,10 +209,8 @@ impl PreviousRun {
 /// `checkpoint-<step>`, `.final.*`, `.checkpoint-*`).
 fn run_entries(out_dir: &Path) -> Result<Vec<PathBuf>> {
     let is_checkpoint = |n: &str| {
-        n == FINAL_DIR
-            || n.strip_prefix("checkpoint-").is_some_and(|s| s.parse::<usize>().is_ok())
-            || n.starts_with(&format!(".{FINAL_DIR}."))
-            || n.starts_with(".checkpoint-")
+        let of = n.strip_prefix('.').and_then(|rest| rest.split_once('.')).map_or(n, |(of, _)| of);
+        is_checkpoint_name(of)
     };
     let mut found = Vec::new();
     for entry in fs::read_dir(out_dir).with_context(|| format!("listing {}", out_dir.display()))? {
@@ -288,7 +286,7 @@ impl RunDir {
 
     fn lock(&mut self, warn: &dyn Fn(&str)) -> Result<()> {
         self.lock = Some(RunLock::acquire(&self.out_dir, warn)?);
-        finish_interrupted_commit(&self.out_dir)?;
+        finish_interrupted_commits(&self.out_dir)?;
         Ok(())
     }
 
