@@ -356,3 +356,20 @@ fn the_command_line_refuses_what_would_lose_or_hide_something() {
     assert!(stderr_of(&out).contains("step 1: after the update"), "{}", stderr_of(&out));
     assert!(!run.join(LATEST_FILE).exists() && !run.join("final").exists());
 }
+
+/// A step whose loss is NaN stops before the update, saying so (its gradient norm would only say
+/// that the gradient is NaN).
+#[test]
+fn a_nan_loss_stops_the_step_before_the_update() {
+    use safedpo::{DeviceKind, Engine, PreferencePair};
+    let mut engine = Engine::new(DeviceKind::Cpu).unwrap();
+    let config = DecoderConfig::gpt2(258, 64, 16, 1, 2);
+    engine.random_policy(config.clone(), 1).unwrap();
+    engine.reference_from_policy().unwrap();
+    let mut weights = engine.policy_weights().unwrap();
+    weights.tensors.get_mut("ln_f.weight").unwrap().1[0] = f32::NAN;
+    engine.set_policy_weights(&weights).unwrap();
+    let pairs = [PreferencePair::new("Hi.", "Hello.", "Go away.")];
+    let err = format!("{:#}", engine.train_step(&pairs).unwrap_err());
+    assert!(err.contains("step 1: the loss is NaN; training diverged"), "{err}");
+}
