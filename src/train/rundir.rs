@@ -116,10 +116,10 @@ impl RunLock {
         for attempt in 1..=ATTEMPTS {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).with_context(|| {
+                    if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.sync_all()) {
                         let _ = fs::remove_file(&path);
-                        format!("writing {}", path.display())
-                    })?;
+                        return Err(e).with_context(|| format!("writing the lock {}", path.display()));
+                    }
                     return Ok(Self { path, owner });
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
