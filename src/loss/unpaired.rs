@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn kl_is_the_clamped_mean_log_ratio() {
-        assert_eq!(kl_estimate(&[-1.0, -3.0], &[-2.0, -2.5]), 0.75);
+        assert_eq!(kl_estimate(&[-1.0, -3.0], &[-2.0, -2.5]), 0.25);
         assert_eq!(kl_estimate(&[-3.0, -3.0], &[-2.0, -2.5]), 0.0);
         assert_eq!(kl_estimate(&[], &[]), 0.0);
     }
@@ -90,7 +90,12 @@ mod tests {
     #[test]
     fn losses_are_the_published_forms() {
         let naive_sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let e = |desirable, completion_unsafe| ExampleInput { policy: -10.0, reference: -11.0, desirable, completion_unsafe };
+        let e = |desirable, completion_unsafe| ExampleInput {
+            policy: -10.0,
+            reference: -11.0,
+            desirable,
+            completion_unsafe,
+        };
         let (x, kl) = (1.0, 0.3);
         let out = unpaired_loss(&kto(KtoLoss::Kto), &[e(true, false), e(false, true)], kl);
         assert!((out[0].loss - 1.5 * (1.0 - naive_sigmoid(0.5 * (x - kl)))).abs() < 1e-15);
