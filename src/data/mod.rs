@@ -12,6 +12,10 @@
 //! - a [`Batcher`] shuffles the pairs per epoch and packs them, up to a token budget, into a
 //!   [`PreferenceBatch`] (or a [`PackedBatch`] for SFT).
 //!
+//! The objectives on unpaired examples (KTO) read [`UnpairedExample`]s instead ([`load_examples`]:
+//! unpaired rows, or pairs unpaired), tokenized by [`tokenize_examples`] and packed with their KL
+//! sequences by [`unpaired_batch`].
+//!
 //! [`synthetic_safety_pairs`] is the demo's built-in dataset.
 
 mod batch;
@@ -23,6 +27,7 @@ mod synthetic;
 mod tokenize;
 mod tokenizer;
 pub mod tokenizer_config;
+mod unpaired;
 
 pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
@@ -37,6 +42,10 @@ pub use tokenize::{
     TruncationReport, CHAT_TEMPLATE, DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
 };
 pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
+pub use unpaired::{
+    load_examples, tokenize_examples, unpair, unpaired_batch, write_examples_jsonl, ExampleTruncationReport,
+    TokenizedExample, UnpairedBatch, UnpairedExample, UnpairedReport,
+};
 
 use serde::{Deserialize, Serialize};
 
