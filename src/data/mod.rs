@@ -29,7 +29,7 @@ mod tokenizer;
 pub mod tokenizer_config;
 mod unpaired;
 
-pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
+pub use batch::{chunks_by_cost, preference_batch, sft_batch, Batcher, BatcherState};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
 pub use load::{
     load_pairs, safedpo_transform, write_pairs_jsonl, write_pku_jsonl, DataFormat, LoadReport, PairSelection, PkuRow,
