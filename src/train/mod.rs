@@ -53,6 +53,7 @@ use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 use refcache::{cache_key, load_or_compute, sequence_logps};
 use refsync::RefSync;
+pub use refsync::{mix_weights, REFERENCE_DIR};
 use step::{adamw_config, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
 use unpaired::{ExampleStats, UnpairedData};
 
