@@ -152,6 +152,9 @@ fn closed_form_loss(objective: &Objective, p: &PairInput) -> f64 {
             -(1.0 - eps) * naive_log_sigmoid(z) - eps * naive_log_sigmoid(-z) - cpo_alpha * p.policy_chosen / len_c
         }
         Objective::Combination(_) => unreachable!("random_objectives makes single objectives"),
+        Objective::Kto(_) => {
+            unreachable!("random_objectives makes pairwise objectives (tests/kto.rs: the unpaired ones)")
+        }
     }
 }
 

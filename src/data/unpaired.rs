@@ -394,6 +394,6 @@ mod tests {
         assert!(!unsafe_good.clone().selected(PairSelection::SafeDpo).0.label);
         let safe_bad = UnpairedExample::new("p", "c", false);
         assert_eq!(safe_bad.clone().selected(PairSelection::SafeDpo), (safe_bad.clone(), false));
-        assert_eq!(safe_bad.clone().selected(PairSelection::Safer).0.label, true);
+        assert!(safe_bad.clone().selected(PairSelection::Safer).0.label);
     }
 }

@@ -32,6 +32,7 @@ pub fn evaluate_pairs_with<B: Backend>(
     state: &LossState,
     token_budget: usize,
 ) -> Result<PairStats> {
+    objective.require_pairwise("evaluating pairs")?;
     ensure!(reference.len() == 2 * pairs.len(), "{} reference log-probs for {} pairs", reference.len(), pairs.len());
     let backend = policy.backend().clone();
     let b = &*backend;
