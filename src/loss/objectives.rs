@@ -330,7 +330,7 @@ impl Objective {
         match self {
             Objective::Kto(k) => bail!(
                 "{what}: objective {} trains on unpaired examples (prompt, completion, label), not on pairs; it runs \
-                 in the trainer's unpaired step (crate::loss::unpaired_loss)",
+                 in the trainer's step on unpaired examples",
                 k.name()
             ),
             _ => Ok(()),

@@ -103,6 +103,7 @@ pub struct RunSummary {
     pub total_steps: usize,
     /// Steps taken by this invocation.
     pub steps_this_run: usize,
+    /// Training and held-out pairs (for an objective on unpaired examples: examples).
     pub train_pairs: usize,
     pub eval_pairs: usize,
     /// The first and last evaluation records of the run's log (step 0 is before training).
