@@ -124,6 +124,9 @@ policy and the reference. Each objective then runs the demo's SafeDPO stage (40 
 the other parameters at the objective's defaults), once as published (safety margin Δ = 0) and once as
 its SafeDAA twin (Δ = $MARGIN: the SafeDPO shift \`(u_r − u_c)Δ\` in its loss; for \`safedpo\` the
 rows are \`delta = 0\`, i.e. \`dpo\`, and \`delta = 10\`). \`sft\` has no rejected response and no twin.
+\`kto\` and \`apo_zero_unpaired\` train on the same pairs unpaired (each chosen response desirable, each
+rejected one not; their twin raises an unsafe completion's reward by Δ in the loss), with the
+reference model run live, and their final policy is scored on the held-out pairs by \`safedpo eval\`.
 
 Held-out metrics after the last step (pairs on prompts never trained on):
 
