@@ -16,6 +16,9 @@
 //! unpaired rows, or pairs unpaired), tokenized by [`tokenize_examples`] and packed with their KL
 //! sequences by [`unpaired_batch`].
 //!
+//! A model directory carries its tokenizer in Hugging Face's files (the byte tokenizer as a
+//! `tokenizer.json` too): [`save_tokenizer_files`], in `tokenizer_files`.
+//!
 //! [`synthetic_safety_pairs`] is the demo's built-in dataset.
 
 mod batch;
@@ -27,6 +30,7 @@ mod synthetic;
 mod tokenize;
 mod tokenizer;
 pub mod tokenizer_config;
+pub mod tokenizer_files;
 mod unpaired;
 
 pub use batch::{chunks_by_cost, preference_batch, sft_batch, Batcher, BatcherState};
@@ -42,6 +46,7 @@ pub use tokenize::{
     TruncationReport, CHAT_TEMPLATE, DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
 };
 pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
+pub use tokenizer_files::{check_same_tokenizer, has_own_tokenizer, save_tokenizer_files, tokenizer_source};
 pub use unpaired::{
     load_examples, tokenize_examples, unpair, unpaired_batch, write_examples_jsonl, ExampleTruncationReport,
     TokenizedExample, UnpairedBatch, UnpairedExample, UnpairedReport,

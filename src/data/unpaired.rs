@@ -78,7 +78,7 @@ pub fn unpair(pairs: Vec<PreferencePair>) -> Vec<UnpairedExample> {
 }
 
 /// What reading a file of examples did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnpairedReport {
     /// Non-blank lines of unpaired rows (0 when the file held pairs).
     pub lines: usize,
@@ -88,8 +88,9 @@ pub struct UnpairedReport {
     pub undesirable: usize,
     /// Rows whose label the selection changed (`safedpo`: unsafe rows labelled desirable).
     pub relabelled: usize,
-    /// Invalid lines skipped (only with `skip_invalid`).
+    /// Invalid lines skipped (only with `skip_invalid`), and the first of them: `line N: why`.
     pub skipped_invalid: usize,
+    pub first_invalid: Option<String>,
 }
 
 impl UnpairedReport {
@@ -114,6 +115,9 @@ impl fmt::Display for UnpairedReport {
         )?;
         if self.pairs.is_none() {
             write!(f, ", {} invalid skipped", self.skipped_invalid)?;
+            if let Some(first) = &self.first_invalid {
+                write!(f, " (the first, {first})")?;
+            }
         }
         Ok(())
     }
@@ -164,10 +168,12 @@ pub fn load_examples(
         return Ok((examples, report));
     }
     let mut rows = Vec::new();
-    (report.lines, report.skipped_invalid) = read_jsonl_lines(path, skip_invalid, |bytes| {
+    let lines = read_jsonl_lines(path, skip_invalid, |bytes| {
         rows.push(parse_example(&parse_object(bytes)?)?);
         Ok(())
     })?;
+    (report.lines, report.skipped_invalid, report.first_invalid) =
+        (lines.lines, lines.skipped_invalid, lines.first_invalid);
     let examples = count(rows, &mut report);
     Ok((examples, report))
 }

@@ -41,6 +41,12 @@
 //! `[M, V]` of logits). The log-probs are bit-identical either way; the weight gradient sums its
 //! chunks in another order.
 //!
+//! Activation checkpointing (`Decoder::set_gradient_checkpointing`) trades compute for memory the
+//! same way inside the trunk: the forward keeps each block's boundary only (its first norm and its
+//! output) and one interior slot, and the backward recomputes each block's interior from its
+//! boundary just before taking the block's gradient (`block_interior_forward`, the forward's own
+//! code: the same ops on the same values, so the same gradients bit for bit).
+//!
 //! [`FROZEN_HEAD_CHUNK_ROWS`]: super::FROZEN_HEAD_CHUNK_ROWS
 //! [`Family`]: super::Family
 
@@ -50,9 +56,11 @@ use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::activations::{layer_slots, two_slots_mut, Activations, BackwardScratch, HeadActivations, Widths};
+use super::activations::{
+    layer_input, two_slots_mut, Activations, BackwardScratch, HeadActivations, KeptLayers, LayerInterior, Widths,
+};
 use super::batch::DeviceBatch;
-use super::params::{Init, Norm, Params};
+use super::params::{BlockParams, Init, Norm, Params};
 use super::{DecoderConfig, HostWeights};
 use crate::backend::{Backend, QkvLayout, WeightLayout};
 use crate::data::PackedBatch;
@@ -84,6 +92,9 @@ pub struct Decoder<B: Backend> {
     /// by default [`FROZEN_HEAD_CHUNK_ROWS`] in a frozen model, all of them (`usize::MAX`) in a
     /// trainable one.
     pub(super) head_chunk_rows: usize,
+    /// Whether the backward recomputes each block's interior from its kept boundary instead of
+    /// keeping every layer's activations (`set_gradient_checkpointing`).
+    pub(super) gradient_checkpointing: bool,
 }
 
 /// What a family's blocks are made of, decided once from its configuration.
@@ -219,50 +230,38 @@ impl<B: Backend> Decoder<B> {
         let (c, layout) = (w.c, kind.weights);
         let b = &*self.backend;
         let p = &self.params;
+        let rope = self.rope_freqs.as_ref();
         let acts = self.acts.as_mut().expect("ensure_activations allocated them");
-        let (trunk, layers) = (&mut acts.trunk, &mut acts.layers);
+        let (trunk, boundaries, interiors) = (&mut acts.trunk, &mut acts.boundaries, &mut acts.interiors);
 
         b.embedding_forward(&mut trunk.encoded, &batch.tokens, &batch.positions, &p.wte, p.wpe.as_ref(), n, c)?;
         // Every other norm is fused with the residual add that produces its input (norm_2 with
         // residual_2; the next block's norm_1, or norm_f, with residual_3). Only block 0's norm_1
         // reads a tensor that no add produces: the embeddings.
-        let first = &mut layers[0];
+        let first = &mut boundaries[0];
         let w0 = &p.blocks[0].norm_1;
         kind.norm(b, &mut first.norm_1, &mut first.norm_1_mean, &mut first.norm_1_rstd, &trunk.encoded, w0, n)?;
+        let (slots, interior_slots) = (boundaries.len(), interiors.len());
         for l in 0..n_layer {
-            let (x, a) = layer_slots(layers, &trunk.encoded, l);
+            let a = &mut interiors[l % interior_slots];
+            let x = layer_input(boundaries, &trunk.encoded, l);
+            let norm_1 = &boundaries[l % slots].norm_1;
+            block_interior_forward(b, &kind, &p.blocks[l], x, norm_1, a, &mut trunk.proj, batch, rope)?;
+            // The MLP's down projection joins the residual stream: residual_3 = residual_2 + down(mlp_act).
             let wl = &p.blocks[l];
-            // Attention half: residual_2 = x + o(attention(rope(qkv(norm_1(x))))); norm_1(x) is
-            // already there.
-            b.matmul_forward(&mut a.qkv, &a.norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
-            if let Some(freqs) = &self.rope_freqs {
-                b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
-            }
-            b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
-            b.matmul_forward(&mut trunk.proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
-            let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
-            kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, &trunk.proj, &wl.norm_2, n)?;
-            // MLP half: residual_3 = residual_2 + down(act(up(norm_2(residual_2)))).
-            if kind.gelu {
-                let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
-                b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)?;
-            } else {
-                b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
-                b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)?;
-            }
             b.matmul_forward(&mut trunk.proj, &a.mlp_act, &wl.down.w, wl.down.b.as_ref(), n, w.hidden, c, layout)?;
             // residual_3 with the norm that reads it: the next block's norm_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
             // norm_f after the last block.
-            let slots = layers.len();
-            let (a, out, mean, rstd, wn) = if l + 1 < n_layer {
-                let (a, next) = two_slots_mut(layers, l % slots, (l + 1) % slots);
-                (a, &mut next.norm_1, &mut next.norm_1_mean, &mut next.norm_1_rstd, &p.blocks[l + 1].norm_1)
+            let (out, residual_3, mean, rstd, wn) = if l + 1 < n_layer {
+                let (this, next) = two_slots_mut(boundaries, l % slots, (l + 1) % slots);
+                let wn = &p.blocks[l + 1].norm_1;
+                (&mut next.norm_1, &mut this.residual_3, &mut next.norm_1_mean, &mut next.norm_1_rstd, wn)
             } else {
-                let a = &mut layers[l % slots];
-                (a, &mut trunk.norm_f, &mut trunk.norm_f_mean, &mut trunk.norm_f_rstd, &p.norm_f)
+                let this = &mut boundaries[l % slots];
+                (&mut trunk.norm_f, &mut this.residual_3, &mut trunk.norm_f_mean, &mut trunk.norm_f_rstd, &p.norm_f)
             };
-            kind.residual_norm(b, &mut a.residual_3, out, mean, rstd, &a.residual_2, &trunk.proj, wn, n)?;
+            kind.residual_norm(b, residual_3, out, mean, rstd, &a.residual_2, &trunk.proj, wn, n)?;
         }
         Ok(())
     }
@@ -374,7 +373,9 @@ impl<B: Backend> Decoder<B> {
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let scratch = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         let (d, dnorm_f_rows) = (&mut scratch.d, &mut scratch.dnorm_f_rows);
-        let (head, trunk) = (&mut acts.head, &acts.trunk);
+        let checkpointed = acts.kept == KeptLayers::Boundaries;
+        let rope = self.rope_freqs.as_ref();
+        let (head, trunk) = (&mut acts.head, &mut acts.trunk);
 
         // dlogits, in place, then the LM head on the target rows: dL/d(norm_f rows) and the head's
         // weight gradient (the token embedding's, when tied); the rows' gradient goes back to its
@@ -422,14 +423,23 @@ impl<B: Backend> Decoder<B> {
         // A norm's backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut d.residual, 0.0)?;
-        let last = &acts.layers.last().expect("n_layer > 0").residual_3;
+        let last = &acts.boundaries.last().expect("n_layer > 0").residual_3;
         let (mean, rstd) = (&trunk.norm_f_mean, &trunk.norm_f_rstd);
         kind.norm_backward(b, &mut d.residual, &mut g.norm_f, &d.norm, last, &p.norm_f, mean, rstd, n)?;
 
         for l in (0..n_layer).rev() {
-            let a = &acts.layers[l];
-            let x = if l == 0 { &trunk.encoded } else { &acts.layers[l - 1].residual_3 };
+            let bnd = &acts.boundaries[l];
+            let x = layer_input(&acts.boundaries, &trunk.encoded, l);
             let (wl, gl) = (&p.blocks[l], &mut g.blocks[l]);
+            let a = if checkpointed {
+                // The interior again, from the kept boundary: the same ops on the same values as
+                // the forward, so the same bits.
+                let a = &mut acts.interiors[0];
+                block_interior_forward(b, &kind, wl, x, &bnd.norm_1, a, &mut trunk.proj, batch, rope)?;
+                &*a
+            } else {
+                &acts.interiors[l]
+            };
             // residual_3 = residual_2 + mlp: dresidual flows unchanged to residual_2 and into the MLP.
             let (dw, db) = (&mut gl.down.w, gl.down.b.as_mut());
             b.matmul_backward(&mut d.mlp_act, dw, db, &d.residual, &a.mlp_act, &wl.down.w, n, w.hidden, c, layout)?;
@@ -446,12 +456,12 @@ impl<B: Backend> Decoder<B> {
             let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
             b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
             b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
-            if let Some(freqs) = &self.rope_freqs {
+            if let Some(freqs) = rope {
                 b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
             }
             let (dw, db) = (&mut gl.qkv.w, gl.qkv.b.as_mut());
-            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &a.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
-            let (mean, rstd) = (&a.norm_1_mean, &a.norm_1_rstd);
+            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &bnd.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
+            let (mean, rstd) = (&bnd.norm_1_mean, &bnd.norm_1_rstd);
             kind.norm_backward(b, &mut d.residual, &mut gl.norm_1, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
         }
         let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
@@ -493,12 +503,41 @@ impl<B: Backend> Decoder<B> {
         self.head_chunk_rows
     }
 
+    /// Turns activation checkpointing on or off (off by default). On, a trainable model keeps each
+    /// block's boundary only (its first norm and its output, 2·N·C floats a layer instead of about
+    /// 16·N·C in GPT-2) and its backward recomputes the rest of each block before taking its
+    /// gradient: about one more forward of the trunk per step, the same gradients bit for bit.
+    /// Takes effect at the next forward; a frozen model keeps two layers anyway.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        if self.gradient_checkpointing != on {
+            self.gradient_checkpointing = on;
+            // Reallocated for the new plan at the next forward, which a backward needs anyway.
+            self.acts = None;
+            self.pending_backward = None;
+        }
+    }
+
+    /// Whether activation checkpointing is on (see `set_gradient_checkpointing`).
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// Which layers' activations this model keeps.
+    fn kept_layers(&self) -> KeptLayers {
+        match (self.is_frozen(), self.gradient_checkpointing) {
+            (true, _) => KeptLayers::Two,
+            (false, true) => KeptLayers::Boundaries,
+            (false, false) => KeptLayers::All,
+        }
+    }
+
     /// Makes the activation buffers fit a batch of `tokens` tokens with `saved` floats of attention
     /// state per layer: allocated on the first forward, resized in place after it.
     fn ensure_activations(&mut self, tokens: usize, saved: usize) -> Result<()> {
+        let kept = self.kept_layers();
         let b = &*self.backend;
         if self.acts.is_none() {
-            self.acts = Some(Activations::new(b, self.config.n_layer, self.is_frozen())?);
+            self.acts = Some(Activations::new(b, self.config.n_layer, kept)?);
         }
         self.acts.as_mut().expect("allocated above").resize(b, tokens, &Widths::of(&self.config), saved)
     }
@@ -512,6 +551,42 @@ impl<B: Backend> Decoder<B> {
             self.scratch = Some(BackwardScratch::new(b)?);
         }
         self.scratch.as_mut().expect("allocated above").resize(b, n, &Widths::of(&self.config))
+    }
+}
+
+/// Block `l` between its first norm (given, with the block's input `x`) and its output: q, k, v,
+/// RoPE, attention and the output projection joining the residual stream (`residual_2`, fused
+/// with `norm_2`), then the MLP's up projection and activation. `proj` is scratch. The forward runs
+/// it once per layer; a checkpointed backward runs it again from the kept boundary.
+#[allow(clippy::too_many_arguments)]
+fn block_interior_forward<B: Backend>(
+    b: &B,
+    kind: &BlockKind,
+    wl: &BlockParams<B::Buf>,
+    x: &B::Buf,
+    norm_1: &B::Buf,
+    a: &mut LayerInterior<B::Buf>,
+    proj: &mut B::Buf,
+    batch: &DeviceBatch<B>,
+    rope_freqs: Option<&B::Buf>,
+) -> Result<()> {
+    let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
+    let c = w.c;
+    b.matmul_forward(&mut a.qkv, norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
+    if let Some(freqs) = rope_freqs {
+        b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
+    }
+    b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
+    b.matmul_forward(proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
+    let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
+    kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, proj, &wl.norm_2, n)?;
+    // MLP: act(up(norm_2(residual_2))); the down projection is the caller's.
+    if kind.gelu {
+        let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
+        b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)
+    } else {
+        b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
+        b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
     }
 }
 
@@ -649,7 +724,7 @@ mod tests {
         let layout = WeightLayout::OutIn;
         backend.matmul_backward(&mut dln_f, &mut dwte, None, &logits, ln_f, wte, n, c, v, layout).unwrap();
         let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
-        let last = &acts.layers.last().unwrap().residual_3;
+        let last = &acts.boundaries.last().unwrap().residual_3;
         let (w, mean, rstd) = (&model.params.norm_f.w, &acts.trunk.norm_f_mean, &acts.trunk.norm_f_rstd);
         backend.layernorm_backward(&mut dx, &mut dw, &mut db, &dln_f, last, w, mean, rstd, n, c).unwrap();
         model.backward(&batch, &dseq).unwrap();
