@@ -196,6 +196,7 @@ fn the_reader_names_the_file_the_line_and_the_field() {
         (r#"{"prompt": "p", "completion": "c", "label": true, "completion_unsafe": "no"}"#, &["completion_unsafe"]),
         (r#"{"prompt": "p", "completion": "c", "label": true"#, &["malformed JSON"]),
         (r#"[1, 2]"#, &["JSON object", "array"]),
+        (r#"{"prompt": "p", "completion": "c", "label": true, "label": false}"#, &["field 'label'", "twice"]),
     ] {
         let path = dir.path().join("bad.jsonl");
         fs::write(&path, format!("{good}\n\n{row}\n{good}\n")).unwrap();
@@ -206,6 +207,10 @@ fn the_reader_names_the_file_the_line_and_the_field() {
         let (examples, report) = load_examples(&path, DataFormat::Unpaired, PairSelection::Better, true).unwrap();
         assert_eq!((examples.len(), report.skipped_invalid, report.lines), (2, 1, 3), "{row}");
     }
+    // A byte order mark at the start of the file is no part of the first row.
+    let path = dir.path().join("bom.jsonl");
+    fs::write(&path, format!("\u{feff}{good}\n")).unwrap();
+    assert_eq!(load_examples(&path, DataFormat::Auto, PairSelection::Better, false).unwrap().0.len(), 1);
     // Unpaired rows are no pairs: the pairs' reader says whose data they are.
     let path = dir.path().join("unpaired.jsonl");
     fs::write(&path, format!("{good}\n")).unwrap();
