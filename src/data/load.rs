@@ -51,7 +51,9 @@ impl FromStr for DataFormat {
             "pku" | "pku-saferlhf" | "pku_saferlhf" | "pkusaferlhf" => Ok(DataFormat::PkuSafeRlhf),
             "jsonl" => Ok(DataFormat::Jsonl),
             "unpaired" => Ok(DataFormat::Unpaired),
-            _ => bail!("unknown data format '{s}': expected auto, pku-saferlhf, jsonl or unpaired"),
+            _ => {
+                bail!("unknown data format '{s}': expected auto, pku-saferlhf or jsonl (pairs), or unpaired (examples)")
+            }
         }
     }
 }
