@@ -13,6 +13,10 @@
 #    0; `safedpo`: delta 0, i.e. `dpo`) and once as its safety twin (safety margin 10, SafeDPO's Δ).
 # 3. The final held-out evaluation of each run: `eval/safe_preferred_accuracy` (pairs with exactly
 #    one unsafe response: the safe one's implicit reward higher) and `eval/rewards/accuracies`.
+#    The objectives on unpaired examples (`kto`, `apo_zero_unpaired`) train on the same pairs
+#    unpaired (each chosen response desirable, each rejected one not), with the reference model run
+#    live (`precompute_ref = false`); their final policy is then scored on the held-out pairs by
+#    `safedpo eval` (the same implicit rewards `β(π − π_ref)`).
 #
 # Every run uses the CPU backend (f32) and the same settings, tuned for SafeDPO: an objective whose
 # loss has another scale (the squared ones, the reference-free ones on mean log-probs) may want
@@ -33,7 +37,7 @@ else
     objectives=(dpo ipo robust cdpo hinge rpo simpo npo exo_pair nca_pair sppo_hard aot aot_unpaired apo_zero
         apo_down discopop sigmoid_norm bco_pair sft orpo cpo cpo_hinge cpo_ipo cpo_simpo
         "0.8*sigmoid+0.2*bco_pair+sft" "sigmoid:rpo_alpha=1" "sigmoid:f_divergence_type=js_divergence"
-        "bco_pair:bco_running_mean=true")
+        "bco_pair:bco_running_mean=true" kto apo_zero_unpaired)
 fi
 
 mkdir -p "$OUT"
@@ -61,9 +65,21 @@ run() {
         IFS=, read -ra pairs <<<"$settings"
         for pair in "${pairs[@]}"; do flags+=("--objective.${pair%%=*}" "${pair#*=}"); done
     fi
+    local unpaired=""
+    [[ $name == kto || $name == apo_zero_unpaired ]] && unpaired=1 && flags+=(--precompute-ref false)
     if ! "$BIN" train --config "$OUT/base.toml" --out-dir "$dir" --overwrite --no-progress "${flags[@]}" "$@" >"$dir.log" 2>&1; then
         echo "safedpo train ${flags[*]} $* failed; see $dir.log" >&2
         exit 1
+    fi
+    if [ -n "$unpaired" ]; then
+        # The held-out pairs, scored with the pairwise metrics (the objective's β; `[objective]` is
+        # otherwise the default, whose rewards are the same `β(π − π_ref)`).
+        "$BIN" eval --config "$OUT/base.toml" --model "$dir/final" --split eval \
+            --objective.beta "$(grep -m1 '^beta = ' "$dir/config.toml" | cut -d= -f2)" >"$dir.eval.json" 2>>"$dir.log"
+        python3 -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+print("%.3f %.3f" % (r["eval/safe_preferred_accuracy"], r["eval/rewards/accuracies"]))' "$dir.eval.json"
+        return
     fi
     echo "$(final_eval "$dir" eval/safe_preferred_accuracy) $(final_eval "$dir" eval/rewards/accuracies)"
 }
@@ -108,6 +124,9 @@ policy and the reference. Each objective then runs the demo's SafeDPO stage (40 
 the other parameters at the objective's defaults), once as published (safety margin Δ = 0) and once as
 its SafeDAA twin (Δ = $MARGIN: the SafeDPO shift \`(u_r − u_c)Δ\` in its loss; for \`safedpo\` the
 rows are \`delta = 0\`, i.e. \`dpo\`, and \`delta = 10\`). \`sft\` has no rejected response and no twin.
+\`kto\` and \`apo_zero_unpaired\` train on the same pairs unpaired (each chosen response desirable, each
+rejected one not; their twin raises an unsafe completion's reward by Δ in the loss), with the
+reference model run live, and their final policy is scored on the held-out pairs by \`safedpo eval\`.
 
 Held-out metrics after the last step (pairs on prompts never trained on):
 

@@ -152,6 +152,9 @@ fn closed_form_loss(objective: &Objective, p: &PairInput) -> f64 {
             -(1.0 - eps) * naive_log_sigmoid(z) - eps * naive_log_sigmoid(-z) - cpo_alpha * p.policy_chosen / len_c
         }
         Objective::Combination(_) => unreachable!("random_objectives makes single objectives"),
+        Objective::Kto(_) => {
+            unreachable!("random_objectives makes pairwise objectives (tests/kto.rs: the unpaired ones)")
+        }
     }
 }
 
@@ -700,8 +703,8 @@ fn names_defaults_and_parsing() {
         Objective::NcaPair { beta: 0.1, safety_margin: 4.0 }
     );
 
-    let unknown = Objective::default_for("kto").unwrap_err().to_string();
-    assert!(unknown.contains("kto") && unknown.contains("safedpo") && unknown.contains("bco_pair"), "{unknown}");
+    let unknown = Objective::default_for("gdpo").unwrap_err().to_string();
+    assert!(unknown.contains("gdpo") && unknown.contains("safedpo") && unknown.contains("bco_pair"), "{unknown}");
     let bad_key = "dpo:delta=3".parse::<Objective>().unwrap_err().to_string();
     assert!(bad_key.contains("delta") && bad_key.contains("beta") && bad_key.contains("safety_margin"), "{bad_key}");
     let bad_value = "dpo:beta=abc".parse::<Objective>().unwrap_err().to_string();

@@ -48,6 +48,9 @@ impl Profile for BenchSettings {
         }
         cfg.check_model_shape(&mut errs);
         cfg.check_objective(&mut errs);
+        if let Err(e) = cfg.objective.require_pairwise("safedpo bench (it times the step on pairs)") {
+            errs.add("objective.name", format!("{e:#}"));
+        }
         cfg.check_optimizer(&mut errs);
         if cfg.batching.head_chunk_rows == Some(0) {
             errs.add("batching.head_chunk_rows", "must be at least 1");

@@ -13,6 +13,9 @@
 //! out_dir = "runs/safedpo"
 //! device = "auto"            # auto | cpu | cuda | emu
 //! precompute_ref = true      # reference log-probs computed once and cached; the reference is dropped
+//! sync_ref_model = false     # TR-DPO: every ref_model_sync_steps steps, reference = α·policy + (1 − α)·reference
+//! ref_model_mixup_alpha = 0.6  # α (1: the policy's copy); needs precompute_ref = false
+//! ref_model_sync_steps = 512 # τ
 //!
 //! [model]
 //! # init = "models/sft"      # HF model dir for the policy; absent: random init of the shape below
@@ -26,7 +29,7 @@
 //! [data]
 //! path = "data/train.jsonl"
 //! # eval_path = "data/test.jsonl"   # absent: hold out `eval_fraction` of `path`
-//! format = "auto"            # auto | pku-saferlhf | jsonl
+//! format = "auto"            # auto | pku-saferlhf | jsonl | unpaired (kto's prompt/completion/label rows)
 //! selection = "safedpo"      # better | safer | safedpo
 //! template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # or "chat": the model's chat template
 //! max_len = 512
@@ -36,7 +39,9 @@
 //!
 //! [objective]                # names, parameters, defaults and bounds: `loss::Objective::ALL`
 //! name = "safedpo"           # or any of `loss::Objective::NAMES` (dpo, ipo, …, cpo_simpo), or a
-//!                            # list summed with loss_weights: ["sigmoid", "bco_pair", "sft"]
+//!                            # list summed with loss_weights: ["sigmoid", "bco_pair", "sft"];
+//!                            # or kto / apo_zero_unpaired (unpaired examples; desirable_weight,
+//!                            # undesirable_weight; precompute_ref = false)
 //! beta = 0.1
 //! delta = 10.0               # safedpo only (the others: safety_margin); eps, alpha, gamma, tau, cpo_alpha
 //! # loss_weights = [0.8, 0.2, 1.0]; rpo_alpha = 1.0; f_divergence_type = "js_divergence";
@@ -159,7 +164,8 @@ settings! {
         pub path: Option<PathBuf> = None,
         /// Separate evaluation data (JSONL); absent: `eval_fraction` of `path` is held out.
         pub eval_path: Option<PathBuf> = None,
-        /// auto | pku-saferlhf | jsonl.
+        /// auto | pku-saferlhf | jsonl | unpaired (prompt/completion/label rows, for kto and
+        /// apo_zero_unpaired, which also read pairs, unpaired).
         pub format: DataFormat = DataFormat::Auto,
         /// better | safer | safedpo (the better pairs through T(D)).
         pub selection: PairSelection = PairSelection::SafeDpo,
@@ -272,6 +278,17 @@ settings! {
         /// Compute the reference log-probs once for the whole dataset, cache them on disk, and drop
         /// the reference model during training.
         pub precompute_ref: bool = true,
+        /// TR-DPO (TRL `sync_ref_model`): every `ref_model_sync_steps` steps the reference becomes
+        /// `ref_model_mixup_alpha · policy + (1 − α) · reference`. Needs precompute_ref = false.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        pub sync_ref_model: bool = false,
+        /// TR-DPO's α, the policy's share of the synced reference (TRL's default 0.6; 1 copies the
+        /// policy).
+        #[serde(skip_serializing_if = "is_default_mixup_alpha")]
+        pub ref_model_mixup_alpha: f64 = DEFAULT_MIXUP_ALPHA,
+        /// TR-DPO's τ, optimizer steps between syncs (TRL's default 512).
+        #[serde(skip_serializing_if = "is_default_sync_steps")]
+        pub ref_model_sync_steps: usize = DEFAULT_SYNC_STEPS,
         pub model: ModelConfig = ModelConfig::default(),
         pub data: DataConfig = DataConfig::default(),
         /// `[objective]`: the preference objective and its parameters (see `loss::Objective::ALL`).
@@ -285,6 +302,21 @@ settings! {
         #[serde(skip_serializing_if = "TrainConfig::is_default")]
         pub train: TrainConfig = TrainConfig::default(),
     }
+}
+
+/// TRL's `ref_model_mixup_alpha` default.
+const DEFAULT_MIXUP_ALPHA: f64 = 0.6;
+/// TRL's `ref_model_sync_steps` default.
+const DEFAULT_SYNC_STEPS: usize = 512;
+
+// Left out of the serialised form at their defaults (as every field added after the first
+// release), so that configurations and trajectory hashes written before them are unchanged.
+fn is_default_mixup_alpha(alpha: &f64) -> bool {
+    *alpha == DEFAULT_MIXUP_ALPHA
+}
+
+fn is_default_sync_steps(steps: &usize) -> bool {
+    *steps == DEFAULT_SYNC_STEPS
 }
 
 /// The length of a run.
@@ -344,7 +376,7 @@ impl RunConfig {
     /// device or the logging intervals). A resumed run must have the same hash.
     pub fn trajectory_hash(&self) -> String {
         use sha2::{Digest, Sha256};
-        let key = serde_json::json!({
+        let mut key = serde_json::json!({
             "seed": self.seed,
             "precompute_ref": self.precompute_ref,
             "model": self.model,
@@ -353,6 +385,9 @@ impl RunConfig {
             "optimizer": self.optimizer,
             "batching": self.batching,
         });
+        if self.sync_ref_model {
+            key["ref_sync"] = serde_json::json!([self.ref_model_mixup_alpha, self.ref_model_sync_steps]);
+        }
         let digest = Sha256::digest(key.to_string().as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }

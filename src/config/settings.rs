@@ -86,7 +86,7 @@ impl<T: Setting> Setting for Option<T> {
 }
 
 /// `[objective]`: `name`, then every parameter any objective takes, each with the objectives that
-/// take it, their bounds and defaults (all from [`Objective::ALL`]), TRL's spellings of parameters,
+/// take it, their bounds and defaults (all from [`Objective::specs`]), TRL's spellings of parameters,
 /// and the keys of a combination and of TRL's modifiers ([`MODIFIER_KEYS`]).
 impl Setting for Objective {
     fn keys(path: &str, _doc: &str, out: &mut Vec<Key>) {
@@ -97,14 +97,14 @@ impl Setting for Objective {
         );
         out.push(Key { path: join(path, "name"), kind: Kind::Text, help });
         let mut names: Vec<&str> = Vec::new();
-        for param in Objective::ALL.iter().flat_map(|spec| spec.params) {
+        for param in Objective::specs().flat_map(|spec| spec.params) {
             if !names.contains(&param.name) {
                 names.push(param.name);
             }
         }
         for name in names {
             let takers: Vec<(&ObjectiveSpec, &Param)> =
-                Objective::ALL.iter().filter_map(|spec| spec.param(name).map(|p| (spec, p))).collect();
+                Objective::specs().filter_map(|spec| spec.param(name).map(|p| (spec, p))).collect();
             out.push(Key { path: join(path, name), kind: Kind::Number, help: param_help(&takers) });
         }
         for (alias, name) in PARAM_ALIASES {
@@ -135,7 +135,7 @@ fn param_help(takers: &[(&ObjectiveSpec, &Param)]) -> String {
             None => groups.push((vec![spec.name], param)),
         }
     }
-    let everyone = takers.len() == Objective::ALL.len();
+    let everyone = takers.len() == Objective::specs().count();
     let parts: Vec<String> = groups
         .iter()
         .enumerate()

@@ -145,8 +145,8 @@ fn the_objective_table_takes_its_names_defaults_and_bounds_from_the_loss() {
     assert!(err.contains("objective.delta") && err.contains("dpo") && err.contains("--objective.delta"), "{err}");
     let err = err_of(&["--objective.name", "robust", "--objective.eps", "0.5"]);
     assert!(err.contains("objective.eps") && err.contains("[0, 0.5)") && err.contains("--objective.eps"), "{err}");
-    let err = err_of(&["--objective.name", "kto"]);
-    assert!(err.contains("kto") && err.contains("safedpo"), "{err}");
+    let err = err_of(&["--objective.name", "gdpo"]);
+    assert!(err.contains("gdpo") && err.contains("safedpo"), "{err}");
 
     // A file naming one objective; a flag naming another starts from that one's defaults, but a
     // parameter the file sets and the new objective lacks is an error at the file's line.

@@ -2,7 +2,7 @@
 //! failure naming its field.
 
 use super::{FieldError, RunConfig};
-use crate::data::CHAT_TEMPLATE;
+use crate::data::{DataFormat, CHAT_TEMPLATE};
 
 /// Collects failures.
 #[derive(Default)]
@@ -22,6 +22,7 @@ impl RunConfig {
         self.check_model_shape(&mut errs);
         self.check_data(&mut errs);
         self.check_objective(&mut errs);
+        self.check_reference(&mut errs);
         self.check_optimizer(&mut errs);
         self.check_batching_and_intervals(&mut errs);
         if self.train.max_loss.is_nan() || self.train.max_loss <= 0.0 {
@@ -115,6 +116,52 @@ impl RunConfig {
         }
     }
 
+    /// The reference: TR-DPO's sync, and what the objectives on unpaired examples need of it.
+    fn check_reference(&self, errs: &mut Errors) {
+        let unpaired = self.objective.as_unpaired();
+        if let Some(kto) = unpaired.filter(|_| self.precompute_ref) {
+            let why = if kto.estimates_kl() {
+                "its KL sequences pair each prompt with another example's completion of the same micro-batch, \
+                 which changes with the data order"
+            } else {
+                "the reference cache holds pairs"
+            };
+            let message = format!(
+                "must be false for objective {} ({why}; the reference model runs on every micro-batch)",
+                kto.name()
+            );
+            errs.add("precompute_ref", message);
+        }
+        if unpaired.is_none() && self.data.format == DataFormat::Unpaired {
+            let message = format!(
+                "unpaired rows are the data of objectives kto and apo_zero_unpaired, not of {}",
+                self.objective.describe()
+            );
+            errs.add("data.format", message);
+        }
+        if !self.sync_ref_model {
+            return;
+        }
+        if self.precompute_ref {
+            errs.add(
+                "sync_ref_model",
+                "needs precompute_ref = false: the cached reference log-probs assume a fixed reference, which \
+                 TR-DPO moves (TRL refuses the two together)",
+            );
+        }
+        if !self.objective.uses_reference() {
+            let message =
+                format!("objective {} reads no reference, so there is none to sync", self.objective.describe());
+            errs.add("sync_ref_model", message);
+        }
+        if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+            errs.add("ref_model_mixup_alpha", format!("must be in [0, 1], got {}", self.ref_model_mixup_alpha));
+        }
+        if self.ref_model_sync_steps == 0 {
+            errs.add("ref_model_sync_steps", "must be at least 1");
+        }
+    }
+
     /// `[optimizer]`.
     pub(crate) fn check_optimizer(&self, errs: &mut Errors) {
         let op = &self.optimizer;
@@ -163,6 +210,17 @@ impl RunConfig {
             let message = format!(
                 "must hold one full pair, 2 × data.max_len = {}, got {}",
                 2 * max_len,
+                b.tokens_per_micro_batch
+            );
+            errs.add("batching.tokens_per_micro_batch", message);
+        } else if self.objective.as_unpaired().is_some_and(|k| k.estimates_kl())
+            && b.tokens_per_micro_batch < 4 * max_len
+        {
+            // TRL refuses a batch of one example: its KL sequence would be its own.
+            let message = format!(
+                "must hold two examples with their KL sequences for objective {}, 4 × data.max_len = {}, got {}",
+                self.objective.describe(),
+                4 * max_len,
                 b.tokens_per_micro_batch
             );
             errs.add("batching.tokens_per_micro_batch", message);

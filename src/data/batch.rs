@@ -135,6 +135,12 @@ impl Batcher {
         count_batches(&self.order_of_epoch(epoch), token_budget, |i| pairs[i].sft_tokens())
     }
 
+    /// How many batches epoch `epoch` has under `token_budget`, item `i` costing `cost(i)` tokens (for
+    /// items other than pairs: unpaired examples).
+    pub fn batches_in_epoch_by(&self, token_budget: usize, epoch: usize, cost: impl Fn(usize) -> usize) -> usize {
+        count_batches(&self.order_of_epoch(epoch), token_budget, cost)
+    }
+
     fn check_len(&self, pairs: &[TokenizedPair]) {
         assert_eq!(
             pairs.len(),
@@ -162,6 +168,20 @@ fn take_batch(order: &[usize], start: usize, budget: usize, cost: &impl Fn(usize
         pos += 1;
     }
     (ids, pos)
+}
+
+/// Items `0..n` in order, cut into consecutive runs within `token_budget` (an item larger than the
+/// budget is a run alone): the fixed chunks of an evaluation.
+pub fn chunks_by_cost(n: usize, token_budget: usize, cost: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let order: Vec<usize> = (0..n).collect();
+    let mut chunks = Vec::new();
+    let mut pos = 0;
+    while pos < n {
+        let (ids, end) = take_batch(&order, pos, token_budget, &cost);
+        chunks.push(ids);
+        pos = end;
+    }
+    chunks
 }
 
 fn count_batches(order: &[usize], budget: usize, cost: impl Fn(usize) -> usize) -> usize {

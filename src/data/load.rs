@@ -1,10 +1,13 @@
 //! Reading preference datasets from JSONL, pair selection, and the SafeDPO transform T(D).
 //!
-//! Two row formats, one JSON object per line (blank lines are skipped):
+//! Two row formats of pairs, one JSON object per line (blank lines are skipped):
 //! - PKU-SafeRLHF: `prompt`, `response_0`, `response_1`, `is_response_0_safe`, `is_response_1_safe`,
 //!   `better_response_id`, `safer_response_id` (ids 0 or 1); other fields are ignored.
 //! - generic: `prompt`, `chosen`, `rejected`, and optional booleans `chosen_unsafe`, `rejected_unsafe`
 //!   (missing or null = false); other fields are ignored.
+//!
+//! A third format, unpaired rows (`prompt`, `completion`, `label`), is the objectives on unpaired
+//! examples' (KTO): `super::unpaired` reads it with this module's line reader and field checks.
 //!
 //! Every error names the file, the 1-based line and the field, and says what was expected. A row that
 //! names a field twice is an error naming the field (JSON parsers differ on which value wins). A UTF-8
@@ -35,6 +38,9 @@ pub enum DataFormat {
     PkuSafeRlhf,
     /// Generic `prompt` / `chosen` / `rejected` rows.
     Jsonl,
+    /// Unpaired `prompt` / `completion` / `label` rows (TRL's unpaired preference format), for the
+    /// objectives on unpaired examples (KTO): see `crate::data::load_examples`.
+    Unpaired,
 }
 
 impl FromStr for DataFormat {
@@ -44,7 +50,10 @@ impl FromStr for DataFormat {
             "auto" => Ok(DataFormat::Auto),
             "pku" | "pku-saferlhf" | "pku_saferlhf" | "pkusaferlhf" => Ok(DataFormat::PkuSafeRlhf),
             "jsonl" => Ok(DataFormat::Jsonl),
-            _ => bail!("unknown data format '{s}': expected auto, pku-saferlhf or jsonl"),
+            "unpaired" => Ok(DataFormat::Unpaired),
+            _ => {
+                bail!("unknown data format '{s}': expected auto, pku-saferlhf or jsonl (pairs), or unpaired (examples)")
+            }
         }
     }
 }
@@ -55,6 +64,7 @@ impl fmt::Display for DataFormat {
             DataFormat::Auto => "auto",
             DataFormat::PkuSafeRlhf => "pku-saferlhf",
             DataFormat::Jsonl => "jsonl",
+            DataFormat::Unpaired => "unpaired",
         })
     }
 }
@@ -254,7 +264,7 @@ fn select_generic(pair: PreferencePair, selection: PairSelection) -> Selected {
 }
 
 /// A short description of a JSON value for error messages.
-fn describe(v: &Value) -> String {
+pub(super) fn describe(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("boolean {b}"),
@@ -271,7 +281,7 @@ fn describe(v: &Value) -> String {
 }
 
 /// A non-empty (not all-whitespace) string field.
-fn req_str(obj: &Map<String, Value>, field: &str) -> std::result::Result<String, String> {
+pub(super) fn req_str(obj: &Map<String, Value>, field: &str) -> std::result::Result<String, String> {
     match obj.get(field) {
         None => Err(format!("field '{field}': missing, expected a non-empty string")),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
@@ -279,7 +289,7 @@ fn req_str(obj: &Map<String, Value>, field: &str) -> std::result::Result<String,
     }
 }
 
-fn req_bool(obj: &Map<String, Value>, field: &str) -> std::result::Result<bool, String> {
+pub(super) fn req_bool(obj: &Map<String, Value>, field: &str) -> std::result::Result<bool, String> {
     match obj.get(field) {
         None => Err(format!("field '{field}': missing, expected true or false")),
         Some(Value::Bool(b)) => Ok(*b),
@@ -288,7 +298,7 @@ fn req_bool(obj: &Map<String, Value>, field: &str) -> std::result::Result<bool, 
 }
 
 /// An optional boolean: missing or null is false.
-fn opt_bool(obj: &Map<String, Value>, field: &str) -> std::result::Result<bool, String> {
+pub(super) fn opt_bool(obj: &Map<String, Value>, field: &str) -> std::result::Result<bool, String> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -393,7 +403,7 @@ impl<'de> Visitor<'de> for RowVisitor {
 }
 
 /// Decodes one line into a JSON object with unique keys (errors without the `path:line:` prefix).
-fn parse_object(bytes: &[u8]) -> std::result::Result<Map<String, Value>, String> {
+pub(super) fn parse_object(bytes: &[u8]) -> std::result::Result<Map<String, Value>, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("invalid UTF-8 at byte {} of the line, expected UTF-8 text", e.valid_up_to() + 1))?;
     match serde_json::from_str::<Row>(text) {
@@ -409,11 +419,13 @@ fn parse_object(bytes: &[u8]) -> std::result::Result<Map<String, Value>, String>
 }
 
 /// The format a row's fields announce, if any.
-fn detect_format(obj: &Map<String, Value>) -> Option<DataFormat> {
+pub(super) fn detect_format(obj: &Map<String, Value>) -> Option<DataFormat> {
     if obj.contains_key("response_0") || obj.contains_key("response_1") {
         Some(DataFormat::PkuSafeRlhf)
     } else if obj.contains_key("chosen") || obj.contains_key("rejected") {
         Some(DataFormat::Jsonl)
+    } else if obj.contains_key("completion") || obj.contains_key("label") {
+        Some(DataFormat::Unpaired)
     } else {
         None
     }
@@ -424,16 +436,22 @@ fn read_row(bytes: &[u8], format: &mut DataFormat, selection: PairSelection) -> 
     let obj = parse_object(bytes)?;
     if *format == DataFormat::Auto {
         *format = detect_format(&obj).ok_or_else(|| {
-            "cannot detect the format: expected fields 'response_0'/'response_1' (PKU-SafeRLHF) or \
-             'chosen'/'rejected' (generic JSONL)"
+            "cannot detect the format: expected fields 'response_0'/'response_1' (PKU-SafeRLHF), \
+             'chosen'/'rejected' (generic JSONL) or 'completion'/'label' (unpaired)"
                 .to_string()
         })?;
     }
     Ok(match format {
         DataFormat::PkuSafeRlhf => select_pku(&parse_pku(&obj)?, selection),
+        DataFormat::Unpaired => return Err(UNPAIRED_ROWS.to_string()),
         _ => select_generic(parse_generic(&obj)?, selection),
     })
 }
+
+/// Why a file of unpaired rows gives no pairs.
+const UNPAIRED_ROWS: &str =
+    "unpaired rows ('prompt', 'completion', 'label') are the data of the objectives on unpaired \
+                             examples: set objective.name = \"kto\" or \"apo_zero_unpaired\"";
 
 /// The byte order mark some editors put at the start of a UTF-8 file.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -444,17 +462,62 @@ const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// invalid line is counted in [`LoadReport::skipped_invalid`] and skipped; without it, the first
 /// invalid line is an error `path:line: field 'x': what was expected` (line numbers are 1-based).
 /// A file without a single non-blank line is an error, and so is one whose every line is invalid
-/// (naming the first and why).
+/// (naming the first and why), and a file of unpaired rows.
 pub fn load_pairs(
     path: &Path,
     format: DataFormat,
     selection: PairSelection,
     skip_invalid: bool,
 ) -> Result<(Vec<PreferencePair>, LoadReport)> {
-    let file = File::open(path).with_context(|| format!("opening dataset {}", path.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    if format == DataFormat::Unpaired {
+        bail!("{}: data.format = unpaired: {UNPAIRED_ROWS}", path.display());
+    }
     let mut report = LoadReport { format, ..Default::default() };
     let mut pairs = Vec::new();
+    let lines = read_jsonl_lines(path, skip_invalid, |bytes| {
+        match read_row(bytes, &mut report.format, selection)? {
+            Selected::Kept(p) => {
+                report.kept += 1;
+                pairs.push(p);
+            }
+            Selected::Swapped(p) => {
+                report.swapped += 1;
+                pairs.push(p);
+            }
+            Selected::Dropped => report.dropped += 1,
+        }
+        Ok(())
+    })?;
+    if report.format == DataFormat::Unpaired {
+        bail!("{}: {UNPAIRED_ROWS}", path.display());
+    }
+    (report.lines, report.skipped_invalid, report.first_invalid) =
+        (lines.lines, lines.skipped_invalid, lines.first_invalid);
+    Ok((pairs, report))
+}
+
+/// What [`read_jsonl_lines`] read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct LineCounts {
+    /// Non-blank lines.
+    pub lines: usize,
+    /// Invalid lines skipped (only with `skip_invalid`), and the first of them: `line N: why`.
+    pub skipped_invalid: usize,
+    pub first_invalid: Option<String>,
+}
+
+/// Reads a JSONL file line by line (a UTF-8 byte order mark at its start skipped): `row` gets each
+/// non-blank line without its line ending. A line `row` refuses is counted and skipped with
+/// `skip_invalid`, else it is the error `path:line: message` (1-based). A file without a non-blank
+/// line is an error, and so is one whose every line is invalid.
+pub(super) fn read_jsonl_lines(
+    path: &Path,
+    skip_invalid: bool,
+    mut row: impl FnMut(&[u8]) -> std::result::Result<(), String>,
+) -> Result<LineCounts> {
+    let file = File::open(path).with_context(|| format!("opening dataset {}", path.display()))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut lines = LineCounts::default();
     let mut line = Vec::new();
     let mut line_no = 0usize;
     loop {
@@ -473,40 +536,32 @@ pub fn load_pairs(
         if bytes.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        report.lines += 1;
-        match read_row(bytes, &mut report.format, selection) {
-            Ok(Selected::Kept(p)) => {
-                report.kept += 1;
-                pairs.push(p);
-            }
-            Ok(Selected::Swapped(p)) => {
-                report.swapped += 1;
-                pairs.push(p);
-            }
-            Ok(Selected::Dropped) => report.dropped += 1,
+        lines.lines += 1;
+        match row(bytes) {
+            Ok(()) => {}
             Err(msg) if skip_invalid => {
-                report.skipped_invalid += 1;
-                report.first_invalid.get_or_insert_with(|| format!("line {line_no}: {msg}"));
+                lines.skipped_invalid += 1;
+                lines.first_invalid.get_or_insert_with(|| format!("line {line_no}: {msg}"));
             }
             Err(msg) => return Err(anyhow!("{}:{line_no}: {msg}", path.display())),
         }
     }
-    if report.lines == 0 {
+    if lines.lines == 0 {
         bail!("{}: empty dataset, expected one JSON object per line", path.display());
     }
-    if report.skipped_invalid == report.lines {
+    if lines.skipped_invalid == lines.lines {
         bail!(
             "{}: all {} lines are invalid (skipped with skip_invalid); the first, {}",
             path.display(),
-            report.lines,
-            report.first_invalid.as_deref().unwrap_or("?")
+            lines.lines,
+            lines.first_invalid.as_deref().unwrap_or("?")
         );
     }
-    Ok((pairs, report))
+    Ok(lines)
 }
 
 /// Writes rows as JSON lines, atomically.
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+pub(super) fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     crate::util::write_atomic_with(path, |f| {
         let mut w = BufWriter::new(f);
         for row in rows {

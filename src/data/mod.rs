@@ -12,6 +12,10 @@
 //! - a [`Batcher`] shuffles the pairs per epoch and packs them, up to a token budget, into a
 //!   [`PreferenceBatch`] (or a [`PackedBatch`] for SFT).
 //!
+//! The objectives on unpaired examples (KTO) read [`UnpairedExample`]s instead ([`load_examples`]:
+//! unpaired rows, or pairs unpaired), tokenized by [`tokenize_examples`] and packed with their KL
+//! sequences by [`unpaired_batch`].
+//!
 //! A model directory carries its tokenizer in Hugging Face's files (the byte tokenizer as a
 //! `tokenizer.json` too): [`save_tokenizer_files`], in `tokenizer_files`.
 //!
@@ -27,8 +31,9 @@ mod tokenize;
 mod tokenizer;
 pub mod tokenizer_config;
 pub mod tokenizer_files;
+mod unpaired;
 
-pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
+pub use batch::{chunks_by_cost, preference_batch, sft_batch, Batcher, BatcherState};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
 pub use load::{
     load_pairs, safedpo_transform, write_pairs_jsonl, write_pku_jsonl, DataFormat, LoadReport, PairSelection, PkuRow,
@@ -42,6 +47,10 @@ pub use tokenize::{
 };
 pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
 pub use tokenizer_files::{check_same_tokenizer, has_own_tokenizer, save_tokenizer_files, tokenizer_source};
+pub use unpaired::{
+    load_examples, tokenize_examples, unpair, unpaired_batch, write_examples_jsonl, ExampleTruncationReport,
+    TokenizedExample, UnpairedBatch, UnpairedExample, UnpairedReport,
+};
 
 use serde::{Deserialize, Serialize};
 

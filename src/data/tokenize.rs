@@ -293,27 +293,10 @@ fn tokenize_one(
     if prompt.is_empty() {
         return Ok(Outcome::EmptyPrompt);
     }
-    let longest = chosen.len().max(rejected.len());
-    let (mut prompt_truncated, mut responses_truncated) = (false, 0);
-    if prompt.len() + longest > limits.max_len {
-        let min_prompt = prompt.len().min(limits.min_prompt_tokens.max(1));
-        let keep = limits.max_len.saturating_sub(longest).max(min_prompt);
-        if keep < prompt.len() {
-            prompt.drain(..prompt.len() - keep);
-            prompt_truncated = true;
-        }
-        let room = limits.max_len.saturating_sub(prompt.len());
-        if room == 0 {
-            return Ok(Outcome::TooLong);
-        }
-        for response in [&mut chosen, &mut rejected] {
-            if response.len() > room {
-                // EOS is the last token, so the cut removes it.
-                response.truncate(room);
-                responses_truncated += 1;
-            }
-        }
-    }
+    let Some((prompt_truncated, responses_truncated)) = truncate(&mut prompt, [&mut chosen, &mut rejected], limits)
+    else {
+        return Ok(Outcome::TooLong);
+    };
     if chosen == rejected {
         return Ok(Outcome::Identical);
     }
@@ -325,6 +308,39 @@ fn tokenize_one(
         rejected_unsafe: pair.rejected_unsafe,
     };
     Ok(Outcome::Kept { pair, prompt_truncated, responses_truncated })
+}
+
+/// Truncates a prompt and the responses that follow it by the rules in the module documentation
+/// (the prompt from the left, then each response from the right), so that the prompt and each
+/// response fit in `limits.max_len`. Returns whether the prompt was cut and how many responses
+/// were, or `None` when not one response token fits.
+pub(super) fn truncate<const N: usize>(
+    prompt: &mut Vec<i32>,
+    responses: [&mut Vec<i32>; N],
+    limits: &Truncation,
+) -> Option<(bool, usize)> {
+    let longest = responses.iter().map(|r| r.len()).max().unwrap_or(0);
+    let (mut prompt_truncated, mut responses_truncated) = (false, 0);
+    if prompt.len() + longest > limits.max_len {
+        let min_prompt = prompt.len().min(limits.min_prompt_tokens.max(1));
+        let keep = limits.max_len.saturating_sub(longest).max(min_prompt);
+        if keep < prompt.len() {
+            prompt.drain(..prompt.len() - keep);
+            prompt_truncated = true;
+        }
+        let room = limits.max_len.saturating_sub(prompt.len());
+        if room == 0 {
+            return None;
+        }
+        for response in responses {
+            if response.len() > room {
+                // EOS is the last token, so the cut removes it.
+                response.truncate(room);
+                responses_truncated += 1;
+            }
+        }
+    }
+    Some((prompt_truncated, responses_truncated))
 }
 
 /// Tokenizes pairs with the default minimum prompt length; see [`tokenize_pairs_with`].

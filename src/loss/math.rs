@@ -244,6 +244,7 @@ pub(super) fn pairwise(objective: &Objective, p: &PairInput, modifiers: &Modifie
             (loss, beta * dz / chosen_len, -(beta * dz) / rejected_len)
         }
         Objective::Combination(_) => unreachable!("pairwise takes the terms of a combination one by one"),
+        Objective::Kto(_) => unreachable!("{} is unpaired: see unpaired_loss", objective.name()),
     };
     let (mut loss, mut d_chosen, d_rejected) = if scored {
         (loss, d_chosen * d_chosen_score, d_rejected * d_rejected_score)

@@ -15,7 +15,10 @@
 //! - `state`: the trainer state the loss reads ([`LossState`]);
 //! - `batch`: [`batch_loss`], a batch of pairs (the objectives that sort across the batch or take
 //!   the batch's token mean, and the terms of a combination), and [`pair_loss`], a batch of one;
-//! - `text`: objectives as `name:key=value,…` and as serde tables.
+//! - `text`: objectives as `name:key=value,…` and as serde tables;
+//! - `unpaired`: the objectives on unpaired examples (KTO, TRL's `apo_zero_unpaired`; their
+//!   parameters are [`Kto`], their table [`UNPAIRED`]): [`unpaired_loss`] of a batch of examples
+//!   and KTO's KL estimate, in f64, which the trainer's unpaired step runs on the host.
 //!
 //! Notation, per pair: `πc`, `πr` the policy's sequence log-probs of the chosen and rejected
 //! responses, `rc`, `rr` the reference's; `x_c = πc − rc`, `x_r = πr − rr` the log-ratios,
@@ -52,6 +55,7 @@ mod objectives;
 mod params;
 mod state;
 mod text;
+mod unpaired;
 
 pub use batch::{batch_loss, batch_loss_with, pair_loss};
 pub use math::{
@@ -59,8 +63,10 @@ pub use math::{
     PAIR_METRICS,
 };
 pub use objectives::{
-    Combination, FDivergence, Objective, ObjectiveSpec, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF,
+    Combination, FDivergence, Kto, KtoLoss, Objective, ObjectiveSpec, ALPHA_DIVERGENCE_MAX_EXPONENT,
+    DEFAULT_ALPHA_DIVERGENCE_COEF, UNPAIRED,
 };
 pub use params::{canonical_param, Bound, Param, PARAM_ALIASES};
 pub use state::{LossState, RunningMean};
 pub use text::{parse_terms, unknown_key, MODIFIER_KEYS};
+pub use unpaired::{kl_estimate, unpaired_loss, ExampleInput, ExampleOutput};

@@ -13,8 +13,10 @@
 use anyhow::{bail, Result};
 
 mod combination;
+mod kto;
 
 pub use combination::{Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF};
+pub use kto::{Kto, KtoLoss, UNPAIRED};
 
 use super::params::{
     canonical_param, Param, ALPHA, AOT_EPS, BETA, CDPO_EPS, CPO_ALPHA, CPO_EPS, DELTA, DISCOPOP_TAU, EXO_EPS,
@@ -78,6 +80,9 @@ macro_rules! objectives {
             /// [`Combination`]): `sigmoid+bco_pair+sft` with `loss_weights`, `rpo_alpha`,
             /// `f_divergence_type`, `bco_running_mean`.
             Combination(Box<Combination>),
+            /// An objective on unpaired examples (KTO, TRL's `apo_zero_unpaired`): see [`Kto`]. Not
+            /// in `ALL` (its specs are [`UNPAIRED`]): the pairwise loss refuses it.
+            Kto(Kto),
         }
 
         const OBJECTIVE_COUNT: usize = [$($name),+].len();
@@ -97,6 +102,7 @@ macro_rules! objectives {
                 match self {
                     $( Objective::$variant { .. } => $name, )+
                     Objective::Combination(_) => "combination",
+                    Objective::Kto(ref k) => k.name(),
                 }
             }
 
@@ -105,6 +111,7 @@ macro_rules! objectives {
                 match *self {
                     $( Objective::$variant { beta, .. } => beta, )+
                     Objective::Combination(ref c) => c.terms.first().map_or(BETA.default, |(_, t)| t.beta()),
+                    Objective::Kto(ref k) => k.beta,
                 }
             }
 
@@ -113,6 +120,7 @@ macro_rules! objectives {
                 match *self {
                     $( Objective::$variant { $($field),+ } => vec![$($field),+], )+
                     Objective::Combination(ref c) => c.params().into_iter().map(|(_, v)| v).collect(),
+                    Objective::Kto(ref k) => k.values(),
                 }
             }
 
@@ -122,7 +130,9 @@ macro_rules! objectives {
                         let &[$($field),+] = values else { unreachable!("checked by ObjectiveSpec::build") };
                         Objective::$variant { $($field),+ }
                     } )+
-                    other => unreachable!("{other} is not in Objective::ALL"),
+                    other => Objective::Kto(
+                        Kto::from_values(other, values).unwrap_or_else(|| unreachable!("{other} is not an objective")),
+                    ),
                 }
             }
         }
@@ -269,15 +279,21 @@ impl Objective {
     /// The objective called `name` or one of its aliases (case-insensitive).
     pub fn spec_of(name: &str) -> Result<&'static ObjectiveSpec> {
         let wanted = name.trim().to_ascii_lowercase();
-        match Self::ALL.iter().find(|s| s.name == wanted || s.aliases.contains(&wanted.as_str())) {
+        match Self::specs().find(|s| s.name == wanted || s.aliases.contains(&wanted.as_str())) {
             Some(spec) => Ok(spec),
             None => bail!("unknown objective {name:?}; expected one of: {}", Self::name_list()),
         }
     }
 
-    /// `dpo (or sigmoid), safedpo, …`.
+    /// Every objective's spec: those on pairs ([`Objective::ALL`]), then those on unpaired
+    /// examples ([`UNPAIRED`]).
+    pub fn specs() -> impl Iterator<Item = &'static ObjectiveSpec> {
+        Self::ALL.iter().chain(UNPAIRED.iter())
+    }
+
+    /// `dpo (or sigmoid), safedpo, …, kto, apo_zero_unpaired`.
     pub fn name_list() -> String {
-        let names = Self::ALL.iter().map(|s| match s.aliases {
+        let names = Self::specs().map(|s| match s.aliases {
             [] => s.name.to_string(),
             aliases => format!("{} (or {})", s.name, aliases.join(", ")),
         });
@@ -293,9 +309,31 @@ impl Objective {
     pub fn spec(&self) -> &'static ObjectiveSpec {
         match self {
             Objective::Combination(c) => c.terms.first().map_or(Objective::default().spec(), |(_, t)| t.spec()),
+            Objective::Kto(k) => k.spec(),
             single => {
                 Self::ALL.iter().find(|s| s.name == single.name()).expect("every single objective is in Objective::ALL")
             }
+        }
+    }
+
+    /// The objective on unpaired examples this is, if it is one (see [`Kto`]).
+    pub fn as_unpaired(&self) -> Option<&Kto> {
+        match self {
+            Objective::Kto(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Fails for an objective on unpaired examples, which `what` (an op or a step on pairs) cannot
+    /// run.
+    pub fn require_pairwise(&self, what: &str) -> Result<()> {
+        match self {
+            Objective::Kto(k) => bail!(
+                "{what}: objective {} trains on unpaired examples (prompt, completion, label), not on pairs; it runs \
+                 in the trainer's step on unpaired examples",
+                k.name()
+            ),
+            _ => Ok(()),
         }
     }
 

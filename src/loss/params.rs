@@ -146,3 +146,19 @@ pub const PARAM_ALIASES: [(&str, &str); 3] =
 pub fn canonical_param(key: &str) -> &str {
     PARAM_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, name)| name)
 }
+
+/// KTO's weight of the desirable examples' losses: TRL's `KTOConfig.desirable_weight` default, 1
+/// (the KTO paper, eq. 8, sets the two weights so that `λ_D n_D / (λ_U n_U)` is in [1, 4/3]).
+pub(super) const DESIRABLE_WEIGHT: Param = Param {
+    name: "desirable_weight",
+    default: 1.0,
+    bound: Bound::NonNegative,
+    help: "KTO's weight λ_D of the desirable examples' losses (TRL `desirable_weight`)",
+};
+/// KTO's weight of the undesirable examples' losses: TRL's `KTOConfig.undesirable_weight` default, 1.
+pub(super) const UNDESIRABLE_WEIGHT: Param = Param {
+    name: "undesirable_weight",
+    default: 1.0,
+    bound: Bound::NonNegative,
+    help: "KTO's weight λ_U of the undesirable examples' losses (TRL `undesirable_weight`)",
+};

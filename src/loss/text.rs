@@ -139,7 +139,7 @@ fn is_number_key(key: &str) -> bool {
     let key = canonical_param(key);
     key == "rpo_alpha"
         || key == "f_alpha_divergence_coef"
-        || Objective::ALL.iter().any(|spec| spec.params.iter().any(|p| p.name == key))
+        || Objective::specs().any(|spec| spec.params.iter().any(|p| p.name == key))
 }
 
 /// An objective from its terms and the other keys given (parameters and modifiers, any order).

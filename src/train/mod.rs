@@ -17,11 +17,14 @@
 
 pub mod checkpoint;
 pub mod demo;
+mod eval;
 pub mod generate;
 pub mod metrics;
 pub mod refcache;
 pub mod rundir;
+mod refsync;
 pub mod step;
+pub mod unpaired;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -33,13 +36,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, PAIR_METRICS};
+use crate::backend::Backend;
 use crate::config::{RunConfig, RunLength};
 use crate::data::{
-    self, load_pairs, load_tokenizer, preference_batch, sequence_format, sft_batch, split_holdout, tokenize_pairs,
-    Batcher, TextTokenizer, TokenizedPair,
+    self, load_pairs, load_tokenizer, sequence_format, split_holdout, tokenize_pairs, Batcher, TextTokenizer,
+    TokenizedExample, TokenizedPair,
 };
-use crate::loss::{LossState, Objective};
 use crate::model::decoder::random_weights;
 use crate::model::{Decoder, DeviceBatch, HostWeights};
 use crate::optim::{AdamW, LrSchedule};
@@ -47,12 +49,16 @@ use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
 use checkpoint::{checkpoint_name, commit_dir_with, CommitStep, TrainState, FINAL_DIR, METRICS_FILE};
+pub use eval::{evaluate_nll, evaluate_pairs, evaluate_pairs_with};
 pub use metrics::brief;
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
-use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
+use refcache::{cache_key, load_or_compute, sequence_logps};
+use refsync::RefSync;
+pub use refsync::{mix_weights, REFERENCE_DIR};
 use rundir::RunDir;
 use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
+use unpaired::{ExampleStats, UnpairedData};
 
 /// What a run trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +111,7 @@ pub struct RunSummary {
     pub total_steps: usize,
     /// Steps taken by this invocation.
     pub steps_this_run: usize,
+    /// Training and held-out pairs (for an objective on unpaired examples: examples).
     pub train_pairs: usize,
     pub eval_pairs: usize,
     /// The first and last evaluation records of the run's log (step 0 is before training).
@@ -138,13 +145,52 @@ impl Console {
 pub struct PreparedData {
     pub train: Vec<TokenizedPair>,
     pub eval: Vec<TokenizedPair>,
+    /// The examples of an objective on unpaired examples (KTO), in place of the pairs (then empty).
+    pub examples: Option<UnpairedData>,
     /// One line per step of the preparation (load report, T(D) counts, truncation).
     pub report: Vec<String>,
 }
 
+impl PreparedData {
+    /// Training items: pairs, or unpaired examples.
+    pub fn train_len(&self) -> usize {
+        self.examples.as_ref().map_or(self.train.len(), |e| e.train.len())
+    }
+
+    /// Held-out items: pairs, or unpaired examples.
+    pub fn eval_len(&self) -> usize {
+        self.examples.as_ref().map_or(self.eval.len(), |e| e.eval.len())
+    }
+
+    /// Checks every token id is inside the model's vocabulary.
+    fn check_vocab(&self, vocab_size: usize) -> Result<()> {
+        let pair_tokens = |pairs: &[TokenizedPair]| {
+            pairs.iter().flat_map(|p| p.prompt.iter().chain(&p.chosen).chain(&p.rejected)).copied().max()
+        };
+        let example_tokens = |examples: &[TokenizedExample]| {
+            examples.iter().flat_map(|e| e.prompt.iter().chain(&e.completion)).copied().max()
+        };
+        let (train, eval) = match &self.examples {
+            Some(e) => (example_tokens(&e.train), example_tokens(&e.eval)),
+            None => (pair_tokens(&self.train), pair_tokens(&self.eval)),
+        };
+        for (max, what) in [(train, "training data"), (eval, "eval data")] {
+            let max = max.unwrap_or(0);
+            ensure!(
+                (max as usize) < vocab_size,
+                "{what}: the tokenizer produced token id {max}, but the model's vocabulary has {vocab_size} tokens"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Loads, selects (T(D) for SafeDPO), splits and tokenizes the data of `cfg`. For SFT only the pairs
-/// whose chosen response is safe are kept.
+/// whose chosen response is safe are kept. An objective on unpaired examples reads examples instead.
 pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Result<PreparedData> {
+    if task == Task::Preference && cfg.objective.as_unpaired().is_some() {
+        return unpaired::prepare_examples(cfg, tok);
+    }
     let d = &cfg.data;
     let path = cfg.require_data()?;
     let (format, selection) = (d.format, d.selection);
@@ -181,29 +227,20 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
         path.display(),
         d.max_len
     );
-    Ok(PreparedData { train, eval, report })
-}
-
-/// Checks every token id of `pairs` is inside the model's vocabulary.
-fn check_vocab(pairs: &[TokenizedPair], vocab_size: usize, what: &str) -> Result<()> {
-    let max =
-        pairs.iter().flat_map(|p| p.prompt.iter().chain(&p.chosen).chain(&p.rejected)).copied().max().unwrap_or(0);
-    ensure!(
-        (max as usize) < vocab_size,
-        "{what}: the tokenizer produced token id {max}, but the model's vocabulary has {vocab_size} tokens"
-    );
-    Ok(())
+    Ok(PreparedData { train, eval, examples: None, report })
 }
 
 /// The number of optimizer steps of a run.
-fn total_steps(cfg: &RunConfig, batcher: &Batcher, pairs: &[TokenizedPair], task: Task) -> usize {
+fn total_steps(cfg: &RunConfig, batcher: &Batcher, data: &PreparedData, task: Task) -> usize {
     let budget = cfg.batching.tokens_per_micro_batch;
+    let kl = cfg.objective.as_unpaired().is_some_and(|k| k.estimates_kl());
     match cfg.length() {
         RunLength::Steps(n) => n,
         RunLength::Epochs(epochs) => {
-            let per_epoch = |e: usize| match task {
-                Task::Preference => batcher.batches_in_epoch(pairs, budget, e),
-                Task::Sft => batcher.sft_batches_in_epoch(pairs, budget, e),
+            let per_epoch = |e: usize| match (task, &data.examples) {
+                (Task::Preference, Some(x)) => batcher.batches_in_epoch_by(budget, e, |i| x.train[i].batch_cost(kl)),
+                (Task::Preference, None) => batcher.batches_in_epoch(&data.train, budget, e),
+                (Task::Sft, _) => batcher.sft_batches_in_epoch(&data.train, budget, e),
             };
             let full = epochs.floor() as usize;
             let mut micro: usize = (0..full).map(per_epoch).sum();
@@ -238,8 +275,10 @@ struct Trainer<B: Backend> {
     opts: TrainOptions,
     /// The policy, its optimizer, the reference and the objective.
     learner: Learner<B>,
-    /// Reference log-probs of the eval pairs `[2E]` (fixed, so computed once).
+    /// Reference log-probs of the eval pairs `[2E]` (computed once, and after each reference sync).
     eval_reference: Vec<f32>,
+    /// TR-DPO's reference sync (`sync_ref_model`).
+    ref_sync: Option<RefSync>,
     schedule: LrSchedule,
     batcher: Batcher,
     rng: ChaCha8Rng,
@@ -258,6 +297,7 @@ struct Trainer<B: Backend> {
 #[derive(Default)]
 struct Interval {
     stats: PairStats,
+    examples: ExampleStats,
     nll: f64,
     nll_tokens: usize,
     tokens: usize,
@@ -279,6 +319,9 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn preference_step(&mut self) -> Result<StepInfo> {
+        if self.data.examples.is_some() {
+            return self.unpaired_step();
+        }
         let budget = self.budget();
         let backend = self.backend.clone();
         let micro = (0..self.cfg.batching.grad_accum)
@@ -326,13 +369,14 @@ impl<B: Backend> Trainer<B> {
 
     /// Evaluates the policy on the held-out pairs; `None` when there are none.
     fn evaluate(&mut self) -> Result<Option<Record>> {
-        if self.data.eval.is_empty() {
+        if self.data.eval_len() == 0 {
             return Ok(None);
         }
         let mut rec = Record::new();
         rec.insert("step".into(), self.step.into());
         rec.insert("epoch".into(), json_f64(self.epoch()));
         match self.task {
+            Task::Preference if self.data.examples.is_some() => self.evaluate_unpaired(&mut rec)?,
             Task::Preference => {
                 let stats = evaluate_pairs_with(
                     &mut self.learner.policy,
@@ -361,7 +405,10 @@ impl<B: Backend> Trainer<B> {
         let iv = std::mem::take(&mut self.interval);
         let mut rec = Record::new();
         match self.task {
-            Task::Preference => iv.stats.write_means("", &mut rec),
+            Task::Preference => {
+                iv.stats.write_means("", &mut rec);
+                iv.examples.write_means("", &mut rec);
+            }
             Task::Sft => {
                 rec.insert("loss".into(), json_f64(iv.nll / iv.nll_tokens.max(1) as f64));
             }
@@ -413,6 +460,9 @@ impl<B: Backend> Trainer<B> {
             check("metrics.jsonl")?;
             write_atomic(&dir.join(METRICS_FILE), self.log.to_jsonl().as_bytes())?;
             write_atomic(&dir.join(checkpoint::RUN_CONFIG_FILE), self.cfg.to_toml()?.as_bytes())?;
+            if let Some(sync) = &self.ref_sync {
+                sync.save(dir)?;
+            }
             check("state.json")?;
             state.write(dir)
         };
@@ -420,67 +470,6 @@ impl<B: Backend> Trainer<B> {
         checkpoint::prune_checkpoints(&self.cfg.out_dir, self.cfg.intervals.keep_checkpoints, &dir)?;
         Ok(dir)
     }
-}
-
-/// Evaluates `policy` on fixed pairs whose reference log-probs `[2P]` are given (zeros for a
-/// reference-free objective), at the loss state before any step.
-pub fn evaluate_pairs<B: Backend>(
-    policy: &mut Decoder<B>,
-    reference: &[f32],
-    pairs: &[TokenizedPair],
-    objective: &Objective,
-    token_budget: usize,
-) -> Result<PairStats> {
-    evaluate_pairs_with(policy, reference, pairs, objective, &LossState::default(), token_budget)
-}
-
-/// [`evaluate_pairs`] at the trainer's loss state `state` (read, not updated: evaluation does not
-/// move `bco_pair`'s running mean).
-pub fn evaluate_pairs_with<B: Backend>(
-    policy: &mut Decoder<B>,
-    reference: &[f32],
-    pairs: &[TokenizedPair],
-    objective: &Objective,
-    state: &LossState,
-    token_budget: usize,
-) -> Result<PairStats> {
-    ensure!(reference.len() == 2 * pairs.len(), "{} reference log-probs for {} pairs", reference.len(), pairs.len());
-    let backend = policy.backend().clone();
-    let b = &*backend;
-    let mut stats = PairStats::default();
-    for ids in chunk_pairs(pairs, token_budget) {
-        let batch = preference_batch(pairs, &ids);
-        let dev = DeviceBatch::upload(b, &batch.packed)?;
-        let host_ref: Vec<f32> = ids.iter().flat_map(|&i| [reference[2 * i], reference[2 * i + 1]]).collect();
-        let reference = b.upload(&host_ref)?;
-        let flags = b.upload_ids(&batch.unsafe_flags)?;
-        let lengths = b.upload_ids(&batch.lengths)?;
-        let mut metrics = b.zeros(ids.len() * PAIR_METRICS)?;
-        let mut dpolicy = b.zeros(2 * ids.len())?;
-        let logps = policy.forward(&dev)?;
-        b.preference_loss_with(&mut metrics, &mut dpolicy, logps, &reference, &flags, &lengths, objective, state, 1.0)?;
-        let host_logps = b.download(logps)?;
-        stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
-    }
-    Ok(stats)
-}
-
-/// The summed negative log-likelihood of the chosen responses of `pairs` and their token count.
-pub fn evaluate_nll<B: Backend>(
-    model: &mut Decoder<B>,
-    pairs: &[TokenizedPair],
-    token_budget: usize,
-) -> Result<(f64, usize)> {
-    let backend = model.backend().clone();
-    let (mut nll, mut tokens) = (0.0, 0);
-    for ids in chunk_pairs(pairs, token_budget) {
-        let packed = sft_batch(pairs, &ids);
-        tokens += (0..packed.num_seqs()).map(|s| packed.num_targets(s)).sum::<usize>();
-        let dev = DeviceBatch::upload(&*backend, &packed)?;
-        let logps = model.forward(&dev)?;
-        nll -= backend.download(logps)?.iter().map(|&x| x as f64).sum::<f64>();
-    }
-    Ok((nll, tokens))
 }
 
 /// The tokenizer of a run: the initial model's, else the byte tokenizer.
@@ -545,8 +534,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     }
     policy.set_gradient_checkpointing(cfg.batching.gradient_checkpointing);
     let vocab = policy.config().vocab_size;
-    check_vocab(&data.train, vocab, "training data")?;
-    check_vocab(&data.eval, vocab, "eval data")?;
+    data.check_vocab(vocab)?;
     let n_positions = policy.config().n_positions;
     ensure!(
         cfg.data.max_len <= n_positions,
@@ -554,23 +542,30 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         cfg.data.max_len
     );
     console.note(format!(
-        "model: {}, {:.2}M parameters; {} train / {} eval pairs",
+        "model: {}, {:.2}M parameters; {} train / {} eval {}",
         policy.config().summary(),
         policy.num_params() as f64 / 1e6,
-        data.train.len(),
-        data.eval.len()
+        data.train_len(),
+        data.eval_len(),
+        if data.examples.is_some() { "examples" } else { "pairs" }
     ));
 
     // The reference: cached log-probs (the model dropped), or the frozen model.
     let objective = cfg.objective.clone();
     let mut reference_cache = None;
+    let mut ref_sync = None;
+    ensure!(task == Task::Preference || !cfg.sync_ref_model, "sync_ref_model: {} trains no reference", task.name());
     let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
         (Reference::Free, vec![0.0; 2 * data.eval.len()])
     } else {
         if let Some(dir) = &cfg.model.reference {
             data::check_same_tokenizer(tokenizer.as_ref(), cfg.model.init.as_deref(), dir)?;
         }
-        let ref_weights = load_reference_weights(cfg, vocab)?;
+        let ref_weights = match &resume_from {
+            // TR-DPO: the reference the checkpoint's run had synced to.
+            Some(dir) if cfg.sync_ref_model => RefSync::load(dir)?,
+            _ => load_reference_weights(cfg, vocab)?,
+        };
         ensure!(
             ref_weights.config.same_architecture(policy.config()),
             "the reference model ({}) differs from the policy ({})",
@@ -609,6 +604,10 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             (Reference::Cached(train), eval)
         } else {
             let eval = sequence_logps(&mut ref_model, &data.eval, budget)?;
+            if cfg.sync_ref_model {
+                let (alpha, every) = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps);
+                ref_sync = Some(RefSync { alpha, every, weights: ref_weights });
+            }
             (Reference::Model(Box::new(ref_model)), eval)
         }
     };
@@ -616,8 +615,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let op = &cfg.optimizer;
     let mut policy = policy;
     let mut optimizer = AdamW::new(&mut policy, adamw_config(op))?;
-    let mut batcher = Batcher::new(data.train.len(), cfg.seed);
-    let total = total_steps(cfg, &batcher, &data.train, task);
+    let mut batcher = Batcher::new(data.train_len(), cfg.seed);
+    let total = total_steps(cfg, &batcher, &data, task);
     let schedule =
         LrSchedule { peak_lr: op.lr, warmup_steps: op.warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -632,7 +631,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
                 state.total_steps
             );
             optimizer.load_state(&checkpoint::read_optimizer_state(dir)?, state.step as u32)?;
-            batcher = Batcher::restore(data.train.len(), cfg.seed, state.batcher)?;
+            batcher = Batcher::restore(data.train_len(), cfg.seed, state.batcher)?;
             rng = state.rng.clone();
             let records = crate::plot::read_metrics(&dir.join(METRICS_FILE))?;
             console.note(format!("resumed from {} at step {}/{total}", dir.display(), state.step));
@@ -655,6 +654,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             loss_state: saved_state.as_ref().map(|s| s.loss).unwrap_or_default(),
         },
         eval_reference,
+        ref_sync,
         schedule,
         batcher,
         rng,
@@ -706,6 +706,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             .with_context(|| {
                 format!("the run stopped, nothing of this step written; {}", checkpoint::describe_latest(out))
             })?;
+        t.sync_reference().with_context(|| format!("syncing the reference after step {}", t.step))?;
         let secs = t0.elapsed().as_secs_f64();
         t.interval.seconds += secs;
         t.train_seconds += secs;
@@ -749,8 +750,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         completed: t.step == total,
         total_steps: total,
         steps_this_run: t.step - steps_at_start,
-        train_pairs: t.data.train.len(),
-        eval_pairs: t.data.eval.len(),
+        train_pairs: t.data.train_len(),
+        eval_pairs: t.data.eval_len(),
         first_eval: evals.first().map(|r| (*r).clone()),
         last_eval: evals.last().map(|r| (*r).clone()),
         train_seconds: t.train_seconds,

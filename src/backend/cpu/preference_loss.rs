@@ -84,6 +84,7 @@ impl PreferenceLossOps for CpuBackend {
         state: &LossState,
         grad_scale: f32,
     ) -> Result<()> {
+        objective.require_pairwise("preference_loss")?;
         checks::preference_loss(
             metrics.len(),
             dpolicy.len(),

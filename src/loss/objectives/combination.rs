@@ -164,6 +164,13 @@ impl Combination {
         if self.terms.iter().any(|(_, t)| matches!(t, Objective::Combination(_))) {
             errors.push(("name", "a combination's terms are single objectives".to_string()));
         }
+        if let Some((_, t)) = self.terms.iter().find(|(_, t)| t.as_unpaired().is_some()) {
+            let message = format!(
+                "{} trains on unpaired examples: it takes no other objective, weight or DPO modifier",
+                t.name()
+            );
+            errors.push(("name", message));
+        }
         if self.f_divergence != FDivergence::ReverseKl {
             let refused: Vec<&str> =
                 self.terms.iter().filter(|(_, t)| !t.takes_f_divergence()).map(|(_, t)| t.name()).collect();

@@ -69,6 +69,7 @@ fn launches(objective: &Objective) -> Vec<Launch> {
             Objective::CpoIpo { .. } => OBJ_CPO_IPO,
             Objective::CpoSimpo { .. } => OBJ_CPO_SIMPO,
             Objective::Combination(_) => unreachable!("a combination's terms are single objectives"),
+            Objective::Kto(_) => unreachable!("refused by preference_loss_with"),
         };
         let (param, param2) = match *term {
             Objective::Robust { eps, .. }
@@ -130,6 +131,7 @@ impl PreferenceLossOps for CudaBackend {
         state: &LossState,
         grad_scale: f32,
     ) -> Result<()> {
+        objective.require_pairwise("preference_loss")?;
         let uses_reference = objective.uses_reference();
         let pairs = checks::preference_loss(
             metrics.len(),
