@@ -1,7 +1,9 @@
 //! Objectives combined, as TRL combines them: a weighted sum of objectives (TRL's `loss_type` list
 //! with `loss_weights`, e.g. MPO = `0.8·sigmoid + 0.2·bco_pair + 1·sft`), and the modifiers TRL
-//! applies to every term of the sum: the f-divergence of the log-ratios (`f_divergence_type`), and
-//! `bco_pair`'s running reward mean. TRL's `rpo_alpha` is the `sft` term with weight α.
+//! applies to every term of the sum: the f-divergence of the log-ratios (`f_divergence_type`),
+//! `bco_pair`'s running reward mean, and the two that change the log-probs the terms read, LD-DPO's
+//! `ld_alpha` and WPO's `use_weighting` (see `crate::loss::modifiers`). TRL's `rpo_alpha` is the
+//! `sft` term with weight α.
 //!
 //! A [`Combination`] is the value of [`Objective::Combination`] (and a submodule of the objectives',
 //! as each refers to the other); a single objective without modifiers
@@ -10,6 +12,7 @@
 //! [`Combination::shared_param_errors`] checks.
 
 use super::Objective;
+use crate::loss::modifiers::NO_LD_ALPHA;
 
 /// TRL's `f_divergence_type` (f-DPO, Wang et al. 2023, arXiv 2309.16240): the function `f'` of the
 /// likelihood ratio `u = e^x` that scores each response in place of its log-ratio `x`.
@@ -86,6 +89,12 @@ pub struct Combination {
     /// paper's reward shift, TRL < 1.0's `bco_pair`; TRL 1.x's has none). δ is trainer state
     /// ([`crate::loss::LossState`]), updated before each micro-batch's loss.
     pub bco_running_mean: bool,
+    /// LD-DPO's α (TRL `ld_alpha`), in [0, 1]: the tokens of a response past its pair's shared
+    /// length count α times in the log-probs the terms read; 1 (the default) leaves them as they are.
+    pub ld_alpha: f64,
+    /// WPO's per-pair weights (TRL `use_weighting`): every term's per-pair loss times the policy's
+    /// length-normalised probability of both responses under its own sampling distribution.
+    pub use_weighting: bool,
 }
 
 impl Combination {
@@ -98,12 +107,21 @@ impl Combination {
     }
 
     fn empty() -> Combination {
-        Combination { terms: Vec::new(), f_divergence: FDivergence::ReverseKl, bco_running_mean: false }
+        Combination {
+            terms: Vec::new(),
+            f_divergence: FDivergence::ReverseKl,
+            bco_running_mean: false,
+            ld_alpha: NO_LD_ALPHA,
+            use_weighting: false,
+        }
     }
 
     /// Whether every modifier is TRL's default.
     pub fn has_default_modifiers(&self) -> bool {
-        self.f_divergence == FDivergence::ReverseKl && !self.bco_running_mean
+        self.f_divergence == FDivergence::ReverseKl
+            && !self.bco_running_mean
+            && self.ld_alpha == NO_LD_ALPHA
+            && !self.use_weighting
     }
 
     /// The objective this is: its one term when it has one, of weight 1, and no modifier; else
@@ -190,6 +208,7 @@ impl Combination {
         if self.bco_running_mean && !self.terms.iter().any(|(_, t)| matches!(t, Objective::BcoPair { .. })) {
             errors.push(("bco_running_mean", "needs a bco_pair term".to_string()));
         }
+        errors.extend(crate::loss::modifiers::errors(self));
         errors
     }
 }
