@@ -52,6 +52,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::activations::{layer_slots, two_slots_mut, Activations, BackwardScratch, HeadActivations, Widths};
 use super::batch::DeviceBatch;
+use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
 use super::params::{Init, Norm, Params};
 use super::{DecoderConfig, HostWeights};
 use crate::backend::{Backend, QkvLayout, WeightLayout};
@@ -75,6 +76,8 @@ pub struct Decoder<B: Backend> {
     pub(super) scratch: Option<BackwardScratch<B::Buf>>,
     /// `[S]` sequence log-probs of the last forward.
     pub(super) seq_logp: B::Buf,
+    /// What the last forward computed besides them, when asked (`forward_with`); made on first use.
+    pub(super) parts: Option<PartBuffers<B::Buf>>,
     /// (tokens, sequences) of the last forward whose activations and logits a backward may use.
     pub(super) pending_backward: Option<(usize, usize)>,
     /// Whether the last forward ran the LM head in chunks, keeping no logits: the backward
@@ -270,6 +273,12 @@ impl<B: Backend> Decoder<B> {
     /// Forward through the LM head and the fused log-softmax-gather; returns the per-sequence
     /// log-probs `[S]` and keeps what the backward needs.
     pub fn forward(&mut self, batch: &DeviceBatch<B>) -> Result<&B::Buf> {
+        Ok(self.forward_with(batch, &ForwardExtras::none())?.total)
+    }
+
+    /// [`forward`](Self::forward), and what `extras` asks for besides the log-probs (see
+    /// [`ForwardExtras`]); the log-probs are the same bits either way.
+    pub fn forward_with(&mut self, batch: &DeviceBatch<B>, extras: &ForwardExtras<B>) -> Result<SequenceLogps<'_, B>> {
         self.forward_trunk(batch)?;
         let (n, c, v) = (batch.num_tokens(), self.config.n_embd, self.config.vocab_size);
         let m = batch.num_target_rows();
@@ -286,6 +295,14 @@ impl<B: Backend> Decoder<B> {
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
+        let wants_parts = extras.split.is_some() || extras.aligned;
+        if wants_parts && self.parts.is_none() {
+            self.parts = Some(PartBuffers::new(b)?);
+        }
+        let mut parts = self.parts.as_mut().filter(|_| wants_parts);
+        if let Some(parts) = parts.as_deref_mut() {
+            parts.prepare(b, extras, num_seqs)?;
+        }
 
         // The LM head (logits = norm_f · Wᵀ, W the head's weight or the token embedding it is tied
         // to), on the M rows with a target only: the others would be computed to be multiplied by zero.
@@ -296,11 +313,19 @@ impl<B: Backend> Decoder<B> {
                 // product is launched).
                 b.fill(&mut self.seq_logp, 0.0)?;
             } else {
-                lm_head(b, head, norm_f, weight, &batch.target_rows, &batch.row_targets, m, n, c, v)?;
+                let squares = match parts.as_deref_mut().filter(|_| extras.aligned) {
+                    Some(parts) => Some(parts.squares(b, m)?),
+                    None => None,
+                };
+                lm_head(b, head, norm_f, weight, &batch.target_rows, &batch.row_targets, squares, m, n, c, v)?;
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &batch.row_packing)?;
+                if let Some(parts) = parts {
+                    let split = extras.split.map(|s| &s.packing);
+                    parts.add_pass(b, &head.token_logp, true, &batch.row_packing, split, extras.aligned)?;
+                }
             }
             self.pending_backward = Some((n, num_seqs));
-            return Ok(&self.seq_logp);
+            return Ok(self.outputs(extras));
         };
 
         // Chunk by chunk. Each chunk's packing holds every sequence, those of other chunks empty, so
@@ -308,10 +333,18 @@ impl<B: Backend> Decoder<B> {
         // or +0 (an empty sum); the first chunk writes the batch's log-probs, the others add theirs,
         // and x + 0 = x: the result is the whole head's bit for bit. (No sum is −0, which + 0 would
         // turn into +0: sums start from +0.)
+        let split_chunks = match extras.split {
+            Some(split) => Some(split.chunk_packings(b, &chunks)?),
+            None => None,
+        };
         for (i, chunk) in chunks.chunks.iter().enumerate() {
             let rows = chunk.num_rows;
             head.resize(b, rows, c, v)?;
-            lm_head(b, head, norm_f, weight, &chunk.target_rows, &chunk.row_targets, rows, n, c, v)?;
+            let squares = match parts.as_deref_mut().filter(|_| extras.aligned) {
+                Some(parts) => Some(parts.squares(b, rows)?),
+                None => None,
+            };
+            lm_head(b, head, norm_f, weight, &chunk.target_rows, &chunk.row_targets, squares, rows, n, c, v)?;
             if i == 0 {
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &chunk.packing)?;
             } else {
@@ -319,13 +352,27 @@ impl<B: Backend> Decoder<B> {
                 b.sequence_logp_sum(&mut acts.chunk_seq_logp, &head.token_logp, &chunk.packing)?;
                 b.add_inplace(&mut self.seq_logp, &acts.chunk_seq_logp)?;
             }
+            if let Some(parts) = parts.as_deref_mut() {
+                let split = split_chunks.as_ref().map(|p| &p[i]);
+                parts.add_pass(b, &head.token_logp, i == 0, &chunk.packing, split, extras.aligned)?;
+            }
         }
         // The buffers keep the largest chunk's size, which is what they hold (a CPU buffer zero-fills
         // when it grows back within its storage: here rather than on the next batch's first chunk).
         head.resize(b, chunks.chunks[0].num_rows, c, v)?;
         // (A trainable model's backward recomputes the logits; a frozen model's refuses.)
         self.pending_backward = Some((n, num_seqs));
-        Ok(&self.seq_logp)
+        Ok(self.outputs(extras))
+    }
+
+    /// The last forward's outputs, those `extras` asked for.
+    fn outputs(&self, extras: &ForwardExtras<B>) -> SequenceLogps<'_, B> {
+        let parts = self.parts.as_ref();
+        SequenceLogps {
+            total: &self.seq_logp,
+            split: parts.filter(|_| extras.split.is_some()).map(|p| &p.split),
+            aligned: parts.filter(|_| extras.aligned).map(|p| &p.aligned),
+        }
     }
 
     /// Logits `[V]` at the last position of `tokens` (one sequence), for generation. Only the last
@@ -349,6 +396,18 @@ impl<B: Backend> Decoder<B> {
     /// Given dL/d(seq logp) `[S]`, accumulates every parameter gradient. Must follow `forward`
     /// on the same batch.
     pub fn backward(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf) -> Result<()> {
+        self.backward_over(batch, dseq, None)
+    }
+
+    /// [`backward`](Self::backward) with a gradient per part of each sequence `[2S]`, the parts
+    /// those of `split` (the gradient of each row of sequence s's first part at `2s`, of the rest
+    /// at `2s + 1`): LD-DPO's, whose tokens past the shared length have their own weight.
+    pub fn backward_split(&mut self, batch: &DeviceBatch<B>, split: &RowSplit<B>, dsplit: &B::Buf) -> Result<()> {
+        self.backward_over(batch, dsplit, Some(split))
+    }
+
+    /// The backward, each row's gradient that of its sequence, or of its part of `split`.
+    fn backward_over(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf, split: Option<&RowSplit<B>>) -> Result<()> {
         self.ensure_trainable("backward")?;
         let (n, num_seqs) = (batch.num_tokens(), batch.num_seqs());
         ensure!(
@@ -357,10 +416,12 @@ impl<B: Backend> Decoder<B> {
              last forward: {:?})",
             self.pending_backward
         );
+        let segments = if split.is_some() { 2 * num_seqs } else { num_seqs };
         ensure!(
-            self.backend.buf_len(dseq) == num_seqs,
-            "backward: dL/d(seq logp) has {} entries, the batch has {num_seqs} sequences",
-            self.backend.buf_len(dseq)
+            self.backend.buf_len(dseq) == segments,
+            "backward: dL/d(seq logp) has {} entries, the batch has {segments} {}",
+            self.backend.buf_len(dseq),
+            if split.is_some() { "sequence parts" } else { "sequences" }
         );
         // The backward overwrites the logits with their gradient: a second backward needs a new forward.
         self.pending_backward = None;
@@ -382,15 +443,8 @@ impl<B: Backend> Decoder<B> {
         let m = batch.num_target_rows();
         b.resize(dnorm_f_rows, m * c)?;
         if m > 0 && !self.head_chunked {
-            b.logsoftmax_gather_backward(
-                &mut head.logits,
-                &head.lse,
-                &batch.row_targets,
-                dseq,
-                &batch.row_packing,
-                m,
-                v,
-            )?;
+            let packing = split.map_or(&batch.row_packing, |s| &s.packing);
+            b.logsoftmax_gather_backward(&mut head.logits, &head.lse, &batch.row_targets, dseq, packing, m, v)?;
             let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
             let (logits, rows) = (&head.logits, &head.norm_f_rows);
             b.matmul_backward(dnorm_f_rows, dhead, None, logits, rows, p.head(), m, c, v, WeightLayout::OutIn)?;
@@ -399,11 +453,16 @@ impl<B: Backend> Decoder<B> {
             // Chunk by chunk, the logits recomputed: dL/d(norm_f) is the sum of the chunks' rows
             // scattered to their tokens (d.residual, zeroed below, holds each chunk's scatter).
             let chunks = batch.head_chunks(b, self.head_chunk_rows)?;
+            let split_chunks = match split {
+                Some(split) => Some(split.chunk_packings(b, &chunks)?),
+                None => None,
+            };
             for (i, chunk) in chunks.chunks.iter().enumerate() {
                 let (rows, targets) = (chunk.num_rows, &chunk.row_targets);
                 head.resize(b, rows, c, v)?;
-                lm_head(b, head, &trunk.norm_f, p.head(), &chunk.target_rows, targets, rows, n, c, v)?;
-                b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, &chunk.packing, rows, v)?;
+                lm_head(b, head, &trunk.norm_f, p.head(), &chunk.target_rows, targets, None, rows, n, c, v)?;
+                let packing = split_chunks.as_ref().map_or(&chunk.packing, |p| &p[i]);
+                b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, packing, rows, v)?;
                 b.resize(dnorm_f_rows, rows * c)?;
                 let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
                 let (logits, x) = (&head.logits, &head.norm_f_rows);
@@ -517,8 +576,8 @@ impl<B: Backend> Decoder<B> {
 
 /// The LM head on `rows` rows of `norm_f` (`target_rows`, with their `targets`): gathers them,
 /// then `logits = norm_f_rows · weightᵀ` (`weight [V, C]`: the head's, or the token embedding it is
-/// tied to) and their target log-probs and log-sum-exps. Buffers sized by
-/// `HeadActivations::resize`; `rows > 0`.
+/// tied to) and their target log-probs and log-sum-exps (and into `squares`, when given, each row's
+/// `log Σ_v p_v²`). Buffers sized by `HeadActivations::resize`; `rows > 0`.
 #[allow(clippy::too_many_arguments)]
 fn lm_head<B: Backend>(
     b: &B,
@@ -527,6 +586,7 @@ fn lm_head<B: Backend>(
     weight: &B::Buf,
     target_rows: &B::Ids,
     targets: &B::Ids,
+    squares: Option<&mut B::Buf>,
     rows: usize,
     n: usize,
     c: usize,
@@ -534,7 +594,11 @@ fn lm_head<B: Backend>(
 ) -> Result<()> {
     b.gather_rows(&mut head.norm_f_rows, norm_f, target_rows, rows, n, c)?;
     b.matmul_forward(&mut head.logits, &head.norm_f_rows, weight, None, rows, c, v, WeightLayout::OutIn)?;
-    b.logsoftmax_gather_forward(&mut head.token_logp, &mut head.lse, &head.logits, targets, rows, v)
+    let (token_logp, lse, logits) = (&mut head.token_logp, &mut head.lse, &head.logits);
+    match squares {
+        Some(squares) => b.logsoftmax_gather_forward_sq(token_logp, lse, squares, logits, targets, rows, v),
+        None => b.logsoftmax_gather_forward(token_logp, lse, logits, targets, rows, v),
+    }
 }
 
 /// The initialisation `transformers` gives each family: N(0, 0.02) weights, zero biases, unit norm

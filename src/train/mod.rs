@@ -32,7 +32,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::backend::{Backend, PAIR_METRICS};
+use crate::backend::{Backend, LogpParts, PAIR_METRICS};
 use crate::config::{RunConfig, RunLength};
 use crate::data::{
     self, load_pairs, load_tokenizer, preference_batch, sequence_format, sft_batch, split_holdout, tokenize_pairs,
@@ -40,7 +40,7 @@ use crate::data::{
 };
 use crate::loss::{LossState, Objective};
 use crate::model::decoder::random_weights;
-use crate::model::{Decoder, DeviceBatch, HostWeights};
+use crate::model::{Decoder, DeviceBatch, ForwardExtras, HostWeights, RowSplit};
 use crate::optim::{AdamW, LrSchedule};
 use crate::util::write_atomic;
 
@@ -48,7 +48,8 @@ pub use checkpoint::Resume;
 use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_DIR, METRICS_FILE};
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
-use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
+use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logp_parts};
+pub use refcache::ReferenceLogps;
 use step::{adamw_config, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
 
 /// What a run trains.
@@ -249,7 +250,7 @@ struct Trainer<B: Backend> {
     /// The policy, its optimizer, the reference and the objective.
     learner: Learner<B>,
     /// Reference log-probs of the eval pairs `[2E]` (fixed, so computed once).
-    eval_reference: Vec<f32>,
+    eval_reference: ReferenceLogps,
     schedule: LrSchedule,
     batcher: Batcher,
     rng: ChaCha8Rng,
@@ -416,7 +417,8 @@ impl<B: Backend> Trainer<B> {
 }
 
 /// Evaluates `policy` on fixed pairs whose reference log-probs `[2P]` are given (zeros for a
-/// reference-free objective), at the loss state before any step.
+/// reference-free objective), at the loss state before any step. An objective with `ld_alpha`
+/// needs the reference's split too: [`evaluate_pairs_with`].
 pub fn evaluate_pairs<B: Backend>(
     policy: &mut Decoder<B>,
     reference: &[f32],
@@ -424,35 +426,60 @@ pub fn evaluate_pairs<B: Backend>(
     objective: &Objective,
     token_budget: usize,
 ) -> Result<PairStats> {
-    evaluate_pairs_with(policy, reference, pairs, objective, &LossState::default(), token_budget)
+    let reference = ReferenceLogps::totals(reference.to_vec());
+    evaluate_pairs_with(policy, &reference, pairs, objective, &LossState::default(), token_budget)
 }
 
 /// [`evaluate_pairs`] at the trainer's loss state `state` (read, not updated: evaluation does not
-/// move `bco_pair`'s running mean).
+/// move `bco_pair`'s running mean), with the reference's log-probs and, for `ld_alpha`, their split
+/// (`refcache::sequence_logp_parts`).
 pub fn evaluate_pairs_with<B: Backend>(
     policy: &mut Decoder<B>,
-    reference: &[f32],
+    reference: &ReferenceLogps,
     pairs: &[TokenizedPair],
     objective: &Objective,
     state: &LossState,
     token_budget: usize,
 ) -> Result<PairStats> {
-    ensure!(reference.len() == 2 * pairs.len(), "{} reference log-probs for {} pairs", reference.len(), pairs.len());
+    let totals = reference.totals.len();
+    ensure!(totals == 2 * pairs.len(), "{totals} reference log-probs for {} pairs", pairs.len());
+    let ld = objective.ld_alpha().is_some();
+    ensure!(
+        !(ld && objective.uses_reference()) || reference.split.len() == 4 * pairs.len(),
+        "objective {objective} has ld_alpha: evaluating it needs the reference log-probs split at each pair's shared \
+         length (refcache::sequence_logp_parts)"
+    );
     let backend = policy.backend().clone();
     let b = &*backend;
     let mut stats = PairStats::default();
     for ids in chunk_pairs(pairs, token_budget) {
         let batch = preference_batch(pairs, &ids);
         let dev = DeviceBatch::upload(b, &batch.packed)?;
-        let host_ref: Vec<f32> = ids.iter().flat_map(|&i| [reference[2 * i], reference[2 * i + 1]]).collect();
-        let reference = b.upload(&host_ref)?;
+        let host_ref = reference.of_pairs(&ids);
+        let reference = b.upload(&host_ref.totals)?;
+        let reference_split = if ld { Some(b.upload(&host_ref.split)?) } else { None };
+        let split = if ld { Some(RowSplit::shared_length(b, &dev)?) } else { None };
         let flags = b.upload_ids(&batch.unsafe_flags)?;
         let lengths = b.upload_ids(&batch.lengths)?;
         let mut metrics = b.zeros(ids.len() * PAIR_METRICS)?;
-        let mut dpolicy = b.zeros(2 * ids.len())?;
-        let logps = policy.forward(&dev)?;
-        b.preference_loss_with(&mut metrics, &mut dpolicy, logps, &reference, &flags, &lengths, objective, state, 1.0)?;
-        let host_logps = b.download(logps)?;
+        let mut grads = b.zeros(if ld { 4 * ids.len() } else { 2 * ids.len() })?;
+        let extras = ForwardExtras { split: split.as_ref(), aligned: objective.uses_weighting() };
+        let logps = policy.forward_with(&dev, &extras)?;
+        let parts =
+            LogpParts { policy_split: logps.split, reference_split: reference_split.as_ref(), policy_aligned: logps.aligned };
+        b.preference_loss_parts(
+            &mut metrics,
+            &mut grads,
+            logps.total,
+            &reference,
+            &flags,
+            &lengths,
+            &parts,
+            objective,
+            state,
+            1.0,
+        )?;
+        let host_logps = b.download(logps.total)?;
         stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
     }
     Ok(stats)
@@ -555,7 +582,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let objective = cfg.objective.clone();
     let mut reference_cache = None;
     let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
-        (Reference::Free, vec![0.0; 2 * data.eval.len()])
+        (Reference::Free, ReferenceLogps::totals(vec![0.0; 2 * data.eval.len()]))
     } else {
         let ref_weights = load_reference_weights(cfg, vocab)?;
         ensure!(
@@ -576,8 +603,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             let (mut sets, status) =
                 load_or_compute(&path, &key, &[("train", data.train.len()), ("eval", data.eval.len())], || {
                     Ok(vec![
-                        sequence_logps(&mut ref_model, &data.train, budget)?,
-                        sequence_logps(&mut ref_model, &data.eval, budget)?,
+                        sequence_logp_parts(&mut ref_model, &data.train, budget)?,
+                        sequence_logp_parts(&mut ref_model, &data.eval, budget)?,
                     ])
                 })?;
             console.note(format!(
@@ -595,7 +622,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             let train = sets.pop().expect("two sets");
             (Reference::Cached(train), eval)
         } else {
-            let eval = sequence_logps(&mut ref_model, &data.eval, budget)?;
+            let eval = sequence_logp_parts(&mut ref_model, &data.eval, budget)?;
             (Reference::Model(Box::new(ref_model)), eval)
         }
     };
