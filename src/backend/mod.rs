@@ -27,7 +27,8 @@ use anyhow::Result;
 pub use crate::loss::PAIR_METRICS;
 pub use ops::{
     rope_inverse_frequencies, AttentionOps, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, LogpParts,
-    MatmulOps, OptimizerOps, PointwiseOps, PreferenceLossOps, QkvLayout, RmsNormOps, RopeOps, RopeScaling, RowOps, SwiGluOps,
+    MatmulOps, OptimizerOps, PointwiseOps, PreferenceLossOps, QkvLayout, RmsNormOps, RopeOps, RopeScaling, RowOps,
+    SwiGluOps,
 };
 
 /// How a weight matrix is laid out in memory, for `matmul_*`.

@@ -132,7 +132,9 @@ pub fn batch_loss_parts(
     let rows = weighted_terms(objective, &read, &plain, weights.as_deref(), alpha.is_some(), state);
     rows.into_iter()
         .map(|(out, d_plain)| match alpha {
-            None => PartsOutput { pair: out, d_tail_chosen: out.d_policy_chosen, d_tail_rejected: out.d_policy_rejected },
+            None => {
+                PartsOutput { pair: out, d_tail_chosen: out.d_policy_chosen, d_tail_rejected: out.d_policy_rejected }
+            }
             Some(alpha) => PartsOutput {
                 pair: PairOutput { d_policy_chosen: combined(out.d_policy_chosen, d_plain), ..out },
                 d_tail_chosen: combined(alpha * out.d_policy_chosen, d_plain),

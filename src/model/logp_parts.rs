@@ -130,7 +130,12 @@ impl<T> PartBuffers<T> {
 
     /// Sizes the outputs asked for by `extras` for `num_seqs` sequences, at 0 (the sums of a batch
     /// without targets).
-    pub(super) fn prepare<B: Backend<Buf = T>>(&mut self, b: &B, extras: &ForwardExtras<B>, num_seqs: usize) -> Result<()> {
+    pub(super) fn prepare<B: Backend<Buf = T>>(
+        &mut self,
+        b: &B,
+        extras: &ForwardExtras<B>,
+        num_seqs: usize,
+    ) -> Result<()> {
         if extras.split.is_some() {
             b.resize(&mut self.split, 2 * num_seqs)?;
             b.fill(&mut self.split, 0.0)?;
@@ -174,7 +179,14 @@ impl<T> PartBuffers<T> {
 }
 
 /// `out` = the sums of `values` over `packing` (`first`), or `out` += them (through `scratch`).
-fn sum_into<B: Backend>(b: &B, out: &mut B::Buf, scratch: &mut B::Buf, values: &B::Buf, packing: &Packing<B>, first: bool) -> Result<()> {
+fn sum_into<B: Backend>(
+    b: &B,
+    out: &mut B::Buf,
+    scratch: &mut B::Buf,
+    values: &B::Buf,
+    packing: &Packing<B>,
+    first: bool,
+) -> Result<()> {
     if first {
         return b.sequence_logp_sum(out, values, packing);
     }

@@ -48,8 +48,8 @@ pub use checkpoint::Resume;
 use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_DIR, METRICS_FILE};
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
-use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logp_parts};
 pub use refcache::ReferenceLogps;
+use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logp_parts};
 use step::{adamw_config, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
 
 /// What a run trains.
@@ -465,8 +465,11 @@ pub fn evaluate_pairs_with<B: Backend>(
         let mut grads = b.zeros(if ld { 4 * ids.len() } else { 2 * ids.len() })?;
         let extras = ForwardExtras { split: split.as_ref(), aligned: objective.uses_weighting() };
         let logps = policy.forward_with(&dev, &extras)?;
-        let parts =
-            LogpParts { policy_split: logps.split, reference_split: reference_split.as_ref(), policy_aligned: logps.aligned };
+        let parts = LogpParts {
+            policy_split: logps.split,
+            reference_split: reference_split.as_ref(),
+            policy_aligned: logps.aligned,
+        };
         b.preference_loss_parts(
             &mut metrics,
             &mut grads,

@@ -94,7 +94,8 @@ pub fn sequence_logp_parts<B: Backend>(
     token_budget: usize,
 ) -> Result<ReferenceLogps> {
     let backend = model.backend().clone();
-    let mut out = ReferenceLogps { totals: Vec::with_capacity(2 * pairs.len()), split: Vec::with_capacity(4 * pairs.len()) };
+    let mut out =
+        ReferenceLogps { totals: Vec::with_capacity(2 * pairs.len()), split: Vec::with_capacity(4 * pairs.len()) };
     for ids in chunk_pairs(pairs, token_budget) {
         let batch = preference_batch(pairs, &ids);
         let dev = DeviceBatch::upload(&*backend, &batch.packed)?;
@@ -103,7 +104,12 @@ pub fn sequence_logp_parts<B: Backend>(
         out.totals.extend(backend.download(logps.total)?);
         out.split.extend(backend.download(logps.split.expect("asked for"))?);
     }
-    ensure!(out.totals.len() == 2 * pairs.len(), "reference log-probs: {} values for {} pairs", out.totals.len(), pairs.len());
+    ensure!(
+        out.totals.len() == 2 * pairs.len(),
+        "reference log-probs: {} values for {} pairs",
+        out.totals.len(),
+        pairs.len()
+    );
     Ok(out)
 }
 

@@ -150,7 +150,15 @@ impl LogSoftmaxGatherOps for CpuBackend {
         n: usize,
         v: usize,
     ) -> Result<()> {
-        checks::logsoftmax_gather_forward_sq(token_logp.len(), lse.len(), log_sum_sq.len(), logits.len(), targets, n, v)?;
+        checks::logsoftmax_gather_forward_sq(
+            token_logp.len(),
+            lse.len(),
+            log_sum_sq.len(),
+            logits.len(),
+            targets,
+            n,
+            v,
+        )?;
         token_logp
             .par_iter_mut()
             .zip(lse.par_iter_mut())

@@ -66,11 +66,8 @@ pub mod spec {
         for (i, out) in batch_loss_parts(objective, &inputs, &pair_parts, state).iter().enumerate() {
             metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&out.pair.metrics_row());
             let (chosen, rejected) = (out.pair.d_policy_chosen, out.pair.d_policy_rejected);
-            let row: &[f64] = if ld {
-                &[chosen, out.d_tail_chosen, rejected, out.d_tail_rejected]
-            } else {
-                &[chosen, rejected]
-            };
+            let row: &[f64] =
+                if ld { &[chosen, out.d_tail_chosen, rejected, out.d_tail_rejected] } else { &[chosen, rejected] };
             let width = row.len();
             for (g, &d) in grads[i * width..(i + 1) * width].iter_mut().zip(row) {
                 *g = grad_scale * d;

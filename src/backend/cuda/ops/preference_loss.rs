@@ -192,7 +192,13 @@ impl PreferenceLossOps for CudaBackend {
         }
         let grads = self.output(grads, Dtype::F32, false)?.arg();
         let (policy_arg, reference_arg, plain_arg, dpolicy, dplain) = match &ld {
-            None => (policy.arg(), reference.as_ref().map_or(KernelArg::NULL, Operand::arg), KernelArg::NULL, grads, KernelArg::NULL),
+            None => (
+                policy.arg(),
+                reference.as_ref().map_or(KernelArg::NULL, Operand::arg),
+                KernelArg::NULL,
+                grads,
+                KernelArg::NULL,
+            ),
             Some((_, policy_read, reference_read, dread, dplain)) => (
                 policy_read.arg(),
                 reference_read.as_ref().map_or(KernelArg::NULL, Storage::arg),
