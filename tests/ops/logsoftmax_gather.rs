@@ -162,7 +162,7 @@ fn logsoftmax_gather(device: &Device, precision: Precision) {
     f.check_at("logsoftmax_gather_forward lse", &got_lse, &want_lse, 1e-5);
 
     let (mut want_sq, mut got_sq) = f.poisoned(n);
-    let (mut got_sq_logp, mut got_sq_lse) = f.poisoned(n);
+    let ((_, mut got_sq_logp), (_, mut got_sq_lse)) = (f.poisoned(n), f.poisoned(n));
     f.cpu
         .logsoftmax_gather_forward_sq(&mut want_logp.clone(), &mut want_lse.clone(), &mut want_sq, &cl, &ct, n, v)
         .unwrap();
