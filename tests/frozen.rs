@@ -2,11 +2,12 @@
 //! logits to a trainable model's with the same weights, on the CPU and on the emulated device in f32
 //! and bf16, over several batch shapes and layer counts (so the two recycled activation slots are
 //! exercised); every gradient operation on it is an error that says the model is frozen; it holds
-//! no gradient, no backward scratch and two layers of activations, counted element by element and,
-//! on the emulated device, byte by byte (no fp32 master copies in bf16). Its LM head, run in chunks
-//! of whole sequences, gives the same log-probs bit for bit as the whole head (chunk sizes from 1 row
-//! up, a sequence longer than a chunk, sequences without targets, a batch without any; and at GPT-2's
-//! width and vocabulary on the CPU), and holds the logits of its largest chunk only.
+//! no gradient, no backward scratch and two layers' boundaries and one interior of activations,
+//! counted element by element and, on the emulated device, byte by byte (no fp32 master copies in
+//! bf16). Its LM head, run in chunks of whole sequences, gives the same log-probs bit for bit as
+//! the whole head (chunk sizes from 1 row up, a sequence longer than a chunk, sequences without
+//! targets, a batch without any; and at GPT-2's width and vocabulary on the CPU), and holds the
+//! logits of its largest chunk only.
 
 mod common;
 
@@ -115,10 +116,15 @@ fn gradient_operations_on_a_frozen_model_are_errors() {
     assert!(again.iter().all(|x| x.is_finite()));
 }
 
-/// Elements per token of one layer's activations: ln_1, qkv, atty, residual_2, ln_2, fch, fch_gelu,
-/// residual_3 (16 C) and the four LayerNorm statistics.
-fn layer_elements(cfg: &DecoderConfig, tokens: usize, attention_saved: usize) -> usize {
-    tokens * (16 * cfg.n_embd + 4) + attention_saved
+/// Elements of one layer's boundary: ln_1 and residual_3 (2 C a token) and ln_1's two statistics.
+fn boundary_elements(cfg: &DecoderConfig, tokens: usize) -> usize {
+    tokens * (2 * cfg.n_embd + 2)
+}
+
+/// Elements of one layer's interior: qkv, atty, residual_2, ln_2, fch, fch_gelu (14 C a token),
+/// ln_2's two statistics and the attention's saved state.
+fn interior_elements(cfg: &DecoderConfig, tokens: usize, attention_saved: usize) -> usize {
+    tokens * (14 * cfg.n_embd + 2) + attention_saved
 }
 
 #[test]
@@ -140,12 +146,14 @@ fn a_frozen_model_holds_no_gradients_and_two_layers_of_activations() {
     frozen.forward(&dev).unwrap();
     let n = packed.num_tokens();
     let saved = backend.attention_saved_len(&dev.packing, cfg.n_head);
-    let layer = layer_elements(&cfg, n, saved);
-    assert_eq!(elements(&trainable) - elements(&frozen), p + (cfg.n_layer - 2) * layer);
+    // The frozen model: two boundaries and one interior, against every layer's of each.
+    let (boundary, interior) = (boundary_elements(&cfg, n), interior_elements(&cfg, n, saved));
+    let kept_by_trainable_only = p + (cfg.n_layer - 2) * boundary + (cfg.n_layer - 1) * interior;
+    assert_eq!(elements(&trainable) - elements(&frozen), kept_by_trainable_only);
 
     // The trainable model's backward adds its scratch; the frozen one never has any.
     trainable.backward(&dev, &backend.upload(&vec![1.0; packed.num_seqs()]).unwrap()).unwrap();
-    assert!(elements(&trainable) - elements(&frozen) > p + (cfg.n_layer - 2) * layer);
+    assert!(elements(&trainable) - elements(&frozen) > kept_by_trainable_only);
 }
 
 /// Bytes a CUDA buffer holds: its values in their storage type and its fp32 master, if any.

@@ -12,7 +12,7 @@ use crate::config::{FieldError, Profile, RunConfig, SettingsArgs};
 pub struct BenchSettings;
 
 /// The settings `bench` takes besides `objective.*`.
-const BENCH_SETTINGS: [&str; 14] = [
+const BENCH_SETTINGS: [&str; 15] = [
     "seed",
     "device",
     "model.arch",
@@ -27,6 +27,7 @@ const BENCH_SETTINGS: [&str; 14] = [
     "optimizer.lr",
     "optimizer.grad_clip",
     "batching.head_chunk_rows",
+    "batching.gradient_checkpointing",
 ];
 
 impl Profile for BenchSettings {

@@ -78,6 +78,9 @@ pub struct BenchConfig {
     /// `batching.head_chunk_rows`: LM head rows computed at once (absent: the trainer's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_chunk_rows: Option<usize>,
+    /// `batching.gradient_checkpointing`: recompute each block's interior in the backward.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     pub objective: Objective,
     /// Untimed steps first (allocation, caches, lazy initialisation).
     pub warmup_steps: usize,
@@ -113,6 +116,7 @@ impl Default for BenchConfig {
             seq_len: 128,
             prompt_len: 32,
             head_chunk_rows: None,
+            gradient_checkpointing: false,
             objective: Objective::default_for("dpo").expect("dpo is an objective"),
             warmup_steps: 3,
             steps: 10,
@@ -151,7 +155,11 @@ impl BenchConfig {
             },
             objective: self.objective.clone(),
             optimizer: OptimizerConfig { lr: self.lr, grad_clip: self.max_grad_norm, ..defaults.optimizer },
-            batching: BatchingConfig { head_chunk_rows: self.head_chunk_rows, ..defaults.batching },
+            batching: BatchingConfig {
+                head_chunk_rows: self.head_chunk_rows,
+                gradient_checkpointing: self.gradient_checkpointing,
+                ..defaults.batching
+            },
             ..defaults
         }
     }
@@ -174,6 +182,7 @@ impl BenchConfig {
             seq_len,
             prompt_len,
             head_chunk_rows: run.batching.head_chunk_rows,
+            gradient_checkpointing: run.batching.gradient_checkpointing,
             objective: run.objective.clone(),
             seed: run.seed,
             lr: run.optimizer.lr,

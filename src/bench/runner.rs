@@ -40,6 +40,7 @@ impl<B: Backend> StepRunner<B> {
         if let Some(rows) = cfg.head_chunk_rows {
             policy.set_head_chunk_rows(rows)?;
         }
+        policy.set_gradient_checkpointing(cfg.gradient_checkpointing);
         // Inference only, as the trainer's: no gradients, two layers of activations.
         let reference = if cfg.objective.uses_reference() {
             let mut model =

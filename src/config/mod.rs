@@ -212,6 +212,11 @@ settings! {
         /// reference's in chunks of 2048 rows.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub head_chunk_rows: Option<usize> = None,
+        /// Activation checkpointing (TRL's `gradient_checkpointing`): the policy keeps each block's
+        /// input and first norm only and its backward recomputes the rest of the block: about a
+        /// third more compute for most of the activations' memory, the same gradients bit for bit.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        pub gradient_checkpointing: bool = false,
     }
 }
 

@@ -5,9 +5,13 @@
 //! batches and resized in place when a batch's shape changes (the backend keeps their storage when
 //! it is large enough), so batches whose shape changes every step cost no reallocation.
 //!
-//! A trainable model keeps one slot of [`LayerActivations`] per layer. A frozen model keeps two,
-//! recycled: layer `l` writes slot `l % 2` and reads its input from the other slot, which the layer
-//! before wrote ([`layer_slots`]).
+//! A layer's activations come in two parts: its boundary ([`LayerBoundary`]: the first norm and the
+//! block's output, `2·N·C` floats) and its interior ([`LayerInterior`]: everything in between, about
+//! `14·N·C` in GPT-2). A trainable model keeps both for every layer ([`KeptLayers::All`]). With
+//! activation checkpointing it keeps every boundary and one interior, which the backward recomputes
+//! for each layer from its boundary and input ([`KeptLayers::Boundaries`]). A frozen model keeps two
+//! boundaries and one interior, recycled: layer `l` writes boundary `l % 2` and reads its input from
+//! the other one, which the layer before wrote ([`layer_input`]).
 
 use anyhow::Result;
 
@@ -58,13 +62,24 @@ impl Widths {
 }
 
 tensor_list! {
-    /// What one block's forward keeps for its backward, for `n` tokens (and `saved` floats of
-    /// attention state); `m` is `n` where the norms keep a mean, 0 where they do not.
-    pub(super) struct LayerActivations<T> over (n, m, c, qkv, att, up, hidden, saved) {
+    /// What one block keeps at its boundary, for `n` tokens: its first norm (output, per-row mean
+    /// (LayerNorm) and 1/std) and its output. Enough to recompute the rest of the block
+    /// ([`LayerInterior`]) and to take its first norm's backward; `m` is `n` where the norms keep
+    /// a mean, 0 where they do not.
+    pub(super) struct LayerBoundary<T> over (n, m, c) {
         /// `[N, C]` the first norm's output, with its per-row mean (LayerNorm) and 1/std `[N]`.
         norm_1: [n, c],
         norm_1_mean: [m],
         norm_1_rstd: [n],
+        /// `[N, C]` the block's output: `residual_2 + down(mlp_act)`.
+        residual_3: [n, c],
+    }
+}
+
+tensor_list! {
+    /// The rest of what one block's forward keeps for its backward, for `n` tokens (and `saved`
+    /// floats of attention state): everything between its first norm and its output.
+    pub(super) struct LayerInterior<T> over (n, m, c, qkv, att, up, hidden, saved) {
         /// `[N, width]` q, k, v (RoPE applied, in the Llama family).
         qkv: [n, qkv],
         /// `[N, n_head · head_dim]` attention output, heads concatenated (before the output projection).
@@ -80,8 +95,6 @@ tensor_list! {
         /// `[N, hidden]` its activation (GELU, or SwiGLU).
         mlp_up: [n, up],
         mlp_act: [n, hidden],
-        /// `[N, C]` the block's output: `residual_2 + down(mlp_act)`.
-        residual_3: [n, c],
     }
 }
 
@@ -131,13 +144,27 @@ tensor_list! {
     }
 }
 
+/// How many layers' activations a model keeps (see the decoder's module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum KeptLayers {
+    /// Every layer's boundary and interior: a trainable model's default.
+    All,
+    /// Every layer's boundary, one interior the backward recomputes layer by layer (activation
+    /// checkpointing).
+    Boundaries,
+    /// Two boundaries and one interior, recycled: a frozen model needs a layer's input and output only.
+    Two,
+}
+
 /// Forward activations for up to `tokens` tokens (and `saved` floats of attention state per layer).
 pub(super) struct Activations<T> {
     tokens: usize,
     saved: usize,
+    pub(super) kept: KeptLayers,
     pub(super) trunk: TrunkActivations<T>,
-    /// One slot per layer in a trainable model; two, recycled, in a frozen one (see [`layer_slots`]).
-    pub(super) layers: Vec<LayerActivations<T>>,
+    /// Layer `l` uses boundary `l % boundaries.len()` and interior `l % interiors.len()`.
+    pub(super) boundaries: Vec<LayerBoundary<T>>,
+    pub(super) interiors: Vec<LayerInterior<T>>,
     /// Sized by the forward, for its head's rows.
     pub(super) head: HeadActivations<T>,
     /// `[S]` one head chunk's sequence log-probs (a frozen model's chunked head only), before they
@@ -146,15 +173,20 @@ pub(super) struct Activations<T> {
 }
 
 impl<T> Activations<T> {
-    /// Empty activations for a model of `n_layer` layers: a slot per layer, or two in a frozen
-    /// model, which needs a layer's input and output only.
-    pub(super) fn new<B: Buffers<Buf = T>>(b: &B, n_layer: usize, frozen: bool) -> Result<Self> {
-        let slots = if frozen { n_layer.min(2) } else { n_layer };
+    /// Empty activations for a model of `n_layer` layers keeping `kept` of them.
+    pub(super) fn new<B: Buffers<Buf = T>>(b: &B, n_layer: usize, kept: KeptLayers) -> Result<Self> {
+        let (boundaries, interiors) = match kept {
+            KeptLayers::All => (n_layer, n_layer),
+            KeptLayers::Boundaries => (n_layer, 1),
+            KeptLayers::Two => (n_layer.min(2), 1),
+        };
         Ok(Self {
             tokens: 0,
             saved: 0,
+            kept,
             trunk: TrunkActivations::empty(b)?,
-            layers: (0..slots).map(|_| LayerActivations::empty(b)).collect::<Result<_>>()?,
+            boundaries: (0..boundaries).map(|_| LayerBoundary::empty(b)).collect::<Result<_>>()?,
+            interiors: (0..interiors).map(|_| LayerInterior::empty(b)).collect::<Result<_>>()?,
             head: HeadActivations::empty(b)?,
             chunk_seq_logp: b.zeros(0)?,
         })
@@ -173,8 +205,11 @@ impl<T> Activations<T> {
         }
         let (n, m) = (tokens, w.mean_rows(tokens));
         self.trunk.resize(b, n, m, w.c)?;
-        for layer in &mut self.layers {
-            layer.resize(b, n, m, w.c, w.qkv, w.att, w.up, w.hidden, saved)?;
+        for boundary in &mut self.boundaries {
+            boundary.resize(b, n, m, w.c)?;
+        }
+        for interior in &mut self.interiors {
+            interior.resize(b, n, m, w.c, w.qkv, w.att, w.up, w.hidden, saved)?;
         }
         (self.tokens, self.saved) = (tokens, saved);
         Ok(())
@@ -185,41 +220,25 @@ impl<T> Activations<T> {
         let mut bufs: Vec<&T> = self.trunk.refs().into();
         bufs.extend(self.head.refs());
         bufs.push(&self.chunk_seq_logp);
-        bufs.extend(self.layers.iter().flat_map(LayerActivations::refs));
+        bufs.extend(self.boundaries.iter().flat_map(LayerBoundary::refs));
+        bufs.extend(self.interiors.iter().flat_map(LayerInterior::refs));
         bufs
     }
 }
 
-/// Layer `l`'s input (the embeddings, or the previous layer's `residual_3`) and its activation slot.
-/// With one slot per layer this is layer `l - 1`'s and layer `l`'s; with fewer (a frozen model's
-/// two) layer `l` uses slot `l % slots` and reads the slot before it, which the previous layer wrote.
-pub(super) fn layer_slots<'a, T>(
-    layers: &'a mut [LayerActivations<T>],
-    encoded: &'a T,
-    l: usize,
-) -> (&'a T, &'a mut LayerActivations<T>) {
-    let slots = layers.len();
-    let current = l % slots;
+/// Layer `l`'s input: the embeddings for layer 0, else layer `l - 1`'s output, in its boundary slot
+/// (with two slots recycled, the one layer `l` does not use).
+pub(super) fn layer_input<'a, T>(boundaries: &'a [LayerBoundary<T>], encoded: &'a T, l: usize) -> &'a T {
     if l == 0 {
-        return (encoded, &mut layers[current]);
+        return encoded;
     }
-    let previous = (l - 1) % slots;
-    assert_ne!(previous, current, "layer {l}: {slots} activation slot(s) cannot hold both its input and output");
-    if previous < current {
-        let (before, from) = layers.split_at_mut(current);
-        (&before[previous].residual_3, &mut from[0])
-    } else {
-        let (before, from) = layers.split_at_mut(previous);
-        (&from[0].residual_3, &mut before[current])
-    }
+    let slots = boundaries.len();
+    assert_ne!((l - 1) % slots, l % slots, "layer {l}: {slots} boundary slot(s) cannot hold its input and output");
+    &boundaries[(l - 1) % slots].residual_3
 }
 
 /// Mutable references to two different activation slots, `i` and `j`.
-pub(super) fn two_slots_mut<T>(
-    layers: &mut [LayerActivations<T>],
-    i: usize,
-    j: usize,
-) -> (&mut LayerActivations<T>, &mut LayerActivations<T>) {
+pub(super) fn two_slots_mut<T>(layers: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     assert_ne!(i, j, "two_slots_mut: slot {i} twice");
     if i < j {
         let (before, from) = layers.split_at_mut(j);

@@ -41,6 +41,12 @@
 //! `[M, V]` of logits). The log-probs are bit-identical either way; the weight gradient sums its
 //! chunks in another order.
 //!
+//! Activation checkpointing (`Decoder::set_gradient_checkpointing`) trades compute for memory the
+//! same way inside the trunk: the forward keeps each block's boundary only (its first norm and its
+//! output) and one interior slot, and the backward recomputes each block's interior from its
+//! boundary just before taking the block's gradient (`block_interior_forward`, the forward's own
+//! code: the same ops on the same values, so the same gradients bit for bit).
+//!
 //! [`FROZEN_HEAD_CHUNK_ROWS`]: super::FROZEN_HEAD_CHUNK_ROWS
 //! [`Family`]: super::Family
 
@@ -50,10 +56,12 @@ use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::activations::{layer_slots, two_slots_mut, Activations, BackwardScratch, HeadActivations, Widths};
+use super::activations::{
+    layer_input, two_slots_mut, Activations, BackwardScratch, HeadActivations, KeptLayers, LayerInterior, Widths,
+};
 use super::batch::DeviceBatch;
 use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
-use super::params::{Init, Norm, Params};
+use super::params::{BlockParams, Init, Norm, Params};
 use super::{DecoderConfig, HostWeights};
 use crate::backend::{Backend, QkvLayout, WeightLayout};
 use crate::data::PackedBatch;
@@ -87,6 +95,9 @@ pub struct Decoder<B: Backend> {
     /// by default [`FROZEN_HEAD_CHUNK_ROWS`] in a frozen model, all of them (`usize::MAX`) in a
     /// trainable one.
     pub(super) head_chunk_rows: usize,
+    /// Whether the backward recomputes each block's interior from its kept boundary instead of
+    /// keeping every layer's activations (`set_gradient_checkpointing`).
+    pub(super) gradient_checkpointing: bool,
 }
 
 /// What a family's blocks are made of, decided once from its configuration.
@@ -222,50 +233,38 @@ impl<B: Backend> Decoder<B> {
         let (c, layout) = (w.c, kind.weights);
         let b = &*self.backend;
         let p = &self.params;
+        let rope = self.rope_freqs.as_ref();
         let acts = self.acts.as_mut().expect("ensure_activations allocated them");
-        let (trunk, layers) = (&mut acts.trunk, &mut acts.layers);
+        let (trunk, boundaries, interiors) = (&mut acts.trunk, &mut acts.boundaries, &mut acts.interiors);
 
         b.embedding_forward(&mut trunk.encoded, &batch.tokens, &batch.positions, &p.wte, p.wpe.as_ref(), n, c)?;
         // Every other norm is fused with the residual add that produces its input (norm_2 with
         // residual_2; the next block's norm_1, or norm_f, with residual_3). Only block 0's norm_1
         // reads a tensor that no add produces: the embeddings.
-        let first = &mut layers[0];
+        let first = &mut boundaries[0];
         let w0 = &p.blocks[0].norm_1;
         kind.norm(b, &mut first.norm_1, &mut first.norm_1_mean, &mut first.norm_1_rstd, &trunk.encoded, w0, n)?;
+        let (slots, interior_slots) = (boundaries.len(), interiors.len());
         for l in 0..n_layer {
-            let (x, a) = layer_slots(layers, &trunk.encoded, l);
+            let a = &mut interiors[l % interior_slots];
+            let x = layer_input(boundaries, &trunk.encoded, l);
+            let norm_1 = &boundaries[l % slots].norm_1;
+            block_interior_forward(b, &kind, &p.blocks[l], x, norm_1, a, &mut trunk.proj, batch, rope)?;
+            // The MLP's down projection joins the residual stream: residual_3 = residual_2 + down(mlp_act).
             let wl = &p.blocks[l];
-            // Attention half: residual_2 = x + o(attention(rope(qkv(norm_1(x))))); norm_1(x) is
-            // already there.
-            b.matmul_forward(&mut a.qkv, &a.norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
-            if let Some(freqs) = &self.rope_freqs {
-                b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
-            }
-            b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
-            b.matmul_forward(&mut trunk.proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
-            let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
-            kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, &trunk.proj, &wl.norm_2, n)?;
-            // MLP half: residual_3 = residual_2 + down(act(up(norm_2(residual_2)))).
-            if kind.gelu {
-                let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
-                b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)?;
-            } else {
-                b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
-                b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)?;
-            }
             b.matmul_forward(&mut trunk.proj, &a.mlp_act, &wl.down.w, wl.down.b.as_ref(), n, w.hidden, c, layout)?;
             // residual_3 with the norm that reads it: the next block's norm_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
             // norm_f after the last block.
-            let slots = layers.len();
-            let (a, out, mean, rstd, wn) = if l + 1 < n_layer {
-                let (a, next) = two_slots_mut(layers, l % slots, (l + 1) % slots);
-                (a, &mut next.norm_1, &mut next.norm_1_mean, &mut next.norm_1_rstd, &p.blocks[l + 1].norm_1)
+            let (out, residual_3, mean, rstd, wn) = if l + 1 < n_layer {
+                let (this, next) = two_slots_mut(boundaries, l % slots, (l + 1) % slots);
+                let wn = &p.blocks[l + 1].norm_1;
+                (&mut next.norm_1, &mut this.residual_3, &mut next.norm_1_mean, &mut next.norm_1_rstd, wn)
             } else {
-                let a = &mut layers[l % slots];
-                (a, &mut trunk.norm_f, &mut trunk.norm_f_mean, &mut trunk.norm_f_rstd, &p.norm_f)
+                let this = &mut boundaries[l % slots];
+                (&mut trunk.norm_f, &mut this.residual_3, &mut trunk.norm_f_mean, &mut trunk.norm_f_rstd, &p.norm_f)
             };
-            kind.residual_norm(b, &mut a.residual_3, out, mean, rstd, &a.residual_2, &trunk.proj, wn, n)?;
+            kind.residual_norm(b, residual_3, out, mean, rstd, &a.residual_2, &trunk.proj, wn, n)?;
         }
         Ok(())
     }
@@ -295,14 +294,7 @@ impl<B: Backend> Decoder<B> {
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
-        let wants_parts = extras.split.is_some() || extras.aligned;
-        if wants_parts && self.parts.is_none() {
-            self.parts = Some(PartBuffers::new(b)?);
-        }
-        let mut parts = self.parts.as_mut().filter(|_| wants_parts);
-        if let Some(parts) = parts.as_deref_mut() {
-            parts.prepare(b, extras, num_seqs)?;
-        }
+        let mut parts = PartBuffers::prepare(&mut self.parts, b, extras, num_seqs)?;
 
         // The LM head (logits = norm_f · Wᵀ, W the head's weight or the token embedding it is tied
         // to), on the M rows with a target only: the others would be computed to be multiplied by zero.
@@ -313,19 +305,14 @@ impl<B: Backend> Decoder<B> {
                 // product is launched).
                 b.fill(&mut self.seq_logp, 0.0)?;
             } else {
-                let squares = match parts.as_deref_mut().filter(|_| extras.aligned) {
-                    Some(parts) => Some(parts.squares(b, m)?),
-                    None => None,
-                };
+                let squares = PartBuffers::squares(&mut parts, b, m)?;
                 lm_head(b, head, norm_f, weight, &batch.target_rows, &batch.row_targets, squares, m, n, c, v)?;
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &batch.row_packing)?;
-                if let Some(parts) = parts {
-                    let split = extras.split.map(|s| &s.packing);
-                    parts.add_pass(b, &head.token_logp, true, &batch.row_packing, split, extras.aligned)?;
-                }
+                let split = extras.split.map(|s| &s.packing);
+                PartBuffers::add_pass(&mut parts, b, &head.token_logp, true, &batch.row_packing, split)?;
             }
             self.pending_backward = Some((n, num_seqs));
-            return Ok(self.outputs(extras));
+            return Ok(SequenceLogps::of(&self.seq_logp, self.parts.as_ref(), extras));
         };
 
         // Chunk by chunk. Each chunk's packing holds every sequence, those of other chunks empty, so
@@ -333,17 +320,11 @@ impl<B: Backend> Decoder<B> {
         // or +0 (an empty sum); the first chunk writes the batch's log-probs, the others add theirs,
         // and x + 0 = x: the result is the whole head's bit for bit. (No sum is −0, which + 0 would
         // turn into +0: sums start from +0.)
-        let split_chunks = match extras.split {
-            Some(split) => Some(split.chunk_packings(b, &chunks)?),
-            None => None,
-        };
+        let split_chunks = extras.split.map(|s| s.chunk_packings(b, &chunks)).transpose()?;
         for (i, chunk) in chunks.chunks.iter().enumerate() {
             let rows = chunk.num_rows;
             head.resize(b, rows, c, v)?;
-            let squares = match parts.as_deref_mut().filter(|_| extras.aligned) {
-                Some(parts) => Some(parts.squares(b, rows)?),
-                None => None,
-            };
+            let squares = PartBuffers::squares(&mut parts, b, rows)?;
             lm_head(b, head, norm_f, weight, &chunk.target_rows, &chunk.row_targets, squares, rows, n, c, v)?;
             if i == 0 {
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &chunk.packing)?;
@@ -352,27 +333,15 @@ impl<B: Backend> Decoder<B> {
                 b.sequence_logp_sum(&mut acts.chunk_seq_logp, &head.token_logp, &chunk.packing)?;
                 b.add_inplace(&mut self.seq_logp, &acts.chunk_seq_logp)?;
             }
-            if let Some(parts) = parts.as_deref_mut() {
-                let split = split_chunks.as_ref().map(|p| &p[i]);
-                parts.add_pass(b, &head.token_logp, i == 0, &chunk.packing, split, extras.aligned)?;
-            }
+            let split = split_chunks.as_ref().map(|p| &p[i]);
+            PartBuffers::add_pass(&mut parts, b, &head.token_logp, i == 0, &chunk.packing, split)?;
         }
         // The buffers keep the largest chunk's size, which is what they hold (a CPU buffer zero-fills
         // when it grows back within its storage: here rather than on the next batch's first chunk).
         head.resize(b, chunks.chunks[0].num_rows, c, v)?;
         // (A trainable model's backward recomputes the logits; a frozen model's refuses.)
         self.pending_backward = Some((n, num_seqs));
-        Ok(self.outputs(extras))
-    }
-
-    /// The last forward's outputs, those `extras` asked for.
-    fn outputs(&self, extras: &ForwardExtras<B>) -> SequenceLogps<'_, B> {
-        let parts = self.parts.as_ref();
-        SequenceLogps {
-            total: &self.seq_logp,
-            split: parts.filter(|_| extras.split.is_some()).map(|p| &p.split),
-            aligned: parts.filter(|_| extras.aligned).map(|p| &p.aligned),
-        }
+        Ok(SequenceLogps::of(&self.seq_logp, self.parts.as_ref(), extras))
     }
 
     /// Logits `[V]` at the last position of `tokens` (one sequence), for generation. Only the last
@@ -399,14 +368,12 @@ impl<B: Backend> Decoder<B> {
         self.backward_over(batch, dseq, None)
     }
 
-    /// [`backward`](Self::backward) with a gradient per part of each sequence `[2S]`, the parts
-    /// those of `split` (the gradient of each row of sequence s's first part at `2s`, of the rest
-    /// at `2s + 1`): LD-DPO's, whose tokens past the shared length have their own weight.
+    /// [`backward`](Self::backward) given a gradient per part of each sequence `[2S]` (sequence s's
+    /// first part of `split` at `2s`, the rest at `2s + 1`), each row taking its part's: LD-DPO's.
     pub fn backward_split(&mut self, batch: &DeviceBatch<B>, split: &RowSplit<B>, dsplit: &B::Buf) -> Result<()> {
         self.backward_over(batch, dsplit, Some(split))
     }
 
-    /// The backward, each row's gradient that of its sequence, or of its part of `split`.
     fn backward_over(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf, split: Option<&RowSplit<B>>) -> Result<()> {
         self.ensure_trainable("backward")?;
         let (n, num_seqs) = (batch.num_tokens(), batch.num_seqs());
@@ -416,13 +383,8 @@ impl<B: Backend> Decoder<B> {
              last forward: {:?})",
             self.pending_backward
         );
-        let segments = if split.is_some() { 2 * num_seqs } else { num_seqs };
-        ensure!(
-            self.backend.buf_len(dseq) == segments,
-            "backward: dL/d(seq logp) has {} entries, the batch has {segments} {}",
-            self.backend.buf_len(dseq),
-            if split.is_some() { "sequence parts" } else { "sequences" }
-        );
+        let (got, segments) = (self.backend.buf_len(dseq), if split.is_some() { 2 * num_seqs } else { num_seqs });
+        ensure!(got == segments, "backward: dL/d(seq logp) has {got} entries for {segments} sequences (or parts)");
         // The backward overwrites the logits with their gradient: a second backward needs a new forward.
         self.pending_backward = None;
         self.ensure_scratch(n)?;
@@ -435,7 +397,9 @@ impl<B: Backend> Decoder<B> {
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let scratch = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         let (d, dnorm_f_rows) = (&mut scratch.d, &mut scratch.dnorm_f_rows);
-        let (head, trunk) = (&mut acts.head, &acts.trunk);
+        let checkpointed = acts.kept == KeptLayers::Boundaries;
+        let rope = self.rope_freqs.as_ref();
+        let (head, trunk) = (&mut acts.head, &mut acts.trunk);
 
         // dlogits, in place, then the LM head on the target rows: dL/d(norm_f rows) and the head's
         // weight gradient (the token embedding's, when tied); the rows' gradient goes back to its
@@ -453,10 +417,7 @@ impl<B: Backend> Decoder<B> {
             // Chunk by chunk, the logits recomputed: dL/d(norm_f) is the sum of the chunks' rows
             // scattered to their tokens (d.residual, zeroed below, holds each chunk's scatter).
             let chunks = batch.head_chunks(b, self.head_chunk_rows)?;
-            let split_chunks = match split {
-                Some(split) => Some(split.chunk_packings(b, &chunks)?),
-                None => None,
-            };
+            let split_chunks = split.map(|s| s.chunk_packings(b, &chunks)).transpose()?;
             for (i, chunk) in chunks.chunks.iter().enumerate() {
                 let (rows, targets) = (chunk.num_rows, &chunk.row_targets);
                 head.resize(b, rows, c, v)?;
@@ -481,14 +442,23 @@ impl<B: Backend> Decoder<B> {
         // A norm's backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut d.residual, 0.0)?;
-        let last = &acts.layers.last().expect("n_layer > 0").residual_3;
+        let last = &acts.boundaries.last().expect("n_layer > 0").residual_3;
         let (mean, rstd) = (&trunk.norm_f_mean, &trunk.norm_f_rstd);
         kind.norm_backward(b, &mut d.residual, &mut g.norm_f, &d.norm, last, &p.norm_f, mean, rstd, n)?;
 
         for l in (0..n_layer).rev() {
-            let a = &acts.layers[l];
-            let x = if l == 0 { &trunk.encoded } else { &acts.layers[l - 1].residual_3 };
+            let bnd = &acts.boundaries[l];
+            let x = layer_input(&acts.boundaries, &trunk.encoded, l);
             let (wl, gl) = (&p.blocks[l], &mut g.blocks[l]);
+            let a = if checkpointed {
+                // The interior again, from the kept boundary: the same ops on the same values as
+                // the forward, so the same bits.
+                let a = &mut acts.interiors[0];
+                block_interior_forward(b, &kind, wl, x, &bnd.norm_1, a, &mut trunk.proj, batch, rope)?;
+                &*a
+            } else {
+                &acts.interiors[l]
+            };
             // residual_3 = residual_2 + mlp: dresidual flows unchanged to residual_2 and into the MLP.
             let (dw, db) = (&mut gl.down.w, gl.down.b.as_mut());
             b.matmul_backward(&mut d.mlp_act, dw, db, &d.residual, &a.mlp_act, &wl.down.w, n, w.hidden, c, layout)?;
@@ -505,12 +475,12 @@ impl<B: Backend> Decoder<B> {
             let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
             b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
             b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
-            if let Some(freqs) = &self.rope_freqs {
+            if let Some(freqs) = rope {
                 b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
             }
             let (dw, db) = (&mut gl.qkv.w, gl.qkv.b.as_mut());
-            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &a.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
-            let (mean, rstd) = (&a.norm_1_mean, &a.norm_1_rstd);
+            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &bnd.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
+            let (mean, rstd) = (&bnd.norm_1_mean, &bnd.norm_1_rstd);
             kind.norm_backward(b, &mut d.residual, &mut gl.norm_1, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
         }
         let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
@@ -552,12 +522,41 @@ impl<B: Backend> Decoder<B> {
         self.head_chunk_rows
     }
 
+    /// Turns activation checkpointing on or off (off by default). On, a trainable model keeps each
+    /// block's boundary only (its first norm and its output, 2·N·C floats a layer instead of about
+    /// 16·N·C in GPT-2) and its backward recomputes the rest of each block before taking its
+    /// gradient: about one more forward of the trunk per step, the same gradients bit for bit.
+    /// Takes effect at the next forward; a frozen model keeps two layers anyway.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        if self.gradient_checkpointing != on {
+            self.gradient_checkpointing = on;
+            // Reallocated for the new plan at the next forward, which a backward needs anyway.
+            self.acts = None;
+            self.pending_backward = None;
+        }
+    }
+
+    /// Whether activation checkpointing is on (see `set_gradient_checkpointing`).
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// Which layers' activations this model keeps.
+    fn kept_layers(&self) -> KeptLayers {
+        match (self.is_frozen(), self.gradient_checkpointing) {
+            (true, _) => KeptLayers::Two,
+            (false, true) => KeptLayers::Boundaries,
+            (false, false) => KeptLayers::All,
+        }
+    }
+
     /// Makes the activation buffers fit a batch of `tokens` tokens with `saved` floats of attention
     /// state per layer: allocated on the first forward, resized in place after it.
     fn ensure_activations(&mut self, tokens: usize, saved: usize) -> Result<()> {
+        let kept = self.kept_layers();
         let b = &*self.backend;
         if self.acts.is_none() {
-            self.acts = Some(Activations::new(b, self.config.n_layer, self.is_frozen())?);
+            self.acts = Some(Activations::new(b, self.config.n_layer, kept)?);
         }
         self.acts.as_mut().expect("allocated above").resize(b, tokens, &Widths::of(&self.config), saved)
     }
@@ -571,6 +570,42 @@ impl<B: Backend> Decoder<B> {
             self.scratch = Some(BackwardScratch::new(b)?);
         }
         self.scratch.as_mut().expect("allocated above").resize(b, n, &Widths::of(&self.config))
+    }
+}
+
+/// Block `l` between its first norm (given, with the block's input `x`) and its output: q, k, v,
+/// RoPE, attention and the output projection joining the residual stream (`residual_2`, fused
+/// with `norm_2`), then the MLP's up projection and activation. `proj` is scratch. The forward runs
+/// it once per layer; a checkpointed backward runs it again from the kept boundary.
+#[allow(clippy::too_many_arguments)]
+fn block_interior_forward<B: Backend>(
+    b: &B,
+    kind: &BlockKind,
+    wl: &BlockParams<B::Buf>,
+    x: &B::Buf,
+    norm_1: &B::Buf,
+    a: &mut LayerInterior<B::Buf>,
+    proj: &mut B::Buf,
+    batch: &DeviceBatch<B>,
+    rope_freqs: Option<&B::Buf>,
+) -> Result<()> {
+    let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
+    let c = w.c;
+    b.matmul_forward(&mut a.qkv, norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
+    if let Some(freqs) = rope_freqs {
+        b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
+    }
+    b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
+    b.matmul_forward(proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
+    let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
+    kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, proj, &wl.norm_2, n)?;
+    // MLP: act(up(norm_2(residual_2))); the down projection is the caller's.
+    if kind.gelu {
+        let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
+        b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)
+    } else {
+        b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
+        b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
     }
 }
 
@@ -713,7 +748,7 @@ mod tests {
         let layout = WeightLayout::OutIn;
         backend.matmul_backward(&mut dln_f, &mut dwte, None, &logits, ln_f, wte, n, c, v, layout).unwrap();
         let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
-        let last = &acts.layers.last().unwrap().residual_3;
+        let last = &acts.boundaries.last().unwrap().residual_3;
         let (w, mean, rstd) = (&model.params.norm_f.w, &acts.trunk.norm_f_mean, &acts.trunk.norm_f_rstd);
         backend.layernorm_backward(&mut dx, &mut dw, &mut db, &dln_f, last, w, mean, rstd, n, c).unwrap();
         model.backward(&batch, &dseq).unwrap();

@@ -105,74 +105,106 @@ pub struct SequenceLogps<'a, B: Backend> {
     pub aligned: Option<&'a B::Buf>,
 }
 
+impl<'a, B: Backend> SequenceLogps<'a, B> {
+    /// The log-probs `total` and, of `parts`, what `extras` asked for.
+    pub(super) fn of(total: &'a B::Buf, parts: Option<&'a PartBuffers<B::Buf>>, extras: &ForwardExtras<B>) -> Self {
+        SequenceLogps {
+            total,
+            split: parts.filter(|_| extras.split.is_some()).map(|p| &p.split_sums),
+            aligned: parts.filter(|_| extras.aligned).map(|p| &p.aligned_sums),
+        }
+    }
+}
+
 /// The decoder's buffers for the extras: the outputs and one head pass's scratch.
 pub(super) struct PartBuffers<T> {
     /// `[2S]` and `[S]`: the outputs of the last forward that asked for them.
-    pub(super) split: T,
-    pub(super) aligned: T,
+    split_sums: T,
+    aligned_sums: T,
+    /// What the current forward asked for.
+    wants_split: bool,
+    wants_aligned: bool,
     /// `[rows]` the head pass's `log Σ_v p_v²`, then its aligned log-probs.
-    pub(super) log_sum_sq: T,
+    log_sum_sq: T,
     /// A chunk's sums before they are added to the batch's.
     chunk_split: T,
     chunk_aligned: T,
 }
 
 impl<T> PartBuffers<T> {
-    pub(super) fn new<B: Backend<Buf = T>>(b: &B) -> Result<Self> {
-        Ok(Self {
-            split: b.zeros(0)?,
-            aligned: b.zeros(0)?,
-            log_sum_sq: b.zeros(0)?,
-            chunk_split: b.zeros(0)?,
-            chunk_aligned: b.zeros(0)?,
-        })
-    }
-
-    /// Sizes the outputs asked for by `extras` for `num_seqs` sequences, at 0 (the sums of a batch
-    /// without targets).
-    pub(super) fn prepare<B: Backend<Buf = T>>(
-        &mut self,
+    /// The buffers for a forward with `extras` over `num_seqs` sequences (in `slot`, made on first
+    /// use), their outputs at 0 (the sums of a batch without targets); `None` without extras.
+    pub(super) fn prepare<'a, B: Backend<Buf = T>>(
+        slot: &'a mut Option<Self>,
         b: &B,
         extras: &ForwardExtras<B>,
         num_seqs: usize,
-    ) -> Result<()> {
-        if extras.split.is_some() {
-            b.resize(&mut self.split, 2 * num_seqs)?;
-            b.fill(&mut self.split, 0.0)?;
+    ) -> Result<Option<&'a mut Self>> {
+        if extras.split.is_none() && !extras.aligned {
+            return Ok(None);
         }
-        if extras.aligned {
-            b.resize(&mut self.aligned, num_seqs)?;
-            b.fill(&mut self.aligned, 0.0)?;
+        if slot.is_none() {
+            let zeros = || b.zeros(0);
+            *slot = Some(PartBuffers {
+                split_sums: zeros()?,
+                aligned_sums: zeros()?,
+                wants_split: false,
+                wants_aligned: false,
+                log_sum_sq: zeros()?,
+                chunk_split: zeros()?,
+                chunk_aligned: zeros()?,
+            });
         }
-        Ok(())
+        let parts = slot.as_mut().expect("made above");
+        (parts.wants_split, parts.wants_aligned) = (extras.split.is_some(), extras.aligned);
+        for (wanted, sums, len) in [
+            (parts.wants_split, &mut parts.split_sums, 2 * num_seqs),
+            (parts.wants_aligned, &mut parts.aligned_sums, num_seqs),
+        ] {
+            if wanted {
+                b.resize(sums, len)?;
+                b.fill(sums, 0.0)?;
+            }
+        }
+        Ok(Some(parts))
     }
 
-    /// The head pass's `log Σ_v p_v²` buffer, sized for its `rows` rows.
-    pub(super) fn squares<B: Backend<Buf = T>>(&mut self, b: &B, rows: usize) -> Result<&mut T> {
-        b.resize(&mut self.log_sum_sq, rows)?;
-        Ok(&mut self.log_sum_sq)
+    /// The head pass's `log Σ_v p_v²` buffer, sized for its `rows` rows, when the aligned sums are
+    /// asked for.
+    pub(super) fn squares<'a, B: Backend<Buf = T>>(
+        parts: &'a mut Option<&mut Self>,
+        b: &B,
+        rows: usize,
+    ) -> Result<Option<&'a mut T>> {
+        match parts.as_deref_mut().filter(|p| p.wants_aligned) {
+            Some(p) => {
+                b.resize(&mut p.log_sum_sq, rows)?;
+                Ok(Some(&mut p.log_sum_sq))
+            }
+            None => Ok(None),
+        }
     }
 
-    /// Adds one head pass (`token_logp` and, when aligned sums are asked for, `self.log_sum_sq`
-    /// over the same rows) to the outputs: the whole head (`first`), or a chunk of it, whose rows
-    /// `packing` lays out and `split` splits.
+    /// Adds one head pass (`token_logp` and, for the aligned sums, the squared masses `squares`
+    /// wrote, over the same rows) to the outputs: the whole head or its first chunk (`first`: they
+    /// write), or a later chunk (it adds), its rows laid out by `packing` and split by `split`.
     pub(super) fn add_pass<B: Backend<Buf = T>>(
-        &mut self,
+        parts: &mut Option<&mut Self>,
         b: &B,
         token_logp: &T,
         first: bool,
         packing: &Packing<B>,
         split: Option<&Packing<B>>,
-        aligned: bool,
     ) -> Result<()> {
-        if let Some(split) = split {
-            sum_into(b, &mut self.split, &mut self.chunk_split, token_logp, split, first)?;
+        let Some(p) = parts.as_deref_mut() else { return Ok(()) };
+        if let Some(split) = split.filter(|_| p.wants_split) {
+            sum_into(b, &mut p.split_sums, &mut p.chunk_split, token_logp, split, first)?;
         }
-        if aligned {
+        if p.wants_aligned {
             // log p − log Σ p², in place over the squared mass: −x then + log p (exact).
-            b.scale(&mut self.log_sum_sq, -1.0)?;
-            b.add_inplace(&mut self.log_sum_sq, token_logp)?;
-            sum_into(b, &mut self.aligned, &mut self.chunk_aligned, &self.log_sum_sq, packing, first)?;
+            b.scale(&mut p.log_sum_sq, -1.0)?;
+            b.add_inplace(&mut p.log_sum_sq, token_logp)?;
+            sum_into(b, &mut p.aligned_sums, &mut p.chunk_aligned, &p.log_sum_sq, packing, first)?;
         }
         Ok(())
     }

@@ -74,6 +74,7 @@ impl<B: Backend> Decoder<B> {
             pending_backward: None,
             head_chunked: false,
             head_chunk_rows: if frozen { FROZEN_HEAD_CHUNK_ROWS } else { usize::MAX },
+            gradient_checkpointing: false,
         })
     }
 

@@ -564,6 +564,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     if let Some(rows) = cfg.batching.head_chunk_rows {
         policy.set_head_chunk_rows(rows)?;
     }
+    policy.set_gradient_checkpointing(cfg.batching.gradient_checkpointing);
     let vocab = policy.config().vocab_size;
     check_vocab(&data.train, vocab, "training data")?;
     check_vocab(&data.eval, vocab, "eval data")?;
