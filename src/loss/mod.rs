@@ -61,9 +61,10 @@ pub use math::{
     f_divergence_score, log1mexp, log_sigmoid, sigmoid, softplus, PairInput, PairOutput, ORPO_MAX_MEAN_LOGP,
     PAIR_METRICS,
 };
-pub use modifiers::{batch_loss_parts, PairParts, PartsOutput, SharedSplit, NO_LD_ALPHA};
+pub use modifiers::{batch_loss_parts, PairParts, PartsOutput, SharedSplit};
 pub use objectives::{
     Combination, FDivergence, Objective, ObjectiveSpec, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF,
+    NO_LD_ALPHA,
 };
 pub use params::{canonical_param, Bound, Param, PARAM_ALIASES};
 pub use state::{LossState, RunningMean};

@@ -1,6 +1,6 @@
 //! TRL's two log-prob modifiers (`DPOTrainer` v1.16, `_compute_loss`), which change what the
 //! objectives read rather than the objectives: LD-DPO's `ld_alpha` and WPO's `use_weighting`. Both
-//! are fields of a [`Combination`], apply to every term of it, and combine with every pairwise
+//! are fields of a [`Combination`] (which validates them), apply to every term of it, and combine with every pairwise
 //! objective and its safety margin (which enters the logit built from the log-probs they give).
 //!
 //! **LD-DPO** (Liu et al. 2024, arXiv 2409.06411; TRL `ld_alpha`, α ∈ [0, 1]). Each response's tokens
@@ -27,14 +27,13 @@
 //! TRL's `DPOTrainer` has both; its ORPO and CPO trainers have neither. Here they apply to the
 //! reference-free objectives too, with the same reading: the LD log-prob in place of π, the weight
 //! on the pair's loss.
+//!
+//! [`Combination`]: crate::loss::Combination
 
 use super::batch::{combined, weighted_terms};
 use super::math::{length_divisor, PairInput, PairOutput};
-use super::objectives::{Combination, Objective};
+use super::objectives::{Objective, NO_LD_ALPHA};
 use super::state::LossState;
-
-/// `ld_alpha` when it is not set: the tokens past the shared length count fully (TRL's `None`).
-pub const NO_LD_ALPHA: f64 = 1.0;
 
 impl Objective {
     /// LD-DPO's α when the objective has one other than 1 (see the module documentation).
@@ -142,31 +141,4 @@ pub fn batch_loss_parts(
             },
         })
         .collect()
-}
-
-/// The modifiers' errors in a combination, as (key, message): α outside [0, 1], WPO with a term that
-/// sorts the batch, LD-DPO with nothing that reads it.
-pub(super) fn errors(c: &Combination) -> Vec<(&'static str, String)> {
-    let mut errors = Vec::new();
-    if !(c.ld_alpha.is_finite() && (0.0..=1.0).contains(&c.ld_alpha)) {
-        errors.push(("ld_alpha", format!("must be in [0, 1], got {}", c.ld_alpha)));
-    } else if c.ld_alpha != NO_LD_ALPHA && c.terms.iter().all(|(_, t)| matches!(t, Objective::Sft { .. })) {
-        errors.push(("ld_alpha", "changes nothing for sft, whose NLL reads the plain log-probs".to_string()));
-    }
-    let sorting: Vec<&str> = c
-        .terms
-        .iter()
-        .filter(|(_, t)| matches!(t, Objective::Aot { .. } | Objective::AotUnpaired { .. }))
-        .map(|(_, t)| t.name())
-        .collect();
-    if c.use_weighting && !sorting.is_empty() {
-        errors.push((
-            "use_weighting",
-            format!(
-                "is not defined for {}: it sorts the batch, which would misalign the per-pair weights (as TRL)",
-                sorting.join(", ")
-            ),
-        ));
-    }
-    errors
 }

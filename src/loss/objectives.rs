@@ -14,7 +14,9 @@ use anyhow::{bail, Result};
 
 mod combination;
 
-pub use combination::{Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF};
+pub use combination::{
+    Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF, NO_LD_ALPHA,
+};
 
 use super::params::{
     canonical_param, Param, ALPHA, AOT_EPS, BETA, CDPO_EPS, CPO_ALPHA, CPO_EPS, DELTA, DISCOPOP_TAU, EXO_EPS,

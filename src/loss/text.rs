@@ -17,8 +17,9 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::modifiers::NO_LD_ALPHA;
-use super::objectives::{Combination, FDivergence, Objective, ObjectiveSpec, DEFAULT_ALPHA_DIVERGENCE_COEF};
+use super::objectives::{
+    Combination, FDivergence, Objective, ObjectiveSpec, DEFAULT_ALPHA_DIVERGENCE_COEF, NO_LD_ALPHA,
+};
 use super::params::canonical_param;
 
 /// The keys of an objective besides `name` and the parameters: the combination's weights

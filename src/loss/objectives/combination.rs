@@ -12,7 +12,6 @@
 //! [`Combination::shared_param_errors`] checks.
 
 use super::Objective;
-use crate::loss::modifiers::NO_LD_ALPHA;
 
 /// TRL's `f_divergence_type` (f-DPO, Wang et al. 2023, arXiv 2309.16240): the function `f'` of the
 /// likelihood ratio `u = e^x` that scores each response in place of its log-ratio `x`.
@@ -34,6 +33,9 @@ pub enum FDivergence {
 /// TRL clamps the α-divergence's exponent `(α−1)x` at 80 before `exp` (for f32 and bf16 log-probs),
 /// so that the score stays finite; above it the score is constant (no gradient).
 pub const ALPHA_DIVERGENCE_MAX_EXPONENT: f64 = 80.0;
+
+/// `ld_alpha` when it is not set: the tokens past the shared length count fully (TRL's `None`).
+pub const NO_LD_ALPHA: f64 = 1.0;
 
 /// TRL's `f_alpha_divergence_coef` default.
 pub const DEFAULT_ALPHA_DIVERGENCE_COEF: f64 = 0.5;
@@ -208,7 +210,35 @@ impl Combination {
         if self.bco_running_mean && !self.terms.iter().any(|(_, t)| matches!(t, Objective::BcoPair { .. })) {
             errors.push(("bco_running_mean", "needs a bco_pair term".to_string()));
         }
-        errors.extend(crate::loss::modifiers::errors(self));
+        errors.extend(self.logp_modifier_errors());
+        errors
+    }
+
+    /// The errors of the log-prob modifiers (`crate::loss::batch_loss_parts`), as (key, message):
+    /// α outside [0, 1], WPO with a term that sorts the batch (as TRL refuses it), LD-DPO with
+    /// nothing that reads it.
+    fn logp_modifier_errors(&self) -> Vec<(&'static str, String)> {
+        let mut errors = Vec::new();
+        if !(self.ld_alpha.is_finite() && (0.0..=1.0).contains(&self.ld_alpha)) {
+            errors.push(("ld_alpha", format!("must be in [0, 1], got {}", self.ld_alpha)));
+        } else if self.ld_alpha != NO_LD_ALPHA && self.terms.iter().all(|(_, t)| matches!(t, Objective::Sft { .. })) {
+            errors.push(("ld_alpha", "changes nothing for sft, whose NLL reads the plain log-probs".to_string()));
+        }
+        let sorting: Vec<&str> = self
+            .terms
+            .iter()
+            .filter(|(_, t)| matches!(t, Objective::Aot { .. } | Objective::AotUnpaired { .. }))
+            .map(|(_, t)| t.name())
+            .collect();
+        if self.use_weighting && !sorting.is_empty() {
+            errors.push((
+                "use_weighting",
+                format!(
+                    "is not defined for {}: it sorts the batch, which would misalign the per-pair weights (as TRL)",
+                    sorting.join(", ")
+                ),
+            ));
+        }
         errors
     }
 }
