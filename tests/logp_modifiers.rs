@@ -179,9 +179,8 @@ fn ld_alpha_and_use_weighting_match_trl_on_per_token_inputs() {
                 (i, o.pair.d_policy_chosen, o.d_tail_chosen),
                 (pairs_n + i, o.pair.d_policy_rejected, o.d_tail_rejected),
             ] {
-                for t in 0..row_len(row) {
+                for (t, &want) in want_d[row][..row_len(row)].iter().enumerate() {
                     let got = if t < shared_len(row) { shared } else { tail };
-                    let want = want_d[row][t];
                     assert!(close(got, want, 1e-10, 1e-14), "{what}, row {row}, token {t}: d {got} vs TRL {want}");
                 }
             }

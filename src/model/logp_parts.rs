@@ -26,10 +26,12 @@ pub struct RowSplit<B: Backend> {
     first: Vec<usize>,
     /// The batch's target rows in `2S` sequences: sequence s's first part at `2s`, the rest at `2s + 1`.
     pub(super) packing: Packing<B>,
-    /// The same split of each head chunk's rows (in the chunks' order), for the chunk size they
-    /// were planned for: made on first use.
-    chunks: Mutex<Option<(usize, Arc<Vec<Packing<B>>>)>>,
+    /// The same split of each head chunk's rows, made on first use.
+    chunks: Mutex<Option<ChunkSplits<B>>>,
 }
+
+/// The split of each head chunk's rows (in the chunks' order), and the chunk size they were planned for.
+type ChunkSplits<B> = (usize, Arc<Vec<Packing<B>>>);
 
 impl<B: Backend> RowSplit<B> {
     /// The split of `batch`'s sequences after `first[s]` target rows each.
