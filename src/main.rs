@@ -27,8 +27,10 @@ use serde_json::json;
 
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
-use safedpo::config::{Generation, Resolved, RunConfig, SettingsArgs, Training};
-use safedpo::data::{load_tokenizer, sequence_format};
+use safedpo::config::{
+    check_init_shape, DataConfig, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
+};
+use safedpo::data::{check_same_tokenizer, load_tokenizer, sequence_format, tokenizer_source};
 use safedpo::loss::LossState;
 use safedpo::model::Decoder;
 use safedpo::train::demo::{run_demo, DemoOptions};
@@ -247,7 +249,7 @@ fn write_demo_data(args: &DemoArgs) -> Result<()> {
 }
 
 fn run_training(args: TrainArgs, task: Task) -> Result<()> {
-    let cfg = args.run.resolve()?.config;
+    let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
     cfg.require_data()?;
     let opts = TrainOptions { resume: args.resume, progress: !args.no_progress, ..Default::default() };
     let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
@@ -269,19 +271,75 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
     Ok(())
 }
 
+/// The settings taken from model directories, on stderr.
+fn print_settings_notes(notes: &[String]) {
+    for note in notes {
+        eprintln!("using {note}");
+    }
+}
+
+/// The bounds of a `data.max_len` left unset besides the models' contexts: a micro-batch holds a pair
+/// (and training keeps to the default's memory use).
+fn max_len_caps(settings: &Resolved, training: bool) -> Vec<(usize, &'static str)> {
+    let budget = settings.config.batching.tokens_per_micro_batch;
+    let mut caps = vec![(budget / 2, "half of batching.tokens_per_micro_batch")];
+    if training {
+        caps.push((DataConfig::default().max_len, "the default"));
+    }
+    caps
+}
+
+/// `train` / `sft` from `model.init`: its shape is the model's (a shape setting that differs is an
+/// error), and the data settings left unset come from its directory (see `config::model_dir`).
+fn adopt_init_settings(settings: &mut Resolved) -> Result<()> {
+    let Some(init) = settings.config.model.init.clone() else {
+        return Ok(());
+    };
+    let init = ModelDirSettings::read(&init).with_context(|| format!("model.init {}", init.display()))?;
+    check_init_shape(settings, &init)?;
+    let reference = match &settings.config.model.reference {
+        Some(dir) => Some(ModelDirSettings::read(dir).with_context(|| format!("model.reference {}", dir.display()))?),
+        None => None,
+    };
+    let mut notes: Vec<String> = init.adopt_template(settings).into_iter().collect();
+    let caps = max_len_caps(settings, true);
+    notes.push(init.adopt_max_len(settings, &reference.iter().collect::<Vec<_>>(), &caps)?);
+    print_settings_notes(&notes);
+    Ok(())
+}
+
 /// The run configuration of `logps` / `eval`: the policy is `--model`; the reference is
-/// `model.reference`, else `model.init` (the policy a run started from), else the policy itself.
+/// `model.reference`, else `model.init` (the policy a run started from), else the policy itself. The
+/// data settings the flags and the file leave unset come from the policy's directory (the template it
+/// was trained with; `data.max_len`: the models' context, at most the length it was trained with).
 fn model_data_config(args: &ModelDataArgs) -> Result<(RunConfig, PathBuf)> {
-    let mut cfg = args.run.resolve()?.config;
+    let mut reference = args.model.clone();
+    let adopt = |settings: &mut Resolved| -> Result<()> {
+        let cfg = &settings.config;
+        reference = cfg.model.reference.clone().or(cfg.model.init.clone()).unwrap_or_else(|| args.model.clone());
+        let policy =
+            ModelDirSettings::read(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+        check_init_shape(settings, &policy)?;
+        let reference_settings =
+            ModelDirSettings::read(&reference).with_context(|| format!("the reference {}", reference.display()))?;
+        let mut notes: Vec<String> = policy.adopt_template(settings).into_iter().collect();
+        let caps = max_len_caps(settings, false);
+        notes.push(policy.adopt_max_len(settings, &[&reference_settings], &caps)?);
+        notes.push(format!("the tokenizer {}", tokenizer_source(Some(&args.model))));
+        print_settings_notes(&notes);
+        Ok(())
+    };
+    let mut cfg = args.run.resolve_adjusted(adopt)?.config;
     cfg.require_data()?;
-    let reference = cfg.model.reference.clone().or(cfg.model.init.clone()).unwrap_or_else(|| args.model.clone());
     cfg.model.init = Some(args.model.clone());
     Ok((cfg, reference))
 }
 
-/// The pairs of `split`, tokenized with the policy's tokenizer.
-fn split_pairs(cfg: &RunConfig, split: Split) -> Result<Vec<safedpo::data::TokenizedPair>> {
+/// The pairs of `split`, tokenized with the policy's tokenizer (which the reference's, when it has one
+/// of its own, must equal).
+fn split_pairs(cfg: &RunConfig, split: Split, reference: &Path) -> Result<Vec<safedpo::data::TokenizedPair>> {
     let tok = load_tokenizer(cfg.model.init.as_deref())?;
+    check_same_tokenizer(tok.as_ref(), cfg.model.init.as_deref(), reference)?;
     let mut cfg = cfg.clone();
     if split == Split::All {
         cfg.data.eval_fraction = 0.0;
@@ -312,7 +370,7 @@ fn run_logps(args: LogpsArgs) -> Result<()> {
 }
 
 fn write_logps<B: Backend>(backend: Arc<B>, args: &LogpsArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
-    let pairs = split_pairs(cfg, args.common.split)?;
+    let pairs = split_pairs(cfg, args.common.split, reference)?;
     let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let pol = sequence_logps(&mut policy, &pairs, budget)?;
@@ -345,7 +403,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 }
 
 fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
-    let pairs = split_pairs(cfg, args.common.split)?;
+    let pairs = split_pairs(cfg, args.common.split, reference)?;
     let objective = &cfg.objective;
     let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
@@ -363,18 +421,18 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
     Ok(())
 }
 
-/// The prompt template a model directory was trained with (from the run configuration a training
-/// checkpoint carries), else the default.
-fn trained_template(model_dir: &Path) -> Result<String> {
-    let path = model_dir.join(safedpo::train::checkpoint::RUN_CONFIG_FILE);
-    if !path.is_file() {
-        return Ok(safedpo::config::DEFAULT_TEMPLATE.to_string());
-    }
-    Ok(RunConfig::from_toml_file(&path)?.data.template)
-}
-
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let settings = args.settings.resolve()?;
+    let settings = args.settings.resolve_adjusted(|settings| {
+        let model = ModelDirSettings::read(&args.model).with_context(|| format!("--model {}", args.model.display()))?;
+        check_init_shape(settings, &model)?;
+        let mut notes: Vec<String> = Vec::new();
+        if !args.raw {
+            notes.extend(model.adopt_template(settings));
+        }
+        notes.push(format!("the tokenizer {}", tokenizer_source(Some(&args.model))));
+        print_settings_notes(&notes);
+        Ok(())
+    })?;
     with_backend!(settings.config.device, |backend| generate_text(backend, &args, &settings))
 }
 
@@ -385,11 +443,7 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
     let prompt = if args.raw {
         [tok.bos_ids(), &tok.encode(&args.prompt)].concat()
     } else {
-        let template = match settings.is_set("data.template") {
-            true => settings.config.data.template.clone(),
-            false => trained_template(&args.model)?,
-        };
-        let format = sequence_format(&template, Some(&args.model)).context("data.template")?;
+        let format = sequence_format(&settings.config.data.template, Some(&args.model)).context("data.template")?;
         format.generation_prompt(tok.as_ref(), &args.prompt)?
     };
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {

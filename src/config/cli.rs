@@ -137,6 +137,15 @@ impl Resolved {
 /// `P`'s defaults, then the `--config` file, then the flags; checked by `P::validate`. Errors name
 /// the setting and where its value came from (`file:line`, the flag, or the default).
 pub fn resolve<P: Profile>(overrides: &RunOverrides) -> Result<Resolved> {
+    resolve_adjusted::<P>(overrides, |_| Ok(()))
+}
+
+/// [`resolve`], with `adjust` (settings taken from elsewhere, such as a model directory's) applied
+/// before the checks.
+pub fn resolve_adjusted<P: Profile>(
+    overrides: &RunOverrides,
+    adjust: impl FnOnce(&mut Resolved) -> Result<()>,
+) -> Result<Resolved> {
     let mut merged = base_layer(&P::base())?;
     let mut origins = BTreeMap::new();
     if let Some(path) = &overrides.config {
@@ -170,6 +179,9 @@ pub fn resolve<P: Profile>(overrides: &RunOverrides) -> Result<Resolved> {
             None => anyhow!("invalid configuration: {message}"),
         }
     })?;
+    let mut resolved = Resolved { config, origins };
+    adjust(&mut resolved)?;
+    let Resolved { config, origins } = resolved;
     let errors = P::validate(&config);
     if !errors.is_empty() {
         let lines: Vec<String> = errors
@@ -346,6 +358,11 @@ pub struct SettingsArgs<P> {
 impl<P: Profile> SettingsArgs<P> {
     pub fn resolve(&self) -> Result<Resolved> {
         resolve::<P>(&self.overrides)
+    }
+
+    /// [`resolve_adjusted`]: `adjust` runs on the resolved settings before the checks.
+    pub fn resolve_adjusted(&self, adjust: impl FnOnce(&mut Resolved) -> Result<()>) -> Result<Resolved> {
+        resolve_adjusted::<P>(&self.overrides, adjust)
     }
 }
 

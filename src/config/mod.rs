@@ -66,6 +66,7 @@
 //! ```
 
 pub mod cli;
+pub mod model_dir;
 pub mod settings;
 mod source;
 pub(crate) mod validate;
@@ -81,6 +82,7 @@ use crate::data::{DataFormat, PairSelection};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family, Rope};
 pub use cli::{Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
+pub use model_dir::{check_init_shape, ModelDirSettings, RUN_CONFIG_FILE};
 use settings::settings;
 
 settings! {
@@ -161,8 +163,12 @@ settings! {
         pub selection: PairSelection = PairSelection::SafeDpo,
         /// Prompt template; `{prompt}` is replaced by the prompt. `chat`: the chat template of
         /// model.init's directory (its tokenizer_config.json or chat_template.jinja), as TRL applies it.
+        /// Unset with a model that carries its run configuration (model.init; `--model`): the template
+        /// it was trained with.
         pub template: String = DEFAULT_TEMPLATE.to_string(),
-        /// Longest sequence (prompt + response) in tokens; longer pairs are truncated.
+        /// Longest sequence (prompt + response) in tokens; longer pairs are truncated. Unset with a
+        /// model directory (model.init; `--model`): its context, at most the length it was trained with
+        /// (train and sft: at most the default).
         pub max_len: usize = 512,
         /// Fraction of the pairs held out for evaluation (when there is no `eval_path`).
         pub eval_fraction: f64 = 0.05,

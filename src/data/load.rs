@@ -6,7 +6,9 @@
 //! - generic: `prompt`, `chosen`, `rejected`, and optional booleans `chosen_unsafe`, `rejected_unsafe`
 //!   (missing or null = false); other fields are ignored.
 //!
-//! Every error names the file, the 1-based line and the field, and says what was expected.
+//! Every error names the file, the 1-based line and the field, and says what was expected. A row that
+//! names a field twice is an error naming the field (JSON parsers differ on which value wins). A UTF-8
+//! byte order mark at the start of the file is skipped.
 
 use std::fmt;
 use std::fs::File;
@@ -15,6 +17,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -95,7 +98,7 @@ impl fmt::Display for PairSelection {
 
 /// What loading a file did. Every non-blank line is counted exactly once:
 /// `lines = kept + swapped + dropped + skipped_invalid`; the pairs returned are `kept + swapped`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadReport {
     /// The format the rows were read as (detected when `Auto` was asked for).
     pub format: DataFormat,
@@ -109,6 +112,9 @@ pub struct LoadReport {
     pub dropped: usize,
     /// Invalid lines skipped (only with `skip_invalid`).
     pub skipped_invalid: usize,
+    /// The first invalid line skipped and why: `line 3: field 'prompt': …`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_invalid: Option<String>,
 }
 
 impl LoadReport {
@@ -130,7 +136,11 @@ impl fmt::Display for LoadReport {
             self.swapped,
             self.dropped,
             self.skipped_invalid
-        )
+        )?;
+        match &self.first_invalid {
+            Some(first) => write!(f, " (the first, {first})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -319,13 +329,81 @@ fn parse_generic(obj: &Map<String, Value>) -> std::result::Result<PreferencePair
     })
 }
 
-/// Decodes one line into a JSON object (errors without the `path:line:` prefix).
+/// A JSON value read with every object key of its top level checked to be unique.
+enum Row {
+    Object(Map<String, Value>),
+    Other(Value),
+}
+
+impl<'de> Deserialize<'de> for Row {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(RowVisitor)
+    }
+}
+
+/// Reads an object key by key (refusing a key seen before); any other value as a [`Value`].
+struct RowVisitor;
+
+impl<'de> Visitor<'de> for RowVisitor {
+    type Value = Row;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Row, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value::<Value>()?;
+            if obj.contains_key(&key) {
+                return Err(de::Error::custom(format!("field '{key}' appears twice in the row")));
+            }
+            obj.insert(key, value);
+        }
+        Ok(Row::Object(obj))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> std::result::Result<Row, A::Error> {
+        Value::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Row::Other)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<Row, E> {
+        Ok(Row::Other(Value::Bool(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Row, E> {
+        Ok(Row::Other(v.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Row, E> {
+        Ok(Row::Other(v.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Row, E> {
+        Ok(Row::Other(v.into()))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Row, E> {
+        Ok(Row::Other(v.into()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Row, E> {
+        Ok(Row::Other(Value::Null))
+    }
+}
+
+/// Decodes one line into a JSON object with unique keys (errors without the `path:line:` prefix).
 fn parse_object(bytes: &[u8]) -> std::result::Result<Map<String, Value>, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("invalid UTF-8 at byte {} of the line, expected UTF-8 text", e.valid_up_to() + 1))?;
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(obj)) => Ok(obj),
-        Ok(v) => Err(format!("expected a JSON object, found {}", describe(&v))),
+    match serde_json::from_str::<Row>(text) {
+        Ok(Row::Object(obj)) => Ok(obj),
+        Ok(Row::Other(v)) => Err(format!("expected a JSON object, found {}", describe(&v))),
+        // Our own error (a repeated key), without serde_json's position within the line.
+        Err(e) if e.is_data() => {
+            let msg = e.to_string();
+            Err(msg.rsplit_once(" at line ").map_or(msg.clone(), |(m, _)| m.to_string()))
+        }
         Err(e) => Err(format!("malformed JSON ({e}), expected one JSON object per line")),
     }
 }
@@ -357,12 +435,16 @@ fn read_row(bytes: &[u8], format: &mut DataFormat, selection: PairSelection) -> 
     })
 }
 
+/// The byte order mark some editors put at the start of a UTF-8 file.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Reads preference pairs from a JSONL file.
 ///
 /// `format` may be forced or `Auto` (detected from the first valid line). With `skip_invalid`, an
 /// invalid line is counted in [`LoadReport::skipped_invalid`] and skipped; without it, the first
 /// invalid line is an error `path:line: field 'x': what was expected` (line numbers are 1-based).
-/// A file without a single non-blank line is an error.
+/// A file without a single non-blank line is an error, and so is one whose every line is invalid
+/// (naming the first and why).
 pub fn load_pairs(
     path: &Path,
     format: DataFormat,
@@ -384,6 +466,10 @@ pub fn load_pairs(
         line_no += 1;
         let bytes = line.strip_suffix(b"\n").unwrap_or(&line);
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let bytes = match line_no {
+            1 => bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes),
+            _ => bytes,
+        };
         if bytes.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -398,12 +484,23 @@ pub fn load_pairs(
                 pairs.push(p);
             }
             Ok(Selected::Dropped) => report.dropped += 1,
-            Err(_) if skip_invalid => report.skipped_invalid += 1,
+            Err(msg) if skip_invalid => {
+                report.skipped_invalid += 1;
+                report.first_invalid.get_or_insert_with(|| format!("line {line_no}: {msg}"));
+            }
             Err(msg) => return Err(anyhow!("{}:{line_no}: {msg}", path.display())),
         }
     }
     if report.lines == 0 {
         bail!("{}: empty dataset, expected one JSON object per line", path.display());
+    }
+    if report.skipped_invalid == report.lines {
+        bail!(
+            "{}: all {} lines are invalid (skipped with skip_invalid); the first, {}",
+            path.display(),
+            report.lines,
+            report.first_invalid.as_deref().unwrap_or("?")
+        );
     }
     Ok((pairs, report))
 }

@@ -12,6 +12,9 @@
 //! - a [`Batcher`] shuffles the pairs per epoch and packs them, up to a token budget, into a
 //!   [`PreferenceBatch`] (or a [`PackedBatch`] for SFT).
 //!
+//! A model directory carries its tokenizer in Hugging Face's files (the byte tokenizer as a
+//! `tokenizer.json` too): [`save_tokenizer_files`], in `tokenizer_files`.
+//!
 //! [`synthetic_safety_pairs`] is the demo's built-in dataset.
 
 mod batch;
@@ -23,6 +26,7 @@ mod synthetic;
 mod tokenize;
 mod tokenizer;
 pub mod tokenizer_config;
+pub mod tokenizer_files;
 
 pub use batch::{preference_batch, sft_batch, Batcher, BatcherState};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
@@ -37,6 +41,7 @@ pub use tokenize::{
     TruncationReport, CHAT_TEMPLATE, DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
 };
 pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
+pub use tokenizer_files::{check_same_tokenizer, has_own_tokenizer, save_tokenizer_files, tokenizer_source};
 
 use serde::{Deserialize, Serialize};
 

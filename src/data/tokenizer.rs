@@ -46,9 +46,14 @@ pub trait TextTokenizer: Send + Sync {
     fn stop_ids(&self) -> Vec<i32> {
         vec![self.eos_id()]
     }
+    /// The token with id `id` as its vocabulary spells it (`None` outside the vocabulary): two
+    /// tokenizers that spell every id alike give every text the same ids.
+    fn id_to_token(&self, id: u32) -> Option<String>;
 }
 
-/// Bytes as tokens: ids 0..=255 are the UTF-8 bytes, 256 is BOS, 257 is EOS (vocabulary 258).
+/// Bytes as tokens: ids 0..=255 are the UTF-8 bytes, 256 is BOS, 257 is EOS (vocabulary 258). Nothing
+/// is put before a text (BOS is in the vocabulary, never prepended). A model directory trained with it
+/// carries it as a `tokenizer.json` (`data::tokenizer_files`) that reads back with the same ids.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ByteTokenizer;
 
@@ -56,6 +61,20 @@ impl ByteTokenizer {
     pub const BOS: i32 = 256;
     pub const EOS: i32 = 257;
     pub const VOCAB_SIZE: usize = 258;
+    /// How a vocabulary spells BOS and EOS (special tokens: text never encodes to them).
+    pub const BOS_TOKEN: &'static str = "<s>";
+    pub const EOS_TOKEN: &'static str = "</s>";
+
+    /// The character GPT-2's byte-level alphabet writes byte `b` as (its `bytes_to_unicode`): printable
+    /// Latin-1 bytes as themselves, the others shifted to U+0100 and up, in order.
+    pub fn byte_char(b: u8) -> char {
+        let printable = |x: u8| matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        if printable(b) {
+            return char::from(b);
+        }
+        let shifted = (0..b).filter(|&x| !printable(x)).count() as u32;
+        char::from_u32(256 + shifted).expect("U+0100..U+0143 are characters")
+    }
 }
 
 impl TextTokenizer for ByteTokenizer {
@@ -75,6 +94,15 @@ impl TextTokenizer for ByteTokenizer {
 
     fn vocab_size(&self) -> usize {
         Self::VOCAB_SIZE
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        match id {
+            0..=255 => Some(Self::byte_char(id as u8).to_string()),
+            256 => Some(Self::BOS_TOKEN.to_string()),
+            257 => Some(Self::EOS_TOKEN.to_string()),
+            _ => None,
+        }
     }
 }
 
@@ -157,6 +185,38 @@ fn rebuilt_as_llama(text: &str, json: &Value, settings: &TokenizerSettings) -> b
         && !settings.model_type.as_deref().is_some_and(|t| AS_IS_MODEL_TYPES.contains(&t))
 }
 
+/// Fails when the model cannot encode every text: its unknown token is missing from its vocabulary (or a
+/// Unigram model has none and no byte fallback), so that `tokenizers` would fail on the first text
+/// that needs it.
+fn check_unknown_token(inner: &tokenizers::Tokenizer) -> Result<()> {
+    use tokenizers::models::ModelWrapper;
+    use tokenizers::Model;
+    let model = inner.get_model();
+    let (kind, unk) = match model {
+        ModelWrapper::BPE(bpe) => ("BPE", bpe.unk_token.as_deref()),
+        ModelWrapper::WordPiece(wp) => ("WordPiece", Some(wp.unk_token.as_str())),
+        ModelWrapper::WordLevel(wl) => ("WordLevel", Some(wl.unk_token.as_str())),
+        ModelWrapper::Unigram(u) => {
+            // `unk_id` has no getter; the model's serialised form names it.
+            let unk_id = serde_json::to_value(u).ok().and_then(|v| v.get("unk_id").and_then(Value::as_u64));
+            if unk_id.is_none() && !u.byte_fallback() {
+                bail!(
+                    "the Unigram model has no `unk_id` and no byte fallback: a text with a character outside its \
+                     vocabulary cannot be encoded"
+                );
+            }
+            return Ok(());
+        }
+    };
+    match unk {
+        Some(unk) if model.token_to_id(unk).is_none() => bail!(
+            "the {kind} model's `unk_token` {unk:?} is not in its vocabulary: a text with a piece outside the \
+             vocabulary cannot be encoded (add the token to `model.vocab`, or set `unk_token` to one that is there)"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The ids the post-processor puts before a text (its BOS), found by encoding a probe with and
 /// without special tokens.
 fn post_processor_prefix(inner: &tokenizers::Tokenizer) -> Vec<i32> {
@@ -195,6 +255,7 @@ impl HfTokenizer {
     }
 
     fn with_eos_id(inner: tokenizers::Tokenizer, eos: u32) -> Result<Self> {
+        check_unknown_token(&inner)?;
         let vocab = inner.get_vocab(true);
         let vocab_size = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0).max(inner.get_vocab_size(true));
         if vocab_size == 0 {
@@ -224,7 +285,8 @@ impl HfTokenizer {
     }
 
     /// EOS, BOS and the stop ids from `settings` (see the module documentation).
-    fn with_settings(inner: tokenizers::Tokenizer, settings: &TokenizerSettings, bos: BosSource) -> Result<Self> {
+    fn with_settings(mut inner: tokenizers::Tokenizer, settings: &TokenizerSettings, bos: BosSource) -> Result<Self> {
+        inner.set_encode_special_tokens(settings.split_special_tokens);
         let named = |name: &str| -> Result<Option<u32>> {
             match settings.token(name) {
                 None => Ok(None),
@@ -310,9 +372,9 @@ impl TextTokenizer for HfTokenizer {
     /// Encodes without special tokens.
     ///
     /// # Panics
-    /// When `tokenizers` fails, which a byte-level tokenizer never does (a model without byte fallback
-    /// or unknown token can meet a word it cannot tokenize): dropping the text silently would corrupt
-    /// the data.
+    /// When `tokenizers` fails: dropping the text silently would corrupt the data. Reading a tokenizer
+    /// refuses the models that could (an unknown token missing from the vocabulary, a Unigram model
+    /// with neither `unk_id` nor byte fallback), so no input file leads here.
     fn encode(&self, s: &str) -> Vec<i32> {
         match self.inner.encode_fast(s, false) {
             Ok(enc) => enc.get_ids().iter().map(|&id| id as i32).collect(),
@@ -339,6 +401,10 @@ impl TextTokenizer for HfTokenizer {
 
     fn stop_ids(&self) -> Vec<i32> {
         self.stop_ids.clone()
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 }
 

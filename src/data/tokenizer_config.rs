@@ -45,6 +45,9 @@ pub struct TokenizerSettings {
     /// `legacy` and `add_prefix_space` (how `LlamaTokenizer` prepends `▁`).
     pub legacy: Option<bool>,
     pub add_prefix_space: Option<bool>,
+    /// `split_special_tokens`: special-token text in the input is encoded as text, not as the token
+    /// (transformers sets the `tokenizers` tokenizer's `encode_special_tokens` from it).
+    pub split_special_tokens: bool,
     /// `generation_config.json`'s `eos_token_id` (an id or a list of ids).
     pub generation_eos_ids: Vec<u32>,
     /// The chat template: `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`.
@@ -104,6 +107,7 @@ impl TokenizerSettings {
         settings.add_bos_token = optional_bool(&config, "add_bos_token", &config_path)?;
         settings.legacy = optional_bool(&config, "legacy", &config_path)?;
         settings.add_prefix_space = optional_bool(&config, "add_prefix_space", &config_path)?;
+        settings.split_special_tokens = optional_bool(&config, "split_special_tokens", &config_path)?.unwrap_or(false);
         settings.read_special_tokens(&config)?;
         settings.chat_template = chat_template(dir, &config, &config_path)?;
         if let Some(model_config) = read_json(&dir.join(MODEL_CONFIG_FILE))? {

@@ -59,8 +59,9 @@ pub use results::{Logps, LossReport, PairLogps, PairMetrics, StepReport};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Precision};
 use crate::backend::device::{precision_for, select_device, DeviceKind, Selection};
-use crate::config::OptimizerConfig;
-use crate::data::{load_tokenizer, tokenize_pairs_with, ByteTokenizer, PreferencePair, Template, TextTokenizer};
+use crate::config::{ModelDirSettings, OptimizerConfig};
+use crate::data::{check_same_tokenizer, load_tokenizer, tokenize_pairs_with, ByteTokenizer, PreferencePair};
+use crate::data::{Template, TextTokenizer, CHAT_TEMPLATE};
 use crate::data::{TokenizedPair, Truncation};
 use crate::loss::Objective;
 use crate::model::{checkpoint, random_weights, DecoderConfig, HostWeights};
@@ -110,6 +111,9 @@ pub struct Engine {
     tokenizer_dir: Option<PathBuf>,
     template: Template,
     max_len: Option<usize>,
+    /// Whether the template and max_len were set (else a policy directory's saved ones are taken).
+    template_given: bool,
+    max_len_given: bool,
     objective: Objective,
     optimizer: AdamWConfig,
     grad_clip: f32,
@@ -178,6 +182,8 @@ impl Engine {
             tokenizer_dir: None,
             template: Template::default(),
             max_len: None,
+            template_given: false,
+            max_len_given: false,
             objective: Objective::default(),
             optimizer: adamw_config(&optimizer),
             grad_clip: optimizer.grad_clip,
@@ -210,15 +216,27 @@ impl Engine {
 
     /// Loads the trainable policy from a HF model directory (`config.json`, safetensors; GPT-2,
     /// Llama, Mistral, Qwen2) and takes its tokenizer (`tokenizer.json`, or GPT-2's `vocab.json` +
-    /// `merges.txt`; the byte tokenizer when it has none). Drops any optimizer state.
+    /// `merges.txt`; the byte tokenizer when it has none) and, from the run configuration a training
+    /// checkpoint carries, the text template and `max_len` it was trained with, unless
+    /// [`Engine::set_template`] or [`Engine::set_max_len`] set them. Drops any optimizer state.
     pub fn load_policy(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         let weights =
             checkpoint::load_dir(dir).with_context(|| format!("loading the policy from {}", dir.display()))?;
         let tokenizer = load_tokenizer(Some(dir))?;
+        let saved = ModelDirSettings::read(dir)?.run.map(|run| run.data);
         self.set_policy_weights(&weights)?;
         self.tokenizer = tokenizer;
         self.tokenizer_dir = Some(dir.to_path_buf());
+        if let Some(data) = saved {
+            // A chat template renders through the model's files, which the engine does not do.
+            if !self.template_given && data.template != CHAT_TEMPLATE {
+                self.template = Template::new(data.template)?;
+            }
+            if !self.max_len_given {
+                self.max_len = Some(data.max_len);
+            }
+        }
         Ok(())
     }
 
@@ -234,10 +252,12 @@ impl Engine {
         on_models!(&mut self.backends, |m| m.set_policy(weights))
     }
 
-    /// Loads the frozen reference from a HF model directory (its tokenizer is not used: pairs are
-    /// tokenised once, with the policy's).
+    /// Loads the frozen reference from a HF model directory. Pairs are tokenised once, with the
+    /// policy's tokenizer: a reference directory with a tokenizer of its own that differs from it is
+    /// an error.
     pub fn load_reference(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
+        check_same_tokenizer(self.tokenizer.as_ref(), self.tokenizer_dir.as_deref(), dir)?;
         let weights =
             checkpoint::load_dir(dir).with_context(|| format!("loading the reference from {}", dir.display()))?;
         self.set_reference_weights(&weights)
@@ -280,6 +300,8 @@ impl Engine {
     /// Replaces the tokenizer (e.g. a [`crate::data::HfTokenizer`] read from elsewhere).
     pub fn set_tokenizer(&mut self, tokenizer: Box<dyn TextTokenizer>) {
         self.tokenizer = tokenizer;
+        // The policy directory's tokenizer files no longer describe it.
+        self.tokenizer_dir = None;
     }
 
     /// The tokenizer pairs are encoded with.
@@ -298,6 +320,7 @@ impl Engine {
     /// ```
     pub fn set_template(&mut self, template: &str) -> Result<()> {
         self.template = Template::new(template)?;
+        self.template_given = true;
         Ok(())
     }
 
@@ -305,6 +328,7 @@ impl Engine {
     /// [`crate::data`] describes. `None` (the default): the policy's context.
     pub fn set_max_len(&mut self, max_len: Option<usize>) {
         self.max_len = max_len;
+        self.max_len_given = true;
     }
 
     /// Tokenises text pairs: the template around the prompt, the response after it with EOS, and
@@ -465,8 +489,9 @@ impl Engine {
 
     /// Writes the policy as a HF model directory (created if needed; `config.json`,
     /// `model.safetensors`) that [`Engine::load_policy`], the `safedpo` CLI and `transformers` read,
-    /// with the tokenizer files of the directory the policy came from and, once it has trained,
-    /// the optimizer state (`optimizer.safetensors`).
+    /// with the tokenizer files of the directory the policy came from (the byte tokenizer's as a
+    /// `tokenizer.json`: `data::tokenizer_files`) and, once it has trained, the optimizer state
+    /// (`optimizer.safetensors`).
     ///
     /// ```
     /// use safedpo::{DecoderConfig, Engine};
@@ -483,12 +508,7 @@ impl Engine {
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         on_models!(&self.backends, |m| m.save(dir))?;
-        if let Some(src) = &self.tokenizer_dir {
-            if src != dir {
-                crate::train::copy_tokenizer_files(src, dir)?;
-            }
-        }
-        Ok(())
+        crate::data::save_tokenizer_files(self.tokenizer.as_ref(), self.tokenizer_dir.as_deref(), dir)
     }
 
     fn check_batch(&self, pairs: &[TokenizedPair]) -> Result<()> {

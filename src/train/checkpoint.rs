@@ -36,8 +36,9 @@ pub const STATE_FILE: &str = "state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const FINAL_DIR: &str = "final";
-/// The run configuration, copied into every checkpoint (`generate` reads its template).
-pub const RUN_CONFIG_FILE: &str = "run_config.toml";
+/// The run configuration, copied into every checkpoint (the commands that read a model take its data
+/// settings: `config::model_dir`).
+pub use crate::config::RUN_CONFIG_FILE;
 const STATE_FORMAT: &str = "safedpo-train-state-v1";
 
 /// The name of the checkpoint directory of `step`.

@@ -23,7 +23,7 @@ pub mod refcache;
 pub mod step;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -164,9 +164,13 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
         eval.retain(|p| !p.chosen_unsafe);
         report.push(format!("sft: {} train and {} eval pairs with a safe chosen response", train.len(), eval.len()));
     }
+    let skipped = match &load.first_invalid {
+        Some(first) => format!("; {} invalid lines skipped, the first, {first}", load.skipped_invalid),
+        None => String::new(),
+    };
     ensure!(
         !train.is_empty(),
-        "no training pairs left in {} after selection and truncation (data.max_len = {})",
+        "no training pairs left in {} after selection and truncation (data.max_len = {}{skipped})",
         path.display(),
         d.max_len
     );
@@ -207,28 +211,6 @@ fn total_steps(cfg: &RunConfig, batcher: &Batcher, pairs: &[TokenizedPair], task
 
 /// The ChaCha stream of the run's RNG: apart from the streams the data order uses (one per epoch).
 const RUN_RNG_STREAM: u64 = 1 << 48;
-
-/// Files besides the weights that make a model directory usable (copied from the initial model).
-const TOKENIZER_FILES: [&str; 7] = [
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
-
-pub(crate) fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
-    for f in TOKENIZER_FILES {
-        let from = src.join(f);
-        if from.is_file() {
-            let bytes = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
-            write_atomic(&dst.join(f), &bytes)?;
-        }
-    }
-    Ok(())
-}
 
 /// The reference weights: `model.reference`, else `model.init`, else the random init the policy
 /// starts from. Kept on the host long enough to key the reference cache with their exact values (a
@@ -400,9 +382,8 @@ impl<B: Backend> Trainer<B> {
         let dir = commit_dir(&self.cfg.out_dir, name, |dir| {
             check("model.safetensors")?;
             self.learner.policy.save(dir)?;
-            if let Some(src) = &self.tokenizer_dir {
-                copy_tokenizer_files(src, dir)?;
-            }
+            let src = self.tokenizer_dir.as_deref();
+            data::save_tokenizer_files(load_tokenizer(src)?.as_ref(), src, dir)?;
             check("optimizer.safetensors")?;
             checkpoint::write_optimizer_state(dir, &self.learner.optimizer.state_to_host()?)?;
             check("metrics.jsonl")?;
@@ -588,6 +569,9 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
         (Reference::Free, ReferenceLogps::totals(vec![0.0; 2 * data.eval.len()]))
     } else {
+        if let Some(dir) = &cfg.model.reference {
+            data::check_same_tokenizer(tokenizer.as_ref(), cfg.model.init.as_deref(), dir)?;
+        }
         let ref_weights = load_reference_weights(cfg, vocab)?;
         ensure!(
             ref_weights.config.same_architecture(policy.config()),

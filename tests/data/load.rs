@@ -351,3 +351,62 @@ fn format_and_selection_names_parse() {
     }
     assert!("best".parse::<PairSelection>().is_err());
 }
+
+#[test]
+fn a_leading_byte_order_mark_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = rng(7);
+    let (v0, p0) = random_generic(&mut r);
+    let (v1, p1) = random_generic(&mut r);
+    let mut first = b"\xEF\xBB\xBF".to_vec();
+    first.extend(json_line(&v0));
+    let path = write_lines(dir.path(), "bom.jsonl", &[first, json_line(&v1)]);
+    let (pairs, rep) = load_pairs(&path, DataFormat::Auto, PairSelection::Better, false).unwrap();
+    assert_eq!((pairs, rep.lines), (vec![p0, p1], 2));
+    // Only at the start of the file: elsewhere it is a bad line, named.
+    let mut second = b"\xEF\xBB\xBF".to_vec();
+    second.extend(json_line(&v1));
+    let path = write_lines(dir.path(), "late_bom.jsonl", &[json_line(&v0), second]);
+    let err = load_pairs(&path, DataFormat::Auto, PairSelection::Better, false).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}:2: malformed JSON", path.display())), "{err}");
+}
+
+#[test]
+fn a_field_given_twice_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = json_line(&json!({"prompt": "p", "chosen": "a", "rejected": "b"}));
+    let twice = br#"{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}"#.to_vec();
+    let path = write_lines(dir.path(), "twice.jsonl", &[good.clone(), twice]);
+    let err = load_pairs(&path, DataFormat::Auto, PairSelection::Better, false).unwrap_err().to_string();
+    assert_eq!(err, format!("{}:2: field 'chosen' appears twice in the row", path.display()));
+    // Repeated keys inside a field the loader does not read are that field's business.
+    let nested = br#"{"prompt": "p", "chosen": "a", "rejected": "b", "meta": {"x": 1, "x": 2}}"#.to_vec();
+    let path = write_lines(dir.path(), "nested.jsonl", &[good, nested]);
+    assert_eq!(load_pairs(&path, DataFormat::Auto, PairSelection::Better, false).unwrap().0.len(), 2);
+}
+
+#[test]
+fn skipping_every_line_says_so_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = vec![b"{oops".to_vec(), json_line(&json!({"prompt": "p", "chosen": 3})), b"[]".to_vec()];
+    let path = write_lines(dir.path(), "all_bad.jsonl", &lines);
+    let err = load_pairs(&path, DataFormat::Auto, PairSelection::Better, true).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}: all 3 lines are invalid", path.display())), "{err}");
+    assert!(err.contains("the first, line 1: malformed JSON"), "{err}");
+
+    // Some skipped: the report names the first and why.
+    let mut r = rng(8);
+    let lines = vec![json_line(&random_generic(&mut r).0), json_line(&json!({"prompt": "p", "chosen": 3}))];
+    let path = write_lines(dir.path(), "one_bad.jsonl", &lines);
+    let (_, rep) = load_pairs(&path, DataFormat::Auto, PairSelection::Better, true).unwrap();
+    assert_eq!(
+        rep.first_invalid.as_deref(),
+        Some("line 2: field 'chosen': expected a non-empty string, found number 3")
+    );
+    assert!(
+        rep.to_string().ends_with(
+            "1 invalid skipped (the first, line 2: field 'chosen': expected a non-empty string, found number 3)"
+        ),
+        "{rep}"
+    );
+}

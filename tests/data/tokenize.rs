@@ -208,6 +208,58 @@ fn hf_tokenizer_json_loads_and_round_trips() {
     assert!(err.contains("\"</s>\" is not in the vocabulary"), "{err}");
 }
 
+/// An `unk_token` missing from the vocabulary is an error when the tokenizer is read, not a panic on
+/// the first text that needs it; so is a Unigram model with no `unk_id` and no byte fallback.
+#[test]
+fn a_missing_unknown_token_is_an_error_when_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let word_level = |unk: &str| {
+        json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"hello": 0, "</s>": 1, "<unk>": 2}, "unk_token": unk},
+        })
+    };
+    let cases = [
+        ("word_level", word_level("[UNK]"), "the WordLevel model's `unk_token` \"[UNK]\" is not in its vocabulary"),
+        (
+            "unigram",
+            json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+                "pre_tokenizer": null, "post_processor": null, "decoder": null,
+                "model": {"type": "Unigram", "unk_id": null, "vocab": [["hello", -1.0], ["</s>", -2.0]], "byte_fallback": false},
+            }),
+            "the Unigram model has no `unk_id`",
+        ),
+    ];
+    for (name, file, expect) in cases {
+        let model = dir.path().join(name);
+        fs::create_dir(&model).unwrap();
+        fs::write(model.join("tokenizer.json"), serde_json::to_vec(&file).unwrap()).unwrap();
+        let err = format!("{:#}", load_tokenizer(Some(&model)).err().expect("must fail"));
+        assert!(err.contains(expect) && err.contains(name), "{err}");
+        let err = format!("{:#}", HfTokenizer::from_file(&model.join("tokenizer.json")).unwrap_err());
+        assert!(err.contains(expect), "{err}");
+    }
+    let fine = dir.path().join("fine");
+    fs::create_dir(&fine).unwrap();
+    fs::write(fine.join("tokenizer.json"), serde_json::to_vec(&word_level("<unk>")).unwrap()).unwrap();
+    assert_eq!(load_tokenizer(Some(&fine)).unwrap().encode("hello there"), vec![0, 2]);
+}
+
+/// The byte tokenizer's characters are GPT-2's byte-level alphabet (its `tokenizer.json` is written
+/// with them).
+#[test]
+fn byte_tokenizer_spells_bytes_in_the_byte_level_alphabet() {
+    let chars = gpt2_byte_chars();
+    for b in 0..=255u8 {
+        assert_eq!(ByteTokenizer::byte_char(b), chars[b as usize], "byte {b}");
+        assert_eq!(ByteTokenizer.id_to_token(b as u32), Some(chars[b as usize].to_string()));
+    }
+    assert_eq!(ByteTokenizer.id_to_token(257).as_deref(), Some(ByteTokenizer::EOS_TOKEN));
+    assert_eq!(ByteTokenizer.id_to_token(258), None);
+}
+
 #[test]
 fn load_tokenizer_falls_back_to_bytes() {
     let dir = tempfile::tempdir().unwrap();
