@@ -463,7 +463,7 @@ pub fn evaluate_pairs_with<B: Backend>(
             state,
             1.0,
         )?;
-        let host_logps = b.download(logps.total)?;
+        let host_logps = step::loss_read_logps(b, logps.total, logps.split, objective.ld_alpha())?;
         stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
     }
     Ok(stats)

@@ -62,7 +62,7 @@ impl<B: Backend> MicroBatch<B> {
 pub struct MicroOutput {
     /// `PAIR_METRICS` values per pair (loss first).
     pub metrics: Vec<f32>,
-    /// The policy's sequence log-probs `[2P]` (chosen, rejected per pair).
+    /// The policy's sequence log-probs `[2P]` (chosen, rejected per pair), as the loss read them.
     pub logps: Vec<f32>,
 }
 
@@ -161,7 +161,9 @@ impl<B: Backend> Learner<B> {
                 state,
                 grad_scale,
             )?;
-            let output = MicroOutput { metrics: b.download(&metrics)?, logps: b.download(logps.total)? };
+            // The logged log-probs are those the loss read (LD-DPO's, as TRL logs them).
+            let logps = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
+            let output = MicroOutput { metrics: b.download(&metrics)?, logps };
             lap(Phase::Loss)?;
 
             match &split {
