@@ -3,12 +3,14 @@
 //
 //     forward:  lse[t] = log Σ_v exp(logits[t, v]);  token_logp[t] = logits[t, target_t] − lse[t]  (0 where
 //               target_t = −1)
+//     _sq:      the forward, and log_sum_sq[t] = log Σ_v p_{t,v}², p = exp(logits[t, :] − lse[t])  (TRL's
+//               log_sum_sq_probs, WPO's normaliser; every row; no backward)
 //     seq sum:  seq_logp[s] = Σ_{t in s} token_logp[t]
 //     backward: logits[t, :] ← dseq[s(t)]·(onehot(target_t) − exp(logits[t, :] − lse[t]))  (zeros where
 //               target_t = −1)
 //
-// CPU twin: src/backend/cpu/logsoftmax_gather.rs (`logsoftmax_gather_forward`, `sequence_logp_sum`,
-// `logsoftmax_gather_backward`). Host side: src/backend/cuda/ops/logsoftmax_gather.rs.
+// CPU twin: src/backend/cpu/logsoftmax_gather.rs (`logsoftmax_gather_forward`, `logsoftmax_gather_forward_sq`,
+// `sequence_logp_sum`, `logsoftmax_gather_backward`). Host side: src/backend/cuda/ops/logsoftmax_gather.rs.
 //
 // Launch shapes (threads: the row's width rounded up to a multiple of 32, at most ROW_MAX_THREADS = 256,
 // common.cuh):
@@ -17,6 +19,9 @@
 //   once; the block then combines the pairs (block max, then the rescaled sums). The target's logit is
 //   one extra load. The log-prob is formed as (x − max) − log Σ, without rounding lse first (large
 //   logits keep precision). token_logp and lse are f32 whatever the logits' storage type.
+// - logsoftmax_gather_forward_sq_<T>: the same kernel with a second online sum, Σ exp(2(x − max)), rescaled
+//   with the first (by its factor squared) and reduced after it; log Σ p² = log Σ₂ − 2·log Σ. The max, the
+//   sum and what is formed from them are the forward's, so token_logp and lse are its bits.
 // - sequence_logp_sum_f32: one block per sequence (grid S, threads from the longest sequence): strided
 //   partial sums, then a fixed-tree block reduction. Deterministic; no float atomics.
 // - logsoftmax_gather_backward_<T>: one block per row (grid n, as the forward); each thread finds the row's
@@ -28,33 +33,45 @@
 // and the emulated device tells barriers apart by call site.
 #include "common.cuh"
 
-template <typename T>
-__device__ void logsoftmax_gather_forward(float* token_logp, float* lse, const T* logits, const int* targets, int v) {
+/// `SQUARES`: also log_sum_sq[t] = log Σ p² (see the header); without, `log_sum_sq` is not read.
+template <typename T, bool SQUARES>
+__device__ void logsoftmax_gather_forward(float* token_logp, float* lse, float* log_sum_sq, const T* logits,
+                                          const int* targets, int v) {
     const int t = blockIdx.x;
     const T* row = logits + (long long)t * v;
     // Online max and sum of exponentials over this thread's elements: the sum is rescaled only when
-    // the maximum rises.
-    float m = -INFINITY, s = 0.0f;
+    // the maximum rises (the sum of squares by the same factor, squared).
+    float m = -INFINITY, s = 0.0f, s2 = 0.0f;
     for (int base = 0; base < v; base += blockDim.x) {  // same trip count on every thread (see above)
         const int j = base + threadIdx.x;
         if (j < v) {
             const float x = to_float(row[j]);
             if (x > m) {
-                s = s * expf(m - x) + 1.0f;
+                const float rescale = expf(m - x);
+                s = s * rescale + 1.0f;
+                if (SQUARES) s2 = s2 * (rescale * rescale) + 1.0f;
                 m = x;
             } else {
-                s += expf(x - m);
+                const float e = expf(x - m);
+                s += e;
+                if (SQUARES) s2 += e * e;
             }
         }
     }
     const float row_max = block_reduce_max(m);
     // Threads that saw no element have s = 0 and m = −inf: their share is 0·exp(−inf) = 0.
     const float sum = block_reduce_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max));
+    float sum_sq = 0.0f;
+    if (SQUARES) {
+        const float rescale = m == -INFINITY ? 0.0f : expf(m - row_max);
+        sum_sq = block_reduce_sum(s2 * (rescale * rescale));
+    }
     if (threadIdx.x == 0) {
         const float log_sum = logf(sum);
         const int target = targets[t];
         lse[t] = row_max + log_sum;
         token_logp[t] = target >= 0 ? (to_float(row[target]) - row_max) - log_sum : 0.0f;
+        if (SQUARES) log_sum_sq[t] = logf(sum_sq) - 2.0f * log_sum;
     }
 }
 
@@ -94,9 +111,15 @@ EMU_REGISTER(sequence_logp_sum_f32)
     extern "C" __global__ void logsoftmax_gather_forward_##suffix(float* token_logp, float* lse,             \
                                                                   const T* logits, const int* targets,       \
                                                                   int v) {                                   \
-        logsoftmax_gather_forward<T>(token_logp, lse, logits, targets, v);                                   \
+        logsoftmax_gather_forward<T, false>(token_logp, lse, nullptr, logits, targets, v);                    \
     }                                                                                                         \
     EMU_REGISTER(logsoftmax_gather_forward_##suffix)                                                          \
+    extern "C" __global__ void logsoftmax_gather_forward_sq_##suffix(float* token_logp, float* lse,          \
+                                                                     float* log_sum_sq, const T* logits,     \
+                                                                     const int* targets, int v) {            \
+        logsoftmax_gather_forward<T, true>(token_logp, lse, log_sum_sq, logits, targets, v);                  \
+    }                                                                                                         \
+    EMU_REGISTER(logsoftmax_gather_forward_sq_##suffix)                                                       \
     extern "C" __global__ void logsoftmax_gather_backward_##suffix(T* logits, const float* lse,              \
                                                                    const int* targets, const float* dseq,    \
                                                                    const int* cu_seqlens, int num_seqs,      \

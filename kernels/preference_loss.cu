@@ -36,8 +36,19 @@
 // and x_r in place of x_c and x_r. ORPO's and CPO's NLL terms are `sft` launches of their own, as is each
 // term of a combination: launch k > 0 accumulates (`accumulate` = 1: metrics row's loss += weight·loss,
 // dpolicy += ...), launch 0 writes the rows. CPU twin: src/backend/cpu/preference_loss.rs (`spec::forward`,
-// which calls the specification, `batch_loss_with` in src/loss/). Host side:
-// src/backend/cuda/ops/preference_loss.rs (`launches` maps an objective to its launches and OBJ_* codes).
+// which calls the specification, `batch_loss_with` in src/loss/; `spec::forward_parts`, `batch_loss_parts`
+// with TRL's log-prob modifiers). Host side: src/backend/cuda/ops/preference_loss.rs (`launches` maps an
+// objective to its launches and OBJ_* codes).
+//
+// TRL's log-prob modifiers (src/loss/modifiers.rs):
+// - LD-DPO (`ld_alpha` = α): the host composes π = shared + α·tail for the policy and the reference with
+//   `ld_weighted_logps_f32` and passes those as `policy` and `reference`; the NLL parts (`sft`, RPO's) read
+//   `plain` (the plain log-probs) and add their gradient to `dplain`; `ld_split_grads_f32` then writes each
+//   sequence's token gradients, dread + dplain for its shared part and α·dread + dplain past it.
+//   `plain` = `dplain` = NULL: the NLL parts read `policy` and write `dpolicy`.
+// - WPO (`use_weighting`): `aligned` [2P] holds each response's Σ_t (log p_t − log Σ_v p_v²); the pair's
+//   weight w = exp(ā_c)·exp(ā_r), ā = aligned/|y|, multiplies its loss and gradient; the `sft` launch writes
+//   w_i·NLL on row i and the gradient Σ_i w_i·dNLL. NULL: no weights. (Not with the sorting objectives.)
 //
 // Writes metrics [P, 5] = (loss, chosen reward, rejected reward, margin, accuracy), rewards β(π − r)
 // (cpo, cpo_hinge: β·π; simpo, orpo, cpo_ipo, cpo_simpo: β·a), and dpolicy [2P] = grad_scale·d(Σ loss)/dπ.
@@ -188,18 +199,29 @@ __device__ __forceinline__ void write_pair(float* metrics, float* dpolicy, int i
     }
 }
 
+/// WPO's weight of pair i: exp(ā_c)·exp(ā_r), ā = aligned / |y| (|y| at least 1).
+__device__ __forceinline__ float wpo_weight(const float* aligned, const int* lengths, int i) {
+    const int c = 2 * i, r = 2 * i + 1;
+    return expf(aligned[c] / (float)max(lengths[c], 1)) * expf(aligned[r] / (float)max(lengths[r], 1));
+}
+
 /// One term of the objective. `param` is its second parameter: ε (robust, cdpo, exo_pair, cpo, cpo_simpo),
 /// α (rpo), γ (simpo), τ (discopop); `param2` its third: γ (cpo_simpo). `f_divergence`/`alpha`: the
-/// f-divergence and its α; `bco_shift`: bco_pair's δ; `weight`: the term's weight.
-extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, const float* policy,
-                                               const float* reference, const int* unsafe_flags, const int* lengths,
-                                               int num_pairs, int objective, float beta, float param, float param2,
+/// f-divergence and its α; `bco_shift`: bco_pair's δ; `weight`: the term's weight. `plain`, `dplain`,
+/// `aligned`: TRL's log-prob modifiers (see the header), NULL without them.
+extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, float* dplain, const float* policy,
+                                               const float* reference, const float* plain, const float* aligned,
+                                               const int* unsafe_flags, const int* lengths, int num_pairs,
+                                               int objective, float beta, float param, float param2,
                                                float safety_margin, int f_divergence, float alpha, float bco_shift,
                                                float weight, int accumulate, float grad_scale) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= num_pairs) return;
     const int c = 2 * i, r = 2 * i + 1;
     const float pc = policy[c], pr = policy[r];
+    // The NLL parts read the plain log-probs (under LD-DPO, `policy` holds the weighted ones).
+    const float* nll_logps = plain != nullptr ? plain : policy;
+    float d_plain = 0.0f;  // the NLL parts' gradient in the plain chosen log-prob
     const float rc = reference != nullptr ? reference[c] : 0.0f;
     const float rr = reference != nullptr ? reference[r] : 0.0f;
     const float chosen_logratio = pc - rc, rejected_logratio = pr - rr;
@@ -340,16 +362,19 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
             break;
         }
         case OBJ_SFT: {
-            // The batch's token-mean NLL of the chosen responses, the same sums in every thread.
-            float logps = 0.0f;
+            // The batch's token-mean NLL of the chosen responses, the same sums in every thread; under WPO
+            // row j holds w_j·NLL, whose gradient in each chosen log-prob is Σ_j w_j·dNLL.
+            float logps = 0.0f, weights = 0.0f;
             int tokens = 0;
             for (int j = 0; j < num_pairs; ++j) {
-                logps += policy[2 * j];
+                logps += nll_logps[2 * j];
                 tokens += lengths[2 * j];
+                if (aligned != nullptr) weights += wpo_weight(aligned, lengths, j);
             }
             const float token_count = (float)max(tokens, 1);
             loss = -logps / token_count;
-            d_chosen = -(float)num_pairs / token_count;
+            d_plain = -(aligned != nullptr ? weights : (float)num_pairs) / token_count;
+            d_chosen = 0.0f;
             d_rejected = 0.0f;
             break;
         }
@@ -394,10 +419,19 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
         d_chosen *= d_chosen_score;
         d_rejected *= d_rejected_score;
     }
-    if (objective == OBJ_RPO) {  // RPO's NLL term reads the log-prob itself, not its score
-        loss += param * (-pc / chosen_len);
-        d_chosen -= param / chosen_len;
+    if (objective == OBJ_RPO) {  // RPO's NLL term reads the plain log-prob itself, not its score
+        loss += param * (-nll_logps[c] / chosen_len);
+        d_plain = -(param / chosen_len);
     }
+    if (aligned != nullptr) {  // WPO: the pair's weight (the `sft` gradient already holds the batch's)
+        const float w = wpo_weight(aligned, lengths, i);
+        loss *= w;
+        d_chosen *= w;
+        d_rejected *= w;
+        if (objective == OBJ_RPO) d_plain *= w;
+    }
+    const bool nll_part = objective == OBJ_SFT || objective == OBJ_RPO;
+    if (nll_part && dplain == nullptr) d_chosen = objective == OBJ_SFT ? d_plain : d_chosen + d_plain;
 
     const bool mean_rewards = objective == OBJ_SIMPO || objective == OBJ_ORPO || objective == OBJ_CPO_IPO ||
                               objective == OBJ_CPO_SIMPO;
@@ -405,8 +439,30 @@ extern "C" __global__ void preference_loss_f32(float* metrics, float* dpolicy, c
     const float reward_rejected = mean_rewards ? beta * pr / rejected_len : beta * rejected_logratio;
     write_pair(metrics, dpolicy, i, accumulate, weight, grad_scale, loss, d_chosen, d_rejected, reward_chosen,
                reward_rejected);
+    if (nll_part && dplain != nullptr) dplain[c] += grad_scale * (weight * d_plain);  // zeroed by the host
 }
 EMU_REGISTER(preference_loss_f32)
+
+// ---- LD-DPO: the log-probs read, and the token gradients of the split ---------------------------------
+
+/// out[s] = split[2s] + α·split[2s + 1] (TRL's shared_logps + ld_alpha·tail_logps).
+extern "C" __global__ void ld_weighted_logps_f32(float* out, const float* split, float ld_alpha, int num_seqs) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= num_seqs) return;
+    out[s] = split[2 * s] + ld_alpha * split[2 * s + 1];
+}
+EMU_REGISTER(ld_weighted_logps_f32)
+
+/// grads[2s] = dread[s] + dplain[s] (each token of the shared part), grads[2s + 1] = α·dread[s] + dplain[s]
+/// (each token past it): dread the gradient in the weighted log-prob, dplain the NLL parts' in the plain one.
+extern "C" __global__ void ld_split_grads_f32(float* grads, const float* dread, const float* dplain, float ld_alpha,
+                                              int num_seqs) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= num_seqs) return;
+    grads[2 * s] = dread[s] + dplain[s];
+    grads[2 * s + 1] = ld_alpha * dread[s] + dplain[s];
+}
+EMU_REGISTER(ld_split_grads_f32)
 
 // ---- AOT: the objectives that sort across the batch ---------------------------------------------------
 

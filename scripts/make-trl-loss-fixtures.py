@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/trl_losses.json and tests/fixtures/trl_loss_modifiers.json: what Hugging Face
-TRL's preference losses compute on fixed inputs, so that tests/loss.rs and tests/objectives.rs hold the
-objectives to TRL's own code paths in CI (which has no torch).
+"""Writes tests/fixtures/trl_losses.json, tests/fixtures/trl_loss_modifiers.json and
+tests/fixtures/trl_ld_wpo.json: what Hugging Face TRL's preference losses compute on fixed inputs, so
+that tests/loss.rs, tests/objectives.rs and tests/logp_modifiers.rs hold the objectives to TRL's own
+code paths in CI (which has no torch).
 
     python3 scripts/make-trl-loss-fixtures.py                    # TRL as installed (not imported)
     python3 scripts/make-trl-loss-fixtures.py --trl-source FILE  # a given trl/trainer/dpo_trainer.py
-    python3 scripts/make-trl-loss-fixtures.py --out FILE --out-modifiers FILE  # elsewhere (to compare)
+    python3 scripts/make-trl-loss-fixtures.py --out FILE --out-modifiers FILE --out-ld-wpo FILE  # elsewhere
 
 Needs torch. TRL itself is read, not imported (importing it needs transformers, accelerate and
 datasets, and a trainer): the script parses TRL's `trl/trainer/dpo_trainer.py`, takes the
@@ -45,6 +46,19 @@ The committed files were made from TRL 1.16.0 (the wheel's trl/trainer/dpo_train
 trl/experimental/{orpo,cpo}) with torch 2.15.0; the files record both. The inputs are seeded and
 distinct (AOT sorts the batch, and torch's sort is not stable), with log-ratios of moderate size,
 where TRL's naive formulas are exact enough.
+
+trl_ld_wpo.json holds TRL's two log-prob modifiers, on per-token inputs (each case with our
+objective's text form and `trl`, what was run): `_compute_loss` from the per-token log-probs on,
+unchanged: the policy's `if self.ld_alpha is None: ... else: ...` (LD-DPO's shared and tail masks and
+`shared_logps + self.ld_alpha * tail_logps`), the reference's (the same on `ref_per_token_logps`), the
+log-ratios, the f-divergence chain, and for each `loss_type` its branch followed by the
+`if self.use_weighting:` block (WPO's weights from `outputs.log_sum_sq_probs`, under
+`torch.no_grad()`; its in-place `per_sequence_loss *= ...` read out of place, the same values: in
+place, autograd fails after `hinge`'s relu and on `sft`'s expanded scalar, as TRL 1.16 does when it
+trains them with `use_weighting`). Its inputs are `per_token_logps`, `ref_per_token_logps` and `log_sum_sq_probs`
+(`[2B, W]`, chosen rows first, zero past each row's length) with the lengths; its outputs the rows'
+losses, the rewards and `d_per_token_logps`, torch's autograd of the rows' sum with respect to the
+policy's per-token log-probs.
 
 Format: {"made_with": {...}, "source": ..., "cases": [{"loss_type", "beta", "label_smoothing",
 "discopop_tau", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
@@ -418,6 +432,148 @@ def modifier_cases(path, generator):
     return cases
 
 
+# (loss types, weights, beta, label_smoothing, ld_alpha, use_weighting, f_divergence_type): TRL's two
+# log-prob modifiers on every DPOTrainer loss type but ipo (whose TRL form divides by the lengths, ours
+# not), alone and together, with a mixture, RPO as TRL 1.x writes it and an f-divergence.
+LD_WPO_CASES = [
+    (["sigmoid"], [1.0], 0.1, 0.0, 0.5, False, "reverse_kl"),
+    (["sigmoid"], [1.0], 0.1, 0.0, None, True, "reverse_kl"),
+    (["sigmoid"], [1.0], 0.3, 0.0, 0.3, True, "reverse_kl"),
+    (["sigmoid"], [1.0], 0.2, 0.0, 0.0, False, "reverse_kl"),
+    (["hinge"], [1.0], 0.1, 0.0, 0.7, True, "reverse_kl"),
+    (["robust"], [1.0], 0.2, 0.1, 0.5, False, "reverse_kl"),
+    (["exo_pair"], [1.0], 0.1, 1e-3, 0.6, True, "reverse_kl"),
+    (["nca_pair"], [1.0], 0.2, 0.0, 0.4, True, "reverse_kl"),
+    (["bco_pair"], [1.0], 0.1, 0.0, None, True, "reverse_kl"),
+    (["sppo_hard"], [1.0], 0.5, 0.0, 0.5, False, "reverse_kl"),
+    (["apo_zero"], [1.0], 0.3, 0.0, None, True, "reverse_kl"),
+    (["apo_down"], [1.0], 0.3, 0.0, 0.5, False, "reverse_kl"),
+    (["discopop"], [1.0], 0.1, 0.0, 0.5, True, "reverse_kl"),
+    (["sigmoid_norm"], [1.0], 1.0, 0.0, 0.5, True, "reverse_kl"),
+    (["sft"], [1.0], 0.1, 0.0, None, True, "reverse_kl"),
+    (["aot"], [1.0], 0.2, 0.1, 0.5, False, "reverse_kl"),
+    (["aot_unpaired"], [1.0], 0.2, 0.0, 0.25, False, "reverse_kl"),
+    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1, 0.0, 0.5, True, "reverse_kl"),
+    (["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0, 0.5, False, "reverse_kl"),
+    (["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0, 0.5, True, "reverse_kl"),
+    (["sigmoid"], [1.0], 0.1, 0.0, 0.5, True, "js_divergence"),
+]
+
+
+def if_node(compute, test_source, assigns, rewrite=lambda block: block):
+    """The `if <test_source>:` statement in `compute` whose body assigns `assigns`, compiled whole
+    (test included) after `rewrite`."""
+
+    def assigned(node):
+        names = set()
+        for statement in ast.walk(node):
+            if isinstance(statement, ast.Assign):
+                names |= {t.id for t in statement.targets if isinstance(t, ast.Name)}
+        return names
+
+    found = [
+        n
+        for n in ast.walk(compute)
+        if isinstance(n, ast.If) and ast.unparse(n.test) == test_source and assigns in assigned(n)
+    ]
+    if len(found) != 1:
+        raise SystemExit(f"DPOTrainer._compute_loss: {len(found)} `if {test_source}:` assigning {assigns}")
+    module = ast.fix_missing_locations(ast.Module(body=[found[0]], type_ignores=[]))
+    return compiled(rewrite(module), test_source)
+
+
+def out_of_place(block):
+    """The `if self.use_weighting:` block with its in-place `per_sequence_loss *= w` read as
+    `per_sequence_loss = per_sequence_loss * (w)`, the same values: the in-place product fails under
+    autograd after `hinge`'s relu (which saves its output) and on `sft`'s expanded scalar (TRL 1.16
+    raises there when it trains)."""
+    for node in ast.walk(block):
+        if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Mult):
+            if isinstance(node.target, ast.Name) and node.target.id == "per_sequence_loss":
+                node.__class__ = ast.Assign
+                node.targets = [ast.Name(id="per_sequence_loss", ctx=ast.Store())]
+                node.value = ast.BinOp(left=ast.Name(id="per_sequence_loss", ctx=ast.Load()), op=ast.Mult(), right=node.value)
+                node.type_comment = None
+                return ast.fix_missing_locations(block)
+    raise SystemExit("DPOTrainer._compute_loss: no `per_sequence_loss *= ...` in the `if self.use_weighting:` block")
+
+
+def ld_wpo_inputs(generator):
+    """Per-token log-probs of the policy and the reference, the squared masses, and the lengths."""
+    lengths = torch.randint(1, 16, (2, PAIRS), generator=generator)
+    width = int(lengths.max())
+    mask = torch.cat([torch.arange(width) < lengths[0][:, None], torch.arange(width) < lengths[1][:, None]])
+    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(2 * PAIRS, width, generator=generator, dtype=torch.float64)
+    ref = uniform(-4.0, -0.05) * mask
+    policy = (ref + uniform(-0.6, 0.6)).clamp(max=-0.01) * mask
+    log_sum_sq = uniform(-3.0, -0.1) * mask
+    return policy, ref, log_sum_sq, lengths, mask.long()
+
+
+def ld_wpo_cases(path, generator):
+    source = path.read_text()
+    compute = compute_loss(source)
+    branches = loss_branches(source)
+    f_branches = f_divergence_branches(source)
+    policy_block = if_node(compute, "self.ld_alpha is None", "logps")
+    reference_block = if_node(compute, "self.ld_alpha is None", "ref_logps")
+    weighting_block = if_node(compute, "self.use_weighting", "weights", out_of_place)
+    cases = []
+    for loss_types, weights, beta, eps, ld_alpha, use_weighting, f_type in LD_WPO_CASES:
+        policy, ref, log_sum_sq, lengths, mask = ld_wpo_inputs(generator)
+        per_token_logps = policy.clone().requires_grad_(True)
+        self_ = dpo_self(beta, eps, f_divergence_type=f_type)
+        self_.ld_alpha, self_.use_weighting = ld_alpha, use_weighting
+        scope = {
+            "torch": torch,
+            "F": F,
+            "math": math,
+            "device": torch.device("cpu"),
+            "self": self_,
+            "per_token_logps": per_token_logps,
+            "ref_per_token_logps": ref,
+            "completion_mask": mask,
+            "shift_completion_mask": mask,
+            "seq_len": mask.size(1),
+            "outputs": SimpleNamespace(log_sum_sq_probs=log_sum_sq),
+        }
+        exec(policy_block, scope)
+        scope["chosen_logps"], scope["rejected_logps"] = scope["logps"].chunk(2, dim=0)
+        exec(reference_block, scope)
+        scope["ref_chosen_logps"], scope["ref_rejected_logps"] = scope["ref_logps"].chunk(2, dim=0)
+        scope["chosen_logratios"] = scope["chosen_logps"] - scope["ref_chosen_logps"]
+        scope["rejected_logratios"] = scope["rejected_logps"] - scope["ref_rejected_logps"]
+        exec(f_branches[f_type], scope)
+        scope["delta_score"] = scope["chosen_scores"] - scope["rejected_scores"]
+        rows = 0.0
+        for loss_type, weight in zip(loss_types, weights):
+            exec(branches[loss_type], scope)
+            exec(weighting_block, scope)
+            rows = rows + scope["per_sequence_loss"] * weight
+        (d_tokens,) = torch.autograd.grad(rows.sum(), [per_token_logps])
+        objective = f"{ours(loss_types, weights)}:beta={beta!r}" + (f",eps={eps!r}" if eps else "")
+        objective += (f",ld_alpha={ld_alpha!r}" if ld_alpha is not None else "") + (",use_weighting=true" if use_weighting else "")
+        objective += f",f_divergence_type={f_type}" if f_type != "reverse_kl" else ""
+        trl = {"loss_type": loss_types, "loss_weights": weights, "beta": beta, "label_smoothing": eps, "ld_alpha": ld_alpha, "use_weighting": use_weighting, "f_divergence_type": f_type}
+        rows_of = lambda t: [[float(x) for x in row] for row in t.detach()]
+        cases.append(
+            {
+                "objective": objective,
+                "trl": trl,
+                "chosen_len": [int(x) for x in lengths[0]],
+                "rejected_len": [int(x) for x in lengths[1]],
+                "per_token_logps": rows_of(policy),
+                "ref_per_token_logps": rows_of(ref),
+                "log_sum_sq_probs": rows_of(log_sum_sq),
+                "losses": floats(rows),
+                "chosen_rewards": floats(beta * scope["chosen_logratios"]),
+                "rejected_rewards": floats(beta * scope["rejected_logratios"]),
+                "d_per_token_logps": rows_of(d_tokens),
+            }
+        )
+    return cases
+
+
 def write(path, fixture):
     # One case per line: small, and a regenerated file diffs case by case.
     head = json.dumps({k: v for k, v in fixture.items() if k != "cases"})[:-1]
@@ -430,6 +586,7 @@ def main():
     parser.add_argument("--trl-source", help="TRL's trl/trainer/dpo_trainer.py (default: the installed one)")
     parser.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "trl_losses.json"))
     parser.add_argument("--out-modifiers", default=str(ROOT / "tests" / "fixtures" / "trl_loss_modifiers.json"))
+    parser.add_argument("--out-ld-wpo", default=str(ROOT / "tests" / "fixtures" / "trl_ld_wpo.json"))
     args = parser.parse_args()
 
     path = trl_source(args.trl_source)
@@ -470,6 +627,14 @@ def main():
     )
     write(args.out_modifiers, {"made_with": made_with, "source": source, "cases": modifiers})
     print(f"wrote {len(modifiers)} cases to {args.out_modifiers}")
+
+    ld_wpo = ld_wpo_cases(path, torch.Generator().manual_seed(20250518))
+    source = (
+        "trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss: the policy's and the reference's `if self.ld_alpha "
+        "is None:` blocks, the f-divergence chain, each `loss_type` branch and the `if self.use_weighting:` block"
+    )
+    write(args.out_ld_wpo, {"made_with": made_with, "source": source, "cases": ld_wpo})
+    print(f"wrote {len(ld_wpo)} cases to {args.out_ld_wpo}")
 
 
 if __name__ == "__main__":

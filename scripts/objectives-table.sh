@@ -30,14 +30,15 @@ BIN=${BIN:-target/release/safedpo}
 MARGIN=${MARGIN:-10}
 [ -x "$BIN" ] || cargo build --release --bin safedpo
 
-# Objectives: the arguments, else every one (`safedpo train --help` lists them) and four combinations.
+# Objectives: the arguments, else every one (`safedpo train --help` lists them), four combinations and
+# TRL's two log-prob modifiers.
 if [ $# -gt 0 ]; then
     objectives=("$@")
 else
     objectives=(dpo ipo robust cdpo hinge rpo simpo npo exo_pair nca_pair sppo_hard aot aot_unpaired apo_zero
         apo_down discopop sigmoid_norm bco_pair sft orpo cpo cpo_hinge cpo_ipo cpo_simpo
         "0.8*sigmoid+0.2*bco_pair+sft" "sigmoid:rpo_alpha=1" "sigmoid:f_divergence_type=js_divergence"
-        "bco_pair:bco_running_mean=true" kto apo_zero_unpaired)
+        "bco_pair:bco_running_mean=true" "sigmoid:ld_alpha=0.5" "sigmoid:use_weighting=true" kto apo_zero_unpaired)
 fi
 
 mkdir -p "$OUT"

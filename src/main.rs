@@ -31,13 +31,14 @@ use safedpo::config::{
     check_init_shape, DataConfig, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
 };
 use safedpo::data::{check_same_tokenizer, load_tokenizer, sequence_format, tokenizer_source};
+use safedpo::loss::LossState;
 use safedpo::model::checkpoint::{self, LoadOptions};
 use safedpo::model::Decoder;
 use safedpo::train::demo::{run_demo, DemoOptions};
 use safedpo::train::generate::{generate, SamplingParams};
 use safedpo::train::metrics::Record;
-use safedpo::train::refcache::sequence_logps;
-use safedpo::train::{self, evaluate_pairs, prepare_data, Resume, Task, TrainOptions};
+use safedpo::train::refcache::{sequence_logp_parts, sequence_logps, ReferenceLogps};
+use safedpo::train::{self, evaluate_pairs_with, prepare_data, Resume, Task, TrainOptions};
 use safedpo::with_backend;
 
 #[derive(Parser)]
@@ -434,12 +435,12 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
     let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let refl = if objective.uses_reference() {
-        sequence_logps(&mut reference, &pairs, budget)?
+        sequence_logp_parts(&mut reference, &pairs, budget)?
     } else {
-        vec![0.0; 2 * pairs.len()]
+        ReferenceLogps::totals(vec![0.0; 2 * pairs.len()])
     };
     drop(reference);
-    let stats = evaluate_pairs(&mut policy, &refl, &pairs, objective, budget)?;
+    let stats = evaluate_pairs_with(&mut policy, &refl, &pairs, objective, &LossState::default(), budget)?;
     stats.ensure_finite("eval/")?;
     let mut rec = Record::new();
     rec.insert("pairs".into(), pairs.len().into());

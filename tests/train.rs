@@ -11,7 +11,7 @@ use safedpo::config::{RunConfig, RunOverrides};
 use safedpo::data::{synthetic_pku_rows, tokenize_pairs, write_pku_jsonl, ByteTokenizer, Template};
 use safedpo::model::Decoder;
 use safedpo::train::checkpoint::{read_latest, LATEST_FILE};
-use safedpo::train::refcache::{cache_key, load_or_compute, sequence_logps, CacheStatus};
+use safedpo::train::refcache::{cache_key, load_or_compute, sequence_logp_parts, sequence_logps, CacheStatus};
 use safedpo::train::{train, Resume, Task, TrainOptions};
 
 fn backend() -> Arc<CpuBackend> {
@@ -207,10 +207,12 @@ fn reference_cache_hit_miss_and_stale() {
     let key = cache_key(&model.to_host().unwrap(), &sets, &template.0);
 
     let direct = |m: &mut Decoder<CpuBackend>| {
-        vec![sequence_logps(m, train_set, 700).unwrap(), sequence_logps(m, eval_set, 700).unwrap()]
+        vec![sequence_logp_parts(m, train_set, 700).unwrap(), sequence_logp_parts(m, eval_set, 700).unwrap()]
     };
     let expected = direct(&mut model);
-    assert!(expected[0].iter().all(|x| x.is_finite() && *x < 0.0));
+    assert!(expected[0].totals.iter().all(|x| x.is_finite() && *x < 0.0));
+    assert_eq!(expected[0].totals, sequence_logps(&mut model, train_set, 700).unwrap());
+    assert_eq!(expected[0].split.len(), 2 * expected[0].totals.len());
 
     let (values, status) = load_or_compute(&path, &key, &shapes, || Ok(direct(&mut model))).unwrap();
     assert_eq!(status, CacheStatus::Miss);
@@ -431,7 +433,7 @@ fn the_frozen_reference_gives_what_a_trainable_model_gives() {
             let (values, status) =
                 load_or_compute(&path, &key, &shapes, || panic!("the trainer's cache must match this key")).unwrap();
             assert_eq!(status, CacheStatus::Hit);
-            assert_eq!(values[1], reference_logps);
+            assert_eq!(values[1].totals, reference_logps);
         }
     }
 }

@@ -45,7 +45,8 @@
 //! beta = 0.1
 //! delta = 10.0               # safedpo only (the others: safety_margin); eps, alpha, gamma, tau, cpo_alpha
 //! # loss_weights = [0.8, 0.2, 1.0]; rpo_alpha = 1.0; f_divergence_type = "js_divergence";
-//! # f_alpha_divergence_coef = 0.5; bco_running_mean = true      (TRL's modifiers: `loss::Combination`)
+//! # f_alpha_divergence_coef = 0.5; bco_running_mean = true; ld_alpha = 0.5; use_weighting = true
+//! #                          (TRL's modifiers: `loss::Combination`)
 //!
 //! [optimizer]
 //! lr = 1e-5

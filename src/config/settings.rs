@@ -118,6 +118,8 @@ impl Setting for Objective {
                 "f_divergence_type" => (Kind::Text, "The f-divergence of the log-ratios (TRL `f_divergence_type`): reverse_kl (default), forward_kl, js_divergence, alpha_divergence"),
                 "f_alpha_divergence_coef" => (Kind::Number, "α of alpha_divergence (TRL `f_alpha_divergence_coef`, default 0.5)"),
                 "bco_running_mean" => (Kind::Bool, "bco_pair subtracts the running mean of the rewards (BCO's δ, TRL < 1.0; default false, as TRL 1.x)"),
+                "ld_alpha" => (Kind::Number, "LD-DPO's weight of the tokens past a pair's shared length in the log-probs (TRL `ld_alpha`, in [0, 1]; default 1: none)"),
+                "use_weighting" => (Kind::Bool, "WPO's per-pair weights, the policy's length-normalised aligned probabilities of both responses (TRL `use_weighting`; default false)"),
                 other => unreachable!("modifier {other} has no help"),
             };
             out.push(Key { path: join(path, key), kind, help: help.to_string() });

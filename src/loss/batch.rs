@@ -45,78 +45,168 @@ pub fn batch_loss(objective: &Objective, pairs: &[PairInput]) -> Vec<PairOutput>
 ///   gets the batch's `−Σ πc / Σ |yc|` (TRL's scalar, expanded to every pair), so the gradient of the
 ///   rows' sum is `−P / Σ |yc|` for each chosen log-prob (P pairs; the token count at least 1).
 /// - every other term is pair by pair ([`crate::loss::pair_loss`]).
+///
+/// An objective with TRL's log-prob modifiers (`ld_alpha`, `use_weighting`) needs more than the
+/// sequence log-probs: see [`crate::loss::batch_loss_parts`], which this refuses them for.
 pub fn batch_loss_with(objective: &Objective, pairs: &[PairInput], state: &LossState) -> Vec<PairOutput> {
+    assert!(
+        objective.ld_alpha().is_none() && !objective.uses_weighting(),
+        "{objective}: ld_alpha and use_weighting read the log-probs' parts (batch_loss_parts)"
+    );
+    let plain: Vec<f64> = pairs.iter().map(|p| p.policy_chosen).collect();
+    weighted_terms(objective, pairs, &plain, None, false, state).into_iter().map(|(out, _)| out).collect()
+}
+
+/// A gradient in the log-prob the terms read plus, where a term has one, the NLL parts' gradient in
+/// the plain log-prob: their sum when both are the same log-prob. (Without an NLL part nothing is
+/// added, so that a −0 stays −0.)
+pub(super) fn combined(d_read: f64, d_plain: Option<f64>) -> f64 {
+    match d_plain {
+        Some(d) => d_read + d,
+        None => d_read,
+    }
+}
+
+/// The rows of a batch under `objective`'s terms, each weighted: its output, with `d_policy_*` the
+/// gradient in the log-probs of `pairs` (which the terms read, with the rewards). The NLL parts (the
+/// `sft` term, `orpo`'s, CPO's, RPO's) read `plain` instead, the chosen responses' plain log-probs;
+/// with `separate_plain` their gradient is returned apart (`None` when no term has one), else each
+/// term's is added to its `d_policy_chosen` (`plain` and the chosen log-probs of `pairs` are then
+/// the same values). `pair_weights` (WPO's, detached) multiply every term's per-pair loss: row i's
+/// per-pair parts by `w_i`, and the batch's NLL, written on row i times `w_i`, has the gradient
+/// `Σ_i w_i · dNLL` in each chosen log-prob.
+pub(super) fn weighted_terms(
+    objective: &Objective,
+    pairs: &[PairInput],
+    plain: &[f64],
+    pair_weights: Option<&[f64]>,
+    separate_plain: bool,
+    state: &LossState,
+) -> Vec<(PairOutput, Option<f64>)> {
     let modifiers = match objective {
         Objective::Combination(c) => Modifiers { f_divergence: c.f_divergence, bco_shift: state.bco_shift(objective) },
         _ => Modifiers::default(),
     };
-    let mut out: Vec<PairOutput> = Vec::new();
+    let mut out: Vec<(PairOutput, Option<f64>)> = Vec::new();
     for (k, (weight, term)) in objective.terms().into_iter().enumerate() {
-        let rows = term_rows(term, pairs, &modifiers);
+        let mut rows = term_rows(term, pairs, plain, pair_weights, &modifiers);
+        if !separate_plain {
+            for row in rows.iter_mut() {
+                row.d_chosen = combined(row.d_chosen, row.d_plain.take());
+            }
+        }
         if k == 0 {
             out = rows
                 .iter()
                 .zip(pairs)
-                .map(|(&(loss, d_chosen, d_rejected), p)| {
+                .map(|(row, p)| {
                     let (reward_chosen, reward_rejected) = rewards(term, p);
-                    PairOutput {
-                        loss: weight * loss,
-                        d_policy_chosen: weight * d_chosen,
-                        d_policy_rejected: weight * d_rejected,
+                    let output = PairOutput {
+                        loss: weight * row.loss,
+                        d_policy_chosen: weight * row.d_chosen,
+                        d_policy_rejected: weight * row.d_rejected,
                         reward_chosen,
                         reward_rejected,
                         margin: reward_chosen - reward_rejected,
                         accuracy: if reward_chosen > reward_rejected { 1.0 } else { 0.0 },
-                    }
+                    };
+                    (output, row.d_plain.map(|d| weight * d))
                 })
                 .collect();
         } else {
-            for (o, &(loss, d_chosen, d_rejected)) in out.iter_mut().zip(&rows) {
-                o.loss += weight * loss;
-                o.d_policy_chosen += weight * d_chosen;
-                o.d_policy_rejected += weight * d_rejected;
+            for ((o, d_plain), row) in out.iter_mut().zip(&rows) {
+                o.loss += weight * row.loss;
+                o.d_policy_chosen += weight * row.d_chosen;
+                o.d_policy_rejected += weight * row.d_rejected;
+                if let Some(d) = row.d_plain {
+                    *d_plain = Some(d_plain.unwrap_or(0.0) + weight * d);
+                }
             }
         }
     }
     out
 }
 
-/// One single objective's rows (loss, dΣL/dπc, dΣL/dπr) over the batch.
-fn term_rows(term: &Objective, pairs: &[PairInput], modifiers: &Modifiers) -> Vec<(f64, f64, f64)> {
-    let mut rows: Vec<(f64, f64, f64)> = pairs.iter().map(|p| pairwise(term, p, modifiers)).collect();
+/// One term's row: its loss, its gradient in the log-probs it reads, and its NLL part's gradient in
+/// the plain chosen log-prob (`None` without one).
+struct TermRow {
+    loss: f64,
+    d_chosen: f64,
+    d_rejected: f64,
+    d_plain: Option<f64>,
+}
+
+/// One single objective's rows over the batch (see [`weighted_terms`]).
+fn term_rows(
+    term: &Objective,
+    pairs: &[PairInput],
+    plain: &[f64],
+    pair_weights: Option<&[f64]>,
+    modifiers: &Modifiers,
+) -> Vec<TermRow> {
+    let mut rows: Vec<TermRow> = pairs
+        .iter()
+        .zip(plain)
+        .map(|(p, &plain_chosen)| {
+            let (mut loss, d_chosen, d_rejected) = pairwise(term, p, modifiers);
+            let mut d_plain = None;
+            if let Objective::Rpo { alpha, .. } = *term {
+                // RPO's NLL term reads the log-prob itself, not its score (nor LD's).
+                let chosen_len = length_divisor(p.chosen_len);
+                loss += alpha * (-plain_chosen / chosen_len);
+                d_plain = Some(-(alpha / chosen_len));
+            }
+            TermRow { loss, d_chosen, d_rejected, d_plain }
+        })
+        .collect();
     if let Objective::Aot { beta, eps, .. } | Objective::AotUnpaired { beta, eps, .. } = *term {
         let (first, second): (Vec<f64>, Vec<f64>) = pairs.iter().map(|p| aot_keys(term, p)).unzip();
         let (by_first, by_second) = (sorted_order(&first), sorted_order(&second));
         for k in 0..pairs.len() {
             let (i, j) = (by_first[k], by_second[k]);
             let (loss, dz) = label_smoothed(beta * (first[i] - second[j]), eps);
-            rows[k].0 = loss;
+            rows[k].loss = loss;
             match term {
                 // a = πc − πr: pair i's both sides; b is the reference's.
-                Objective::Aot { .. } => (rows[i].1, rows[i].2) = (beta * dz, -(beta * dz)),
+                Objective::Aot { .. } => (rows[i].d_chosen, rows[i].d_rejected) = (beta * dz, -(beta * dz)),
                 // a = chosen log-ratio of pair i, b = rejected log-ratio of pair j.
-                _ => (rows[i].1, rows[j].2) = (beta * dz, -(beta * dz)),
+                _ => (rows[i].d_chosen, rows[j].d_rejected) = (beta * dz, -(beta * dz)),
             }
+        }
+    }
+    if let Some(weights) = pair_weights {
+        // WPO: the pair's own parts (the sorting objectives are refused with it).
+        for (row, &w) in rows.iter_mut().zip(weights) {
+            (row.loss, row.d_chosen, row.d_rejected) = (w * row.loss, w * row.d_chosen, w * row.d_rejected);
+            row.d_plain = row.d_plain.map(|d| w * d);
         }
     }
     let nll_weight = term.nll_weight();
     if nll_weight > 0.0 && !pairs.is_empty() {
-        let (nll, d_chosen) = chosen_nll(pairs);
-        for row in rows.iter_mut() {
-            row.0 += nll_weight * nll;
-            row.1 += nll_weight * d_chosen;
+        let (nll, tokens) = chosen_nll(plain, pairs);
+        // The gradient of the rows' NLL copies, Σ_i w_i · (−1/Σ|yc|) (w_i = 1 without WPO).
+        let d_chosen = match pair_weights {
+            None => -(pairs.len() as f64) / tokens,
+            Some(weights) => -weights.iter().sum::<f64>() / tokens,
+        };
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.loss += match pair_weights {
+                None => nll_weight * nll,
+                Some(weights) => weights[i] * (nll_weight * nll),
+            };
+            row.d_plain = Some(combined(nll_weight * d_chosen, row.d_plain));
         }
     }
     rows
 }
 
-/// The `sft` part: the batch's token-mean NLL of the chosen responses `−Σ πc / Σ |yc|`, and the
-/// derivative of `P` copies of it (one per row) in each chosen log-prob, `−P / Σ |yc|` (the token
-/// count at least 1).
-pub(super) fn chosen_nll(pairs: &[PairInput]) -> (f64, f64) {
+/// The `sft` part: the batch's token-mean NLL of the chosen responses `−Σ πc / Σ |yc|` (`plain`
+/// holds the `πc`), and the token count `Σ |yc|` (at least 1); each chosen log-prob's derivative of
+/// the `P` copies of it (one per row) is `−P / Σ |yc|`.
+fn chosen_nll(plain: &[f64], pairs: &[PairInput]) -> (f64, f64) {
     let tokens = length_divisor(pairs.iter().map(|p| p.chosen_len).sum());
-    let logps: f64 = pairs.iter().map(|p| p.policy_chosen).sum();
-    (-logps / tokens, -(pairs.len() as f64) / tokens)
+    let logps: f64 = plain.iter().sum();
+    (-logps / tokens, tokens)
 }
 
 /// `order[k]` = the index of the k-th smallest key, ties in index order: the rank of key i is the

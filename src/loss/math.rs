@@ -114,7 +114,8 @@ pub(super) struct Modifiers {
 
 /// The per-pair part of single `objective` on pair `p`, as (loss, dL/dπc, dL/dπr): everything but
 /// the batch-level parts (AOT's sort: here a batch of one; the `sft` term's token mean: not here,
-/// see `Objective::nll_weight`).
+/// see `Objective::nll_weight`) and RPO's NLL term (which reads the plain log-prob: see the batch's
+/// `term_rows`).
 pub(super) fn pairwise(objective: &Objective, p: &PairInput, modifiers: &Modifiers) -> (f64, f64, f64) {
     let chosen_logratio = p.policy_chosen - p.ref_chosen;
     let rejected_logratio = p.policy_rejected - p.ref_rejected;
@@ -246,17 +247,11 @@ pub(super) fn pairwise(objective: &Objective, p: &PairInput, modifiers: &Modifie
         Objective::Combination(_) => unreachable!("pairwise takes the terms of a combination one by one"),
         Objective::Kto(_) => unreachable!("{} is unpaired: see unpaired_loss", objective.name()),
     };
-    let (mut loss, mut d_chosen, d_rejected) = if scored {
+    if scored {
         (loss, d_chosen * d_chosen_score, d_rejected * d_rejected_score)
     } else {
         (loss, d_chosen, d_rejected)
-    };
-    if let Objective::Rpo { alpha, .. } = *objective {
-        // RPO's NLL term reads the log-prob itself, not its score.
-        loss += alpha * (-p.policy_chosen / chosen_len);
-        d_chosen -= alpha / chosen_len;
     }
-    (loss, d_chosen, d_rejected)
 }
 
 /// The rewards a single objective logs for pair `p`: `β(π − r)`; `β π` for the reference-free ones

@@ -12,6 +12,8 @@
 //!   mean);
 //! - `math`: the f64 specification of one pair's part of each objective (`pairwise`), the
 //!   f-divergence scores and the stable primitives;
+//! - `modifiers`: TRL's log-prob modifiers, LD-DPO's `ld_alpha` and WPO's `use_weighting`, and
+//!   [`batch_loss_parts`], a batch with the parts of the log-probs they read;
 //! - `state`: the trainer state the loss reads ([`LossState`]);
 //! - `batch`: [`batch_loss`], a batch of pairs (the objectives that sort across the batch or take
 //!   the batch's token mean, and the terms of a combination), and [`pair_loss`], a batch of one;
@@ -51,6 +53,7 @@
 
 mod batch;
 mod math;
+mod modifiers;
 mod objectives;
 mod params;
 mod state;
@@ -62,9 +65,10 @@ pub use math::{
     f_divergence_score, log1mexp, log_sigmoid, sigmoid, softplus, PairInput, PairOutput, ORPO_MAX_MEAN_LOGP,
     PAIR_METRICS,
 };
+pub use modifiers::{batch_loss_parts, PairParts, PartsOutput, SharedSplit};
 pub use objectives::{
     Combination, FDivergence, Kto, KtoLoss, Objective, ObjectiveSpec, ALPHA_DIVERGENCE_MAX_EXPONENT,
-    DEFAULT_ALPHA_DIVERGENCE_COEF, UNPAIRED,
+    DEFAULT_ALPHA_DIVERGENCE_COEF, NO_LD_ALPHA, UNPAIRED,
 };
 pub use params::{canonical_param, Bound, Param, PARAM_ALIASES};
 pub use state::{LossState, RunningMean};

@@ -15,7 +15,9 @@ use anyhow::{bail, Result};
 mod combination;
 mod kto;
 
-pub use combination::{Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF};
+pub use combination::{
+    Combination, FDivergence, ALPHA_DIVERGENCE_MAX_EXPONENT, DEFAULT_ALPHA_DIVERGENCE_COEF, NO_LD_ALPHA,
+};
 pub use kto::{Kto, KtoLoss, UNPAIRED};
 
 use super::params::{

@@ -17,16 +17,26 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::objectives::{Combination, FDivergence, Objective, ObjectiveSpec, DEFAULT_ALPHA_DIVERGENCE_COEF};
+use super::objectives::{
+    Combination, FDivergence, Objective, ObjectiveSpec, DEFAULT_ALPHA_DIVERGENCE_COEF, NO_LD_ALPHA,
+};
 use super::params::canonical_param;
 
 /// The keys of an objective besides `name` and the parameters: the combination's weights
 /// (`loss_weights`), RPO's weight of the `sft` term added to any objective (`rpo_alpha`, TRL < 1.0),
 /// the f-divergence (`f_divergence_type`: `reverse_kl`, `forward_kl`, `js_divergence`,
-/// `alpha_divergence`; `f_alpha_divergence_coef`, default 0.5), and `bco_pair`'s running reward
-/// mean (`bco_running_mean`).
-pub const MODIFIER_KEYS: [&str; 5] =
-    ["loss_weights", "rpo_alpha", "f_divergence_type", "f_alpha_divergence_coef", "bco_running_mean"];
+/// `alpha_divergence`; `f_alpha_divergence_coef`, default 0.5), `bco_pair`'s running reward
+/// mean (`bco_running_mean`), LD-DPO's weight of the tokens past the pair's shared length
+/// (`ld_alpha`) and WPO's per-pair weights (`use_weighting`).
+pub const MODIFIER_KEYS: [&str; 7] = [
+    "loss_weights",
+    "rpo_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "bco_running_mean",
+    "ld_alpha",
+    "use_weighting",
+];
 
 /// One value of an objective's table or text.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -134,11 +144,12 @@ pub fn unknown_key(terms: &[&'static ObjectiveSpec], key: &str) -> Option<String
 }
 
 /// Whether `key` holds a number: a parameter of some objective (or TRL's spelling of one),
-/// `rpo_alpha` or `f_alpha_divergence_coef`.
+/// `rpo_alpha`, `f_alpha_divergence_coef` or `ld_alpha`.
 fn is_number_key(key: &str) -> bool {
     let key = canonical_param(key);
     key == "rpo_alpha"
         || key == "f_alpha_divergence_coef"
+        || key == "ld_alpha"
         || Objective::specs().any(|spec| spec.params.iter().any(|p| p.name == key))
 }
 
@@ -210,6 +221,12 @@ fn build(terms: &[(Option<f64>, &'static ObjectiveSpec)], given: &[(String, Valu
     if let Some(value) = find("bco_running_mean") {
         combination.bco_running_mean = value.flag("bco_running_mean")?;
     }
+    if let Some(value) = find("ld_alpha") {
+        combination.ld_alpha = value.number("ld_alpha")?;
+    }
+    if let Some(value) = find("use_weighting") {
+        combination.use_weighting = value.flag("use_weighting")?;
+    }
     Ok(combination.into_objective())
 }
 
@@ -270,6 +287,12 @@ fn modifier_items(c: &Combination) -> Vec<(&'static str, String)> {
     if c.bco_running_mean {
         items.push(("bco_running_mean", "true".to_string()));
     }
+    if c.ld_alpha != NO_LD_ALPHA {
+        items.push(("ld_alpha", c.ld_alpha.to_string()));
+    }
+    if c.use_weighting {
+        items.push(("use_weighting", "true".to_string()));
+    }
     items
 }
 
@@ -305,6 +328,12 @@ impl Serialize for Objective {
             }
             if c.bco_running_mean {
                 map.serialize_entry("bco_running_mean", &true)?;
+            }
+            if c.ld_alpha != NO_LD_ALPHA {
+                map.serialize_entry("ld_alpha", &c.ld_alpha)?;
+            }
+            if c.use_weighting {
+                map.serialize_entry("use_weighting", &true)?;
             }
         }
         map.end()
@@ -349,7 +378,7 @@ impl<'de> Visitor<'de> for ObjectiveVisitor {
                 // Typed where the key's type is known, so that a bad value is reported at the value.
                 let value = if is_number_key(&key) {
                     Value::Number(map.next_value()?)
-                } else if key == "bco_running_mean" {
+                } else if key == "bco_running_mean" || key == "use_weighting" {
                     Value::Bool(map.next_value()?)
                 } else if key == "f_divergence_type" {
                     Value::Text(map.next_value()?)

@@ -179,7 +179,7 @@ pub fn plan_head_chunks(row_cu_seqlens: &[i32], max_rows: usize) -> Vec<Range<us
 /// A frozen model's LM head in chunks (see [`plan_head_chunks`]), largest first.
 pub(super) struct HeadChunks<B: Backend> {
     /// The chunk size they were planned for.
-    max_rows: usize,
+    pub(super) max_rows: usize,
     pub(super) chunks: Vec<HeadChunk<B>>,
 }
 

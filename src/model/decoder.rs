@@ -60,6 +60,7 @@ use super::activations::{
     layer_input, two_slots_mut, Activations, BackwardScratch, HeadActivations, KeptLayers, LayerInterior, Widths,
 };
 use super::batch::DeviceBatch;
+use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
 use super::params::{BlockParams, Init, Norm, Params};
 use super::{DecoderConfig, HostWeights};
 use crate::backend::{Backend, QkvLayout, WeightLayout};
@@ -83,6 +84,8 @@ pub struct Decoder<B: Backend> {
     pub(super) scratch: Option<BackwardScratch<B::Buf>>,
     /// `[S]` sequence log-probs of the last forward.
     pub(super) seq_logp: B::Buf,
+    /// What the last forward computed besides them, when asked (`forward_with`); made on first use.
+    pub(super) parts: Option<PartBuffers<B::Buf>>,
     /// (tokens, sequences) of the last forward whose activations and logits a backward may use.
     pub(super) pending_backward: Option<(usize, usize)>,
     /// Whether the last forward ran the LM head in chunks, keeping no logits: the backward
@@ -269,6 +272,12 @@ impl<B: Backend> Decoder<B> {
     /// Forward through the LM head and the fused log-softmax-gather; returns the per-sequence
     /// log-probs `[S]` and keeps what the backward needs.
     pub fn forward(&mut self, batch: &DeviceBatch<B>) -> Result<&B::Buf> {
+        Ok(self.forward_with(batch, &ForwardExtras::none())?.total)
+    }
+
+    /// [`forward`](Self::forward), and what `extras` asks for besides the log-probs (see
+    /// [`ForwardExtras`]); the log-probs are the same bits either way.
+    pub fn forward_with(&mut self, batch: &DeviceBatch<B>, extras: &ForwardExtras<B>) -> Result<SequenceLogps<'_, B>> {
         self.forward_trunk(batch)?;
         let (n, c, v) = (batch.num_tokens(), self.config.n_embd, self.config.vocab_size);
         let m = batch.num_target_rows();
@@ -285,6 +294,7 @@ impl<B: Backend> Decoder<B> {
         if b.buf_len(&self.seq_logp) != num_seqs {
             self.seq_logp = b.zeros(num_seqs)?;
         }
+        let mut parts = PartBuffers::prepare(&mut self.parts, b, extras, num_seqs)?;
 
         // The LM head (logits = norm_f · Wᵀ, W the head's weight or the token embedding it is tied
         // to), on the M rows with a target only: the others would be computed to be multiplied by zero.
@@ -295,11 +305,14 @@ impl<B: Backend> Decoder<B> {
                 // product is launched).
                 b.fill(&mut self.seq_logp, 0.0)?;
             } else {
-                lm_head(b, head, norm_f, weight, &batch.target_rows, &batch.row_targets, m, n, c, v)?;
+                let squares = PartBuffers::squares(&mut parts, b, m)?;
+                lm_head(b, head, norm_f, weight, &batch.target_rows, &batch.row_targets, squares, m, n, c, v)?;
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &batch.row_packing)?;
+                let split = extras.split.map(|s| &s.packing);
+                PartBuffers::add_pass(&mut parts, b, &head.token_logp, true, &batch.row_packing, split)?;
             }
             self.pending_backward = Some((n, num_seqs));
-            return Ok(&self.seq_logp);
+            return Ok(SequenceLogps::of(&self.seq_logp, self.parts.as_ref(), extras));
         };
 
         // Chunk by chunk. Each chunk's packing holds every sequence, those of other chunks empty, so
@@ -307,10 +320,12 @@ impl<B: Backend> Decoder<B> {
         // or +0 (an empty sum); the first chunk writes the batch's log-probs, the others add theirs,
         // and x + 0 = x: the result is the whole head's bit for bit. (No sum is −0, which + 0 would
         // turn into +0: sums start from +0.)
+        let split_chunks = extras.split.map(|s| s.chunk_packings(b, &chunks)).transpose()?;
         for (i, chunk) in chunks.chunks.iter().enumerate() {
             let rows = chunk.num_rows;
             head.resize(b, rows, c, v)?;
-            lm_head(b, head, norm_f, weight, &chunk.target_rows, &chunk.row_targets, rows, n, c, v)?;
+            let squares = PartBuffers::squares(&mut parts, b, rows)?;
+            lm_head(b, head, norm_f, weight, &chunk.target_rows, &chunk.row_targets, squares, rows, n, c, v)?;
             if i == 0 {
                 b.sequence_logp_sum(&mut self.seq_logp, &head.token_logp, &chunk.packing)?;
             } else {
@@ -318,13 +333,15 @@ impl<B: Backend> Decoder<B> {
                 b.sequence_logp_sum(&mut acts.chunk_seq_logp, &head.token_logp, &chunk.packing)?;
                 b.add_inplace(&mut self.seq_logp, &acts.chunk_seq_logp)?;
             }
+            let split = split_chunks.as_ref().map(|p| &p[i]);
+            PartBuffers::add_pass(&mut parts, b, &head.token_logp, i == 0, &chunk.packing, split)?;
         }
         // The buffers keep the largest chunk's size, which is what they hold (a CPU buffer zero-fills
         // when it grows back within its storage: here rather than on the next batch's first chunk).
         head.resize(b, chunks.chunks[0].num_rows, c, v)?;
         // (A trainable model's backward recomputes the logits; a frozen model's refuses.)
         self.pending_backward = Some((n, num_seqs));
-        Ok(&self.seq_logp)
+        Ok(SequenceLogps::of(&self.seq_logp, self.parts.as_ref(), extras))
     }
 
     /// Logits `[V]` at the last position of `tokens` (one sequence), for generation. Only the last
@@ -348,6 +365,16 @@ impl<B: Backend> Decoder<B> {
     /// Given dL/d(seq logp) `[S]`, accumulates every parameter gradient. Must follow `forward`
     /// on the same batch.
     pub fn backward(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf) -> Result<()> {
+        self.backward_over(batch, dseq, None)
+    }
+
+    /// [`backward`](Self::backward) given a gradient per part of each sequence `[2S]` (sequence s's
+    /// first part of `split` at `2s`, the rest at `2s + 1`), each row taking its part's: LD-DPO's.
+    pub fn backward_split(&mut self, batch: &DeviceBatch<B>, split: &RowSplit<B>, dsplit: &B::Buf) -> Result<()> {
+        self.backward_over(batch, dsplit, Some(split))
+    }
+
+    fn backward_over(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf, split: Option<&RowSplit<B>>) -> Result<()> {
         self.ensure_trainable("backward")?;
         let (n, num_seqs) = (batch.num_tokens(), batch.num_seqs());
         ensure!(
@@ -356,11 +383,8 @@ impl<B: Backend> Decoder<B> {
              last forward: {:?})",
             self.pending_backward
         );
-        ensure!(
-            self.backend.buf_len(dseq) == num_seqs,
-            "backward: dL/d(seq logp) has {} entries, the batch has {num_seqs} sequences",
-            self.backend.buf_len(dseq)
-        );
+        let (got, segments) = (self.backend.buf_len(dseq), if split.is_some() { 2 * num_seqs } else { num_seqs });
+        ensure!(got == segments, "backward: dL/d(seq logp) has {got} entries for {segments} sequences (or parts)");
         // The backward overwrites the logits with their gradient: a second backward needs a new forward.
         self.pending_backward = None;
         self.ensure_scratch(n)?;
@@ -383,15 +407,8 @@ impl<B: Backend> Decoder<B> {
         let m = batch.num_target_rows();
         b.resize(dnorm_f_rows, m * c)?;
         if m > 0 && !self.head_chunked {
-            b.logsoftmax_gather_backward(
-                &mut head.logits,
-                &head.lse,
-                &batch.row_targets,
-                dseq,
-                &batch.row_packing,
-                m,
-                v,
-            )?;
+            let packing = split.map_or(&batch.row_packing, |s| &s.packing);
+            b.logsoftmax_gather_backward(&mut head.logits, &head.lse, &batch.row_targets, dseq, packing, m, v)?;
             let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
             let (logits, rows) = (&head.logits, &head.norm_f_rows);
             b.matmul_backward(dnorm_f_rows, dhead, None, logits, rows, p.head(), m, c, v, WeightLayout::OutIn)?;
@@ -400,11 +417,13 @@ impl<B: Backend> Decoder<B> {
             // Chunk by chunk, the logits recomputed: dL/d(norm_f) is the sum of the chunks' rows
             // scattered to their tokens (d.residual, zeroed below, holds each chunk's scatter).
             let chunks = batch.head_chunks(b, self.head_chunk_rows)?;
+            let split_chunks = split.map(|s| s.chunk_packings(b, &chunks)).transpose()?;
             for (i, chunk) in chunks.chunks.iter().enumerate() {
                 let (rows, targets) = (chunk.num_rows, &chunk.row_targets);
                 head.resize(b, rows, c, v)?;
-                lm_head(b, head, &trunk.norm_f, p.head(), &chunk.target_rows, targets, rows, n, c, v)?;
-                b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, &chunk.packing, rows, v)?;
+                lm_head(b, head, &trunk.norm_f, p.head(), &chunk.target_rows, targets, None, rows, n, c, v)?;
+                let packing = split_chunks.as_ref().map_or(&chunk.packing, |p| &p[i]);
+                b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, packing, rows, v)?;
                 b.resize(dnorm_f_rows, rows * c)?;
                 let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
                 let (logits, x) = (&head.logits, &head.norm_f_rows);
@@ -592,8 +611,8 @@ fn block_interior_forward<B: Backend>(
 
 /// The LM head on `rows` rows of `norm_f` (`target_rows`, with their `targets`): gathers them,
 /// then `logits = norm_f_rows · weightᵀ` (`weight [V, C]`: the head's, or the token embedding it is
-/// tied to) and their target log-probs and log-sum-exps. Buffers sized by
-/// `HeadActivations::resize`; `rows > 0`.
+/// tied to) and their target log-probs and log-sum-exps (and into `squares`, when given, each row's
+/// `log Σ_v p_v²`). Buffers sized by `HeadActivations::resize`; `rows > 0`.
 #[allow(clippy::too_many_arguments)]
 fn lm_head<B: Backend>(
     b: &B,
@@ -602,6 +621,7 @@ fn lm_head<B: Backend>(
     weight: &B::Buf,
     target_rows: &B::Ids,
     targets: &B::Ids,
+    squares: Option<&mut B::Buf>,
     rows: usize,
     n: usize,
     c: usize,
@@ -609,7 +629,11 @@ fn lm_head<B: Backend>(
 ) -> Result<()> {
     b.gather_rows(&mut head.norm_f_rows, norm_f, target_rows, rows, n, c)?;
     b.matmul_forward(&mut head.logits, &head.norm_f_rows, weight, None, rows, c, v, WeightLayout::OutIn)?;
-    b.logsoftmax_gather_forward(&mut head.token_logp, &mut head.lse, &head.logits, targets, rows, v)
+    let (token_logp, lse, logits) = (&mut head.token_logp, &mut head.lse, &head.logits);
+    match squares {
+        Some(squares) => b.logsoftmax_gather_forward_sq(token_logp, lse, squares, logits, targets, rows, v),
+        None => b.logsoftmax_gather_forward(token_logp, lse, logits, targets, rows, v),
+    }
 }
 
 /// The initialisation `transformers` gives each family: N(0, 0.02) weights, zero biases, unit norm

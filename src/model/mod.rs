@@ -7,6 +7,7 @@
 //! - `params`: the parameter lists, each tensor written once with its HF name and shape;
 //! - `activations`: what the forward keeps for the backward, and the backward's scratch;
 //! - `batch`: a packed batch on a backend, and the LM head's plan for it;
+//! - `logp_parts`: what a forward computes besides the log-probs, for TRL's log-prob modifiers;
 //! - `decoder`: the model: forward, backward, initialisation;
 //! - `weights`: the model's weights: upload, download, HF directories, the optimizer's view;
 //! - `checkpoint`: model directories as HF writes them.
@@ -16,6 +17,7 @@ mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+mod logp_parts;
 mod params;
 mod tensor_list;
 mod weights;
@@ -24,4 +26,5 @@ pub use batch::{plan_head_chunks, DeviceBatch, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_
 pub use checkpoint::HostWeights;
 pub use config::{DecoderConfig, Family, Rope};
 pub use decoder::{random_weights, Decoder};
+pub use logp_parts::{ForwardExtras, RowSplit, SequenceLogps};
 pub use weights::ParamAndGrad;

@@ -70,6 +70,7 @@ impl<B: Backend> Decoder<B> {
             acts: None,
             scratch: None,
             seq_logp,
+            parts: None,
             pending_backward: None,
             head_chunked: false,
             head_chunk_rows: if frozen { FROZEN_HEAD_CHUNK_ROWS } else { usize::MAX },

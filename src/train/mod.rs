@@ -53,7 +53,8 @@ pub use eval::{evaluate_nll, evaluate_pairs, evaluate_pairs_with};
 pub use metrics::brief;
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
-use refcache::{cache_key, load_or_compute, sequence_logps};
+pub use refcache::ReferenceLogps;
+use refcache::{cache_key, load_or_compute, sequence_logp_parts};
 use refsync::RefSync;
 pub use refsync::{mix_weights, REFERENCE_DIR};
 use rundir::RunDir;
@@ -275,8 +276,9 @@ struct Trainer<B: Backend> {
     opts: TrainOptions,
     /// The policy, its optimizer, the reference and the objective.
     learner: Learner<B>,
-    /// Reference log-probs of the eval pairs `[2E]` (computed once, and after each reference sync).
-    eval_reference: Vec<f32>,
+    /// Reference log-probs of the eval pairs `[2E]` (computed once, and after each reference sync),
+    /// with their split at each pair's shared length for LD-DPO.
+    eval_reference: ReferenceLogps,
     /// TR-DPO's reference sync (`sync_ref_model`).
     ref_sync: Option<RefSync>,
     schedule: LrSchedule,
@@ -556,7 +558,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let mut ref_sync = None;
     ensure!(task == Task::Preference || !cfg.sync_ref_model, "sync_ref_model: {} trains no reference", task.name());
     let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
-        (Reference::Free, vec![0.0; 2 * data.eval.len()])
+        (Reference::Free, ReferenceLogps::totals(vec![0.0; 2 * data.eval.len()]))
     } else {
         if let Some(dir) = &cfg.model.reference {
             data::check_same_tokenizer(tokenizer.as_ref(), cfg.model.init.as_deref(), dir)?;
@@ -584,8 +586,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             let (mut sets, status) =
                 load_or_compute(&path, &key, &[("train", data.train.len()), ("eval", data.eval.len())], || {
                     Ok(vec![
-                        sequence_logps(&mut ref_model, &data.train, budget)?,
-                        sequence_logps(&mut ref_model, &data.eval, budget)?,
+                        sequence_logp_parts(&mut ref_model, &data.train, budget)?,
+                        sequence_logp_parts(&mut ref_model, &data.eval, budget)?,
                     ])
                 })?;
             console.note(format!(
@@ -603,7 +605,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             let train = sets.pop().expect("two sets");
             (Reference::Cached(train), eval)
         } else {
-            let eval = sequence_logps(&mut ref_model, &data.eval, budget)?;
+            let eval = sequence_logp_parts(&mut ref_model, &data.eval, budget)?;
             if cfg.sync_ref_model {
                 let (alpha, every) = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps);
                 ref_sync = Some(RefSync { alpha, every, weights: ref_weights });

@@ -1,9 +1,12 @@
 //! Reference log-probs: computed by a forward pass over fixed chunks of pairs, and cached on disk
 //! so that the reference model can be dropped during training.
 //!
-//! The cache file holds one `[P, 2]` f32 tensor per named pair set (chosen, rejected log-prob per
-//! pair) and, in its metadata, a key: the sha256 of the reference weights, the tokenized pairs of
-//! every set and the prompt template. A file whose key differs is stale and is recomputed.
+//! The cache file holds two f32 tensors per named pair set: `<set>` `[P, 2]` (chosen, rejected
+//! log-prob per pair) and `<set>.shared_split` `[P, 4]` (each response's log-prob split at the
+//! pair's shared length, LD-DPO's parts: chosen shared, chosen tail, rejected shared, rejected
+//! tail), and, in its metadata, its format and a key: the sha256 of the reference weights, the
+//! tokenized pairs of every set and the prompt template. A file whose key differs is stale and is
+//! recomputed, as is a file of another format (v1 files had no split).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,9 +17,35 @@ use sha2::{Digest, Sha256};
 use super::checkpoint::{read_f32_safetensors, write_f32_safetensors};
 use crate::backend::Backend;
 use crate::data::{preference_batch, TokenizedPair};
-use crate::model::{Decoder, DeviceBatch, HostWeights};
+use crate::model::{Decoder, DeviceBatch, ForwardExtras, HostWeights, RowSplit};
 
-const CACHE_FORMAT: &str = "safedpo-reference-logps-v1";
+const CACHE_FORMAT: &str = "safedpo-reference-logps-v2";
+
+/// A pair set's reference log-probs, as the cache holds them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReferenceLogps {
+    /// `[2P]` each response's log-prob: chosen at `2i`, rejected at `2i + 1`.
+    pub totals: Vec<f32>,
+    /// `[4P]` each response's log-prob split at its pair's shared length (LD-DPO): sequence s's
+    /// shared part at `2s`, its tail at `2s + 1`; empty where not computed.
+    pub split: Vec<f32>,
+}
+
+impl ReferenceLogps {
+    /// Log-probs without the split (`ld_alpha` then refuses them).
+    pub fn totals(totals: Vec<f32>) -> Self {
+        ReferenceLogps { totals, split: Vec::new() }
+    }
+
+    /// The values of pairs `ids` (in that order): totals `[2k]` and, when held, the split `[4k]`.
+    pub fn of_pairs(&self, ids: &[usize]) -> ReferenceLogps {
+        let pick = |values: &[f32], width: usize| {
+            ids.iter().flat_map(|&i| values[width * i..width * (i + 1)].iter().copied()).collect::<Vec<f32>>()
+        };
+        let split = if self.split.is_empty() { Vec::new() } else { pick(&self.split, 4) };
+        ReferenceLogps { totals: pick(&self.totals, 2), split }
+    }
+}
 
 /// Consecutive runs of pair ids whose tokens fit `token_budget` (a pair larger than the budget is a
 /// chunk alone). Used wherever a fixed set of pairs is evaluated.
@@ -54,6 +83,33 @@ pub fn sequence_logps<B: Backend>(
         out.extend(backend.download(logps)?);
     }
     ensure!(out.len() == 2 * pairs.len(), "reference log-probs: {} values for {} pairs", out.len(), pairs.len());
+    Ok(out)
+}
+
+/// [`sequence_logps`] with each response's log-prob split at its pair's shared length too (see
+/// [`ReferenceLogps`]): the totals are `sequence_logps`'s, bit for bit.
+pub fn sequence_logp_parts<B: Backend>(
+    model: &mut Decoder<B>,
+    pairs: &[TokenizedPair],
+    token_budget: usize,
+) -> Result<ReferenceLogps> {
+    let backend = model.backend().clone();
+    let mut out =
+        ReferenceLogps { totals: Vec::with_capacity(2 * pairs.len()), split: Vec::with_capacity(4 * pairs.len()) };
+    for ids in chunk_pairs(pairs, token_budget) {
+        let batch = preference_batch(pairs, &ids);
+        let dev = DeviceBatch::upload(&*backend, &batch.packed)?;
+        let split = RowSplit::shared_length(&*backend, &dev)?;
+        let logps = model.forward_with(&dev, &ForwardExtras { split: Some(&split), aligned: false })?;
+        out.totals.extend(backend.download(logps.total)?);
+        out.split.extend(backend.download(logps.split.expect("asked for"))?);
+    }
+    ensure!(
+        out.totals.len() == 2 * pairs.len(),
+        "reference log-probs: {} values for {} pairs",
+        out.totals.len(),
+        pairs.len()
+    );
     Ok(out)
 }
 
@@ -100,50 +156,61 @@ pub enum CacheStatus {
 }
 
 /// The reference log-probs of every set (in the order of `sets`), from the cache file at `path`
-/// when its key is `key`, else from `compute` (which returns one `[2P]` vector per set), then
-/// written to `path` atomically.
+/// when its key is `key`, else from `compute` (which returns one [`ReferenceLogps`] per set, split
+/// included), then written to `path` atomically.
 pub fn load_or_compute(
     path: &Path,
     key: &str,
     sets: &[(&str, usize)],
-    compute: impl FnOnce() -> Result<Vec<Vec<f32>>>,
-) -> Result<(Vec<Vec<f32>>, CacheStatus)> {
+    compute: impl FnOnce() -> Result<Vec<ReferenceLogps>>,
+) -> Result<(Vec<ReferenceLogps>, CacheStatus)> {
     let status = match read_cache(path, sets) {
         Ok(Some((found_key, values))) if found_key == key => return Ok((values, CacheStatus::Hit)),
         Ok(Some(_)) => CacheStatus::Stale,
-        // Unreadable or of another shape: treat as stale (it is replaced).
+        // Unreadable, of another format or of another shape: treat as stale (it is replaced).
         Err(_) => CacheStatus::Stale,
         Ok(None) => CacheStatus::Miss,
     };
     let values = compute()?;
     ensure!(values.len() == sets.len(), "reference cache: {} sets computed for {} names", values.len(), sets.len());
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = sets
-        .iter()
-        .zip(&values)
-        .map(|((name, n), v)| {
-            ensure!(v.len() == 2 * n, "reference cache: set {name} has {} values for {n} pairs", v.len());
-            Ok((name.to_string(), vec![*n, 2], v.as_slice()))
-        })
-        .collect::<Result<_>>()?;
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for ((name, n), v) in sets.iter().zip(&values) {
+        ensure!(v.totals.len() == 2 * n, "reference cache: set {name} has {} values for {n} pairs", v.totals.len());
+        ensure!(v.split.len() == 4 * n, "reference cache: set {name} has {} split values for {n} pairs", v.split.len());
+        tensors.push((name.to_string(), vec![*n, 2], v.totals.as_slice()));
+        tensors.push((split_tensor(name), vec![*n, 4], v.split.as_slice()));
+    }
     let meta = HashMap::from([("format".to_string(), CACHE_FORMAT.to_string()), ("key".to_string(), key.to_string())]);
     write_f32_safetensors(path, &tensors, meta)
         .with_context(|| format!("writing reference cache {}", path.display()))?;
     Ok((values, status))
 }
 
-/// `Ok(None)` when there is no file; the key and values when it matches `sets` in shape.
-fn read_cache(path: &Path, sets: &[(&str, usize)]) -> Result<Option<(String, Vec<Vec<f32>>)>> {
+/// The name of a set's split tensor.
+fn split_tensor(set: &str) -> String {
+    format!("{set}.shared_split")
+}
+
+/// `Ok(None)` when there is no file; the key and values when it is of this format and matches `sets`
+/// in shape.
+fn read_cache(path: &Path, sets: &[(&str, usize)]) -> Result<Option<(String, Vec<ReferenceLogps>)>> {
     if !path.exists() {
         return Ok(None);
     }
     let (mut tensors, meta) = read_f32_safetensors(path)?;
-    ensure!(meta.get("format").map(String::as_str) == Some(CACHE_FORMAT), "not a reference cache");
+    let format = meta.get("format").map(String::as_str);
+    ensure!(format == Some(CACHE_FORMAT), "not a reference cache of format {CACHE_FORMAT} (found {format:?})");
     let key = meta.get("key").cloned().context("reference cache without a key")?;
     let mut values = Vec::with_capacity(sets.len());
     for (name, n) in sets {
-        let (shape, data) = tensors.remove(*name).with_context(|| format!("reference cache lacks set {name}"))?;
-        ensure!(shape == vec![*n, 2], "reference cache: set {name} has shape {shape:?}, expected [{n}, 2]");
-        values.push(data);
+        let mut take = |tensor: String, width: usize| {
+            let (shape, data) = tensors.remove(&tensor).with_context(|| format!("reference cache lacks {tensor}"))?;
+            ensure!(shape == vec![*n, width], "reference cache: {tensor} has shape {shape:?}, expected [{n}, {width}]");
+            Ok(data)
+        };
+        let totals = take(name.to_string(), 2)?;
+        let split = take(split_tensor(name), 4)?;
+        values.push(ReferenceLogps { totals, split });
     }
     Ok(Some((key, values)))
 }

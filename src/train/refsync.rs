@@ -15,7 +15,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 
-use super::refcache::sequence_logps;
+use super::refcache::sequence_logp_parts;
 use super::step::Reference;
 use super::Trainer;
 use crate::backend::Backend;
@@ -90,7 +90,7 @@ impl<B: Backend> Trainer<B> {
         }
         if !self.data.eval.is_empty() {
             let budget = self.cfg.batching.tokens_per_micro_batch;
-            self.eval_reference = sequence_logps(&mut model, &self.data.eval, budget)?;
+            self.eval_reference = sequence_logp_parts(&mut model, &self.data.eval, budget)?;
         }
         self.learner.reference = Reference::Model(Box::new(model));
         Ok(())

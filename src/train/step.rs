@@ -6,11 +6,12 @@
 
 use anyhow::{bail, ensure, Result};
 
-use crate::backend::{Backend, PAIR_METRICS};
+use super::refcache::ReferenceLogps;
+use crate::backend::{Backend, LogpParts, PAIR_METRICS};
 use crate::config::OptimizerConfig;
 use crate::data::PreferenceBatch;
 use crate::loss::{LossState, Objective};
-use crate::model::{Decoder, DeviceBatch};
+use crate::model::{Decoder, DeviceBatch, ForwardExtras, RowSplit};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
 
 /// The parts of a step, in order, as the hook sees them.
@@ -34,8 +35,8 @@ pub enum Reference<B: Backend> {
     Free,
     /// The frozen reference model, run on every micro-batch.
     Model(Box<Decoder<B>>),
-    /// Precomputed `[2T]` (chosen, rejected per training pair).
-    Cached(Vec<f32>),
+    /// Precomputed for every training pair (with their split at the shared length, which LD-DPO reads).
+    Cached(ReferenceLogps),
 }
 
 /// A preference micro-batch on the device, with the host batch it came from.
@@ -61,7 +62,7 @@ impl<B: Backend> MicroBatch<B> {
 pub struct MicroOutput {
     /// `PAIR_METRICS` values per pair (loss first).
     pub metrics: Vec<f32>,
-    /// The policy's sequence log-probs `[2P]` (chosen, rejected per pair).
+    /// The policy's sequence log-probs `[2P]` (chosen, rejected per pair), as the loss read them.
     pub logps: Vec<f32>,
 }
 
@@ -135,46 +136,70 @@ impl<B: Backend> Learner<B> {
         self.policy.zero_grad()?;
         for batch in micro {
             let n = batch.host.num_pairs();
-            let owned;
-            let reference = match &mut self.reference {
-                Reference::Model(model) => model.forward(&batch.packed)?,
+            // LD-DPO reads each response's log-prob split at its pair's shared length, WPO the
+            // policy's aligned log-probs (see `crate::loss::batch_loss_parts`).
+            let ld_alpha = self.objective.ld_alpha();
+            let split = match ld_alpha {
+                Some(_) => Some(RowSplit::shared_length(b, &batch.packed)?),
+                None => None,
+            };
+            let extras = ForwardExtras { split: split.as_ref(), aligned: self.objective.uses_weighting() };
+            let (owned, owned_split);
+            let (reference, reference_split) = match &mut self.reference {
+                Reference::Model(model) => {
+                    let out = model.forward_with(&batch.packed, &ForwardExtras { aligned: false, ..extras })?;
+                    (out.total, out.split)
+                }
                 Reference::Free => {
                     owned = b.zeros(2 * n)?;
-                    &owned
+                    (&owned, None)
                 }
                 Reference::Cached(all) => {
-                    let ids = &batch.host.pair_ids;
-                    owned = b.upload(&ids.iter().flat_map(|&i| [all[2 * i], all[2 * i + 1]]).collect::<Vec<_>>())?;
-                    &owned
+                    let picked = all.of_pairs(&batch.host.pair_ids);
+                    owned = b.upload(&picked.totals)?;
+                    owned_split = match &split {
+                        Some(_) => Some(b.upload(&picked.split)?),
+                        None => None,
+                    };
+                    (&owned, owned_split.as_ref())
                 }
             };
             lap(Phase::ReferenceForward)?;
 
-            let logps = self.policy.forward(&batch.packed)?;
+            let logps = self.policy.forward_with(&batch.packed, &extras)?;
             lap(Phase::PolicyForward)?;
 
             if LossState::is_read_by(&self.objective) {
-                self.loss_state.before_loss(&self.objective, &b.download(logps)?, &b.download(reference)?);
+                let policy_read = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
+                let reference_read = loss_read_logps(b, reference, reference_split, ld_alpha)?;
+                self.loss_state.before_loss(&self.objective, &policy_read, &reference_read);
             }
             let mut metrics = b.zeros(n * PAIR_METRICS)?;
-            let mut dpolicy = b.zeros(2 * n)?;
+            let mut dpolicy = b.zeros(if split.is_some() { 4 * n } else { 2 * n })?;
             let (flags, lengths, state) = (&batch.unsafe_flags, &batch.lengths, &self.loss_state);
-            b.preference_loss_with(
+            let parts = LogpParts { policy_split: logps.split, reference_split, policy_aligned: logps.aligned };
+            b.preference_loss_parts(
                 &mut metrics,
                 &mut dpolicy,
-                logps,
+                logps.total,
                 reference,
                 flags,
                 lengths,
+                &parts,
                 &self.objective,
                 state,
                 grad_scale,
             )?;
-            let output = MicroOutput { metrics: b.download(&metrics)?, logps: b.download(logps)? };
+            // The logged log-probs are those the loss read (LD-DPO's, as TRL logs them).
+            let logps = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
+            let output = MicroOutput { metrics: b.download(&metrics)?, logps };
             loss_sum += output.metrics.chunks(PAIR_METRICS).map(|m| m[0] as f64).sum::<f64>();
             lap(Phase::Loss)?;
 
-            self.policy.backward(&batch.packed, &dpolicy)?;
+            match &split {
+                Some(split) => self.policy.backward_split(&batch.packed, split, &dpolicy)?,
+                None => self.policy.backward(&batch.packed, &dpolicy)?,
+            }
             lap(Phase::Backward)?;
             each(batch, output);
         }
@@ -196,5 +221,22 @@ impl<B: Backend> Learner<B> {
         );
         self.optimizer.step(&mut self.policy, lr, scale)?;
         Ok(StepInfo { grad_norm, lr, loss: None })
+    }
+}
+
+/// The sequence log-probs `[2P]` as the loss's terms read them, on the host: `total`, or under
+/// LD-DPO each sequence's `shared + α·tail` of `split` (`[4P]`).
+pub(crate) fn loss_read_logps<B: Backend>(
+    b: &B,
+    total: &B::Buf,
+    split: Option<&B::Buf>,
+    ld_alpha: Option<f64>,
+) -> Result<Vec<f32>> {
+    match (split, ld_alpha) {
+        (Some(split), Some(alpha)) => {
+            let split = b.download(split)?;
+            Ok(split.chunks(2).map(|part| (part[0] as f64 + alpha * part[1] as f64) as f32).collect())
+        }
+        _ => b.download(total),
     }
 }

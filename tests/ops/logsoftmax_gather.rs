@@ -1,11 +1,12 @@
 //! The fused log-softmax-gather and the per-sequence sum: against the spec and its finite
-//! differences, on ordinary rows, rows near 1e4 and a large vocabulary; the CUDA backend against the
-//! CPU.
+//! differences, on ordinary rows, rows near 1e4 and a large vocabulary; the softmax's log squared mass
+//! (`_sq`, WPO's) against the spec, beside log-probs bit-identical to the plain forward's; the CUDA
+//! backend against the CPU.
 
 use half::bf16;
 use rand::Rng;
 use safedpo::backend::cpu::logsoftmax_gather::spec;
-use safedpo::backend::cuda::{CudaBackend, Device, Precision};
+use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::backend::Packing;
 
@@ -72,6 +73,32 @@ fn logsoftmax_gather_forward_large_vocab_is_accurate() {
 }
 
 #[test]
+fn logsoftmax_gather_forward_sq_matches_twin_and_keeps_the_forwards_bits() {
+    let be = backend();
+    let mut r = rng(16);
+    for (lens, v) in [(vec![4usize, 1, 9, 7, 2], 37), (vec![2, 3], 50_257)] {
+        let n: usize = lens.iter().sum();
+        let (logits, targets) = lsg_inputs(&mut r, &lens, v);
+        let (mut lp, mut lse, mut sq) = (poison(n), poison(n), poison(n));
+        be.logsoftmax_gather_forward_sq(&mut lp, &mut lse, &mut sq, &logits, &targets, n, v).unwrap();
+        let (_, _, want_sq) = spec::forward_sq(&to_f64(&logits), &targets, v);
+        assert_close(&format!("log_sum_sq (V = {v})"), &sq, &want_sq, 1e-5, 2e-6);
+        let (mut plain_lp, mut plain_lse) = (poison(n), poison(n));
+        be.logsoftmax_gather_forward(&mut plain_lp, &mut plain_lse, &logits, &targets, n, v).unwrap();
+        assert_bitwise_eq("token_logp beside the squared mass", &lp, &plain_lp);
+        assert_bitwise_eq("lse beside the squared mass", &lse, &plain_lse);
+    }
+    // A row with one huge logit has all its mass there: log Σ p² = 0.
+    let mut row = vec![0.0f32; 40];
+    row[7] = 1e4;
+    let (mut lp, mut lse, mut sq) = (poison(1), poison(1), poison(1));
+    be.logsoftmax_gather_forward_sq(&mut lp, &mut lse, &mut sq, &row, &vec![7], 1, 40).unwrap();
+    assert_eq!((lp[0], sq[0]), (0.0, 0.0));
+    let err = be.logsoftmax_gather_forward_sq(&mut lp, &mut lse, &mut poison(2), &row, &vec![7], 1, 40).unwrap_err();
+    assert!(format!("{err:#}").contains("log_sum_sq"), "{err:#}");
+}
+
+#[test]
 fn logsoftmax_gather_backward_matches_finite_differences() {
     let be = backend();
     let mut r = rng(14);
@@ -133,6 +160,17 @@ fn logsoftmax_gather(device: &Device, precision: Precision) {
     // f32 outputs in both modes, from the same stored logits
     f.check_at("logsoftmax_gather_forward token_logp", &got_logp, &want_logp, 1e-5);
     f.check_at("logsoftmax_gather_forward lse", &got_lse, &want_lse, 1e-5);
+
+    let (mut want_sq, mut got_sq) = f.poisoned(n);
+    let ((_, mut got_sq_logp), (_, mut got_sq_lse)) = (f.poisoned(n), f.poisoned(n));
+    f.cpu
+        .logsoftmax_gather_forward_sq(&mut want_logp.clone(), &mut want_lse.clone(), &mut want_sq, &cl, &ct, n, v)
+        .unwrap();
+    f.cuda.logsoftmax_gather_forward_sq(&mut got_sq_logp, &mut got_sq_lse, &mut got_sq, &gl, &gt, n, v).unwrap();
+    f.check_at("logsoftmax_gather_forward_sq log_sum_sq", &got_sq, &want_sq, 1e-5);
+    let download = |x: &CudaBuf| f.cuda.download(x).unwrap();
+    assert_bitwise_eq("_sq token_logp (device)", &download(&got_sq_logp), &download(&got_logp));
+    assert_bitwise_eq("_sq lse (device)", &download(&got_sq_lse), &download(&got_lse));
 
     let (mut want_seq, mut got_seq) = f.poisoned(lens.len());
     f.cpu.sequence_logp_sum(&mut want_seq, &want_logp, &cpu_packing).unwrap();

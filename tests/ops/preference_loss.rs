@@ -2,13 +2,15 @@
 //! across the batch, the `sft` term's token mean), every objective, with and without its safety
 //! margin, and combinations of them with TRL's modifiers (the f-divergences, `bco_pair`'s running
 //! mean); the CUDA backend against the CPU, at ordinary margins and at extreme ones (|h| up to 1e4, β
-//! from 1e-3 to 5, where a naive softplus, log-sigmoid or exponential would overflow in f32).
+//! from 1e-3 to 5, where a naive softplus, log-sigmoid or exponential would overflow in f32); and
+//! with TRL's log-prob modifiers (LD-DPO's split log-probs, WPO's aligned sums), every objective that
+//! takes them, with its safety margin, on both backends.
 
 use rand::Rng;
 use safedpo::backend::cpu::preference_loss::spec;
 use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::PAIR_METRICS;
+use safedpo::backend::{LogpParts, PAIR_METRICS};
 use safedpo::loss::{LossState, Objective, RunningMean};
 
 use crate::backend;
@@ -85,6 +87,73 @@ fn preference_loss_applies_the_spec_to_the_batch() {
             let want_d = &want_dpolicy[c..=rj];
             assert_close(&format!("{objective} dpolicy of pair {i}"), &dpolicy[c..=rj], want_d, 1e-6, 1e-9);
         }
+    }
+}
+
+/// Every objective (and twin) that takes `modifiers`, and combinations with them.
+fn with_modifiers(modifiers: &str) -> Vec<Objective> {
+    let singles = every_objective(3.0).into_iter().map(|o| o.to_string());
+    let combined = ["0.8*dpo+0.2*bco_pair+sft:safety_margin=2", "dpo:rpo_alpha=0.7,f_divergence_type=js_divergence"];
+    let texts = singles.chain(combined.iter().map(|t| t.to_string()));
+    texts.filter_map(|t| format!("{t},{modifiers}").parse().ok()).collect()
+}
+
+/// Per-pair inputs of a batch with the modifiers' parts: splits `[4P]` whose sums are the totals,
+/// aligned sums `[2P]`.
+struct PartsInputs {
+    policy: Vec<f32>,
+    reference: Vec<f32>,
+    policy_split: Vec<f32>,
+    reference_split: Vec<f32>,
+    aligned: Vec<f32>,
+    flags: Vec<i32>,
+    lengths: Vec<i32>,
+}
+
+fn parts_inputs(r: &mut impl Rng, pairs: usize) -> PartsInputs {
+    let policy_split = uniform(r, 4 * pairs, -30.0, -1.0);
+    let reference_split: Vec<f32> = policy_split.iter().map(|p| p + r.random_range(-2.0..2.0)).collect();
+    let totals = |split: &[f32]| split.chunks(2).map(|s| s[0] + s[1]).collect::<Vec<f32>>();
+    let lengths: Vec<i32> = rand_ids(r, 2 * pairs, 40).iter().map(|l| l + 1).collect();
+    let aligned = lengths.iter().map(|&l| l as f32 * r.random_range(-0.6..0.4)).collect();
+    PartsInputs {
+        policy: totals(&policy_split),
+        reference: totals(&reference_split),
+        policy_split,
+        reference_split,
+        aligned,
+        flags: rand_ids(r, 2 * pairs, 2),
+        lengths,
+    }
+}
+
+#[test]
+fn preference_loss_with_the_modifiers_lays_out_the_spec() {
+    let be = backend();
+    let mut r = rng(16);
+    let pairs = 5;
+    let x = parts_inputs(&mut r, pairs);
+    let (ps, rs, al) = (&x.policy_split, &x.reference_split, &x.aligned);
+    let parts = LogpParts { policy_split: Some(ps), reference_split: Some(rs), policy_aligned: Some(al) };
+    for objective in with_modifiers("ld_alpha=0.3,use_weighting=true") {
+        let state = LossState::default();
+        let ld = objective.ld_alpha().is_some();
+        let (mut metrics, mut grads) = (poison(pairs * PAIR_METRICS), poison(if ld { 4 } else { 2 } * pairs));
+        let (p, rf, f, l) = (&x.policy, &x.reference, &x.flags, &x.lengths);
+        be.preference_loss_parts(&mut metrics, &mut grads, p, rf, f, l, &parts, &objective, &state, 0.5).unwrap();
+        let host = spec::HostParts {
+            policy_split: Some(&to_f64(ps)),
+            reference_split: Some(&to_f64(rs)),
+            policy_aligned: Some(&to_f64(al)),
+        };
+        let (want_m, want_g) = spec::forward_parts(&objective, &state, &to_f64(p), &to_f64(rf), f, l, &host, 0.5);
+        assert_close(&format!("{objective} metrics"), &metrics, &want_m, 1e-6, 1e-7);
+        assert_close(&format!("{objective} grads"), &grads, &want_g, 1e-6, 1e-9);
+        // Without the parts the objective is refused, naming what it reads.
+        let none = LogpParts::none();
+        let err = be.preference_loss_parts(&mut metrics, &mut grads, p, rf, f, l, &none, &objective, &state, 0.5);
+        let err = format!("{:#}", err.unwrap_err());
+        assert!(err.contains(if ld { "policy_split" } else { "policy_aligned" }), "{objective}: {err}");
     }
 }
 
@@ -192,4 +261,44 @@ fn preference_loss_at_extreme_margins(device: &Device, precision: Precision) {
     }
 }
 
-device_tests!(preference_loss, preference_loss_at_extreme_margins);
+/// TRL's log-prob modifiers, alone and together, on every objective that takes them (the CUDA side
+/// composes LD-DPO's log-probs and the split's gradients in launches of its own).
+fn preference_loss_with_the_modifiers(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 8);
+    let pairs = 29;
+    let x = parts_inputs(&mut f.rng, pairs);
+    let (cp, gp) = f.both(&x.policy);
+    let (cr, gr) = f.both(&x.reference);
+    let (cps, gps) = f.both(&x.policy_split);
+    let (crs, grs) = f.both(&x.reference_split);
+    let (ca, ga) = f.both(&x.aligned);
+    let (cf, gf) = (f.cpu.upload_ids(&x.flags).unwrap(), f.cuda.upload_ids(&x.flags).unwrap());
+    let (cl, gl) = (f.cpu.upload_ids(&x.lengths).unwrap(), f.cuda.upload_ids(&x.lengths).unwrap());
+    let cpu_parts = LogpParts { policy_split: Some(&cps), reference_split: Some(&crs), policy_aligned: Some(&ca) };
+    let cuda_parts = LogpParts { policy_split: Some(&gps), reference_split: Some(&grs), policy_aligned: Some(&ga) };
+    let state = LossState { bco_reward_mean: RunningMean { mean: 0.2, count: 2.0 } };
+    for modifiers in ["ld_alpha=0.4", "use_weighting=true", "ld_alpha=0,use_weighting=true"] {
+        for objective in with_modifiers(modifiers) {
+            let grads = if objective.ld_alpha().is_some() { 4 * pairs } else { 2 * pairs };
+            let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
+            let (mut want_g, mut got_g) = f.poisoned(grads);
+            let o = &objective;
+            f.cpu
+                .preference_loss_parts(&mut want_m, &mut want_g, &cp, &cr, &cf, &cl, &cpu_parts, o, &state, 0.7)
+                .unwrap();
+            f.cuda
+                .preference_loss_parts(&mut got_m, &mut got_g, &gp, &gr, &gf, &gl, &cuda_parts, o, &state, 0.7)
+                .unwrap();
+            let (got_m, got_g) = (f.cuda.download(&got_m).unwrap(), f.cuda.download(&got_g).unwrap());
+            for k in 0..PAIR_METRICS {
+                let column =
+                    |x: &[f32]| -> Vec<f64> { x.iter().skip(k).step_by(PAIR_METRICS).map(|&v| v as f64).collect() };
+                let got: Vec<f32> = got_m.iter().skip(k).step_by(PAIR_METRICS).copied().collect();
+                assert_close_scaled(&format!("{objective} metric {k} ({})", f.precision), &got, &column(&want_m), 2e-5);
+            }
+            assert_close_scaled(&format!("{objective} grads ({})", f.precision), &got_g, &to_f64(&want_g), 2e-5);
+        }
+    }
+}
+
+device_tests!(preference_loss, preference_loss_at_extreme_margins, preference_loss_with_the_modifiers);

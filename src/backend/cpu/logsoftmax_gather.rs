@@ -1,6 +1,6 @@
 //! The fused log-softmax-gather: each token's log-probability of its target under the softmax of
-//! its logits row, without materialising the softmax, summed per sequence; and its backward, in
-//! place over the logits (contract: `backend/ops/logsoftmax_gather.rs`, kernels:
+//! its logits row, without materialising the softmax (and, on request, the log of the softmax's
+//! squared mass), summed per sequence; and its backward, in place over the logits (contract: `backend/ops/logsoftmax_gather.rs`, kernels:
 //! `kernels/logsoftmax_gather.cu`).
 
 use anyhow::Result;
@@ -28,6 +28,18 @@ pub mod spec {
         (lp, lse)
     }
 
+    /// [`forward`] and `log_sum_sq [n]`: `log Σ_j p_{t,j}²` of each row's softmax `p`, every row's
+    /// (`logsoftmax_gather_forward_sq`).
+    pub fn forward_sq(logits: &[f64], targets: &[i32], v: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (lp, lse) = forward(logits, targets, v);
+        let log_sum_sq = lse
+            .iter()
+            .enumerate()
+            .map(|(t, &l)| logits[t * v..(t + 1) * v].iter().map(|x| (2.0 * (x - l)).exp()).sum::<f64>().ln())
+            .collect();
+        (lp, lse, log_sum_sq)
+    }
+
     /// Per-token values summed per sequence, for sequences of lengths `lens` packed end to end
     /// (`sequence_logp_sum`).
     pub fn sequence_sums(token_values: &[f64], lens: &[usize]) -> Vec<f64> {
@@ -45,16 +57,23 @@ pub mod spec {
 /// `(max, ln Σ_j exp(row[j] − max))`, reading the row once: chunks of 64 values give a running
 /// maximum, and the running sum is rescaled only when a chunk raises it. The log-sum-exp is the sum
 /// of the two; keeping them apart lets `x − lse` be formed as `(x − max) − ln Σ` without rounding
-/// `lse` first (large logits keep their precision).
+/// `lse` first (large logits keep their precision). With `SQUARES`, the third value is
+/// `ln Σ_j p_j²` (`p` the softmax) from a second running sum of the squared exponentials, rescaled
+/// with the first (by the square of its factor); without, it is 0 and the first two are computed
+/// exactly as with it.
 #[inline(always)]
-fn row_logsumexp(row: &[f32]) -> (f32, f32) {
+fn row_logsumexp<const SQUARES: bool>(row: &[f32]) -> (f32, f32, f32) {
     let mut max = f32::NEG_INFINITY;
-    let mut sum = 0.0f32;
+    let (mut sum, mut sum_sq) = (0.0f32, 0.0f32);
     for chunk in row.chunks(64) {
         let chunk_max = lane_max(chunk);
         if chunk_max > max {
             if sum != 0.0 {
-                sum *= exp_f32(max - chunk_max);
+                let rescale = exp_f32(max - chunk_max);
+                sum *= rescale;
+                if SQUARES {
+                    sum_sq *= rescale * rescale;
+                }
             }
             max = chunk_max;
         }
@@ -64,16 +83,30 @@ fn row_logsumexp(row: &[f32]) -> (f32, f32) {
             *e = exp_f32(x - max);
         }
         sum += lane_sum(&exps[..chunk.len()], |e| e);
+        if SQUARES {
+            sum_sq += lane_sum(&exps[..chunk.len()], |e| e * e);
+        }
     }
-    (max, sum.ln())
+    let log_sum = sum.ln();
+    (max, log_sum, if SQUARES { sum_sq.ln() - 2.0 * log_sum } else { 0.0 })
 }
 
 simd_kernel! {
     /// One row of the fused log-softmax-gather forward: returns `(lse, token log-prob)`.
     fn logsoftmax_gather_row(row: &[f32], target: i32) -> (f32, f32) {
-        let (max, log_sum) = row_logsumexp(row);
+        let (max, log_sum, _) = row_logsumexp::<false>(row);
         let logp = if target >= 0 { (row[target as usize] - max) - log_sum } else { 0.0 };
         (max + log_sum, logp)
+    }
+}
+
+simd_kernel! {
+    /// One row of the forward with the squared mass: returns `(lse, token log-prob, log Σ p²)`, the
+    /// first two as `logsoftmax_gather_row`'s.
+    fn logsoftmax_gather_sq_row(row: &[f32], target: i32) -> (f32, f32, f32) {
+        let (max, log_sum, log_sum_sq) = row_logsumexp::<true>(row);
+        let logp = if target >= 0 { (row[target as usize] - max) - log_sum } else { 0.0 };
+        (max + log_sum, logp, log_sum_sq)
     }
 }
 
@@ -104,6 +137,35 @@ impl LogSoftmaxGatherOps for CpuBackend {
             .zip(logits.par_chunks(v).zip(targets.par_iter()))
             .with_min_len(8)
             .for_each(|((lp, l), (row, &target))| (*l, *lp) = logsoftmax_gather_row(row, target));
+        Ok(())
+    }
+
+    fn logsoftmax_gather_forward_sq(
+        &self,
+        token_logp: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        log_sum_sq: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        targets: &Vec<i32>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        checks::logsoftmax_gather_forward_sq(
+            token_logp.len(),
+            lse.len(),
+            log_sum_sq.len(),
+            logits.len(),
+            targets,
+            n,
+            v,
+        )?;
+        token_logp
+            .par_iter_mut()
+            .zip(lse.par_iter_mut())
+            .zip(log_sum_sq.par_iter_mut())
+            .zip(logits.par_chunks(v).zip(targets.par_iter()))
+            .with_min_len(8)
+            .for_each(|(((lp, l), sq), (row, &target))| (*l, *lp, *sq) = logsoftmax_gather_sq_row(row, target));
         Ok(())
     }
 
@@ -161,10 +223,22 @@ mod tests {
         let [x, _, _, _] = kernel_inputs();
         let (p, d) = both_paths(|| {
             let (lse, logp) = logsoftmax_gather_row(&x, 17);
+            let (lse_sq, logp_sq, log_sum_sq) = logsoftmax_gather_sq_row(&x, 17);
             let mut row = x.clone();
             logsoftmax_gather_backward_row(&mut row, 17, 0.7, lse);
-            [row, vec![lse, logp]].concat()
+            [row, vec![lse, logp, lse_sq, logp_sq, log_sum_sq]].concat()
         });
         assert_same_bits("softmaxes", &p, &d);
+    }
+
+    #[test]
+    fn the_squared_mass_leaves_the_log_probs_bit_identical() {
+        let [x, _, _, _] = kernel_inputs();
+        for target in [-1, 0, 17] {
+            let (lse, logp) = logsoftmax_gather_row(&x, target);
+            let (lse_sq, logp_sq, _) = logsoftmax_gather_sq_row(&x, target);
+            assert_same_bits("lse", &[lse], &[lse_sq]);
+            assert_same_bits("token log-prob", &[logp], &[logp_sq]);
+        }
     }
 }

@@ -7,15 +7,74 @@
 use anyhow::Result;
 
 use super::CpuBackend;
-use crate::backend::{checks, PreferenceLossOps};
+use crate::backend::{checks, LogpParts, PreferenceLossOps};
 use crate::loss::{LossState, Objective};
 
 /// The specification, in f64, that the CPU backend runs and the CUDA kernel is held to:
 /// [`crate::loss::batch_loss_with`] of the batch (each pair's [`crate::loss::pair_loss`], unless the
-/// objective is batch-level), laid out as the op lays it out.
+/// objective is batch-level), laid out as the op lays it out; with TRL's log-prob modifiers,
+/// [`crate::loss::batch_loss_parts`].
 pub mod spec {
     use crate::backend::PAIR_METRICS;
-    use crate::loss::{batch_loss_with, LossState, Objective, PairInput};
+    use crate::loss::{batch_loss_parts, batch_loss_with, LossState, Objective, PairInput, PairParts, SharedSplit};
+
+    /// The op's parts (`LogpParts`) on the host, in f64: `[4P]` splits, `[2P]` aligned log-probs.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct HostParts<'a> {
+        pub policy_split: Option<&'a [f64]>,
+        pub reference_split: Option<&'a [f64]>,
+        pub policy_aligned: Option<&'a [f64]>,
+    }
+
+    /// [`forward_with`] with the modifiers' parts: returns `(metrics [pairs, PAIR_METRICS], grads)`,
+    /// `grads` `[4 · pairs]` with `ld_alpha` (each sequence's shared part, then its tail), else
+    /// `[2 · pairs]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_parts(
+        objective: &Objective,
+        state: &LossState,
+        policy: &[f64],
+        reference: &[f64],
+        unsafe_flags: &[i32],
+        lengths: &[i32],
+        parts: &HostParts,
+        grad_scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let ld = objective.ld_alpha().is_some();
+        if !ld && !objective.uses_weighting() {
+            return forward_with(objective, state, policy, reference, unsafe_flags, lengths, grad_scale);
+        }
+        let inputs = pair_inputs(objective, policy, reference, unsafe_flags, lengths);
+        let split = |values: Option<&[f64]>, s: usize| {
+            values.map_or(SharedSplit::default(), |v| SharedSplit { shared: v[2 * s], tail: v[2 * s + 1] })
+        };
+        let reference_split = parts.reference_split.filter(|_| objective.uses_reference());
+        let aligned = |s: usize| parts.policy_aligned.map_or(0.0, |v| v[s]);
+        let pair_parts: Vec<PairParts> = (0..inputs.len())
+            .map(|i| PairParts {
+                policy_chosen: split(parts.policy_split, 2 * i),
+                policy_rejected: split(parts.policy_split, 2 * i + 1),
+                ref_chosen: split(reference_split, 2 * i),
+                ref_rejected: split(reference_split, 2 * i + 1),
+                aligned_chosen: aligned(2 * i),
+                aligned_rejected: aligned(2 * i + 1),
+            })
+            .collect();
+        let pairs = inputs.len();
+        let mut metrics = vec![0.0; pairs * PAIR_METRICS];
+        let mut grads = vec![0.0; if ld { 4 * pairs } else { 2 * pairs }];
+        for (i, out) in batch_loss_parts(objective, &inputs, &pair_parts, state).iter().enumerate() {
+            metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&out.pair.metrics_row());
+            let (chosen, rejected) = (out.pair.d_policy_chosen, out.pair.d_policy_rejected);
+            let row: &[f64] =
+                if ld { &[chosen, out.d_tail_chosen, rejected, out.d_tail_rejected] } else { &[chosen, rejected] };
+            let width = row.len();
+            for (g, &d) in grads[i * width..(i + 1) * width].iter_mut().zip(row) {
+                *g = grad_scale * d;
+            }
+        }
+        (metrics, grads)
+    }
 
     /// Pair i is sequences `2i` (chosen) and `2i + 1` (rejected) of `policy`, `reference` (read only
     /// when the objective `uses_reference`), `unsafe_flags` (nonzero: unsafe) and `lengths`.
@@ -43,10 +102,28 @@ pub mod spec {
         lengths: &[i32],
         grad_scale: f64,
     ) -> (Vec<f64>, Vec<f64>) {
-        let pairs = policy.len() / 2;
+        let inputs = pair_inputs(objective, policy, reference, unsafe_flags, lengths);
+        let pairs = inputs.len();
+        let (mut metrics, mut dpolicy) = (vec![0.0; pairs * PAIR_METRICS], vec![0.0; 2 * pairs]);
+        for (i, out) in batch_loss_with(objective, &inputs, state).iter().enumerate() {
+            metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&out.metrics_row());
+            dpolicy[2 * i] = grad_scale * out.d_policy_chosen;
+            dpolicy[2 * i + 1] = grad_scale * out.d_policy_rejected;
+        }
+        (metrics, dpolicy)
+    }
+
+    /// Pair i is sequences `2i` and `2i + 1`; the reference read only when the objective uses it.
+    fn pair_inputs(
+        objective: &Objective,
+        policy: &[f64],
+        reference: &[f64],
+        unsafe_flags: &[i32],
+        lengths: &[i32],
+    ) -> Vec<PairInput> {
         let uses_reference = objective.uses_reference();
         let reference_of = |s: usize| if uses_reference { reference[s] } else { 0.0 };
-        let inputs: Vec<PairInput> = (0..pairs)
+        (0..policy.len() / 2)
             .map(|i| {
                 let (c, r) = (2 * i, 2 * i + 1);
                 PairInput {
@@ -60,46 +137,61 @@ pub mod spec {
                     rejected_len: lengths[r] as u32,
                 }
             })
-            .collect();
-        let (mut metrics, mut dpolicy) = (vec![0.0; pairs * PAIR_METRICS], vec![0.0; 2 * pairs]);
-        for (i, out) in batch_loss_with(objective, &inputs, state).iter().enumerate() {
-            metrics[i * PAIR_METRICS..(i + 1) * PAIR_METRICS].copy_from_slice(&out.metrics_row());
-            dpolicy[2 * i] = grad_scale * out.d_policy_chosen;
-            dpolicy[2 * i + 1] = grad_scale * out.d_policy_rejected;
-        }
-        (metrics, dpolicy)
+            .collect()
     }
 }
 
 impl PreferenceLossOps for CpuBackend {
-    fn preference_loss_with(
+    fn preference_loss_parts(
         &self,
         metrics: &mut Vec<f32>,
-        dpolicy: &mut Vec<f32>,
+        grads: &mut Vec<f32>,
         policy: &Vec<f32>,
         reference: &Vec<f32>,
         unsafe_flags: &Vec<i32>,
         lengths: &Vec<i32>,
+        parts: &LogpParts<'_, Vec<f32>>,
         objective: &Objective,
         state: &LossState,
         grad_scale: f32,
     ) -> Result<()> {
         objective.require_pairwise("preference_loss")?;
-        checks::preference_loss(
+        checks::preference_loss_parts(
             metrics.len(),
-            dpolicy.len(),
+            grads.len(),
             policy.len(),
             reference.len(),
             unsafe_flags,
             lengths,
-            objective.uses_reference(),
+            objective,
+            parts.policy_split.map(Vec::len),
+            parts.reference_split.map(Vec::len),
+            parts.policy_aligned.map(Vec::len),
         )?;
         let to_f64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
         let (policy, reference) = (to_f64(policy), to_f64(reference));
-        let (metrics_f64, dpolicy_f64) =
-            spec::forward_with(objective, state, &policy, &reference, unsafe_flags, lengths, grad_scale as f64);
+        let (policy_split, reference_split, policy_aligned) = (
+            parts.policy_split.map(|x| to_f64(x)),
+            parts.reference_split.map(|x| to_f64(x)),
+            parts.policy_aligned.map(|x| to_f64(x)),
+        );
+        let host_parts = spec::HostParts {
+            policy_split: policy_split.as_deref(),
+            reference_split: reference_split.as_deref(),
+            policy_aligned: policy_aligned.as_deref(),
+        };
+        let (metrics_f64, grads_f64) = spec::forward_parts(
+            objective,
+            state,
+            &policy,
+            &reference,
+            unsafe_flags,
+            lengths,
+            &host_parts,
+            grad_scale as f64,
+        );
         metrics.iter_mut().zip(&metrics_f64).for_each(|(m, &x)| *m = x as f32);
-        dpolicy.iter_mut().zip(&dpolicy_f64).for_each(|(d, &x)| *d = x as f32);
+        grads.iter_mut().zip(&grads_f64).for_each(|(d, &x)| *d = x as f32);
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
-//! The fused log-softmax-gather: each target token's log-prob without materialising the softmax, the
-//! segmented sum per sequence, and the backward written in place over the logits
-//! (kernels/logsoftmax_gather.cu, CPU twin in cpu/logsoftmax_gather.rs).
+//! The fused log-softmax-gather: each target token's log-prob without materialising the softmax (and,
+//! on request, the log of the softmax's squared mass, WPO's normaliser), the segmented sum per
+//! sequence, and the backward written in place over the logits (kernels/logsoftmax_gather.cu, CPU
+//! twin in cpu/logsoftmax_gather.rs).
 //!
 //! The trait is the contract every backend implements; `check` holds the argument checks every
 //! backend runs first, so that the same mistake gives the same error everywhere.
@@ -19,6 +20,22 @@ pub trait LogSoftmaxGatherOps: Buffers {
         &self,
         token_logp: &mut Self::Buf,
         lse: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        n: usize,
+        v: usize,
+    ) -> Result<()>;
+    /// `logsoftmax_gather_forward`, and per row also `log_sum_sq[t] = log Σ_j p_{t,j}²`, the log of
+    /// the squared mass of the row's softmax `p` (TRL's `log_sum_sq_probs`, the normaliser of WPO's
+    /// weights), from a second online sum in the same pass; written for every row, with a target or
+    /// not. `token_logp` and `lse` are `logsoftmax_gather_forward`'s, bit for bit. It has no backward:
+    /// WPO's weights are constants of the loss (TRL computes them under `torch.no_grad()`).
+    #[allow(clippy::too_many_arguments)]
+    fn logsoftmax_gather_forward_sq(
+        &self,
+        token_logp: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        log_sum_sq: &mut Self::Buf,
         logits: &Self::Buf,
         targets: &Self::Ids,
         n: usize,
@@ -69,6 +86,20 @@ pub(crate) mod check {
         check_len(OP, "token_logp", token_logp, n)?;
         check_len(OP, "lse", lse, n)?;
         check_ids(OP, "targets", targets, v, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn logsoftmax_gather_forward_sq(
+        token_logp: usize,
+        lse: usize,
+        log_sum_sq: usize,
+        logits: usize,
+        targets: &[i32],
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        logsoftmax_gather_forward(token_logp, lse, logits, targets, n, v)?;
+        check_len("logsoftmax_gather_forward_sq", "log_sum_sq", log_sum_sq, n)
     }
 
     pub(crate) fn sequence_logp_sum(seq_logp: usize, token_logp: usize, cu_seqlens: &[i32]) -> Result<Sequences> {

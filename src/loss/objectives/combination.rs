@@ -1,7 +1,9 @@
 //! Objectives combined, as TRL combines them: a weighted sum of objectives (TRL's `loss_type` list
 //! with `loss_weights`, e.g. MPO = `0.8·sigmoid + 0.2·bco_pair + 1·sft`), and the modifiers TRL
-//! applies to every term of the sum: the f-divergence of the log-ratios (`f_divergence_type`), and
-//! `bco_pair`'s running reward mean. TRL's `rpo_alpha` is the `sft` term with weight α.
+//! applies to every term of the sum: the f-divergence of the log-ratios (`f_divergence_type`),
+//! `bco_pair`'s running reward mean, and the two that change the log-probs the terms read, LD-DPO's
+//! `ld_alpha` and WPO's `use_weighting` (see `crate::loss::modifiers`). TRL's `rpo_alpha` is the
+//! `sft` term with weight α.
 //!
 //! A [`Combination`] is the value of [`Objective::Combination`] (and a submodule of the objectives',
 //! as each refers to the other); a single objective without modifiers
@@ -31,6 +33,9 @@ pub enum FDivergence {
 /// TRL clamps the α-divergence's exponent `(α−1)x` at 80 before `exp` (for f32 and bf16 log-probs),
 /// so that the score stays finite; above it the score is constant (no gradient).
 pub const ALPHA_DIVERGENCE_MAX_EXPONENT: f64 = 80.0;
+
+/// `ld_alpha` when it is not set: the tokens past the shared length count fully (TRL's `None`).
+pub const NO_LD_ALPHA: f64 = 1.0;
 
 /// TRL's `f_alpha_divergence_coef` default.
 pub const DEFAULT_ALPHA_DIVERGENCE_COEF: f64 = 0.5;
@@ -86,6 +91,12 @@ pub struct Combination {
     /// paper's reward shift, TRL < 1.0's `bco_pair`; TRL 1.x's has none). δ is trainer state
     /// ([`crate::loss::LossState`]), updated before each micro-batch's loss.
     pub bco_running_mean: bool,
+    /// LD-DPO's α (TRL `ld_alpha`), in [0, 1]: the tokens of a response past its pair's shared
+    /// length count α times in the log-probs the terms read; 1 (the default) leaves them as they are.
+    pub ld_alpha: f64,
+    /// WPO's per-pair weights (TRL `use_weighting`): every term's per-pair loss times the policy's
+    /// length-normalised probability of both responses under its own sampling distribution.
+    pub use_weighting: bool,
 }
 
 impl Combination {
@@ -98,12 +109,21 @@ impl Combination {
     }
 
     fn empty() -> Combination {
-        Combination { terms: Vec::new(), f_divergence: FDivergence::ReverseKl, bco_running_mean: false }
+        Combination {
+            terms: Vec::new(),
+            f_divergence: FDivergence::ReverseKl,
+            bco_running_mean: false,
+            ld_alpha: NO_LD_ALPHA,
+            use_weighting: false,
+        }
     }
 
     /// Whether every modifier is TRL's default.
     pub fn has_default_modifiers(&self) -> bool {
-        self.f_divergence == FDivergence::ReverseKl && !self.bco_running_mean
+        self.f_divergence == FDivergence::ReverseKl
+            && !self.bco_running_mean
+            && self.ld_alpha == NO_LD_ALPHA
+            && !self.use_weighting
     }
 
     /// The objective this is: its one term when it has one, of weight 1, and no modifier; else
@@ -196,6 +216,35 @@ impl Combination {
         }
         if self.bco_running_mean && !self.terms.iter().any(|(_, t)| matches!(t, Objective::BcoPair { .. })) {
             errors.push(("bco_running_mean", "needs a bco_pair term".to_string()));
+        }
+        errors.extend(self.logp_modifier_errors());
+        errors
+    }
+
+    /// The errors of the log-prob modifiers (`crate::loss::batch_loss_parts`), as (key, message):
+    /// α outside [0, 1], WPO with a term that sorts the batch (as TRL refuses it), LD-DPO with
+    /// nothing that reads it.
+    fn logp_modifier_errors(&self) -> Vec<(&'static str, String)> {
+        let mut errors = Vec::new();
+        if !(self.ld_alpha.is_finite() && (0.0..=1.0).contains(&self.ld_alpha)) {
+            errors.push(("ld_alpha", format!("must be in [0, 1], got {}", self.ld_alpha)));
+        } else if self.ld_alpha != NO_LD_ALPHA && self.terms.iter().all(|(_, t)| matches!(t, Objective::Sft { .. })) {
+            errors.push(("ld_alpha", "changes nothing for sft, whose NLL reads the plain log-probs".to_string()));
+        }
+        let sorting: Vec<&str> = self
+            .terms
+            .iter()
+            .filter(|(_, t)| matches!(t, Objective::Aot { .. } | Objective::AotUnpaired { .. }))
+            .map(|(_, t)| t.name())
+            .collect();
+        if self.use_weighting && !sorting.is_empty() {
+            errors.push((
+                "use_weighting",
+                format!(
+                    "is not defined for {}: it sorts the batch, which would misalign the per-pair weights (as TRL)",
+                    sorting.join(", ")
+                ),
+            ));
         }
         errors
     }

@@ -1,5 +1,6 @@
 //! The fused log-softmax-gather on the CUDA backend (kernels/logsoftmax_gather.cu): one block per
-//! row of logits (or per sequence for the sums); token log-probs, log-sum-exps and sequence sums in f32.
+//! row of logits (or per sequence for the sums); token log-probs, log-sum-exps, the softmax's log
+//! squared mass and sequence sums in f32.
 
 use anyhow::Result;
 
@@ -30,6 +31,33 @@ impl LogSoftmaxGatherOps for CudaBackend {
             &format!("logsoftmax_gather_forward_{}", suffix(dt)),
             LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(v)),
             &[token_logp, lse, logits.arg(), targets.arg(), i32_arg(v, "v")?],
+        )
+    }
+
+    fn logsoftmax_gather_forward_sq(
+        &self,
+        token_logp: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        log_sum_sq: &mut CudaBuf,
+        logits: &CudaBuf,
+        targets: &CudaIds,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        let (lengths, ids) = ([token_logp.len(), lse.len(), log_sum_sq.len(), logits.len()], &targets.host);
+        checks::logsoftmax_gather_forward_sq(lengths[0], lengths[1], lengths[2], lengths[3], ids, n, v)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dt = self.act();
+        let logits = self.input(logits, dt)?;
+        let token_logp = self.output(token_logp, Dtype::F32, false)?.arg();
+        let lse = self.output(lse, Dtype::F32, false)?.arg();
+        let log_sum_sq = self.output(log_sum_sq, Dtype::F32, false)?.arg();
+        self.launch(
+            &format!("logsoftmax_gather_forward_sq_{}", suffix(dt)),
+            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(v)),
+            &[token_logp, lse, log_sum_sq, logits.arg(), targets.arg(), i32_arg(v, "v")?],
         )
     }
 

@@ -1,11 +1,13 @@
 //! The preference objectives on the CUDA backend (kernels/preference_loss.cu): one thread per pair,
 //! all pairs in one launch per term of the objective, each passed as its code; a term that sorts
 //! across the batch (AOT) takes two launches, a rank pass and the scoring of the sorted positions.
-//! The first launch writes the metrics and the gradient, the others add to them.
+//! The first launch writes the metrics and the gradient, the others add to them. With LD-DPO's
+//! `ld_alpha` two more launches frame them: the weighted log-probs before, the split's token
+//! gradients after.
 
 use anyhow::{ensure, Result};
 
-use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand};
+use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand, Storage};
 use crate::backend::cuda::kernels::constants::preference_loss::{
     ALPHA_DIVERGENCE_MAX_EXPONENT, FDIV_ALPHA_DIVERGENCE, FDIV_FORWARD_KL, FDIV_JS_DIVERGENCE, FDIV_REVERSE_KL,
     OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO, OBJ_BCO_PAIR, OBJ_CDPO, OBJ_CPO, OBJ_CPO_HINGE, OBJ_CPO_IPO,
@@ -15,7 +17,7 @@ use crate::backend::cuda::kernels::constants::preference_loss::{
 };
 use crate::backend::cuda::launch::i32_arg;
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
-use crate::backend::{checks, PreferenceLossOps};
+use crate::backend::{checks, LogpParts, PreferenceLossOps};
 use crate::loss::{FDivergence, LossState, Objective};
 
 // The kernel writes the metrics the loss module defines, in its order, with its constants.
@@ -118,29 +120,47 @@ fn f_divergence_args(objective: &Objective) -> (i32, f32) {
     (code, f_divergence.coef() as f32)
 }
 
+impl CudaBackend {
+    /// LD-DPO's log-probs `[2P]` of a split `[4P]`, in new storage.
+    fn ld_weighted_logps(&self, split: &Operand<'_>, ld_alpha: f32, pairs: usize) -> Result<Storage> {
+        let out = self.alloc(Dtype::F32, 2 * pairs)?;
+        let sequences = i32_arg(2 * pairs, "sequences")?;
+        self.launch(
+            "ld_weighted_logps_f32",
+            LaunchConfig::for_elements(2 * pairs, PAIR_THREADS as u32),
+            &[out.arg(), split.arg(), KernelArg::F32(ld_alpha), sequences],
+        )?;
+        Ok(out)
+    }
+}
+
 impl PreferenceLossOps for CudaBackend {
-    fn preference_loss_with(
+    fn preference_loss_parts(
         &self,
         metrics: &mut CudaBuf,
-        dpolicy: &mut CudaBuf,
+        grads: &mut CudaBuf,
         policy: &CudaBuf,
         reference: &CudaBuf,
         unsafe_flags: &CudaIds,
         lengths: &CudaIds,
+        parts: &LogpParts<'_, CudaBuf>,
         objective: &Objective,
         state: &LossState,
         grad_scale: f32,
     ) -> Result<()> {
         objective.require_pairwise("preference_loss")?;
         let uses_reference = objective.uses_reference();
-        let pairs = checks::preference_loss(
+        let pairs = checks::preference_loss_parts(
             metrics.len(),
-            dpolicy.len(),
+            grads.len(),
             policy.len(),
             reference.len(),
             &unsafe_flags.host,
             &lengths.host,
-            uses_reference,
+            objective,
+            parts.policy_split.map(CudaBuf::len),
+            parts.reference_split.map(CudaBuf::len),
+            parts.policy_aligned.map(CudaBuf::len),
         )?;
         if pairs == 0 {
             return Ok(());
@@ -151,11 +171,46 @@ impl PreferenceLossOps for CudaBackend {
                 "preference_loss: {objective} sorts at most {SORTED_MAX_PAIRS} pairs"
             );
         }
+        let ld_alpha = objective.ld_alpha().map(|alpha| alpha as f32);
         let policy = self.input(policy, Dtype::F32)?;
         let reference = if uses_reference { Some(self.input(reference, Dtype::F32)?) } else { None };
-        let reference_arg = reference.as_ref().map_or(KernelArg::NULL, Operand::arg);
+        let aligned = match parts.policy_aligned.filter(|_| objective.uses_weighting()) {
+            Some(buf) => Some(self.input(buf, Dtype::F32)?),
+            None => None,
+        };
+        // Under LD-DPO the terms read the weighted log-probs, and their gradients (in those, and the
+        // NLL parts' in the plain ones) go to scratch until the split's token gradients are formed.
+        let mut ld = None;
+        if let Some(alpha) = ld_alpha {
+            let policy_split = parts.policy_split.expect("checked by preference_loss_parts");
+            let policy_read = self.ld_weighted_logps(&self.input(policy_split, Dtype::F32)?, alpha, pairs)?;
+            let reference_read = match parts.reference_split.filter(|_| uses_reference) {
+                Some(split) => Some(self.ld_weighted_logps(&self.input(split, Dtype::F32)?, alpha, pairs)?),
+                None => None,
+            };
+            let dread = self.alloc(Dtype::F32, 2 * pairs)?;
+            let dplain = Storage::F32(self.device.alloc_zeros(2 * pairs)?);
+            ld = Some((alpha, policy_read, reference_read, dread, dplain));
+        }
+        let grads = self.output(grads, Dtype::F32, false)?.arg();
+        let (policy_arg, reference_arg, plain_arg, dpolicy, dplain) = match &ld {
+            None => (
+                policy.arg(),
+                reference.as_ref().map_or(KernelArg::NULL, Operand::arg),
+                KernelArg::NULL,
+                grads,
+                KernelArg::NULL,
+            ),
+            Some((_, policy_read, reference_read, dread, dplain)) => (
+                policy_read.arg(),
+                reference_read.as_ref().map_or(KernelArg::NULL, Storage::arg),
+                policy.arg(),
+                dread.arg(),
+                dplain.arg(),
+            ),
+        };
+        let aligned_arg = aligned.as_ref().map_or(KernelArg::NULL, Operand::arg);
         let metrics = self.output(metrics, Dtype::F32, false)?.arg();
-        let dpolicy = self.output(dpolicy, Dtype::F32, false)?.arg();
         let (config, pairs_arg) = (LaunchConfig::for_elements(pairs, PAIR_THREADS as u32), i32_arg(pairs, "pairs")?);
         let (f_divergence, alpha) = f_divergence_args(objective);
         let bco_shift = state.bco_shift(objective) as f32;
@@ -170,7 +225,7 @@ impl PreferenceLossOps for CudaBackend {
                 self.launch(
                     "preference_loss_rank_f32",
                     config,
-                    &[ranks.arg(), policy.arg(), reference, unsafe_flags.arg(), pairs_arg, code, beta, safety_margin],
+                    &[ranks.arg(), policy_arg, reference, unsafe_flags.arg(), pairs_arg, code, beta, safety_margin],
                 )?;
                 self.launch(
                     "preference_loss_sorted_f32",
@@ -179,7 +234,7 @@ impl PreferenceLossOps for CudaBackend {
                         metrics,
                         dpolicy,
                         ranks.arg(),
-                        policy.arg(),
+                        policy_arg,
                         reference,
                         unsafe_flags.arg(),
                         pairs_arg,
@@ -200,8 +255,11 @@ impl PreferenceLossOps for CudaBackend {
                 &[
                     metrics,
                     dpolicy,
-                    policy.arg(),
+                    dplain,
+                    policy_arg,
                     reference,
+                    plain_arg,
+                    aligned_arg,
                     unsafe_flags.arg(),
                     lengths.arg(),
                     pairs_arg,
@@ -217,6 +275,13 @@ impl PreferenceLossOps for CudaBackend {
                     accumulate,
                     KernelArg::F32(grad_scale),
                 ],
+            )?;
+        }
+        if let Some((alpha, _, _, dread, dplain)) = &ld {
+            self.launch(
+                "ld_split_grads_f32",
+                LaunchConfig::for_elements(2 * pairs, PAIR_THREADS as u32),
+                &[grads, dread.arg(), dplain.arg(), KernelArg::F32(*alpha), i32_arg(2 * pairs, "sequences")?],
             )?;
         }
         Ok(())
