@@ -142,7 +142,7 @@ pub fn plot_runs(runs: &[Run], metrics: &[String], path: &Path) -> Result<()> {
     let names: Vec<String> = if metrics.is_empty() {
         DEFAULT_OVERLAY_METRICS.iter().filter(|n| has(n)).map(|n| n.to_string()).collect()
     } else {
-        for name in metrics.iter().filter(|n| !has(n)) {
+        if let Some(name) = metrics.iter().find(|n| !has(n)) {
             bail!("no run has the metric `{name}` (available: {})", available_metrics(runs).join(", "));
         }
         metrics.to_vec()

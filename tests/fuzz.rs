@@ -100,7 +100,7 @@ static PAIR_SEEDS: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
 });
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(768))]
     #[test]
     fn pair_rows_never_panic(bytes in input(&PAIR_SEEDS, 0), skip in any::<bool>(), which in 0usize..3) {
         let dir = tempfile::tempdir().unwrap();
@@ -129,7 +129,7 @@ static TOML_SEEDS: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
 });
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(1536))]
     #[test]
     fn run_configs_never_panic(bytes in input(&TOML_SEEDS, 0)) {
         let text = String::from_utf8_lossy(&bytes);
@@ -162,7 +162,7 @@ static CONFIG_SEEDS: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
 static WEIGHT_SEEDS: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| vec![MODEL_SEED.1.clone()]);
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(768))]
     #[test]
     fn model_configs_never_panic(config in input(&CONFIG_SEEDS, 0)) {
         let dir = tempfile::tempdir().unwrap();
@@ -189,7 +189,7 @@ static TOKENIZER_SEEDS: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
 });
 
 proptest! {
-    #![proptest_config(config(48))]
+    #![proptest_config(config(128))]
     #[test]
     fn tokenizers_never_panic(bytes in input(&TOKENIZER_SEEDS, 0), family in 0usize..4) {
         let dir = tempfile::tempdir().unwrap();
