@@ -61,7 +61,7 @@ run() {
         IFS=, read -ra pairs <<<"$settings"
         for pair in "${pairs[@]}"; do flags+=("--objective.${pair%%=*}" "${pair#*=}"); done
     fi
-    if ! "$BIN" train --config "$OUT/base.toml" --out-dir "$dir" --no-progress "${flags[@]}" "$@" >"$dir.log" 2>&1; then
+    if ! "$BIN" train --config "$OUT/base.toml" --out-dir "$dir" --overwrite --no-progress "${flags[@]}" "$@" >"$dir.log" 2>&1; then
         echo "safedpo train ${flags[*]} $* failed; see $dir.log" >&2
         exit 1
     fi

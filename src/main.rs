@@ -33,6 +33,7 @@ use safedpo::config::{
     check_init_shape, DataConfig, Evaluation, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
 };
 use safedpo::data::{check_same_tokenizer, load_tokenizer, sequence_format, tokenizer_source};
+use safedpo::model::checkpoint::{self, LoadOptions};
 use safedpo::model::Decoder;
 use safedpo::train::demo::{run_demo, DemoOptions};
 use safedpo::train::generate::{generate, SamplingParams};
@@ -88,10 +89,14 @@ struct PlotArgs {
 struct TrainArgs {
     #[command(flatten)]
     run: SettingsArgs<Training>,
-    /// Continue from a checkpoint directory, a run directory (its `latest`), or `auto` (this
-    /// out_dir's latest checkpoint if there is one, else a fresh start).
-    #[arg(long, value_name = "DIR|auto")]
+    /// Continue from a checkpoint directory, a run directory (its `latest`), or `auto`, the default
+    /// (this out_dir's latest checkpoint if there is one, else a fresh start). Without it (or
+    /// --overwrite) an out_dir that holds a run is refused.
+    #[arg(long, value_name = "DIR|auto", num_args = 0..=1, default_missing_value = "auto")]
     resume: Option<Resume>,
+    /// Start over in an out_dir that holds a run, deleting its checkpoints and metrics.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -105,6 +110,9 @@ struct ModelDataArgs {
     /// Which pairs of the data: all, or the train / eval side of the run's holdout split.
     #[arg(long, value_enum, default_value = "all")]
     split: Split,
+    /// Load models whose weights hold NaN or infinite values (otherwise an error).
+    #[arg(long)]
+    allow_nonfinite: bool,
     #[command(flatten)]
     run: SettingsArgs<Evaluation>,
 }
@@ -150,6 +158,9 @@ struct GenerateArgs {
     /// trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
     #[arg(long)]
     raw: bool,
+    /// Load a model whose weights hold NaN or infinite values (otherwise an error).
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// `seed` seeds the sampling.
     #[command(flatten)]
     settings: SettingsArgs<Generation>,
@@ -275,7 +286,12 @@ fn write_demo_data(args: &DemoArgs) -> Result<()> {
 fn run_training(args: TrainArgs, task: Task) -> Result<()> {
     let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
     cfg.require_data()?;
-    let opts = TrainOptions { resume: args.resume, progress: !args.no_progress, ..Default::default() };
+    let opts = TrainOptions {
+        resume: args.resume,
+        overwrite: args.overwrite,
+        progress: !args.no_progress,
+        ..Default::default()
+    };
     let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
     let mut out = json!({
         "out_dir": summary.out_dir,
@@ -379,11 +395,22 @@ fn split_pairs(cfg: &RunConfig, split: Split, reference: &Path) -> Result<Vec<sa
     })
 }
 
+/// A model directory as a frozen model (inference only).
+fn load_frozen<B: Backend>(backend: &Arc<B>, dir: &Path, allow_nonfinite: bool) -> Result<Decoder<B>> {
+    let weights = checkpoint::load_dir_with(dir, LoadOptions { allow_nonfinite })?;
+    Decoder::from_host_frozen(backend.clone(), &weights)
+}
+
 /// The policy and the reference, both frozen: `logps` and `eval` only run forwards.
-fn load_models<B: Backend>(backend: &Arc<B>, policy: &Path, reference: &Path) -> Result<(Decoder<B>, Decoder<B>)> {
-    let p = Decoder::load_frozen(backend.clone(), policy)
+fn load_models<B: Backend>(
+    backend: &Arc<B>,
+    args: &ModelDataArgs,
+    reference: &Path,
+) -> Result<(Decoder<B>, Decoder<B>)> {
+    let policy = &args.model;
+    let p = load_frozen(backend, policy, args.allow_nonfinite)
         .with_context(|| format!("loading --model {}", policy.display()))?;
-    let r = Decoder::load_frozen(backend.clone(), reference)
+    let r = load_frozen(backend, reference, args.allow_nonfinite)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
     Ok((p, r))
 }
@@ -395,7 +422,7 @@ fn run_logps(args: LogpsArgs) -> Result<()> {
 
 fn write_logps<B: Backend>(backend: Arc<B>, args: &LogpsArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
     let pairs = split_pairs(cfg, args.common.split, reference)?;
-    let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let pol = sequence_logps(&mut policy, &pairs, budget)?;
     let refl = sequence_logps(&mut reference, &pairs, budget)?;
@@ -429,7 +456,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
     let pairs = split_pairs(cfg, args.common.split, reference)?;
     let objective = &cfg.objective;
-    let (mut policy, mut reference) = load_models(&backend, &args.common.model, reference)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let refl = if objective.uses_reference() {
         sequence_logps(&mut reference, &pairs, budget)?
@@ -438,6 +465,7 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
     };
     drop(reference);
     let stats = evaluate_pairs(&mut policy, &refl, &pairs, objective, budget)?;
+    stats.ensure_finite("eval/")?;
     let mut rec = Record::new();
     rec.insert("pairs".into(), pairs.len().into());
     stats.write_means("eval/", &mut rec);
@@ -462,7 +490,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Resolved) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
-    let mut model = Decoder::load_frozen(backend, &args.model)
+    let mut model = load_frozen(&backend, &args.model, args.allow_nonfinite)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
         [tok.bos_ids(), &tok.encode(&args.prompt)].concat()

@@ -70,17 +70,40 @@ pub fn series(records: &[Record], name: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Reads `metrics.jsonl` (one JSON object a line; blank lines skipped).
+/// Reads `metrics.jsonl` (one JSON object a line; blank lines skipped). A last line cut short (no
+/// newline, not JSON: a write a crash or a full disk interrupted) is dropped with a warning on stderr.
 pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
+    let (records, torn) = read_metrics_report(path)?;
+    if let Some(warning) = torn {
+        eprintln!("warning: {warning}");
+    }
+    Ok(records)
+}
+
+/// [`read_metrics`], the warning returned (`Some` when a torn last line was dropped).
+pub fn read_metrics_report(path: &Path) -> Result<(Vec<Record>, Option<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str::<Record>(l)
-                .map_err(|e| anyhow!("{}:{}: not a JSON object: {e}", path.display(), i + 1))
-        })
-        .collect()
+    let lines: Vec<&str> = text.lines().collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(rec) => records.push(rec),
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                let warning = format!(
+                    "{}:{}: dropped a torn last record ({} bytes, no newline)",
+                    path.display(),
+                    i + 1,
+                    line.len()
+                );
+                return Ok((records, Some(warning)));
+            }
+            Err(e) => return Err(anyhow!("{}:{}: not a JSON object: {e}", path.display(), i + 1)),
+        }
+    }
+    Ok((records, None))
 }
 
 /// One training run's metrics, named for the legend.
@@ -236,6 +259,24 @@ fn draw_panel(panel: &Panel, area: &Area) -> Result<(), DrawingAreaErrorKind<std
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_dropped_with_a_warning_and_any_other_bad_line_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, "{\"step\":1}\n{\"step\":2}\n{\"step\":3,\"lo").unwrap();
+        let (records, warning) = read_metrics_report(&path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert!(warning.unwrap().contains("metrics.jsonl:3: dropped a torn last record"));
+        assert_eq!(read_metrics(&path).unwrap(), records);
+        // A whole last line that is not JSON, or a bad line before the last, is no torn write.
+        std::fs::write(&path, "{\"step\":1}\nnot json\n").unwrap();
+        assert!(read_metrics(&path).unwrap_err().to_string().contains("metrics.jsonl:2"));
+        std::fs::write(&path, "{\"step\":1}\n{\"st\n{\"step\":3}").unwrap();
+        assert!(read_metrics(&path).unwrap_err().to_string().contains("metrics.jsonl:2"));
+        std::fs::write(&path, "{\"step\":1}\n").unwrap();
+        assert_eq!(read_metrics_report(&path).unwrap().1, None);
+    }
 
     #[test]
     fn writes_an_svg_with_every_series() {

@@ -252,11 +252,13 @@ fn training_reuses_the_reference_cache_and_notices_a_new_reference() {
     cfg.optimizer.warmup_steps = 0;
     let first = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
     assert_eq!(first.reference_cache, Some(CacheStatus::Miss));
-    let again = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+    // The same out_dir again: the finished run there is started over (the cache is kept).
+    let overwrite = TrainOptions { overwrite: true, ..quiet() };
+    let again = train(backend(), &cfg, Task::Preference, &overwrite).unwrap();
     assert_eq!(again.reference_cache, Some(CacheStatus::Hit));
     // Another seed: another random reference.
     cfg.seed += 1;
-    let other = train(backend(), &cfg, Task::Preference, &quiet()).unwrap();
+    let other = train(backend(), &cfg, Task::Preference, &overwrite).unwrap();
     assert_eq!(other.reference_cache, Some(CacheStatus::Stale));
 }
 

@@ -1,6 +1,7 @@
 //! What a benchmark run reports: per-phase and per-step times, rates, FLOPs, memory; as JSON (the
 //! field names the PyTorch baseline prints too) or as a table.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -128,6 +129,10 @@ pub struct BenchReport {
     /// Absent from reports written before the field existed.
     #[serde(default)]
     pub peak_host_rss_bytes: Option<u64>,
+    /// The CPU backend's instruction-set path per kernel family and the CPU's vector extensions
+    /// (absent for other backends and in reports written before the field existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cpu_isa: BTreeMap<String, String>,
     /// Mean preference loss of the last timed step (a sanity check: finite, near ln 2 at the start).
     pub final_loss: f64,
     pub notes: Vec<String>,
@@ -209,12 +214,20 @@ pub fn report_from_samples(
         peak_memory_bytes: None,
         memory_source: HOST_MEMORY_SOURCE.to_string(),
         peak_host_rss_bytes: None,
+        cpu_isa: BTreeMap::new(),
         final_loss: samples.last().map_or(f64::NAN, |s| s.loss),
         notes,
     }
 }
 
 impl BenchReport {
+    /// Records the CPU backend's instruction-set paths and the CPU's vector extensions.
+    pub fn set_cpu_isa(&mut self) {
+        self.cpu_isa =
+            crate::backend::cpu::isa_paths().into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.cpu_isa.insert("cpu flags".to_string(), crate::backend::cpu::cpu_flags().join(" "));
+    }
+
     /// Fills the memory fields: the device's peak where the backend counts its memory, else the
     /// process's peak resident set; the resident set separately in any case.
     pub fn set_memory(&mut self, device: Option<MemoryStats>, host_rss: Option<u64>) {
@@ -240,6 +253,10 @@ impl fmt::Display for BenchReport {
         let threads =
             if self.device.contains("thread") { String::new() } else { format!(" ({} threads)", self.threads) };
         writeln!(f, "{} on {}{threads}, {}", self.engine, self.device, objective_label(&c.objective))?;
+        if !self.cpu_isa.is_empty() {
+            let paths: Vec<String> = self.cpu_isa.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            writeln!(f, "isa     {}", paths.join("; "))?;
+        }
         let m = c.model_config();
         let heads =
             if m.n_kv_head == m.n_head { format!("{}", m.n_head) } else { format!("{}/{}kv", m.n_head, m.n_kv_head) };

@@ -116,5 +116,8 @@ pub fn run_bench<B: Backend>(backend: Arc<B>, cfg: &BenchConfig) -> Result<Bench
         report_from_samples(cfg, &samples, runner.num_params(), backend.name(), rayon::current_num_threads());
     backend.synchronize()?;
     report.set_memory(backend.memory_stats(), peak_rss_bytes());
+    if report.device.starts_with("cpu") {
+        report.set_cpu_isa();
+    }
     Ok(report)
 }

@@ -62,6 +62,9 @@
 //! eval_every = 100           # 0: only before the first and after the last step
 //! checkpoint_every = 500     # 0: only the final checkpoint
 //! keep_checkpoints = 0       # 0: keep all
+//!
+//! [train]
+//! max_loss = 1e6             # a step's loss above this stops the run as diverged; inf: no bound
 //! ```
 
 pub mod cli;
@@ -241,6 +244,23 @@ settings! {
 }
 
 settings! {
+    /// `[train]`: when a run stops as diverged. A NaN or infinite loss, gradient norm or parameter
+    /// always stops it.
+    pub struct TrainConfig {
+        /// A step whose mean loss is above this stops the run as diverged, before anything of the
+        /// step is written (`inf`: no bound). The default is far above any objective's loss at sane
+        /// settings (IPO's (1/2β)² is 2.5e5 at β = 0.001), far below a blow-up's.
+        pub max_loss: f64 = 1e6,
+    }
+}
+
+impl TrainConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+settings! {
     /// Everything a training run needs.
     pub struct RunConfig {
         /// Random seed (data order, holdout split, random init; `generate`: sampling).
@@ -259,6 +279,11 @@ settings! {
         pub optimizer: OptimizerConfig = OptimizerConfig::default(),
         pub batching: BatchingConfig = BatchingConfig::default(),
         pub intervals: IntervalConfig = IntervalConfig::default(),
+        /// `[train]`: when a run stops as diverged (not part of the trajectory).
+        // Left out of the serialised form at its defaults, so that configurations written before it
+        // are unchanged.
+        #[serde(skip_serializing_if = "TrainConfig::is_default")]
+        pub train: TrainConfig = TrainConfig::default(),
     }
 }
 

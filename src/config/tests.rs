@@ -203,3 +203,19 @@ fn a_profile_takes_only_its_settings() {
     let err = resolve::<OnlyModel>(&RunOverrides::default().set("data.path", "x")).unwrap_err().to_string();
     assert!(err.contains("does not take `data.path`"), "{err}");
 }
+
+#[test]
+fn max_loss_is_checked_left_out_of_the_trajectory_and_of_a_default_file() {
+    let cfg = resolve_args(&[]).unwrap();
+    assert_eq!(cfg.train.max_loss, 1e6);
+    assert!(!cfg.to_toml().unwrap().contains("[train]"), "configurations written before it are unchanged");
+    let unbounded = resolve_args(&["--train.max_loss", "inf"]).unwrap();
+    assert_eq!(unbounded.train.max_loss, f64::INFINITY);
+    assert_eq!(unbounded.trajectory_hash(), cfg.trajectory_hash(), "a resume may change the bound");
+    let back = RunConfig::from_toml_str(&unbounded.to_toml().unwrap(), Path::new("x.toml")).unwrap();
+    assert_eq!(back, unbounded);
+    for bad in ["0", "-1", "nan"] {
+        let err = err_of(&["--train.max_loss", bad]);
+        assert!(err.contains("train.max_loss") && err.contains("positive"), "{bad}: {err}");
+    }
+}

@@ -24,6 +24,12 @@ impl RunConfig {
         self.check_objective(&mut errs);
         self.check_optimizer(&mut errs);
         self.check_batching_and_intervals(&mut errs);
+        if self.train.max_loss.is_nan() || self.train.max_loss <= 0.0 {
+            errs.add(
+                "train.max_loss",
+                format!("must be a positive number (inf: no bound), got {}", self.train.max_loss),
+            );
+        }
         if self.out_dir.as_os_str().is_empty() {
             errs.add("out_dir", "must not be empty");
         }

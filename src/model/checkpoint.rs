@@ -116,9 +116,46 @@ impl HostWeights {
     }
 }
 
+/// The first NaN or infinite value of `data`: its index and value.
+pub fn first_nonfinite(data: &[f32]) -> Option<(usize, f32)> {
+    data.iter().position(|x| !x.is_finite()).map(|i| (i, data[i]))
+}
+
+/// `what` holds no NaN or infinite value; else an error naming the first one and their count.
+fn ensure_finite(what: &str, data: &[f32]) -> Result<()> {
+    match first_nonfinite(data) {
+        None => Ok(()),
+        Some((i, x)) => {
+            let count = data.iter().filter(|x| !x.is_finite()).count();
+            bail!("{what} holds {x} at index {i} ({count} of its {} values are not finite)", data.len())
+        }
+    }
+}
+
+impl HostWeights {
+    /// Every parameter finite; else an error naming the tensor, the first bad index and its value.
+    pub fn ensure_finite(&self) -> Result<()> {
+        self.tensors.iter().try_for_each(|(name, (_, data))| ensure_finite(&format!("parameter `{name}`"), data))
+    }
+}
+
+/// How [`load_dir_with`] reads weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Load tensors that hold NaN or infinite values (a diverged model, to inspect); by default they
+    /// are an error naming the file, the tensor and the first bad value.
+    pub allow_nonfinite: bool,
+}
+
 /// Reads a model directory: `config.json` and `model.safetensors` (or its shards). Any
-/// `tokenizer.json` there is left to the caller (see [`copy_tokenizer`]).
+/// `tokenizer.json` there is left to the caller (see [`copy_tokenizer`]). A NaN or infinite weight
+/// is an error (see [`load_dir_with`]).
 pub fn load_dir(dir: &Path) -> Result<HostWeights> {
+    load_dir_with(dir, LoadOptions::default())
+}
+
+/// [`load_dir`] with `options`.
+pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<HostWeights> {
     ensure!(dir.is_dir(), "model directory {} does not exist or is not a directory", dir.display());
     let config_path = dir.join(CONFIG_FILE);
     ensure!(config_path.is_file(), "{} is not a model directory: {CONFIG_FILE} is missing", dir.display());
@@ -145,7 +182,7 @@ pub fn load_dir(dir: &Path) -> Result<HostWeights> {
         })?;
         parsed.push((path.as_str(), file));
     }
-    read_tensors(&parsed, config, &source.display().to_string())
+    read_tensors(&parsed, config, &source.display().to_string(), options)
 }
 
 /// The shard files `index` lists, read whole: (path, bytes) each.
@@ -191,7 +228,12 @@ type TensorIndex<'a, 'b> = HashMap<&'a str, (&'a str, &'a SafeTensors<'b>, &'a s
 
 /// The parameters of a model of shape `config` from parsed safetensors files (one, or the shards
 /// of the index `source`).
-fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig, source: &str) -> Result<HostWeights> {
+fn read_tensors(
+    files: &[(&str, SafeTensors<'_>)],
+    config: DecoderConfig,
+    source: &str,
+    options: LoadOptions,
+) -> Result<HostWeights> {
     let prefix = trunk_prefix(&config);
     // Strip the trunk prefix; keep the file's own name for error messages.
     let mut by_name: TensorIndex<'_, '_> = HashMap::new();
@@ -209,7 +251,16 @@ fn read_tensors(files: &[(&str, SafeTensors<'_>)], config: DecoderConfig, source
                 "{source}: missing tensor `{name}` (looked for `{name}` and `{prefix}{name}`), expected shape {shape:?}"
             )
         })?;
-        read_f32_tensor(file, stored, shape).with_context(|| format!("weights file {path}"))
+        let data = read_f32_tensor(file, stored, shape).with_context(|| format!("weights file {path}"))?;
+        if !options.allow_nonfinite {
+            ensure_finite(&format!("weights file {path}: tensor `{stored}`"), &data).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}: a diverged or corrupt model? (`eval`, `logps` and `generate` load it anyway with \
+                     --allow-nonfinite)"
+                )
+            })?;
+        }
+        Ok(data)
     };
 
     let mut tensors = BTreeMap::new();

@@ -13,10 +13,11 @@
 //!   latest                 one line: the name of the newest complete checkpoint directory
 //! ```
 //!
-//! A checkpoint is written into a hidden staging directory (`.checkpoint-<step>.partial`), every
-//! file atomically; only when all of it is on disk is the directory renamed into place, and only then
-//! is `latest` atomically rewritten to name it. A crash or an error at any point leaves the previous
-//! checkpoint and `latest` as they were.
+//! A checkpoint is written into a hidden staging directory (`.checkpoint-<step>.<unique>.partial`),
+//! every file atomically; only when all of it is on disk is the directory renamed into place, and
+//! only then is `latest` atomically rewritten to name it. A crash or an error at any point leaves
+//! `latest` naming a complete checkpoint: the previous one, or the new one. Replacing a directory of
+//! the same name (see [`commit_dir_with`]) never removes the one `latest` names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -29,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::BatcherState;
 use crate::loss::LossState;
+use crate::model::checkpoint::first_nonfinite;
+use crate::model::HostWeights;
 use crate::util::write_atomic;
 
 pub const LATEST_FILE: &str = "latest";
@@ -40,6 +43,11 @@ pub const FINAL_DIR: &str = "final";
 /// settings: `config::model_dir`).
 pub use crate::config::RUN_CONFIG_FILE;
 const STATE_FORMAT: &str = "safedpo-train-state-v1";
+
+/// Whether `name` is that of a checkpoint directory: `final` or `checkpoint-<step>`.
+pub fn is_checkpoint_name(name: &str) -> bool {
+    name == FINAL_DIR || name.strip_prefix("checkpoint-").is_some_and(|s| s.parse::<usize>().is_ok())
+}
 
 /// The name of the checkpoint directory of `step`.
 pub fn checkpoint_name(step: usize) -> String {
@@ -149,50 +157,185 @@ pub fn write_optimizer_state(dir: &Path, state: &BTreeMap<String, Vec<f32>>) -> 
     write_f32_safetensors(&dir.join(OPTIMIZER_FILE), &tensors, meta)
 }
 
+/// A checkpoint's weights and optimizer state hold no NaN or infinite value; else an error naming
+/// the first one.
+pub fn ensure_finite_state(weights: &HostWeights, optimizer: &BTreeMap<String, Vec<f32>>) -> Result<()> {
+    weights.ensure_finite()?;
+    for (name, data) in optimizer {
+        if let Some((i, x)) = first_nonfinite(data) {
+            bail!("optimizer state `{name}` holds {x} at index {i}");
+        }
+    }
+    Ok(())
+}
+
 /// Reads `optimizer.safetensors` from `dir`.
 pub fn read_optimizer_state(dir: &Path) -> Result<BTreeMap<String, Vec<f32>>> {
     let (tensors, _) = read_f32_safetensors(&dir.join(OPTIMIZER_FILE))?;
     Ok(tensors.into_iter().map(|(k, (_, v))| (k, v)).collect())
 }
 
+/// The points of a commit after which a crash leaves the run directory in a different state; a
+/// test hook ([`commit_dir_with`]) stops there as a kill would, to check that `latest` names a
+/// complete checkpoint at every one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitStep {
+    /// The new directory is complete on disk under its hidden staging name.
+    Staged,
+    /// Replacing a directory: `latest` names the new one under its hidden name.
+    LatestOnNew,
+    /// Replacing a directory: the old one is gone.
+    OldRemoved,
+    /// The new directory is in place under its own name.
+    InPlace,
+    /// `latest` names it.
+    LatestMoved,
+}
+
 /// Writes the checkpoint directory `out_dir/name`: `write` fills a staging directory; when it
-/// succeeds the staging directory replaces `out_dir/name` and `latest` is pointed at it. On error
-/// the staging directory is removed and nothing else changes.
+/// succeeds the staging directory takes the name and `latest` is pointed at it. On error the
+/// staging directory is removed and nothing else changes.
 pub fn commit_dir(out_dir: &Path, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    let staging = out_dir.join(format!(".{name}.partial"));
+    commit_dir_with(out_dir, name, write, &mut |_| Ok(()))
+}
+
+/// [`commit_dir`], calling `after` at each [`CommitStep`]; an error from it returns at once, leaving
+/// the directory as a crash at that point would.
+///
+/// Whatever the point, `latest` names a complete directory that exists: a new name is put in place
+/// before `latest` moves to it; a name that exists already (`final` again, after a resume from an
+/// earlier checkpoint) is replaced while `latest` names the new directory under its unique hidden
+/// name, and `latest` comes back to the name only once the name holds the new directory.
+pub fn commit_dir_with(
+    out_dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> Result<()>,
+    after: &mut dyn FnMut(CommitStep) -> Result<()>,
+) -> Result<PathBuf> {
     let target = out_dir.join(name);
-    if staging.exists() {
-        // Left over from a crash: never a valid checkpoint.
-        fs::remove_dir_all(&staging).with_context(|| format!("removing stale {}", staging.display()))?;
-    }
+    remove_leftovers(out_dir, Some(name))?;
+    let stamp = unique_stamp();
+    let staging = out_dir.join(format!(".{name}.{stamp}.partial"));
     fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     if let Err(e) = write(&staging) {
         let _ = fs::remove_dir_all(&staging);
         return Err(e.context(format!("writing checkpoint {} (the previous checkpoint is intact)", target.display())));
     }
     sync_dir(&staging);
-    // Move any older directory of the same name aside first; `latest` never names it meanwhile
-    // unless it is being rewritten with the same content (the final directory).
-    let old = out_dir.join(format!(".{name}.old"));
-    if target.exists() {
-        if old.exists() {
-            fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-        }
-        fs::rename(&target, &old).with_context(|| format!("moving {} aside", target.display()))?;
+    after(CommitStep::Staged)?;
+    if !target.exists() {
+        rename(&staging, &target)?;
+        sync_dir(out_dir);
+        after(CommitStep::InPlace)?;
+    } else {
+        let fresh_name = format!(".{name}.{stamp}");
+        rename(&staging, &out_dir.join(&fresh_name))?;
+        write_latest(out_dir, &fresh_name)?;
+        after(CommitStep::LatestOnNew)?;
+        install(out_dir, name, &fresh_name, after)?;
     }
-    fs::rename(&staging, &target).with_context(|| format!("renaming {} to {}", staging.display(), target.display()))?;
-    sync_dir(out_dir);
-    write_atomic(&out_dir.join(LATEST_FILE), format!("{name}\n").as_bytes())?;
-    if old.exists() {
-        let _ = fs::remove_dir_all(&old);
-    }
+    write_latest(out_dir, name)?;
+    after(CommitStep::LatestMoved)?;
+    remove_leftovers(out_dir, Some(name))?;
     Ok(target)
+}
+
+/// Puts a copy of the complete directory `out_dir/fresh` (which `latest` names) in place as
+/// `out_dir/name`, replacing any directory there. The copy is hard links (a copy where the file
+/// system has none), so that `fresh` stays whole until `latest` names `name` again.
+fn install(out_dir: &Path, name: &str, fresh: &str, after: &mut dyn FnMut(CommitStep) -> Result<()>) -> Result<()> {
+    let target = out_dir.join(name);
+    if target.exists() {
+        let old = out_dir.join(format!(".{name}.{}.old", unique_stamp()));
+        rename(&target, &old)?;
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    after(CommitStep::OldRemoved)?;
+    let linking = out_dir.join(format!(".{name}.{}.linking", unique_stamp()));
+    link_tree(&out_dir.join(fresh), &linking)?;
+    sync_dir(&linking);
+    rename(&linking, &target)?;
+    sync_dir(out_dir);
+    after(CommitStep::InPlace)
+}
+
+/// Tidies what crashed commits left, at the start of a run (which holds the directory's lock): a
+/// commit interrupted after `latest` moved to a replacing directory's hidden name (see
+/// [`commit_dir_with`]) is completed, the directory taking its name; every other leftover goes.
+pub fn finish_interrupted_commits(out_dir: &Path) -> Result<()> {
+    if let Some(dir) = read_latest(out_dir)? {
+        let hidden = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some((name, _)) = hidden.strip_prefix('.').and_then(|rest| rest.split_once('.')) {
+            install(out_dir, name, &hidden, &mut |_| Ok(()))?;
+            write_latest(out_dir, name)?;
+        }
+    }
+    remove_leftovers(out_dir, None)
+}
+
+/// A name no other commit of this or another process uses.
+fn unique_stamp() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+}
+
+/// Points `latest` at `name`, atomically (a temporary file renamed over it).
+fn write_latest(out_dir: &Path, name: &str) -> Result<()> {
+    write_atomic(&out_dir.join(LATEST_FILE), format!("{name}\n").as_bytes())
+}
+
+/// Removes what interrupted commits of `name` (of any checkpoint: `None`) left (`.name.*`:
+/// staging, replaced and half-copied directories), except the one `latest` names.
+fn remove_leftovers(out_dir: &Path, name: Option<&str>) -> Result<()> {
+    let keep = read_latest_name(out_dir);
+    for entry in fs::read_dir(out_dir).with_context(|| format!("listing {}", out_dir.display()))? {
+        let entry = entry?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let of = file.strip_prefix('.').and_then(|rest| rest.split_once('.')).map(|(of, _)| of);
+        let leftover = match (of, name) {
+            (Some(of), Some(name)) => of == name,
+            (Some(of), None) => is_checkpoint_name(of),
+            (None, _) => false,
+        };
+        if leftover && Some(&file) != keep.as_ref() {
+            let path = entry.path();
+            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            removed.with_context(|| format!("removing {} (left by an interrupted checkpoint)", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Hard-links every file of `from` into a new directory `to` (copies where linking fails).
+fn link_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            link_tree(&src, &dst)?;
+        } else if fs::hard_link(&src, &dst).is_err() {
+            fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) {
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// The name `out_dir/latest` holds, if it can be read.
+fn read_latest_name(out_dir: &Path) -> Option<String> {
+    fs::read_to_string(out_dir.join(LATEST_FILE)).ok().map(|s| s.trim().to_string())
 }
 
 /// The checkpoint `out_dir/latest` names, if there is one.
@@ -211,6 +354,14 @@ pub fn read_latest(out_dir: &Path) -> Result<Option<PathBuf>> {
     let dir = out_dir.join(name);
     ensure!(dir.join(STATE_FILE).is_file(), "{} names {}, which has no {STATE_FILE}", path.display(), dir.display());
     Ok(Some(dir))
+}
+
+/// Where a stopped run's last good checkpoint is, for its error message.
+pub fn describe_latest(out_dir: &Path) -> String {
+    match read_latest(out_dir) {
+        Ok(Some(dir)) => format!("`latest` still names {}", dir.display()),
+        _ => "no checkpoint was written".to_string(),
+    }
 }
 
 /// Where to resume from.
@@ -291,6 +442,83 @@ mod tests {
         assert_eq!(fs::read(out.join("checkpoint-1/a")).unwrap(), b"one");
         assert!(!out.join("checkpoint-2").exists());
         assert!(!out.join(".checkpoint-2.partial").exists());
+    }
+
+    /// A directory `read_latest` accepts (a `state.json`), holding `content` in `a`.
+    fn fake_checkpoint(dir: &Path, content: &str) -> Result<()> {
+        write_atomic(&dir.join(STATE_FILE), b"{}")?;
+        write_atomic(&dir.join("a"), content.as_bytes())
+    }
+
+    fn hidden_entries(out: &Path) -> Vec<String> {
+        let names = fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+        names.filter(|n| n.starts_with('.')).collect()
+    }
+
+    /// A commit killed after any of its steps, of a new name or of one that exists (`final` again):
+    /// `latest` names a complete directory, the old one until the new one is whole; a later start
+    /// (`finish_interrupted_commit`) and a later commit of the name clean up.
+    #[test]
+    fn a_commit_killed_at_any_step_leaves_latest_naming_a_complete_checkpoint() {
+        use CommitStep::*;
+        let cases = [
+            (false, Staged, "one"),
+            (false, InPlace, "one"),
+            (false, LatestMoved, "new"),
+            (true, Staged, "old"),
+            (true, LatestOnNew, "new"),
+            (true, OldRemoved, "new"),
+            (true, InPlace, "new"),
+            (true, LatestMoved, "new"),
+        ];
+        for (replacing, stop, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path();
+            commit_dir(out, "checkpoint-1", |d| fake_checkpoint(d, "one")).unwrap();
+            if replacing {
+                commit_dir(out, FINAL_DIR, |d| fake_checkpoint(d, "old")).unwrap();
+            }
+            let mut kill = |at: CommitStep| if at == stop { bail!("killed") } else { Ok(()) };
+            let err = commit_dir_with(out, FINAL_DIR, |d| fake_checkpoint(d, "new"), &mut kill).unwrap_err();
+            assert_eq!(err.to_string(), "killed");
+            let case = format!("replacing {replacing}, killed after {stop:?}");
+            let latest = read_latest(out).unwrap_or_else(|e| panic!("{case}: {e:#}")).unwrap();
+            assert_eq!(fs::read_to_string(latest.join("a")).unwrap(), want, "{case}");
+            assert!(latest.join(STATE_FILE).is_file(), "{case}");
+
+            // The next run's start puts a replaced directory in place under its name, and tidies.
+            finish_interrupted_commits(out).unwrap();
+            let latest = read_latest(out).unwrap().unwrap();
+            assert!(!latest.file_name().unwrap().to_string_lossy().starts_with('.'), "{case}: {}", latest.display());
+            assert_eq!(fs::read_to_string(latest.join("a")).unwrap(), want, "{case}");
+            assert_eq!(hidden_entries(out), Vec::<String>::new(), "{case}");
+            commit_dir(out, FINAL_DIR, |d| fake_checkpoint(d, "newer")).unwrap();
+            assert_eq!(read_latest(out).unwrap().unwrap(), out.join(FINAL_DIR), "{case}");
+            assert_eq!(fs::read_to_string(out.join("final/a")).unwrap(), "newer", "{case}");
+            assert_eq!(hidden_entries(out), Vec::<String>::new(), "{case}");
+        }
+    }
+
+    /// Replacing the directory `latest` names: the name holds the new files, the hidden copy is gone.
+    #[test]
+    fn replacing_the_latest_directory_keeps_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        commit_dir(out, FINAL_DIR, |d| fake_checkpoint(d, "old")).unwrap();
+        let mut seen = Vec::new();
+        let mut watch = |at: CommitStep| {
+            let latest = read_latest(out)?.expect("latest names a checkpoint");
+            seen.push((at, fs::read_to_string(latest.join("a"))?));
+            Ok(())
+        };
+        commit_dir_with(out, FINAL_DIR, |d| fake_checkpoint(d, "new"), &mut watch).unwrap();
+        let steps: Vec<CommitStep> = seen.iter().map(|(at, _)| *at).collect();
+        use CommitStep::*;
+        assert_eq!(steps, [Staged, LatestOnNew, OldRemoved, InPlace, LatestMoved]);
+        assert_eq!(seen[0].1, "old");
+        assert!(seen[1..].iter().all(|(_, a)| a == "new"), "{seen:?}");
+        assert_eq!(fs::read_to_string(out.join(LATEST_FILE)).unwrap(), "final\n");
+        assert_eq!(hidden_entries(out), Vec::<String>::new());
     }
 
     #[test]

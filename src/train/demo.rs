@@ -176,7 +176,8 @@ pub fn run_demo<B: Backend>(backend: Arc<B>, opts: &DemoOptions) -> Result<DemoR
     ));
 
     let (sft_cfg, dpo_cfg) = demo_configs(opts, train_path, eval_path);
-    let run_opts = TrainOptions { progress: opts.progress, quiet: opts.quiet, ..Default::default() };
+    // The demo makes its runs again from scratch each time.
+    let run_opts = TrainOptions { progress: opts.progress, quiet: opts.quiet, overwrite: true, ..Default::default() };
 
     // 2. SFT on the safe responses.
     say("\n== SFT: a tiny byte-level GPT-2 on the helpfulness-preferred responses (harmful ones included) ==".into());

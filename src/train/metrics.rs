@@ -5,11 +5,11 @@
 //! where the safe response's implicit reward is higher, a tie counting ½. Before training the policy
 //! is the reference, every reward is 0, and the metric is exactly chance (0.5).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::backend::PAIR_METRICS;
@@ -79,14 +79,14 @@ impl PairStats {
         self.safe_preferred += other.safe_preferred;
     }
 
-    /// Writes the means under TRL's names, each prefixed by `prefix` (`""` or `"eval/"`).
-    /// `safe_preferred_accuracy` is written only when there were pairs with one unsafe response.
-    pub fn write_means(&self, prefix: &str, rec: &mut Record) {
+    /// The means under TRL's names; `safe_preferred_accuracy` only when there were pairs with one
+    /// unsafe response. None without pairs.
+    fn means(&self) -> Vec<(&'static str, f64)> {
         if self.pairs == 0 {
-            return;
+            return Vec::new();
         }
         let n = self.pairs as f64;
-        for (name, sum) in [
+        let mut means: Vec<(&'static str, f64)> = [
             ("loss", self.loss),
             ("rewards/chosen", self.reward_chosen),
             ("rewards/rejected", self.reward_rejected),
@@ -94,14 +94,31 @@ impl PairStats {
             ("rewards/margins", self.margin),
             ("logps/chosen", self.logp_chosen),
             ("logps/rejected", self.logp_rejected),
-        ] {
-            rec.insert(format!("{prefix}{name}"), json_f64(sum / n));
-        }
+        ]
+        .into_iter()
+        .map(|(name, sum)| (name, sum / n))
+        .collect();
         if self.mixed_pairs > 0 {
-            rec.insert(
-                format!("{prefix}safe_preferred_accuracy"),
-                json_f64(self.safe_preferred / self.mixed_pairs as f64),
-            );
+            means.push(("safe_preferred_accuracy", self.safe_preferred / self.mixed_pairs as f64));
+        }
+        means
+    }
+
+    /// Writes the means under TRL's names, each prefixed by `prefix` (`""` or `"eval/"`).
+    /// `safe_preferred_accuracy` is written only when there were pairs with one unsafe response.
+    pub fn write_means(&self, prefix: &str, rec: &mut Record) {
+        for (name, mean) in self.means() {
+            rec.insert(format!("{prefix}{name}"), json_f64(mean));
+        }
+    }
+
+    /// An error naming the first mean that is NaN or infinite (JSON would write it as null).
+    pub fn ensure_finite(&self, prefix: &str) -> Result<()> {
+        match self.means().into_iter().find(|(_, mean)| !mean.is_finite()) {
+            Some((name, mean)) => {
+                bail!("{prefix}{name} is {mean}: the model's log-probabilities are not finite (are its weights?)")
+            }
+            None => Ok(()),
         }
     }
 }
@@ -137,14 +154,10 @@ impl MetricsLog {
         Ok(log)
     }
 
+    /// Appends one record, whole or not at all (see [`append_whole`]).
     pub fn append(&mut self, rec: Record) -> Result<()> {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
-        writeln!(f, "{}", Value::Object(rec.clone()))
-            .with_context(|| format!("appending to {}", self.path.display()))?;
+        let line = format!("{}\n", Value::Object(rec.clone()));
+        append_whole(&self.path, line.as_bytes(), |f, bytes| f.write_all(bytes))?;
         self.records.push(rec);
         Ok(())
     }
@@ -161,6 +174,46 @@ impl MetricsLog {
     pub fn to_jsonl(&self) -> String {
         self.records.iter().map(|r| format!("{}\n", Value::Object(r.clone()))).collect()
     }
+}
+
+/// Appends `bytes` (one whole JSONL line) to `path` through `write`, all or nothing: on an error
+/// (a full disk) the file is cut back to its length before, so that no reader finds a torn line.
+pub(crate) fn append_whole(
+    path: &Path,
+    bytes: &[u8],
+    write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let before = f.metadata().with_context(|| format!("reading the length of {}", path.display()))?.len();
+    if let Err(e) = write(&mut f, bytes).and_then(|()| f.flush()) {
+        let restored = match f.set_len(before) {
+            Ok(()) => "the record was not written".to_string(),
+            Err(cut) => format!("cutting the torn record off failed too: {cut}"),
+        };
+        return Err(anyhow::Error::new(e).context(format!("appending to {} ({restored})", path.display())));
+    }
+    Ok(())
+}
+
+/// A one-line digest of a metrics record for the console.
+pub fn brief(rec: &Record) -> String {
+    let keys = [
+        ("loss", "loss"),
+        ("rewards/accuracies", "acc"),
+        ("rewards/margins", "margin"),
+        ("eval/loss", "eval loss"),
+        ("eval/rewards/accuracies", "eval acc"),
+        ("eval/rewards/margins", "eval margin"),
+        ("eval/safe_preferred_accuracy", "safe-preferred"),
+    ];
+    keys.iter()
+        .filter_map(|(k, label)| rec.get(*k).and_then(|v| v.as_f64()).map(|v| format!("{label} {v:.4}")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -191,6 +244,33 @@ mod tests {
         assert_eq!(rec["eval/rewards/accuracies"].as_f64().unwrap(), 0.5);
         assert_eq!(rec["eval/logps/chosen"].as_f64().unwrap(), -4.0);
         assert!((rec["eval/loss"].as_f64().unwrap() - 0.5725).abs() < 1e-6);
+    }
+
+    /// A disk that fills in the middle of a record: the file is cut back to the records before it,
+    /// and appending goes on where it was once there is room.
+    #[test]
+    fn a_record_is_appended_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::create(&path).unwrap();
+        let record = |step: usize| {
+            let mut r = Record::new();
+            r.insert("step".into(), step.into());
+            r.insert("loss".into(), json_f64(0.5));
+            r
+        };
+        log.append(record(1)).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let line = format!("{}\n", Value::Object(record(2)));
+        let full_disk = |f: &mut File, bytes: &[u8]| {
+            f.write_all(&bytes[..bytes.len() / 2])?;
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"))
+        };
+        let err = append_whole(&path, line.as_bytes(), full_disk).unwrap_err();
+        assert!(format!("{err:#}").contains("no space left") && format!("{err:#}").contains("not written"), "{err:#}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "a torn record was left behind");
+        log.append(record(2)).unwrap();
+        assert_eq!(crate::plot::read_metrics_report(&path).unwrap(), (vec![record(1), record(2)], None));
     }
 
     #[test]

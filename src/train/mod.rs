@@ -20,10 +20,11 @@ pub mod demo;
 pub mod generate;
 pub mod metrics;
 pub mod refcache;
+pub mod rundir;
 pub mod step;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,11 +46,13 @@ use crate::optim::{AdamW, LrSchedule};
 use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
-use checkpoint::{checkpoint_name, commit_dir, resolve_resume, TrainState, FINAL_DIR, METRICS_FILE};
+use checkpoint::{checkpoint_name, commit_dir_with, CommitStep, TrainState, FINAL_DIR, METRICS_FILE};
+pub use metrics::brief;
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 use refcache::{cache_key, chunk_pairs, load_or_compute, sequence_logps};
-use step::{adamw_config, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
+use rundir::RunDir;
+use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
 
 /// What a run trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +77,8 @@ impl Task {
 pub struct TrainOptions {
     /// Continue from a checkpoint.
     pub resume: Option<Resume>,
+    /// Start over in an out_dir that holds a run, deleting its checkpoints and metrics (see `rundir`).
+    pub overwrite: bool,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
     /// No status lines on stderr.
@@ -85,6 +90,9 @@ pub struct TrainOptions {
     /// `optimizer.safetensors`, `metrics.jsonl`, `state.json`).
     #[doc(hidden)]
     pub fail_checkpoint_file: Option<String>,
+    /// Test hook: stop a checkpoint's commit after this step, as a kill there would.
+    #[doc(hidden)]
+    pub fail_commit_after: Option<CommitStep>,
 }
 
 /// What a run did.
@@ -295,6 +303,7 @@ impl<B: Backend> Trainer<B> {
         let backend = self.backend.clone();
         let b = &*backend;
         let policy = &mut self.learner.policy;
+        let mut step_nll = 0.0;
         policy.zero_grad()?;
         for packed in &micro {
             let dev = DeviceBatch::upload(b, packed)?;
@@ -302,13 +311,17 @@ impl<B: Backend> Trainer<B> {
             let logps = policy.forward(&dev)?;
             let host = b.download(logps)?;
             policy.backward(&dev, &dseq)?;
-            self.interval.nll -= host.iter().map(|&x| x as f64).sum::<f64>();
+            let nll = -host.iter().map(|&x| x as f64).sum::<f64>();
+            self.interval.nll += nll;
+            step_nll += nll;
             self.interval.tokens += packed.num_tokens();
             self.train_tokens += packed.num_tokens();
         }
         self.interval.nll_tokens += targets;
+        let loss = step_nll / targets as f64;
+        check_loss(self.step + 1, loss, f64::INFINITY)?;
         let lr = self.next_lr();
-        self.learner.update(lr)
+        Ok(StepInfo { loss: Some(loss), ..self.learner.update(lr)? })
     }
 
     /// Evaluates the policy on the held-out pairs; `None` when there are none.
@@ -329,12 +342,15 @@ impl<B: Backend> Trainer<B> {
                     &self.learner.loss_state,
                     self.cfg.batching.tokens_per_micro_batch,
                 )?;
+                stats.ensure_finite("eval/").with_context(|| format!("evaluation at step {}", self.step))?;
                 stats.write_means("eval/", &mut rec);
             }
             Task::Sft => {
                 let budget = self.budget();
                 let (nll, tokens) = evaluate_nll(&mut self.learner.policy, &self.data.eval, budget)?;
-                rec.insert("eval/loss".into(), json_f64(nll / tokens.max(1) as f64));
+                let loss = nll / tokens.max(1) as f64;
+                ensure!(loss.is_finite(), "evaluation at step {}: eval/loss is {loss}", self.step);
+                rec.insert("eval/loss".into(), json_f64(loss));
             }
         }
         Ok(Some(rec))
@@ -378,19 +394,29 @@ impl<B: Backend> Trainer<B> {
                 self.cfg.trajectory_hash(),
             )
         };
-        let dir = commit_dir(&self.cfg.out_dir, name, |dir| {
+        // Only finite weights are committed: `latest` keeps naming the last good checkpoint.
+        let (weights, moments) = (self.learner.policy.to_host()?, self.learner.optimizer.state_to_host()?);
+        checkpoint::ensure_finite_state(&weights, &moments)
+            .with_context(|| format!("step {}: not writing checkpoint {name}", self.step))?;
+        let fault = self.opts.fail_commit_after;
+        let mut after = |at: CommitStep| match fault == Some(at) {
+            true => bail!("injected failure after {at:?}"),
+            false => Ok(()),
+        };
+        let write = |dir: &Path| {
             check("model.safetensors")?;
-            self.learner.policy.save(dir)?;
+            crate::model::checkpoint::save_dir(&weights, dir)?;
             let src = self.tokenizer_dir.as_deref();
             data::save_tokenizer_files(load_tokenizer(src)?.as_ref(), src, dir)?;
             check("optimizer.safetensors")?;
-            checkpoint::write_optimizer_state(dir, &self.learner.optimizer.state_to_host()?)?;
+            checkpoint::write_optimizer_state(dir, &moments)?;
             check("metrics.jsonl")?;
             write_atomic(&dir.join(METRICS_FILE), self.log.to_jsonl().as_bytes())?;
             write_atomic(&dir.join(checkpoint::RUN_CONFIG_FILE), self.cfg.to_toml()?.as_bytes())?;
             check("state.json")?;
             state.write(dir)
-        })?;
+        };
+        let dir = commit_dir_with(&self.cfg.out_dir, name, write, &mut after)?;
         checkpoint::prune_checkpoints(&self.cfg.out_dir, self.cfg.intervals.keep_checkpoints, &dir)?;
         Ok(dir)
     }
@@ -474,7 +500,9 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let console = Console { quiet: opts.quiet, bar: None };
     console.note(format!("{} run in {} on {}", task.name(), out.display(), backend.name()));
 
-    let resume_from = resolve_resume(opts.resume.as_ref(), out)?;
+    let warn = |msg: &str| console.note(msg);
+    let mut run_dir = RunDir::open(cfg, opts, &warn)?;
+    let resume_from = run_dir.resume_from().map(Path::to_path_buf);
     let saved_state = match &resume_from {
         Some(dir) => {
             let state = TrainState::read(dir)?;
@@ -501,8 +529,8 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     for line in &data.report {
         console.note(line);
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating out_dir {}", out.display()))?;
-    write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    run_dir.create(&warn)?;
+    write_atomic(&out.join(rundir::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
     let mut policy = match (&resume_from, &cfg.model.init) {
@@ -673,6 +701,12 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         }
         .with_context(|| format!("training step {}", t.step + 1))?;
         t.step += 1;
+        // A diverged step stops the run before anything of it is written.
+        check_loss(t.step, info.loss.unwrap_or(0.0), cfg.train.max_loss)
+            .and_then(|()| check_parameters(&t.learner.policy, t.step))
+            .with_context(|| {
+                format!("the run stopped, nothing of this step written; {}", checkpoint::describe_latest(out))
+            })?;
         let secs = t0.elapsed().as_secs_f64();
         t.interval.seconds += secs;
         t.train_seconds += secs;
@@ -741,23 +775,6 @@ fn refresh_plot(log: &MetricsLog, task: Task, console: &Console) {
     if let Err(e) = crate::plot::plot_metrics(log.records(), &dir.join(crate::plot::PLOT_FILE), &title) {
         console.note(format!("warning: {e:#}"));
     }
-}
-
-/// A one-line digest of a metrics record for the console.
-pub fn brief(rec: &Record) -> String {
-    let keys = [
-        ("loss", "loss"),
-        ("rewards/accuracies", "acc"),
-        ("rewards/margins", "margin"),
-        ("eval/loss", "eval loss"),
-        ("eval/rewards/accuracies", "eval acc"),
-        ("eval/rewards/margins", "eval margin"),
-        ("eval/safe_preferred_accuracy", "safe-preferred"),
-    ];
-    keys.iter()
-        .filter_map(|(k, label)| rec.get(*k).and_then(|v| v.as_f64()).map(|v| format!("{label} {v:.4}")))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Re-exports for the command line and the demo.

@@ -4,7 +4,7 @@
 //! grad-norm clip folded into AdamW. A hook after each [`Phase`] lets the benchmark synchronise the
 //! device and read its clock; the trainer's does nothing.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::OptimizerConfig;
@@ -70,6 +70,34 @@ pub struct MicroOutput {
 pub struct StepInfo {
     pub grad_norm: f32,
     pub lr: f32,
+    /// The step's mean loss over its pairs (`None` from [`Learner::update`] alone, which sees no
+    /// loss).
+    pub loss: Option<f64>,
+}
+
+/// What to say after a divergence: how to avoid the next one.
+const DIVERGED: &str = "training diverged (lower optimizer.lr or set optimizer.grad_clip)";
+
+/// Stops a diverged step: a loss that is NaN or infinite, or above `max_loss` (`train.max_loss`).
+pub fn check_loss(step: usize, loss: f64, max_loss: f64) -> Result<()> {
+    ensure!(loss.is_finite(), "step {step}: the loss is {loss}; {DIVERGED}");
+    ensure!(loss <= max_loss, "step {step}: the loss is {loss:e}, above train.max_loss = {max_loss:e}; {DIVERGED}");
+    Ok(())
+}
+
+/// Stops a step whose update left a parameter NaN or infinite: one reduction over the parameters
+/// on the device (`Σ w²`), and only when that is not finite a download to name the first bad value.
+pub fn check_parameters<B: Backend>(policy: &Decoder<B>, step: usize) -> Result<()> {
+    let sum_squares = policy.backend().sum_squares(&policy.params())?;
+    if sum_squares.is_finite() {
+        return Ok(());
+    }
+    let weights = policy.to_host()?;
+    let what = match weights.ensure_finite() {
+        Err(e) => format!("{e:#}"),
+        Ok(()) => "a parameter beyond ±1.8e19 (the sum of their squares overflows f32)".to_string(),
+    };
+    bail!("step {step}: after the update, {what}; {DIVERGED}")
 }
 
 /// AdamW's settings from `[optimizer]`.
@@ -100,6 +128,7 @@ impl<B: Backend> Learner<B> {
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<StepInfo> {
         let pairs: usize = micro.iter().map(|m| m.host.num_pairs()).sum();
+        let mut loss_sum = 0.0f64;
         let grad_scale = 1.0 / pairs as f32;
         let backend = self.policy.backend().clone();
         let b = &*backend;
@@ -142,15 +171,19 @@ impl<B: Backend> Learner<B> {
                 grad_scale,
             )?;
             let output = MicroOutput { metrics: b.download(&metrics)?, logps: b.download(logps)? };
+            loss_sum += output.metrics.chunks(PAIR_METRICS).map(|m| m[0] as f64).sum::<f64>();
             lap(Phase::Loss)?;
 
             self.policy.backward(&batch.packed, &dpolicy)?;
             lap(Phase::Backward)?;
             each(batch, output);
         }
+        // A NaN or infinite loss stops the step before the update (its gradient may look finite).
+        let loss = loss_sum / pairs as f64;
+        check_loss(self.optimizer.step_count() as usize + 1, loss, f64::INFINITY)?;
         let info = self.update(lr)?;
         lap(Phase::Optimizer)?;
-        Ok(info)
+        Ok(StepInfo { loss: Some(loss), ..info })
     }
 
     /// Clips by the global grad norm and applies AdamW at `lr`.
@@ -158,10 +191,10 @@ impl<B: Backend> Learner<B> {
         let (grad_norm, scale) = clip_scale(&self.policy, self.grad_clip)?;
         ensure!(
             grad_norm.is_finite(),
-            "step {}: the gradient norm is {grad_norm}; training diverged (lower optimizer.lr or set optimizer.grad_clip)",
+            "step {}: the gradient norm is {grad_norm}; {DIVERGED}",
             self.optimizer.step_count() + 1
         );
         self.optimizer.step(&mut self.policy, lr, scale)?;
-        Ok(StepInfo { grad_norm, lr })
+        Ok(StepInfo { grad_norm, lr, loss: None })
     }
 }

@@ -29,6 +29,8 @@
 mod gemm;
 mod simd;
 
+pub use simd::{cpu_flags, isa_paths, row_kernel_level, SimdLevel, CPU_ISA_ENV};
+
 pub mod attention;
 pub mod embedding;
 pub mod grad_norm;

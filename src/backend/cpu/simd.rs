@@ -47,19 +47,31 @@ pub(super) use simd_kernel;
 
 /// Which compiled version [`simd_kernel!`] functions take.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum SimdLevel {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
     Portable,
     Avx2,
     Avx512,
 }
 
-/// The widest [`SimdLevel`] the CPU supports. Unit tests can cap it on their own thread, to check
-/// that every version agrees bit for bit.
+impl SimdLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Portable => "portable",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The environment variable that caps the row kernels' [`SimdLevel`] (`portable`, `avx2`,
+/// `avx512`), so that a narrower path can be measured on a wider CPU.
+pub const CPU_ISA_ENV: &str = "SAFEDPO_CPU_ISA";
+
+/// The widest level the CPU supports.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(super) fn simd_level() -> SimdLevel {
-    let detected = if std::is_x86_feature_detected!("avx512f")
+fn detected_level() -> SimdLevel {
+    if std::is_x86_feature_detected!("avx512f")
         && std::is_x86_feature_detected!("avx512bw")
         && std::is_x86_feature_detected!("avx512dq")
         && std::is_x86_feature_detected!("avx512vl")
@@ -70,7 +82,90 @@ pub(super) fn simd_level() -> SimdLevel {
         SimdLevel::Avx2
     } else {
         SimdLevel::Portable
-    };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detected_level() -> SimdLevel {
+    SimdLevel::Portable
+}
+
+/// The level the row kernels run at: the CPU's widest, capped by [`CPU_ISA_ENV`] when it is set.
+/// Decided once per process; an unknown value is reported once on stderr and ignored.
+pub fn row_kernel_level() -> SimdLevel {
+    static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = detected_level();
+        let Ok(cap) = std::env::var(CPU_ISA_ENV) else { return detected };
+        let cap = match cap.trim().to_ascii_lowercase().as_str() {
+            "portable" | "scalar" | "sse2" => SimdLevel::Portable,
+            "avx2" => SimdLevel::Avx2,
+            "avx512" | "" => SimdLevel::Avx512,
+            other => {
+                eprintln!("warning: {CPU_ISA_ENV}={other} is not one of portable, avx2, avx512; ignored");
+                SimdLevel::Avx512
+            }
+        };
+        detected.min(cap)
+    })
+}
+
+/// The instruction-set path of each CPU kernel family, for reports: the row kernels' level (see
+/// [`row_kernel_level`]) and the `gemm` crate's matrix-product kernels, which it picks once from
+/// the CPU (AVX-512 only in builds with the `avx512` feature; [`CPU_ISA_ENV`] does not reach it).
+pub fn isa_paths() -> Vec<(&'static str, &'static str)> {
+    vec![("row kernels", row_kernel_level().name()), ("gemm", gemm_path())]
+}
+
+/// The vector extensions among those the kernels care about that this CPU has (for the record
+/// that goes with every CPU figure).
+pub fn cpu_flags() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut flags = Vec::new();
+        macro_rules! check {
+            ($($f:tt),*) => {$(
+                if std::is_x86_feature_detected!($f) {
+                    flags.push($f);
+                }
+            )*};
+        }
+        check!("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16");
+        flags
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
+fn gemm_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(feature = "avx512") && std::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::is_x86_feature_detected!("fma") {
+            return "avx2+fma";
+        }
+        "scalar"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
+/// The level [`simd_kernel!`] functions take: [`row_kernel_level`]. Unit tests can cap it on their
+/// own thread, to check that every version agrees bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn simd_level() -> SimdLevel {
+    let detected = row_kernel_level();
     #[cfg(test)]
     if let Some(cap) = testing::SIMD_CAP.with(|f| f.get()) {
         return match (cap, detected) {
