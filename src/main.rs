@@ -9,11 +9,13 @@
 //! safedpo bench    [settings] [--steps N …]      timed training steps on synthetic data
 //! safedpo demo     [--quick]                      the whole method on synthetic data in minutes
 //! safedpo demo     --data-only [--rows N]         only the demo's synthetic PKU-SafeRLHF data
+//! safedpo plot     RUN_DIR... [--out FILE]        training curves of runs overlaid, as an SVG
 //! ```
 //!
 //! Settings (`safedpo::config`) come from the command's defaults, then the `--config` TOML file, then
 //! the flags, each named by its TOML path (`--optimizer.lr 1e-6`, `--set optimizer.lr=1e-6`); a flag
-//! wins. Every command that reads a model takes the same settings flags. Errors go to stderr with
+//! wins. Each command has flags for only the settings it uses (`eval` has no `--optimizer.lr`); a
+//! `--config` file may hold any (one file serves `train` and `eval`). Errors go to stderr with
 //! exit code 1.
 
 use std::io::Write;
@@ -28,7 +30,7 @@ use serde_json::json;
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
 use safedpo::config::{
-    check_init_shape, DataConfig, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
+    check_init_shape, DataConfig, Evaluation, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
 };
 use safedpo::data::{check_same_tokenizer, load_tokenizer, sequence_format, tokenizer_source};
 use safedpo::loss::LossState;
@@ -65,6 +67,23 @@ enum Command {
     Demo(DemoArgs),
     /// Times training steps on synthetic data: tokens/s, step time, MFU, peak memory, phases.
     Bench(safedpo::bench::BenchArgs),
+    /// Overlays the training curves of run directories (their metrics.jsonl) in one SVG: a panel per
+    /// metric against the optimizer step, a colour per run.
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// Run directories (each with a metrics.jsonl), named in the legend as given.
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// The SVG file written.
+    #[arg(long, default_value = "plot.svg", value_name = "FILE")]
+    out: PathBuf,
+    /// A metric to draw (repeatable), e.g. `eval/loss`; by default loss, eval loss, reward margins
+    /// and accuracies, safe-preferred accuracy and learning rate, those the runs have.
+    #[arg(long = "metric", value_name = "NAME")]
+    metrics: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -96,7 +115,7 @@ struct ModelDataArgs {
     #[arg(long)]
     allow_nonfinite: bool,
     #[command(flatten)]
-    run: SettingsArgs<Training>,
+    run: SettingsArgs<Evaluation>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -219,6 +238,12 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{report}");
             }
+            Ok(())
+        }
+        Command::Plot(args) => {
+            let runs = args.runs.iter().map(|dir| safedpo::plot::Run::load(dir)).collect::<Result<Vec<_>>>()?;
+            safedpo::plot::plot_runs(&runs, &args.metrics, &args.out)?;
+            println!("{}", args.out.display());
             Ok(())
         }
         Command::Demo(args) if args.data_only => write_demo_data(&args),

@@ -86,7 +86,7 @@ pub trait Profile: 'static {
     fn validate(cfg: &RunConfig) -> Vec<FieldError>;
 }
 
-/// `train`, `sft`, `eval`, `logps`: every setting, `RunConfig::default()`, every check.
+/// `train`, `sft`: every setting, `RunConfig::default()`, every check.
 pub struct Training;
 
 impl Profile for Training {
@@ -101,15 +101,35 @@ impl Profile for Training {
     }
 }
 
-/// `generate`: as [`Training`], with the sampling seed 0 by default.
+/// `eval`, `logps`: forwards of frozen models on pairs. The models, the data, the objective (its
+/// metrics), the micro-batch budget, the seed (the holdout split) and the device; no optimizer,
+/// intervals, output directory or training-only batching.
+pub struct Evaluation;
+
+impl Profile for Evaluation {
+    fn base() -> RunConfig {
+        RunConfig::default()
+    }
+    fn takes(path: &str) -> bool {
+        let in_section = ["model.", "objective.", "data."].iter().any(|s| path.starts_with(s));
+        (in_section && path != "data.sft_safe_only")
+            || ["seed", "device", "batching.tokens_per_micro_batch"].contains(&path)
+    }
+    fn validate(cfg: &RunConfig) -> Vec<FieldError> {
+        cfg.validate()
+    }
+}
+
+/// `generate`: the model's shape, the prompt's template, the sampling seed (0 by default) and the
+/// device.
 pub struct Generation;
 
 impl Profile for Generation {
     fn base() -> RunConfig {
         RunConfig { seed: 0, ..RunConfig::default() }
     }
-    fn takes(_path: &str) -> bool {
-        true
+    fn takes(path: &str) -> bool {
+        path.starts_with("model.") || ["seed", "device", "data.template"].contains(&path)
     }
     fn validate(cfg: &RunConfig) -> Vec<FieldError> {
         cfg.validate()

@@ -89,7 +89,7 @@ pub use crate::data::DEFAULT_TEMPLATE;
 use crate::data::{DataFormat, PairSelection};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family, Rope};
-pub use cli::{Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
+pub use cli::{Evaluation, Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
 pub use model_dir::{check_init_shape, ModelDirSettings, RUN_CONFIG_FILE};
 use settings::settings;
 

@@ -676,6 +676,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         if let Some(rec) = t.evaluate()? {
             t.console.note(format!("step 0 (before training): {}", brief(&rec)));
             t.log.append(rec)?;
+            refresh_plot(&t.log, task, &t.console);
         }
     }
 
@@ -725,6 +726,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             if let Some(rec) = t.evaluate()? {
                 t.console.note(format!("step {}: {}", t.step, brief(&rec)));
                 t.log.append(rec)?;
+                refresh_plot(&t.log, task, &t.console);
             }
         }
         let stop = opts.stop_after_step == Some(t.step);
@@ -740,6 +742,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     }
     bar.finish_and_clear();
     t.console.bar = None;
+    refresh_plot(&t.log, task, &t.console);
     if steps_at_start == total {
         t.console.note(format!("the run in {} is already complete ({total} steps)", out.display()));
         last_checkpoint = resume_from.clone();
@@ -765,6 +768,16 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         t.console.note(format!("checkpoint: {}", dir.display()));
     }
     Ok(summary)
+}
+
+/// Redraws the run's `plot.svg` from its metrics so far. A plot that cannot be written is noted, not
+/// fatal: the curves are a view of `metrics.jsonl`, which holds them all.
+fn refresh_plot(log: &MetricsLog, task: Task, console: &Console) {
+    let Some(dir) = log.path().parent() else { return };
+    let title = format!("{} training: {}", task.name(), dir.display());
+    if let Err(e) = crate::plot::plot_metrics(log.records(), &dir.join(crate::plot::PLOT_FILE), &title) {
+        console.note(format!("warning: {e:#}"));
+    }
 }
 
 /// Re-exports for the command line and the demo.
