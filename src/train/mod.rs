@@ -35,13 +35,13 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::config::{RunConfig, RunLength};
 use crate::data::{
-    self, load_pairs, load_tokenizer, preference_batch, sequence_format, sft_batch, split_holdout, tokenize_pairs,
-    Batcher, TextTokenizer, TokenizedPair,
+    self, load_pairs, load_tokenizer, preference_batch, sequence_format, sft_batch, split_holdout, tokenize_pairs_with,
+    BatchLimit, Batcher, TextTokenizer, TokenizedPair,
 };
 use crate::loss::{LossState, Objective};
 use crate::model::decoder::random_weights;
 use crate::model::{Decoder, DeviceBatch, HostWeights};
-use crate::optim::{AdamW, LrSchedule};
+use crate::optim::{AdamW, LrSchedule, Scheduler};
 use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
@@ -144,18 +144,21 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
     let (pairs, load) = load_pairs(path, format, selection, d.skip_invalid)
         .with_context(|| format!("loading data.path {}", path.display()))?;
     report.push(format!("{} ({selection}): {load}", path.display()));
+    load.check_template(path, &d.template)?;
     let (train, eval) = match &d.eval_path {
         Some(eval_path) => {
             let (eval, load) = load_pairs(eval_path, format, selection, d.skip_invalid)
                 .with_context(|| format!("loading data.eval_path {}", eval_path.display()))?;
+            load.check_template(eval_path, &d.template)?;
             report.push(format!("{} ({selection}): {load}", eval_path.display()));
             (pairs, eval)
         }
         None => split_holdout(pairs, d.eval_fraction, cfg.seed),
     };
     let format = sequence_format(&d.template, cfg.model.init.as_deref()).context("data.template")?;
-    let (mut train, train_rep) = tokenize_pairs(&train, tok, format.as_ref(), d.max_len)?;
-    let (mut eval, eval_rep) = tokenize_pairs(&eval, tok, format.as_ref(), d.max_len)?;
+    let limits = d.truncation();
+    let (mut train, train_rep) = tokenize_pairs_with(&train, tok, format.as_ref(), &limits)?;
+    let (mut eval, eval_rep) = tokenize_pairs_with(&eval, tok, format.as_ref(), &limits)?;
     report.push(format!("train: {train_rep}"));
     report.push(format!("eval: {eval_rep}"));
     if task == Task::Sft && d.sft_safe_only {
@@ -189,13 +192,13 @@ fn check_vocab(pairs: &[TokenizedPair], vocab_size: usize, what: &str) -> Result
 
 /// The number of optimizer steps of a run.
 fn total_steps(cfg: &RunConfig, batcher: &Batcher, pairs: &[TokenizedPair], task: Task) -> usize {
-    let budget = cfg.batching.tokens_per_micro_batch;
+    let limit = cfg.batching.limit();
     match cfg.length() {
         RunLength::Steps(n) => n,
         RunLength::Epochs(epochs) => {
             let per_epoch = |e: usize| match task {
-                Task::Preference => batcher.batches_in_epoch(pairs, budget, e),
-                Task::Sft => batcher.sft_batches_in_epoch(pairs, budget, e),
+                Task::Preference => batcher.batches_in_epoch_under(pairs, limit, e),
+                Task::Sft => batcher.sft_batches_in_epoch_under(pairs, limit, e),
             };
             let full = epochs.floor() as usize;
             let mut micro: usize = (0..full).map(per_epoch).sum();
@@ -232,7 +235,7 @@ struct Trainer<B: Backend> {
     learner: Learner<B>,
     /// Reference log-probs of the eval pairs `[2E]` (fixed, so computed once).
     eval_reference: Vec<f32>,
-    schedule: LrSchedule,
+    schedule: Scheduler,
     batcher: Batcher,
     rng: ChaCha8Rng,
     step: usize,
@@ -271,10 +274,10 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn preference_step(&mut self) -> Result<StepInfo> {
-        let budget = self.budget();
+        let limit = self.cfg.batching.limit();
         let backend = self.backend.clone();
         let micro = (0..self.cfg.batching.grad_accum)
-            .map(|_| MicroBatch::upload(&*backend, self.batcher.next_batch(&self.data.train, budget)))
+            .map(|_| MicroBatch::upload(&*backend, self.batcher.next_batch_under(&self.data.train, limit)))
             .collect::<Result<Vec<_>>>()?;
         let lr = self.next_lr();
         let (interval, train_tokens) = (&mut self.interval, &mut self.train_tokens);
@@ -288,7 +291,7 @@ impl<B: Backend> Trainer<B> {
 
     fn sft_step(&mut self) -> Result<StepInfo> {
         let micro: Vec<_> = (0..self.cfg.batching.grad_accum)
-            .map(|_| self.batcher.next_sft_batch(&self.data.train, self.cfg.batching.tokens_per_micro_batch).0)
+            .map(|_| self.batcher.next_sft_batch_under(&self.data.train, self.cfg.batching.limit()).0)
             .collect();
         let targets: usize = micro.iter().map(|p| (0..p.num_seqs()).map(|s| p.num_targets(s)).sum::<usize>()).sum();
         ensure!(targets > 0, "sft step {}: the batch has no response tokens", self.step + 1);
@@ -590,8 +593,16 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let mut optimizer = AdamW::new(&mut policy, adamw_config(op))?;
     let mut batcher = Batcher::new(data.train.len(), cfg.seed);
     let total = total_steps(cfg, &batcher, &data.train, task);
-    let schedule =
-        LrSchedule { peak_lr: op.lr, warmup_steps: op.warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
+    if let limit @ BatchLimit::Pairs(_) = cfg.batching.limit() {
+        let (pairs, b) = (&data.train, &cfg.batching);
+        let cost = |i: usize| if task == Task::Sft { pairs[i].sft_tokens() } else { pairs[i].num_tokens() };
+        batcher
+            .check_token_budget(limit, b.tokens_per_micro_batch, total.saturating_mul(b.grad_accum), cost)
+            .context("batching.pairs_per_micro_batch: raise batching.tokens_per_micro_batch or take fewer pairs")?;
+    }
+    let warmup_steps = op.warmup_for(total);
+    let schedule = LrSchedule { peak_lr: op.lr, warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
+    let schedule = Scheduler { kind: op.lr_scheduler_type, schedule };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     rng.set_stream(RUN_RNG_STREAM);
     let metrics_path = out.join(METRICS_FILE);
