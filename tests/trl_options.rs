@@ -13,9 +13,11 @@ use serde_json::Value;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::config::cli::KEYS;
 use safedpo::config::{RunConfig, RunOverrides};
-use safedpo::data::{synthetic_pku_rows, write_pku_jsonl, BatchLimit, Batcher, TokenizedPair, TruncationMode};
+use safedpo::data::{
+    synthetic_pku_rows, write_pku_jsonl, BatchLimit, Batcher, ByteTokenizer, TokenizedPair, TruncationMode,
+};
 use safedpo::optim::{LrSchedule, LrSchedulerType, Scheduler};
-use safedpo::train::{train, Task, TrainOptions};
+use safedpo::train::{prepare_data, train, Task, TrainOptions};
 
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
@@ -205,9 +207,10 @@ fn a_run_follows_lr_scheduler_type_and_warmup_ratio() {
     cfg.optimizer.lr_scheduler_type = LrSchedulerType::Linear;
     cfg.optimizer.warmup_ratio = Some(0.3);
     let records = train_records(&cfg);
-    let lrs: Vec<f64> = records.iter().map(|r| r["learning_rate"].as_f64().unwrap()).collect();
+    let lrs: Vec<f32> = records.iter().map(|r| r["learning_rate"].as_f64().unwrap() as f32).collect();
     // transformers: warmup ceil(6 · 0.3) = 2; λ(k) = k/2 while k < 2, then (6 − k)/4.
-    let want: Vec<f64> = [0.0, 0.5, 1.0, 0.75, 0.5, 0.25].iter().map(|m| f64::from((1e-3f64 * m) as f32)).collect();
+    let peak = f64::from(1e-3f32);
+    let want: Vec<f32> = [0.0, 0.5, 1.0, 0.75, 0.5, 0.25].iter().map(|m| (peak * m) as f32).collect();
     assert_eq!(lrs, want);
 }
 
@@ -249,8 +252,9 @@ fn pairs_per_micro_batch_cuts_exact_pair_counts() {
 }
 
 /// In a run: one epoch of 20 pairs at 3 pairs per micro-batch and 2 micro-batches per step is
-/// ceil(ceil(20 / 3) / 2) = 4 steps, each step 6 pairs further into the epoch; a budget too small
-/// for the micro-batches stops the run before training, naming both settings.
+/// ceil(ceil(20 / 3) / 2) = 4 steps, each step 6 pairs further on (the epoch's seventh micro-batch
+/// holds its last 2 pairs, the eighth, which completes the last step, the next epoch's first 3); a
+/// budget too small for the micro-batches stops the run before training, naming both settings.
 #[test]
 fn a_run_takes_pairs_per_micro_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -262,10 +266,10 @@ fn a_run_takes_pairs_per_micro_batch() {
     let n = cfg.out_dir.join("metrics.jsonl");
     assert_eq!(records.len(), 4, "{}", fs::read_to_string(n).unwrap());
     let epochs: Vec<f64> = records.iter().map(|r| r["epoch"].as_f64().unwrap()).collect();
-    assert_eq!(epochs, vec![6.0 / 20.0, 12.0 / 20.0, 18.0 / 20.0, 1.0]);
+    assert_eq!(epochs, vec![6.0 / 20.0, 12.0 / 20.0, 18.0 / 20.0, 1.0 + 3.0 / 20.0]);
 
+    fs::create_dir_all(dir.path().join("small")).unwrap();
     let mut small = tiny_config(&dir.path().join("small"), 20);
-    fs::create_dir_all(dir.path().join("small")).ok();
     small.batching.pairs_per_micro_batch = Some(8);
     small.batching.tokens_per_micro_batch = 256;
     small.data.max_len = 64;
@@ -276,6 +280,36 @@ fn a_run_takes_pairs_per_micro_batch() {
 
     let err = resolve_err(&[("batching.pairs_per_micro_batch", "0")]);
     assert!(err.contains("batching.pairs_per_micro_batch: must be at least 1"), "{err}");
+}
+
+/// A run's data goes through the truncation its settings ask for, and conversational rows need the
+/// chat template (the error names the file and line).
+#[test]
+fn a_run_truncates_as_its_data_settings_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(dir.path(), 40);
+    let tok = ByteTokenizer;
+    let default = prepare_data(&cfg, &tok, Task::Preference).unwrap().train;
+    cfg.data.max_prompt_length = Some(6);
+    cfg.data.max_completion_length = Some(9);
+    let limited = prepare_data(&cfg, &tok, Task::Preference).unwrap().train;
+    assert!(default.iter().any(|p| p.prompt.len() > 6 && p.chosen.len() > 9));
+    assert!(limited.iter().all(|p| p.prompt.len() <= 6 && p.chosen.len() <= 9 && p.rejected.len() <= 9));
+    cfg.data.max_prompt_length = None;
+    cfg.data.max_completion_length = None;
+    cfg.data.max_len = 40;
+    cfg.data.truncation_mode = TruncationMode::KeepStart;
+    let keep_start = prepare_data(&cfg, &tok, Task::Preference).unwrap();
+    let full = default.iter().map(|p| p.prompt.clone()).collect::<std::collections::HashSet<_>>();
+    assert!(keep_start.train.iter().all(|p| full.contains(&p.prompt)), "keep_start keeps prompts whole");
+    assert!(keep_start.report.iter().any(|line| line.contains("dropped") && !line.contains("dropped 0 too long")));
+
+    let chat = dir.path().join("chat.jsonl");
+    let row = r#"{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}"#;
+    fs::write(&chat, format!("{row}\n")).unwrap();
+    cfg.data.path = Some(chat.clone());
+    let err = format!("{:#}", prepare_data(&cfg, &tok, Task::Preference).err().unwrap());
+    assert!(err.starts_with(&format!("{}:1: a conversational row", chat.display())), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -376,7 +410,7 @@ fn readme_maps_every_dpo_config_option() {
         assert_eq!(named.count(), 1, "{option}: one row of the README's DPOConfig table");
     }
     let keys: Vec<&str> = KEYS.iter().map(|k| k.path.as_str()).collect();
-    let pattern = regex::Regex::new(r"`((?:model|data|objective|optimizer|batching|intervals)\.[a-z_]+)").unwrap();
+    let pattern = regex::Regex::new(r"`((?:model|data|objective|optimizer|batching|intervals)\.[a-z0-9_]+)").unwrap();
     let mut checked = 0;
     for row in &rows {
         let ours = row.split('|').nth(2).unwrap_or_default();
