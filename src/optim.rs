@@ -1,5 +1,6 @@
 //! Optimizers (AdamW with fp32 state, plain SGD), global grad-norm clipping, and the learning-rate
-//! schedule (linear warmup, then cosine decay).
+//! schedules: ours (linear warmup, then cosine decay to a floor) and transformers' by their
+//! `lr_scheduler_type` names ([`LrSchedulerType`], [`Scheduler`]).
 //!
 //! The update itself is one backend call per parameter tensor (`Backend::adamw`, `Backend::sgd`);
 //! this module owns the optimizer state, decides which tensors are weight-decayed, folds gradient
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::backend::{AdamWParams, Backend};
 use crate::model::Decoder;
@@ -312,5 +314,137 @@ impl LrSchedule {
         let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         (min + (peak - min) * cosine) as f32
+    }
+}
+
+/// A learning-rate schedule by its transformers name (`TrainingArguments.lr_scheduler_type`).
+///
+/// transformers' schedules are `LambdaLR` multipliers of the peak rate, and the `Trainer` steps the
+/// scheduler after each optimizer step, so update `k` (1-based) runs at `lr · λ(k − 1)`: the first
+/// update of a warmup runs at rate 0, and the last one of `linear` and `cosine` one step short of the
+/// end. [`LrSchedulerType::multiplier`] is `λ`, written as transformers writes it (the same f64
+/// operations in the same order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    /// Ours, the default ([`LrSchedule`]): linear warmup reaching the peak at update `warmup_steps`,
+    /// then cosine decay reaching `min_lr_ratio · lr` at the last update. transformers'
+    /// `cosine_warmup_with_min_lr` (`min_lr_rate = min_lr_ratio`) is the same schedule: its λ counts
+    /// from `current_step + 1`; the rates agree to the last bit of f32 but for rounding (ours forms
+    /// `min + (peak − min)·c`, transformers `peak·(c·(1 − r) + r)`).
+    #[default]
+    CosineWarmupWithMinLr,
+    /// transformers' `cosine_with_min_lr` (`min_lr_rate = min_lr_ratio`): ours one update later.
+    CosineWithMinLr,
+    /// Linear warmup, then linear decay to 0 (transformers' default).
+    Linear,
+    /// Linear warmup, then cosine decay to 0 (half a cycle).
+    Cosine,
+    /// The peak rate throughout (no warmup, whatever `warmup_steps` says, as transformers).
+    Constant,
+    /// Linear warmup, then the peak rate.
+    ConstantWithWarmup,
+}
+
+impl LrSchedulerType {
+    /// Every type, in the order of the docs.
+    pub const ALL: [LrSchedulerType; 6] = [
+        LrSchedulerType::CosineWarmupWithMinLr,
+        LrSchedulerType::CosineWithMinLr,
+        LrSchedulerType::Linear,
+        LrSchedulerType::Cosine,
+        LrSchedulerType::Constant,
+        LrSchedulerType::ConstantWithWarmup,
+    ];
+
+    /// transformers' name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedulerType::CosineWarmupWithMinLr => "cosine_warmup_with_min_lr",
+            LrSchedulerType::CosineWithMinLr => "cosine_with_min_lr",
+            LrSchedulerType::Linear => "linear",
+            LrSchedulerType::Cosine => "cosine",
+            LrSchedulerType::Constant => "constant",
+            LrSchedulerType::ConstantWithWarmup => "constant_with_warmup",
+        }
+    }
+
+    /// Whether `self == Default::default()` (serde: the default is left out of saved configurations).
+    pub fn is_default(&self) -> bool {
+        *self == LrSchedulerType::default()
+    }
+
+    /// transformers' multiplier `λ(current_step)` (0-based: the scheduler's `last_epoch`) for a run of
+    /// `total` updates with `warmup` warmup updates, `min_lr_rate` the floor of the `*_min_lr` types.
+    /// Each arm is the matching `_get_*_lr_lambda` of `transformers/optimization.py` (5.x), with
+    /// `num_cycles = 0.5`.
+    pub fn multiplier(self, current_step: usize, warmup: usize, total: usize, min_lr_rate: f64) -> f64 {
+        let (step, warmup, total) = (current_step as i64, warmup as i64, total as i64);
+        let warming = |s: i64| s as f64 / warmup.max(1) as f64;
+        let progress = |s: i64| (s - warmup) as f64 / (total - warmup).max(1) as f64;
+        // `0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))`
+        let half_cosine = |p: f64| 0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * p).cos());
+        match self {
+            LrSchedulerType::Constant => 1.0,
+            LrSchedulerType::CosineWarmupWithMinLr => {
+                // `_get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda`, `warmup_lr_rate=None`:
+                // every count in floats, shifted by one.
+                let (step, warmup, total) = (step as f64, warmup as f64, total as f64);
+                if step < warmup {
+                    return (step + 1.0) / warmup.max(1.0);
+                }
+                let progress = (step - warmup + 1.0) / (total - warmup).max(1.0);
+                (half_cosine(progress) * (1.0 - min_lr_rate) + min_lr_rate).max(0.0)
+            }
+            _ if step < warmup => warming(step),
+            LrSchedulerType::ConstantWithWarmup => 1.0,
+            LrSchedulerType::Linear => (0.0f64).max((total - step) as f64 / (total - warmup).max(1) as f64),
+            LrSchedulerType::Cosine => (0.0f64).max(half_cosine(progress(step))),
+            LrSchedulerType::CosineWithMinLr => {
+                (half_cosine(progress(step)) * (1.0 - min_lr_rate) + min_lr_rate).max(0.0)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for LrSchedulerType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LrSchedulerType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .with_context(|| format!("unknown lr_scheduler_type `{s}`: expected one of {}", names.join(", ")))
+    }
+}
+
+/// The learning rate of every update of a run: a [`LrSchedulerType`] over an [`LrSchedule`]'s peak,
+/// warmup, length and floor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scheduler {
+    pub kind: LrSchedulerType,
+    pub schedule: LrSchedule,
+}
+
+impl Scheduler {
+    /// The rate of update `update` (1-based, as [`LrSchedule::lr`]): ours by [`LrSchedule::lr`]
+    /// (unchanged, so that runs stay bit-identical), transformers' as `peak · λ(update − 1)` rounded
+    /// once to f32.
+    pub fn lr(&self, update: usize) -> f32 {
+        let s = &self.schedule;
+        match self.kind {
+            LrSchedulerType::CosineWarmupWithMinLr => s.lr(update),
+            kind => {
+                let lambda =
+                    kind.multiplier(update.saturating_sub(1), s.warmup_steps, s.total_steps, f64::from(s.min_lr_ratio));
+                (f64::from(s.peak_lr) * lambda) as f32
+            }
+        }
     }
 }

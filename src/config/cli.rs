@@ -24,7 +24,8 @@ pub static KEYS: LazyLock<Vec<Key>> = LazyLock::new(keys_of::<RunConfig>);
 
 /// Pairs of settings of which a layer (the file, the flags) that sets one replaces the other set
 /// below it: `--optimizer.total_steps 100` over a file with `epochs = 2` runs 100 steps.
-const ALTERNATIVES: [(&str, &str); 1] = [("optimizer.total_steps", "optimizer.epochs")];
+const ALTERNATIVES: [(&str, &str); 2] =
+    [("optimizer.total_steps", "optimizer.epochs"), ("optimizer.warmup_steps", "optimizer.warmup_ratio")];
 
 /// Where a setting's value came from.
 #[derive(Clone, Debug, PartialEq)]

@@ -33,6 +33,8 @@
 //! selection = "safedpo"      # better | safer | safedpo
 //! template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # or "chat": the model's chat template
 //! max_len = 512
+//! # truncation_mode = "keep_start"   # or keep_end (TRL's); default prompt_then_responses
+//! # max_prompt_length = 128; max_completion_length = 384   (TRL < 1.0's, applied before max_len)
 //! eval_fraction = 0.05
 //! skip_invalid = false
 //! sft_safe_only = true       # sft: train only on chosen responses labelled safe
@@ -55,12 +57,14 @@
 //! eps = 1e-8
 //! weight_decay = 0.0
 //! grad_clip = 1.0            # 0 disables clipping
-//! warmup_steps = 0
+//! warmup_steps = 0          # or warmup_ratio = 0.1 (ceil(0.1 · steps), as transformers)
+//! # lr_scheduler_type = "cosine_warmup_with_min_lr"   # or linear, cosine, constant, … (transformers')
 //! epochs = 1.0               # or total_steps = 1000 (not both)
 //! min_lr_ratio = 0.1
 //!
 //! [batching]
 //! tokens_per_micro_batch = 8192
+//! # pairs_per_micro_batch = 8  # exactly 8 pairs per micro-batch (TRL per_device_train_batch_size)
 //! grad_accum = 1
 //!
 //! [intervals]
@@ -86,9 +90,10 @@ use anyhow::{bail, Context, Result};
 pub use crate::backend::DeviceKind;
 use crate::backend::RopeScaling;
 pub use crate::data::DEFAULT_TEMPLATE;
-use crate::data::{DataFormat, PairSelection};
+use crate::data::{BatchLimit, DataFormat, PairSelection, Truncation, TruncationMode};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family, Rope};
+use crate::optim::LrSchedulerType;
 pub use cli::{Evaluation, Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
 pub use model_dir::{check_init_shape, ModelDirSettings, RUN_CONFIG_FILE};
 use settings::settings;
@@ -179,6 +184,20 @@ settings! {
         /// model directory (model.init; `--model`): its context, at most the length it was trained with
         /// (train and sft: at most the default).
         pub max_len: usize = 512,
+        /// How a pair longer than max_len is cut: prompt_then_responses (the prompt's start first, down
+        /// to 8 tokens, then the responses' ends), keep_start (TRL 1.x: each sequence keeps its first
+        /// max_len tokens; a pair whose prompt fills max_len is dropped), keep_end (TRL: each sequence
+        /// keeps its last max_len tokens, the prompt shared by the pair).
+        #[serde(skip_serializing_if = "TruncationMode::is_default")]
+        pub truncation_mode: TruncationMode = TruncationMode::default(),
+        /// TRL < 1.0's max_prompt_length: the prompt keeps its last this many tokens, before max_len
+        /// applies; absent: no limit.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub max_prompt_length: Option<usize> = None,
+        /// TRL < 1.0's max_completion_length: each response keeps its first this many tokens, before
+        /// max_len applies; absent: no limit.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub max_completion_length: Option<usize> = None,
         /// Fraction of the pairs held out for evaluation (when there is no `eval_path`).
         pub eval_fraction: f64 = 0.05,
         /// Skip malformed lines instead of failing on the first one.
@@ -186,6 +205,18 @@ settings! {
         /// SFT trains only on chosen responses labelled safe; false: on every chosen response (a
         /// helpfulness-only SFT like the paper's Alpaca reference, which SafeDPO then aligns).
         pub sft_safe_only: bool = true,
+    }
+}
+
+impl DataConfig {
+    /// The truncation these settings ask for.
+    pub fn truncation(&self) -> Truncation {
+        Truncation {
+            mode: self.truncation_mode,
+            max_prompt_length: self.max_prompt_length,
+            max_completion_length: self.max_completion_length,
+            ..Truncation::new(self.max_len)
+        }
     }
 }
 
@@ -206,12 +237,33 @@ settings! {
         pub grad_clip: f32 = 1.0,
         /// Linear warmup from 0 over this many steps.
         pub warmup_steps: usize = 0,
+        /// Warmup as a fraction of the run's optimizer steps, in [0, 1): ceil(ratio · steps), as
+        /// transformers computes it (TRL `warmup_ratio`; exclusive with `warmup_steps`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub warmup_ratio: Option<f64> = None,
+        /// The schedule, by transformers' `lr_scheduler_type` names: cosine_warmup_with_min_lr (ours:
+        /// the peak at update warmup_steps, min_lr_ratio · lr at the last update), cosine_with_min_lr,
+        /// linear, cosine, constant, constant_with_warmup (each as transformers computes it).
+        #[serde(skip_serializing_if = "LrSchedulerType::is_default")]
+        pub lr_scheduler_type: LrSchedulerType = LrSchedulerType::default(),
         /// Number of optimizer steps (exclusive with `epochs`; one replaces the other).
         pub total_steps: Option<usize> = None,
         /// Passes over the training pairs (exclusive with `total_steps`); absent: 1 epoch.
         pub epochs: Option<f64> = None,
-        /// The cosine decay ends at `min_lr_ratio · lr`.
+        /// The cosine decay ends at `min_lr_ratio · lr` (cosine_warmup_with_min_lr and
+        /// cosine_with_min_lr; transformers' `min_lr_rate`).
         pub min_lr_ratio: f32 = 0.1,
+    }
+}
+
+impl OptimizerConfig {
+    /// The warmup of a run of `total_steps` optimizer steps: `warmup_steps`, or with `warmup_ratio`
+    /// `ceil(total_steps · ratio)` (transformers' `TrainingArguments.get_warmup_steps`).
+    pub fn warmup_for(&self, total_steps: usize) -> usize {
+        match self.warmup_ratio {
+            Some(ratio) => (total_steps as f64 * ratio).ceil() as usize,
+            None => self.warmup_steps,
+        }
     }
 }
 
@@ -220,6 +272,13 @@ settings! {
     pub struct BatchingConfig {
         /// Token budget of one packed micro-batch (chosen and rejected sequences together).
         pub tokens_per_micro_batch: usize = 8192,
+        /// Pairs per micro-batch (TRL's `per_device_train_batch_size`): each micro-batch is exactly
+        /// this many pairs in the epoch's order (the last of an epoch holds what is left), still
+        /// packed; `tokens_per_micro_batch` then bounds them instead of cutting them (a run whose
+        /// largest micro-batch is over it stops before training, naming it). Absent: micro-batches
+        /// are cut by the token budget.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub pairs_per_micro_batch: Option<usize> = None,
         /// Micro-batches per optimizer step.
         pub grad_accum: usize = 1,
         /// LM head rows computed at once, by the policy and the reference: logits of `[rows, V]`
@@ -233,6 +292,16 @@ settings! {
         /// third more compute for most of the activations' memory, the same gradients bit for bit.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         pub gradient_checkpointing: bool = false,
+    }
+}
+
+impl BatchingConfig {
+    /// What closes a training micro-batch: `pairs_per_micro_batch` pairs, else the token budget.
+    pub fn limit(&self) -> BatchLimit {
+        match self.pairs_per_micro_batch {
+            Some(pairs) => BatchLimit::Pairs(pairs),
+            None => BatchLimit::Tokens(self.tokens_per_micro_batch),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::backend::DeviceKind;
-use crate::data::{DataFormat, PairSelection};
+use crate::data::{DataFormat, PairSelection, TruncationMode};
 use crate::loss::{Objective, ObjectiveSpec, Param, MODIFIER_KEYS, PARAM_ALIASES};
 
 /// How a setting's value is read from the command line.
@@ -75,7 +75,9 @@ value_settings!(
     DeviceKind => Text,
     DataFormat => Text,
     PairSelection => Text,
+    TruncationMode => Text,
     crate::model::Family => Text,
+    crate::optim::LrSchedulerType => Text,
 );
 
 /// An optional value is set like the value (and absent by default).

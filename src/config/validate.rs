@@ -104,6 +104,13 @@ impl RunConfig {
         if d.max_len < 2 {
             errs.add("data.max_len", format!("must be at least 2 tokens, got {}", d.max_len));
         }
+        for (field, limit) in
+            [("data.max_prompt_length", d.max_prompt_length), ("data.max_completion_length", d.max_completion_length)]
+        {
+            if limit == Some(0) {
+                errs.add(field, "must be at least 1 (absent: no limit)");
+            }
+        }
         if !(0.0..1.0).contains(&d.eval_fraction) {
             errs.add("data.eval_fraction", format!("must be in [0, 1), got {}", d.eval_fraction));
         }
@@ -194,6 +201,14 @@ impl RunConfig {
             }
             _ => {}
         }
+        if let Some(ratio) = op.warmup_ratio {
+            if !(0.0..1.0).contains(&ratio) {
+                errs.add("optimizer.warmup_ratio", format!("must be in [0, 1), got {ratio}"));
+            }
+            if op.warmup_steps > 0 {
+                errs.add("optimizer.warmup_ratio", "and optimizer.warmup_steps are exclusive; set one");
+            }
+        }
         if let Some(total) = op.total_steps {
             if op.warmup_steps > total {
                 let message = format!("must be at most optimizer.total_steps ({total}), got {}", op.warmup_steps);
@@ -227,6 +242,9 @@ impl RunConfig {
         }
         if b.head_chunk_rows == Some(0) {
             errs.add("batching.head_chunk_rows", "must be at least 1");
+        }
+        if b.pairs_per_micro_batch == Some(0) {
+            errs.add("batching.pairs_per_micro_batch", "must be at least 1 (absent: cut by the token budget)");
         }
         if b.grad_accum == 0 {
             errs.add("batching.grad_accum", "must be at least 1");

@@ -8,6 +8,9 @@
 //! transformers passes: `messages`, `add_generation_prompt`, `tools` and `documents` (none), and the
 //! special tokens by name (`bos_token`, `eos_token`, …).
 //!
+//! Conversational rows (`conversation`) bring their own messages: the prompt's, however many, in
+//! place of the one user message, and each completion's in place of the assistant message.
+//!
 //! Tokenization (TRL's `DPOTrainer` on conversational rows): the prompt is the user message rendered
 //! with `add_generation_prompt=True`; each response is the conversation user + assistant rendered
 //! without it; all three are tokenized with no special tokens added (a BOS comes from the template,
@@ -130,16 +133,30 @@ impl ChatTemplate {
     }
 
     /// A single-turn pair's prompt and response tokens, as TRL's `DPOTrainer` makes them (see the
-    /// module documentation).
+    /// module documentation): [`ChatTemplate::encode_messages`] of the user message and each
+    /// response as an assistant message.
     pub fn encode_pair(
         &self,
         tok: &dyn TextTokenizer,
         prompt: &str,
         responses: [&str; 2],
     ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
-        let user = Message::user(prompt);
-        let prompt_ids = self.generation_prompt(tok, prompt)?;
-        let full = responses.map(|r| self.render(&[user, Message::assistant(r)], false).map(|text| tok.encode(&text)));
+        let [chosen, rejected] = responses.map(Message::assistant);
+        self.encode_messages(tok, &[Message::user(prompt)], [&[chosen], &[rejected]])
+    }
+
+    /// A conversational pair's prompt and completion tokens, as TRL's `DPOTrainer` makes them: the
+    /// prompt rendered with the generation prompt, each prompt + completion without; the prompt's
+    /// tokens are those the three share at their start, each completion's the rest of its own.
+    pub fn encode_messages(
+        &self,
+        tok: &dyn TextTokenizer,
+        prompt: &[Message],
+        completions: [&[Message]; 2],
+    ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
+        let prompt_ids = tok.encode(&self.render(prompt, true)?);
+        let full = completions
+            .map(|completion| self.render(&[prompt, completion].concat(), false).map(|text| tok.encode(&text)));
         let [chosen, rejected] = full;
         let (chosen, rejected) = (chosen.context("the chosen response")?, rejected.context("the rejected response")?);
         let shared = common_prefix_len(&prompt_ids, &chosen).min(common_prefix_len(&prompt_ids, &rejected));

@@ -4,7 +4,9 @@
 //! - PKU-SafeRLHF: `prompt`, `response_0`, `response_1`, `is_response_0_safe`, `is_response_1_safe`,
 //!   `better_response_id`, `safer_response_id` (ids 0 or 1); other fields are ignored.
 //! - generic: `prompt`, `chosen`, `rejected`, and optional booleans `chosen_unsafe`, `rejected_unsafe`
-//!   (missing or null = false); other fields are ignored.
+//!   (missing or null = false); other fields are ignored. `chosen` and `rejected` may also be lists
+//!   of messages, TRL's conversational rows, with the prompt as messages or implicit (see
+//!   `conversation`); those need the chat template (`data.template = "chat"`).
 //!
 //! A third format, unpaired rows (`prompt`, `completion`, `label`), is the objectives on unpaired
 //! examples' (KTO): `super::unpaired` reads it with this module's line reader and field checks.
@@ -24,7 +26,8 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::PreferencePair;
+use super::conversation::{is_conversational, parse_conversation};
+use super::{PreferencePair, CHAT_TEMPLATE};
 
 /// The row format of a dataset file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,12 +128,35 @@ pub struct LoadReport {
     /// The first invalid line skipped and why: `line 3: field 'prompt': …`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_invalid: Option<String>,
+    /// Pairs returned from conversational rows (message lists).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conversational: usize,
+    /// The line of the first of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_conversational_line: Option<usize>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl LoadReport {
     /// Number of pairs returned.
     pub fn pairs(&self) -> usize {
         self.kept + self.swapped
+    }
+
+    /// Fails, naming `path` and the line, when the file has conversational rows and `template` is not
+    /// the chat template (`CHAT_TEMPLATE`) that renders them.
+    pub fn check_template(&self, path: &Path, template: &str) -> Result<()> {
+        match self.first_conversational_line {
+            Some(line) if template != CHAT_TEMPLATE => bail!(
+                "{}:{line}: a conversational row (lists of messages) needs data.template = \"{CHAT_TEMPLATE}\" \
+                 (the model's chat template renders the messages), got {template:?}",
+                path.display()
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -147,10 +173,13 @@ impl fmt::Display for LoadReport {
             self.dropped,
             self.skipped_invalid
         )?;
-        match &self.first_invalid {
-            Some(first) => write!(f, " (the first, {first})"),
-            None => Ok(()),
+        if let Some(first) = &self.first_invalid {
+            write!(f, " (the first, {first})")?;
         }
+        if self.conversational > 0 {
+            write!(f, "; {} conversational", self.conversational)?;
+        }
+        Ok(())
     }
 }
 
@@ -229,6 +258,7 @@ impl PkuRow {
             rejected: response(l).clone(),
             chosen_unsafe: !is_safe(w),
             rejected_unsafe: !is_safe(l),
+            conversation: None,
         }
     }
 
@@ -330,12 +360,22 @@ fn parse_pku(obj: &Map<String, Value>) -> std::result::Result<PkuRow, String> {
 }
 
 fn parse_generic(obj: &Map<String, Value>) -> std::result::Result<PreferencePair, String> {
+    if is_conversational(obj) {
+        let pair = PreferencePair::from_conversation(parse_conversation(obj, describe)?);
+        return Ok(pair.with_safety(opt_bool(obj, "chosen_unsafe")?, opt_bool(obj, "rejected_unsafe")?));
+    }
     Ok(PreferencePair {
-        prompt: req_str(obj, "prompt")?,
+        prompt: req_str(obj, "prompt").map_err(|e| match obj.get("prompt") {
+            Some(Value::Array(_)) => {
+                format!("{e} (a prompt of messages needs 'chosen' and 'rejected' as messages too)")
+            }
+            _ => e,
+        })?,
         chosen: req_str(obj, "chosen")?,
         rejected: req_str(obj, "rejected")?,
         chosen_unsafe: opt_bool(obj, "chosen_unsafe")?,
         rejected_unsafe: opt_bool(obj, "rejected_unsafe")?,
+        conversation: None,
     })
 }
 
@@ -474,8 +514,15 @@ pub fn load_pairs(
     }
     let mut report = LoadReport { format, ..Default::default() };
     let mut pairs = Vec::new();
-    let lines = read_jsonl_lines(path, skip_invalid, |bytes| {
-        match read_row(bytes, &mut report.format, selection)? {
+    let lines = read_jsonl_lines(path, skip_invalid, |line_no, bytes| {
+        let selected = read_row(bytes, &mut report.format, selection)?;
+        if let Selected::Kept(p) | Selected::Swapped(p) = &selected {
+            if p.conversation.is_some() {
+                report.conversational += 1;
+                report.first_conversational_line.get_or_insert(line_no);
+            }
+        }
+        match selected {
             Selected::Kept(p) => {
                 report.kept += 1;
                 pairs.push(p);
@@ -507,13 +554,13 @@ pub(super) struct LineCounts {
 }
 
 /// Reads a JSONL file line by line (a UTF-8 byte order mark at its start skipped): `row` gets each
-/// non-blank line without its line ending. A line `row` refuses is counted and skipped with
+/// non-blank line (its 1-based number and its bytes without the line ending). A line `row` refuses is counted and skipped with
 /// `skip_invalid`, else it is the error `path:line: message` (1-based). A file without a non-blank
 /// line is an error, and so is one whose every line is invalid.
 pub(super) fn read_jsonl_lines(
     path: &Path,
     skip_invalid: bool,
-    mut row: impl FnMut(&[u8]) -> std::result::Result<(), String>,
+    mut row: impl FnMut(usize, &[u8]) -> std::result::Result<(), String>,
 ) -> Result<LineCounts> {
     let file = File::open(path).with_context(|| format!("opening dataset {}", path.display()))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -537,7 +584,7 @@ pub(super) fn read_jsonl_lines(
             continue;
         }
         lines.lines += 1;
-        match row(bytes) {
+        match row(line_no, bytes) {
             Ok(()) => {}
             Err(msg) if skip_invalid => {
                 lines.skipped_invalid += 1;
@@ -579,7 +626,19 @@ pub fn write_pku_jsonl(path: &Path, rows: &[PkuRow]) -> Result<()> {
 }
 
 /// Writes pairs in the generic JSONL format (`prompt`, `chosen`, `rejected`, `chosen_unsafe`,
-/// `rejected_unsafe`), atomically.
+/// `rejected_unsafe`; a conversational pair's parts as lists of messages), atomically.
 pub fn write_pairs_jsonl(path: &Path, pairs: &[PreferencePair]) -> Result<()> {
-    write_jsonl(path, pairs)
+    let rows: Vec<Value> = pairs
+        .iter()
+        .map(|pair| match &pair.conversation {
+            None => serde_json::to_value(pair),
+            Some(conversation) => {
+                let mut row = conversation.to_row();
+                row.insert("chosen_unsafe".into(), pair.chosen_unsafe.into());
+                row.insert("rejected_unsafe".into(), pair.rejected_unsafe.into());
+                Ok(Value::Object(row))
+            }
+        })
+        .collect::<serde_json::Result<_>>()?;
+    write_jsonl(path, &rows)
 }

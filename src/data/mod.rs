@@ -2,7 +2,8 @@
 //! templates, tokenizers, and packing into padding-free batches.
 //!
 //! The path of a pair through this module, in the order a run uses it:
-//! - [`load_pairs`] reads a JSONL file (PKU-SafeRLHF rows or generic `chosen`/`rejected` rows),
+//! - [`load_pairs`] reads a JSONL file (PKU-SafeRLHF rows or generic `chosen`/`rejected` rows, as
+//!   text or as TRL's conversational message lists, [`Conversation`]),
 //!   selects the pair orientation ([`PairSelection`]) and, for SafeDPO, applies T(D)
 //!   ([`safedpo_transform`]);
 //! - [`tokenize_pairs`] renders the prompt through a [`SequenceFormat`] (a text [`Template`], or the
@@ -23,6 +24,7 @@
 
 mod batch;
 mod chat;
+mod conversation;
 mod jinja_python;
 mod load;
 pub mod pack;
@@ -31,10 +33,12 @@ mod tokenize;
 mod tokenizer;
 pub mod tokenizer_config;
 pub mod tokenizer_files;
+mod truncate;
 mod unpaired;
 
-pub use batch::{chunks_by_cost, preference_batch, sft_batch, Batcher, BatcherState};
+pub use batch::{chunks_by_cost, preference_batch, sft_batch, BatchLimit, Batcher, BatcherState};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
+pub use conversation::{ChatMessage, Conversation};
 pub use load::{
     load_pairs, safedpo_transform, write_pairs_jsonl, write_pku_jsonl, DataFormat, LoadReport, PairSelection, PkuRow,
     TransformCounts,
@@ -42,11 +46,12 @@ pub use load::{
 pub use pack::{PackedBatch, PreferenceBatch};
 pub use synthetic::{split_holdout, split_holdout_by, synthetic_pku_rows, synthetic_safety_pairs};
 pub use tokenize::{
-    sequence_format, tokenize_pairs, tokenize_pairs_with, SequenceFormat, Template, TokenizedPair, Truncation,
-    TruncationReport, CHAT_TEMPLATE, DEFAULT_MIN_PROMPT_TOKENS, DEFAULT_TEMPLATE,
+    sequence_format, tokenize_pairs, tokenize_pairs_with, SequenceFormat, Template, TokenizedPair, TruncationReport,
+    CHAT_TEMPLATE, DEFAULT_TEMPLATE,
 };
 pub use tokenizer::{load_tokenizer, ByteTokenizer, HfTokenizer, TextTokenizer, EOS_CANDIDATES};
 pub use tokenizer_files::{check_same_tokenizer, has_own_tokenizer, save_tokenizer_files, tokenizer_source};
+pub use truncate::{Truncation, TruncationMode, DEFAULT_MIN_PROMPT_TOKENS};
 pub use unpaired::{
     load_examples, tokenize_examples, unpair, unpaired_batch, write_examples_jsonl, ExampleTruncationReport,
     TokenizedExample, UnpairedBatch, UnpairedExample, UnpairedReport,
@@ -65,6 +70,10 @@ pub struct PreferencePair {
     pub chosen_unsafe: bool,
     #[serde(default)]
     pub rejected_unsafe: bool,
+    /// A conversational row's messages (rendered with the chat template); the text fields then hold
+    /// each part's messages as JSON (the prompt's groups pairs by prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<Conversation>,
 }
 
 impl PreferencePair {
@@ -83,6 +92,18 @@ impl PreferencePair {
         PreferencePair { chosen_unsafe, rejected_unsafe, ..self }
     }
 
+    /// A conversational pair (see `Conversation`), both responses labelled safe.
+    pub fn from_conversation(conversation: Conversation) -> Self {
+        let json = |messages: &[ChatMessage]| serde_json::to_string(messages).expect("messages serialise");
+        PreferencePair {
+            prompt: json(&conversation.prompt),
+            chosen: json(&conversation.chosen),
+            rejected: json(&conversation.rejected),
+            conversation: Some(conversation),
+            ..Default::default()
+        }
+    }
+
     /// The same pair with chosen and rejected exchanged (labels travel with their responses).
     pub fn swapped(self) -> Self {
         PreferencePair {
@@ -91,6 +112,7 @@ impl PreferencePair {
             rejected: self.chosen,
             chosen_unsafe: self.rejected_unsafe,
             rejected_unsafe: self.chosen_unsafe,
+            conversation: self.conversation.map(Conversation::swapped),
         }
     }
 }

@@ -18,12 +18,14 @@
 //! tokenized on its own, so that the prompt stays the one generation starts from. Either way the
 //! boundary between prompt and response (where the loss starts) is exact.
 //!
-//! Truncation (see [`Truncation`]): a pair's two sequences share the prompt and must each fit in
-//! `max_len` tokens. When the longer one does not, the prompt is cut from the left (its start is the
-//! least informative part for the answer) down to what fits, but not below `min_prompt_tokens`; then
-//! each response still too long is cut from the right. A cut response loses its EOS: the model must
-//! not learn to stop where the text was cut. A pair that cannot keep one response token per side is
-//! dropped, as is a pair whose two responses are identical token for token (no preference signal).
+//! Truncation ([`Truncation`], in `truncate`): a pair's two sequences share the prompt and must each
+//! fit in `max_len` tokens. By default, when the longer one does not, the prompt is cut from the left
+//! (its start is the least informative part for the answer) down to what fits, but not below
+//! `min_prompt_tokens`; then each response still too long is cut from the right; TRL's `keep_start`
+//! and `keep_end`, and TRL < 1.0's prompt and completion limits, are the other choices. A cut
+//! response loses its EOS: the model must not learn to stop where the text was cut. A pair that cannot
+//! keep one response token per side is dropped, as is a pair whose two responses are identical token
+//! for token (no preference signal).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -34,6 +36,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::chat::ChatTemplate;
+use super::conversation::Conversation;
+use super::truncate::Truncation;
 use super::{PreferencePair, TextTokenizer};
 
 /// The default template (PKU-SafeRLHF / safe-rlhf's conversation format).
@@ -56,6 +60,15 @@ pub trait SequenceFormat: Send + Sync {
         prompt: &str,
         responses: [&str; 2],
     ) -> Result<(Vec<i32>, [Vec<i32>; 2])>;
+    /// A conversational pair's prompt and completion tokens; only the chat template renders messages.
+    fn encode_conversation(
+        &self,
+        tok: &dyn TextTokenizer,
+        conversation: &Conversation,
+    ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
+        let _ = (tok, conversation);
+        bail!("a conversational pair (lists of messages) needs the chat template, data.template = \"{CHAT_TEMPLATE}\"")
+    }
 }
 
 /// The format `data.template` names: [`CHAT_TEMPLATE`] for the chat template of `model_dir`, else a
@@ -87,10 +100,16 @@ impl SequenceFormat for ChatTemplate {
     ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
         ChatTemplate::encode_pair(self, tok, prompt, responses)
     }
-}
 
-/// The smallest number of prompt tokens truncation keeps (the whole prompt if shorter).
-pub const DEFAULT_MIN_PROMPT_TOKENS: usize = 8;
+    fn encode_conversation(
+        &self,
+        tok: &dyn TextTokenizer,
+        conversation: &Conversation,
+    ) -> Result<(Vec<i32>, [Vec<i32>; 2])> {
+        let (prompt, [chosen, rejected]) = conversation.messages();
+        self.encode_messages(tok, &prompt, [&chosen, &rejected])
+    }
+}
 
 const PLACEHOLDER: &str = "{prompt}";
 
@@ -216,21 +235,6 @@ impl TokenizedPair {
     }
 }
 
-/// Truncation limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Truncation {
-    /// Longest sequence (prompt + response + EOS) in tokens.
-    pub max_len: usize,
-    /// Prompt tokens kept at least (the whole prompt if shorter); values below 1 count as 1.
-    pub min_prompt_tokens: usize,
-}
-
-impl Truncation {
-    pub fn new(max_len: usize) -> Self {
-        Truncation { max_len, min_prompt_tokens: DEFAULT_MIN_PROMPT_TOKENS }
-    }
-}
-
 /// What tokenization and truncation did. `pairs_in = kept + dropped_too_long + dropped_identical +
 /// dropped_empty_prompt`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,13 +292,14 @@ fn tokenize_one(
     format: &dyn SequenceFormat,
     limits: &Truncation,
 ) -> Result<Outcome> {
-    let (mut prompt, [mut chosen, mut rejected]) =
-        format.encode_pair(tok, &pair.prompt, [&pair.chosen, &pair.rejected])?;
+    let (mut prompt, [mut chosen, mut rejected]) = match &pair.conversation {
+        Some(conversation) => format.encode_conversation(tok, conversation)?,
+        None => format.encode_pair(tok, &pair.prompt, [&pair.chosen, &pair.rejected])?,
+    };
     if prompt.is_empty() {
         return Ok(Outcome::EmptyPrompt);
     }
-    let Some((prompt_truncated, responses_truncated)) = truncate(&mut prompt, [&mut chosen, &mut rejected], limits)
-    else {
+    let Some((prompt_truncated, responses_truncated)) = limits.apply(&mut prompt, [&mut chosen, &mut rejected]) else {
         return Ok(Outcome::TooLong);
     };
     if chosen == rejected {
@@ -308,39 +313,6 @@ fn tokenize_one(
         rejected_unsafe: pair.rejected_unsafe,
     };
     Ok(Outcome::Kept { pair, prompt_truncated, responses_truncated })
-}
-
-/// Truncates a prompt and the responses that follow it by the rules in the module documentation
-/// (the prompt from the left, then each response from the right), so that the prompt and each
-/// response fit in `limits.max_len`. Returns whether the prompt was cut and how many responses
-/// were, or `None` when not one response token fits.
-pub(super) fn truncate<const N: usize>(
-    prompt: &mut Vec<i32>,
-    responses: [&mut Vec<i32>; N],
-    limits: &Truncation,
-) -> Option<(bool, usize)> {
-    let longest = responses.iter().map(|r| r.len()).max().unwrap_or(0);
-    let (mut prompt_truncated, mut responses_truncated) = (false, 0);
-    if prompt.len() + longest > limits.max_len {
-        let min_prompt = prompt.len().min(limits.min_prompt_tokens.max(1));
-        let keep = limits.max_len.saturating_sub(longest).max(min_prompt);
-        if keep < prompt.len() {
-            prompt.drain(..prompt.len() - keep);
-            prompt_truncated = true;
-        }
-        let room = limits.max_len.saturating_sub(prompt.len());
-        if room == 0 {
-            return None;
-        }
-        for response in responses {
-            if response.len() > room {
-                // EOS is the last token, so the cut removes it.
-                response.truncate(room);
-                responses_truncated += 1;
-            }
-        }
-    }
-    Some((prompt_truncated, responses_truncated))
 }
 
 /// Tokenizes pairs with the default minimum prompt length; see [`tokenize_pairs_with`].

@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::load::{detect_format, opt_bool, parse_object, read_jsonl_lines, req_bool, req_str};
-use super::tokenize::truncate;
 use super::{load_pairs, DataFormat, LoadReport, PackedBatch, PairSelection, PreferencePair};
 use super::{SequenceFormat, TextTokenizer, Truncation};
 
@@ -168,7 +167,7 @@ pub fn load_examples(
         return Ok((examples, report));
     }
     let mut rows = Vec::new();
-    let lines = read_jsonl_lines(path, skip_invalid, |bytes| {
+    let lines = read_jsonl_lines(path, skip_invalid, |_, bytes| {
         rows.push(parse_example(&parse_object(bytes)?)?);
         Ok(())
     })?;
@@ -182,7 +181,7 @@ pub fn load_examples(
 /// reports the lines).
 fn first_format(path: &Path) -> Result<DataFormat> {
     let mut found = None;
-    read_jsonl_lines(path, true, |bytes| {
+    read_jsonl_lines(path, true, |_, bytes| {
         if found.is_none() {
             found = parse_object(bytes).ok().as_ref().and_then(detect_format);
         }
@@ -269,9 +268,12 @@ fn encode_example(
     if prompt.is_empty() {
         return Ok(Encoded::EmptyPrompt);
     }
-    let Some((prompt_truncated, completion_truncated)) = truncate(&mut prompt, [&mut completion], limits) else {
+    // A pair's truncation with the completion on both sides (so both are cut alike).
+    let mut twin = completion.clone();
+    let Some((prompt_truncated, cut)) = limits.apply(&mut prompt, [&mut completion, &mut twin]) else {
         return Ok(Encoded::TooLong);
     };
+    let completion_truncated = cut.min(1);
     let example = TokenizedExample { prompt, completion, desirable: e.label, completion_unsafe: e.completion_unsafe };
     Ok(Encoded::Kept { example, prompt_truncated, completion_truncated })
 }

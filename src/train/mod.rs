@@ -21,8 +21,8 @@ mod eval;
 pub mod generate;
 pub mod metrics;
 pub mod refcache;
-pub mod rundir;
 mod refsync;
+pub mod rundir;
 pub mod step;
 pub mod unpaired;
 
@@ -39,12 +39,12 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::Backend;
 use crate::config::{RunConfig, RunLength};
 use crate::data::{
-    self, load_pairs, load_tokenizer, sequence_format, split_holdout, tokenize_pairs, Batcher, TextTokenizer,
-    TokenizedExample, TokenizedPair,
+    self, load_pairs, load_tokenizer, sequence_format, split_holdout, tokenize_pairs_with, BatchLimit, Batcher,
+    TextTokenizer, TokenizedExample, TokenizedPair,
 };
 use crate::model::decoder::random_weights;
 use crate::model::{Decoder, DeviceBatch, HostWeights};
-use crate::optim::{AdamW, LrSchedule};
+use crate::optim::{AdamW, LrSchedule, Scheduler};
 use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
@@ -199,18 +199,21 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
     let (pairs, load) = load_pairs(path, format, selection, d.skip_invalid)
         .with_context(|| format!("loading data.path {}", path.display()))?;
     report.push(format!("{} ({selection}): {load}", path.display()));
+    load.check_template(path, &d.template)?;
     let (train, eval) = match &d.eval_path {
         Some(eval_path) => {
             let (eval, load) = load_pairs(eval_path, format, selection, d.skip_invalid)
                 .with_context(|| format!("loading data.eval_path {}", eval_path.display()))?;
+            load.check_template(eval_path, &d.template)?;
             report.push(format!("{} ({selection}): {load}", eval_path.display()));
             (pairs, eval)
         }
         None => split_holdout(pairs, d.eval_fraction, cfg.seed),
     };
     let format = sequence_format(&d.template, cfg.model.init.as_deref()).context("data.template")?;
-    let (mut train, train_rep) = tokenize_pairs(&train, tok, format.as_ref(), d.max_len)?;
-    let (mut eval, eval_rep) = tokenize_pairs(&eval, tok, format.as_ref(), d.max_len)?;
+    let limits = d.truncation();
+    let (mut train, train_rep) = tokenize_pairs_with(&train, tok, format.as_ref(), &limits)?;
+    let (mut eval, eval_rep) = tokenize_pairs_with(&eval, tok, format.as_ref(), &limits)?;
     report.push(format!("train: {train_rep}"));
     report.push(format!("eval: {eval_rep}"));
     if task == Task::Sft && d.sft_safe_only {
@@ -233,15 +236,15 @@ pub fn prepare_data(cfg: &RunConfig, tok: &dyn TextTokenizer, task: Task) -> Res
 
 /// The number of optimizer steps of a run.
 fn total_steps(cfg: &RunConfig, batcher: &Batcher, data: &PreparedData, task: Task) -> usize {
-    let budget = cfg.batching.tokens_per_micro_batch;
+    let (budget, limit) = (cfg.batching.tokens_per_micro_batch, cfg.batching.limit());
     let kl = cfg.objective.as_unpaired().is_some_and(|k| k.estimates_kl());
     match cfg.length() {
         RunLength::Steps(n) => n,
         RunLength::Epochs(epochs) => {
             let per_epoch = |e: usize| match (task, &data.examples) {
                 (Task::Preference, Some(x)) => batcher.batches_in_epoch_by(budget, e, |i| x.train[i].batch_cost(kl)),
-                (Task::Preference, None) => batcher.batches_in_epoch(&data.train, budget, e),
-                (Task::Sft, _) => batcher.sft_batches_in_epoch(&data.train, budget, e),
+                (Task::Preference, None) => batcher.batches_in_epoch_under(&data.train, limit, e),
+                (Task::Sft, _) => batcher.sft_batches_in_epoch_under(&data.train, limit, e),
             };
             let full = epochs.floor() as usize;
             let mut micro: usize = (0..full).map(per_epoch).sum();
@@ -281,7 +284,7 @@ struct Trainer<B: Backend> {
     eval_reference: ReferenceLogps,
     /// TR-DPO's reference sync (`sync_ref_model`).
     ref_sync: Option<RefSync>,
-    schedule: LrSchedule,
+    schedule: Scheduler,
     batcher: Batcher,
     rng: ChaCha8Rng,
     step: usize,
@@ -324,10 +327,10 @@ impl<B: Backend> Trainer<B> {
         if self.data.examples.is_some() {
             return self.unpaired_step();
         }
-        let budget = self.budget();
+        let limit = self.cfg.batching.limit();
         let backend = self.backend.clone();
         let micro = (0..self.cfg.batching.grad_accum)
-            .map(|_| MicroBatch::upload(&*backend, self.batcher.next_batch(&self.data.train, budget)))
+            .map(|_| MicroBatch::upload(&*backend, self.batcher.next_batch_under(&self.data.train, limit)))
             .collect::<Result<Vec<_>>>()?;
         let lr = self.next_lr();
         let (interval, train_tokens) = (&mut self.interval, &mut self.train_tokens);
@@ -341,7 +344,7 @@ impl<B: Backend> Trainer<B> {
 
     fn sft_step(&mut self) -> Result<StepInfo> {
         let micro: Vec<_> = (0..self.cfg.batching.grad_accum)
-            .map(|_| self.batcher.next_sft_batch(&self.data.train, self.cfg.batching.tokens_per_micro_batch).0)
+            .map(|_| self.batcher.next_sft_batch_under(&self.data.train, self.cfg.batching.limit()).0)
             .collect();
         let targets: usize = micro.iter().map(|p| (0..p.num_seqs()).map(|s| p.num_targets(s)).sum::<usize>()).sum();
         ensure!(targets > 0, "sft step {}: the batch has no response tokens", self.step + 1);
@@ -619,8 +622,21 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     let mut optimizer = AdamW::new(&mut policy, adamw_config(op))?;
     let mut batcher = Batcher::new(data.train_len(), cfg.seed);
     let total = total_steps(cfg, &batcher, &data, task);
-    let schedule =
-        LrSchedule { peak_lr: op.lr, warmup_steps: op.warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
+    if let limit @ BatchLimit::Pairs(_) = cfg.batching.limit() {
+        ensure!(
+            data.examples.is_none(),
+            "batching.pairs_per_micro_batch: the unpaired objectives (kto, apo_zero_unpaired) batch by \
+             batching.tokens_per_micro_batch only"
+        );
+        let (pairs, b) = (&data.train, &cfg.batching);
+        let cost = |i: usize| if task == Task::Sft { pairs[i].sft_tokens() } else { pairs[i].num_tokens() };
+        batcher
+            .check_token_budget(limit, b.tokens_per_micro_batch, total.saturating_mul(b.grad_accum), cost)
+            .context("batching.pairs_per_micro_batch: raise batching.tokens_per_micro_batch or take fewer pairs")?;
+    }
+    let warmup_steps = op.warmup_for(total);
+    let schedule = LrSchedule { peak_lr: op.lr, warmup_steps, total_steps: total, min_lr_ratio: op.min_lr_ratio };
+    let schedule = Scheduler { kind: op.lr_scheduler_type, schedule };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     rng.set_stream(RUN_RNG_STREAM);
     let metrics_path = out.join(METRICS_FILE);

@@ -75,6 +75,7 @@ fn generic_rows_parse_in_every_selection() {
         rejected: p.chosen.clone(),
         chosen_unsafe: p.rejected_unsafe,
         rejected_unsafe: p.chosen_unsafe,
+        ..Default::default()
     };
 
     for format in [DataFormat::Auto, DataFormat::Jsonl] {

@@ -1,5 +1,6 @@
-//! Data pipeline tests: dataset formats, pair selection and T(D), bad input, templates, tokenizers,
-//! truncation, batching and resume, and the synthetic demo data. Every test makes its own data.
+//! Data pipeline tests: dataset formats (TRL's conversational rows among them), pair selection and
+//! T(D), bad input, templates, tokenizers, truncation (TRL's modes among them), batching and resume,
+//! and the synthetic demo data. Every test makes its own data.
 //!
 //! One test binary; the tests are grouped by stage of the pipeline in the modules below, and the
 //! helpers that make random data are here.
@@ -80,6 +81,7 @@ fn expected_pair(row: &PkuRow, id: u8) -> PreferencePair {
         rejected: resp[l].clone(),
         chosen_unsafe: !safe[w],
         rejected_unsafe: !safe[l],
+        ..Default::default()
     }
 }
 
@@ -95,6 +97,7 @@ fn random_generic(rng: &mut ChaCha8Rng) -> (Value, PreferencePair) {
         rejected,
         chosen_unsafe: rng.random_bool(0.5),
         rejected_unsafe: rng.random_bool(0.5),
+        ..Default::default()
     };
     let mut v = json!({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "id": 7});
     // Optional flags: written as booleans, as null (= false) or left out (= false).
@@ -110,6 +113,8 @@ fn random_generic(rng: &mut ChaCha8Rng) -> (Value, PreferencePair) {
 
 mod batch;
 mod chat;
+mod conversation;
 mod load;
 mod synthetic;
 mod tokenize;
+mod truncate;

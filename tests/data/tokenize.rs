@@ -291,10 +291,11 @@ fn truncation_follows_the_rules_and_counts() {
                         rejected: word(&mut r, 40),
                         chosen_unsafe: r.random_bool(0.5),
                         rejected_unsafe: r.random_bool(0.5),
+                        ..Default::default()
                     }
                 })
                 .collect();
-            let limits = Truncation { max_len, min_prompt_tokens: min_prompt };
+            let limits = Truncation { min_prompt_tokens: min_prompt, ..Truncation::new(max_len) };
             let (out, rep) = tokenize_pairs_with(&pairs, &tok, &template, &limits).unwrap();
             assert_eq!(rep.pairs_in, pairs.len());
             assert_eq!(rep.kept, out.len());
@@ -386,7 +387,7 @@ fn truncated_responses_lose_eos_and_prompts_are_cut_from_the_left() {
         rejected: "yy".into(),                           // 4 tokens
         ..Default::default()
     };
-    let limits = Truncation { max_len: 24, min_prompt_tokens: 8 };
+    let limits = Truncation { min_prompt_tokens: 8, ..Truncation::new(24) };
     let (out, rep) = tokenize_pairs_with(std::slice::from_ref(&pair), &tok, &t, &limits).unwrap();
     let tp = &out[0];
     assert_eq!(tok.decode(&tp.prompt), "cdefghij"); // the last 8 prompt bytes
@@ -396,7 +397,7 @@ fn truncated_responses_lose_eos_and_prompts_are_cut_from_the_left() {
     assert_eq!((rep.prompts_truncated, rep.responses_truncated, rep.longest_sequence), (1, 1, 24));
 
     // Only as much prompt as needed is cut.
-    let limits = Truncation { max_len: 45, min_prompt_tokens: 8 };
+    let limits = Truncation { min_prompt_tokens: 8, ..Truncation::new(45) };
     let (out, rep) = tokenize_pairs_with(std::slice::from_ref(&pair), &tok, &t, &limits).unwrap();
     assert_eq!(tok.decode(&out[0].prompt), "789abcdefghij"); // 45 − 32 prompt tokens
     assert_eq!(out[0].prompt.len() + out[0].chosen.len(), 45);
@@ -404,7 +405,7 @@ fn truncated_responses_lose_eos_and_prompts_are_cut_from_the_left() {
     assert_eq!(*out[0].chosen.last().unwrap(), ByteTokenizer::EOS);
 
     // A pair that cannot fit is dropped and counted.
-    let limits = Truncation { max_len: 8, min_prompt_tokens: 8 };
+    let limits = Truncation { min_prompt_tokens: 8, ..Truncation::new(8) };
     let (out, rep) = tokenize_pairs_with(std::slice::from_ref(&pair), &tok, &t, &limits).unwrap();
     assert!(out.is_empty());
     assert_eq!(rep.dropped_too_long, 1);
