@@ -554,9 +554,9 @@ pub(super) struct LineCounts {
 }
 
 /// Reads a JSONL file line by line (a UTF-8 byte order mark at its start skipped): `row` gets each
-/// non-blank line (its 1-based number and its bytes without the line ending). A line `row` refuses is counted and skipped with
-/// `skip_invalid`, else it is the error `path:line: message` (1-based). A file without a non-blank
-/// line is an error, and so is one whose every line is invalid.
+/// non-blank line (its 1-based number and its bytes without the line ending). A line `row` refuses
+/// is counted and skipped with `skip_invalid`, else it is the error `path:line: message`. A file
+/// without a non-blank line is an error, and so is one whose every line is invalid.
 pub(super) fn read_jsonl_lines(
     path: &Path,
     skip_invalid: bool,
