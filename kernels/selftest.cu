@@ -105,6 +105,23 @@ extern "C" __global__ void selftest_block_sum(const float* in, float* out, int n
 }
 EMU_REGISTER(selftest_block_sum)
 
+/// Back-to-back block reductions, as a kernel may call them: max, max again, sum, sum again. Each
+/// helper must leave its shared scratch free for the next call (its trailing barrier), or the race
+/// detector sees the second call's writes race the first call's reads. out[tid] = the four results
+/// of the block's values v and -v, in that order, at out[4·tid..4·tid+4].
+extern "C" __global__ void selftest_block_reduce_twice(const float* in, float* out) {
+    const float v = in[threadIdx.x];
+    const float max_v = block_reduce_max(v);
+    const float max_neg = block_reduce_max(-v);
+    const float sum_v = block_reduce_sum(v);
+    const float sum_neg = block_reduce_sum(-v);
+    out[4 * threadIdx.x + 0] = max_v;
+    out[4 * threadIdx.x + 1] = max_neg;
+    out[4 * threadIdx.x + 2] = sum_v;
+    out[4 * threadIdx.x + 3] = sum_neg;
+}
+EMU_REGISTER(selftest_block_reduce_twice)
+
 /// Planted read-before-write: only the first `written` threads store to the shared array (static and
 /// dynamic) before everyone reads its own slot. Block 0 writes every slot first in a separate phase,
 /// so a later block sees NaN only if shared memory is poisoned again at every block start.

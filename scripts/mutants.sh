@@ -87,7 +87,8 @@ export SAFEDPO_NO_NVCC=1
 
 mut_args=(--in-place --profile mutants --baseline skip --no-shuffle --output target/mutation-results)
 for f in "${files[@]}"; do mut_args+=(--file "$f"); done
-[ -n "$shard" ] && mut_args+=(--shard "$shard")
+# Round-robin, so that one shard is a sample spread over every file rather than its first mutants.
+[ -n "$shard" ] && mut_args+=(--shard "$shard" --sharding round-robin)
 if [ $list -eq 1 ]; then
     exec cargo mutants "${mut_args[@]}" --list
 fi

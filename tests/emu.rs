@@ -272,6 +272,38 @@ fn concurrent_launches_from_many_threads_stay_correct() {
     });
 }
 
+/// The block reductions of kernels/common.cuh called back to back (max, max, sum, sum): right values,
+/// and no shared-memory race between one call's reads and the next call's writes (each helper ends
+/// with a barrier for this; removing it fails here under the race detector).
+#[test]
+fn block_reductions_called_back_to_back() {
+    let device = emu_device();
+    let mut rng = StdRng::seed_from_u64(11);
+    for threads in [32usize, 96, 256] {
+        let input: Vec<f32> = (0..threads).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let input_buffer = device.upload(&input).unwrap();
+        let mut out = device.upload(&vec![f32::NAN; 4 * threads]).unwrap();
+        device
+            .launch(
+                "selftest_block_reduce_twice",
+                LaunchConfig::grid_1d(1, threads as u32),
+                &kernel_args![&input_buffer, &mut out],
+            )
+            .unwrap();
+        let max = input.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let min = input.iter().cloned().fold(f32::INFINITY, f32::min);
+        let sum: f64 = input.iter().map(|&x| x as f64).sum();
+        let got = device.download(&out).unwrap();
+        for (tid, r) in got.chunks(4).enumerate() {
+            assert_eq!((r[0], r[1]), (max, -min), "{threads} threads, thread {tid}: max and max of -v");
+            assert!(
+                (r[2] as f64 - sum).abs() < 1e-4 && (r[3] as f64 + sum).abs() < 1e-4,
+                "{threads} threads, thread {tid}: {r:?} vs sum {sum}"
+            );
+        }
+    }
+}
+
 #[test]
 fn device_selection() {
     assert_eq!(DeviceKind::from_str("EMU").unwrap(), DeviceKind::Emu);
