@@ -30,6 +30,6 @@ pub use batch::{plan_head_chunks, DeviceBatch, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_
 pub use checkpoint::HostWeights;
 pub use config::{DecoderConfig, Family, Rope};
 pub use decoder::{random_weights, Decoder};
-pub use scalar_head::{sequence_classifier_class, ScalarHeadModel, SCORE_WEIGHT};
 pub use logp_parts::{ForwardExtras, RowSplit, SequenceLogps};
+pub use scalar_head::{sequence_classifier_class, ScalarHeadModel, SCORE_WEIGHT};
 pub use weights::ParamAndGrad;

@@ -111,7 +111,8 @@ impl<B: Backend> ScalarHeadModel<B> {
         let (config, pad_token_id) =
             classifier_config(&obj).with_context(|| format!("judge {}", config_path.display()))?;
         let shape = vec![1, config.n_embd];
-        let (weights, mut extra) = checkpoint::load_weights(dir, config, LoadOptions::default(), &[(SCORE_WEIGHT, shape)])?;
+        let (weights, mut extra) =
+            checkpoint::load_weights(dir, config, LoadOptions::default(), &[(SCORE_WEIGHT, shape)])?;
         let score = extra.pop().expect("one extra tensor asked for");
         let mut model = Self::from_host(backend, weights, &score, frozen)?;
         model.pad_token_id = pad_token_id;
@@ -273,7 +274,10 @@ fn trunk_weights(mut weights: HostWeights) -> HostWeights {
 /// of `id2label`, else `PretrainedConfig`'s default, 2.
 fn num_labels(obj: &Map<String, Value>) -> Result<usize> {
     if let Some(n) = obj.get("num_labels").filter(|v| !v.is_null()) {
-        return n.as_u64().map(|n| n as usize).with_context(|| format!("field `num_labels`: expected a count, got {n}"));
+        return n
+            .as_u64()
+            .map(|n| n as usize)
+            .with_context(|| format!("field `num_labels`: expected a count, got {n}"));
     }
     match obj.get("id2label") {
         Some(Value::Object(labels)) => Ok(labels.len()),
@@ -286,10 +290,7 @@ fn num_labels(obj: &Map<String, Value>) -> Result<usize> {
 /// family's `*ForSequenceClassification` class (or none named).
 fn classifier_config(obj: &Map<String, Value>) -> Result<(DecoderConfig, Option<i64>)> {
     let labels = num_labels(obj)?;
-    ensure!(
-        labels == 1,
-        "a judge gives one score per sequence (num_labels = 1); this classifier has {labels} labels"
-    );
+    ensure!(labels == 1, "a judge gives one score per sequence (num_labels = 1); this classifier has {labels} labels");
     let mut trunk = obj.clone();
     let archs = trunk.remove("architectures");
     for key in ["id2label", "label2id", "num_labels", "problem_type"] {
