@@ -6,6 +6,7 @@
 //! safedpo logps    --model DIR --data.path FILE --out FILE   per-pair policy and reference log-probs
 //! safedpo eval     --model DIR --data.path FILE   preference metrics of a model on a dataset (JSON)
 //! safedpo generate --model DIR --prompt TEXT      greedy or sampled continuation
+//! safedpo rm       --rm.kind reward|cost [settings]   a reward or cost model (a HF sequence classifier)
 //! safedpo bench    [settings] [--steps N …]      timed training steps on synthetic data
 //! safedpo demo     [--quick]                      the whole method on synthetic data in minutes
 //! safedpo demo     --data-only [--rows N]         only the demo's synthetic PKU-SafeRLHF data
@@ -63,6 +64,10 @@ enum Command {
     Eval(EvalArgs),
     /// Continues a prompt: greedy, or temperature + top-p sampling.
     Generate(GenerateArgs),
+    /// Trains a judge on the preference data: a reward model (`--rm.kind reward`, Bradley–Terry on
+    /// the helpfulness order) or a cost model (`cost`: safe-rlhf's, on the safety order with the
+    /// responses' safety labels); writes a HF sequence classifier to out_dir/final.
+    Rm(RmArgs),
     /// SFT then SafeDPO of a tiny model on synthetic safety data, with a before/after summary.
     Demo(DemoArgs),
     /// Times training steps on synthetic data: tokens/s, step time, MFU, peak memory, phases.
@@ -168,6 +173,18 @@ struct GenerateArgs {
 }
 
 #[derive(clap::Args)]
+struct RmArgs {
+    #[command(flatten)]
+    run: SettingsArgs<Training>,
+    /// reward | cost.
+    #[arg(long = "rm.kind", alias = "rm-kind", default_value = "reward", value_name = "KIND")]
+    kind: String,
+    /// No per-step lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
 struct DemoArgs {
     /// Where the runs, the data and the plot go.
     #[arg(long, alias = "out_dir", default_value = "runs/demo", value_name = "DIR")]
@@ -226,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logps(args) => run_logps(args),
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
+        Command::Rm(args) => run_rm(args),
         Command::Bench(args) => {
             let cfg = args.to_config()?;
             let device: DeviceKind = cfg.device.parse()?;
@@ -308,6 +326,20 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
     if let Some(rec) = &summary.last_eval {
         out["eval"] = serde_json::Value::Object(rec.clone());
     }
+    println!("{out}");
+    Ok(())
+}
+
+fn run_rm(args: RmArgs) -> Result<()> {
+    let kind: safedpo::judge::RmKind = args.kind.parse()?;
+    let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
+    cfg.require_data()?;
+    let s = with_backend!(cfg.device, |backend| safedpo::judge::run_rm(backend, &cfg, kind, args.quiet))?;
+    let eval = s
+        .eval
+        .map(|e| json!({"pairs": e.pairs, "loss": e.loss, "accuracy": e.accuracy, "sign_accuracy": e.sign_accuracy}));
+    let out = json!({"kind": s.kind.to_string(), "model": s.model_dir, "steps": s.steps, "train_pairs": s.train_pairs,
+        "final_loss": s.final_loss, "eval": eval});
     println!("{out}");
     Ok(())
 }
