@@ -159,6 +159,9 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Feed the prompt as is (after the tokenizer's BOS, if it has one). Otherwise `--data.template`
     /// wraps it (`chat`: the model's chat template); when that is not set, the template the model was
     /// trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
@@ -537,7 +540,8 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
-    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: settings.config.seed };
+    let seed = settings.config.seed;
+    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed };
     let new = generate(&mut model, &prompt, &tok.stop_ids(), args.max_new_tokens, &params)?;
     println!("{}", tok.decode(&new));
     Ok(())

@@ -101,20 +101,20 @@ pub struct Decoder<B: Backend> {
 
 /// What a family's blocks are made of, decided once from its configuration.
 #[derive(Clone, Copy)]
-struct BlockKind {
+pub(super) struct BlockKind {
     /// LayerNorm (with bias) or RMSNorm.
-    layernorm: bool,
+    pub(super) layernorm: bool,
     /// GELU (tanh) MLP, or SwiGLU.
-    gelu: bool,
+    pub(super) gelu: bool,
     /// Every projection's weight layout.
-    weights: WeightLayout,
-    qkv: QkvLayout,
-    widths: Widths,
-    eps: f32,
+    pub(super) weights: WeightLayout,
+    pub(super) qkv: QkvLayout,
+    pub(super) widths: Widths,
+    pub(super) eps: f32,
 }
 
 impl BlockKind {
-    fn of(config: &DecoderConfig) -> Self {
+    pub(super) fn of(config: &DecoderConfig) -> Self {
         let gpt2 = config.family.is_gpt2();
         Self {
             layernorm: gpt2,
@@ -128,7 +128,7 @@ impl BlockKind {
 
     /// `out = norm(inp)`, saving the row statistics the backward needs.
     #[allow(clippy::too_many_arguments)]
-    fn norm<B: Backend>(
+    pub(super) fn norm<B: Backend>(
         &self,
         b: &B,
         out: &mut B::Buf,
@@ -148,7 +148,7 @@ impl BlockKind {
 
     /// `residual = a + r`, then `out = norm(residual)`, fused.
     #[allow(clippy::too_many_arguments)]
-    fn residual_norm<B: Backend>(
+    pub(super) fn residual_norm<B: Backend>(
         &self,
         b: &B,
         residual: &mut B::Buf,

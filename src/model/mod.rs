@@ -19,7 +19,7 @@ mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
-mod kv_cache;
+pub mod kv_cache;
 mod logp_parts;
 mod params;
 pub mod scalar_head;
@@ -30,6 +30,7 @@ pub use batch::{plan_head_chunks, DeviceBatch, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_
 pub use checkpoint::HostWeights;
 pub use config::{DecoderConfig, Family, Rope};
 pub use decoder::{random_weights, Decoder};
+pub use kv_cache::KvCache;
 pub use logp_parts::{ForwardExtras, RowSplit, SequenceLogps};
 pub use scalar_head::{sequence_classifier_class, ScalarHeadModel, SCORE_WEIGHT};
 pub use weights::ParamAndGrad;
