@@ -143,6 +143,34 @@ struct LogpsArgs {
 struct EvalArgs {
     #[command(flatten)]
     common: ModelDataArgs,
+    /// Judge what the model says instead: sample --samples responses per prompt of the data from the
+    /// model and from the reference, score them with --judge.reward and --judge.cost, and write
+    /// metrics.json (helpfulness, harmlessness = −cost, harmless ratio, win rate against the
+    /// reference) and generations.jsonl to --out.
+    #[arg(long)]
+    generate: bool,
+    /// A reward model (a HF sequence classifier, e.g. from `safedpo rm --rm.kind reward`).
+    #[arg(long = "judge.reward", value_name = "DIR", requires = "generate")]
+    judge_reward: Option<PathBuf>,
+    /// A cost model (`safedpo rm --rm.kind cost`): cost < 0 reads as harmless.
+    #[arg(long = "judge.cost", value_name = "DIR", requires = "generate")]
+    judge_cost: Option<PathBuf>,
+    /// Responses sampled per prompt (sample k uses seed + k).
+    #[arg(long, default_value_t = 1, requires = "generate")]
+    samples: usize,
+    #[arg(long, default_value_t = 64, requires = "generate")]
+    max_new_tokens: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 1.0, requires = "generate")]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0, requires = "generate")]
+    top_p: f32,
+    /// 0: no top-k cut.
+    #[arg(long, default_value_t = 0, requires = "generate")]
+    top_k: usize,
+    /// Where --generate writes its files.
+    #[arg(long, value_name = "DIR", default_value = "runs/eval-generate", requires = "generate")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -491,6 +519,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 
 fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
     let pairs = split_pairs(cfg, args.common.split, reference)?;
+    if args.generate {
+        return judge_model(backend, args, cfg, reference, &pairs);
+    }
     let objective = &cfg.objective;
     let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
@@ -506,6 +537,48 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
     rec.insert("pairs".into(), pairs.len().into());
     stats.write_means("eval/", &mut rec);
     println!("{}", serde_json::Value::Object(rec));
+    Ok(())
+}
+
+/// `eval --generate` (see `safedpo::judge::generate_eval`).
+fn judge_model<B: Backend>(
+    backend: Arc<B>,
+    args: &EvalArgs,
+    cfg: &RunConfig,
+    reference: &Path,
+    pairs: &[safedpo::data::TokenizedPair],
+) -> Result<()> {
+    use safedpo::judge::generate_eval::{judge_generations, judged_metrics, JudgedEvalOptions, Judges};
+    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
+    let tok = load_tokenizer(Some(&args.common.model))?;
+    let (reward, cost) = (args.judge_reward.as_deref(), args.judge_cost.as_deref());
+    let mut judges = Judges::load(&backend, tok.as_ref(), &args.common.model, reward, cost)?;
+    let mut prompts: Vec<Vec<i32>> = Vec::new();
+    for pair in pairs {
+        if !prompts.contains(&pair.prompt) {
+            prompts.push(pair.prompt.clone());
+        }
+    }
+    let sampling =
+        SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: cfg.seed };
+    let budget = cfg.batching.tokens_per_micro_batch;
+    let opts = JudgedEvalOptions {
+        samples_per_prompt: args.samples,
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        token_budget: budget,
+    };
+    let judged = judge_generations(&mut policy, &mut reference, &mut judges, tok.as_ref(), &prompts, &opts)?;
+    let metrics = serde_json::to_value(judged_metrics(&judged))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut lines = String::new();
+    for response in &judged {
+        lines.push_str(&serde_json::to_string(response)?);
+        lines.push('\n');
+    }
+    std::fs::write(args.out.join("generations.jsonl"), lines)?;
+    std::fs::write(args.out.join("metrics.json"), format!("{metrics}\n"))?;
+    println!("{metrics}");
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Judging what a model says: reward and cost models ([`crate::model::ScalarHeadModel`]), their
-//! losses and training loop ([`reward_model`]) and `safedpo rm` ([`rm_run`]).
+//! losses and training loop ([`reward_model`]), `safedpo rm` ([`rm_run`]), and judged evaluation of
+//! what a policy generates ([`generate_eval`], `safedpo eval --generate`).
 
+pub mod generate_eval;
 pub mod reward_model;
 pub mod rm_run;
 
