@@ -229,7 +229,7 @@ mod tests {
     fn neg_log_sigmoid_is_stable_and_exact() {
         for x in [-50.0, -3.0, -0.1, 0.0, 0.7, 4.0, 60.0] {
             let (loss, d) = neg_log_sigmoid(x);
-            let sigma = 1.0 / (1.0 + (-x as f64).exp());
+            let sigma = 1.0 / (1.0 + (-x).exp());
             assert!((loss - (-sigma.ln())).abs() < 1e-12 * (1.0 + loss.abs()), "{x}");
             assert!((d + (1.0 - sigma)).abs() < 1e-12, "{x}");
         }
