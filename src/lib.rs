@@ -11,7 +11,8 @@
 //! - [`backend`]: the CPU f32 reference and the CUDA backend (a GPU or the emulated device);
 //! - [`loss`]: the preference objectives;
 //! - [`optim`]: AdamW, SGD, grad-norm clipping, the learning-rate schedule;
-//! - [`train`]: the loop, reference log-probs, eval, checkpoints, metrics.
+//! - [`train`]: the loop, reference log-probs, eval, checkpoints, metrics;
+//! - [`judge`]: reward and cost models, their training, judged evaluation.
 
 pub mod backend;
 pub mod bench;
@@ -19,6 +20,7 @@ pub mod capi;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod judge;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -6,6 +6,7 @@
 //! safedpo logps    --model DIR --data.path FILE --out FILE   per-pair policy and reference log-probs
 //! safedpo eval     --model DIR --data.path FILE   preference metrics of a model on a dataset (JSON)
 //! safedpo generate --model DIR --prompt TEXT      greedy or sampled continuation
+//! safedpo rm       --rm.kind reward|cost [settings]   a reward or cost model (a HF sequence classifier)
 //! safedpo bench    [settings] [--steps N …]      timed training steps on synthetic data
 //! safedpo demo     [--quick]                      the whole method on synthetic data in minutes
 //! safedpo demo     --data-only [--rows N]         only the demo's synthetic PKU-SafeRLHF data
@@ -63,6 +64,10 @@ enum Command {
     Eval(EvalArgs),
     /// Continues a prompt: greedy, or temperature + top-p sampling.
     Generate(GenerateArgs),
+    /// Trains a judge on the preference data: a reward model (`--rm.kind reward`, Bradley–Terry on
+    /// the helpfulness order) or a cost model (`cost`: safe-rlhf's, on the safety order with the
+    /// responses' safety labels); writes a HF sequence classifier to out_dir/final.
+    Rm(RmArgs),
     /// SFT then SafeDPO of a tiny model on synthetic safety data, with a before/after summary.
     Demo(DemoArgs),
     /// Times training steps on synthetic data: tokens/s, step time, MFU, peak memory, phases.
@@ -138,6 +143,34 @@ struct LogpsArgs {
 struct EvalArgs {
     #[command(flatten)]
     common: ModelDataArgs,
+    /// Judge what the model says instead: sample --samples responses per prompt of the data from the
+    /// model and from the reference, score them with --judge.reward and --judge.cost, and write
+    /// metrics.json (helpfulness, harmlessness = −cost, harmless ratio, win rate against the
+    /// reference) and generations.jsonl to --out.
+    #[arg(long)]
+    generate: bool,
+    /// A reward model (a HF sequence classifier, e.g. from `safedpo rm --rm.kind reward`).
+    #[arg(long = "judge.reward", value_name = "DIR", requires = "generate")]
+    judge_reward: Option<PathBuf>,
+    /// A cost model (`safedpo rm --rm.kind cost`): cost < 0 reads as harmless.
+    #[arg(long = "judge.cost", value_name = "DIR", requires = "generate")]
+    judge_cost: Option<PathBuf>,
+    /// Responses sampled per prompt (sample k uses seed + k).
+    #[arg(long, default_value_t = 1, requires = "generate")]
+    samples: usize,
+    #[arg(long, default_value_t = 64, requires = "generate")]
+    max_new_tokens: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 1.0, requires = "generate")]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0, requires = "generate")]
+    top_p: f32,
+    /// 0: no top-k cut.
+    #[arg(long, default_value_t = 0, requires = "generate")]
+    top_k: usize,
+    /// Where --generate writes its files.
+    #[arg(long, value_name = "DIR", default_value = "runs/eval-generate", requires = "generate")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -154,6 +187,9 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Feed the prompt as is (after the tokenizer's BOS, if it has one). Otherwise `--data.template`
     /// wraps it (`chat`: the model's chat template); when that is not set, the template the model was
     /// trained with (its `run_config.toml`), else the PKU-SafeRLHF conversation format.
@@ -165,6 +201,18 @@ struct GenerateArgs {
     /// `seed` seeds the sampling.
     #[command(flatten)]
     settings: SettingsArgs<Generation>,
+}
+
+#[derive(clap::Args)]
+struct RmArgs {
+    #[command(flatten)]
+    run: SettingsArgs<Training>,
+    /// reward | cost.
+    #[arg(long = "rm.kind", alias = "rm-kind", default_value = "reward", value_name = "KIND")]
+    kind: String,
+    /// No per-step lines on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -226,6 +274,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logps(args) => run_logps(args),
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
+        Command::Rm(args) => run_rm(args),
         Command::Bench(args) => {
             let cfg = args.to_config()?;
             let device: DeviceKind = cfg.device.parse()?;
@@ -308,6 +357,20 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
     if let Some(rec) = &summary.last_eval {
         out["eval"] = serde_json::Value::Object(rec.clone());
     }
+    println!("{out}");
+    Ok(())
+}
+
+fn run_rm(args: RmArgs) -> Result<()> {
+    let kind: safedpo::judge::RmKind = args.kind.parse()?;
+    let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
+    cfg.require_data()?;
+    let s = with_backend!(cfg.device, |backend| safedpo::judge::run_rm(backend, &cfg, kind, args.quiet))?;
+    let eval = s
+        .eval
+        .map(|e| json!({"pairs": e.pairs, "loss": e.loss, "accuracy": e.accuracy, "sign_accuracy": e.sign_accuracy}));
+    let out = json!({"kind": s.kind.to_string(), "model": s.model_dir, "steps": s.steps, "train_pairs": s.train_pairs,
+        "final_loss": s.final_loss, "eval": eval});
     println!("{out}");
     Ok(())
 }
@@ -456,6 +519,9 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 
 fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
     let pairs = split_pairs(cfg, args.common.split, reference)?;
+    if args.generate {
+        return judge_model(backend, args, cfg, reference, &pairs);
+    }
     let objective = &cfg.objective;
     let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
@@ -471,6 +537,48 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
     rec.insert("pairs".into(), pairs.len().into());
     stats.write_means("eval/", &mut rec);
     println!("{}", serde_json::Value::Object(rec));
+    Ok(())
+}
+
+/// `eval --generate` (see `safedpo::judge::generate_eval`).
+fn judge_model<B: Backend>(
+    backend: Arc<B>,
+    args: &EvalArgs,
+    cfg: &RunConfig,
+    reference: &Path,
+    pairs: &[safedpo::data::TokenizedPair],
+) -> Result<()> {
+    use safedpo::judge::generate_eval::{judge_generations, judged_metrics, JudgedEvalOptions, Judges};
+    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
+    let tok = load_tokenizer(Some(&args.common.model))?;
+    let (reward, cost) = (args.judge_reward.as_deref(), args.judge_cost.as_deref());
+    let mut judges = Judges::load(&backend, tok.as_ref(), &args.common.model, reward, cost)?;
+    let mut prompts: Vec<Vec<i32>> = Vec::new();
+    for pair in pairs {
+        if !prompts.contains(&pair.prompt) {
+            prompts.push(pair.prompt.clone());
+        }
+    }
+    let sampling =
+        SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: cfg.seed };
+    let budget = cfg.batching.tokens_per_micro_batch;
+    let opts = JudgedEvalOptions {
+        samples_per_prompt: args.samples,
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        token_budget: budget,
+    };
+    let judged = judge_generations(&mut policy, &mut reference, &mut judges, tok.as_ref(), &prompts, &opts)?;
+    let metrics = serde_json::to_value(judged_metrics(&judged))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut lines = String::new();
+    for response in &judged {
+        lines.push_str(&serde_json::to_string(response)?);
+        lines.push('\n');
+    }
+    std::fs::write(args.out.join("generations.jsonl"), lines)?;
+    std::fs::write(args.out.join("metrics.json"), format!("{metrics}\n"))?;
+    println!("{metrics}");
     Ok(())
 }
 
@@ -505,7 +613,8 @@ fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Re
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
-    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: settings.config.seed };
+    let seed = settings.config.seed;
+    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed };
     let new = generate(&mut model, &prompt, &tok.stop_ids(), args.max_new_tokens, &params)?;
     println!("{}", tok.decode(&new));
     Ok(())

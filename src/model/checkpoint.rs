@@ -160,6 +160,18 @@ pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<HostWeights> {
     let config_path = dir.join(CONFIG_FILE);
     ensure!(config_path.is_file(), "{} is not a model directory: {CONFIG_FILE} is missing", dir.display());
     let config = DecoderConfig::from_hf_json(&config_path)?;
+    Ok(load_weights(dir, config, options, &[])?.0)
+}
+
+/// The weights of a model directory read as a trunk of shape `config` (its `config.json` already
+/// read by the caller), and the tensors `extra` names (stored unprefixed, of the shapes given)
+/// beside it: a sequence classifier's `score.weight`.
+pub(crate) fn load_weights(
+    dir: &Path,
+    config: DecoderConfig,
+    options: LoadOptions,
+    extra: &[(&str, Vec<usize>)],
+) -> Result<(HostWeights, Vec<Vec<f32>>)> {
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     // As `transformers` does: the single file first, then the index.
@@ -182,7 +194,7 @@ pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<HostWeights> {
         })?;
         parsed.push((path.as_str(), file));
     }
-    read_tensors(&parsed, config, &source.display().to_string(), options)
+    read_tensors(&parsed, config, &source.display().to_string(), options, extra)
 }
 
 /// The shard files `index` lists, read whole: (path, bytes) each.
@@ -233,7 +245,8 @@ fn read_tensors(
     config: DecoderConfig,
     source: &str,
     options: LoadOptions,
-) -> Result<HostWeights> {
+    extra: &[(&str, Vec<usize>)],
+) -> Result<(HostWeights, Vec<Vec<f32>>)> {
     let prefix = trunk_prefix(&config);
     // Strip the trunk prefix; keep the file's own name for error messages.
     let mut by_name: TensorIndex<'_, '_> = HashMap::new();
@@ -284,6 +297,8 @@ fn read_tensors(
         };
         tensors.insert(name, (shape, data));
     }
+    let extra_data = extra.iter().map(|(name, shape)| read(name, shape)).collect::<Result<Vec<_>>>()?;
+    used.extend(extra.iter().map(|(name, _)| name.to_string()));
 
     // Everything else must be a tied LM head or one of HF's non-parameter buffers.
     let embedding = &config.parameter_shapes()[0].0;
@@ -307,7 +322,7 @@ fn read_tensors(
             config.n_layer
         );
     }
-    Ok(HostWeights { config, tensors })
+    Ok((HostWeights { config, tensors }, extra_data))
 }
 
 /// Buffers older `transformers` versions saved beside the parameters: GPT-2's causal mask and its
@@ -405,9 +420,23 @@ pub fn save_dir(weights: &HostWeights, dir: &Path) -> Result<()> {
 /// the config, so a directory whose config is new also has new weights; the files of the other
 /// form (a single file where shards are written now, or the other way round) are removed after.
 pub fn save_dir_with(weights: &HostWeights, dir: &Path, options: SaveOptions) -> Result<()> {
+    let config_text = weights.config.to_hf_json_with_dtype(options.dtype.torch_name());
+    save_weights(weights, Vec::new(), &config_text, dir, options)
+}
+
+/// [`save_dir_with`] with `extra` tensors after the trunk's (named as stored) and the given
+/// `config.json` text: a sequence classifier's.
+pub(crate) fn save_weights(
+    weights: &HostWeights,
+    extra: Vec<HfTensor<'_>>,
+    config_text: &str,
+    dir: &Path,
+    options: SaveOptions,
+) -> Result<()> {
     weights.validate()?;
     fs::create_dir_all(dir).with_context(|| format!("creating model directory {}", dir.display()))?;
-    let tensors = weights.hf_tensors();
+    let mut tensors = weights.hf_tensors();
+    tensors.extend(extra);
     let bytes = |t: &HfTensor<'_>| (t.2.len() * options.dtype.bytes_per_value()) as u64;
     // Shards in the model's order, each filled until the next tensor would overflow it.
     let mut shards: Vec<Vec<&HfTensor<'_>>> = vec![Vec::new()];
@@ -451,7 +480,6 @@ pub fn save_dir_with(weights: &HostWeights, dir: &Path, options: SaveOptions) ->
         remove_files(dir, stale.chain([WEIGHTS_FILE]))?;
     }
     let config_path = dir.join(CONFIG_FILE);
-    let config_text = weights.config.to_hf_json_with_dtype(options.dtype.torch_name());
     write_atomic(&config_path, config_text.as_bytes()).with_context(|| format!("writing {}", config_path.display()))
 }
 

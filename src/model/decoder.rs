@@ -64,7 +64,6 @@ use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
 use super::params::{BlockParams, Init, Norm, Params};
 use super::{DecoderConfig, HostWeights};
 use crate::backend::{Backend, QkvLayout, WeightLayout};
-use crate::data::PackedBatch;
 
 /// A decoder on a backend: parameters, their gradients, and the activations of the last forward
 /// pass (kept for the backward). A frozen model has no gradients and keeps two layers of
@@ -102,20 +101,20 @@ pub struct Decoder<B: Backend> {
 
 /// What a family's blocks are made of, decided once from its configuration.
 #[derive(Clone, Copy)]
-struct BlockKind {
+pub(super) struct BlockKind {
     /// LayerNorm (with bias) or RMSNorm.
-    layernorm: bool,
+    pub(super) layernorm: bool,
     /// GELU (tanh) MLP, or SwiGLU.
-    gelu: bool,
+    pub(super) gelu: bool,
     /// Every projection's weight layout.
-    weights: WeightLayout,
-    qkv: QkvLayout,
-    widths: Widths,
-    eps: f32,
+    pub(super) weights: WeightLayout,
+    pub(super) qkv: QkvLayout,
+    pub(super) widths: Widths,
+    pub(super) eps: f32,
 }
 
 impl BlockKind {
-    fn of(config: &DecoderConfig) -> Self {
+    pub(super) fn of(config: &DecoderConfig) -> Self {
         let gpt2 = config.family.is_gpt2();
         Self {
             layernorm: gpt2,
@@ -129,7 +128,7 @@ impl BlockKind {
 
     /// `out = norm(inp)`, saving the row statistics the backward needs.
     #[allow(clippy::too_many_arguments)]
-    fn norm<B: Backend>(
+    pub(super) fn norm<B: Backend>(
         &self,
         b: &B,
         out: &mut B::Buf,
@@ -149,7 +148,7 @@ impl BlockKind {
 
     /// `residual = a + r`, then `out = norm(residual)`, fused.
     #[allow(clippy::too_many_arguments)]
-    fn residual_norm<B: Backend>(
+    pub(super) fn residual_norm<B: Backend>(
         &self,
         b: &B,
         residual: &mut B::Buf,
@@ -194,7 +193,7 @@ impl BlockKind {
 
 impl<B: Backend> Decoder<B> {
     /// Embeddings, the blocks and the final norm: leaves `norm_f` `[N, C]` for the head.
-    fn forward_trunk(&mut self, batch: &DeviceBatch<B>) -> Result<()> {
+    pub(super) fn forward_trunk(&mut self, batch: &DeviceBatch<B>) -> Result<()> {
         self.pending_backward = None;
         let cfg = &self.config;
         let n = batch.num_tokens();
@@ -344,24 +343,6 @@ impl<B: Backend> Decoder<B> {
         Ok(SequenceLogps::of(&self.seq_logp, self.parts.as_ref(), extras))
     }
 
-    /// Logits `[V]` at the last position of `tokens` (one sequence), for generation. Only the last
-    /// row goes through the LM head. Replaces the activations of any earlier forward.
-    pub fn last_logits(&mut self, tokens: &[i32]) -> Result<Vec<f32>> {
-        ensure!(!tokens.is_empty(), "last_logits: empty token sequence");
-        let mut packed = PackedBatch::default();
-        packed.push(tokens, tokens.len());
-        let batch = DeviceBatch::upload(&*self.backend, &packed)?;
-        self.forward_trunk(&batch)?;
-        let (n, c, v) = (tokens.len(), self.config.n_embd, self.config.vocab_size);
-        let b = &*self.backend;
-        let acts = self.acts.as_ref().expect("forward_trunk allocates the activations");
-        let mut last_row = b.zeros(c)?;
-        b.gather_rows(&mut last_row, &acts.trunk.norm_f, &b.upload_ids(&[n as i32 - 1])?, 1, n, c)?;
-        let mut logits = b.zeros(v)?;
-        b.matmul_forward(&mut logits, &last_row, self.params.head(), None, 1, c, v, WeightLayout::OutIn)?;
-        b.download(&logits)
-    }
-
     /// Given dL/d(seq logp) `[S]`, accumulates every parameter gradient. Must follow `forward`
     /// on the same batch.
     pub fn backward(&mut self, batch: &DeviceBatch<B>, dseq: &B::Buf) -> Result<()> {
@@ -389,16 +370,11 @@ impl<B: Backend> Decoder<B> {
         self.pending_backward = None;
         self.ensure_scratch(n)?;
 
-        let kind = BlockKind::of(&self.config);
-        let (n_layer, v, w) = (self.config.n_layer, self.config.vocab_size, kind.widths);
-        let (c, layout) = (w.c, kind.weights);
-        let b = &*self.backend;
+        let (c, v, b) = (self.config.n_embd, self.config.vocab_size, &*self.backend);
         let (p, g) = (&self.params, self.grads.as_mut().expect("ensure_trainable checked"));
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let scratch = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         let (d, dnorm_f_rows) = (&mut scratch.d, &mut scratch.dnorm_f_rows);
-        let checkpointed = acts.kept == KeptLayers::Boundaries;
-        let rope = self.rope_freqs.as_ref();
         let (head, trunk) = (&mut acts.head, &mut acts.trunk);
 
         // dlogits, in place, then the LM head on the target rows: dL/d(norm_f rows) and the head's
@@ -439,6 +415,19 @@ impl<B: Backend> Decoder<B> {
         } else {
             b.scatter_rows(&mut d.norm, dnorm_f_rows, &batch.target_rows, m, n, c)?;
         }
+        self.backward_trunk(batch)
+    }
+
+    /// The trunk's backward from dL/d(norm_f) `[N, C]`, held in the scratch's `d.norm`: every
+    /// gradient below the head. Follows a forward on `batch` whose activations are still kept.
+    pub(super) fn backward_trunk(&mut self, batch: &DeviceBatch<B>) -> Result<()> {
+        let (kind, n, n_layer) = (BlockKind::of(&self.config), batch.num_tokens(), self.config.n_layer);
+        let (w, c, layout, b) = (kind.widths, kind.widths.c, kind.weights, &*self.backend);
+        let rope = self.rope_freqs.as_ref();
+        let (p, g) = (&self.params, self.grads.as_mut().expect("a trainable model's backward"));
+        let acts = self.acts.as_mut().expect("a forward allocated the activations");
+        let d = &mut self.scratch.as_mut().expect("ensure_scratch allocated the scratch").d;
+        let (checkpointed, trunk) = (acts.kept == KeptLayers::Boundaries, &mut acts.trunk);
         // A norm's backward accumulates into dinp, which is how the residual stream's gradient
         // gathers its two branches below without a separate add.
         b.fill(&mut d.residual, 0.0)?;
@@ -563,7 +552,7 @@ impl<B: Backend> Decoder<B> {
 
     /// Sizes the backward's scratch for the tokens of the forward's activations: allocated on the
     /// first backward, resized in place after it.
-    fn ensure_scratch(&mut self, tokens: usize) -> Result<()> {
+    pub(super) fn ensure_scratch(&mut self, tokens: usize) -> Result<()> {
         let n = self.acts.as_ref().map_or(tokens, Activations::tokens);
         let b = &*self.backend;
         if self.scratch.is_none() {
@@ -665,7 +654,7 @@ pub fn random_weights(config: DecoderConfig, seed: u64) -> Result<HostWeights> {
 }
 
 /// `len` samples of N(0, std²) by Box–Muller, in f64 then rounded to f32.
-fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
+pub(super) fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
     let mut out = Vec::with_capacity(len + 1);
     while out.len() < len {
         // u1 in (0, 1] keeps the log finite.
@@ -686,6 +675,7 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
     use crate::backend::cuda::{CudaBackend, Device, Precision};
     use crate::backend::prelude::*;
+    use crate::data::PackedBatch;
 
     fn tiny_config() -> DecoderConfig {
         DecoderConfig::gpt2(37, 32, 16, 2, 2)

@@ -10,15 +10,19 @@
 //! - `logp_parts`: what a forward computes besides the log-probs, for TRL's log-prob modifiers;
 //! - `decoder`: the model: forward, backward, initialisation;
 //! - `weights`: the model's weights: upload, download, HF directories, the optimizer's view;
-//! - `checkpoint`: model directories as HF writes them.
+//! - `checkpoint`: model directories as HF writes them;
+//! - `scalar_head`: the decoder's trunk with a scalar head (reward and cost models);
+//! - `kv_cache`: decoding, token by token.
 
 mod activations;
 mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod kv_cache;
 mod logp_parts;
 mod params;
+pub mod scalar_head;
 mod tensor_list;
 mod weights;
 
@@ -26,5 +30,7 @@ pub use batch::{plan_head_chunks, DeviceBatch, FROZEN_HEAD_CHUNK_ROWS, MIN_HEAD_
 pub use checkpoint::HostWeights;
 pub use config::{DecoderConfig, Family, Rope};
 pub use decoder::{random_weights, Decoder};
+pub use kv_cache::KvCache;
 pub use logp_parts::{ForwardExtras, RowSplit, SequenceLogps};
+pub use scalar_head::{sequence_classifier_class, ScalarHeadModel, SCORE_WEIGHT};
 pub use weights::ParamAndGrad;
