@@ -75,7 +75,13 @@ fn check_fragments(device: &Device, a: &[f32], b: &[f32], c: &[f32], exact: bool
         for j in 0..2 {
             let (lo, hi) = (b_element(lane, 2 * j), b_element(lane, 2 * j + 1));
             let want = packed(b16[lo.0 * 8 + lo.1], b16[hi.0 * 8 + hi.1]);
-            assert_eq!(mine[8 + j], want, "lane {lane}: B register {j} by ldmatrix.x2 of Bᵀ (b{}, b{})", 2 * j, 2 * j + 1);
+            assert_eq!(
+                mine[8 + j],
+                want,
+                "lane {lane}: B register {j} by ldmatrix.x2 of Bᵀ (b{}, b{})",
+                2 * j,
+                2 * j + 1
+            );
             assert_eq!(mine[10 + j], want, "lane {lane}: B register {j} by ldmatrix.x2.trans of B");
         }
         for i in 0..4 {
