@@ -290,11 +290,16 @@ fn on_tensor_cores(precision: Precision, layout: QkvLayout) -> bool {
     precision == Precision::Bf16 && matches!(layout.head_dim, 64 | 128)
 }
 
-/// Bf16 mode: the tensor-core kernels round P and dS to bf16 as operands of the second product of
-/// each pair (as FlashAttention-2 does), so an output entry moves by up to 2^-9 of the terms of its
-/// sum, not of itself: each element within one bf16 rounding of itself plus this part of the largest
-/// entry (out: up to 1.1e-3 in these cases; dq, dk, dv: up to 2.4e-3).
-const TENSOR_CORE_FLOOR: f64 = 5e-3;
+/// Bf16 mode, tensor-core kernels: P (and in the backward dS) is rounded to bf16 as the operand of the
+/// second product of each pair (as FlashAttention-2 does), so an entry moves by up to 2^-9 of the
+/// terms of its sum, not of itself: each element is held to one bf16 rounding of itself plus this
+/// part of the tensor's largest entry. Measured in `attention_tensor_cores`: out up to 9.4e-4.
+const TENSOR_CORE_FLOOR: f64 = 2e-3;
+
+/// As [`TENSOR_CORE_FLOOR`] for dq, dk and dv, which also carry `D = dout·out` formed from the
+/// stored (bf16) output, as the portable kernels do ([`ATTENTION_DQKV_FLOOR`]): measured up to
+/// 4.2e-3 (dq), 2.9e-3 (dk), 1.2e-3 (dv).
+const TENSOR_CORE_GRAD_FLOOR: f64 = 1e-2;
 
 /// The shapes the tensor-core kernels run (bf16 at head dims 64 and 128; in F32 mode the same cases
 /// run the portable kernels): out, the saved log-sum-exp, and dq, dk, dv each, against the CPU (the
@@ -342,7 +347,7 @@ fn attention_tensor_cores(device: &Device, precision: Precision) {
             match precision {
                 Precision::F32 => assert_close_scaled(&what, &got, &to_f64(&want), 1e-5),
                 Precision::Bf16 => {
-                    assert_close_with_floor(&what, &got, &to_f64(&want), BF16_ROUNDING, TENSOR_CORE_FLOOR)
+                    assert_close_with_floor(&what, &got, &to_f64(&want), BF16_ROUNDING, TENSOR_CORE_GRAD_FLOOR)
                 }
             }
         }
