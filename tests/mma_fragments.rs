@@ -105,7 +105,7 @@ fn mma_fragments(device: &Device) {
     let mut rng = StdRng::seed_from_u64(12);
     // Small integers: every sum exact in f32, so the product must be exact; all distinct enough that
     // a misplaced element changes some entry.
-    let ints = |rng: &mut StdRng, n: usize| (0..n).map(|_| rng.gen_range(-8i32..=8) as f32).collect::<Vec<_>>();
+    let ints = |rng: &mut StdRng, n: usize| (0..n).map(|_| rng.random_range(-8i32..=8) as f32).collect::<Vec<_>>();
     let (a, b, c) = (ints(&mut rng, 256), ints(&mut rng, 128), ints(&mut rng, 128));
     check_fragments(device, &a, &b, &c, true);
     // Every element distinct (its index), for the registers; the sums stay exact (< 2^24).
@@ -113,7 +113,7 @@ fn mma_fragments(device: &Device) {
     let b: Vec<f32> = (0..128).map(|e| -(e as f32)).collect();
     check_fragments(device, &a, &b, &vec![0.5; 128], true);
     // Random values: the f32 sum of exact products, within f32 rounding of the f64 product.
-    let normal = |rng: &mut StdRng, n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
+    let normal = |rng: &mut StdRng, n: usize| (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
     let (a, b, c) = (normal(&mut rng, 256), normal(&mut rng, 128), normal(&mut rng, 128));
     check_fragments(device, &a, &b, &c, false);
 }
