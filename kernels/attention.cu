@@ -20,7 +20,9 @@
 // (the sums over h: the query heads of key/value head g, in order).
 //
 // CPU twin: src/backend/cpu/attention.rs (`attention_forward`, `attention_backward`; the CPU keeps P
-// instead of lse). Host side: src/backend/cuda/ops/attention.rs (`AttentionPlan`).
+// instead of lse). Host side: src/backend/cuda/ops/attention.rs (`AttentionPlan`), which runs these kernels
+// for f32 and for head dims other than 64 and 128, and the tensor-core ones of kernels/attention_mma.cu
+// (same arguments, same saved lse and delta) for bf16 at head dims 64 and 128.
 //
 // Tiling. Each kernel is instantiated per storage type T (f32, bf16; all math in f32) and per head-dim
 // bound HD_MAX ∈ {ATTN_HD_MAX_SMALL, ATTN_HD_MAX_LARGE} = {64, 128} (kernel names

@@ -1,6 +1,7 @@
 // kernels/common.cuh — what every kernel file includes: the storage types (f32, bf16), conversions,
 // warp and block reductions, dynamic shared memory, the sequence lookup of a packed batch, and the
-// registration macro. The only place for helpers shared between kernel files.
+// registration macro. The only place for helpers shared between kernel files, with mma.cuh (the
+// tensor-core operations, for the files that use them).
 //
 // Conventions (candle's): kernels are `extern "C" __global__` functions named `<op>_<dtype>`
 // (`adamw_f32`, `adamw_bf16`), instantiated from one template per op by a macro in the op's file. Each

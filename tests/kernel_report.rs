@@ -21,7 +21,11 @@ fn no_kernel_spills_registers_on_sm_90() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let kernels = report["kernels"].as_array().unwrap();
     assert!(kernels.len() >= 50, "only {} kernels in the report", kernels.len());
-    for name in ["adamw_f32", "attention_forward_hd64_bf16", "sum_squares_final"] {
+    let tensor_core_attention = ["forward", "backward_dq", "backward_dkdv"]
+        .into_iter()
+        .flat_map(|op| [64, 128].map(|hd| format!("attention_mma_{op}_hd{hd}_bf16")));
+    let names = ["adamw_f32", "attention_forward_hd64_bf16", "sum_squares_final", "selftest_mma_fragments"];
+    for name in names.map(String::from).into_iter().chain(tensor_core_attention) {
         assert!(kernels.iter().any(|k| k["kernel"] == name), "{name} missing from the report");
     }
 }

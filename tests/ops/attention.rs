@@ -9,7 +9,7 @@ use safedpo::backend::prelude::*;
 use safedpo::backend::QkvLayout;
 
 use crate::common::*;
-use crate::device::{Fixture, ATTENTION_DQKV_FLOOR};
+use crate::device::{Fixture, ATTENTION_DQKV_FLOOR, BF16_NOISE_FLOOR};
 use crate::{backend, packing, FD_STEP, GRAD_RTOL};
 
 /// `(n_head, n_kv_head, head_dim)` as a layout.
@@ -192,7 +192,9 @@ fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout) {
     let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
     f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout).unwrap();
     f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout).unwrap();
-    f.check(&format!("attention_forward out ({what})"), &got, &want);
+    // On tensor cores (bf16 at head dims 64, 128) P is rounded to bf16 before P·V.
+    let out_floor = if on_tensor_cores(f.precision, layout) { TENSOR_CORE_FLOOR } else { BF16_NOISE_FLOOR };
+    f.check_rounded(&format!("attention_forward out ({what})"), &got, &want, 1.0, out_floor);
 
     let dout = f.randn(n * layout.q_width(), 1.0);
     let (cd, gd) = f.both(&dout);
@@ -255,4 +257,103 @@ fn attention_grouped_queries(device: &Device, precision: Precision) {
     assert!(msg.contains("attention_forward") && msg.contains("head_dim = 136") && msg.contains("128"), "{msg}");
 }
 
-device_tests!(attention, attention_grouped_queries);
+/// Log-sum-exp of every (token, query head) row of scaled scores, in f64: `[n, n_head]`, what the CUDA
+/// forward saves.
+fn log_sum_exp(qkv: &[f32], lens: &[usize], layout: QkvLayout) -> Vec<f64> {
+    let (hd, width) = (layout.head_dim, layout.width());
+    let scale = 1.0 / (hd as f64).sqrt();
+    let dot = |a: usize, b: usize| (0..hd).map(|d| f64::from(qkv[a + d]) * f64::from(qkv[b + d])).sum::<f64>();
+    let mut lse = vec![0.0; lens.iter().sum::<usize>() * layout.n_head];
+    let mut start = 0;
+    for &len in lens {
+        for i in 0..len {
+            for h in 0..layout.n_head {
+                let q = (start + i) * width + h * hd;
+                let k = |j: usize| (start + j) * width + layout.k_offset() + layout.kv_head_of(h) * hd;
+                let scores: Vec<f64> = (0..=i).map(|j| scale * dot(q, k(j))).collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lse[(start + i) * layout.n_head + h] = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+            }
+        }
+        start += len;
+    }
+    lse
+}
+
+/// Columns `cols` of each row of a `[n, width]` tensor.
+fn columns(x: &[f32], width: usize, cols: std::ops::Range<usize>) -> Vec<f32> {
+    x.chunks(width).flat_map(|row| row[cols.clone()].to_vec()).collect()
+}
+
+/// Whether the CUDA backend runs `layout` on the tensor-core kernels (kernels/attention_mma.cu).
+fn on_tensor_cores(precision: Precision, layout: QkvLayout) -> bool {
+    precision == Precision::Bf16 && matches!(layout.head_dim, 64 | 128)
+}
+
+/// Bf16 mode, tensor-core kernels: P (and in the backward dS) is rounded to bf16 as the operand of the
+/// second product of each pair (as FlashAttention-2 does), so an entry moves by up to 2^-9 of the
+/// terms of its sum, not of itself: each element is held to one bf16 rounding of itself plus this
+/// part of the tensor's largest entry. Measured in `attention_tensor_cores`: out up to 9.4e-4.
+const TENSOR_CORE_FLOOR: f64 = 2e-3;
+
+/// As [`TENSOR_CORE_FLOOR`] for dq, dk and dv, which also carry `D = dout·out` formed from the
+/// stored (bf16) output, as the portable kernels do ([`ATTENTION_DQKV_FLOOR`]): measured up to
+/// 4.2e-3 (dq), 2.9e-3 (dk), 1.2e-3 (dv).
+const TENSOR_CORE_GRAD_FLOOR: f64 = 1e-2;
+
+/// The shapes the tensor-core kernels run (bf16 at head dims 64 and 128; in F32 mode the same cases
+/// run the portable kernels): out, the saved log-sum-exp, and dq, dk, dv each, against the CPU (the
+/// log-sum-exp against f64), outputs poisoned first; the backward twice, bit for bit.
+fn attention_tensor_cores(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 12);
+    // Ragged lengths across the 64-row tiles (1, 17, 63, 64, 65, 130 = 2 tiles + 2, an empty one).
+    let cases: [(&[usize], QkvLayout); 6] = [
+        (&[1, 17, 64, 130, 0, 65], QkvLayout::mha(2, 128)),
+        (&[130, 1, 17], QkvLayout::mha(1, 128)),
+        (&[17, 65, 1], gqa(4, 2, 64)),
+        (&[63, 130], gqa(4, 1, 64)),
+        (&[130, 1, 33], gqa(4, 2, 128)),
+        (&[1, 66, 17], gqa(3, 1, 128)),
+    ];
+    for (lens, layout) in cases {
+        let what = format!("lens {lens:?}, {layout:?}");
+        let (n, nh, width) = (lens.iter().sum::<usize>(), layout.n_head, layout.width());
+        let (cpu_packing, cuda_packing) = f.packing(lens);
+        let qkv = f.randn(n * width, 1.0);
+        let (cq, gq) = f.both(&qkv);
+        let (mut want, mut got) = f.poisoned(n * layout.q_width());
+        let mut want_saved = f.cpu.zeros(f.cpu.attention_saved_len(&cpu_packing, nh)).unwrap();
+        let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
+        f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout).unwrap();
+        f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout).unwrap();
+        f.check_rounded(&format!("out ({what})"), &got, &want, 1.0, TENSOR_CORE_FLOOR);
+        let lse = f.cuda.download(&got_saved).unwrap();
+        assert_close(&format!("log-sum-exp ({what}, {precision})"), &lse, &log_sum_exp(&qkv, lens, layout), 1e-5, 1e-5);
+
+        let dout = f.randn(n * layout.q_width(), 1.0);
+        let (cd, gd) = f.both(&dout);
+        let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * width);
+        f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, layout).unwrap();
+        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+        let first = f.cuda.download(&got_dqkv).unwrap();
+        let parts = [
+            ("dq", 0..layout.k_offset()),
+            ("dk", layout.k_offset()..layout.v_offset()),
+            ("dv", layout.v_offset()..width),
+        ];
+        for (name, cols) in parts {
+            let (got, want) = (columns(&first, width, cols.clone()), columns(&want_dqkv, width, cols));
+            let what = format!("{name} ({what}, {precision})");
+            match precision {
+                Precision::F32 => assert_close_scaled(&what, &got, &to_f64(&want), 1e-5),
+                Precision::Bf16 => {
+                    assert_close_with_floor(&what, &got, &to_f64(&want), BF16_ROUNDING, TENSOR_CORE_GRAD_FLOOR)
+                }
+            }
+        }
+        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+        assert_bitwise_eq(&format!("dqkv, second run ({what})"), &f.cuda.download(&got_dqkv).unwrap(), &first);
+    }
+}
+
+device_tests!(attention, attention_grouped_queries, attention_tensor_cores);

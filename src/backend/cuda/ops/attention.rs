@@ -1,6 +1,7 @@
-//! Causal attention over a packed batch, multi-head or grouped-query, on the CUDA backend
-//! (kernels/attention.cu): the launch plan ([`AttentionPlan`]: head-dim bound, tile, grids) and the
-//! forward and backward launches.
+//! Causal attention over a packed batch, multi-head or grouped-query, on the CUDA backend: the launch
+//! plan ([`AttentionPlan`]: which kernels, their tile, the grids) and the forward and backward launches.
+//! bf16 at head dims 64 and 128 runs on tensor cores (kernels/attention_mma.cu); f32, other head dims,
+//! and tensors whose rows are not 16-byte aligned run the portable kernels (kernels/attention.cu).
 
 use anyhow::{ensure, Context, Result};
 
@@ -8,6 +9,7 @@ use crate::backend::cuda::backend::{check_device_cu_seqlens, CudaBackend, CudaBu
 use crate::backend::cuda::kernels::constants::attention::{
     ATTN_DIMS_PER_LANE, ATTN_HD_MAX_LARGE, ATTN_HD_MAX_SMALL, ATTN_THREADS,
 };
+use crate::backend::cuda::kernels::constants::attention_mma::{ATTN_MMA_ROWS, ATTN_MMA_THREADS};
 use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, MAX_GRID_Y};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, AttentionOps, Packing, QkvLayout};
@@ -15,43 +17,79 @@ use crate::backend::{checks, AttentionOps, Packing, QkvLayout};
 /// The head-dim bounds the attention kernels are instantiated for (`attention_<op>_hd<bound>_<dtype>`).
 const HEAD_DIM_BOUNDS: [usize; 2] = [ATTN_HD_MAX_SMALL as usize, ATTN_HD_MAX_LARGE as usize];
 
-/// Launch plan of the tiled attention kernels (see kernels/attention.cu): the smallest head-dim
-/// bound that holds `head_dim`, its tile (`ATTN_THREADS` threads of `ATTN_DIMS_PER_LANE` channels
-/// each, so `256·16 / bound` rows), and the grids (heads, sequences, tiles of the longest sequence):
-/// one block per query head for the forward and dq, per key/value head for dk and dv.
+/// The head dims the tensor-core kernels are instantiated for (`attention_mma_<op>_hd<hd>_bf16`).
+const TENSOR_CORE_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Which kernels a launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernels {
+    /// kernels/attention.cu, instantiated for the smallest head-dim bound that holds the head dim.
+    Portable { head_dim_bound: usize },
+    /// kernels/attention_mma.cu (bf16 only), for exactly this head dim.
+    TensorCores { head_dim: usize },
+}
+
+/// Launch plan of the tiled attention kernels: which ones ([`Kernels`]), their block and tile
+/// (portable: `ATTN_THREADS` threads of `ATTN_DIMS_PER_LANE` channels each, so `256·16 / bound`
+/// rows; tensor cores: `ATTN_MMA_THREADS` threads, `ATTN_MMA_ROWS` rows), and the grids (heads,
+/// sequences, tiles of the longest sequence): one block per query head for the forward and dq, per
+/// key/value head for dk and dv.
 struct AttentionPlan {
-    head_dim_bound: usize,
+    kernels: Kernels,
+    threads: u32,
     query_grid: (u32, u32, u32),
     kv_grid: (u32, u32, u32),
 }
 
 impl AttentionPlan {
-    /// Refuses a head dim above the kernels' largest bound (the CPU backend takes any).
-    fn new(op: &str, packing: &Packing<CudaBackend>, layout: QkvLayout) -> Result<Self> {
+    /// Refuses a head dim above the portable kernels' largest bound (the CPU backend takes any).
+    /// `rows_aligned`: every tensor the kernels read or write starts on 16 bytes (the tensor-core
+    /// kernels move rows in 16-byte pieces; their rows are then aligned, as hd·2 bytes is).
+    fn new(
+        op: &str,
+        packing: &Packing<CudaBackend>,
+        layout: QkvLayout,
+        dtype: Dtype,
+        rows_aligned: bool,
+    ) -> Result<Self> {
         let hd = layout.head_dim;
         let head_dim_bound = HEAD_DIM_BOUNDS.into_iter().find(|&b| hd <= b).with_context(|| {
             format!("{op}: head_dim = {hd} exceeds the CUDA attention kernels' maximum {ATTN_HD_MAX_LARGE}")
         })?;
-        let tile = (ATTN_THREADS * ATTN_DIMS_PER_LANE) as usize / head_dim_bound;
+        let (kernels, threads, tile) = if dtype == Dtype::Bf16 && rows_aligned && TENSOR_CORE_HEAD_DIMS.contains(&hd) {
+            (Kernels::TensorCores { head_dim: hd }, ATTN_MMA_THREADS, ATTN_MMA_ROWS as usize)
+        } else {
+            let tile = (ATTN_THREADS * ATTN_DIMS_PER_LANE) as usize / head_dim_bound;
+            (Kernels::Portable { head_dim_bound }, ATTN_THREADS, tile)
+        };
         let tiles = packing.max_seqlen.div_ceil(tile);
         let (seqs, max_y) = (packing.num_seqs(), MAX_GRID_Y);
         ensure!(seqs <= max_y, "{op}: {seqs} sequences exceed the grid limit {max_y}");
         ensure!(tiles <= max_y, "{op}: {tiles} tiles of {tile} tokens exceed the grid limit {max_y}");
         let (seqs, tiles) = (seqs as u32, tiles as u32);
         Ok(Self {
-            head_dim_bound,
+            kernels,
+            threads: threads as u32,
             query_grid: (grid_dim(layout.n_head, "n_head")?, seqs, tiles),
             kv_grid: (grid_dim(layout.n_kv_head, "n_kv_head")?, seqs, tiles),
         })
     }
 
     fn kernel(&self, op: &str, dtype: Dtype) -> String {
-        format!("attention_{op}_hd{}_{}", self.head_dim_bound, suffix(dtype))
+        match self.kernels {
+            Kernels::Portable { head_dim_bound } => format!("attention_{op}_hd{head_dim_bound}_{}", suffix(dtype)),
+            Kernels::TensorCores { head_dim } => format!("attention_mma_{op}_hd{head_dim}_{}", suffix(dtype)),
+        }
     }
 
-    fn config(grid: (u32, u32, u32)) -> LaunchConfig {
-        LaunchConfig { grid, block: (ATTN_THREADS as u32, 1, 1), shared_bytes: 0 }
+    fn config(&self, grid: (u32, u32, u32)) -> LaunchConfig {
+        LaunchConfig { grid, block: (self.threads, 1, 1), shared_bytes: 0 }
     }
+}
+
+/// Whether every pointer argument starts on a 16-byte boundary.
+fn aligned_16(args: &[KernelArg]) -> bool {
+    args.iter().all(|arg| !matches!(arg, KernelArg::Ptr(p) if p % 16 != 0))
 }
 
 /// The layout arguments every attention kernel ends with: `n_head, n_kv_head, head_dim`.
@@ -82,17 +120,19 @@ impl AttentionOps for CudaBackend {
         let cu = &packing.host_cu_seqlens;
         checks::attention_forward(out.len(), saved.len(), qkv.len(), cu, layout, saved_len)?;
         check_device_cu_seqlens(OP, packing)?;
-        let plan = AttentionPlan::new(OP, packing, layout)?;
+        let dt = self.act();
+        // Refuses a head dim too large before anything else (an empty batch included).
+        AttentionPlan::new(OP, packing, layout, dt, false)?;
         if packing.num_tokens() == 0 {
             return Ok(());
         }
-        let dt = self.act();
         let qkv = self.input(qkv, dt)?;
         let lse = self.output(saved, Dtype::F32, false)?.arg();
         let out = self.output(out, dt, false)?;
         let mut args = vec![out.arg(), lse, qkv.arg(), packing.cu_seqlens.arg()];
+        let plan = AttentionPlan::new(OP, packing, layout, dt, aligned_16(&args[..3]))?;
         args.extend(layout_args(layout)?);
-        self.launch(&plan.kernel("forward", dt), AttentionPlan::config(plan.query_grid), &args)
+        self.launch(&plan.kernel("forward", dt), plan.config(plan.query_grid), &args)
     }
 
     fn attention_backward(
@@ -110,12 +150,12 @@ impl AttentionOps for CudaBackend {
         let cu = &packing.host_cu_seqlens;
         checks::attention_backward(dqkv.len(), dout.len(), qkv.len(), out.len(), saved.len(), cu, layout, saved_len)?;
         check_device_cu_seqlens(OP, packing)?;
-        let plan = AttentionPlan::new(OP, packing, layout)?;
+        let dt = self.act();
+        AttentionPlan::new(OP, packing, layout, dt, false)?;
         let n = packing.num_tokens();
         if n == 0 {
             return Ok(());
         }
-        let dt = self.act();
         let (dout, qkv, out) = (self.input(dout, dt)?, self.input(qkv, dt)?, self.input(out, dt)?);
         let lse = self.input(saved, Dtype::F32)?;
         // D_t = dout_t·out_t per (token, query head): written by the dq kernel, read by the dk/dv kernel.
@@ -124,11 +164,12 @@ impl AttentionOps for CudaBackend {
         let tail = [&[packing.cu_seqlens.arg()][..], &layout_args(layout)?].concat();
         let mut args =
             vec![dqkv.arg(), KernelArg::Ptr(delta.device_ptr()), dout.arg(), qkv.arg(), out.arg(), lse.arg()];
+        let plan = AttentionPlan::new(OP, packing, layout, dt, aligned_16(&args))?;
         args.extend_from_slice(&tail);
-        self.launch(&plan.kernel("backward_dq", dt), AttentionPlan::config(plan.query_grid), &args)?;
+        self.launch(&plan.kernel("backward_dq", dt), plan.config(plan.query_grid), &args)?;
         let mut args = vec![dqkv.arg(), dout.arg(), qkv.arg(), lse.arg(), KernelArg::Ptr(delta.device_ptr())];
         args.extend(tail);
         // Each block sums the dk, dv of its key/value head over the group's query heads, in order.
-        self.launch(&plan.kernel("backward_dkdv", dt), AttentionPlan::config(plan.kv_grid), &args)
+        self.launch(&plan.kernel("backward_dkdv", dt), plan.config(plan.kv_grid), &args)
     }
 }
