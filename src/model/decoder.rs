@@ -53,17 +53,15 @@
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-use super::activations::{
-    layer_input, two_slots_mut, Activations, BackwardScratch, HeadActivations, KeptLayers, LayerInterior, Widths,
-};
+use super::activations::{layer_input, two_slots_mut, Activations, BackwardScratch, KeptLayers, Widths};
 use super::batch::DeviceBatch;
+use super::block::{block_backward, block_interior_forward, lm_head, BlockKind};
+pub use super::init::random_weights;
 use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
-use super::params::{BlockParams, Init, Norm, Params};
-use super::{DecoderConfig, HostWeights};
-use crate::backend::{Backend, QkvLayout, WeightLayout};
+use super::params::Params;
+use super::DecoderConfig;
+use crate::backend::{Backend, WeightLayout};
 use crate::data::PackedBatch;
 
 /// A decoder on a backend: parameters, their gradients, and the activations of the last forward
@@ -98,98 +96,6 @@ pub struct Decoder<B: Backend> {
     /// Whether the backward recomputes each block's interior from its kept boundary instead of
     /// keeping every layer's activations (`set_gradient_checkpointing`).
     pub(super) gradient_checkpointing: bool,
-}
-
-/// What a family's blocks are made of, decided once from its configuration.
-#[derive(Clone, Copy)]
-struct BlockKind {
-    /// LayerNorm (with bias) or RMSNorm.
-    layernorm: bool,
-    /// GELU (tanh) MLP, or SwiGLU.
-    gelu: bool,
-    /// Every projection's weight layout.
-    weights: WeightLayout,
-    qkv: QkvLayout,
-    widths: Widths,
-    eps: f32,
-}
-
-impl BlockKind {
-    fn of(config: &DecoderConfig) -> Self {
-        let gpt2 = config.family.is_gpt2();
-        Self {
-            layernorm: gpt2,
-            gelu: gpt2,
-            weights: if gpt2 { WeightLayout::InOut } else { WeightLayout::OutIn },
-            qkv: config.qkv_layout(),
-            widths: Widths::of(config),
-            eps: config.norm_eps,
-        }
-    }
-
-    /// `out = norm(inp)`, saving the row statistics the backward needs.
-    #[allow(clippy::too_many_arguments)]
-    fn norm<B: Backend>(
-        &self,
-        b: &B,
-        out: &mut B::Buf,
-        mean: &mut B::Buf,
-        rstd: &mut B::Buf,
-        inp: &B::Buf,
-        w: &Norm<B::Buf>,
-        n: usize,
-    ) -> Result<()> {
-        let (c, eps) = (self.widths.c, self.eps);
-        match (&w.b, self.layernorm) {
-            (Some(bias), true) => b.layernorm_forward(out, mean, rstd, inp, &w.w, bias, n, c, eps),
-            (None, false) => b.rmsnorm_forward(out, rstd, inp, &w.w, n, c, eps),
-            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
-        }
-    }
-
-    /// `residual = a + r`, then `out = norm(residual)`, fused.
-    #[allow(clippy::too_many_arguments)]
-    fn residual_norm<B: Backend>(
-        &self,
-        b: &B,
-        residual: &mut B::Buf,
-        out: &mut B::Buf,
-        mean: &mut B::Buf,
-        rstd: &mut B::Buf,
-        a: &B::Buf,
-        r: &B::Buf,
-        w: &Norm<B::Buf>,
-        n: usize,
-    ) -> Result<()> {
-        let (c, eps) = (self.widths.c, self.eps);
-        match (&w.b, self.layernorm) {
-            (Some(bias), true) => b.residual_layernorm_forward(residual, out, mean, rstd, a, r, &w.w, bias, n, c, eps),
-            (None, false) => b.residual_rmsnorm_forward(residual, out, rstd, a, r, &w.w, n, c, eps),
-            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
-        }
-    }
-
-    /// Accumulates into `dinp` and the norm's gradients.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_backward<B: Backend>(
-        &self,
-        b: &B,
-        dinp: &mut B::Buf,
-        g: &mut Norm<B::Buf>,
-        dout: &B::Buf,
-        inp: &B::Buf,
-        w: &Norm<B::Buf>,
-        mean: &B::Buf,
-        rstd: &B::Buf,
-        n: usize,
-    ) -> Result<()> {
-        let c = self.widths.c;
-        match (&mut g.b, self.layernorm) {
-            (Some(dbias), true) => b.layernorm_backward(dinp, &mut g.w, dbias, dout, inp, &w.w, mean, rstd, n, c),
-            (None, false) => b.rmsnorm_backward(dinp, &mut g.w, dout, inp, &w.w, rstd, n, c),
-            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
-        }
-    }
 }
 
 impl<B: Backend> Decoder<B> {
@@ -391,7 +297,7 @@ impl<B: Backend> Decoder<B> {
 
         let kind = BlockKind::of(&self.config);
         let (n_layer, v, w) = (self.config.n_layer, self.config.vocab_size, kind.widths);
-        let (c, layout) = (w.c, kind.weights);
+        let c = w.c;
         let b = &*self.backend;
         let (p, g) = (&self.params, self.grads.as_mut().expect("ensure_trainable checked"));
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
@@ -459,29 +365,7 @@ impl<B: Backend> Decoder<B> {
             } else {
                 &acts.interiors[l]
             };
-            // residual_3 = residual_2 + mlp: dresidual flows unchanged to residual_2 and into the MLP.
-            let (dw, db) = (&mut gl.down.w, gl.down.b.as_mut());
-            b.matmul_backward(&mut d.mlp_act, dw, db, &d.residual, &a.mlp_act, &wl.down.w, n, w.hidden, c, layout)?;
-            if kind.gelu {
-                b.gelu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act)?;
-            } else {
-                b.swiglu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act, n, w.hidden)?;
-            }
-            let (dw, db) = (&mut gl.up.w, gl.up.b.as_mut());
-            b.matmul_backward(&mut d.norm, dw, db, &d.mlp_up, &a.norm_2, &wl.up.w, n, c, w.up, layout)?;
-            let (mean, rstd) = (&a.norm_2_mean, &a.norm_2_rstd);
-            kind.norm_backward(b, &mut d.residual, &mut gl.norm_2, &d.norm, &a.residual_2, &wl.norm_2, mean, rstd, n)?;
-            // residual_2 = x + attn: the same again for the attention half.
-            let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
-            b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
-            b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
-            if let Some(freqs) = rope {
-                b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
-            }
-            let (dw, db) = (&mut gl.qkv.w, gl.qkv.b.as_mut());
-            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &bnd.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
-            let (mean, rstd) = (&bnd.norm_1_mean, &bnd.norm_1_rstd);
-            kind.norm_backward(b, &mut d.residual, &mut gl.norm_1, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
+            block_backward(b, &kind, wl, gl, x, bnd, a, d, batch, rope)?;
         }
         let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
         b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
@@ -571,113 +455,6 @@ impl<B: Backend> Decoder<B> {
         }
         self.scratch.as_mut().expect("allocated above").resize(b, n, &Widths::of(&self.config))
     }
-}
-
-/// Block `l` between its first norm (given, with the block's input `x`) and its output: q, k, v,
-/// RoPE, attention and the output projection joining the residual stream (`residual_2`, fused
-/// with `norm_2`), then the MLP's up projection and activation. `proj` is scratch. The forward runs
-/// it once per layer; a checkpointed backward runs it again from the kept boundary.
-#[allow(clippy::too_many_arguments)]
-fn block_interior_forward<B: Backend>(
-    b: &B,
-    kind: &BlockKind,
-    wl: &BlockParams<B::Buf>,
-    x: &B::Buf,
-    norm_1: &B::Buf,
-    a: &mut LayerInterior<B::Buf>,
-    proj: &mut B::Buf,
-    batch: &DeviceBatch<B>,
-    rope_freqs: Option<&B::Buf>,
-) -> Result<()> {
-    let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
-    let c = w.c;
-    b.matmul_forward(&mut a.qkv, norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
-    if let Some(freqs) = rope_freqs {
-        b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
-    }
-    b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
-    b.matmul_forward(proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
-    let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
-    kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, proj, &wl.norm_2, n)?;
-    // MLP: act(up(norm_2(residual_2))); the down projection is the caller's.
-    if kind.gelu {
-        let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
-        b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)
-    } else {
-        b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
-        b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
-    }
-}
-
-/// The LM head on `rows` rows of `norm_f` (`target_rows`, with their `targets`): gathers them,
-/// then `logits = norm_f_rows · weightᵀ` (`weight [V, C]`: the head's, or the token embedding it is
-/// tied to) and their target log-probs and log-sum-exps (and into `squares`, when given, each row's
-/// `log Σ_v p_v²`). Buffers sized by `HeadActivations::resize`; `rows > 0`.
-#[allow(clippy::too_many_arguments)]
-fn lm_head<B: Backend>(
-    b: &B,
-    head: &mut HeadActivations<B::Buf>,
-    norm_f: &B::Buf,
-    weight: &B::Buf,
-    target_rows: &B::Ids,
-    targets: &B::Ids,
-    squares: Option<&mut B::Buf>,
-    rows: usize,
-    n: usize,
-    c: usize,
-    v: usize,
-) -> Result<()> {
-    b.gather_rows(&mut head.norm_f_rows, norm_f, target_rows, rows, n, c)?;
-    b.matmul_forward(&mut head.logits, &head.norm_f_rows, weight, None, rows, c, v, WeightLayout::OutIn)?;
-    let (token_logp, lse, logits) = (&mut head.token_logp, &mut head.lse, &head.logits);
-    match squares {
-        Some(squares) => b.logsoftmax_gather_forward_sq(token_logp, lse, squares, logits, targets, rows, v),
-        None => b.logsoftmax_gather_forward(token_logp, lse, logits, targets, rows, v),
-    }
-}
-
-/// The initialisation `transformers` gives each family: N(0, 0.02) weights, zero biases, unit norm
-/// gains; GPT-2 also scales its residual projections (the attention's and the MLP's output) by
-/// 1/√(2L). Deterministic in `seed`, one random stream per tensor. On the host, so that the same
-/// weights can become a trainable policy and a frozen reference.
-pub fn random_weights(config: DecoderConfig, seed: u64) -> Result<HostWeights> {
-    config.validate()?;
-    let residual_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
-    let gpt2 = config.family.is_gpt2();
-    let init = Params::schema(&config).initialisation();
-    let mut tensors = std::collections::BTreeMap::new();
-    for (index, ((name, shape), init)) in config.parameter_shapes().into_iter().zip(init).enumerate() {
-        let len: usize = shape.iter().product();
-        let data = match init {
-            Init::One => vec![1.0; len],
-            Init::Zero => vec![0.0; len],
-            Init::Normal { residual } => {
-                // One ChaCha stream per tensor: a tensor's values do not depend on the others' sizes.
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(index as u64);
-                let std = if residual && gpt2 { residual_std } else { 0.02 };
-                normal_samples(&mut rng, len, std)
-            }
-        };
-        tensors.insert(name, (shape, data));
-    }
-    Ok(HostWeights { config, tensors })
-}
-
-/// `len` samples of N(0, std²) by Box–Muller, in f64 then rounded to f32.
-fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len + 1);
-    while out.len() < len {
-        // u1 in (0, 1] keeps the log finite.
-        let u1 = 1.0 - rng.random::<f64>();
-        let u2 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let theta = std::f64::consts::TAU * u2;
-        out.push((r * theta.cos()) as f32);
-        out.push((r * theta.sin()) as f32);
-    }
-    out.truncate(len);
-    out
 }
 
 #[cfg(test)]

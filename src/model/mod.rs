@@ -8,15 +8,18 @@
 //! - `activations`: what the forward keeps for the backward, and the backward's scratch;
 //! - `batch`: a packed batch on a backend, and the LM head's plan for it;
 //! - `logp_parts`: what a forward computes besides the log-probs, for TRL's log-prob modifiers;
-//! - `decoder`: the model: forward, backward, initialisation;
+//! - `decoder`: the model: forward and backward; `block`: one block of it and the LM head;
+//!   `init`: the initialisation;
 //! - `weights`: the model's weights: upload, download, HF directories, the optimizer's view;
 //! - `checkpoint`: model directories as HF writes them.
 
 mod activations;
 mod batch;
+mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+mod init;
 mod logp_parts;
 mod params;
 mod tensor_list;
