@@ -1,0 +1,119 @@
+//! The run's setup that `train` reads as one step: the reference (a frozen model, its cached
+//! log-probs, or none) with the eval pairs' reference log-probs.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+
+use super::refcache::{cache_key, load_or_compute, sequence_logp_parts};
+use super::refsync::RefSync;
+use super::step::Reference;
+use super::{CacheStatus, Console, PreparedData, ReferenceLogps, Task};
+use crate::backend::Backend;
+use crate::config::RunConfig;
+use crate::data::{check_same_tokenizer, TextTokenizer};
+use crate::model::decoder::random_weights;
+use crate::model::{Decoder, HostWeights};
+
+/// The reference weights: `model.reference`, else `model.init`, else the random init the policy
+/// starts from. Kept on the host long enough to key the reference cache with their exact values (a
+/// frozen model on a bf16 device holds rounded ones), then uploaded frozen.
+fn load_reference_weights(cfg: &RunConfig, vocab_size: usize) -> Result<HostWeights> {
+    match cfg.model.reference.as_ref().or(cfg.model.init.as_ref()) {
+        Some(dir) => crate::model::checkpoint::load_dir(dir)
+            .with_context(|| format!("loading the reference model from {}", dir.display())),
+        None => random_weights(cfg.model.random_shape(vocab_size), cfg.seed),
+    }
+}
+
+/// The reference of a run, and what comes with it.
+pub(super) struct ReferenceSetup<B: Backend> {
+    pub(super) reference: Reference<B>,
+    /// Reference log-probs of the eval pairs `[2E]`.
+    pub(super) eval_reference: ReferenceLogps,
+    /// Whether the cached reference log-probs were found (`precompute_ref`).
+    pub(super) reference_cache: Option<CacheStatus>,
+    /// TR-DPO's reference sync (`sync_ref_model`).
+    pub(super) ref_sync: Option<RefSync>,
+}
+
+/// The reference: cached log-probs (the model dropped), or the frozen model, or none for SFT and
+/// the reference-free objectives.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn setup_reference<B: Backend>(
+    backend: &Arc<B>,
+    cfg: &RunConfig,
+    task: Task,
+    data: &PreparedData,
+    policy: &Decoder<B>,
+    resume_from: Option<&Path>,
+    tokenizer: &dyn TextTokenizer,
+    console: &Console,
+) -> Result<ReferenceSetup<B>> {
+    let out = &cfg.out_dir;
+    let vocab = policy.config().vocab_size;
+    let objective = &cfg.objective;
+    let mut reference_cache = None;
+    let mut ref_sync = None;
+    ensure!(task == Task::Preference || !cfg.sync_ref_model, "sync_ref_model: {} trains no reference", task.name());
+    let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
+        (Reference::Free, ReferenceLogps::totals(vec![0.0; 2 * data.eval.len()]))
+    } else {
+        if let Some(dir) = &cfg.model.reference {
+            check_same_tokenizer(tokenizer, cfg.model.init.as_deref(), dir)?;
+        }
+        let ref_weights = match &resume_from {
+            // TR-DPO: the reference the checkpoint's run had synced to.
+            Some(dir) if cfg.sync_ref_model => RefSync::load(dir)?,
+            _ => load_reference_weights(cfg, vocab)?,
+        };
+        ensure!(
+            ref_weights.config.same_architecture(policy.config()),
+            "the reference model ({}) differs from the policy ({})",
+            ref_weights.config.summary(),
+            policy.config().summary()
+        );
+        let mut ref_model = Decoder::from_host_frozen(backend.clone(), &ref_weights)?;
+        if let Some(rows) = cfg.batching.head_chunk_rows {
+            ref_model.set_head_chunk_rows(rows)?;
+        }
+        let budget = cfg.batching.tokens_per_micro_batch;
+        if cfg.precompute_ref {
+            let key = cache_key(&ref_weights, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);
+            let path = out.join("reference_logps.safetensors");
+            let t0 = Instant::now();
+            let (mut sets, status) =
+                load_or_compute(&path, &key, &[("train", data.train.len()), ("eval", data.eval.len())], || {
+                    Ok(vec![
+                        sequence_logp_parts(&mut ref_model, &data.train, budget)?,
+                        sequence_logp_parts(&mut ref_model, &data.eval, budget)?,
+                    ])
+                })?;
+            console.note(format!(
+                "reference log-probs: cache {} ({}, {:.1}s)",
+                match status {
+                    CacheStatus::Hit => "hit",
+                    CacheStatus::Miss => "miss, computed",
+                    CacheStatus::Stale => "stale, recomputed",
+                },
+                path.display(),
+                t0.elapsed().as_secs_f64()
+            ));
+            reference_cache = Some(status);
+            let eval = sets.pop().expect("two sets");
+            let train = sets.pop().expect("two sets");
+            (Reference::Cached(train), eval)
+        } else {
+            let eval = sequence_logp_parts(&mut ref_model, &data.eval, budget)?;
+            if cfg.sync_ref_model {
+                let (alpha, every) = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps);
+                ref_sync = Some(RefSync { alpha, every, weights: ref_weights });
+            }
+            (Reference::Model(Box::new(ref_model)), eval)
+        }
+    };
+
+    Ok(ReferenceSetup { reference, eval_reference, reference_cache, ref_sync })
+}
