@@ -1,12 +1,15 @@
 //! One block of the decoder, forward and backward, and the LM head: what `decoder.rs` runs per
 //! layer. [`BlockKind`] holds the family's choices (norm, MLP, weight layout); the block's products
-//! go through `linear.rs`.
+//! go through `adapters.rs` (`linear_forward`, `linear_backward`), which adds LoRA's when a
+//! model has adapters.
 
 use anyhow::Result;
 
 use super::activations::{ActivationGrads, HeadActivations, LayerBoundary, LayerInterior, Widths};
+use super::adapters::{input_gradient, linear_backward, linear_forward, BlockLora};
 use super::batch::DeviceBatch;
-use super::params::{BlockParams, Norm};
+use super::lora::Slot;
+use super::params::{BlockParams, Linear, Norm, Params};
 use super::DecoderConfig;
 use crate::backend::{Backend, QkvLayout, WeightLayout};
 
@@ -117,24 +120,31 @@ pub(super) fn block_interior_forward<B: Backend>(
     proj: &mut B::Buf,
     batch: &DeviceBatch<B>,
     rope_freqs: Option<&B::Buf>,
+    mut lora: Option<&mut BlockLora<'_, B>>,
 ) -> Result<()> {
     let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
     let c = w.c;
-    b.matmul_forward(&mut a.qkv, norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
+    linear_forward(b, &mut a.qkv, norm_1, &wl.qkv, lora.as_deref_mut(), Slot::Qkv, n, c, w.qkv, layout)?;
     if let Some(freqs) = rope_freqs {
         b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
     }
     b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
-    b.matmul_forward(proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
+    linear_forward(b, proj, &a.atty, &wl.o, lora.as_deref_mut(), Slot::O, n, w.att, c, layout)?;
     let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
     kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, proj, &wl.norm_2, n)?;
     // MLP: act(up(norm_2(residual_2))); the down projection is the caller's.
-    if kind.gelu {
+    // (An adapter on GPT-2's c_fc joins the product before the GELU: no fused epilogue then.)
+    let adapted_up = lora.as_ref().is_some_and(|l| l.adapts(Slot::Up));
+    if kind.gelu && !adapted_up {
         let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
         b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)
     } else {
-        b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
-        b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
+        linear_forward(b, &mut a.mlp_up, &a.norm_2, &wl.up, lora, Slot::Up, n, c, w.up, layout)?;
+        if kind.gelu {
+            b.gelu_forward(&mut a.mlp_act, &a.mlp_up)
+        } else {
+            b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
+        }
     }
 }
 
@@ -165,47 +175,95 @@ pub(super) fn lm_head<B: Backend>(
     }
 }
 
+/// Where a block's parameter gradients go: its own, or (a frozen base under LoRA) nowhere but the
+/// norms' weight gradients, which their kernels compute on the way, into one scratch norm.
+pub(super) enum BlockGrads<'a, T> {
+    Full(&'a mut BlockParams<T>),
+    Frozen(&'a mut Norm<T>),
+}
+
+impl<T> BlockGrads<'_, T> {
+    fn linear(&mut self, pick: impl Fn(&mut BlockParams<T>) -> &mut Linear<T>) -> Option<&mut Linear<T>> {
+        match self {
+            Self::Full(g) => Some(pick(&mut **g)),
+            Self::Frozen(_) => None,
+        }
+    }
+    fn norm(&mut self, pick: impl Fn(&mut BlockParams<T>) -> &mut Norm<T>) -> &mut Norm<T> {
+        match self {
+            Self::Full(g) => pick(&mut **g),
+            Self::Frozen(sink) => &mut **sink,
+        }
+    }
+}
+
 /// The gradient of block `l` (its input `x`, its kept boundary `bnd`, its interior `a`), given
-/// dL/d(its output) in `d.residual`: accumulates the block's parameter gradients into `gl` and
-/// leaves dL/dx in `d.residual` (a norm's backward accumulates into its input's gradient, which
-/// is how the residual stream gathers its two branches without a separate add).
+/// dL/d(its output) in `d.residual`: accumulates the block's parameter gradients into `gl` (and its
+/// adapters' into theirs) and leaves dL/dx in `d.residual` (a norm's backward accumulates into its
+/// input's gradient, which is how the residual stream gathers its two branches without a separate add).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn block_backward<B: Backend>(
     b: &B,
     kind: &BlockKind,
     wl: &BlockParams<B::Buf>,
-    gl: &mut BlockParams<B::Buf>,
+    mut gl: BlockGrads<'_, B::Buf>,
     x: &B::Buf,
     bnd: &LayerBoundary<B::Buf>,
     a: &LayerInterior<B::Buf>,
     d: &mut ActivationGrads<B::Buf>,
     batch: &DeviceBatch<B>,
     rope: Option<&B::Buf>,
+    mut lora: Option<&mut BlockLora<'_, B>>,
 ) -> Result<()> {
     let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
     let c = w.c;
     // residual_3 = residual_2 + mlp: dresidual flows unchanged to residual_2 and into the MLP.
-    let (dw, db) = (&mut gl.down.w, gl.down.b.as_mut());
-    b.matmul_backward(&mut d.mlp_act, dw, db, &d.residual, &a.mlp_act, &wl.down.w, n, w.hidden, c, layout)?;
+    let g = gl.linear(|g| &mut g.down);
+    let (mlp_act, l) = (&a.mlp_act, lora.as_deref_mut());
+    linear_backward(b, &mut d.mlp_act, g, &d.residual, mlp_act, &wl.down, l, Slot::Down, n, w.hidden, c, layout)?;
     if kind.gelu {
         b.gelu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act)?;
     } else {
         b.swiglu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act, n, w.hidden)?;
     }
-    let (dw, db) = (&mut gl.up.w, gl.up.b.as_mut());
-    b.matmul_backward(&mut d.norm, dw, db, &d.mlp_up, &a.norm_2, &wl.up.w, n, c, w.up, layout)?;
-    let (mean, rstd) = (&a.norm_2_mean, &a.norm_2_rstd);
-    kind.norm_backward(b, &mut d.residual, &mut gl.norm_2, &d.norm, &a.residual_2, &wl.norm_2, mean, rstd, n)?;
+    let (g, l) = (gl.linear(|g| &mut g.up), lora.as_deref_mut());
+    linear_backward(b, &mut d.norm, g, &d.mlp_up, &a.norm_2, &wl.up, l, Slot::Up, n, c, w.up, layout)?;
+    let (mean, rstd, gn) = (&a.norm_2_mean, &a.norm_2_rstd, gl.norm(|g| &mut g.norm_2));
+    kind.norm_backward(b, &mut d.residual, gn, &d.norm, &a.residual_2, &wl.norm_2, mean, rstd, n)?;
     // residual_2 = x + attn: the same again for the attention half.
-    let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
-    b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
+    let (g, l) = (gl.linear(|g| &mut g.o), lora.as_deref_mut());
+    linear_backward(b, &mut d.atty, g, &d.residual, &a.atty, &wl.o, l, Slot::O, n, w.att, c, layout)?;
     b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
     if let Some(freqs) = rope {
         b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
     }
-    let (dw, db) = (&mut gl.qkv.w, gl.qkv.b.as_mut());
-    b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &bnd.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
-    let (mean, rstd) = (&bnd.norm_1_mean, &bnd.norm_1_rstd);
-    kind.norm_backward(b, &mut d.residual, &mut gl.norm_1, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
+    let (g, l) = (gl.linear(|g| &mut g.qkv), lora);
+    linear_backward(b, &mut d.norm, g, &d.qkv, &bnd.norm_1, &wl.qkv, l, Slot::Qkv, n, c, w.qkv, layout)?;
+    let (mean, rstd, gn) = (&bnd.norm_1_mean, &bnd.norm_1_rstd, gl.norm(|g| &mut g.norm_1));
+    kind.norm_backward(b, &mut d.residual, gn, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
     Ok(())
+}
+
+/// The LM head's backward on `rows` target rows: dL/d(rows) `[rows, C]`, and the head's weight
+/// gradient (the token embedding's, when tied) unless the base is frozen (`g` none).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn head_backward<B: Backend>(
+    b: &B,
+    drows: &mut B::Buf,
+    g: Option<&mut Params<B::Buf>>,
+    dlogits: &B::Buf,
+    norm_f_rows: &B::Buf,
+    weight: &B::Buf,
+    rows: usize,
+    c: usize,
+    v: usize,
+) -> Result<()> {
+    let layout = WeightLayout::OutIn;
+    match g {
+        Some(g) => {
+            let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
+            b.matmul_backward(drows, dhead, None, dlogits, norm_f_rows, weight, rows, c, v, layout)
+        }
+        None => input_gradient(b, drows, dlogits, weight, rows, c, v, layout),
+    }
 }

@@ -55,10 +55,12 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 
 use super::activations::{layer_input, two_slots_mut, Activations, BackwardScratch, KeptLayers, Widths};
+use super::adapters::{linear_forward, Lora};
 use super::batch::DeviceBatch;
-use super::block::{block_backward, block_interior_forward, lm_head, BlockKind};
+use super::block::{block_backward, block_interior_forward, head_backward, lm_head, BlockGrads, BlockKind};
 pub use super::init::random_weights;
 use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
+use super::lora::Slot;
 use super::params::Params;
 use super::DecoderConfig;
 use crate::backend::{Backend, WeightLayout};
@@ -96,6 +98,8 @@ pub struct Decoder<B: Backend> {
     /// Whether the backward recomputes each block's interior from its kept boundary instead of
     /// keeping every layer's activations (`set_gradient_checkpointing`).
     pub(super) gradient_checkpointing: bool,
+    /// LoRA adapters on the frozen base (`lora.rs`); `None` without.
+    pub(super) lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Decoder<B> {
@@ -140,6 +144,7 @@ impl<B: Backend> Decoder<B> {
         let b = &*self.backend;
         let p = &self.params;
         let rope = self.rope_freqs.as_ref();
+        let mut lora = self.lora.as_mut();
         let acts = self.acts.as_mut().expect("ensure_activations allocated them");
         let (trunk, boundaries, interiors) = (&mut acts.trunk, &mut acts.boundaries, &mut acts.interiors);
 
@@ -155,10 +160,11 @@ impl<B: Backend> Decoder<B> {
             let a = &mut interiors[l % interior_slots];
             let x = layer_input(boundaries, &trunk.encoded, l);
             let norm_1 = &boundaries[l % slots].norm_1;
-            block_interior_forward(b, &kind, &p.blocks[l], x, norm_1, a, &mut trunk.proj, batch, rope)?;
+            let (wl, mut adapters) = (&p.blocks[l], lora.as_deref_mut().and_then(|lora| lora.block(l)));
+            block_interior_forward(b, &kind, wl, x, norm_1, a, &mut trunk.proj, batch, rope, adapters.as_mut())?;
             // The MLP's down projection joins the residual stream: residual_3 = residual_2 + down(mlp_act).
-            let wl = &p.blocks[l];
-            b.matmul_forward(&mut trunk.proj, &a.mlp_act, &wl.down.w, wl.down.b.as_ref(), n, w.hidden, c, layout)?;
+            let (proj, down) = (&mut trunk.proj, adapters.as_mut());
+            linear_forward(b, proj, &a.mlp_act, &wl.down, down, Slot::Down, n, w.hidden, c, layout)?;
             // residual_3 with the norm that reads it: the next block's norm_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
             // norm_f after the last block.
@@ -299,7 +305,7 @@ impl<B: Backend> Decoder<B> {
         let (n_layer, v, w) = (self.config.n_layer, self.config.vocab_size, kind.widths);
         let c = w.c;
         let b = &*self.backend;
-        let (p, g) = (&self.params, self.grads.as_mut().expect("ensure_trainable checked"));
+        let (p, mut g, mut lora) = (&self.params, self.grads.as_mut(), self.lora.as_mut());
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let scratch = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         let (d, dnorm_f_rows) = (&mut scratch.d, &mut scratch.dnorm_f_rows);
@@ -315,9 +321,8 @@ impl<B: Backend> Decoder<B> {
         if m > 0 && !self.head_chunked {
             let packing = split.map_or(&batch.row_packing, |s| &s.packing);
             b.logsoftmax_gather_backward(&mut head.logits, &head.lse, &batch.row_targets, dseq, packing, m, v)?;
-            let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
             let (logits, rows) = (&head.logits, &head.norm_f_rows);
-            b.matmul_backward(dnorm_f_rows, dhead, None, logits, rows, p.head(), m, c, v, WeightLayout::OutIn)?;
+            head_backward(b, dnorm_f_rows, g.as_deref_mut(), logits, rows, p.head(), m, c, v)?;
         }
         if self.head_chunked {
             // Chunk by chunk, the logits recomputed: dL/d(norm_f) is the sum of the chunks' rows
@@ -331,9 +336,8 @@ impl<B: Backend> Decoder<B> {
                 let packing = split_chunks.as_ref().map_or(&chunk.packing, |p| &p[i]);
                 b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, packing, rows, v)?;
                 b.resize(dnorm_f_rows, rows * c)?;
-                let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
                 let (logits, x) = (&head.logits, &head.norm_f_rows);
-                b.matmul_backward(dnorm_f_rows, dhead, None, logits, x, p.head(), rows, c, v, WeightLayout::OutIn)?;
+                head_backward(b, dnorm_f_rows, g.as_deref_mut(), logits, x, p.head(), rows, c, v)?;
                 if i == 0 {
                     b.scatter_rows(&mut d.norm, dnorm_f_rows, &chunk.target_rows, rows, n, c)?;
                 } else {
@@ -350,31 +354,48 @@ impl<B: Backend> Decoder<B> {
         b.fill(&mut d.residual, 0.0)?;
         let last = &acts.boundaries.last().expect("n_layer > 0").residual_3;
         let (mean, rstd) = (&trunk.norm_f_mean, &trunk.norm_f_rstd);
-        kind.norm_backward(b, &mut d.residual, &mut g.norm_f, &d.norm, last, &p.norm_f, mean, rstd, n)?;
+        let gn = match (&mut g, &mut lora) {
+            (Some(g), _) => &mut g.norm_f,
+            (None, Some(lora)) => &mut lora.norm_sink,
+            (None, None) => unreachable!("ensure_trainable checked"),
+        };
+        kind.norm_backward(b, &mut d.residual, gn, &d.norm, last, &p.norm_f, mean, rstd, n)?;
 
         for l in (0..n_layer).rev() {
             let bnd = &acts.boundaries[l];
             let x = layer_input(&acts.boundaries, &trunk.encoded, l);
-            let (wl, gl) = (&p.blocks[l], &mut g.blocks[l]);
+            let wl = &p.blocks[l];
+            let (mut adapters, sink) = match lora.as_deref_mut() {
+                Some(lora) => lora.block_with_sink(l),
+                None => (None, None),
+            };
+            let gl = match (g.as_deref_mut(), sink) {
+                (Some(g), _) => BlockGrads::Full(&mut g.blocks[l]),
+                (None, Some(sink)) => BlockGrads::Frozen(sink),
+                (None, None) => unreachable!("ensure_trainable checked"),
+            };
             let a = if checkpointed {
                 // The interior again, from the kept boundary: the same ops on the same values as
                 // the forward, so the same bits.
                 let a = &mut acts.interiors[0];
-                block_interior_forward(b, &kind, wl, x, &bnd.norm_1, a, &mut trunk.proj, batch, rope)?;
+                let (proj, l) = (&mut trunk.proj, adapters.as_mut());
+                block_interior_forward(b, &kind, wl, x, &bnd.norm_1, a, proj, batch, rope, l)?;
                 &*a
             } else {
                 &acts.interiors[l]
             };
-            block_backward(b, &kind, wl, gl, x, bnd, a, d, batch, rope)?;
+            block_backward(b, &kind, wl, gl, x, bnd, a, d, batch, rope, adapters.as_mut())?;
         }
-        let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
-        b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
+        if let Some(g) = g {
+            let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
+            b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
+        }
         Ok(())
     }
 
     /// Whether this is a frozen, inference-only model (no gradients, no backward).
     pub fn is_frozen(&self) -> bool {
-        self.grads.is_none()
+        self.grads.is_none() && self.lora.as_ref().is_none_or(|lora| lora.grads.is_none())
     }
 
     /// The error of a gradient operation on a frozen model.

@@ -11,9 +11,12 @@
 //! - `decoder`: the model: forward and backward; `block`: one block of it and the LM head;
 //!   `init`: the initialisation;
 //! - `weights`: the model's weights: upload, download, HF directories, the optimizer's view;
-//! - `checkpoint`: model directories as HF writes them.
+//! - `checkpoint`: model directories as HF writes them;
+//! - `lora`, `adapters`, `lora_model`, `peft`: LoRA adapters as PEFT defines them: the spec and the
+//!   host tensors, the products on a backend, the decoder with adapters, PEFT's adapter directories.
 
 mod activations;
+mod adapters;
 mod batch;
 mod block;
 pub mod checkpoint;
@@ -21,7 +24,10 @@ pub mod config;
 pub mod decoder;
 mod init;
 mod logp_parts;
+pub mod lora;
+mod lora_model;
 mod params;
+pub mod peft;
 mod tensor_list;
 mod weights;
 
@@ -30,4 +36,5 @@ pub use checkpoint::HostWeights;
 pub use config::{DecoderConfig, Family, Rope};
 pub use decoder::{random_weights, Decoder};
 pub use logp_parts::{ForwardExtras, RowSplit, SequenceLogps};
+pub use lora::{HostAdapters, LoraSpec};
 pub use weights::ParamAndGrad;
