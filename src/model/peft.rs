@@ -122,3 +122,14 @@ pub fn load_adapter(dir: &Path, config: &DecoderConfig) -> Result<HostAdapters> 
     }
     HostAdapters::from_tensors(config, spec, tensors).with_context(|| format!("loading the adapter {}", dir.display()))
 }
+
+/// `safedpo merge`: the base model directory `base` with the adapter `adapter` merged in, written to
+/// `out` as a HF model directory (with the base's tokenizer files).
+pub fn merge_dirs(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let weights = super::checkpoint::load_dir(base).with_context(|| format!("loading the base {}", base.display()))?;
+    let adapters = load_adapter(adapter, &weights.config)?;
+    let merged = adapters.merge_into(&weights)?;
+    super::checkpoint::save_dir(&merged, out)?;
+    super::checkpoint::copy_tokenizer(base, out)?;
+    Ok(())
+}

@@ -43,7 +43,7 @@ use crate::data::{
     self, load_pairs, load_tokenizer, sequence_format, split_holdout, tokenize_pairs_with, BatchLimit, Batcher,
     TextTokenizer, TokenizedExample, TokenizedPair,
 };
-use crate::model::{Decoder, DeviceBatch};
+use crate::model::DeviceBatch;
 use crate::optim::{AdamW, LrSchedule, Scheduler};
 use crate::util::write_atomic;
 
@@ -57,7 +57,7 @@ pub use refcache::ReferenceLogps;
 use refsync::RefSync;
 pub use refsync::{mix_weights, REFERENCE_DIR};
 use rundir::RunDir;
-use setup::{setup_reference, ReferenceSetup};
+use setup::{build_policy, setup_reference, ReferenceSetup};
 use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, StepInfo};
 use unpaired::{ExampleStats, UnpairedData};
 
@@ -436,7 +436,10 @@ impl<B: Backend> Trainer<B> {
             )
         };
         // Only finite weights are committed: `latest` keeps naming the last good checkpoint.
-        let (weights, moments) = (self.learner.policy.to_host()?, self.learner.optimizer.state_to_host()?);
+        // With LoRA: the merged model (a model directory like any other) and, beside it, the adapters
+        // in PEFT's format, from which a resume restarts (on the same base).
+        let (weights, moments) = (self.learner.policy.merged_to_host()?, self.learner.optimizer.state_to_host()?);
+        let adapters = self.learner.policy.adapters_to_host()?;
         checkpoint::ensure_finite_state(&weights, &moments)
             .with_context(|| format!("step {}: not writing checkpoint {name}", self.step))?;
         let fault = self.opts.fail_commit_after;
@@ -447,6 +450,10 @@ impl<B: Backend> Trainer<B> {
         let write = |dir: &Path| {
             check("model.safetensors")?;
             crate::model::checkpoint::save_dir(&weights, dir)?;
+            if let Some(adapters) = &adapters {
+                let base = self.cfg.model.init.as_ref().map_or("random init".into(), |d| d.display().to_string());
+                crate::model::peft::save_adapter(adapters, &weights.config, &base, dir)?;
+            }
             let src = self.tokenizer_dir.as_deref();
             data::save_tokenizer_files(load_tokenizer(src)?.as_ref(), src, dir)?;
             check("optimizer.safetensors")?;
@@ -516,13 +523,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     write_atomic(&out.join(rundir::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
-    let mut policy = match (&resume_from, &cfg.model.init) {
-        (Some(dir), _) => Decoder::load(backend.clone(), dir),
-        (None, Some(dir)) => {
-            Decoder::load(backend.clone(), dir).with_context(|| format!("loading model.init {}", dir.display()))
-        }
-        (None, None) => Decoder::random(backend.clone(), cfg.model.random_shape(tokenizer.vocab_size()), cfg.seed),
-    }?;
+    let mut policy = build_policy(&backend, cfg, resume_from.as_deref(), tokenizer.vocab_size())?;
     if let Some(rows) = cfg.batching.head_chunk_rows {
         policy.set_head_chunk_rows(rows)?;
     }
@@ -546,7 +547,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
 
     let objective = cfg.objective.clone();
     let ReferenceSetup { reference, eval_reference, reference_cache, ref_sync } =
-        setup_reference(&backend, cfg, task, &data, &policy, resume_from.as_deref(), tokenizer.as_ref(), &console)?;
+        setup_reference(&backend, cfg, task, &data, &mut policy, resume_from.as_deref(), tokenizer.as_ref(), &console)?;
 
     let op = &cfg.optimizer;
     let mut policy = policy;
