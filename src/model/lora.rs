@@ -222,9 +222,19 @@ impl HostAdapters {
         Ok(Self { spec, targets, n_layer: config.n_layer, tensors })
     }
 
-    /// The targets' short names (`attn.c_attn`), PEFT's `target_modules` as saved.
-    pub fn target_names(&self) -> Vec<String> {
-        self.targets.iter().map(|t| t.name.to_string()).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+    /// PEFT's `target_modules` for these targets: each module's name (`c_attn`), or its name with
+    /// its parent (`mlp.c_proj`) where the name alone would match a module that is not a target.
+    pub fn target_names(&self, config: &DecoderConfig) -> Vec<String> {
+        let modules = block_modules(config);
+        let names = self.targets.iter().map(|t| {
+            let alone = modules.iter().filter(|m| m.name == t.name).all(|m| self.targets.contains(m));
+            if alone {
+                t.name.to_string()
+            } else {
+                t.short_name()
+            }
+        });
+        names.collect::<std::collections::BTreeSet<_>>().into_iter().collect()
     }
 
     /// The base weights with every adapter merged in (PEFT's `merge_and_unload`):

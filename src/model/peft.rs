@@ -59,7 +59,7 @@ pub fn save_adapter(adapters: &HostAdapters, config: &DecoderConfig, base: &str,
         "r": spec.r,
         "rank_pattern": {},
         "revision": null,
-        "target_modules": adapters.target_names(),
+        "target_modules": adapters.target_names(config),
         "task_type": "CAUSAL_LM",
         "use_dora": false,
         "use_rslora": spec.use_rslora,
@@ -82,14 +82,21 @@ pub fn read_adapter_spec(dir: &Path) -> Result<(LoraSpec, f64)> {
     let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
     let bias = field("bias").and_then(Value::as_str).unwrap_or("none");
     ensure!(bias == "none", "{}: bias \"{bias}\"; only bias \"none\" is supported", path.display());
-    for flag in ["use_dora"] {
+    for flag in ["use_dora", "lora_bias", "use_qalora"] {
         ensure!(!field(flag).and_then(Value::as_bool).unwrap_or(false), "{}: {flag} is not supported", path.display());
     }
     for pattern in ["rank_pattern", "alpha_pattern"] {
         let empty = field(pattern).and_then(Value::as_object).is_none_or(|m| m.is_empty());
         ensure!(empty, "{}: {pattern} (per-module ranks or alphas) is not supported", path.display());
     }
-    for key in ["layers_to_transform", "modules_to_save"] {
+    for key in [
+        "layers_to_transform",
+        "modules_to_save",
+        "exclude_modules",
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+    ] {
         ensure!(field(key).is_none(), "{}: {key} is not supported", path.display());
     }
     let target_modules = match field("target_modules") {
