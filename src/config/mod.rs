@@ -363,7 +363,8 @@ impl LoraConfig {
         self.r > 0 || self.adapter.is_some()
     }
 
-    fn is_off(&self) -> bool {
+    /// Whether every LoRA setting is at its default (LoRA off).
+    pub fn is_off(&self) -> bool {
         *self == Self::default()
     }
 
