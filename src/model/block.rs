@@ -192,7 +192,7 @@ impl<T> BlockGrads<'_, T> {
     fn norm(&mut self, pick: impl Fn(&mut BlockParams<T>) -> &mut Norm<T>) -> &mut Norm<T> {
         match self {
             Self::Full(g) => pick(&mut **g),
-            Self::Frozen(sink) => &mut **sink,
+            Self::Frozen(sink) => sink,
         }
     }
 }

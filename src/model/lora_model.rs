@@ -64,7 +64,8 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The base merged with the adapters (PEFT's `merge_and_unload`), on the host; the base itself
-    /// without adapters.
+    /// without adapters. The base as the model holds it: on a bf16 device, frozen weights are bf16
+    /// (the trainer merges into the base read again from its source instead).
     pub fn merged_to_host(&self) -> Result<HostWeights> {
         let base = self.to_host()?;
         match self.adapters_to_host()? {

@@ -438,8 +438,13 @@ impl<B: Backend> Trainer<B> {
         // Only finite weights are committed: `latest` keeps naming the last good checkpoint.
         // With LoRA: the merged model (a model directory like any other) and, beside it, the adapters
         // in PEFT's format, from which a resume restarts (on the same base).
-        let (weights, moments) = (self.learner.policy.merged_to_host()?, self.learner.optimizer.state_to_host()?);
-        let adapters = self.learner.policy.adapters_to_host()?;
+        let policy = &self.learner.policy;
+        let adapters = policy.adapters_to_host()?;
+        let weights = match &adapters {
+            Some(a) => a.merge_into(&setup::load_lora_base(&self.cfg, policy.config().vocab_size)?)?,
+            None => policy.to_host()?,
+        };
+        let moments = self.learner.optimizer.state_to_host()?;
         checkpoint::ensure_finite_state(&weights, &moments)
             .with_context(|| format!("step {}: not writing checkpoint {name}", self.step))?;
         let fault = self.opts.fail_commit_after;

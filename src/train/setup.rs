@@ -42,6 +42,18 @@ fn base_logp_parts<B: Backend>(
     logps
 }
 
+/// The frozen base of a LoRA run: `model.init`, or the seed's random init (of `vocab` tokens when
+/// `model.vocab_size` is unset). Read again for each checkpoint's merged model: exact on a device
+/// that holds the frozen base in bf16.
+pub(super) fn load_lora_base(cfg: &RunConfig, vocab: usize) -> Result<HostWeights> {
+    match cfg.model.init.as_ref() {
+        Some(dir) => {
+            crate::model::checkpoint::load_dir(dir).with_context(|| format!("loading model.init {}", dir.display()))
+        }
+        None => random_weights(cfg.model.random_shape(vocab), cfg.seed),
+    }
+}
+
 /// The policy: a checkpoint's weights, the initial model, or a random init; with `[lora]`, that base
 /// (never a checkpoint's: the base is frozen) with the checkpoint's adapters, `lora.adapter`'s, or
 /// fresh ones.
@@ -61,12 +73,7 @@ pub(super) fn build_policy<B: Backend>(
             (None, None) => Decoder::random(backend.clone(), cfg.model.random_shape(tokenizer_vocab), cfg.seed),
         };
     }
-    let base = match init {
-        Some(dir) => {
-            crate::model::checkpoint::load_dir(dir).with_context(|| format!("loading model.init {}", dir.display()))?
-        }
-        None => random_weights(cfg.model.random_shape(tokenizer_vocab), cfg.seed)?,
-    };
+    let base = load_lora_base(cfg, tokenizer_vocab)?;
     let adapters = match (resume_from, &cfg.lora.adapter) {
         (Some(dir), _) => load_adapter(dir, &base.config)?,
         (None, Some(dir)) => {
