@@ -75,6 +75,22 @@ enum Command {
     /// Overlays the training curves of run directories (their metrics.jsonl) in one SVG: a panel per
     /// metric against the optimizer step, a colour per run.
     Plot(PlotArgs),
+    /// Merges a LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors) into its base
+    /// model and writes the merged HF model directory (PEFT's merge_and_unload).
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The base model's HF directory.
+    #[arg(long, value_name = "DIR")]
+    base: PathBuf,
+    /// The adapter's directory (PEFT's format, as training with [lora] writes in each checkpoint).
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// Where the merged model is written.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -287,6 +303,11 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{report}");
             }
+            Ok(())
+        }
+        Command::Merge(args) => {
+            safedpo::model::peft::merge_dirs(&args.base, &args.adapter, &args.out)?;
+            println!("{}", args.out.display());
             Ok(())
         }
         Command::Plot(args) => {

@@ -12,7 +12,7 @@ use crate::config::{FieldError, Profile, RunConfig, SettingsArgs};
 pub struct BenchSettings;
 
 /// The settings `bench` takes besides `objective.*`.
-const BENCH_SETTINGS: [&str; 15] = [
+const BENCH_SETTINGS: [&str; 19] = [
     "seed",
     "device",
     "model.arch",
@@ -28,6 +28,10 @@ const BENCH_SETTINGS: [&str; 15] = [
     "optimizer.grad_clip",
     "batching.head_chunk_rows",
     "batching.gradient_checkpointing",
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "lora.use_rslora",
 ];
 
 impl Profile for BenchSettings {
@@ -52,6 +56,7 @@ impl Profile for BenchSettings {
             errs.add("objective.name", format!("{e:#}"));
         }
         cfg.check_optimizer(&mut errs);
+        cfg.check_lora(&mut errs);
         if cfg.batching.head_chunk_rows == Some(0) {
             errs.add("batching.head_chunk_rows", "must be at least 1");
         }

@@ -37,7 +37,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BatchingConfig, ModelConfig, OptimizerConfig, Profile, RunConfig};
+use crate::config::{BatchingConfig, LoraConfig, ModelConfig, OptimizerConfig, Profile, RunConfig};
 use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family};
@@ -81,6 +81,9 @@ pub struct BenchConfig {
     /// `batching.gradient_checkpointing`: recompute each block's interior in the backward.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// `[lora]`: LoRA adapters on the frozen policy (off: full fine-tuning).
+    #[serde(default, skip_serializing_if = "LoraConfig::is_off")]
+    pub lora: LoraConfig,
     pub objective: Objective,
     /// Untimed steps first (allocation, caches, lazy initialisation).
     pub warmup_steps: usize,
@@ -117,6 +120,7 @@ impl Default for BenchConfig {
             prompt_len: 32,
             head_chunk_rows: None,
             gradient_checkpointing: false,
+            lora: LoraConfig::default(),
             objective: Objective::default_for("dpo").expect("dpo is an objective"),
             warmup_steps: 3,
             steps: 10,
@@ -160,6 +164,7 @@ impl BenchConfig {
                 gradient_checkpointing: self.gradient_checkpointing,
                 ..defaults.batching
             },
+            lora: self.lora.clone(),
             ..defaults
         }
     }
@@ -183,6 +188,7 @@ impl BenchConfig {
             prompt_len,
             head_chunk_rows: run.batching.head_chunk_rows,
             gradient_checkpointing: run.batching.gradient_checkpointing,
+            lora: run.lora.clone(),
             objective: run.objective.clone(),
             seed: run.seed,
             lr: run.optimizer.lr,

@@ -12,7 +12,7 @@ use super::report::{peak_rss_bytes, report_from_samples, BenchReport, PhaseTimes
 use super::{synthetic_batch, BenchConfig};
 use crate::backend::{Backend, PAIR_METRICS};
 use crate::model::decoder::random_weights;
-use crate::model::Decoder;
+use crate::model::{Decoder, HostAdapters, LoraSpec};
 use crate::optim::AdamW;
 use crate::train::step::{adamw_config, Learner, MicroBatch, Phase, Reference};
 
@@ -36,13 +36,28 @@ impl<B: Backend> StepRunner<B> {
     pub fn new(backend: Arc<B>, cfg: &BenchConfig) -> Result<Self> {
         cfg.validate()?;
         let weights = random_weights(cfg.model_config(), cfg.seed)?;
-        let mut policy = Decoder::from_host(backend.clone(), &weights).context("building the policy")?;
+        let lora = &cfg.lora;
+        let mut policy = if lora.r > 0 {
+            // LoRA: the frozen base with fresh adapters (PEFT's init, B = 0: the loss is the full
+            // model's at the first step, the step's work is LoRA's).
+            let targets = lora.target_list();
+            let config = &weights.config;
+            let target_modules = if targets.is_empty() { LoraSpec::default_targets(config) } else { targets };
+            let spec = LoraSpec { r: lora.r, alpha: lora.alpha, target_modules, use_rslora: lora.use_rslora };
+            Decoder::with_lora(backend.clone(), &weights, HostAdapters::init(config, spec, cfg.seed)?)
+        } else {
+            Decoder::from_host(backend.clone(), &weights)
+        }
+        .context("building the policy")?;
         if let Some(rows) = cfg.head_chunk_rows {
             policy.set_head_chunk_rows(rows)?;
         }
         policy.set_gradient_checkpointing(cfg.gradient_checkpointing);
         // Inference only, as the trainer's: no gradients, two layers of activations.
-        let reference = if cfg.objective.uses_reference() {
+        let reference = if cfg.objective.uses_reference() && policy.has_adapters() {
+            // One copy of the base: the reference is the policy with its adapters off.
+            Reference::PolicyBase
+        } else if cfg.objective.uses_reference() {
             let mut model =
                 Decoder::from_host_frozen(backend.clone(), &weights).context("building the reference model")?;
             if let Some(rows) = cfg.head_chunk_rows {

@@ -337,6 +337,44 @@ impl TrainConfig {
 }
 
 settings! {
+    /// `[lora]`: LoRA adapters as PEFT defines them, trained on the frozen policy (`r = 0`: every
+    /// weight trains).
+    pub struct LoraConfig {
+        /// Rank of each adapter (PEFT's `r`); 0: no LoRA, full fine-tuning.
+        pub r: usize = 0,
+        /// PEFT's `lora_alpha`: an adapter's output is scaled by alpha / r.
+        pub alpha: f64 = 8.0,
+        /// PEFT module names, comma-separated: GPT-2 c_attn, c_proj (attn.c_proj, mlp.c_proj), c_fc;
+        /// the Llama family q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; or
+        /// all-linear. Empty: PEFT's default of the family (c_attn; q_proj,v_proj).
+        pub target_modules: String = String::new(),
+        /// PEFT's `lora_dropout`; must be 0 (dropout is not implemented).
+        pub dropout: f64 = 0.0,
+        /// rsLoRA: scale by alpha / √r.
+        pub use_rslora: bool = false,
+        /// A PEFT adapter directory to start from (its r, alpha and targets replace the ones above).
+        pub adapter: Option<PathBuf> = None,
+    }
+}
+
+impl LoraConfig {
+    /// Whether the run trains LoRA adapters.
+    pub fn enabled(&self) -> bool {
+        self.r > 0 || self.adapter.is_some()
+    }
+
+    /// Whether every LoRA setting is at its default (LoRA off).
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The target modules as a list (empty: the family's default).
+    pub fn target_list(&self) -> Vec<String> {
+        self.target_modules.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    }
+}
+
+settings! {
     /// Everything a training run needs.
     pub struct RunConfig {
         /// Random seed (data order, holdout split, random init; `generate`: sampling).
@@ -371,6 +409,11 @@ settings! {
         // are unchanged.
         #[serde(skip_serializing_if = "TrainConfig::is_default")]
         pub train: TrainConfig = TrainConfig::default(),
+        /// `[lora]`: LoRA adapters (PEFT's) instead of full fine-tuning.
+        // Left out of the serialised form when off, so that configurations and trajectory hashes
+        // written before it are unchanged.
+        #[serde(skip_serializing_if = "LoraConfig::is_off")]
+        pub lora: LoraConfig = LoraConfig::default(),
     }
 }
 
@@ -455,6 +498,9 @@ impl RunConfig {
             "optimizer": self.optimizer,
             "batching": self.batching,
         });
+        if !self.lora.is_off() {
+            key["lora"] = serde_json::json!(self.lora);
+        }
         if self.sync_ref_model {
             key["ref_sync"] = serde_json::json!([self.ref_model_mixup_alpha, self.ref_model_sync_steps]);
         }

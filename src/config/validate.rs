@@ -25,6 +25,7 @@ impl RunConfig {
         self.check_reference(&mut errs);
         self.check_optimizer(&mut errs);
         self.check_batching_and_intervals(&mut errs);
+        self.check_lora(&mut errs);
         if self.train.max_loss.is_nan() || self.train.max_loss <= 0.0 {
             errs.add(
                 "train.max_loss",
@@ -35,6 +36,20 @@ impl RunConfig {
             errs.add("out_dir", "must not be empty");
         }
         errs.0
+    }
+
+    /// `[lora]`: what PEFT's LoRA options the engine implements.
+    pub(crate) fn check_lora(&self, errs: &mut Errors) {
+        let l = &self.lora;
+        if l.dropout != 0.0 {
+            errs.add("lora.dropout", format!("must be 0: LoRA dropout is not implemented (got {})", l.dropout));
+        }
+        if !(l.alpha.is_finite() && l.alpha > 0.0) {
+            errs.add("lora.alpha", format!("must be a positive number, got {}", l.alpha));
+        }
+        if l.enabled() && self.sync_ref_model {
+            errs.add("sync_ref_model", "TR-DPO's reference sync mixes full weights; it does not run with LoRA");
+        }
     }
 
     /// `[model]`: the shape of a random init.

@@ -343,7 +343,7 @@ fn is_hf_buffer(name: &str, n_layer: usize) -> bool {
 }
 
 /// One tensor as f32, its shape checked against `shape`.
-fn read_f32_tensor(file: &SafeTensors<'_>, stored: &str, shape: &[usize]) -> Result<Vec<f32>> {
+pub(super) fn read_f32_tensor(file: &SafeTensors<'_>, stored: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let view = file.tensor(stored).with_context(|| format!("reading tensor `{stored}`"))?;
     ensure!(view.shape() == shape, "tensor `{stored}` has shape {:?}, expected {shape:?}", view.shape());
     let bytes = view.data();

@@ -53,17 +53,17 @@
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-use super::activations::{
-    layer_input, two_slots_mut, Activations, BackwardScratch, HeadActivations, KeptLayers, LayerInterior, Widths,
-};
+use super::activations::{layer_input, two_slots_mut, Activations, BackwardScratch, KeptLayers, Widths};
+use super::adapters::{linear_forward, Lora};
 use super::batch::DeviceBatch;
+use super::block::{block_backward, block_interior_forward, head_backward, lm_head, BlockGrads, BlockKind};
+pub use super::init::random_weights;
 use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
-use super::params::{BlockParams, Init, Norm, Params};
-use super::{DecoderConfig, HostWeights};
-use crate::backend::{Backend, QkvLayout, WeightLayout};
+use super::lora::Slot;
+use super::params::Params;
+use super::DecoderConfig;
+use crate::backend::Backend;
 
 /// A decoder on a backend: parameters, their gradients, and the activations of the last forward
 /// pass (kept for the backward). A frozen model has no gradients and keeps two layers of
@@ -97,98 +97,8 @@ pub struct Decoder<B: Backend> {
     /// Whether the backward recomputes each block's interior from its kept boundary instead of
     /// keeping every layer's activations (`set_gradient_checkpointing`).
     pub(super) gradient_checkpointing: bool,
-}
-
-/// What a family's blocks are made of, decided once from its configuration.
-#[derive(Clone, Copy)]
-pub(super) struct BlockKind {
-    /// LayerNorm (with bias) or RMSNorm.
-    pub(super) layernorm: bool,
-    /// GELU (tanh) MLP, or SwiGLU.
-    pub(super) gelu: bool,
-    /// Every projection's weight layout.
-    pub(super) weights: WeightLayout,
-    pub(super) qkv: QkvLayout,
-    pub(super) widths: Widths,
-    pub(super) eps: f32,
-}
-
-impl BlockKind {
-    pub(super) fn of(config: &DecoderConfig) -> Self {
-        let gpt2 = config.family.is_gpt2();
-        Self {
-            layernorm: gpt2,
-            gelu: gpt2,
-            weights: if gpt2 { WeightLayout::InOut } else { WeightLayout::OutIn },
-            qkv: config.qkv_layout(),
-            widths: Widths::of(config),
-            eps: config.norm_eps,
-        }
-    }
-
-    /// `out = norm(inp)`, saving the row statistics the backward needs.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn norm<B: Backend>(
-        &self,
-        b: &B,
-        out: &mut B::Buf,
-        mean: &mut B::Buf,
-        rstd: &mut B::Buf,
-        inp: &B::Buf,
-        w: &Norm<B::Buf>,
-        n: usize,
-    ) -> Result<()> {
-        let (c, eps) = (self.widths.c, self.eps);
-        match (&w.b, self.layernorm) {
-            (Some(bias), true) => b.layernorm_forward(out, mean, rstd, inp, &w.w, bias, n, c, eps),
-            (None, false) => b.rmsnorm_forward(out, rstd, inp, &w.w, n, c, eps),
-            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
-        }
-    }
-
-    /// `residual = a + r`, then `out = norm(residual)`, fused.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn residual_norm<B: Backend>(
-        &self,
-        b: &B,
-        residual: &mut B::Buf,
-        out: &mut B::Buf,
-        mean: &mut B::Buf,
-        rstd: &mut B::Buf,
-        a: &B::Buf,
-        r: &B::Buf,
-        w: &Norm<B::Buf>,
-        n: usize,
-    ) -> Result<()> {
-        let (c, eps) = (self.widths.c, self.eps);
-        match (&w.b, self.layernorm) {
-            (Some(bias), true) => b.residual_layernorm_forward(residual, out, mean, rstd, a, r, &w.w, bias, n, c, eps),
-            (None, false) => b.residual_rmsnorm_forward(residual, out, rstd, a, r, &w.w, n, c, eps),
-            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
-        }
-    }
-
-    /// Accumulates into `dinp` and the norm's gradients.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_backward<B: Backend>(
-        &self,
-        b: &B,
-        dinp: &mut B::Buf,
-        g: &mut Norm<B::Buf>,
-        dout: &B::Buf,
-        inp: &B::Buf,
-        w: &Norm<B::Buf>,
-        mean: &B::Buf,
-        rstd: &B::Buf,
-        n: usize,
-    ) -> Result<()> {
-        let c = self.widths.c;
-        match (&mut g.b, self.layernorm) {
-            (Some(dbias), true) => b.layernorm_backward(dinp, &mut g.w, dbias, dout, inp, &w.w, mean, rstd, n, c),
-            (None, false) => b.rmsnorm_backward(dinp, &mut g.w, dout, inp, &w.w, rstd, n, c),
-            _ => unreachable!("the schema gives LayerNorm a bias and RMSNorm none"),
-        }
-    }
+    /// LoRA adapters on the frozen base (`lora.rs`); `None` without.
+    pub(super) lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Decoder<B> {
@@ -233,6 +143,7 @@ impl<B: Backend> Decoder<B> {
         let b = &*self.backend;
         let p = &self.params;
         let rope = self.rope_freqs.as_ref();
+        let mut lora = self.lora.as_mut();
         let acts = self.acts.as_mut().expect("ensure_activations allocated them");
         let (trunk, boundaries, interiors) = (&mut acts.trunk, &mut acts.boundaries, &mut acts.interiors);
 
@@ -248,10 +159,11 @@ impl<B: Backend> Decoder<B> {
             let a = &mut interiors[l % interior_slots];
             let x = layer_input(boundaries, &trunk.encoded, l);
             let norm_1 = &boundaries[l % slots].norm_1;
-            block_interior_forward(b, &kind, &p.blocks[l], x, norm_1, a, &mut trunk.proj, batch, rope)?;
+            let (wl, mut adapters) = (&p.blocks[l], lora.as_deref_mut().and_then(|lora| lora.block(l)));
+            block_interior_forward(b, &kind, wl, x, norm_1, a, &mut trunk.proj, batch, rope, adapters.as_mut())?;
             // The MLP's down projection joins the residual stream: residual_3 = residual_2 + down(mlp_act).
-            let wl = &p.blocks[l];
-            b.matmul_forward(&mut trunk.proj, &a.mlp_act, &wl.down.w, wl.down.b.as_ref(), n, w.hidden, c, layout)?;
+            let (proj, down) = (&mut trunk.proj, adapters.as_mut());
+            linear_forward(b, proj, &a.mlp_act, &wl.down, down, Slot::Down, n, w.hidden, c, layout)?;
             // residual_3 with the norm that reads it: the next block's norm_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
             // norm_f after the last block.
@@ -371,7 +283,7 @@ impl<B: Backend> Decoder<B> {
         self.ensure_scratch(n)?;
 
         let (c, v, b) = (self.config.n_embd, self.config.vocab_size, &*self.backend);
-        let (p, g) = (&self.params, self.grads.as_mut().expect("ensure_trainable checked"));
+        let (p, mut g) = (&self.params, self.grads.as_mut());
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let scratch = self.scratch.as_mut().expect("ensure_scratch allocated the scratch");
         let (d, dnorm_f_rows) = (&mut scratch.d, &mut scratch.dnorm_f_rows);
@@ -385,9 +297,8 @@ impl<B: Backend> Decoder<B> {
         if m > 0 && !self.head_chunked {
             let packing = split.map_or(&batch.row_packing, |s| &s.packing);
             b.logsoftmax_gather_backward(&mut head.logits, &head.lse, &batch.row_targets, dseq, packing, m, v)?;
-            let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
             let (logits, rows) = (&head.logits, &head.norm_f_rows);
-            b.matmul_backward(dnorm_f_rows, dhead, None, logits, rows, p.head(), m, c, v, WeightLayout::OutIn)?;
+            head_backward(b, dnorm_f_rows, g.as_deref_mut(), logits, rows, p.head(), m, c, v)?;
         }
         if self.head_chunked {
             // Chunk by chunk, the logits recomputed: dL/d(norm_f) is the sum of the chunks' rows
@@ -401,9 +312,8 @@ impl<B: Backend> Decoder<B> {
                 let packing = split_chunks.as_ref().map_or(&chunk.packing, |p| &p[i]);
                 b.logsoftmax_gather_backward(&mut head.logits, &head.lse, targets, dseq, packing, rows, v)?;
                 b.resize(dnorm_f_rows, rows * c)?;
-                let dhead = g.lm_head.as_mut().unwrap_or(&mut g.wte);
                 let (logits, x) = (&head.logits, &head.norm_f_rows);
-                b.matmul_backward(dnorm_f_rows, dhead, None, logits, x, p.head(), rows, c, v, WeightLayout::OutIn)?;
+                head_backward(b, dnorm_f_rows, g.as_deref_mut(), logits, x, p.head(), rows, c, v)?;
                 if i == 0 {
                     b.scatter_rows(&mut d.norm, dnorm_f_rows, &chunk.target_rows, rows, n, c)?;
                 } else {
@@ -419,12 +329,13 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// The trunk's backward from dL/d(norm_f) `[N, C]`, held in the scratch's `d.norm`: every
-    /// gradient below the head. Follows a forward on `batch` whose activations are still kept.
+    /// gradient below the head (the adapters' under LoRA). Follows a forward on `batch` whose
+    /// activations are still kept.
     pub(super) fn backward_trunk(&mut self, batch: &DeviceBatch<B>) -> Result<()> {
         let (kind, n, n_layer) = (BlockKind::of(&self.config), batch.num_tokens(), self.config.n_layer);
-        let (w, c, layout, b) = (kind.widths, kind.widths.c, kind.weights, &*self.backend);
+        let (c, b) = (kind.widths.c, &*self.backend);
         let rope = self.rope_freqs.as_ref();
-        let (p, g) = (&self.params, self.grads.as_mut().expect("a trainable model's backward"));
+        let (p, mut g, mut lora) = (&self.params, self.grads.as_mut(), self.lora.as_mut());
         let acts = self.acts.as_mut().expect("a forward allocated the activations");
         let d = &mut self.scratch.as_mut().expect("ensure_scratch allocated the scratch").d;
         let (checkpointed, trunk) = (acts.kept == KeptLayers::Boundaries, &mut acts.trunk);
@@ -433,53 +344,48 @@ impl<B: Backend> Decoder<B> {
         b.fill(&mut d.residual, 0.0)?;
         let last = &acts.boundaries.last().expect("n_layer > 0").residual_3;
         let (mean, rstd) = (&trunk.norm_f_mean, &trunk.norm_f_rstd);
-        kind.norm_backward(b, &mut d.residual, &mut g.norm_f, &d.norm, last, &p.norm_f, mean, rstd, n)?;
+        let gn = match (&mut g, &mut lora) {
+            (Some(g), _) => &mut g.norm_f,
+            (None, Some(lora)) => &mut lora.norm_sink,
+            (None, None) => unreachable!("ensure_trainable checked"),
+        };
+        kind.norm_backward(b, &mut d.residual, gn, &d.norm, last, &p.norm_f, mean, rstd, n)?;
 
         for l in (0..n_layer).rev() {
             let bnd = &acts.boundaries[l];
             let x = layer_input(&acts.boundaries, &trunk.encoded, l);
-            let (wl, gl) = (&p.blocks[l], &mut g.blocks[l]);
+            let wl = &p.blocks[l];
+            let (mut adapters, sink) = match lora.as_deref_mut() {
+                Some(lora) => lora.block_with_sink(l),
+                None => (None, None),
+            };
+            let gl = match (g.as_deref_mut(), sink) {
+                (Some(g), _) => BlockGrads::Full(&mut g.blocks[l]),
+                (None, Some(sink)) => BlockGrads::Frozen(sink),
+                (None, None) => unreachable!("ensure_trainable checked"),
+            };
             let a = if checkpointed {
                 // The interior again, from the kept boundary: the same ops on the same values as
                 // the forward, so the same bits.
                 let a = &mut acts.interiors[0];
-                block_interior_forward(b, &kind, wl, x, &bnd.norm_1, a, &mut trunk.proj, batch, rope)?;
+                let (proj, l) = (&mut trunk.proj, adapters.as_mut());
+                block_interior_forward(b, &kind, wl, x, &bnd.norm_1, a, proj, batch, rope, l)?;
                 &*a
             } else {
                 &acts.interiors[l]
             };
-            // residual_3 = residual_2 + mlp: dresidual flows unchanged to residual_2 and into the MLP.
-            let (dw, db) = (&mut gl.down.w, gl.down.b.as_mut());
-            b.matmul_backward(&mut d.mlp_act, dw, db, &d.residual, &a.mlp_act, &wl.down.w, n, w.hidden, c, layout)?;
-            if kind.gelu {
-                b.gelu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act)?;
-            } else {
-                b.swiglu_backward(&mut d.mlp_up, &a.mlp_up, &d.mlp_act, n, w.hidden)?;
-            }
-            let (dw, db) = (&mut gl.up.w, gl.up.b.as_mut());
-            b.matmul_backward(&mut d.norm, dw, db, &d.mlp_up, &a.norm_2, &wl.up.w, n, c, w.up, layout)?;
-            let (mean, rstd) = (&a.norm_2_mean, &a.norm_2_rstd);
-            kind.norm_backward(b, &mut d.residual, &mut gl.norm_2, &d.norm, &a.residual_2, &wl.norm_2, mean, rstd, n)?;
-            // residual_2 = x + attn: the same again for the attention half.
-            let (dw, db) = (&mut gl.o.w, gl.o.b.as_mut());
-            b.matmul_backward(&mut d.atty, dw, db, &d.residual, &a.atty, &wl.o.w, n, w.att, c, layout)?;
-            b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
-            if let Some(freqs) = rope {
-                b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
-            }
-            let (dw, db) = (&mut gl.qkv.w, gl.qkv.b.as_mut());
-            b.matmul_backward(&mut d.norm, dw, db, &d.qkv, &bnd.norm_1, &wl.qkv.w, n, c, w.qkv, layout)?;
-            let (mean, rstd) = (&bnd.norm_1_mean, &bnd.norm_1_rstd);
-            kind.norm_backward(b, &mut d.residual, &mut gl.norm_1, &d.norm, x, &wl.norm_1, mean, rstd, n)?;
+            block_backward(b, &kind, wl, gl, x, bnd, a, d, batch, rope, adapters.as_mut())?;
         }
-        let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
-        b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
+        if let Some(g) = g {
+            let (dwte, dwpe) = (&mut g.wte, g.wpe.as_mut());
+            b.embedding_backward(dwte, dwpe, &d.residual, &batch.tokens, &batch.positions, n, c)?;
+        }
         Ok(())
     }
 
     /// Whether this is a frozen, inference-only model (no gradients, no backward).
     pub fn is_frozen(&self) -> bool {
-        self.grads.is_none()
+        self.grads.is_none() && self.lora.as_ref().is_none_or(|lora| lora.grads.is_none())
     }
 
     /// The error of a gradient operation on a frozen model.
@@ -560,113 +466,6 @@ impl<B: Backend> Decoder<B> {
         }
         self.scratch.as_mut().expect("allocated above").resize(b, n, &Widths::of(&self.config))
     }
-}
-
-/// Block `l` between its first norm (given, with the block's input `x`) and its output: q, k, v,
-/// RoPE, attention and the output projection joining the residual stream (`residual_2`, fused
-/// with `norm_2`), then the MLP's up projection and activation. `proj` is scratch. The forward runs
-/// it once per layer; a checkpointed backward runs it again from the kept boundary.
-#[allow(clippy::too_many_arguments)]
-fn block_interior_forward<B: Backend>(
-    b: &B,
-    kind: &BlockKind,
-    wl: &BlockParams<B::Buf>,
-    x: &B::Buf,
-    norm_1: &B::Buf,
-    a: &mut LayerInterior<B::Buf>,
-    proj: &mut B::Buf,
-    batch: &DeviceBatch<B>,
-    rope_freqs: Option<&B::Buf>,
-) -> Result<()> {
-    let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
-    let c = w.c;
-    b.matmul_forward(&mut a.qkv, norm_1, &wl.qkv.w, wl.qkv.b.as_ref(), n, c, w.qkv, layout)?;
-    if let Some(freqs) = rope_freqs {
-        b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
-    }
-    b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
-    b.matmul_forward(proj, &a.atty, &wl.o.w, wl.o.b.as_ref(), n, w.att, c, layout)?;
-    let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
-    kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, proj, &wl.norm_2, n)?;
-    // MLP: act(up(norm_2(residual_2))); the down projection is the caller's.
-    if kind.gelu {
-        let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
-        b.matmul_bias_gelu_forward(&mut a.mlp_up, &mut a.mlp_act, &a.norm_2, &wl.up.w, bias, n, c, w.up)
-    } else {
-        b.matmul_forward(&mut a.mlp_up, &a.norm_2, &wl.up.w, wl.up.b.as_ref(), n, c, w.up, layout)?;
-        b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
-    }
-}
-
-/// The LM head on `rows` rows of `norm_f` (`target_rows`, with their `targets`): gathers them,
-/// then `logits = norm_f_rows · weightᵀ` (`weight [V, C]`: the head's, or the token embedding it is
-/// tied to) and their target log-probs and log-sum-exps (and into `squares`, when given, each row's
-/// `log Σ_v p_v²`). Buffers sized by `HeadActivations::resize`; `rows > 0`.
-#[allow(clippy::too_many_arguments)]
-fn lm_head<B: Backend>(
-    b: &B,
-    head: &mut HeadActivations<B::Buf>,
-    norm_f: &B::Buf,
-    weight: &B::Buf,
-    target_rows: &B::Ids,
-    targets: &B::Ids,
-    squares: Option<&mut B::Buf>,
-    rows: usize,
-    n: usize,
-    c: usize,
-    v: usize,
-) -> Result<()> {
-    b.gather_rows(&mut head.norm_f_rows, norm_f, target_rows, rows, n, c)?;
-    b.matmul_forward(&mut head.logits, &head.norm_f_rows, weight, None, rows, c, v, WeightLayout::OutIn)?;
-    let (token_logp, lse, logits) = (&mut head.token_logp, &mut head.lse, &head.logits);
-    match squares {
-        Some(squares) => b.logsoftmax_gather_forward_sq(token_logp, lse, squares, logits, targets, rows, v),
-        None => b.logsoftmax_gather_forward(token_logp, lse, logits, targets, rows, v),
-    }
-}
-
-/// The initialisation `transformers` gives each family: N(0, 0.02) weights, zero biases, unit norm
-/// gains; GPT-2 also scales its residual projections (the attention's and the MLP's output) by
-/// 1/√(2L). Deterministic in `seed`, one random stream per tensor. On the host, so that the same
-/// weights can become a trainable policy and a frozen reference.
-pub fn random_weights(config: DecoderConfig, seed: u64) -> Result<HostWeights> {
-    config.validate()?;
-    let residual_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
-    let gpt2 = config.family.is_gpt2();
-    let init = Params::schema(&config).initialisation();
-    let mut tensors = std::collections::BTreeMap::new();
-    for (index, ((name, shape), init)) in config.parameter_shapes().into_iter().zip(init).enumerate() {
-        let len: usize = shape.iter().product();
-        let data = match init {
-            Init::One => vec![1.0; len],
-            Init::Zero => vec![0.0; len],
-            Init::Normal { residual } => {
-                // One ChaCha stream per tensor: a tensor's values do not depend on the others' sizes.
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(index as u64);
-                let std = if residual && gpt2 { residual_std } else { 0.02 };
-                normal_samples(&mut rng, len, std)
-            }
-        };
-        tensors.insert(name, (shape, data));
-    }
-    Ok(HostWeights { config, tensors })
-}
-
-/// `len` samples of N(0, std²) by Box–Muller, in f64 then rounded to f32.
-pub(super) fn normal_samples(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len + 1);
-    while out.len() < len {
-        // u1 in (0, 1] keeps the log finite.
-        let u1 = 1.0 - rng.random::<f64>();
-        let u2 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let theta = std::f64::consts::TAU * u2;
-        out.push((r * theta.cos()) as f32);
-        out.push((r * theta.sin()) as f32);
-    }
-    out.truncate(len);
-    out
 }
 
 #[cfg(test)]

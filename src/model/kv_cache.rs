@@ -15,7 +15,9 @@
 
 use anyhow::{ensure, Result};
 
-use super::decoder::BlockKind;
+use super::adapters::linear_forward;
+use super::block::BlockKind;
+use super::lora::Slot;
 use super::{Decoder, DeviceBatch};
 use crate::backend::{Backend, Packing, WeightLayout};
 use crate::data::PackedBatch;
@@ -146,7 +148,9 @@ impl<B: Backend> Decoder<B> {
         b.embedding_forward(&mut x, &token_ids, &position_ids, &p.wte, p.wpe.as_ref(), m, c)?;
         kind.norm(b, &mut norm, &mut mean, &mut rstd, &x, &p.blocks[0].norm_1, m)?;
         for (l, wl) in p.blocks.iter().enumerate() {
-            b.matmul_forward(&mut qkv, &norm, &wl.qkv.w, wl.qkv.b.as_ref(), m, c, w.qkv, layout)?;
+            // The projections as the training forward runs them, LoRA's adapters included.
+            let mut adapters = self.lora.as_mut().and_then(|lora| lora.block(l));
+            linear_forward(b, &mut qkv, &norm, &wl.qkv, adapters.as_mut(), Slot::Qkv, m, c, w.qkv, layout)?;
             if let Some(freqs) = rope {
                 b.rope_forward(&mut qkv, &position_ids, freqs, m, kind.qkv)?;
             }
@@ -155,16 +159,21 @@ impl<B: Backend> Decoder<B> {
             b.add_inplace(&mut cache.layers[l], &spread)?;
             b.attention_forward(&mut att_all, &mut saved, &cache.layers[l], &packing, kind.qkv)?;
             b.gather_rows(&mut atty, &att_all, &row_ids, m, r, w.att)?;
-            b.matmul_forward(&mut proj, &atty, &wl.o.w, wl.o.b.as_ref(), m, w.att, c, layout)?;
+            linear_forward(b, &mut proj, &atty, &wl.o, adapters.as_mut(), Slot::O, m, w.att, c, layout)?;
             kind.residual_norm(b, &mut residual_2, &mut norm, &mut mean, &mut rstd, &x, &proj, &wl.norm_2, m)?;
-            if kind.gelu {
+            let adapted_up = adapters.as_ref().is_some_and(|a| a.adapts(Slot::Up));
+            if kind.gelu && !adapted_up {
                 let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
                 b.matmul_bias_gelu_forward(&mut up, &mut act, &norm, &wl.up.w, bias, m, c, w.up)?;
             } else {
-                b.matmul_forward(&mut up, &norm, &wl.up.w, wl.up.b.as_ref(), m, c, w.up, layout)?;
-                b.swiglu_forward(&mut act, &up, m, w.hidden)?;
+                linear_forward(b, &mut up, &norm, &wl.up, adapters.as_mut(), Slot::Up, m, c, w.up, layout)?;
+                if kind.gelu {
+                    b.gelu_forward(&mut act, &up)?;
+                } else {
+                    b.swiglu_forward(&mut act, &up, m, w.hidden)?;
+                }
             }
-            b.matmul_forward(&mut proj, &act, &wl.down.w, wl.down.b.as_ref(), m, w.hidden, c, layout)?;
+            linear_forward(b, &mut proj, &act, &wl.down, adapters.as_mut(), Slot::Down, m, w.hidden, c, layout)?;
             let next = p.blocks.get(l + 1).map_or(&p.norm_f, |next| &next.norm_1);
             kind.residual_norm(b, &mut residual_3, &mut norm, &mut mean, &mut rstd, &residual_2, &proj, next, m)?;
             std::mem::swap(&mut x, &mut residual_3);

@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
 
 use super::checkpoint::{self, LoadOptions, SaveOptions, CONFIG_FILE};
-use super::decoder::{normal_samples, random_weights};
+use super::init::{normal_samples, random_weights};
 use super::{Decoder, DecoderConfig, DeviceBatch, Family, HostWeights};
 use crate::backend::{Backend, WeightLayout};
 use crate::data::PackedBatch;

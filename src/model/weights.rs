@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use super::adapters::Lora;
 use super::batch::FROZEN_HEAD_CHUNK_ROWS;
 use super::decoder::{random_weights, Decoder};
 use super::params::Params;
@@ -75,6 +76,7 @@ impl<B: Backend> Decoder<B> {
             head_chunked: false,
             head_chunk_rows: if frozen { FROZEN_HEAD_CHUNK_ROWS } else { usize::MAX },
             gradient_checkpointing: false,
+            lora: None,
         })
     }
 
@@ -137,14 +139,25 @@ impl<B: Backend> Decoder<B> {
         if let Some(scratch) = &self.scratch {
             bufs.extend(scratch.buffers());
         }
+        if let Some(lora) = &self.lora {
+            bufs.extend(lora.buffers());
+        }
         bufs.push(&self.seq_logp);
         bufs
     }
 
     /// Each parameter tensor with its gradient, in a fixed order, named as in [`DecoderConfig::parameter_shapes`] (`h.0.attn.c_attn.weight`).
-    /// An error on a frozen model.
+    /// An error on a frozen model. With LoRA: the adapters, under PEFT's names (the base is frozen).
     pub fn params_and_grads_mut(&mut self) -> Result<Vec<ParamAndGrad<'_, B>>> {
         self.ensure_trainable("params_and_grads_mut")?;
+        if let Some(lora) = &mut self.lora {
+            let names: &[String] = &lora.names;
+            let grads = lora.grads.as_ref().expect("ensure_trainable checked");
+            let grads = grads.iter().flat_map(|g| g.by_slot.iter().flatten().flat_map(|a| [&a.a, &a.b]));
+            let params =
+                lora.blocks.iter_mut().flat_map(|g| g.by_slot.iter_mut().flatten().flat_map(|a| [&mut a.a, &mut a.b]));
+            return Ok(names.iter().map(String::as_str).zip(params).zip(grads).map(|((n, p), g)| (n, p, g)).collect());
+        }
         let grads = self.grads.as_ref().expect("ensure_trainable checked");
         Ok(self
             .names
@@ -158,18 +171,32 @@ impl<B: Backend> Decoder<B> {
 
     /// Every parameter tensor, in the order of `params_and_grads_mut`.
     pub fn params(&self) -> Vec<&B::Buf> {
+        if let Some(lora) = &self.lora {
+            if lora.grads.is_some() {
+                return lora.tensors();
+            }
+        }
         self.params.ordered()
     }
 
     /// Every gradient tensor, in the order of `params_and_grads_mut`. An error on a frozen model.
     pub fn grads(&self) -> Result<Vec<&B::Buf>> {
         self.ensure_trainable("grads")?;
+        if let Some(grads) = self.lora.as_ref().and_then(Lora::grad_tensors) {
+            return Ok(grads);
+        }
         Ok(self.grads.as_ref().expect("ensure_trainable checked").ordered())
     }
 
     /// Sets every gradient to zero. An error on a frozen model.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.ensure_trainable("zero_grad")?;
+        if let Some(grads) = self.lora.as_mut().and_then(Lora::grad_tensors_mut) {
+            for g in grads {
+                self.backend.fill(g, 0.0)?;
+            }
+            return Ok(());
+        }
         for g in self.grads.as_mut().expect("ensure_trainable checked").ordered_mut() {
             self.backend.fill(g, 0.0)?;
         }

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod refcache;
 mod refsync;
 pub mod rundir;
+mod setup;
 pub mod step;
 pub mod unpaired;
 
@@ -42,8 +43,7 @@ use crate::data::{
     self, load_pairs, load_tokenizer, sequence_format, split_holdout, tokenize_pairs_with, BatchLimit, Batcher,
     TextTokenizer, TokenizedExample, TokenizedPair,
 };
-use crate::model::decoder::random_weights;
-use crate::model::{Decoder, DeviceBatch, HostWeights};
+use crate::model::DeviceBatch;
 use crate::optim::{AdamW, LrSchedule, Scheduler};
 use crate::util::write_atomic;
 
@@ -54,11 +54,11 @@ pub use metrics::brief;
 use metrics::{json_f32, json_f64, MetricsLog, PairStats, Record};
 pub use refcache::CacheStatus;
 pub use refcache::ReferenceLogps;
-use refcache::{cache_key, load_or_compute, sequence_logp_parts};
 use refsync::RefSync;
 pub use refsync::{mix_weights, REFERENCE_DIR};
 use rundir::RunDir;
-use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, Reference, StepInfo};
+use setup::{build_policy, setup_reference, ReferenceSetup};
+use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, StepInfo};
 use unpaired::{ExampleStats, UnpairedData};
 
 /// What a run trains.
@@ -260,17 +260,6 @@ fn total_steps(cfg: &RunConfig, batcher: &Batcher, data: &PreparedData, task: Ta
 /// The ChaCha stream of the run's RNG: apart from the streams the data order uses (one per epoch).
 const RUN_RNG_STREAM: u64 = 1 << 48;
 
-/// The reference weights: `model.reference`, else `model.init`, else the random init the policy
-/// starts from. Kept on the host long enough to key the reference cache with their exact values (a
-/// frozen model on a bf16 device holds rounded ones), then uploaded frozen.
-fn load_reference_weights(cfg: &RunConfig, vocab_size: usize) -> Result<HostWeights> {
-    match cfg.model.reference.as_ref().or(cfg.model.init.as_ref()) {
-        Some(dir) => crate::model::checkpoint::load_dir(dir)
-            .with_context(|| format!("loading the reference model from {}", dir.display())),
-        None => random_weights(cfg.model.random_shape(vocab_size), cfg.seed),
-    }
-}
-
 /// A training run in progress.
 struct Trainer<B: Backend> {
     backend: Arc<B>,
@@ -447,7 +436,15 @@ impl<B: Backend> Trainer<B> {
             )
         };
         // Only finite weights are committed: `latest` keeps naming the last good checkpoint.
-        let (weights, moments) = (self.learner.policy.to_host()?, self.learner.optimizer.state_to_host()?);
+        // With LoRA: the merged model (a model directory like any other) and, beside it, the adapters
+        // in PEFT's format, from which a resume restarts (on the same base).
+        let policy = &self.learner.policy;
+        let adapters = policy.adapters_to_host()?;
+        let weights = match &adapters {
+            Some(a) => a.merge_into(&setup::load_lora_base(&self.cfg, policy.config().vocab_size)?)?,
+            None => policy.to_host()?,
+        };
+        let moments = self.learner.optimizer.state_to_host()?;
         checkpoint::ensure_finite_state(&weights, &moments)
             .with_context(|| format!("step {}: not writing checkpoint {name}", self.step))?;
         let fault = self.opts.fail_commit_after;
@@ -458,6 +455,10 @@ impl<B: Backend> Trainer<B> {
         let write = |dir: &Path| {
             check("model.safetensors")?;
             crate::model::checkpoint::save_dir(&weights, dir)?;
+            if let Some(adapters) = &adapters {
+                let base = self.cfg.model.init.as_ref().map_or("random init".into(), |d| d.display().to_string());
+                crate::model::peft::save_adapter(adapters, &weights.config, &base, dir)?;
+            }
             let src = self.tokenizer_dir.as_deref();
             data::save_tokenizer_files(load_tokenizer(src)?.as_ref(), src, dir)?;
             check("optimizer.safetensors")?;
@@ -527,13 +528,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     write_atomic(&out.join(rundir::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
-    let mut policy = match (&resume_from, &cfg.model.init) {
-        (Some(dir), _) => Decoder::load(backend.clone(), dir),
-        (None, Some(dir)) => {
-            Decoder::load(backend.clone(), dir).with_context(|| format!("loading model.init {}", dir.display()))
-        }
-        (None, None) => Decoder::random(backend.clone(), cfg.model.random_shape(tokenizer.vocab_size()), cfg.seed),
-    }?;
+    let mut policy = build_policy(&backend, cfg, resume_from.as_deref(), tokenizer.vocab_size())?;
     if let Some(rows) = cfg.batching.head_chunk_rows {
         policy.set_head_chunk_rows(rows)?;
     }
@@ -555,67 +550,9 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         if data.examples.is_some() { "examples" } else { "pairs" }
     ));
 
-    // The reference: cached log-probs (the model dropped), or the frozen model.
     let objective = cfg.objective.clone();
-    let mut reference_cache = None;
-    let mut ref_sync = None;
-    ensure!(task == Task::Preference || !cfg.sync_ref_model, "sync_ref_model: {} trains no reference", task.name());
-    let (reference, eval_reference) = if task == Task::Sft || !objective.uses_reference() {
-        (Reference::Free, ReferenceLogps::totals(vec![0.0; 2 * data.eval.len()]))
-    } else {
-        if let Some(dir) = &cfg.model.reference {
-            data::check_same_tokenizer(tokenizer.as_ref(), cfg.model.init.as_deref(), dir)?;
-        }
-        let ref_weights = match &resume_from {
-            // TR-DPO: the reference the checkpoint's run had synced to.
-            Some(dir) if cfg.sync_ref_model => RefSync::load(dir)?,
-            _ => load_reference_weights(cfg, vocab)?,
-        };
-        ensure!(
-            ref_weights.config.same_architecture(policy.config()),
-            "the reference model ({}) differs from the policy ({})",
-            ref_weights.config.summary(),
-            policy.config().summary()
-        );
-        let mut ref_model = Decoder::from_host_frozen(backend.clone(), &ref_weights)?;
-        if let Some(rows) = cfg.batching.head_chunk_rows {
-            ref_model.set_head_chunk_rows(rows)?;
-        }
-        let budget = cfg.batching.tokens_per_micro_batch;
-        if cfg.precompute_ref {
-            let key = cache_key(&ref_weights, &[("train", &data.train), ("eval", &data.eval)], &cfg.data.template);
-            let path = out.join("reference_logps.safetensors");
-            let t0 = Instant::now();
-            let (mut sets, status) =
-                load_or_compute(&path, &key, &[("train", data.train.len()), ("eval", data.eval.len())], || {
-                    Ok(vec![
-                        sequence_logp_parts(&mut ref_model, &data.train, budget)?,
-                        sequence_logp_parts(&mut ref_model, &data.eval, budget)?,
-                    ])
-                })?;
-            console.note(format!(
-                "reference log-probs: cache {} ({}, {:.1}s)",
-                match status {
-                    CacheStatus::Hit => "hit",
-                    CacheStatus::Miss => "miss, computed",
-                    CacheStatus::Stale => "stale, recomputed",
-                },
-                path.display(),
-                t0.elapsed().as_secs_f64()
-            ));
-            reference_cache = Some(status);
-            let eval = sets.pop().expect("two sets");
-            let train = sets.pop().expect("two sets");
-            (Reference::Cached(train), eval)
-        } else {
-            let eval = sequence_logp_parts(&mut ref_model, &data.eval, budget)?;
-            if cfg.sync_ref_model {
-                let (alpha, every) = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps);
-                ref_sync = Some(RefSync { alpha, every, weights: ref_weights });
-            }
-            (Reference::Model(Box::new(ref_model)), eval)
-        }
-    };
+    let ReferenceSetup { reference, eval_reference, reference_cache, ref_sync } =
+        setup_reference(&backend, cfg, task, &data, &mut policy, resume_from.as_deref(), tokenizer.as_ref(), &console)?;
 
     let op = &cfg.optimizer;
     let mut policy = policy;

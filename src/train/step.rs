@@ -35,6 +35,8 @@ pub enum Reference<B: Backend> {
     Free,
     /// The frozen reference model, run on every micro-batch.
     Model(Box<Decoder<B>>),
+    /// The policy's own base, its LoRA adapters off (one copy of the base weights serves both).
+    PolicyBase,
     /// Precomputed for every training pair (with their split at the shared length, which LD-DPO reads).
     Cached(ReferenceLogps),
 }
@@ -153,6 +155,20 @@ impl<B: Backend> Learner<B> {
                 Reference::Free => {
                     owned = b.zeros(2 * n)?;
                     (&owned, None)
+                }
+                Reference::PolicyBase => {
+                    self.policy.set_adapters_enabled(false)?;
+                    let out = self.policy.forward_with(&batch.packed, &ForwardExtras { aligned: false, ..extras })?;
+                    // Copied out: the policy's forward below reuses its buffers.
+                    let copy = |src: &B::Buf| -> Result<B::Buf> {
+                        let mut dst = b.zeros(b.buf_len(src))?;
+                        b.copy(&mut dst, src)?;
+                        Ok(dst)
+                    };
+                    owned = copy(out.total)?;
+                    owned_split = out.split.map(copy).transpose()?;
+                    self.policy.set_adapters_enabled(true)?;
+                    (&owned, owned_split.as_ref())
                 }
                 Reference::Cached(all) => {
                     let picked = all.of_pairs(&batch.host.pair_ids);

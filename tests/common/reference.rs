@@ -85,6 +85,12 @@ impl Reference {
         Self { config: weights.config.clone(), w }
     }
 
+    /// The reference of `config` with f64 weights (merged in f64, say), in the names of
+    /// [`DecoderConfig::parameter_shapes`].
+    pub fn from_f64(config: &DecoderConfig, w: BTreeMap<String, Vec<f64>>) -> Self {
+        Self { config: config.clone(), w }
+    }
+
     fn p(&self, name: &str) -> &[f64] {
         &self.w[name]
     }
