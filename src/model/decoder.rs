@@ -474,6 +474,7 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
     use crate::backend::cuda::{CudaBackend, Device, Precision};
     use crate::backend::prelude::*;
+    use crate::backend::WeightLayout;
     use crate::data::PackedBatch;
 
     fn tiny_config() -> DecoderConfig {
