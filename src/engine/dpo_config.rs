@@ -82,7 +82,9 @@ pub const OWN_KEYS: &[(&str, &str)] = &[
 /// A `DPOConfig` read: the settings it gives and how the run starts.
 #[derive(Clone, Debug, Default)]
 pub struct DpoRun {
+    /// The settings given, as `--set path=value` would give them.
     pub overrides: RunOverrides,
+    /// How the run starts (`resume_from_checkpoint`, `overwrite_output_dir`); no progress bar.
     pub options: TrainOptions,
 }
 

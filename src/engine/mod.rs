@@ -7,6 +7,10 @@
 //! not the machinery. The backend is chosen at run time (`auto|cpu|cuda|emu`) and never appears in
 //! a type the caller writes.
 //!
+//! Gradient accumulation is [`Engine::accumulated_step`] (one optimizer step over several
+//! micro-batches). Whole training runs from a TRL-style `DPOConfig` are [`train_dpo_config`] (the
+//! Python module's `safedpo.train`).
+//!
 //! The 30-line program: the log-probs of a batch of pairs and their DPO and SafeDPO losses, on a
 //! tiny random model (a real one is `engine.load_policy("path/to/model")?` and
 //! `engine.load_reference(…)?`, a HF model directory with its tokenizer).
@@ -44,6 +48,9 @@
 //!     Ok(())
 //! }
 //! ```
+
+// The front door: every public item says what it is.
+#![warn(missing_docs)]
 
 mod dpo_config;
 mod models;

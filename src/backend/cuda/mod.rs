@@ -36,6 +36,8 @@ pub use absent::gpu;
 pub mod kernels;
 mod launch;
 mod ops;
+// What the device implementations read of these types goes unread when the build has neither.
+#[cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
 pub mod types;
 
 pub use backend::{CudaBackend, CudaBuf, CudaIds, Precision};
