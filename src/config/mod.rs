@@ -1,4 +1,4 @@
-//! Run configuration: one definition of every setting ([`settings!`] in `settings`), read from TOML,
+//! Run configuration: one definition of every setting (`settings!` in `settings`), read from TOML,
 //! overridable from the command line with the same names (`cli`), validated with errors that name
 //! the setting and where its value came from.
 //!
