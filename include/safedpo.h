@@ -80,6 +80,12 @@ int safedpo_loss(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n_pairs
 int safedpo_train_step(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n_pairs, float lr, float *loss,
                        float *grad_norm);
 
+/* One AdamW step whose gradient is accumulated over micro-batches run one after another: the pairs
+ * cut in order into n_micro micro-batches of micro_sizes[k] pairs (adding up to n_pairs); the mean
+ * loss over all pairs, as safedpo_train_step on them at once. Writes the loss and gradient norm. */
+int safedpo_accumulated_step(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n_pairs,
+                             const size_t *micro_sizes, size_t n_micro, float lr, float *loss, float *grad_norm);
+
 /* Writes the policy as a HF model directory (with the optimizer state once it has trained). */
 int safedpo_save(SafedpoEngine *engine, const char *dir);
 

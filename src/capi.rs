@@ -352,6 +352,49 @@ pub unsafe extern "C" fn safedpo_train_step(
     })
 }
 
+/// One optimizer step whose gradient is accumulated over micro-batches, run one after another: the
+/// `n_pairs` pairs cut, in order, into `n_micro` micro-batches of `micro_sizes[k]` pairs (which
+/// must add up to `n_pairs`); the mean loss over all of them, as [`safedpo_train_step`] on all the
+/// pairs at once. Writes the loss before the update and the gradient norm (either may be null).
+///
+/// # Safety
+/// As [`safedpo_train_step`]; `micro_sizes` points to `n_micro` sizes.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn safedpo_accumulated_step(
+    engine: *mut SafedpoEngine,
+    pairs: *const SafedpoPair,
+    n_pairs: usize,
+    micro_sizes: *const usize,
+    n_micro: usize,
+    lr: f32,
+    loss: *mut f32,
+    grad_norm: *mut f32,
+) -> c_int {
+    guard(|| {
+        let engine = engine_mut(engine)?;
+        let all = tokenized(pairs, n_pairs)?;
+        if micro_sizes.is_null() || n_micro == 0 {
+            return Err(invalid("`micro_sizes` is null or `n_micro` is 0"));
+        }
+        let sizes = std::slice::from_raw_parts(micro_sizes, n_micro);
+        if sizes.iter().sum::<usize>() != n_pairs {
+            return Err(invalid(format!("the micro-batch sizes {sizes:?} do not add up to n_pairs = {n_pairs}")));
+        }
+        let mut micro = Vec::with_capacity(n_micro);
+        let mut rest = all.as_slice();
+        for &size in sizes {
+            let (head, tail) = rest.split_at(size);
+            micro.push(head);
+            rest = tail;
+        }
+        let report = engine.accumulated_step_tokens(&micro, lr).context("accumulated step")?;
+        write_scalar(loss, report.loss);
+        write_scalar(grad_norm, report.grad_norm);
+        Ok(())
+    })
+}
+
 /// Writes the policy as a HF model directory (with the optimizer state once it has trained).
 ///
 /// # Safety

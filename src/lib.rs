@@ -13,8 +13,16 @@
 //! - [`optim`]: AdamW, SGD, grad-norm clipping, the learning-rate schedule;
 //! - [`train`]: the loop, reference log-probs, eval, checkpoints, metrics;
 //! - [`judge`]: reward and cost models, their training, judged evaluation.
+//!
+//! Cargo features (all default): `cuda`, the GPU (cudarc; the kernels compiled by nvcc when it is
+//! installed); `emu`, the emulated device (the kernels compiled for the CPU); `avx512`, the CPU
+//! matrix products' AVX-512 kernels. `--no-default-features` builds the CPU backend, the engine and
+//! the CLI with neither nvcc nor cudarc; `--device cuda` / `emu` then fail, naming the feature.
+//! The Python module is `python/` (`pip install ./python`: `safedpo.Engine`, `safedpo.train`).
 
 pub mod backend;
+// The CLI's `bench` and `plot` commands: public for the `safedpo` binary and the tests, not an API.
+#[doc(hidden)]
 pub mod bench;
 pub mod capi;
 pub mod config;
@@ -24,8 +32,10 @@ pub mod judge;
 pub mod loss;
 pub mod model;
 pub mod optim;
+#[doc(hidden)]
 pub mod plot;
 pub mod train;
+#[doc(hidden)]
 pub mod util;
 
 pub use backend::cuda::Precision;

@@ -30,8 +30,9 @@ use serde_json::json;
 
 use safedpo::backend::prelude::*;
 use safedpo::backend::DeviceKind;
+use safedpo::config::model_dir::{adopt_init_settings, max_len_caps, print_settings_notes};
 use safedpo::config::{
-    check_init_shape, DataConfig, Evaluation, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
+    check_init_shape, Evaluation, Generation, ModelDirSettings, Resolved, RunConfig, SettingsArgs, Training,
 };
 use safedpo::data::{check_same_tokenizer, load_tokenizer, sequence_format, tokenizer_source};
 use safedpo::loss::LossState;
@@ -393,43 +394,6 @@ fn run_rm(args: RmArgs) -> Result<()> {
     let out = json!({"kind": s.kind.to_string(), "model": s.model_dir, "steps": s.steps, "train_pairs": s.train_pairs,
         "final_loss": s.final_loss, "eval": eval});
     println!("{out}");
-    Ok(())
-}
-
-/// The settings taken from model directories, on stderr.
-fn print_settings_notes(notes: &[String]) {
-    for note in notes {
-        eprintln!("using {note}");
-    }
-}
-
-/// The bounds of a `data.max_len` left unset besides the models' contexts: a micro-batch holds a pair
-/// (and training keeps to the default's memory use).
-fn max_len_caps(settings: &Resolved, training: bool) -> Vec<(usize, &'static str)> {
-    let budget = settings.config.batching.tokens_per_micro_batch;
-    let mut caps = vec![(budget / 2, "half of batching.tokens_per_micro_batch")];
-    if training {
-        caps.push((DataConfig::default().max_len, "the default"));
-    }
-    caps
-}
-
-/// `train` / `sft` from `model.init`: its shape is the model's (a shape setting that differs is an
-/// error), and the data settings left unset come from its directory (see `config::model_dir`).
-fn adopt_init_settings(settings: &mut Resolved) -> Result<()> {
-    let Some(init) = settings.config.model.init.clone() else {
-        return Ok(());
-    };
-    let init = ModelDirSettings::read(&init).with_context(|| format!("model.init {}", init.display()))?;
-    check_init_shape(settings, &init)?;
-    let reference = match &settings.config.model.reference {
-        Some(dir) => Some(ModelDirSettings::read(dir).with_context(|| format!("model.reference {}", dir.display()))?),
-        None => None,
-    };
-    let mut notes: Vec<String> = init.adopt_template(settings).into_iter().collect();
-    let caps = max_len_caps(settings, true);
-    notes.push(init.adopt_max_len(settings, &reference.iter().collect::<Vec<_>>(), &caps)?);
-    print_settings_notes(&notes);
     Ok(())
 }
 

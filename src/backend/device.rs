@@ -74,7 +74,7 @@ pub enum Selection {
 /// Why the GPU path cannot run here, or `None` when a GPU is usable. Never panics: a missing driver
 /// library, no device, or a build without nvcc each give a reason.
 pub fn gpu_unavailable_reason() -> Option<String> {
-    if !kernels::BUILT_WITH_NVCC {
+    if cfg!(feature = "cuda") && !kernels::BUILT_WITH_NVCC {
         return Some(
             "this build has no GPU kernels (nvcc was not found at build time; run `bash \
              scripts/install-cuda-toolchain.sh` and rebuild)"

@@ -1,4 +1,4 @@
-//! Run configuration: one definition of every setting ([`settings!`] in `settings`), read from TOML,
+//! Run configuration: one definition of every setting (`settings!` in `settings`), read from TOML,
 //! overridable from the command line with the same names (`cli`), validated with errors that name
 //! the setting and where its value came from.
 //!
@@ -77,6 +77,8 @@
 //! max_loss = 1e6             # a step's loss above this stops the run as diverged; inf: no bound
 //! ```
 
+// The command line's plumbing (flags, layers, origins): the CLI's, not an API.
+#[doc(hidden)]
 pub mod cli;
 pub mod model_dir;
 pub mod settings;

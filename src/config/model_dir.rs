@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::cli::Resolved;
-use super::RunConfig;
+use super::{DataConfig, RunConfig};
 use crate::model::DecoderConfig;
 
 /// The run configuration as saved in a checkpoint (and `final/`) next to the weights.
@@ -136,5 +136,42 @@ pub fn check_init_shape(resolved: &Resolved, init: &ModelDirSettings) -> Result<
             conflicts.join("\n")
         );
     }
+    Ok(())
+}
+
+/// The settings taken from model directories, on stderr.
+pub fn print_settings_notes(notes: &[String]) {
+    for note in notes {
+        eprintln!("using {note}");
+    }
+}
+
+/// The bounds of a `data.max_len` left unset besides the models' contexts: a micro-batch holds a pair
+/// (and training keeps to the default's memory use).
+pub fn max_len_caps(settings: &Resolved, training: bool) -> Vec<(usize, &'static str)> {
+    let budget = settings.config.batching.tokens_per_micro_batch;
+    let mut caps = vec![(budget / 2, "half of batching.tokens_per_micro_batch")];
+    if training {
+        caps.push((DataConfig::default().max_len, "the default"));
+    }
+    caps
+}
+
+/// `train` / `sft` from `model.init`: its shape is the model's (a shape setting that differs is an
+/// error), and the data settings left unset come from its directory (see `config::model_dir`).
+pub fn adopt_init_settings(settings: &mut Resolved) -> Result<()> {
+    let Some(init) = settings.config.model.init.clone() else {
+        return Ok(());
+    };
+    let init = ModelDirSettings::read(&init).with_context(|| format!("model.init {}", init.display()))?;
+    check_init_shape(settings, &init)?;
+    let reference = match &settings.config.model.reference {
+        Some(dir) => Some(ModelDirSettings::read(dir).with_context(|| format!("model.reference {}", dir.display()))?),
+        None => None,
+    };
+    let mut notes: Vec<String> = init.adopt_template(settings).into_iter().collect();
+    let caps = max_len_caps(settings, true);
+    notes.push(init.adopt_max_len(settings, &reference.iter().collect::<Vec<_>>(), &caps)?);
+    print_settings_notes(&notes);
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The one definition of every setting. [`settings!`] declares a configuration struct: its fields,
+//! The one definition of every setting. `settings!` declares a configuration struct: its fields,
 //! their defaults and their help (the doc comments), and from the same text the [`Setting`] listing
 //! of its keys, from which the command line's flags and their `--help` are made (see `cli`).
 

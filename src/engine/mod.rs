@@ -7,6 +7,10 @@
 //! not the machinery. The backend is chosen at run time (`auto|cpu|cuda|emu`) and never appears in
 //! a type the caller writes.
 //!
+//! Gradient accumulation is [`Engine::accumulated_step`] (one optimizer step over several
+//! micro-batches). Whole training runs from a TRL-style `DPOConfig` are [`train_dpo_config`] (the
+//! Python module's `safedpo.train`).
+//!
 //! The 30-line program: the log-probs of a batch of pairs and their DPO and SafeDPO losses, on a
 //! tiny random model (a real one is `engine.load_policy("path/to/model")?` and
 //! `engine.load_reference(…)?`, a HF model directory with its tokenizer).
@@ -45,14 +49,19 @@
 //! }
 //! ```
 
+// The front door: every public item says what it is.
+#![warn(missing_docs)]
+
+mod dpo_config;
 mod models;
 mod results;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
+pub use dpo_config::{read_dpo_config, train_dpo_config, train_with, DpoRun, DPO_CONFIG_KEYS, OWN_KEYS};
 use models::{check_pairs, Models};
 pub use results::{Logps, LossReport, PairLogps, PairMetrics, StepReport};
 
@@ -468,9 +477,39 @@ impl Engine {
 
     /// [`Engine::train_step_at`] on tokenised pairs.
     pub fn train_step_tokens(&mut self, pairs: &[TokenizedPair], lr: f32) -> Result<StepReport> {
-        self.check_batch(pairs)?;
+        self.accumulated_step_tokens(&[pairs], lr)
+    }
+
+    /// One optimizer step whose gradient is accumulated over `micro_batches`, run one after another
+    /// (the memory of the largest, not of all together): the gradient of the mean loss over all
+    /// their pairs, the same step as [`Engine::train_step`] on them as one batch, up to rounding.
+    /// The report's per-pair values follow the pairs in order, micro-batch after micro-batch.
+    ///
+    /// ```
+    /// use safedpo::{DecoderConfig, Engine, PreferencePair};
+    ///
+    /// let mut engine = Engine::new(safedpo::DeviceKind::Cpu)?;
+    /// engine.random_policy(DecoderConfig::gpt2(258, 64, 16, 1, 2), 0)?;
+    /// engine.reference_from_policy()?;
+    /// let (a, b) = (PreferencePair::new("2+2?", "4", "5"), PreferencePair::new("Sky?", "Blue", "Green"));
+    /// let step = engine.accumulated_step(&[vec![a], vec![b]])?;
+    /// assert_eq!((step.step, step.metrics.loss.len()), (1, 2));
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn accumulated_step(&mut self, micro_batches: &[Vec<PreferencePair>]) -> Result<StepReport> {
+        let tokens = micro_batches.iter().map(|pairs| self.tokenize(pairs)).collect::<Result<Vec<_>>>()?;
+        let views: Vec<&[TokenizedPair]> = tokens.iter().map(Vec::as_slice).collect();
+        self.accumulated_step_tokens(&views, self.optimizer.lr)
+    }
+
+    /// [`Engine::accumulated_step`] on tokenised micro-batches, at learning rate `lr`.
+    pub fn accumulated_step_tokens(&mut self, micro_batches: &[&[TokenizedPair]], lr: f32) -> Result<StepReport> {
+        ensure!(!micro_batches.is_empty(), "the step has no micro-batches");
+        for (i, pairs) in micro_batches.iter().enumerate() {
+            self.check_batch(pairs).with_context(|| format!("micro-batch {i}"))?;
+        }
         let (objective, optimizer, clip) = (&self.objective, self.optimizer, self.grad_clip);
-        let out = on_models!(&mut self.backends, |m| m.train_step(pairs, objective, optimizer, clip, lr))?;
+        let out = on_models!(&mut self.backends, |m| m.train_step(micro_batches, objective, optimizer, clip, lr))?;
         let metrics = PairMetrics::from_rows(&out.metrics);
         Ok(StepReport {
             step: out.step,

@@ -150,18 +150,22 @@ impl<B: Backend> Models<B> {
         Ok((logps, PairMetrics::from_rows(&b.download(&metrics)?)))
     }
 
-    /// One optimizer step on `pairs` (one micro-batch) through [`Learner::preference_step`]. The
-    /// models are lent to a `Learner` for the step and taken back, also when it fails.
+    /// One optimizer step on `micro_batches` (their gradients accumulated: the mean loss over all
+    /// their pairs) through [`Learner::preference_step`]. The models are lent to a `Learner` for the
+    /// step and taken back, also when it fails.
     pub fn train_step(
         &mut self,
-        pairs: &[TokenizedPair],
+        micro_batches: &[&[TokenizedPair]],
         objective: &Objective,
         optimizer: AdamWConfig,
         grad_clip: f32,
         lr: f32,
     ) -> Result<StepOutput> {
         self.reference_for(objective)?;
-        let batch = MicroBatch::upload(&*self.backend, preference_batch(pairs, &all(pairs)))?;
+        let batches = micro_batches
+            .iter()
+            .map(|pairs| MicroBatch::upload(&*self.backend, preference_batch(pairs, &all(pairs))))
+            .collect::<Result<Vec<_>>>()?;
         let mut policy = self.policy.take().context("no policy: load one first")?;
         let optimizer = match self.optimizer.take() {
             Some(state) => Ok(state),
@@ -183,11 +187,14 @@ impl<B: Backend> Models<B> {
         };
         let loss_state = self.loss_state;
         let mut learner = Learner { policy, reference, optimizer, objective: objective.clone(), grad_clip, loss_state };
-        let mut output = (Vec::new(), Vec::new());
+        let (mut metrics, mut logps) = (Vec::new(), Vec::new());
         let result = learner.preference_step(
-            std::slice::from_ref(&batch),
+            &batches,
             lr,
-            |_, out| output = (out.metrics, out.logps),
+            |_, out| {
+                metrics.extend(out.metrics);
+                logps.extend(out.logps);
+            },
             &mut |_| Ok(()),
         );
         let Learner { policy, reference, optimizer, loss_state, .. } = learner;
@@ -199,7 +206,7 @@ impl<B: Backend> Models<B> {
         let step = optimizer.step_count();
         self.optimizer = Some(optimizer);
         let info = result?;
-        Ok(StepOutput { info, step, metrics: output.0, logps: output.1 })
+        Ok(StepOutput { info, step, metrics, logps })
     }
 
     /// Writes the policy as a HF model directory, with `optimizer.safetensors` once it has trained.

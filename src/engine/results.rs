@@ -35,6 +35,7 @@ impl Logps {
 /// The policy's log-probs and, when the engine has a reference, the reference's.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PairLogps {
+    /// The policy's.
     pub policy: Logps,
     /// `None` when no reference is loaded.
     pub reference: Option<Logps>,

@@ -154,7 +154,7 @@ impl MetricsLog {
         Ok(log)
     }
 
-    /// Appends one record, whole or not at all (see [`append_whole`]).
+    /// Appends one record, whole or not at all (see `append_whole`).
     pub fn append(&mut self, rec: Record) -> Result<()> {
         let line = format!("{}\n", Value::Object(rec.clone()));
         append_whole(&self.path, line.as_bytes(), |f, bytes| f.write_all(bytes))?;

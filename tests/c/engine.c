@@ -78,6 +78,12 @@ int main(int argc, char **argv) {
     CHECK(safedpo_train_step(engine, pairs, 2, 1e-2f, &second, NULL) == SAFEDPO_OK);
     CHECK(second < first);
 
+    size_t halves[] = {1, 1}, too_many[] = {2, 1};
+    float accumulated = 0;
+    CHECK(safedpo_accumulated_step(engine, pairs, 2, halves, 2, 1e-2f, &accumulated, &grad_norm) == SAFEDPO_OK);
+    CHECK(accumulated < second && grad_norm > 0);
+    CHECK(safedpo_accumulated_step(engine, pairs, 2, too_many, 2, 1e-2f, NULL, NULL) == SAFEDPO_INVALID_ARGUMENT);
+
     CHECK(safedpo_save(engine, argv[1]) == SAFEDPO_OK);
     SafedpoEngine *loaded = NULL;
     CHECK(safedpo_engine_new("cpu", &loaded) == SAFEDPO_OK);

@@ -45,7 +45,7 @@ macro_rules! simd_kernel {
 }
 pub(super) use simd_kernel;
 
-/// Which compiled version [`simd_kernel!`] functions take.
+/// Which compiled version `simd_kernel!` functions take.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SimdLevel {

@@ -300,9 +300,13 @@ impl Device {
         Ok(Self { imp: Imp::Gpu(gpu::Gpu::new(ordinal)?), memory: Arc::default() })
     }
 
-    /// The emulated device.
+    /// The emulated device (an error in a build without the `emu` feature).
     pub fn emulated() -> Result<Self> {
-        Ok(Self { imp: Imp::Emu(emu::Emu::new()), memory: Arc::default() })
+        #[cfg(feature = "emu")]
+        let emu = emu::Emu::new();
+        #[cfg(not(feature = "emu"))]
+        let emu = emu::Emu::open()?;
+        Ok(Self { imp: Imp::Emu(emu), memory: Arc::default() })
     }
 
     pub fn is_emulated(&self) -> bool {
