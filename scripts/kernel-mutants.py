@@ -21,11 +21,12 @@ Usage:
   scripts/kernel-mutants.py [--files kernels/rope.cu ...] [--ops sync,wide] [--budget-min 60]
                             [--max N] [--seed S] [--list] [--out target/mutation-results/kernels.tsv]
 
-The tests of `kernels/<op>.cu` are `cargo test --release --test ops -- <op>::` (the op's CPU tests,
-its emulated-device tests in the emulator's test mode: race detector on, random warp order);
-`common.cuh` is checked by every op's emulated-device tests. Each mutant rebuilds only the mutated
-file's emulator objects (build.rs caches the rest); nvcc is skipped (`SAFEDPO_NO_NVCC=1`), so the
-first mutant also pays one rebuild of the crate, and so does the next normal build.
+The tests of `kernels/<op>.cu` are `cargo test --test ops -- <op>::` (the op's CPU tests, its
+emulated-device tests in the emulator's test mode: race detector on, random warp order); a shared
+header (`common.cuh`, `mma.cuh`) is checked by every op's emulated-device tests, tests/emu.rs and
+tests/mma_fragments.rs. Builds use the `mutants` profile (release code, incremental) with nvcc
+skipped (`SAFEDPO_NO_NVCC=1`; scripts/mutants.sh shares that build): a mutant recompiles the
+mutated file for the emulator (build.rs caches the others) and relinks.
 """
 
 import argparse
@@ -71,17 +72,24 @@ OPERATORS = {
 
 
 def gpu_only_lines(lines):
-    """Indices of lines inside `#ifndef EMU_DEVICE` (up to its `#else`/`#endif`), tracking nesting."""
-    skipped, stack = set(), []
+    """Indices of lines only the GPU compiles: the `#ifndef EMU_DEVICE` branch, or the `#else` of an
+    `#ifdef EMU_DEVICE`, tracking nesting."""
+    skipped, stack = set(), []  # per open #if: (tests EMU_DEVICE: +1 GPU first / -1 emulator first / 0, in GPU branch)
     for i, line in enumerate(lines):
         s = line.strip()
         if s.startswith("#if"):
-            stack.append(s.startswith("#ifndef EMU_DEVICE") or s.startswith("#if !defined(EMU_DEVICE)"))
+            if s.startswith(("#ifndef EMU_DEVICE", "#if !defined(EMU_DEVICE)")):
+                stack.append((1, True))
+            elif s.startswith(("#ifdef EMU_DEVICE", "#if defined(EMU_DEVICE)")):
+                stack.append((-1, False))
+            else:
+                stack.append((0, False))
         elif s.startswith("#else") and stack:
-            stack[-1] = False
+            kind, _ = stack[-1]
+            stack[-1] = (kind, kind == -1)
         elif s.startswith("#endif") and stack:
             stack.pop()
-        elif any(stack):
+        elif any(gpu for _, gpu in stack):
             skipped.add(i)
     return skipped
 
@@ -115,26 +123,29 @@ def mutants_of(path, ops):
 
 
 def tests_for(path):
+    """The test runs of a file: an op's own tests, or for a shared header every emulated-device test."""
     if path.suffix == ".cuh":
-        return ["--test", "ops", "--", "emu::"]
-    return ["--test", "ops", "--", f"{path.stem}::"]
+        return [["--test", "ops", "--", "emu::"], ["--test", "emu"], ["--test", "mma_fragments"]]
+    return [["--test", "ops", "--", f"{path.stem}::"]]
 
 
 def run_tests(path, timeout):
-    cmd = ["cargo", "test", "--profile", "mutants", *tests_for(path)]
     env = dict(os.environ, SAFEDPO_NO_NVCC="1")
     start = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.time() - start
-    out = proc.stdout + proc.stderr
-    if proc.returncode == 0:
-        return "survived", time.time() - start
-    if "error: could not compile" in out or "failed to run custom build command" in out:
-        # A build-script failure is the emulator compile of the mutated kernel.
-        return "unbuildable", time.time() - start
-    return "killed", time.time() - start
+    for args in tests_for(path):
+        cmd = ["cargo", "test", "--profile", "mutants", *args]
+        left = timeout - (time.time() - start)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(left, 1))
+        except subprocess.TimeoutExpired:
+            return "timeout", time.time() - start
+        out = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            if "error: could not compile" in out or "failed to run custom build command" in out:
+                # A build-script failure is the emulator compile of the mutated kernel.
+                return "unbuildable", time.time() - start
+            return "killed", time.time() - start
+    return "survived", time.time() - start
 
 
 def main():
