@@ -64,7 +64,7 @@
 // Verified only on the emulated device (tests/ops/attention.rs against the CPU backend, both precisions,
 // both HD_MAX, multi-head and grouped-query); it compiles with nvcc for sm_80/sm_90 but has not yet been
 // run or timed on a real GPU.
-#include "common.cuh"
+#include "attention.cuh"
 
 /// Threads per block of every attention kernel.
 #define ATTN_THREADS 256  // @rust
@@ -87,19 +87,6 @@ struct AttnTile {
     static_assert(ROWS % ATTN_CHUNK == 0, "tile rows must be a multiple of the softmax chunk");
 };
 
-/// The columns of a qkv row (QkvLayout in src/backend/ops/attention.rs).
-struct QkvColumns {
-    int n_head, n_kv_head, hd;
-    /// Elements per row of qkv (and dqkv).
-    __device__ long long width() const { return (long long)(n_head + 2 * n_kv_head) * hd; }
-    /// Elements per row of out (and dout): the query heads.
-    __device__ long long q_width() const { return (long long)n_head * hd; }
-    /// The key/value head of query head h.
-    __device__ int kv_head_of(int h) const { return h / (n_head / n_kv_head); }
-    __device__ int q(int h) const { return h * hd; }
-    __device__ int k(int g) const { return (n_head + g) * hd; }
-    __device__ int v(int g) const { return (n_head + n_kv_head + g) * hd; }
-};
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }

@@ -40,6 +40,7 @@
 // Verified on the emulated device (tests/ops/attention.rs against the CPU backend; tests/mma_fragments.rs
 // for the fragment layouts); it compiles with nvcc for sm_80/sm_90 but has not yet been run or timed on
 // a real GPU.
+#include "attention.cuh"
 #include "mma.cuh"
 
 /// Threads per block of every tensor-core attention kernel: four warps.
@@ -61,16 +62,6 @@ struct AttnMmaTile {
     static constexpr int D_SLICES = HD / 8, D_STEPS = HD / 16;
 };
 
-/// The columns of a qkv row (QkvLayout in src/backend/ops/attention.rs).
-struct MmaQkvColumns {
-    int n_head, n_kv_head, hd;
-    __device__ long long width() const { return (long long)(n_head + 2 * n_kv_head) * hd; }
-    __device__ long long q_width() const { return (long long)n_head * hd; }
-    __device__ int kv_head_of(int h) const { return h / (n_head / n_kv_head); }
-    __device__ int q(int h) const { return h * hd; }
-    __device__ int k(int g) const { return (n_head + g) * hd; }
-    __device__ int v(int g) const { return (n_head + n_kv_head + g) * hd; }
-};
 
 constexpr float MMA_LOG2E = 1.4426950408889634f;
 
@@ -210,7 +201,7 @@ __device__ __forceinline__ void store_rows(bf16* dst, long long stride, const fl
 
 template <int HD>
 __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, const int* cu_seqlens,
-                                      MmaQkvColumns cols) {
+                                      QkvColumns cols) {
     using Tile = AttnMmaTile<HD>;
     constexpr int KEYS = Tile::KEYS, S_SLICES = KEYS / 8;
     __shared__ __align__(16) bf16 q_s[ATTN_MMA_ROWS * Tile::STRIDE];
@@ -307,7 +298,7 @@ __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, co
 
 template <int HD>
 __device__ void attention_mma_backward_dq(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
-                                          const float* lse, const int* cu_seqlens, MmaQkvColumns cols) {
+                                          const float* lse, const int* cu_seqlens, QkvColumns cols) {
     using Tile = AttnMmaTile<HD>;
     constexpr int KEYS = Tile::KEYS, S_SLICES = KEYS / 8;
     __shared__ __align__(16) bf16 q_s[ATTN_MMA_ROWS * Tile::STRIDE];  // Q, then dout
@@ -389,7 +380,7 @@ __device__ void attention_mma_backward_dq(bf16* dqkv, float* delta, const bf16* 
 
 template <int HD>
 __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                            const float* delta, const int* cu_seqlens, MmaQkvColumns cols) {
+                                            const float* delta, const int* cu_seqlens, QkvColumns cols) {
     using Tile = AttnMmaTile<HD>;
     constexpr int QUERIES = Tile::QUERIES, S_SLICES = QUERIES / 8;
     __shared__ __align__(16) bf16 k_s[ATTN_MMA_ROWS * Tile::STRIDE];
@@ -462,7 +453,7 @@ __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const 
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS)                                             \
         attention_mma_forward_hd##HD##_bf16(bf16* out, float* lse, const bf16* qkv, const int* cu_seqlens,     \
                                             int n_head, int n_kv_head, int head_dim) {                         \
-        attention_mma_forward<HD>(out, lse, qkv, cu_seqlens, MmaQkvColumns{n_head, n_kv_head, head_dim});      \
+        attention_mma_forward<HD>(out, lse, qkv, cu_seqlens, QkvColumns{n_head, n_kv_head, head_dim});      \
     }                                                                                                          \
     EMU_REGISTER(attention_mma_forward_hd##HD##_bf16)                                                          \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS)                                             \
@@ -470,7 +461,7 @@ __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const 
                                                 const bf16* out, const float* lse, const int* cu_seqlens,      \
                                                 int n_head, int n_kv_head, int head_dim) {                     \
         attention_mma_backward_dq<HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens,                            \
-                                      MmaQkvColumns{n_head, n_kv_head, head_dim});                             \
+                                      QkvColumns{n_head, n_kv_head, head_dim});                             \
     }                                                                                                          \
     EMU_REGISTER(attention_mma_backward_dq_hd##HD##_bf16)                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS)                                             \
@@ -478,7 +469,7 @@ __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const 
                                                   const float* lse, const float* delta, const int* cu_seqlens,  \
                                                   int n_head, int n_kv_head, int head_dim) {                   \
         attention_mma_backward_dkdv<HD>(dqkv, dout, qkv, lse, delta, cu_seqlens,                               \
-                                        MmaQkvColumns{n_head, n_kv_head, head_dim});                           \
+                                        QkvColumns{n_head, n_kv_head, head_dim});                           \
     }                                                                                                          \
     EMU_REGISTER(attention_mma_backward_dkdv_hd##HD##_bf16)
 
