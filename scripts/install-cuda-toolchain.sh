@@ -24,6 +24,10 @@ PINS=(
     "nvidia-nvvm==13.0.88"
     "nvidia-cuda-runtime==13.0.96"
     "nvidia-cuda-cccl==13.0.85"
+    # The SASS tools for scripts/kernel-report.py's instruction mix: no 13.0 wheel of cuobjdump exists;
+    # 13.2's disassembles nvcc 13.0's cubins. Both add one file each to bin/.
+    "nvidia-cuda-cuobjdump==13.2.86"
+    "nvidia-cuda-nvdisasm==13.2.86"
 )
 
 log() { echo "install-cuda-toolchain: $*" >&2; }
@@ -89,10 +93,11 @@ rm -rf "$SITE.tmp"
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-index --find-links "$WHEELS" \
     --target "$SITE.tmp" "${PINS[@]}"
 
-# All five wheels unpack into nvidia/cu13/, which already has the layout of a CUDA install:
-# bin/{nvcc,ptxas,fatbinary,cudafe++}, nvvm/{bin/cicc,libdevice}, include/ (+ include/cccl), lib/.
+# All the wheels unpack into nvidia/cu13/, which already has the layout of a CUDA install:
+# bin/{nvcc,ptxas,fatbinary,cudafe++,cuobjdump,nvdisasm}, nvvm/{bin/cicc,libdevice}, include/ (+
+# include/cccl), lib/.
 CU="$SITE.tmp/nvidia/cu13"
-for need in bin/nvcc bin/ptxas bin/fatbinary nvvm/bin/cicc nvvm/libdevice include/cuda_bf16.h include/cccl lib; do
+for need in bin/nvcc bin/ptxas bin/fatbinary bin/cuobjdump bin/nvdisasm nvvm/bin/cicc nvvm/libdevice include/cuda_bf16.h include/cccl lib; do
     [ -e "$CU/$need" ] || { log "unexpected wheel layout: $CU/$need is missing"; exit 1; }
 done
 ln -sfn lib "$CU/lib64"
