@@ -2,7 +2,10 @@
 //! (12 layers, d = 768, 12 heads, vocab 50257) on 16 sequences of 512 tokens, N = 8192 tokens, in the
 //! backend's bf16 training precision (`SAFEDPO_BENCH_PRECISION=f32` for the f32 variants).
 //!
-//! `cargo bench --bench kernels_cuda` (add `-- logsoftmax` to filter). Without a usable GPU it says
+//! `cargo bench --bench kernels_cuda` (add `-- logsoftmax` to filter). In bf16 the attention family
+//! runs twice: as the backend picks (tensor cores at head dims 64 and 128), then on the portable
+//! kernels (`cuda-bf16-portable-attention/…`); benches/baselines/torch_attention.py times PyTorch's
+//! SDPA at the same shapes. Without a usable GPU it says
 //! why and exits 0: the emulated device runs the same kernels, but its timings mean nothing.
 //!
 //! Timing: CUDA events around the launches, so a figure is device time of back-to-back launches,
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use common::kernels::{kernel_benches, ByteCount, Target, Timer};
 use common::Shape;
-use safedpo::backend::cuda::{CudaBackend, CudaBuf, Device, Precision};
+use safedpo::backend::cuda::{AttentionKernels, CudaBackend, CudaBuf, Device, Precision};
 use safedpo::backend::device::gpu_unavailable_reason;
 use safedpo::backend::prelude::*;
 
@@ -79,5 +82,18 @@ fn main() {
     };
     let mut c = common::quick_criterion();
     kernel_benches(&mut c, &target);
+    if precision == Precision::Bf16 {
+        // The portable attention kernels at the same shapes, beside the tensor-core ones above.
+        let portable = CudaBackend::new(Device::gpu(0).expect("GPU 0"), precision)
+            .with_attention_kernels(AttentionKernels::Portable);
+        let target = Target {
+            backend: &portable,
+            label: format!("cuda-{}-portable-attention", portable.precision()),
+            shape: GPT2_SMALL,
+            timer: &CudaEvents(&portable),
+            bytes: &StorageBytes,
+        };
+        common::kernels::attention(&mut c, &target);
+    }
     c.final_summary();
 }

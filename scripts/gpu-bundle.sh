@@ -7,7 +7,7 @@
 #
 # The bundle: bin/safedpo; tests/<name> for every test executable with `needs a GPU` tests (found by
 # grepping the sources, matched to cargo's JSON build messages); bench/kernels_cuda (criterion) when
-# it builds; torch_dpo.py (the PyTorch baseline); gpu-check.sh; MANIFEST.txt (commit, nvcc, files).
+# it builds; torch_dpo.py and torch_attention.py (the PyTorch baselines); gpu-check.sh; MANIFEST.txt (commit, nvcc, files).
 # Binaries are stripped; the bundle must stay under 60 MiB (the device tool carries at most 64 MiB).
 # The build requires the kernels to be really compiled: SAFEDPO_REQUIRE_NVCC=1, and the fatbin test
 # of tests/gpu_device.rs is run to prove they are embedded.
@@ -99,6 +99,7 @@ for line in "${executables[@]}"; do
 done
 [[ ${#missing[@]} -eq 0 ]] || die "no test executable built for: ${missing[*]}"
 cp benches/baselines/torch_dpo.py "$out/torch_dpo.py"
+cp benches/baselines/torch_attention.py "$out/torch_attention.py"
 cp scripts/gpu-check.sh "$out/gpu-check.sh"
 chmod +x "$out/gpu-check.sh" "$out/bin/safedpo" "$out"/tests/* "$out"/bench/* 2>/dev/null || true
 

@@ -20,7 +20,9 @@
 #   4. step benchmark at the GPU shape (GPT-2 124M, 16 pairs of 512 tokens, SafeDPO):
 #      `safedpo bench --device cuda --json`, then torch_dpo.py eager and torch.compile at the same
 #      shape; device memory sampled with nvidia-smi during each.
-#   5. kernel benchmarks (bench/kernels_cuda, short criterion settings), if time is left.
+#   5. kernel benchmarks (bench/kernels_cuda, short criterion settings; in bf16 the attention group
+#      twice, tensor-core and portable kernels), then PyTorch SDPA at the same shapes
+#      (torch_attention.py), if time is left.
 #   6. the summary: LOGDIR/summary.txt (also printed) and LOGDIR/summary.json.
 #
 # Only figures from a real GPU count. SAFEDPO_GPU_CHECK_DEVICE=emu is a dry run of the plumbing
@@ -353,6 +355,13 @@ if [[ -x "$here/bench/kernels_cuda" ]]; then
 else
     record bench:kernels skipped "" 0 "" "bench/kernels_cuda not in the bundle"
 fi
+# PyTorch's SDPA at the attention group's shapes (beside the tensor-core and portable kernels above).
+if have python3 && [[ -f "$here/torch_attention.py" ]]; then
+    run_stage bench:torch-attention "$(limit 60)" "$logdir/kernels/torch-attention.log" \
+        "$logdir/kernels/torch-attention.json" -- python3 "$here/torch_attention.py" --json --device "$torch_device"
+else
+    record bench:torch-attention skipped "" 0 "" "python3 or torch_attention.py not found"
+fi
 
 # ---- 6. summary ------------------------------------------------------------------------------------
 if ! have python3; then
@@ -596,6 +605,15 @@ if not kernels:
     first = next((l for l in klog.splitlines() if l.startswith("kernels_cuda")), "")
     p(f"  {first or 'no figures'}")
 out["kernels"] = [{"bench": n, "throughput": t} for n, t in kernels]
+p("")
+try:
+    sdpa = json.loads(read(f"{logdir}/kernels/torch-attention.json") or "null")
+except ValueError:
+    sdpa = None
+p(f"PyTorch SDPA at the attention group's shapes: {fmt_s('bench:torch-attention')}")
+for r in (sdpa or {}).get("rows", []):
+    p(f"  {r['layout']:<16} {r['shape']} {r['dtype']}: fwd {r['fwd_gflops']:.0f} GFLOP/s, bwd {r['bwd_gflops']:.0f} GFLOP/s")
+out["torch_attention"] = sdpa
 p("")
 
 def why(st):

@@ -4,7 +4,7 @@
 
 use safedpo::backend::cpu::attention::spec;
 use safedpo::backend::cpu::CpuBackend;
-use safedpo::backend::cuda::{Device, Precision};
+use safedpo::backend::cuda::{AttentionKernels, CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::backend::QkvLayout;
 
@@ -356,4 +356,55 @@ fn attention_tensor_cores(device: &Device, precision: Precision) {
     }
 }
 
-device_tests!(attention, attention_grouped_queries, attention_tensor_cores);
+/// `AttentionKernels::Portable` really switches kernels: at bf16 and head dim 64 the portable
+/// kernels' output and gradients differ in bits from the tensor-core ones (P is rounded to bf16 on
+/// tensor cores only) and agree with them within the tensor-core tolerance; in f32 both backends
+/// run the portable kernels, bit for bit.
+fn attention_kernels_switch(device: &Device, precision: Precision) {
+    let f = Fixture::new(device, precision, 21);
+    let portable = CudaBackend::new(device.clone(), precision).with_attention_kernels(AttentionKernels::Portable);
+    assert_eq!(
+        (f.cuda.attention_kernels(), portable.attention_kernels()),
+        (AttentionKernels::Auto, AttentionKernels::Portable)
+    );
+    let (lens, layout) = ([65usize, 17, 130], gqa(4, 2, 64));
+    let (n, nh) = (lens.iter().sum::<usize>(), layout.n_head);
+    let (_, packing) = f.packing(&lens);
+    let mut rng = rng(5);
+    let qkv = f.cuda.upload(&randn(&mut rng, n * layout.width(), 1.0)).unwrap();
+    let dout = f.cuda.upload(&randn(&mut rng, n * layout.q_width(), 1.0)).unwrap();
+    let run = |be: &CudaBackend| {
+        let mut out = be.upload(&poison(n * layout.q_width())).unwrap();
+        let mut saved = be.upload(&poison(be.attention_saved_len(&packing, nh))).unwrap();
+        be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap();
+        let mut dqkv = be.upload(&poison(n * layout.width())).unwrap();
+        be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout).unwrap();
+        (be.download(&out).unwrap(), be.download(&dqkv).unwrap())
+    };
+    let ((out_auto, d_auto), (out_portable, d_portable)) = (run(&f.cuda), run(&portable));
+    match precision {
+        Precision::F32 => {
+            assert_bitwise_eq("out, f32 (both portable)", &out_portable, &out_auto);
+            assert_bitwise_eq("dqkv, f32 (both portable)", &d_portable, &d_auto);
+        }
+        Precision::Bf16 => {
+            assert!(out_auto != out_portable, "bf16 at head dim 64: the portable backend ran the tensor-core kernels");
+            assert_close_with_floor(
+                "out, portable vs tensor cores",
+                &out_portable,
+                &to_f64(&out_auto),
+                BF16_ROUNDING,
+                TENSOR_CORE_FLOOR,
+            );
+            assert_close_with_floor(
+                "dqkv, portable vs tensor cores",
+                &d_portable,
+                &to_f64(&d_auto),
+                BF16_ROUNDING,
+                TENSOR_CORE_GRAD_FLOOR,
+            );
+        }
+    }
+}
+
+device_tests!(attention, attention_grouped_queries, attention_tensor_cores, attention_kernels_switch);

@@ -225,6 +225,19 @@ pub struct CudaBackend {
     /// (`ops/matmul.rs`).
     pub(super) ones_f32: Mutex<Option<DeviceBuffer<f32>>>,
     pub(super) ones_bf16: Mutex<Option<DeviceBuffer<bf16>>>,
+    /// Which attention kernels bf16 at head dims 64 and 128 may run (see [`AttentionKernels`]).
+    attention_kernels: AttentionKernels,
+}
+
+/// The attention kernels a [`CudaBackend`] picks from. `Auto` (the default) runs bf16 at head dims
+/// 64 and 128 on tensor cores (kernels/attention_mma.cu) and everything else on the portable
+/// kernels (kernels/attention.cu); `Portable` runs the portable kernels always, to compare the two
+/// in one process (benchmarks, tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernels {
+    #[default]
+    Auto,
+    Portable,
 }
 
 /// Checks that the device copy of `cu_seqlens` matches the host copy (the op's shared checks in
@@ -236,7 +249,24 @@ pub(super) fn check_device_cu_seqlens(op: &str, packing: &Packing<CudaBackend>) 
 impl CudaBackend {
     /// A backend on `device` (a GPU or the emulated device) storing tensors as `precision` says.
     pub fn new(device: Device, precision: Precision) -> Self {
-        Self { device, precision, ones_f32: Mutex::new(None), ones_bf16: Mutex::new(None) }
+        Self {
+            device,
+            precision,
+            ones_f32: Mutex::new(None),
+            ones_bf16: Mutex::new(None),
+            attention_kernels: AttentionKernels::Auto,
+        }
+    }
+
+    /// This backend with the attention kernels `kernels` (default [`AttentionKernels::Auto`]).
+    pub fn with_attention_kernels(mut self, kernels: AttentionKernels) -> Self {
+        self.attention_kernels = kernels;
+        self
+    }
+
+    /// Which attention kernels this backend may pick from.
+    pub fn attention_kernels(&self) -> AttentionKernels {
+        self.attention_kernels
     }
 
     pub fn device(&self) -> &Device {

@@ -40,6 +40,6 @@ mod ops;
 #[cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
 pub mod types;
 
-pub use backend::{CudaBackend, CudaBuf, CudaIds, Precision};
+pub use backend::{AttentionKernels, CudaBackend, CudaBuf, CudaIds, Precision};
 pub use device::{Device, DeviceBuffer, Event, View, ViewMut};
 pub use types::{DeviceScalar, Dtype, Gemm, KernelArg, LaunchConfig};

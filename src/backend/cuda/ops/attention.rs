@@ -1,11 +1,12 @@
 //! Causal attention over a packed batch, multi-head or grouped-query, on the CUDA backend: the launch
 //! plan ([`AttentionPlan`]: which kernels, their tile, the grids) and the forward and backward launches.
 //! bf16 at head dims 64 and 128 runs on tensor cores (kernels/attention_mma.cu); f32, other head dims,
-//! and tensors whose rows are not 16-byte aligned run the portable kernels (kernels/attention.cu).
+//! tensors whose rows are not 16-byte aligned, and a backend set to [`AttentionKernels::Portable`]
+//! run the portable kernels (kernels/attention.cu).
 
 use anyhow::{ensure, Context, Result};
 
-use crate::backend::cuda::backend::{check_device_cu_seqlens, CudaBackend, CudaBuf};
+use crate::backend::cuda::backend::{check_device_cu_seqlens, AttentionKernels, CudaBackend, CudaBuf};
 use crate::backend::cuda::kernels::constants::attention::{
     ATTN_DIMS_PER_LANE, ATTN_HD_MAX_LARGE, ATTN_HD_MAX_SMALL, ATTN_THREADS,
 };
@@ -43,20 +44,21 @@ struct AttentionPlan {
 
 impl AttentionPlan {
     /// Refuses a head dim above the portable kernels' largest bound (the CPU backend takes any).
-    /// `rows_aligned`: every tensor the kernels read or write starts on 16 bytes (the tensor-core
-    /// kernels move rows in 16-byte pieces; their rows are then aligned, as hd·2 bytes is).
+    /// `tensor_cores`: every tensor the kernels read or write starts on 16 bytes (the tensor-core
+    /// kernels move rows in 16-byte pieces; their rows are then aligned, as hd·2 bytes is) and the
+    /// backend allows them ([`AttentionKernels`]).
     fn new(
         op: &str,
         packing: &Packing<CudaBackend>,
         layout: QkvLayout,
         dtype: Dtype,
-        rows_aligned: bool,
+        tensor_cores: bool,
     ) -> Result<Self> {
         let hd = layout.head_dim;
         let head_dim_bound = HEAD_DIM_BOUNDS.into_iter().find(|&b| hd <= b).with_context(|| {
             format!("{op}: head_dim = {hd} exceeds the CUDA attention kernels' maximum {ATTN_HD_MAX_LARGE}")
         })?;
-        let (kernels, threads, tile) = if dtype == Dtype::Bf16 && rows_aligned && TENSOR_CORE_HEAD_DIMS.contains(&hd) {
+        let (kernels, threads, tile) = if dtype == Dtype::Bf16 && tensor_cores && TENSOR_CORE_HEAD_DIMS.contains(&hd) {
             (Kernels::TensorCores { head_dim: hd }, ATTN_MMA_THREADS, ATTN_MMA_ROWS as usize)
         } else {
             let tile = (ATTN_THREADS * ATTN_DIMS_PER_LANE) as usize / head_dim_bound;
@@ -130,7 +132,8 @@ impl AttentionOps for CudaBackend {
         let lse = self.output(saved, Dtype::F32, false)?.arg();
         let out = self.output(out, dt, false)?;
         let mut args = vec![out.arg(), lse, qkv.arg(), packing.cu_seqlens.arg()];
-        let plan = AttentionPlan::new(OP, packing, layout, dt, aligned_16(&args[..3]))?;
+        let tensor_cores = self.attention_kernels() == AttentionKernels::Auto && aligned_16(&args[..3]);
+        let plan = AttentionPlan::new(OP, packing, layout, dt, tensor_cores)?;
         args.extend(layout_args(layout)?);
         self.launch(&plan.kernel("forward", dt), plan.config(plan.query_grid), &args)
     }
@@ -164,7 +167,8 @@ impl AttentionOps for CudaBackend {
         let tail = [&[packing.cu_seqlens.arg()][..], &layout_args(layout)?].concat();
         let mut args =
             vec![dqkv.arg(), KernelArg::Ptr(delta.device_ptr()), dout.arg(), qkv.arg(), out.arg(), lse.arg()];
-        let plan = AttentionPlan::new(OP, packing, layout, dt, aligned_16(&args))?;
+        let tensor_cores = self.attention_kernels() == AttentionKernels::Auto && aligned_16(&args);
+        let plan = AttentionPlan::new(OP, packing, layout, dt, tensor_cores)?;
         args.extend_from_slice(&tail);
         self.launch(&plan.kernel("backward_dq", dt), plan.config(plan.query_grid), &args)?;
         let mut args = vec![dqkv.arg(), dout.arg(), qkv.arg(), lse.arg(), KernelArg::Ptr(delta.device_ptr())];
