@@ -365,20 +365,7 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
         ..Default::default()
     };
     let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
-    let mut out = json!({
-        "out_dir": summary.out_dir,
-        "completed": summary.completed,
-        "steps": summary.total_steps,
-        "steps_this_run": summary.steps_this_run,
-        "train_pairs": summary.train_pairs,
-        "eval_pairs": summary.eval_pairs,
-        "train_seconds": summary.train_seconds,
-        "tokens_per_second": summary.tokens_per_second,
-        "checkpoint": summary.last_checkpoint,
-    });
-    if let Some(rec) = &summary.last_eval {
-        out["eval"] = serde_json::Value::Object(rec.clone());
-    }
+    let out = summary.to_json();
     println!("{out}");
     Ok(())
 }

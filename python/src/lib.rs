@@ -302,17 +302,7 @@ fn train<'py>(py: Python<'py>, config: &Bound<'py, PyDict>) -> PyResult<Bound<'p
     let summary = py
         .detach(|| safedpo::engine::train_with(&run.overrides, safedpo::train::Task::Preference, &run.options))
         .map_err(runtime_error)?;
-    let out = serde_json::json!({
-        "out_dir": summary.out_dir,
-        "completed": summary.completed,
-        "steps": summary.total_steps,
-        "steps_this_run": summary.steps_this_run,
-        "train_pairs": summary.train_pairs,
-        "eval_pairs": summary.eval_pairs,
-        "train_seconds": summary.train_seconds,
-        "checkpoint": summary.last_checkpoint,
-        "eval": summary.last_eval,
-    });
+    let out = summary.to_json();
     from_json(py, &out)
 }
 

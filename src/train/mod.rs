@@ -126,6 +126,25 @@ pub struct RunSummary {
     pub reference_cache: Option<CacheStatus>,
 }
 
+impl RunSummary {
+    /// The summary the CLI prints and the Python module returns: `eval` is the last evaluation
+    /// record (null when the run evaluated nothing).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "out_dir": self.out_dir,
+            "completed": self.completed,
+            "steps": self.total_steps,
+            "steps_this_run": self.steps_this_run,
+            "train_pairs": self.train_pairs,
+            "eval_pairs": self.eval_pairs,
+            "train_seconds": self.train_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "checkpoint": self.last_checkpoint,
+            "eval": self.last_eval,
+        })
+    }
+}
+
 /// Status lines on stderr, routed through the progress bar while it is drawn.
 struct Console {
     quiet: bool,
