@@ -10,6 +10,7 @@
 //! - [`model`]: the GPT-2 family, forward and backward, written once over [`backend::Backend`];
 //! - [`backend`]: the CPU f32 reference and the CUDA backend (a GPU or the emulated device);
 //! - [`loss`]: the preference objectives;
+//! - [`dist`]: data-parallel ranks and their collectives (threads, processes, NCCL);
 //! - [`optim`]: AdamW, SGD, grad-norm clipping, the learning-rate schedule;
 //! - [`train`]: the loop, reference log-probs, eval, checkpoints, metrics;
 //! - [`judge`]: reward and cost models, their training, judged evaluation.
@@ -27,6 +28,7 @@ pub mod bench;
 pub mod capi;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod judge;
 pub mod loss;

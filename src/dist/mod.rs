@@ -1,0 +1,182 @@
+//! Data-parallel training's communication: a group of ranks, each with its own backend and its own
+//! copy of the model, that exchange gradients, parameters and metrics.
+//!
+//! [`Collective`] is what the trainer calls. It works on a backend's buffers, so that a GPU
+//! implementation (NCCL) can reduce device memory in place. Every other implementation moves host
+//! vectors through a [`HostTransport`] (threads in one process, or sockets between processes) and is
+//! made a `Collective` of any backend by [`Staged`], which downloads, exchanges, sums and uploads.
+//!
+//! Sums are taken in rank order (`((r0 + r1) + r2) + …`, in f32 for buffers and f64 for host
+//! values) on every rank, so every rank holds the same bits and a run is reproducible for a fixed
+//! world size.
+
+pub mod in_process;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::backend::Buffers;
+
+/// A group of `world_size` ranks; every rank calls the same collectives in the same order with
+/// buffers of the same lengths (a mismatch is an error on every rank, never a wrong sum).
+pub trait Collective<B: Buffers>: Send + Sync {
+    /// This rank, `0..world_size`.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world_size(&self) -> usize;
+    /// Every rank's `bufs` replaced by their element-wise sum over the ranks.
+    fn all_reduce_sum(&self, backend: &B, bufs: &mut [&mut B::Buf]) -> Result<()>;
+    /// The element-wise sum over the ranks written into `root`'s `bufs`; other ranks' `bufs` keep
+    /// their contents.
+    fn reduce_sum(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()>;
+    /// `root`'s `bufs` copied into every rank's.
+    fn broadcast(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()>;
+    /// Host values (losses, counts, metric sums) replaced by their sum over the ranks.
+    fn all_reduce_host(&self, values: &mut [f64]) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
+}
+
+/// Moves small host messages between the ranks of a group; [`Staged`] builds the collectives on it.
+pub trait HostTransport: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Every rank's `data`, in rank order (this rank's included). An error on every rank when a rank
+    /// has left the group or does not arrive in time.
+    fn all_gather(&self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+}
+
+/// A [`HostTransport`] as a [`Collective`] of any backend: buffers staged through host memory.
+pub struct Staged<T: HostTransport>(pub T);
+
+impl<T: HostTransport> Staged<T> {
+    /// Every rank's concatenated `bufs` (as f32), in rank order; checks every rank sent as many.
+    fn gather_bufs<B: Buffers>(&self, backend: &B, bufs: &[&mut B::Buf], what: &str) -> Result<Vec<Vec<f32>>> {
+        let mut mine = Vec::new();
+        for buf in bufs {
+            mine.extend(backend.download(buf)?);
+        }
+        let gathered = self.0.all_gather(bytemuck::cast_slice(&mine))?;
+        gathered
+            .iter()
+            .enumerate()
+            .map(|(rank, bytes)| {
+                ensure!(
+                    bytes.len() == mine.len() * 4,
+                    "{what}: rank {rank} sent {} values, rank {} {} (the ranks' models or batches differ)",
+                    bytes.len() / 4,
+                    self.0.rank(),
+                    mine.len()
+                );
+                Ok(bytes.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect())
+            })
+            .collect()
+    }
+}
+
+/// Sums `parts` element-wise in their order.
+fn sum_in_order(parts: &[Vec<f32>]) -> Vec<f32> {
+    let mut sum = parts[0].clone();
+    for part in &parts[1..] {
+        for (s, x) in sum.iter_mut().zip(part) {
+            *s += x;
+        }
+    }
+    sum
+}
+
+/// Uploads consecutive pieces of `flat` into `bufs`.
+fn scatter_into<B: Buffers>(backend: &B, bufs: &mut [&mut B::Buf], flat: &[f32]) -> Result<()> {
+    let mut offset = 0;
+    for buf in bufs.iter_mut() {
+        let len = backend.buf_len(buf);
+        **buf = backend.upload(&flat[offset..offset + len])?;
+        offset += len;
+    }
+    Ok(())
+}
+
+impl<B: Buffers, T: HostTransport> Collective<B> for Staged<T> {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+
+    fn all_reduce_sum(&self, backend: &B, bufs: &mut [&mut B::Buf]) -> Result<()> {
+        let parts = self.gather_bufs(backend, bufs, "all_reduce_sum")?;
+        scatter_into(backend, bufs, &sum_in_order(&parts))
+    }
+
+    fn reduce_sum(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()> {
+        ensure!(root < self.0.world_size(), "reduce_sum: root {root} outside a group of {}", self.0.world_size());
+        let parts = self.gather_bufs(backend, bufs, "reduce_sum")?;
+        if self.0.rank() == root {
+            scatter_into(backend, bufs, &sum_in_order(&parts))?;
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()> {
+        ensure!(root < self.0.world_size(), "broadcast: root {root} outside a group of {}", self.0.world_size());
+        let parts = self.gather_bufs(backend, bufs, "broadcast")?;
+        if self.0.rank() != root {
+            scatter_into(backend, bufs, &parts[root])?;
+        }
+        Ok(())
+    }
+
+    fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
+        let gathered = self.0.all_gather(bytemuck::cast_slice(values)).context("all_reduce_host")?;
+        let mut sum = vec![0.0f64; values.len()];
+        for (rank, bytes) in gathered.iter().enumerate() {
+            ensure!(
+                bytes.len() == values.len() * 8,
+                "all_reduce_host: rank {rank} sent {} values, rank {} {}",
+                bytes.len() / 8,
+                self.0.rank(),
+                values.len()
+            );
+            let theirs = bytes.chunks_exact(8).map(|c| f64::from_ne_bytes(c.try_into().expect("8 bytes")));
+            for (s, x) in sum.iter_mut().zip(theirs) {
+                *s += x;
+            }
+        }
+        values.copy_from_slice(&sum);
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.0.all_gather(&[]).map(|_| ())
+    }
+}
+
+/// The group of one: every collective is the identity. What a run without data parallelism uses.
+pub struct SingleRank;
+
+impl<B: Buffers> Collective<B> for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _: &B, _: &mut [&mut B::Buf]) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_sum(&self, _: &B, _: &mut [&mut B::Buf], root: usize) -> Result<()> {
+        ensure!(root == 0, "reduce_sum: root {root} outside a group of 1");
+        Ok(())
+    }
+    fn broadcast(&self, _: &B, _: &mut [&mut B::Buf], root: usize) -> Result<()> {
+        ensure!(root == 0, "broadcast: root {root} outside a group of 1");
+        Ok(())
+    }
+    fn all_reduce_host(&self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
