@@ -16,6 +16,7 @@
 //! RNG, the same optimizer moments and step, hence bit-identical weights to an uninterrupted run.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod demo;
 mod eval;
 pub mod generate;
