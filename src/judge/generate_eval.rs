@@ -11,7 +11,7 @@
 //!
 //! A judge reads the policy's token ids, so it must have the policy's tokenizer (it is refused
 //! otherwise). Each scored sequence is the prompt, the response and the tokenizer's EOS, as the
-//! judge's training data ends every response.
+//! judge's training data ends every response (none after an answer cut at the context's end).
 
 use std::path::Path;
 
@@ -142,8 +142,16 @@ pub fn sample_and_judge<B: Backend>(
         for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
             answers.extend(generate_batch(model, chunk, &stop, opts.max_new_tokens, &params)?);
         }
-        let sequences: Vec<Vec<i32>> =
-            prompts.iter().zip(&answers).map(|(p, a)| [p.as_slice(), a, &[tok.eos_id()]].concat()).collect();
+        // The EOS ends an answer that stopped; one cut at the model's context gets none (and fits).
+        let context = model.config().n_positions;
+        let sequences: Vec<Vec<i32>> = prompts
+            .iter()
+            .zip(&answers)
+            .map(|(p, a)| {
+                let eos: &[i32] = if p.len() + a.len() < context { &[tok.eos_id()] } else { &[] };
+                [p.as_slice(), a, eos].concat()
+            })
+            .collect();
         let score = |judge: &mut Option<ScalarHeadModel<B>>| -> Result<Vec<Option<f32>>> {
             Ok(match judge {
                 Some(j) => j.score_sequences(&sequences, opts.token_budget)?.into_iter().map(Some).collect(),

@@ -16,6 +16,7 @@ mod common;
 mod device;
 
 mod attention;
+mod decode_attention;
 mod buffers;
 mod determinism;
 mod embedding;
