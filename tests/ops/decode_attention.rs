@@ -57,7 +57,7 @@ fn decode_attention_refuses_spans_outside_the_cache() {
     let msg = format!("{err:#}");
     assert!(msg.contains("decode_attention_forward") && msg.contains("query 1"), "{msg}");
     let spans = DecodeSpans::new(&be, &[0, 5], &[3, 5]).unwrap();
-    let err = be.decode_attention_forward(&mut out, &qkv[..width], &cache, &spans, layout).unwrap_err();
+    let err = be.decode_attention_forward(&mut out, &qkv[..width].to_vec(), &cache, &spans, layout).unwrap_err();
     assert!(format!("{err:#}").contains("`qkv`"), "{err:#}");
 }
 
