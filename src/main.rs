@@ -334,7 +334,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             if args.compare {
                 let opts = safedpo::judge::compare::CompareOptions::for_demo(opts);
-                let report = with_backend!(args.device, |backend| safedpo::judge::compare::run_compare(backend, &opts))?;
+                let report =
+                    with_backend!(args.device, |backend| safedpo::judge::compare::run_compare(backend, &opts))?;
                 println!("\n{}", report.table);
                 return Ok(());
             }

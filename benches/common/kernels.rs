@@ -16,7 +16,9 @@ use criterion::{BenchmarkGroup, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::prelude::*;
-use safedpo::backend::{rope_inverse_frequencies, AdamWParams, DecodeSpans, Packing, QkvLayout, RopeScaling, PAIR_METRICS};
+use safedpo::backend::{
+    rope_inverse_frequencies, AdamWParams, DecodeSpans, Packing, QkvLayout, RopeScaling, PAIR_METRICS,
+};
 use safedpo::loss::Objective;
 
 use super::{random, Shape};

@@ -189,8 +189,7 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
             prompt_texts.push(&row.prompt);
         }
     }
-    let prompts =
-        prompt_texts.iter().map(|p| format.generation_prompt(tok.as_ref(), p)).collect::<Result<Vec<_>>>()?;
+    let prompts = prompt_texts.iter().map(|p| format.generation_prompt(tok.as_ref(), p)).collect::<Result<Vec<_>>>()?;
     let mut judges = Judges::load(&backend, tok.as_ref(), &sft_dir, Some(&judge_dirs[0]), Some(&judge_dirs[1]))?;
     let eval_opts = JudgedEvalOptions {
         samples_per_prompt: opts.samples_per_prompt,

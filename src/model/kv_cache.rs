@@ -141,7 +141,19 @@ impl<B: Backend> Decoder<B> {
             let mut adapters = self.lora.as_mut().and_then(|lora| lora.block(l));
             let attend = |a: &mut LayerInterior<B::Buf>| attention.attend(b, a, l, kind.qkv);
             let tokens = (m, &position_ids);
-            block_interior_forward_with(b, &kind, wl, &x, &norm, &mut a, &mut proj, tokens, rope, adapters.as_mut(), attend)?;
+            block_interior_forward_with(
+                b,
+                &kind,
+                wl,
+                &x,
+                &norm,
+                &mut a,
+                &mut proj,
+                tokens,
+                rope,
+                adapters.as_mut(),
+                attend,
+            )?;
             mlp_down(b, &kind, wl, &mut proj, &a, adapters.as_mut(), m)?;
             let next = p.blocks.get(l + 1).map_or(&p.norm_f, |next| &next.norm_1);
             kind.residual_norm(b, &mut residual_3, &mut norm, &mut mean, &mut rstd, &a.residual_2, &proj, next, m)?;
@@ -205,7 +217,8 @@ impl<'c, B: Backend> CachedAttention<'c, B> {
 
     /// Layer `l`: `a.qkv`'s rows into the cache, then `a.atty`.
     fn attend(&mut self, b: &B, a: &mut LayerInterior<B::Buf>, l: usize, layout: QkvLayout) -> Result<()> {
-        let (m, r, width) = (b.buf_len(&a.qkv) / layout.width(), b.buf_len(&self.spread) / layout.width(), layout.width());
+        let (m, r, width) =
+            (b.buf_len(&a.qkv) / layout.width(), b.buf_len(&self.spread) / layout.width(), layout.width());
         let layer = &mut self.cache.layers[l];
         b.scatter_rows(&mut self.spread, &a.qkv, &self.rows, m, r, width)?;
         b.add_inplace(layer, &self.spread)?;

@@ -16,8 +16,8 @@ mod common;
 mod device;
 
 mod attention;
-mod decode_attention;
 mod buffers;
+mod decode_attention;
 mod determinism;
 mod embedding;
 mod grad_norm;

@@ -68,8 +68,8 @@ pub trait DecodeAttentionOps: Buffers {
 pub(crate) mod check {
     use anyhow::{ensure, Result};
 
-    use crate::backend::ops::attention::check::qkv_layout;
     use crate::backend::checks::check_len;
+    use crate::backend::ops::attention::check::qkv_layout;
     use crate::backend::QkvLayout;
 
     /// Lengths match the layout and the `M` spans, and every span lies inside the cache.

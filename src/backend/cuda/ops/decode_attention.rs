@@ -29,7 +29,10 @@ impl DecodeAttentionOps for CudaBackend {
             spans.starts.host() == &starts[..] && spans.lens.host() == &lens[..],
             "{OP}: the spans' device copies differ from their host copies"
         );
-        ensure!(m <= MAX_GRID_Y && nh <= MAX_GRID_Y, "{OP}: {m} queries of {nh} heads exceed the grid limit {MAX_GRID_Y}");
+        ensure!(
+            m <= MAX_GRID_Y && nh <= MAX_GRID_Y,
+            "{OP}: {m} queries of {nh} heads exceed the grid limit {MAX_GRID_Y}"
+        );
         if m == 0 {
             return Ok(());
         }
@@ -62,8 +65,11 @@ impl DecodeAttentionOps for CudaBackend {
         ];
         self.launch(&format!("decode_attention_split_{}", suffix(dt)), split, &args)?;
         let out = self.output(out, dt, false)?;
-        let combine =
-            LaunchConfig { grid: (nh as u32, m as u32, 1), block: (DECODE_COMBINE_THREADS as u32, 1, 1), shared_bytes: 0 };
+        let combine = LaunchConfig {
+            grid: (nh as u32, m as u32, 1),
+            block: (DECODE_COMBINE_THREADS as u32, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [out.arg(), part_o, part_ml, n_head, head_dim, split_count];
         self.launch(&format!("decode_attention_combine_{}", suffix(dt)), combine, &args)
     }
