@@ -224,10 +224,8 @@ struct GenerateArgs {
 #[derive(clap::Args)]
 struct RmArgs {
     #[command(flatten)]
+    /// `--rm.kind reward | cost` (`[rm]` `kind` in a config file) among them.
     run: SettingsArgs<Training>,
-    /// reward | cost.
-    #[arg(long = "rm.kind", alias = "rm-kind", default_value = "reward", value_name = "KIND")]
-    kind: String,
     /// No per-step lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -383,8 +381,8 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
 }
 
 fn run_rm(args: RmArgs) -> Result<()> {
-    let kind: safedpo::judge::RmKind = args.kind.parse()?;
     let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
+    let kind: safedpo::judge::RmKind = cfg.rm.kind.parse()?;
     cfg.require_data()?;
     let s = with_backend!(cfg.device, |backend| safedpo::judge::run_rm(backend, &cfg, kind, args.quiet))?;
     let eval = s

@@ -46,6 +46,15 @@ fn rm_then_eval_generate() {
         let config = std::fs::read_to_string(Path::new(&dir(kind)).join("final/config.json")).unwrap();
         assert!(config.contains("GPT2ForSequenceClassification"), "{config}");
     }
+    // `[rm]` in a config file says the same as the flag; a kind that is neither is refused by name.
+    let config = tmp.path().join("rm.toml");
+    std::fs::write(&config, "[rm]\nkind = \"cost\"\n").unwrap();
+    let toml_run = [&["--config", config.to_str().unwrap()][..], &["--model.init", &sft]].concat();
+    let steps = ["--optimizer.total_steps", "1", "--out_dir", &dir("cost-toml")];
+    let out = last_json(&run(&["rm", "--quiet"], &[&toml_run[..], &steps].concat()));
+    assert_eq!(out["kind"], "cost");
+    let err = safedpo_fails(&[&["rm", "--rm.kind", "judge"][..], &common, &["--model.init", &sft]].concat());
+    assert!(err.contains("rm.kind") && err.contains("reward or cost"), "{err}");
     let out = last_json(&run(
         &["eval", "--model", &sft, "--split", "eval", "--generate", "--samples", "2", "--max-new-tokens", "8"],
         &["--judge.reward", &dir("reward/final"), "--judge.cost", &dir("cost/final"), "--out", &dir("judged")],
