@@ -10,6 +10,7 @@
 //! safedpo bench    [settings] [--steps N …]      timed training steps on synthetic data
 //! safedpo demo     [--quick]                      the whole method on synthetic data in minutes
 //! safedpo demo     --data-only [--rows N]         only the demo's synthetic PKU-SafeRLHF data
+//! safedpo demo     --compare [--quick]            the paper's comparison: DPO vs SafeDPO, judged
 //! safedpo plot     RUN_DIR... [--out FILE]        training curves of runs overlaid, as an SVG
 //! ```
 //!
@@ -223,10 +224,8 @@ struct GenerateArgs {
 #[derive(clap::Args)]
 struct RmArgs {
     #[command(flatten)]
+    /// `--rm.kind reward | cost` (`[rm]` `kind` in a config file) among them.
     run: SettingsArgs<Training>,
-    /// reward | cost.
-    #[arg(long = "rm.kind", alias = "rm-kind", default_value = "reward", value_name = "KIND")]
-    kind: String,
     /// No per-step lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -250,6 +249,10 @@ struct DemoArgs {
     /// No progress bars or status lines (the summary table is still printed).
     #[arg(long)]
     quiet: bool,
+    /// The paper's comparison instead: DPO on helpfulness, DPO on safety and SafeDPO from the same
+    /// SFT model, judged by a reward and a cost model on held-out prompts (compare.md, compare.json).
+    #[arg(long, conflicts_with = "data_only")]
+    compare: bool,
     /// Only write the demo's synthetic PKU-SafeRLHF data to OUT_DIR/data.jsonl and stop (data for a
     /// `train` run of another shape; scripts/gpu-check.sh uses it).
     #[arg(long)]
@@ -327,6 +330,13 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !args.quiet,
                 arch: args.arch,
             };
+            if args.compare {
+                let opts = safedpo::judge::compare::CompareOptions::for_demo(opts);
+                let report =
+                    with_backend!(args.device, |backend| safedpo::judge::compare::run_compare(backend, &opts))?;
+                println!("\n{}", report.table);
+                return Ok(());
+            }
             let report = with_backend!(args.device, |backend| run_demo(backend, &opts))?;
             println!("\n{}", report.table);
             Ok(())
@@ -371,8 +381,8 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
 }
 
 fn run_rm(args: RmArgs) -> Result<()> {
-    let kind: safedpo::judge::RmKind = args.kind.parse()?;
     let cfg = args.run.resolve_adjusted(adopt_init_settings)?.config;
+    let kind: safedpo::judge::RmKind = cfg.rm.kind.parse()?;
     cfg.require_data()?;
     let s = with_backend!(cfg.device, |backend| safedpo::judge::run_rm(backend, &cfg, kind, args.quiet))?;
     let eval = s

@@ -1,6 +1,6 @@
 //! The judges from the command line: `sft`, then `rm --rm.kind reward` and `rm --rm.kind cost` from
 //! the SFT model, then `eval --generate` with both judges: the files each writes and the metrics it
-//! reports.
+//! reports; a judge with another tokenizer refused; `demo --compare` end to end at the quick size.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,6 +9,12 @@ fn safedpo(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().unwrap();
     assert!(out.status.success(), "safedpo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
+}
+
+fn safedpo_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().unwrap();
+    assert!(!out.status.success(), "safedpo {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
 }
 
 fn last_json(stdout: &str) -> serde_json::Value {
@@ -40,6 +46,15 @@ fn rm_then_eval_generate() {
         let config = std::fs::read_to_string(Path::new(&dir(kind)).join("final/config.json")).unwrap();
         assert!(config.contains("GPT2ForSequenceClassification"), "{config}");
     }
+    // `[rm]` in a config file says the same as the flag; a kind that is neither is refused by name.
+    let config = tmp.path().join("rm.toml");
+    std::fs::write(&config, "[rm]\nkind = \"cost\"\n").unwrap();
+    let toml_run = [&["--config", config.to_str().unwrap()][..], &["--model.init", &sft]].concat();
+    let steps = ["--optimizer.total_steps", "1", "--out_dir", &dir("cost-toml")];
+    let out = last_json(&run(&["rm", "--quiet"], &[&toml_run[..], &steps].concat()));
+    assert_eq!(out["kind"], "cost");
+    let err = safedpo_fails(&[&["rm", "--rm.kind", "judge"][..], &common, &["--model.init", &sft]].concat());
+    assert!(err.contains("rm.kind") && err.contains("reward or cost"), "{err}");
     let out = last_json(&run(
         &["eval", "--model", &sft, "--split", "eval", "--generate", "--samples", "2", "--max-new-tokens", "8"],
         &["--judge.reward", &dir("reward/final"), "--judge.cost", &dir("cost/final"), "--out", &dir("judged")],
@@ -53,4 +68,61 @@ fn rm_then_eval_generate() {
     }
     let lines = std::fs::read_to_string(Path::new(&dir("judged")).join("generations.jsonl")).unwrap();
     assert_eq!(lines.lines().count() as u64, samples);
+
+    // A judge whose tokenizer is not the policy's reads other ids: refused, naming the flag.
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    for entry in std::fs::read_dir(dir("reward/final")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, foreign.join(path.file_name().unwrap())).unwrap();
+    }
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(Path::new(TOKENIZER).join(name), foreign.join(name)).unwrap();
+    }
+    let err = safedpo_fails(
+        &[
+            &["eval", "--model", &sft, "--split", "eval", "--generate", "--max-new-tokens", "4"][..],
+            &common,
+            &["--judge.reward", foreign.to_str().unwrap(), "--out", &dir("refused")],
+        ]
+        .concat(),
+    );
+    assert!(err.contains("--judge.reward") && err.contains("tokenizer"), "{err}");
+}
+
+/// A tokenizer other than the byte tokenizer the tiny models use.
+const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizers/qwen2");
+
+#[test]
+fn demo_compare_quick_writes_the_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("compare");
+    let stdout =
+        safedpo(&["demo", "--compare", "--quick", "--quiet", "--device", "cpu", "--out-dir", out.to_str().unwrap()]);
+    for method in ["SFT (start)", "DPO (helpfulness)", "DPO (safety)", "SafeDPO"] {
+        assert!(stdout.contains(&format!("| {method} |")), "{method}: {stdout}");
+    }
+    assert!(stdout.contains("harmless ratio") && stdout.contains("win rate vs SFT"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(out.join("compare.md")).unwrap().trim(), stdout.trim());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let methods = json["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 4);
+    // The SFT model is its own baseline: every answer ties with itself.
+    assert_eq!(methods[0]["metrics"]["win_rate"], 0.5);
+    for m in methods {
+        let metrics = &m["metrics"];
+        assert_eq!(metrics["samples"], 4 * metrics["prompts"].as_u64().unwrap(), "{m}");
+        for key in ["helpfulness", "harmlessness", "harmless_ratio", "win_rate"] {
+            assert!(metrics[key].as_f64().is_some_and(f64::is_finite), "{key}: {m}");
+        }
+        let stem = m["model_dir"].as_str().unwrap();
+        assert!(Path::new(stem).join("config.json").is_file(), "{m}");
+    }
+    assert_eq!(json["judges"][0]["kind"], "reward");
+    assert!(json["judges"][1]["eval_sign_accuracy"].as_f64().is_some(), "{json}");
+    for stem in ["sft", "dpo-helpful", "dpo-safe", "safedpo"] {
+        let lines = std::fs::read_to_string(out.join("generations").join(format!("{stem}.jsonl"))).unwrap();
+        assert_eq!(lines.lines().count() as u64, methods[0]["metrics"]["samples"].as_u64().unwrap());
+    }
 }

@@ -16,7 +16,9 @@ use criterion::{BenchmarkGroup, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::prelude::*;
-use safedpo::backend::{rope_inverse_frequencies, AdamWParams, Packing, QkvLayout, RopeScaling, PAIR_METRICS};
+use safedpo::backend::{
+    rope_inverse_frequencies, AdamWParams, DecodeSpans, Packing, QkvLayout, RopeScaling, PAIR_METRICS,
+};
 use safedpo::loss::Objective;
 
 use super::{random, Shape};
@@ -119,6 +121,7 @@ fn seeded() -> ChaCha8Rng {
 pub fn kernel_benches<B: Backend>(c: &mut Criterion, t: &Target<B>) {
     matmul(c, t);
     attention(c, t);
+    decode_attention(c, t);
     buffers(c, t);
     layernorm(c, t);
     rmsnorm(c, t);
@@ -201,6 +204,30 @@ pub fn attention<B: Backend>(c: &mut Criterion, t: &Target<B>) {
         be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap();
         t.bench(&mut g, format!("bwd {what}"), Throughput::Elements(2 * flops), || {
             be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout).unwrap()
+        });
+    }
+    g.finish();
+}
+
+/// One decoding step with a KV cache: a query per sequence against its `seq_len` cached rows (the
+/// shape's batch as a cache), multi-head, then grouped-query ([`LLAMA_GQA`]).
+pub fn decode_attention<B: Backend>(c: &mut Criterion, t: &Target<B>) {
+    let (be, s) = (t.backend, &t.shape);
+    let mut rng = seeded();
+    let starts: Vec<i32> = (0..s.seqs).map(|i| (i * s.seq_len) as i32).collect();
+    let spans = DecodeSpans::new(be, &starts, &vec![s.seq_len as i32; s.seqs]).expect("spans");
+    let mut g = t.group(c, ATTENTION);
+    let mha = QkvLayout::mha(s.n_head, s.c);
+    for layout in [mha, LLAMA_GQA] {
+        let (nh, width) = (layout.n_head, layout.width());
+        let qkv = t.upload(random(s.seqs * width, 1.0, &mut rng));
+        let cache = t.upload(random(s.n() * width, 1.0, &mut rng));
+        let mut out = t.zeros(s.seqs * layout.q_width());
+        // q·k and p·v over every cached row, 2 FLOPs per MAC.
+        let flops = (s.seqs * 4 * layout.q_width() * s.seq_len) as u64;
+        let what = format!("{}x{} h{nh}/{} hd{}", s.seqs, s.seq_len, layout.n_kv_head, layout.head_dim);
+        t.bench(&mut g, format!("decode {what}"), Throughput::Elements(flops), || {
+            be.decode_attention_forward(&mut out, &qkv, &cache, &spans, layout).unwrap()
         });
     }
     g.finish();

@@ -52,7 +52,7 @@ pub(crate) fn copy(dst: usize, src: usize) -> Result<()> {
 }
 
 pub(crate) use super::ops::{
-    attention::check::*, embedding::check::*, layernorm::check::*, logsoftmax_gather::check::*, matmul::check::*,
-    optimizer::check::*, pointwise::check::*, preference_loss::check::*, rmsnorm::check::*, rope::check::*,
-    rows::check::*, swiglu::check::*,
+    attention::check::*, decode_attention::check::*, embedding::check::*, layernorm::check::*,
+    logsoftmax_gather::check::*, matmul::check::*, optimizer::check::*, pointwise::check::*, preference_loss::check::*,
+    rmsnorm::check::*, rope::check::*, rows::check::*, swiglu::check::*,
 };

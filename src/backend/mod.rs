@@ -26,9 +26,9 @@ use anyhow::Result;
 
 pub use crate::loss::PAIR_METRICS;
 pub use ops::{
-    rope_inverse_frequencies, AttentionOps, EmbeddingOps, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, LogpParts,
-    MatmulOps, OptimizerOps, PointwiseOps, PreferenceLossOps, QkvLayout, RmsNormOps, RopeOps, RopeScaling, RowOps,
-    SwiGluOps,
+    rope_inverse_frequencies, AttentionOps, DecodeAttentionOps, DecodeSpans, EmbeddingOps, GradNormOps, LayerNormOps,
+    LogSoftmaxGatherOps, LogpParts, MatmulOps, OptimizerOps, PointwiseOps, PreferenceLossOps, QkvLayout, RmsNormOps,
+    RopeOps, RopeScaling, RowOps, SwiGluOps,
 };
 
 /// How a weight matrix is laid out in memory, for `matmul_*`.
@@ -118,6 +118,7 @@ backend_union!(
     RmsNormOps,
     MatmulOps,
     AttentionOps,
+    DecodeAttentionOps,
     RopeOps,
     PointwiseOps,
     SwiGluOps,

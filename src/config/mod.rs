@@ -377,6 +377,22 @@ impl LoraConfig {
 }
 
 settings! {
+    /// `[rm]`: the judge `safedpo rm` trains.
+    pub struct RmConfig {
+        /// reward (Bradley–Terry on the helpfulness order) | cost (on the safety order, plus the sign
+        /// of each response's safety label).
+        pub kind: String = String::from("reward"),
+    }
+}
+
+impl RmConfig {
+    /// Whether every setting is at its default.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+settings! {
     /// Everything a training run needs.
     pub struct RunConfig {
         /// Random seed (data order, holdout split, random init; `generate`: sampling).
@@ -416,6 +432,10 @@ settings! {
         // written before it are unchanged.
         #[serde(skip_serializing_if = "LoraConfig::is_off")]
         pub lora: LoraConfig = LoraConfig::default(),
+        /// `[rm]`: the judge `safedpo rm` trains (no other command reads it).
+        // Left out of the serialised form at its default, as `[lora]`.
+        #[serde(skip_serializing_if = "RmConfig::is_default")]
+        pub rm: RmConfig = RmConfig::default(),
     }
 }
 

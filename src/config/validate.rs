@@ -26,6 +26,9 @@ impl RunConfig {
         self.check_optimizer(&mut errs);
         self.check_batching_and_intervals(&mut errs);
         self.check_lora(&mut errs);
+        if !matches!(self.rm.kind.to_ascii_lowercase().as_str(), "reward" | "cost") {
+            errs.add("rm.kind", format!("must be reward or cost, got '{}'", self.rm.kind));
+        }
         if self.train.max_loss.is_nan() || self.train.max_loss <= 0.0 {
             errs.add(
                 "train.max_loss",

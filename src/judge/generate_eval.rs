@@ -11,7 +11,7 @@
 //!
 //! A judge reads the policy's token ids, so it must have the policy's tokenizer (it is refused
 //! otherwise). Each scored sequence is the prompt, the response and the tokenizer's EOS, as the
-//! judge's training data ends every response.
+//! judge's training data ends every response (none after an answer cut at the context's end).
 
 use std::path::Path;
 
@@ -115,9 +115,83 @@ pub struct JudgedEvalOptions {
     pub token_budget: usize,
 }
 
+/// A model's sampled answers and their judges' scores, each indexed `[sample][prompt]` (the
+/// answers as token ids, the stop token excluded; a score `None` without its judge).
+pub struct JudgedAnswers {
+    pub answers: Vec<Vec<Vec<i32>>>,
+    pub rewards: Vec<Vec<Option<f32>>>,
+    pub costs: Vec<Vec<Option<f32>>>,
+}
+
+/// Samples `opts.samples_per_prompt` answers per prompt (token ids, the template applied) from
+/// `model` (sample k with seed + k) and scores them with the judges given.
+pub fn sample_and_judge<B: Backend>(
+    model: &mut Decoder<B>,
+    judges: &mut Judges<B>,
+    tok: &dyn TextTokenizer,
+    prompts: &[Vec<i32>],
+    opts: &JudgedEvalOptions,
+) -> Result<JudgedAnswers> {
+    ensure!(opts.samples_per_prompt > 0, "eval --generate: --samples must be at least 1");
+    ensure!(judges.reward.is_some() || judges.cost.is_some(), "eval --generate: give --judge.reward or --judge.cost");
+    let stop = tok.stop_ids();
+    let mut judged = JudgedAnswers { answers: Vec::new(), rewards: Vec::new(), costs: Vec::new() };
+    for sample in 0..opts.samples_per_prompt {
+        let params = SamplingParams { seed: opts.sampling.seed.wrapping_add(sample as u64), ..opts.sampling };
+        let mut answers = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
+            answers.extend(generate_batch(model, chunk, &stop, opts.max_new_tokens, &params)?);
+        }
+        // The EOS ends an answer that stopped; one cut at the model's context gets none (and fits).
+        let context = model.config().n_positions;
+        let sequences: Vec<Vec<i32>> = prompts
+            .iter()
+            .zip(&answers)
+            .map(|(p, a)| {
+                let eos: &[i32] = if p.len() + a.len() < context { &[tok.eos_id()] } else { &[] };
+                [p.as_slice(), a, eos].concat()
+            })
+            .collect();
+        let score = |judge: &mut Option<ScalarHeadModel<B>>| -> Result<Vec<Option<f32>>> {
+            Ok(match judge {
+                Some(j) => j.score_sequences(&sequences, opts.token_budget)?.into_iter().map(Some).collect(),
+                None => vec![None; sequences.len()],
+            })
+        };
+        judged.rewards.push(score(&mut judges.reward)?);
+        judged.costs.push(score(&mut judges.cost)?);
+        judged.answers.push(answers);
+    }
+    Ok(judged)
+}
+
+/// The policy's judged answers beside the reference's of the same prompt and sample index.
+pub fn beside_reference(
+    policy: &JudgedAnswers,
+    reference: &JudgedAnswers,
+    tok: &dyn TextTokenizer,
+    prompts: &[Vec<i32>],
+) -> Vec<JudgedResponse> {
+    let mut out = Vec::new();
+    for (sample, answers) in policy.answers.iter().enumerate() {
+        for (i, prompt) in prompts.iter().enumerate() {
+            out.push(JudgedResponse {
+                prompt: i,
+                sample,
+                prompt_text: tok.decode(prompt),
+                response: tok.decode(&answers[i]),
+                reference_response: tok.decode(&reference.answers[sample][i]),
+                reward: policy.rewards[sample][i],
+                cost: policy.costs[sample][i],
+                reference_reward: reference.rewards[sample][i],
+            });
+        }
+    }
+    out
+}
+
 /// Samples `opts.samples_per_prompt` responses per prompt (token ids, the template applied) from
 /// `policy` and `reference`, and judges them.
-#[allow(clippy::too_many_arguments)]
 pub fn judge_generations<B: Backend>(
     policy: &mut Decoder<B>,
     reference: &mut Decoder<B>,
@@ -126,45 +200,9 @@ pub fn judge_generations<B: Backend>(
     prompts: &[Vec<i32>],
     opts: &JudgedEvalOptions,
 ) -> Result<Vec<JudgedResponse>> {
-    ensure!(opts.samples_per_prompt > 0, "eval --generate: --samples must be at least 1");
-    ensure!(judges.reward.is_some() || judges.cost.is_some(), "eval --generate: give --judge.reward or --judge.cost");
-    let stop = tok.stop_ids();
-    let mut out = Vec::new();
-    for sample in 0..opts.samples_per_prompt {
-        let params = SamplingParams { seed: opts.sampling.seed.wrapping_add(sample as u64), ..opts.sampling };
-        let mut policy_answers = Vec::with_capacity(prompts.len());
-        let mut reference_answers = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
-            policy_answers.extend(generate_batch(policy, chunk, &stop, opts.max_new_tokens, &params)?);
-            reference_answers.extend(generate_batch(reference, chunk, &stop, opts.max_new_tokens, &params)?);
-        }
-        let sequences = |answers: &[Vec<i32>]| -> Vec<Vec<i32>> {
-            prompts.iter().zip(answers).map(|(p, a)| [p.as_slice(), a, &[tok.eos_id()]].concat()).collect()
-        };
-        let (judged, judged_reference) = (sequences(&policy_answers), sequences(&reference_answers));
-        let score = |judge: &mut Option<ScalarHeadModel<B>>, seqs: &[Vec<i32>]| -> Result<Vec<Option<f32>>> {
-            Ok(match judge {
-                Some(j) => j.score_sequences(seqs, opts.token_budget)?.into_iter().map(Some).collect(),
-                None => vec![None; seqs.len()],
-            })
-        };
-        let rewards = score(&mut judges.reward, &judged)?;
-        let reference_rewards = score(&mut judges.reward, &judged_reference)?;
-        let costs = score(&mut judges.cost, &judged)?;
-        for (i, prompt) in prompts.iter().enumerate() {
-            out.push(JudgedResponse {
-                prompt: i,
-                sample,
-                prompt_text: tok.decode(prompt),
-                response: tok.decode(&policy_answers[i]),
-                reference_response: tok.decode(&reference_answers[i]),
-                reward: rewards[i],
-                cost: costs[i],
-                reference_reward: reference_rewards[i],
-            });
-        }
-    }
-    Ok(out)
+    let judged = sample_and_judge(policy, judges, tok, prompts, opts)?;
+    let reference = sample_and_judge(reference, judges, tok, prompts, opts)?;
+    Ok(beside_reference(&judged, &reference, tok, prompts))
 }
 
 #[cfg(test)]

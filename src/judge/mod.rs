@@ -1,7 +1,9 @@
 //! Judging what a model says: reward and cost models ([`crate::model::ScalarHeadModel`]), their
 //! losses and training loop ([`reward_model`]), `safedpo rm` ([`rm_run`]), and judged evaluation of
-//! what a policy generates ([`generate_eval`], `safedpo eval --generate`).
+//! what a policy generates ([`generate_eval`], `safedpo eval --generate`), and the paper's
+//! comparison of alignment methods on the demo's data ([`compare`], `safedpo demo --compare`).
 
+pub mod compare;
 pub mod generate_eval;
 pub mod reward_model;
 pub mod rm_run;

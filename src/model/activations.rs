@@ -52,7 +52,7 @@ impl Widths {
     }
 
     /// The length of a norm's saved mean for `n` rows (0 for RMSNorm).
-    fn mean_rows(&self, n: usize) -> usize {
+    pub(super) fn mean_rows(&self, n: usize) -> usize {
         if self.keeps_mean {
             n
         } else {

@@ -105,10 +105,10 @@ impl BlockKind {
     }
 }
 
-/// Block `l` between its first norm (given, with the block's input `x`) and its output: q, k, v,
-/// RoPE, attention and the output projection joining the residual stream (`residual_2`, fused
-/// with `norm_2`), then the MLP's up projection and activation. `proj` is scratch. The forward runs
-/// it once per layer; a checkpointed backward runs it again from the kept boundary.
+/// Block `l` between its first norm (given, with the block's input `x`) and its output, over a
+/// packed batch whose attention is causal within each sequence: [`block_interior_forward_with`]
+/// with the backend's packed attention. The forward runs it once per layer; a checkpointed backward
+/// runs it again from the kept boundary.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn block_interior_forward<B: Backend>(
     b: &B,
@@ -120,19 +120,45 @@ pub(super) fn block_interior_forward<B: Backend>(
     proj: &mut B::Buf,
     batch: &DeviceBatch<B>,
     rope_freqs: Option<&B::Buf>,
-    mut lora: Option<&mut BlockLora<'_, B>>,
+    lora: Option<&mut BlockLora<'_, B>>,
 ) -> Result<()> {
-    let (n, w, layout) = (batch.num_tokens(), kind.widths, kind.weights);
+    let tokens = (batch.num_tokens(), &batch.positions);
+    let packed = |a: &mut LayerInterior<B::Buf>| {
+        b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)
+    };
+    block_interior_forward_with(b, kind, wl, x, norm_1, a, proj, tokens, rope_freqs, lora, packed)
+}
+
+/// The one block forward between the first norm and the MLP's down projection, for `n` tokens at
+/// `positions`: q, k, v, RoPE, then `attend` (reads `a.qkv`, writes `a.atty`: the packed causal
+/// attention of a batch, or a decoding step's attention against its KV cache, `kv_cache.rs`), the
+/// output projection joining the residual stream (`residual_2`, fused with `norm_2`), then the
+/// MLP's up projection and activation. `proj` is scratch. LoRA's adapters join every product.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn block_interior_forward_with<B: Backend>(
+    b: &B,
+    kind: &BlockKind,
+    wl: &BlockParams<B::Buf>,
+    x: &B::Buf,
+    norm_1: &B::Buf,
+    a: &mut LayerInterior<B::Buf>,
+    proj: &mut B::Buf,
+    (n, positions): (usize, &B::Ids),
+    rope_freqs: Option<&B::Buf>,
+    mut lora: Option<&mut BlockLora<'_, B>>,
+    attend: impl FnOnce(&mut LayerInterior<B::Buf>) -> Result<()>,
+) -> Result<()> {
+    let (w, layout) = (kind.widths, kind.weights);
     let c = w.c;
     linear_forward(b, &mut a.qkv, norm_1, &wl.qkv, lora.as_deref_mut(), Slot::Qkv, n, c, w.qkv, layout)?;
     if let Some(freqs) = rope_freqs {
-        b.rope_forward(&mut a.qkv, &batch.positions, freqs, n, kind.qkv)?;
+        b.rope_forward(&mut a.qkv, positions, freqs, n, kind.qkv)?;
     }
-    b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)?;
+    attend(a)?;
     linear_forward(b, proj, &a.atty, &wl.o, lora.as_deref_mut(), Slot::O, n, w.att, c, layout)?;
     let (norm_2, mean_2, rstd_2) = (&mut a.norm_2, &mut a.norm_2_mean, &mut a.norm_2_rstd);
     kind.residual_norm(b, &mut a.residual_2, norm_2, mean_2, rstd_2, x, proj, &wl.norm_2, n)?;
-    // MLP: act(up(norm_2(residual_2))); the down projection is the caller's.
+    // MLP: act(up(norm_2(residual_2))); the down projection is [`mlp_down`], the caller's.
     // (An adapter on GPT-2's c_fc joins the product before the GELU: no fused epilogue then.)
     let adapted_up = lora.as_ref().is_some_and(|l| l.adapts(Slot::Up));
     if kind.gelu && !adapted_up {
@@ -146,6 +172,21 @@ pub(super) fn block_interior_forward<B: Backend>(
             b.swiglu_forward(&mut a.mlp_act, &a.mlp_up, n, w.hidden)
         }
     }
+}
+
+/// The MLP's down projection of `n` tokens' `a.mlp_act` into `proj` (LoRA's adapter included),
+/// before it joins the residual stream.
+pub(super) fn mlp_down<B: Backend>(
+    b: &B,
+    kind: &BlockKind,
+    wl: &BlockParams<B::Buf>,
+    proj: &mut B::Buf,
+    a: &LayerInterior<B::Buf>,
+    lora: Option<&mut BlockLora<'_, B>>,
+    n: usize,
+) -> Result<()> {
+    let w = kind.widths;
+    linear_forward(b, proj, &a.mlp_act, &wl.down, lora, Slot::Down, n, w.hidden, w.c, kind.weights)
 }
 
 /// The LM head on `rows` rows of `norm_f` (`target_rows`, with their `targets`): gathers them,

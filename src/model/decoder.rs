@@ -55,12 +55,11 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 
 use super::activations::{layer_input, two_slots_mut, Activations, BackwardScratch, KeptLayers, Widths};
-use super::adapters::{linear_forward, Lora};
+use super::adapters::Lora;
 use super::batch::DeviceBatch;
-use super::block::{block_backward, block_interior_forward, head_backward, lm_head, BlockGrads, BlockKind};
+use super::block::{block_backward, block_interior_forward, head_backward, lm_head, mlp_down, BlockGrads, BlockKind};
 pub use super::init::random_weights;
 use super::logp_parts::{ForwardExtras, PartBuffers, RowSplit, SequenceLogps};
-use super::lora::Slot;
 use super::params::Params;
 use super::DecoderConfig;
 use crate::backend::Backend;
@@ -139,7 +138,7 @@ impl<B: Backend> Decoder<B> {
 
         let kind = BlockKind::of(&self.config);
         let (n_layer, w) = (self.config.n_layer, kind.widths);
-        let (c, layout) = (w.c, kind.weights);
+        let c = w.c;
         let b = &*self.backend;
         let p = &self.params;
         let rope = self.rope_freqs.as_ref();
@@ -162,8 +161,7 @@ impl<B: Backend> Decoder<B> {
             let (wl, mut adapters) = (&p.blocks[l], lora.as_deref_mut().and_then(|lora| lora.block(l)));
             block_interior_forward(b, &kind, wl, x, norm_1, a, &mut trunk.proj, batch, rope, adapters.as_mut())?;
             // The MLP's down projection joins the residual stream: residual_3 = residual_2 + down(mlp_act).
-            let (proj, down) = (&mut trunk.proj, adapters.as_mut());
-            linear_forward(b, proj, &a.mlp_act, &wl.down, down, Slot::Down, n, w.hidden, c, layout)?;
+            mlp_down(b, &kind, wl, &mut trunk.proj, a, adapters.as_mut(), n)?;
             // residual_3 with the norm that reads it: the next block's norm_1 (in the next layer's
             // slot; in a frozen model that is the slot of this layer's input x, no longer needed), or
             // norm_f after the last block.

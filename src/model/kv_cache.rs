@@ -3,28 +3,24 @@
 //! ([`KvCache`], [`Decoder::extend_cached`]).
 //!
 //! The cache keeps, per layer, each token's `qkv` row (RoPE applied), sequence `s` at rows
-//! `s·(capacity + 1) + t`. A step runs its new tokens alone through the projections, the norms and
-//! the MLP (`[M, ·]` for M new tokens in all); their `qkv` rows are added into the cache's zero rows
-//! (`scatter_rows` then `add_inplace`), and the attention is the backend's packed causal attention
-//! over the cache, whose segments are each sequence's tokens followed by a gap of unused zero rows
-//! (at least one, so no segment is empty); the new tokens' rows of its output are gathered back.
-//! Every op is one the training path runs, on every backend. What it costs: the projections and
-//! the MLP on the new tokens only, as a KV cache should, but the attention over every cached row
-//! again at each step (O(T²) per step, where a decode kernel would do O(T)): a dedicated
-//! decode-attention kernel is left for later.
+//! `s·(capacity + 1) + t`. A step runs its new tokens alone through the block forward the training
+//! path runs (`block.rs`, LoRA's adapters included), `[M, ·]` for M new tokens in all; only the
+//! attention differs ([`CachedAttention`]): the new rows go into the cache, and a decoding step (one
+//! new token per sequence) attends with the decode-attention op, O(T) per token, while a prompt
+//! runs the packed causal attention over the cache.
 
 use anyhow::{ensure, Result};
 
-use super::adapters::linear_forward;
-use super::block::BlockKind;
-use super::lora::Slot;
+use super::activations::LayerInterior;
+use super::block::{block_interior_forward_with, mlp_down, BlockKind};
 use super::{Decoder, DeviceBatch};
-use crate::backend::{Backend, Packing, WeightLayout};
+use crate::backend::{Backend, DecodeSpans, Packing, QkvLayout, WeightLayout};
 use crate::data::PackedBatch;
 
 /// The keys and values (as whole `qkv` rows) of a batch of sequences, up to `capacity` tokens each.
 pub struct KvCache<B: Backend> {
     capacity: usize,
+    layout: QkvLayout,
     /// Tokens cached per sequence.
     lens: Vec<usize>,
     /// Per layer `[S·(capacity + 1), qkv width]`, zero where no token is.
@@ -43,7 +39,7 @@ impl<B: Backend> KvCache<B> {
         );
         let rows = sequences * (capacity + 1) * cfg.qkv_layout().width();
         let layers = (0..cfg.n_layer).map(|_| model.backend().zeros(rows)).collect::<Result<_>>()?;
-        Ok(Self { capacity, lens: vec![0; sequences], layers })
+        Ok(Self { capacity, layout: cfg.qkv_layout(), lens: vec![0; sequences], layers })
     }
 
     /// Tokens cached for sequence `s`.
@@ -125,65 +121,113 @@ impl<B: Backend> Decoder<B> {
         for (s, toks) in new.iter().enumerate() {
             cache.lens[s] += toks.len();
         }
-        // Each sequence's tokens, then its gap of unused rows (never empty: len ≤ capacity).
-        let mut cu = vec![0i32];
-        for &len in &cache.lens {
-            cu.push(cu.last().unwrap() + len as i32);
-            cu.push(cu.last().unwrap() + (stride - len) as i32);
-        }
         let b = &*self.backend;
-        let packing = Packing::new(b, &cu)?;
+        let mut attention = CachedAttention::new(b, cache, new, &rows)?;
         let (kind, p, rope) = (BlockKind::of(cfg), &self.params, self.rope_freqs.as_ref());
-        let (w, layout, m, r) = (kind.widths, kind.weights, tokens.len(), cache.lens.len() * stride);
-        let c = w.c;
-        let (token_ids, position_ids, row_ids) =
-            (b.upload_ids(&tokens)?, b.upload_ids(&positions)?, b.upload_ids(&rows)?);
+        let (w, m, c) = (kind.widths, tokens.len(), kind.widths.c);
+        let (token_ids, position_ids) = (b.upload_ids(&tokens)?, b.upload_ids(&positions)?);
         let zeros = |len: usize| b.zeros(len);
-        let (mut x, mut norm, mut mean, mut rstd) = (zeros(m * c)?, zeros(m * c)?, zeros(m)?, zeros(m)?);
-        let (mut qkv, mut spread, mut att_all) = (zeros(m * w.qkv)?, zeros(r * w.qkv)?, zeros(r * w.att)?);
-        let mut saved = zeros(b.attention_saved_len(&packing, cfg.n_head))?;
-        let (mut atty, mut proj, mut residual_2) = (zeros(m * w.att)?, zeros(m * c)?, zeros(m * c)?);
-        let (mut up, mut act, mut residual_3) = (zeros(m * w.up)?, zeros(m * w.hidden)?, zeros(m * c)?);
+        let mean_rows = w.mean_rows(m);
+        let (mut x, mut norm, mut mean, mut rstd) = (zeros(m * c)?, zeros(m * c)?, zeros(mean_rows)?, zeros(m)?);
+        let (mut proj, mut residual_3) = (zeros(m * c)?, zeros(m * c)?);
+        let mut a = LayerInterior::empty(b)?;
+        a.resize(b, m, mean_rows, c, w.qkv, w.att, w.up, w.hidden, 0)?;
 
         b.embedding_forward(&mut x, &token_ids, &position_ids, &p.wte, p.wpe.as_ref(), m, c)?;
         kind.norm(b, &mut norm, &mut mean, &mut rstd, &x, &p.blocks[0].norm_1, m)?;
         for (l, wl) in p.blocks.iter().enumerate() {
-            // The projections as the training forward runs them, LoRA's adapters included.
+            // The block as the training forward runs it, LoRA's adapters included; only the
+            // attention differs.
             let mut adapters = self.lora.as_mut().and_then(|lora| lora.block(l));
-            linear_forward(b, &mut qkv, &norm, &wl.qkv, adapters.as_mut(), Slot::Qkv, m, c, w.qkv, layout)?;
-            if let Some(freqs) = rope {
-                b.rope_forward(&mut qkv, &position_ids, freqs, m, kind.qkv)?;
-            }
-            // Into the cache's zero rows, then attention over each sequence's cached rows.
-            b.scatter_rows(&mut spread, &qkv, &row_ids, m, r, w.qkv)?;
-            b.add_inplace(&mut cache.layers[l], &spread)?;
-            b.attention_forward(&mut att_all, &mut saved, &cache.layers[l], &packing, kind.qkv)?;
-            b.gather_rows(&mut atty, &att_all, &row_ids, m, r, w.att)?;
-            linear_forward(b, &mut proj, &atty, &wl.o, adapters.as_mut(), Slot::O, m, w.att, c, layout)?;
-            kind.residual_norm(b, &mut residual_2, &mut norm, &mut mean, &mut rstd, &x, &proj, &wl.norm_2, m)?;
-            let adapted_up = adapters.as_ref().is_some_and(|a| a.adapts(Slot::Up));
-            if kind.gelu && !adapted_up {
-                let bias = wl.up.b.as_ref().expect("GPT-2's MLP has biases");
-                b.matmul_bias_gelu_forward(&mut up, &mut act, &norm, &wl.up.w, bias, m, c, w.up)?;
-            } else {
-                linear_forward(b, &mut up, &norm, &wl.up, adapters.as_mut(), Slot::Up, m, c, w.up, layout)?;
-                if kind.gelu {
-                    b.gelu_forward(&mut act, &up)?;
-                } else {
-                    b.swiglu_forward(&mut act, &up, m, w.hidden)?;
-                }
-            }
-            linear_forward(b, &mut proj, &act, &wl.down, adapters.as_mut(), Slot::Down, m, w.hidden, c, layout)?;
+            let attend = |a: &mut LayerInterior<B::Buf>| attention.attend(b, a, l, kind.qkv);
+            let tokens = (m, &position_ids);
+            block_interior_forward_with(
+                b,
+                &kind,
+                wl,
+                &x,
+                &norm,
+                &mut a,
+                &mut proj,
+                tokens,
+                rope,
+                adapters.as_mut(),
+                attend,
+            )?;
+            mlp_down(b, &kind, wl, &mut proj, &a, adapters.as_mut(), m)?;
             let next = p.blocks.get(l + 1).map_or(&p.norm_f, |next| &next.norm_1);
-            kind.residual_norm(b, &mut residual_3, &mut norm, &mut mean, &mut rstd, &residual_2, &proj, next, m)?;
+            kind.residual_norm(b, &mut residual_3, &mut norm, &mut mean, &mut rstd, &a.residual_2, &proj, next, m)?;
             std::mem::swap(&mut x, &mut residual_3);
         }
-        let (a, v) = (active.len(), vocab);
-        let mut last_rows = zeros(a * c)?;
-        b.gather_rows(&mut last_rows, &norm, &b.upload_ids(&last)?, a, m, c)?;
-        let mut logits = zeros(a * v)?;
-        b.matmul_forward(&mut logits, &last_rows, p.head(), None, a, c, v, WeightLayout::OutIn)?;
+        let (n_active, v) = (active.len(), vocab);
+        let mut last_rows = zeros(n_active * c)?;
+        b.gather_rows(&mut last_rows, &norm, &b.upload_ids(&last)?, n_active, m, c)?;
+        let mut logits = zeros(n_active * v)?;
+        b.matmul_forward(&mut logits, &last_rows, p.head(), None, n_active, c, v, WeightLayout::OutIn)?;
         let logits = b.download(&logits)?;
         Ok(active.into_iter().enumerate().map(|(i, s)| (s, logits[i * v..(i + 1) * v].to_vec())).collect())
+    }
+}
+
+/// A step's attention against the cache: the new tokens' `qkv` rows go into the cache's zero rows
+/// (`scatter_rows` then `add_inplace`); then, when every sequence given tokens adds one (a decoding
+/// step), the decode-attention op over each sequence's cached rows, else (a prompt) the packed
+/// causal attention over the whole cache, whose segments are each sequence's tokens followed by a
+/// gap of unused zero rows (at least one, so no segment is empty), the new tokens' rows of its
+/// output gathered back.
+struct CachedAttention<'c, B: Backend> {
+    cache: &'c mut KvCache<B>,
+    /// `[M]` the new tokens' cache rows.
+    rows: B::Ids,
+    spread: B::Buf,
+    path: CachedPath<B>,
+}
+
+enum CachedPath<B: Backend> {
+    Decode(DecodeSpans<B>),
+    Packed { packing: Packing<B>, att_all: B::Buf, saved: B::Buf },
+}
+
+impl<'c, B: Backend> CachedAttention<'c, B> {
+    /// For a step that has added `new[s]` to each sequence `s` (the cache's lengths already counting
+    /// them) at cache rows `rows`.
+    fn new(b: &B, cache: &'c mut KvCache<B>, new: &[Vec<i32>], rows: &[i32]) -> Result<Self> {
+        let (stride, layout) = (cache.stride(), cache.layout);
+        let r = cache.lens.len() * stride;
+        let one_each = new.iter().all(|toks| toks.len() <= 1);
+        let path = if one_each {
+            let (mut starts, mut lens) = (Vec::new(), Vec::new());
+            for (s, _) in new.iter().enumerate().filter(|(_, toks)| !toks.is_empty()) {
+                starts.push((s * stride) as i32);
+                lens.push(cache.lens[s] as i32);
+            }
+            CachedPath::Decode(DecodeSpans::new(b, &starts, &lens)?)
+        } else {
+            let mut cu = vec![0i32];
+            for &len in &cache.lens {
+                cu.push(cu.last().unwrap() + len as i32);
+                cu.push(cu.last().unwrap() + (stride - len) as i32);
+            }
+            let packing = Packing::new(b, &cu)?;
+            let saved = b.zeros(b.attention_saved_len(&packing, layout.n_head))?;
+            CachedPath::Packed { packing, att_all: b.zeros(r * layout.q_width())?, saved }
+        };
+        Ok(Self { rows: b.upload_ids(rows)?, spread: b.zeros(r * layout.width())?, cache, path })
+    }
+
+    /// Layer `l`: `a.qkv`'s rows into the cache, then `a.atty`.
+    fn attend(&mut self, b: &B, a: &mut LayerInterior<B::Buf>, l: usize, layout: QkvLayout) -> Result<()> {
+        let (m, r, width) =
+            (b.buf_len(&a.qkv) / layout.width(), b.buf_len(&self.spread) / layout.width(), layout.width());
+        let layer = &mut self.cache.layers[l];
+        b.scatter_rows(&mut self.spread, &a.qkv, &self.rows, m, r, width)?;
+        b.add_inplace(layer, &self.spread)?;
+        match &mut self.path {
+            CachedPath::Decode(spans) => b.decode_attention_forward(&mut a.atty, &a.qkv, layer, spans, layout),
+            CachedPath::Packed { packing, att_all, saved } => {
+                b.attention_forward(att_all, saved, layer, packing, layout)?;
+                b.gather_rows(&mut a.atty, att_all, &self.rows, m, r, layout.q_width())
+            }
+        }
     }
 }

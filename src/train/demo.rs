@@ -133,7 +133,7 @@ pub fn demo_configs(opts: &DemoOptions, data: PathBuf, eval_data: PathBuf) -> (R
     (sft, dpo)
 }
 
-fn number_of_rows(quick: bool) -> usize {
+pub fn number_of_rows(quick: bool) -> usize {
     if quick {
         400
     } else {
@@ -143,6 +143,40 @@ fn number_of_rows(quick: bool) -> usize {
 
 fn get(rec: &Record, key: &str) -> f64 {
     rec.get(key).and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
+}
+
+/// The demo's data as written into its output directory.
+pub struct DemoData {
+    pub train_path: PathBuf,
+    pub eval_path: PathBuf,
+    /// The held-out rows (whole prompts no run trains on).
+    pub eval_rows: Vec<PkuRow>,
+    /// What was written and the T(D) counts, for the log.
+    pub summary: String,
+}
+
+/// Builds the synthetic safety preference set, holds out whole prompts, writes both sides as
+/// PKU-SafeRLHF JSONL into `opts.out_dir` and reads the training side back through the loader.
+pub fn write_demo_data(opts: &DemoOptions) -> Result<DemoData> {
+    let out = &opts.out_dir;
+    let rows = synthetic_pku_rows(number_of_rows(opts.quick), opts.seed);
+    let (train_rows, eval_rows) = split_holdout_by(rows, EVAL_FRACTION, opts.seed, |r: &PkuRow| r.prompt.clone());
+    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("eval.jsonl"));
+    write_pku_jsonl(&train_path, &train_rows)?;
+    write_pku_jsonl(&eval_path, &eval_rows)?;
+    let (_, report) = load_pairs(&train_path, DataFormat::PkuSafeRlhf, PairSelection::SafeDpo, false)?;
+    let summary = format!(
+        "synthetic safety data: {} PKU-SafeRLHF rows in {} ({} more, on held-out prompts, in {})\nT(D): {} pairs \
+         kept (preferred safe), {} swapped (preferred unsafe, other safe), {} dropped (both unsafe)",
+        train_rows.len(),
+        train_path.display(),
+        eval_rows.len(),
+        eval_path.display(),
+        report.kept,
+        report.swapped,
+        report.dropped
+    );
+    Ok(DemoData { train_path, eval_path, eval_rows, summary })
 }
 
 /// Runs the demo on `backend`.
@@ -157,23 +191,9 @@ pub fn run_demo<B: Backend>(backend: Arc<B>, opts: &DemoOptions) -> Result<DemoR
     };
 
     // 1. The data, through the real loader; whole prompts held out for evaluation.
-    let rows = synthetic_pku_rows(number_of_rows(opts.quick), opts.seed);
-    let (train_rows, eval_rows) = split_holdout_by(rows, EVAL_FRACTION, opts.seed, |r: &PkuRow| r.prompt.clone());
-    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("eval.jsonl"));
-    write_pku_jsonl(&train_path, &train_rows)?;
-    write_pku_jsonl(&eval_path, &eval_rows)?;
-    let (_, report) = load_pairs(&train_path, DataFormat::PkuSafeRlhf, PairSelection::SafeDpo, false)?;
-    say(format!(
-        "synthetic safety data: {} PKU-SafeRLHF rows in {} ({} more, on held-out prompts, in {})\nT(D): {} pairs \
-         kept (preferred safe), {} swapped (preferred unsafe, other safe), {} dropped (both unsafe)",
-        train_rows.len(),
-        train_path.display(),
-        eval_rows.len(),
-        eval_path.display(),
-        report.kept,
-        report.swapped,
-        report.dropped
-    ));
+    let data = write_demo_data(opts)?;
+    say(data.summary.clone());
+    let (train_path, eval_path) = (data.train_path, data.eval_path);
 
     let (sft_cfg, dpo_cfg) = demo_configs(opts, train_path, eval_path);
     // The demo makes its runs again from scratch each time.

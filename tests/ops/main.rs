@@ -17,6 +17,7 @@ mod device;
 
 mod attention;
 mod buffers;
+mod decode_attention;
 mod determinism;
 mod embedding;
 mod grad_norm;

@@ -32,6 +32,7 @@ mod simd;
 pub use simd::{cpu_flags, isa_paths, row_kernel_level, SimdLevel, CPU_ISA_ENV};
 
 pub mod attention;
+pub mod decode_attention;
 pub mod embedding;
 pub mod grad_norm;
 pub mod layernorm;

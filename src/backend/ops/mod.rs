@@ -3,6 +3,7 @@
 //! (`backend/cuda/ops/<op>.rs`).
 
 pub mod attention;
+pub mod decode_attention;
 pub mod embedding;
 pub mod grad_norm;
 pub mod layernorm;
@@ -17,6 +18,7 @@ pub mod rows;
 pub mod swiglu;
 
 pub use attention::{AttentionOps, QkvLayout};
+pub use decode_attention::{DecodeAttentionOps, DecodeSpans};
 pub use embedding::EmbeddingOps;
 pub use grad_norm::GradNormOps;
 pub use layernorm::LayerNormOps;

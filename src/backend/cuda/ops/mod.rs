@@ -3,6 +3,7 @@
 //! `impl <Op>Ops for CudaBackend`.
 
 mod attention;
+mod decode_attention;
 mod embedding;
 mod grad_norm;
 mod layernorm;
