@@ -18,7 +18,7 @@
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{emu, CudaBackend, CudaBuf, Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::{AdamWParams, QkvLayout};
+use safedpo::backend::{AdamWParams, Packing, QkvLayout};
 
 use crate::common::*;
 
@@ -38,8 +38,12 @@ struct Wide {
 
 impl Wide {
     fn new(device: &Device) -> Self {
+        Self::with_precision(device, Precision::F32)
+    }
+
+    fn with_precision(device: &Device, precision: Precision) -> Self {
         Self {
-            cuda: CudaBackend::new(device.clone(), Precision::F32),
+            cuda: CudaBackend::new(device.clone(), precision),
             cpu: CpuBackend::new(),
             emulated: device.is_emulated(),
         }
@@ -336,6 +340,65 @@ fn rope(w: &Wide) {
     check("rope_forward past 2^31", &w.read(&qkv, at, x.len()), &w.cpu.download(&want).unwrap());
 }
 
+/// Attention over packed sequences of 256 tokens whose `qkv` rows reach past 2^31 elements; the
+/// window runs the last sequence (grid y), which straddles element 2^31, forward and backward.
+/// In f32 the portable kernels, in bf16 the tensor-core ones (head dim 64).
+fn attention_in(w: &Wide, tolerance: f64) {
+    let layout = QkvLayout { n_head: 4, n_kv_head: 4, head_dim: 64 };
+    let (width, q_width) = (layout.width(), layout.q_width());
+    let len = 256;
+    let n = ((1usize << 31) / width + 1).next_multiple_of(len);
+    let start = n - len;
+    assert!(start * width < 1 << 31 && n * width > 1 << 31);
+    let cu: Vec<i32> = (0..=n / len).map(|s| (s * len) as i32).collect();
+    let packing = Packing::new(&w.cuda, &cu).unwrap();
+    let stored = |x: Vec<f32>| -> Vec<f32> {
+        match w.cuda.precision() {
+            Precision::F32 => x,
+            Precision::Bf16 => x.into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect(),
+        }
+    };
+    let x = stored(randn(&mut rng(15), len * width, 1.0));
+    let qkv = w.sparse(n * width, start * width, &x);
+    let mut out = w.sparse(n * q_width, start * q_width, &poison(len * q_width));
+    let mut saved = w.cuda.zeros(w.cuda.attention_saved_len(&packing, layout.n_head)).unwrap();
+    let last_sequence = [("attention", emu::BlockRange::last_y(1))];
+    w.windowed(&last_sequence, || w.cuda.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap());
+
+    let cpu_packing = Packing::new(&w.cpu, &[0, len as i32]).unwrap();
+    let up = |x: &[f32]| w.cpu.upload(x).unwrap();
+    let xc = up(&x);
+    let mut want = w.cpu.zeros(len * q_width).unwrap();
+    let mut want_saved = w.cpu.zeros(w.cpu.attention_saved_len(&cpu_packing, layout.n_head)).unwrap();
+    w.cpu.attention_forward(&mut want, &mut want_saved, &xc, &cpu_packing, layout).unwrap();
+    let got_out = w.read(&out, start * q_width, len * q_width);
+    assert_close_scaled("attention_forward past 2^31", &got_out, &to_f64(&w.cpu.download(&want).unwrap()), tolerance);
+
+    let dout = stored(randn(&mut rng(16), len * q_width, 1.0));
+    let dout_buf = w.sparse(n * q_width, start * q_width, &dout);
+    let mut dqkv = w.sparse(n * width, start * width, &poison(len * width));
+    w.windowed(&last_sequence, || {
+        w.cuda.attention_backward(&mut dqkv, &dout_buf, &qkv, &out, &saved, &packing, layout).unwrap()
+    });
+    // The CPU backward from the device's own forward output, as the model runs it.
+    let mut want_dqkv = w.cpu.zeros(len * width).unwrap();
+    w.cpu
+        .attention_backward(&mut want_dqkv, &up(&dout), &xc, &up(&got_out), &want_saved, &cpu_packing, layout)
+        .unwrap();
+    let got = w.read(&dqkv, start * width, len * width);
+    assert_close_scaled("attention_backward past 2^31", &got, &to_f64(&w.cpu.download(&want_dqkv).unwrap()), tolerance);
+}
+
+fn attention(w: &Wide) {
+    attention_in(w, 1e-5);
+}
+
+/// bf16 on tensor cores: the tolerance of tests/ops/attention.rs's tensor-core checks.
+fn attention_tensor_cores(w: &Wide) {
+    let device = w.cuda.device().clone();
+    attention_in(&Wide::with_precision(&device, Precision::Bf16), 1e-2);
+}
+
 /// A case: writes its inputs, runs its op, checks the outputs past 2^31.
 type Case = fn(&Wide);
 
@@ -350,6 +413,8 @@ const CASES: &[(&str, Case)] = &[
     ("embedding", embedding),
     ("rows", rows),
     ("rope", rope),
+    ("attention", attention),
+    ("attention_tensor_cores", attention_tensor_cores),
 ];
 
 /// Set (to the case's name) in a child process of `past_2_pow_31_on_the_emulated_device`.
