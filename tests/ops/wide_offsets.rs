@@ -199,6 +199,16 @@ fn layernorm(w: &Wide) {
     w.cpu.layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &xc, &wc, &bc, TAIL_ROWS, C, 1e-5).unwrap();
     check("layernorm_forward past 2^31", &w.read(&out, at, x.len()), &w.cpu.download(&want).unwrap());
     check("layernorm_forward rstd", &w.read(&rstd, ROWS - TAIL_ROWS, TAIL_ROWS), &w.cpu.download(&want_rstd).unwrap());
+    residual_norm_forward(w, "residual_layernorm_forward", &inp, &x, |residual, out, sum, a, b| {
+        let (mut mean, mut rstd) = (w.cuda.zeros(ROWS).unwrap(), w.cuda.zeros(ROWS).unwrap());
+        w.cuda.residual_layernorm_forward(residual, out, &mut mean, &mut rstd, a, b, &wd, &bd, ROWS, C, 1e-5).unwrap();
+        let mut want = w.cpu.zeros(sum.len()).unwrap();
+        let (mut want_mean, mut want_rstd) = (w.cpu.zeros(TAIL_ROWS).unwrap(), w.cpu.zeros(TAIL_ROWS).unwrap());
+        w.cpu
+            .layernorm_forward(&mut want, &mut want_mean, &mut want_rstd, &up(sum), &wc, &bc, TAIL_ROWS, C, 1e-5)
+            .unwrap();
+        w.cpu.download(&want).unwrap()
+    });
 
     // The backward: dinp of the last rows, and the parameter gradients, of which only the last rows'
     // share is nonzero (every other row's dout is zero); the window runs the last chunk of rows.
@@ -231,6 +241,26 @@ fn layernorm(w: &Wide) {
     check("layernorm_backward dbias", &w.read(&db, 0, C), &w.cpu.download(&want_db).unwrap());
 }
 
+/// The fused residual add + norm (`kernel`) on `a = b = inp`, whose last rows hold `x`: the residual
+/// `2x` and the norm of it on those rows, against `norm_of(residual, out, 2x, a, b)`, which runs the
+/// op and returns the CPU's norm of `2x`.
+fn residual_norm_forward(
+    w: &Wide,
+    kernel: &str,
+    inp: &CudaBuf,
+    x: &[f32],
+    norm_of: impl FnOnce(&mut CudaBuf, &mut CudaBuf, &[f32], &CudaBuf, &CudaBuf) -> Vec<f32>,
+) {
+    let at = (ROWS - TAIL_ROWS) * C;
+    let mut residual = w.sparse(ROWS * C, at, &poison(x.len()));
+    let mut out = w.sparse(ROWS * C, at, &poison(x.len()));
+    let sum: Vec<f32> = x.iter().map(|v| v + v).collect();
+    let (want, _) =
+        w.windowed(&[(kernel, emu::BlockRange::last_x(2))], || norm_of(&mut residual, &mut out, &sum, inp, inp));
+    check(&format!("{kernel} residual past 2^31"), &w.read(&residual, at, x.len()), &sum);
+    check(&format!("{kernel} past 2^31"), &w.read(&out, at, x.len()), &want);
+}
+
 /// A norm's backward under windows: its row kernel's last two blocks, and the last chunk of rows of
 /// its parameter-gradient partial sums (the final ordered sum over chunks runs whole).
 fn backward_windows(rows: &'static str, partial: &'static str) -> [(&'static str, emu::BlockRange); 2] {
@@ -253,6 +283,14 @@ fn rmsnorm(w: &Wide) {
     w.cpu.rmsnorm_forward(&mut want, &mut want_rstd, &xc, &wc, TAIL_ROWS, C, 1e-6).unwrap();
     check("rmsnorm_forward past 2^31", &w.read(&out, at, x.len()), &w.cpu.download(&want).unwrap());
     check("rmsnorm_forward rstd", &w.read(&rstd, ROWS - TAIL_ROWS, TAIL_ROWS), &w.cpu.download(&want_rstd).unwrap());
+    residual_norm_forward(w, "residual_rmsnorm_forward", &inp, &x, |residual, out, sum, a, b| {
+        let mut rstd = w.cuda.zeros(ROWS).unwrap();
+        w.cuda.residual_rmsnorm_forward(residual, out, &mut rstd, a, b, &wd, ROWS, C, 1e-6).unwrap();
+        let mut want = w.cpu.zeros(sum.len()).unwrap();
+        let mut want_rstd = w.cpu.zeros(TAIL_ROWS).unwrap();
+        w.cpu.rmsnorm_forward(&mut want, &mut want_rstd, &up(sum), &wc, TAIL_ROWS, C, 1e-6).unwrap();
+        w.cpu.download(&want).unwrap()
+    });
 
     let dout = randn(&mut rng(11), x.len(), 1.0);
     let dout_buf = w.sparse(ROWS * C, at, &dout);
