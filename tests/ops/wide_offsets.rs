@@ -327,6 +327,17 @@ fn embedding(w: &Wide) {
     assert_eq!(assert_tail_in_last_block(record, n * C), tail);
     let want: Vec<f32> = te.iter().zip(&pe).map(|(a, b)| a + b).collect();
     check("embedding_forward past 2^31", &w.read(&out, n * C - tail, tail), &want[C - tail..]);
+
+    // The backward buckets tokens by id, ascending: the window's last bucket is the last token's
+    // table row (and, for the positions, the last position's), fed by the last row of dout.
+    let d = randn(&mut rng(17), C, 1.0);
+    let dout = w.sparse(n * C, (n - 1) * C, &d);
+    let (mut dwte, mut dwpe) = (w.cuda.zeros(vocab * C).unwrap(), w.cuda.zeros(n * C).unwrap());
+    w.windowed(&[("embedding_backward", emu::BlockRange::last_x(1))], || {
+        w.cuda.embedding_backward(&mut dwte, Some(&mut dwpe), &dout, &tok, &pos, n, C).unwrap()
+    });
+    check("embedding_backward token row past 2^31", &w.read(&dwte, (vocab - 1) * C, C), &d);
+    check("embedding_backward position row past 2^31", &w.read(&dwpe, (n - 1) * C, C), &d);
 }
 
 fn rows(w: &Wide) {
