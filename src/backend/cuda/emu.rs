@@ -13,6 +13,10 @@
 //! a write) with no barrier between, and blocks, warps and lanes run in a seeded random order
 //! (docs/TESTING.md, "Shared-memory races").
 //!
+//! Tests of offsets past 2^31 elements ([`set_lazy_alloc`], [`BlockWindow`]) map buffers larger than
+//! the machine's memory and run only the far end of a launch's grid (docs/TESTING.md, "Offsets past
+//! 2^31 elements").
+//!
 //! GEMM is a CPU reference with the GPU path's semantics ([`Gemm`]): f32 products (the `gemm` crate),
 //! then `alpha·P + beta·D + bias` in f32, rounded once to D's type; with the GELU epilogue, that value
 //! rounded to the pre-activation buffer and its GELU (f32) rounded to D.
