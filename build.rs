@@ -47,7 +47,10 @@ const NVCC_FLAGS: &[&str] =
     &["--fatbin", "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcudafe", "--display_error_number"];
 /// The emulated device runs kernels at this optimisation level whatever the cargo profile: the
 /// emulator is what CI runs, and -O2 is several times faster than -O0 on fiber-heavy code.
-const EMU_FLAGS: &[&str] = &["-fno-strict-aliasing", "-fno-math-errno", "-Wno-unknown-pragmas"];
+/// `-fwrapv`: a signed `int` that overflows wraps, as a GPU's 32-bit integer arithmetic does, rather
+/// than being undefined behaviour that GCC may quietly evaluate in 64 bits (a loop's `row * c` turned
+/// into a 64-bit induction variable), which would hide a 32-bit index product past 2^31 here.
+const EMU_FLAGS: &[&str] = &["-fno-strict-aliasing", "-fno-math-errno", "-fwrapv", "-Wno-unknown-pragmas"];
 /// Both copies of each kernel file: each static in a section of its own (see `fix_emu_object`).
 const EMU_UNIT_FLAGS: &[&str] = &["-fdata-sections"];
 /// The race-checked copy of each kernel file: ThreadSanitizer's compile-time instrumentation, a call

@@ -21,7 +21,7 @@ Usage:
   scripts/kernel-mutants.py [--files kernels/rope.cu ...] [--ops sync,wide] [--budget-min 60]
                             [--max N] [--seed S] [--list] [--out target/mutation-results/kernels.tsv]
 
-The tests of `kernels/<op>.cu` are `cargo test --test ops -- <op>::` (the op's CPU tests, its
+The tests of `kernels/<op>.cu` are `cargo test --test ops -- <op>:: wide_offsets::` (the op's CPU tests, its
 emulated-device tests in the emulator's test mode: race detector on, random warp order); a shared
 header (`common.cuh`, `mma.cuh`) is checked by every op's emulated-device tests, tests/emu.rs and
 tests/mma_fragments.rs. Builds use the `mutants` profile (release code, incremental) with nvcc
@@ -123,10 +123,11 @@ def mutants_of(path, ops):
 
 
 def tests_for(path):
-    """The test runs of a file: an op's own tests, or for a shared header every emulated-device test."""
+    """The test runs of a file: an op's own tests and every op's offsets past 2^31 (`wide_offsets`),
+    or for a shared header every emulated-device test."""
     if path.suffix == ".cuh":
-        return [["--test", "ops", "--", "emu::"], ["--test", "emu"], ["--test", "mma_fragments"]]
-    return [["--test", "ops", "--", f"{path.stem}::"]]
+        return [["--test", "ops", "--", "emu::", "wide_offsets::"], ["--test", "emu"], ["--test", "mma_fragments"]]
+    return [["--test", "ops", "--", f"{path.stem}::", "wide_offsets::"]]
 
 
 def run_tests(path, timeout):

@@ -155,6 +155,20 @@ struct Runtime {
     bool random_order = false;  // the test mode: a seeded random order of blocks, warps and lanes
     uint64_t seed = 0;          // its seed, and the state of the launch's generator
     uint64_t rng = 0;
+    // Block windows (emu_add_block_window): launches of a kernel whose name starts with a window's
+    // prefix (the first that matches) run only the blocks inside its [lo, hi) per dimension
+    // (negative bounds count from the grid's end). Tests of 64-bit offsets run the far end of a
+    // huge grid.
+    struct Window {
+        std::string prefix;
+        long long lo[3], hi[3];
+    };
+    std::vector<Window> windows;
+    unsigned window_grid[3] = {0, 0, 0}, window_block[3] = {0, 0, 0};  // its last launch
+    uint64_t window_launches = 0, window_blocks = 0;
+    // emu_set_lazy_alloc: fresh buffers are left as the kernel maps them (zero pages, committed only
+    // when touched) instead of filled with NaN bytes.
+    bool lazy_alloc = false;
 };
 
 Runtime g;
@@ -666,8 +680,60 @@ extern "C" void* emu_mem_alloc(size_t capacity) {
     char* guard = static_cast<char*>(map) + body;
     mprotect(guard, page, PROT_NONE);
     char* ptr = guard - capacity;
-    memset(ptr, 0xff, capacity);
+    if (!g.lazy_alloc) memset(ptr, 0xff, capacity);
     return ptr;
+}
+
+/// Sets `bytes` bytes at `ptr` (inside one emu_mem_alloc buffer) to zero. The whole pages of a large
+/// range are handed back to the kernel instead of written (MADV_DONTNEED on a private anonymous
+/// mapping: they read as zero and hold no memory until written), so zeroing gigabytes is cheap.
+extern "C" void emu_mem_zero(void* ptr, size_t bytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    char* begin = static_cast<char*>(ptr);
+    char* end = begin + bytes;
+    char* first = reinterpret_cast<char*>(((uintptr_t)begin + page - 1) / page * page);
+    char* last = reinterpret_cast<char*>((uintptr_t)end / page * page);
+    if (bytes < 64 * page || last <= first || madvise(first, last - first, MADV_DONTNEED) != 0) {
+        memset(begin, 0, bytes);
+        return;
+    }
+    memset(begin, 0, first - begin);
+    memset(last, 0, end - last);
+}
+
+/// Fresh buffers filled with NaN bytes (0, the default) or left as zero pages that take memory only
+/// where written (nonzero): for tests that address more memory than the machine has.
+extern "C" void emu_set_lazy_alloc(int on) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    g.lazy_alloc = on != 0;
+}
+
+/// Adds a block window: launches of the kernels whose name starts with `prefix` run only the blocks
+/// whose index lies in [lo[d], hi[d]) in every dimension d (a negative bound counts from the grid's
+/// end: -1 is the last block). The first window whose prefix matches applies.
+extern "C" void emu_add_block_window(const char* prefix, const long long lo[3], const long long hi[3]) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    Runtime::Window w{prefix, {lo[0], lo[1], lo[2]}, {hi[0], hi[1], hi[2]}};
+    g.windows.push_back(w);
+}
+
+/// Removes every block window and resets the record.
+extern "C" void emu_clear_block_windows(void) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    g.windows.clear();
+    g.window_launches = g.window_blocks = 0;
+}
+
+/// The window's record: out = {launches it applied to, blocks those ran, grid x, y, z, block x, y, z
+/// of the last such launch}.
+extern "C" void emu_block_window_record(uint64_t out[8]) {
+    std::lock_guard<std::mutex> lock(g_launch_lock);
+    out[0] = g.window_launches;
+    out[1] = g.window_blocks;
+    for (int d = 0; d < 3; ++d) {
+        out[2 + d] = g.window_grid[d];
+        out[5 + d] = g.window_block[d];
+    }
 }
 
 /// Frees what emu_mem_alloc(capacity) returned.
@@ -752,11 +818,36 @@ extern "C" int emu_launch(const char* name, const unsigned grid[3], const unsign
         c = splitmix64(g.rng ^ 1) % nblocks;
         do a = 1 + splitmix64(g.rng += 0x9e37) % (nblocks - 1); while (std::gcd(a, nblocks) != 1);
     }
+    // The block window, resolved against this grid: [lo, hi) per dimension.
+    const Runtime::Window* window = nullptr;
+    for (const auto& w : g.windows)
+        if (strncmp(name, w.prefix.c_str(), w.prefix.size()) == 0) {
+            window = &w;
+            break;
+        }
+    const bool windowed = window != nullptr;
+    long long lo[3] = {0, 0, 0}, hi[3] = {grid[0], grid[1], grid[2]};
+    if (windowed) {
+        for (int d = 0; d < 3; ++d) {
+            auto resolve = [&](long long v) {
+                return std::clamp(v < 0 ? v + (long long)grid[d] : v, 0LL, (long long)grid[d]);
+            };
+            lo[d] = resolve(window->lo[d]);
+            hi[d] = resolve(window->hi[d]);
+            g.window_grid[d] = grid[d];
+            g.window_block[d] = block[d];
+        }
+        ++g.window_launches;
+    }
     CpuTimer timer;
     for (uint64_t i = 0; i < nblocks; ++i) {
         const uint64_t b = (uint64_t)(((unsigned __int128)i * a + c) % nblocks);
         const unsigned x = (unsigned)(b % grid[0]), y = (unsigned)(b / grid[0] % grid[1]),
                        z = (unsigned)(b / grid[0] / grid[1]);
+        if (windowed) {
+            if (x < lo[0] || x >= hi[0] || y < lo[1] || y >= hi[1] || z < lo[2] || z >= hi[2]) continue;
+            ++g.window_blocks;
+        }
         blockIdx = uint3{x, y, z};
         if (!run_block()) {
             g.fibers_dirty = true;

@@ -31,6 +31,7 @@ mod rmsnorm;
 mod rope;
 mod rows;
 mod swiglu;
+mod wide_offsets;
 
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::prelude::*;

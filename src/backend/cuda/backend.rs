@@ -43,7 +43,7 @@ use std::ops::Deref;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
 use super::launch::grid_stride_config;
@@ -275,6 +275,38 @@ impl CudaBackend {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Writes `data` into elements `offset..offset + data.len()` of `buf`, rounded to its storage
+    /// type (and exactly into its master copy, where it has one): part of a buffer too large to
+    /// copy whole (tests of offsets past 2^31 elements).
+    pub fn write_range(&self, buf: &mut CudaBuf, offset: usize, data: &[f32]) -> Result<()> {
+        let end = offset.checked_add(data.len()).filter(|&end| end <= buf.len);
+        ensure!(end.is_some(), "write_range: {}+{} outside a buffer of {}", offset, data.len(), buf.len);
+        let range = offset..offset + data.len();
+        if let Some(master) = &mut buf.master {
+            self.device.copy_in(master.slice_mut(range.clone()), data)?;
+        }
+        match &mut buf.storage {
+            Storage::F32(b) => self.device.copy_in(b.slice_mut(range), data),
+            Storage::Bf16(b) => {
+                let rounded: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.device.copy_in(b.slice_mut(range), &rounded)
+            }
+        }
+    }
+
+    /// Elements `range` of `buf` as the kernels read them (its storage, not its master copy).
+    pub fn read_range(&self, buf: &CudaBuf, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        ensure!(
+            range.start <= range.end && range.end <= buf.len,
+            "read_range: {range:?} outside a buffer of {}",
+            buf.len
+        );
+        match &buf.storage {
+            Storage::F32(b) => self.device.download(b.slice(range)),
+            Storage::Bf16(b) => Ok(self.device.download(b.slice(range))?.into_iter().map(f32::from).collect()),
+        }
     }
 
     /// The storage type of parameters and activations in this backend's precision.

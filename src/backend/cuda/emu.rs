@@ -13,6 +13,10 @@
 //! a write) with no barrier between, and blocks, warps and lanes run in a seeded random order
 //! (docs/TESTING.md, "Shared-memory races").
 //!
+//! Tests of offsets past 2^31 elements ([`set_lazy_alloc`], [`BlockWindow`]) map buffers larger than
+//! the machine's memory and run only the far end of a launch's grid (docs/TESTING.md, "Offsets past
+//! 2^31 elements").
+//!
 //! GEMM is a CPU reference with the GPU path's semantics ([`Gemm`]): f32 products (the `gemm` crate),
 //! then `alpha·P + beta·D + bias` in f32, rounded once to D's type; with the GELU epilogue, that value
 //! rounded to the pre-activation buffer and its GELU (f32) rounded to D.
@@ -56,6 +60,11 @@ mod ffi {
         pub fn emu_set_schedule(random: c_int, seed: u64);
         pub fn emu_set_racecheck(on: c_int);
         pub fn emu_racecheck_enabled() -> c_int;
+        pub fn emu_mem_zero(ptr: *mut c_void, bytes: usize);
+        pub fn emu_set_lazy_alloc(on: c_int);
+        pub fn emu_add_block_window(prefix: *const c_char, lo: *const i64, hi: *const i64);
+        pub fn emu_clear_block_windows();
+        pub fn emu_block_window_record(out: *mut u64);
     }
 }
 
@@ -181,6 +190,85 @@ pub fn racecheck_enabled() -> bool {
     unsafe { ffi::emu_racecheck_enabled() != 0 }
 }
 
+/// Fresh buffers of later allocations hold NaN bytes (`false`, the default) or zero pages that take
+/// memory only where written (`true`): for tests that address more memory than the machine has
+/// (offsets past 2^31 elements). Process-wide.
+pub fn set_lazy_alloc(on: bool) {
+    // SAFETY: a plain value; the runtime takes its launch lock.
+    unsafe { ffi::emu_set_lazy_alloc(on as std::ffi::c_int) };
+}
+
+/// Blocks of a launch that a [`BlockWindow`] lets run: `[lo, hi)` in each dimension of the grid, a
+/// negative bound counting from the grid's end (`-2..i64::MAX` = the last two blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRange {
+    pub x: (i64, i64),
+    pub y: (i64, i64),
+    pub z: (i64, i64),
+}
+
+impl BlockRange {
+    /// Every block.
+    pub const ALL: (i64, i64) = (0, i64::MAX);
+    /// The last `n` blocks along x, every block along y and z.
+    pub fn last_x(n: i64) -> Self {
+        Self { x: (-n, i64::MAX), y: Self::ALL, z: Self::ALL }
+    }
+    /// The last `n` blocks along y, every block along x and z.
+    pub fn last_y(n: i64) -> Self {
+        Self { x: Self::ALL, y: (-n, i64::MAX), z: Self::ALL }
+    }
+}
+
+/// What the launches under a [`BlockWindow`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowRecord {
+    /// Launches the window applied to, and the blocks they ran.
+    pub launches: u64,
+    pub blocks: u64,
+    /// Grid and block dimensions of the last such launch.
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+/// While it lives, launches of a kernel whose name starts with one of its prefixes run only the
+/// blocks of that prefix's range (the first prefix that matches; other kernels run whole).
+/// Process-wide, one at a time. The far end of a grid too large to run whole: tests of 64-bit
+/// offsets run the blocks that address past 2^31 elements and check them.
+pub struct BlockWindow {
+    _private: (),
+}
+
+impl BlockWindow {
+    pub fn new(windows: &[(&str, BlockRange)]) -> Self {
+        // SAFETY: no arguments.
+        unsafe { ffi::emu_clear_block_windows() };
+        for (prefix, range) in windows {
+            let c_prefix = CString::new(*prefix).expect("a kernel name prefix without NUL bytes");
+            let (lo, hi) = ([range.x.0, range.y.0, range.z.0], [range.x.1, range.y.1, range.z.1]);
+            // SAFETY: the runtime copies the prefix and the six bounds under its launch lock.
+            unsafe { ffi::emu_add_block_window(c_prefix.as_ptr(), lo.as_ptr(), hi.as_ptr()) };
+        }
+        Self { _private: () }
+    }
+
+    /// The launches so far under this window.
+    pub fn record(&self) -> WindowRecord {
+        let mut out = [0u64; 8];
+        // SAFETY: writes eight u64.
+        unsafe { ffi::emu_block_window_record(out.as_mut_ptr()) };
+        let dims = |o: &[u64]| [o[0] as u32, o[1] as u32, o[2] as u32];
+        WindowRecord { launches: out[0], blocks: out[1], grid: dims(&out[2..5]), block: dims(&out[5..8]) }
+    }
+}
+
+impl Drop for BlockWindow {
+    fn drop(&mut self) {
+        // SAFETY: no arguments.
+        unsafe { ffi::emu_clear_block_windows() };
+    }
+}
+
 /// A live buffer: `bytes` used, `capacity` allocated (canary in between).
 #[derive(Clone, Copy)]
 struct Allocation {
@@ -276,6 +364,11 @@ impl Emu {
             FillPattern::U32(_) => 4,
         };
         self.check_range(dst, count * unit, "fill")?;
+        if matches!(pattern, FillPattern::U8(0) | FillPattern::U16(0) | FillPattern::U32(0)) {
+            // SAFETY: the range was checked; large ranges are zeroed page-wise (see emu_mem_zero).
+            unsafe { ffi::emu_mem_zero(dst as *mut c_void, count * unit) };
+            return Ok(());
+        }
         // SAFETY: the range was checked; device buffers are 256-byte aligned and views are offsets by
         // whole elements, so `dst` is aligned for the pattern's type.
         unsafe {
