@@ -18,7 +18,7 @@
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{emu, CudaBackend, CudaBuf, Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::{AdamWParams, Packing, QkvLayout};
+use safedpo::backend::{AdamWParams, DecodeSpans, Packing, QkvLayout};
 
 use crate::common::*;
 
@@ -448,6 +448,28 @@ fn attention_tensor_cores(w: &Wide) {
     attention_in(&Wide::with_precision(&device, Precision::Bf16), 1e-2);
 }
 
+/// Decoding one token against a KV cache whose rows pass 2^31 elements: the query's span straddles
+/// element 2^31 (the whole grid is small; only the cache is large).
+fn decode_attention(w: &Wide) {
+    let layout = QkvLayout { n_head: 4, n_kv_head: 2, head_dim: 64 };
+    let width = layout.width();
+    let (rows, len) = ((1usize << 31) / width + 100, 200);
+    let start = rows - len;
+    assert!(start * width < 1 << 31 && rows * width > 1 << 31);
+    let mut r = rng(18);
+    let (span, q) = (randn(&mut r, len * width, 1.0), randn(&mut r, width, 1.0));
+    let cache = w.sparse(rows * width, start * width, &span);
+    let qkv = w.cuda.upload(&q).unwrap();
+    let mut out = w.cuda.upload(&poison(layout.q_width())).unwrap();
+    let spans = DecodeSpans::new(&w.cuda, &[start as i32], &[len as i32]).unwrap();
+    w.cuda.decode_attention_forward(&mut out, &qkv, &cache, &spans, layout).unwrap();
+    let mut want = w.cpu.zeros(layout.q_width()).unwrap();
+    let cpu_spans = DecodeSpans::new(&w.cpu, &[0], &[len as i32]).unwrap();
+    let (qc, cache_c) = (w.cpu.upload(&q).unwrap(), w.cpu.upload(&span).unwrap());
+    w.cpu.decode_attention_forward(&mut want, &qc, &cache_c, &cpu_spans, layout).unwrap();
+    check("decode_attention_forward past 2^31", &w.cuda.download(&out).unwrap(), &w.cpu.download(&want).unwrap());
+}
+
 /// A case: writes its inputs, runs its op, checks the outputs past 2^31.
 type Case = fn(&Wide);
 
@@ -464,6 +486,7 @@ const CASES: &[(&str, Case)] = &[
     ("rope", rope),
     ("attention", attention),
     ("attention_tensor_cores", attention_tensor_cores),
+    ("decode_attention", decode_attention),
 ];
 
 /// Set (to the case's name) in a child process of `past_2_pow_31_on_the_emulated_device`.
