@@ -329,6 +329,10 @@ settings! {
         /// step is written (`inf`: no bound). The default is far above any objective's loss at sane
         /// settings (IPO's (1/2β)² is 2.5e5 at β = 0.001), far below a blow-up's.
         pub max_loss: f64 = 1e6,
+        /// Data-parallel runs (more than one rank): 0 keeps the whole AdamW state on every rank; 1
+        /// (ZeRO stage 1) shards it, each parameter tensor's moments (and bf16 master weights) on
+        /// one owner rank. The same update bit for bit; ignored by a run of one rank.
+        pub zero_stage: usize = 0,
     }
 }
 
