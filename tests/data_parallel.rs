@@ -194,7 +194,8 @@ fn the_same_world_size_twice_is_bit_identical_and_rank_0_alone_writes() {
     train(cpu(), &single, Task::Preference, &quiet()).unwrap();
     assert_eq!(metrics_without_timing(&a.out_dir).len(), metrics_without_timing(&single.out_dir).len());
     let names = |d: &Path| {
-        let mut n: Vec<String> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut n: Vec<String> =
+            fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         n.sort();
         n
     };
@@ -303,7 +304,7 @@ fn settings_that_would_make_ranks_disagree_are_refused() {
     let mut kto = base.clone();
     kto.objective = "kto".parse().unwrap();
     kto.precompute_ref = false;
-    cases.push((kto, Task::Preference, "unpaired objectives"));
+    cases.push((kto, Task::Preference, "the unpaired objectives"));
     let mut trdpo = base.clone();
     trdpo.sync_ref_model = true;
     trdpo.precompute_ref = false;

@@ -75,6 +75,7 @@
 //!
 //! [train]
 //! max_loss = 1e6             # a step's loss above this stops the run as diverged; inf: no bound
+//! zero_stage = 0             # data parallel: 1 shards AdamW's state over the ranks (ZeRO-1)
 //! ```
 
 // The command line's plumbing (flags, layers, origins): the CLI's, not an API.

@@ -24,9 +24,11 @@
 //! consolidated HF directory as a run of one rank writes, and a resume may use any world size), and
 //! evaluates; the other ranks write nothing into the out dir and print nothing.
 //!
-//! Refused with more than one rank: the unpaired objectives (KTO's KL estimate is taken within a
-//! micro-batch), `bco_running_mean` (a running mean over micro-batches), TR-DPO's `sync_ref_model`,
-//! and SFT (not wired yet).
+//! A rank runs whole micro-batches, so whatever an objective computes within one (a batch mean) is
+//! what one rank would compute. Refused with more than one rank: `bco_running_mean` (a running mean
+//! carried from micro-batch to micro-batch, which each rank would see only its share of), TR-DPO's
+//! `sync_ref_model`, and the steps not wired into a group yet: the unpaired objectives' (KTO,
+//! with its KL estimate) and SFT's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,8 +79,8 @@ fn check_data_parallel(cfg: &RunConfig, task: Task, world_size: usize) -> Result
     ensure!(task == Task::Preference, why("SFT runs on one rank only"));
     ensure!(
         cfg.objective.as_unpaired().is_none(),
-        why("the unpaired objectives (kto, apo_zero_unpaired) estimate their KL term within a micro-batch, which a \
-             rank's share would change; train them on one rank")
+        why("the unpaired objectives (kto, apo_zero_unpaired) have a step of their own (with KTO's KL estimate) that \
+             does not run data parallel yet; train them on one rank")
     );
     ensure!(
         !LossState::is_read_by(&cfg.objective),

@@ -591,10 +591,10 @@ fn train_ranked<B: Backend>(
     ));
 
     let objective = cfg.objective.clone();
+    let resume_dir = resume_from.as_deref();
+    let setup = || setup_reference(&backend, cfg, task, &data, &mut policy, resume_dir, tokenizer.as_ref(), &console);
     let ReferenceSetup { reference, eval_reference, reference_cache, ref_sync } =
-        data_parallel::lead_first(group.as_ref(), || {
-            setup_reference(&backend, cfg, task, &data, &mut policy, resume_from.as_deref(), tokenizer.as_ref(), &console)
-        })?;
+        data_parallel::lead_first(group.as_ref(), setup)?;
 
     let op = &cfg.optimizer;
     let mut policy = policy;
