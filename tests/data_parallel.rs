@@ -180,6 +180,23 @@ fn two_and_four_ranks_match_one_rank_on_the_emulated_device() {
 }
 
 #[test]
+fn a_rank_without_a_micro_batch_still_takes_part() {
+    // One micro-batch a step on 2 ranks: rank 1 has nothing to run and contributes zero gradients.
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path());
+    let mut one = tiny_config(&dir.path().join("one"), &data);
+    one.batching.grad_accum = 1;
+    train(cpu(), &one, Task::Preference, &quiet()).unwrap();
+    for zero_stage in [0, 1] {
+        let mut two = RunConfig { out_dir: dir.path().join(format!("two{zero_stage}")), ..one.clone() };
+        two.train.zero_stage = zero_stage;
+        run_ok(2, &two, cpu);
+        // The gradients are rank 0's (x + 0 = x); the grad norm is summed by owner, hence the bound.
+        assert_matches_one_rank(&one.out_dir, &two.out_dir, WEIGHT_BOUND, &format!("an idle rank, zero {zero_stage}"));
+    }
+}
+
+#[test]
 fn the_same_world_size_twice_is_bit_identical_and_rank_0_alone_writes() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_data(dir.path());
