@@ -61,6 +61,8 @@ pub fn decays_weight(name: &str) -> bool {
 
 /// One parameter tensor's AdamW state.
 struct Slot<B: Backend> {
+    /// The tensor's position in the model's parameter list.
+    index: usize,
     name: String,
     len: usize,
     decay: bool,
@@ -75,6 +77,8 @@ pub struct AdamW<B: Backend> {
     backend: Arc<B>,
     cfg: AdamWConfig,
     slots: Vec<Slot<B>>,
+    /// Every parameter name of the model, in order (the slots may hold a subset: a ZeRO shard).
+    model_names: Vec<String>,
     /// Number of steps taken; the next step is `step + 1` (1-based, for bias correction).
     step: u32,
 }
@@ -89,21 +93,32 @@ impl<B: Backend> AdamW<B> {
     /// `Decoder::params_and_grads_mut` (the model's one listing of named parameters); nothing is
     /// changed.
     pub fn new(model: &mut Decoder<B>, cfg: AdamWConfig) -> Result<Self> {
+        Self::for_tensors(model, cfg, &|_| true)
+    }
+
+    /// State only for the model's parameter tensors whose index `keep` accepts (a data-parallel
+    /// rank's ZeRO-1 shard); `step` updates only those, and `state_to_host` holds only theirs.
+    pub fn for_tensors(model: &mut Decoder<B>, cfg: AdamWConfig, keep: &dyn Fn(usize) -> bool) -> Result<Self> {
         cfg.validate()?;
         let backend = model.backend().clone();
         let mut slots = Vec::new();
-        for (name, param, grad) in model.params_and_grads_mut()? {
+        let mut model_names = Vec::new();
+        for (index, (name, param, grad)) in model.params_and_grads_mut()?.into_iter().enumerate() {
+            model_names.push(name.to_string());
             let len = backend.buf_len(param);
             ensure!(
                 backend.buf_len(grad) == len,
                 "adamw: gradient of {name} has {} elements, the parameter {len}",
                 backend.buf_len(grad)
             );
+            if !keep(index) {
+                continue;
+            }
             let m = backend.zeros(len).with_context(|| format!("adamw: allocating m for {name} ({len} floats)"))?;
             let v = backend.zeros(len).with_context(|| format!("adamw: allocating v for {name} ({len} floats)"))?;
-            slots.push(Slot { name: name.to_string(), len, decay: decays_weight(name), m, v });
+            slots.push(Slot { index, name: name.to_string(), len, decay: decays_weight(name), m, v });
         }
-        Ok(Self { backend, cfg, slots, step: 0 })
+        Ok(Self { backend, cfg, slots, model_names, step: 0 })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -132,13 +147,14 @@ impl<B: Backend> AdamW<B> {
         let backend = self.backend.clone();
         let params = model.params_and_grads_mut()?;
         ensure!(
-            params.len() == self.slots.len(),
+            params.len() == self.model_names.len(),
             "adamw: the model has {} parameter tensors, the optimizer state {}",
             params.len(),
-            self.slots.len()
+            self.model_names.len()
         );
         // Check every tensor before touching any, so that a mismatch leaves the model as it was.
-        for ((name, param, grad), slot) in params.iter().zip(&self.slots) {
+        for slot in &self.slots {
+            let (name, param, grad) = &params[slot.index];
             ensure!(*name == slot.name, "adamw: parameter {name} where the optimizer state has {}", slot.name);
             ensure!(
                 backend.buf_len(param) == slot.len && backend.buf_len(grad) == slot.len,
@@ -149,7 +165,9 @@ impl<B: Backend> AdamW<B> {
             );
         }
         let step = self.step + 1;
-        for ((name, param, grad), slot) in params.into_iter().zip(&mut self.slots) {
+        let mut slots = self.slots.iter_mut().peekable();
+        for (index, (name, param, grad)) in params.into_iter().enumerate() {
+            let Some(slot) = slots.next_if(|slot| slot.index == index) else { continue };
             let hyper = AdamWParams {
                 lr,
                 beta1: self.cfg.beta1,
@@ -215,12 +233,13 @@ impl<B: Backend> AdamW<B> {
                 .map(String::as_str)
                 .filter(|key| {
                     *key != STEP_KEY
-                        && !self.slots.iter().any(|slot| {
-                            key.strip_prefix("m.").or_else(|| key.strip_prefix("v.")) == Some(slot.name.as_str())
+                        && !self.model_names.iter().any(|name| {
+                            key.strip_prefix("m.").or_else(|| key.strip_prefix("v.")) == Some(name.as_str())
                         })
                 })
                 .collect();
-            bail!("adamw state: tensors for no parameter of this model: {}", unknown.join(", "));
+            // A shard's state (`for_tensors`) skips the other tensors of the model.
+            ensure!(unknown.is_empty(), "adamw state: tensors for no parameter of this model: {}", unknown.join(", "));
         }
         let mut loaded = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
@@ -259,9 +278,15 @@ pub fn sgd_step<B: Backend>(model: &mut Decoder<B>, lr: f32, grad_scale: f32) ->
 /// decides whether to skip the step or stop, and must check `norm.is_finite()`.
 pub fn clip_scale<B: Backend>(model: &Decoder<B>, max_norm: f32) -> Result<(f32, f32)> {
     let sum_squares = model.backend().sum_squares(&model.grads()?).context("global grad norm")?;
+    Ok(clip_scale_of(sum_squares, max_norm))
+}
+
+/// `(norm, scale)` as [`clip_scale`] gives them, from the gradients' sum of squares (a data-parallel
+/// group adds its ranks' parts).
+pub fn clip_scale_of(sum_squares: f64, max_norm: f32) -> (f32, f32) {
     let norm = sum_squares.sqrt() as f32;
     let scale = if max_norm > 0.0 && norm.is_finite() { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
-    Ok((norm, scale))
+    (norm, scale)
 }
 
 /// Learning rate by step: linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine decay

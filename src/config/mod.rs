@@ -75,6 +75,7 @@
 //!
 //! [train]
 //! max_loss = 1e6             # a step's loss above this stops the run as diverged; inf: no bound
+//! zero_stage = 0             # data parallel: 1 shards AdamW's state over the ranks (ZeRO-1)
 //! ```
 
 // The command line's plumbing (flags, layers, origins): the CLI's, not an API.
@@ -329,6 +330,10 @@ settings! {
         /// step is written (`inf`: no bound). The default is far above any objective's loss at sane
         /// settings (IPO's (1/2β)² is 2.5e5 at β = 0.001), far below a blow-up's.
         pub max_loss: f64 = 1e6,
+        /// Data-parallel runs (more than one rank): 0 keeps the whole AdamW state on every rank; 1
+        /// (ZeRO stage 1) shards it, each parameter tensor's moments (and bf16 master weights) on
+        /// one owner rank. The same update bit for bit; ignored by a run of one rank.
+        pub zero_stage: usize = 0,
     }
 }
 

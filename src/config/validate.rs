@@ -35,6 +35,12 @@ impl RunConfig {
                 format!("must be a positive number (inf: no bound), got {}", self.train.max_loss),
             );
         }
+        if self.train.zero_stage > 1 {
+            errs.add(
+                "train.zero_stage",
+                format!("must be 0 (off) or 1 (sharded optimizer state), got {}", self.train.zero_stage),
+            );
+        }
         if self.out_dir.as_os_str().is_empty() {
             errs.add("out_dir", "must not be empty");
         }

@@ -190,16 +190,20 @@ impl<B: Backend> Decoder<B> {
 
     /// Sets every gradient to zero. An error on a frozen model.
     pub fn zero_grad(&mut self) -> Result<()> {
-        self.ensure_trainable("zero_grad")?;
-        if let Some(grads) = self.lora.as_mut().and_then(Lora::grad_tensors_mut) {
-            for g in grads {
-                self.backend.fill(g, 0.0)?;
-            }
-            return Ok(());
-        }
-        for g in self.grads.as_mut().expect("ensure_trainable checked").ordered_mut() {
-            self.backend.fill(g, 0.0)?;
+        let backend = self.backend.clone();
+        for g in self.grads_mut()? {
+            backend.fill(g, 0.0)?;
         }
         Ok(())
+    }
+
+    /// Every gradient tensor, mutably, in the order of `params_and_grads_mut` (a data-parallel
+    /// group sums them in place). An error on a frozen model.
+    pub fn grads_mut(&mut self) -> Result<Vec<&mut B::Buf>> {
+        self.ensure_trainable("grads_mut")?;
+        if self.lora.as_ref().is_some_and(|lora| lora.grads.is_some()) {
+            return Ok(self.lora.as_mut().and_then(Lora::grad_tensors_mut).expect("checked"));
+        }
+        Ok(self.grads.as_mut().expect("ensure_trainable checked").ordered_mut())
     }
 }

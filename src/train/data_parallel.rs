@@ -1,14 +1,52 @@
 //! Data-parallel training: the same run on every rank of a [`Collective`] group, each rank taking its
 //! share of every step's micro-batches.
+//!
+//! One step on `N` ranks:
+//! 1. every rank draws the step's `grad_accum` micro-batches from the same batcher (same data order,
+//!    same seed) and keeps its share: micro-batch by micro-batch in order, each to the rank with the
+//!    fewest tokens so far (ties to the lower rank), so the split depends only on the batches;
+//! 2. each rank's backward on its share with `grad_scale = 1 / (the step's pairs over all ranks)`;
+//!    a rank without a micro-batch contributes zero gradients and still joins every collective;
+//! 3. the gradients summed over the ranks (rank order), the global grad norm from per-owner partial
+//!    sums of squares (see below), the clip scale and AdamW: the same update on every rank;
+//! 4. the loss and the metric sums reduced with `all_reduce_host`, so the logged metrics are those of
+//!    the whole step.
+//!
+//! **ZeRO-1** (`[train] zero_stage = 1`, DeepSpeed's name for the stage): each parameter tensor has
+//! an owner rank (largest tensors first, each to the rank holding the fewest elements so far);
+//! gradients are `reduce_sum`med to the owner only, the owner keeps AdamW's moments (and, in bf16,
+//! the fp32 master) of its tensors and updates them, and broadcasts the new values. The grad norm is
+//! the rank-order sum of the owners' sums of squares in both modes, so ZeRO-1 and plain data
+//! parallelism give bit-identical weights.
+//!
+//! Rank 0 leads: it holds the out-dir lock, writes the config, `metrics.jsonl`, the plot and the
+//! checkpoints (the optimizer state gathered to it under ZeRO-1, so a checkpoint is the same
+//! consolidated HF directory as a run of one rank writes, and a resume may use any world size), and
+//! evaluates; the other ranks write nothing into the out dir and print nothing.
+//!
+//! A rank runs whole micro-batches, so whatever an objective computes within one (a batch mean) is
+//! what one rank would compute. Refused with more than one rank: `bco_running_mean` (a running mean
+//! carried from micro-batch to micro-batch, which each rank would see only its share of), TR-DPO's
+//! `sync_ref_model`, and the steps not wired into a group yet: the unpaired objectives' (KTO,
+//! with its KL estimate) and SFT's.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 
-use super::{train, RunSummary, Task, TrainOptions};
+use super::checkpoint::resolve_resume;
+use super::metrics::{MetricsLog, PairStats, Record};
+use super::rundir::RunDir;
+use super::step::{check_loss, Learner, MicroBatch, StepInfo};
+use super::{train, train_ranked, RunSummary, Task, TrainOptions, Trainer};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::dist::Collective;
+use crate::loss::LossState;
+use crate::model::Decoder;
+use crate::optim::{clip_scale_of, AdamW, AdamWConfig, STEP_KEY};
 
 /// [`train`] as one rank of `group` (a group of one is plain [`train`]).
 pub fn train_in_group<B: Backend>(
@@ -21,5 +59,345 @@ pub fn train_in_group<B: Backend>(
     if group.world_size() == 1 {
         return train(backend, cfg, task, opts);
     }
-    bail!("data-parallel training (a group of {} ranks) is not implemented yet", group.world_size())
+    check_data_parallel(cfg, task, group.world_size())?;
+    let mut opts = opts.clone();
+    if group.rank() != 0 {
+        // One voice: rank 0 reports for the group.
+        (opts.quiet, opts.progress) = (true, false);
+    }
+    let rank = GroupRank { group, zero: cfg.train.zero_stage == 1, owners: Vec::new(), tensors: Vec::new() };
+    train_ranked(backend, cfg, task, &opts, Some(rank))
+}
+
+/// What cannot run on more than one rank, as an error naming the setting.
+fn check_data_parallel(cfg: &RunConfig, task: Task, world_size: usize) -> Result<()> {
+    let why = |what: &str| format!("data-parallel training ({world_size} ranks): {what}");
+    ensure!(
+        cfg.train.zero_stage <= 1,
+        why(&format!("train.zero_stage = {}: only 0 (off) and 1 (sharded optimizer state)", cfg.train.zero_stage))
+    );
+    ensure!(task == Task::Preference, why("SFT runs on one rank only"));
+    ensure!(
+        cfg.objective.as_unpaired().is_none(),
+        why("the unpaired objectives (kto, apo_zero_unpaired) have a step of their own (with KTO's KL estimate) that \
+             does not run data parallel yet; train them on one rank")
+    );
+    ensure!(
+        !LossState::is_read_by(&cfg.objective),
+        why("bco_running_mean keeps a running mean over micro-batches that the ranks would each see a part of")
+    );
+    ensure!(!cfg.sync_ref_model, why("sync_ref_model (TR-DPO) is not supported; train it on one rank"));
+    Ok(())
+}
+
+/// This process's place in a data-parallel group, with the ZeRO-1 plan.
+pub struct GroupRank<B: Backend> {
+    group: Arc<dyn Collective<B>>,
+    /// ZeRO-1: optimizer state only for the tensors this rank owns.
+    zero: bool,
+    /// The owner rank of each trainable tensor, in the model's order (set by [`new_optimizer`]).
+    owners: Vec<usize>,
+    /// Each trainable tensor's name and length, in the model's order.
+    tensors: Vec<(String, usize)>,
+}
+
+impl<B: Backend> GroupRank<B> {
+    fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.group.world_size()
+    }
+
+    /// Indices of the tensors `owner` owns.
+    fn owned_by(&self, owner: usize) -> impl Iterator<Item = usize> + '_ {
+        self.owners.iter().enumerate().filter(move |(_, &o)| o == owner).map(|(i, _)| i)
+    }
+
+    /// Sums the gradients over the ranks (ZeRO-1: into each tensor's owner), clips by the global
+    /// norm and applies AdamW (ZeRO-1: each owner its tensors, then broadcasts them).
+    fn update(&self, learner: &mut Learner<B>, lr: f32) -> Result<StepInfo> {
+        let backend = learner.policy.backend().clone();
+        let b = &*backend;
+        let mut grads = learner.policy.grads_mut()?;
+        ensure!(grads.len() == self.owners.len(), "data parallel: the model's tensors changed since the plan");
+        if self.zero {
+            for owner in 0..self.world_size() {
+                let mut bucket: Vec<&mut B::Buf> =
+                    grads.iter_mut().zip(&self.owners).filter(|(_, &o)| o == owner).map(|(g, _)| &mut **g).collect();
+                self.group.reduce_sum(b, &mut bucket, owner).context("summing the gradients")?;
+            }
+        } else {
+            self.group.all_reduce_sum(b, &mut grads).context("summing the gradients")?;
+        }
+        drop(grads);
+        // Σ over owners in rank order of each owner's Σ g², the same in both modes (ZeRO-1 has the
+        // reduced gradients only on their owner).
+        let grads = learner.policy.grads()?;
+        let partial = |owner: usize| -> Result<f64> {
+            let owned: Vec<&B::Buf> = self.owned_by(owner).map(|i| grads[i]).collect();
+            if owned.is_empty() {
+                return Ok(0.0);
+            }
+            b.sum_squares(&owned).context("global grad norm")
+        };
+        let sum_squares = if self.zero {
+            let mut sum = [partial(self.rank())?];
+            self.group.all_reduce_host(&mut sum).context("summing the grad norm")?;
+            sum[0]
+        } else {
+            (0..self.world_size()).try_fold(0.0, |sum, owner| Ok::<_, anyhow::Error>(sum + partial(owner)?))?
+        };
+        drop(grads);
+        let (grad_norm, scale) = clip_scale_of(sum_squares, learner.grad_clip);
+        let info = learner.apply_update(grad_norm, scale, lr)?;
+        if self.zero {
+            let mut params: Vec<&mut B::Buf> =
+                learner.policy.params_and_grads_mut()?.into_iter().map(|(_, param, _)| param).collect();
+            for owner in 0..self.world_size() {
+                let mut bucket: Vec<&mut B::Buf> =
+                    params.iter_mut().zip(&self.owners).filter(|(_, &o)| o == owner).map(|(p, _)| &mut **p).collect();
+                self.group.broadcast(b, &mut bucket, owner).context("sharing the updated parameters")?;
+            }
+        }
+        Ok(info)
+    }
+
+    /// The whole optimizer state on rank 0 (`None` on the others): under ZeRO-1 each owner's moments
+    /// broadcast from it (exact copies), else rank 0's own.
+    fn gather_optimizer_state(&self, b: &B, optimizer: &AdamW<B>) -> Result<Option<BTreeMap<String, Vec<f32>>>> {
+        if !self.zero {
+            return if self.rank() == 0 { optimizer.state_to_host().map(Some) } else { Ok(None) };
+        }
+        let mine = optimizer.state_to_host()?;
+        let mut whole = BTreeMap::new();
+        for owner in 0..self.world_size() {
+            let keys: Vec<String> = self
+                .owned_by(owner)
+                .flat_map(|i| ["m", "v"].map(|moment| format!("{moment}.{}", self.tensors[i].0)))
+                .collect();
+            let lens: Vec<usize> = self.owned_by(owner).flat_map(|i| [self.tensors[i].1; 2]).collect();
+            let mut bufs = keys
+                .iter()
+                .zip(&lens)
+                .map(|(key, &len)| match mine.get(key) {
+                    Some(values) if owner == self.rank() => b.upload(values),
+                    _ => b.zeros(len),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut refs: Vec<&mut B::Buf> = bufs.iter_mut().collect();
+            self.group.broadcast(b, &mut refs, owner).context("gathering the optimizer state for a checkpoint")?;
+            if self.rank() == 0 {
+                for (key, buf) in keys.into_iter().zip(&bufs) {
+                    whole.insert(key, b.download(buf)?);
+                }
+            }
+        }
+        whole.insert(STEP_KEY.to_string(), mine[STEP_KEY].clone());
+        Ok((self.rank() == 0).then_some(whole))
+    }
+}
+
+/// The rank each item goes to: in order, each to the rank with the smallest load so far (ties to the
+/// lower rank), its load growing by the item's `cost`.
+pub fn assign_greedy(costs: impl IntoIterator<Item = usize>, world_size: usize) -> Vec<usize> {
+    let mut load = vec![0usize; world_size];
+    costs
+        .into_iter()
+        .map(|cost| {
+            let rank = (0..world_size).min_by_key(|&r| (load[r], r)).expect("a group has a rank");
+            load[rank] += cost;
+            rank
+        })
+        .collect()
+}
+
+/// The owner of each tensor of `lens`: largest first (ties in the model's order), each to the rank
+/// holding the fewest elements so far.
+pub fn assign_owners(lens: &[usize], world_size: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    let ranks = assign_greedy(order.iter().map(|&i| lens[i]), world_size);
+    let mut owners = vec![0; lens.len()];
+    for (i, rank) in order.into_iter().zip(ranks) {
+        owners[i] = rank;
+    }
+    owners
+}
+
+/// The policy's AdamW: in a group, plans the tensors' owners first, and under ZeRO-1 keeps state only
+/// for this rank's.
+pub(super) fn new_optimizer<B: Backend>(
+    policy: &mut Decoder<B>,
+    cfg: AdamWConfig,
+    group: Option<&mut GroupRank<B>>,
+) -> Result<AdamW<B>> {
+    let Some(rank) = group else { return AdamW::new(policy, cfg) };
+    let backend = policy.backend().clone();
+    rank.tensors = policy
+        .params_and_grads_mut()?
+        .into_iter()
+        .map(|(name, param, _)| (name.to_string(), backend.buf_len(param)))
+        .collect();
+    let lens: Vec<usize> = rank.tensors.iter().map(|t| t.1).collect();
+    rank.owners = assign_owners(&lens, rank.world_size());
+    if !rank.zero {
+        return AdamW::new(policy, cfg);
+    }
+    let (owners, me) = (&rank.owners, rank.rank());
+    AdamW::for_tensors(policy, cfg, &|i| owners[i] == me)
+}
+
+fn is_lead<B: Backend>(group: Option<&GroupRank<B>>) -> bool {
+    group.is_none_or(|g| g.rank() == 0)
+}
+
+/// Rank 0 (or a run alone) opens the out dir (lock, interrupted commits, `--resume`); the other ranks
+/// wait for it, then resolve `--resume` the same way without touching the directory.
+pub(super) fn open_run_dir<B: Backend>(
+    cfg: &RunConfig,
+    opts: &TrainOptions,
+    group: Option<&GroupRank<B>>,
+    warn: &dyn Fn(&str),
+) -> Result<(Option<RunDir>, Option<PathBuf>)> {
+    let lead_first = lead_first(group, || match is_lead(group) {
+        true => RunDir::open(cfg, opts, warn).map(Some),
+        false => Ok(None),
+    })?;
+    let resume_from = match &lead_first {
+        Some(dir) => dir.resume_from().map(Path::to_path_buf),
+        None => resolve_resume(opts.resume.as_ref(), &cfg.out_dir)?,
+    };
+    Ok((lead_first, resume_from))
+}
+
+/// `work` on rank 0 first, then (once it succeeded) on the other ranks: what may write into the out
+/// dir (the reference cache) is done there by rank 0 and read by the others.
+pub(super) fn lead_first<B: Backend, T>(group: Option<&GroupRank<B>>, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(rank) = group else { return work() };
+    if rank.rank() == 0 {
+        let out = work()?;
+        rank.group.barrier()?;
+        Ok(out)
+    } else {
+        rank.group.barrier().context("waiting for rank 0 to prepare the run")?;
+        work()
+    }
+}
+
+/// The run's metrics log continuing from `records`: written by rank 0 only.
+pub(super) fn metrics_log<B: Backend>(
+    group: Option<&GroupRank<B>>,
+    path: &Path,
+    records: Vec<Record>,
+) -> Result<MetricsLog> {
+    match is_lead(group) {
+        true => MetricsLog::restore(path, records),
+        false => Ok(MetricsLog::detached(path, records)),
+    }
+}
+
+/// A step's pair statistics as host values for `all_reduce_host` (the counts are exact in f64).
+fn stats_to_values(s: &PairStats) -> Vec<f64> {
+    vec![
+        s.pairs as f64,
+        s.loss,
+        s.reward_chosen,
+        s.reward_rejected,
+        s.margin,
+        s.accuracy,
+        s.logp_chosen,
+        s.logp_rejected,
+        s.mixed_pairs as f64,
+        s.safe_preferred,
+    ]
+}
+
+fn stats_from_values(v: &[f64]) -> PairStats {
+    PairStats {
+        pairs: v[0] as usize,
+        loss: v[1],
+        reward_chosen: v[2],
+        reward_rejected: v[3],
+        margin: v[4],
+        accuracy: v[5],
+        logp_chosen: v[6],
+        logp_rejected: v[7],
+        mixed_pairs: v[8] as usize,
+        safe_preferred: v[9],
+    }
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Whether this process writes the run's files (rank 0, or a run alone).
+    pub(super) fn is_lead(&self) -> bool {
+        is_lead(self.group.as_ref())
+    }
+
+    /// The optimizer state a checkpoint holds, on the rank that writes it (`None` on the others).
+    pub(super) fn optimizer_state_to_save(&self) -> Result<Option<BTreeMap<String, Vec<f32>>>> {
+        match &self.group {
+            None => self.learner.optimizer.state_to_host().map(Some),
+            Some(rank) => rank.gather_optimizer_state(&*self.backend, &self.learner.optimizer),
+        }
+    }
+
+    /// [`Trainer::preference_step`] as one rank of the group: this rank's share of the step's
+    /// micro-batches, the gradients and metrics summed over the ranks.
+    pub(super) fn preference_step_in_group(&mut self) -> Result<StepInfo> {
+        let rank = self.group.as_ref().expect("called in a group");
+        if self.opts.fail_at_step == Some(self.step + 1) {
+            bail!("rank {}: injected failure at step {}", rank.rank(), self.step + 1);
+        }
+        let limit = self.cfg.batching.limit();
+        let batches: Vec<_> =
+            (0..self.cfg.batching.grad_accum).map(|_| self.batcher.next_batch_under(&self.data.train, limit)).collect();
+        let pairs: usize = batches.iter().map(|b| b.num_pairs()).sum();
+        let tokens: usize = batches.iter().map(|b| b.packed.num_tokens()).sum();
+        let assigned = assign_greedy(batches.iter().map(|b| b.packed.num_tokens()), rank.world_size());
+        let backend = self.backend.clone();
+        let micro = batches
+            .into_iter()
+            .zip(assigned)
+            .filter(|(_, to)| *to == rank.rank())
+            .map(|(batch, _)| MicroBatch::upload(&*backend, batch))
+            .collect::<Result<Vec<_>>>()?;
+        let lr = self.next_lr();
+        let mut stats = PairStats::default();
+        let each = |batch: &MicroBatch<B>, out: super::step::MicroOutput| {
+            stats.add_batch(&out.metrics, &out.logps, &batch.host.unsafe_flags)
+        };
+        let loss_sum = self.learner.preference_gradients(&micro, pairs, each, &mut |_| Ok(()))?;
+        let mut sums = stats_to_values(&stats);
+        sums.push(loss_sum);
+        rank.group.all_reduce_host(&mut sums).context("summing the step's metrics")?;
+        let loss = sums[sums.len() - 1] / pairs as f64;
+        check_loss(self.step + 1, loss, f64::INFINITY)?;
+        self.interval.stats.merge(&stats_from_values(&sums));
+        self.interval.tokens += tokens;
+        self.train_tokens += tokens;
+        let info = rank.update(&mut self.learner, lr)?;
+        Ok(StepInfo { loss: Some(loss), ..info })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_go_to_the_least_loaded_rank_in_order() {
+        assert_eq!(assign_greedy([10, 10, 10, 10], 2), [0, 1, 0, 1]);
+        assert_eq!(assign_greedy([30, 10, 10, 5], 2), [0, 1, 1, 1]);
+        assert_eq!(assign_greedy([7], 3), [0]);
+        assert_eq!(assign_greedy([], 2), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn owners_balance_elements_largest_first() {
+        // 100 → r0, 60 → r1, 50 → r1 (60 < 100), 10 → r0.
+        assert_eq!(assign_owners(&[10, 100, 50, 60], 2), [0, 0, 1, 1]);
+        assert_eq!(assign_owners(&[4, 4], 3), [0, 1]);
+    }
 }

@@ -138,26 +138,41 @@ pub fn json_f32(x: f32) -> Value {
 pub struct MetricsLog {
     path: PathBuf,
     records: Vec<Record>,
+    /// False on a data-parallel rank other than 0: the records are kept, the file left to rank 0.
+    writes_file: bool,
 }
 
 impl MetricsLog {
     /// A new, empty log at `path` (any existing file is replaced).
     pub fn create(path: &Path) -> Result<Self> {
         crate::util::write_atomic(path, b"")?;
-        Ok(Self { path: path.to_path_buf(), records: Vec::new() })
+        Ok(Self { path: path.to_path_buf(), records: Vec::new(), writes_file: true })
     }
 
     /// A log continuing from `records` (a checkpoint's copy): the file is rewritten with exactly them.
     pub fn restore(path: &Path, records: Vec<Record>) -> Result<Self> {
-        let log = Self { path: path.to_path_buf(), records };
+        let log = Self { path: path.to_path_buf(), records, writes_file: true };
         crate::util::write_atomic(path, log.to_jsonl().as_bytes())?;
         Ok(log)
     }
 
+    /// A log continuing from `records` that never touches the file at `path` (which another
+    /// process writes).
+    pub fn detached(path: &Path, records: Vec<Record>) -> Self {
+        Self { path: path.to_path_buf(), records, writes_file: false }
+    }
+
+    /// Whether appends go to the file (false for a `detached` log).
+    pub fn writes_file(&self) -> bool {
+        self.writes_file
+    }
+
     /// Appends one record, whole or not at all (see `append_whole`).
     pub fn append(&mut self, rec: Record) -> Result<()> {
-        let line = format!("{}\n", Value::Object(rec.clone()));
-        append_whole(&self.path, line.as_bytes(), |f, bytes| f.write_all(bytes))?;
+        if self.writes_file {
+            let line = format!("{}\n", Value::Object(rec.clone()));
+            append_whole(&self.path, line.as_bytes(), |f, bytes| f.write_all(bytes))?;
+        }
         self.records.push(rec);
         Ok(())
     }

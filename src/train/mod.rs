@@ -45,7 +45,7 @@ use crate::data::{
     TextTokenizer, TokenizedExample, TokenizedPair,
 };
 use crate::model::DeviceBatch;
-use crate::optim::{AdamW, LrSchedule, Scheduler};
+use crate::optim::{LrSchedule, Scheduler};
 use crate::util::write_atomic;
 
 pub use checkpoint::Resume;
@@ -57,7 +57,6 @@ pub use refcache::CacheStatus;
 pub use refcache::ReferenceLogps;
 use refsync::RefSync;
 pub use refsync::{mix_weights, REFERENCE_DIR};
-use rundir::RunDir;
 use setup::{build_policy, setup_reference, ReferenceSetup};
 use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, StepInfo};
 use unpaired::{ExampleStats, UnpairedData};
@@ -101,6 +100,9 @@ pub struct TrainOptions {
     /// Test hook: stop a checkpoint's commit after this step, as a kill there would.
     #[doc(hidden)]
     pub fail_commit_after: Option<CommitStep>,
+    /// Test hook: a data-parallel rank fails at the start of this step.
+    #[doc(hidden)]
+    pub fail_at_step: Option<usize>,
 }
 
 /// What a run did.
@@ -293,6 +295,8 @@ struct Trainer<B: Backend> {
     eval_reference: ReferenceLogps,
     /// TR-DPO's reference sync (`sync_ref_model`).
     ref_sync: Option<RefSync>,
+    /// This process's rank of a data-parallel group (`None`: training alone).
+    group: Option<data_parallel::GroupRank<B>>,
     schedule: Scheduler,
     batcher: Batcher,
     rng: ChaCha8Rng,
@@ -335,6 +339,9 @@ impl<B: Backend> Trainer<B> {
     fn preference_step(&mut self) -> Result<StepInfo> {
         if self.data.examples.is_some() {
             return self.unpaired_step();
+        }
+        if self.group.is_some() {
+            return self.preference_step_in_group();
         }
         let limit = self.cfg.batching.limit();
         let backend = self.backend.clone();
@@ -383,7 +390,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Evaluates the policy on the held-out pairs; `None` when there are none.
     fn evaluate(&mut self) -> Result<Option<Record>> {
-        if self.data.eval_len() == 0 {
+        if self.data.eval_len() == 0 || !self.is_lead() {
             return Ok(None);
         }
         let mut rec = Record::new();
@@ -437,6 +444,8 @@ impl<B: Backend> Trainer<B> {
 
     /// Writes the checkpoint directory `name` (crash-safe, see `checkpoint`).
     fn save_checkpoint(&self, name: &str) -> Result<PathBuf> {
+        // Every rank takes part (ZeRO-1 gathers the optimizer state to rank 0); rank 0 alone writes.
+        let Some(moments) = self.optimizer_state_to_save()? else { return Ok(self.cfg.out_dir.join(name)) };
         let fault = self.opts.fail_checkpoint_file.as_deref();
         let check = |file: &str| -> Result<()> {
             if fault == Some(file) {
@@ -464,7 +473,6 @@ impl<B: Backend> Trainer<B> {
             Some(a) => a.merge_into(&setup::load_lora_base(&self.cfg, policy.config().vocab_size)?)?,
             None => policy.to_host()?,
         };
-        let moments = self.learner.optimizer.state_to_host()?;
         checkpoint::ensure_finite_state(&weights, &moments)
             .with_context(|| format!("step {}: not writing checkpoint {name}", self.step))?;
         let fault = self.opts.fail_commit_after;
@@ -505,6 +513,17 @@ pub fn run_tokenizer(cfg: &RunConfig) -> Result<Box<dyn TextTokenizer>> {
 
 /// Runs (or resumes) a training run to completion (or to the `stop_after_step` hook).
 pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &TrainOptions) -> Result<RunSummary> {
+    train_ranked(backend, cfg, task, opts, None)
+}
+
+/// [`train`] alone (`group: None`) or as one rank of a data-parallel group.
+fn train_ranked<B: Backend>(
+    backend: Arc<B>,
+    cfg: &RunConfig,
+    task: Task,
+    opts: &TrainOptions,
+    mut group: Option<data_parallel::GroupRank<B>>,
+) -> Result<RunSummary> {
     let started = Instant::now();
     let errors = cfg.validate();
     if !errors.is_empty() {
@@ -516,8 +535,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     console.note(format!("{} run in {} on {}", task.name(), out.display(), backend.name()));
 
     let warn = |msg: &str| console.note(msg);
-    let mut run_dir = RunDir::open(cfg, opts, &warn)?;
-    let resume_from = run_dir.resume_from().map(Path::to_path_buf);
+    let (mut run_dir, resume_from) = data_parallel::open_run_dir(cfg, opts, group.as_ref(), &warn)?;
     let saved_state = match &resume_from {
         Some(dir) => {
             let state = TrainState::read(dir)?;
@@ -544,8 +562,10 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     for line in &data.report {
         console.note(line);
     }
-    run_dir.create(&warn)?;
-    write_atomic(&out.join(rundir::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+    if let Some(run_dir) = &mut run_dir {
+        run_dir.create(&warn)?;
+        write_atomic(&out.join(rundir::CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+    }
 
     // The policy: the checkpoint's weights, the initial model, or a random init.
     let mut policy = build_policy(&backend, cfg, resume_from.as_deref(), tokenizer.vocab_size())?;
@@ -571,12 +591,14 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
     ));
 
     let objective = cfg.objective.clone();
+    let resume_dir = resume_from.as_deref();
+    let setup = || setup_reference(&backend, cfg, task, &data, &mut policy, resume_dir, tokenizer.as_ref(), &console);
     let ReferenceSetup { reference, eval_reference, reference_cache, ref_sync } =
-        setup_reference(&backend, cfg, task, &data, &mut policy, resume_from.as_deref(), tokenizer.as_ref(), &console)?;
+        data_parallel::lead_first(group.as_ref(), setup)?;
 
     let op = &cfg.optimizer;
     let mut policy = policy;
-    let mut optimizer = AdamW::new(&mut policy, adamw_config(op))?;
+    let mut optimizer = data_parallel::new_optimizer(&mut policy, adamw_config(op), group.as_mut())?;
     let mut batcher = Batcher::new(data.train_len(), cfg.seed);
     let total = total_steps(cfg, &batcher, &data, task);
     if let limit @ BatchLimit::Pairs(_) = cfg.batching.limit() {
@@ -610,10 +632,11 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
             rng = state.rng.clone();
             let records = crate::plot::read_metrics(&dir.join(METRICS_FILE))?;
             console.note(format!("resumed from {} at step {}/{total}", dir.display(), state.step));
-            (state.step, MetricsLog::restore(&metrics_path, records)?)
+            (state.step, records)
         }
-        _ => (0, MetricsLog::create(&metrics_path)?),
+        _ => (0, Vec::new()),
     };
+    let log = data_parallel::metrics_log(group.as_ref(), &metrics_path, log)?;
 
     let mut t = Trainer {
         backend: backend.clone(),
@@ -630,6 +653,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
         },
         eval_reference,
         ref_sync,
+        group,
         schedule,
         batcher,
         rng,
@@ -746,7 +770,7 @@ pub fn train<B: Backend>(backend: Arc<B>, cfg: &RunConfig, task: Task, opts: &Tr
 /// Redraws the run's `plot.svg` from its metrics so far. A plot that cannot be written is noted, not
 /// fatal: the curves are a view of `metrics.jsonl`, which holds them all.
 fn refresh_plot(log: &MetricsLog, task: Task, console: &Console) {
-    let Some(dir) = log.path().parent() else { return };
+    let Some(dir) = log.path().parent().filter(|_| log.writes_file()) else { return };
     let title = format!("{} training: {}", task.name(), dir.display());
     if let Err(e) = crate::plot::plot_metrics(log.records(), &dir.join(crate::plot::PLOT_FILE), &title) {
         console.note(format!("warning: {e:#}"));

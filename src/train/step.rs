@@ -127,10 +127,29 @@ impl<B: Backend> Learner<B> {
         &mut self,
         micro: &[MicroBatch<B>],
         lr: f32,
-        mut each: impl FnMut(&MicroBatch<B>, MicroOutput),
+        each: impl FnMut(&MicroBatch<B>, MicroOutput),
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<StepInfo> {
         let pairs: usize = micro.iter().map(|m| m.host.num_pairs()).sum();
+        let loss_sum = self.preference_gradients(micro, pairs, each, lap)?;
+        // A NaN or infinite loss stops the step before the update (its gradient may look finite).
+        let loss = loss_sum / pairs as f64;
+        check_loss(self.optimizer.step_count() as usize + 1, loss, f64::INFINITY)?;
+        let info = self.update(lr)?;
+        lap(Phase::Optimizer)?;
+        Ok(StepInfo { loss: Some(loss), ..info })
+    }
+
+    /// The gradients of `micro` (zeroed first), each pair's loss weighted `1 / pairs` (`pairs`: the
+    /// whole step's pairs, which a data-parallel rank's share of the micro-batches is a part of);
+    /// returns the sum of their pairs' losses.
+    pub fn preference_gradients(
+        &mut self,
+        micro: &[MicroBatch<B>],
+        pairs: usize,
+        mut each: impl FnMut(&MicroBatch<B>, MicroOutput),
+        lap: &mut dyn FnMut(Phase) -> Result<()>,
+    ) -> Result<f64> {
         let mut loss_sum = 0.0f64;
         let grad_scale = 1.0 / pairs as f32;
         let backend = self.policy.backend().clone();
@@ -219,17 +238,18 @@ impl<B: Backend> Learner<B> {
             lap(Phase::Backward)?;
             each(batch, output);
         }
-        // A NaN or infinite loss stops the step before the update (its gradient may look finite).
-        let loss = loss_sum / pairs as f64;
-        check_loss(self.optimizer.step_count() as usize + 1, loss, f64::INFINITY)?;
-        let info = self.update(lr)?;
-        lap(Phase::Optimizer)?;
-        Ok(StepInfo { loss: Some(loss), ..info })
+        Ok(loss_sum)
     }
 
     /// Clips by the global grad norm and applies AdamW at `lr`.
     pub fn update(&mut self, lr: f32) -> Result<StepInfo> {
         let (grad_norm, scale) = clip_scale(&self.policy, self.grad_clip)?;
+        self.apply_update(grad_norm, scale, lr)
+    }
+
+    /// AdamW at `lr` with the gradients scaled by `scale`, once `grad_norm` (the global norm the
+    /// scale came from) is checked finite.
+    pub fn apply_update(&mut self, grad_norm: f32, scale: f32, lr: f32) -> Result<StepInfo> {
         ensure!(
             grad_norm.is_finite(),
             "step {}: the gradient norm is {grad_norm}; {DIVERGED}",
