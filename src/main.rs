@@ -312,7 +312,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A rank whose group broke because of another rank says so (`safedpo launch` names the
+            // rank that failed first).
+            if safedpo::dist::is_group_broken(&e) {
+                ExitCode::from(safedpo::dist::launch::FOLLOWER_EXIT_CODE)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -75,7 +75,8 @@ fn collectives<T: HostTransport>(transports: Vec<T>) -> Vec<Vec<f32>> {
                     let b = CpuBackend::new();
                     let group = Staged(transport);
                     let r = Collective::<CpuBackend>::rank(&group) as f32;
-                    let values: Vec<f32> = (0..1000).map(|i| ((i as f32 + 0.37) * (r + 1.3)).sin() * 1e3f32.powf(r)).collect();
+                    let values: Vec<f32> =
+                        (0..1000).map(|i| ((i as f32 + 0.37) * (r + 1.3)).sin() * 1e3f32.powf(r)).collect();
                     let mut x = b.upload(&values).unwrap();
                     let mut y = b.upload(&[r, 0.1 + r]).unwrap();
                     group.all_reduce_sum(&b, &mut [&mut x, &mut y]).unwrap();

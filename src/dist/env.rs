@@ -70,7 +70,16 @@ impl RankEnv {
             };
             let (master_addr, master_port) = master(get, world_size, None)?;
             let run_id = get.get("SAFEDPO_RUN_ID").or(get.get("TORCHELASTIC_RUN_ID")).unwrap_or("").to_string();
-            RankEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, run_id, source: "torchrun" }
+            RankEnv {
+                rank,
+                world_size,
+                local_rank,
+                local_world_size,
+                master_addr,
+                master_port,
+                run_id,
+                source: "torchrun",
+            }
         } else if get.get("SLURM_NTASKS").is_some() {
             let world_size = positive(get, "SLURM_NTASKS")?;
             let rank = required(get, "SLURM_PROCID", world_size)?;
@@ -87,7 +96,16 @@ impl RankEnv {
                 (None, Some(job)) => format!("slurm-{job}.{}", get.get("SLURM_STEP_ID").unwrap_or("0")),
                 (None, None) => String::new(),
             };
-            RankEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, run_id, source: "slurm" }
+            RankEnv {
+                rank,
+                world_size,
+                local_rank,
+                local_world_size,
+                master_addr,
+                master_port,
+                run_id,
+                source: "slurm",
+            }
         } else {
             for name in ["RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
                 ensure!(get.get(name).is_none(), "{name} is set but WORLD_SIZE is not (set both, or neither)");

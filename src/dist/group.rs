@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use super::env::RankEnv;
 use super::rendezvous::Rendezvous;
 use super::tcp::TcpTransport;
-use super::{Collective, HostTransport, Staged};
+use super::{Collective, GroupBroken, HostTransport, Staged};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::device::{gpu_unavailable_reason, precision_for, select_backend, AnyBackend};
@@ -61,10 +61,11 @@ pub fn join_group(device: DeviceKind, env: &RankEnv) -> Result<RankGroup> {
         Err(e) => format!("rank {}: {e:#}", env.rank),
     };
     let all = transport.all_gather(status.as_bytes()).context("reporting the backends")?;
+    let opened = opened?;
     if let Some(why) = all.iter().find(|s| !s.is_empty()) {
-        bail!("{}", String::from_utf8_lossy(why));
+        return Err(GroupBroken(String::from_utf8_lossy(why).into_owned()).into());
     }
-    Ok(match opened? {
+    Ok(match opened {
         AnyBackend::Cpu(backend) => RankGroup::Cpu(backend, Arc::new(Staged(transport))),
         AnyBackend::Cuda(backend) if backend.device().is_emulated() => {
             RankGroup::Cuda(backend, Arc::new(Staged(transport)))

@@ -4,7 +4,9 @@
 //! their output prefixed with `[rank R]`.
 //!
 //! When a rank exits with an error (or is killed), the others are killed and launch fails naming the
-//! rank. Killing a rank never damages a checkpoint: checkpoints are written to a temporary directory
+//! rank. A rank that failed only because another did (its collective broke) exits with
+//! [`FOLLOWER_EXIT_CODE`]; launch then waits a moment for the rank that caused it, so that the rank
+//! it names is the one that failed first, not the first to notice. Killing a rank never damages a checkpoint: checkpoints are written to a temporary directory
 //! and renamed into place, so the last complete one stays.
 
 use std::ffi::OsString;
@@ -14,10 +16,16 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::DeviceKind;
+
+/// The exit code of a rank whose group broke because of another rank ([`super::GroupBroken`]).
+pub const FOLLOWER_EXIT_CODE: u8 = 3;
+/// How long launch waits, after a rank failed because of another, for the rank that caused it.
+const CULPRIT_GRACE: Duration = Duration::from_secs(3);
 
 /// What to launch.
 #[derive(Clone, Debug)]
@@ -71,15 +79,37 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
     }
     drop(exits);
 
-    let mut first_failure: Option<RankFailed> = None;
+    // The rank to name: the first that failed on its own; else, once the grace is over, the first
+    // that failed because of another (its error names the other).
+    let mut culprit: Option<RankFailed> = None;
+    let mut follower: Option<(RankFailed, Instant)> = None;
     let mut wait_error = None;
-    for (rank, status) in exited.iter() {
+    let mut running = opts.ranks;
+    while running > 0 {
+        let next = match &follower {
+            Some((_, since)) if culprit.is_none() => exited.recv_timeout(CULPRIT_GRACE.saturating_sub(since.elapsed())),
+            _ => exited.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let (rank, status) = match next {
+            Ok(exit) => exit,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // The grace is over and no rank failed on its own.
+                kill_all(&pids);
+                culprit = follower.take().map(|(failed, _)| failed);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        running -= 1;
         pids[rank] = None;
         match status {
             Ok(status) if status.success() => {}
+            Ok(status) if status.code() == Some(FOLLOWER_EXIT_CODE.into()) => {
+                follower.get_or_insert((RankFailed { rank, status }, Instant::now()));
+            }
             Ok(status) => {
-                if first_failure.is_none() {
-                    first_failure = Some(RankFailed { rank, status });
+                if culprit.is_none() {
+                    culprit = Some(RankFailed { rank, status });
                     kill_all(&pids);
                 }
             }
@@ -89,6 +119,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
             }
         }
     }
+    let first_failure = culprit.or(follower.map(|(failed, _)| failed));
     for thread in waiters.into_iter().chain(printers) {
         let _ = thread.join();
     }

@@ -33,6 +33,25 @@ use crate::backend::Buffers;
 pub use env::RankEnv;
 pub use group::{join_group, RankGroup};
 
+/// The error of a rank whose collective failed because of another rank (it left, crashed, did not
+/// arrive in time, or its backend did not open): the message names that rank. `safedpo` exits with
+/// [`launch::FOLLOWER_EXIT_CODE`] on it, so that `safedpo launch` names the rank that failed first.
+#[derive(Debug)]
+pub struct GroupBroken(pub String);
+
+impl std::fmt::Display for GroupBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GroupBroken {}
+
+/// Whether `error` is (or wraps) a [`GroupBroken`].
+pub fn is_group_broken(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<GroupBroken>())
+}
+
 /// A group of `world_size` ranks; every rank calls the same collectives in the same order with
 /// buffers of the same lengths (a mismatch is an error on every rank, never a wrong sum).
 pub trait Collective<B: Buffers>: Send + Sync {

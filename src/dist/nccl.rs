@@ -51,9 +51,7 @@ pub fn nccl_available() -> bool {
 
 /// The number of GPUs the driver sees.
 pub fn gpu_count() -> Result<usize> {
-    cudarc::driver::CudaContext::device_count()
-        .map(|n| n as usize)
-        .map_err(|e| anyhow!("counting the GPUs: {e}"))
+    cudarc::driver::CudaContext::device_count().map(|n| n as usize).map_err(|e| anyhow!("counting the GPUs: {e}"))
 }
 
 fn nccl_error(comm: Option<sys::ncclComm_t>, error: nccl::NcclError) -> anyhow::Error {
@@ -84,10 +82,8 @@ impl NcclGroup {
     pub fn new(backend: &CudaBackend, transport: TcpTransport) -> Result<Self> {
         let rank = transport.rank();
         let world_size = transport.world_size();
-        let gpu = backend
-            .gpu()
-            .context("NCCL runs on GPUs; the emulated device's ranks use the TCP transport")?
-            .clone();
+        let gpu =
+            backend.gpu().context("NCCL runs on GPUs; the emulated device's ranks use the TCP transport")?.clone();
         let ready = if nccl_available() {
             String::new()
         } else {
@@ -151,7 +147,8 @@ impl NcclGroup {
             nccl::group_start().map_err(|e| nccl_error(Some(self.comm), e))?;
             let mut result = Ok(());
             for &(ptr, len, dtype) in chunk.iter().filter(|t| t.1 > 0) {
-                result = nccl_type(dtype).and_then(|t| op(ptr, len, t, stream).map_err(|e| nccl_error(Some(self.comm), e)));
+                result =
+                    nccl_type(dtype).and_then(|t| op(ptr, len, t, stream).map_err(|e| nccl_error(Some(self.comm), e)));
                 if result.is_err() {
                     break;
                 }

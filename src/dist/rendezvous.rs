@@ -223,9 +223,12 @@ impl Rendezvous {
 fn seconds_var(name: &str) -> Result<Option<Duration>> {
     match std::env::var(name) {
         Ok(text) if !text.trim().is_empty() => {
-            let secs: f64 = text.trim().parse().ok().filter(|s: &f64| *s > 0.0 && s.is_finite()).with_context(|| {
-                format!("{name}={text:?} is not a number of seconds > 0")
-            })?;
+            let secs: f64 = text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                .with_context(|| format!("{name}={text:?} is not a number of seconds > 0"))?;
             Ok(Some(Duration::from_secs_f64(secs)))
         }
         _ => Ok(None),

@@ -13,9 +13,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use super::HostTransport;
+use super::{GroupBroken, HostTransport};
 
 const DATA: u8 = 0;
 const ABORT: u8 = 1;
@@ -59,7 +59,8 @@ impl TcpTransport {
     }
 
     pub(crate) fn peer(rank: usize, world_size: usize, root: Peer, timeout: Duration) -> Result<Self> {
-        prepare(&root.stream, timeout)?;
+        // Longer than rank 0's wait, so that rank 0's abort naming a missing rank arrives first.
+        prepare(&root.stream, timeout + timeout / 2)?;
         Ok(Self::new(rank, world_size, Links::Leaf(root), timeout))
     }
 
@@ -78,11 +79,20 @@ impl TcpTransport {
                 "rank {} ({}) did not reach the collective within {:?} (rank {} waited)",
                 peer.rank, peer.addr, self.timeout, self.rank
             ),
-            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionAborted => {
                 format!("rank {} ({}) closed its connection (it exited or crashed)", peer.rank, peer.addr)
             }
             _ => format!("the connection to rank {} ({}) failed: {error}", peer.rank, peer.addr),
         }
+    }
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TcpTransport(rank {} of {})", self.rank, self.world_size)
     }
 }
 
@@ -126,24 +136,30 @@ impl HostTransport for TcpTransport {
     fn all_gather(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut state = self.lock();
         if let Some(why) = &state.broken {
-            bail!("rank {}: the group is broken: {why}", self.rank);
+            return Err(GroupBroken(format!("rank {}: the group is broken: {why}", self.rank)).into());
         }
         let result = match &mut state.links {
             Links::Root(peers) => self.gather_as_root(peers, data),
             Links::Leaf(root) => self.gather_as_leaf(root, data),
         };
-        result.inspect_err(|e| state.broken = Some(format!("{e:#}")))
+        result.map_err(|why| {
+            state.broken = Some(why.clone());
+            GroupBroken(why).into()
+        })
     }
 }
 
 impl TcpTransport {
-    fn gather_as_root(&self, peers: &mut [Peer], data: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// Every rank's message, or why the collective failed.
+    fn gather_as_root(&self, peers: &mut [Peer], data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         let mut parts = vec![data.to_vec()];
         let mut failure = None;
         for peer in peers.iter_mut() {
             match read_frame(&mut peer.stream) {
                 Ok((DATA, payload)) => parts.push(payload),
-                Ok((_, why)) => failure = Some(format!("rank {} aborted: {}", peer.rank, String::from_utf8_lossy(&why))),
+                Ok((_, why)) => {
+                    failure = Some(format!("rank {} aborted: {}", peer.rank, String::from_utf8_lossy(&why)))
+                }
                 Err(e) => failure = Some(self.describe(peer, &e)),
             }
             if failure.is_some() {
@@ -163,25 +179,27 @@ impl TcpTransport {
             for peer in peers.iter_mut() {
                 let _ = write_frame(&mut peer.stream, ABORT, why.as_bytes());
             }
-            bail!("rank 0: {why}");
+            return Err(format!("rank 0: {why}"));
         }
         Ok(parts)
     }
 
-    fn gather_as_leaf(&self, root: &mut Peer, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+    fn gather_as_leaf(&self, root: &mut Peer, data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         let me = self.rank;
         let sent = write_frame(&mut root.stream, DATA, data);
         let mut parts = Vec::with_capacity(self.world_size);
         while parts.len() < self.world_size {
             match read_frame(&mut root.stream) {
                 Ok((DATA, payload)) => parts.push(payload),
-                Ok((_, why)) => bail!("rank {me}: rank 0 ended the collective: {}", String::from_utf8_lossy(&why)),
+                Ok((_, why)) => {
+                    return Err(format!("rank {me}: rank 0 ended the collective: {}", String::from_utf8_lossy(&why)))
+                }
                 Err(e) => {
                     let why = match sent {
                         Err(sent) => self.describe(root, &sent),
                         Ok(()) => self.describe(root, &e),
                     };
-                    bail!("rank {me}: {why}");
+                    return Err(format!("rank {me}: {why}"));
                 }
             }
         }
