@@ -160,7 +160,7 @@ fn a_rendezvous_that_times_out_names_the_missing_rank() {
     let timeout = Duration::from_millis(400);
     // Rank 2 never comes.
     let joined = join_all(3, |rank, port| (rank < 2).then(|| rendezvous(rank, 3, port, timeout)));
-    let errors: Vec<String> = joined.into_iter().map(|j| format!("{:#}", j.err().expect("an error"))).collect();
+    let errors: Vec<String> = joined.into_iter().map(|j| format!("{:#}", j.expect_err("an error"))).collect();
     for err in &errors {
         assert!(err.contains("rank(s) 2 did not reach the rendezvous at 127.0.0.1:"), "{err}");
     }
@@ -184,7 +184,7 @@ fn a_handshake_that_does_not_match_fails_both_sides() {
         Some(r)
     });
     for result in joined {
-        let err = format!("{:#}", result.err().expect("an error"));
+        let err = format!("{:#}", result.expect_err("an error"));
         assert!(err.contains("rank 1 at 127.0.0.1:") && err.contains("has WORLD_SIZE=3, rank 0 has 2"), "{err}");
     }
     let joined = join_all(2, |rank, port| {
@@ -193,7 +193,7 @@ fn a_handshake_that_does_not_match_fails_both_sides() {
         Some(r)
     });
     for result in joined {
-        let err = format!("{:#}", result.err().expect("an error"));
+        let err = format!("{:#}", result.expect_err("an error"));
         assert!(err.contains("belongs to run \"job1\", rank 0 to run \"job0\""), "{err}");
     }
 }

@@ -261,8 +261,9 @@ impl Collective<CudaBackend> for NcclGroup {
 
 #[cfg(test)]
 mod tests {
-    //! Two ranks on two GPUs, as threads of this process over loopback TCP. Run with
-    //! `cargo test --release --lib nccl -- --ignored` on a machine with two GPUs and NCCL.
+    //! Ranks on GPUs 0, 1, … as threads of this process over loopback TCP. Run with
+    //! `cargo test --release --lib nccl -- --ignored` on a machine with NCCL (two GPUs for the
+    //! two-rank tests).
 
     use std::net::TcpListener;
     use std::time::Duration;
@@ -272,18 +273,18 @@ mod tests {
     use crate::backend::Buffers;
     use crate::dist::rendezvous::Rendezvous;
 
-    fn two_ranks<T: Send>(body: impl Fn(&CudaBackend, &NcclGroup) -> T + Sync) -> Vec<T> {
+    fn ranks<T: Send>(world_size: usize, body: impl Fn(&CudaBackend, &NcclGroup) -> T + Sync) -> Vec<T> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let listener = std::sync::Mutex::new(Some(listener));
         std::thread::scope(|s| {
-            let handles: Vec<_> = (0..2)
+            let handles: Vec<_> = (0..world_size)
                 .map(|rank| {
                     let (body, listener) = (&body, &listener);
                     s.spawn(move || {
                         let rendezvous = Rendezvous {
                             rank,
-                            world_size: 2,
+                            world_size,
                             master_addr: "127.0.0.1".into(),
                             master_port: port,
                             run_id: "nccl-test".into(),
@@ -308,20 +309,20 @@ mod tests {
     #[test]
     #[ignore = "needs two GPUs and NCCL"]
     fn all_reduce_broadcast_and_reduce_on_two_gpus() {
-        let results = two_ranks(|b, group| {
+        let results = ranks(2, |b, group| {
             let r = group.rank() as f32;
-            // A parameter (bf16 + f32 master), an f32 buffer and a bf16 buffer without a master.
+            // A parameter (bf16 + f32 master) and bf16 buffers without one.
             let mut param = b.upload(&[1.0 + r, 0.1 * r, 3.0]).unwrap();
-            let mut f32_buf = b.zeros(2).unwrap();
-            b.fill(&mut f32_buf, 2.0 + r).unwrap();
+            let mut plain = b.zeros(2).unwrap();
+            b.fill(&mut plain, 2.0 + r).unwrap();
             let mut grad = b.zeros(4).unwrap();
             b.fill(&mut grad, 0.5 * (r + 1.0)).unwrap();
             group.all_reduce_sum(b, &mut [&mut param, &mut grad]).unwrap();
             let summed = (b.download(&param).unwrap(), b.download(&grad).unwrap());
             let mut values = [r as f64 + 0.25];
             group.all_reduce_host(&mut values).unwrap();
-            group.broadcast(b, &mut [&mut f32_buf, &mut param], 1).unwrap();
-            let broadcast = b.download(&f32_buf).unwrap();
+            group.broadcast(b, &mut [&mut plain, &mut param], 1).unwrap();
+            let broadcast = b.download(&plain).unwrap();
             let mut to_root = b.upload(&[r + 1.0]).unwrap();
             group.reduce_sum(b, &mut [&mut to_root], 0).unwrap();
             group.barrier().unwrap();
@@ -339,11 +340,25 @@ mod tests {
     #[test]
     #[ignore = "needs two GPUs and NCCL"]
     fn ranks_whose_buffers_differ_fail_by_name() {
-        let errors = two_ranks(|b, group| {
+        let errors = ranks(2, |b, group| {
             let mut buf = b.zeros(3 + group.rank()).unwrap();
             format!("{:#}", group.all_reduce_sum(b, &mut [&mut buf]).unwrap_err())
         });
         assert!(errors[0].contains("rank 1's buffers differ"), "{}", errors[0]);
         assert!(errors[1].contains("rank 0's buffers differ"), "{}", errors[1]);
+    }
+
+    #[test]
+    #[ignore = "needs a GPU and NCCL"]
+    fn a_group_of_one_on_one_gpu() {
+        let results = ranks(1, |b, group| {
+            let mut param = b.upload(&[1.0, 0.1, 3.0]).unwrap();
+            let mut loss = b.upload(&[0.5]).unwrap();
+            group.all_reduce_sum(b, &mut [&mut param, &mut loss]).unwrap();
+            group.broadcast(b, &mut [&mut param], 0).unwrap();
+            group.reduce_sum(b, &mut [&mut loss], 0).unwrap();
+            (b.download(&param).unwrap(), b.download(&loss).unwrap())
+        });
+        assert_eq!(results, vec![(vec![1.0, 0.1, 3.0], vec![0.5])]);
     }
 }
