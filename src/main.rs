@@ -12,7 +12,11 @@
 //! safedpo demo     --data-only [--rows N]         only the demo's synthetic PKU-SafeRLHF data
 //! safedpo demo     --compare [--quick]            the paper's comparison: DPO vs SafeDPO, judged
 //! safedpo plot     RUN_DIR... [--out FILE]        training curves of runs overlaid, as an SVG
+//! safedpo launch   --gpus N -- train [settings]   N data-parallel ranks on this node (as torchrun)
 //! ```
+//!
+//! `train` and `sft` run as one rank of a data-parallel group when the environment describes one
+//! (`WORLD_SIZE` > 1, from torchrun, Slurm or `safedpo launch`; `safedpo::dist`).
 //!
 //! Settings (`safedpo::config`) come from the command's defaults, then the `--config` TOML file, then
 //! the flags, each named by its TOML path (`--optimizer.lr 1e-6`, `--set optimizer.lr=1e-6`); a flag
@@ -80,6 +84,35 @@ enum Command {
     /// Merges a LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors) into its base
     /// model and writes the merged HF model directory (PEFT's merge_and_unload).
     Merge(MergeArgs),
+    /// Runs N copies of a command on this node as the ranks of a data-parallel group (as `torchrun
+    /// --nproc-per-node N`): `safedpo launch --gpus 2 -- train --config run.toml`. Each rank's output
+    /// lines are prefixed with `[rank R]`; when one fails, the others are stopped.
+    Launch(LaunchArgs),
+    /// Checks the group the environment describes (under `launch`, torchrun or srun): joins it (the
+    /// TCP rendezvous, then NCCL on cuda), sums a value over the ranks and prints what it found.
+    DistCheck(DistCheckArgs),
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// Ranks to start: one per GPU on `cuda`, processes sharing the machine on `cpu` and `emu`.
+    #[arg(long, value_name = "N")]
+    gpus: usize,
+    /// Passed on to the command as its `--device`.
+    #[arg(long, value_enum)]
+    device: Option<DeviceKind>,
+    /// The command each rank runs, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<std::ffi::OsString>,
+}
+
+#[derive(clap::Args)]
+struct DistCheckArgs {
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceKind,
+    /// Make this rank exit with an error once it joined (to test how a job ends).
+    #[arg(long, hide = true, value_name = "RANK")]
+    fail_rank: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -282,7 +315,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A rank whose group broke because of another rank says so (`safedpo launch` names the
+            // rank that failed first).
+            if safedpo::dist::is_group_broken(&e) {
+                ExitCode::from(safedpo::dist::launch::FOLLOWER_EXIT_CODE)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
@@ -320,6 +359,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", args.out.display());
             Ok(())
         }
+        Command::Launch(args) => safedpo::dist::launch::launch(&safedpo::dist::launch::LaunchOptions {
+            ranks: args.gpus,
+            device: args.device,
+            program: std::env::current_exe().context("finding this program to launch it")?,
+            args: args.command,
+        }),
+        Command::DistCheck(args) => safedpo::dist::group::dist_check(args.device, args.fail_rank),
         Command::Demo(args) if args.data_only => write_demo_data(&args),
         Command::Demo(args) => {
             let opts = DemoOptions {
@@ -374,7 +420,19 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
         progress: !args.no_progress,
         ..Default::default()
     };
-    let summary = with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?;
+    use safedpo::dist::{join_group, RankEnv, RankGroup};
+    use safedpo::train::data_parallel::train_in_group;
+    let summary = match RankEnv::from_env()?.filter(|env| env.world_size > 1) {
+        None => with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?,
+        Some(env) => {
+            // One progress bar and one set of status lines: rank 0's.
+            let opts = TrainOptions { progress: opts.progress && env.rank == 0, quiet: env.rank != 0, ..opts };
+            match join_group(cfg.device, &env)? {
+                RankGroup::Cpu(backend, group) => train_in_group(backend, &cfg, task, &opts, group)?,
+                RankGroup::Cuda(backend, group) => train_in_group(backend, &cfg, task, &opts, group)?,
+            }
+        }
+    };
     let out = summary.to_json();
     println!("{out}");
     Ok(())

@@ -6,15 +6,51 @@
 //! vectors through a [`HostTransport`] (threads in one process, or sockets between processes) and is
 //! made a `Collective` of any backend by [`Staged`], which downloads, exchanges, sums and uploads.
 //!
+//! Processes find each other from the environment torch jobs are launched with ([`env`]: torchrun,
+//! Slurm, or `safedpo launch`, [`launch`]), meet at a TCP rendezvous on `MASTER_ADDR:MASTER_PORT`
+//! ([`rendezvous`]), and keep those connections as a [`HostTransport`] ([`tcp`]); [`group`] makes a
+//! rank's backend and its group from them: NCCL on GPUs (`nccl`, feature `cuda`), the TCP
+//! transport under [`Staged`] on the CPU and the emulated device.
+//!
 //! Sums are taken in rank order (`((r0 + r1) + r2) + …`, in f32 for buffers and f64 for host
 //! values) on every rank, so every rank holds the same bits and a run is reproducible for a fixed
-//! world size.
+//! world size. NCCL sums in an order of its own (fixed for a world size and a topology, the same bits
+//! on every rank of an all-reduce).
 
+pub mod env;
+pub mod group;
 pub mod in_process;
+pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod rendezvous;
+pub mod tcp;
 
 use anyhow::{ensure, Context, Result};
 
 use crate::backend::Buffers;
+
+pub use env::RankEnv;
+pub use group::{join_group, RankGroup};
+
+/// The error of a rank whose collective failed because of another rank (it left, crashed, did not
+/// arrive in time, or its backend did not open): the message names that rank. `safedpo` exits with
+/// [`launch::FOLLOWER_EXIT_CODE`] on it, so that `safedpo launch` names the rank that failed first.
+#[derive(Debug)]
+pub struct GroupBroken(pub String);
+
+impl std::fmt::Display for GroupBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GroupBroken {}
+
+/// Whether `error` is (or wraps) a [`GroupBroken`].
+pub fn is_group_broken(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<GroupBroken>())
+}
 
 /// A group of `world_size` ranks; every rank calls the same collectives in the same order with
 /// buffers of the same lengths (a mismatch is an error on every rank, never a wrong sum).

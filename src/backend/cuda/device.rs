@@ -313,6 +313,15 @@ impl Device {
         matches!(self.imp, Imp::Emu(_))
     }
 
+    /// The GPU under this device, `None` on the emulated device (NCCL's collectives need it).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn as_gpu(&self) -> Option<&Arc<gpu::Gpu>> {
+        match &self.imp {
+            Imp::Gpu(gpu) => Some(gpu),
+            Imp::Emu(_) => None,
+        }
+    }
+
     /// E.g. "cuda:0 NVIDIA H100 80GB HBM3 (sm_90)" or "emu (CUDA kernels on the CPU)".
     pub fn name(&self) -> String {
         match &self.imp {

@@ -288,11 +288,17 @@ impl Gpu {
         self.name.clone()
     }
 
-    fn bind(&self) -> Result<()> {
+    /// Makes this GPU's context current on the calling thread (also what NCCL calls need).
+    pub(crate) fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(driver_err)
     }
 
-    fn cu_stream(&self) -> sys::CUstream {
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The one stream every operation runs on (NCCL's collectives are queued on it too).
+    pub(crate) fn cu_stream(&self) -> sys::CUstream {
         self.stream.cu_stream()
     }
 

@@ -22,6 +22,9 @@
 #[cfg(not(all(feature = "cuda", feature = "emu")))]
 mod absent;
 pub mod backend;
+// What NCCL (`dist::nccl`) reads of the backend's buffers and device.
+#[cfg(feature = "cuda")]
+pub(crate) mod collective;
 pub mod device;
 // The emulator's own controls (schedules, race checks, counters) are for the tests.
 #[cfg(feature = "emu")]
