@@ -422,19 +422,22 @@ fn run_training(args: TrainArgs, task: Task) -> Result<()> {
     };
     use safedpo::dist::{join_group, RankEnv, RankGroup};
     use safedpo::train::data_parallel::train_in_group;
-    let summary = match RankEnv::from_env()?.filter(|env| env.world_size > 1) {
+    let group_env = RankEnv::from_env()?.filter(|env| env.world_size > 1);
+    let summary = match &group_env {
         None => with_backend!(cfg.device, |backend| train::train(backend, &cfg, task, &opts))?,
         Some(env) => {
             // One progress bar and one set of status lines: rank 0's.
             let opts = TrainOptions { progress: opts.progress && env.rank == 0, quiet: env.rank != 0, ..opts };
-            match join_group(cfg.device, &env)? {
+            match join_group(cfg.device, env)? {
                 RankGroup::Cpu(backend, group) => train_in_group(backend, &cfg, task, &opts, group)?,
                 RankGroup::Cuda(backend, group) => train_in_group(backend, &cfg, task, &opts, group)?,
             }
         }
     };
-    let out = summary.to_json();
-    println!("{out}");
+    // The run's summary once, from rank 0 (the others' would repeat it without the evaluation).
+    if group_env.is_none_or(|env| env.rank == 0) {
+        println!("{}", summary.to_json());
+    }
     Ok(())
 }
 

@@ -273,3 +273,50 @@ fn launch_and_dist_check_refuse_bad_input() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("RANK=2 must be below WORLD_SIZE=2"), "{out:?}");
 }
+
+/// The last record of a run's metrics.jsonl that has an evaluation.
+fn last_eval(run: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|r| r.get("eval/loss").is_some())
+        .unwrap()
+}
+
+/// `safedpo launch -- train` end to end: two processes on the CPU train the run one process trains
+/// (within the f32 summation order of the gradient sum over the ranks), rank 0 alone writes the run
+/// and prints the summary.
+#[test]
+fn launch_trains_as_one_process_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = safedpo(&["demo", "--data-only", "--rows", "60", "--quiet", "--out-dir", data.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data_file = data.join("data.jsonl");
+    let run = |ranks: usize, name: &str| {
+        let out_dir = dir.path().join(name);
+        let mut settings = vec!["--data.path", data_file.to_str().unwrap(), "--out_dir", out_dir.to_str().unwrap()];
+        settings.extend(["--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2"]);
+        settings.extend(["--optimizer.total_steps", "4", "--batching.tokens_per_micro_batch", "1024"]);
+        settings.extend(["--batching.grad_accum", "4", "--intervals.eval_every", "4", "--no-progress"]);
+        let gpus = ranks.to_string();
+        let command: Vec<&str> = match ranks {
+            1 => ["train", "--device", "cpu"].into_iter().chain(settings).collect(),
+            _ => ["launch", "--gpus", &gpus, "--device", "cpu", "--", "train"].into_iter().chain(settings).collect(),
+        };
+        let out = safedpo(&command);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{ranks} ranks: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        (out_dir, stdout)
+    };
+    let (one, _) = run(1, "one");
+    let (two, stdout) = run(2, "two");
+    assert_eq!(stdout.matches("\"completed\":true").count(), 1, "one summary, rank 0's: {stdout}");
+    assert!(stdout.contains("[rank 0] {\"checkpoint\""), "{stdout}");
+    let (a, b) = (last_eval(&one), last_eval(&two));
+    for key in ["eval/loss", "eval/rewards/margins", "eval/logps/chosen"] {
+        let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key}: one rank {x}, two ranks {y}");
+    }
+    assert!(two.join("final/model.safetensors").exists());
+}
