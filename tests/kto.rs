@@ -165,20 +165,11 @@ fn the_objectives_parse_validate_and_refuse_pairs() {
         assert!(words.iter().all(|w| err.contains(w)), "{bad}: {err}");
     }
     let backend = CpuBackend::new();
-    use safedpo::backend::PreferenceLossOps;
+    use safedpo::backend::{PreferenceLossInputs, PreferenceLossOps};
     let (mut metrics, mut dpolicy) = (vec![0.0; 5], vec![0.0; 2]);
-    let err = backend
-        .preference_loss(
-            &mut metrics,
-            &mut dpolicy,
-            &vec![0.0; 2],
-            &vec![0.0; 2],
-            &vec![0; 2],
-            &vec![1; 2],
-            &parsed,
-            1.0,
-        )
-        .unwrap_err();
+    let (logps, ids) = (vec![0.0; 2], vec![1; 2]);
+    let inputs = PreferenceLossInputs::pairs(&logps, &logps, &ids, &ids, &parsed);
+    let err = backend.preference_loss(&mut metrics, &mut dpolicy, &inputs).unwrap_err();
     assert!(format!("{err:#}").contains("unpaired"), "{err:#}");
 }
 

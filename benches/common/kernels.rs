@@ -16,7 +16,9 @@ use criterion::{BenchmarkGroup, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::prelude::*;
-use safedpo::backend::{rope_inverse_frequencies, AdamWParams, Packing, QkvLayout, RopeScaling, PAIR_METRICS};
+use safedpo::backend::{
+    rope_inverse_frequencies, AdamWParams, Packing, PreferenceLossInputs, QkvLayout, RopeScaling, PAIR_METRICS,
+};
 use safedpo::loss::Objective;
 
 use super::{random, Shape};
@@ -528,7 +530,11 @@ pub fn preference_loss<B: Backend>(c: &mut Criterion, t: &Target<B>) {
         Throughput::Elements(pairs as u64),
         || {
             t.backend
-                .preference_loss(&mut metrics, &mut dpolicy, &policy, &reference, &flags, &lengths, &objective, 1.0)
+                .preference_loss(
+                    &mut metrics,
+                    &mut dpolicy,
+                    &PreferenceLossInputs::pairs(&policy, &reference, &flags, &lengths, &objective),
+                )
                 .unwrap()
         },
     );
