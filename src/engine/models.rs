@@ -142,9 +142,19 @@ impl<B: Backend> Models<B> {
         let mut metrics = b.zeros(n * PAIR_METRICS)?;
         let mut grads = b.zeros(if split.is_some() { 4 * n } else { 2 * n })?;
         let inputs = PreferenceLossInputs {
-            parts: LogpParts { policy_split: policy_logps.split, reference_split, policy_aligned: policy_logps.aligned },
+            parts: LogpParts {
+                policy_split: policy_logps.split,
+                reference_split,
+                policy_aligned: policy_logps.aligned,
+            },
             grad_scale: 1.0 / n as f32,
-            ..PreferenceLossInputs::pairs(policy_logps.total, reference_buf, &batch.unsafe_flags, &batch.lengths, objective)
+            ..PreferenceLossInputs::pairs(
+                policy_logps.total,
+                reference_buf,
+                &batch.unsafe_flags,
+                &batch.lengths,
+                objective,
+            )
         };
         b.preference_loss(&mut metrics, &mut grads, &inputs)?;
         let read = |out: &SequenceLogps<'_, B>| loss_read_logps(b, out.total, out.split, ld_alpha);

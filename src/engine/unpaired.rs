@@ -74,7 +74,12 @@ impl Engine {
         let kl_max_len = self.context_len();
         let output = on_models!(&mut self.backends, |m| m.unpaired_loss(examples, objective, kl_max_len))?;
         let metrics = ExampleMetrics::from_outputs([&output]);
-        Ok(UnpairedLossReport { objective: objective.clone(), loss: metrics.mean_loss(), kl: output.kl as f32, metrics })
+        Ok(UnpairedLossReport {
+            objective: objective.clone(),
+            loss: metrics.mean_loss(),
+            kl: output.kl as f32,
+            metrics,
+        })
     }
 
     /// One optimizer step at the optimizer's `lr` on unpaired `examples` (their mean loss) under the
@@ -115,7 +120,8 @@ impl Engine {
         for (i, examples) in micro_batches.iter().enumerate() {
             self.check_examples(examples).with_context(|| format!("micro-batch {i}"))?;
         }
-        let (objective, optimizer, clip, kl_max_len) = (&self.objective, self.optimizer, self.grad_clip, self.context_len());
+        let (objective, optimizer, clip, kl_max_len) =
+            (&self.objective, self.optimizer, self.grad_clip, self.context_len());
         let (info, step, outputs) = on_models!(&mut self.backends, |m| {
             m.unpaired_train_step(micro_batches, objective, optimizer, clip, lr, kl_max_len)
         })?;

@@ -210,7 +210,16 @@ impl PreferenceLossOps for CpuBackend {
                     policy_aligned: policy_aligned.as_deref(),
                 };
                 let state = &inputs.state;
-                spec::forward_parts(objective, state, &policy, &reference, unsafe_flags, lengths, &host_parts, grad_scale)
+                spec::forward_parts(
+                    objective,
+                    state,
+                    &policy,
+                    &reference,
+                    unsafe_flags,
+                    lengths,
+                    &host_parts,
+                    grad_scale,
+                )
             }
         };
         metrics.iter_mut().zip(&metrics_f64).for_each(|(m, &x)| *m = x as f32);

@@ -104,7 +104,10 @@ impl<'a, B: Buffers + ?Sized> PreferenceLossInputs<'a, B> {
         examples: ExampleParts<'a, B::Buf, B::Ids>,
         objective: &'a Objective,
     ) -> Self {
-        PreferenceLossInputs { examples: Some(examples), ..Self::pairs(policy, reference, unsafe_flags, lengths, objective) }
+        PreferenceLossInputs {
+            examples: Some(examples),
+            ..Self::pairs(policy, reference, unsafe_flags, lengths, objective)
+        }
     }
 }
 

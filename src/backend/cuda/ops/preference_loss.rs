@@ -10,11 +10,11 @@ use anyhow::{ensure, Result};
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand, Storage};
 use crate::backend::cuda::kernels::constants::preference_loss::{
-    ALPHA_DIVERGENCE_MAX_EXPONENT, FDIV_ALPHA_DIVERGENCE, FDIV_FORWARD_KL, FDIV_JS_DIVERGENCE, FDIV_REVERSE_KL,
-    EXAMPLE_METRICS, OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO_UNPAIRED, OBJ_KTO, OBJ_APO_ZERO, OBJ_BCO_PAIR, OBJ_CDPO, OBJ_CPO, OBJ_CPO_HINGE, OBJ_CPO_IPO,
-    OBJ_CPO_SIMPO, OBJ_DISCOPOP, OBJ_DPO, OBJ_EXO_PAIR, OBJ_HINGE, OBJ_IPO, OBJ_NCA_PAIR, OBJ_NPO, OBJ_ORPO,
-    OBJ_ROBUST, OBJ_RPO, OBJ_SFT, OBJ_SIGMOID_NORM, OBJ_SIMPO, OBJ_SPPO_HARD, ORPO_MAX_MEAN_LOGP, PAIR_METRICS,
-    PAIR_THREADS, SORTED_MAX_PAIRS,
+    ALPHA_DIVERGENCE_MAX_EXPONENT, EXAMPLE_METRICS, FDIV_ALPHA_DIVERGENCE, FDIV_FORWARD_KL, FDIV_JS_DIVERGENCE,
+    FDIV_REVERSE_KL, OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO, OBJ_APO_ZERO_UNPAIRED, OBJ_BCO_PAIR,
+    OBJ_CDPO, OBJ_CPO, OBJ_CPO_HINGE, OBJ_CPO_IPO, OBJ_CPO_SIMPO, OBJ_DISCOPOP, OBJ_DPO, OBJ_EXO_PAIR, OBJ_HINGE,
+    OBJ_IPO, OBJ_KTO, OBJ_NCA_PAIR, OBJ_NPO, OBJ_ORPO, OBJ_ROBUST, OBJ_RPO, OBJ_SFT, OBJ_SIGMOID_NORM, OBJ_SIMPO,
+    OBJ_SPPO_HARD, ORPO_MAX_MEAN_LOGP, PAIR_METRICS, PAIR_THREADS, SORTED_MAX_PAIRS,
 };
 use crate::backend::cuda::launch::i32_arg;
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
@@ -163,8 +163,9 @@ impl CudaBackend {
         inputs: &PreferenceLossInputs<'_, Self>,
         pairs: usize,
     ) -> Result<()> {
-        let PreferenceLossInputs { policy, reference, unsafe_flags, lengths, parts, objective, state, grad_scale, .. } =
-            inputs;
+        let PreferenceLossInputs {
+            policy, reference, unsafe_flags, lengths, parts, objective, state, grad_scale, ..
+        } = inputs;
         let (objective, grad_scale) = (*objective, *grad_scale);
         let uses_reference = objective.uses_reference();
         if objective.sorts_batch() {
