@@ -308,7 +308,7 @@ impl CudaBackend {
         let reference = self.input(inputs.reference, Dtype::F32)?;
         // The KL sequences only where the objective reads the estimate.
         let kl = match (examples.policy_kl, examples.reference_kl) {
-            (Some(p), Some(r)) if objective.estimates_kl() && p.len() > 0 => {
+            (Some(p), Some(r)) if objective.estimates_kl() && !p.is_empty() => {
                 Some((self.input(p, Dtype::F32)?, self.input(r, Dtype::F32)?, p.len()))
             }
             _ => None,
