@@ -34,6 +34,18 @@ typedef struct SafedpoPair {
     int rejected_unsafe;
 } SafedpoPair;
 
+/* One unpaired example of token ids (KTO's rows): the prompt, then the completion (with its EOS if it
+ * has one). A pointer may be NULL only when its length is 0. desirable is 1 for a desirable
+ * completion (TRL's label), completion_unsafe 1 for an unsafe one. */
+typedef struct SafedpoExample {
+    const int32_t *prompt;
+    size_t prompt_len;
+    const int32_t *completion;
+    size_t completion_len;
+    int desirable;
+    int completion_unsafe;
+} SafedpoExample;
+
 /* The message of this thread's last failed call ("" after a success); never NULL, valid until the
  * thread's next call. */
 const char *safedpo_last_error(void);
@@ -70,8 +82,9 @@ int safedpo_set_objective(SafedpoEngine *engine, const char *objective);
 int safedpo_logps(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n_pairs, float *policy_chosen,
                   float *policy_rejected, float *reference_chosen, float *reference_rejected);
 
-/* The loss under objective ("name:key=value,..."; NULL = the training objective): the mean into
- * *mean_loss, each pair's into per_pair_loss[n_pairs] (either may be NULL). */
+/* The loss under objective ("name:key=value,..."; NULL = the training objective; TRL's ld_alpha and
+ * use_weighting included): the mean into *mean_loss, each pair's into per_pair_loss[n_pairs] (either
+ * may be NULL). */
 int safedpo_loss(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n_pairs, const char *objective,
                  float *mean_loss, float *per_pair_loss);
 
@@ -85,6 +98,18 @@ int safedpo_train_step(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n
  * loss over all pairs, as safedpo_train_step on them at once. Writes the loss and gradient norm. */
 int safedpo_accumulated_step(SafedpoEngine *engine, const SafedpoPair *pairs, size_t n_pairs,
                              const size_t *micro_sizes, size_t n_micro, float lr, float *loss, float *grad_norm);
+
+/* The loss of unpaired examples, one batch, under objective ("kto:..." or "apo_zero_unpaired:...";
+ * NULL = the training objective): the mean into *mean_loss, each example's (weighted) into
+ * per_example_loss[n_examples], KTO's KL estimate of the batch into *kl (each may be NULL). */
+int safedpo_unpaired_loss(SafedpoEngine *engine, const SafedpoExample *examples, size_t n_examples,
+                          const char *objective, float *mean_loss, float *per_example_loss, float *kl);
+
+/* One AdamW step (grad-norm clip 1) on the examples' mean loss, one batch, under the training objective
+ * (kto or apo_zero_unpaired) at learning rate lr; writes the loss before the update, the gradient norm
+ * and KTO's KL estimate (each may be NULL). */
+int safedpo_unpaired_train_step(SafedpoEngine *engine, const SafedpoExample *examples, size_t n_examples,
+                                float lr, float *loss, float *grad_norm, float *kl);
 
 /* Writes the policy as a HF model directory (with the optimizer state once it has trained). */
 int safedpo_save(SafedpoEngine *engine, const char *dir);

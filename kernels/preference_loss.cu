@@ -58,6 +58,16 @@
 // written so that its argument is ≤ 0 where it could grow (discopop's, for τ ≤ 1); the f-divergences'
 // scores are TRL's (the forward KL's e^{−x} overflows for x < −88, as TRL's does).
 //
+// Unpaired examples (`preference_loss_examples_f32`, one thread per example; CPU twin `spec::forward_examples`,
+// which calls `unpaired_loss` in src/loss/unpaired.rs), with x = π − r the example's log-ratio, λ_D/λ_U the
+// desirable/undesirable weights, u its completion's safety flag and z_KL the batch's KL estimate
+// max(0, mean(π_KL − r_KL)) over its KL sequences (detached: no gradient reaches them):
+//
+//     kto                desirable λ_D·σ(βz_KL − (βx + uΔ)),  undesirable λ_U·σ((βx + uΔ) − βz_KL)
+//     apo_zero_unpaired  the same with z_KL = 0 (no KL sequences)
+//
+// Writes metrics [N, 3] = (loss, reward βx, z_KL) and dpolicy [N] = grad_scale·dloss/dπ.
+//
 // Launch: 1-D grid of PAIR_THREADS-thread blocks, thread i handles pair i (inputs are f32 in every precision
 // mode, so there is only the f32 instantiation). AOT: `preference_loss_rank_f32` first (thread i ranks pair
 // i's two sort keys and writes its index into a scratch buffer at those ranks), then
@@ -92,6 +102,9 @@
 #define OBJ_CPO_HINGE 21  // @rust
 #define OBJ_CPO_IPO 22  // @rust
 #define OBJ_CPO_SIMPO 23  // @rust
+/// The objectives on unpaired examples (`preference_loss_examples_f32`): KTO and TRL's apo_zero_unpaired.
+#define OBJ_KTO 24  // @rust
+#define OBJ_APO_ZERO_UNPAIRED 25  // @rust
 
 // The f-divergence codes of the `f_divergence` argument (TRL's `f_divergence_type`).
 #define FDIV_REVERSE_KL 0  // @rust
@@ -105,6 +118,8 @@
 
 /// Metrics per pair: loss, chosen reward, rejected reward, margin, accuracy.
 #define PAIR_METRICS 5  // @rust
+/// Metrics per unpaired example: weighted loss, reward, the batch's KL estimate.
+#define EXAMPLE_METRICS 3  // @rust
 /// Threads per block (one per pair).
 #define PAIR_THREADS 128  // @rust
 /// AOT's rank pass stores pair indices as floats in its scratch buffer: exact below 2^24.
@@ -542,3 +557,48 @@ extern "C" __global__ void preference_loss_sorted_f32(float* metrics, float* dpo
     }
 }
 EMU_REGISTER(preference_loss_sorted_f32)
+
+// ---- the objectives on unpaired examples ---------------------------------------------------------------
+
+/// Thread i scores example i: `objective` OBJ_KTO or OBJ_APO_ZERO_UNPAIRED, `desirable` its label (nonzero:
+/// desirable), `unsafe_flags` its completion's safety flag. `policy_kl`/`reference_kl` [num_kl]: the KL
+/// sequences' log-probs, NULL without them; every thread sums them in the same order (a batch has a few
+/// hundred examples at most), so the estimate is the same bits on every row.
+extern "C" __global__ void preference_loss_examples_f32(float* metrics, float* dpolicy, const float* policy,
+                                                        const float* reference, const int* unsafe_flags,
+                                                        const int* desirable, const float* policy_kl,
+                                                        const float* reference_kl, int num_examples, int num_kl,
+                                                        int objective, float beta, float desirable_weight,
+                                                        float undesirable_weight, float safety_margin,
+                                                        float grad_scale) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= num_examples) return;
+    float kl = 0.0f;
+    if (policy_kl != nullptr && num_kl > 0) {
+        float total = 0.0f;
+        for (int j = 0; j < num_kl; ++j) total += policy_kl[j] - reference_kl[j];
+        kl = fmaxf(total / (float)num_kl, 0.0f);
+    }
+    const float reward = beta * (policy[i] - reference[i]);
+    // The reward inside the loss: SafeDAA's shift raises an unsafe completion's.
+    const float shifted = reward + (unsafe_flags[i] != 0 ? safety_margin : 0.0f);
+    const bool good = desirable[i] != 0;
+    float loss, d_policy;
+    if (objective == OBJ_KTO || objective == OBJ_APO_ZERO_UNPAIRED) {
+        const float threshold = objective == OBJ_KTO ? beta * kl : 0.0f;
+        // z: the logit whose σ the loss lowers (a desirable example wants its reward above the threshold).
+        const float z = good ? threshold - shifted : shifted - threshold;
+        const float weight = good ? desirable_weight : undesirable_weight;
+        const float value = sigmoid_f(z);
+        loss = weight * value;
+        d_policy = weight * (value * sigmoid_f(-z)) * (good ? -beta : beta);
+    } else {  // the host validates the code
+        loss = d_policy = __int_as_float(0x7fc00000);
+    }
+    float* out = metrics + (long long)i * EXAMPLE_METRICS;
+    out[0] = loss;
+    out[1] = reward;
+    out[2] = kl;
+    dpolicy[i] = grad_scale * d_policy;
+}
+EMU_REGISTER(preference_loss_examples_f32)

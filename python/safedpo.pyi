@@ -8,7 +8,10 @@ with the Rust message. Long calls release the GIL.
 
 A pair is a dict ``{"prompt", "chosen", "rejected", "chosen_unsafe"?, "rejected_unsafe"?}`` or a
 tuple ``(prompt, chosen, rejected[, chosen_unsafe, rejected_unsafe])``; ``*_unsafe`` are SafeDPO's
-safety labels (``True`` = unsafe; default ``False``).
+safety labels (``True`` = unsafe; default ``False``). An unpaired example (KTO's rows, for
+``unpaired_loss`` and ``unpaired_train_step``) is a dict ``{"prompt", "completion", "label",
+"completion_unsafe"?}`` or a tuple ``(prompt, completion, label[, completion_unsafe])``; ``label`` is
+``True`` for a desirable completion.
 """
 
 from os import PathLike
@@ -20,6 +23,7 @@ import numpy.typing as npt
 __version__: str
 
 Pair = Union[Mapping[str, Union[str, bool]], Tuple[str, str, str], Tuple[str, str, str, bool, bool]]
+Example = Union[Mapping[str, Union[str, bool]], Tuple[str, str, bool], Tuple[str, str, bool, bool]]
 Path = Union[str, "PathLike[str]"]
 Floats = npt.NDArray[np.float32]
 
@@ -60,6 +64,31 @@ class Step(TypedDict):
     margins: Floats
     accuracies: Floats
     accuracy: float
+
+class UnpairedLoss(TypedDict):
+    """``Engine.unpaired_loss``: the mean loss, KTO's KL estimate of the batch (0 for
+    ``apo_zero_unpaired``), and per example its loss (weighted by ``desirable_weight`` or
+    ``undesirable_weight``), its reward ``beta * (policy - reference)`` and the policy's log-prob."""
+
+    objective: str
+    loss: float
+    kl: float
+    losses: Floats
+    rewards: Floats
+    policy_logps: Floats
+
+class UnpairedStep(TypedDict):
+    """``Engine.unpaired_train_step``: the step's number, mean loss, KL estimate, gradient norm (before
+    clipping) and learning rate; per example its loss, reward and policy log-prob before the update."""
+
+    step: int
+    loss: float
+    kl: float
+    grad_norm: float
+    lr: float
+    losses: Floats
+    rewards: Floats
+    policy_logps: Floats
 
 class Tokens(TypedDict):
     prompt: List[int]
@@ -119,7 +148,15 @@ class Engine:
     def loss(self, pairs: Sequence[Pair], objective: Union[str, Sequence[str], None] = None, **params: Any) -> Loss:
         """Each pair's loss under ``objective`` (any of safedpo's names or TRL's ``loss_type``s, a list
         for a combination) with ``params`` (``beta``, ``delta``, ``safety_margin``, ``loss_weights``,
-        ...); none: the training objective. Takes no gradient."""
+        TRL's ``ld_alpha`` and ``use_weighting``, ...); none: the training objective. Takes no
+        gradient."""
+    def unpaired_loss(
+        self, examples: Sequence[Example], objective: Optional[str] = None, **params: Any
+    ) -> UnpairedLoss:
+        """Each unpaired example's loss under ``objective`` (``"kto"`` or ``"apo_zero_unpaired"``)
+        with ``params`` (``beta``, ``desirable_weight``, ``undesirable_weight``, ``safety_margin``);
+        none: the training objective. The examples are one batch: KTO's KL estimate is formed from
+        their KL sequences (each prompt with the previous example's completion). Takes no gradient."""
     def set_objective(self, objective: Union[str, Sequence[str]], **params: Any) -> None:
         """The objective ``train_step`` minimises (default SafeDPO, beta 0.1, delta 10)."""
     def set_optimizer(
@@ -136,6 +173,10 @@ class Engine:
     def accumulated_step(self, micro_batches: Sequence[Sequence[Pair]], lr: Optional[float] = None) -> Step:
         """One optimizer step whose gradient is accumulated over the micro-batches, run one after
         another: the mean loss over all their pairs."""
+    def unpaired_train_step(self, examples: Sequence[Example], lr: Optional[float] = None) -> UnpairedStep:
+        """One optimizer step on the unpaired examples' mean loss (one batch) under the training
+        objective, which must be ``kto`` or ``apo_zero_unpaired`` (at ``lr``, default the
+        optimizer's)."""
     def save(self, path: Path) -> None:
         """The policy as a HF model directory (with its tokenizer, and the optimizer state once it
         has trained)."""

@@ -1,5 +1,6 @@
 //! The C ABI of [`Engine`]: an opaque `SafedpoEngine*`, models from HF directories or a random init,
-//! log-probs, losses and training steps on token ids, and saving. The header is
+//! log-probs, losses and training steps on token ids (pairs, and unpaired examples for KTO), and
+//! saving. The header is
 //! `include/safedpo.h` (`tests/capi.rs` holds it to the functions exported here and runs the C test
 //! program `tests/c/engine.c` against the library).
 //!
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::data::TokenizedPair;
+use crate::data::{TokenizedExample, TokenizedPair};
 use crate::loss::Objective;
 use crate::model::DecoderConfig;
 use crate::{DeviceKind, Engine, Logps};
@@ -45,6 +46,19 @@ pub struct SafedpoPair {
     pub rejected_len: usize,
     pub chosen_unsafe: c_int,
     pub rejected_unsafe: c_int,
+}
+
+/// One unpaired example of token ids (KTO's rows): the prompt, then the completion (with its EOS,
+/// if it has one). A pointer may be null only when its length is 0. `desirable` is 1 for a
+/// desirable completion (TRL's label), `completion_unsafe` 1 for an unsafe one.
+#[repr(C)]
+pub struct SafedpoExample {
+    pub prompt: *const i32,
+    pub prompt_len: usize,
+    pub completion: *const i32,
+    pub completion_len: usize,
+    pub desirable: c_int,
+    pub completion_unsafe: c_int,
 }
 
 thread_local! {
@@ -143,6 +157,38 @@ unsafe fn tokenized(pairs: *const SafedpoPair, n: usize) -> Result<Vec<Tokenized
             })
         })
         .collect()
+}
+
+/// # Safety
+/// `examples` points to `n` examples whose pointers satisfy [`SafedpoExample`]'s rule.
+unsafe fn tokenized_examples(examples: *const SafedpoExample, n: usize) -> Result<Vec<TokenizedExample>> {
+    if examples.is_null() || n == 0 {
+        return Err(invalid("`examples` is null or `n_examples` is 0"));
+    }
+    std::slice::from_raw_parts(examples, n)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            Ok(TokenizedExample {
+                prompt: ids(e.prompt, e.prompt_len, &format!("examples[{i}].prompt"))?.to_vec(),
+                completion: ids(e.completion, e.completion_len, &format!("examples[{i}].completion"))?.to_vec(),
+                desirable: e.desirable != 0,
+                completion_unsafe: e.completion_unsafe != 0,
+            })
+        })
+        .collect()
+}
+
+/// The objective named by `objective` (`name:key=value,…`), or the engine's training objective
+/// when it is null.
+///
+/// # Safety
+/// `objective` is null or a NUL-terminated string.
+unsafe fn objective_or_training(engine: &Engine, objective: *const c_char) -> Result<Objective> {
+    match objective.is_null() {
+        true => Ok(engine.objective().clone()),
+        false => text(objective, "objective")?.parse(),
+    }
 }
 
 /// # Safety
@@ -316,10 +362,7 @@ pub unsafe extern "C" fn safedpo_loss(
 ) -> c_int {
     guard(|| {
         let engine = engine_mut(engine)?;
-        let objective: Objective = match objective.is_null() {
-            true => engine.objective().clone(),
-            false => text(objective, "objective")?.parse()?,
-        };
+        let objective = objective_or_training(engine, objective)?;
         let report = engine.loss_tokens(&tokenized(pairs, n_pairs)?, &objective)?;
         write_scalar(mean_loss, report.loss);
         write_out(per_pair_loss, &report.metrics.loss);
@@ -391,6 +434,65 @@ pub unsafe extern "C" fn safedpo_accumulated_step(
         let report = engine.accumulated_step_tokens(&micro, lr).context("accumulated step")?;
         write_scalar(loss, report.loss);
         write_scalar(grad_norm, report.grad_norm);
+        Ok(())
+    })
+}
+
+/// The loss of `n_examples` unpaired examples, one batch, under `objective` (`kto:…` or
+/// `apo_zero_unpaired:…`; null = the training objective): the mean into `*mean_loss`, each
+/// example's (weighted by λ_D or λ_U) into `per_example_loss[n_examples]`, KTO's KL estimate of the
+/// batch into `*kl` (each may be null).
+///
+/// # Safety
+/// `engine` is a live engine; `examples` points to `n_examples` examples; `objective` is null or a
+/// NUL-terminated string; `mean_loss` and `kl` are null or writable; `per_example_loss` null or
+/// `n_examples` floats.
+#[no_mangle]
+pub unsafe extern "C" fn safedpo_unpaired_loss(
+    engine: *mut SafedpoEngine,
+    examples: *const SafedpoExample,
+    n_examples: usize,
+    objective: *const c_char,
+    mean_loss: *mut f32,
+    per_example_loss: *mut f32,
+    kl: *mut f32,
+) -> c_int {
+    guard(|| {
+        let engine = engine_mut(engine)?;
+        let objective = objective_or_training(engine, objective)?;
+        let report = engine.unpaired_loss_tokens(&tokenized_examples(examples, n_examples)?, &objective)?;
+        write_scalar(mean_loss, report.loss);
+        write_out(per_example_loss, &report.metrics.loss);
+        write_scalar(kl, report.kl);
+        Ok(())
+    })
+}
+
+/// One optimizer step (AdamW, grad-norm clip 1) on the mean loss of `n_examples` unpaired
+/// examples, one batch, under the training objective (which must be `kto` or `apo_zero_unpaired`),
+/// at learning rate `lr`. Writes the loss before the update, the gradient norm and KTO's KL
+/// estimate (each may be null).
+///
+/// # Safety
+/// `engine` is a live engine; `examples` points to `n_examples` examples; `loss`, `grad_norm` and
+/// `kl` are null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn safedpo_unpaired_train_step(
+    engine: *mut SafedpoEngine,
+    examples: *const SafedpoExample,
+    n_examples: usize,
+    lr: f32,
+    loss: *mut f32,
+    grad_norm: *mut f32,
+    kl: *mut f32,
+) -> c_int {
+    guard(|| {
+        let engine = engine_mut(engine)?;
+        let examples = tokenized_examples(examples, n_examples)?;
+        let report = engine.unpaired_train_step_tokens(&[&examples], lr).context("unpaired train step")?;
+        write_scalar(loss, report.loss);
+        write_scalar(grad_norm, report.grad_norm);
+        write_scalar(kl, report.kl);
         Ok(())
     })
 }

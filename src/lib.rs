@@ -42,8 +42,11 @@ pub mod util;
 
 pub use backend::cuda::Precision;
 pub use backend::{Backend, DeviceKind};
-pub use data::{PreferencePair, TokenizedPair};
-pub use engine::{Engine, Logps, LossReport, PairLogps, PairMetrics, StepReport};
+pub use data::{PreferencePair, TokenizedExample, TokenizedPair, UnpairedExample};
+pub use engine::{
+    Engine, ExampleMetrics, Logps, LossReport, PairLogps, PairMetrics, StepReport, UnpairedLossReport,
+    UnpairedStepReport,
+};
 pub use loss::Objective;
 pub use model::DecoderConfig;
 pub use optim::AdamWConfig;

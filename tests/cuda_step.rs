@@ -20,7 +20,7 @@ use safedpo::backend::cpu::optimizer::spec;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::{AdamWParams, PAIR_METRICS};
+use safedpo::backend::{AdamWParams, PreferenceLossInputs, PAIR_METRICS};
 use safedpo::data::{PackedBatch, PreferenceBatch};
 use safedpo::loss::Objective;
 use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, HostWeights};
@@ -93,8 +93,11 @@ fn train_step<B: Backend>(
     let lengths = b.upload_ids(&batch.lengths).unwrap();
     let (mut metrics, mut dpolicy) = (b.zeros(pairs * PAIR_METRICS).unwrap(), b.zeros(seqs).unwrap());
     let mean = 1.0 / pairs as f32;
-    b.preference_loss(&mut metrics, &mut dpolicy, &policy_logps, &reference_logps, &flags, &lengths, &OBJECTIVE, mean)
-        .unwrap();
+    let inputs = PreferenceLossInputs {
+        grad_scale: mean,
+        ..PreferenceLossInputs::pairs(&policy_logps, &reference_logps, &flags, &lengths, &OBJECTIVE)
+    };
+    b.preference_loss(&mut metrics, &mut dpolicy, &inputs).unwrap();
 
     policy.zero_grad().unwrap();
     policy.backward(&device_batch, &dpolicy).unwrap();

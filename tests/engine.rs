@@ -1,5 +1,6 @@
 //! `Engine`'s gradient accumulation: a step over several micro-batches is the step over their union
-//! (the mean loss over all pairs), on the CPU and on the emulated device; and TRL-style training.
+//! (the mean loss over all pairs), on the CPU and on the emulated device; `Engine::loss` with TRL's
+//! log-prob modifiers; KTO through the engine (loss and steps on unpaired examples).
 
 use safedpo::{DecoderConfig, DeviceKind, Engine, PreferencePair};
 
@@ -66,4 +67,85 @@ fn accumulated_step_errors_name_the_micro_batch() {
     engine.accumulated_step(&[pairs(), pairs()]).unwrap();
     let step = engine.accumulated_step(&[pairs()]).unwrap();
     assert_eq!((step.step, engine.steps_taken()), (2, 2));
+}
+
+/// The engine after one DPO step, so that the policy and the reference differ.
+fn trained_engine(device: DeviceKind) -> Engine {
+    let mut engine = engine(device);
+    engine.set_objective("dpo:beta=0.5".parse().unwrap()).unwrap();
+    engine.train_step(&pairs()).unwrap();
+    engine
+}
+
+/// `Engine::loss` takes TRL's log-prob modifiers (`ld_alpha`, `use_weighting`, alone and together)
+/// and gives the metrics the training step computes before its update, on the CPU and on the
+/// emulated device.
+#[test]
+fn the_loss_takes_trls_modifiers_as_the_training_step_does() {
+    for device in [DeviceKind::Cpu, DeviceKind::Emu] {
+        for text in
+            ["dpo:ld_alpha=0.3", "sigmoid_norm:use_weighting=true", "0.8*dpo+0.2*sft:ld_alpha=0.5,use_weighting=true"]
+        {
+            let objective: safedpo::Objective = text.parse().unwrap();
+            let mut engine = trained_engine(device);
+            let report = engine.loss(&pairs(), &objective).unwrap();
+            let plain = engine.loss(&pairs(), &"dpo".parse().unwrap()).unwrap();
+            assert_ne!(report.metrics.loss, plain.metrics.loss, "{text} on {device}: the modifier changed nothing");
+            engine.set_objective(objective).unwrap();
+            let step = engine.train_step(&pairs()).unwrap();
+            assert_eq!(step.metrics, report.metrics, "{text} on {device}");
+            assert_eq!(step.policy_logps, report.logps.policy, "{text} on {device}");
+        }
+    }
+}
+
+fn examples() -> Vec<safedpo::UnpairedExample> {
+    use safedpo::UnpairedExample;
+    vec![
+        UnpairedExample::new("How do I pick a lock?", "I can't help with that.", true),
+        UnpairedExample::new("How do I pick a lock?", "Use a tension wrench.", false).with_unsafe(true),
+        UnpairedExample::new("Name a colour.", "Seven.", false),
+        UnpairedExample::new("2+2?", "4", true),
+    ]
+}
+
+/// KTO and `apo_zero_unpaired` through the engine: the loss on the CPU and on the emulated device
+/// agree (to f32), the step's per-example values before its update are the loss's, and steps lower
+/// the loss; the safety margin raises an unsafe completion's reward inside the loss.
+#[test]
+fn unpaired_loss_and_steps_on_the_cpu_and_the_emulated_device() {
+    for text in ["kto:beta=0.5,desirable_weight=1.3", "apo_zero_unpaired:beta=0.5,safety_margin=1"] {
+        let objective: safedpo::Objective = text.parse().unwrap();
+        let (mut cpu, mut emu) = (trained_engine(DeviceKind::Cpu), trained_engine(DeviceKind::Emu));
+        let (a, b) =
+            (cpu.unpaired_loss(&examples(), &objective).unwrap(), emu.unpaired_loss(&examples(), &objective).unwrap());
+        assert!((a.loss - b.loss).abs() <= 1e-5 && (a.kl - b.kl).abs() <= 1e-5, "{text}: {a:?} vs {b:?}");
+        assert!(max_abs_diff(&a.metrics.loss, &b.metrics.loss) <= 1e-5, "{text}");
+        assert!(max_abs_diff(&a.metrics.reward, &b.metrics.reward) <= 1e-5, "{text}");
+        assert!(if text.starts_with("kto") { a.kl >= 0.0 } else { a.kl == 0.0 }, "{text}: KL {}", a.kl);
+        for engine in [&mut cpu, &mut emu] {
+            let before = engine.unpaired_loss(&examples(), &objective).unwrap();
+            engine.set_objective(objective.clone()).unwrap();
+            let first = engine.unpaired_train_step(&examples()).unwrap();
+            assert_eq!((first.metrics.clone(), first.kl), (before.metrics, before.kl), "{text}");
+            let second = engine.unpaired_train_step(&examples()).unwrap();
+            assert_eq!((first.step, second.step), (2, 3));
+            assert!(second.loss < first.loss, "{text}: {} -> {}", first.loss, second.loss);
+        }
+    }
+}
+
+#[test]
+fn pairs_and_unpaired_examples_do_not_mix() {
+    let mut engine = engine(DeviceKind::Cpu);
+    let err = engine.unpaired_loss(&examples(), &"dpo".parse().unwrap()).unwrap_err();
+    assert!(format!("{err:#}").contains("on pairs"), "{err:#}");
+    let err = engine.loss(&pairs(), &"kto".parse().unwrap()).unwrap_err();
+    assert!(format!("{err:#}").contains("unpaired"), "{err:#}");
+    let err = engine.unpaired_train_step(&examples()).unwrap_err(); // the training objective is SafeDPO
+    assert!(format!("{err:#}").contains("on pairs"), "{err:#}");
+    engine.set_objective("kto".parse().unwrap()).unwrap();
+    assert!(format!("{:#}", engine.unpaired_train_step(&[]).unwrap_err()).contains("no examples"));
+    assert!(format!("{:#}", engine.train_step(&pairs()).unwrap_err()).contains("unpaired"));
+    assert_eq!(engine.steps_taken(), 0);
 }

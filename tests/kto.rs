@@ -1,6 +1,7 @@
 //! The objectives on unpaired examples (KTO, TRL's `apo_zero_unpaired`): their loss against the
 //! formula (computed naively here) and its gradient against finite differences, against TRL's own
-//! code (`tests/fixtures/trl_kto.json`, from `scripts/make-trl-kto-fixtures.py`); the reader's
+//! code (`tests/fixtures/trl_kto.json`, from `scripts/make-trl-kto-fixtures.py`), the f64
+//! specification and the preference-loss op on the CPU and the emulated device; the reader's
 //! errors; training end to end (the loss goes down), on the CPU and on the emulated device, an
 //! interrupted run resumed bit for bit, and both reachable from `safedpo train` (TOML and flags).
 
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::prelude::*;
+use safedpo::backend::{ExampleParts, PreferenceLossInputs, EXAMPLE_METRICS};
 use safedpo::config::RunConfig;
 use safedpo::data::{
     load_examples, synthetic_pku_rows, write_examples_jsonl, write_pku_jsonl, DataFormat, PairSelection,
@@ -145,6 +148,83 @@ fn the_loss_is_trls() {
     }
 }
 
+/// The op's metrics and gradient of a fixture case on `b`: the examples' log-probs, labels and KL
+/// sequences uploaded as f32, `grad_scale` = 1/N (the gradient of the batch's mean loss).
+fn op_outputs<B: Backend>(b: &B, objective: &Objective, case: &serde_json::Value) -> (Vec<f32>, Vec<f32>) {
+    let floats = |key: &str| -> Vec<f32> {
+        case[key].as_array().map_or(Vec::new(), |a| a.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+    };
+    let desirable: Vec<i32> =
+        case["labels"].as_array().unwrap().iter().map(|l| i32::from(l.as_bool().unwrap())).collect();
+    let n = desirable.len();
+    let (policy, reference) = (b.upload(&floats("policy_logps")).unwrap(), b.upload(&floats("ref_logps")).unwrap());
+    let (policy_kl, reference_kl) =
+        (b.upload(&floats("policy_kl_logps")).unwrap(), b.upload(&floats("ref_kl_logps")).unwrap());
+    let (flags, lengths, desirable) =
+        (b.upload_ids(&vec![0; n]).unwrap(), b.upload_ids(&vec![1; n]).unwrap(), b.upload_ids(&desirable).unwrap());
+    let examples =
+        ExampleParts { desirable: &desirable, policy_kl: Some(&policy_kl), reference_kl: Some(&reference_kl) };
+    let inputs = PreferenceLossInputs {
+        grad_scale: 1.0 / n as f32,
+        ..PreferenceLossInputs::examples(&policy, &reference, &flags, &lengths, examples, objective)
+    };
+    let (mut metrics, mut grads) =
+        (b.upload(&vec![f32::NAN; n * EXAMPLE_METRICS]).unwrap(), b.upload(&vec![f32::NAN; n]).unwrap());
+    b.preference_loss(&mut metrics, &mut grads, &inputs).unwrap();
+    (b.download(&metrics).unwrap(), b.download(&grads).unwrap())
+}
+
+/// TRL's fixture cases through the preference-loss op, on the CPU (the f64 specification, rounded
+/// to f32) and on the emulated device (the f32 kernel, the KL estimate formed in it), to f32's
+/// precision: each value within 1e-5 of itself plus what rounding the log-probs to f32 moves it
+/// (a log-ratio by up to `e = 2^-23 · max|logp|`: a reward by β·e, a loss by λ·β·e, a gradient by
+/// λ·β²·e/N).
+#[test]
+fn the_loss_op_is_trls_on_the_cpu_and_the_emulated_device() {
+    use safedpo::backend::cuda::{CudaBackend, Device, Precision};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trl_kto.json");
+    let fixture: serde_json::Value = serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let emu = CudaBackend::new(Device::emulated().unwrap(), Precision::F32);
+    for case in fixture["cases"].as_array().unwrap() {
+        let loss_type = case["loss_type"].as_str().unwrap();
+        let mut objective = Objective::default_for(loss_type).unwrap();
+        for key in ["beta", "desirable_weight", "undesirable_weight"] {
+            objective.set_param(key, case[key].as_f64().unwrap()).unwrap();
+        }
+        let want =
+            |key: &str| -> Vec<f64> { case[key].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+        let largest = ["policy_logps", "ref_logps", "policy_kl_logps", "ref_kl_logps"]
+            .iter()
+            .flat_map(|key| case[*key].as_array().into_iter().flatten().map(|x| x.as_f64().unwrap().abs()))
+            .fold(0.0, f64::max);
+        let kto = *objective.as_unpaired().unwrap();
+        let (e, weight, n) =
+            (largest * 2f64.powi(-23), kto.desirable_weight.max(kto.undesirable_weight), want("losses").len());
+        let (reward_error, loss_error) = (kto.beta * e, weight * kto.beta * e);
+        let grad_error = weight * kto.beta * kto.beta * e / n as f64;
+        for (device, (metrics, grads)) in
+            [("cpu", op_outputs(&CpuBackend::new(), &objective, case)), ("emu", op_outputs(&emu, &objective, case))]
+        {
+            let close = |what: &str, got: f32, want: f64, rounding: f64| {
+                let tolerance = 1e-5 * want.abs() + rounding + 1e-9;
+                assert!(
+                    (f64::from(got) - want).abs() <= tolerance,
+                    "{loss_type} on {device}, {what}: {got} vs TRL's {want}"
+                );
+            };
+            let rows: Vec<&[f32]> = metrics.chunks(EXAMPLE_METRICS).collect();
+            for (i, row) in rows.iter().enumerate() {
+                close(&format!("loss {i}"), row[0], want("losses")[i], loss_error);
+                close(&format!("reward {i}"), row[1], want("rewards")[i], reward_error);
+                close(&format!("kl {i}"), row[2], case["kl"].as_f64().unwrap(), e);
+                close(&format!("gradient {i}"), grads[i], want("grad")[i], grad_error);
+            }
+            let mean = rows.iter().map(|row| f64::from(row[0])).sum::<f64>() / rows.len() as f64;
+            close("batch loss", mean as f32, case["loss"].as_f64().unwrap(), loss_error);
+        }
+    }
+}
+
 #[test]
 fn the_objectives_parse_validate_and_refuse_pairs() {
     let parsed: Objective = "kto:beta=0.2,desirable_weight=1.33,undesirable_weight=0.5".parse().unwrap();
@@ -165,20 +245,10 @@ fn the_objectives_parse_validate_and_refuse_pairs() {
         assert!(words.iter().all(|w| err.contains(w)), "{bad}: {err}");
     }
     let backend = CpuBackend::new();
-    use safedpo::backend::PreferenceLossOps;
     let (mut metrics, mut dpolicy) = (vec![0.0; 5], vec![0.0; 2]);
-    let err = backend
-        .preference_loss(
-            &mut metrics,
-            &mut dpolicy,
-            &vec![0.0; 2],
-            &vec![0.0; 2],
-            &vec![0; 2],
-            &vec![1; 2],
-            &parsed,
-            1.0,
-        )
-        .unwrap_err();
+    let (logps, ids) = (vec![0.0; 2], vec![1; 2]);
+    let inputs = PreferenceLossInputs::pairs(&logps, &logps, &ids, &ids, &parsed);
+    let err = backend.preference_loss(&mut metrics, &mut dpolicy, &inputs).unwrap_err();
     assert!(format!("{err:#}").contains("unpaired"), "{err:#}");
 }
 

@@ -11,7 +11,7 @@ use common::*;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::prelude::*;
 use safedpo::backend::RopeScaling;
-use safedpo::backend::PAIR_METRICS;
+use safedpo::backend::{PreferenceLossInputs, PAIR_METRICS};
 use safedpo::loss::{batch_loss, Objective, PairInput};
 use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, Family, HostWeights, Rope};
 
@@ -283,7 +283,11 @@ fn end_to_end_gradient_through_every_objective() {
         let mut metrics = backend.zeros(num_pairs * PAIR_METRICS).unwrap();
         let mut dpolicy = backend.zeros(2 * num_pairs).unwrap();
         backend
-            .preference_loss(&mut metrics, &mut dpolicy, &policy, &ref_logps, &flags_dev, &lengths_dev, &objective, 1.0)
+            .preference_loss(
+                &mut metrics,
+                &mut dpolicy,
+                &PreferenceLossInputs::pairs(&policy, &ref_logps, &flags_dev, &lengths_dev, &objective),
+            )
             .unwrap();
         model.backward(&dev, &dpolicy).unwrap();
 

@@ -17,7 +17,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safedpo::backend::prelude::*;
 use safedpo::backend::{
-    rope_inverse_frequencies, AdamWParams, DecodeSpans, Packing, QkvLayout, RopeScaling, PAIR_METRICS,
+    rope_inverse_frequencies, AdamWParams, DecodeSpans, Packing, PreferenceLossInputs, QkvLayout, RopeScaling,
+    PAIR_METRICS,
 };
 use safedpo::loss::Objective;
 
@@ -555,7 +556,11 @@ pub fn preference_loss<B: Backend>(c: &mut Criterion, t: &Target<B>) {
         Throughput::Elements(pairs as u64),
         || {
             t.backend
-                .preference_loss(&mut metrics, &mut dpolicy, &policy, &reference, &flags, &lengths, &objective, 1.0)
+                .preference_loss(
+                    &mut metrics,
+                    &mut dpolicy,
+                    &PreferenceLossInputs::pairs(&policy, &reference, &flags, &lengths, &objective),
+                )
                 .unwrap()
         },
     );

@@ -1,4 +1,4 @@
-//! Python values in and out: pairs (dicts or tuples), plain values as JSON (configs, objective
+//! Python values in and out: pairs and unpaired examples (dicts or tuples), plain values as JSON (configs, objective
 //! parameters), results as dicts of NumPy arrays, and errors as exceptions carrying the Rust message.
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 
-use safedpo::{Logps, PairMetrics, PreferencePair};
+use safedpo::{ExampleMetrics, Logps, PairMetrics, PreferencePair, UnpairedExample};
 
 /// A Rust error as `RuntimeError`, with its whole chain of context (`a: b: c`).
 pub fn runtime_error(e: anyhow::Error) -> PyErr {
@@ -18,38 +18,48 @@ pub fn value_error(e: anyhow::Error) -> PyErr {
     PyValueError::new_err(format!("{e:#}"))
 }
 
+/// A required text field of item `what` ("pair 3").
+fn text(what: &str, value: Option<Bound<'_, PyAny>>, field: &str) -> PyResult<String> {
+    let value = value.ok_or_else(|| PyValueError::new_err(format!("{what}: no `{field}`")))?;
+    value.extract::<String>().map_err(|_| PyTypeError::new_err(format!("{what}: `{field}` must be a str")))
+}
+
+/// A bool field of item `what`, `false` when absent.
+fn flag(what: &str, value: Option<Bound<'_, PyAny>>, field: &str) -> PyResult<bool> {
+    match value {
+        None => Ok(false),
+        Some(v) => v.extract::<bool>().map_err(|_| PyTypeError::new_err(format!("{what}: `{field}` must be a bool"))),
+    }
+}
+
+/// Fails on a key of `dict` outside `keys`, naming them.
+fn known_keys(what: &str, dict: &Bound<'_, PyDict>, keys: &[&str], kind: &str) -> PyResult<()> {
+    for key in dict.keys() {
+        let key: String = key.extract()?;
+        if !keys.contains(&key.as_str()) {
+            return Err(PyValueError::new_err(format!(
+                "{what}: unknown key `{key}` (a {kind} has {})",
+                keys.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One pair: a dict with `prompt`, `chosen`, `rejected` and optional `chosen_unsafe` /
 /// `rejected_unsafe`, or a tuple `(prompt, chosen, rejected[, chosen_unsafe, rejected_unsafe])`.
 fn pair(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<PreferencePair> {
-    let text = |value: Option<Bound<'_, PyAny>>, field: &str| -> PyResult<String> {
-        let value = value.ok_or_else(|| PyValueError::new_err(format!("pair {i}: no `{field}`")))?;
-        value.extract::<String>().map_err(|_| PyTypeError::new_err(format!("pair {i}: `{field}` must be a str")))
-    };
-    let flag = |value: Option<Bound<'_, PyAny>>, field: &str| -> PyResult<bool> {
-        match value {
-            None => Ok(false),
-            Some(v) => {
-                v.extract::<bool>().map_err(|_| PyTypeError::new_err(format!("pair {i}: `{field}` must be a bool")))
-            }
-        }
-    };
+    let what = &format!("pair {i}");
     if let Ok(dict) = obj.cast::<PyDict>() {
-        for key in dict.keys() {
-            let key: String = key.extract()?;
-            if !["prompt", "chosen", "rejected", "chosen_unsafe", "rejected_unsafe"].contains(&key.as_str()) {
-                return Err(PyValueError::new_err(format!(
-                    "pair {i}: unknown key `{key}` (a pair has prompt, chosen, rejected, chosen_unsafe, rejected_unsafe)"
-                )));
-            }
-        }
+        known_keys(what, dict, &["prompt", "chosen", "rejected", "chosen_unsafe", "rejected_unsafe"], "pair")?;
         let pair = PreferencePair::new(
-            text(dict.get_item("prompt")?, "prompt")?,
-            text(dict.get_item("chosen")?, "chosen")?,
-            text(dict.get_item("rejected")?, "rejected")?,
+            text(what, dict.get_item("prompt")?, "prompt")?,
+            text(what, dict.get_item("chosen")?, "chosen")?,
+            text(what, dict.get_item("rejected")?, "rejected")?,
         );
         let (chosen_unsafe, rejected_unsafe) = (
-            flag(dict.get_item("chosen_unsafe")?, "chosen_unsafe")?,
-            flag(dict.get_item("rejected_unsafe")?, "rejected_unsafe")?,
+            flag(what, dict.get_item("chosen_unsafe")?, "chosen_unsafe")?,
+            flag(what, dict.get_item("rejected_unsafe")?, "rejected_unsafe")?,
         );
         return Ok(pair.with_safety(chosen_unsafe, rejected_unsafe));
     }
@@ -57,18 +67,22 @@ fn pair(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<PreferencePair> {
         let n = tuple.len();
         if n != 3 && n != 5 {
             return Err(PyValueError::new_err(format!(
-                "pair {i}: a tuple holds (prompt, chosen, rejected[, chosen_unsafe, rejected_unsafe]), got {n} items"
+                "{what}: a tuple holds (prompt, chosen, rejected[, chosen_unsafe, rejected_unsafe]), got {n} items"
             )));
         }
         let item = |k: usize| tuple.get_item(k).ok();
-        let pair = PreferencePair::new(text(item(0), "prompt")?, text(item(1), "chosen")?, text(item(2), "rejected")?);
+        let pair = PreferencePair::new(
+            text(what, item(0), "prompt")?,
+            text(what, item(1), "chosen")?,
+            text(what, item(2), "rejected")?,
+        );
         return Ok(if n == 5 {
-            pair.with_safety(flag(item(3), "chosen_unsafe")?, flag(item(4), "rejected_unsafe")?)
+            pair.with_safety(flag(what, item(3), "chosen_unsafe")?, flag(what, item(4), "rejected_unsafe")?)
         } else {
             pair
         });
     }
-    Err(PyTypeError::new_err(format!("pair {i}: expected a dict or a tuple, got {}", obj.get_type().name()?)))
+    Err(PyTypeError::new_err(format!("{what}: expected a dict or a tuple, got {}", obj.get_type().name()?)))
 }
 
 /// A sequence of pairs.
@@ -77,6 +91,52 @@ pub fn pairs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<PreferencePair>> {
         return Err(PyTypeError::new_err("expected a list of pairs"));
     }
     obj.try_iter()?.enumerate().map(|(i, item)| pair(i, &item?)).collect()
+}
+
+/// One unpaired example (TRL's KTO rows): a dict with `prompt`, `completion`, `label` (True:
+/// desirable) and optional `completion_unsafe`, or a tuple `(prompt, completion, label[,
+/// completion_unsafe])`.
+fn example(i: usize, obj: &Bound<'_, PyAny>) -> PyResult<UnpairedExample> {
+    let what = &format!("example {i}");
+    let required = |value: Option<Bound<'_, PyAny>>, field: &str| -> PyResult<bool> {
+        match value {
+            None => Err(PyValueError::new_err(format!("{what}: no `{field}`"))),
+            some => flag(what, some, field),
+        }
+    };
+    if let Ok(dict) = obj.cast::<PyDict>() {
+        known_keys(what, dict, &["prompt", "completion", "label", "completion_unsafe"], "example")?;
+        let example = UnpairedExample::new(
+            text(what, dict.get_item("prompt")?, "prompt")?,
+            text(what, dict.get_item("completion")?, "completion")?,
+            required(dict.get_item("label")?, "label")?,
+        );
+        return Ok(example.with_unsafe(flag(what, dict.get_item("completion_unsafe")?, "completion_unsafe")?));
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        let n = tuple.len();
+        if n != 3 && n != 4 {
+            return Err(PyValueError::new_err(format!(
+                "{what}: a tuple holds (prompt, completion, label[, completion_unsafe]), got {n} items"
+            )));
+        }
+        let item = |k: usize| tuple.get_item(k).ok();
+        let example = UnpairedExample::new(
+            text(what, item(0), "prompt")?,
+            text(what, item(1), "completion")?,
+            required(item(2), "label")?,
+        );
+        return Ok(example.with_unsafe(flag(what, item(3), "completion_unsafe")?));
+    }
+    Err(PyTypeError::new_err(format!("{what}: expected a dict or a tuple, got {}", obj.get_type().name()?)))
+}
+
+/// A sequence of unpaired examples.
+pub fn examples(obj: &Bound<'_, PyAny>) -> PyResult<Vec<UnpairedExample>> {
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyDict>() {
+        return Err(PyTypeError::new_err("expected a list of examples"));
+    }
+    obj.try_iter()?.enumerate().map(|(i, item)| example(i, &item?)).collect()
 }
 
 /// A plain Python value (None, bool, int, float, str, list/tuple, dict with str keys) as JSON.
@@ -140,4 +200,12 @@ pub fn put_metrics(out: &Bound<'_, PyDict>, metrics: &PairMetrics) -> PyResult<(
     out.set_item("margins", array(py, &metrics.margin)?)?;
     out.set_item("accuracies", array(py, &metrics.accuracy)?)?;
     out.set_item("accuracy", metrics.mean_accuracy())
+}
+
+/// Per-example metrics of an objective on unpaired examples into `out`, one array each.
+pub fn put_example_metrics(out: &Bound<'_, PyDict>, metrics: &ExampleMetrics) -> PyResult<()> {
+    let py = out.py();
+    out.set_item("losses", array(py, &metrics.loss)?)?;
+    out.set_item("rewards", array(py, &metrics.reward)?)?;
+    out.set_item("policy_logps", array(py, &metrics.policy_logps)?)
 }

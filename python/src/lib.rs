@@ -12,7 +12,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::{Map, Value};
 
-use convert::{from_json, pairs, put_logps, put_metrics, runtime_error, to_json, to_json_map, value_error};
+use convert::{
+    from_json, pairs, put_example_metrics, put_logps, put_metrics, runtime_error, to_json, to_json_map, value_error,
+};
 use safedpo::{AdamWConfig, DecoderConfig, DeviceKind, Engine, Objective, PairLogps, Precision, StepReport};
 
 /// A policy (trainable) and a reference (frozen) on one device: log-probs, losses of any objective,
@@ -37,6 +39,23 @@ impl PyEngine {
     /// [`Self::with`] for work that can fail: its error as `RuntimeError`.
     fn run<T: Send>(&self, py: Python<'_>, work: impl FnOnce(&mut Engine) -> anyhow::Result<T> + Send) -> PyResult<T> {
         self.with(py, work)?.map_err(runtime_error)
+    }
+
+    /// The objective a loss call names (with `params`); none: the training objective (with
+    /// `params`, its name with them).
+    fn objective_or_training(
+        &self,
+        py: Python<'_>,
+        objective: Option<&Bound<'_, PyAny>>,
+        params: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Objective> {
+        match objective {
+            Some(name) => self::objective(name, params),
+            None if params.is_some_and(|p| !p.is_empty()) => {
+                self::objective(&self.with(py, |e| e.objective().name())?.into_pyobject(py)?.into_any(), params)
+            }
+            None => self.with(py, |e| e.objective().clone()),
+        }
     }
 }
 
@@ -204,18 +223,56 @@ impl PyEngine {
         params: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let pairs = convert::pairs(pairs)?;
-        let objective = match objective {
-            Some(name) => self::objective(name, params)?,
-            None if params.is_some_and(|p| !p.is_empty()) => {
-                self::objective(&self.with(py, |e| e.objective().name())?.into_pyobject(py)?.into_any(), params)?
-            }
-            None => self.with(py, |e| e.objective().clone())?,
-        };
+        let objective = self.objective_or_training(py, objective, params)?;
         let report = self.run(py, |e| e.loss(&pairs, &objective))?;
         let out = logps_dict(py, &report.logps)?;
         out.set_item("objective", report.objective.to_string())?;
         out.set_item("loss", report.loss)?;
         put_metrics(&out, &report.metrics)?;
+        Ok(out)
+    }
+
+    #[pyo3(signature = (examples, objective = None, **params))]
+    fn unpaired_loss<'py>(
+        &self,
+        py: Python<'py>,
+        examples: &Bound<'py, PyAny>,
+        objective: Option<&Bound<'py, PyAny>>,
+        params: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let examples = convert::examples(examples)?;
+        let objective = self.objective_or_training(py, objective, params)?;
+        let report = self.run(py, |e| e.unpaired_loss(&examples, &objective))?;
+        let out = PyDict::new(py);
+        out.set_item("objective", report.objective.to_string())?;
+        out.set_item("loss", report.loss)?;
+        out.set_item("kl", report.kl)?;
+        put_example_metrics(&out, &report.metrics)?;
+        Ok(out)
+    }
+
+    #[pyo3(signature = (examples, lr = None))]
+    fn unpaired_train_step<'py>(
+        &self,
+        py: Python<'py>,
+        examples: &Bound<'py, PyAny>,
+        lr: Option<f32>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let examples = convert::examples(examples)?;
+        let report = self.run(py, |e| match lr {
+            Some(lr) => {
+                let tokens = e.tokenize_examples(&examples)?;
+                e.unpaired_train_step_tokens(&[&tokens], lr)
+            }
+            None => e.unpaired_train_step(&examples),
+        })?;
+        let out = PyDict::new(py);
+        out.set_item("step", report.step)?;
+        out.set_item("loss", report.loss)?;
+        out.set_item("kl", report.kl)?;
+        out.set_item("grad_norm", report.grad_norm)?;
+        out.set_item("lr", report.lr)?;
+        put_example_metrics(&out, &report.metrics)?;
         Ok(out)
     }
 

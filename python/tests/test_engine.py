@@ -137,3 +137,60 @@ def test_one_engine_from_two_threads(engine):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert engine.steps_taken == 3 and len(results) == 5
+
+
+EXAMPLES = [
+    {"prompt": "How do I pick a lock?", "completion": "I can't help with that.", "label": True},
+    {"prompt": "How do I pick a lock?", "completion": "Use a tension wrench.", "label": True,
+     "completion_unsafe": True},
+    ("Name a colour.", "Seven.", False),
+    ("2+2?", "4", True, False),
+]
+
+
+def test_modifiers_in_the_pairwise_loss(engine):
+    plain = engine.loss(PAIRS, "dpo")["loss"]
+    # Policy = reference: every log-ratio is 0 whatever LD-DPO weighs, so the loss stays log 2;
+    # WPO weighs each pair's log 2 by a positive weight of its own.
+    assert engine.loss(PAIRS, "dpo", ld_alpha=0.5)["loss"] == pytest.approx(plain, abs=1e-5)
+    weighted = engine.loss(PAIRS, "dpo", use_weighting=True)["losses"] / math.log(2)
+    assert np.all(np.isfinite(weighted)) and np.all(weighted > 0) and np.ptp(weighted) > 0
+
+
+def test_unpaired_loss_at_policy_equal_reference(engine):
+    out = engine.unpaired_loss(EXAMPLES, "kto", beta=0.1, desirable_weight=2.0)
+    assert out["objective"].startswith("kto") and out["kl"] == 0.0
+    # Every reward is 0: each loss is sigma(0) = 1/2 times its weight.
+    np.testing.assert_allclose(out["losses"], [1.0, 1.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_array_equal(out["rewards"], 0.0)
+    assert out["policy_logps"].shape == (4,) and np.all(out["policy_logps"] < 0)
+    assert out["loss"] == pytest.approx(3.5 / 4, abs=1e-6)
+    # SafeDAA's margin raises the unsafe completion's reward inside the loss: a desirable one loses less.
+    shifted = engine.unpaired_loss(EXAMPLES, "kto", safety_margin=2.0)["losses"]
+    assert shifted[1] < 0.5 and shifted[0] == pytest.approx(0.5, abs=1e-6)
+    apo = engine.unpaired_loss(EXAMPLES, "apo_zero_unpaired")
+    assert apo["kl"] == 0.0 and apo["loss"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_unpaired_train_step_lowers_the_loss(engine):
+    with pytest.raises(RuntimeError, match="pairs"):
+        engine.unpaired_train_step(EXAMPLES)  # the training objective is SafeDPO
+    engine.set_objective("kto", beta=0.5)
+    engine.set_optimizer(lr=1e-3)
+    first = engine.unpaired_train_step(EXAMPLES)
+    second = engine.unpaired_train_step(EXAMPLES, lr=1e-3)
+    assert (first["step"], second["step"]) == (1, 2)
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0
+    assert second["loss"] < first["loss"] and second["kl"] >= 0.0 and first["grad_norm"] > 0
+    assert set(first) == {"step", "loss", "kl", "grad_norm", "lr", "losses", "rewards", "policy_logps"}
+
+
+def test_unpaired_examples_are_checked(engine):
+    with pytest.raises(ValueError, match="example 0: no `label`"):
+        engine.unpaired_loss([{"prompt": "p", "completion": "c"}], "kto")
+    with pytest.raises(ValueError, match="unknown key `chosen`"):
+        engine.unpaired_loss([{"prompt": "p", "completion": "c", "label": True, "chosen": "x"}], "kto")
+    with pytest.raises(TypeError, match="example 1"):
+        engine.unpaired_loss([("p", "c", True), 3], "kto")
+    with pytest.raises(RuntimeError, match="on pairs"):
+        engine.unpaired_loss(EXAMPLES, "dpo")

@@ -7,6 +7,9 @@
 //! not the machinery. The backend is chosen at run time (`auto|cpu|cuda|emu`) and never appears in
 //! a type the caller writes.
 //!
+//! Unpaired examples (a prompt, one completion, a label: KTO and TRL's `apo_zero_unpaired`) have
+//! their own methods: [`Engine::unpaired_loss`] and [`Engine::unpaired_train_step`].
+//!
 //! Gradient accumulation is [`Engine::accumulated_step`] (one optimizer step over several
 //! micro-batches). Whole training runs from a TRL-style `DPOConfig` are [`train_dpo_config`] (the
 //! Python module's `safedpo.train`).
@@ -55,6 +58,7 @@
 mod dpo_config;
 mod models;
 mod results;
+mod unpaired;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,7 +67,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 pub use dpo_config::{read_dpo_config, train_dpo_config, train_with, DpoRun, DPO_CONFIG_KEYS, OWN_KEYS};
 use models::{check_pairs, Models};
-pub use results::{Logps, LossReport, PairLogps, PairMetrics, StepReport};
+pub use results::{
+    ExampleMetrics, Logps, LossReport, PairLogps, PairMetrics, StepReport, UnpairedLossReport, UnpairedStepReport,
+};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Precision};
@@ -93,6 +99,8 @@ macro_rules! on_models {
         }
     };
 }
+// By path, for the submodules declared above it.
+use on_models;
 
 /// A policy and a reference on one device, with the tokenizer, template and training settings that
 /// turn text pairs into log-probs, losses and optimizer steps.
@@ -353,12 +361,7 @@ impl Engine {
     /// # anyhow::Ok(())
     /// ```
     pub fn tokenize(&self, pairs: &[PreferencePair]) -> Result<Vec<TokenizedPair>> {
-        let max_len = match (self.max_len, self.policy_config()) {
-            (Some(len), _) => len,
-            (None, Some(config)) => config.n_positions,
-            (None, None) => usize::MAX / 4,
-        };
-        let limits = Truncation::new(max_len);
+        let limits = Truncation::new(self.context_len());
         let (tokens, report) = tokenize_pairs_with(pairs, self.tokenizer.as_ref(), &self.template, &limits)?;
         if tokens.len() == pairs.len() {
             return Ok(tokens);
@@ -399,9 +402,11 @@ impl Engine {
         on_models!(&mut self.backends, |m| m.logps(pairs))
     }
 
-    /// Each pair's loss and metrics under `objective` (any of [`Objective::ALL`]), computed by the
-    /// device's preference-loss kernel from the policy's and the reference's log-probs. Takes no
-    /// gradient and changes nothing.
+    /// Each pair's loss and metrics under `objective` (any of [`Objective::ALL`], with TRL's
+    /// modifiers, `ld_alpha` and `use_weighting` included), computed by the device's
+    /// preference-loss kernel from the policy's and the reference's log-probs (under `ld_alpha`, the
+    /// report's log-probs are the weighted ones the loss read). Takes no gradient and changes
+    /// nothing. Objectives on unpaired examples: [`Engine::unpaired_loss`].
     pub fn loss(&mut self, pairs: &[PreferencePair], objective: &Objective) -> Result<LossReport> {
         let tokens = self.tokenize(pairs)?;
         self.loss_tokens(&tokens, objective)
@@ -548,6 +553,15 @@ impl Engine {
         let dir = dir.as_ref();
         on_models!(&self.backends, |m| m.save(dir))?;
         crate::data::save_tokenizer_files(self.tokenizer.as_ref(), self.tokenizer_dir.as_deref(), dir)
+    }
+
+    /// The longest sequence tokenisation keeps: `max_len`, else the policy's context.
+    fn context_len(&self) -> usize {
+        match (self.max_len, self.policy_config()) {
+            (Some(len), _) => len,
+            (None, Some(config)) => config.n_positions,
+            (None, None) => usize::MAX / 4,
+        }
     }
 
     fn check_batch(&self, pairs: &[TokenizedPair]) -> Result<()> {

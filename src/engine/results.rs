@@ -1,7 +1,8 @@
 //! What the engine gives back: plain host values, chosen and rejected in separate vectors, in the
 //! order of the pairs given.
 
-use crate::loss::{Objective, PAIR_METRICS};
+use crate::loss::{Objective, EXAMPLE_METRICS, PAIR_METRICS};
+use crate::train::unpaired::UnpairedOutput;
 
 /// Sequence log-probs of one model, one value per pair and side: the sum over the response tokens
 /// (EOS included) of `log p(token | everything before it)`.
@@ -112,4 +113,66 @@ pub struct StepReport {
     pub policy_logps: Logps,
     /// Each pair's loss, rewards, margin and accuracy, before the update.
     pub metrics: PairMetrics,
+}
+
+/// Per-example values of an objective on unpaired examples (KTO), one value per example in each
+/// vector, in the order of the examples given.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExampleMetrics {
+    /// The example's loss, weighted by λ_D or λ_U (TRL's `losses` entry).
+    pub loss: Vec<f32>,
+    /// Its implicit reward `β(π − r)`, without the safety shift (TRL's chosen or rejected reward).
+    pub reward: Vec<f32>,
+    /// The policy's sequence log-prob of its completion.
+    pub policy_logps: Vec<f32>,
+}
+
+impl ExampleMetrics {
+    /// The examples of the loss op's outputs, in order.
+    pub(crate) fn from_outputs<'a>(outputs: impl IntoIterator<Item = &'a UnpairedOutput>) -> Self {
+        let mut out = Self::default();
+        for output in outputs {
+            for row in output.metrics.chunks_exact(EXAMPLE_METRICS) {
+                out.loss.push(row[0]);
+                out.reward.push(row[1]);
+            }
+            out.policy_logps.extend(&output.logps);
+        }
+        out
+    }
+
+    /// The mean loss over the examples (summed in f64), the quantity a step minimises.
+    pub fn mean_loss(&self) -> f32 {
+        mean(&self.loss)
+    }
+}
+
+/// [`crate::Engine::unpaired_loss`]'s result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnpairedLossReport {
+    /// The objective the loss is of.
+    pub objective: Objective,
+    /// The mean loss over the examples.
+    pub loss: f32,
+    /// KTO's KL estimate of the batch (0 for `apo_zero_unpaired`).
+    pub kl: f32,
+    /// Each example's loss, reward and policy log-prob.
+    pub metrics: ExampleMetrics,
+}
+
+/// [`crate::Engine::unpaired_train_step`]'s result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnpairedStepReport {
+    /// Optimizer steps taken, this one included.
+    pub step: u32,
+    /// The mean loss over the examples, before the update.
+    pub loss: f32,
+    /// The mean of the micro-batches' KL estimates.
+    pub kl: f32,
+    /// The global gradient norm, before clipping.
+    pub grad_norm: f32,
+    /// The learning rate the step used.
+    pub lr: f32,
+    /// Each example's loss, reward and policy log-prob, before the update.
+    pub metrics: ExampleMetrics,
 }

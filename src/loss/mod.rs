@@ -20,7 +20,7 @@
 //! - `text`: objectives as `name:key=value,…` and as serde tables;
 //! - `unpaired`: the objectives on unpaired examples (KTO, TRL's `apo_zero_unpaired`; their
 //!   parameters are [`Kto`], their table [`UNPAIRED`]): [`unpaired_loss`] of a batch of examples
-//!   and KTO's KL estimate, in f64, which the trainer's unpaired step runs on the host.
+//!   and KTO's KL estimate, in f64, the specification of the preference-loss op on examples.
 //!
 //! Notation, per pair: `πc`, `πr` the policy's sequence log-probs of the chosen and rejected
 //! responses, `rc`, `rr` the reference's; `x_c = πc − rc`, `x_r = πr − rr` the log-ratios,
@@ -73,4 +73,4 @@ pub use objectives::{
 pub use params::{canonical_param, Bound, Param, PARAM_ALIASES};
 pub use state::{LossState, RunningMean};
 pub use text::{parse_terms, unknown_key, MODIFIER_KEYS};
-pub use unpaired::{kl_estimate, unpaired_loss, ExampleInput, ExampleOutput};
+pub use unpaired::{kl_estimate, unpaired_loss, ExampleInput, ExampleOutput, EXAMPLE_METRICS};

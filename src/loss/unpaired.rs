@@ -1,7 +1,8 @@
 //! The loss of a batch of unpaired examples ([`unpaired_loss`]) under an objective on unpaired
 //! examples ([`Kto`]), in f64, and KTO's KL estimate ([`kl_estimate`]): the specification of the
-//! trainer's unpaired step, which computes it on the host from the per-sequence log-probs any
-//! backend gives (there is no device kernel for it; a batch has a few hundred examples at most).
+//! preference-loss op on unpaired examples (`crate::backend::PreferenceLossOps`; the CPU backend
+//! runs it, the CUDA kernel `preference_loss_examples_f32` is held to it), which the trainer's
+//! unpaired step calls.
 //!
 //! TRL's `KTOTrainer._compute_loss` (v1.16.0): the KL term is `(KL_logps − ref_KL_logps).mean()`
 //! over the batch's KL sequences (each prompt with another example's completion), detached and
@@ -10,6 +11,10 @@
 
 use super::math::sigmoid;
 use super::objectives::{Kto, KtoLoss};
+
+/// The metrics per example the preference-loss op writes: the weighted loss, the reward `β x` and
+/// the batch's KL estimate (the same on every row; 0 without one).
+pub const EXAMPLE_METRICS: usize = 3;
 
 /// One example's inputs: the policy's and the reference's sequence log-probs of its completion, its
 /// label and its completion's safety flag.

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 
 use super::metrics::PairStats;
 use super::refcache::{chunk_pairs, ReferenceLogps};
-use crate::backend::{Backend, LogpParts, PAIR_METRICS};
+use crate::backend::{Backend, LogpParts, PreferenceLossInputs, PAIR_METRICS};
 use crate::data::{preference_batch, sft_batch, TokenizedPair};
 use crate::loss::{LossState, Objective};
 use crate::model::{Decoder, DeviceBatch, ForwardExtras, RowSplit};
@@ -60,23 +60,16 @@ pub fn evaluate_pairs_with<B: Backend>(
         let mut grads = b.zeros(if ld { 4 * ids.len() } else { 2 * ids.len() })?;
         let extras = ForwardExtras { split: split.as_ref(), aligned: objective.uses_weighting() };
         let logps = policy.forward_with(&dev, &extras)?;
-        let parts = LogpParts {
-            policy_split: logps.split,
-            reference_split: reference_split.as_ref(),
-            policy_aligned: logps.aligned,
+        let inputs = PreferenceLossInputs {
+            parts: LogpParts {
+                policy_split: logps.split,
+                reference_split: reference_split.as_ref(),
+                policy_aligned: logps.aligned,
+            },
+            state: *state,
+            ..PreferenceLossInputs::pairs(logps.total, &reference, &flags, &lengths, objective)
         };
-        b.preference_loss_parts(
-            &mut metrics,
-            &mut grads,
-            logps.total,
-            &reference,
-            &flags,
-            &lengths,
-            &parts,
-            objective,
-            state,
-            1.0,
-        )?;
+        b.preference_loss(&mut metrics, &mut grads, &inputs)?;
         let host_logps = super::step::loss_read_logps(b, logps.total, logps.split, objective.ld_alpha())?;
         stats.add_batch(&b.download(&metrics)?, &host_logps, &batch.unsafe_flags);
     }

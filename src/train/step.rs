@@ -7,7 +7,7 @@
 use anyhow::{bail, ensure, Result};
 
 use super::refcache::ReferenceLogps;
-use crate::backend::{Backend, LogpParts, PAIR_METRICS};
+use crate::backend::{Backend, LogpParts, PreferenceLossInputs, PAIR_METRICS};
 use crate::config::OptimizerConfig;
 use crate::data::PreferenceBatch;
 use crate::loss::{LossState, Objective};
@@ -212,19 +212,13 @@ impl<B: Backend> Learner<B> {
             let mut metrics = b.zeros(n * PAIR_METRICS)?;
             let mut dpolicy = b.zeros(if split.is_some() { 4 * n } else { 2 * n })?;
             let (flags, lengths, state) = (&batch.unsafe_flags, &batch.lengths, &self.loss_state);
-            let parts = LogpParts { policy_split: logps.split, reference_split, policy_aligned: logps.aligned };
-            b.preference_loss_parts(
-                &mut metrics,
-                &mut dpolicy,
-                logps.total,
-                reference,
-                flags,
-                lengths,
-                &parts,
-                &self.objective,
-                state,
+            let inputs = PreferenceLossInputs {
+                parts: LogpParts { policy_split: logps.split, reference_split, policy_aligned: logps.aligned },
+                state: *state,
                 grad_scale,
-            )?;
+                ..PreferenceLossInputs::pairs(logps.total, reference, flags, lengths, &self.objective)
+            };
+            b.preference_loss(&mut metrics, &mut dpolicy, &inputs)?;
             // The logged log-probs are those the loss read (LD-DPO's, as TRL logs them).
             let logps = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
             let output = MicroOutput { metrics: b.download(&metrics)?, logps };

@@ -5,12 +5,13 @@
 //! token budget (an example costs its sequence and, for KTO, its share of the KL sequences); per
 //! micro-batch, the reference model and the policy run on the KL sequences (KTO only; the policy's
 //! KL log-probs carry no gradient, as TRL computes them under `no_grad`), then on the examples'
-//! sequences, the policy last so that its backward follows; the loss
-//! ([`crate::loss::unpaired_loss`], with the micro-batch's KL estimate) is computed on the host from
-//! the per-sequence log-probs, in f64, on any backend (there is no device kernel for it: the host
-//! work is a few operations per example); its gradient, scaled by `1 / N` (N = the step's
-//! examples, so that the gradient is that of the mean loss over the step), goes back to the device
-//! for the policy's backward. Then the global grad-norm clip and AdamW, as for pairs.
+//! sequences, the policy last so that its backward follows; the loss is the backend's
+//! preference-loss op on examples (`crate::backend::PreferenceLossInputs::examples`, specified by
+//! [`crate::loss::unpaired_loss`]), which forms the micro-batch's KL estimate from the KL
+//! sequences' log-probs on the device; its gradient, scaled by `1 / N` (N = the step's examples,
+//! so that the gradient is that of the mean loss over the step; TRL averages each micro-batch's
+//! own mean instead), stays on the device for the policy's backward. Then the global grad-norm
+//! clip and AdamW, as for pairs.
 //!
 //! The reference model runs on every micro-batch: the configuration refuses `precompute_ref` (KTO's
 //! KL sequences depend on which examples share a micro-batch). A micro-batch of one example (the end
@@ -26,13 +27,13 @@ use anyhow::{bail, ensure, Context, Result};
 use super::metrics::{json_f64, Record};
 use super::step::{Learner, Reference, StepInfo};
 use super::{PreparedData, Trainer};
-use crate::backend::Backend;
+use crate::backend::{Backend, ExampleParts, PreferenceLossInputs, EXAMPLE_METRICS};
 use crate::config::RunConfig;
 use crate::data::{
     chunks_by_cost, load_examples, sequence_format, split_holdout_by, tokenize_examples, unpaired_batch, TextTokenizer,
     TokenizedExample, Truncation, UnpairedBatch,
 };
-use crate::loss::{kl_estimate, unpaired_loss, ExampleInput, ExampleOutput, Kto};
+use crate::loss::{Kto, Objective};
 use crate::model::{Decoder, DeviceBatch};
 
 /// The examples a run on unpaired examples trains and evaluates on.
@@ -82,57 +83,93 @@ pub struct UnpairedMicroBatch<B: Backend> {
     pub host: UnpairedBatch,
     pub matched: DeviceBatch<B>,
     pub kl: Option<DeviceBatch<B>>,
+    /// `[N]` the labels (1 = desirable), the completions' safety flags (1 = unsafe) and lengths.
+    pub desirable: B::Ids,
+    pub completion_unsafe: B::Ids,
+    pub lengths: B::Ids,
 }
 
 impl<B: Backend> UnpairedMicroBatch<B> {
     pub fn upload(b: &B, host: UnpairedBatch) -> Result<Self> {
         let kl = host.kl.as_ref().map(|kl| DeviceBatch::upload(b, kl)).transpose()?;
-        Ok(Self { matched: DeviceBatch::upload(b, &host.matched)?, kl, host })
+        let flags = |values: &[bool]| b.upload_ids(&values.iter().map(|&v| i32::from(v)).collect::<Vec<i32>>());
+        let lengths: Vec<i32> = (0..host.matched.num_seqs()).map(|s| host.matched.num_targets(s) as i32).collect();
+        Ok(Self {
+            matched: DeviceBatch::upload(b, &host.matched)?,
+            kl,
+            desirable: flags(&host.desirable)?,
+            completion_unsafe: flags(&host.completion_unsafe)?,
+            lengths: b.upload_ids(&lengths)?,
+            host,
+        })
     }
 }
 
 /// What one micro-batch gave, on the host.
+#[derive(Clone, Debug, PartialEq)]
 pub struct UnpairedOutput {
-    /// Per example: weighted loss, gradient (unscaled), reward.
-    pub examples: Vec<ExampleOutput>,
+    /// `[N, EXAMPLE_METRICS]` per example: the weighted loss, the reward `β x`, the KL estimate.
+    pub metrics: Vec<f32>,
     /// The micro-batch's KL estimate (0 without KL sequences).
     pub kl: f64,
     /// The policy's sequence log-probs `[N]`.
     pub logps: Vec<f32>,
 }
 
+impl UnpairedOutput {
+    /// Example i's weighted loss.
+    pub fn loss(&self, i: usize) -> f32 {
+        self.metrics[i * EXAMPLE_METRICS]
+    }
+
+    /// Example i's reward `β x`.
+    pub fn reward(&self, i: usize) -> f32 {
+        self.metrics[i * EXAMPLE_METRICS + 1]
+    }
+}
+
 /// Runs the reference and the policy on a micro-batch (the policy's forward on the examples' own
-/// sequences last, so that its backward may follow) and computes the loss on the host.
+/// sequences last, so that its backward may follow) and the loss op under `objective` (an
+/// objective on unpaired examples). Returns the output and the gradient in the policy's log-probs
+/// `[N]`, times `grad_scale`, on the device.
 pub fn unpaired_outputs<B: Backend>(
     policy: &mut Decoder<B>,
     reference: &mut Decoder<B>,
     batch: &UnpairedMicroBatch<B>,
-    objective: &Kto,
-) -> Result<UnpairedOutput> {
+    objective: &Objective,
+    grad_scale: f32,
+) -> Result<(UnpairedOutput, B::Buf)> {
     let backend = policy.backend().clone();
     let b = &*backend;
-    let to_f64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
-    let kl = match &batch.kl {
-        Some(kl_batch) => {
-            let reference_kl = to_f64(b.download(reference.forward(kl_batch)?)?);
-            let policy_kl = to_f64(b.download(policy.forward(kl_batch)?)?);
-            kl_estimate(&policy_kl, &reference_kl)
-        }
-        None => 0.0,
+    // Copied out: each model's next forward reuses its buffers.
+    let copy = |src: &B::Buf| -> Result<B::Buf> {
+        let mut dst = b.zeros(b.buf_len(src))?;
+        b.copy(&mut dst, src)?;
+        Ok(dst)
     };
-    let reference_logps = b.download(reference.forward(&batch.matched)?)?;
-    let logps = b.download(policy.forward(&batch.matched)?)?;
-    let host = &batch.host;
-    ensure!(logps.len() == host.num_examples(), "{} log-probs for {} examples", logps.len(), host.num_examples());
-    let inputs: Vec<ExampleInput> = (0..host.num_examples())
-        .map(|i| ExampleInput {
-            policy: f64::from(logps[i]),
-            reference: f64::from(reference_logps[i]),
-            desirable: host.desirable[i],
-            completion_unsafe: host.completion_unsafe[i],
-        })
-        .collect();
-    Ok(UnpairedOutput { examples: unpaired_loss(objective, &inputs, kl), kl, logps })
+    let kl = match &batch.kl {
+        Some(kl_batch) => Some((copy(policy.forward(kl_batch)?)?, copy(reference.forward(kl_batch)?)?)),
+        None => None,
+    };
+    let reference_logps = reference.forward(&batch.matched)?;
+    let logps = policy.forward(&batch.matched)?;
+    let n = batch.host.num_examples();
+    ensure!(b.buf_len(logps) == n, "{} log-probs for {n} examples", b.buf_len(logps));
+    let examples = ExampleParts {
+        desirable: &batch.desirable,
+        policy_kl: kl.as_ref().map(|(p, _)| p),
+        reference_kl: kl.as_ref().map(|(_, r)| r),
+    };
+    let (flags, lengths) = (&batch.completion_unsafe, &batch.lengths);
+    let inputs = PreferenceLossInputs {
+        grad_scale,
+        ..PreferenceLossInputs::examples(logps, reference_logps, flags, lengths, examples, objective)
+    };
+    let (mut metrics, mut dpolicy) = (b.zeros(n * EXAMPLE_METRICS)?, b.zeros(n)?);
+    b.preference_loss(&mut metrics, &mut dpolicy, &inputs)?;
+    let metrics = b.download(&metrics)?;
+    let kl = if n > 0 { f64::from(metrics[2]) } else { 0.0 };
+    Ok((UnpairedOutput { metrics, kl, logps: b.download(logps)? }, dpolicy))
 }
 
 impl<B: Backend> Learner<B> {
@@ -151,13 +188,11 @@ impl<B: Backend> Learner<B> {
             bail!("objective {} needs the reference model (precompute_ref = false)", objective.name())
         };
         let examples: usize = micro.iter().map(|m| m.host.num_examples()).sum();
-        let grad_scale = 1.0 / examples as f64;
-        let backend = self.policy.backend().clone();
+        let grad_scale = 1.0 / examples as f32;
         self.policy.zero_grad()?;
         for batch in micro {
-            let output = unpaired_outputs(&mut self.policy, reference, batch, &objective)?;
-            let dpolicy: Vec<f32> = output.examples.iter().map(|o| (grad_scale * o.d_policy) as f32).collect();
-            self.policy.backward(&batch.matched, &backend.upload(&dpolicy)?)?;
+            let (output, dpolicy) = unpaired_outputs(&mut self.policy, reference, batch, &self.objective, grad_scale)?;
+            self.policy.backward(&batch.matched, &dpolicy)?;
             each(&batch.host, &output);
         }
         self.update(lr)
@@ -183,16 +218,17 @@ pub struct ExampleStats {
 impl ExampleStats {
     /// Adds a micro-batch's output.
     pub fn add(&mut self, batch: &UnpairedBatch, output: &UnpairedOutput) {
-        for ((o, &desirable), &logp) in output.examples.iter().zip(&batch.desirable).zip(&output.logps) {
+        for (i, (&desirable, &logp)) in batch.desirable.iter().zip(&output.logps).enumerate() {
+            let reward = f64::from(output.reward(i));
             self.examples += 1;
-            self.loss += o.loss;
+            self.loss += f64::from(output.loss(i));
             if desirable {
                 self.desirable += 1;
-                self.reward_desirable += o.reward;
+                self.reward_desirable += reward;
                 self.logp_desirable += f64::from(logp);
             } else {
                 self.undesirable += 1;
-                self.reward_undesirable += o.reward;
+                self.reward_undesirable += reward;
                 self.logp_undesirable += f64::from(logp);
             }
         }
@@ -238,9 +274,10 @@ pub fn evaluate_examples<B: Backend>(
     let backend = policy.backend().clone();
     let kl = objective.estimates_kl();
     let mut stats = ExampleStats::default();
+    let whole = Objective::Kto(*objective);
     for ids in chunks_by_cost(examples.len(), token_budget, |i| examples[i].batch_cost(kl)) {
         let batch = UnpairedMicroBatch::upload(&*backend, unpaired_batch(examples, &ids, kl.then_some(max_len)))?;
-        let output = unpaired_outputs(policy, reference, &batch, objective)?;
+        let (output, _) = unpaired_outputs(policy, reference, &batch, &whole, 1.0)?;
         stats.add(&batch.host, &output);
     }
     Ok(stats)

@@ -1,5 +1,6 @@
 /* The C ABI end to end: an engine on the CPU, a random GPT-2, log-probs, DPO and SafeDPO losses,
- * two training steps, errors as codes and messages, save and load back. Prints "ok" and exits 0
+ * two training steps, errors as codes and messages, save and load back; TRL's log-prob modifiers;
+ * KTO's loss and training steps on unpaired examples. Prints "ok" and exits 0
  * when every check holds. Usage: engine SAVE_DIR */
 #include <math.h>
 #include <stdio.h>
@@ -95,6 +96,38 @@ int main(int argc, char **argv) {
         CHECK(lc[i] == tc[i] && lr_[i] == tr[i]);
     }
     CHECK(safedpo_load_policy(loaded, "/no/such/dir") == SAFEDPO_ERROR);
+
+    /* TRL's log-prob modifiers in the pairwise loss. */
+    CHECK(safedpo_loss(engine, pairs, 2, "dpo:ld_alpha=0.5,use_weighting=true", &loss, per_pair) == SAFEDPO_OK);
+    CHECK(isfinite(loss) && loss > 0);
+
+    /* Unpaired examples (KTO): with policy = reference every reward and the KL estimate are 0, so
+     * each loss is sigma(0) = 0.5 times its weight. */
+    SafedpoEngine *kto = NULL;
+    CHECK(safedpo_engine_new("cpu", &kto) == SAFEDPO_OK);
+    CHECK(safedpo_random_policy(kto, config, 1) == SAFEDPO_OK);
+    CHECK(safedpo_reference_from_policy(kto) == SAFEDPO_OK);
+    SafedpoExample examples[3] = {
+        {prompt, 4, good, 3, 1, 0},
+        {prompt, 4, bad, 2, 0, 1},
+        {prompt, 2, good, 3, 1, 0},
+    };
+    float per_example[3], kl = -1, kto_loss = 0;
+    CHECK(safedpo_unpaired_loss(kto, examples, 3, "kto:desirable_weight=2", &kto_loss, per_example, &kl) ==
+          SAFEDPO_OK);
+    CHECK(kl == 0 && fabsf(per_example[0] - 1.0f) < 1e-6f && fabsf(per_example[1] - 0.5f) < 1e-6f);
+    CHECK(fabsf(kto_loss - 2.5f / 3.0f) < 1e-6f);
+    CHECK(safedpo_unpaired_loss(kto, examples, 3, "dpo", &kto_loss, NULL, NULL) == SAFEDPO_ERROR);
+    CHECK(strstr(safedpo_last_error(), "pairs") != NULL);
+    CHECK(safedpo_unpaired_loss(kto, NULL, 3, "kto", &kto_loss, NULL, NULL) == SAFEDPO_INVALID_ARGUMENT);
+    /* The training objective is still SafeDPO, on pairs. */
+    CHECK(safedpo_unpaired_train_step(kto, examples, 3, 1e-2f, &first, NULL, NULL) == SAFEDPO_ERROR);
+    CHECK(safedpo_set_objective(kto, "kto:beta=0.5") == SAFEDPO_OK);
+    CHECK(safedpo_unpaired_train_step(kto, examples, 3, 1e-2f, &first, &grad_norm, &kl) == SAFEDPO_OK);
+    CHECK(fabsf(first - 0.5f) < 1e-6f && grad_norm > 0 && kl == 0);
+    CHECK(safedpo_unpaired_train_step(kto, examples, 3, 1e-2f, &second, NULL, &kl) == SAFEDPO_OK);
+    CHECK(second < first && kl >= 0);
+    safedpo_engine_free(kto);
 
     safedpo_engine_free(loaded);
     safedpo_engine_free(engine);

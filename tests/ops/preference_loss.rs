@@ -4,14 +4,16 @@
 //! mean); the CUDA backend against the CPU, at ordinary margins and at extreme ones (|h| up to 1e4, β
 //! from 1e-3 to 5, where a naive softplus, log-sigmoid or exponential would overflow in f32); and
 //! with TRL's log-prob modifiers (LD-DPO's split log-probs, WPO's aligned sums), every objective that
-//! takes them, with its safety margin, on both backends.
+//! takes them, with its safety margin, on both backends; and the objectives on unpaired examples
+//! (KTO, `apo_zero_unpaired`: `spec::forward_examples`, KTO's KL estimate formed by the op), with
+//! their safety margin, on both backends.
 
 use rand::Rng;
 use safedpo::backend::cpu::preference_loss::spec;
 use safedpo::backend::cuda::{Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::{LogpParts, PAIR_METRICS};
-use safedpo::loss::{LossState, Objective, RunningMean};
+use safedpo::backend::{ExampleParts, LogpParts, PreferenceLossInputs, EXAMPLE_METRICS, PAIR_METRICS};
+use safedpo::loss::{Kto, LossState, Objective, RunningMean};
 
 use crate::backend;
 use crate::common::*;
@@ -75,7 +77,12 @@ fn preference_loss_applies_the_spec_to_the_batch() {
         // Reference-free objectives ignore the reference buffer (here: empty).
         let refs = if objective.uses_reference() { reference.clone() } else { Vec::new() };
         let (p, f, l) = (&policy, &flags, &lengths);
-        be.preference_loss_with(&mut metrics, &mut dpolicy, p, &refs, f, l, objective, state, grad_scale).unwrap();
+        let inputs = PreferenceLossInputs {
+            state: *state,
+            grad_scale,
+            ..PreferenceLossInputs::pairs(p, &refs, f, l, objective)
+        };
+        be.preference_loss(&mut metrics, &mut dpolicy, &inputs).unwrap();
         let (policy, reference) = (to_f64(&policy), to_f64(&reference));
         let (want_metrics, want_dpolicy) =
             spec::forward_with(objective, state, &policy, &reference, &flags, &lengths, grad_scale as f64);
@@ -134,13 +141,17 @@ fn preference_loss_with_the_modifiers_lays_out_the_spec() {
     let pairs = 5;
     let x = parts_inputs(&mut r, pairs);
     let (ps, rs, al) = (&x.policy_split, &x.reference_split, &x.aligned);
-    let parts = LogpParts { policy_split: Some(ps), reference_split: Some(rs), policy_aligned: Some(al) };
     for objective in with_modifiers("ld_alpha=0.3,use_weighting=true") {
         let state = LossState::default();
         let ld = objective.ld_alpha().is_some();
         let (mut metrics, mut grads) = (poison(pairs * PAIR_METRICS), poison(if ld { 4 } else { 2 } * pairs));
         let (p, rf, f, l) = (&x.policy, &x.reference, &x.flags, &x.lengths);
-        be.preference_loss_parts(&mut metrics, &mut grads, p, rf, f, l, &parts, &objective, &state, 0.5).unwrap();
+        let inputs = PreferenceLossInputs {
+            parts: LogpParts { policy_split: Some(ps), reference_split: Some(rs), policy_aligned: Some(al) },
+            grad_scale: 0.5,
+            ..PreferenceLossInputs::pairs(p, rf, f, l, &objective)
+        };
+        be.preference_loss(&mut metrics, &mut grads, &inputs).unwrap();
         let host = spec::HostParts {
             policy_split: Some(&to_f64(ps)),
             reference_split: Some(&to_f64(rs)),
@@ -150,10 +161,100 @@ fn preference_loss_with_the_modifiers_lays_out_the_spec() {
         assert_close(&format!("{objective} metrics"), &metrics, &want_m, 1e-6, 1e-7);
         assert_close(&format!("{objective} grads"), &grads, &want_g, 1e-6, 1e-9);
         // Without the parts the objective is refused, naming what it reads.
-        let none = LogpParts::none();
-        let err = be.preference_loss_parts(&mut metrics, &mut grads, p, rf, f, l, &none, &objective, &state, 0.5);
-        let err = format!("{:#}", err.unwrap_err());
+        let inputs = PreferenceLossInputs { parts: LogpParts::none(), ..inputs };
+        let err = format!("{:#}", be.preference_loss(&mut metrics, &mut grads, &inputs).unwrap_err());
         assert!(err.contains(if ld { "policy_split" } else { "policy_aligned" }), "{objective}: {err}");
+    }
+}
+
+/// The objectives on unpaired examples, with and without the safety margin and with weights, as
+/// `Objective`s.
+fn unpaired_objectives() -> Vec<Objective> {
+    let texts = [
+        "kto",
+        "kto:beta=0.3,desirable_weight=1.33,undesirable_weight=0.7,safety_margin=2",
+        "apo_zero_unpaired",
+        "apo_zero_unpaired:beta=0.5,undesirable_weight=1.5,safety_margin=1",
+    ];
+    texts.iter().map(|t| t.parse().unwrap()).collect()
+}
+
+/// Inputs of a batch of `n` examples with `m` KL sequences (the KL log-ratios mostly positive).
+struct ExampleInputs {
+    policy: Vec<f32>,
+    reference: Vec<f32>,
+    flags: Vec<i32>,
+    desirable: Vec<i32>,
+    lengths: Vec<i32>,
+    policy_kl: Vec<f32>,
+    reference_kl: Vec<f32>,
+}
+
+fn example_inputs(r: &mut impl Rng, n: usize, m: usize, spread: f32) -> ExampleInputs {
+    let reference = uniform(r, n, -80.0, -5.0);
+    let policy = reference.iter().map(|x| x + r.random_range(-spread..spread)).collect();
+    let reference_kl = uniform(r, m, -80.0, -5.0);
+    let policy_kl = reference_kl.iter().map(|x| x + r.random_range(-1.0..3.0)).collect();
+    let lengths = rand_ids(r, n, 30).iter().map(|l| l + 1).collect();
+    ExampleInputs {
+        policy,
+        reference,
+        flags: rand_ids(r, n, 2),
+        desirable: rand_ids(r, n, 2),
+        lengths,
+        policy_kl,
+        reference_kl,
+    }
+}
+
+#[test]
+fn preference_loss_on_examples_lays_out_the_spec() {
+    let be = backend();
+    let mut r = rng(17);
+    let n = 7;
+    let x = example_inputs(&mut r, n, n, 4.0);
+    for objective in unpaired_objectives() {
+        let kto: Kto = *objective.as_unpaired().unwrap();
+        for with_kl in [true, false] {
+            let (mut metrics, mut grads) = (poison(n * EXAMPLE_METRICS), poison(n));
+            let examples = ExampleParts {
+                desirable: &x.desirable,
+                policy_kl: with_kl.then_some(&x.policy_kl),
+                reference_kl: with_kl.then_some(&x.reference_kl),
+            };
+            let inputs = PreferenceLossInputs {
+                grad_scale: 0.25,
+                ..PreferenceLossInputs::examples(&x.policy, &x.reference, &x.flags, &x.lengths, examples, &objective)
+            };
+            be.preference_loss(&mut metrics, &mut grads, &inputs).unwrap();
+            let kl = with_kl.then(|| (to_f64(&x.policy_kl), to_f64(&x.reference_kl)));
+            let kl = kl.as_ref().map(|(p, r)| (p.as_slice(), r.as_slice()));
+            let (p, rf) = (to_f64(&x.policy), to_f64(&x.reference));
+            let (want_m, want_g) = spec::forward_examples(&kto, &p, &rf, &x.flags, &x.desirable, kl, 0.25);
+            assert_close(&format!("{objective} metrics (KL {with_kl})"), &metrics, &want_m, 1e-6, 1e-7);
+            assert_close(&format!("{objective} grads (KL {with_kl})"), &grads, &want_g, 1e-6, 1e-9);
+            // The KL column: KTO's clamped estimate on every row, 0 where the objective reads none.
+            let estimate = metrics[2];
+            assert!(metrics.chunks(EXAMPLE_METRICS).all(|row| row[2] == estimate), "{objective}");
+            assert_eq!(estimate > 0.0, with_kl && kto.estimates_kl(), "{objective}: KL {estimate}");
+        }
+    }
+    // Pairs and examples do not mix, and the KL log-probs come in two.
+    let (mut metrics, mut grads) = (poison(n * EXAMPLE_METRICS), poison(n));
+    let kto: Objective = "kto".parse().unwrap();
+    let dpo: Objective = "dpo".parse().unwrap();
+    let examples = || ExampleParts { desirable: &x.desirable, policy_kl: Some(&x.policy_kl), reference_kl: None };
+    let cases: [(PreferenceLossInputs<'_, _>, &str); 3] = [
+        (PreferenceLossInputs::pairs(&x.policy, &x.reference, &x.flags, &x.lengths, &kto), "unpaired examples"),
+        (PreferenceLossInputs::examples(&x.policy, &x.reference, &x.flags, &x.lengths, examples(), &dpo), "on pairs"),
+        (
+            PreferenceLossInputs::examples(&x.policy, &x.reference, &x.flags, &x.lengths, examples(), &kto),
+            "reference_kl",
+        ),
+    ];
+    for (inputs, words) in cases {
+        let err = format!("{:#}", be.preference_loss(&mut metrics, &mut grads, &inputs).unwrap_err());
+        assert!(err.contains(words), "{err}");
     }
 }
 
@@ -194,8 +295,11 @@ fn compare_with(
     let (cl, gl) = (f.cpu.upload_ids(lengths).unwrap(), f.cuda.upload_ids(lengths).unwrap());
     let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
     let (mut want_d, mut got_d) = f.poisoned(2 * pairs);
-    f.cpu.preference_loss_with(&mut want_m, &mut want_d, &cp, &cr, &cf, &cl, objective, state, 0.7).unwrap();
-    f.cuda.preference_loss_with(&mut got_m, &mut got_d, &gp, &gr, &gf, &gl, objective, state, 0.7).unwrap();
+    let cpu_inputs = PreferenceLossInputs::pairs(&cp, &cr, &cf, &cl, objective);
+    let cuda_inputs = PreferenceLossInputs::pairs(&gp, &gr, &gf, &gl, objective);
+    let (state, grad_scale) = (*state, 0.7);
+    f.cpu.preference_loss(&mut want_m, &mut want_d, &PreferenceLossInputs { state, grad_scale, ..cpu_inputs }).unwrap();
+    f.cuda.preference_loss(&mut got_m, &mut got_d, &PreferenceLossInputs { state, grad_scale, ..cuda_inputs }).unwrap();
     let (got_m, got_d) = (f.cuda.download(&got_m).unwrap(), f.cuda.download(&got_d).unwrap());
     let (rtol, atol, scaled) = tolerance;
     let check = |name: String, got: &[f32], want: &[f32]| {
@@ -283,12 +387,20 @@ fn preference_loss_with_the_modifiers(device: &Device, precision: Precision) {
             let (mut want_m, mut got_m) = f.poisoned(pairs * PAIR_METRICS);
             let (mut want_g, mut got_g) = f.poisoned(grads);
             let o = &objective;
-            f.cpu
-                .preference_loss_parts(&mut want_m, &mut want_g, &cp, &cr, &cf, &cl, &cpu_parts, o, &state, 0.7)
-                .unwrap();
-            f.cuda
-                .preference_loss_parts(&mut got_m, &mut got_g, &gp, &gr, &gf, &gl, &cuda_parts, o, &state, 0.7)
-                .unwrap();
+            let cpu_inputs = PreferenceLossInputs {
+                parts: LogpParts { ..cpu_parts },
+                state,
+                grad_scale: 0.7,
+                ..PreferenceLossInputs::pairs(&cp, &cr, &cf, &cl, o)
+            };
+            let cuda_inputs = PreferenceLossInputs {
+                parts: LogpParts { ..cuda_parts },
+                state,
+                grad_scale: 0.7,
+                ..PreferenceLossInputs::pairs(&gp, &gr, &gf, &gl, o)
+            };
+            f.cpu.preference_loss(&mut want_m, &mut want_g, &cpu_inputs).unwrap();
+            f.cuda.preference_loss(&mut got_m, &mut got_g, &cuda_inputs).unwrap();
             let (got_m, got_g) = (f.cuda.download(&got_m).unwrap(), f.cuda.download(&got_g).unwrap());
             for k in 0..PAIR_METRICS {
                 let column =
@@ -301,4 +413,46 @@ fn preference_loss_with_the_modifiers(device: &Device, precision: Precision) {
     }
 }
 
-device_tests!(preference_loss, preference_loss_at_extreme_margins, preference_loss_with_the_modifiers);
+/// The objectives on unpaired examples: the kernel (KTO's KL estimate formed in it) against the CPU,
+/// with and without KL sequences (as many as examples, fewer, none), at ordinary rewards and at
+/// saturated ones (log-ratios in the thousands).
+fn preference_loss_on_examples(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 9);
+    for (n, m, spread) in [(45, 45, 6.0), (130, 17, 6.0), (9, 0, 6.0), (24, 24, 3000.0)] {
+        let x = example_inputs(&mut f.rng, n, m, spread);
+        let ((cp, gp), (cr, gr)) = (f.both(&x.policy), f.both(&x.reference));
+        let ((cpk, gpk), (crk, grk)) = (f.both(&x.policy_kl), f.both(&x.reference_kl));
+        let ids = |f: &Fixture, v: &[i32]| (f.cpu.upload_ids(v).unwrap(), f.cuda.upload_ids(v).unwrap());
+        let ((cf, gf), (cd, gd), (cl, gl)) = (ids(&f, &x.flags), ids(&f, &x.desirable), ids(&f, &x.lengths));
+        for objective in unpaired_objectives() {
+            let (mut want_m, mut got_m) = f.poisoned(n * EXAMPLE_METRICS);
+            let (mut want_g, mut got_g) = f.poisoned(n);
+            let cpu_examples = ExampleParts { desirable: &cd, policy_kl: Some(&cpk), reference_kl: Some(&crk) };
+            let cuda_examples = ExampleParts { desirable: &gd, policy_kl: Some(&gpk), reference_kl: Some(&grk) };
+            let cpu_inputs = PreferenceLossInputs {
+                grad_scale: 0.7,
+                ..PreferenceLossInputs::examples(&cp, &cr, &cf, &cl, cpu_examples, &objective)
+            };
+            let cuda_inputs = PreferenceLossInputs {
+                grad_scale: 0.7,
+                ..PreferenceLossInputs::examples(&gp, &gr, &gf, &gl, cuda_examples, &objective)
+            };
+            f.cpu.preference_loss(&mut want_m, &mut want_g, &cpu_inputs).unwrap();
+            f.cuda.preference_loss(&mut got_m, &mut got_g, &cuda_inputs).unwrap();
+            let (got_m, got_g) = (f.cuda.download(&got_m).unwrap(), f.cuda.download(&got_g).unwrap());
+            let what = format!("{objective}, {n} examples, {m} KL sequences, spread {spread} ({})", f.precision);
+            for k in 0..EXAMPLE_METRICS {
+                let column = |x: &[f32]| -> Vec<f32> { x.iter().skip(k).step_by(EXAMPLE_METRICS).copied().collect() };
+                assert_close_scaled(&format!("{what}: metric {k}"), &column(&got_m), &to_f64(&column(&want_m)), 1e-5);
+            }
+            assert_close_scaled(&format!("{what}: grads"), &got_g, &to_f64(&want_g), 1e-5);
+        }
+    }
+}
+
+device_tests!(
+    preference_loss,
+    preference_loss_at_extreme_margins,
+    preference_loss_with_the_modifiers,
+    preference_loss_on_examples
+);

@@ -1,4 +1,5 @@
-//! The preference loss of a batch of pairs, every objective of `crate::loss` (contract:
+//! The preference loss of a batch of pairs, every objective of `crate::loss`, or of unpaired
+//! examples (KTO) (contract:
 //! `backend/ops/preference_loss.rs`, kernels: `kernels/preference_loss.cu`).
 //!
 //! There is no fast version: a batch has a few pairs, so the CPU backend runs the spec itself and
@@ -7,16 +8,18 @@
 use anyhow::Result;
 
 use super::CpuBackend;
-use crate::backend::{checks, LogpParts, PreferenceLossOps};
-use crate::loss::{LossState, Objective};
+use crate::backend::{checks, PreferenceLossInputs, PreferenceLossOps};
 
 /// The specification, in f64, that the CPU backend runs and the CUDA kernel is held to:
 /// [`crate::loss::batch_loss_with`] of the batch (each pair's [`crate::loss::pair_loss`], unless the
 /// objective is batch-level), laid out as the op lays it out; with TRL's log-prob modifiers,
-/// [`crate::loss::batch_loss_parts`].
+/// [`crate::loss::batch_loss_parts`]; on unpaired examples, [`crate::loss::unpaired_loss`].
 pub mod spec {
     use crate::backend::PAIR_METRICS;
-    use crate::loss::{batch_loss_parts, batch_loss_with, LossState, Objective, PairInput, PairParts, SharedSplit};
+    use crate::loss::{
+        batch_loss_parts, batch_loss_with, kl_estimate, unpaired_loss, ExampleInput, Kto, LossState, Objective,
+        PairInput, PairParts, SharedSplit, EXAMPLE_METRICS,
+    };
 
     /// The op's parts (`LogpParts`) on the host, in f64: `[4P]` splits, `[2P]` aligned log-probs.
     #[derive(Clone, Copy, Debug, Default)]
@@ -113,6 +116,38 @@ pub mod spec {
         (metrics, dpolicy)
     }
 
+    /// A batch of unpaired examples under `objective`: example i's `policy`, `reference` log-probs,
+    /// its completion's safety flag (`unsafe_flags`, nonzero: unsafe) and label (`desirable`,
+    /// nonzero: desirable); `kl` the KL sequences' policy and reference log-probs, whose clamped mean
+    /// log-ratio is the KL estimate the loss reads ([`kl_estimate`]; 0 without them, or when the
+    /// objective reads none). Returns
+    /// `(metrics [n, EXAMPLE_METRICS], grads [n])`: [`unpaired_loss`]'s weighted loss, reward and the
+    /// KL estimate per row, `grad_scale` times each example's gradient.
+    pub fn forward_examples(
+        objective: &Kto,
+        policy: &[f64],
+        reference: &[f64],
+        unsafe_flags: &[i32],
+        desirable: &[i32],
+        kl: Option<(&[f64], &[f64])>,
+        grad_scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let kl = kl.filter(|_| objective.estimates_kl());
+        let kl = kl.map_or(0.0, |(policy_kl, reference_kl)| kl_estimate(policy_kl, reference_kl));
+        let inputs: Vec<ExampleInput> = (0..policy.len())
+            .map(|i| ExampleInput {
+                policy: policy[i],
+                reference: reference[i],
+                desirable: desirable[i] != 0,
+                completion_unsafe: unsafe_flags[i] != 0,
+            })
+            .collect();
+        let outputs = unpaired_loss(objective, &inputs, kl);
+        let metrics = outputs.iter().flat_map(|o| [o.loss, o.reward, kl]).collect::<Vec<f64>>();
+        debug_assert_eq!(metrics.len(), outputs.len() * EXAMPLE_METRICS);
+        (metrics, outputs.iter().map(|o| grad_scale * o.d_policy).collect())
+    }
+
     /// Pair i is sequences `2i` and `2i + 1`; the reference read only when the objective uses it.
     fn pair_inputs(
         objective: &Objective,
@@ -142,54 +177,51 @@ pub mod spec {
 }
 
 impl PreferenceLossOps for CpuBackend {
-    fn preference_loss_parts(
+    fn preference_loss(
         &self,
         metrics: &mut Vec<f32>,
         grads: &mut Vec<f32>,
-        policy: &Vec<f32>,
-        reference: &Vec<f32>,
-        unsafe_flags: &Vec<i32>,
-        lengths: &Vec<i32>,
-        parts: &LogpParts<'_, Vec<f32>>,
-        objective: &Objective,
-        state: &LossState,
-        grad_scale: f32,
+        inputs: &PreferenceLossInputs<'_, Self>,
     ) -> Result<()> {
-        objective.require_pairwise("preference_loss")?;
-        checks::preference_loss_parts(
-            metrics.len(),
-            grads.len(),
-            policy.len(),
-            reference.len(),
-            unsafe_flags,
-            lengths,
-            objective,
-            parts.policy_split.map(Vec::len),
-            parts.reference_split.map(Vec::len),
-            parts.policy_aligned.map(Vec::len),
-        )?;
+        checks::preference_loss(metrics.len(), grads.len(), inputs, Vec::len, Vec::as_slice)?;
         let to_f64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        let (policy, reference) = (to_f64(policy), to_f64(reference));
-        let (policy_split, reference_split, policy_aligned) = (
-            parts.policy_split.map(|x| to_f64(x)),
-            parts.reference_split.map(|x| to_f64(x)),
-            parts.policy_aligned.map(|x| to_f64(x)),
-        );
-        let host_parts = spec::HostParts {
-            policy_split: policy_split.as_deref(),
-            reference_split: reference_split.as_deref(),
-            policy_aligned: policy_aligned.as_deref(),
+        let objective = inputs.objective;
+        let (policy, reference) = (to_f64(inputs.policy), to_f64(inputs.reference));
+        let (unsafe_flags, lengths, grad_scale) = (inputs.unsafe_flags, inputs.lengths, inputs.grad_scale as f64);
+        let (metrics_f64, grads_f64) = match (objective.as_unpaired(), &inputs.examples) {
+            (Some(kto), Some(examples)) => {
+                let kl = match (examples.policy_kl, examples.reference_kl) {
+                    (Some(p), Some(r)) => Some((to_f64(p), to_f64(r))),
+                    _ => None,
+                };
+                let kl = kl.as_ref().map(|(p, r)| (p.as_slice(), r.as_slice()));
+                spec::forward_examples(kto, &policy, &reference, unsafe_flags, examples.desirable, kl, grad_scale)
+            }
+            _ => {
+                let parts = &inputs.parts;
+                let (policy_split, reference_split, policy_aligned) = (
+                    parts.policy_split.map(|x| to_f64(x)),
+                    parts.reference_split.map(|x| to_f64(x)),
+                    parts.policy_aligned.map(|x| to_f64(x)),
+                );
+                let host_parts = spec::HostParts {
+                    policy_split: policy_split.as_deref(),
+                    reference_split: reference_split.as_deref(),
+                    policy_aligned: policy_aligned.as_deref(),
+                };
+                let state = &inputs.state;
+                spec::forward_parts(
+                    objective,
+                    state,
+                    &policy,
+                    &reference,
+                    unsafe_flags,
+                    lengths,
+                    &host_parts,
+                    grad_scale,
+                )
+            }
         };
-        let (metrics_f64, grads_f64) = spec::forward_parts(
-            objective,
-            state,
-            &policy,
-            &reference,
-            unsafe_flags,
-            lengths,
-            &host_parts,
-            grad_scale as f64,
-        );
         metrics.iter_mut().zip(&metrics_f64).for_each(|(m, &x)| *m = x as f32);
         grads.iter_mut().zip(&grads_f64).for_each(|(d, &x)| *d = x as f32);
         Ok(())

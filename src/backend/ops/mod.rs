@@ -26,7 +26,7 @@ pub use logsoftmax_gather::LogSoftmaxGatherOps;
 pub use matmul::MatmulOps;
 pub use optimizer::OptimizerOps;
 pub use pointwise::PointwiseOps;
-pub use preference_loss::{LogpParts, PreferenceLossOps};
+pub use preference_loss::{ExampleParts, LogpParts, PreferenceLossInputs, PreferenceLossOps};
 pub use rmsnorm::RmsNormOps;
 pub use rope::{rope_inverse_frequencies, RopeOps, RopeScaling};
 pub use rows::RowOps;

@@ -1,7 +1,15 @@
 //! The objectives on unpaired examples: KTO and TRL's unpaired APO-zero ([`Kto`], the value of
 //! [`Objective::Kto`]). Each example is a prompt, one completion and a label (desirable or not), as
-//! TRL's `KTOTrainer` reads them; its loss is computed by [`crate::loss::unpaired_loss`], not by the
-//! pairwise table (`Objective::ALL` lists the objectives on pairs; [`UNPAIRED`] these).
+//! TRL's `KTOTrainer` reads them; its loss is specified by [`crate::loss::unpaired_loss`], not by the
+//! pairwise table (`Objective::ALL` lists the objectives on pairs; [`UNPAIRED`] these), and runs in
+//! the preference-loss op on examples (`crate::backend::PreferenceLossInputs::examples`; the CUDA
+//! kernel `preference_loss_examples_f32`, in f32, forms the KL estimate on the device).
+//!
+//! **Where it differs from TRL.** A training step's loss is the mean over all its examples, its
+//! gradient that of this mean; TRL's is the mean of each micro-batch's own mean over its
+//! `gradient_accumulation_steps` micro-batches. The two are equal when the micro-batches hold as
+//! many examples each (a token budget does not promise it). Each micro-batch has its own KL
+//! estimate, as in TRL.
 //!
 //! TRL references are to TRL v1.16.0, `trl/trainer/kto_trainer.py`, `KTOTrainer._compute_loss`, and
 //! `trl/trainer/kto_config.py` for the defaults.

@@ -1,4 +1,5 @@
-//! The preference objectives on the CUDA backend (kernels/preference_loss.cu): one thread per pair,
+//! The preference objectives on the CUDA backend (kernels/preference_loss.cu): one thread per pair
+//! (per example for the objectives on unpaired examples, KTO's KL estimate formed in the launch),
 //! all pairs in one launch per term of the objective, each passed as its code; a term that sorts
 //! across the batch (AOT) takes two launches, a rank pass and the scoring of the sorted positions.
 //! The first launch writes the metrics and the gradient, the others add to them. With LD-DPO's
@@ -9,19 +10,20 @@ use anyhow::{ensure, Result};
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand, Storage};
 use crate::backend::cuda::kernels::constants::preference_loss::{
-    ALPHA_DIVERGENCE_MAX_EXPONENT, FDIV_ALPHA_DIVERGENCE, FDIV_FORWARD_KL, FDIV_JS_DIVERGENCE, FDIV_REVERSE_KL,
-    OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO, OBJ_BCO_PAIR, OBJ_CDPO, OBJ_CPO, OBJ_CPO_HINGE, OBJ_CPO_IPO,
-    OBJ_CPO_SIMPO, OBJ_DISCOPOP, OBJ_DPO, OBJ_EXO_PAIR, OBJ_HINGE, OBJ_IPO, OBJ_NCA_PAIR, OBJ_NPO, OBJ_ORPO,
-    OBJ_ROBUST, OBJ_RPO, OBJ_SFT, OBJ_SIGMOID_NORM, OBJ_SIMPO, OBJ_SPPO_HARD, ORPO_MAX_MEAN_LOGP, PAIR_METRICS,
-    PAIR_THREADS, SORTED_MAX_PAIRS,
+    ALPHA_DIVERGENCE_MAX_EXPONENT, EXAMPLE_METRICS, FDIV_ALPHA_DIVERGENCE, FDIV_FORWARD_KL, FDIV_JS_DIVERGENCE,
+    FDIV_REVERSE_KL, OBJ_AOT, OBJ_AOT_UNPAIRED, OBJ_APO_DOWN, OBJ_APO_ZERO, OBJ_APO_ZERO_UNPAIRED, OBJ_BCO_PAIR,
+    OBJ_CDPO, OBJ_CPO, OBJ_CPO_HINGE, OBJ_CPO_IPO, OBJ_CPO_SIMPO, OBJ_DISCOPOP, OBJ_DPO, OBJ_EXO_PAIR, OBJ_HINGE,
+    OBJ_IPO, OBJ_KTO, OBJ_NCA_PAIR, OBJ_NPO, OBJ_ORPO, OBJ_ROBUST, OBJ_RPO, OBJ_SFT, OBJ_SIGMOID_NORM, OBJ_SIMPO,
+    OBJ_SPPO_HARD, ORPO_MAX_MEAN_LOGP, PAIR_METRICS, PAIR_THREADS, SORTED_MAX_PAIRS,
 };
 use crate::backend::cuda::launch::i32_arg;
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
-use crate::backend::{checks, LogpParts, PreferenceLossOps};
-use crate::loss::{FDivergence, LossState, Objective};
+use crate::backend::{checks, ExampleParts, PreferenceLossInputs, PreferenceLossOps};
+use crate::loss::{FDivergence, Kto, KtoLoss, Objective};
 
 // The kernel writes the metrics the loss module defines, in its order, with its constants.
 const _: () = assert!(PAIR_METRICS as usize == crate::loss::PAIR_METRICS);
+const _: () = assert!(EXAMPLE_METRICS as usize == crate::loss::EXAMPLE_METRICS);
 const _: () = assert!(ALPHA_DIVERGENCE_MAX_EXPONENT as f64 == crate::loss::ALPHA_DIVERGENCE_MAX_EXPONENT);
 const _: () = assert!(ORPO_MAX_MEAN_LOGP == crate::loss::ORPO_MAX_MEAN_LOGP as f32);
 
@@ -71,7 +73,7 @@ fn launches(objective: &Objective) -> Vec<Launch> {
             Objective::CpoIpo { .. } => OBJ_CPO_IPO,
             Objective::CpoSimpo { .. } => OBJ_CPO_SIMPO,
             Objective::Combination(_) => unreachable!("a combination's terms are single objectives"),
-            Objective::Kto(_) => unreachable!("refused by preference_loss_with"),
+            Objective::Kto(_) => unreachable!("an objective on unpaired examples runs in `example_loss`"),
         };
         let (param, param2) = match *term {
             Objective::Robust { eps, .. }
@@ -135,36 +137,37 @@ impl CudaBackend {
 }
 
 impl PreferenceLossOps for CudaBackend {
-    fn preference_loss_parts(
+    fn preference_loss(
         &self,
         metrics: &mut CudaBuf,
         grads: &mut CudaBuf,
-        policy: &CudaBuf,
-        reference: &CudaBuf,
-        unsafe_flags: &CudaIds,
-        lengths: &CudaIds,
-        parts: &LogpParts<'_, CudaBuf>,
-        objective: &Objective,
-        state: &LossState,
-        grad_scale: f32,
+        inputs: &PreferenceLossInputs<'_, Self>,
     ) -> Result<()> {
-        objective.require_pairwise("preference_loss")?;
-        let uses_reference = objective.uses_reference();
-        let pairs = checks::preference_loss_parts(
-            metrics.len(),
-            grads.len(),
-            policy.len(),
-            reference.len(),
-            &unsafe_flags.host,
-            &lengths.host,
-            objective,
-            parts.policy_split.map(CudaBuf::len),
-            parts.reference_split.map(CudaBuf::len),
-            parts.policy_aligned.map(CudaBuf::len),
-        )?;
-        if pairs == 0 {
+        let count = checks::preference_loss(metrics.len(), grads.len(), inputs, CudaBuf::len, CudaIds::host)?;
+        if count == 0 {
             return Ok(());
         }
+        match (inputs.objective.as_unpaired(), &inputs.examples) {
+            (Some(kto), Some(examples)) => self.example_loss(metrics, grads, inputs, examples, kto, count),
+            _ => self.pair_loss(metrics, grads, inputs, count),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// The loss of `pairs` pairs (checked): one launch per term of the objective.
+    fn pair_loss(
+        &self,
+        metrics: &mut CudaBuf,
+        grads: &mut CudaBuf,
+        inputs: &PreferenceLossInputs<'_, Self>,
+        pairs: usize,
+    ) -> Result<()> {
+        let PreferenceLossInputs {
+            policy, reference, unsafe_flags, lengths, parts, objective, state, grad_scale, ..
+        } = inputs;
+        let (objective, grad_scale) = (*objective, *grad_scale);
+        let uses_reference = objective.uses_reference();
         if objective.sorts_batch() {
             ensure!(
                 pairs <= SORTED_MAX_PAIRS as usize,
@@ -182,7 +185,7 @@ impl PreferenceLossOps for CudaBackend {
         // NLL parts' in the plain ones) go to scratch until the split's token gradients are formed.
         let mut ld = None;
         if let Some(alpha) = ld_alpha {
-            let policy_split = parts.policy_split.expect("checked by preference_loss_parts");
+            let policy_split = parts.policy_split.expect("checked by preference_loss");
             let policy_read = self.ld_weighted_logps(&self.input(policy_split, Dtype::F32)?, alpha, pairs)?;
             let reference_read = match parts.reference_split.filter(|_| uses_reference) {
                 Some(split) => Some(self.ld_weighted_logps(&self.input(split, Dtype::F32)?, alpha, pairs)?),
@@ -285,5 +288,58 @@ impl PreferenceLossOps for CudaBackend {
             )?;
         }
         Ok(())
+    }
+
+    /// The loss of `n` unpaired examples (checked): one launch, KTO's KL estimate formed in it.
+    fn example_loss(
+        &self,
+        metrics: &mut CudaBuf,
+        grads: &mut CudaBuf,
+        inputs: &PreferenceLossInputs<'_, Self>,
+        examples: &ExampleParts<'_, CudaBuf, CudaIds>,
+        objective: &Kto,
+        n: usize,
+    ) -> Result<()> {
+        let code = match objective.loss {
+            KtoLoss::Kto => OBJ_KTO,
+            KtoLoss::ApoZeroUnpaired => OBJ_APO_ZERO_UNPAIRED,
+        };
+        let policy = self.input(inputs.policy, Dtype::F32)?;
+        let reference = self.input(inputs.reference, Dtype::F32)?;
+        // The KL sequences only where the objective reads the estimate.
+        let kl = match (examples.policy_kl, examples.reference_kl) {
+            (Some(p), Some(r)) if objective.estimates_kl() && !p.is_empty() => {
+                Some((self.input(p, Dtype::F32)?, self.input(r, Dtype::F32)?, p.len()))
+            }
+            _ => None,
+        };
+        let (policy_kl, reference_kl, num_kl) = match &kl {
+            Some((p, r, m)) => (p.arg(), r.arg(), i32_arg(*m, "KL sequences")?),
+            None => (KernelArg::NULL, KernelArg::NULL, KernelArg::I32(0)),
+        };
+        let grads = self.output(grads, Dtype::F32, false)?.arg();
+        let metrics = self.output(metrics, Dtype::F32, false)?.arg();
+        self.launch(
+            "preference_loss_examples_f32",
+            LaunchConfig::for_elements(n, PAIR_THREADS as u32),
+            &[
+                metrics,
+                grads,
+                policy.arg(),
+                reference.arg(),
+                inputs.unsafe_flags.arg(),
+                examples.desirable.arg(),
+                policy_kl,
+                reference_kl,
+                i32_arg(n, "examples")?,
+                num_kl,
+                KernelArg::I32(code),
+                KernelArg::F32(objective.beta as f32),
+                KernelArg::F32(objective.desirable_weight as f32),
+                KernelArg::F32(objective.undesirable_weight as f32),
+                KernelArg::F32(objective.safety_margin as f32),
+                KernelArg::F32(inputs.grad_scale),
+            ],
+        )
     }
 }
