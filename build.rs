@@ -200,10 +200,13 @@ fn main() {
         let key = hash_of(&(compiler_hash, emu_headers_hash, fs::read(&runtime).unwrap()));
         jobs.push(cxx_job(&compiler, &runtime, &emu_dir.join("runtime.o"), key, "emu/runtime.cpp"));
         emu_objects.push(emu_dir.join("runtime.o"));
-        let racecheck = kernels_dir.join("emu").join("racecheck.cpp");
-        let key = hash_of(&(compiler_hash, emu_headers_hash, fs::read(&racecheck).unwrap()));
-        jobs.push(cxx_job(&compiler, &racecheck, &emu_dir.join("racecheck.o"), key, "emu/racecheck.cpp"));
-        emu_objects.push(emu_dir.join("racecheck.o"));
+        for part in ["racecheck", "memory", "block_window"] {
+            let source = kernels_dir.join("emu").join(format!("{part}.cpp"));
+            let key = hash_of(&(compiler_hash, emu_headers_hash, fs::read(&source).unwrap()));
+            let object = emu_dir.join(format!("{part}.o"));
+            jobs.push(cxx_job(&compiler, &source, &object, key, &format!("emu/{part}.cpp")));
+            emu_objects.push(object);
+        }
         let key = hash_of(&(compiler_hash, fs::read(&units_file).unwrap()));
         jobs.push(cxx_job(&compiler, &units_file, &emu_dir.join("emu_units.o"), key, "emu_units.cpp"));
         emu_objects.push(emu_dir.join("emu_units.o"));
