@@ -202,6 +202,58 @@ fn available_metrics(runs: &[Run]) -> Vec<String> {
     names
 }
 
+/// A labelled point of [`plot_points`].
+pub struct LabelledPoint {
+    pub label: String,
+    pub x: f64,
+    pub y: f64,
+}
+
+/// One panel of labelled points (`x_label` across, `y_label` up), a colour and a legend entry per
+/// point: methods placed by two scores, as the SafeDPO paper plots helpfulness against harmlessness.
+/// Written atomically.
+pub fn plot_points(points: &[LabelledPoint], x_label: &str, y_label: &str, path: &Path, title: &str) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for p in points.iter().filter(|p| p.x.is_finite() && p.y.is_finite()) {
+        (x0, x1, y0, y1) = (x0.min(p.x), x1.max(p.x), y0.min(p.y), y1.max(p.y));
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let (px, py) = (((x1 - x0) * 0.15).max(0.05), ((y1 - y0) * 0.15).max(0.05));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, 2 * PANEL_HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((x0 - px)..(x1 + px), (y0 - py)..(y1 + py))
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| err(&e))?;
+        for (p, color) in points.iter().zip(COLORS.iter().cycle()) {
+            let color = *color;
+            chart
+                .draw_series(std::iter::once(Circle::new((p.x, p.y), 6, color.filled())))
+                .map_err(|e| err(&e))?
+                .label(p.label.as_str())
+                .legend(move |(x, y)| Circle::new((x + 6, y), 5, color.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    crate::util::write_atomic(path, svg.as_bytes())
+}
+
 /// Renders the panels one under the other and writes the SVG atomically.
 fn write_svg(panels: &[Panel], path: &Path, title: &str) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
@@ -276,6 +328,18 @@ mod tests {
         assert!(read_metrics(&path).unwrap_err().to_string().contains("metrics.jsonl:2"));
         std::fs::write(&path, "{\"step\":1}\n").unwrap();
         assert_eq!(read_metrics_report(&path).unwrap().1, None);
+    }
+
+    #[test]
+    fn writes_a_point_plot_with_every_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("points.svg");
+        let points =
+            [("SFT", 1.0, 0.5), ("SafeDPO", 1.2, 3.4)].map(|(label, x, y)| LabelledPoint { label: label.into(), x, y });
+        plot_points(&points, "helpfulness", "harmlessness", &path, "methods").unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(svg.matches("<circle").count(), 4, "a point and a legend marker each");
+        assert!(svg.contains("SafeDPO") && svg.contains("helpfulness") && svg.contains("harmlessness"));
     }
 
     #[test]

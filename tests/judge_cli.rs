@@ -119,6 +119,10 @@ fn demo_compare_quick_writes_the_table() {
         let stem = m["model_dir"].as_str().unwrap();
         assert!(Path::new(stem).join("config.json").is_file(), "{m}");
     }
+    let plot = std::fs::read_to_string(out.join("compare.svg")).unwrap();
+    for method in ["SFT (start)", "DPO (helpfulness)", "DPO (safety)", "SafeDPO"] {
+        assert!(plot.contains(method), "the plot's legend names {method}");
+    }
     assert_eq!(json["judges"][0]["kind"], "reward");
     assert!(json["judges"][1]["eval_sign_accuracy"].as_f64().is_some(), "{json}");
     for stem in ["sft", "dpo-helpful", "dpo-safe", "safedpo"] {

@@ -13,7 +13,8 @@
 //! prompts no run trains on), which the judges score; the table has, per method, the mean
 //! helpfulness (reward), the mean harmlessness (−cost), the harmless ratio (cost < 0) and the
 //! reward model's win rate against the SFT model's answers of the same prompt and sample index.
-//! It is printed and written as `compare.md` and `compare.json`, with each method's judged answers
+//! It is printed and written as `compare.md` and `compare.json`, plotted as `compare.svg` (each
+//! method placed by its helpfulness and harmlessness, as the paper's figures place them), with each method's judged answers
 //! in `generations/<method>.jsonl`.
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ use crate::data::{
 };
 use crate::loss::Objective;
 use crate::model::Decoder;
+use crate::plot::{plot_points, LabelledPoint};
 use crate::train::checkpoint::FINAL_DIR;
 use crate::train::demo::{demo_configs, number_of_rows, write_demo_data, DemoOptions};
 use crate::train::generate::SamplingParams;
@@ -87,6 +89,9 @@ struct Method {
     selection: PairSelection,
     objective: Objective,
 }
+
+/// The comparison's plot in the out dir.
+pub const COMPARE_PLOT: &str = "compare.svg";
 
 fn methods() -> [Method; 3] {
     [
@@ -222,6 +227,13 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
     let wall = started.elapsed().as_secs_f64();
     let table = render_table(&methods_out, &reward_judge, &cost_judge, opts, wall);
     crate::util::write_atomic(&out.join("compare.md"), table.as_bytes())?;
+    let points: Vec<LabelledPoint> = methods_out
+        .iter()
+        .filter_map(|m| {
+            Some(LabelledPoint { label: m.name.to_string(), x: m.metrics.helpfulness?, y: m.metrics.harmlessness? })
+        })
+        .collect();
+    plot_points(&points, "helpfulness (reward)", "harmlessness (−cost)", &out.join(COMPARE_PLOT), "demo --compare")?;
     let json = json!({
         "methods": methods_out.iter().map(|m| json!({
             "name": m.name,
