@@ -138,13 +138,21 @@ unsafe fn ids<'a>(ptr: *const i32, len: usize, what: &str) -> Result<&'a [i32]> 
     }
 }
 
+/// The `n` records at `ptr` (pairs, examples), refused when null or empty.
+///
+/// # Safety
+/// `ptr` is null or points to `n` readable records.
+unsafe fn records<'a, T>(ptr: *const T, n: usize, what: &str, count: &str) -> Result<&'a [T]> {
+    if ptr.is_null() || n == 0 {
+        return Err(invalid(format!("`{what}` is null or `{count}` is 0")));
+    }
+    Ok(std::slice::from_raw_parts(ptr, n))
+}
+
 /// # Safety
 /// `pairs` points to `n` pairs whose pointers satisfy [`SafedpoPair`]'s rule.
 unsafe fn tokenized(pairs: *const SafedpoPair, n: usize) -> Result<Vec<TokenizedPair>> {
-    if pairs.is_null() || n == 0 {
-        return Err(invalid("`pairs` is null or `n_pairs` is 0"));
-    }
-    std::slice::from_raw_parts(pairs, n)
+    records(pairs, n, "pairs", "n_pairs")?
         .iter()
         .enumerate()
         .map(|(i, p)| {
@@ -162,10 +170,7 @@ unsafe fn tokenized(pairs: *const SafedpoPair, n: usize) -> Result<Vec<Tokenized
 /// # Safety
 /// `examples` points to `n` examples whose pointers satisfy [`SafedpoExample`]'s rule.
 unsafe fn tokenized_examples(examples: *const SafedpoExample, n: usize) -> Result<Vec<TokenizedExample>> {
-    if examples.is_null() || n == 0 {
-        return Err(invalid("`examples` is null or `n_examples` is 0"));
-    }
-    std::slice::from_raw_parts(examples, n)
+    records(examples, n, "examples", "n_examples")?
         .iter()
         .enumerate()
         .map(|(i, e)| {
