@@ -151,6 +151,11 @@ pub trait Buffers: Send + Sync {
         self.upload(data)
     }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Whether `buf` carries an fp32 master copy beside its storage (the CUDA backend's bf16
+    /// parameters; never on the CPU). Collectives check that every rank's buffers agree.
+    fn has_master(&self, _buf: &Self::Buf) -> bool {
+        false
+    }
     fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<i32>>;
     /// Number of elements.

@@ -85,25 +85,33 @@ pub trait HostTransport: Send + Sync {
 pub struct Staged<T: HostTransport>(pub T);
 
 impl<T: HostTransport> Staged<T> {
-    /// Every rank's concatenated `bufs` (as f32), in rank order; checks every rank sent as many.
+    /// Every rank's concatenated `bufs` (as f32), in rank order; checks that every rank sent as many
+    /// values and buffers of the same kind (with or without a master copy, as NCCL requires).
     fn gather_bufs<B: Buffers>(&self, backend: &B, bufs: &[&mut B::Buf], what: &str) -> Result<Vec<Vec<f32>>> {
-        let mut mine = Vec::new();
+        // The message: one master flag per buffer, then the values.
+        let flags: Vec<u8> = bufs.iter().map(|buf| u8::from(backend.has_master(buf))).collect();
+        let mut message = flags.clone();
         for buf in bufs {
-            mine.extend(backend.download(buf)?);
+            message.extend(bytemuck::cast_slice::<f32, u8>(&backend.download(buf)?));
         }
-        let gathered = self.0.all_gather(bytemuck::cast_slice(&mine))?;
+        let gathered = self.0.all_gather(&message)?;
+        let me = self.0.rank();
         gathered
             .iter()
             .enumerate()
             .map(|(rank, bytes)| {
                 ensure!(
-                    bytes.len() == mine.len() * 4,
-                    "{what}: rank {rank} sent {} values, rank {} {} (the ranks' models or batches differ)",
-                    bytes.len() / 4,
-                    self.0.rank(),
-                    mine.len()
+                    bytes.len() == message.len(),
+                    "{what}: rank {rank} sent {} values, rank {me} {} (the ranks' models or batches differ)",
+                    bytes.len().saturating_sub(flags.len()) / 4,
+                    (message.len() - flags.len()) / 4
                 );
-                Ok(bytes.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect())
+                ensure!(
+                    bytes[..flags.len()] == flags[..],
+                    "{what}: rank {rank}'s buffers differ from rank {me}'s in their master copies"
+                );
+                let values = &bytes[flags.len()..];
+                Ok(values.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect())
             })
             .collect()
     }

@@ -181,9 +181,11 @@ impl<B: Backend> GroupRank<B> {
             let mut bufs = keys
                 .iter()
                 .zip(&lens)
+                // Every rank's buffers made alike (`upload`: in bf16 with a master copy), as NCCL's
+                // broadcast requires the same layout on every rank; the others' zeros are overwritten.
                 .map(|(key, &len)| match mine.get(key) {
                     Some(values) if owner == self.rank() => b.upload(values),
-                    _ => b.zeros(len),
+                    _ => b.upload(&vec![0.0; len]),
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut refs: Vec<&mut B::Buf> = bufs.iter_mut().collect();

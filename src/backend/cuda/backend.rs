@@ -445,6 +445,10 @@ impl Buffers for CudaBackend {
         buf.len()
     }
 
+    fn has_master(&self, buf: &CudaBuf) -> bool {
+        buf.has_master()
+    }
+
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
         let n = buf.len;
         match &mut buf.storage {
