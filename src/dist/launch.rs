@@ -54,11 +54,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
         check_gpus(opts.ranks)?;
     }
     let args = rank_args(opts)?;
-    // A free port now; the ranks' rank 0 binds it a moment later.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the rendezvous")?
-        .port();
+    // A free port, bound here: rank 0 inherits the listening socket (on Unix), so the port cannot be
+    // taken in between; elsewhere rank 0 binds it again a moment later.
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port for the rendezvous")?;
+    let port = listener.local_addr().context("binding a free port for the rendezvous")?.port();
     let run_id = format!("launch-{}-{port}", std::process::id());
 
     let (exits, exited) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
@@ -66,7 +65,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
     let mut printers: Vec<JoinHandle<()>> = Vec::new();
     let mut waiters = Vec::new();
     for rank in 0..opts.ranks {
-        let mut child = spawn_rank(opts, &args, rank, port, &run_id).inspect_err(|_| kill_all(&pids))?;
+        let inherit = (rank == 0).then_some(&listener);
+        let mut child = spawn_rank(opts, &args, rank, port, inherit, &run_id).inspect_err(|_| kill_all(&pids))?;
         pids.push(Some(child.id()));
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -77,6 +77,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
             let _ = exits.send((rank, child.wait()));
         }));
     }
+    // Rank 0 holds its own descriptor of the socket now.
+    drop(listener);
     drop(exits);
 
     // The rank to name: the first that failed on its own; else, once the grace is over, the first
@@ -154,8 +156,36 @@ fn rank_args(opts: &LaunchOptions) -> Result<Vec<OsString>> {
     Ok(args)
 }
 
-fn spawn_rank(opts: &LaunchOptions, args: &[OsString], rank: usize, port: u16, run_id: &str) -> Result<Child> {
-    Command::new(&opts.program)
+/// Starts rank `rank`; `listener`, when given, is handed to it as its rendezvous socket.
+fn spawn_rank(
+    opts: &LaunchOptions,
+    args: &[OsString],
+    rank: usize,
+    port: u16,
+    listener: Option<&TcpListener>,
+    run_id: &str,
+) -> Result<Child> {
+    let mut command = Command::new(&opts.program);
+    #[cfg(unix)]
+    if let Some(listener) = listener {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = listener.as_raw_fd();
+        command.env(super::rendezvous::INHERITED_LISTENER_VAR, fd.to_string());
+        // SAFETY: runs in the child between fork and exec, and only calls fcntl (async-signal-safe):
+        // the descriptor stays open across exec in this child alone.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = listener;
+    command
         .args(args)
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", opts.ranks.to_string())

@@ -5,6 +5,10 @@
 //! handshake that does not match, ends every rank with an error that names the rank and its address.
 //!
 //! The connections stay open as the star of a [`TcpTransport`] (rank 0 in the middle).
+//!
+//! `safedpo launch` binds the port itself and hands the listening socket to rank 0 (its descriptor in
+//! [`INHERITED_LISTENER_VAR`]), so no other process can take the port between the launcher choosing
+//! it and rank 0 listening; the other ranks' connections wait in the socket's backlog meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -15,6 +19,9 @@ use anyhow::{bail, ensure, Context, Result};
 use super::env::RankEnv;
 use super::tcp::{Peer, TcpTransport};
 
+/// Names a listening socket rank 0 inherited (its file descriptor, on the master port): rank 0
+/// accepts on it instead of binding the port.
+pub const INHERITED_LISTENER_VAR: &str = "SAFEDPO_RENDEZVOUS_FD";
 /// Changes whenever the handshake or the frames change, so that two builds never mix.
 pub const PROTOCOL_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"safedpo\0";
@@ -75,6 +82,10 @@ impl Rendezvous {
     /// Rank 0's listening socket: on the master address when it is a loopback address (one node),
     /// else on every interface (the others reach this host by a name it may not know itself).
     pub fn listen(&self) -> Result<TcpListener> {
+        #[cfg(unix)]
+        if let Some(listener) = inherited_listener(std::env::var(INHERITED_LISTENER_VAR).ok(), self.master_port)? {
+            return Ok(listener);
+        }
         let loopback = (self.master_addr.as_str(), self.master_port)
             .to_socket_addrs()
             .ok()
@@ -290,4 +301,89 @@ fn read_answer(stream: &mut TcpStream) -> Result<std::result::Result<(), String>
     stream.read_exact(&mut status)?;
     let why = read_text(stream)?;
     Ok(if status[0] == 0 { Ok(()) } else { Err(why) })
+}
+
+/// The listening socket `value` (an [`INHERITED_LISTENER_VAR`] value) names, checked to be a TCP
+/// socket on `port`; `None` when the variable is unset. A descriptor that is not such a socket is
+/// an error and is left open (it belongs to someone else).
+#[cfg(unix)]
+fn inherited_listener(value: Option<String>, port: u16) -> Result<Option<TcpListener>> {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{FromRawFd, RawFd};
+
+    let Some(value) = value else { return Ok(None) };
+    let fd: RawFd = value
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&fd| fd >= 0)
+        .with_context(|| format!("{INHERITED_LISTENER_VAR}={value:?}: not a file descriptor"))?;
+    let (mut listening, mut len): (libc::c_int, libc::socklen_t) = (0, size_of::<libc::c_int>() as libc::socklen_t);
+    // SAFETY: getsockopt writes at most `len` bytes into `listening`; it fails on a descriptor that
+    // is not open or not a socket.
+    let got = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut listening).cast(), &raw mut len)
+    };
+    ensure!(got == 0 && listening == 1, "{INHERITED_LISTENER_VAR}={fd}: not a listening socket");
+    // SAFETY: the descriptor is open; ManuallyDrop keeps it open whatever the checks find, until
+    // it is known to be ours to own.
+    let candidate = ManuallyDrop::new(unsafe { TcpListener::from_raw_fd(fd) });
+    match candidate.local_addr() {
+        Ok(addr) if addr.port() == port => Ok(Some(ManuallyDrop::into_inner(candidate))),
+        Ok(addr) => bail!("{INHERITED_LISTENER_VAR}={fd}: a socket on port {}, not MASTER_PORT={port}", addr.port()),
+        Err(e) => bail!("{INHERITED_LISTENER_VAR}={fd}: not a TCP socket ({e})"),
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// A second descriptor of `listener`'s socket, as a child inherits one.
+    fn dup_of(listener: &TcpListener) -> i32 {
+        // SAFETY: dup of an open descriptor; the copy is owned by whoever adopts it.
+        let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+        assert!(fd >= 0);
+        fd
+    }
+
+    #[test]
+    fn an_inherited_listener_on_the_master_port_is_adopted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Binding the port again fails: only the inherited socket can serve it.
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err());
+        let adopted = inherited_listener(Some(dup_of(&listener).to_string()), port).unwrap().unwrap();
+        let client = std::thread::spawn(move || TcpStream::connect(("127.0.0.1", port)).unwrap());
+        adopted.accept().unwrap();
+        client.join().unwrap();
+        assert!(inherited_listener(None, port).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_the_listener_is_refused_and_left_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fd = dup_of(&listener);
+        let wrong_port = inherited_listener(Some(fd.to_string()), port.wrapping_add(1)).unwrap_err().to_string();
+        assert!(wrong_port.contains("not MASTER_PORT"), "{wrong_port}");
+        // Still open and still the listener: the refusal did not close it.
+        assert!(inherited_listener(Some(fd.to_string()), port).unwrap().is_some());
+
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let not_socket = inherited_listener(Some(file.as_raw_fd().to_string()), port).unwrap_err().to_string();
+        assert!(not_socket.contains("not a listening socket"), "{not_socket}");
+        use std::io::Read;
+        assert_eq!((&file).read(&mut [0u8; 1]).unwrap(), 0, "/dev/null is still open");
+
+        let connected = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let stream = inherited_listener(Some(connected.as_raw_fd().to_string()), port).unwrap_err().to_string();
+        assert!(stream.contains("not a listening socket"), "{stream}");
+        for bad in ["x", "-3", ""] {
+            let err = inherited_listener(Some(bad.into()), port).unwrap_err().to_string();
+            assert!(err.contains(INHERITED_LISTENER_VAR), "{err}");
+        }
+    }
 }
