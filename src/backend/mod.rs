@@ -156,6 +156,9 @@ pub trait Buffers: Send + Sync {
     fn has_master(&self, _buf: &Self::Buf) -> bool {
         false
     }
+    /// Frees `buf`'s master copy, if it has one; its values stay (ZeRO-1 keeps a parameter's master
+    /// on its owner rank only).
+    fn drop_master(&self, _buf: &mut Self::Buf) {}
     fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<i32>>;
     /// Number of elements.

@@ -66,6 +66,10 @@ pub trait Collective<B: Buffers>: Send + Sync {
     fn reduce_sum(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()>;
     /// `root`'s `bufs` copied into every rank's.
     fn broadcast(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()>;
+    /// `root`'s values as the kernels read them (its storage, not its master copies) written into the
+    /// other ranks' `bufs`, which keep no master copy. How ZeRO-1 shares updated parameters: the
+    /// fp32 master stays on the owner.
+    fn broadcast_values(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()>;
     /// Host values (losses, counts, metric sums) replaced by their sum over the ranks.
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()>;
     /// Returns once every rank has called it.
@@ -88,8 +92,19 @@ impl<T: HostTransport> Staged<T> {
     /// Every rank's concatenated `bufs` (as f32), in rank order; checks that every rank sent as many
     /// values and buffers of the same kind (with or without a master copy, as NCCL requires).
     fn gather_bufs<B: Buffers>(&self, backend: &B, bufs: &[&mut B::Buf], what: &str) -> Result<Vec<Vec<f32>>> {
-        // The message: one master flag per buffer, then the values.
-        let flags: Vec<u8> = bufs.iter().map(|buf| u8::from(backend.has_master(buf))).collect();
+        self.gather(backend, bufs, what, true)
+    }
+
+    /// [`Self::gather_bufs`], checking the master flags only when `same_masters`.
+    fn gather<B: Buffers>(
+        &self,
+        backend: &B,
+        bufs: &[&mut B::Buf],
+        what: &str,
+        same_masters: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        // The message: one master flag per buffer (all zero when they may differ), then the values.
+        let flags: Vec<u8> = bufs.iter().map(|buf| u8::from(same_masters && backend.has_master(buf))).collect();
         let mut message = flags.clone();
         for buf in bufs {
             message.extend(bytemuck::cast_slice::<f32, u8>(&backend.download(buf)?));
@@ -171,6 +186,22 @@ impl<B: Buffers, T: HostTransport> Collective<B> for Staged<T> {
         Ok(())
     }
 
+    fn broadcast_values(&self, backend: &B, bufs: &mut [&mut B::Buf], root: usize) -> Result<()> {
+        ensure!(root < self.0.world_size(), "broadcast_values: root {root} outside a group of {}", self.0.world_size());
+        // The root's master copy rounds to exactly its storage (the optimizer writes the storage
+        // from it), so `upload_frozen` of it gives the others the root's storage bits.
+        let parts = self.gather(backend, bufs, "broadcast_values", false)?;
+        if self.0.rank() != root {
+            let mut offset = 0;
+            for buf in bufs.iter_mut() {
+                let len = backend.buf_len(buf);
+                **buf = backend.upload_frozen(&parts[root][offset..offset + len])?;
+                offset += len;
+            }
+        }
+        Ok(())
+    }
+
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
         let gathered = self.0.all_gather(bytemuck::cast_slice(values)).context("all_reduce_host")?;
         let mut sum = vec![0.0f64; values.len()];
@@ -215,6 +246,10 @@ impl<B: Buffers> Collective<B> for SingleRank {
     }
     fn broadcast(&self, _: &B, _: &mut [&mut B::Buf], root: usize) -> Result<()> {
         ensure!(root == 0, "broadcast: root {root} outside a group of 1");
+        Ok(())
+    }
+    fn broadcast_values(&self, _: &B, _: &mut [&mut B::Buf], root: usize) -> Result<()> {
+        ensure!(root == 0, "broadcast_values: root {root} outside a group of 1");
         Ok(())
     }
     fn all_reduce_host(&self, _: &mut [f64]) -> Result<()> {

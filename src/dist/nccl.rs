@@ -26,6 +26,7 @@ use super::{Collective, HostTransport, Staged};
 use crate::backend::cuda::collective::RawParts;
 use crate::backend::cuda::gpu::Gpu;
 use crate::backend::cuda::{CudaBackend, CudaBuf, Dtype};
+use crate::backend::Buffers;
 
 /// NCCL has a limit on the operations of one group; a list longer than this goes as several groups.
 const MAX_OPS_PER_GROUP: usize = 512;
@@ -248,6 +249,27 @@ impl Collective<CudaBackend> for NcclGroup {
             unsafe { nccl::broadcast(ptr as _, ptr as _, len, dtype, root as i32, comm, stream).map(|_| ()) }
         })
         .context("broadcast")
+    }
+
+    fn broadcast_values(&self, backend: &CudaBackend, bufs: &mut [&mut CudaBuf], root: usize) -> Result<()> {
+        self.check_root("broadcast_values", root)?;
+        let parts: Vec<RawParts> = bufs.iter().map(|b| b.raw_parts()).collect();
+        // The storage alone: masters may differ (the root keeps one, the others none).
+        let unmastered: Vec<RawParts> = parts.iter().map(|p| RawParts { master: None, ..*p }).collect();
+        self.check_layout("broadcast_values", &unmastered)?;
+        let targets: Vec<(u64, usize, Dtype)> = parts.iter().map(|p| (p.storage, p.len, p.dtype)).collect();
+        let comm = self.comm;
+        self.grouped(&targets, |ptr, len, dtype, stream| {
+            // SAFETY: as in all_reduce_sum; the root's buffer is read, the others' written.
+            unsafe { nccl::broadcast(ptr as _, ptr as _, len, dtype, root as i32, comm, stream).map(|_| ()) }
+        })
+        .context("broadcast_values")?;
+        if self.rank() != root {
+            for buf in bufs.iter_mut() {
+                backend.drop_master(buf);
+            }
+        }
+        Ok(())
     }
 
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {

@@ -14,8 +14,10 @@
 //!
 //! **ZeRO-1** (`[train] zero_stage = 1`, DeepSpeed's name for the stage): each parameter tensor has
 //! an owner rank (largest tensors first, each to the rank holding the fewest elements so far);
-//! gradients are `reduce_sum`med to the owner only, the owner keeps AdamW's moments (and, in bf16,
-//! the fp32 master) of its tensors and updates them, and broadcasts the new values. The grad norm is
+//! gradients are `reduce_sum`med to the owner only, the owner keeps AdamW's moments and (in bf16)
+//! the fp32 master of its tensors and updates them, and broadcasts the new values (the bf16 values
+//! only: the other ranks keep no master of a tensor they do not own). Checkpoints gather the
+//! owners' masters to rank 0. The grad norm is
 //! the rank-order sum of the owners' sums of squares in both modes, so ZeRO-1 and plain data
 //! parallelism give bit-identical weights.
 //!
@@ -120,6 +122,7 @@ impl<B: Backend> GroupRank<B> {
     fn update(&self, learner: &mut Learner<B>, lr: f32) -> Result<StepInfo> {
         let backend = learner.policy.backend().clone();
         let b = &*backend;
+        self.drop_foreign_masters(&mut learner.policy)?;
         let mut grads = learner.policy.grads_mut()?;
         ensure!(grads.len() == self.owners.len(), "data parallel: the model's tensors changed since the plan");
         if self.zero {
@@ -158,18 +161,66 @@ impl<B: Backend> GroupRank<B> {
             for owner in 0..self.world_size() {
                 let mut bucket: Vec<&mut B::Buf> =
                     params.iter_mut().zip(&self.owners).filter(|(_, &o)| o == owner).map(|(p, _)| &mut **p).collect();
-                self.group.broadcast(b, &mut bucket, owner).context("sharing the updated parameters")?;
+                self.group.broadcast_values(b, &mut bucket, owner).context("sharing the updated parameters")?;
             }
         }
         Ok(info)
     }
 
+    /// ZeRO-1: frees the fp32 master copies of the parameters this rank does not own (bf16 on the
+    /// CUDA backend; nothing to free elsewhere). Done when the plan is made and at every update (after
+    /// a checkpoint, rank 0 holds every master for a moment).
+    fn drop_foreign_masters(&self, policy: &mut Decoder<B>) -> Result<()> {
+        if !self.zero {
+            return Ok(());
+        }
+        let backend = policy.backend().clone();
+        for ((_, param, _), &owner) in policy.params_and_grads_mut()?.into_iter().zip(&self.owners) {
+            if owner != self.rank() {
+                backend.drop_master(param);
+            }
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1: each owner's exact parameters (its fp32 masters in bf16) broadcast from it and taken
+    /// into rank 0's parameters, so that the checkpoint rank 0 writes holds them (a resume is then
+    /// bit-exact). The others hold one owner's share at a time, briefly.
+    fn gather_masters(&self, b: &B, policy: &mut Decoder<B>) -> Result<()> {
+        let mut params: Vec<&mut B::Buf> = policy.params_and_grads_mut()?.into_iter().map(|(_, p, _)| p).collect();
+        for owner in 0..self.world_size() {
+            let owned: Vec<usize> = self.owned_by(owner).collect();
+            let mut bufs = owned
+                .iter()
+                .map(|&i| match owner == self.rank() {
+                    true => b.upload(&b.download(params[i])?),
+                    false => b.upload(&vec![0.0; self.tensors[i].1]),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut refs: Vec<&mut B::Buf> = bufs.iter_mut().collect();
+            self.group.broadcast(b, &mut refs, owner).context("gathering the parameters for a checkpoint")?;
+            if self.rank() == 0 && owner != 0 {
+                for (&i, buf) in owned.iter().zip(&bufs) {
+                    b.copy(params[i], buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The whole optimizer state on rank 0 (`None` on the others): under ZeRO-1 each owner's moments
-    /// broadcast from it (exact copies), else rank 0's own.
-    fn gather_optimizer_state(&self, b: &B, optimizer: &AdamW<B>) -> Result<Option<BTreeMap<String, Vec<f32>>>> {
+    /// broadcast from it (exact copies), and its parameters' masters into rank 0's policy
+    /// ([`Self::gather_masters`]); else rank 0's own.
+    fn gather_optimizer_state(
+        &self,
+        b: &B,
+        optimizer: &AdamW<B>,
+        policy: &mut Decoder<B>,
+    ) -> Result<Option<BTreeMap<String, Vec<f32>>>> {
         if !self.zero {
             return if self.rank() == 0 { optimizer.state_to_host().map(Some) } else { Ok(None) };
         }
+        self.gather_masters(b, policy)?;
         let mine = optimizer.state_to_host()?;
         let mut whole = BTreeMap::new();
         for owner in 0..self.world_size() {
@@ -247,6 +298,7 @@ pub(super) fn new_optimizer<B: Backend>(
     if !rank.zero {
         return AdamW::new(policy, cfg);
     }
+    rank.drop_foreign_masters(policy)?;
     let (owners, me) = (&rank.owners, rank.rank());
     AdamW::for_tensors(policy, cfg, &|i| owners[i] == me)
 }
@@ -337,11 +389,14 @@ impl<B: Backend> Trainer<B> {
         is_lead(self.group.as_ref())
     }
 
-    /// The optimizer state a checkpoint holds, on the rank that writes it (`None` on the others).
-    pub(super) fn optimizer_state_to_save(&self) -> Result<Option<BTreeMap<String, Vec<f32>>>> {
+    /// The optimizer state a checkpoint holds, on the rank that writes it (`None` on the others);
+    /// under ZeRO-1 also brings every parameter's exact values to rank 0's policy.
+    pub(super) fn optimizer_state_to_save(&mut self) -> Result<Option<BTreeMap<String, Vec<f32>>>> {
         match &self.group {
             None => self.learner.optimizer.state_to_host().map(Some),
-            Some(rank) => rank.gather_optimizer_state(&*self.backend, &self.learner.optimizer),
+            Some(rank) => {
+                rank.gather_optimizer_state(&*self.backend, &self.learner.optimizer, &mut self.learner.policy)
+            }
         }
     }
 
@@ -387,6 +442,70 @@ impl<B: Backend> Trainer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ZeRO-1 in bf16 on the emulated device, 2 ranks: after the plan each rank holds the fp32
+    /// masters of its own tensors only; gathering for a checkpoint gives rank 0 every owner's exact
+    /// values (masters included) and leaves the others as they were.
+    #[cfg(feature = "emu")]
+    #[test]
+    fn zero_1_keeps_each_master_on_its_owner_and_gathers_them_for_a_checkpoint() {
+        use crate::backend::cuda::{CudaBackend, Device, Precision};
+        use crate::backend::Buffers;
+        use crate::dist::{in_process, Staged};
+        use crate::model::DecoderConfig;
+
+        let ranks: Vec<(Vec<bool>, Vec<bool>, Vec<Vec<f32>>, Vec<usize>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = in_process::group(2)
+                .into_iter()
+                .map(|handle| {
+                    s.spawn(move || {
+                        let b = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16));
+                        // The same weights on both ranks, plus a rank-specific nudge on rank 1 so
+                        // that the gather has something to bring.
+                        let mut policy = Decoder::random(b.clone(), DecoderConfig::gpt2(64, 16, 16, 2, 2), 7).unwrap();
+                        let group: Arc<dyn Collective<CudaBackend>> = Arc::new(Staged(handle));
+                        let mut rank = GroupRank { group, zero: true, owners: Vec::new(), tensors: Vec::new() };
+                        let cfg = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+                        new_optimizer(&mut policy, cfg, Some(&mut rank)).unwrap();
+                        let masters = |p: &mut Decoder<CudaBackend>| -> Vec<bool> {
+                            p.params_and_grads_mut().unwrap().into_iter().map(|(_, w, _)| b.has_master(w)).collect()
+                        };
+                        let after_plan = masters(&mut policy);
+                        if rank.rank() == 1 {
+                            // Rank 1's own tensors move: the values rank 0 must fetch.
+                            for ((_, w, _), &owner) in
+                                policy.params_and_grads_mut().unwrap().into_iter().zip(&rank.owners)
+                            {
+                                if owner == 1 {
+                                    let moved: Vec<f32> =
+                                        b.download(w).unwrap().iter().map(|x| x + 0.123_456_7).collect();
+                                    *w = b.upload(&moved).unwrap();
+                                }
+                            }
+                        }
+                        rank.gather_masters(&*b, &mut policy).unwrap();
+                        let values = policy.params().iter().map(|w| b.download(w).unwrap()).collect();
+                        (after_plan, masters(&mut policy), values, rank.owners.clone())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let owners = &ranks[0].3;
+        assert!(owners.contains(&0) && owners.contains(&1), "both ranks own tensors: {owners:?}");
+        for (r, (after_plan, after_gather, _, _)) in ranks.iter().enumerate() {
+            let own: Vec<bool> = owners.iter().map(|&o| o == r).collect();
+            assert_eq!(after_plan, &own, "rank {r}: masters after the plan are its own tensors'");
+            let want = if r == 0 { vec![true; owners.len()] } else { own };
+            assert_eq!(after_gather, &want, "rank {r}: masters after the gather");
+        }
+        // Rank 0 now holds rank 1's exact (moved) values for rank 1's tensors.
+        for (i, &owner) in owners.iter().enumerate() {
+            if owner == 1 {
+                assert_eq!(ranks[0].2[i], ranks[1].2[i], "tensor {i}: rank 0's copy of rank 1's master");
+            }
+        }
+    }
 
     #[test]
     fn micro_batches_go_to_the_least_loaded_rank_in_order() {

@@ -443,7 +443,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Writes the checkpoint directory `name` (crash-safe, see `checkpoint`).
-    fn save_checkpoint(&self, name: &str) -> Result<PathBuf> {
+    fn save_checkpoint(&mut self, name: &str) -> Result<PathBuf> {
         // Every rank takes part (ZeRO-1 gathers the optimizer state to rank 0); rank 0 alone writes.
         let Some(moments) = self.optimizer_state_to_save()? else { return Ok(self.cfg.out_dir.join(name)) };
         let fault = self.opts.fail_checkpoint_file.as_deref();

@@ -449,6 +449,10 @@ impl Buffers for CudaBackend {
         buf.has_master()
     }
 
+    fn drop_master(&self, buf: &mut CudaBuf) {
+        buf.master = None;
+    }
+
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
         let n = buf.len;
         match &mut buf.storage {
