@@ -454,7 +454,10 @@ mod tests {
         use crate::dist::{in_process, Staged};
         use crate::model::DecoderConfig;
 
-        let ranks: Vec<(Vec<bool>, Vec<bool>, Vec<Vec<f32>>, Vec<usize>)> = std::thread::scope(|s| {
+        /// A rank's view: which parameters have a master after the plan and after the gather, their
+        /// values after the gather, and the owners.
+        type RankView = (Vec<bool>, Vec<bool>, Vec<Vec<f32>>, Vec<usize>);
+        let ranks: Vec<RankView> = std::thread::scope(|s| {
             let handles: Vec<_> = in_process::group(2)
                 .into_iter()
                 .map(|handle| {
