@@ -84,7 +84,7 @@ pub fn save_trained_tokenizer(tok: &tokenizers::Tokenizer, dir: &Path) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{load_tokenizer, TextTokenizer};
+    use crate::data::load_tokenizer;
 
     fn corpus() -> Vec<String> {
         crate::data::synthetic_pku_rows(300, 7)

@@ -180,6 +180,9 @@ fn write_judge_data(opts: &DemoOptions, dir: &Path) -> Result<(PathBuf, PathBuf)
     Ok((train, eval))
 }
 
+/// Tokens per judge step, whatever the policies' (the byte model's SFT budget).
+const JUDGE_TOKENS_PER_MICRO_BATCH: usize = 4096;
+
 /// A judge's run configuration: from the SFT model, on the judges' rows, at a constant rate.
 fn judge_config(sft: &RunConfig, kind: RmKind, train: &Path, eval: &Path, quick: bool) -> RunConfig {
     let mut cfg = sft.clone();
@@ -189,6 +192,7 @@ fn judge_config(sft: &RunConfig, kind: RmKind, train: &Path, eval: &Path, quick:
     cfg.data.eval_path = Some(eval.to_path_buf());
     cfg.optimizer.lr = 1e-3;
     cfg.optimizer.total_steps = Some(if quick { 6 } else { 100 });
+    cfg.batching.tokens_per_micro_batch = JUDGE_TOKENS_PER_MICRO_BATCH;
     cfg.intervals.eval_every = 0;
     cfg
 }
@@ -256,7 +260,7 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
         samples_per_prompt: opts.samples_per_prompt,
         max_new_tokens: opts.max_new_tokens,
         sampling: opts.sampling,
-        token_budget: sft_cfg.batching.tokens_per_micro_batch,
+        token_budget: JUDGE_TOKENS_PER_MICRO_BATCH,
     };
     let generations = out.join("generations");
     std::fs::create_dir_all(&generations)?;

@@ -52,7 +52,8 @@ impl fmt::Display for CompareTokenizer {
     }
 }
 
-/// The BPE model's shape and its SFT run (the preference runs and the judges keep the demo's).
+/// The BPE model's shape, its SFT run, and the token budget of its SFT and preference steps (the
+/// preference runs keep the demo's steps and rates, the judges their own runs).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BpeModel {
     /// The tokenizer's vocabulary (at most: the training text may have fewer pairs to merge).
@@ -64,6 +65,9 @@ pub struct BpeModel {
     pub n_positions: usize,
     pub sft_steps: usize,
     pub sft_lr: f32,
+    /// Tokens per SFT and preference step: a BPE sequence is a quarter of a byte sequence, and a
+    /// quarter of the byte model's 4096 gives a step as many sequences.
+    pub tokens_per_micro_batch: usize,
 }
 
 impl BpeModel {
@@ -78,9 +82,19 @@ impl BpeModel {
                 n_positions: 64,
                 sft_steps: 12,
                 sft_lr: 3e-3,
+                tokens_per_micro_batch: 1024,
             };
         }
-        Self { vocab_size: 768, n_layer: 4, n_embd: 128, n_head: 4, n_positions: 96, sft_steps: 300, sft_lr: 2e-3 }
+        Self {
+            vocab_size: 768,
+            n_layer: 4,
+            n_embd: 256,
+            n_head: 4,
+            n_positions: 96,
+            sft_steps: 300,
+            sft_lr: 2e-3,
+            tokens_per_micro_batch: 1024,
+        }
     }
 }
 
@@ -117,6 +131,7 @@ pub fn use_bpe_model(
         (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) = (model.n_layer, model.n_embd, model.n_head);
         cfg.model.n_positions = model.n_positions;
         cfg.data.max_len = model.n_positions;
+        cfg.batching.tokens_per_micro_batch = model.tokens_per_micro_batch;
     }
     save_dir(&random_weights(sft.model.random_shape(tok.vocab_size()), sft.seed)?, &dir)?;
     save_tokenizer_files(tok.as_ref(), Some(&dir), &dir)?;
