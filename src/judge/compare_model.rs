@@ -54,6 +54,12 @@ impl fmt::Display for CompareTokenizer {
 
 /// The BPE model's shape, its SFT run, and the token budget of its SFT and preference steps (the
 /// preference runs keep the demo's steps and rates, the judges their own runs).
+///
+/// Chosen by measuring the SFT alone (seed 42, 300 steps; held-out loss per response token, and the
+/// share of 40 answers sampled at temperature 0.7 for held-out prompts that are, word for word, an
+/// answer of the data): 4 layers × 128 at 4096 tokens a step, 0.542 and 48%; the same at 1024
+/// tokens a step (a quarter of the compute), 0.549 and 50%; 6 × 128 at 4096, 0.596 and 20%; 6 × 192
+/// at 1024, 0.499 and 55%; 4 × 256 at 1024, 0.464 and 78%.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BpeModel {
     /// The tokenizer's vocabulary (at most: the training text may have fewer pairs to merge).
