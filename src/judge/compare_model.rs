@@ -52,14 +52,16 @@ impl fmt::Display for CompareTokenizer {
     }
 }
 
-/// The BPE model's shape, its SFT run, and the token budget of its SFT and preference steps (the
-/// preference runs keep the demo's steps and rates, the judges their own runs).
+/// The BPE model's shape, its SFT run, the preference runs' rate, and the token budget of its SFT
+/// and preference steps (the preference runs keep the demo's steps, the judges their own runs).
 ///
 /// Chosen by measuring the SFT alone (seed 42, 300 steps; held-out loss per response token, and the
 /// share of 40 answers sampled at temperature 0.7 for held-out prompts that are, word for word, an
 /// answer of the data): 4 layers × 128 at 4096 tokens a step, 0.542 and 48%; the same at 1024
 /// tokens a step (a quarter of the compute), 0.549 and 50%; 6 × 128 at 4096, 0.596 and 20%; 6 × 192
-/// at 1024, 0.499 and 55%; 4 × 256 at 1024, 0.464 and 78%.
+/// at 1024, 0.499 and 55%; 4 × 256 at 1024, 0.464 and 78%. At the demo's preference rate (3e-4) the
+/// 4 × 256 model's preference runs collapsed into repeated words ("and and and …") within 15 steps;
+/// at 1e-4 they answer in sentences.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BpeModel {
     /// The tokenizer's vocabulary (at most: the training text may have fewer pairs to merge).
@@ -71,6 +73,8 @@ pub struct BpeModel {
     pub n_positions: usize,
     pub sft_steps: usize,
     pub sft_lr: f32,
+    /// The preference runs' peak learning rate.
+    pub preference_lr: f32,
     /// Tokens per SFT and preference step: a BPE sequence is a quarter of a byte sequence, and a
     /// quarter of the byte model's 4096 gives a step as many sequences.
     pub tokens_per_micro_batch: usize,
@@ -88,6 +92,7 @@ impl BpeModel {
                 n_positions: 64,
                 sft_steps: 12,
                 sft_lr: 3e-3,
+                preference_lr: 2e-3,
                 tokens_per_micro_batch: 1024,
             };
         }
@@ -99,6 +104,7 @@ impl BpeModel {
             n_positions: 96,
             sft_steps: 300,
             sft_lr: 2e-3,
+            preference_lr: 1e-4,
             tokens_per_micro_batch: 1024,
         }
     }
@@ -144,6 +150,7 @@ pub fn use_bpe_model(
     sft.model.init = Some(dir.clone());
     sft.optimizer.total_steps = Some(model.sft_steps);
     sft.optimizer.lr = model.sft_lr;
+    preference.optimizer.lr = model.preference_lr;
     Ok(dir)
 }
 
