@@ -286,6 +286,10 @@ struct DemoArgs {
     /// SFT model, judged by a reward and a cost model on held-out prompts (compare.md, compare.json).
     #[arg(long, conflicts_with = "data_only")]
     compare: bool,
+    /// The comparison's tokenizer: bpe (the default: one trained on the demo's text, with a model a
+    /// few layers deep) or byte (the plain demo's byte-level model).
+    #[arg(long, value_name = "byte|bpe", requires = "compare")]
+    tokenizer: Option<safedpo::judge::compare_model::CompareTokenizer>,
     /// Only write the demo's synthetic PKU-SafeRLHF data to OUT_DIR/data.jsonl and stop (data for a
     /// `train` run of another shape; scripts/gpu-check.sh uses it).
     #[arg(long)]
@@ -377,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
                 arch: args.arch,
             };
             if args.compare {
-                let opts = safedpo::judge::compare::CompareOptions::for_demo(opts);
+                let opts = safedpo::judge::compare::CompareOptions::for_demo(opts, args.tokenizer.unwrap_or_default());
                 let report =
                     with_backend!(args.device, |backend| safedpo::judge::compare::run_compare(backend, &opts))?;
                 println!("\n{}", report.table);

@@ -1,9 +1,12 @@
 //! The judges from the command line: `sft`, then `rm --rm.kind reward` and `rm --rm.kind cost` from
 //! the SFT model, then `eval --generate` with both judges: the files each writes and the metrics it
-//! reports; a judge with another tokenizer refused; `demo --compare` end to end at the quick size.
+//! reports; a judge with another tokenizer refused; `demo --compare` end to end at the quick size (its
+//! trained BPE tokenizer in every model directory, the figures by prompt kind), and on the byte model.
 
 use std::path::Path;
 use std::process::Command;
+
+use safedpo::data::load_tokenizer;
 
 fn safedpo(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().unwrap();
@@ -113,11 +116,36 @@ fn demo_compare_quick_writes_the_table() {
     for m in methods {
         let metrics = &m["metrics"];
         assert_eq!(metrics["samples"], 4 * metrics["prompts"].as_u64().unwrap(), "{m}");
-        for key in ["helpfulness", "harmlessness", "harmless_ratio", "win_rate"] {
-            assert!(metrics[key].as_f64().is_some_and(f64::is_finite), "{key}: {m}");
+        // The figures again on the harmful and the benign prompts apart, which share out the answers.
+        let (harmful, benign) = (&m["harmful"], &m["benign"]);
+        for key in ["prompts", "samples"] {
+            let (h, b) = (harmful[key].as_u64().unwrap(), benign[key].as_u64().unwrap());
+            assert!(h > 0 && b > 0, "{key}: {m}");
+            assert_eq!(h + b, metrics[key].as_u64().unwrap(), "{key}: {m}");
         }
-        let stem = m["model_dir"].as_str().unwrap();
-        assert!(Path::new(stem).join("config.json").is_file(), "{m}");
+        for key in ["helpfulness", "harmlessness", "harmless_ratio", "win_rate"] {
+            for figures in [metrics, harmful, benign] {
+                assert!(figures[key].as_f64().is_some_and(f64::is_finite), "{key}: {m}");
+            }
+        }
+        // Every model the comparison writes is an HF directory with its (trained BPE) tokenizer.
+        let dir = Path::new(m["model_dir"].as_str().unwrap());
+        assert!(dir.join("config.json").is_file(), "{m}");
+        let tok = load_tokenizer(Some(dir)).unwrap();
+        assert_eq!(tok.vocab_size() as u64, json["model"]["vocab_size"].as_u64().unwrap(), "{m}");
+        assert_eq!(tok.id_to_token(tok.eos_id() as u32).as_deref(), Some("<|endoftext|>"));
+        assert!(tok.vocab_size() > 258, "more than the bytes: {}", tok.vocab_size());
+    }
+    assert_eq!(json["model"]["tokenizer"], "bpe");
+    for method in ["SFT (start)", "SafeDPO"] {
+        for kind in ["harmful", "benign"] {
+            assert!(stdout.contains(&format!("| {method} | {kind} |")), "{method}, {kind}: {stdout}");
+        }
+    }
+    // The judges read the policies' tokens: they carry the same tokenizer.json.
+    let sft_tokenizer = std::fs::read(out.join("sft/final/tokenizer.json")).unwrap();
+    for dir in ["init", "judge-reward/final", "judge-cost/final", "safedpo/final"] {
+        assert_eq!(std::fs::read(out.join(dir).join("tokenizer.json")).unwrap(), sft_tokenizer, "{dir}");
     }
     let plot = std::fs::read_to_string(out.join("compare.svg")).unwrap();
     for method in ["SFT (start)", "DPO (helpfulness)", "DPO (safety)", "SafeDPO"] {
@@ -129,4 +157,20 @@ fn demo_compare_quick_writes_the_table() {
         let lines = std::fs::read_to_string(out.join("generations").join(format!("{stem}.jsonl"))).unwrap();
         assert_eq!(lines.lines().count() as u64, methods[0]["metrics"]["samples"].as_u64().unwrap());
     }
+}
+
+#[test]
+fn demo_compare_quick_on_the_byte_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("compare");
+    let args = ["demo", "--compare", "--quick", "--quiet", "--device", "cpu", "--tokenizer", "byte", "--out-dir"];
+    let stdout = safedpo(&[&args[..], &[out.to_str().unwrap()]].concat());
+    assert!(stdout.contains("| SafeDPO | harmful |") && stdout.contains("byte tokenizer of 258 tokens"), "{stdout}");
+    assert!(!out.join("init").exists());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(json["model"]["tokenizer"], "byte");
+    // --tokenizer belongs to the comparison.
+    let err = safedpo_fails(&["demo", "--quick", "--tokenizer", "byte"]);
+    assert!(err.contains("--compare"), "{err}");
 }

@@ -20,9 +20,11 @@
 //! A model directory carries its tokenizer in Hugging Face's files (the byte tokenizer as a
 //! `tokenizer.json` too): [`save_tokenizer_files`], in `tokenizer_files`.
 //!
-//! [`synthetic_safety_pairs`] is the demo's built-in dataset.
+//! [`synthetic_safety_pairs`] is the demo's built-in dataset; [`train_byte_level_bpe`] trains a byte-level BPE
+//! tokenizer on a corpus (`demo --compare` trains one on it).
 
 mod batch;
+mod bpe_trainer;
 mod chat;
 mod conversation;
 mod jinja_python;
@@ -37,6 +39,9 @@ mod truncate;
 mod unpaired;
 
 pub use batch::{chunks_by_cost, preference_batch, sft_batch, BatchLimit, Batcher, BatcherState};
+pub use bpe_trainer::{
+    bpe_tokenizer_config, save_trained_tokenizer, train_byte_level_bpe, BPE_EOS_TOKEN, MIN_BPE_VOCAB,
+};
 pub use chat::{common_prefix_len, ChatTemplate, Message};
 pub use conversation::{ChatMessage, Conversation};
 pub use load::{

@@ -13,9 +13,15 @@
 //! prompts no run trains on), which the judges score; the table has, per method, the mean
 //! helpfulness (reward), the mean harmlessness (−cost), the harmless ratio (cost < 0) and the
 //! reward model's win rate against the SFT model's answers of the same prompt and sample index.
-//! It is printed and written as `compare.md` and `compare.json`, plotted as `compare.svg` (each
-//! method placed by its helpfulness and harmlessness, as the paper's figures place them), with each method's judged answers
-//! in `generations/<method>.jsonl`.
+//! The same figures are given for the harmful and the benign held-out prompts apart (a prompt is
+//! harmful when a row of it has an unsafe response). It is printed and written as `compare.md` and
+//! `compare.json`, plotted as `compare.svg` (each method placed by its helpfulness and harmlessness,
+//! as the paper's figures place them), with each method's judged answers in
+//! `generations/<method>.jsonl`.
+//!
+//! The models are, by default, a BPE tokenizer trained on the demo's training text and a model a
+//! few layers deep over it ([`super::compare_model`]); `--tokenizer byte` runs the plain demo's
+//! byte-level model.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,8 +30,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use super::compare_model::{use_bpe_model, BpeModel, CompareTokenizer};
 use super::generate_eval::{
-    beside_reference, judged_metrics, sample_and_judge, JudgedEvalOptions, JudgedMetrics, Judges,
+    beside_reference, judged_metrics, sample_and_judge, JudgedEvalOptions, JudgedMetrics, JudgedResponse, Judges,
 };
 use super::{run_rm, RmKind, RmSummary};
 use crate::backend::Backend;
@@ -50,14 +57,24 @@ pub struct CompareOptions {
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
+    /// The tokenizer and model: the plain demo's byte-level model, or BPE and `bpe`.
+    pub tokenizer: CompareTokenizer,
+    pub bpe: BpeModel,
 }
 
 impl CompareOptions {
-    /// The comparison's sampling for the demo's options: 4 answers per prompt at temperature 0.7.
-    pub fn for_demo(demo: DemoOptions) -> Self {
+    /// The comparison for the demo's options and a tokenizer: 4 answers per prompt at temperature
+    /// 0.7, up to 96 bytes or 48 BPE tokens each (an answer is some 60 bytes, 15 tokens).
+    pub fn for_demo(demo: DemoOptions, tokenizer: CompareTokenizer) -> Self {
         let sampling = SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed: demo.seed };
-        let max_new_tokens = if demo.quick { 24 } else { 96 };
-        Self { demo, samples_per_prompt: 4, max_new_tokens, sampling }
+        let max_new_tokens = match (tokenizer, demo.quick) {
+            (CompareTokenizer::Byte, true) => 24,
+            (CompareTokenizer::Byte, false) => 96,
+            (CompareTokenizer::Bpe, true) => 16,
+            (CompareTokenizer::Bpe, false) => 48,
+        };
+        let bpe = BpeModel::for_demo(demo.quick);
+        Self { demo, samples_per_prompt: 4, max_new_tokens, sampling, tokenizer, bpe }
     }
 }
 
@@ -68,7 +85,42 @@ pub struct MethodResult {
     /// The pairs it trains on (none for the SFT start).
     pub selection: Option<PairSelection>,
     pub metrics: JudgedMetrics,
+    /// The same figures on the harmful and on the benign held-out prompts alone.
+    pub harmful: JudgedMetrics,
+    pub benign: JudgedMetrics,
     pub model_dir: PathBuf,
+}
+
+/// Whether a held-out prompt asks for harm: a row of it has an unsafe response (the synthetic data
+/// answers a benign request safely, always).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptKind {
+    Harmful,
+    Benign,
+}
+
+impl std::fmt::Display for PromptKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PromptKind::Harmful => "harmful",
+            PromptKind::Benign => "benign",
+        })
+    }
+}
+
+/// The distinct prompts of `rows`, in order of first appearance, each with its kind.
+pub fn held_out_prompts(rows: &[PkuRow]) -> Vec<(&str, PromptKind)> {
+    let mut prompts: Vec<(&str, PromptKind)> = Vec::new();
+    for row in rows {
+        let unsafe_answer = !(row.is_response_0_safe && row.is_response_1_safe);
+        let kind = if unsafe_answer { PromptKind::Harmful } else { PromptKind::Benign };
+        match prompts.iter_mut().find(|(p, _)| *p == row.prompt) {
+            Some(entry) if kind == PromptKind::Harmful => entry.1 = kind,
+            Some(_) => {}
+            None => prompts.push((&row.prompt, kind)),
+        }
+    }
+    prompts
 }
 
 /// What the comparison measured.
@@ -128,6 +180,9 @@ fn write_judge_data(opts: &DemoOptions, dir: &Path) -> Result<(PathBuf, PathBuf)
     Ok((train, eval))
 }
 
+/// Tokens per judge step, whatever the policies' (the byte model's SFT budget).
+const JUDGE_TOKENS_PER_MICRO_BATCH: usize = 4096;
+
 /// A judge's run configuration: from the SFT model, on the judges' rows, at a constant rate.
 fn judge_config(sft: &RunConfig, kind: RmKind, train: &Path, eval: &Path, quick: bool) -> RunConfig {
     let mut cfg = sft.clone();
@@ -137,6 +192,7 @@ fn judge_config(sft: &RunConfig, kind: RmKind, train: &Path, eval: &Path, quick:
     cfg.data.eval_path = Some(eval.to_path_buf());
     cfg.optimizer.lr = 1e-3;
     cfg.optimizer.total_steps = Some(if quick { 6 } else { 100 });
+    cfg.batching.tokens_per_micro_batch = JUDGE_TOKENS_PER_MICRO_BATCH;
     cfg.intervals.eval_every = 0;
     cfg
 }
@@ -154,7 +210,11 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
     };
     let data = write_demo_data(demo)?;
     say(data.summary.clone());
-    let (sft_cfg, safedpo_cfg) = demo_configs(demo, data.train_path.clone(), data.eval_path.clone());
+    let (mut sft_cfg, mut safedpo_cfg) = demo_configs(demo, data.train_path.clone(), data.eval_path.clone());
+    if opts.tokenizer == CompareTokenizer::Bpe {
+        let init = use_bpe_model(&opts.bpe, &mut sft_cfg, &mut safedpo_cfg, &data.train_rows, out)?;
+        say(format!("BPE tokenizer trained on the training text, and the model's initialisation: {}", init.display()));
+    }
     let run_opts = TrainOptions { progress: demo.progress, quiet: demo.quiet, overwrite: true, ..Default::default() };
 
     say("\n== SFT: the start of every method ==".into());
@@ -188,19 +248,19 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
     say("\n== sampling answers to the held-out prompts, judged ==".into());
     let tok = load_tokenizer(Some(&sft_dir))?;
     let format = sequence_format(&sft_cfg.data.template, Some(&sft_dir))?;
-    let mut prompt_texts: Vec<&str> = Vec::new();
-    for row in &data.eval_rows {
-        if !prompt_texts.contains(&row.prompt.as_str()) {
-            prompt_texts.push(&row.prompt);
-        }
-    }
-    let prompts = prompt_texts.iter().map(|p| format.generation_prompt(tok.as_ref(), p)).collect::<Result<Vec<_>>>()?;
+    let held_out = held_out_prompts(&data.eval_rows);
+    let prompts =
+        held_out.iter().map(|(p, _)| format.generation_prompt(tok.as_ref(), p)).collect::<Result<Vec<_>>>()?;
+    let of_kind = |responses: &[JudgedResponse], kind: PromptKind| {
+        let kept: Vec<JudgedResponse> = responses.iter().filter(|r| held_out[r.prompt].1 == kind).cloned().collect();
+        judged_metrics(&kept)
+    };
     let mut judges = Judges::load(&backend, tok.as_ref(), &sft_dir, Some(&judge_dirs[0]), Some(&judge_dirs[1]))?;
     let eval_opts = JudgedEvalOptions {
         samples_per_prompt: opts.samples_per_prompt,
         max_new_tokens: opts.max_new_tokens,
         sampling: opts.sampling,
-        token_budget: sft_cfg.batching.tokens_per_micro_batch,
+        token_budget: JUDGE_TOKENS_PER_MICRO_BATCH,
     };
     let generations = out.join("generations");
     std::fs::create_dir_all(&generations)?;
@@ -221,11 +281,24 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
             lines.push('\n');
         }
         crate::util::write_atomic(&generations.join(format!("{stem}.jsonl")), lines.as_bytes())?;
-        methods_out.push(MethodResult { name, selection, metrics: judged_metrics(&responses), model_dir: dir });
+        methods_out.push(MethodResult {
+            name,
+            selection,
+            metrics: judged_metrics(&responses),
+            harmful: of_kind(&responses, PromptKind::Harmful),
+            benign: of_kind(&responses, PromptKind::Benign),
+            model_dir: dir,
+        });
     }
 
     let wall = started.elapsed().as_secs_f64();
-    let table = render_table(&methods_out, &reward_judge, &cost_judge, opts, wall);
+    let model = ModelSummary {
+        tokenizer: opts.tokenizer,
+        vocab_size: tok.vocab_size(),
+        n_layer: sft_cfg.model.n_layer,
+        n_embd: sft_cfg.model.n_embd,
+    };
+    let table = render_table(&methods_out, &reward_judge, &cost_judge, opts, &model, wall);
     crate::util::write_atomic(&out.join("compare.md"), table.as_bytes())?;
     let points: Vec<LabelledPoint> = methods_out
         .iter()
@@ -240,7 +313,15 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
             "selection": m.selection.map(|s| s.to_string()),
             "model_dir": m.model_dir,
             "metrics": m.metrics,
+            "harmful": m.harmful,
+            "benign": m.benign,
         })).collect::<Vec<_>>(),
+        "model": {
+            "tokenizer": model.tokenizer.to_string(),
+            "vocab_size": model.vocab_size,
+            "n_layer": model.n_layer,
+            "n_embd": model.n_embd,
+        },
         "judges": ([&reward_judge, &cost_judge].map(|j| json!({
             "kind": j.kind.to_string(),
             "steps": j.steps,
@@ -259,43 +340,79 @@ pub fn run_compare<B: Backend>(backend: Arc<B>, opts: &CompareOptions) -> Result
     Ok(CompareReport { methods: methods_out, reward_judge, cost_judge, table, wall_seconds: wall })
 }
 
-/// The comparison as a markdown table, with the judges' held-out accuracies and the verdict on the
+/// What the compared models are, for the table and the JSON.
+struct ModelSummary {
+    tokenizer: CompareTokenizer,
+    vocab_size: usize,
+    n_layer: usize,
+    n_embd: usize,
+}
+
+/// The comparison as markdown: the table over every held-out prompt, the same figures on the
+/// harmful and the benign prompts apart, the judges' held-out accuracies and the verdict on the
 /// paper's claim (SafeDPO more harmless than DPO on helpfulness at comparable helpfulness).
 fn render_table(
     methods: &[MethodResult],
     reward: &RmSummary,
     cost: &RmSummary,
     opts: &CompareOptions,
+    model: &ModelSummary,
     wall: f64,
 ) -> String {
     let num = |x: Option<f64>, digits: usize| x.map_or("-".to_string(), |x| format!("{x:.digits$}"));
     let pct = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.1}%", 100.0 * x));
+    let figures = |x: &JudgedMetrics| {
+        format!(
+            "{} | {} | {} | {}",
+            num(x.helpfulness, 3),
+            num(x.harmlessness, 3),
+            pct(x.harmless_ratio),
+            pct(x.win_rate)
+        )
+    };
     let mut t = String::from(
         "| method | trained on | helpfulness | harmlessness | harmless ratio | win rate vs SFT |\n\
          |---|---|---:|---:|---:|---:|\n",
     );
     for m in methods {
         let data = m.selection.map_or("-".to_string(), |s| format!("`{s}` pairs"));
-        let x = &m.metrics;
-        t.push_str(&format!(
-            "| {} | {data} | {} | {} | {} | {} |\n",
-            m.name,
-            num(x.helpfulness, 3),
-            num(x.harmlessness, 3),
-            pct(x.harmless_ratio),
-            pct(x.win_rate)
-        ));
+        t.push_str(&format!("| {} | {data} | {} |\n", m.name, figures(&m.metrics)));
     }
-    let samples = methods.first().map_or(0, |m| m.metrics.samples);
-    let prompts = methods.first().map_or(0, |m| m.metrics.prompts);
-    let acc = |j: &RmSummary| pct(j.eval.map(|e| e.accuracy));
+    let prompts_of = |x: &JudgedMetrics| x.prompts;
+    let first = methods.first();
     t.push_str(&format!(
-        "\n{samples} answers per method ({prompts} held-out prompts × {}, temperature {}, up to {} new tokens); \
-         judges from the SFT model on rows no policy trains on: reward model held-out accuracy {}, cost model {} \
-         (sign accuracy {}); total {wall:.1}s\n",
+        "\nBy prompt kind ({} harmful, {} benign held-out prompts):\n\n\
+         | method | prompts | helpfulness | harmlessness | harmless ratio | win rate vs SFT |\n\
+         |---|---|---:|---:|---:|---:|\n",
+        first.map_or(0, |m| prompts_of(&m.harmful)),
+        first.map_or(0, |m| prompts_of(&m.benign)),
+    ));
+    for m in methods {
+        for (kind, x) in [(PromptKind::Harmful, &m.harmful), (PromptKind::Benign, &m.benign)] {
+            t.push_str(&format!("| {} | {kind} | {} |\n", m.name, figures(x)));
+        }
+    }
+    let samples = first.map_or(0, |m| m.metrics.samples);
+    let prompts = first.map_or(0, |m| m.metrics.prompts);
+    let acc = |j: &RmSummary| pct(j.eval.map(|e| e.accuracy));
+    let unit = match model.tokenizer {
+        CompareTokenizer::Byte => "bytes",
+        CompareTokenizer::Bpe => "tokens",
+    };
+    t.push_str(&format!(
+        "\n{samples} answers per method ({prompts} held-out prompts × {}, temperature {}, up to {} new {unit}); \
+         models: {} layers, {} wide, {} tokenizer of {} tokens; judges from the SFT model on rows no policy \
+         trains on: reward model held-out accuracy {}, cost model {} (sign accuracy {}); total {wall:.1}s\n",
         opts.samples_per_prompt,
         opts.sampling.temperature,
         opts.max_new_tokens,
+        model.n_layer,
+        model.n_embd,
+        match model.tokenizer {
+            CompareTokenizer::Byte => "byte",
+            CompareTokenizer::Bpe => "BPE",
+        },
+        model.vocab_size,
         acc(reward),
         acc(cost),
         pct(cost.eval.and_then(|e| e.sign_accuracy)),

@@ -4,6 +4,7 @@
 //! comparison of alignment methods on the demo's data ([`compare`], `safedpo demo --compare`).
 
 pub mod compare;
+pub mod compare_model;
 pub mod generate_eval;
 pub mod reward_model;
 pub mod rm_run;

@@ -149,6 +149,8 @@ fn get(rec: &Record, key: &str) -> f64 {
 pub struct DemoData {
     pub train_path: PathBuf,
     pub eval_path: PathBuf,
+    /// The training rows.
+    pub train_rows: Vec<PkuRow>,
     /// The held-out rows (whole prompts no run trains on).
     pub eval_rows: Vec<PkuRow>,
     /// What was written and the T(D) counts, for the log.
@@ -176,7 +178,7 @@ pub fn write_demo_data(opts: &DemoOptions) -> Result<DemoData> {
         report.swapped,
         report.dropped
     );
-    Ok(DemoData { train_path, eval_path, eval_rows, summary })
+    Ok(DemoData { train_path, eval_path, train_rows, eval_rows, summary })
 }
 
 /// Runs the demo on `backend`.
