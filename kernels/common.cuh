@@ -99,15 +99,22 @@ __device__ __forceinline__ bool all_aligned16(const P*... p) {
     return (aligned16(p) && ...);
 }
 
-/// 16 bytes at p (16-byte aligned).
+/// 16 bytes at p (16-byte aligned). The emulated device checks the alignment, which the CPU would not
+/// enforce: a kernel that takes its packed path on a misaligned pointer fails there as on a GPU.
 template <CacheHint H>
 __device__ __forceinline__ int4 load_int4(const void* p) {
+#ifdef EMU_DEVICE
+    assert(aligned16(p));
+#endif
     const int4* q = reinterpret_cast<const int4*>(p);
     if constexpr (H == CacheHint::Streaming) return __ldcs(q);
     else return *q;
 }
 template <CacheHint H>
 __device__ __forceinline__ void store_int4(void* p, int4 v) {
+#ifdef EMU_DEVICE
+    assert(aligned16(p));
+#endif
     int4* q = reinterpret_cast<int4*>(p);
     if constexpr (H == CacheHint::Streaming) __stcs(q, v);
     else *q = v;

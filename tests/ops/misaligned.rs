@@ -286,7 +286,11 @@ fn rmsnorm(device: &Device, precision: Precision) {
             let rows = LaunchConfig::grid_1d(n.div_ceil(4) as u32, 128);
             let (ni, ci) = (KernelArg::I32(n as i32), KernelArg::I32(c as i32));
             let rstd_arg = KernelArg::Ptr(rstd.device_ptr());
-            case.launch("rmsnorm_forward", rows, &[out.arg(), rstd_arg, xv.arg(), wv.arg(), ni, ci, KernelArg::F32(1e-6)]);
+            case.launch(
+                "rmsnorm_forward",
+                rows,
+                &[out.arg(), rstd_arg, xv.arg(), wv.arg(), ni, ci, KernelArg::F32(1e-6)],
+            );
             case.check(&format!("rmsnorm_forward {what}"), &out, &want, 1.0, BF16_NOISE_FLOOR);
             case.check_f32(&format!("rmsnorm_forward rstd {what}"), &rstd, &want_rstd);
 
@@ -415,7 +419,11 @@ fn logsoftmax_gather(device: &Device, precision: Precision) {
                 KernelArg::Ptr(lse.device_ptr()),
                 KernelArg::Ptr(targets_dev.device_ptr()),
             );
-            case.launch("logsoftmax_gather_forward", rows, &[lp_arg, lse_arg, lv.arg(), t_arg, KernelArg::I32(v as i32)]);
+            case.launch(
+                "logsoftmax_gather_forward",
+                rows,
+                &[lp_arg, lse_arg, lv.arg(), t_arg, KernelArg::I32(v as i32)],
+            );
             case.check_f32(&format!("logsoftmax_gather_forward token_logp {what}"), &lp, &want_lp);
             case.check_f32(&format!("logsoftmax_gather_forward lse {what}"), &lse, &want_lse);
 
@@ -423,8 +431,11 @@ fn logsoftmax_gather(device: &Device, precision: Precision) {
             let dseq = vec![0.7f32];
             let mut want = logits.clone();
             be.logsoftmax_gather_backward(&mut want, &want_lse, &targets, &dseq, &pk, n, v).unwrap();
-            let (lse, dseq_dev, cu) =
-                (device.upload(&want_lse).unwrap(), device.upload(&dseq).unwrap(), device.upload(&[0, n as i32]).unwrap());
+            let (lse, dseq_dev, cu) = (
+                device.upload(&want_lse).unwrap(),
+                device.upload(&dseq).unwrap(),
+                device.upload(&[0, n as i32]).unwrap(),
+            );
             let args = [
                 lv.arg(),
                 KernelArg::Ptr(lse.device_ptr()),

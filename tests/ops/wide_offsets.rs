@@ -334,8 +334,8 @@ fn rmsnorm(w: &Wide) {
 }
 
 fn embedding(w: &Wide) {
-    // out [n, C] with n·C / 4 (f32 packs) a multiple of the stride; the token table and the position table both
-    // past 2^31 elements, the last token reading their last rows.
+    // out [n, C] with n·C / 4 (f32 packs) a multiple of the stride; the token table and the position
+    // table both past 2^31 elements, the last token reading their last rows.
     let n = (1 << 21) + 4096;
     let vocab = (1 << 21) + 1;
     let tail = 256;
