@@ -1,5 +1,6 @@
 //! Launch helpers shared by several op families: kernel names by storage type, the elementwise
-//! (grid-stride) launch, the block size of row kernels, the norms' fused backward, grid limits, and sizes as kernel arguments.
+//! (grid-stride) launch, plain and in 128-bit packs, the block size of row kernels, the norms' fused
+//! backward, grid limits, and sizes as kernel arguments.
 //! The shapes come from `kernels/common.cuh` ([`constants::common`](super::kernels::constants::common)).
 
 use anyhow::{Context, Result};
@@ -64,7 +65,7 @@ pub(super) fn i32_arg(value: usize, what: &str) -> Result<KernelArg> {
 /// so the order of the parameter-gradient sum, and its bits, do too.
 pub(super) struct NormBackwardPlan {
     pub(super) rows_per_block: usize,
-    pub(super) blocks: usize,
+    blocks: usize,
     warps: usize,
     /// Partial sums per channel: 2 (LayerNorm's dweight and dbias) or 1 (RMSNorm's dweight).
     gradients: usize,
