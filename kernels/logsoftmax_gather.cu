@@ -28,36 +28,38 @@
 //   sequence by binary search over cu_seqlens (no barrier needed) and overwrites its strided elements.
 //   Probabilities are never stored: the gradient replaces the logits.
 //
-// Each row is read in 128-bit packs whatever its alignment (a vocabulary such as GPT-2's 50257 leaves
-// every other row misaligned): `split_row` (common.cuh) gives a scalar head up to the first 16-byte
-// boundary, the packs, and a scalar tail; thread t takes head element t, packs t, t + blockDim.x, ...,
-// and tail element t. The forward reads the logits with streaming loads (read once; the backward's
-// reads are the last).
+// The forward reads rows in 128-bit packs when v is a multiple of the pack width and the logits are
+// 16-byte aligned, else one element at a time: its per-thread sums must not depend on a row's address
+// (see `for_my_row_elements`). The backward, elementwise, packs whatever the alignment: `split_row`
+// (common.cuh) gives a scalar head up to the first 16-byte boundary, the packs, and a scalar tail.
+// Logits are read with streaming loads (the forward's read is the only one before the backward's last).
 //
 // Loops before a block reduction run the same number of iterations on every thread (the element index
 // tested inside): with a thread-dependent trip count the host compiler may duplicate the barrier call,
 // and the emulated device tells barriers apart by call site.
 #include "common.cuh"
 
-/// `visit(j, x)` for this thread's elements j of the row (x = row[j] as f32): its head and tail element
-/// and its packs, as the header says. Every thread runs the pack loop the same number of times.
+/// `visit(j, x)` for this thread's elements j of the row (x = row[j] as f32): packs t, t + blockDim.x, ...
+/// when `vector`, else elements t, t + blockDim.x, ... Which thread sums which element must not depend
+/// on where the row sits in memory (the frozen model's chunked LM head hands the same rows at other
+/// offsets and must get the same bits), so the forward packs only when every row is aligned (v a
+/// multiple of the pack width), never by a per-row head. Every thread runs the loop the same number of
+/// times.
 template <typename T, typename Visit>
-__device__ __forceinline__ void for_my_row_elements(const T* row, int v, Visit visit) {
-    constexpr int W = vec_width<T>;
-    const RowSplit split = split_row(row, v);
-    const int tid = threadIdx.x;
-    if (tid < split.head) visit(tid, to_float(row[tid]));
-    for (int base = 0; base < split.packs; base += blockDim.x) {  // same trip count on every thread
-        const int k = base + tid;
-        if (k < split.packs) {
-            const int j = split.head + k * W;
-            float x[W];
-            load_vec<W, CacheHint::Streaming>(row + j, x);
+__device__ __forceinline__ void for_my_row_elements(const T* row, int v, bool vector, Visit visit) {
+    with_width<T>(vector, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        const int packs = v / W;
+        for (int base = 0; base < packs; base += blockDim.x) {  // same trip count on every thread
+            const int k = base + threadIdx.x;
+            if (k < packs) {
+                float x[W];
+                load_vec<W, CacheHint::Streaming>(row + k * W, x);
 #pragma unroll
-            for (int e = 0; e < W; ++e) visit(j + e, x[e]);
+                for (int e = 0; e < W; ++e) visit(k * W + e, x[e]);
+            }
         }
-    }
-    if (tid < split.tail) visit(v - split.tail + tid, to_float(__ldcs(row + v - split.tail + tid)));
+    });
 }
 
 /// `SQUARES`: also log_sum_sq[t] = log Σ p² (see the header); without, `log_sum_sq` is not read.
@@ -69,7 +71,8 @@ __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, float* 
     // Online max and sum of exponentials over this thread's elements: the sum is rescaled only when
     // the maximum rises (the sum of squares by the same factor, squared).
     float m = -INFINITY, s = 0.0f, s2 = 0.0f;
-    for_my_row_elements(row, v, [&](int, float x) {
+    const bool vector = v % vec_width<T> == 0 && aligned16(logits);
+    for_my_row_elements(row, v, vector, [&](int, float x) {
         if (x > m) {
             const float rescale = expf(m - x);
             s = s * rescale + 1.0f;
