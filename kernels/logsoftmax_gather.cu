@@ -28,10 +28,39 @@
 //   sequence by binary search over cu_seqlens (no barrier needed) and overwrites its strided elements.
 //   Probabilities are never stored: the gradient replaces the logits.
 //
+// The forward reads rows in 128-bit packs when v is a multiple of the pack width and the logits are
+// 16-byte aligned, else one element at a time: its per-thread sums must not depend on a row's address
+// (see `for_my_row_elements`). The backward, elementwise, packs whatever the alignment: `split_row`
+// (common.cuh) gives a scalar head up to the first 16-byte boundary, the packs, and a scalar tail.
+// Logits are read with streaming loads (the forward's read is the only one before the backward's last).
+//
 // Loops before a block reduction run the same number of iterations on every thread (the element index
 // tested inside): with a thread-dependent trip count the host compiler may duplicate the barrier call,
 // and the emulated device tells barriers apart by call site.
 #include "common.cuh"
+
+/// `visit(j, x)` for this thread's elements j of the row (x = row[j] as f32): packs t, t + blockDim.x, ...
+/// when `vector`, else elements t, t + blockDim.x, ... Which thread sums which element must not depend
+/// on where the row sits in memory (the frozen model's chunked LM head hands the same rows at other
+/// offsets and must get the same bits), so the forward packs only when every row is aligned (v a
+/// multiple of the pack width), never by a per-row head. Every thread runs the loop the same number of
+/// times.
+template <typename T, typename Visit>
+__device__ __forceinline__ void for_my_row_elements(const T* row, int v, bool vector, Visit visit) {
+    with_width<T>(vector, [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        const int packs = v / W;
+        for (int base = 0; base < packs; base += blockDim.x) {  // same trip count on every thread
+            const int k = base + threadIdx.x;
+            if (k < packs) {
+                float x[W];
+                load_vec<W, CacheHint::Streaming>(row + k * W, x);
+#pragma unroll
+                for (int e = 0; e < W; ++e) visit(k * W + e, x[e]);
+            }
+        }
+    });
+}
 
 /// `SQUARES`: also log_sum_sq[t] = log Σ p² (see the header); without, `log_sum_sq` is not read.
 template <typename T, bool SQUARES>
@@ -42,22 +71,19 @@ __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, float* 
     // Online max and sum of exponentials over this thread's elements: the sum is rescaled only when
     // the maximum rises (the sum of squares by the same factor, squared).
     float m = -INFINITY, s = 0.0f, s2 = 0.0f;
-    for (int base = 0; base < v; base += blockDim.x) {  // same trip count on every thread (see above)
-        const int j = base + threadIdx.x;
-        if (j < v) {
-            const float x = to_float(row[j]);
-            if (x > m) {
-                const float rescale = expf(m - x);
-                s = s * rescale + 1.0f;
-                if (SQUARES) s2 = s2 * (rescale * rescale) + 1.0f;
-                m = x;
-            } else {
-                const float e = expf(x - m);
-                s += e;
-                if (SQUARES) s2 += e * e;
-            }
+    const bool vector = v % vec_width<T> == 0 && aligned16(logits);
+    for_my_row_elements(row, v, vector, [&](int, float x) {
+        if (x > m) {
+            const float rescale = expf(m - x);
+            s = s * rescale + 1.0f;
+            if (SQUARES) s2 = s2 * (rescale * rescale) + 1.0f;
+            m = x;
+        } else {
+            const float e = expf(x - m);
+            s += e;
+            if (SQUARES) s2 += e * e;
         }
-    }
+    });
     const float row_max = block_reduce_max(m);
     // Threads that saw no element have s = 0 and m = −inf: their share is 0·exp(−inf) = 0.
     const float sum = block_reduce_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max));
@@ -78,19 +104,34 @@ __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, float* 
 template <typename T>
 __device__ void logsoftmax_gather_backward(T* logits, const float* lse, const int* targets, const float* dseq,
                                            const int* cu_seqlens, int num_seqs, int v) {
+    constexpr int W = vec_width<T>;
     const int t = blockIdx.x;
     T* row = logits + (long long)t * v;
     const int target = targets[t];
-    if (target < 0) {
-        for (int j = threadIdx.x; j < v; j += blockDim.x) row[j] = from_float<T>(0.0f);
-        return;
-    }
-    const float g = dseq[sequence_of(cu_seqlens, num_seqs, t)];
-    const float l = lse[t];
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float d = -g * expf(to_float(row[j]) - l);
+    const RowSplit split = split_row(row, v);
+    const int tid = threadIdx.x;
+    const float g = target < 0 ? 0.0f : dseq[sequence_of(cu_seqlens, num_seqs, t)];
+    const float l = target < 0 ? 0.0f : lse[t];
+    // The gradient of element j from its logit x (zero on rows without a target).
+    auto grad = [&](int j, float x) {
+        if (target < 0) return 0.0f;
+        float d = -g * expf(x - l);
         if (j == target) d += g;
-        row[j] = from_float<T>(d);
+        return d;
+    };
+    // Rows without a target are only written (zeros), never read.
+    if (tid < split.head) row[tid] = from_float<T>(grad(tid, target < 0 ? 0.0f : to_float(row[tid])));
+    for (int k = tid; k < split.packs; k += blockDim.x) {
+        const int j = split.head + k * W;
+        float x[W] = {};
+        if (target >= 0) load_vec<W, CacheHint::Streaming>(row + j, x);
+#pragma unroll
+        for (int e = 0; e < W; ++e) x[e] = grad(j + e, x[e]);
+        store_vec<W>(row + j, x);
+    }
+    if (tid < split.tail) {
+        const int j = v - split.tail + tid;
+        row[j] = from_float<T>(grad(j, target < 0 ? 0.0f : to_float(row[j])));
     }
 }
 

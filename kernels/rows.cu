@@ -10,18 +10,28 @@
 //
 // CPU twin: src/backend/cpu/rows.rs (`gather_rows`, `scatter_rows`). Host side: src/backend/cuda/ops/rows.rs.
 //
-// Launch shapes: one block per output row (grid m for gather, n for scatter), threads striding over the c
-// channels (c rounded up to a multiple of 32, at most ROW_MAX_THREADS, common.cuh). The scatter's block
+// Launch shapes: one block per output row (grid m for gather, n for scatter), threads striding over the
+// row's 128-bit packs (ceil(c / pack width) rounded up to a multiple of 32, at most ROW_MAX_THREADS,
+// common.cuh); one element at a time instead when c is not a multiple of the pack width or a pointer
+// is not 16-byte aligned. The source rows are read once (streaming loads). The scatter's block
 // finds its source row by binary search over `rows` (no barrier needed), so it writes every element of
 // dinp exactly once, zeros included: one pass, no memset, no atomics.
 #include "common.cuh"
+
+/// dst[0..c) = src[0..c), the block's threads striding over packs of W.
+template <int W, typename T>
+__device__ __forceinline__ void copy_row(T* dst, const T* src, int c) {
+    for (int j = threadIdx.x * W; j < c; j += (int)blockDim.x * W) copy_vec<W, CacheHint::Streaming>(dst + j, src + j);
+}
 
 template <typename T>
 __device__ void gather_rows(T* out, const T* inp, const int* rows, int c) {
     const long long i = blockIdx.x;
     const T* src = inp + (long long)rows[i] * c;
     T* dst = out + i * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    with_width<T>(c % vec_width<T> == 0 && all_aligned16(out, inp), [&](auto width) {
+        copy_row<decltype(width)::value>(dst, src, c);
+    });
 }
 
 template <typename T>
@@ -34,12 +44,17 @@ __device__ void scatter_rows(T* dinp, const T* dout, const int* rows, int m, int
         if (rows[mid] < t) lo = mid + 1; else hi = mid;
     }
     T* dst = dinp + (long long)t * c;
-    if (lo < m && rows[lo] == t) {
-        const T* src = dout + (long long)lo * c;
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
-    } else {
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = from_float<T>(0.0f);
-    }
+    with_width<T>(c % vec_width<T> == 0 && all_aligned16(dinp, dout), [&](auto width) {
+        constexpr int W = decltype(width)::value;
+        if (lo < m && rows[lo] == t) {
+            copy_row<W>(dst, dout + (long long)lo * c, c);
+        } else {
+            float zeros[W];
+#pragma unroll
+            for (int k = 0; k < W; ++k) zeros[k] = 0.0f;
+            for (int j = threadIdx.x * W; j < c; j += (int)blockDim.x * W) store_vec<W>(dst + j, zeros);
+        }
+    });
 }
 
 #define ROWS_KERNELS(T, suffix)                                                                               \

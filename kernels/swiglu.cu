@@ -10,33 +10,51 @@
 // CPU twin: src/backend/cpu/swiglu.rs (`swiglu_forward`, `swiglu_backward`). Host side:
 // src/backend/cuda/ops/swiglu.rs.
 //
-// Launch shape: 1-D grid of GRID_STRIDE_THREADS-thread blocks (common.cuh), one thread per output element
-// (t, j) with a grid-stride loop over n·f (the host caps the grid at GRID_STRIDE_MAX_BLOCKS); it reads
-// gate and up at (t, j) and (t, f + j). Every element is independent: results do not depend on the launch
-// shape. All math is f32 (accurate expf), one rounding per store.
+// Launch shape: 1-D grid of GRID_STRIDE_THREADS-thread blocks (common.cuh), one thread per 128-bit pack of
+// output elements (t, j .. j + W) with a grid-stride loop over n·f (`grid_stride_packed`; the host caps
+// the grid at GRID_STRIDE_MAX_BLOCKS); it reads gate and up at (t, j) and (t, f + j). Packs need f a
+// multiple of the pack width (so that none straddles a row) and every pointer 16-byte aligned; otherwise
+// one element at a time. Every element is independent: results do not depend on the launch shape or the
+// path. All math is f32 (accurate expf), one rounding per store; inputs read once use streaming loads.
 #include "common.cuh"
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 
 template <typename T>
 __device__ void swiglu_forward(T* out, const T* inp, long long n, int f) {
-    GRID_STRIDE_LOOP(k, n * f) {
+    const bool vector = f % vec_width<T> == 0 && all_aligned16(out, inp);
+    grid_stride_packed<T>(n * f, vector, [&](auto width, long long k) {
+        constexpr int W = decltype(width)::value;
         const long long t = k / f, j = k % f;
-        const float g = to_float(inp[2 * f * t + j]), u = to_float(inp[2 * f * t + f + j]);
-        out[k] = from_float<T>(g * sigmoid(g) * u);
-    }
+        float g[W], u[W], y[W];
+        load_vec<W, CacheHint::Streaming>(inp + 2 * f * t + j, g);
+        load_vec<W, CacheHint::Streaming>(inp + 2 * f * t + f + j, u);
+#pragma unroll
+        for (int e = 0; e < W; ++e) y[e] = g[e] * sigmoid(g[e]) * u[e];
+        store_vec<W>(out + k, y);
+    });
 }
 
 template <typename T>
 __device__ void swiglu_backward(T* dinp, const T* inp, const T* dout, long long n, int f) {
-    GRID_STRIDE_LOOP(k, n * f) {
+    const bool vector = f % vec_width<T> == 0 && all_aligned16(dinp, inp, dout);
+    grid_stride_packed<T>(n * f, vector, [&](auto width, long long k) {
+        constexpr int W = decltype(width)::value;
         const long long t = k / f, j = k % f;
         const long long gate = 2 * f * t + j, up = gate + f;
-        const float g = to_float(inp[gate]), u = to_float(inp[up]), dy = to_float(dout[k]);
-        const float s = sigmoid(g);
-        dinp[gate] = from_float<T>(dy * u * s * (1.0f + g * (1.0f - s)));
-        dinp[up] = from_float<T>(dy * (g * s));
-    }
+        float g[W], u[W], dy[W], dg[W], du[W];
+        load_vec<W, CacheHint::Streaming>(inp + gate, g);
+        load_vec<W, CacheHint::Streaming>(inp + up, u);
+        load_vec<W, CacheHint::Streaming>(dout + k, dy);
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+            const float s = sigmoid(g[e]);
+            dg[e] = dy[e] * u[e] * s * (1.0f + g[e] * (1.0f - s));
+            du[e] = dy[e] * (g[e] * s);
+        }
+        store_vec<W>(dinp + gate, dg);
+        store_vec<W>(dinp + up, du);
+    });
 }
 
 #define SWIGLU_KERNELS(T, suffix)                                                                              \

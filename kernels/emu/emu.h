@@ -259,9 +259,11 @@ template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 template <typename T> inline void __stwb(T* p, T v) { *p = v; }
 template <typename T> inline void __stwt(T* p, T v) { *p = v; }
-inline void __threadfence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_block(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_system(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// Blocks run one at a time on one OS thread (fibers), so a compiler barrier is the whole fence (and
+// ThreadSanitizer, which builds the race-checked copies, rejects atomic_thread_fence).
+inline void __threadfence(void) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block(void) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_system(void) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 inline void __trap(void) { emu_fail("__trap() called"); }
 inline void __nanosleep(unsigned int) {}
 inline long long clock64(void) { return emu_clock64(); }

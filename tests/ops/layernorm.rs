@@ -234,4 +234,42 @@ fn residual_layernorm(device: &Device, precision: Precision) {
     }
 }
 
-device_tests!(layernorm, residual_layernorm);
+/// The fused backward over many blocks (the grid's last block sums their partials), at a width the
+/// 128-bit path takes and one it does not: against the CPU, and the same bits on every run, while the
+/// emulated device's test mode runs the blocks in another order each launch.
+fn layernorm_backward_blocks(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 50);
+    for (n, c) in [(300, 64), (150, 771)] {
+        let shape = format!("[{n}, {c}]");
+        let inp = f.randn(n * c, 2.0);
+        let (w, b, dout) = (f.randn(c, 1.0), f.randn(c, 0.5), f.randn(n * c, 1.0));
+        let ((ci, gi), (cw, gw), (cb, _), (cd, gd)) = (f.both(&inp), f.both(&w), f.both(&b), f.both(&dout));
+        let (mut mean, mut rstd, mut out) = (vec![0.0; n], vec![0.0; n], vec![0.0; n * c]);
+        f.cpu.layernorm_forward(&mut out, &mut mean, &mut rstd, &ci, &cw, &cb, n, c, 1e-5).unwrap();
+        let (gmean, grstd) = (f.cuda.upload(&mean).unwrap(), f.cuda.upload(&rstd).unwrap());
+        let (prior, prior_w, prior_b) = (f.randn(n * c, 1.0), f.randn(c, 1.0), f.randn(c, 1.0));
+        let (mut want_dinp, mut want_dw, mut want_db) = (prior.clone(), prior_w.clone(), prior_b.clone());
+        f.cpu
+            .layernorm_backward(&mut want_dinp, &mut want_dw, &mut want_db, &cd, &ci, &cw, &mean, &rstd, n, c)
+            .unwrap();
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for run in 0..3 {
+            let (mut dinp, mut dw, mut db) = (f.both(&prior).1, f.both(&prior_w).1, f.both(&prior_b).1);
+            f.cuda.layernorm_backward(&mut dinp, &mut dw, &mut db, &gd, &gi, &gw, &gmean, &grstd, n, c).unwrap();
+            f.check_rounded(&format!("layernorm_backward dinp {shape}"), &dinp, &want_dinp, 1.0, ACCUMULATED_FLOOR);
+            f.check_rounded(&format!("layernorm_backward dweight {shape}"), &dw, &want_dw, 1.0, ACCUMULATED_FLOOR);
+            f.check_rounded(&format!("layernorm_backward dbias {shape}"), &db, &want_db, 1.0, ACCUMULATED_FLOOR);
+            let got = [dinp, dw, db].map(|x| f.cuda.download(&x).unwrap()).to_vec();
+            match &first {
+                None => first = Some(got),
+                Some(first) => {
+                    for (k, (a, b)) in first.iter().zip(&got).enumerate() {
+                        assert_bitwise_eq(&format!("run {run} output {k} {shape} ({precision})"), a, b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+device_tests!(layernorm, residual_layernorm, layernorm_backward_blocks);

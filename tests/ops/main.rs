@@ -24,6 +24,7 @@ mod grad_norm;
 mod layernorm;
 mod logsoftmax_gather;
 mod matmul;
+mod misaligned;
 mod optimizer;
 mod pointwise;
 mod preference_loss;

@@ -209,4 +209,39 @@ fn residual_rmsnorm(device: &Device, precision: Precision) {
     }
 }
 
-device_tests!(rmsnorm, residual_rmsnorm);
+/// The fused backward over many blocks (the grid's last block sums their partials), at a width the
+/// 128-bit path takes and one it does not: against the CPU, and the same bits on every run, while the
+/// emulated device's test mode runs the blocks in another order each launch.
+fn rmsnorm_backward_blocks(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 51);
+    for (n, c) in [(300, 64), (150, 771)] {
+        let shape = format!("[{n}, {c}]");
+        let inp = f.randn(n * c, 2.0);
+        let (w, dout) = (f.randn(c, 1.0), f.randn(n * c, 1.0));
+        let ((ci, gi), (cw, gw), (cd, gd)) = (f.both(&inp), f.both(&w), f.both(&dout));
+        let (mut rstd, mut out) = (vec![0.0; n], vec![0.0; n * c]);
+        f.cpu.rmsnorm_forward(&mut out, &mut rstd, &ci, &cw, n, c, 1e-6).unwrap();
+        let grstd = f.cuda.upload(&rstd).unwrap();
+        let (prior, prior_w) = (f.randn(n * c, 1.0), f.randn(c, 1.0));
+        let (mut want_dinp, mut want_dw) = (prior.clone(), prior_w.clone());
+        f.cpu.rmsnorm_backward(&mut want_dinp, &mut want_dw, &cd, &ci, &cw, &rstd, n, c).unwrap();
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for run in 0..3 {
+            let (mut dinp, mut dw) = (f.both(&prior).1, f.both(&prior_w).1);
+            f.cuda.rmsnorm_backward(&mut dinp, &mut dw, &gd, &gi, &gw, &grstd, n, c).unwrap();
+            f.check_rounded(&format!("rmsnorm_backward dinp {shape}"), &dinp, &want_dinp, 1.0, ACCUMULATED_FLOOR);
+            f.check_rounded(&format!("rmsnorm_backward dweight {shape}"), &dw, &want_dw, 1.0, ACCUMULATED_FLOOR);
+            let got = [dinp, dw].map(|x| f.cuda.download(&x).unwrap()).to_vec();
+            match &first {
+                None => first = Some(got),
+                Some(first) => {
+                    for (k, (a, b)) in first.iter().zip(&got).enumerate() {
+                        assert_bitwise_eq(&format!("run {run} output {k} {shape} ({precision})"), a, b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+device_tests!(rmsnorm, residual_rmsnorm, rmsnorm_backward_blocks);

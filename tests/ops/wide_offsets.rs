@@ -24,6 +24,11 @@ use crate::common::*;
 
 /// Elements of a grid-stride tensor: past 2^31, a multiple of every grid-stride launch's stride.
 const WIDE: usize = (1 << 31) + (1 << 20);
+/// Elements of a packed grid-stride tensor (4 f32 per thread): past 2^31, and WIDE_PACKED / 4 a
+/// multiple of every grid-stride launch's stride.
+const WIDE_PACKED: usize = (1 << 31) + (1 << 22);
+/// f32 elements per 128-bit pack.
+const F32_PACK: usize = 4;
 /// Channels of the row cases; `ROWS` rows of them reach past 2^31 elements.
 const C: usize = 1024;
 const ROWS: usize = (1 << 31) / C + 8;
@@ -90,6 +95,20 @@ fn assert_tail_in_last_block(record: Option<emu::WindowRecord>, n: usize) -> usi
     }
 }
 
+/// As [`assert_tail_in_last_block`], for a kernel whose threads take `width`-element packs (128-bit
+/// accesses, `grid_stride_packed`): the stride is grid × block × width, and the last block's final
+/// iteration covers the last `block × width` elements, which this returns.
+fn assert_tail_in_last_packed_block(record: Option<emu::WindowRecord>, n: usize, width: usize) -> usize {
+    match record {
+        None => 256 * width,
+        Some(r) => {
+            let stride = r.grid[0] as usize * r.block[0] as usize * width;
+            assert!(n.is_multiple_of(stride), "the launch's stride {stride} does not divide {n}: {r:?}");
+            r.block[0] as usize * width
+        }
+    }
+}
+
 fn check(what: &str, got: &[f32], want: &[f32]) {
     assert_close_scaled(what, got, &to_f64(want), 1e-5);
 }
@@ -97,20 +116,20 @@ fn check(what: &str, got: &[f32], want: &[f32]) {
 fn gelu(w: &Wide) {
     let tail = 256;
     let x = randn(&mut rng(1), tail, 1.5);
-    let inp = w.sparse(WIDE, WIDE - tail, &x);
-    let mut out = w.sparse(WIDE, WIDE - tail, &poison(tail));
+    let inp = w.sparse(WIDE_PACKED, WIDE_PACKED - tail, &x);
+    let mut out = w.sparse(WIDE_PACKED, WIDE_PACKED - tail, &poison(tail));
     let ((), record) =
         w.windowed(&[("gelu_forward", emu::BlockRange::last_x(1))], || w.cuda.gelu_forward(&mut out, &inp).unwrap());
-    assert_eq!(assert_tail_in_last_block(record, WIDE), tail);
+    assert!(assert_tail_in_last_packed_block(record, WIDE_PACKED, F32_PACK) >= tail);
     let mut want = w.cpu.zeros(tail).unwrap();
     w.cpu.gelu_forward(&mut want, &w.cpu.upload(&x).unwrap()).unwrap();
-    check("gelu_forward past 2^31", &w.read(&out, WIDE - tail, tail), &w.cpu.download(&want).unwrap());
+    check("gelu_forward past 2^31", &w.read(&out, WIDE_PACKED - tail, tail), &w.cpu.download(&want).unwrap());
 }
 
 fn swiglu(w: &Wide) {
     // out [n, f] (a multiple of the stride), inp [n, 2f] past 2^31: the last row's last 256 columns.
     let f = 1024;
-    let n = (1 << 20) + 1024;
+    let n = (1 << 20) + 4096;
     let tail = 256;
     let row = randn(&mut rng(2), 2 * f, 1.0);
     let inp = w.sparse(n * 2 * f, (n - 1) * 2 * f, &row);
@@ -118,7 +137,7 @@ fn swiglu(w: &Wide) {
     let ((), record) = w.windowed(&[("swiglu_forward", emu::BlockRange::last_x(1))], || {
         w.cuda.swiglu_forward(&mut out, &inp, n, f).unwrap()
     });
-    assert_eq!(assert_tail_in_last_block(record, n * f), tail);
+    assert!(assert_tail_in_last_packed_block(record, n * f, F32_PACK) >= tail);
     let mut want = w.cpu.zeros(f).unwrap();
     w.cpu.swiglu_forward(&mut want, &w.cpu.upload(&row).unwrap(), 1, f).unwrap();
     let want = w.cpu.download(&want).unwrap();
@@ -130,7 +149,7 @@ fn swiglu(w: &Wide) {
     let ((), record) = w.windowed(&[("swiglu_backward", emu::BlockRange::last_x(1))], || {
         w.cuda.swiglu_backward(&mut dinp, &inp, &dout_buf, n, f).unwrap()
     });
-    assert_tail_in_last_block(record, n * f);
+    assert_tail_in_last_packed_block(record, n * f, F32_PACK);
     let mut full_dout = vec![0.0; f];
     full_dout[f - tail..].copy_from_slice(&dout);
     let mut want = w.cpu.zeros(2 * f).unwrap();
@@ -211,13 +230,13 @@ fn layernorm(w: &Wide) {
     });
 
     // The backward: dinp of the last rows, and the parameter gradients, of which only the last rows'
-    // share is nonzero (every other row's dout is zero); the window runs the last chunk of rows.
+    // share is nonzero (every other row's dout is zero); the window runs the block of the last rows.
     let dout = randn(&mut rng(8), x.len(), 1.0);
     let dout_buf = w.sparse(ROWS * C, at, &dout);
     // The norms' dinp accumulates (the residual stream's gradient): from a zero prior here.
     let mut dinp = w.cuda.zeros(ROWS * C).unwrap();
     let (mut dw, mut db) = (w.cuda.zeros(C).unwrap(), w.cuda.zeros(C).unwrap());
-    w.windowed(&backward_windows("layernorm_backward_dinp", "layernorm_backward_params_partial"), || {
+    w.windowed(&backward_window("layernorm_backward"), || {
         w.cuda.layernorm_backward(&mut dinp, &mut dw, &mut db, &dout_buf, &inp, &wd, &mean, &rstd, ROWS, C).unwrap()
     });
     let mut want_dinp = w.cpu.zeros(x.len()).unwrap();
@@ -237,8 +256,11 @@ fn layernorm(w: &Wide) {
         )
         .unwrap();
     check("layernorm_backward dinp past 2^31", &w.read(&dinp, at, x.len()), &w.cpu.download(&want_dinp).unwrap());
-    check("layernorm_backward dweight", &w.read(&dw, 0, C), &w.cpu.download(&want_dw).unwrap());
-    check("layernorm_backward dbias", &w.read(&db, 0, C), &w.cpu.download(&want_db).unwrap());
+    if !w.emulated {
+        // Under a window the grid's last block to finish never comes (see `backward_window`).
+        check("layernorm_backward dweight", &w.read(&dw, 0, C), &w.cpu.download(&want_dw).unwrap());
+        check("layernorm_backward dbias", &w.read(&db, 0, C), &w.cpu.download(&want_db).unwrap());
+    }
 }
 
 /// The fused residual add + norm (`kernel`) on `a = b = inp`, whose last rows hold `x`: the residual
@@ -261,10 +283,12 @@ fn residual_norm_forward(
     check(&format!("{kernel} past 2^31"), &w.read(&out, at, x.len()), &want);
 }
 
-/// A norm's backward under windows: its row kernel's last two blocks, and the last chunk of rows of
-/// its parameter-gradient partial sums (the final ordered sum over chunks runs whole).
-fn backward_windows(rows: &'static str, partial: &'static str) -> [(&'static str, emu::BlockRange); 2] {
-    [(rows, emu::BlockRange::last_x(2)), (partial, emu::BlockRange::last_y(1))]
+/// A norm's fused backward under a window: the block holding the last rows. Its loads of dout and inp
+/// feed both dinp (checked) and the block's parameter-gradient partials; the final sum of the partials
+/// runs in the grid's last block to finish, which a window never reaches, so the parameter gradients are
+/// checked on the GPU only (whole grid) and, for their ordered sum, by the ops tests.
+fn backward_window(kernel: &'static str) -> [(&'static str, emu::BlockRange); 1] {
+    [(kernel, emu::BlockRange::last_x(1))]
 }
 
 fn rmsnorm(w: &Wide) {
@@ -297,19 +321,22 @@ fn rmsnorm(w: &Wide) {
     // The norms' dinp accumulates (the residual stream's gradient): from a zero prior here.
     let mut dinp = w.cuda.zeros(ROWS * C).unwrap();
     let mut dw = w.cuda.zeros(C).unwrap();
-    w.windowed(&backward_windows("rmsnorm_backward_dinp", "rmsnorm_backward_dweight_partial"), || {
+    w.windowed(&backward_window("rmsnorm_backward"), || {
         w.cuda.rmsnorm_backward(&mut dinp, &mut dw, &dout_buf, &inp, &wd, &rstd, ROWS, C).unwrap()
     });
     let (mut want_dinp, mut want_dw) = (w.cpu.zeros(x.len()).unwrap(), w.cpu.zeros(C).unwrap());
     w.cpu.rmsnorm_backward(&mut want_dinp, &mut want_dw, &up(&dout), &xc, &wc, &want_rstd, TAIL_ROWS, C).unwrap();
     check("rmsnorm_backward dinp past 2^31", &w.read(&dinp, at, x.len()), &w.cpu.download(&want_dinp).unwrap());
-    check("rmsnorm_backward dweight", &w.read(&dw, 0, C), &w.cpu.download(&want_dw).unwrap());
+    if !w.emulated {
+        // Under a window the grid's last block to finish never comes (see `backward_window`).
+        check("rmsnorm_backward dweight", &w.read(&dw, 0, C), &w.cpu.download(&want_dw).unwrap());
+    }
 }
 
 fn embedding(w: &Wide) {
-    // out [n, C] with n·C a multiple of the stride; the token table and the position table both
-    // past 2^31 elements, the last token reading their last rows.
-    let n = (1 << 21) + 1024;
+    // out [n, C] with n·C / 4 (f32 packs) a multiple of the stride; the token table and the position
+    // table both past 2^31 elements, the last token reading their last rows.
+    let n = (1 << 21) + 4096;
     let vocab = (1 << 21) + 1;
     let tail = 256;
     let mut tokens = vec![0i32; n];
@@ -324,7 +351,7 @@ fn embedding(w: &Wide) {
     let ((), record) = w.windowed(&[("embedding_forward", emu::BlockRange::last_x(1))], || {
         w.cuda.embedding_forward(&mut out, &tok, &pos, &wte, Some(&wpe), n, C).unwrap()
     });
-    assert_eq!(assert_tail_in_last_block(record, n * C), tail);
+    assert!(assert_tail_in_last_packed_block(record, n * C, F32_PACK) >= tail);
     let want: Vec<f32> = te.iter().zip(&pe).map(|(a, b)| a + b).collect();
     check("embedding_forward past 2^31", &w.read(&out, n * C - tail, tail), &want[C - tail..]);
 

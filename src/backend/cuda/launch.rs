@@ -1,10 +1,14 @@
 //! Launch helpers shared by several op families: kernel names by storage type, the elementwise
-//! (grid-stride) launch, the block size of row kernels, grid limits, and sizes as kernel arguments.
+//! (grid-stride) launch, plain and in 128-bit packs, the block size of row kernels, the norms' fused
+//! backward, grid limits, and sizes as kernel arguments.
 //! The shapes come from `kernels/common.cuh` ([`constants::common`](super::kernels::constants::common)).
 
 use anyhow::{Context, Result};
 
-use super::kernels::constants::common::{GRID_STRIDE_MAX_BLOCKS, GRID_STRIDE_THREADS, ROW_MAX_THREADS};
+use super::kernels::constants::common::{
+    GRID_STRIDE_MAX_BLOCKS, GRID_STRIDE_THREADS, NORM_BWD_MAX_BLOCKS, NORM_BWD_MAX_WARPS, NORM_BWD_MIN_ROWS_PER_BLOCK,
+    NORM_BWD_SHARED_MAX, NORM_BWD_SHARED_TARGET, ROW_MAX_THREADS,
+};
 use super::types::{Dtype, KernelArg, LaunchConfig};
 
 /// CUDA's limit on the y and z dimensions of a grid.
@@ -26,6 +30,17 @@ pub(super) fn grid_stride_config(n: usize) -> LaunchConfig {
     LaunchConfig::grid_1d(blocks, threads as u32)
 }
 
+/// A grid-stride launch over `n` elements of `dtype` moved in 128-bit packs (`grid_stride_packed`,
+/// kernels/common.cuh): one thread per pack of `16 / size` elements.
+pub(super) fn packed_grid_stride_config(n: usize, dtype: Dtype) -> LaunchConfig {
+    grid_stride_config(n.div_ceil(vec_width(dtype)))
+}
+
+/// Elements of `dtype` in one 128-bit access (`vec_width<T>`, kernels/common.cuh).
+pub(super) fn vec_width(dtype: Dtype) -> usize {
+    16 / dtype.size()
+}
+
 /// Threads for a block that loops over `width` items: a multiple of 32, at most `ROW_MAX_THREADS`.
 pub(super) fn row_threads(width: usize) -> u32 {
     width.next_multiple_of(32).clamp(32, ROW_MAX_THREADS as usize) as u32
@@ -44,36 +59,45 @@ pub(super) fn i32_arg(value: usize, what: &str) -> Result<KernelArg> {
     Ok(KernelArg::I32(i32::try_from(value).with_context(|| format!("{what} = {value} does not fit a 32-bit int"))?))
 }
 
-/// The launch plan of a deterministic per-channel sum over rows (a norm's weight and bias
-/// gradients): per-chunk partials on a `[channel blocks, chunks]` grid, then one ordered sum per
-/// channel over the chunks. The chunk size depends only on `n` (more rows per chunk only when the
-/// grid would exceed its y limit), so the order of the sum, and its bits, do too.
-pub(super) struct ChannelSums {
-    pub(super) rows_per_chunk: usize,
-    pub(super) chunks: usize,
-    threads: u32,
-    channel_blocks: u32,
+/// The launch plan of a norm's fused backward (kernels/layernorm.cu, kernels/rmsnorm.cu): blocks of
+/// contiguous rows, each warp keeping `gradients` f32 partial sums of c channels in shared memory, and a
+/// scratch row per block for the last block's ordered sum. Every number depends only on `n` and `c`,
+/// so the order of the parameter-gradient sum, and its bits, do too.
+pub(super) struct NormBackwardPlan {
+    pub(super) rows_per_block: usize,
+    blocks: usize,
+    warps: usize,
+    /// Partial sums per channel: 2 (LayerNorm's dweight and dbias) or 1 (RMSNorm's dweight).
+    gradients: usize,
+    c: usize,
 }
 
-impl ChannelSums {
-    pub(super) fn new(n: usize, c: usize, min_rows_per_chunk: usize, what: &str) -> Result<Self> {
-        let rows_per_chunk = min_rows_per_chunk.max(n.div_ceil(MAX_GRID_Y));
-        let threads = row_threads(c);
-        let channel_blocks = grid_dim(c.div_ceil(threads as usize), &format!("{what} channel blocks"))?;
-        Ok(Self { rows_per_chunk, chunks: n.div_ceil(rows_per_chunk), threads, channel_blocks })
-    }
-
-    /// The partial sums' launch: one block row per chunk.
-    pub(super) fn partial_config(&self) -> LaunchConfig {
-        LaunchConfig {
-            grid: (self.channel_blocks, self.chunks as u32, 1),
-            block: (self.threads, 1, 1),
-            shared_bytes: 0,
+impl NormBackwardPlan {
+    pub(super) fn new(n: usize, c: usize, gradients: usize, what: &str) -> Result<Self> {
+        let warp_bytes = gradients * c * std::mem::size_of::<f32>();
+        anyhow::ensure!(
+            warp_bytes <= NORM_BWD_SHARED_MAX as usize,
+            "{what} backward: {c} channels need {warp_bytes} bytes of shared memory per warp, more than \
+             {NORM_BWD_SHARED_MAX}"
+        );
+        let mut warps = NORM_BWD_MAX_WARPS as usize;
+        while warps > 1 && warps * warp_bytes > NORM_BWD_SHARED_TARGET as usize {
+            warps /= 2;
         }
+        let rows_per_block = (NORM_BWD_MIN_ROWS_PER_BLOCK as usize).max(n.div_ceil(NORM_BWD_MAX_BLOCKS as usize));
+        Ok(Self { rows_per_block, blocks: n.div_ceil(rows_per_block), warps, gradients, c })
     }
 
-    /// The final, ordered sum over the chunks.
-    pub(super) fn reduce_config(&self) -> LaunchConfig {
-        LaunchConfig::grid_1d(self.channel_blocks, self.threads)
+    /// Floats of the scratch rows: one row of `gradients · c` per block.
+    pub(super) fn scratch_len(&self) -> usize {
+        self.blocks * self.gradients * self.c
+    }
+
+    pub(super) fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid: (self.blocks as u32, 1, 1),
+            block: (32 * self.warps as u32, 1, 1),
+            shared_bytes: (self.warps * self.gradients * self.c * std::mem::size_of::<f32>()) as u32,
+        }
     }
 }

@@ -5,7 +5,9 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand, Storage};
-use crate::backend::cuda::launch::{grid_dim, grid_stride_config, i32_arg, row_threads, suffix, MAX_GRID_Y};
+use crate::backend::cuda::launch::{
+    grid_dim, i32_arg, packed_grid_stride_config, row_threads, suffix, vec_width, MAX_GRID_Y,
+};
 use crate::backend::cuda::{KernelArg, LaunchConfig};
 use crate::backend::{checks, EmbeddingOps};
 
@@ -39,9 +41,11 @@ impl CudaBackend {
         plan.extend_from_slice(&rows);
         let plan = self.device.upload(&plan)?;
         let n = ids.len();
-        let threads = row_threads(c);
+        // A thread per 128-bit pack of channels of a bucket's row.
+        let groups = c.div_ceil(vec_width(dtable.dtype()));
+        let threads = row_threads(groups);
         let config = LaunchConfig {
-            grid: (grid_dim(buckets, "embedding buckets")?, c.div_ceil(threads as usize) as u32, 1),
+            grid: (grid_dim(buckets, "embedding buckets")?, groups.div_ceil(threads as usize) as u32, 1),
             block: (threads, 1, 1),
             shared_bytes: 0,
         };
@@ -84,7 +88,7 @@ impl EmbeddingOps for CudaBackend {
         let out = self.output(out, dt, false)?;
         self.launch(
             &format!("embedding_forward_{}", suffix(dt)),
-            grid_stride_config(n * c),
+            packed_grid_stride_config(n * c, dt),
             &[out.arg(), tokens.arg(), positions.arg(), wte.arg(), wpe_arg, i32_arg(n, "n")?, i32_arg(c, "c")?],
         )
     }

@@ -1,12 +1,12 @@
-//! LayerNorm on the CUDA backend (kernels/layernorm.cu): one warp per row for the forward and the
-//! input gradient; the parameter gradients as per-chunk partial sums, then one ordered sum per
-//! channel (no atomics).
+//! LayerNorm on the CUDA backend (kernels/layernorm.cu): one warp per row for the forward; the whole
+//! backward in one launch, whose parameter gradients are per-block partial sums that the grid's last
+//! block adds up in block order (no float atomics: the same bits every run).
 
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
-use crate::backend::cuda::kernels::constants::layernorm::{LN_MIN_ROWS_PER_CHUNK, LN_WARPS_PER_BLOCK};
-use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, ChannelSums};
+use crate::backend::cuda::kernels::constants::layernorm::LN_WARPS_PER_BLOCK;
+use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, NormBackwardPlan};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, LayerNormOps};
 
@@ -137,41 +137,32 @@ impl LayerNormOps for CudaBackend {
         let dt = self.act();
         let (dout, inp, weight) = (self.input(dout, dt)?, self.input(inp, dt)?, self.input(weight, dt)?);
         let (mean, rstd) = (self.input(mean, Dtype::F32)?, self.input(rstd, Dtype::F32)?);
-        let (n_arg, c_arg) = (i32_arg(n, "n")?, i32_arg(c, "c")?);
-
-        let dinp = self.output(dinp, dt, true)?;
-        let blocks = grid_dim(n.div_ceil(LN_WARPS_PER_BLOCK as usize), "layernorm blocks")?;
-        self.launch(
-            &format!("layernorm_backward_dinp_{}", suffix(dt)),
-            LaunchConfig::grid_1d(blocks, 32 * LN_WARPS_PER_BLOCK as u32),
-            &[dinp.arg(), dout.arg(), inp.arg(), weight.arg(), mean.arg(), rstd.arg(), n_arg, c_arg],
-        )?;
-
-        // Parameter gradients: per-chunk partials, then one ordered sum per channel. The chunk size
-        // depends only on n (more rows per chunk only when the grid would exceed its y limit).
-        let sums = ChannelSums::new(n, c, LN_MIN_ROWS_PER_CHUNK as usize, "layernorm")?;
-        let (rows_per_chunk, chunks) = (sums.rows_per_chunk, sums.chunks);
-        let partial = self.device.alloc::<f32>(chunks * 2 * c)?;
-        self.launch(
-            &format!("layernorm_backward_params_partial_{}", suffix(dt)),
-            sums.partial_config(),
-            &[
-                KernelArg::Ptr(partial.device_ptr()),
-                dout.arg(),
-                inp.arg(),
-                mean.arg(),
-                rstd.arg(),
-                n_arg,
-                c_arg,
-                i32_arg(rows_per_chunk, "rows per chunk")?,
-            ],
-        )?;
+        let plan = NormBackwardPlan::new(n, c, 2, "layernorm")?;
+        // The scratch rows are written before they are read; the counter starts at zero (and the
+        // kernel's last block leaves it at zero).
+        let scratch = self.device.alloc::<f32>(plan.scratch_len())?;
+        let counter = self.device.alloc_zeros::<u32>(1)?;
+        let dinp = self.output(dinp, dt, true)?.arg();
         let dweight = self.output(dweight, dt, true)?.arg();
         let dbias = self.output(dbias, dt, true)?.arg();
         self.launch(
-            &format!("layernorm_backward_params_reduce_{}", suffix(dt)),
-            sums.reduce_config(),
-            &[dweight, dbias, KernelArg::Ptr(partial.device_ptr()), i32_arg(chunks, "chunks")?, c_arg],
+            &format!("layernorm_backward_{}", suffix(dt)),
+            plan.config(),
+            &[
+                dinp,
+                dweight,
+                dbias,
+                KernelArg::Ptr(scratch.device_ptr()),
+                KernelArg::Ptr(counter.device_ptr()),
+                dout.arg(),
+                inp.arg(),
+                weight.arg(),
+                mean.arg(),
+                rstd.arg(),
+                i32_arg(n, "n")?,
+                i32_arg(c, "c")?,
+                i32_arg(plan.rows_per_block, "rows per block")?,
+            ],
         )
     }
 }

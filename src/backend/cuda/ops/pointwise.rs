@@ -1,10 +1,10 @@
 //! Elementwise ops on the CUDA backend (kernels/pointwise.cu): one grid-stride launch each, in the
-//! output's storage type.
+//! output's storage type, a thread per 128-bit pack of elements.
 
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
-use crate::backend::cuda::launch::{grid_stride_config, suffix};
+use crate::backend::cuda::launch::{packed_grid_stride_config, suffix};
 use crate::backend::cuda::{Dtype, KernelArg};
 use crate::backend::{checks, PointwiseOps};
 
@@ -16,7 +16,7 @@ impl CudaBackend {
         }
         let mut all = args.to_vec();
         all.push(KernelArg::I64(n as i64));
-        self.launch(&format!("{op}_{}", suffix(dtype)), grid_stride_config(n), &all)
+        self.launch(&format!("{op}_{}", suffix(dtype)), packed_grid_stride_config(n, dtype), &all)
     }
 }
 

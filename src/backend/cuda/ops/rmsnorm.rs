@@ -1,16 +1,16 @@
-//! RMSNorm on the CUDA backend (kernels/rmsnorm.cu): one warp per row for the forward and the input
-//! gradient; the weight gradient as per-chunk partial sums, then one ordered sum per channel (no
-//! atomics).
+//! RMSNorm on the CUDA backend (kernels/rmsnorm.cu): one warp per row for the forward; the whole
+//! backward in one launch, whose weight gradient is per-block partial sums that the grid's last block
+//! adds up in block order (no float atomics: the same bits every run).
 
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
-use crate::backend::cuda::kernels::constants::rmsnorm::{RMS_MIN_ROWS_PER_CHUNK, RMS_WARPS_PER_BLOCK};
-use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, ChannelSums};
+use crate::backend::cuda::kernels::constants::rmsnorm::RMS_WARPS_PER_BLOCK;
+use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, NormBackwardPlan};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, RmsNormOps};
 
-/// The row kernels' launch: `RMS_WARPS_PER_BLOCK` rows (one warp each) per block.
+/// The forward kernels' launch: `RMS_WARPS_PER_BLOCK` rows (one warp each) per block.
 fn row_config(n: usize) -> Result<LaunchConfig> {
     let blocks = grid_dim(n.div_ceil(RMS_WARPS_PER_BLOCK as usize), "rmsnorm blocks")?;
     Ok(LaunchConfig::grid_1d(blocks, 32 * RMS_WARPS_PER_BLOCK as u32))
@@ -98,38 +98,29 @@ impl RmsNormOps for CudaBackend {
         let dt = self.act();
         let (dout, inp, weight) = (self.input(dout, dt)?, self.input(inp, dt)?, self.input(weight, dt)?);
         let rstd = self.input(rstd, Dtype::F32)?;
-        let (n_arg, c_arg) = (i32_arg(n, "n")?, i32_arg(c, "c")?);
-
-        let dinp = self.output(dinp, dt, true)?;
-        self.launch(
-            &format!("rmsnorm_backward_dinp_{}", suffix(dt)),
-            row_config(n)?,
-            &[dinp.arg(), dout.arg(), inp.arg(), weight.arg(), rstd.arg(), n_arg, c_arg],
-        )?;
-
-        // The weight gradient: per-chunk partials, then one ordered sum per channel. The chunk size
-        // depends only on n (more rows per chunk only when the grid would exceed its y limit).
-        let sums = ChannelSums::new(n, c, RMS_MIN_ROWS_PER_CHUNK as usize, "rmsnorm")?;
-        let (rows_per_chunk, chunks) = (sums.rows_per_chunk, sums.chunks);
-        let partial = self.device.alloc::<f32>(chunks * c)?;
-        self.launch(
-            &format!("rmsnorm_backward_dweight_partial_{}", suffix(dt)),
-            sums.partial_config(),
-            &[
-                KernelArg::Ptr(partial.device_ptr()),
-                dout.arg(),
-                inp.arg(),
-                rstd.arg(),
-                n_arg,
-                c_arg,
-                i32_arg(rows_per_chunk, "rows per chunk")?,
-            ],
-        )?;
+        let plan = NormBackwardPlan::new(n, c, 1, "rmsnorm")?;
+        // The scratch rows are written before they are read; the counter starts at zero (and the
+        // kernel's last block leaves it at zero).
+        let scratch = self.device.alloc::<f32>(plan.scratch_len())?;
+        let counter = self.device.alloc_zeros::<u32>(1)?;
+        let dinp = self.output(dinp, dt, true)?.arg();
         let dweight = self.output(dweight, dt, true)?.arg();
         self.launch(
-            &format!("rmsnorm_backward_dweight_reduce_{}", suffix(dt)),
-            sums.reduce_config(),
-            &[dweight, KernelArg::Ptr(partial.device_ptr()), i32_arg(chunks, "chunks")?, c_arg],
+            &format!("rmsnorm_backward_{}", suffix(dt)),
+            plan.config(),
+            &[
+                dinp,
+                dweight,
+                KernelArg::Ptr(scratch.device_ptr()),
+                KernelArg::Ptr(counter.device_ptr()),
+                dout.arg(),
+                inp.arg(),
+                weight.arg(),
+                rstd.arg(),
+                i32_arg(n, "n")?,
+                i32_arg(c, "c")?,
+                i32_arg(plan.rows_per_block, "rows per block")?,
+            ],
         )
     }
 }

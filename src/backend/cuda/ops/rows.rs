@@ -1,10 +1,10 @@
-//! Row selection on the CUDA backend (kernels/rows.cu): one block per output row, exact copies in
-//! the input's storage type.
+//! Row selection on the CUDA backend (kernels/rows.cu): one block per output row, a thread per 128-bit
+//! pack of it, exact copies in the input's storage type.
 
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds};
-use crate::backend::cuda::launch::{grid_dim, i32_arg, row_threads, suffix};
+use crate::backend::cuda::launch::{grid_dim, i32_arg, row_threads, suffix, vec_width};
 use crate::backend::cuda::LaunchConfig;
 use crate::backend::{checks, RowOps};
 
@@ -28,7 +28,7 @@ impl RowOps for CudaBackend {
         let out = self.output(out, dt, false)?;
         self.launch(
             &format!("gather_rows_{}", suffix(dt)),
-            LaunchConfig::grid_1d(grid_dim(m, "rows")?, row_threads(c)),
+            LaunchConfig::grid_1d(grid_dim(m, "rows")?, row_threads(c.div_ceil(vec_width(dt)))),
             &[out.arg(), inp.arg(), rows.arg(), i32_arg(c, "c")?],
         )
     }
@@ -51,7 +51,7 @@ impl RowOps for CudaBackend {
         let dinp = self.output(dinp, dt, false)?;
         self.launch(
             &format!("scatter_rows_{}", suffix(dt)),
-            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(c)),
+            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(c.div_ceil(vec_width(dt)))),
             &[dinp.arg(), dout.arg(), rows.arg(), i32_arg(m, "m")?, i32_arg(c, "c")?],
         )
     }

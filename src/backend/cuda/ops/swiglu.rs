@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
-use crate::backend::cuda::launch::{grid_stride_config, i32_arg, suffix};
+use crate::backend::cuda::launch::{i32_arg, packed_grid_stride_config, suffix};
 use crate::backend::cuda::KernelArg;
 use crate::backend::{checks, SwiGluOps};
 
@@ -19,7 +19,7 @@ impl SwiGluOps for CudaBackend {
         let out = self.output(out, dt, false)?;
         self.launch(
             &format!("swiglu_forward_{}", suffix(dt)),
-            grid_stride_config(n * f),
+            packed_grid_stride_config(n * f, dt),
             &[out.arg(), inp.arg(), KernelArg::I64(n as i64), i32_arg(f, "f")?],
         )
     }
@@ -34,7 +34,7 @@ impl SwiGluOps for CudaBackend {
         let dinp = self.output(dinp, dt, false)?;
         self.launch(
             &format!("swiglu_backward_{}", suffix(dt)),
-            grid_stride_config(n * f),
+            packed_grid_stride_config(n * f, dt),
             &[dinp.arg(), inp.arg(), dout.arg(), KernelArg::I64(n as i64), i32_arg(f, "f")?],
         )
     }
