@@ -2,8 +2,8 @@
 //! schedules: ours (linear warmup, then cosine decay to a floor) and transformers' by their
 //! `lr_scheduler_type` names ([`LrSchedulerType`], [`Scheduler`]).
 //!
-//! The update itself is one backend call per parameter tensor (`Backend::adamw`, `Backend::sgd`);
-//! this module owns the optimizer state, decides which tensors are weight-decayed, folds gradient
+//! The update itself is one backend call over every parameter tensor (`Backend::adamw_tensors`,
+//! `Backend::sgd_tensors`: one launch on a device, the same bits as a call per tensor); this module owns the optimizer state, decides which tensors are weight-decayed, folds gradient
 //! clipping into the update as a `grad_scale`, and moves the state to and from checkpoints.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AdamWParams, Backend};
+use crate::backend::{AdamWParams, AdamWTensor, Backend, SgdTensor};
 use crate::model::Decoder;
 
 /// AdamW hyper-parameters. `lr` is the default learning rate; `AdamW::step` takes the one to use
@@ -165,20 +165,23 @@ impl<B: Backend> AdamW<B> {
             );
         }
         let step = self.step + 1;
+        let hyper = AdamWParams {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step,
+            grad_scale,
+        };
+        // Every kept tensor in one call (one launch on a device), weight decay where the slot says.
+        let mut tensors = Vec::with_capacity(self.slots.len());
         let mut slots = self.slots.iter_mut().peekable();
-        for (index, (name, param, grad)) in params.into_iter().enumerate() {
+        for (index, (_, param, grad)) in params.into_iter().enumerate() {
             let Some(slot) = slots.next_if(|slot| slot.index == index) else { continue };
-            let hyper = AdamWParams {
-                lr,
-                beta1: self.cfg.beta1,
-                beta2: self.cfg.beta2,
-                eps: self.cfg.eps,
-                weight_decay: if slot.decay { self.cfg.weight_decay } else { 0.0 },
-                step,
-                grad_scale,
-            };
-            backend.adamw(param, grad, &mut slot.m, &mut slot.v, &hyper).with_context(|| format!("adamw on {name}"))?;
+            tensors.push(AdamWTensor { param, grad, m: &mut slot.m, v: &mut slot.v, decay: slot.decay });
         }
+        backend.adamw_tensors(&mut tensors, &hyper).context("adamw")?;
         self.step = step;
         Ok(())
     }
@@ -264,10 +267,9 @@ pub fn sgd_step<B: Backend>(model: &mut Decoder<B>, lr: f32, grad_scale: f32) ->
     ensure!(lr.is_finite(), "sgd: learning rate {lr} is not finite");
     ensure!(grad_scale.is_finite(), "sgd: grad_scale {grad_scale} is not finite");
     let backend = model.backend().clone();
-    for (name, param, grad) in model.params_and_grads_mut()? {
-        backend.sgd(param, grad, lr, grad_scale).with_context(|| format!("sgd on {name}"))?;
-    }
-    Ok(())
+    let mut tensors: Vec<SgdTensor<'_, B::Buf>> =
+        model.params_and_grads_mut()?.into_iter().map(|(_, param, grad)| SgdTensor { param, grad }).collect();
+    backend.sgd_tensors(&mut tensors, lr, grad_scale).context("sgd")
 }
 
 /// Global grad norm; returns `(norm, scale)` with `scale = min(1, max_norm / (norm + 1e-6))`, or 1

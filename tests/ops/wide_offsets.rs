@@ -11,14 +11,16 @@
 //!
 //! Grid-stride kernels: with `n` a multiple of the launch's stride (grid × block, checked from the
 //! window's record), the last `block` elements are the last block's final iteration. Row kernels:
-//! the last two blocks hold at least the last two rows.
+//! the last two blocks hold at least the last two rows. Multi-tensor kernels (one launch over a list
+//! of tensors): the wide tensor last in the list, so that the launch's last block is its last chunk.
 //!
 //! The GPU twin (ignored without a GPU) runs every case whole, with no window: about 9 GiB a buffer.
 
 use safedpo::backend::cpu::CpuBackend;
+use safedpo::backend::cuda::kernels::constants::optimizer::MULTI_TENSOR_CHUNK;
 use safedpo::backend::cuda::{emu, CudaBackend, CudaBuf, Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::{AdamWParams, DecodeSpans, Packing, QkvLayout};
+use safedpo::backend::{AdamWParams, AdamWTensor, DecodeSpans, Packing, QkvLayout};
 
 use crate::common::*;
 
@@ -184,13 +186,56 @@ fn adamw(w: &Wide) {
     }
 }
 
+/// The multi-tensor AdamW (`adamw_tensors`, kernel `adamw_multi_*`): a small tensor, then the wide
+/// one, whose last chunk is the launch's last block (`WIDE` is a multiple of the chunk).
+fn adamw_multi_tensor(w: &Wide) {
+    let tail = 256;
+    let mut r = rng(6);
+    let (p, g, m, v) =
+        (randn(&mut r, tail, 1.0), randn(&mut r, tail, 1.0), randn(&mut r, tail, 0.1), uniform(&mut r, tail, 0.0, 0.1));
+    let hyper =
+        AdamWParams { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
+    let at = WIDE - tail;
+    let (mut pd, gd, mut md, mut vd) =
+        (w.sparse(WIDE, at, &p), w.sparse(WIDE, at, &g), w.sparse(WIDE, at, &m), w.sparse(WIDE, at, &v));
+    let small = 1000;
+    let (mut ps, gs, mut ms, mut vs) =
+        (w.sparse(small, 0, &[]), w.sparse(small, 0, &[]), w.sparse(small, 0, &[]), w.sparse(small, 0, &[]));
+    let ((), record) = w.windowed(&[("adamw_multi", emu::BlockRange::last_x(1))], || {
+        let mut tensors = [
+            AdamWTensor { param: &mut ps, grad: &gs, m: &mut ms, v: &mut vs, decay: true },
+            AdamWTensor { param: &mut pd, grad: &gd, m: &mut md, v: &mut vd, decay: true },
+        ];
+        w.cuda.adamw_tensors(&mut tensors, &hyper).unwrap()
+    });
+    if let Some(r) = record {
+        let chunk = MULTI_TENSOR_CHUNK as usize;
+        assert!(WIDE.is_multiple_of(chunk), "the last block holds the last {chunk} elements");
+        assert_eq!(r.grid[0] as usize, small.div_ceil(chunk) + WIDE / chunk, "{r:?}");
+    }
+    let up = |x: &[f32]| w.cpu.upload(x).unwrap();
+    let (mut pc, gc, mut mc, mut vc) = (up(&p), up(&g), up(&m), up(&v));
+    w.cpu.adamw(&mut pc, &gc, &mut mc, &mut vc, &hyper).unwrap();
+    for (name, dev, host) in [("param", &pd, &pc), ("m", &md, &mc), ("v", &vd, &vc)] {
+        check(&format!("adamw_tensors {name} past 2^31"), &w.read(dev, at, tail), &w.cpu.download(host).unwrap());
+    }
+}
+
+/// The one-launch sum of squares (kernel `sum_squares_partial_multi`) over a small tensor and the
+/// wide one: the wide one's last block (the launch's last) holds the last elements.
 fn sum_squares(w: &Wide) {
     let tail = 256;
     let x = randn(&mut rng(5), tail, 1.0);
     let buf = w.sparse(WIDE, WIDE - tail, &x);
-    let (got, record) =
-        w.windowed(&[("sum_squares_partial", emu::BlockRange::last_x(1))], || w.cuda.sum_squares(&[&buf]).unwrap());
-    assert_eq!(assert_tail_in_last_block(record, WIDE), tail);
+    let small = w.sparse(1000, 0, &[]);
+    let (got, record) = w.windowed(&[("sum_squares_partial_multi", emu::BlockRange::last_x(1))], || {
+        w.cuda.sum_squares(&[&small, &buf]).unwrap()
+    });
+    if let Some(r) = record {
+        // One block for the small tensor, then the wide one's, whose stride divides WIDE.
+        let (blocks, threads) = (r.grid[0] as usize - 1, r.block[0] as usize);
+        assert!(WIDE.is_multiple_of(blocks * threads), "the stride {blocks}×{threads} does not divide WIDE: {r:?}");
+    }
     let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
     assert!((got - want).abs() <= 1e-5 * want, "sum_squares past 2^31: {got} vs {want}");
 }
@@ -505,6 +550,7 @@ const CASES: &[(&str, Case)] = &[
     ("gelu", gelu),
     ("swiglu", swiglu),
     ("adamw", adamw),
+    ("adamw_multi_tensor", adamw_multi_tensor),
     ("sum_squares", sum_squares),
     ("layernorm", layernorm),
     ("rmsnorm", rmsnorm),

@@ -1,12 +1,12 @@
 //! Parameter updates, AdamW and SGD (contract: `backend/ops/optimizer.rs`, kernels:
-//! `kernels/optimizer.cu`).
+//! `kernels/optimizer.cu`). The list forms loop over the tensors with the one-tensor code.
 
 use anyhow::Result;
 use rayon::prelude::*;
 
 use super::simd::simd_kernel;
 use super::{CpuBackend, POINTWISE_CHUNK};
-use crate::backend::{checks, AdamWParams, OptimizerOps};
+use crate::backend::{checks, AdamWParams, AdamWTensor, OptimizerOps, SgdTensor};
 
 /// The specification, in f64: plain loops that the fast version below and the CUDA kernels are
 /// held to.
@@ -89,6 +89,23 @@ impl OptimizerOps for CpuBackend {
             .zip(grad.par_chunks(POINTWISE_CHUNK))
             .zip(m.par_chunks_mut(POINTWISE_CHUNK).zip(v.par_chunks_mut(POINTWISE_CHUNK)))
             .for_each(|((w, g), (m, v))| adamw_kernel(w, g, m, v, k));
+        Ok(())
+    }
+
+    fn adamw_tensors(&self, tensors: &mut [AdamWTensor<'_, Vec<f32>>], p: &AdamWParams) -> Result<()> {
+        checks::adamw_tensors(tensors.iter().map(|t| [t.param.len(), t.grad.len(), t.m.len(), t.v.len()]), p.step)?;
+        for t in tensors {
+            let p = AdamWParams { weight_decay: if t.decay { p.weight_decay } else { 0.0 }, ..*p };
+            self.adamw(t.param, t.grad, t.m, t.v, &p)?;
+        }
+        Ok(())
+    }
+
+    fn sgd_tensors(&self, tensors: &mut [SgdTensor<'_, Vec<f32>>], lr: f32, grad_scale: f32) -> Result<()> {
+        checks::sgd_tensors(tensors.iter().map(|t| [t.param.len(), t.grad.len()]))?;
+        for t in tensors {
+            self.sgd(t.param, t.grad, lr, grad_scale)?;
+        }
         Ok(())
     }
 

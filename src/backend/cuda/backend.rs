@@ -47,6 +47,7 @@ use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
 use super::launch::grid_stride_config;
+use super::tensor_table::TensorTables;
 use super::{Device, DeviceBuffer, DeviceScalar, Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, Buffers, MemoryStats, Packing};
 
@@ -227,6 +228,8 @@ pub struct CudaBackend {
     pub(super) ones_bf16: Mutex<Option<DeviceBuffer<bf16>>>,
     /// Which attention kernels bf16 at head dims 64 and 128 may run (see [`AttentionKernels`]).
     attention_kernels: AttentionKernels,
+    /// The multi-tensor launches' descriptor tables (optimizer, grad norm), kept while unchanged.
+    pub(super) tensor_tables: TensorTables,
 }
 
 /// The attention kernels a [`CudaBackend`] picks from. `Auto` (the default) runs bf16 at head dims
@@ -255,6 +258,7 @@ impl CudaBackend {
             ones_f32: Mutex::new(None),
             ones_bf16: Mutex::new(None),
             attention_kernels: AttentionKernels::Auto,
+            tensor_tables: TensorTables::default(),
         }
     }
 

@@ -39,6 +39,7 @@ pub use absent::gpu;
 pub mod kernels;
 mod launch;
 mod ops;
+mod tensor_table;
 // What the device implementations read of these types goes unread when the build has neither.
 #[cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
 pub mod types;

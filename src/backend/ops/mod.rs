@@ -24,7 +24,7 @@ pub use grad_norm::GradNormOps;
 pub use layernorm::LayerNormOps;
 pub use logsoftmax_gather::LogSoftmaxGatherOps;
 pub use matmul::MatmulOps;
-pub use optimizer::OptimizerOps;
+pub use optimizer::{AdamWTensor, OptimizerOps, SgdTensor};
 pub use pointwise::PointwiseOps;
 pub use preference_loss::{ExampleParts, LogpParts, PreferenceLossInputs, PreferenceLossOps};
 pub use rmsnorm::RmsNormOps;

@@ -1,12 +1,53 @@
-//! Parameter updates on the CUDA backend (kernels/optimizer.cu): AdamW and SGD, one grid-stride
-//! launch each; a bf16 parameter is updated through its fp32 master copy.
+//! Parameter updates on the CUDA backend (kernels/optimizer.cu): AdamW and SGD on one tensor (one
+//! grid-stride launch each) or on a list of tensors (one launch per storage type in the list, over
+//! a device-side table of the tensors, kept between steps: `tensor_table.rs`); a bf16 parameter is
+//! updated through its fp32 master copy.
 
 use anyhow::Result;
 
-use crate::backend::cuda::backend::{CudaBackend, CudaBuf, Storage};
-use crate::backend::cuda::launch::{grid_stride_config, suffix};
-use crate::backend::cuda::{Dtype, KernelArg};
-use crate::backend::{checks, AdamWParams, OptimizerOps};
+use crate::backend::cuda::backend::{CudaBackend, CudaBuf, Operand, Storage};
+use crate::backend::cuda::kernels::constants::optimizer::{
+    MULTI_TENSOR_CHUNK, MULTI_TENSOR_SLOT_WORDS, MULTI_TENSOR_THREADS,
+};
+use crate::backend::cuda::launch::{grid_dim, grid_stride_config, i32_arg, suffix};
+use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
+use crate::backend::{checks, AdamWParams, AdamWTensor, OptimizerOps, SgdTensor};
+
+/// AdamW's bias corrections `1 − β1ᵗ`, `1 − β2ᵗ`, in f64 (as PyTorch computes them in Python floats),
+/// rounded once to f32.
+fn bias_corrections(p: &AdamWParams) -> [f32; 2] {
+    [p.beta1, p.beta2].map(|beta| (1.0 - (beta as f64).powi(p.step as i32)) as f32)
+}
+
+/// The arguments after AdamW's tensors: `lr, beta1, beta2, eps, weight_decay, bias_correction1,
+/// bias_correction2, grad_scale` (both kernel forms).
+fn adamw_hyper_args(p: &AdamWParams) -> [KernelArg; 8] {
+    let [bc1, bc2] = bias_corrections(p);
+    [p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, bc1, bc2, p.grad_scale].map(KernelArg::F32)
+}
+
+/// One tensor of a multi-tensor update, as `MultiTensorSlot` (kernels/optimizer.cu) lays it out.
+struct Slot {
+    param: u64,
+    master: u64,
+    grad: u64,
+    m: u64,
+    v: u64,
+    len: usize,
+    decay: bool,
+}
+
+/// The table of a multi-tensor launch and its chunk count (the grid).
+fn slot_table(slots: &[Slot]) -> (Vec<u64>, usize) {
+    let chunk = MULTI_TENSOR_CHUNK as usize;
+    let mut words = Vec::with_capacity(slots.len() * MULTI_TENSOR_SLOT_WORDS as usize);
+    let mut chunks = 0;
+    for s in slots {
+        words.extend([s.param, s.master, s.grad, s.m, s.v, s.len as u64, chunks as u64, s.decay as u64]);
+        chunks += s.len.div_ceil(chunk);
+    }
+    (words, chunks)
+}
 
 impl OptimizerOps for CudaBackend {
     fn adamw(
@@ -22,22 +63,8 @@ impl OptimizerOps for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        // Bias corrections in f64 (as PyTorch computes them in Python floats).
-        let bc1 = (1.0 - (p.beta1 as f64).powi(p.step as i32)) as f32;
-        let bc2 = (1.0 - (p.beta2 as f64).powi(p.step as i32)) as f32;
         let m = self.output(m, Dtype::F32, true)?.arg();
         let v = self.output(v, Dtype::F32, true)?.arg();
-        let hyper = [
-            KernelArg::I64(n as i64),
-            KernelArg::F32(p.lr),
-            KernelArg::F32(p.beta1),
-            KernelArg::F32(p.beta2),
-            KernelArg::F32(p.eps),
-            KernelArg::F32(p.weight_decay),
-            KernelArg::F32(bc1),
-            KernelArg::F32(bc2),
-            KernelArg::F32(p.grad_scale),
-        ];
         let dt = param.dtype();
         let grad = self.input(grad, dt)?;
         let mut args = vec![param.storage.arg()];
@@ -48,9 +75,33 @@ impl OptimizerOps for CudaBackend {
             }
             _ => param.master = None,
         }
-        args.extend([grad.arg(), m, v]);
-        args.extend(hyper);
+        args.extend([grad.arg(), m, v, KernelArg::I64(n as i64)]);
+        args.extend(adamw_hyper_args(p));
         self.launch(&format!("adamw_{}", suffix(dt)), grid_stride_config(n), &args)
+    }
+
+    fn adamw_tensors(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], p: &AdamWParams) -> Result<()> {
+        checks::adamw_tensors(tensors.iter().map(|t| [t.param.len(), t.grad.len(), t.m.len(), t.v.len()]), p.step)?;
+        for dt in [Dtype::F32, Dtype::Bf16] {
+            let (mut slots, mut grads) = (Vec::new(), Vec::new());
+            for t in tensors.iter_mut().filter(|t| t.param.dtype() == dt && !t.param.is_empty()) {
+                let m = self.output(t.m, Dtype::F32, true)?.ptr();
+                let v = self.output(t.v, Dtype::F32, true)?.ptr();
+                let (master, grad) = self.update_operands(t.param, t.grad)?;
+                slots.push(Slot {
+                    param: t.param.storage.ptr(),
+                    master,
+                    grad: grad.ptr(),
+                    m,
+                    v,
+                    len: t.param.len(),
+                    decay: t.decay,
+                });
+                grads.push(grad);
+            }
+            self.launch_multi("adamw_multi", dt, &slots, &adamw_hyper_args(p))?;
+        }
+        Ok(())
     }
 
     fn sgd(&self, param: &mut CudaBuf, grad: &CudaBuf, lr: f32, grad_scale: f32) -> Result<()> {
@@ -74,6 +125,21 @@ impl OptimizerOps for CudaBackend {
             &[param.storage.arg(), master, grad.arg(), KernelArg::I64(n as i64), KernelArg::F32(lr * grad_scale)],
         )
     }
+
+    fn sgd_tensors(&self, tensors: &mut [SgdTensor<'_, CudaBuf>], lr: f32, grad_scale: f32) -> Result<()> {
+        checks::sgd_tensors(tensors.iter().map(|t| [t.param.len(), t.grad.len()]))?;
+        for dt in [Dtype::F32, Dtype::Bf16] {
+            let (mut slots, mut grads) = (Vec::new(), Vec::new());
+            for t in tensors.iter_mut().filter(|t| t.param.dtype() == dt && !t.param.is_empty()) {
+                let (master, grad) = self.update_operands(t.param, t.grad)?;
+                let param = t.param.storage.ptr();
+                slots.push(Slot { param, master, grad: grad.ptr(), m: 0, v: 0, len: t.param.len(), decay: false });
+                grads.push(grad);
+            }
+            self.launch_multi("sgd_multi", dt, &slots, &[KernelArg::F32(lr * grad_scale)])?;
+        }
+        Ok(())
+    }
 }
 
 impl CudaBackend {
@@ -86,5 +152,40 @@ impl CudaBackend {
             param.master = Some(master);
         }
         Ok(param.master.as_ref().unwrap().device_ptr())
+    }
+
+    /// What an update of `param` reads besides it, as the one-tensor launches prepare it: its master
+    /// copy (bf16; an f32 parameter drops any, null) and the gradient in the parameter's type.
+    fn update_operands<'g>(&self, param: &mut CudaBuf, grad: &'g CudaBuf) -> Result<(u64, Operand<'g>)> {
+        let dt = param.dtype();
+        let master = match dt {
+            Dtype::Bf16 => self.ensure_master(param)?,
+            _ => {
+                param.master = None;
+                0
+            }
+        };
+        Ok((master, self.input(grad, dt)?))
+    }
+
+    /// One launch of `<stem>_<dtype>` over the table of `slots` (nothing when it is empty), with
+    /// `args` after the table and its length.
+    fn launch_multi(&self, stem: &str, dt: Dtype, slots: &[Slot], args: &[KernelArg]) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (words, chunks) = slot_table(slots);
+        // Held until the launch is queued; the device orders its eventual free after it.
+        let table = self.tensor_tables.get(&self.device, words)?;
+        let mut all = vec![KernelArg::Ptr(table.device_ptr()), i32_arg(slots.len(), "tensors")?];
+        all.extend_from_slice(args);
+        let config = LaunchConfig::grid_1d(grid_dim(chunks, "chunks")?, MULTI_TENSOR_THREADS as u32);
+        self.launch(&format!("{stem}_{}", suffix(dt)), config, &all)
+    }
+
+    /// Descriptor tables uploaded by the multi-tensor launches so far (optimizer and grad norm): a
+    /// table is uploaded when its tensors are first seen and again only when they change.
+    pub fn tensor_table_uploads(&self) -> u64 {
+        self.tensor_tables.uploads()
     }
 }
