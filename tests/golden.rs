@@ -51,12 +51,14 @@ macro_rules! fixture {
 }
 
 /// Every fixture directory (`every_fixture_directory_is_tested` keeps this list complete).
-const FIXTURES: [Fixture; 5] = [
+const FIXTURES: [Fixture; 7] = [
     fixture!("gpt2-2layer-4head"),
     fixture!("gpt2-1layer-1head-wide"),
     fixture!("llama-gqa-llama3-rope-untied"),
     fixture!("mistral-mqa-headdim"),
     fixture!("qwen2-tied-qkv-bias-linear-rope"),
+    fixture!("mistral-sliding-window"),
+    fixture!("qwen2-sliding-window-layers"),
 ];
 
 /// The expected.json format this test reads.
