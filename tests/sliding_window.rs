@@ -21,7 +21,7 @@ fn mistral() -> DecoderConfig {
     DecoderConfig { family: Family::Mistral, sliding_window: Some(3), ..DecoderConfig::llama(31, 32, 16, 2, 4, 2, 24) }
 }
 
-/// Qwen2, 3 layers, one key/value head, q/k/v biases, tied: a window of 2 in layers 0 and 2, the
+/// Qwen2, 3 layers, one key/value head, q/k/v biases, tied: a window of 3 in layers 0 and 2, the
 /// whole prefix in layer 1.
 fn qwen2() -> DecoderConfig {
     use LayerAttention::{Full, Sliding};
@@ -29,14 +29,14 @@ fn qwen2() -> DecoderConfig {
         family: Family::Qwen2,
         qkv_bias: true,
         tie_word_embeddings: true,
-        sliding_window: Some(2),
+        sliding_window: Some(3),
         layer_types: Some(vec![Sliding, Full, Sliding]),
         ..DecoderConfig::llama(37, 32, 16, 3, 4, 1, 24)
     }
 }
 
 fn configs() -> [(&'static str, DecoderConfig); 2] {
-    [("mistral, window 3", mistral()), ("qwen2, window 2 in layers 0 and 2", qwen2())]
+    [("mistral, window 3", mistral()), ("qwen2, window 3 in layers 0 and 2", qwen2())]
 }
 
 /// The model's log-probs on `LENS`.

@@ -99,12 +99,15 @@ pub fn qwen2_to_hf(
     let layers = layers.unwrap_or(&all_sliding);
     let names: Vec<&str> = layers.iter().map(|kind| kind.hf_name()).collect();
     obj.insert("layer_types".into(), json!(names));
-    // 4.x reads `max_window_layers` only: the count of leading full layers says it whenever the
-    // sliding layers are the last ones (the only pattern it can say).
+    // 4.x reads `max_window_layers` only, the count of leading full layers, which says the layers
+    // whenever the sliding ones are the last: then it is written unless the file's own says the
+    // same. Another pattern it cannot say; the file's own value, if any, stays.
+    let leading_full = layers.iter().position(|&kind| kind == LayerAttention::Sliding).unwrap_or(n_layer);
+    let sayable = threshold_layers(leading_full, n_layer) == layers;
     let kept = obj.get("max_window_layers").and_then(Value::as_u64).map(|k| k as usize);
-    if kept.is_none_or(|k| threshold_layers(k, n_layer) != layers) {
-        let full_layers = layers.iter().position(|&kind| kind == LayerAttention::Sliding).unwrap_or(n_layer);
-        obj.insert("max_window_layers".into(), json!(full_layers));
+    let kept_says_it = kept.is_some_and(|k| threshold_layers(k, n_layer) == layers);
+    if kept.is_none() || (sayable && !kept_says_it) {
+        obj.insert("max_window_layers".into(), json!(leading_full));
     }
 }
 
