@@ -201,14 +201,14 @@ FIXTURES = [
     Fixture(
         name="qwen2-sliding-window-layers",
         family="qwen2",
-        description="Qwen2, 3 layers, 4 query heads sharing one key/value head of width 8, q/k/v biases, "
-        "tied, use_sliding_window with a window of 4 and max_window_layers 1: layer 0 attends to the "
+        description="Qwen2, 3 layers, 4 query heads sharing 2 key/value heads of width 8, q/k/v biases, "
+        "tied, use_sliding_window with a window of 6 and max_window_layers 1: layer 0 attends to the "
         "whole prefix, layers 1 and 2 through the window; config.json in the transformers 4.x form "
         "(rope_theta, no layer_types)",
         config=dict(vocab_size=37, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6,
+                    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                     rope_parameters=dict(rope_type="default", rope_theta=10000.0), use_sliding_window=True,
-                    sliding_window=4, max_window_layers=1, tie_word_embeddings=True, bos_token_id=36,
+                    sliding_window=6, max_window_layers=1, tie_word_embeddings=True, bos_token_id=36,
                     eos_token_id=36),
         seed=26,
         pairs=[(5, 8, 2), (1, 3, 1), (9, 14, 7)],
