@@ -7,7 +7,8 @@
 //! path runs (`block.rs`, LoRA's adapters included), `[M, ·]` for M new tokens in all; only the
 //! attention differs ([`CachedAttention`]): the new rows go into the cache, and a decoding step (one
 //! new token per sequence) attends with the decode-attention op, O(T) per token, while a prompt
-//! runs the packed causal attention over the cache.
+//! runs the packed causal attention over the cache. Under a layer's sliding window both read only
+//! the window (older keys stay in the cache, unread).
 
 use anyhow::{ensure, Result};
 

@@ -160,10 +160,9 @@ impl AttentionOps for CudaBackend {
         const OP: &str = "attention_backward";
         let saved_len = self.attention_saved_len(packing, layout.n_head);
         let cu = &packing.host_cu_seqlens;
-        let (dqkv_len, dout_len) = (dqkv.len(), dout.len());
         checks::attention_backward(
-            dqkv_len,
-            dout_len,
+            dqkv.len(),
+            dout.len(),
             qkv.len(),
             out.len(),
             saved.len(),
