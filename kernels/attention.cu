@@ -5,10 +5,11 @@
 // qkv [n, width] holds per token [q: n_head·hd | k: n_kv_head·hd | v: n_kv_head·hd] (QkvLayout in
 // src/backend/ops/attention.rs; GPT-2's `c_attn` output [n, 3c] when n_kv_head = n_head). Query head h
 // attends through key/value head g = h / (n_head / n_kv_head) (HF `repeat_kv`). Token t of sequence s
-// (cu_seqlens[s] ≤ t < cu_seqlens[s+1]) attends to the tokens of its own sequence up to itself, per query
-// head h (q_t of head h, k_j and v_j of head g):
+// (cu_seqlens[s] ≤ t < cu_seqlens[s+1]) attends to the tokens of its own sequence up to itself, the last
+// `window` of them under a sliding window (window_sees, attention.cuh; INT_MAX: no window), per query head
+// h (q_t of head h, k_j and v_j of head g):
 //
-//     S_tj = scale · q_t·k_j   (j in s, j ≤ t, scale = 1/√hd)     lse_t = log Σ_j exp S_tj
+//     S_tj = scale · q_t·k_j   (j in s, j ≤ t, t − j < window, scale = 1/√hd)     lse_t = log Σ_j exp S_tj
 //     P_tj = exp(S_tj − lse_t)                                   out_t = Σ_j P_tj v_j
 //
 // out is [n, n_head·hd]. The forward saves only lse [n, n_head] (f32), as flash attention does; the
@@ -34,7 +35,8 @@
 // tiles), so the dot products need no bounds tests. A dot product is 16 FMAs per lane and a butterfly
 // shuffle over the group's G lanes (every lane of the group gets the bit-identical sum). Tiles are
 // aligned to the start of their sequence; query tile i and key tile j of a sequence interact only for
-// j ≤ i (causal), and on the diagonal a warp skips the keys (queries) past (before) all of its rows.
+// j ≤ i (causal) and, under a window, when some query of tile i sees some key of tile j (the other tiles
+// are skipped); on the diagonal a warp skips the keys (queries) past (before) all of its rows.
 //
 // Launch shape: grid (heads, num_seqs, ceil(max_seqlen / TILE)), block 256, heads = n_head for the forward
 // and dq, n_kv_head for dkdv. Block (h, s, z) handles tile z of sequence s (reversed, z' = gridDim.z−1−z,
@@ -164,7 +166,8 @@ __device__ __forceinline__ void stage_tile(float* tile, const T* src, long long 
 }
 
 template <typename T, int HD_MAX>
-__device__ void attention_forward(T* out, float* lse, const T* qkv, const int* cu_seqlens, QkvColumns cols) {
+__device__ void attention_forward(T* out, float* lse, const T* qkv, const int* cu_seqlens, QkvColumns cols,
+                                  int window) {
     constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
     __shared__ __align__(16) float k_tile[ROWS * HD_MAX];
     __shared__ __align__(16) float v_tile[ROWS * HD_MAX];
@@ -188,7 +191,7 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
     for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) o[r] = 0.0f;
     float m = -INFINITY, l = 0.0f;  // running max and sum of exp(S − m)
 
-    for (int kt = 0; kt <= tile; ++kt) {
+    for (int kt = window_first_key(tile * ROWS, window) / ROWS; kt <= tile; ++kt) {
         const int key0 = kt * ROWS;
         __syncthreads();  // the previous tile's readers are done
         const T* key_row = qkv + (start + key0) * width;
@@ -202,19 +205,22 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
 #pragma unroll
             for (int kk = 0; kk < ATTN_CHUNK; ++kk) {
                 float v = group_sum<G>(lane_dot<G>(q, k_tile + (j0 + kk) * HD_MAX, g));
-                if (key0 + j0 + kk > i) v = -INFINITY;
+                if (!window_sees(i, key0 + j0 + kk, window)) v = -INFINITY;
                 sc[kk] = v;
                 chunk_max = fmaxf(chunk_max, v);
             }
-            // Key 0 is never masked and comes first, so m_new is finite from the first chunk on.
+            // Without a window key 0 is never masked and comes first, so m_new is finite from the first
+            // chunk on; under a window a row's first chunks may be wholly masked (m_new = −∞, every
+            // exp then taken against 0 gives 0).
             const float m_new = fmaxf(m, chunk_max);
-            const float alpha = expf(m - m_new);  // 0 on the first chunk (m = −∞)
+            const float m_ref = m_new == -INFINITY ? 0.0f : m_new;
+            const float alpha = expf(m - m_ref);  // 0 on the first live chunk (m = −∞)
             l *= alpha;
 #pragma unroll
             for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) o[r] *= alpha;
 #pragma unroll
             for (int kk = 0; kk < ATTN_CHUNK; ++kk) {
-                const float p = expf(sc[kk] - m_new);
+                const float p = expf(sc[kk] - m_ref);
                 l += p;
                 lane_axpy<G>(o, p, v_tile + (j0 + kk) * HD_MAX, g);
             }
@@ -230,7 +236,7 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, const int* c
 
 template <typename T, int HD_MAX>
 __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, const T* qkv, const T* out,
-                                      const float* lse, const int* cu_seqlens, QkvColumns cols) {
+                                      const float* lse, const int* cu_seqlens, QkvColumns cols, int window) {
     constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
     __shared__ __align__(16) float k_tile[ROWS * HD_MAX];
     __shared__ __align__(16) float v_tile[ROWS * HD_MAX];
@@ -259,7 +265,7 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
     const float dt = group_sum<G>(dot);  // D_t = dout_t·out_t = Σ_j P_tj (dout_t·v_j)
     const float l = lse[t * n_head + h];
 
-    for (int kt = 0; kt <= tile; ++kt) {
+    for (int kt = window_first_key(tile * ROWS, window) / ROWS; kt <= tile; ++kt) {
         const int key0 = kt * ROWS;
         __syncthreads();
         const T* key_row = qkv + (start + key0) * width;
@@ -271,7 +277,7 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
         for (int j = 0; j < keys; ++j) {
             const float sc = group_sum<G>(lane_dot<G>(q, k_tile + j * HD_MAX, g));
             const float dp = group_sum<G>(lane_dot<G>(dy, v_tile + j * HD_MAX, g));
-            const float p = key0 + j <= i ? expf(sc - l) : 0.0f;
+            const float p = window_sees(i, key0 + j, window) ? expf(sc - l) : 0.0f;
             lane_axpy<G>(dq, p * (dp - dt), k_tile + j * HD_MAX, g);
         }
     }
@@ -283,7 +289,7 @@ __device__ void attention_backward_dq(T* dqkv, float* delta, const T* dout, cons
 
 template <typename T, int HD_MAX>
 __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* delta,
-                                        const int* cu_seqlens, QkvColumns cols) {
+                                        const int* cu_seqlens, QkvColumns cols, int window) {
     constexpr int G = AttnTile<HD_MAX>::G, ROWS = AttnTile<HD_MAX>::ROWS;
     __shared__ __align__(16) float q_tile[ROWS * HD_MAX];
     __shared__ __align__(16) float dy_tile[ROWS * HD_MAX];
@@ -308,7 +314,8 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
 #pragma unroll
     for (int r = 0; r < ATTN_DIMS_PER_LANE; ++r) dk[r] = dv[r] = 0.0f;
 
-    const int tiles = (int)ceil_div(len, ROWS);
+    // The query tiles up to the last query that sees the tile's last key.
+    const int tiles = (int)ceil_div(window_query_end(imin(tile * ROWS + ROWS, len) - 1, window, len), ROWS);
     // The group's query heads one after another: their sum over h has the same order every run.
     for (int h = kv * group; h < (kv + 1) * group; ++h) {
         for (int qt = tile; qt < tiles; ++qt) {
@@ -328,7 +335,7 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
             for (int r = first; r < rows; ++r) {
                 const float sc = group_sum<G>(lane_dot<G>(k, q_tile + r * HD_MAX, g));
                 const float dp = group_sum<G>(lane_dot<G>(v, dy_tile + r * HD_MAX, g));
-                const float p = q0 + r >= j ? expf(sc - lse_tile[r]) : 0.0f;
+                const float p = window_sees(q0 + r, j, window) ? expf(sc - lse_tile[r]) : 0.0f;
                 lane_axpy<G>(dv, p, dy_tile + r * HD_MAX, g);
                 lane_axpy<G>(dk, p * (dp - delta_tile[r]), q_tile + r * HD_MAX, g);
             }
@@ -345,24 +352,24 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
 #define ATTENTION_KERNELS_(T, HD, suffix)                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_forward_hd##HD##_##suffix(T* out, float* lse, const T* qkv, const int* cu_seqlens,         \
-                                            int n_head, int n_kv_head, int head_dim) {                        \
-        attention_forward<T, HD>(out, lse, qkv, cu_seqlens, QkvColumns{n_head, n_kv_head, head_dim});         \
+                                            int n_head, int n_kv_head, int head_dim, int window) {            \
+        attention_forward<T, HD>(out, lse, qkv, cu_seqlens, QkvColumns{n_head, n_kv_head, head_dim}, window); \
     }                                                                                                         \
     EMU_REGISTER(attention_forward_hd##HD##_##suffix)                                                         \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_backward_dq_hd##HD##_##suffix(T* dqkv, float* delta, const T* dout, const T* qkv,          \
                                                 const T* out, const float* lse, const int* cu_seqlens,        \
-                                                int n_head, int n_kv_head, int head_dim) {                    \
+                                                int n_head, int n_kv_head, int head_dim, int window) {        \
         attention_backward_dq<T, HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens,                            \
-                                     QkvColumns{n_head, n_kv_head, head_dim});                                \
+                                     QkvColumns{n_head, n_kv_head, head_dim}, window);                        \
     }                                                                                                         \
     EMU_REGISTER(attention_backward_dq_hd##HD##_##suffix)                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)                                               \
         attention_backward_dkdv_hd##HD##_##suffix(T* dqkv, const T* dout, const T* qkv, const float* lse,    \
                                                   const float* delta, const int* cu_seqlens, int n_head,      \
-                                                  int n_kv_head, int head_dim) {                              \
+                                                  int n_kv_head, int head_dim, int window) {                  \
         attention_backward_dkdv<T, HD>(dqkv, dout, qkv, lse, delta, cu_seqlens,                               \
-                                       QkvColumns{n_head, n_kv_head, head_dim});                              \
+                                       QkvColumns{n_head, n_kv_head, head_dim}, window);                      \
     }                                                                                                         \
     EMU_REGISTER(attention_backward_dkdv_hd##HD##_##suffix)
 

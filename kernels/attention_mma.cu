@@ -27,8 +27,10 @@
 //     dPᵀ = V·doutᵀ, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q; dk = scale·dK. Runs after dq (reads `delta`).
 // P and dS are rounded to bf16 as the A operand of the next product (as FlashAttention-2 does); the
 // softmax sums, the row statistics and every accumulator stay f32. Causal: only the streamed tiles
-// that hold an unmasked pair run (key tiles up to the query tile; query tiles from the key tile on);
-// inside the diagonal tile the masked scores are −∞ (probabilities 0). Rows past a sequence's end are
+// that hold an unmasked pair run (key tiles up to the query tile; query tiles from the key tile on;
+// under a sliding window, key tiles from the first one the tile's first query sees, query tiles up
+// to the last query that sees the tile's last key); inside the partial tiles the masked scores are
+// −∞ (probabilities 0). Rows past a sequence's end are
 // zeros in shared memory, masked, and never stored. Every element of out, lse, delta and dqkv is
 // written by one thread, no atomics: the results do not depend on the schedule.
 //
@@ -201,7 +203,7 @@ __device__ __forceinline__ void store_rows(bf16* dst, long long stride, const fl
 
 template <int HD>
 __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, const int* cu_seqlens,
-                                      QkvColumns cols) {
+                                      QkvColumns cols, int window) {
     using Tile = AttnMmaTile<HD>;
     constexpr int KEYS = Tile::KEYS, S_SLICES = KEYS / 8;
     __shared__ __align__(16) bf16 q_s[ATTN_MMA_ROWS * Tile::STRIDE];
@@ -231,7 +233,7 @@ __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, co
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // running max (of q·k) and the lane's sum
 
     const int key_end = min(len, q0 + ATTN_MMA_ROWS);  // causal: no key past the tile's last query
-    for (int k0 = 0; k0 < key_end; k0 += KEYS) {
+    for (int k0 = window_first_key(q0, window) / KEYS * KEYS; k0 < key_end; k0 += KEYS) {
         __syncthreads();  // the previous tile's readers are done
         const bf16* key_rows = qkv + (long long)(start + k0) * width;
         mma_stage<HD, KEYS>(k_s, key_rows + cols.k(kv), width, min(KEYS, len - k0));
@@ -246,11 +248,11 @@ __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + 8 * j + 2 * t + e % 2;
-                if (key > rows_q[e / 2] || key >= len) sc[j][e] = -INFINITY;
+                if (!window_sees(rows_q[e / 2], key, window) || key >= len) sc[j][e] = -INFINITY;
                 tile_max[e / 2] = fmaxf(tile_max[e / 2], sc[j][e]);
             }
         }
-        float alpha[2];
+        float alpha[2], m_ref[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             // The four lanes of a row (t = 0..3) hold its columns.
@@ -258,9 +260,12 @@ __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, co
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
             const float m_new = fmaxf(m[half], mx);
-            // Every row has an unmasked key in every tile it visits (key k0 ≤ its query, k0 < len),
-            // so m_new is finite; alpha is 0 on the first tile (m = −∞).
-            alpha[half] = exp2f((m[half] - m_new) * scale_log2);
+            // Without a window every row has an unmasked key in every tile it visits (key k0 ≤ its
+            // query, k0 < len), so m_new is finite; alpha is 0 on the first tile (m = −∞). Under a
+            // window a row may see no key of its first tiles (m_new = −∞): the exps are then taken
+            // against 0, and give 0.
+            m_ref[half] = m_new == -INFINITY ? 0.0f : m_new;
+            alpha[half] = exp2f((m[half] - m_ref[half]) * scale_log2);
             m[half] = m_new;
             l[half] *= alpha[half];
         }
@@ -272,7 +277,7 @@ __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, co
         for (int j = 0; j < S_SLICES; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = exp2f((sc[j][e] - m[e / 2]) * scale_log2);
+                const float p = exp2f((sc[j][e] - m_ref[e / 2]) * scale_log2);
                 sc[j][e] = p;
                 l[e / 2] += p;
             }
@@ -298,7 +303,7 @@ __device__ void attention_mma_forward(bf16* out, float* lse, const bf16* qkv, co
 
 template <int HD>
 __device__ void attention_mma_backward_dq(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
-                                          const float* lse, const int* cu_seqlens, QkvColumns cols) {
+                                          const float* lse, const int* cu_seqlens, QkvColumns cols, int window) {
     using Tile = AttnMmaTile<HD>;
     constexpr int KEYS = Tile::KEYS, S_SLICES = KEYS / 8;
     __shared__ __align__(16) bf16 q_s[ATTN_MMA_ROWS * Tile::STRIDE];  // Q, then dout
@@ -353,7 +358,7 @@ __device__ void attention_mma_backward_dq(bf16* dqkv, float* delta, const bf16* 
     for (int j = 0; j < Tile::D_SLICES; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
 
     const int key_end = min(len, q0 + ATTN_MMA_ROWS);
-    for (int k0 = 0; k0 < key_end; k0 += KEYS) {
+    for (int k0 = window_first_key(q0, window) / KEYS * KEYS; k0 < key_end; k0 += KEYS) {
         __syncthreads();
         const bf16* key_rows = qkv + (long long)(start + k0) * width;
         mma_stage<HD, KEYS>(k_s, key_rows + cols.k(kv), width, min(KEYS, len - k0));
@@ -368,7 +373,9 @@ __device__ void attention_mma_backward_dq(bf16* dqkv, float* delta, const bf16* 
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + 8 * j + 2 * t + e % 2;
-                const float p = key > rows_q[e / 2] || key >= len ? 0.0f : exp2f(ds[j][e] * scale_log2 - lse_log2[e / 2]);
+                const float p = !window_sees(rows_q[e / 2], key, window) || key >= len
+                                    ? 0.0f
+                                    : exp2f(ds[j][e] * scale_log2 - lse_log2[e / 2]);
                 ds[j][e] = p * (dp[j][e] - d_row[e / 2]);
             }
         }
@@ -380,7 +387,7 @@ __device__ void attention_mma_backward_dq(bf16* dqkv, float* delta, const bf16* 
 
 template <int HD>
 __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                            const float* delta, const int* cu_seqlens, QkvColumns cols) {
+                                            const float* delta, const int* cu_seqlens, QkvColumns cols, int window) {
     using Tile = AttnMmaTile<HD>;
     constexpr int QUERIES = Tile::QUERIES, S_SLICES = QUERIES / 8;
     __shared__ __align__(16) bf16 k_s[ATTN_MMA_ROWS * Tile::STRIDE];
@@ -412,9 +419,11 @@ __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const 
         for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.0f;
     }
 
+    // Causal: no query before the key tile; windowed: none past the last that sees its last key.
+    const int query_end = window_query_end(min(k0 + ATTN_MMA_ROWS, len) - 1, window, len);
     // The group's query heads one after another: their sum over h has the same order every run.
     for (int h = kv * group; h < (kv + 1) * group; ++h) {
-        for (int qt0 = k0; qt0 < len; qt0 += QUERIES) {  // causal: no query before the key tile
+        for (int qt0 = k0; qt0 < query_end; qt0 += QUERIES) {
             const int rows = min(QUERIES, len - qt0);
             __syncthreads();  // the previous tile's readers are done (and K, V staged, the first time)
             mma_stage<HD, QUERIES>(q_s, qkv + (long long)(start + qt0) * width + cols.q(h), width, rows);
@@ -435,7 +444,8 @@ __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int col = 8 * j + 2 * t + e % 2, query = qt0 + col;
-                    const float p = query < rows_k[e / 2] ? 0.0f : exp2f(ds[j][e] * scale_log2 - lse_s[col]);
+                    const float p =
+                        !window_sees(query, rows_k[e / 2], window) ? 0.0f : exp2f(ds[j][e] * scale_log2 - lse_s[col]);
                     ds[j][e] = p * (dp[j][e] - delta_s[col]);
                     dp[j][e] = p;  // Pᵀ, for dV
                 }
@@ -452,24 +462,24 @@ __device__ void attention_mma_backward_dkdv(bf16* dqkv, const bf16* dout, const 
 #define ATTENTION_MMA_KERNELS(HD)                                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS)                                             \
         attention_mma_forward_hd##HD##_bf16(bf16* out, float* lse, const bf16* qkv, const int* cu_seqlens,     \
-                                            int n_head, int n_kv_head, int head_dim) {                         \
-        attention_mma_forward<HD>(out, lse, qkv, cu_seqlens, QkvColumns{n_head, n_kv_head, head_dim});      \
+                                            int n_head, int n_kv_head, int head_dim, int window) {             \
+        attention_mma_forward<HD>(out, lse, qkv, cu_seqlens, QkvColumns{n_head, n_kv_head, head_dim}, window); \
     }                                                                                                          \
     EMU_REGISTER(attention_mma_forward_hd##HD##_bf16)                                                          \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS)                                             \
         attention_mma_backward_dq_hd##HD##_bf16(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv,   \
                                                 const bf16* out, const float* lse, const int* cu_seqlens,      \
-                                                int n_head, int n_kv_head, int head_dim) {                     \
+                                                int n_head, int n_kv_head, int head_dim, int window) {         \
         attention_mma_backward_dq<HD>(dqkv, delta, dout, qkv, out, lse, cu_seqlens,                            \
-                                      QkvColumns{n_head, n_kv_head, head_dim});                             \
+                                      QkvColumns{n_head, n_kv_head, head_dim}, window);                     \
     }                                                                                                          \
     EMU_REGISTER(attention_mma_backward_dq_hd##HD##_bf16)                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_MMA_THREADS)                                             \
         attention_mma_backward_dkdv_hd##HD##_bf16(bf16* dqkv, const bf16* dout, const bf16* qkv,              \
                                                   const float* lse, const float* delta, const int* cu_seqlens,  \
-                                                  int n_head, int n_kv_head, int head_dim) {                   \
+                                                  int n_head, int n_kv_head, int head_dim, int window) {       \
         attention_mma_backward_dkdv<HD>(dqkv, dout, qkv, lse, delta, cu_seqlens,                               \
-                                        QkvColumns{n_head, n_kv_head, head_dim});                           \
+                                        QkvColumns{n_head, n_kv_head, head_dim}, window);                   \
     }                                                                                                          \
     EMU_REGISTER(attention_mma_backward_dkdv_hd##HD##_bf16)
 

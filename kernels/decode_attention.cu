@@ -7,7 +7,9 @@
 //
 //     S_j = scale · q_i,h·k_j,g   (scale = 1/√hd)      out_i,h = Σ_j exp(S_j − m) v_j,g / Σ_j exp(S_j − m)
 //
-// and zeros for an empty span.
+// and zeros for an empty span. Under a sliding window (`window`; INT_MAX: none) only the span's last
+// `window` rows count: the split kernel skips the older ones (windowed_span in
+// src/backend/ops/decode_attention.rs).
 //
 // CPU twin: src/backend/cpu/decode_attention.rs (`decode_attention_forward`). Host side:
 // src/backend/cuda/ops/decode_attention.rs.
@@ -35,14 +37,15 @@
 
 template <typename T>
 __device__ void decode_attention_split(float* part_o, float* part_ml, const T* qkv, const T* cache, const int* starts,
-                                       const int* lens, int n_head, int n_kv_head, int hd, int splits) {
+                                       const int* lens, int n_head, int n_kv_head, int hd, int splits, int window) {
     __shared__ float q_s[DECODE_HD_MAX];
     __shared__ float p_s[DECODE_SPLIT_KEYS];
     const QkvColumns cols{n_head, n_kv_head, hd};
     const int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z, g = cols.kv_head_of(h);
-    const long long width = cols.width(), start = starts[i];
+    const int read = min(lens[i], window), skipped = lens[i] - read;  // the window's rows of the span
+    const long long width = cols.width(), start = (long long)starts[i] + skipped;
     const int first = split * DECODE_SPLIT_KEYS;
-    const int keys = min(DECODE_SPLIT_KEYS, lens[i] - first);
+    const int keys = min(DECODE_SPLIT_KEYS, read - first);
     const long long part = ((long long)i * n_head + h) * splits + split;
     float* o = part_o + part * hd;
     if (keys <= 0) {  // the same for the whole block
@@ -107,8 +110,9 @@ __device__ void decode_attention_combine(T* out, const float* part_o, const floa
     extern "C" __global__ void decode_attention_split_##suffix(float* part_o, float* part_ml, const T* qkv,    \
                                                                const T* cache, const int* starts,              \
                                                                const int* lens, int n_head, int n_kv_head,     \
-                                                               int hd, int splits) {                           \
-        decode_attention_split<T>(part_o, part_ml, qkv, cache, starts, lens, n_head, n_kv_head, hd, splits);   \
+                                                               int hd, int splits, int window) {               \
+        decode_attention_split<T>(part_o, part_ml, qkv, cache, starts, lens, n_head, n_kv_head, hd, splits,    \
+                                  window);                                                                     \
     }                                                                                                          \
     EMU_REGISTER(decode_attention_split_##suffix)                                                              \
     extern "C" __global__ void decode_attention_combine_##suffix(T* out, const float* part_o,                  \

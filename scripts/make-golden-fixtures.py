@@ -109,7 +109,8 @@ class Fixture:
     # (prompt length, chosen length, rejected length) of each pair.
     pairs: list = field(default_factory=list)
     # Rewrite config.json as transformers 4.x writes it (rope_theta + rope_scaling instead of
-    # rope_parameters): the engine reads both forms, and transformers 5.x still loads the 4.x one.
+    # rope_parameters; no layer_types, which Qwen2 then derives from max_window_layers): the engine
+    # reads both forms, and transformers 5.x still loads the 4.x one.
     hf4_config: bool = False
 
 
@@ -118,6 +119,7 @@ def to_hf4_config(path):
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+    config.pop("layer_types", None)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -182,6 +184,35 @@ FIXTURES = [
                     tie_word_embeddings=True, use_sliding_window=False, bos_token_id=52, eos_token_id=52),
         seed=24,
         pairs=[(5, 3, 8), (1, 6, 2), (20, 25, 11)],
+    ),
+    Fixture(
+        name="mistral-sliding-window",
+        family="mistral",
+        description="Mistral, 2 layers, 4 query heads sharing 2 key/value heads of width 8, SwiGLU of 48, "
+        "a sliding window of 5 tokens, shorter than most sequences (sliding-window attention in every "
+        "layer); config.json as transformers 5.x writes it",
+        config=dict(vocab_size=43, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0), sliding_window=5,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        seed=25,
+        pairs=[(6, 10, 3), (1, 1, 4), (12, 9, 20)],
+    ),
+    Fixture(
+        name="qwen2-sliding-window-layers",
+        family="qwen2",
+        description="Qwen2, 3 layers, 4 query heads sharing 2 key/value heads of width 8, q/k/v biases, "
+        "tied, use_sliding_window with a window of 6 and max_window_layers 1: layer 0 attends to the "
+        "whole prefix, layers 1 and 2 through the window; config.json in the transformers 4.x form "
+        "(rope_theta, no layer_types)",
+        config=dict(vocab_size=37, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0), use_sliding_window=True,
+                    sliding_window=6, max_window_layers=1, tie_word_embeddings=True, bos_token_id=36,
+                    eos_token_id=36),
+        seed=26,
+        pairs=[(5, 8, 2), (1, 3, 1), (9, 14, 7)],
+        hf4_config=True,
     ),
 ]
 

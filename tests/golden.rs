@@ -51,12 +51,14 @@ macro_rules! fixture {
 }
 
 /// Every fixture directory (`every_fixture_directory_is_tested` keeps this list complete).
-const FIXTURES: [Fixture; 5] = [
+const FIXTURES: [Fixture; 7] = [
     fixture!("gpt2-2layer-4head"),
     fixture!("gpt2-1layer-1head-wide"),
     fixture!("llama-gqa-llama3-rope-untied"),
     fixture!("mistral-mqa-headdim"),
     fixture!("qwen2-tied-qkv-bias-linear-rope"),
+    fixture!("mistral-sliding-window"),
+    fixture!("qwen2-sliding-window-layers"),
 ];
 
 /// The expected.json format this test reads.
@@ -205,6 +207,11 @@ const BF16: Tolerances = Tolerances { logp_rel: 2e-2, logp_floor: 2e-2, grad_rel
 /// misses the f64 token log-probs by up to 1.27× the GPT-2 bound above (llama fixture: 0.17 on
 /// a log-prob of about −4), this engine by up to 1.3× (qwen2 fixture).
 const BF16_LLAMA: Tolerances = Tolerances { logp_rel: 4e-2, logp_floor: 4e-2, ..BF16 };
+/// bf16 under a sliding window: gradients within 5% of each element plus 10% of the tensor's
+/// largest entry. A few keys per query average out less of bf16's rounding: on
+/// `qwen2-sliding-window-layers` PyTorch's own bf16 backward (transformers 5.25, CPU, eager)
+/// misses the f64 gradients by up to 2.6× the [`BF16`] bound, this engine by up to 1.1×.
+const BF16_SLIDING: Tolerances = Tolerances { grad_floor: 1e-1, ..BF16_LLAMA };
 
 /// Every check of one fixture on one backend.
 fn check_fixture<B: Backend>(backend: Arc<B>, fixture: &Fixture, tol: Tolerances) {
@@ -336,10 +343,11 @@ fn cpu_matches_transformers() {
 
 fn device_matches_transformers(device: &Device, precision: Precision) {
     for fixture in &FIXTURES {
-        let gpt2 = fixture.name.starts_with("gpt2");
+        let (gpt2, sliding) = (fixture.name.starts_with("gpt2"), fixture.name.contains("sliding"));
         let tol = match precision {
             Precision::F32 => F32,
             Precision::Bf16 if gpt2 => BF16,
+            Precision::Bf16 if sliding => BF16_SLIDING,
             Precision::Bf16 => BF16_LLAMA,
         };
         check_fixture(Arc::new(CudaBackend::new(device.clone(), precision)), fixture, tol);

@@ -1,6 +1,7 @@
 //! Generation with a KV cache (`Decoder::extend_cached`, `train::generate::generate_batch`): greedy
 //! decoding token for token equal to decoding without the cache (the whole prefix through the model
-//! at each step), for GPT-2 and a grouped-query Llama, on the CPU and the emulated device; a batch
+//! at each step), for GPT-2, a grouped-query Llama, a Mistral whose sliding window is shorter than
+//! the caches and a Qwen2 with the window in one layer of two, on the CPU and the emulated device; a batch
 //! of prompts generating what each prompt generates alone, sampled, for a seed.
 
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::Backend;
-use safedpo::model::{random_weights, Decoder, DecoderConfig, HostWeights};
+use safedpo::model::{random_weights, Decoder, DecoderConfig, Family, HostWeights, LayerAttention};
 use safedpo::train::generate::{argmax, generate, generate_batch, SamplingParams};
 
 /// A model whose weights are drawn ten times wider than the initialisation, so that its logits
@@ -24,7 +25,16 @@ fn weights(config: DecoderConfig) -> HostWeights {
 }
 
 fn configs() -> Vec<DecoderConfig> {
-    vec![DecoderConfig::gpt2(29, 40, 16, 2, 2), DecoderConfig::llama(29, 40, 16, 2, 4, 2, 24)]
+    let llama = DecoderConfig::llama(29, 40, 16, 2, 4, 2, 24);
+    let mistral = DecoderConfig { family: Family::Mistral, sliding_window: Some(5), ..llama.clone() };
+    let qwen2 = DecoderConfig {
+        family: Family::Qwen2,
+        qkv_bias: true,
+        sliding_window: Some(3),
+        layer_types: Some(vec![LayerAttention::Full, LayerAttention::Sliding]),
+        ..llama.clone()
+    };
+    vec![DecoderConfig::gpt2(29, 40, 16, 2, 2), llama, mistral, qwen2]
 }
 
 /// Greedy decoding without a cache: the whole prefix through the model at each step.

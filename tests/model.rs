@@ -13,7 +13,7 @@ use safedpo::backend::prelude::*;
 use safedpo::backend::RopeScaling;
 use safedpo::backend::{PreferenceLossInputs, PAIR_METRICS};
 use safedpo::loss::{batch_loss, Objective, PairInput};
-use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, Family, HostWeights, Rope};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, Family, HostWeights, LayerAttention, Rope};
 
 fn tiny_config() -> DecoderConfig {
     DecoderConfig::gpt2(37, 32, 16, 2, 2)
@@ -411,7 +411,8 @@ fn matches_transformers_gpt2lmheadmodel() {
 }
 
 /// Llama with GQA, llama3 RoPE and an untied head; Qwen2 with q/k/v biases, a tied head and
-/// linear RoPE; Mistral with one key/value head.
+/// linear RoPE; Mistral with one key/value head; Mistral with a sliding window shorter than the
+/// sequences, and Qwen2 with it in its second layer only.
 #[test]
 #[ignore = "needs a Python with torch and transformers ($PYTHON or python3)"]
 fn matches_transformers_llama_family() {
@@ -440,4 +441,14 @@ fn matches_transformers_llama_family() {
         ..DecoderConfig::llama(29, 32, 16, 1, 4, 1, 24)
     };
     matches_transformers(mistral, 32);
+    let mistral = DecoderConfig { sliding_window: Some(4), ..DecoderConfig::llama(29, 32, 16, 2, 4, 2, 24) };
+    matches_transformers(DecoderConfig { family: Family::Mistral, ..mistral }, 33);
+    let qwen2 = DecoderConfig {
+        family: Family::Qwen2,
+        qkv_bias: true,
+        sliding_window: Some(3),
+        layer_types: Some(vec![LayerAttention::Full, LayerAttention::Sliding]),
+        ..DecoderConfig::llama(37, 32, 16, 2, 4, 2, 24)
+    };
+    matches_transformers(qwen2, 34);
 }

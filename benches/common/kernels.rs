@@ -200,11 +200,11 @@ pub fn attention<B: Backend>(c: &mut Criterion, t: &Target<B>) {
             format!("{}x{} h{nh}/{} hd{}", s.seqs, s.seq_len, layout.n_kv_head, layout.head_dim)
         };
         t.bench(&mut g, format!("fwd {what}"), Throughput::Elements(flops), || {
-            be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap()
+            be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout, None).unwrap()
         });
-        be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap();
+        be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout, None).unwrap();
         t.bench(&mut g, format!("bwd {what}"), Throughput::Elements(2 * flops), || {
-            be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout).unwrap()
+            be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout, None).unwrap()
         });
     }
     g.finish();
@@ -228,7 +228,7 @@ pub fn decode_attention<B: Backend>(c: &mut Criterion, t: &Target<B>) {
         let flops = (s.seqs * 4 * layout.q_width() * s.seq_len) as u64;
         let what = format!("{}x{} h{nh}/{} hd{}", s.seqs, s.seq_len, layout.n_kv_head, layout.head_dim);
         t.bench(&mut g, format!("decode {what}"), Throughput::Elements(flops), || {
-            be.decode_attention_forward(&mut out, &qkv, &cache, &spans, layout).unwrap()
+            be.decode_attention_forward(&mut out, &qkv, &cache, &spans, layout, None).unwrap()
         });
     }
     g.finish();

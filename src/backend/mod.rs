@@ -26,9 +26,10 @@ use anyhow::Result;
 
 pub use crate::loss::{EXAMPLE_METRICS, PAIR_METRICS};
 pub use ops::{
-    rope_inverse_frequencies, AdamWTensor, AttentionOps, DecodeAttentionOps, DecodeSpans, EmbeddingOps, ExampleParts,
-    GradNormOps, LayerNormOps, LogSoftmaxGatherOps, LogpParts, MatmulOps, OptimizerOps, PointwiseOps,
-    PreferenceLossInputs, PreferenceLossOps, QkvLayout, RmsNormOps, RopeOps, RopeScaling, RowOps, SgdTensor, SwiGluOps,
+    rope_inverse_frequencies, window_start, windowed_span, AdamWTensor, AttentionOps, DecodeAttentionOps, DecodeSpans,
+    EmbeddingOps, ExampleParts, GradNormOps, LayerNormOps, LogSoftmaxGatherOps, LogpParts, MatmulOps, OptimizerOps,
+    PointwiseOps, PreferenceLossInputs, PreferenceLossOps, QkvLayout, RmsNormOps, RopeOps, RopeScaling, RowOps,
+    SgdTensor, SwiGluOps, Window,
 };
 
 /// How a weight matrix is laid out in memory, for `matmul_*`.

@@ -11,7 +11,7 @@ use super::batch::DeviceBatch;
 use super::lora::Slot;
 use super::params::{BlockParams, Linear, Norm, Params};
 use super::DecoderConfig;
-use crate::backend::{Backend, QkvLayout, WeightLayout};
+use crate::backend::{Backend, QkvLayout, WeightLayout, Window};
 
 /// What a family's blocks are made of, decided once from its configuration.
 #[derive(Clone, Copy)]
@@ -23,6 +23,9 @@ pub(super) struct BlockKind {
     /// Every projection's weight layout.
     pub(super) weights: WeightLayout,
     pub(super) qkv: QkvLayout,
+    /// The attention's sliding window: none from [`BlockKind::of`], layer `l`'s from
+    /// [`BlockKind::layer`].
+    pub(super) window: Window,
     pub(super) widths: Widths,
     pub(super) eps: f32,
 }
@@ -35,9 +38,15 @@ impl BlockKind {
             gelu: gpt2,
             weights: if gpt2 { WeightLayout::InOut } else { WeightLayout::OutIn },
             qkv: config.qkv_layout(),
+            window: None,
             widths: Widths::of(config),
             eps: config.norm_eps,
         }
+    }
+
+    /// Layer `l`'s blocks: these, with the layer's attention window.
+    pub(super) fn layer(&self, config: &DecoderConfig, l: usize) -> Self {
+        Self { window: config.layer_window(l), ..*self }
     }
 
     /// `out = norm(inp)`, saving the row statistics the backward needs.
@@ -124,7 +133,7 @@ pub(super) fn block_interior_forward<B: Backend>(
 ) -> Result<()> {
     let tokens = (batch.num_tokens(), &batch.positions);
     let packed = |a: &mut LayerInterior<B::Buf>| {
-        b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv)
+        b.attention_forward(&mut a.atty, &mut a.att_saved, &a.qkv, &batch.packing, kind.qkv, kind.window)
     };
     block_interior_forward_with(b, kind, wl, x, norm_1, a, proj, tokens, rope_freqs, lora, packed)
 }
@@ -274,7 +283,8 @@ pub(super) fn block_backward<B: Backend>(
     // residual_2 = x + attn: the same again for the attention half.
     let (g, l) = (gl.linear(|g| &mut g.o), lora.as_deref_mut());
     linear_backward(b, &mut d.atty, g, &d.residual, &a.atty, &wl.o, l, Slot::O, n, w.att, c, layout)?;
-    b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, &batch.packing, kind.qkv)?;
+    let (packing, window) = (&batch.packing, kind.window);
+    b.attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.atty, &a.att_saved, packing, kind.qkv, window)?;
     if let Some(freqs) = rope {
         b.rope_backward(&mut d.qkv, &batch.positions, freqs, n, kind.qkv)?;
     }

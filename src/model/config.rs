@@ -14,7 +14,8 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
 
-use crate::backend::{QkvLayout, RopeScaling};
+use super::sliding_window::{self, LayerAttention};
+use crate::backend::{QkvLayout, RopeScaling, Window};
 
 /// A model family: which norm, positions, MLP, weight layout and biases the decoder uses, and the
 /// HF names of its tensors.
@@ -134,10 +135,12 @@ pub struct DecoderConfig {
     pub o_bias: bool,
     /// Biases in the MLP (GPT-2, Llama's `mlp_bias`).
     pub mlp_bias: bool,
-    /// Mistral's (or Qwen2's, with `use_sliding_window`) attention window: a sequence longer than
-    /// it is an error (the engine attends to the whole causal prefix, which equals sliding-window
-    /// attention for every sequence that fits in the window).
+    /// Mistral's (or Qwen2's, with `use_sliding_window`) attention window: in the layers that use
+    /// it a query sees its `w` latest tokens, itself included; `None`: every layer attends to the
+    /// whole causal prefix (`sliding_window.rs`).
     pub sliding_window: Option<usize>,
+    /// Which layers use the window (HF `layer_types`; Qwen2's); `None`: every layer (Mistral).
+    pub layer_types: Option<Vec<LayerAttention>>,
     /// The fields of the HF config this engine does not interpret (token ids, dropout,
     /// `transformers_version`, …), written back on save so that a saved model keeps them. GPT-2
     /// writes its own fixed set instead.
@@ -164,6 +167,7 @@ impl DecoderConfig {
             o_bias: true,
             mlp_bias: true,
             sliding_window: None,
+            layer_types: None,
             hf_extra: Map::new(),
         }
     }
@@ -239,6 +243,14 @@ impl DecoderConfig {
         )
     }
 
+    /// Layer `l`'s attention window (`None`: the whole causal prefix).
+    pub fn layer_window(&self, l: usize) -> Window {
+        match &self.layer_types {
+            Some(layers) if layers.get(l) != Some(&LayerAttention::Sliding) => None,
+            _ => self.sliding_window,
+        }
+    }
+
     /// The layout of the attention's `qkv` rows.
     pub fn qkv_layout(&self) -> QkvLayout {
         QkvLayout { n_head: self.n_head, n_kv_head: self.n_kv_head, head_dim: self.head_dim }
@@ -269,7 +281,17 @@ impl DecoderConfig {
             "model config: the norm epsilon must be a positive number, got {}",
             self.norm_eps
         );
+        ensure!(self.sliding_window != Some(0), "model config: `sliding_window` must be positive, got 0");
+        if let Some(layers) = &self.layer_types {
+            ensure!(
+                layers.len() == self.n_layer,
+                "model config: `layer_types` lists {} layers for {} layers",
+                layers.len(),
+                self.n_layer
+            );
+        }
         if self.family.is_gpt2() {
+            ensure!(self.sliding_window.is_none(), "model config: GPT-2 has no sliding attention window");
             ensure!(
                 self.n_embd.is_multiple_of(self.n_head),
                 "model config: `n_embd` ({}) must be divisible by `n_head` ({})",
@@ -420,14 +442,10 @@ impl DecoderConfig {
         }
         match self.family {
             Family::Qwen2 => {
-                obj.insert("use_sliding_window".into(), json!(self.sliding_window.is_some()));
-                if let Some(w) = self.sliding_window {
-                    obj.insert("sliding_window".into(), json!(w));
-                }
+                let layers = self.layer_types.as_deref();
+                sliding_window::qwen2_to_hf(&mut obj, self.sliding_window, layers, self.n_layer);
             }
-            Family::Mistral => {
-                obj.insert("sliding_window".into(), json!(self.sliding_window));
-            }
+            Family::Mistral => sliding_window::mistral_to_hf(&mut obj, self.sliding_window),
             _ => {
                 obj.insert("attention_bias".into(), json!(self.qkv_bias));
                 obj.insert("mlp_bias".into(), json!(self.mlp_bias));
@@ -475,8 +493,10 @@ fn gpt2_from_hf(obj: &Map<String, Value>) -> Result<DecoderConfig> {
     Ok(config)
 }
 
-/// The fields `llama_from_hf` interprets; the others travel in `hf_extra`.
-const LLAMA_FIELDS: [&str; 24] = [
+/// The fields `llama_from_hf` interprets; the others travel in `hf_extra` (Qwen2's
+/// `max_window_layers` and `layer_types` too, which saving rewrites when they no longer say the
+/// layers' attention: `sliding_window.rs`).
+const LLAMA_FIELDS: [&str; 23] = [
     "torch_dtype",
     "dtype",
     "architectures",
@@ -499,7 +519,6 @@ const LLAMA_FIELDS: [&str; 24] = [
     "mlp_bias",
     "sliding_window",
     "use_sliding_window",
-    "max_window_layers",
     "pretraining_tp",
 ];
 
@@ -545,10 +564,11 @@ fn llama_from_hf(family: Family, obj: &Map<String, Value>) -> Result<DecoderConf
         Family::Qwen2 => (true, false, false),
         _ => (flag("attention_bias")?, flag("attention_bias")?, flag("mlp_bias")?),
     };
-    let sliding_window = match family {
-        Family::Mistral => optional_usize(obj, "sliding_window")?,
-        Family::Qwen2 if flag("use_sliding_window")? => optional_usize(obj, "sliding_window")?,
-        _ => None,
+    let n_layer = usize_field(obj, "num_hidden_layers")?;
+    let (sliding_window, layer_types) = match family {
+        Family::Mistral => sliding_window::mistral_from_hf(obj)?,
+        Family::Qwen2 => sliding_window::qwen2_from_hf(obj, n_layer)?,
+        _ => (None, None),
     };
     let hf_extra = obj.iter().filter(|(k, _)| !LLAMA_FIELDS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone()));
     Ok(DecoderConfig {
@@ -556,7 +576,7 @@ fn llama_from_hf(family: Family, obj: &Map<String, Value>) -> Result<DecoderConf
         vocab_size: usize_field(obj, "vocab_size")?,
         n_positions: usize_field(obj, "max_position_embeddings")?,
         n_embd,
-        n_layer: usize_field(obj, "num_hidden_layers")?,
+        n_layer,
         n_head,
         n_kv_head,
         head_dim,
@@ -568,6 +588,7 @@ fn llama_from_hf(family: Family, obj: &Map<String, Value>) -> Result<DecoderConf
         o_bias,
         mlp_bias,
         sliding_window,
+        layer_types,
         hf_extra: hf_extra.collect(),
     })
 }

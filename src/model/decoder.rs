@@ -113,14 +113,6 @@ impl<B: Backend> Decoder<B> {
             batch.max_position,
             cfg.n_positions
         );
-        if let Some(window) = cfg.sliding_window {
-            ensure!(
-                batch.max_position < window,
-                "forward: a sequence of {} tokens is longer than the model's sliding attention window of {window} \
-                 tokens; sliding-window attention is not implemented (shorten data.max_len to at most {window})",
-                batch.max_position + 1
-            );
-        }
         ensure!(
             batch.max_token < cfg.vocab_size,
             "forward: token id {} is outside the vocabulary of {} tokens",
@@ -159,6 +151,7 @@ impl<B: Backend> Decoder<B> {
             let x = layer_input(boundaries, &trunk.encoded, l);
             let norm_1 = &boundaries[l % slots].norm_1;
             let (wl, mut adapters) = (&p.blocks[l], lora.as_deref_mut().and_then(|lora| lora.block(l)));
+            let kind = kind.layer(&self.config, l);
             block_interior_forward(b, &kind, wl, x, norm_1, a, &mut trunk.proj, batch, rope, adapters.as_mut())?;
             // The MLP's down projection joins the residual stream: residual_3 = residual_2 + down(mlp_act).
             mlp_down(b, &kind, wl, &mut trunk.proj, a, adapters.as_mut(), n)?;
@@ -352,7 +345,7 @@ impl<B: Backend> Decoder<B> {
         for l in (0..n_layer).rev() {
             let bnd = &acts.boundaries[l];
             let x = layer_input(&acts.boundaries, &trunk.encoded, l);
-            let wl = &p.blocks[l];
+            let (wl, kind) = (&p.blocks[l], kind.layer(&self.config, l));
             let (mut adapters, sink) = match lora.as_deref_mut() {
                 Some(lora) => lora.block_with_sink(l),
                 None => (None, None),

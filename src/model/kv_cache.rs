@@ -7,14 +7,15 @@
 //! path runs (`block.rs`, LoRA's adapters included), `[M, ·]` for M new tokens in all; only the
 //! attention differs ([`CachedAttention`]): the new rows go into the cache, and a decoding step (one
 //! new token per sequence) attends with the decode-attention op, O(T) per token, while a prompt
-//! runs the packed causal attention over the cache.
+//! runs the packed causal attention over the cache. Under a layer's sliding window both read only
+//! the window (older keys stay in the cache, unread).
 
 use anyhow::{ensure, Result};
 
 use super::activations::LayerInterior;
 use super::block::{block_interior_forward_with, mlp_down, BlockKind};
 use super::{Decoder, DeviceBatch};
-use crate::backend::{Backend, DecodeSpans, Packing, QkvLayout, WeightLayout};
+use crate::backend::{Backend, DecodeSpans, Packing, QkvLayout, WeightLayout, Window};
 use crate::data::PackedBatch;
 
 /// The keys and values (as whole `qkv` rows) of a batch of sequences, up to `capacity` tokens each.
@@ -114,10 +115,6 @@ impl<B: Backend> Decoder<B> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(window) = cfg.sliding_window {
-            let longest = positions.iter().max().map_or(0, |&p| p as usize + 1);
-            ensure!(longest <= window, "extend_cached: {longest} tokens exceed the sliding window of {window}");
-        }
         for (s, toks) in new.iter().enumerate() {
             cache.lens[s] += toks.len();
         }
@@ -139,7 +136,8 @@ impl<B: Backend> Decoder<B> {
             // The block as the training forward runs it, LoRA's adapters included; only the
             // attention differs.
             let mut adapters = self.lora.as_mut().and_then(|lora| lora.block(l));
-            let attend = |a: &mut LayerInterior<B::Buf>| attention.attend(b, a, l, kind.qkv);
+            let kind = kind.layer(cfg, l);
+            let attend = |a: &mut LayerInterior<B::Buf>| attention.attend(b, a, l, kind.qkv, kind.window);
             let tokens = (m, &position_ids);
             block_interior_forward_with(
                 b,
@@ -215,17 +213,25 @@ impl<'c, B: Backend> CachedAttention<'c, B> {
         Ok(Self { rows: b.upload_ids(rows)?, spread: b.zeros(r * layout.width())?, cache, path })
     }
 
-    /// Layer `l`: `a.qkv`'s rows into the cache, then `a.atty`.
-    fn attend(&mut self, b: &B, a: &mut LayerInterior<B::Buf>, l: usize, layout: QkvLayout) -> Result<()> {
+    /// Layer `l`: `a.qkv`'s rows into the cache, then `a.atty`, under the layer's `window` (a
+    /// decoding step reads only the window's rows; the older ones stay in the cache).
+    fn attend(
+        &mut self,
+        b: &B,
+        a: &mut LayerInterior<B::Buf>,
+        l: usize,
+        layout: QkvLayout,
+        window: Window,
+    ) -> Result<()> {
         let (m, r, width) =
             (b.buf_len(&a.qkv) / layout.width(), b.buf_len(&self.spread) / layout.width(), layout.width());
         let layer = &mut self.cache.layers[l];
         b.scatter_rows(&mut self.spread, &a.qkv, &self.rows, m, r, width)?;
         b.add_inplace(layer, &self.spread)?;
         match &mut self.path {
-            CachedPath::Decode(spans) => b.decode_attention_forward(&mut a.atty, &a.qkv, layer, spans, layout),
+            CachedPath::Decode(spans) => b.decode_attention_forward(&mut a.atty, &a.qkv, layer, spans, layout, window),
             CachedPath::Packed { packing, att_all, saved } => {
-                b.attention_forward(att_all, saved, layer, packing, layout)?;
+                b.attention_forward(att_all, saved, layer, packing, layout, window)?;
                 b.gather_rows(&mut a.atty, att_all, &self.rows, m, r, layout.q_width())
             }
         }

@@ -4,6 +4,7 @@
 //! Face's layout and names (`checkpoint`).
 //!
 //! - `config`: the family and the sizes, read from and written to HF's `config.json`;
+//!   `sliding_window`: the attention window and the layers that use it, in that file;
 //! - `params`: the parameter lists, each tensor written once with its HF name and shape;
 //! - `activations`: what the forward keeps for the backward, and the backward's scratch;
 //! - `batch`: a packed batch on a backend, and the LM head's plan for it;
@@ -32,6 +33,7 @@ mod lora_model;
 mod params;
 pub mod peft;
 pub mod scalar_head;
+pub mod sliding_window;
 mod tensor_list;
 mod weights;
 
@@ -43,4 +45,5 @@ pub use kv_cache::KvCache;
 pub use logp_parts::{ForwardExtras, RowSplit, SequenceLogps};
 pub use lora::{HostAdapters, LoraSpec};
 pub use scalar_head::{sequence_classifier_class, ScalarHeadModel, SCORE_WEIGHT};
+pub use sliding_window::LayerAttention;
 pub use weights::ParamAndGrad;

@@ -116,7 +116,7 @@ impl Reference {
             let p = |s: &str| self.p(&format!("h.{l}.{s}"));
             let h = layernorm(&x, p("ln_1.weight"), p("ln_1.bias"), c, eps);
             let qkv = conv1d(&h, p("attn.c_attn.weight"), p("attn.c_attn.bias"), c, 3 * c);
-            let (y, _) = attention::spec::forward(&qkv, &[n], QkvLayout::mha(cfg.n_head, c));
+            let (y, _) = attention::spec::forward(&qkv, &[n], QkvLayout::mha(cfg.n_head, c), None);
             x = add(&x, &conv1d(&y, p("attn.c_proj.weight"), p("attn.c_proj.bias"), c, c));
             let h = layernorm(&x, p("ln_2.weight"), p("ln_2.bias"), c, eps);
             let f: Vec<f64> = conv1d(&h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), c, 4 * c)
@@ -131,7 +131,7 @@ impl Reference {
     }
 
     /// HF `LlamaForCausalLM` (and Mistral, Qwen2): RMSNorm, RoPE on q and k, grouped-query
-    /// attention, SwiGLU, `nn.Linear` weights `[out, in]`, the biases the config has, the head tied
+    /// attention (each layer's sliding window, if any), SwiGLU, `nn.Linear` weights `[out, in]`, the biases the config has, the head tied
     /// or not. The fused `qkv_proj` / `gate_up_proj` are read as the concatenations they are.
     fn llama_logits(&self, tokens: &[i32]) -> Vec<f64> {
         let cfg = &self.config;
@@ -149,7 +149,7 @@ impl Reference {
             let qkv_w = self.p(&p("self_attn.qkv_proj.weight"));
             let qkv = linear(&h, qkv_w, opt(p("self_attn.qkv_proj.bias")), c, layout.width());
             let qkv = rope::spec::forward(&qkv, &positions, &inv_freq, layout);
-            let y = attention::spec::forward(&qkv, &[n], layout).0;
+            let y = attention::spec::forward(&qkv, &[n], layout, cfg.layer_window(l)).0;
             let o =
                 linear(&y, self.p(&p("self_attn.o_proj.weight")), opt(p("self_attn.o_proj.bias")), layout.q_width(), c);
             x = add(&x, &o);

@@ -1,12 +1,12 @@
-//! Causal attention over packed sequences, multi-head and grouped-query: against the spec and its
-//! finite differences, and sequences independent of what they are packed with; the CUDA backend
-//! against the CPU.
+//! Causal attention over packed sequences, multi-head and grouped-query, with and without a sliding
+//! window: against the spec and its finite differences, and sequences independent of what they are
+//! packed with; the CUDA backend against the CPU.
 
 use safedpo::backend::cpu::attention::spec;
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{AttentionKernels, CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
-use safedpo::backend::QkvLayout;
+use safedpo::backend::{QkvLayout, Window};
 
 use crate::common::*;
 use crate::device::{Fixture, ATTENTION_DQKV_FLOOR, BF16_NOISE_FLOOR};
@@ -18,25 +18,32 @@ fn gqa(n_head: usize, n_kv_head: usize, head_dim: usize) -> QkvLayout {
 }
 
 /// Runs the forward on a packed batch; returns (out, saved).
-fn run_attention(be: &CpuBackend, qkv: &[f32], lens: &[usize], layout: QkvLayout) -> (Vec<f32>, Vec<f32>) {
+fn run_attention(
+    be: &CpuBackend,
+    qkv: &[f32],
+    lens: &[usize],
+    layout: QkvLayout,
+    window: Window,
+) -> (Vec<f32>, Vec<f32>) {
     let pk = packing(be, lens);
     let n = pk.num_tokens();
     let nh = layout.n_head;
     let saved_len = be.attention_saved_len(&pk, nh);
     assert_eq!(saved_len, nh * lens.iter().map(|l| l * l).sum::<usize>());
     let (mut out, mut saved) = (poison(n * layout.q_width()), poison(saved_len));
-    be.attention_forward(&mut out, &mut saved, &qkv.to_vec(), &pk, layout).unwrap();
+    be.attention_forward(&mut out, &mut saved, &qkv.to_vec(), &pk, layout, window).unwrap();
     (out, saved)
 }
 
 /// The forward against the spec: outputs and saved probabilities.
-fn check_forward(be: &CpuBackend, r: &mut rand_chacha::ChaCha8Rng, lens: &[usize], layout: QkvLayout) {
+fn check_forward(be: &CpuBackend, r: &mut rand_chacha::ChaCha8Rng, lens: &[usize], layout: QkvLayout, window: Window) {
     let n: usize = lens.iter().sum();
     let qkv = randn(r, n * layout.width(), 1.5);
-    let (out, saved) = run_attention(be, &qkv, lens, layout);
-    let (want_out, want_p) = spec::forward(&to_f64(&qkv), lens, layout);
-    assert_close_scaled(&format!("attention out {lens:?} {layout:?}"), &out, &want_out, 1e-5);
-    assert_close(&format!("attention probabilities {lens:?} {layout:?}"), &saved, &want_p, 1e-5, 1e-7);
+    let (out, saved) = run_attention(be, &qkv, lens, layout, window);
+    let (want_out, want_p) = spec::forward(&to_f64(&qkv), lens, layout, window);
+    let what = format!("{lens:?} {layout:?} window {window:?}");
+    assert_close_scaled(&format!("attention out {what}"), &out, &want_out, 1e-5);
+    assert_close(&format!("attention probabilities {what}"), &saved, &want_p, 1e-5, 1e-7);
 }
 
 #[test]
@@ -45,7 +52,7 @@ fn attention_forward_matches_twin() {
     let mut r = rng(7);
     // Lengths of 1, below, at and above the backend's 32-row blocks, packed together.
     for &(ref lens, nh, c) in &[(vec![1usize, 5, 33, 70, 2, 32], 4, 16), (vec![1], 2, 8), (vec![64, 3], 3, 24)] {
-        check_forward(&be, &mut r, lens, QkvLayout::mha(nh, c));
+        check_forward(&be, &mut r, lens, QkvLayout::mha(nh, c), None);
     }
 }
 
@@ -56,31 +63,40 @@ fn attention_forward_with_grouped_queries_matches_twin() {
     let lens = [1usize, 5, 33, 70, 2, 1];
     // One key/value head for all, 2 of 8 (groups of 4), head dims 24 and 64, and an odd one.
     for layout in [gqa(8, 1, 24), gqa(8, 2, 64), gqa(8, 2, 24), gqa(6, 3, 13)] {
-        check_forward(&be, &mut r, &lens, layout);
+        check_forward(&be, &mut r, &lens, layout, None);
     }
 }
 
 /// The backward against central differences of the spec at `probes` sampled elements of `qkv`,
 /// then run again: the same bits (overwrite semantics, a fixed order of the group sums).
-fn check_backward(be: &CpuBackend, r: &mut rand_chacha::ChaCha8Rng, lens: &[usize], layout: QkvLayout, probes: usize) {
+fn check_backward(
+    be: &CpuBackend,
+    r: &mut rand_chacha::ChaCha8Rng,
+    lens: &[usize],
+    layout: QkvLayout,
+    window: Window,
+    probes: usize,
+) {
     let n: usize = lens.iter().sum();
     let pk = packing(be, lens);
     let qkv = randn(r, n * layout.width(), 1.0);
     let dout = randn(r, n * layout.q_width(), 1.0);
-    let (out, saved) = run_attention(be, &qkv, lens, layout);
+    let (out, saved) = run_attention(be, &qkv, lens, layout, window);
     let mut dqkv = poison(n * layout.width());
-    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout).unwrap();
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout, window).unwrap();
 
     let dy = to_f64(&dout);
     let idx = sample_indices(r, n * layout.width(), probes);
-    let want = fd_grad_at(|x| weighted_sum(&dy, &spec::forward(x, lens, layout).0), &to_f64(&qkv), FD_STEP, &idx);
+    let loss = |x: &[f64]| weighted_sum(&dy, &spec::forward(x, lens, layout, window).0);
+    let want = fd_grad_at(loss, &to_f64(&qkv), FD_STEP, &idx);
     let got: Vec<f32> = idx.iter().map(|&i| dqkv[i]).collect();
-    assert_close_scaled(&format!("dqkv {lens:?} {layout:?}"), &got, &want, GRAD_RTOL);
-    assert!(dqkv.iter().all(|x| x.is_finite()), "dqkv {lens:?} {layout:?}: an element was left unwritten");
+    let what = format!("{lens:?} {layout:?} window {window:?}");
+    assert_close_scaled(&format!("dqkv {what}"), &got, &want, GRAD_RTOL);
+    assert!(dqkv.iter().all(|x| x.is_finite()), "dqkv {what}: an element was left unwritten");
 
     // Overwrite semantics: a second call gives the same values, not twice them.
     let first = dqkv.clone();
-    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout).unwrap();
+    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout, window).unwrap();
     assert_bitwise_eq("dqkv second call", &dqkv, &first);
 }
 
@@ -89,7 +105,7 @@ fn attention_backward_matches_finite_differences() {
     let be = backend();
     let mut r = rng(8);
     for &(ref lens, nh, c, probes) in &[(vec![3usize, 1, 4], 2, 8, usize::MAX), (vec![1, 40, 33, 70], 3, 12, 400)] {
-        check_backward(&be, &mut r, lens, QkvLayout::mha(nh, c), probes);
+        check_backward(&be, &mut r, lens, QkvLayout::mha(nh, c), None, probes);
     }
 }
 
@@ -105,8 +121,44 @@ fn attention_backward_with_grouped_queries_matches_finite_differences() {
         (vec![2, 1, 9], gqa(8, 2, 64), 300),
     ];
     for (lens, layout, probes) in cases {
-        check_backward(&be, &mut r, &lens, layout, probes);
+        check_backward(&be, &mut r, &lens, layout, None, probes);
     }
+}
+
+/// Windows of one key, shorter than the 32-row blocks, across them, and longer than every sequence
+/// (`100`, which must be the unwindowed op bit for bit), forward and backward, multi-head and
+/// grouped-query, on ragged lengths.
+#[test]
+fn attention_with_a_sliding_window_matches_twin_and_finite_differences() {
+    let be = backend();
+    let mut r = rng(19);
+    let lens = [1usize, 5, 33, 70, 2, 0, 32];
+    for layout in [QkvLayout::mha(2, 16), gqa(4, 2, 8), gqa(6, 1, 13)] {
+        for window in [1, 3, 32, 33, 100] {
+            check_forward(&be, &mut r, &lens, layout, Some(window));
+            check_backward(&be, &mut r, &[3, 1, 0, 9], layout, Some(window), usize::MAX);
+            check_backward(&be, &mut r, &lens, layout, Some(window), 300);
+        }
+        let n: usize = lens.iter().sum();
+        let (qkv, dout) = (randn(&mut r, n * layout.width(), 1.0), randn(&mut r, n * layout.q_width(), 1.0));
+        let pk = packing(&be, &lens);
+        let run = |window: Window| {
+            let (out, saved) = run_attention(&be, &qkv, &lens, layout, window);
+            let mut dqkv = poison(n * layout.width());
+            be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &pk, layout, window).unwrap();
+            [out, saved, dqkv]
+        };
+        let (full, wide) = (run(None), run(Some(70)));
+        for (name, (a, b)) in ["out", "saved", "dqkv"].iter().zip(full.iter().zip(&wide)) {
+            assert_bitwise_eq(&format!("{name}: a window as long as the longest sequence vs none"), b, a);
+        }
+    }
+    let pk = packing(&be, &lens);
+    let layout = gqa(4, 2, 8);
+    let n: usize = lens.iter().sum();
+    let (mut out, mut saved) = (vec![0.0; n * layout.q_width()], vec![0.0; be.attention_saved_len(&pk, 4)]);
+    let err = be.attention_forward(&mut out, &mut saved, &vec![0.0; n * layout.width()], &pk, layout, Some(0));
+    assert!(format!("{:#}", err.unwrap_err()).contains("window of 0"));
 }
 
 #[test]
@@ -125,9 +177,9 @@ fn attention_sequences_are_independent() {
 
         let backward = |qkv: &[f32], dout: &[f32], lens: &[usize]| {
             let pk = packing(&be, lens);
-            let (out, saved) = run_attention(&be, qkv, lens, layout);
+            let (out, saved) = run_attention(&be, qkv, lens, layout, None);
             let mut dqkv = poison(qkv.len());
-            be.attention_backward(&mut dqkv, &dout.to_vec(), &qkv.to_vec(), &out, &saved, &pk, layout).unwrap();
+            be.attention_backward(&mut dqkv, &dout.to_vec(), &qkv.to_vec(), &out, &saved, &pk, layout, None).unwrap();
             (out, dqkv)
         };
         let (out_alone, dqkv_alone) = backward(&qkv_a, &dout_a, &[la]);
@@ -156,7 +208,7 @@ fn attention_checks_its_arguments() {
     let saved_len = be.attention_saved_len(&pk, good.n_head);
     let (mut out, mut saved, qkv) = (vec![0.0; n * good.q_width()], vec![0.0; saved_len], vec![0.0; n * good.width()]);
     let mut fails = |layout: QkvLayout, qkv: &Vec<f32>, fragments: &[&str]| {
-        let msg = format!("{:#}", be.attention_forward(&mut out, &mut saved, qkv, &pk, layout).unwrap_err());
+        let msg = format!("{:#}", be.attention_forward(&mut out, &mut saved, qkv, &pk, layout, None).unwrap_err());
         assert!(msg.contains("attention_forward") && fragments.iter().all(|f| msg.contains(f)), "{msg}");
     };
     fails(gqa(4, 3, 6), &qkv, &["n_head = 4", "n_kv_head = 3"]);
@@ -168,7 +220,8 @@ fn attention_checks_its_arguments() {
     let mut dqkv = vec![0.0; n * good.width()];
     let msg = format!(
         "{:#}",
-        be.attention_backward(&mut dqkv, &vec![0.0; n * good.width()], &qkv, &out, &saved, &pk, good).unwrap_err()
+        be.attention_backward(&mut dqkv, &vec![0.0; n * good.width()], &qkv, &out, &saved, &pk, good, None)
+            .unwrap_err()
     );
     assert!(
         msg.contains("attention_backward") && msg.contains("`dout`") && msg.contains("240") && msg.contains("120"),
@@ -180,9 +233,9 @@ fn attention_checks_its_arguments() {
 
 /// Forward and backward of `layout` on `lens`, the CUDA backend against the CPU, outputs poisoned
 /// first; the backward run twice on the device must give the same bits.
-fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout) {
+fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout, window: Window) {
     let nh = layout.n_head;
-    let what = format!("lens {lens:?}, {layout:?}");
+    let what = format!("lens {lens:?}, {layout:?}, window {window:?}");
     let n: usize = lens.iter().sum();
     let (cpu_packing, cuda_packing) = f.packing(lens);
     let qkv = f.randn(n * layout.width(), 1.0);
@@ -190,8 +243,8 @@ fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout) {
     let (mut want, mut got) = f.poisoned(n * layout.q_width());
     let mut want_saved = f.cpu.zeros(f.cpu.attention_saved_len(&cpu_packing, nh)).unwrap();
     let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
-    f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout).unwrap();
-    f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout).unwrap();
+    f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout, window).unwrap();
+    f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout, window).unwrap();
     // On tensor cores (bf16 at head dims 64, 128) P is rounded to bf16 before P·V.
     let out_floor = if on_tensor_cores(f.precision, layout) { TENSOR_CORE_FLOOR } else { BF16_NOISE_FLOOR };
     f.check_rounded(&format!("attention_forward out ({what})"), &got, &want, 1.0, out_floor);
@@ -199,8 +252,8 @@ fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout) {
     let dout = f.randn(n * layout.q_width(), 1.0);
     let (cd, gd) = f.both(&dout);
     let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * layout.width());
-    f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, layout).unwrap();
-    f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+    f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, layout, window).unwrap();
+    f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout, window).unwrap();
     // The CUDA backward forms `D = dout·out` from the output as stored (rounded to bf16), the
     // CPU's as `Σ_j P·dP` in f32: `dS = P(dout·v − D)` moves by an amount set by |dout|·|out|,
     // not by the result, and the sums over keys keep it as an absolute error (up to 2.4e-3 of
@@ -208,7 +261,7 @@ fn check_on_device(f: &mut Fixture, lens: &[usize], layout: QkvLayout) {
     f.check_rounded(&format!("attention_backward dqkv ({what})"), &got_dqkv, &want_dqkv, 1.0, ATTENTION_DQKV_FLOOR);
 
     let first = f.cuda.download(&got_dqkv).unwrap();
-    f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+    f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout, window).unwrap();
     assert_bitwise_eq(
         &format!("attention_backward dqkv, second run ({what})"),
         &f.cuda.download(&got_dqkv).unwrap(),
@@ -228,7 +281,7 @@ fn attention(device: &Device, precision: Precision) {
         (&[33, 1, 0, 65, 32], 1, 72),
     ];
     for (lens, nh, c) in cases {
-        check_on_device(&mut f, lens, QkvLayout::mha(nh, c));
+        check_on_device(&mut f, lens, QkvLayout::mha(nh, c), None);
     }
 }
 
@@ -245,7 +298,7 @@ fn attention_grouped_queries(device: &Device, precision: Precision) {
         (&[1, 34], gqa(2, 1, 128)),
     ];
     for (lens, layout) in cases {
-        check_on_device(&mut f, lens, layout);
+        check_on_device(&mut f, lens, layout, None);
     }
     // A head dim past the kernels' largest bound is refused before anything runs.
     let layout = gqa(2, 1, 136);
@@ -253,8 +306,29 @@ fn attention_grouped_queries(device: &Device, precision: Precision) {
     let (_, mut out) = f.poisoned(3 * layout.q_width());
     let mut saved = f.cuda.zeros(f.cuda.attention_saved_len(&cuda_packing, 2)).unwrap();
     let qkv = f.cuda.zeros(3 * layout.width()).unwrap();
-    let msg = format!("{:#}", f.cuda.attention_forward(&mut out, &mut saved, &qkv, &cuda_packing, layout).unwrap_err());
+    let msg =
+        format!("{:#}", f.cuda.attention_forward(&mut out, &mut saved, &qkv, &cuda_packing, layout, None).unwrap_err());
     assert!(msg.contains("attention_forward") && msg.contains("head_dim = 136") && msg.contains("128"), "{msg}");
+}
+
+/// Sliding windows on the device against the CPU: one key, shorter than a tile, a tile and one
+/// more, longer than every sequence; ragged lengths across the tiles (0, 1, 17, 63, 64, 65, 130);
+/// the portable kernels (hd 8 and 72: the 64- and 128-channel bounds) and, in bf16, the tensor-core
+/// ones (hd 64 and 128), multi-head and grouped-query.
+fn attention_sliding_window(device: &Device, precision: Precision) {
+    let mut f = Fixture::new(device, precision, 23);
+    let lens: &[usize] = &[0, 1, 17, 63, 64, 65, 130];
+    let cases: [(QkvLayout, &[usize]); 4] = [
+        (QkvLayout::mha(3, 24), &[1, 7, 65, 200]),
+        (gqa(4, 2, 72), &[1, 33]),
+        (gqa(4, 1, 64), &[1, 17, 65, 200]),
+        (gqa(2, 1, 128), &[1, 40]),
+    ];
+    for (layout, windows) in cases {
+        for &window in windows {
+            check_on_device(&mut f, lens, layout, Some(window));
+        }
+    }
 }
 
 /// Log-sum-exp of every (token, query head) row of scaled scores, in f64: `[n, n_head]`, what the CUDA
@@ -324,8 +398,8 @@ fn attention_tensor_cores(device: &Device, precision: Precision) {
         let (mut want, mut got) = f.poisoned(n * layout.q_width());
         let mut want_saved = f.cpu.zeros(f.cpu.attention_saved_len(&cpu_packing, nh)).unwrap();
         let mut got_saved = f.cuda.upload(&poison(f.cuda.attention_saved_len(&cuda_packing, nh))).unwrap();
-        f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout).unwrap();
-        f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout).unwrap();
+        f.cpu.attention_forward(&mut want, &mut want_saved, &cq, &cpu_packing, layout, None).unwrap();
+        f.cuda.attention_forward(&mut got, &mut got_saved, &gq, &cuda_packing, layout, None).unwrap();
         f.check_rounded(&format!("out ({what})"), &got, &want, 1.0, TENSOR_CORE_FLOOR);
         let lse = f.cuda.download(&got_saved).unwrap();
         assert_close(&format!("log-sum-exp ({what}, {precision})"), &lse, &log_sum_exp(&qkv, lens, layout), 1e-5, 1e-5);
@@ -333,8 +407,8 @@ fn attention_tensor_cores(device: &Device, precision: Precision) {
         let dout = f.randn(n * layout.q_width(), 1.0);
         let (cd, gd) = f.both(&dout);
         let (mut want_dqkv, mut got_dqkv) = f.poisoned(n * width);
-        f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, layout).unwrap();
-        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+        f.cpu.attention_backward(&mut want_dqkv, &cd, &cq, &want, &want_saved, &cpu_packing, layout, None).unwrap();
+        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout, None).unwrap();
         let first = f.cuda.download(&got_dqkv).unwrap();
         let parts = [
             ("dq", 0..layout.k_offset()),
@@ -351,7 +425,7 @@ fn attention_tensor_cores(device: &Device, precision: Precision) {
                 }
             }
         }
-        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout).unwrap();
+        f.cuda.attention_backward(&mut got_dqkv, &gd, &gq, &got, &got_saved, &cuda_packing, layout, None).unwrap();
         assert_bitwise_eq(&format!("dqkv, second run ({what})"), &f.cuda.download(&got_dqkv).unwrap(), &first);
     }
 }
@@ -376,9 +450,9 @@ fn attention_kernels_switch(device: &Device, precision: Precision) {
     let run = |be: &CudaBackend| {
         let mut out = be.upload(&poison(n * layout.q_width())).unwrap();
         let mut saved = be.upload(&poison(be.attention_saved_len(&packing, nh))).unwrap();
-        be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap();
+        be.attention_forward(&mut out, &mut saved, &qkv, &packing, layout, None).unwrap();
         let mut dqkv = be.upload(&poison(n * layout.width())).unwrap();
-        be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout).unwrap();
+        be.attention_backward(&mut dqkv, &dout, &qkv, &out, &saved, &packing, layout, None).unwrap();
         (be.download(&out).unwrap(), be.download(&dqkv).unwrap())
     };
     let ((out_auto, d_auto), (out_portable, d_portable)) = (run(&f.cuda), run(&portable));
@@ -407,4 +481,10 @@ fn attention_kernels_switch(device: &Device, precision: Precision) {
     }
 }
 
-device_tests!(attention, attention_grouped_queries, attention_tensor_cores, attention_kernels_switch);
+device_tests!(
+    attention,
+    attention_grouped_queries,
+    attention_sliding_window,
+    attention_tensor_cores,
+    attention_kernels_switch
+);

@@ -53,9 +53,9 @@ fn run_all_ops(be: &CpuBackend, seed: u64) -> Vec<f32> {
     for layout in [QkvLayout::mha(nh, c), QkvLayout { n_kv_head: nh / 2, ..QkvLayout::mha(nh, c) }] {
         let qkv = randn(&mut r, n * layout.width(), 1.0);
         let (mut att, mut saved) = (vec![0.0; n * c], vec![0.0; be.attention_saved_len(&pk, nh)]);
-        be.attention_forward(&mut att, &mut saved, &qkv, &pk, layout).unwrap();
+        be.attention_forward(&mut att, &mut saved, &qkv, &pk, layout, None).unwrap();
         let mut dqkv = vec![0.0; n * layout.width()];
-        be.attention_backward(&mut dqkv, &dx, &qkv, &att, &saved, &pk, layout).unwrap();
+        be.attention_backward(&mut dqkv, &dx, &qkv, &att, &saved, &pk, layout, None).unwrap();
         outputs.extend([att, saved, dqkv].concat());
     }
 

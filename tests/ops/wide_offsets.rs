@@ -484,14 +484,16 @@ fn attention_in(w: &Wide, tolerance: f64) {
     let mut out = w.sparse(n * q_width, start * q_width, &poison(len * q_width));
     let mut saved = w.cuda.zeros(w.cuda.attention_saved_len(&packing, layout.n_head)).unwrap();
     let last_sequence = [("attention", emu::BlockRange::last_y(1))];
-    w.windowed(&last_sequence, || w.cuda.attention_forward(&mut out, &mut saved, &qkv, &packing, layout).unwrap());
+    w.windowed(&last_sequence, || {
+        w.cuda.attention_forward(&mut out, &mut saved, &qkv, &packing, layout, None).unwrap()
+    });
 
     let cpu_packing = Packing::new(&w.cpu, &[0, len as i32]).unwrap();
     let up = |x: &[f32]| w.cpu.upload(x).unwrap();
     let xc = up(&x);
     let mut want = w.cpu.zeros(len * q_width).unwrap();
     let mut want_saved = w.cpu.zeros(w.cpu.attention_saved_len(&cpu_packing, layout.n_head)).unwrap();
-    w.cpu.attention_forward(&mut want, &mut want_saved, &xc, &cpu_packing, layout).unwrap();
+    w.cpu.attention_forward(&mut want, &mut want_saved, &xc, &cpu_packing, layout, None).unwrap();
     let got_out = w.read(&out, start * q_width, len * q_width);
     assert_close_scaled("attention_forward past 2^31", &got_out, &to_f64(&w.cpu.download(&want).unwrap()), tolerance);
 
@@ -499,12 +501,12 @@ fn attention_in(w: &Wide, tolerance: f64) {
     let dout_buf = w.sparse(n * q_width, start * q_width, &dout);
     let mut dqkv = w.sparse(n * width, start * width, &poison(len * width));
     w.windowed(&last_sequence, || {
-        w.cuda.attention_backward(&mut dqkv, &dout_buf, &qkv, &out, &saved, &packing, layout).unwrap()
+        w.cuda.attention_backward(&mut dqkv, &dout_buf, &qkv, &out, &saved, &packing, layout, None).unwrap()
     });
     // The CPU backward from the device's own forward output, as the model runs it.
     let mut want_dqkv = w.cpu.zeros(len * width).unwrap();
     w.cpu
-        .attention_backward(&mut want_dqkv, &up(&dout), &xc, &up(&got_out), &want_saved, &cpu_packing, layout)
+        .attention_backward(&mut want_dqkv, &up(&dout), &xc, &up(&got_out), &want_saved, &cpu_packing, layout, None)
         .unwrap();
     let got = w.read(&dqkv, start * width, len * width);
     assert_close_scaled("attention_backward past 2^31", &got, &to_f64(&w.cpu.download(&want_dqkv).unwrap()), tolerance);
@@ -534,11 +536,11 @@ fn decode_attention(w: &Wide) {
     let qkv = w.cuda.upload(&q).unwrap();
     let mut out = w.cuda.upload(&poison(layout.q_width())).unwrap();
     let spans = DecodeSpans::new(&w.cuda, &[start as i32], &[len as i32]).unwrap();
-    w.cuda.decode_attention_forward(&mut out, &qkv, &cache, &spans, layout).unwrap();
+    w.cuda.decode_attention_forward(&mut out, &qkv, &cache, &spans, layout, None).unwrap();
     let mut want = w.cpu.zeros(layout.q_width()).unwrap();
     let cpu_spans = DecodeSpans::new(&w.cpu, &[0], &[len as i32]).unwrap();
     let (qc, cache_c) = (w.cpu.upload(&q).unwrap(), w.cpu.upload(&span).unwrap());
-    w.cpu.decode_attention_forward(&mut want, &qc, &cache_c, &cpu_spans, layout).unwrap();
+    w.cpu.decode_attention_forward(&mut want, &qc, &cache_c, &cpu_spans, layout, None).unwrap();
     check("decode_attention_forward past 2^31", &w.cuda.download(&out).unwrap(), &w.cpu.download(&want).unwrap());
 }
 

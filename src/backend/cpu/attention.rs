@@ -5,8 +5,9 @@
 //! rows.
 //!
 //! The forward saves the softmax probabilities for the backward: sequence by sequence, head by
-//! head, one row-major `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal) at
-//! offset `n_head · Σ_{s'<s} T_{s'}² + h · T_s²` (see `head_tasks`).
+//! head, one row-major `[T_s, T_s]` block `P[i, j]` (query i, key j, zeros above the diagonal and,
+//! under a sliding window, below the window) at offset `n_head · Σ_{s'<s} T_{s'}² + h · T_s²` (see
+//! `head_tasks`). Under a window each row block's products start at the first key its rows see.
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -14,18 +15,19 @@ use rayon::prelude::*;
 use super::gemm::{gemm_f32, Mat, SyncPtr};
 use super::simd::{exp_f32, lane_dot, lane_max, lane_sum, simd_kernel};
 use super::CpuBackend;
-use crate::backend::{checks, AttentionOps, Packing, QkvLayout};
+use crate::backend::{checks, window_start, AttentionOps, Packing, QkvLayout, Window};
 
 /// The specification, in f64: plain loops that the fast version below and the CUDA kernels are
 /// held to. The backward is specified by finite differences of the forward.
 pub mod spec {
-    use crate::backend::QkvLayout;
+    use crate::backend::{window_start, QkvLayout, Window};
 
     /// Causal attention over the sequences of lengths `lens` packed end to end; `qkv` is
     /// `[n, layout.width()]` (q, k, v heads of each token side by side), query head `h` attending
-    /// through key/value head `layout.kv_head_of(h)`. Returns `(out [n, layout.q_width()],
+    /// through key/value head `layout.kv_head_of(h)`, query `i` to the keys `j ≤ i` with
+    /// `i − j < window` when a window is given. Returns `(out [n, layout.q_width()],
     /// probabilities)`, the probabilities in the CPU backend's saved layout (module doc).
-    pub fn forward(qkv: &[f64], lens: &[usize], layout: QkvLayout) -> (Vec<f64>, Vec<f64>) {
+    pub fn forward(qkv: &[f64], lens: &[usize], layout: QkvLayout, window: Window) -> (Vec<f64>, Vec<f64>) {
         let n: usize = lens.iter().sum();
         let (hd, width, q_width) = (layout.head_dim, layout.width(), layout.q_width());
         let scale = 1.0 / (hd as f64).sqrt();
@@ -39,14 +41,16 @@ pub mod spec {
                 let k = |j: usize, d: usize| qkv[(start + j) * width + layout.k_offset() + g * hd + d];
                 let v = |j: usize, d: usize| qkv[(start + j) * width + layout.v_offset() + g * hd + d];
                 for i in 0..t {
+                    let first = window_start(i, window);
                     let scores: Vec<f64> =
-                        (0..=i).map(|j| (0..hd).map(|d| q(i, d) * k(j, d)).sum::<f64>() * scale).collect();
+                        (first..=i).map(|j| (0..hd).map(|d| q(i, d) * k(j, d)).sum::<f64>() * scale).collect();
                     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
                     let p: Vec<f64> = scores.iter().map(|s| (s - max).exp() / z).collect();
                     for d in 0..hd {
-                        out[(start + i) * q_width + h * hd + d] = (0..=i).map(|j| p[j] * v(j, d)).sum();
+                        out[(start + i) * q_width + h * hd + d] = (first..=i).map(|j| p[j - first] * v(j, d)).sum();
                     }
+                    probs.extend(std::iter::repeat_n(0.0, first));
                     probs.extend_from_slice(&p);
                     probs.extend(std::iter::repeat_n(0.0, t - i - 1));
                 }
@@ -122,10 +126,11 @@ impl AttentionOps for CpuBackend {
         qkv: &Vec<f32>,
         packing: &Packing<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         let saved_len = self.attention_saved_len(packing, layout.n_head);
-        let seqs =
-            checks::attention_forward(out.len(), saved.len(), qkv.len(), &packing.host_cu_seqlens, layout, saved_len)?;
+        let cu = &packing.host_cu_seqlens;
+        let seqs = checks::attention_forward(out.len(), saved.len(), qkv.len(), cu, layout, window, saved_len)?;
         let (hd, width, q_width) = (layout.head_dim, layout.width(), layout.q_width());
         let scale = 1.0 / (hd as f32).sqrt();
         let (out_ptr, saved_ptr) = (SyncPtr(out.as_mut_ptr()), SyncPtr(saved.as_mut_ptr()));
@@ -140,34 +145,37 @@ impl AttentionOps for CpuBackend {
                 let o = out_ptr.get().add(start * q_width + head * hd);
                 for i0 in (0..t).step_by(ATTN_BLOCK) {
                     let i1 = (i0 + ATTN_BLOCK).min(t);
-                    // Scores S[i0..i1, 0..i1] = scale · Q Kᵀ (Kᵀ element (d, j) = K[j, d]).
+                    let j0 = window_start(i0, window); // the block's first visible key
+                                                       // Scores S[i0..i1, j0..i1] = scale · Q Kᵀ (Kᵀ element (d, j) = K[j, d]).
                     gemm_f32(
                         i1 - i0,
-                        i1,
+                        i1 - j0,
                         hd,
-                        p.add(i0 * t),
+                        p.add(i0 * t + j0),
                         t,
                         false,
                         Mat::new(q.add(i0 * width), width, 1),
-                        Mat::new(k, 1, width),
+                        Mat::new(k.add(j0 * width), 1, width),
                         scale,
                         false,
                     );
                     for i in i0..i1 {
                         let row = std::slice::from_raw_parts_mut(p.add(i * t), t);
-                        let (live, masked) = row.split_at_mut(i + 1);
+                        let (before, rest) = row.split_at_mut(window_start(i, window));
+                        before.fill(0.0);
+                        let (live, masked) = rest.split_at_mut(i + 1 - before.len());
                         causal_softmax_row(live, masked);
                     }
-                    // out[i0..i1] = P[i0..i1, 0..i1] · V[0..i1]
+                    // out[i0..i1] = P[i0..i1, j0..i1] · V[j0..i1]
                     gemm_f32(
                         i1 - i0,
                         hd,
-                        i1,
+                        i1 - j0,
                         o.add(i0 * q_width),
                         q_width,
                         false,
-                        Mat::new(p.add(i0 * t), t, 1),
-                        Mat::new(v, width, 1),
+                        Mat::new(p.add(i0 * t + j0), t, 1),
+                        Mat::new(v.add(j0 * width), width, 1),
                         1.0,
                         false,
                     );
@@ -186,6 +194,7 @@ impl AttentionOps for CpuBackend {
         saved: &Vec<f32>,
         packing: &Packing<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         let saved_len = self.attention_saved_len(packing, layout.n_head);
         let seqs = checks::attention_backward(
@@ -196,6 +205,7 @@ impl AttentionOps for CpuBackend {
             saved.len(),
             &packing.host_cu_seqlens,
             layout,
+            window,
             saved_len,
         )?;
         let (hd, width, q_width) = (layout.head_dim, layout.width(), layout.q_width());
@@ -224,52 +234,64 @@ impl AttentionOps for CpuBackend {
                     let p = saved.as_ptr().add(saved_offset);
                     let dy = dout.as_ptr().add(start * q_width + head * hd);
                     // Row blocks last to first: the first head's last block's dK, dV products cover
-                    // every key, so they overwrite, and everything after accumulates onto them.
+                    // every key, so they overwrite, and everything after accumulates onto them. A
+                    // window shorter than the sequence leaves the first keys out of that block:
+                    // then they start from zeros instead.
+                    let clipped = window.is_some_and(|w| w < t);
+                    if clipped && member == 0 {
+                        for r in 0..t {
+                            std::slice::from_raw_parts_mut(dk.add(r * width), hd).fill(0.0);
+                            std::slice::from_raw_parts_mut(dv.add(r * width), hd).fill(0.0);
+                        }
+                    }
                     let blocks: Vec<usize> = (0..t).step_by(ATTN_BLOCK).collect();
                     for (nth, &i0) in blocks.iter().rev().enumerate() {
                         let i1 = (i0 + ATTN_BLOCK).min(t);
-                        let rows = i1 - i0;
-                        let overwrite = member == 0 && nth == 0;
-                        // dP[i0..i1, 0..i1] = dY Vᵀ
+                        let (rows, j0) = (i1 - i0, window_start(i0, window));
+                        let overwrite = member == 0 && nth == 0 && !clipped;
+                        // dP[i0..i1, j0..i1] = dY Vᵀ
                         gemm_f32(
                             rows,
-                            i1,
+                            i1 - j0,
                             hd,
-                            ds.add(i0 * t),
+                            ds.add(i0 * t + j0),
                             t,
                             false,
                             Mat::new(dy.add(i0 * q_width), q_width, 1),
-                            Mat::new(v, 1, width),
+                            Mat::new(v.add(j0 * width), 1, width),
                             1.0,
                             false,
                         );
-                        // dS = P ⊙ (dP − Σ_j P dP), causal part only (the rest of the block row is 0).
+                        // dS = P ⊙ (dP − Σ_j P dP) over the keys a row sees (the rest of the block
+                        // row is 0).
                         for i in i0..i1 {
-                            let prow = std::slice::from_raw_parts(p.add(i * t), i1);
-                            let drow = std::slice::from_raw_parts_mut(ds.add(i * t), i1);
-                            softmax_backward_row(&mut drow[..=i], &prow[..=i]);
-                            drow[i + 1..].fill(0.0);
+                            let prow = std::slice::from_raw_parts(p.add(i * t + j0), i1 - j0);
+                            let drow = std::slice::from_raw_parts_mut(ds.add(i * t + j0), i1 - j0);
+                            let (first, own) = (window_start(i, window) - j0, i - j0);
+                            softmax_backward_row(&mut drow[first..=own], &prow[first..=own]);
+                            drow[..first].fill(0.0);
+                            drow[own + 1..].fill(0.0);
                         }
-                        let ds_block = ds.add(i0 * t);
-                        // dQ[i0..i1] = scale · dS K
+                        let ds_block = ds.add(i0 * t + j0);
+                        // dQ[i0..i1] = scale · dS K[j0..i1]
                         gemm_f32(
                             rows,
                             hd,
-                            i1,
+                            i1 - j0,
                             dq.add(i0 * width),
                             width,
                             false,
                             Mat::new(ds_block, t, 1),
-                            Mat::new(k, width, 1),
+                            Mat::new(k.add(j0 * width), width, 1),
                             scale,
                             false,
                         );
-                        // dK[0..i1] (+)= scale · dSᵀ Q[i0..i1]
+                        // dK[j0..i1] (+)= scale · dSᵀ Q[i0..i1]
                         gemm_f32(
-                            i1,
+                            i1 - j0,
                             hd,
                             rows,
-                            dk,
+                            dk.add(j0 * width),
                             width,
                             !overwrite,
                             Mat::new(ds_block, 1, t),
@@ -277,15 +299,15 @@ impl AttentionOps for CpuBackend {
                             scale,
                             false,
                         );
-                        // dV[0..i1] (+)= Pᵀ dY[i0..i1]
+                        // dV[j0..i1] (+)= Pᵀ dY[i0..i1]
                         gemm_f32(
-                            i1,
+                            i1 - j0,
                             hd,
                             rows,
-                            dv,
+                            dv.add(j0 * width),
                             width,
                             !overwrite,
-                            Mat::new(p.add(i0 * t), 1, t),
+                            Mat::new(p.add(i0 * t + j0), 1, t),
                             Mat::new(dy.add(i0 * q_width), q_width, 1),
                             1.0,
                             false,

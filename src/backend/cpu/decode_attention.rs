@@ -6,20 +6,29 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use super::CpuBackend;
-use crate::backend::{checks, DecodeAttentionOps, DecodeSpans, QkvLayout};
+use crate::backend::{checks, windowed_span, DecodeAttentionOps, DecodeSpans, QkvLayout, Window};
 
 /// The specification, in f64, that the fast version below and the CUDA kernels are held to.
 pub mod spec {
-    use crate::backend::QkvLayout;
+    use crate::backend::{windowed_span, QkvLayout, Window};
 
     /// `out [M, q_width]`: for query `i` (row `i` of `qkv`) and head `h`, the softmax-weighted sum of
-    /// the values of cache rows `starts[i] .. starts[i] + lens[i]` (zeros for an empty span).
-    pub fn forward(qkv: &[f64], cache: &[f64], starts: &[i32], lens: &[i32], layout: QkvLayout) -> Vec<f64> {
+    /// the values of cache rows `starts[i] .. starts[i] + lens[i]` (zeros for an empty span), of
+    /// its last `window` rows only under a window.
+    pub fn forward(
+        qkv: &[f64],
+        cache: &[f64],
+        starts: &[i32],
+        lens: &[i32],
+        layout: QkvLayout,
+        window: Window,
+    ) -> Vec<f64> {
         let (width, hd) = (layout.width(), layout.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
         let mut out = vec![0.0; lens.len() * layout.q_width()];
         for (i, (&start, &len)) in starts.iter().zip(lens).enumerate() {
-            let rows: Vec<usize> = (0..len as usize).map(|j| start as usize + j).collect();
+            let (skipped, read) = windowed_span(len as usize, window);
+            let rows: Vec<usize> = (skipped..skipped + read).map(|j| start as usize + j).collect();
             for h in 0..layout.n_head {
                 let g = layout.kv_head_of(h);
                 let q = &qkv[i * width + h * hd..][..hd];
@@ -74,14 +83,16 @@ impl DecodeAttentionOps for CpuBackend {
         cache: &Vec<f32>,
         spans: &DecodeSpans<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         let (starts, lens) = (&spans.host_starts, &spans.host_lens);
-        checks::decode_attention_forward(out.len(), qkv.len(), cache.len(), starts, lens, layout)?;
+        checks::decode_attention_forward(out.len(), qkv.len(), cache.len(), starts, lens, layout, window)?;
         let (hd, nh, width) = (layout.head_dim, layout.n_head, layout.width());
         out.par_chunks_mut(hd).enumerate().for_each(|(k, o)| {
             let (i, h) = (k / nh, k % nh);
             let q = &qkv[i * width + h * hd..][..hd];
-            attend(o, q, cache, starts[i] as usize, lens[i] as usize, layout, layout.kv_head_of(h));
+            let (skipped, read) = windowed_span(lens[i] as usize, window);
+            attend(o, q, cache, starts[i] as usize + skipped, read, layout, layout.kv_head_of(h));
         });
         Ok(())
     }

@@ -65,6 +65,16 @@ impl QkvLayout {
     }
 }
 
+/// A sliding attention window (HF `sliding_window`): `Some(w)` lets a query see the `w` latest
+/// keys of its sequence, itself included (key `j` of query `t` when `0 ≤ t − j < w`, the mask of
+/// `transformers`' `sliding_window_causal_mask_function`); `None` is full causal attention.
+pub type Window = Option<usize>;
+
+/// The first key (position in the sequence) query `query` sees under `window`.
+pub fn window_start(query: usize, window: Window) -> usize {
+    window.map_or(0, |w| (query + 1).saturating_sub(w))
+}
+
 pub trait AttentionOps: Buffers {
     /// Length of the buffer `attention_forward` saves for the backward, for `n_head` query heads
     /// (backend-specific: the CPU keeps the probabilities, `n_head · Σ T_s²`; a flash-style kernel
@@ -72,8 +82,9 @@ pub trait AttentionOps: Buffers {
     fn attention_saved_len(&self, packing: &Packing<Self>, n_head: usize) -> usize;
     /// Causal self-attention inside each sequence, one query head at a time. `qkv [n, layout.width()]`
     /// holds each token's q, k and v heads side by side ([`QkvLayout`]); query head `h` of token
-    /// `t` attends to the tokens `j ≤ t` of its own sequence through key/value head
-    /// `g = layout.kv_head_of(h)`, with `scale = 1 / √head_dim`:
+    /// `t` attends to the tokens `j ≤ t` of its own sequence (positions counted from the sequence's
+    /// start) with `t − j < window` when a sliding `window` is given ([`Window`]), through
+    /// key/value head `g = layout.kv_head_of(h)`, with `scale = 1 / √head_dim`:
     ///
     /// ```text
     /// P_tj = softmax_j(scale · q_t,h · k_j,g)        out_t,h = Σ_j P_tj v_j,g
@@ -88,6 +99,7 @@ pub trait AttentionOps: Buffers {
         qkv: &Self::Buf,
         packing: &Packing<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()>;
     /// Overwrites `dqkv [n, layout.width()]`. The gradient of a key/value head shared by a group
     /// of query heads is the sum over the group, formed in a fixed order (the same bits every run).
@@ -101,6 +113,7 @@ pub trait AttentionOps: Buffers {
         saved: &Self::Buf,
         packing: &Packing<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()>;
 }
 
@@ -108,7 +121,7 @@ pub trait AttentionOps: Buffers {
 pub(crate) mod check {
     use anyhow::{ensure, Result};
 
-    use super::QkvLayout;
+    use super::{QkvLayout, Window};
     use crate::backend::checks::{check_len, sequences, Sequences};
 
     /// The heads and `head_dim` are positive, and `n_kv_head` divides `n_head`.
@@ -122,24 +135,33 @@ pub(crate) mod check {
         Ok(())
     }
 
-    /// A valid layout, and `cu_seqlens` is valid; returns the sequences and the token count.
-    fn attention_shape(op: &str, cu_seqlens: &[i32], layout: QkvLayout) -> Result<(Sequences, usize)> {
+    /// A window, when given, holds at least one key (the query's own).
+    pub(crate) fn window(op: &str, window: Window) -> Result<()> {
+        ensure!(window != Some(0), "{op}: a sliding window of 0 keys attends to nothing (the smallest is 1)");
+        Ok(())
+    }
+
+    /// A valid layout and window, and `cu_seqlens` is valid; returns the sequences and the token count.
+    fn attention_shape(op: &str, cu_seqlens: &[i32], layout: QkvLayout, window: Window) -> Result<(Sequences, usize)> {
         qkv_layout(op, layout)?;
+        self::window(op, window)?;
         let n = cu_seqlens.last().map_or(0, |&last| last as usize);
         Ok((sequences(op, cu_seqlens, n)?, n))
     }
 
     /// `saved_len` is the backend's `attention_saved_len` for this packing.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention_forward(
         out: usize,
         saved: usize,
         qkv: usize,
         cu_seqlens: &[i32],
         layout: QkvLayout,
+        window: Window,
         saved_len: usize,
     ) -> Result<Sequences> {
         const OP: &str = "attention_forward";
-        let (seqs, n) = attention_shape(OP, cu_seqlens, layout)?;
+        let (seqs, n) = attention_shape(OP, cu_seqlens, layout, window)?;
         check_len(OP, "out", out, n * layout.q_width())?;
         check_len(OP, "qkv", qkv, n * layout.width())?;
         check_len(OP, "saved", saved, saved_len)?;
@@ -156,10 +178,11 @@ pub(crate) mod check {
         saved: usize,
         cu_seqlens: &[i32],
         layout: QkvLayout,
+        window: Window,
         saved_len: usize,
     ) -> Result<Sequences> {
         const OP: &str = "attention_backward";
-        let (seqs, n) = attention_shape(OP, cu_seqlens, layout)?;
+        let (seqs, n) = attention_shape(OP, cu_seqlens, layout, window)?;
         check_len(OP, "dqkv", dqkv, n * layout.width())?;
         check_len(OP, "dout", dout, n * layout.q_width())?;
         check_len(OP, "qkv", qkv, n * layout.width())?;

@@ -8,7 +8,7 @@
 
 use anyhow::Result;
 
-use crate::backend::{Buffers, QkvLayout};
+use crate::backend::{Buffers, QkvLayout, Window};
 
 /// Where each query's keys and values are in the cache: query `i` attends to the cache rows
 /// `starts[i] .. starts[i] + lens[i]` (its own token's row included, as the last). Made once per
@@ -23,6 +23,13 @@ pub struct DecodeSpans<B: Buffers + ?Sized> {
     pub host_lens: Vec<i32>,
     /// The longest span.
     pub max_len: usize,
+}
+
+/// The part of a span of `len` rows a query reads under `window`: `(rows skipped at the start,
+/// rows read)`.
+pub fn windowed_span(len: usize, window: Window) -> (usize, usize) {
+    let read = window.map_or(len, |w| len.min(w));
+    (len - read, read)
 }
 
 impl<B: Buffers + ?Sized> DecodeSpans<B> {
@@ -53,7 +60,10 @@ pub trait DecodeAttentionOps: Buffers {
     /// P_j = softmax_j(scale · q_i,h · k_{r_j},g)   (j < lens[i])      out_i,h = Σ_j P_j v_{r_j},g
     /// ```
     ///
-    /// A query with `lens[i] = 0` gets zeros. Overwrites `out [M, layout.q_width()]`.
+    /// A query with `lens[i] = 0` gets zeros. With a sliding `window` only the span's last
+    /// `window` rows count (`j ≥ lens[i] − window`: the rows of the keys at most `window − 1`
+    /// positions before the query, the span's last row being the query's own); the older ones stay
+    /// in the cache, unread. Overwrites `out [M, layout.q_width()]`.
     fn decode_attention_forward(
         &self,
         out: &mut Self::Buf,
@@ -61,6 +71,7 @@ pub trait DecodeAttentionOps: Buffers {
         cache: &Self::Buf,
         spans: &DecodeSpans<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()>;
 }
 
@@ -69,10 +80,11 @@ pub(crate) mod check {
     use anyhow::{ensure, Result};
 
     use crate::backend::checks::check_len;
-    use crate::backend::ops::attention::check::qkv_layout;
-    use crate::backend::QkvLayout;
+    use crate::backend::ops::attention::check::{qkv_layout, window as check_window};
+    use crate::backend::{QkvLayout, Window};
 
-    /// Lengths match the layout and the `M` spans, and every span lies inside the cache.
+    /// Lengths match the layout and the `M` spans, every span lies inside the cache, and a window
+    /// holds a key.
     pub(crate) fn decode_attention_forward(
         out: usize,
         qkv: usize,
@@ -80,9 +92,11 @@ pub(crate) mod check {
         starts: &[i32],
         lens: &[i32],
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         const OP: &str = "decode_attention_forward";
         qkv_layout(OP, layout)?;
+        check_window(OP, window)?;
         let (m, width) = (lens.len(), layout.width());
         ensure!(starts.len() == m, "{OP}: {} span starts for {m} span lengths", starts.len());
         check_len(OP, "out", out, m * layout.q_width())?;

@@ -17,8 +17,8 @@ pub mod rope;
 pub mod rows;
 pub mod swiglu;
 
-pub use attention::{AttentionOps, QkvLayout};
-pub use decode_attention::{DecodeAttentionOps, DecodeSpans};
+pub use attention::{window_start, AttentionOps, QkvLayout, Window};
+pub use decode_attention::{windowed_span, DecodeAttentionOps, DecodeSpans};
 pub use embedding::EmbeddingOps;
 pub use grad_norm::GradNormOps;
 pub use layernorm::LayerNormOps;

@@ -13,7 +13,7 @@ use crate::backend::cuda::kernels::constants::attention::{
 use crate::backend::cuda::kernels::constants::attention_mma::{ATTN_MMA_ROWS, ATTN_MMA_THREADS};
 use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, MAX_GRID_Y};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
-use crate::backend::{checks, AttentionOps, Packing, QkvLayout};
+use crate::backend::{checks, AttentionOps, Packing, QkvLayout, Window};
 
 /// The head-dim bounds the attention kernels are instantiated for (`attention_<op>_hd<bound>_<dtype>`).
 const HEAD_DIM_BOUNDS: [usize; 2] = [ATTN_HD_MAX_SMALL as usize, ATTN_HD_MAX_LARGE as usize];
@@ -94,13 +94,20 @@ fn aligned_16(args: &[KernelArg]) -> bool {
     args.iter().all(|arg| !matches!(arg, KernelArg::Ptr(p) if p % 16 != 0))
 }
 
-/// The layout arguments every attention kernel ends with: `n_head, n_kv_head, head_dim`.
-fn layout_args(layout: QkvLayout) -> Result<[KernelArg; 3]> {
+/// The arguments every attention kernel ends with: `n_head, n_kv_head, head_dim, window`.
+fn layout_args(layout: QkvLayout, window: Window) -> Result<[KernelArg; 4]> {
     Ok([
         i32_arg(layout.n_head, "n_head")?,
         i32_arg(layout.n_kv_head, "n_kv_head")?,
         i32_arg(layout.head_dim, "head_dim")?,
+        window_arg(window),
     ])
+}
+
+/// A sliding window as the kernels take it: `INT_MAX` for none (a window past `i32::MAX` keys is
+/// no window for any sequence a launch can hold).
+pub(super) fn window_arg(window: Window) -> KernelArg {
+    KernelArg::I32(window.map_or(i32::MAX, |w| w.min(i32::MAX as usize) as i32))
 }
 
 impl AttentionOps for CudaBackend {
@@ -116,11 +123,12 @@ impl AttentionOps for CudaBackend {
         qkv: &CudaBuf,
         packing: &Packing<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         const OP: &str = "attention_forward";
         let saved_len = self.attention_saved_len(packing, layout.n_head);
         let cu = &packing.host_cu_seqlens;
-        checks::attention_forward(out.len(), saved.len(), qkv.len(), cu, layout, saved_len)?;
+        checks::attention_forward(out.len(), saved.len(), qkv.len(), cu, layout, window, saved_len)?;
         check_device_cu_seqlens(OP, packing)?;
         let dt = self.act();
         // Refuses a head dim too large before anything else (an empty batch included).
@@ -134,7 +142,7 @@ impl AttentionOps for CudaBackend {
         let mut args = vec![out.arg(), lse, qkv.arg(), packing.cu_seqlens.arg()];
         let tensor_cores = self.attention_kernels() == AttentionKernels::Auto && aligned_16(&args[..3]);
         let plan = AttentionPlan::new(OP, packing, layout, dt, tensor_cores)?;
-        args.extend(layout_args(layout)?);
+        args.extend(layout_args(layout, window)?);
         self.launch(&plan.kernel("forward", dt), plan.config(plan.query_grid), &args)
     }
 
@@ -147,11 +155,22 @@ impl AttentionOps for CudaBackend {
         saved: &CudaBuf,
         packing: &Packing<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
         let saved_len = self.attention_saved_len(packing, layout.n_head);
         let cu = &packing.host_cu_seqlens;
-        checks::attention_backward(dqkv.len(), dout.len(), qkv.len(), out.len(), saved.len(), cu, layout, saved_len)?;
+        checks::attention_backward(
+            dqkv.len(),
+            dout.len(),
+            qkv.len(),
+            out.len(),
+            saved.len(),
+            cu,
+            layout,
+            window,
+            saved_len,
+        )?;
         check_device_cu_seqlens(OP, packing)?;
         let dt = self.act();
         AttentionPlan::new(OP, packing, layout, dt, false)?;
@@ -164,7 +183,7 @@ impl AttentionOps for CudaBackend {
         // D_t = dout_t·out_t per (token, query head): written by the dq kernel, read by the dk/dv kernel.
         let delta = self.device.alloc::<f32>(n * layout.n_head)?;
         let dqkv = self.output(dqkv, dt, false)?;
-        let tail = [&[packing.cu_seqlens.arg()][..], &layout_args(layout)?].concat();
+        let tail = [&[packing.cu_seqlens.arg()][..], &layout_args(layout, window)?].concat();
         let mut args =
             vec![dqkv.arg(), KernelArg::Ptr(delta.device_ptr()), dout.arg(), qkv.arg(), out.arg(), lse.arg()];
         let tensor_cores = self.attention_kernels() == AttentionKernels::Auto && aligned_16(&args);

@@ -3,13 +3,14 @@
 
 use anyhow::{ensure, Result};
 
+use super::attention::window_arg;
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
 use crate::backend::cuda::kernels::constants::decode_attention::{
     DECODE_COMBINE_THREADS, DECODE_HD_MAX, DECODE_SPLIT_KEYS,
 };
 use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, MAX_GRID_Y};
 use crate::backend::cuda::{KernelArg, LaunchConfig};
-use crate::backend::{checks, DecodeAttentionOps, DecodeSpans, QkvLayout};
+use crate::backend::{checks, windowed_span, DecodeAttentionOps, DecodeSpans, QkvLayout, Window};
 
 impl DecodeAttentionOps for CudaBackend {
     fn decode_attention_forward(
@@ -19,10 +20,11 @@ impl DecodeAttentionOps for CudaBackend {
         cache: &CudaBuf,
         spans: &DecodeSpans<Self>,
         layout: QkvLayout,
+        window: Window,
     ) -> Result<()> {
         const OP: &str = "decode_attention_forward";
         let (starts, lens) = (&spans.host_starts, &spans.host_lens);
-        checks::decode_attention_forward(out.len(), qkv.len(), cache.len(), starts, lens, layout)?;
+        checks::decode_attention_forward(out.len(), qkv.len(), cache.len(), starts, lens, layout, window)?;
         let (hd, nh, m) = (layout.head_dim, layout.n_head, spans.num_queries());
         ensure!(hd <= DECODE_HD_MAX as usize, "{OP}: head_dim = {hd} exceeds the kernels' maximum {DECODE_HD_MAX}");
         ensure!(
@@ -36,7 +38,8 @@ impl DecodeAttentionOps for CudaBackend {
         if m == 0 {
             return Ok(());
         }
-        let splits = spans.max_len.div_ceil(DECODE_SPLIT_KEYS as usize).max(1);
+        // The splits cover the longest span's window (the kernel skips the rows before it).
+        let splits = windowed_span(spans.max_len, window).1.div_ceil(DECODE_SPLIT_KEYS as usize).max(1);
         let dt = self.act();
         let (qkv, cache) = (self.input(qkv, dt)?, self.input(cache, dt)?);
         // The partials live until both launches are queued (the device orders them).
@@ -62,6 +65,7 @@ impl DecodeAttentionOps for CudaBackend {
             n_kv_head,
             head_dim,
             split_count,
+            window_arg(window),
         ];
         self.launch(&format!("decode_attention_split_{}", suffix(dt)), split, &args)?;
         let out = self.output(out, dt, false)?;
