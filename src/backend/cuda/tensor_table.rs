@@ -20,10 +20,13 @@ use super::{Device, DeviceBuffer};
 /// (a reward model's trunk, a parameter norm) without evicting one another every step.
 const KEPT_TABLES: usize = 8;
 
+/// A table's host words and its device copy.
+type KeptTable = (Vec<u64>, Arc<DeviceBuffer<u64>>);
+
 /// The tables a backend has uploaded, most recently used last.
 #[derive(Default)]
 pub(crate) struct TensorTables {
-    kept: Mutex<Vec<(Vec<u64>, Arc<DeviceBuffer<u64>>)>>,
+    kept: Mutex<Vec<KeptTable>>,
     uploads: AtomicU64,
 }
 
