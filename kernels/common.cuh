@@ -162,6 +162,24 @@ __device__ __forceinline__ void store_vec(T* p, const float (&v)[W]) {
     }
 }
 
+/// The fused residual norms' first pass over one row: `x = a + b` (rounded to T as stored), this
+/// lane's W elements at a time, returning the lane's Σ x, or Σ x² when `Squares` (RMSNorm).
+template <int W, bool Squares, typename T>
+__device__ __forceinline__ float residual_add_row(T* x, const T* a, const T* b, int c, int lane) {
+    float sum = 0.0f;
+    for (int j = lane * W; j < c; j += 32 * W) {
+        float va[W], vb[W], stored[W];
+        load_vec<W, CacheHint::Streaming>(a + j, va);
+        load_vec<W, CacheHint::Streaming>(b + j, vb);
+#pragma unroll
+        for (int k = 0; k < W; ++k) stored[k] = to_float(from_float<T>(va[k] + vb[k]));
+        store_vec<W>(x + j, stored);
+#pragma unroll
+        for (int k = 0; k < W; ++k) sum += Squares ? stored[k] * stored[k] : stored[k];
+    }
+    return sum;
+}
+
 /// dst[0..W) = src[0..W), the bits unchanged (no conversion); the accesses as `load_vec`'s.
 template <int W, CacheHint H = CacheHint::Default, typename T>
 __device__ __forceinline__ void copy_vec(T* dst, const T* src) {

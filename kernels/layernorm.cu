@@ -107,17 +107,7 @@ __device__ void residual_layernorm_forward(T* residual, T* out, float* mean, flo
     const bool vector = c % vec_width<T> == 0 && all_aligned16(residual, out, a, b, weight, bias);
     with_width<T>(vector, [&](auto width) {
         constexpr int W = decltype(width)::value;
-        float sum = 0.0f;
-        for (int j = lane * W; j < c; j += 32 * W) {
-            float va[W], vb[W], stored[W];
-            load_vec<W, CacheHint::Streaming>(a + base + j, va);
-            load_vec<W, CacheHint::Streaming>(b + base + j, vb);
-#pragma unroll
-            for (int k = 0; k < W; ++k) stored[k] = to_float(from_float<T>(va[k] + vb[k]));
-            store_vec<W>(x + j, stored);
-#pragma unroll
-            for (int k = 0; k < W; ++k) sum += stored[k];
-        }
+        const float sum = residual_add_row<W, false>(x, a + base, b + base, c, lane);
         layernorm_row_from_sum<W>(out + base, mean, rstd, x, weight, bias, row, c, eps, sum);
     });
 }

@@ -83,17 +83,7 @@ __device__ void residual_rmsnorm_forward(T* residual, T* out, float* rstd, const
     const bool vector = c % vec_width<T> == 0 && all_aligned16(residual, out, a, b, weight);
     with_width<T>(vector, [&](auto width) {
         constexpr int W = decltype(width)::value;
-        float sq = 0.0f;
-        for (int j = lane * W; j < c; j += 32 * W) {
-            float va[W], vb[W], stored[W];
-            load_vec<W, CacheHint::Streaming>(a + base + j, va);
-            load_vec<W, CacheHint::Streaming>(b + base + j, vb);
-#pragma unroll
-            for (int k = 0; k < W; ++k) stored[k] = to_float(from_float<T>(va[k] + vb[k]));
-            store_vec<W>(x + j, stored);
-#pragma unroll
-            for (int k = 0; k < W; ++k) sq += stored[k] * stored[k];
-        }
+        const float sq = residual_add_row<W, true>(x, a + base, b + base, c, lane);
         rmsnorm_row_from_sum_squares<W>(out + base, rstd, x, weight, row, c, eps, sq);
     });
 }

@@ -87,10 +87,10 @@ fn emulated_device_matches_the_cpu() {
         let batch = pack(&seqs);
         let dseq: Vec<f32> = uniform(&mut rng(9), seqs.len(), -1.0, 1.0);
         let cpu = cpu();
-        let (want_logp, want_grads) = step(cpu, &host, &batch, &dseq);
+        let (want_logp, want_grads) = model_step(cpu, &host, &batch, &dseq);
         for (precision, rtol, floor) in [(Precision::F32, 1e-4, 1e-4), (Precision::Bf16, 5e-2, 6e-2)] {
             let cuda = Arc::new(CudaBackend::new(device.clone(), precision));
-            let (logp, grads) = step(cuda, &host, &batch, &dseq);
+            let (logp, grads) = model_step(cuda, &host, &batch, &dseq);
             let at = |s: &str| format!("{what} ({precision:?}): {s}");
             let want: Vec<f64> = want_logp.iter().map(|&x| x as f64).collect();
             assert_close(&at("log-probs"), &logp, &want, rtol, rtol);
@@ -99,21 +99,6 @@ fn emulated_device_matches_the_cpu() {
             }
         }
     }
-}
-
-/// One forward and backward: the log-probs and every gradient, downloaded.
-fn step<B: Backend>(
-    backend: Arc<B>,
-    host: &HostWeights,
-    batch: &safedpo::data::PackedBatch,
-    dseq: &[f32],
-) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let mut model = Decoder::from_host(backend.clone(), host).unwrap();
-    let dev = DeviceBatch::upload(&*backend, batch).unwrap();
-    let logp = backend.download(model.forward(&dev).unwrap()).unwrap();
-    model.backward(&dev, &backend.upload(dseq).unwrap()).unwrap();
-    let grads = model.grads().unwrap().into_iter().map(|g| backend.download(g).unwrap()).collect();
-    (logp, grads)
 }
 
 /// A save and a load give back the same bits, in one file and in shards; a directory that changes

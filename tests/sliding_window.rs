@@ -78,7 +78,8 @@ fn a_window_as_long_as_the_sequences_is_full_attention() {
     let seqs = sequences(5, &LENS, config.vocab_size);
     let run = |window: Option<usize>| {
         let config = DecoderConfig { sliding_window: window, ..config.clone() };
-        let (logp, grads) = step(cpu(), &HostWeights { config, ..host.clone() }, &pack(&seqs), &vec![0.5; seqs.len()]);
+        let (logp, grads) =
+            model_step(cpu(), &HostWeights { config, ..host.clone() }, &pack(&seqs), &vec![0.5; seqs.len()]);
         (logp, grads.concat())
     };
     let (full, windowed) = (run(None), run(Some(longest)));
@@ -97,10 +98,10 @@ fn emulated_device_matches_the_cpu() {
         let seqs = sequences(8, &LENS, config.vocab_size);
         let batch = pack(&seqs);
         let dseq: Vec<f32> = uniform(&mut rng(9), seqs.len(), -1.0, 1.0);
-        let (want_logp, want_grads) = step(cpu(), &host, &batch, &dseq);
+        let (want_logp, want_grads) = model_step(cpu(), &host, &batch, &dseq);
         for (precision, rtol, floor) in [(Precision::F32, 1e-4, 1e-4), (Precision::Bf16, 5e-2, 6e-2)] {
             let cuda = Arc::new(CudaBackend::new(device.clone(), precision));
-            let (logp, grads) = step(cuda, &host, &batch, &dseq);
+            let (logp, grads) = model_step(cuda, &host, &batch, &dseq);
             let at = |s: &str| format!("{what} ({precision:?}): {s}");
             assert_close(&at("log-probs"), &logp, &to_f64(&want_logp), rtol, rtol);
             for ((name, _), (got, want)) in config.parameter_shapes().iter().zip(grads.iter().zip(&want_grads)) {
@@ -108,21 +109,6 @@ fn emulated_device_matches_the_cpu() {
             }
         }
     }
-}
-
-/// One forward and backward: the log-probs and every gradient, downloaded.
-fn step<B: Backend>(
-    backend: Arc<B>,
-    host: &HostWeights,
-    batch: &safedpo::data::PackedBatch,
-    dseq: &[f32],
-) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let mut model = Decoder::from_host(backend.clone(), host).unwrap();
-    let dev = DeviceBatch::upload(&*backend, batch).unwrap();
-    let logp = backend.download(model.forward(&dev).unwrap()).unwrap();
-    model.backward(&dev, &backend.upload(dseq).unwrap()).unwrap();
-    let grads = model.grads().unwrap().into_iter().map(|g| backend.download(g).unwrap()).collect();
-    (logp, grads)
 }
 
 // ---- the configuration -------------------------------------------------------------------------------

@@ -256,3 +256,18 @@ pub fn gradients_match_finite_differences(config: &DecoderConfig, seed: u64, sam
     let loss = |seq: &[f64]| weighted_sum(&weights, seq);
     check_all_gradients(&model, &mut Reference::new(&host), &seqs, &loss, samples, seed + 3, what);
 }
+
+/// One forward and backward: the log-probs and every gradient, downloaded.
+pub fn model_step<B: safedpo::backend::Backend>(
+    backend: std::sync::Arc<B>,
+    host: &HostWeights,
+    batch: &safedpo::data::PackedBatch,
+    dseq: &[f32],
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut model = Decoder::from_host(backend.clone(), host).unwrap();
+    let dev = safedpo::model::DeviceBatch::upload(&*backend, batch).unwrap();
+    let logp = backend.download(model.forward(&dev).unwrap()).unwrap();
+    model.backward(&dev, &backend.upload(dseq).unwrap()).unwrap();
+    let grads = model.grads().unwrap().into_iter().map(|g| backend.download(g).unwrap()).collect();
+    (logp, grads)
+}
