@@ -16,7 +16,7 @@ use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::backend::RopeScaling;
 use safedpo::model::checkpoint::{self, SaveDtype, SaveOptions};
-use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, Family, HostWeights, Rope};
+use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, Family, Rope};
 
 /// Llama with 4 query heads sharing 2 key/value heads of width 6, llama3 RoPE scaling, an untied head.
 fn llama() -> DecoderConfig {
