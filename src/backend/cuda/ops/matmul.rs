@@ -34,7 +34,7 @@ impl CudaBackend {
         }
     }
 
-    /// `D = alpha·op(A)·op(B) + beta·D (+ bias)` on operands of one type, `a` and `b` the first
+    /// `D = alpha·op(A)·op(B) + beta·D (+ bias)` on operands of one type (or bf16 operands into f32), `a` and `b` the first
     /// `a_len` / `b_len` elements of their buffers.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -64,7 +64,17 @@ impl CudaBackend {
                 };
                 self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
             }
-            _ => bail!("gemm: operands of mixed storage types"),
+            // bf16 operands into an f32 output (f32 logits, f32 gradient accumulators): cuBLASLt's
+            // bf16 inputs with f32 C/D; the bias, if any, in the output's type.
+            (Operand::Bf16(a), Operand::Bf16(b), Storage::F32(d)) => {
+                let bias = match bias {
+                    Some(Operand::F32(x)) => Some(x.slice(..spec.n)),
+                    None => None,
+                    _ => bail!("gemm: bias type differs from the output's"),
+                };
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
+            }
+            _ => bail!("gemm: operands of mixed storage types (supported: f32/f32, bf16/bf16, bf16 into f32)"),
         }
     }
 }
