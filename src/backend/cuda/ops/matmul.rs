@@ -47,32 +47,30 @@ impl CudaBackend {
         bias: Option<&Operand<'_>>,
     ) -> Result<()> {
         let b_len = spec.k * spec.n;
+        let n = spec.n;
+        // The bias is in the output's type.
+        let mismatch = || anyhow::anyhow!("gemm: bias type differs from the output's");
+        let f32_bias = || match bias {
+            Some(Operand::F32(x)) => Ok(Some(x.slice(..n))),
+            Some(_) => Err(mismatch()),
+            None => Ok(None),
+        };
+        let bf16_bias = || match bias {
+            Some(Operand::Bf16(x)) => Ok(Some(x.slice(..n))),
+            Some(_) => Err(mismatch()),
+            None => Ok(None),
+        };
         match (a, b, d) {
             (Operand::F32(a), Operand::F32(b), Storage::F32(d)) => {
-                let bias = match bias {
-                    Some(Operand::F32(x)) => Some(x.slice(..spec.n)),
-                    None => None,
-                    _ => bail!("gemm: bias type differs from the output's"),
-                };
-                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * n), f32_bias()?)
             }
             (Operand::Bf16(a), Operand::Bf16(b), Storage::Bf16(d)) => {
-                let bias = match bias {
-                    Some(Operand::Bf16(x)) => Some(x.slice(..spec.n)),
-                    None => None,
-                    _ => bail!("gemm: bias type differs from the output's"),
-                };
-                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * n), bf16_bias()?)
             }
             // bf16 operands into an f32 output (f32 logits, f32 gradient accumulators): cuBLASLt's
-            // bf16 inputs with f32 C/D; the bias, if any, in the output's type.
+            // bf16 inputs with f32 C/D.
             (Operand::Bf16(a), Operand::Bf16(b), Storage::F32(d)) => {
-                let bias = match bias {
-                    Some(Operand::F32(x)) => Some(x.slice(..spec.n)),
-                    None => None,
-                    _ => bail!("gemm: bias type differs from the output's"),
-                };
-                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * spec.n), bias)
+                self.device.gemm(spec, a.slice(..a_len), b.slice(..b_len), d.slice_mut(..spec.m * n), f32_bias()?)
             }
             _ => bail!("gemm: operands of mixed storage types (supported: f32/f32, bf16/bf16, bf16 into f32)"),
         }
