@@ -418,15 +418,20 @@ fn sft_on_two_and_three_ranks_matches_one_rank() {
     check_task_matches_one_rank(&one, Task::Sft, WEIGHT_BOUND, "sft");
 }
 
+/// The synthetic pairs unpaired, as unpaired rows.
+fn unpaired_data(dir: &Path) -> PathBuf {
+    use safedpo::data::{load_examples, write_examples_jsonl, DataFormat, PairSelection};
+    let (examples, _) = load_examples(&synthetic_data(dir), DataFormat::Auto, PairSelection::SafeDpo, false).unwrap();
+    let path = dir.join("unpaired.jsonl");
+    write_examples_jsonl(&path, &examples).unwrap();
+    path
+}
+
 /// KTO (with its per-micro-batch KL estimate) and `apo_zero_unpaired` on unpaired examples.
 #[test]
 fn the_unpaired_objectives_on_two_and_three_ranks_match_one_rank() {
-    use safedpo::data::{load_examples, write_examples_jsonl, DataFormat, PairSelection};
     let dir = tempfile::tempdir().unwrap();
-    let pku = synthetic_data(dir.path());
-    let (examples, _) = load_examples(&pku, DataFormat::Auto, PairSelection::SafeDpo, false).unwrap();
-    let data = dir.path().join("unpaired.jsonl");
-    write_examples_jsonl(&data, &examples).unwrap();
+    let data = unpaired_data(dir.path());
     for objective in ["kto", "apo_zero_unpaired"] {
         let mut one = tiny_config(&dir.path().join(objective), &data);
         one.objective = objective.parse().unwrap();
@@ -496,8 +501,8 @@ fn sync_ref_model_on_two_and_three_ranks_matches_one_rank() {
     assert!(bytes(&plain.out_dir) == bytes(&zero.out_dir), "sync_ref_model in bf16: the synced references differ");
 }
 
-/// SFT, KTO and `bco_running_mean` stopped after step 2 on 2 ranks and resumed end as the same run
-/// straight through.
+/// SFT, KTO, `bco_running_mean` and TR-DPO (under ZeRO-1) stopped after step 2 on 2 ranks and
+/// resumed end as the same run straight through.
 #[test]
 fn the_newly_parallel_steps_resume_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -508,9 +513,15 @@ fn the_newly_parallel_steps_resume_bit_exact() {
     let mut trdpo = base.clone();
     (trdpo.sync_ref_model, trdpo.ref_model_sync_steps, trdpo.precompute_ref) = (true, 1, false);
     trdpo.train.zero_stage = 1;
-    for (name, cfg, task) in
-        [("sft", base.clone(), Task::Sft), ("bco", bco, Task::Preference), ("trdpo", trdpo, Task::Preference)]
-    {
+    let mut kto = tiny_config(&dir.path().join("x"), &unpaired_data(dir.path()));
+    (kto.objective, kto.precompute_ref) = ("kto".parse().unwrap(), false);
+    let cases = [
+        ("sft", base, Task::Sft),
+        ("kto", kto, Task::Preference),
+        ("bco", bco, Task::Preference),
+        ("trdpo", trdpo, Task::Preference),
+    ];
+    for (name, cfg, task) in cases {
         let straight = RunConfig { out_dir: dir.path().join(format!("{name}-straight")), ..cfg.clone() };
         let resumed = RunConfig { out_dir: dir.path().join(format!("{name}-resumed")), ..cfg };
         run_task_group(2, &straight, task, |_| quiet(), cpu).into_iter().for_each(|r| assert!(r.unwrap().completed));
