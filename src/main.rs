@@ -41,13 +41,13 @@ use safedpo::config::{
 };
 use safedpo::data::{check_same_tokenizer, load_tokenizer, sequence_format, tokenizer_source};
 use safedpo::loss::LossState;
-use safedpo::model::checkpoint::{self, LoadOptions};
+use safedpo::model::checkpoint::LoadOptions;
 use safedpo::model::Decoder;
 use safedpo::train::demo::{run_demo, DemoOptions};
 use safedpo::train::generate::{generate, SamplingParams};
 use safedpo::train::metrics::Record;
 use safedpo::train::refcache::{sequence_logp_parts, sequence_logps, ReferenceLogps};
-use safedpo::train::{self, evaluate_pairs_with, prepare_data, Resume, Task, TrainOptions};
+use safedpo::train::{self, evaluate_pairs_with, load_inference_weights, prepare_data, Resume, Task, TrainOptions};
 use safedpo::with_backend;
 
 #[derive(Parser)]
@@ -506,22 +506,29 @@ fn split_pairs(cfg: &RunConfig, split: Split, reference: &Path) -> Result<Vec<sa
     })
 }
 
-/// A model directory as a frozen model (inference only).
-fn load_frozen<B: Backend>(backend: &Arc<B>, dir: &Path, allow_nonfinite: bool) -> Result<Decoder<B>> {
-    let weights = checkpoint::load_dir_with(dir, LoadOptions { allow_nonfinite })?;
+/// A model directory as a frozen model (inference only), with `adapter` (`--lora.adapter`) merged in.
+fn load_frozen<B: Backend>(
+    backend: &Arc<B>,
+    dir: &Path,
+    adapter: Option<&Path>,
+    allow_nonfinite: bool,
+) -> Result<Decoder<B>> {
+    let weights = load_inference_weights(dir, adapter, LoadOptions { allow_nonfinite })?;
     Decoder::from_host_frozen(backend.clone(), &weights)
 }
 
-/// The policy and the reference, both frozen: `logps` and `eval` only run forwards.
+/// The policy (with `lora.adapter` merged in) and the reference, both frozen: `logps` and `eval` only
+/// run forwards.
 fn load_models<B: Backend>(
     backend: &Arc<B>,
     args: &ModelDataArgs,
+    cfg: &RunConfig,
     reference: &Path,
 ) -> Result<(Decoder<B>, Decoder<B>)> {
     let policy = &args.model;
-    let p = load_frozen(backend, policy, args.allow_nonfinite)
+    let p = load_frozen(backend, policy, cfg.lora.adapter.as_deref(), args.allow_nonfinite)
         .with_context(|| format!("loading --model {}", policy.display()))?;
-    let r = load_frozen(backend, reference, args.allow_nonfinite)
+    let r = load_frozen(backend, reference, None, args.allow_nonfinite)
         .with_context(|| format!("loading the reference {}", reference.display()))?;
     Ok((p, r))
 }
@@ -533,7 +540,7 @@ fn run_logps(args: LogpsArgs) -> Result<()> {
 
 fn write_logps<B: Backend>(backend: Arc<B>, args: &LogpsArgs, cfg: &RunConfig, reference: &Path) -> Result<()> {
     let pairs = split_pairs(cfg, args.common.split, reference)?;
-    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common, cfg, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let pol = sequence_logps(&mut policy, &pairs, budget)?;
     let refl = sequence_logps(&mut reference, &pairs, budget)?;
@@ -570,7 +577,7 @@ fn evaluate_model<B: Backend>(backend: Arc<B>, args: &EvalArgs, cfg: &RunConfig,
         return judge_model(backend, args, cfg, reference, &pairs);
     }
     let objective = &cfg.objective;
-    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common, cfg, reference)?;
     let budget = cfg.batching.tokens_per_micro_batch;
     let refl = if objective.uses_reference() {
         sequence_logp_parts(&mut reference, &pairs, budget)?
@@ -596,7 +603,7 @@ fn judge_model<B: Backend>(
     pairs: &[safedpo::data::TokenizedPair],
 ) -> Result<()> {
     use safedpo::judge::generate_eval::{judge_generations, judged_metrics, JudgedEvalOptions, Judges};
-    let (mut policy, mut reference) = load_models(&backend, &args.common, reference)?;
+    let (mut policy, mut reference) = load_models(&backend, &args.common, cfg, reference)?;
     let tok = load_tokenizer(Some(&args.common.model))?;
     let (reward, cost) = (args.judge_reward.as_deref(), args.judge_cost.as_deref());
     let mut judges = Judges::load(&backend, tok.as_ref(), &args.common.model, reward, cost)?;
@@ -646,7 +653,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn generate_text<B: Backend>(backend: Arc<B>, args: &GenerateArgs, settings: &Resolved) -> Result<()> {
     let tok = load_tokenizer(Some(&args.model))?;
-    let mut model = load_frozen(&backend, &args.model, args.allow_nonfinite)
+    let adapter = settings.config.lora.adapter.as_deref();
+    let mut model = load_frozen(&backend, &args.model, adapter, args.allow_nonfinite)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
     let prompt = if args.raw {
         [tok.bos_ids(), &tok.encode(&args.prompt)].concat()

@@ -1,7 +1,8 @@
 //! Data-parallel training with in-process ranks (threads, each with its own backend): N ranks
 //! sharing a step's micro-batches against one rank with the whole step, on the CPU backend and the
 //! emulated device; reproducibility; ZeRO-1 against plain data parallelism; exact resume; a failing
-//! rank; LoRA; and the settings that are refused.
+//! rank; LoRA; SFT, the unpaired objectives (KTO, `apo_zero_unpaired`), `bco_running_mean` and
+//! TR-DPO's reference sync on N ranks; and the settings that are refused.
 //!
 //! Why N ranks are compared within a tolerance and not bit for bit: one rank accumulates the step's
 //! micro-batch gradients in order, `((g1 + g2) + g3) + g4`, while two ranks sum their shares and
@@ -65,6 +66,17 @@ fn run_group<B: Backend + 'static>(
     opts: impl Fn(usize) -> TrainOptions + Sync,
     backend: impl Fn() -> Arc<B> + Sync,
 ) -> Vec<anyhow::Result<RunSummary>> {
+    run_task_group(world_size, cfg, Task::Preference, opts, backend)
+}
+
+/// [`run_group`] for `task`.
+fn run_task_group<B: Backend + 'static>(
+    world_size: usize,
+    cfg: &RunConfig,
+    task: Task,
+    opts: impl Fn(usize) -> TrainOptions + Sync,
+    backend: impl Fn() -> Arc<B> + Sync,
+) -> Vec<anyhow::Result<RunSummary>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = in_process::group(world_size)
             .into_iter()
@@ -73,7 +85,7 @@ fn run_group<B: Backend + 'static>(
                 let (opts, backend) = (&opts, &backend);
                 s.spawn(move || {
                     let group: Arc<dyn Collective<B>> = Arc::new(Staged(handle));
-                    train_in_group(backend(), cfg, Task::Preference, &opts(rank), group)
+                    train_in_group(backend(), cfg, task, &opts(rank), group)
                 })
             })
             .collect();
@@ -344,18 +356,12 @@ fn settings_that_would_make_ranks_disagree_are_refused() {
     let data = synthetic_data(dir.path());
     let base = tiny_config(&dir.path().join("run"), &data);
     let mut cases: Vec<(RunConfig, Task, &str)> = Vec::new();
-    let mut kto = base.clone();
-    kto.objective = "kto".parse().unwrap();
-    kto.precompute_ref = false;
-    cases.push((kto, Task::Preference, "the unpaired objectives"));
-    let mut trdpo = base.clone();
-    trdpo.sync_ref_model = true;
-    trdpo.precompute_ref = false;
-    cases.push((trdpo, Task::Preference, "sync_ref_model"));
     let mut zero2 = base.clone();
     zero2.train.zero_stage = 2;
     cases.push((zero2, Task::Preference, "train.zero_stage = 2"));
-    cases.push((base.clone(), Task::Sft, "SFT runs on one rank only"));
+    let mut sft_zero3 = base.clone();
+    sft_zero3.train.zero_stage = 3;
+    cases.push((sft_zero3, Task::Sft, "train.zero_stage = 3"));
     for (cfg, task, expected) in cases {
         let results: Vec<BTreeMap<usize, String>> = std::thread::scope(|s| {
             let hs: Vec<_> = in_process::group(2)
@@ -378,5 +384,149 @@ fn settings_that_would_make_ranks_disagree_are_refused() {
             }
         }
         assert!(!cfg.out_dir.exists(), "a refused run wrote {}", cfg.out_dir.display());
+    }
+}
+
+/// `task` on 2 and 3 ranks (`zero_stage` 0 and 1, bit-identical) against one rank: weights within
+/// `bound`, metrics as [`assert_matches_one_rank`] checks them; returns the runs' directories.
+fn check_task_matches_one_rank(one: &RunConfig, task: Task, bound: f32, label: &str) -> Vec<PathBuf> {
+    train(cpu(), one, task, &quiet()).unwrap();
+    let mut dirs = vec![one.out_dir.clone()];
+    for world_size in [2, 3] {
+        let name = |suffix: &str| one.out_dir.with_file_name(format!("{label}-ranks{world_size}{suffix}"));
+        let plain = RunConfig { out_dir: name(""), ..one.clone() };
+        let mut zero = RunConfig { out_dir: name("-zero"), ..plain.clone() };
+        zero.train.zero_stage = 1;
+        for cfg in [&plain, &zero] {
+            for (rank, result) in run_task_group(world_size, cfg, task, |_| quiet(), cpu).into_iter().enumerate() {
+                assert!(result.unwrap_or_else(|e| panic!("{label}, rank {rank}: {e:#}")).completed);
+            }
+        }
+        let what = format!("{label}, {world_size} ranks");
+        assert_matches_one_rank(&one.out_dir, &plain.out_dir, bound, &what);
+        assert_same_run(&plain.out_dir, &zero.out_dir, &format!("{what}: ZeRO-1 vs plain"));
+        dirs.push(plain.out_dir);
+    }
+    dirs
+}
+
+#[test]
+fn sft_on_two_and_three_ranks_matches_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path());
+    let one = tiny_config(&dir.path().join("sft"), &data);
+    check_task_matches_one_rank(&one, Task::Sft, WEIGHT_BOUND, "sft");
+}
+
+/// The synthetic pairs unpaired, as unpaired rows.
+fn unpaired_data(dir: &Path) -> PathBuf {
+    use safedpo::data::{load_examples, write_examples_jsonl, DataFormat, PairSelection};
+    let (examples, _) = load_examples(&synthetic_data(dir), DataFormat::Auto, PairSelection::SafeDpo, false).unwrap();
+    let path = dir.join("unpaired.jsonl");
+    write_examples_jsonl(&path, &examples).unwrap();
+    path
+}
+
+/// KTO (with its per-micro-batch KL estimate) and `apo_zero_unpaired` on unpaired examples.
+#[test]
+fn the_unpaired_objectives_on_two_and_three_ranks_match_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = unpaired_data(dir.path());
+    for objective in ["kto", "apo_zero_unpaired"] {
+        let mut one = tiny_config(&dir.path().join(objective), &data);
+        one.objective = objective.parse().unwrap();
+        one.precompute_ref = false;
+        let dirs = check_task_matches_one_rank(&one, Task::Preference, WEIGHT_BOUND, objective);
+        // The KL estimate is logged as one rank logs it (the mean of the micro-batches' estimates).
+        let kl = |run: &Path| -> Vec<f64> {
+            metrics_without_timing(run).iter().filter_map(|r| r.get("kl").and_then(|v| v.as_f64())).collect()
+        };
+        let want = kl(&dirs[0]);
+        assert_eq!(want.len(), 4, "{objective}: a kl per step");
+        for run in &dirs[1..] {
+            for (x, y) in want.iter().zip(kl(run)) {
+                assert!((x - y).abs() <= 1e-5 * x.abs() + 1e-6, "{objective}: kl {x} vs {y}");
+            }
+        }
+    }
+}
+
+/// The running mean is replayed on every rank over the whole step's micro-batches in order: after
+/// 4 steps of 4 micro-batches it holds 16 samples, and it is one rank's up to the rounding of the
+/// weights the samples come from.
+#[test]
+fn bco_running_mean_on_two_and_three_ranks_matches_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path());
+    let mut one = tiny_config(&dir.path().join("bco"), &data);
+    one.objective = "bco_pair:beta=0.1,bco_running_mean=true".parse().unwrap();
+    let dirs = check_task_matches_one_rank(&one, Task::Preference, WEIGHT_BOUND, "bco_running_mean");
+    let mean_of = |run: &Path| -> (f64, f64) {
+        let state: serde_json::Value = serde_json::from_slice(&read(run, "final/state.json")).unwrap();
+        let mean = &state["loss"]["bco_reward_mean"];
+        (mean["mean"].as_f64().unwrap(), mean["count"].as_f64().unwrap())
+    };
+    let (want_mean, want_count) = mean_of(&dirs[0]);
+    assert!((want_count - 16.0).abs() < 1e-9 && want_mean != 0.0, "{want_mean} over {want_count}");
+    for run in &dirs[1..] {
+        let (mean, count) = mean_of(run);
+        assert_eq!(count, want_count, "{}", run.display());
+        assert!((mean - want_mean).abs() <= 1e-5 * want_mean.abs() + 1e-7, "running mean {mean} vs {want_mean}");
+    }
+}
+
+/// TR-DPO: every rank holds the same policy after each update and syncs its own reference; rank 0
+/// writes the synced reference into the checkpoints. Under ZeRO-1 in bf16 the owners' fp32 masters
+/// are brought to every rank for the mix, so the run equals plain data parallelism bit for bit.
+#[test]
+fn sync_ref_model_on_two_and_three_ranks_matches_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path());
+    let mut one = tiny_config(&dir.path().join("trdpo"), &data);
+    (one.sync_ref_model, one.ref_model_mixup_alpha, one.ref_model_sync_steps) = (true, 0.5, 2);
+    one.precompute_ref = false;
+    let dirs = check_task_matches_one_rank(&one, Task::Preference, WEIGHT_BOUND, "sync_ref_model");
+    let reference = |run: &Path| Decoder::load(cpu(), &run.join("final/reference")).unwrap().to_host().unwrap();
+    for run in &dirs[1..] {
+        let worst = max_weight_difference(&reference(&dirs[0]), &reference(run));
+        assert!(worst <= WEIGHT_BOUND, "{}: synced references differ by {worst:e}", run.display());
+    }
+    let plain = RunConfig { out_dir: dir.path().join("bf16-plain"), ..one.clone() };
+    let mut zero = RunConfig { out_dir: dir.path().join("bf16-zero"), ..one.clone() };
+    zero.train.zero_stage = 1;
+    run_ok(2, &plain, emu(Precision::Bf16));
+    run_ok(2, &zero, emu(Precision::Bf16));
+    assert_same_run(&plain.out_dir, &zero.out_dir, "sync_ref_model in bf16: ZeRO-1 vs plain");
+    let bytes = |run: &Path| read(run, "final/reference/model.safetensors");
+    assert!(bytes(&plain.out_dir) == bytes(&zero.out_dir), "sync_ref_model in bf16: the synced references differ");
+}
+
+/// SFT, KTO, `bco_running_mean` and TR-DPO (under ZeRO-1) stopped after step 2 on 2 ranks and
+/// resumed end as the same run straight through.
+#[test]
+fn the_newly_parallel_steps_resume_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path());
+    let base = tiny_config(&dir.path().join("x"), &data);
+    let mut bco = base.clone();
+    bco.objective = "bco_pair:beta=0.1,bco_running_mean=true".parse().unwrap();
+    let mut trdpo = base.clone();
+    (trdpo.sync_ref_model, trdpo.ref_model_sync_steps, trdpo.precompute_ref) = (true, 1, false);
+    trdpo.train.zero_stage = 1;
+    let mut kto = tiny_config(&dir.path().join("x"), &unpaired_data(dir.path()));
+    (kto.objective, kto.precompute_ref) = ("kto".parse().unwrap(), false);
+    let cases = [
+        ("sft", base, Task::Sft),
+        ("kto", kto, Task::Preference),
+        ("bco", bco, Task::Preference),
+        ("trdpo", trdpo, Task::Preference),
+    ];
+    for (name, cfg, task) in cases {
+        let straight = RunConfig { out_dir: dir.path().join(format!("{name}-straight")), ..cfg.clone() };
+        let resumed = RunConfig { out_dir: dir.path().join(format!("{name}-resumed")), ..cfg };
+        run_task_group(2, &straight, task, |_| quiet(), cpu).into_iter().for_each(|r| assert!(r.unwrap().completed));
+        run_task_group(2, &resumed, task, stop_at_2, cpu).into_iter().for_each(|r| assert!(!r.unwrap().completed));
+        run_task_group(2, &resumed, task, resume, cpu).into_iter().for_each(|r| assert!(r.unwrap().completed));
+        assert_same_run(&straight.out_dir, &resumed.out_dir, &format!("{name}: 2 ranks resumed"));
     }
 }

@@ -102,9 +102,9 @@ impl Profile for Training {
     }
 }
 
-/// `eval`, `logps`: forwards of frozen models on pairs. The models, the data, the objective (its
-/// metrics), the micro-batch budget, the seed (the holdout split) and the device; no optimizer,
-/// intervals, output directory or training-only batching.
+/// `eval`, `logps`: forwards of frozen models on pairs. The models (and a LoRA adapter on the
+/// policy), the data, the objective (its metrics), the micro-batch budget, the seed (the holdout
+/// split) and the device; no optimizer, intervals, output directory or training-only batching.
 pub struct Evaluation;
 
 impl Profile for Evaluation {
@@ -114,15 +114,15 @@ impl Profile for Evaluation {
     fn takes(path: &str) -> bool {
         let in_section = ["model.", "objective.", "data."].iter().any(|s| path.starts_with(s));
         (in_section && path != "data.sft_safe_only")
-            || ["seed", "device", "batching.tokens_per_micro_batch"].contains(&path)
+            || ["seed", "device", "batching.tokens_per_micro_batch", "lora.adapter"].contains(&path)
     }
     fn validate(cfg: &RunConfig) -> Vec<FieldError> {
         cfg.validate()
     }
 }
 
-/// `generate`: the model's shape, the prompt's template, the sampling seed (0 by default) and the
-/// device.
+/// `generate`: the model's shape (and a LoRA adapter on it), the prompt's template, the sampling
+/// seed (0 by default) and the device.
 pub struct Generation;
 
 impl Profile for Generation {
@@ -130,7 +130,7 @@ impl Profile for Generation {
         RunConfig { seed: 0, ..RunConfig::default() }
     }
     fn takes(path: &str) -> bool {
-        path.starts_with("model.") || ["seed", "device", "data.template"].contains(&path)
+        path.starts_with("model.") || ["seed", "device", "data.template", "lora.adapter"].contains(&path)
     }
     fn validate(cfg: &RunConfig) -> Vec<FieldError> {
         cfg.validate()

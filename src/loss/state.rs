@@ -6,7 +6,9 @@ use super::objectives::Objective;
 /// `bco_pair`'s running reward mean δ, TRL's `RunningMoments` (trl < 1.0, `trl/trainer/utils.py`) as
 /// its `bco_pair` used it: one update per loss call with that call's mean reward (the mean of
 /// `β x_c` and `β x_r` over the micro-batch, one sample per call), starting from mean 0 and count
-/// 1e-24; the loss then uses the updated mean. Saved with the trainer's checkpoint state.
+/// 1e-24; the loss then uses the updated mean. Saved with the trainer's checkpoint state. On N
+/// data-parallel ranks every rank replays the whole step's samples in order (see
+/// `train::data_parallel`), so the mean is one rank's.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunningMean {
     pub mean: f64,
@@ -52,14 +54,28 @@ impl LossState {
     }
 
     /// Before a loss call on a micro-batch with sequence log-probs `policy` and `reference` (`[2P]`,
-    /// chosen and rejected per pair): adds its mean reward `β(π − r)` (TRL's
-    /// `cat(chosen_rewards, rejected_rewards).mean()`) to the running mean, where `objective` uses it.
+    /// chosen and rejected per pair): adds its mean reward (see [`LossState::reward_sample`]) to the
+    /// running mean, where `objective` uses it.
     pub fn before_loss(&mut self, objective: &Objective, policy: &[f32], reference: &[f32]) {
+        if let Some(sample) = Self::reward_sample(objective, policy, reference) {
+            self.add_reward_sample(sample);
+        }
+    }
+
+    /// The sample a micro-batch with sequence log-probs `policy` and `reference` (`[2P]`) adds to the
+    /// running mean: its mean reward `β(π − r)` (TRL's `cat(chosen_rewards, rejected_rewards).mean()`),
+    /// where `objective` uses it and the micro-batch has pairs.
+    pub fn reward_sample(objective: &Objective, policy: &[f32], reference: &[f32]) -> Option<f64> {
         if !Self::is_read_by(objective) || policy.is_empty() {
-            return;
+            return None;
         }
         let beta = objective.beta();
         let total: f64 = policy.iter().zip(reference).map(|(&p, &r)| beta * (f64::from(p) - f64::from(r))).sum();
-        self.bco_reward_mean.update(total / policy.len() as f64);
+        Some(total / policy.len() as f64)
+    }
+
+    /// Adds one micro-batch's sample (see [`LossState::reward_sample`]) to the running mean.
+    pub fn add_reward_sample(&mut self, sample: f64) {
+        self.bco_reward_mean.update(sample);
     }
 }

@@ -27,28 +27,70 @@
 //! evaluates; the other ranks write nothing into the out dir and print nothing.
 //!
 //! A rank runs whole micro-batches, so whatever an objective computes within one (a batch mean) is
-//! what one rank would compute. Refused with more than one rank: `bco_running_mean` (a running mean
-//! carried from micro-batch to micro-batch, which each rank would see only its share of), TR-DPO's
-//! `sync_ref_model`, and the steps not wired into a group yet: the unpaired objectives' (KTO,
-//! with its KL estimate) and SFT's.
+//! what one rank would compute. Every task and objective runs on N ranks (the steps are in
+//! `data_parallel/steps.rs`):
+//! - **SFT**: each rank's share of the step's SFT micro-batches, `dL/d(seq logp) = −1 / T` with `T`
+//!   the whole step's target tokens, the negative log-likelihood summed over the ranks.
+//! - **The unpaired objectives** (KTO, `apo_zero_unpaired`): each rank's share of the micro-batches
+//!   with `grad_scale = 1 / (the step's examples)`. KTO's KL estimate stays each micro-batch's own
+//!   (the mean of `policy − reference` over its KL sequences, clamped at 0), as a run alone has it,
+//!   so N ranks give one rank's update. TRL (`trl/trainer/kto_trainer.py`, `KTOTrainer._compute_loss`)
+//!   differs on N processes: it gathers each process's micro-batch estimate
+//!   (`accelerator.gather_for_metrics(kl).mean().clamp(min=0)`), so the N micro-batches a micro-step
+//!   runs at once share their mean, clamped after the mean; its update depends on N, ours does not.
+//!   One process of TRL with the step's micro-batches as gradient accumulation is what every world
+//!   size here computes. The logged `kl` is the mean of the micro-batches' estimates, as alone.
+//! - **`bco_running_mean`**: TRL's `RunningMoments.update` (`trl/trainer/utils.py`, with
+//!   `get_global_statistics`) sums each process's sample (its micro-batch's mean reward) and count
+//!   over the processes before it updates the mean, so every process sees every process's reward.
+//!   Here each rank first runs the forwards of its share to get their samples
+//!   ([`Learner::bco_reward_samples`]), the step's samples are summed into one vector by
+//!   `all_reduce_host` (each slot written by one rank: exact), and every rank replays the running
+//!   mean over the whole step's micro-batches in order, each micro-batch's loss reading the mean up to
+//!   and including its own sample, as one rank does. The difference to TRL on N processes: TRL's N
+//!   concurrent micro-batches all read the mean after all N samples (one update of count N); the
+//!   mean after the step is the same sum of samples (TRL's update of count N is N single updates),
+//!   rounded differently. The cost: one more forward of the policy (and the reference) per micro-batch.
+//! - **TR-DPO** (`sync_ref_model`): every rank holds the same policy after each update, so each
+//!   rank mixes it into its own reference (under ZeRO-1 the owners' fp32 masters brought to every
+//!   rank first, [`Trainer::policy_weights`]); rank 0 saves the reference with its checkpoints and
+//!   alone recomputes the held-out pairs' reference log-probs (it alone evaluates).
+//!
+//! Refused: `train.zero_stage` above 1.
+//!
+//! **Next: gradient all-reduce in buckets overlapped with the backward.** Today the reduction
+//! starts after the last micro-batch's backward. The plan: the model's trainable tensors cut into
+//! buckets in the backward's order (the last blocks and the head first, about 25 MB each, a fixed
+//! plan made with the owners, so that every rank cuts the same), and the last micro-batch's
+//! backward calling a hook once a bucket's gradients are final (the decoder's backward walks the
+//! blocks in reverse, so block `l`'s gradients are final when its backward returns). The NCCL
+//! collective launches each bucket's `all_reduce_sum` (ZeRO-1: `reduce_sum` to each owner) on its
+//! own stream, ordered after the backward's stream by an event, while the backward continues; the
+//! update waits for every bucket. The staged collectives keep their meaning: a bucket is a list of
+//! tensors reduced in rank order, and a tensor's sum does not depend on which bucket or when, so
+//! buckets give the same bits as one reduction of every tensor (the grad norm stays the rank-order
+//! sum of the owners' sums of squares, computed after the last bucket). What it needs: a backward
+//! hook in `model::Decoder` (per block), a second stream and events in the CUDA backend, and a
+//! `Collective` method that starts a reduction and returns a handle to wait on.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use super::checkpoint::resolve_resume;
-use super::metrics::{MetricsLog, PairStats, Record};
+use super::metrics::{MetricsLog, Record};
 use super::rundir::RunDir;
-use super::step::{check_loss, Learner, MicroBatch, StepInfo};
+use super::step::{Learner, StepInfo};
 use super::{train, train_ranked, RunSummary, Task, TrainOptions, Trainer};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::dist::Collective;
-use crate::loss::LossState;
-use crate::model::Decoder;
+use crate::model::{Decoder, HostWeights};
 use crate::optim::{clip_scale_of, AdamW, AdamWConfig, STEP_KEY};
+
+mod steps;
 
 /// [`train`] as one rank of `group` (a group of one is plain [`train`]).
 pub fn train_in_group<B: Backend>(
@@ -61,7 +103,7 @@ pub fn train_in_group<B: Backend>(
     if group.world_size() == 1 {
         return train(backend, cfg, task, opts);
     }
-    check_data_parallel(cfg, task, group.world_size())?;
+    check_data_parallel(cfg, group.world_size())?;
     let mut opts = opts.clone();
     if group.rank() != 0 {
         // One voice: rank 0 reports for the group.
@@ -72,23 +114,12 @@ pub fn train_in_group<B: Backend>(
 }
 
 /// What cannot run on more than one rank, as an error naming the setting.
-fn check_data_parallel(cfg: &RunConfig, task: Task, world_size: usize) -> Result<()> {
+fn check_data_parallel(cfg: &RunConfig, world_size: usize) -> Result<()> {
     let why = |what: &str| format!("data-parallel training ({world_size} ranks): {what}");
     ensure!(
         cfg.train.zero_stage <= 1,
         why(&format!("train.zero_stage = {}: only 0 (off) and 1 (sharded optimizer state)", cfg.train.zero_stage))
     );
-    ensure!(task == Task::Preference, why("SFT runs on one rank only"));
-    ensure!(
-        cfg.objective.as_unpaired().is_none(),
-        why("the unpaired objectives (kto, apo_zero_unpaired) have a step of their own (with KTO's KL estimate) that \
-             does not run data parallel yet; train them on one rank")
-    );
-    ensure!(
-        !LossState::is_read_by(&cfg.objective),
-        why("bco_running_mean keeps a running mean over micro-batches that the ranks would each see a part of")
-    );
-    ensure!(!cfg.sync_ref_model, why("sync_ref_model (TR-DPO) is not supported; train it on one rank"));
     Ok(())
 }
 
@@ -184,9 +215,11 @@ impl<B: Backend> GroupRank<B> {
     }
 
     /// ZeRO-1: each owner's exact parameters (its fp32 masters in bf16) broadcast from it and taken
-    /// into rank 0's parameters, so that the checkpoint rank 0 writes holds them (a resume is then
-    /// bit-exact). The others hold one owner's share at a time, briefly.
-    fn gather_masters(&self, b: &B, policy: &mut Decoder<B>) -> Result<()> {
+    /// into rank 0's parameters (`everywhere`: every rank's), so that the checkpoint rank 0 writes
+    /// holds them (a resume is then bit-exact), or TR-DPO's reference sync mixes them on every rank.
+    /// Ranks that keep nothing hold one owner's share at a time, briefly; the masters taken in are
+    /// dropped again at the next update.
+    fn gather_masters(&self, b: &B, policy: &mut Decoder<B>, everywhere: bool) -> Result<()> {
         let mut params: Vec<&mut B::Buf> = policy.params_and_grads_mut()?.into_iter().map(|(_, p, _)| p).collect();
         for owner in 0..self.world_size() {
             let owned: Vec<usize> = self.owned_by(owner).collect();
@@ -199,7 +232,7 @@ impl<B: Backend> GroupRank<B> {
                 .collect::<Result<Vec<_>>>()?;
             let mut refs: Vec<&mut B::Buf> = bufs.iter_mut().collect();
             self.group.broadcast(b, &mut refs, owner).context("gathering the parameters for a checkpoint")?;
-            if self.rank() == 0 && owner != 0 {
+            if (everywhere || self.rank() == 0) && owner != self.rank() {
                 for (&i, buf) in owned.iter().zip(&bufs) {
                     b.copy(params[i], buf)?;
                 }
@@ -220,7 +253,7 @@ impl<B: Backend> GroupRank<B> {
         if !self.zero {
             return if self.rank() == 0 { optimizer.state_to_host().map(Some) } else { Ok(None) };
         }
-        self.gather_masters(b, policy)?;
+        self.gather_masters(b, policy, false)?;
         let mine = optimizer.state_to_host()?;
         let mut whole = BTreeMap::new();
         for owner in 0..self.world_size() {
@@ -352,41 +385,20 @@ pub(super) fn metrics_log<B: Backend>(
     }
 }
 
-/// A step's pair statistics as host values for `all_reduce_host` (the counts are exact in f64).
-fn stats_to_values(s: &PairStats) -> Vec<f64> {
-    vec![
-        s.pairs as f64,
-        s.loss,
-        s.reward_chosen,
-        s.reward_rejected,
-        s.margin,
-        s.accuracy,
-        s.logp_chosen,
-        s.logp_rejected,
-        s.mixed_pairs as f64,
-        s.safe_preferred,
-    ]
-}
-
-fn stats_from_values(v: &[f64]) -> PairStats {
-    PairStats {
-        pairs: v[0] as usize,
-        loss: v[1],
-        reward_chosen: v[2],
-        reward_rejected: v[3],
-        margin: v[4],
-        accuracy: v[5],
-        logp_chosen: v[6],
-        logp_rejected: v[7],
-        mixed_pairs: v[8] as usize,
-        safe_preferred: v[9],
-    }
-}
-
 impl<B: Backend> Trainer<B> {
     /// Whether this process writes the run's files (rank 0, or a run alone).
     pub(super) fn is_lead(&self) -> bool {
         is_lead(self.group.as_ref())
+    }
+
+    /// The policy's exact weights on this rank (TR-DPO's reference sync): under ZeRO-1 every owner's
+    /// masters brought to every rank first, so that each rank mixes the same values into its own
+    /// reference as a run alone would.
+    pub(super) fn policy_weights(&mut self) -> Result<HostWeights> {
+        if let Some(rank) = self.group.as_ref().filter(|g| g.zero) {
+            rank.gather_masters(&*self.backend, &mut self.learner.policy, true)?;
+        }
+        self.learner.policy.to_host()
     }
 
     /// The optimizer state a checkpoint holds, on the rank that writes it (`None` on the others);
@@ -398,44 +410,6 @@ impl<B: Backend> Trainer<B> {
                 rank.gather_optimizer_state(&*self.backend, &self.learner.optimizer, &mut self.learner.policy)
             }
         }
-    }
-
-    /// [`Trainer::preference_step`] as one rank of the group: this rank's share of the step's
-    /// micro-batches, the gradients and metrics summed over the ranks.
-    pub(super) fn preference_step_in_group(&mut self) -> Result<StepInfo> {
-        let rank = self.group.as_ref().expect("called in a group");
-        if self.opts.fail_at_step == Some(self.step + 1) {
-            bail!("rank {}: injected failure at step {}", rank.rank(), self.step + 1);
-        }
-        let limit = self.cfg.batching.limit();
-        let batches: Vec<_> =
-            (0..self.cfg.batching.grad_accum).map(|_| self.batcher.next_batch_under(&self.data.train, limit)).collect();
-        let pairs: usize = batches.iter().map(|b| b.num_pairs()).sum();
-        let tokens: usize = batches.iter().map(|b| b.packed.num_tokens()).sum();
-        let assigned = assign_greedy(batches.iter().map(|b| b.packed.num_tokens()), rank.world_size());
-        let backend = self.backend.clone();
-        let micro = batches
-            .into_iter()
-            .zip(assigned)
-            .filter(|(_, to)| *to == rank.rank())
-            .map(|(batch, _)| MicroBatch::upload(&*backend, batch))
-            .collect::<Result<Vec<_>>>()?;
-        let lr = self.next_lr();
-        let mut stats = PairStats::default();
-        let each = |batch: &MicroBatch<B>, out: super::step::MicroOutput| {
-            stats.add_batch(&out.metrics, &out.logps, &batch.host.unsafe_flags)
-        };
-        let loss_sum = self.learner.preference_gradients(&micro, pairs, each, &mut |_| Ok(()))?;
-        let mut sums = stats_to_values(&stats);
-        sums.push(loss_sum);
-        rank.group.all_reduce_host(&mut sums).context("summing the step's metrics")?;
-        let loss = sums[sums.len() - 1] / pairs as f64;
-        check_loss(self.step + 1, loss, f64::INFINITY)?;
-        self.interval.stats.merge(&stats_from_values(&sums));
-        self.interval.tokens += tokens;
-        self.train_tokens += tokens;
-        let info = rank.update(&mut self.learner, lr)?;
-        Ok(StepInfo { loss: Some(loss), ..info })
     }
 }
 
@@ -486,7 +460,7 @@ mod tests {
                                 }
                             }
                         }
-                        rank.gather_masters(&*b, &mut policy).unwrap();
+                        rank.gather_masters(&*b, &mut policy, false).unwrap();
                         let values = policy.params().iter().map(|w| b.download(w).unwrap()).collect();
                         (after_plan, masters(&mut policy), values, rank.owners.clone())
                     })

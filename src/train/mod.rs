@@ -44,7 +44,6 @@ use crate::data::{
     self, load_pairs, load_tokenizer, sequence_format, split_holdout, tokenize_pairs_with, BatchLimit, Batcher,
     TextTokenizer, TokenizedExample, TokenizedPair,
 };
-use crate::model::DeviceBatch;
 use crate::optim::{LrSchedule, Scheduler};
 use crate::util::write_atomic;
 
@@ -57,6 +56,7 @@ pub use refcache::CacheStatus;
 pub use refcache::ReferenceLogps;
 use refsync::RefSync;
 pub use refsync::{mix_weights, REFERENCE_DIR};
+pub use setup::load_inference_weights;
 use setup::{build_policy, setup_reference, ReferenceSetup};
 use step::{adamw_config, check_loss, check_parameters, Learner, MicroBatch, MicroOutput, StepInfo};
 use unpaired::{ExampleStats, UnpairedData};
@@ -364,23 +364,16 @@ impl<B: Backend> Trainer<B> {
             .collect();
         let targets: usize = micro.iter().map(|p| (0..p.num_seqs()).map(|s| p.num_targets(s)).sum::<usize>()).sum();
         ensure!(targets > 0, "sft step {}: the batch has no response tokens", self.step + 1);
-        let backend = self.backend.clone();
-        let b = &*backend;
-        let policy = &mut self.learner.policy;
-        let mut step_nll = 0.0;
-        policy.zero_grad()?;
-        for packed in &micro {
-            let dev = DeviceBatch::upload(b, packed)?;
-            let dseq = b.upload(&vec![-1.0 / targets as f32; packed.num_seqs()])?;
-            let logps = policy.forward(&dev)?;
-            let host = b.download(logps)?;
-            policy.backward(&dev, &dseq)?;
-            let nll = -host.iter().map(|&x| x as f64).sum::<f64>();
-            self.interval.nll += nll;
-            step_nll += nll;
-            self.interval.tokens += packed.num_tokens();
-            self.train_tokens += packed.num_tokens();
+        if self.group.is_some() {
+            return self.sft_step_in_group(micro, targets);
         }
+        let (interval, train_tokens, mut step_nll) = (&mut self.interval, &mut self.train_tokens, 0.0);
+        self.learner.sft_gradients(&micro, targets, |packed, nll| {
+            interval.nll += nll;
+            step_nll += nll;
+            interval.tokens += packed.num_tokens();
+            *train_tokens += packed.num_tokens();
+        })?;
         self.interval.nll_tokens += targets;
         let loss = step_nll / targets as f64;
         check_loss(self.step + 1, loss, f64::INFINITY)?;

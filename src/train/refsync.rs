@@ -80,15 +80,18 @@ impl<B: Backend> Trainer<B> {
     /// After step `self.step`: mixes the policy into the reference when a sync is due, uploads the
     /// new reference and recomputes the held-out pairs' reference log-probs.
     pub(super) fn sync_reference(&mut self) -> Result<()> {
-        let Some(sync) = self.ref_sync.as_mut().filter(|s| s.due(self.step)) else {
+        if !self.ref_sync.as_ref().is_some_and(|s| s.due(self.step)) {
             return Ok(());
-        };
-        mix_weights(&mut sync.weights, &self.learner.policy.to_host()?, sync.alpha)?;
+        }
+        let policy = self.policy_weights()?;
+        let Some(sync) = self.ref_sync.as_mut() else { return Ok(()) };
+        mix_weights(&mut sync.weights, &policy, sync.alpha)?;
         let mut model = Decoder::from_host_frozen(self.backend.clone(), &sync.weights)?;
         if let Some(rows) = self.cfg.batching.head_chunk_rows {
             model.set_head_chunk_rows(rows)?;
         }
-        if !self.data.eval.is_empty() {
+        // Only the rank that evaluates (rank 0, or a run alone) reads the held-out pairs' log-probs.
+        if !self.data.eval.is_empty() && self.is_lead() {
             let budget = self.cfg.batching.tokens_per_micro_batch;
             self.eval_reference = sequence_logp_parts(&mut model, &self.data.eval, budget)?;
         }

@@ -1,6 +1,7 @@
 //! The run's setup that `train` reads as one step each: the policy (full, or a frozen base with
 //! LoRA adapters), and the reference (a frozen model, the LoRA policy's base, its cached log-probs,
-//! or none) with the eval pairs' reference log-probs.
+//! or none) with the eval pairs' reference log-probs; and the weights `eval`, `logps` and
+//! `generate` run (a model directory, with `--lora.adapter` merged in).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use super::{CacheStatus, Console, PreparedData, ReferenceLogps, Task};
 use crate::backend::Backend;
 use crate::config::RunConfig;
 use crate::data::{check_same_tokenizer, TextTokenizer, TokenizedPair};
+use crate::model::checkpoint::LoadOptions;
 use crate::model::decoder::random_weights;
 use crate::model::peft::{load_adapter, read_adapter_spec};
 use crate::model::{Decoder, HostAdapters, HostWeights, LoraSpec};
@@ -52,6 +54,23 @@ pub(super) fn load_lora_base(cfg: &RunConfig, vocab: usize) -> Result<HostWeight
         }
         None => random_weights(cfg.model.random_shape(vocab), cfg.seed),
     }
+}
+
+/// The weights of a model directory for inference (`eval`, `logps`, `generate`), with the PEFT
+/// adapter `adapter` merged in when one is named: exactly the model `safedpo merge` writes (f32),
+/// checked against the base as training checks `lora.adapter` (an adapter of another model is an
+/// error naming the tensor). Merged rather than run as live adapters: these commands never need the
+/// base with the adapters off on the same weights (the reference is loaded as a model of its own),
+/// so one merge makes every forward and decoding step cost what the base's does, and the results are
+/// those of the merged model bit for bit. LoRA dropout, which PEFT applies in training only, is
+/// ignored here.
+pub fn load_inference_weights(model: &Path, adapter: Option<&Path>, options: LoadOptions) -> Result<HostWeights> {
+    let base = crate::model::checkpoint::load_dir_with(model, options)?;
+    let Some(dir) = adapter else { return Ok(base) };
+    let adapters = load_adapter(dir, &base.config).with_context(|| format!("lora.adapter {}", dir.display()))?;
+    adapters
+        .merge_into(&base)
+        .with_context(|| format!("merging lora.adapter {} into {}", dir.display(), model.display()))
 }
 
 /// The policy: a checkpoint's weights, the initial model, or a random init; with `[lora]`, that base

@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Result};
 use super::refcache::ReferenceLogps;
 use crate::backend::{Backend, LogpParts, PreferenceLossInputs, PAIR_METRICS};
 use crate::config::OptimizerConfig;
-use crate::data::PreferenceBatch;
+use crate::data::{PackedBatch, PreferenceBatch};
 use crate::loss::{LossState, Objective};
 use crate::model::{Decoder, DeviceBatch, ForwardExtras, RowSplit};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
@@ -131,7 +131,7 @@ impl<B: Backend> Learner<B> {
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<StepInfo> {
         let pairs: usize = micro.iter().map(|m| m.host.num_pairs()).sum();
-        let loss_sum = self.preference_gradients(micro, pairs, each, lap)?;
+        let loss_sum = self.preference_gradients(micro, pairs, None, each, lap)?;
         // A NaN or infinite loss stops the step before the update (its gradient may look finite).
         let loss = loss_sum / pairs as f64;
         check_loss(self.optimizer.step_count() as usize + 1, loss, f64::INFINITY)?;
@@ -142,72 +142,44 @@ impl<B: Backend> Learner<B> {
 
     /// The gradients of `micro` (zeroed first), each pair's loss weighted `1 / pairs` (`pairs`: the
     /// whole step's pairs, which a data-parallel rank's share of the micro-batches is a part of);
-    /// returns the sum of their pairs' losses.
+    /// returns the sum of their pairs' losses. `states`: the loss state each micro-batch's loss
+    /// reads, given (a data-parallel rank's, from the whole step's rewards, see
+    /// [`Learner::bco_reward_samples`]) instead of updated here from its own log-probs.
     pub fn preference_gradients(
         &mut self,
         micro: &[MicroBatch<B>],
         pairs: usize,
+        states: Option<&[LossState]>,
         mut each: impl FnMut(&MicroBatch<B>, MicroOutput),
         lap: &mut dyn FnMut(Phase) -> Result<()>,
     ) -> Result<f64> {
+        ensure!(states.is_none_or(|s| s.len() == micro.len()), "one loss state per micro-batch");
         let mut loss_sum = 0.0f64;
         let grad_scale = 1.0 / pairs as f32;
         let backend = self.policy.backend().clone();
         let b = &*backend;
         self.policy.zero_grad()?;
-        for batch in micro {
+        for (i, batch) in micro.iter().enumerate() {
             let n = batch.host.num_pairs();
-            // LD-DPO reads each response's log-prob split at its pair's shared length, WPO the
-            // policy's aligned log-probs (see `crate::loss::batch_loss_parts`).
             let ld_alpha = self.objective.ld_alpha();
-            let split = match ld_alpha {
-                Some(_) => Some(RowSplit::shared_length(b, &batch.packed)?),
-                None => None,
-            };
+            let split = self.row_split(batch)?;
             let extras = ForwardExtras { split: split.as_ref(), aligned: self.objective.uses_weighting() };
-            let (owned, owned_split);
-            let (reference, reference_split) = match &mut self.reference {
-                Reference::Model(model) => {
-                    let out = model.forward_with(&batch.packed, &ForwardExtras { aligned: false, ..extras })?;
-                    (out.total, out.split)
-                }
-                Reference::Free => {
-                    owned = b.zeros(2 * n)?;
-                    (&owned, None)
-                }
-                Reference::PolicyBase => {
-                    self.policy.set_adapters_enabled(false)?;
-                    let out = self.policy.forward_with(&batch.packed, &ForwardExtras { aligned: false, ..extras })?;
-                    // Copied out: the policy's forward below reuses its buffers.
-                    let copy = |src: &B::Buf| -> Result<B::Buf> {
-                        let mut dst = b.zeros(b.buf_len(src))?;
-                        b.copy(&mut dst, src)?;
-                        Ok(dst)
-                    };
-                    owned = copy(out.total)?;
-                    owned_split = out.split.map(copy).transpose()?;
-                    self.policy.set_adapters_enabled(true)?;
-                    (&owned, owned_split.as_ref())
-                }
-                Reference::Cached(all) => {
-                    let picked = all.of_pairs(&batch.host.pair_ids);
-                    owned = b.upload(&picked.totals)?;
-                    owned_split = match &split {
-                        Some(_) => Some(b.upload(&picked.split)?),
-                        None => None,
-                    };
-                    (&owned, owned_split.as_ref())
-                }
-            };
+            let reference = reference_forward(&mut self.reference, &mut self.policy, batch, &extras)?;
+            let (reference, reference_split) = reference.parts();
             lap(Phase::ReferenceForward)?;
 
             let logps = self.policy.forward_with(&batch.packed, &extras)?;
             lap(Phase::PolicyForward)?;
 
             if LossState::is_read_by(&self.objective) {
-                let policy_read = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
-                let reference_read = loss_read_logps(b, reference, reference_split, ld_alpha)?;
-                self.loss_state.before_loss(&self.objective, &policy_read, &reference_read);
+                match states {
+                    Some(states) => self.loss_state = states[i],
+                    None => {
+                        let policy_read = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
+                        let reference_read = loss_read_logps(b, reference, reference_split, ld_alpha)?;
+                        self.loss_state.before_loss(&self.objective, &policy_read, &reference_read);
+                    }
+                }
             }
             let mut metrics = b.zeros(n * PAIR_METRICS)?;
             let mut dpolicy = b.zeros(if split.is_some() { 4 * n } else { 2 * n })?;
@@ -235,6 +207,60 @@ impl<B: Backend> Learner<B> {
         Ok(loss_sum)
     }
 
+    /// LD-DPO reads each response's log-prob split at its pair's shared length, WPO the policy's
+    /// aligned log-probs (see `crate::loss::batch_loss_parts`): the split, when the objective reads it.
+    fn row_split(&self, batch: &MicroBatch<B>) -> Result<Option<RowSplit<B>>> {
+        match self.objective.ld_alpha() {
+            Some(_) => Ok(Some(RowSplit::shared_length(&**self.policy.backend(), &batch.packed)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Each micro-batch's mean reward `β(π − r)`, the sample `bco_running_mean` adds to its running
+    /// mean before the micro-batch's loss (`None` for a micro-batch without pairs): the forwards of
+    /// [`Learner::preference_gradients`] without the loss. A data-parallel rank runs them on its
+    /// share first, so that every rank can replay the running mean over the whole step in order.
+    pub fn bco_reward_samples(&mut self, micro: &[MicroBatch<B>]) -> Result<Vec<Option<f64>>> {
+        let backend = self.policy.backend().clone();
+        let b = &*backend;
+        let ld_alpha = self.objective.ld_alpha();
+        let mut samples = Vec::with_capacity(micro.len());
+        for batch in micro {
+            let split = self.row_split(batch)?;
+            let extras = ForwardExtras { split: split.as_ref(), aligned: self.objective.uses_weighting() };
+            let reference = reference_forward(&mut self.reference, &mut self.policy, batch, &extras)?;
+            let (reference, reference_split) = reference.parts();
+            let reference_read = loss_read_logps(b, reference, reference_split, ld_alpha)?;
+            let logps = self.policy.forward_with(&batch.packed, &extras)?;
+            let policy_read = loss_read_logps(b, logps.total, logps.split, ld_alpha)?;
+            samples.push(LossState::reward_sample(&self.objective, &policy_read, &reference_read));
+        }
+        Ok(samples)
+    }
+
+    /// SFT's gradients of `micro` (zeroed first): `dL/d(seq logp) = −1 / targets` for every sequence
+    /// (`targets`: the whole step's target tokens, which a data-parallel rank's share is a part of).
+    /// `each` gets every micro-batch's negative log-likelihood.
+    pub fn sft_gradients(
+        &mut self,
+        micro: &[PackedBatch],
+        targets: usize,
+        mut each: impl FnMut(&PackedBatch, f64),
+    ) -> Result<()> {
+        let backend = self.policy.backend().clone();
+        let b = &*backend;
+        self.policy.zero_grad()?;
+        for packed in micro {
+            let dev = DeviceBatch::upload(b, packed)?;
+            let dseq = b.upload(&vec![-1.0 / targets as f32; packed.num_seqs()])?;
+            let logps = self.policy.forward(&dev)?;
+            let host = b.download(logps)?;
+            self.policy.backward(&dev, &dseq)?;
+            each(packed, -host.iter().map(|&x| x as f64).sum::<f64>());
+        }
+        Ok(())
+    }
+
     /// Clips by the global grad norm and applies AdamW at `lr`.
     pub fn update(&mut self, lr: f32) -> Result<StepInfo> {
         let (grad_norm, scale) = clip_scale(&self.policy, self.grad_clip)?;
@@ -252,6 +278,63 @@ impl<B: Backend> Learner<B> {
         self.optimizer.step(&mut self.policy, lr, scale)?;
         Ok(StepInfo { grad_norm, lr, loss: None })
     }
+}
+
+/// A micro-batch's reference log-probs and their split: borrowed from the frozen reference model's
+/// buffers, or owned.
+enum ReferenceOutput<'a, B: Backend> {
+    Borrowed(&'a B::Buf, Option<&'a B::Buf>),
+    Owned(B::Buf, Option<B::Buf>),
+}
+
+impl<B: Backend> ReferenceOutput<'_, B> {
+    fn parts(&self) -> (&B::Buf, Option<&B::Buf>) {
+        match self {
+            ReferenceOutput::Borrowed(total, split) => (total, *split),
+            ReferenceOutput::Owned(total, split) => (total, split.as_ref()),
+        }
+    }
+}
+
+/// The reference log-probs of `batch` (with the split `extras` asks for), from wherever `reference`
+/// takes them; `policy` serves a LoRA policy's base (its adapters off for the forward).
+fn reference_forward<'a, B: Backend>(
+    reference: &'a mut Reference<B>,
+    policy: &mut Decoder<B>,
+    batch: &MicroBatch<B>,
+    extras: &ForwardExtras<B>,
+) -> Result<ReferenceOutput<'a, B>> {
+    let backend = policy.backend().clone();
+    let b = &*backend;
+    let frozen = ForwardExtras { aligned: false, ..*extras };
+    Ok(match reference {
+        Reference::Model(model) => {
+            let out = model.forward_with(&batch.packed, &frozen)?;
+            ReferenceOutput::Borrowed(out.total, out.split)
+        }
+        Reference::Free => ReferenceOutput::Owned(b.zeros(2 * batch.host.num_pairs())?, None),
+        Reference::PolicyBase => {
+            policy.set_adapters_enabled(false)?;
+            let out = policy.forward_with(&batch.packed, &frozen)?;
+            // Copied out: the policy's forward that follows reuses its buffers.
+            let copy = |src: &B::Buf| -> Result<B::Buf> {
+                let mut dst = b.zeros(b.buf_len(src))?;
+                b.copy(&mut dst, src)?;
+                Ok(dst)
+            };
+            let owned = ReferenceOutput::Owned(copy(out.total)?, out.split.map(copy).transpose()?);
+            policy.set_adapters_enabled(true)?;
+            owned
+        }
+        Reference::Cached(all) => {
+            let picked = all.of_pairs(&batch.host.pair_ids);
+            let split = match extras.split {
+                Some(_) => Some(b.upload(&picked.split)?),
+                None => None,
+            };
+            ReferenceOutput::Owned(b.upload(&picked.totals)?, split)
+        }
+    })
 }
 
 /// The sequence log-probs `[2P]` as the loss's terms read them, on the host: `total`, or under

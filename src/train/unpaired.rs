@@ -21,6 +21,9 @@
 //! `rewards/chosen` and `logps/chosen` over the desirable examples, `rewards/rejected` and
 //! `logps/rejected` over the undesirable ones, `rewards/margins` (their difference); `eval/…` the
 //! same on the held-out examples, in fixed chunks of the token budget.
+//!
+//! On N data-parallel ranks each rank runs its share of the step's micro-batches, each with its own
+//! KL estimate (see `train::data_parallel` for how that relates to TRL's gathered estimate).
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -179,15 +182,27 @@ impl<B: Backend> Learner<B> {
         &mut self,
         micro: &[UnpairedMicroBatch<B>],
         lr: f32,
-        mut each: impl FnMut(&UnpairedBatch, &UnpairedOutput),
+        each: impl FnMut(&UnpairedBatch, &UnpairedOutput),
     ) -> Result<StepInfo> {
+        let examples: usize = micro.iter().map(|m| m.host.num_examples()).sum();
+        self.unpaired_gradients(micro, examples, each)?;
+        self.update(lr)
+    }
+
+    /// The gradients of unpaired `micro`-batches (zeroed first), each example's loss weighted
+    /// `1 / examples` (`examples`: the whole step's, which a data-parallel rank's share is a part of).
+    pub fn unpaired_gradients(
+        &mut self,
+        micro: &[UnpairedMicroBatch<B>],
+        examples: usize,
+        mut each: impl FnMut(&UnpairedBatch, &UnpairedOutput),
+    ) -> Result<()> {
         let Some(&objective) = self.objective.as_unpaired() else {
             bail!("the unpaired step needs an objective on unpaired examples, got {}", self.objective.describe())
         };
         let Reference::Model(reference) = &mut self.reference else {
             bail!("objective {} needs the reference model (precompute_ref = false)", objective.name())
         };
-        let examples: usize = micro.iter().map(|m| m.host.num_examples()).sum();
         let grad_scale = 1.0 / examples as f32;
         self.policy.zero_grad()?;
         for batch in micro {
@@ -195,7 +210,7 @@ impl<B: Backend> Learner<B> {
             self.policy.backward(&batch.matched, &dpolicy)?;
             each(&batch.host, &output);
         }
-        self.update(lr)
+        Ok(())
     }
 }
 
@@ -234,6 +249,44 @@ impl ExampleStats {
         }
         self.batches += 1;
         self.kl += output.kl;
+    }
+
+    /// Adds `other`'s sums.
+    pub fn merge(&mut self, other: &ExampleStats) {
+        let sums = self.to_values().iter().zip(other.to_values()).map(|(a, b)| a + b).collect::<Vec<f64>>();
+        *self = Self::from_values(&sums);
+    }
+
+    /// The sums as host values for a data-parallel `all_reduce_host` (the counts are exact in f64).
+    pub fn to_values(&self) -> Vec<f64> {
+        vec![
+            self.examples as f64,
+            self.loss,
+            self.desirable as f64,
+            self.reward_desirable,
+            self.logp_desirable,
+            self.undesirable as f64,
+            self.reward_undesirable,
+            self.logp_undesirable,
+            self.batches as f64,
+            self.kl,
+        ]
+    }
+
+    /// The inverse of [`ExampleStats::to_values`].
+    pub fn from_values(v: &[f64]) -> Self {
+        ExampleStats {
+            examples: v[0] as usize,
+            loss: v[1],
+            desirable: v[2] as usize,
+            reward_desirable: v[3],
+            logp_desirable: v[4],
+            undesirable: v[5] as usize,
+            reward_undesirable: v[6],
+            logp_undesirable: v[7],
+            batches: v[8] as usize,
+            kl: v[9],
+        }
     }
 
     /// Writes the means under TRL's KTO names, each prefixed by `prefix` (`""` or `"eval/"`); the
@@ -290,11 +343,19 @@ impl<B: Backend> Trainer<B> {
         let kl = self.learner.objective.as_unpaired().is_some_and(Kto::estimates_kl);
         let backend = self.backend.clone();
         let examples = &self.data.examples.as_ref().context("a run on pairs has no unpaired examples")?.train;
-        let mut micro = Vec::with_capacity(self.cfg.batching.grad_accum);
-        for _ in 0..self.cfg.batching.grad_accum {
-            let ids = self.batcher.next_ids(budget, |i| examples[i].batch_cost(kl));
-            micro.push(UnpairedMicroBatch::upload(&*backend, unpaired_batch(examples, &ids, kl.then_some(max_len)))?);
+        let batches: Vec<UnpairedBatch> = (0..self.cfg.batching.grad_accum)
+            .map(|_| {
+                let ids = self.batcher.next_ids(budget, |i| examples[i].batch_cost(kl));
+                unpaired_batch(examples, &ids, kl.then_some(max_len))
+            })
+            .collect();
+        if self.group.is_some() {
+            return self.unpaired_step_in_group(batches);
         }
+        let micro = batches
+            .into_iter()
+            .map(|batch| UnpairedMicroBatch::upload(&*backend, batch))
+            .collect::<Result<Vec<_>>>()?;
         let lr = self.next_lr();
         let (interval, train_tokens) = (&mut self.interval, &mut self.train_tokens);
         self.learner.unpaired_step(&micro, lr, |batch, output| {
