@@ -20,7 +20,8 @@
 // (num_buckets, ceil(groups / blockDim.x)), groups = ceil(c / vec_width<T>), blockDim.x = groups rounded
 // up to a multiple of 32, at most ROW_MAX_THREADS (common.cuh). Every output element is written by
 // exactly one thread, in a fixed order, so the result is bit-identical across runs (and across the
-// packed and the one-at-a-time paths).
+// packed and the one-at-a-time paths). embedding_backward_bf16_f32 adds bf16 `dout` into an f32 table
+// gradient (`train.grad_dtype`): a thread's group is one pack of `dout` (8 channels), two of the table.
 #include "common.cuh"
 
 template <typename T>

@@ -32,6 +32,9 @@
 //   memory with float atomics instead, which is not bit-reproducible). Threads: 32 × warps, warps from
 //   c (the host halves NORM_BWD_MAX_WARPS until the partials fit NORM_BWD_SHARED_TARGET); dynamic
 //   shared memory warps·2·c floats; `counter` zero before the launch, and zero again after it.
+// - layernorm_backward_bf16_f32: the same on bf16 activations into f32 dweight and dbias (gradients
+//   kept in f32 storage, `train.grad_dtype`): the partials are f32 either way, only the final add
+//   and its rounding differ.
 #include "common.cuh"
 
 /// Rows per block of the LayerNorm forward kernels: one warp per row.

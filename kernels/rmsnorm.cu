@@ -23,6 +23,7 @@
 //   `scratch [grid, c]`, and the last block to finish sums the rows in block order into dweight
 //   (`publish_block_partials`, common.cuh): the same bits whatever order the blocks run in. Dynamic
 //   shared memory warps·c floats; `counter` zero before the launch, and zero again after it.
+// - rmsnorm_backward_bf16_f32: the same on bf16 activations into an f32 dweight (`train.grad_dtype`).
 #include "common.cuh"
 
 /// Rows per block of the RMSNorm forward kernels: one warp per row.
