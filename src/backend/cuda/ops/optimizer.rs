@@ -1,8 +1,8 @@
 //! Parameter updates on the CUDA backend (kernels/optimizer.cu): AdamW and SGD on one tensor (one
-//! grid-stride launch each) or on a list of tensors (one launch per storage type in the list, over
-//! a device-side table of the tensors, kept between steps: `tensor_table.rs`); a bf16 parameter is
-//! updated through its fp32 master copy, from a gradient stored in bf16 or in f32 (`adamw_bf16_f32`,
-//! read as stored: no conversion pass).
+//! grid-stride launch each) or on a list of tensors (one launch per pair of parameter and gradient
+//! storage types in the list, over a device-side table of the tensors, kept between steps:
+//! `tensor_table.rs`); a bf16 parameter is updated through its fp32 master copy, from a gradient
+//! stored in bf16 or in f32 (`adamw_bf16_f32`, read as stored: no conversion pass).
 
 use anyhow::Result;
 
