@@ -20,7 +20,8 @@
 // (num_buckets, ceil(groups / blockDim.x)), groups = ceil(c / vec_width<T>), blockDim.x = groups rounded
 // up to a multiple of 32, at most ROW_MAX_THREADS (common.cuh). Every output element is written by
 // exactly one thread, in a fixed order, so the result is bit-identical across runs (and across the
-// packed and the one-at-a-time paths).
+// packed and the one-at-a-time paths). embedding_backward_bf16_f32 adds bf16 `dout` into an f32 table
+// gradient (`train.grad_dtype`): a thread's group is one pack of `dout` (8 channels), two of the table.
 #include "common.cuh"
 
 template <typename T>
@@ -42,14 +43,14 @@ __device__ void embedding_forward(T* out, const int* tokens, const int* position
     });
 }
 
-template <typename T>
-__device__ void embedding_backward(T* dtable, const T* dout, const int* order, const int* bucket_starts,
+template <typename T, typename G>
+__device__ void embedding_backward(G* dtable, const T* dout, const int* order, const int* bucket_starts,
                                    const int* bucket_rows, int c) {
     const int bucket = blockIdx.x;
     const int first = (blockIdx.y * blockDim.x + threadIdx.x) * vec_width<T>;  // this thread's channel group
     if (first >= c) return;
     const int end = min(c, first + vec_width<T>);
-    T* row = dtable + (long long)bucket_rows[bucket] * c;
+    G* row = dtable + (long long)bucket_rows[bucket] * c;
     with_width<T>(c % vec_width<T> == 0 && all_aligned16(dtable, dout), [&](auto width) {
         constexpr int W = decltype(width)::value;
         for (int j = first; j < end; j += W) {
@@ -77,12 +78,17 @@ __device__ void embedding_backward(T* dtable, const T* dout, const int* order, c
         embedding_forward<T>(out, tokens, positions, wte, wpe, n, c);                                        \
     }                                                                                                        \
     EMU_REGISTER(embedding_forward_##suffix)                                                                 \
-    extern "C" __global__ void embedding_backward_##suffix(T* dtable, const T* dout, const int* order,       \
+    EMBEDDING_BACKWARD(T, T, suffix)
+
+/// The backward with `dout` of type T into a table gradient of type G.
+#define EMBEDDING_BACKWARD(T, G, suffix)                                                                     \
+    extern "C" __global__ void embedding_backward_##suffix(G* dtable, const T* dout, const int* order,       \
                                                            const int* bucket_starts, const int* bucket_rows, \
                                                            int c) {                                          \
-        embedding_backward<T>(dtable, dout, order, bucket_starts, bucket_rows, c);                           \
+        embedding_backward<T, G>(dtable, dout, order, bucket_starts, bucket_rows, c);                        \
     }                                                                                                        \
     EMU_REGISTER(embedding_backward_##suffix)
 
 EMBEDDING_KERNELS(float, f32)
 EMBEDDING_KERNELS(bf16, bf16)
+EMBEDDING_BACKWARD(bf16, float, bf16_f32)

@@ -32,6 +32,9 @@
 //   memory with float atomics instead, which is not bit-reproducible). Threads: 32 × warps, warps from
 //   c (the host halves NORM_BWD_MAX_WARPS until the partials fit NORM_BWD_SHARED_TARGET); dynamic
 //   shared memory warps·2·c floats; `counter` zero before the launch, and zero again after it.
+// - layernorm_backward_bf16_f32: the same on bf16 activations into f32 dweight and dbias (gradients
+//   kept in f32 storage, `train.grad_dtype`): the partials are f32 either way, only the final add
+//   and its rounding differ.
 #include "common.cuh"
 
 /// Rows per block of the LayerNorm forward kernels: one warp per row.
@@ -114,8 +117,8 @@ __device__ void residual_layernorm_forward(T* residual, T* out, float* mean, flo
 
 /// The fused backward (see the header): dinp of this block's rows, their parameter-gradient partials,
 /// and in the last block to finish, the ordered sum of every block's partials into dweight and dbias.
-template <typename T>
-__device__ void layernorm_backward(T* dinp, T* dweight, T* dbias, float* scratch, unsigned int* counter,
+template <typename T, typename G>
+__device__ void layernorm_backward(T* dinp, G* dweight, G* dbias, float* scratch, unsigned int* counter,
                                    const T* dout, const T* inp, const T* weight, const float* mean,
                                    const float* rstd, int n, int c, int rows_per_block) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -175,8 +178,8 @@ __device__ void layernorm_backward(T* dinp, T* dweight, T* dbias, float* scratch
     });
     if (!last) return;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        dweight[j] = from_float<T>(to_float(dweight[j]) + sum_block_partials(scratch, 2 * c, j));
-        dbias[j] = from_float<T>(to_float(dbias[j]) + sum_block_partials(scratch, 2 * c, c + j));
+        dweight[j] = from_float<G>(to_float(dweight[j]) + sum_block_partials(scratch, 2 * c, j));
+        dbias[j] = from_float<G>(to_float(dbias[j]) + sum_block_partials(scratch, 2 * c, c + j));
     }
 }
 
@@ -194,13 +197,18 @@ __device__ void layernorm_backward(T* dinp, T* dweight, T* dbias, float* scratch
         residual_layernorm_forward<T>(residual, out, mean, rstd, a, b, weight, bias, n, c, eps);             \
     }                                                                                                         \
     EMU_REGISTER(residual_layernorm_forward_##suffix)                                                         \
+    LAYERNORM_BACKWARD(T, T, suffix)
+
+/// The backward with activations of type T and parameter gradients (dweight, dbias) of type G.
+#define LAYERNORM_BACKWARD(T, G, suffix)                                                                      \
     extern "C" __global__ void layernorm_backward_##suffix(                                                  \
-        T* dinp, T* dweight, T* dbias, float* scratch, unsigned int* counter, const T* dout, const T* inp,   \
+        T* dinp, G* dweight, G* dbias, float* scratch, unsigned int* counter, const T* dout, const T* inp,   \
         const T* weight, const float* mean, const float* rstd, int n, int c, int rows_per_block) {           \
-        layernorm_backward<T>(dinp, dweight, dbias, scratch, counter, dout, inp, weight, mean, rstd, n, c,   \
-                              rows_per_block);                                                                \
+        layernorm_backward<T, G>(dinp, dweight, dbias, scratch, counter, dout, inp, weight, mean, rstd, n, c, \
+                                 rows_per_block);                                                             \
     }                                                                                                         \
     EMU_REGISTER(layernorm_backward_##suffix)
 
 LAYERNORM_KERNELS(float, f32)
 LAYERNORM_KERNELS(bf16, bf16)
+LAYERNORM_BACKWARD(bf16, float, bf16_f32)

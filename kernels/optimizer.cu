@@ -19,21 +19,23 @@
 // - adamw_f32, sgd_f32: f32 parameters, f32 gradients;
 // - adamw_bf16, sgd_bf16: bf16 parameters and gradients with an fp32 master copy: the update is computed
 //   on the master weight, which is stored back, and the bf16 parameter is written from it (round to
-//   nearest even), so bf16 rounding never accumulates across steps (sgd_f32 is passed a null master).
+//   nearest even), so bf16 rounding never accumulates across steps (sgd_f32 is passed a null master);
+// - adamw_bf16_f32, sgd_bf16_f32: the same with f32 gradients (the gradients accumulated in f32
+//   storage, `train.grad_dtype`), read as they are: no conversion pass.
 // AdamW's m and v are always fp32. Launch shape: 1-D grid of GRID_STRIDE_THREADS-thread blocks
 // (common.cuh), one thread per element, grid-stride loop; every element is independent, so the result
 // does not depend on the launch shape.
 //
-// Multi-tensor forms (adamw_multi_<dtype>, sgd_multi_<dtype>): one launch over a device-side table of
-// `MultiTensorSlot`s (the host builds it once and keeps it while the tensors stay where they are).
-// Each tensor is cut into MULTI_TENSOR_CHUNK-element chunks, numbered across the table in order
-// (slot.first_chunk is the prefix sum of the chunk counts before it); block b finds the slot holding
-// chunk b by binary search and updates that chunk, four elements per thread with 128-bit loads and
-// stores of the f32 arrays (64-bit for bf16) when every pointer of the chunk is aligned for them, one
-// at a time otherwise and for the last (length mod 4) elements. The per-element arithmetic is the
-// one function the per-tensor kernels call (`adamw_element`, `sgd_element`), so both paths give the
-// same bits. Weight decay is per slot: a slot without it is updated with weight_decay = 0, the same
-// expression the per-tensor kernel evaluates when passed 0.
+// Multi-tensor forms (adamw_multi_<dtype>, sgd_multi_<dtype>, and the _bf16_f32 forms as above): one
+// launch over a device-side table of `MultiTensorSlot`s (the host builds it once and keeps it while
+// the tensors stay where they are). Each tensor is cut into MULTI_TENSOR_CHUNK-element chunks,
+// numbered across the table in order (slot.first_chunk is the prefix sum of the chunk counts before
+// it); block b finds the slot holding chunk b by binary search and updates that chunk, four elements
+// per thread with one access per array (128 bits of f32, 64 of bf16) when every pointer of the chunk
+// is aligned for it, one at a time otherwise and for the last (length mod 4) elements. The
+// per-element arithmetic is the one function the per-tensor kernels call (`adamw_element`,
+// `sgd_element`), so both paths give the same bits. Weight decay is per slot: a slot without it is
+// updated with weight_decay = 0, the same expression the per-tensor kernel evaluates when passed 0.
 #include "common.cuh"
 
 /// Elements of one chunk of a multi-tensor launch (one block each); a multiple of 4 · MULTI_TENSOR_THREADS.
@@ -48,7 +50,7 @@
 struct MultiTensorSlot {
     void* param;       // P*: the stored parameter
     float* master;     // its fp32 master copy (bf16 parameters), else null
-    const void* grad;  // const P*
+    const void* grad;  // const G* (the gradient's storage type: P, or f32 beside a bf16 P)
     float* m;          // AdamW's first moment (null for SGD)
     float* v;          // AdamW's second moment (null for SGD)
     long long n;       // elements (> 0)
@@ -79,8 +81,8 @@ __device__ __forceinline__ float adamw_element(float p, float grad, float& m, fl
 /// One element's SGD update.
 __device__ __forceinline__ float sgd_element(float p, float grad, float step) { return p - step * grad; }
 
-template <typename P>
-__device__ __forceinline__ void adamw_update(P* param, float* master, const P* grad, float* m, float* v, long long n,
+template <typename P, typename G>
+__device__ __forceinline__ void adamw_update(P* param, float* master, const G* grad, float* m, float* v, long long n,
                                              const AdamWHyper& h, float weight_decay) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -95,7 +97,7 @@ extern "C" __global__ void adamw_f32(float* param, const float* grad, float* m, 
                                      float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                                      float bias_correction2, float grad_scale) {
     const AdamWHyper h = {lr, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale};
-    adamw_update<float>(param, nullptr, grad, m, v, n, h, weight_decay);
+    adamw_update<float, float>(param, nullptr, grad, m, v, n, h, weight_decay);
 }
 EMU_REGISTER(adamw_f32)
 
@@ -103,15 +105,24 @@ extern "C" __global__ void adamw_bf16(bf16* param, float* master, const bf16* gr
                                       float lr, float beta1, float beta2, float eps, float weight_decay,
                                       float bias_correction1, float bias_correction2, float grad_scale) {
     const AdamWHyper h = {lr, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale};
-    adamw_update<bf16>(param, master, grad, m, v, n, h, weight_decay);
+    adamw_update<bf16, bf16>(param, master, grad, m, v, n, h, weight_decay);
 }
 EMU_REGISTER(adamw_bf16)
+
+extern "C" __global__ void adamw_bf16_f32(bf16* param, float* master, const float* grad, float* m, float* v,
+                                          long long n, float lr, float beta1, float beta2, float eps,
+                                          float weight_decay, float bias_correction1, float bias_correction2,
+                                          float grad_scale) {
+    const AdamWHyper h = {lr, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale};
+    adamw_update<bf16, float>(param, master, grad, m, v, n, h, weight_decay);
+}
+EMU_REGISTER(adamw_bf16_f32)
 
 // ---- SGD ------------------------------------------------------------------------------------------------
 /// param −= step · grad, with step = lr · grad_scale. With an fp32 master copy (`master` non-null) the
 /// update is made on the master, and the parameter is written from it (bf16 rounding never accumulates).
-template <typename T>
-__device__ void sgd(T* param, float* master, const T* grad, long long n, float step) {
+template <typename T, typename G>
+__device__ void sgd(T* param, float* master, const G* grad, long long n, float step) {
     GRID_STRIDE_LOOP(i, n) {
         float p = master != nullptr ? master[i] : to_float(param[i]);
         p = sgd_element(p, to_float(grad[i]), step);
@@ -121,14 +132,19 @@ __device__ void sgd(T* param, float* master, const T* grad, long long n, float s
 }
 
 extern "C" __global__ void sgd_f32(float* param, float* master, const float* grad, long long n, float step) {
-    sgd<float>(param, master, grad, n, step);
+    sgd<float, float>(param, master, grad, n, step);
 }
 EMU_REGISTER(sgd_f32)
 
 extern "C" __global__ void sgd_bf16(bf16* param, float* master, const bf16* grad, long long n, float step) {
-    sgd<bf16>(param, master, grad, n, step);
+    sgd<bf16, bf16>(param, master, grad, n, step);
 }
 EMU_REGISTER(sgd_bf16)
+
+extern "C" __global__ void sgd_bf16_f32(bf16* param, float* master, const float* grad, long long n, float step) {
+    sgd<bf16, float>(param, master, grad, n, step);
+}
+EMU_REGISTER(sgd_bf16_f32)
 
 // ---- multi-tensor ---------------------------------------------------------------------------------------
 /// Four consecutive elements, loaded or stored as one access (128 bits of f32, 64 of bf16).
@@ -173,10 +189,10 @@ __device__ __forceinline__ Chunk this_block_chunk(const MultiTensorSlot* slots, 
 /// the stored parameter), written back to both, and m, v the moments (AdamW; SGD's slots have none
 /// and its update ignores them). Four elements per thread with one access per array where every
 /// array of the chunk is aligned for it, then one at a time.
-template <typename P, typename Update>
+template <typename P, typename G, typename Update>
 __device__ __forceinline__ void update_chunk(const Chunk& c, Update update) {
     P* param = static_cast<P*>(c.slot.param) + c.begin;
-    const P* grad = static_cast<const P*>(c.slot.grad) + c.begin;
+    const G* grad = static_cast<const G*>(c.slot.grad) + c.begin;
     float* master = c.slot.master != nullptr ? c.slot.master + c.begin : nullptr;
     float* m = c.slot.m != nullptr ? c.slot.m + c.begin : nullptr;
     float* v = c.slot.v != nullptr ? c.slot.v + c.begin : nullptr;
@@ -185,7 +201,7 @@ __device__ __forceinline__ void update_chunk(const Chunk& c, Update update) {
     const int quad_end = quads ? c.len / 4 * 4 : 0;
     for (int i = 4 * (int)threadIdx.x; i < quad_end; i += 4 * (int)blockDim.x) {
         Quad<P> pq = *reinterpret_cast<const Quad<P>*>(param + i);
-        const Quad<P> gq = *reinterpret_cast<const Quad<P>*>(grad + i);
+        const Quad<G> gq = *reinterpret_cast<const Quad<G>*>(grad + i);
         Quad<float> wq = {}, mq = {}, vq = {};
         if (master != nullptr) wq = *reinterpret_cast<const Quad<float>*>(master + i);
         if (m != nullptr) mq = *reinterpret_cast<const Quad<float>*>(m + i);
@@ -209,18 +225,18 @@ __device__ __forceinline__ void update_chunk(const Chunk& c, Update update) {
     }
 }
 
-template <typename P>
+template <typename P, typename G>
 __device__ void adamw_multi(const MultiTensorSlot* slots, int count, const AdamWHyper& h, float weight_decay) {
     const Chunk c = this_block_chunk(slots, count);
     const float decay = c.slot.decay != 0 ? weight_decay : 0.0f;
-    update_chunk<P>(c, [&](float p, float g, float& m, float& v) { return adamw_element(p, g, m, v, h, decay); });
+    update_chunk<P, G>(c, [&](float p, float g, float& m, float& v) { return adamw_element(p, g, m, v, h, decay); });
 }
 
 extern "C" __global__ void adamw_multi_f32(const MultiTensorSlot* slots, int count, float lr, float beta1,
                                            float beta2, float eps, float weight_decay, float bias_correction1,
                                            float bias_correction2, float grad_scale) {
     const AdamWHyper h = {lr, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale};
-    adamw_multi<float>(slots, count, h, weight_decay);
+    adamw_multi<float, float>(slots, count, h, weight_decay);
 }
 EMU_REGISTER(adamw_multi_f32)
 
@@ -228,22 +244,35 @@ extern "C" __global__ void adamw_multi_bf16(const MultiTensorSlot* slots, int co
                                             float beta2, float eps, float weight_decay, float bias_correction1,
                                             float bias_correction2, float grad_scale) {
     const AdamWHyper h = {lr, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale};
-    adamw_multi<bf16>(slots, count, h, weight_decay);
+    adamw_multi<bf16, bf16>(slots, count, h, weight_decay);
 }
 EMU_REGISTER(adamw_multi_bf16)
 
-template <typename P>
+extern "C" __global__ void adamw_multi_bf16_f32(const MultiTensorSlot* slots, int count, float lr, float beta1,
+                                                float beta2, float eps, float weight_decay, float bias_correction1,
+                                                float bias_correction2, float grad_scale) {
+    const AdamWHyper h = {lr, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale};
+    adamw_multi<bf16, float>(slots, count, h, weight_decay);
+}
+EMU_REGISTER(adamw_multi_bf16_f32)
+
+template <typename P, typename G>
 __device__ void sgd_multi(const MultiTensorSlot* slots, int count, float step) {
     const Chunk c = this_block_chunk(slots, count);
-    update_chunk<P>(c, [&](float p, float g, float&, float&) { return sgd_element(p, g, step); });
+    update_chunk<P, G>(c, [&](float p, float g, float&, float&) { return sgd_element(p, g, step); });
 }
 
 extern "C" __global__ void sgd_multi_f32(const MultiTensorSlot* slots, int count, float step) {
-    sgd_multi<float>(slots, count, step);
+    sgd_multi<float, float>(slots, count, step);
 }
 EMU_REGISTER(sgd_multi_f32)
 
 extern "C" __global__ void sgd_multi_bf16(const MultiTensorSlot* slots, int count, float step) {
-    sgd_multi<bf16>(slots, count, step);
+    sgd_multi<bf16, bf16>(slots, count, step);
 }
 EMU_REGISTER(sgd_multi_bf16)
+
+extern "C" __global__ void sgd_multi_bf16_f32(const MultiTensorSlot* slots, int count, float step) {
+    sgd_multi<bf16, float>(slots, count, step);
+}
+EMU_REGISTER(sgd_multi_bf16_f32)

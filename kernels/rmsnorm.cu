@@ -23,6 +23,7 @@
 //   `scratch [grid, c]`, and the last block to finish sums the rows in block order into dweight
 //   (`publish_block_partials`, common.cuh): the same bits whatever order the blocks run in. Dynamic
 //   shared memory warps·c floats; `counter` zero before the launch, and zero again after it.
+// - rmsnorm_backward_bf16_f32: the same on bf16 activations into an f32 dweight (`train.grad_dtype`).
 #include "common.cuh"
 
 /// Rows per block of the RMSNorm forward kernels: one warp per row.
@@ -90,8 +91,8 @@ __device__ void residual_rmsnorm_forward(T* residual, T* out, float* rstd, const
 
 /// The fused backward (see the header): dinp of this block's rows, their weight-gradient partials, and
 /// in the last block to finish, the ordered sum of every block's partials into dweight.
-template <typename T>
-__device__ void rmsnorm_backward(T* dinp, T* dweight, float* scratch, unsigned int* counter, const T* dout,
+template <typename T, typename G>
+__device__ void rmsnorm_backward(T* dinp, G* dweight, float* scratch, unsigned int* counter, const T* dout,
                                  const T* inp, const T* weight, const float* rstd, int n, int c, int rows_per_block) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     float* const partials = dynamic_smem<float>();  // [warps, c]
@@ -143,7 +144,7 @@ __device__ void rmsnorm_backward(T* dinp, T* dweight, float* scratch, unsigned i
     });
     if (!last) return;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        dweight[j] = from_float<T>(to_float(dweight[j]) + sum_block_partials(scratch, c, j));
+        dweight[j] = from_float<G>(to_float(dweight[j]) + sum_block_partials(scratch, c, j));
     }
 }
 
@@ -159,13 +160,18 @@ __device__ void rmsnorm_backward(T* dinp, T* dweight, float* scratch, unsigned i
         residual_rmsnorm_forward<T>(residual, out, rstd, a, b, weight, n, c, eps);                             \
     }                                                                                                          \
     EMU_REGISTER(residual_rmsnorm_forward_##suffix)                                                            \
-    extern "C" __global__ void rmsnorm_backward_##suffix(T* dinp, T* dweight, float* scratch,                  \
+    RMSNORM_BACKWARD(T, T, suffix)
+
+/// The backward with activations of type T and the weight gradient of type G.
+#define RMSNORM_BACKWARD(T, G, suffix)                                                                         \
+    extern "C" __global__ void rmsnorm_backward_##suffix(T* dinp, G* dweight, float* scratch,                  \
                                                          unsigned int* counter, const T* dout, const T* inp,   \
                                                          const T* weight, const float* rstd, int n, int c,     \
                                                          int rows_per_block) {                                 \
-        rmsnorm_backward<T>(dinp, dweight, scratch, counter, dout, inp, weight, rstd, n, c, rows_per_block);  \
+        rmsnorm_backward<T, G>(dinp, dweight, scratch, counter, dout, inp, weight, rstd, n, c, rows_per_block); \
     }                                                                                                          \
     EMU_REGISTER(rmsnorm_backward_##suffix)
 
 RMSNORM_KERNELS(float, f32)
 RMSNORM_KERNELS(bf16, bf16)
+RMSNORM_BACKWARD(bf16, float, bf16_f32)

@@ -4,7 +4,8 @@
 //!
 //! The update itself is one backend call over every parameter tensor (`Backend::adamw_tensors`,
 //! `Backend::sgd_tensors`: one launch on a device, the same bits as a call per tensor); this module owns the optimizer state, decides which tensors are weight-decayed, folds gradient
-//! clipping into the update as a `grad_scale`, and moves the state to and from checkpoints.
+//! clipping into the update as a `grad_scale`, and moves the state to and from checkpoints. Where
+//! the gradients it reads accumulate (bf16 or f32 storage on a bf16 backend): [`GradDtype`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{AdamWParams, AdamWTensor, Backend, SgdTensor};
 use crate::model::Decoder;
+
+mod grad_dtype;
+pub use grad_dtype::{set_grad_dtype, GradDtype};
 
 /// AdamW hyper-parameters. `lr` is the default learning rate; `AdamW::step` takes the one to use
 /// (usually `LrSchedule::lr`), so a schedule never has to mutate the optimizer.

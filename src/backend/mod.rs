@@ -160,6 +160,18 @@ pub trait Buffers: Send + Sync {
     /// Frees `buf`'s master copy, if it has one; its values stay (ZeRO-1 keeps a parameter's master
     /// on its owner rank only).
     fn drop_master(&self, _buf: &mut Self::Buf) {}
+    /// Stores `buf` in f32 from now on, its values converted: the ops that accumulate into it then
+    /// add in f32 (a trainer's gradients beside bf16 parameters, `train.grad_dtype`). Nothing to do
+    /// where every float is f32 already (the CPU).
+    fn store_in_f32(&self, _buf: &mut Self::Buf) -> Result<()> {
+        Ok(())
+    }
+    /// `*buf = upload(data)`, except that a buffer stored in f32 stays so (`store_in_f32`): how a
+    /// collective writes a sum back.
+    fn replace(&self, buf: &mut Self::Buf, data: &[f32]) -> Result<()> {
+        *buf = self.upload(data)?;
+        Ok(())
+    }
     fn upload_ids(&self, ids: &[i32]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<i32>>;
     /// Number of elements.

@@ -76,6 +76,7 @@
 //! [train]
 //! max_loss = 1e6             # a step's loss above this stops the run as diverged; inf: no bound
 //! zero_stage = 0             # data parallel: 1 shards AdamW's state over the ranks (ZeRO-1)
+//! grad_dtype = "auto"        # bf16 device: gradients in f32 (auto: when grad_accum > 1) or bf16
 //! ```
 
 // The command line's plumbing (flags, layers, origins): the CLI's, not an API.
@@ -96,7 +97,7 @@ pub use crate::data::DEFAULT_TEMPLATE;
 use crate::data::{BatchLimit, DataFormat, PairSelection, Truncation, TruncationMode};
 use crate::loss::Objective;
 use crate::model::{DecoderConfig, Family, Rope};
-use crate::optim::LrSchedulerType;
+use crate::optim::{GradDtype, LrSchedulerType};
 pub use cli::{Evaluation, Generation, Origin, Override, Profile, Resolved, RunOverrides, SettingsArgs, Training};
 pub use model_dir::{check_init_shape, ModelDirSettings, RUN_CONFIG_FILE};
 use settings::settings;
@@ -323,8 +324,8 @@ settings! {
 }
 
 settings! {
-    /// `[train]`: when a run stops as diverged. A NaN or infinite loss, gradient norm or parameter
-    /// always stops it.
+    /// `[train]`: when a run stops as diverged (a NaN or infinite loss, gradient norm or parameter
+    /// always stops it), ZeRO-1, and where the gradients accumulate.
     pub struct TrainConfig {
         /// A step whose mean loss is above this stops the run as diverged, before anything of the
         /// step is written (`inf`: no bound). The default is far above any objective's loss at sane
@@ -334,6 +335,10 @@ settings! {
         /// (ZeRO stage 1) shards it, each parameter tensor's moments (and bf16 master weights) on
         /// one owner rank. The same update bit for bit; ignored by a run of one rank.
         pub zero_stage: usize = 0,
+        /// Storage of the parameter gradients on a bf16 device: auto (f32 when grad_accum > 1, else
+        /// bf16) | f32 | bf16. f32 adds every backward's and micro-batch's contribution in f32 (2 more
+        /// bytes per parameter, no extra pass); an f32 device's gradients are f32 whatever this says.
+        pub grad_dtype: GradDtype = GradDtype::Auto,
     }
 }
 

@@ -78,6 +78,7 @@ value_settings!(
     TruncationMode => Text,
     crate::model::Family => Text,
     crate::optim::LrSchedulerType => Text,
+    crate::optim::GradDtype => Text,
 );
 
 /// An optional value is set like the value (and absent by default).

@@ -219,3 +219,20 @@ fn max_loss_is_checked_left_out_of_the_trajectory_and_of_a_default_file() {
         assert!(err.contains("train.max_loss") && err.contains("positive"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn grad_dtype_is_read_checked_and_left_out_of_a_default_file() {
+    assert_eq!(RunConfig::default().train.grad_dtype, GradDtype::Auto);
+    assert!(!RunConfig::default().to_toml().unwrap().contains("grad_dtype"));
+    for (text, value) in [("auto", GradDtype::Auto), ("f32", GradDtype::F32), ("bf16", GradDtype::Bf16)] {
+        let cfg = resolve_args(&["--train.grad_dtype", text]).unwrap();
+        assert_eq!(cfg.train.grad_dtype, value);
+        assert_eq!(cfg.trajectory_hash(), RunConfig::default().trajectory_hash(), "a storage choice, as the device");
+        let back = RunConfig::from_toml_str(&cfg.to_toml().unwrap(), Path::new("x.toml")).unwrap();
+        assert_eq!(back.train.grad_dtype, value);
+    }
+    let err = err_of(&["--train.grad_dtype", "f16"]);
+    assert!(err.contains("train.grad_dtype") && err.contains("f16"), "{err}");
+    assert!(GradDtype::Auto.accumulates_in_f32(2) && !GradDtype::Auto.accumulates_in_f32(1));
+    assert!(GradDtype::F32.accumulates_in_f32(1) && !GradDtype::Bf16.accumulates_in_f32(8));
+}

@@ -143,12 +143,12 @@ fn sum_in_order(parts: &[Vec<f32>]) -> Vec<f32> {
     sum
 }
 
-/// Uploads consecutive pieces of `flat` into `bufs`.
+/// Uploads consecutive pieces of `flat` into `bufs` (f32 gradients stay f32: `Buffers::replace`).
 fn scatter_into<B: Buffers>(backend: &B, bufs: &mut [&mut B::Buf], flat: &[f32]) -> Result<()> {
     let mut offset = 0;
     for buf in bufs.iter_mut() {
         let len = backend.buf_len(buf);
-        **buf = backend.upload(&flat[offset..offset + len])?;
+        backend.replace(buf, &flat[offset..offset + len])?;
         offset += len;
     }
     Ok(())

@@ -566,6 +566,7 @@ fn train_ranked<B: Backend>(
         policy.set_head_chunk_rows(rows)?;
     }
     policy.set_gradient_checkpointing(cfg.batching.gradient_checkpointing);
+    crate::optim::set_grad_dtype(&mut policy, cfg.train.grad_dtype, cfg.batching.grad_accum)?;
     let vocab = policy.config().vocab_size;
     data.check_vocab(vocab)?;
     let n_positions = policy.config().n_positions;

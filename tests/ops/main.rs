@@ -20,6 +20,7 @@ mod buffers;
 mod decode_attention;
 mod determinism;
 mod embedding;
+mod grad_f32;
 mod grad_norm;
 mod layernorm;
 mod logsoftmax_gather;

@@ -34,6 +34,14 @@
 //! A buffer's length is the first `len` elements of its storage: `resize` to a shorter length keeps
 //! the storage (and its type) for the next batch, as the CPU backend keeps a `Vec`'s capacity.
 //!
+//! Gradients: in Bf16 mode a trainer may keep its parameter gradients in f32 storage
+//! (`store_in_f32`, `train.grad_dtype`). The ops that write parameter gradients (the matrix
+//! products' dweight and dbias, the norms' and the embedding's backward) write a gradient in its own
+//! storage type when it is f32 (`launch::grad_dtype`: kernels `<op>_bf16_f32`, GEMMs of bf16
+//! operands into an f32 D), so every micro-batch's contribution is added in f32 and rounded to f32;
+//! the optimizer and the grad norm read them as stored. No extra pass: the accumulator is the
+//! gradient itself (2 more bytes per parameter than bf16 gradients).
+//!
 //! ## Determinism
 //! No kernel uses float atomics; every reduction has a fixed order that depends only on the shapes
 //! (see each kernel file's header). Two runs give bit-identical results.
@@ -455,6 +463,18 @@ impl Buffers for CudaBackend {
 
     fn drop_master(&self, buf: &mut CudaBuf) {
         buf.master = None;
+    }
+
+    fn store_in_f32(&self, buf: &mut CudaBuf) -> Result<()> {
+        self.output(buf, Dtype::F32, true).map(|_| ())
+    }
+
+    fn replace(&self, buf: &mut CudaBuf, data: &[f32]) -> Result<()> {
+        *buf = match buf.dtype() {
+            Dtype::F32 => CudaBuf { len: data.len(), storage: Storage::F32(self.device.upload(data)?), master: None },
+            _ => self.upload(data)?,
+        };
+        Ok(())
     }
 
     fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {

@@ -1,4 +1,4 @@
-//! Launch helpers shared by several op families: kernel names by storage type, the elementwise
+//! Launch helpers shared by several op families: kernel names by storage type (and by gradient type), the elementwise
 //! (grid-stride) launch, plain and in 128-bit packs, the block size of row kernels, the norms' fused
 //! backward, grid limits, and sizes as kernel arguments.
 //! The shapes come from `kernels/common.cuh` ([`constants::common`](super::kernels::constants::common)).
@@ -19,6 +19,26 @@ pub(super) fn suffix(dtype: Dtype) -> &'static str {
     match dtype {
         Dtype::Bf16 => "bf16",
         _ => "f32",
+    }
+}
+
+/// The storage type a kernel writes a parameter gradient in: f32 when the gradient is stored in f32
+/// (an f32 accumulator beside bf16 activations: `train.grad_dtype`), else the activations' type `act`.
+pub(super) fn grad_dtype(act: Dtype, grad: Dtype) -> Dtype {
+    if grad == Dtype::F32 {
+        Dtype::F32
+    } else {
+        act
+    }
+}
+
+/// The kernel `<stem>_<act>` when the gradients are of the activations' type, else
+/// `<stem>_<act>_<grad>` (`layernorm_backward_bf16_f32`: bf16 activations, f32 gradients).
+pub(super) fn grad_kernel(stem: &str, act: Dtype, grad: Dtype) -> String {
+    if act == grad {
+        format!("{stem}_{}", suffix(act))
+    } else {
+        format!("{stem}_{}_{}", suffix(act), suffix(grad))
     }
 }
 

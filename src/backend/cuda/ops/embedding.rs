@@ -1,14 +1,15 @@
 //! The encoder on the CUDA backend (kernels/embedding.cu): the forward is one grid-stride launch;
 //! the backward buckets the tokens by id on the host ([`bucket_by_id`]), so that each table row is
-//! summed by one thread in token order, without atomics.
+//! summed by one thread in token order, without atomics, into a gradient of the activations' type
+//! or an f32 one (`embedding_backward_bf16_f32`).
 
 use anyhow::{ensure, Result};
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, CudaIds, Operand, Storage};
 use crate::backend::cuda::launch::{
-    grid_dim, i32_arg, packed_grid_stride_config, row_threads, suffix, vec_width, MAX_GRID_Y,
+    grad_dtype, grad_kernel, grid_dim, i32_arg, packed_grid_stride_config, row_threads, suffix, vec_width, MAX_GRID_Y,
 };
-use crate::backend::cuda::{KernelArg, LaunchConfig};
+use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, EmbeddingOps};
 
 /// Token indices grouped by id for the embedding backward: `order` (grouped, token order inside a
@@ -30,7 +31,9 @@ fn bucket_by_id(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
 
 impl CudaBackend {
     /// Adds `dout` summed over tokens by id into the rows of `dtable` (see kernels/embedding.cu).
-    fn embedding_scatter(&self, dtable: &Storage, dout: &Operand<'_>, ids: &[i32], c: usize) -> Result<()> {
+    /// `dout` is of type `dt`; `dtable` of `dt` or f32 beside bf16 `dout` (an f32 gradient
+    /// accumulator): a thread then owns one 128-bit pack of `dout`'s channels, two of the table's.
+    fn embedding_scatter(&self, dtable: &Storage, dout: &Operand<'_>, dt: Dtype, ids: &[i32], c: usize) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -42,7 +45,7 @@ impl CudaBackend {
         let plan = self.device.upload(&plan)?;
         let n = ids.len();
         // A thread per 128-bit pack of channels of a bucket's row.
-        let groups = c.div_ceil(vec_width(dtable.dtype()));
+        let groups = c.div_ceil(vec_width(dt));
         let threads = row_threads(groups);
         let config = LaunchConfig {
             grid: (grid_dim(buckets, "embedding buckets")?, groups.div_ceil(threads as usize) as u32, 1),
@@ -51,7 +54,7 @@ impl CudaBackend {
         };
         ensure!(config.grid.1 as usize <= MAX_GRID_Y, "embedding_backward: c = {c} is too wide");
         self.launch(
-            &format!("embedding_backward_{}", suffix(dtable.dtype())),
+            &grad_kernel("embedding_backward", dt, dtable.dtype()),
             config,
             &[
                 dtable.arg(),
@@ -107,12 +110,13 @@ impl EmbeddingOps for CudaBackend {
         checks::embedding_backward(dwte.len(), dwpe_len, dout.len(), &tokens.host, &positions.host, n, c)?;
         let dt = self.act();
         let dout = self.input(dout, dt)?;
-        let dwte = self.output(dwte, dt, true)?;
-        self.embedding_scatter(dwte, &dout, &tokens.host, c)?;
+        // Each table's gradient in its own storage type (f32 accumulators beside bf16 activations).
+        let dwte = self.output(dwte, grad_dtype(dt, dwte.dtype()), true)?;
+        self.embedding_scatter(dwte, &dout, dt, &tokens.host, c)?;
         match dwpe {
             Some(dwpe) => {
-                let dwpe = self.output(dwpe, dt, true)?;
-                self.embedding_scatter(dwpe, &dout, &positions.host, c)
+                let dwpe = self.output(dwpe, grad_dtype(dt, dwpe.dtype()), true)?;
+                self.embedding_scatter(dwpe, &dout, dt, &positions.host, c)
             }
             None => Ok(()),
         }

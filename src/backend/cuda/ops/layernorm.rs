@@ -1,12 +1,13 @@
 //! LayerNorm on the CUDA backend (kernels/layernorm.cu): one warp per row for the forward; the whole
 //! backward in one launch, whose parameter gradients are per-block partial sums that the grid's last
-//! block adds up in block order (no float atomics: the same bits every run).
+//! block adds up in block order (no float atomics: the same bits every run), into gradients of the
+//! activations' type or f32 ones (`layernorm_backward_bf16_f32`).
 
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
 use crate::backend::cuda::kernels::constants::layernorm::LN_WARPS_PER_BLOCK;
-use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, NormBackwardPlan};
+use crate::backend::cuda::launch::{grad_dtype, grad_kernel, grid_dim, i32_arg, suffix, NormBackwardPlan};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, LayerNormOps};
 
@@ -142,11 +143,13 @@ impl LayerNormOps for CudaBackend {
         // kernel's last block leaves it at zero).
         let scratch = self.device.alloc::<f32>(plan.scratch_len())?;
         let counter = self.device.alloc_zeros::<u32>(1)?;
+        // The parameter gradients in their own storage type (f32 accumulators beside bf16 activations).
+        let gt = grad_dtype(dt, dweight.dtype());
         let dinp = self.output(dinp, dt, true)?.arg();
-        let dweight = self.output(dweight, dt, true)?.arg();
-        let dbias = self.output(dbias, dt, true)?.arg();
+        let dweight = self.output(dweight, gt, true)?.arg();
+        let dbias = self.output(dbias, gt, true)?.arg();
         self.launch(
-            &format!("layernorm_backward_{}", suffix(dt)),
+            &grad_kernel("layernorm_backward", dt, gt),
             plan.config(),
             &[
                 dinp,

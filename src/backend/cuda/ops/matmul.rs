@@ -6,6 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf, Held, Operand, Storage};
+use crate::backend::cuda::launch::grad_dtype;
 use crate::backend::cuda::{Device, DeviceBuffer, DeviceScalar, Dtype, Gemm};
 use crate::backend::{checks, MatmulOps, PointwiseOps, WeightLayout};
 
@@ -200,8 +201,10 @@ impl MatmulOps for CudaBackend {
                 self.gemm(&spec, &dout, n * oc, &weight, dinp, None)?;
             }
         }
+        // The parameter gradients in their own storage type: bf16 operands into an f32 D where they
+        // are f32 accumulators (`train.grad_dtype`), the product then rounded once, to f32.
         if ic > 0 && oc > 0 {
-            let dweight = self.output(dweight, dt, true)?;
+            let dweight = self.output(dweight, grad_dtype(dt, dweight.dtype()), true)?;
             match layout {
                 // dW[ic, oc] += inpᵀ · dout
                 WeightLayout::InOut => {
@@ -216,7 +219,7 @@ impl MatmulOps for CudaBackend {
         if let Some(dbias) = dbias {
             if oc > 0 {
                 // dbias[oc] += ones[1, n] · dout[n, oc]: a product keeps the sum's order fixed.
-                let dbias = self.output(dbias, dt, true)?;
+                let dbias = self.output(dbias, grad_dtype(dt, dbias.dtype()), true)?;
                 self.with_ones(dt, n, |ones| self.gemm(&Gemm::new(1, oc, n).beta(1.0), &ones, n, &dout, dbias, None))?;
             }
         }

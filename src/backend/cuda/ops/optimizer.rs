@@ -1,7 +1,8 @@
 //! Parameter updates on the CUDA backend (kernels/optimizer.cu): AdamW and SGD on one tensor (one
-//! grid-stride launch each) or on a list of tensors (one launch per storage type in the list, over
-//! a device-side table of the tensors, kept between steps: `tensor_table.rs`); a bf16 parameter is
-//! updated through its fp32 master copy.
+//! grid-stride launch each) or on a list of tensors (one launch per pair of parameter and gradient
+//! storage types in the list, over a device-side table of the tensors, kept between steps:
+//! `tensor_table.rs`); a bf16 parameter is updated through its fp32 master copy, from a gradient
+//! stored in bf16 or in f32 (`adamw_bf16_f32`, read as stored: no conversion pass).
 
 use anyhow::Result;
 
@@ -9,7 +10,7 @@ use crate::backend::cuda::backend::{CudaBackend, CudaBuf, Operand, Storage};
 use crate::backend::cuda::kernels::constants::optimizer::{
     MULTI_TENSOR_CHUNK, MULTI_TENSOR_SLOT_WORDS, MULTI_TENSOR_THREADS,
 };
-use crate::backend::cuda::launch::{grid_dim, grid_stride_config, i32_arg, suffix};
+use crate::backend::cuda::launch::{grad_dtype, grad_kernel, grid_dim, grid_stride_config, i32_arg};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, AdamWParams, AdamWTensor, OptimizerOps, SgdTensor};
 
@@ -24,6 +25,17 @@ fn bias_corrections(p: &AdamWParams) -> [f32; 2] {
 fn adamw_hyper_args(p: &AdamWParams) -> [KernelArg; 8] {
     let [bc1, bc2] = bias_corrections(p);
     [p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, bc1, bc2, p.grad_scale].map(KernelArg::F32)
+}
+
+/// The (parameter, gradient) storage types of the update kernels: one multi-tensor launch each. A
+/// bf16 parameter's gradient may be stored in f32 (`train.grad_dtype`); the kernel then reads it as
+/// it is.
+const UPDATE_TYPES: [(Dtype, Dtype); 3] =
+    [(Dtype::F32, Dtype::F32), (Dtype::Bf16, Dtype::Bf16), (Dtype::Bf16, Dtype::F32)];
+
+/// The (parameter, gradient) types an update of `param` by `grad` runs with (one of `UPDATE_TYPES`).
+fn update_types(param: &CudaBuf, grad: &CudaBuf) -> (Dtype, Dtype) {
+    (param.dtype(), grad_dtype(param.dtype(), grad.dtype()))
 }
 
 /// One tensor of a multi-tensor update, as `MultiTensorSlot` (kernels/optimizer.cu) lays it out.
@@ -66,7 +78,8 @@ impl OptimizerOps for CudaBackend {
         let m = self.output(m, Dtype::F32, true)?.arg();
         let v = self.output(v, Dtype::F32, true)?.arg();
         let dt = param.dtype();
-        let grad = self.input(grad, dt)?;
+        let gt = grad_dtype(dt, grad.dtype());
+        let grad = self.input(grad, gt)?;
         let mut args = vec![param.storage.arg()];
         match dt {
             Dtype::Bf16 => {
@@ -77,14 +90,14 @@ impl OptimizerOps for CudaBackend {
         }
         args.extend([grad.arg(), m, v, KernelArg::I64(n as i64)]);
         args.extend(adamw_hyper_args(p));
-        self.launch(&format!("adamw_{}", suffix(dt)), grid_stride_config(n), &args)
+        self.launch(&grad_kernel("adamw", dt, gt), grid_stride_config(n), &args)
     }
 
     fn adamw_tensors(&self, tensors: &mut [AdamWTensor<'_, CudaBuf>], p: &AdamWParams) -> Result<()> {
         checks::adamw_tensors(tensors.iter().map(|t| [t.param.len(), t.grad.len(), t.m.len(), t.v.len()]), p.step)?;
-        for dt in [Dtype::F32, Dtype::Bf16] {
+        for (dt, gt) in UPDATE_TYPES {
             let (mut slots, mut grads) = (Vec::new(), Vec::new());
-            for t in tensors.iter_mut().filter(|t| t.param.dtype() == dt && !t.param.is_empty()) {
+            for t in tensors.iter_mut().filter(|t| update_types(t.param, t.grad) == (dt, gt) && !t.param.is_empty()) {
                 let m = self.output(t.m, Dtype::F32, true)?.ptr();
                 let v = self.output(t.v, Dtype::F32, true)?.ptr();
                 let (master, grad) = self.update_operands(t.param, t.grad)?;
@@ -99,7 +112,7 @@ impl OptimizerOps for CudaBackend {
                 });
                 grads.push(grad);
             }
-            self.launch_multi("adamw_multi", dt, &slots, &adamw_hyper_args(p))?;
+            self.launch_multi(&grad_kernel("adamw_multi", dt, gt), &slots, &adamw_hyper_args(p))?;
         }
         Ok(())
     }
@@ -107,7 +120,8 @@ impl OptimizerOps for CudaBackend {
     fn sgd(&self, param: &mut CudaBuf, grad: &CudaBuf, lr: f32, grad_scale: f32) -> Result<()> {
         checks::sgd(param.len(), grad.len())?;
         let dt = param.dtype();
-        let grad = self.input(grad, dt)?;
+        let gt = grad_dtype(dt, grad.dtype());
+        let grad = self.input(grad, gt)?;
         let master = match dt {
             Dtype::Bf16 => KernelArg::Ptr(self.ensure_master(param)?),
             _ => {
@@ -120,7 +134,7 @@ impl OptimizerOps for CudaBackend {
             return Ok(());
         }
         self.launch(
-            &format!("sgd_{}", suffix(dt)),
+            &grad_kernel("sgd", dt, gt),
             grid_stride_config(n),
             &[param.storage.arg(), master, grad.arg(), KernelArg::I64(n as i64), KernelArg::F32(lr * grad_scale)],
         )
@@ -128,15 +142,15 @@ impl OptimizerOps for CudaBackend {
 
     fn sgd_tensors(&self, tensors: &mut [SgdTensor<'_, CudaBuf>], lr: f32, grad_scale: f32) -> Result<()> {
         checks::sgd_tensors(tensors.iter().map(|t| [t.param.len(), t.grad.len()]))?;
-        for dt in [Dtype::F32, Dtype::Bf16] {
+        for (dt, gt) in UPDATE_TYPES {
             let (mut slots, mut grads) = (Vec::new(), Vec::new());
-            for t in tensors.iter_mut().filter(|t| t.param.dtype() == dt && !t.param.is_empty()) {
+            for t in tensors.iter_mut().filter(|t| update_types(t.param, t.grad) == (dt, gt) && !t.param.is_empty()) {
                 let (master, grad) = self.update_operands(t.param, t.grad)?;
                 let param = t.param.storage.ptr();
                 slots.push(Slot { param, master, grad: grad.ptr(), m: 0, v: 0, len: t.param.len(), decay: false });
                 grads.push(grad);
             }
-            self.launch_multi("sgd_multi", dt, &slots, &[KernelArg::F32(lr * grad_scale)])?;
+            self.launch_multi(&grad_kernel("sgd_multi", dt, gt), &slots, &[KernelArg::F32(lr * grad_scale)])?;
         }
         Ok(())
     }
@@ -155,7 +169,7 @@ impl CudaBackend {
     }
 
     /// What an update of `param` reads besides it, as the one-tensor launches prepare it: its master
-    /// copy (bf16; an f32 parameter drops any, null) and the gradient in the parameter's type.
+    /// copy (bf16; an f32 parameter drops any, null) and the gradient in the type `update_types` says.
     fn update_operands<'g>(&self, param: &mut CudaBuf, grad: &'g CudaBuf) -> Result<(u64, Operand<'g>)> {
         let dt = param.dtype();
         let master = match dt {
@@ -165,12 +179,12 @@ impl CudaBackend {
                 0
             }
         };
-        Ok((master, self.input(grad, dt)?))
+        Ok((master, self.input(grad, grad_dtype(dt, grad.dtype()))?))
     }
 
-    /// One launch of `<stem>_<dtype>` over the table of `slots` (nothing when it is empty), with
-    /// `args` after the table and its length.
-    fn launch_multi(&self, stem: &str, dt: Dtype, slots: &[Slot], args: &[KernelArg]) -> Result<()> {
+    /// One launch of `kernel` over the table of `slots` (nothing when it is empty), with `args` after
+    /// the table and its length.
+    fn launch_multi(&self, kernel: &str, slots: &[Slot], args: &[KernelArg]) -> Result<()> {
         if slots.is_empty() {
             return Ok(());
         }
@@ -180,7 +194,7 @@ impl CudaBackend {
         let mut all = vec![KernelArg::Ptr(table.device_ptr()), i32_arg(slots.len(), "tensors")?];
         all.extend_from_slice(args);
         let config = LaunchConfig::grid_1d(grid_dim(chunks, "chunks")?, MULTI_TENSOR_THREADS as u32);
-        self.launch(&format!("{stem}_{}", suffix(dt)), config, &all)
+        self.launch(kernel, config, &all)
     }
 
     /// Descriptor tables uploaded by the multi-tensor launches so far (optimizer and grad norm): a

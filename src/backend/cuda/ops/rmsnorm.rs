@@ -1,12 +1,13 @@
 //! RMSNorm on the CUDA backend (kernels/rmsnorm.cu): one warp per row for the forward; the whole
 //! backward in one launch, whose weight gradient is per-block partial sums that the grid's last block
-//! adds up in block order (no float atomics: the same bits every run).
+//! adds up in block order (no float atomics: the same bits every run), into a gradient of the
+//! activations' type or an f32 one (`rmsnorm_backward_bf16_f32`).
 
 use anyhow::Result;
 
 use crate::backend::cuda::backend::{CudaBackend, CudaBuf};
 use crate::backend::cuda::kernels::constants::rmsnorm::RMS_WARPS_PER_BLOCK;
-use crate::backend::cuda::launch::{grid_dim, i32_arg, suffix, NormBackwardPlan};
+use crate::backend::cuda::launch::{grad_dtype, grad_kernel, grid_dim, i32_arg, suffix, NormBackwardPlan};
 use crate::backend::cuda::{Dtype, KernelArg, LaunchConfig};
 use crate::backend::{checks, RmsNormOps};
 
@@ -103,10 +104,12 @@ impl RmsNormOps for CudaBackend {
         // kernel's last block leaves it at zero).
         let scratch = self.device.alloc::<f32>(plan.scratch_len())?;
         let counter = self.device.alloc_zeros::<u32>(1)?;
+        // The weight gradient in its own storage type (an f32 accumulator beside bf16 activations).
+        let gt = grad_dtype(dt, dweight.dtype());
         let dinp = self.output(dinp, dt, true)?.arg();
-        let dweight = self.output(dweight, dt, true)?.arg();
+        let dweight = self.output(dweight, gt, true)?.arg();
         self.launch(
-            &format!("rmsnorm_backward_{}", suffix(dt)),
+            &grad_kernel("rmsnorm_backward", dt, gt),
             plan.config(),
             &[
                 dinp,
