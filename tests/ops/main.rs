@@ -23,6 +23,7 @@ mod embedding;
 mod grad_norm;
 mod layernorm;
 mod logsoftmax_gather;
+mod logsoftmax_gather_f32_logits;
 mod matmul;
 mod misaligned;
 mod optimizer;
