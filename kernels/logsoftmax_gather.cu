@@ -6,8 +6,8 @@
 //     _sq:      the forward, and log_sum_sq[t] = log Σ_v p_{t,v}², p = exp(logits[t, :] − lse[t])  (TRL's
 //               log_sum_sq_probs, WPO's normaliser; every row; no backward)
 //     seq sum:  seq_logp[s] = Σ_{t in s} token_logp[t]
-//     backward: logits[t, :] ← dseq[s(t)]·(onehot(target_t) − exp(logits[t, :] − lse[t]))  (zeros where
-//               target_t = −1)
+//     backward: dlogits[t, :] = dseq[s(t)]·(onehot(target_t) − exp(logits[t, :] − lse[t]))  (zeros where
+//               target_t = −1); in place over the logits, or (a bf16 model's f32 logits) into bf16 dlogits
 //
 // CPU twin: src/backend/cpu/logsoftmax_gather.rs (`logsoftmax_gather_forward`, `logsoftmax_gather_forward_sq`,
 // `sequence_logp_sum`, `logsoftmax_gather_backward`). Host side: src/backend/cuda/ops/logsoftmax_gather.rs.
@@ -27,11 +27,14 @@
 // - logsoftmax_gather_backward_<T>: one block per row (grid n, as the forward); each thread finds the row's
 //   sequence by binary search over cu_seqlens (no barrier needed) and overwrites its strided elements.
 //   Probabilities are never stored: the gradient replaces the logits.
+// - logsoftmax_gather_backward_f32_to_bf16: the same from f32 logits into a separate bf16 tensor (the LM
+//   head of a bf16 model keeps f32 logits; its backward products read bf16). One rounding per element.
 //
-// The forward reads rows in 128-bit packs when v is a multiple of the pack width and the logits are
-// 16-byte aligned, else one element at a time: its per-thread sums must not depend on a row's address
-// (see `for_my_row_elements`). The backward, elementwise, packs whatever the alignment: `split_row`
-// (common.cuh) gives a scalar head up to the first 16-byte boundary, the packs, and a scalar tail.
+// The forward reads f32 or bf16 logits (`_f32` serves a bf16 model's f32 logits too) in 128-bit packs
+// when v is a multiple of the pack width and the logits are 16-byte aligned, else one element at a time:
+// its per-thread sums must not depend on a row's address (see `for_my_row_elements`). The backward, elementwise, packs whatever the alignment: `split_row`
+// (common.cuh) gives a scalar head up to the first 16-byte boundary of the output row, the packs, and a
+// scalar tail; the f32 input of `_f32_to_bf16` is read in packs where it is aligned at the same elements.
 // Logits are read with streaming loads (the forward's read is the only one before the backward's last).
 //
 // Loops before a block reduction run the same number of iterations on every thread (the element index
@@ -101,14 +104,22 @@ __device__ void logsoftmax_gather_forward(float* token_logp, float* lse, float* 
     }
 }
 
-template <typename T>
-__device__ void logsoftmax_gather_backward(T* logits, const float* lse, const int* targets, const float* dseq,
-                                           const int* cu_seqlens, int num_seqs, int v) {
-    constexpr int W = vec_width<T>;
+/// The backward of one row (block t): `dlogits` row t from `logits` row t, in place when they are the
+/// same tensor (In = Out), or from f32 logits into bf16 dlogits (a bf16 model's f32 logits: one
+/// rounding of the gradient, at its store). Packs follow the output row's alignment (`split_row`);
+/// the input is read in packs where it is aligned at the same elements (always, in place), else one
+/// element at a time.
+template <typename In, typename Out>
+__device__ void logsoftmax_gather_backward(Out* dlogits, const In* logits, const float* lse, const int* targets,
+                                           const float* dseq, const int* cu_seqlens, int num_seqs, int v) {
+    constexpr int W = vec_width<Out>;
+    static_assert(W * sizeof(In) % 16 == 0, "an output pack is whole input packs");
     const int t = blockIdx.x;
-    T* row = logits + (long long)t * v;
+    const In* in = logits + (long long)t * v;
+    Out* out = dlogits + (long long)t * v;
     const int target = targets[t];
-    const RowSplit split = split_row(row, v);
+    const RowSplit split = split_row(out, v);
+    const bool in_vector = aligned16(in + split.head);
     const int tid = threadIdx.x;
     const float g = target < 0 ? 0.0f : dseq[sequence_of(cu_seqlens, num_seqs, t)];
     const float l = target < 0 ? 0.0f : lse[t];
@@ -120,18 +131,23 @@ __device__ void logsoftmax_gather_backward(T* logits, const float* lse, const in
         return d;
     };
     // Rows without a target are only written (zeros), never read.
-    if (tid < split.head) row[tid] = from_float<T>(grad(tid, target < 0 ? 0.0f : to_float(row[tid])));
+    if (tid < split.head) out[tid] = from_float<Out>(grad(tid, target < 0 ? 0.0f : to_float(in[tid])));
     for (int k = tid; k < split.packs; k += blockDim.x) {
         const int j = split.head + k * W;
         float x[W] = {};
-        if (target >= 0) load_vec<W, CacheHint::Streaming>(row + j, x);
+        if (target >= 0 && in_vector) {
+            load_vec<W, CacheHint::Streaming>(in + j, x);
+        } else if (target >= 0) {
+#pragma unroll
+            for (int e = 0; e < W; ++e) x[e] = to_float(__ldcs(in + j + e));
+        }
 #pragma unroll
         for (int e = 0; e < W; ++e) x[e] = grad(j + e, x[e]);
-        store_vec<W>(row + j, x);
+        store_vec<W>(out + j, x);
     }
     if (tid < split.tail) {
         const int j = v - split.tail + tid;
-        row[j] = from_float<T>(grad(j, target < 0 ? 0.0f : to_float(row[j])));
+        out[j] = from_float<Out>(grad(j, target < 0 ? 0.0f : to_float(in[j])));
     }
 }
 
@@ -165,9 +181,18 @@ EMU_REGISTER(sequence_logp_sum_f32)
                                                                    const int* targets, const float* dseq,    \
                                                                    const int* cu_seqlens, int num_seqs,      \
                                                                    int v) {                                  \
-        logsoftmax_gather_backward<T>(logits, lse, targets, dseq, cu_seqlens, num_seqs, v);                  \
+        logsoftmax_gather_backward<T, T>(logits, logits, lse, targets, dseq, cu_seqlens, num_seqs, v);       \
     }                                                                                                         \
     EMU_REGISTER(logsoftmax_gather_backward_##suffix)
 
 LOGSOFTMAX_GATHER_KERNELS(float, f32)
 LOGSOFTMAX_GATHER_KERNELS(bf16, bf16)
+
+/// The backward from a bf16 model's f32 logits into its bf16 dlogits (a separate tensor).
+extern "C" __global__ void logsoftmax_gather_backward_f32_to_bf16(bf16* dlogits, const float* logits,
+                                                                  const float* lse, const int* targets,
+                                                                  const float* dseq, const int* cu_seqlens,
+                                                                  int num_seqs, int v) {
+    logsoftmax_gather_backward<float, bf16>(dlogits, logits, lse, targets, dseq, cu_seqlens, num_seqs, v);
+}
+EMU_REGISTER(logsoftmax_gather_backward_f32_to_bf16)

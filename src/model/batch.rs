@@ -136,11 +136,13 @@ impl<B: Backend> DeviceBatch<B> {
 }
 
 /// Target rows a frozen model's LM head computes at once, unless set otherwise
-/// ([`Decoder::set_head_chunk_rows`]). 2048 rows keep the product large enough to run at full speed
-/// (2048 × 768 × 50257 for GPT-2), with logits of 206 MB in bf16 (412 MB in f32).
+/// ([`Decoder::set_head_chunk_rows`]). The logits are f32 in either precision (see
+/// `Decoder`'s module documentation), so 1024 rows hold 206 MB at GPT-2's vocabulary, what 2048 rows
+/// of bf16 logits held before the head kept its logits in f32; 1024 × 768 × 50257 is still large
+/// enough a product to run at full speed.
 ///
 /// [`Decoder::set_head_chunk_rows`]: super::Decoder::set_head_chunk_rows
-pub const FROZEN_HEAD_CHUNK_ROWS: usize = 2048;
+pub const FROZEN_HEAD_CHUNK_ROWS: usize = 1024;
 
 /// The fewest rows a chunk of the head has (unless the whole batch has fewer), whatever the chunk
 /// size: matrix-product libraries take other kernels for very thin products (the CPU's `gemm` a

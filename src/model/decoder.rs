@@ -29,8 +29,8 @@
 //! A frozen model also runs its LM head in chunks of whole sequences, about
 //! [`FROZEN_HEAD_CHUNK_ROWS`] target rows at a time (`Decoder::set_head_chunk_rows`): nothing reads
 //! its logits after the log-probs, so it holds the `[rows, V]` logits of one chunk instead of the
-//! batch's (at GPT-2's vocabulary, 2048 rows are 0.2 GB in bf16, where a batch of 12k target rows
-//! would hold 1.2 GB). Each sequence's log-prob is still one `sequence_logp_sum` over the same rows,
+//! batch's (at GPT-2's vocabulary, 1024 rows are 0.2 GB, where a batch of 12k target rows would hold
+//! 2.4 GB). Each sequence's log-prob is still one `sequence_logp_sum` over the same rows,
 //! so it is unchanged bit for bit.
 //!
 //! A trainable model runs its head whole by default: the backward turns the kept logits into their
@@ -46,6 +46,16 @@
 //! output) and one interior slot, and the backward recomputes each block's interior from its
 //! boundary just before taking the block's gradient (`block_interior_forward`, the forward's own
 //! code: the same ops on the same values, so the same gradients bit for bit).
+//!
+//! The logits are f32 in either precision: on a bf16 device the head's product stores its f32
+//! accumulator (`matmul_forward_f32_out`), because a bf16 step at logits of 30–120 is 0.25–0.5
+//! nats, and a response's log-prob would carry the rounding of every one of its tokens into the
+//! loss. The backward turns them into bf16 dlogits (one rounding of the gradient, as PyTorch's bf16
+//! autocast and Liger-Kernel store it), which the head's two backward products read as cuBLASLt
+//! needs their operands; the f32 logits are freed as the gradient replaces them. A bf16 model's
+//! whole head so holds `[M, V]` f32 logits from its forward to its backward (twice the bf16 bytes)
+//! and, for the time of one kernel, the bf16 gradient beside them; the chunked head holds the same
+//! per chunk.
 //!
 //! [`FROZEN_HEAD_CHUNK_ROWS`]: super::FROZEN_HEAD_CHUNK_ROWS
 //! [`Family`]: super::Family

@@ -24,6 +24,7 @@ mod grad_f32;
 mod grad_norm;
 mod layernorm;
 mod logsoftmax_gather;
+mod logsoftmax_gather_f32_logits;
 mod matmul;
 mod misaligned;
 mod optimizer;

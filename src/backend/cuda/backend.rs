@@ -9,10 +9,10 @@
 //! ## Precision
 //! - [`Precision::F32`]: every tensor is f32. The emulated device is held to the CPU backend at
 //!   f32 tolerances in this mode.
-//! - [`Precision::Bf16`]: parameters, activations, gradients and logits are stored in bf16 (all math in
-//!   f32, one rounding per store); LayerNorm statistics, attention log-sum-exps, token and sequence
-//!   log-probs, the preference loss, its metrics and gradients are f32; the optimizer keeps fp32 master
-//!   weights and fp32 moments.
+//! - [`Precision::Bf16`]: parameters, activations and gradients are stored in bf16 (all math in f32,
+//!   one rounding per store); the LM head's logits (`matmul_forward_f32_out`), LayerNorm statistics,
+//!   attention log-sum-exps, token and sequence log-probs, the preference loss, its metrics and
+//!   gradients are f32; the optimizer keeps fp32 master weights and fp32 moments.
 //!
 //! ## Buffers
 //! A [`CudaBuf`] holds its values in one storage type (f32 or bf16) and, optionally, an fp32 master
@@ -64,7 +64,7 @@ use crate::backend::{checks, Buffers, MemoryStats, Packing};
 pub enum Precision {
     /// Everything f32: the mode the emulated device is checked in against the CPU backend.
     F32,
-    /// bf16 parameters, activations, gradients and logits; fp32 master weights, optimizer state,
+    /// bf16 parameters, activations and gradients; f32 logits; fp32 master weights, optimizer state,
     /// statistics, log-probs and loss.
     Bf16,
 }

@@ -50,6 +50,8 @@ pub trait LogSoftmaxGatherOps: Buffers {
     ) -> Result<()>;
     /// In place over `logits`: row t of sequence s becomes
     /// `dseq[s] · (onehot(targets[t]) − exp(logits[t] − lse[t]))`, or zeros where `targets[t] == -1`.
+    /// The gradient is stored as the backend stores activations: on a bf16 CUDA backend, f32 logits
+    /// (the LM head's) become bf16 dlogits.
     #[allow(clippy::too_many_arguments)]
     fn logsoftmax_gather_backward(
         &self,

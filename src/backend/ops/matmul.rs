@@ -24,6 +24,23 @@ pub trait MatmulOps: Buffers + PointwiseOps {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()>;
+    /// `out[n, oc] = inp[n, ic] · W` (no bias), `out` kept in f32 whatever the backend's storage
+    /// precision: a bf16 backend multiplies its bf16 operands into an f32 output, with no rounding
+    /// of the f32 accumulator (the LM head's logits, whose bf16 step is a fraction of a nat at the
+    /// logits' size). A backend that stores everything in f32 has nothing to change.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward_f32_out(
+        &self,
+        out: &mut Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        layout: WeightLayout,
+    ) -> Result<()> {
+        self.matmul_forward(out, inp, weight, None, n, ic, oc, layout)
+    }
     /// `pre = inp · W + bias` (InOut layout) and `out = gelu(pre)` (tanh form), as `matmul_forward`
     /// then `gelu_forward`; a backend may fuse the GELU into the product's epilogue (cuBLASLt
     /// `GELU_AUX_BIAS`), computing it from the f32 accumulator before `pre` is rounded to storage.

@@ -1,6 +1,8 @@
 //! The fused log-softmax-gather on the CUDA backend (kernels/logsoftmax_gather.cu): one block per
 //! row of logits (or per sequence for the sums); token log-probs, log-sum-exps, the softmax's log
-//! squared mass and sequence sums in f32.
+//! squared mass and sequence sums in f32. The forward reads the logits in their storage type (the LM
+//! head's are f32 in either precision); the backward writes the gradient in the activation type, so
+//! a bf16 backend's f32 logits become bf16 dlogits in new storage that replaces theirs.
 
 use anyhow::Result;
 
@@ -23,7 +25,8 @@ impl LogSoftmaxGatherOps for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let dt = self.act();
+        // The logits as stored: f32 (the LM head's, in either precision) or bf16.
+        let dt = logits.dtype();
         let logits = self.input(logits, dt)?;
         let token_logp = self.output(token_logp, Dtype::F32, false)?.arg();
         let lse = self.output(lse, Dtype::F32, false)?.arg();
@@ -49,7 +52,7 @@ impl LogSoftmaxGatherOps for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let dt = self.act();
+        let dt = logits.dtype();
         let logits = self.input(logits, dt)?;
         let token_logp = self.output(token_logp, Dtype::F32, false)?.arg();
         let lse = self.output(lse, Dtype::F32, false)?.arg();
@@ -93,21 +96,30 @@ impl LogSoftmaxGatherOps for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let dt = self.act();
         let (lse, dseq) = (self.input(lse, Dtype::F32)?, self.input(dseq, Dtype::F32)?);
+        let config = LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(v));
+        let rest = [
+            lse.arg(),
+            targets.arg(),
+            dseq.arg(),
+            packing.cu_seqlens.arg(),
+            i32_arg(packing.num_seqs(), "sequences")?,
+            i32_arg(v, "v")?,
+        ];
+        // The gradient is stored in the activation type, as the head's backward products read it.
+        let dt = self.act();
+        if (logits.dtype(), dt) == (Dtype::F32, Dtype::Bf16) {
+            // A bf16 model's f32 logits: bf16 dlogits (one rounding of the gradient, as PyTorch's
+            // bf16 autocast), into new storage that then replaces the logits' (the f32 storage is
+            // freed before the head's backward products run).
+            let dlogits = self.alloc(Dtype::Bf16, logits.len())?;
+            let args = [[dlogits.arg(), logits.storage.arg()].as_slice(), &rest].concat();
+            self.launch("logsoftmax_gather_backward_f32_to_bf16", config, &args)?;
+            (logits.storage, logits.master) = (dlogits, None);
+            return Ok(());
+        }
         let logits = self.output(logits, dt, true)?;
-        self.launch(
-            &format!("logsoftmax_gather_backward_{}", suffix(dt)),
-            LaunchConfig::grid_1d(grid_dim(n, "rows")?, row_threads(v)),
-            &[
-                logits.arg(),
-                lse.arg(),
-                targets.arg(),
-                dseq.arg(),
-                packing.cu_seqlens.arg(),
-                i32_arg(packing.num_seqs(), "sequences")?,
-                i32_arg(v, "v")?,
-            ],
-        )
+        let args = [[logits.arg()].as_slice(), &rest].concat();
+        self.launch(&format!("logsoftmax_gather_backward_{}", suffix(dt)), config, &args)
     }
 }

@@ -76,6 +76,35 @@ impl CudaBackend {
             _ => bail!("gemm: operands of mixed storage types (supported: f32/f32, bf16/bf16, bf16 into f32)"),
         }
     }
+
+    /// `matmul_forward` with the operands in the activation type and `out` stored as `out_dtype`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward_as(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        layout: WeightLayout,
+        out_dtype: Dtype,
+    ) -> Result<()> {
+        checks::matmul_forward(out.len(), inp.len(), weight.len(), bias.map(CudaBuf::len), n, ic, oc)?;
+        if n == 0 || oc == 0 {
+            return Ok(());
+        }
+        ensure!(ic > 0, "matmul_forward: an inner dimension of 0 is not supported on the CUDA backend");
+        let dt = self.act();
+        let (inp, weight) = (self.input(inp, dt)?, self.input(weight, dt)?);
+        // The bias, added to the output, in the output's type.
+        let bias = bias.map(|b| self.input(b, out_dtype)).transpose()?;
+        let out = self.output(out, out_dtype, false)?;
+        // out[n, oc] = inp[n, ic] · W; W stored [ic, oc] (InOut) or [oc, ic] (OutIn, transposed).
+        let spec = Gemm::new(n, oc, ic).trans_b(layout == WeightLayout::OutIn);
+        self.gemm(&spec, &inp, n * ic, &weight, out, bias.as_ref())
+    }
 }
 
 impl MatmulOps for CudaBackend {
@@ -90,18 +119,22 @@ impl MatmulOps for CudaBackend {
         oc: usize,
         layout: WeightLayout,
     ) -> Result<()> {
-        checks::matmul_forward(out.len(), inp.len(), weight.len(), bias.map(CudaBuf::len), n, ic, oc)?;
-        if n == 0 || oc == 0 {
-            return Ok(());
-        }
-        ensure!(ic > 0, "matmul_forward: an inner dimension of 0 is not supported on the CUDA backend");
-        let dt = self.act();
-        let (inp, weight) = (self.input(inp, dt)?, self.input(weight, dt)?);
-        let bias = bias.map(|b| self.input(b, dt)).transpose()?;
-        let out = self.output(out, dt, false)?;
-        // out[n, oc] = inp[n, ic] · W; W stored [ic, oc] (InOut) or [oc, ic] (OutIn, transposed).
-        let spec = Gemm::new(n, oc, ic).trans_b(layout == WeightLayout::OutIn);
-        self.gemm(&spec, &inp, n * ic, &weight, out, bias.as_ref())
+        self.matmul_forward_as(out, inp, weight, bias, n, ic, oc, layout, self.act())
+    }
+
+    /// In Bf16 mode, bf16 operands into f32 storage (cuBLASLt's bf16 inputs with an f32 D): the
+    /// accumulator is stored as it is. In F32 mode the same product as `matmul_forward`.
+    fn matmul_forward_f32_out(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        weight: &CudaBuf,
+        n: usize,
+        ic: usize,
+        oc: usize,
+        layout: WeightLayout,
+    ) -> Result<()> {
+        self.matmul_forward_as(out, inp, weight, None, n, ic, oc, layout, Dtype::F32)
     }
 
     /// One cuBLASLt product with the `GELU_AUX_BIAS` epilogue where the device can fuse it (the
