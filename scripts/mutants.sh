@@ -54,7 +54,7 @@ tests_for() {
     case "$1" in
         src/loss/*|src/loss.rs) echo "loss objectives kto logp_modifiers" ;;
         src/data/*) echo "data fuzz trl_options settings_travel" ;;
-        src/train/step.rs|src/train/mod.rs|src/train/refcache.rs) echo "train trdpo kto" ;;
+        src/train/step.rs|src/train/mod.rs|src/train/refcache.rs) echo "train trdpo kto run_safety" ;;
         src/train/rundir.rs|src/train/checkpoint.rs) echo "run_safety checkpoint train" ;;
         src/train/*) echo "train cli" ;;
         src/model/*) echo "model llama golden frozen checkpointing logp_modifiers" ;;
