@@ -145,11 +145,17 @@ def run_tests(path, timeout):
     for args in tests_for(path):
         cmd = ["cargo", "test", "--profile", "mutants", *args]
         left = timeout - (time.time() - start)
+        # Its own process group, so that a timeout ends cargo's rustc and test children too: left
+        # running, they would keep building the mutated tree into target/ after it is restored.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(left, 1))
+            stdout, stderr = proc.communicate(timeout=max(left, 1))
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return "timeout", time.time() - start
-        out = proc.stdout + proc.stderr
+        out = stdout + stderr
         if proc.returncode != 0:
             if "error: could not compile" in out or "failed to run custom build command" in out:
                 # A build-script failure is the emulator compile of the mutated kernel.
