@@ -122,12 +122,21 @@ def mutants_of(path, ops):
     return found
 
 
+# Kernel files whose op's tests live under another name in tests/ops/ (the tensor-core attention is
+# one backend of the attention op, tested by `attention::`).
+TEST_MODULE = {"attention_mma": "attention"}
+
+
 def tests_for(path):
     """The test runs of a file: an op's own tests and every op's offsets past 2^31 (`wide_offsets`),
     or for a shared header every emulated-device test."""
     if path.suffix == ".cuh":
         return [["--test", "ops", "--", "emu::", "wide_offsets::"], ["--test", "emu"], ["--test", "mma_fragments"]]
-    return [["--test", "ops", "--", f"{path.stem}::", "wide_offsets::"]]
+    module = TEST_MODULE.get(path.stem, path.stem)
+    if not (ROOT / "tests" / "ops" / f"{module}.rs").is_file():
+        # A filter that matches no test would let every mutant of the file survive unseen.
+        sys.exit(f"{path.name}: no tests/ops/{module}.rs holds its tests; name them in TEST_MODULE")
+    return [["--test", "ops", "--", f"{module}::", "wide_offsets::"]]
 
 
 def run_tests(path, timeout):
@@ -136,11 +145,17 @@ def run_tests(path, timeout):
     for args in tests_for(path):
         cmd = ["cargo", "test", "--profile", "mutants", *args]
         left = timeout - (time.time() - start)
+        # Its own process group, so that a timeout ends cargo's rustc and test children too: left
+        # running, they would keep building the mutated tree into target/ after it is restored.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(left, 1))
+            stdout, stderr = proc.communicate(timeout=max(left, 1))
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return "timeout", time.time() - start
-        out = proc.stdout + proc.stderr
+        out = stdout + stderr
         if proc.returncode != 0:
             if "error: could not compile" in out or "failed to run custom build command" in out:
                 # A build-script failure is the emulator compile of the mutated kernel.
@@ -170,6 +185,7 @@ def main():
     for f in files:
         if not f.is_file():
             sys.exit(f"{f}: no such kernel file")
+        tests_for(f)  # every file's tests exist, before anything is listed or run
 
     mutants = [m for f in files for m in mutants_of(f, ops)]
     if args.max and len(mutants) > args.max:

@@ -44,6 +44,17 @@ fn the_kernel_mutator_skips_gpu_only_lines() {
     assert!(!ok && out.contains("unknown mutation operator"), "{out}");
 }
 
+/// A kernel file whose op's tests go by another name (`attention_mma.cu`: `attention::`) must not be
+/// run against a filter that matches no test: every mutant of it would survive unseen.
+#[test]
+fn the_kernel_mutator_runs_each_file_against_tests_that_exist() {
+    // `--list` over every kernel file succeeds only when each one's tests are found.
+    let (ok, out) = run("python3", &["scripts/kernel-mutants.py", "--list", "--files", "kernels/attention_mma.cu"]);
+    assert!(ok && out.contains("kernels/attention_mma.cu:"), "{out}");
+    let (ok, out) = run("python3", &["scripts/kernel-mutants.py", "--list", "--files", "kernels/selftest.cu"]);
+    assert!(!ok && out.contains("no tests/ops/selftest.rs"), "{out}");
+}
+
 #[test]
 fn mutants_sh_checks_its_arguments() {
     let (ok, out) = run("bash", &["scripts/mutants.sh", "--help"]);

@@ -602,3 +602,30 @@ fn every_objective_trains_on_the_cpu_and_on_the_emulated_device() {
         }
     }
 }
+
+/// LD-DPO's log-probs as its loss reads them (logged, and the running mean's input) are each
+/// response's `shared + α·tail`: at α = 0.5 and 0.25 against the plain total (α = 1), the tail
+/// `total − read(α)` is `(1 − α)·tail`, nonzero only for the longer response of a pair.
+#[test]
+fn ld_dpo_reads_the_shared_part_plus_alpha_times_the_tail() {
+    use safedpo::{DecoderConfig, DeviceKind, Engine, PreferencePair};
+    let mut engine = Engine::new(DeviceKind::Cpu).unwrap();
+    engine.random_policy(DecoderConfig::gpt2(258, 64, 32, 2, 2), 5).unwrap();
+    engine.reference_from_policy().unwrap();
+    // Chosen longer in one pair, rejected in the other.
+    let pairs =
+        [PreferencePair::new("2+2?", "Four, of course.", "5"), PreferencePair::new("Sky?", "Blue", "A green one")];
+    let mut read = |objective: &str| {
+        let logps = engine.loss(&pairs, &objective.parse().unwrap()).unwrap().logps.policy;
+        [logps.chosen, logps.rejected].concat()
+    };
+    let (total, half, quarter) = (read("dpo"), read("dpo:ld_alpha=0.5"), read("dpo:ld_alpha=0.25"));
+    let mut tails = 0;
+    for i in 0..total.len() {
+        let (t, h, q) = (f64::from(total[i]), f64::from(half[i]), f64::from(quarter[i]));
+        let tail = 2.0 * (t - h);
+        assert!((t - q - 0.75 * tail).abs() < 1e-3 * (1.0 + tail.abs()), "sequence {i}: {t} {h} {q}");
+        tails += usize::from(tail.abs() > 1.0);
+    }
+    assert_eq!(tails, 2, "the longer response of each pair has a tail: {total:?} {half:?}");
+}

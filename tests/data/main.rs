@@ -118,3 +118,4 @@ mod load;
 mod synthetic;
 mod tokenize;
 mod truncate;
+mod unpaired;
