@@ -17,7 +17,7 @@ use crate::backend::{AdamWParams, AdamWTensor, Backend, SgdTensor};
 use crate::model::Decoder;
 
 mod grad_dtype;
-pub use grad_dtype::{set_grad_dtype, GradDtype};
+pub use grad_dtype::{set_grad_dtype, store_grads_in_f32, GradDtype};
 
 /// AdamW hyper-parameters. `lr` is the default learning rate; `AdamW::step` takes the one to use
 /// (usually `LrSchedule::lr`), so a schedule never has to mutate the optimizer.

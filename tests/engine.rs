@@ -1,8 +1,10 @@
 //! `Engine`'s gradient accumulation: a step over several micro-batches is the step over their union
 //! (the mean loss over all pairs), on the CPU and on the emulated device; `Engine::loss` with TRL's
-//! log-prob modifiers; KTO through the engine (loss and steps on unpaired examples).
+//! log-prob modifiers; KTO through the engine (loss and steps on unpaired examples); the gradients'
+//! storage (`Engine::set_grad_dtype`) on a bf16 device.
 
-use safedpo::{DecoderConfig, DeviceKind, Engine, PreferencePair};
+use safedpo::optim::GradDtype;
+use safedpo::{DecoderConfig, DeviceKind, Engine, Precision, PreferencePair};
 
 fn pairs() -> Vec<PreferencePair> {
     vec![
@@ -148,4 +150,35 @@ fn pairs_and_unpaired_examples_do_not_mix() {
     assert!(format!("{:#}", engine.unpaired_train_step(&[]).unwrap_err()).contains("no examples"));
     assert!(format!("{:#}", engine.train_step(&pairs()).unwrap_err()).contains("unpaired"));
     assert_eq!(engine.steps_taken(), 0);
+}
+
+/// The policy's weights after one step of `micro_batches` micro-batches (the pairs split among
+/// them) on the emulated device in bf16 with gradients stored as `grad_dtype` says.
+fn bf16_step(grad_dtype: GradDtype, micro_batches: usize) -> Vec<Vec<f32>> {
+    safedpo::backend::cuda::emu::use_test_mode();
+    let mut engine = Engine::with_precision(DeviceKind::Emu, Precision::Bf16).unwrap();
+    engine.random_policy(DecoderConfig::gpt2(258, 64, 32, 2, 2), 5).unwrap();
+    engine.reference_from_policy().unwrap();
+    engine.set_grad_dtype(grad_dtype).unwrap();
+    let pairs = pairs();
+    let split: Vec<Vec<PreferencePair>> = match micro_batches {
+        1 => vec![pairs],
+        _ => vec![pairs[..1].to_vec(), pairs[1..].to_vec()],
+    };
+    engine.accumulated_step(&split).unwrap();
+    assert!(engine.set_grad_dtype(GradDtype::Bf16).is_err(), "set after the first step");
+    engine.policy_weights().unwrap().tensors.into_values().map(|(_, data)| data).collect()
+}
+
+/// As the trainer's `train.grad_dtype`: `auto` is f32 for a step of several micro-batches and bf16
+/// for one; `f32` and `bf16` are what they say, whatever the step (the two storage types give
+/// different weights, so each comparison shows which one a step used).
+#[test]
+fn engine_steps_honour_grad_dtype() {
+    let f32_two = bf16_step(GradDtype::F32, 2);
+    assert!(bf16_step(GradDtype::Auto, 2) == f32_two, "auto over two micro-batches is f32");
+    assert!(bf16_step(GradDtype::Bf16, 2) != f32_two, "bf16 gradients train as f32 ones");
+    let bf16_one = bf16_step(GradDtype::Bf16, 1);
+    assert!(bf16_step(GradDtype::Auto, 1) == bf16_one, "auto over one batch is bf16");
+    assert!(bf16_step(GradDtype::F32, 1) != bf16_one, "f32 gradients train as bf16 ones");
 }

@@ -2,13 +2,14 @@
 //! their formulas in f64, the gradients by finite differences, the scores against `transformers`'
 //! sequence classifiers (committed fixtures, `scripts/make-judge-fixtures.py`; and an `#[ignore]`d
 //! live round trip through torch), a judge that is not one refused, the emulated device against
-//! the CPU, and a tiny reward and cost model trained on the demo's synthetic data.
+//! the CPU, a tiny reward and cost model trained on the demo's synthetic data, and the trainer's
+//! `grad_dtype` on a bf16 device.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use safedpo::backend::cpu::CpuBackend;
-use safedpo::backend::cuda::{CudaBackend, Device, Precision};
+use safedpo::backend::cuda::{CudaBackend, Device, Dtype, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::data::{
     split_holdout, synthetic_pku_rows, tokenize_pairs, ByteTokenizer, PackedBatch, PreferencePair, Template,
@@ -16,7 +17,7 @@ use safedpo::data::{
 };
 use safedpo::judge::{batch_loss, evaluate_rm, pair_loss, train_rm, RmKind, RmTrainOptions};
 use safedpo::model::{DecoderConfig, DeviceBatch, ScalarHeadModel};
-use safedpo::optim::AdamWConfig;
+use safedpo::optim::{AdamWConfig, GradDtype};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/judges").join(name)
@@ -254,7 +255,15 @@ fn tiny_judges_learn_the_synthetic_data() {
         let (eval, _) = tokenize_pairs(&eval, &tok, &template, 256).unwrap();
         let mut model = ScalarHeadModel::random(Arc::new(CpuBackend::new()), config.clone(), 7).unwrap();
         let adam = AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        let opts = RmTrainOptions { kind, steps: 400, adam, grad_clip: 1.0, tokens_per_batch: 4096, seed: 5 };
+        let opts = RmTrainOptions {
+            kind,
+            steps: 400,
+            adam,
+            grad_clip: 1.0,
+            tokens_per_batch: 4096,
+            seed: 5,
+            grad_dtype: GradDtype::Auto,
+        };
         train_rm(&mut model, &train, &opts, |_, _| Ok(())).unwrap();
         let eval = evaluate_rm(&mut model, &eval, kind, 8192).unwrap();
         assert!(eval.pairs >= 20, "{eval:?}");
@@ -265,6 +274,47 @@ fn tiny_judges_learn_the_synthetic_data() {
             assert!(eval.sign_accuracy.unwrap() > 0.7, "{eval:?}");
         }
     }
+}
+
+/// `RmTrainOptions::grad_dtype` on the emulated device in bf16: `f32` stores every gradient (the
+/// head's too) in f32 and trains differently from bf16 gradients; `auto` (a step is one batch) is
+/// bf16.
+#[test]
+fn the_judge_trainer_honours_grad_dtype() {
+    safedpo::backend::cuda::emu::use_test_mode();
+    let rows = synthetic_pku_rows(24, 2);
+    let pairs: Vec<PreferencePair> = rows.iter().map(|r| r.better_pair()).collect();
+    let tok = ByteTokenizer;
+    let template = Template::new(safedpo::data::DEFAULT_TEMPLATE).unwrap();
+    let (train, _) = tokenize_pairs(&pairs, &tok, &template, 96).unwrap();
+    let config = DecoderConfig::gpt2(tok.vocab_size(), 96, 16, 1, 2);
+    let trained = |grad_dtype: GradDtype| {
+        let backend = Arc::new(CudaBackend::new(Device::emulated().unwrap(), Precision::Bf16));
+        let trunk = ScalarHeadModel::random(Arc::new(CpuBackend::new()), config.clone(), 3).unwrap();
+        let (weights, score) = (trunk.trunk().to_host().unwrap(), trunk.score_weight().unwrap());
+        let mut model = ScalarHeadModel::from_host(backend, weights, &score, false).unwrap();
+        let adam = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let opts = RmTrainOptions {
+            kind: RmKind::Reward,
+            steps: 2,
+            adam,
+            grad_clip: 1.0,
+            tokens_per_batch: 512,
+            seed: 1,
+            grad_dtype,
+        };
+        train_rm(&mut model, &train, &opts, |_, _| Ok(())).unwrap();
+        let dtypes: Vec<Dtype> = model.grads_mut().unwrap().iter().map(|g| g.dtype()).collect();
+        (dtypes, model.trunk().to_host().unwrap(), model.score_weight().unwrap())
+    };
+    let (f32_dtypes, f32_trunk, f32_score) = trained(GradDtype::F32);
+    let (auto_dtypes, auto_trunk, auto_score) = trained(GradDtype::Auto);
+    let (bf16_dtypes, bf16_trunk, bf16_score) = trained(GradDtype::Bf16);
+    assert!(f32_dtypes.iter().all(|&d| d == Dtype::F32), "f32: {f32_dtypes:?}");
+    assert!(bf16_dtypes.iter().all(|&d| d == Dtype::Bf16), "bf16: {bf16_dtypes:?}");
+    assert_eq!(auto_dtypes, bf16_dtypes, "auto is bf16 for steps of one batch");
+    assert!(auto_trunk.tensors == bf16_trunk.tensors && auto_score == bf16_score, "auto trains as bf16");
+    assert!(f32_trunk.tensors != bf16_trunk.tensors || f32_score != bf16_score, "f32 gradients change nothing");
 }
 
 /// A judge safedpo writes loads in `transformers` and gives the same scores (needs /work/torchenv

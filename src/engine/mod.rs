@@ -80,7 +80,7 @@ use crate::data::{Template, TextTokenizer, CHAT_TEMPLATE};
 use crate::data::{TokenizedPair, Truncation};
 use crate::loss::Objective;
 use crate::model::{checkpoint, random_weights, DecoderConfig, HostWeights};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, GradDtype};
 use crate::train::step::adamw_config;
 
 /// The models on the backend the engine runs on (one arm per backend type; boxed: a model's
@@ -134,6 +134,7 @@ pub struct Engine {
     objective: Objective,
     optimizer: AdamWConfig,
     grad_clip: f32,
+    grad_dtype: GradDtype,
 }
 
 impl Engine {
@@ -204,6 +205,7 @@ impl Engine {
             objective: Objective::default(),
             optimizer: adamw_config(&optimizer),
             grad_clip: optimizer.grad_clip,
+            grad_dtype: GradDtype::default(),
         })
     }
 
@@ -453,6 +455,33 @@ impl Engine {
         (self.optimizer, self.grad_clip)
     }
 
+    /// Where the policy's gradients accumulate on a bf16 engine (the trainer's `train.grad_dtype`;
+    /// nothing changes on an f32 one). `Auto` (the default) stores them in f32 from the first step
+    /// of several micro-batches ([`Engine::accumulated_step`]) on, where bf16 adds would compound
+    /// their rounding; `F32` from the first step; `Bf16` never. Set it before the first step: a
+    /// gradient stored in f32 stays so.
+    ///
+    /// ```
+    /// use safedpo::{optim::GradDtype, DeviceKind, Engine, Precision};
+    ///
+    /// let mut engine = Engine::with_precision(DeviceKind::Emu, Precision::Bf16)?;
+    /// engine.set_grad_dtype(GradDtype::F32)?;
+    /// assert_eq!(engine.grad_dtype(), GradDtype::F32);
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn set_grad_dtype(&mut self, grad_dtype: GradDtype) -> Result<()> {
+        if on_models!(&self.backends, |m| m.has_optimizer()) {
+            bail!("set_grad_dtype: the optimizer state exists already (set it before the first train_step)");
+        }
+        self.grad_dtype = grad_dtype;
+        Ok(())
+    }
+
+    /// The gradients' storage setting ([`Engine::set_grad_dtype`]).
+    pub fn grad_dtype(&self) -> GradDtype {
+        self.grad_dtype
+    }
+
     /// One optimizer step at the optimizer's `lr` on `pairs` (their mean loss), the trainer's own
     /// step: reference log-probs, policy forward, loss, backward, grad-norm clip, AdamW.
     ///
@@ -513,7 +542,9 @@ impl Engine {
         for (i, pairs) in micro_batches.iter().enumerate() {
             self.check_batch(pairs).with_context(|| format!("micro-batch {i}"))?;
         }
-        let (objective, optimizer, clip) = (&self.objective, self.optimizer, self.grad_clip);
+        let (objective, optimizer, clip, grad_dtype) =
+            (&self.objective, self.optimizer, self.grad_clip, self.grad_dtype);
+        on_models!(&mut self.backends, |m| m.set_grad_dtype(grad_dtype, micro_batches.len()))?;
         let out = on_models!(&mut self.backends, |m| m.train_step(micro_batches, objective, optimizer, clip, lr))?;
         let metrics = PairMetrics::from_rows(&out.metrics);
         Ok(StepReport {

@@ -13,7 +13,7 @@ use crate::backend::{Backend, LogpParts, PreferenceLossInputs, PAIR_METRICS};
 use crate::data::{preference_batch, unpaired_batch, TokenizedExample, TokenizedPair};
 use crate::loss::{LossState, Objective};
 use crate::model::{Decoder, DecoderConfig, ForwardExtras, HostWeights, RowSplit, SequenceLogps};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{set_grad_dtype, AdamW, AdamWConfig, GradDtype};
 use crate::train::checkpoint::write_optimizer_state;
 use crate::train::step::{loss_read_logps, Learner, MicroBatch, Reference, StepInfo};
 use crate::train::unpaired::{unpaired_outputs, UnpairedMicroBatch, UnpairedOutput};
@@ -74,6 +74,13 @@ impl<B: Backend> Models<B> {
 
     pub fn steps_taken(&self) -> u32 {
         self.optimizer.as_ref().map_or(0, AdamW::step_count)
+    }
+
+    /// Stores the policy's gradients in f32 when `grad_dtype` says so for a step of `grad_accum`
+    /// micro-batches (`optim::set_grad_dtype`); a gradient stored in f32 stays so.
+    pub fn set_grad_dtype(&mut self, grad_dtype: GradDtype, grad_accum: usize) -> Result<()> {
+        let policy = self.policy.as_mut().context("no policy: load one first")?;
+        set_grad_dtype(policy, grad_dtype, grad_accum)
     }
 
     pub fn has_optimizer(&self) -> bool {

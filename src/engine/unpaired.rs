@@ -122,6 +122,7 @@ impl Engine {
         }
         let (objective, optimizer, clip, kl_max_len) =
             (&self.objective, self.optimizer, self.grad_clip, self.context_len());
+        on_models!(&mut self.backends, |m| m.set_grad_dtype(self.grad_dtype, micro_batches.len()))?;
         let (info, step, outputs) = on_models!(&mut self.backends, |m| {
             m.unpaired_train_step(micro_batches, objective, optimizer, clip, lr, kl_max_len)
         })?;

@@ -14,13 +14,17 @@
 //!
 //! Accuracies: the share of pairs the model orders as the data does (`r_w > r_l`, `c_l > c_w`),
 //! and for a cost model the share of responses whose cost has the sign of their label.
+//!
+//! Gradients: a step is one batch (no accumulation over micro-batches), so on a bf16 backend each
+//! gradient takes one backward's adds and `grad_dtype = auto` keeps them in bf16, as a training run
+//! of `grad_accum = 1` does; `f32` stores them, the head's too, in f32 (`optim::GradDtype`).
 
 use anyhow::{bail, ensure, Result};
 
 use crate::backend::{AdamWParams, Backend};
 use crate::data::{preference_batch, Batcher, TokenizedPair};
 use crate::model::{DeviceBatch, ScalarHeadModel};
-use crate::optim::{decays_weight, AdamW, AdamWConfig};
+use crate::optim::{decays_weight, store_grads_in_f32, AdamW, AdamWConfig, GradDtype};
 
 /// Which judge a run trains.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -146,6 +150,8 @@ pub struct RmTrainOptions {
     pub grad_clip: f32,
     pub tokens_per_batch: usize,
     pub seed: u64,
+    /// Where the gradients accumulate on a bf16 backend; a step is one batch, so `Auto` is bf16.
+    pub grad_dtype: GradDtype,
 }
 
 /// One optimizer step's record.
@@ -198,6 +204,11 @@ pub fn train_rm<B: Backend>(
     mut on_step: impl FnMut(&RmStep, &mut ScalarHeadModel<B>) -> Result<()>,
 ) -> Result<Vec<RmStep>> {
     ensure!(!train.is_empty(), "rm: no training pairs");
+    // One batch per step: `grad_accum` is 1.
+    if opts.grad_dtype.accumulates_in_f32(1) {
+        let backend = model.backend().clone();
+        store_grads_in_f32(&*backend, model.grads_mut()?)?;
+    }
     let mut optimizer = RmOptimizer::new(model, opts.adam)?;
     let mut batcher = Batcher::new(train.len(), opts.seed);
     let mut records = Vec::with_capacity(opts.steps);

@@ -71,7 +71,15 @@ pub fn run_rm<B: Backend>(backend: Arc<B>, cfg: &RunConfig, kind: RmKind, quiet:
     };
     let o = &cfg.optimizer;
     let adam = AdamWConfig { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
-    let opts = RmTrainOptions { kind, steps, adam, grad_clip: o.grad_clip, tokens_per_batch: budget, seed: cfg.seed };
+    let opts = RmTrainOptions {
+        kind,
+        steps,
+        adam,
+        grad_clip: o.grad_clip,
+        tokens_per_batch: budget,
+        seed: cfg.seed,
+        grad_dtype: cfg.train.grad_dtype,
+    };
 
     std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("creating {}", cfg.out_dir.display()))?;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");

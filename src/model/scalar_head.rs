@@ -168,6 +168,13 @@ impl<B: Backend> ScalarHeadModel<B> {
         Ok((&mut self.score, grad))
     }
 
+    /// Every gradient, the trunk's and the head's (to choose their storage: `optim::store_grads_in_f32`).
+    pub fn grads_mut(&mut self) -> Result<Vec<&mut B::Buf>> {
+        let mut grads = self.trunk.grads_mut()?;
+        grads.push(self.score_grad.as_mut().context("score head: this model is frozen (loaded to judge)")?);
+        Ok(grads)
+    }
+
     /// Sets every gradient, the trunk's and the head's, to zero.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.trunk.zero_grad()?;

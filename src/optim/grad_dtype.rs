@@ -13,6 +13,11 @@
 //! where the rounding compounds, and bf16 otherwise, so runs of one micro-batch per step keep their
 //! bf16 numbers and memory. On an f32 backend (the CPU, `Precision::F32`) gradients are f32 whatever
 //! the setting.
+//!
+//! Every trainer honours it: the training run (`train.grad_dtype`, its `batching.grad_accum`),
+//! `Engine` (`Engine::set_grad_dtype`; a step's micro-batches are its `grad_accum`, and once a step
+//! has stored the gradients in f32 they stay so) and the judge trainer (`safedpo rm`, whose steps
+//! are one batch each, so that `auto` is bf16 there).
 
 use std::fmt;
 use std::str::FromStr;
@@ -80,7 +85,13 @@ pub fn set_grad_dtype<B: Backend>(model: &mut Decoder<B>, grad_dtype: GradDtype,
         return Ok(());
     }
     let backend = model.backend().clone();
-    for grad in model.grads_mut()? {
+    store_grads_in_f32(&*backend, model.grads_mut()?)
+}
+
+/// Stores each of `grads` in f32 from now on (a model's gradients beside other trainable tensors:
+/// a reward model's trunk and score head). Converting a gradient stored in f32 already is free.
+pub fn store_grads_in_f32<B: Backend>(backend: &B, grads: Vec<&mut B::Buf>) -> Result<()> {
+    for grad in grads {
         backend.store_in_f32(grad)?;
     }
     Ok(())
