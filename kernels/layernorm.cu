@@ -31,7 +31,8 @@
 //   parameter gradients are the same bits whatever order the blocks run in (llm.c adds into shared
 //   memory with float atomics instead, which is not bit-reproducible). Threads: 32 × warps, warps from
 //   c (the host halves NORM_BWD_MAX_WARPS until the partials fit NORM_BWD_SHARED_TARGET); dynamic
-//   shared memory warps·2·c floats; `counter` zero before the launch, and zero again after it.
+//   shared memory warps·2·c floats; `counter` zero before the launch, and zero again after it
+//   (the last block resets it: the backend keeps one counter for every launch, no memset).
 // - layernorm_backward_bf16_f32: the same on bf16 activations into f32 dweight and dbias (gradients
 //   kept in f32 storage, `train.grad_dtype`): the partials are f32 either way, only the final add
 //   and its rounding differ.

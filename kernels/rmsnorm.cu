@@ -22,7 +22,8 @@
 //   shared memory (f32, [warps, c]); the block sums its warps' partials in warp order into its row of
 //   `scratch [grid, c]`, and the last block to finish sums the rows in block order into dweight
 //   (`publish_block_partials`, common.cuh): the same bits whatever order the blocks run in. Dynamic
-//   shared memory warps·c floats; `counter` zero before the launch, and zero again after it.
+//   shared memory warps·c floats; `counter` zero before the launch, and zero again after it
+//   (the last block resets it: the backend keeps one counter for every launch, no memset).
 // - rmsnorm_backward_bf16_f32: the same on bf16 activations into an f32 dweight (`train.grad_dtype`).
 #include "common.cuh"
 

@@ -39,6 +39,14 @@ impl Fixture {
         Self { cpu: CpuBackend::new(), cuda: CudaBackend::new(device.clone(), precision), precision, rng: rng(seed) }
     }
 
+    /// After a norm backward: the backend's block counter is back at zero, and it is the one buffer
+    /// `seen` holds from the fixture's earlier backwards (one counter, no memset between launches).
+    pub fn check_block_counter(&self, seen: &mut Option<u64>) {
+        let (ptr, value) = self.cuda.block_counter_state().unwrap().expect("a norm backward made the counter");
+        assert_eq!(value, 0, "the norm backward's last block leaves the counter at zero");
+        assert_eq!(*seen.get_or_insert(ptr), ptr, "the counter moved: one buffer serves every launch");
+    }
+
     /// The values as the backend stores them: rounded to bf16 in Bf16 mode.
     pub fn stored(&self, x: Vec<f32>) -> Vec<f32> {
         match self.precision {

@@ -211,9 +211,11 @@ fn residual_rmsnorm(device: &Device, precision: Precision) {
 
 /// The fused backward over many blocks (the grid's last block sums their partials), at a width the
 /// 128-bit path takes and one it does not: against the CPU, and the same bits on every run, while the
-/// emulated device's test mode runs the blocks in another order each launch.
+/// emulated device's test mode runs the blocks in another order each launch; the launches share the
+/// backend's block counter, which each leaves at zero for the next (no memset).
 fn rmsnorm_backward_blocks(device: &Device, precision: Precision) {
     let mut f = Fixture::new(device, precision, 51);
+    let mut counter = None;
     for (n, c) in [(300, 64), (150, 771)] {
         let shape = format!("[{n}, {c}]");
         let inp = f.randn(n * c, 2.0);
@@ -229,6 +231,7 @@ fn rmsnorm_backward_blocks(device: &Device, precision: Precision) {
         for run in 0..3 {
             let (mut dinp, mut dw) = (f.both(&prior).1, f.both(&prior_w).1);
             f.cuda.rmsnorm_backward(&mut dinp, &mut dw, &gd, &gi, &gw, &grstd, n, c).unwrap();
+            f.check_block_counter(&mut counter);
             f.check_rounded(&format!("rmsnorm_backward dinp {shape}"), &dinp, &want_dinp, 1.0, ACCUMULATED_FLOOR);
             f.check_rounded(&format!("rmsnorm_backward dweight {shape}"), &dw, &want_dw, 1.0, ACCUMULATED_FLOOR);
             let got = [dinp, dw].map(|x| f.cuda.download(&x).unwrap()).to_vec();

@@ -238,6 +238,10 @@ pub struct CudaBackend {
     attention_kernels: AttentionKernels,
     /// The multi-tensor launches' descriptor tables (optimizer, grad norm), kept while unchanged.
     pub(super) tensor_tables: TensorTables,
+    /// The grid-arrival counter of the norms' fused backward (`publish_block_partials`,
+    /// kernels/common.cuh), zeroed once when made: each launch's last block sets it back to zero,
+    /// so that no launch needs a memset before it ([`CudaBackend::with_block_counter`]).
+    block_counter: Mutex<Option<DeviceBuffer<u32>>>,
 }
 
 /// The attention kernels a [`CudaBackend`] picks from. `Auto` (the default) runs bf16 at head dims
@@ -267,6 +271,34 @@ impl CudaBackend {
             ones_bf16: Mutex::new(None),
             attention_kernels: AttentionKernels::Auto,
             tensor_tables: TensorTables::default(),
+            block_counter: Mutex::new(None),
+        }
+    }
+
+    /// Runs `launch` with the norms' block counter (zero before every launch: see the field), held
+    /// until the launch is queued; the launches of one device run in stream order, so one counter
+    /// serves them all. A launch that fails may have left it mid-count: it is made again.
+    pub(super) fn with_block_counter<R>(&self, launch: impl FnOnce(KernelArg) -> Result<R>) -> Result<R> {
+        let mut slot = self.block_counter.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.is_none() {
+            *slot = Some(self.device.alloc_zeros::<u32>(1)?);
+        }
+        let counter = slot.as_ref().expect("made above").device_ptr();
+        let result = launch(KernelArg::Ptr(counter));
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    }
+
+    /// The norms' block counter's address and value, once made (tests: it stays in place and at
+    /// zero between launches).
+    #[doc(hidden)]
+    pub fn block_counter_state(&self) -> Result<Option<(u64, u32)>> {
+        let slot = self.block_counter.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match slot.as_ref() {
+            Some(counter) => Ok(Some((counter.device_ptr(), self.device.download(counter)?[0]))),
+            None => Ok(None),
         }
     }
 
@@ -379,17 +411,37 @@ impl CudaBackend {
     /// Prepares `buf` to be written by a kernel writing `dtype`: drops its master copy (the values
     /// change) and switches its storage to `dtype` if needed, converting the current values when
     /// `keep` (accumulating ops; an f32 master is taken over as is) and leaving them unspecified
-    /// otherwise.
+    /// otherwise (the old storage then freed before the new is made: `reallocate`).
     pub(super) fn output<'a>(&self, buf: &'a mut CudaBuf, dtype: Dtype, keep: bool) -> Result<&'a mut Storage> {
         let master = buf.master.take();
         if buf.storage.dtype() != dtype {
-            buf.storage = match master {
-                Some(master) if keep && dtype == Dtype::F32 => Storage::F32(master),
-                _ if keep => self.convert(&buf.storage, buf.len, dtype)?,
-                _ => self.alloc(dtype, buf.len)?,
-            };
+            match master {
+                Some(master) if keep && dtype == Dtype::F32 => buf.storage = Storage::F32(master),
+                // The conversion reads the old values: both storages live while it runs.
+                master if keep => {
+                    drop(master);
+                    buf.storage = self.convert(&buf.storage, buf.len, dtype)?;
+                }
+                master => {
+                    drop(master);
+                    let len = buf.len;
+                    self.reallocate(buf, dtype, len)?;
+                }
+            }
         }
         Ok(&mut buf.storage)
+    }
+
+    /// New storage of `dtype` for `len` elements in place of `buf`'s, whose values are not wanted:
+    /// the old storage is freed before the new one is made (device memory is what runs out, and a
+    /// peak holding both could be the one that does not fit). Should the allocation fail, `buf` is
+    /// left empty (length 0), so that no kernel is handed the freed storage.
+    fn reallocate(&self, buf: &mut CudaBuf, dtype: Dtype, len: usize) -> Result<()> {
+        buf.len = 0;
+        buf.storage = self.alloc(dtype, 0)?;
+        buf.storage = self.alloc(dtype, len)?;
+        buf.len = len;
+        Ok(())
     }
 }
 
@@ -470,7 +522,11 @@ impl Buffers for CudaBackend {
     }
 
     fn replace(&self, buf: &mut CudaBuf, data: &[f32]) -> Result<()> {
-        *buf = match buf.dtype() {
+        // The old values are not wanted: free them before the upload allocates.
+        let dtype = buf.dtype();
+        buf.master = None;
+        self.reallocate(buf, dtype, 0)?;
+        *buf = match dtype {
             Dtype::F32 => CudaBuf { len: data.len(), storage: Storage::F32(self.device.upload(data)?), master: None },
             _ => self.upload(data)?,
         };
@@ -494,10 +550,8 @@ impl Buffers for CudaBackend {
     fn resize(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
         buf.master = None;
         if buf.storage.capacity() < len {
-            // Free first: device memory is what runs out.
             let dtype = buf.storage.dtype();
-            buf.storage = self.alloc(dtype, 0)?;
-            buf.storage = self.alloc(dtype, len)?;
+            return self.reallocate(buf, dtype, len);
         }
         buf.len = len;
         Ok(())
@@ -506,9 +560,13 @@ impl Buffers for CudaBackend {
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) -> Result<()> {
         checks::copy(dst.len(), src.len())?;
         let n = src.len;
-        // dst becomes an exact copy: same storage type, same master.
+        // dst becomes an exact copy: same storage type, same master. Its old values are not wanted,
+        // so what must be made anew is freed first.
+        if src.master.is_none() || dst.master.as_ref().is_some_and(|own| own.len() < n) {
+            dst.master = None;
+        }
         if dst.storage.dtype() != src.storage.dtype() || dst.storage.capacity() < n {
-            dst.storage = self.alloc(src.storage.dtype(), n)?;
+            self.reallocate(dst, src.storage.dtype(), n)?;
         }
         match (&mut dst.storage, &src.storage) {
             (Storage::F32(d), Storage::F32(s)) => self.device.copy(d.slice_mut(..n), s.slice(..n))?,
@@ -518,8 +576,8 @@ impl Buffers for CudaBackend {
         dst.master = match &src.master {
             Some(master) => {
                 let mut copy = match dst.master.take() {
-                    Some(own) if own.len() >= n => own,
-                    _ => self.device.alloc(n)?,
+                    Some(own) => own,
+                    None => self.device.alloc(n)?,
                 };
                 self.device.copy(copy.slice_mut(..n), master.slice(..n))?;
                 Some(copy)

@@ -139,33 +139,34 @@ impl LayerNormOps for CudaBackend {
         let (dout, inp, weight) = (self.input(dout, dt)?, self.input(inp, dt)?, self.input(weight, dt)?);
         let (mean, rstd) = (self.input(mean, Dtype::F32)?, self.input(rstd, Dtype::F32)?);
         let plan = NormBackwardPlan::new(n, c, 2, "layernorm")?;
-        // The scratch rows are written before they are read; the counter starts at zero (and the
-        // kernel's last block leaves it at zero).
+        // The scratch rows are written before they are read; the counter is zero (the backend's,
+        // which the kernel's last block leaves at zero: no memset).
         let scratch = self.device.alloc::<f32>(plan.scratch_len())?;
-        let counter = self.device.alloc_zeros::<u32>(1)?;
         // The parameter gradients in their own storage type (f32 accumulators beside bf16 activations).
         let gt = grad_dtype(dt, dweight.dtype());
         let dinp = self.output(dinp, dt, true)?.arg();
         let dweight = self.output(dweight, gt, true)?.arg();
         let dbias = self.output(dbias, gt, true)?.arg();
-        self.launch(
-            &grad_kernel("layernorm_backward", dt, gt),
-            plan.config(),
-            &[
-                dinp,
-                dweight,
-                dbias,
-                KernelArg::Ptr(scratch.device_ptr()),
-                KernelArg::Ptr(counter.device_ptr()),
-                dout.arg(),
-                inp.arg(),
-                weight.arg(),
-                mean.arg(),
-                rstd.arg(),
-                i32_arg(n, "n")?,
-                i32_arg(c, "c")?,
-                i32_arg(plan.rows_per_block, "rows per block")?,
-            ],
-        )
+        self.with_block_counter(|counter| {
+            self.launch(
+                &grad_kernel("layernorm_backward", dt, gt),
+                plan.config(),
+                &[
+                    dinp,
+                    dweight,
+                    dbias,
+                    KernelArg::Ptr(scratch.device_ptr()),
+                    counter,
+                    dout.arg(),
+                    inp.arg(),
+                    weight.arg(),
+                    mean.arg(),
+                    rstd.arg(),
+                    i32_arg(n, "n")?,
+                    i32_arg(c, "c")?,
+                    i32_arg(plan.rows_per_block, "rows per block")?,
+                ],
+            )
+        })
     }
 }

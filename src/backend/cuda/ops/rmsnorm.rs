@@ -100,30 +100,31 @@ impl RmsNormOps for CudaBackend {
         let (dout, inp, weight) = (self.input(dout, dt)?, self.input(inp, dt)?, self.input(weight, dt)?);
         let rstd = self.input(rstd, Dtype::F32)?;
         let plan = NormBackwardPlan::new(n, c, 1, "rmsnorm")?;
-        // The scratch rows are written before they are read; the counter starts at zero (and the
-        // kernel's last block leaves it at zero).
+        // The scratch rows are written before they are read; the counter is zero (the backend's,
+        // which the kernel's last block leaves at zero: no memset).
         let scratch = self.device.alloc::<f32>(plan.scratch_len())?;
-        let counter = self.device.alloc_zeros::<u32>(1)?;
         // The weight gradient in its own storage type (an f32 accumulator beside bf16 activations).
         let gt = grad_dtype(dt, dweight.dtype());
         let dinp = self.output(dinp, dt, true)?.arg();
         let dweight = self.output(dweight, gt, true)?.arg();
-        self.launch(
-            &grad_kernel("rmsnorm_backward", dt, gt),
-            plan.config(),
-            &[
-                dinp,
-                dweight,
-                KernelArg::Ptr(scratch.device_ptr()),
-                KernelArg::Ptr(counter.device_ptr()),
-                dout.arg(),
-                inp.arg(),
-                weight.arg(),
-                rstd.arg(),
-                i32_arg(n, "n")?,
-                i32_arg(c, "c")?,
-                i32_arg(plan.rows_per_block, "rows per block")?,
-            ],
-        )
+        self.with_block_counter(|counter| {
+            self.launch(
+                &grad_kernel("rmsnorm_backward", dt, gt),
+                plan.config(),
+                &[
+                    dinp,
+                    dweight,
+                    KernelArg::Ptr(scratch.device_ptr()),
+                    counter,
+                    dout.arg(),
+                    inp.arg(),
+                    weight.arg(),
+                    rstd.arg(),
+                    i32_arg(n, "n")?,
+                    i32_arg(c, "c")?,
+                    i32_arg(plan.rows_per_block, "rows per block")?,
+                ],
+            )
+        })
     }
 }
