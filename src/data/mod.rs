@@ -37,6 +37,7 @@ pub mod tokenizer_config;
 pub mod tokenizer_files;
 mod truncate;
 mod unpaired;
+pub mod vocab_merges;
 
 pub use batch::{chunks_by_cost, preference_batch, sft_batch, BatchLimit, Batcher, BatcherState};
 pub use bpe_trainer::{

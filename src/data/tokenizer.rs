@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::tokenizer_config::TokenizerSettings;
+use super::vocab_merges::{byte_level_bpe, check_no_unread_tokenizer};
 
 /// Text ↔ token ids. Encoding never adds special tokens (special-token text in the input, such as
 /// `<|eot_id|>`, still maps to its token, as in transformers); callers put [`TextTokenizer::bos_ids`]
@@ -122,7 +123,7 @@ enum BosSource {
     AddBosToken,
 }
 
-/// A Hugging Face tokenizer read from `tokenizer.json` (or GPT-2's `vocab.json` + `merges.txt`).
+/// A Hugging Face tokenizer read from `tokenizer.json` (or a byte-level BPE's `vocab.json` + `merges.txt`: GPT-2, Qwen2).
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     eos_id: i32,
@@ -333,7 +334,7 @@ impl HfTokenizer {
     /// A GPT-2 byte-level BPE tokenizer from the older `vocab.json` + `merges.txt` pair, EOS
     /// `<|endoftext|>`.
     pub fn from_gpt2_files(vocab: &Path, merges: &Path) -> Result<Self> {
-        Self::gpt2_tokenizer(vocab, merges).and_then(|inner| {
+        byte_level_bpe(vocab, merges, &TokenizerSettings::default()).and_then(|inner| {
             let eos = inner
                 .token_to_id("<|endoftext|>")
                 .ok_or_else(|| anyhow!("{}: no <|endoftext|> token", vocab.display()))?;
@@ -341,25 +342,12 @@ impl HfTokenizer {
         })
     }
 
-    /// [`HfTokenizer::from_gpt2_files`] in a model directory, with the settings beside the files.
-    fn from_gpt2_dir(dir: &Path, vocab: &Path, merges: &Path) -> Result<Self> {
+    /// A model directory's `vocab.json` + `merges.txt` pair, built for its tokenizer class (GPT-2's
+    /// or Qwen2's byte-level BPE: `data::vocab_merges`), with the settings beside the files.
+    fn from_vocab_merges_dir(dir: &Path, vocab: &Path, merges: &Path) -> Result<Self> {
         let settings = TokenizerSettings::read(dir)?;
-        let inner = Self::gpt2_tokenizer(vocab, merges)?;
+        let inner = byte_level_bpe(vocab, merges, &settings)?;
         Self::with_settings(inner, &settings, BosSource::AddBosToken).with_context(|| format!("{}", dir.display()))
-    }
-
-    fn gpt2_tokenizer(vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
-        use tokenizers::decoders::byte_level::ByteLevel;
-        let bpe = tokenizers::models::bpe::BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
-            .build()
-            .map_err(|e| anyhow!("{} + {}: cannot read BPE tokenizer: {e}", vocab.display(), merges.display()))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
-        inner.with_decoder(Some(ByteLevel::default()));
-        // GPT-2's vocab.json lists <|endoftext|> as a plain entry; make it special so that decoding
-        // skips it and the text "<|endoftext|>" maps to the single id, as tokenizer.json does.
-        inner.add_special_tokens(&[tokenizers::AddedToken::from("<|endoftext|>", true)]);
-        Ok(inner)
     }
 
     /// The wrapped `tokenizers` tokenizer.
@@ -408,9 +396,11 @@ impl TextTokenizer for HfTokenizer {
     }
 }
 
-/// The tokenizer of a model directory: its `tokenizer.json` when there is one, else a GPT-2
-/// `vocab.json` + `merges.txt` pair, each with the settings beside it (see the module documentation),
-/// else the built-in [`ByteTokenizer`] (also when no directory is given). Callers should check that
+/// The tokenizer of a model directory: its `tokenizer.json` when there is one, else a byte-level BPE
+/// `vocab.json` + `merges.txt` pair (GPT-2's or Qwen2's, `data::vocab_merges`), each with the
+/// settings beside it (see the module documentation), else the built-in [`ByteTokenizer`] (also when
+/// no directory is given); a directory with another tokenizer file and no `tokenizer.json`
+/// (`tokenizer.model`, `tekken.json`, half of the pair) is an error. Callers should check that
 /// `vocab_size()` fits the model's vocabulary.
 pub fn load_tokenizer(model_dir: Option<&Path>) -> Result<Box<dyn TextTokenizer>> {
     if let Some(dir) = model_dir {
@@ -419,11 +409,12 @@ pub fn load_tokenizer(model_dir: Option<&Path>) -> Result<Box<dyn TextTokenizer>
         }
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if vocab.is_file() && merges.is_file() {
-            return Ok(Box::new(HfTokenizer::from_gpt2_dir(dir, &vocab, &merges)?));
+            return Ok(Box::new(HfTokenizer::from_vocab_merges_dir(dir, &vocab, &merges)?));
         }
         if !dir.is_dir() {
             bail!("model directory {} does not exist", dir.display());
         }
+        check_no_unread_tokenizer(dir)?;
     }
     Ok(Box::new(ByteTokenizer))
 }

@@ -28,6 +28,30 @@ pub struct ChatTemplateSource {
     pub path: PathBuf,
 }
 
+/// A token of `tokenizer_config.json`'s `added_tokens_decoder` (id → token): what transformers adds
+/// to a tokenizer it builds from `vocab.json` + `merges.txt` (a `tokenizer.json` carries its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddedTokenEntry {
+    pub id: u32,
+    pub content: String,
+    pub special: bool,
+    pub single_word: bool,
+    pub lstrip: bool,
+    pub rstrip: bool,
+    pub normalized: bool,
+}
+
+impl AddedTokenEntry {
+    /// The token as `tokenizers` takes it.
+    pub fn to_added_token(&self) -> tokenizers::AddedToken {
+        tokenizers::AddedToken::from(self.content.clone(), self.special)
+            .single_word(self.single_word)
+            .lstrip(self.lstrip)
+            .rstrip(self.rstrip)
+            .normalized(self.normalized)
+    }
+}
+
 /// The tokenizer settings of a model directory (all absent for a directory without the files).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TokenizerSettings {
@@ -52,6 +76,8 @@ pub struct TokenizerSettings {
     pub generation_eos_ids: Vec<u32>,
     /// The chat template: `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`.
     pub chat_template: Option<ChatTemplateSource>,
+    /// `added_tokens_decoder`, by increasing id.
+    pub added_tokens: Vec<AddedTokenEntry>,
 }
 
 fn read_json(path: &Path) -> Result<Option<Map<String, Value>>> {
@@ -109,6 +135,7 @@ impl TokenizerSettings {
         settings.add_prefix_space = optional_bool(&config, "add_prefix_space", &config_path)?;
         settings.split_special_tokens = optional_bool(&config, "split_special_tokens", &config_path)?.unwrap_or(false);
         settings.read_special_tokens(&config)?;
+        settings.added_tokens = added_tokens(&config, &config_path)?;
         settings.chat_template = chat_template(dir, &config, &config_path)?;
         if let Some(model_config) = read_json(&dir.join(MODEL_CONFIG_FILE))? {
             settings.model_type = model_config.get("model_type").and_then(Value::as_str).map(str::to_string);
@@ -157,6 +184,37 @@ impl TokenizerSettings {
     pub fn token(&self, name: &str) -> Option<&str> {
         self.special_tokens.iter().find(|(n, _)| n == name).map(|(_, t)| t.as_str())
     }
+}
+
+/// `added_tokens_decoder`: `{"151643": {"content": "<|endoftext|>", "special": true, …}, …}` (an
+/// object per id as transformers writes it; the flags default as `AddedToken`'s do), by increasing id.
+fn added_tokens(config: &Map<String, Value>, path: &Path) -> Result<Vec<AddedTokenEntry>> {
+    let Some(decoder) = config.get("added_tokens_decoder") else { return Ok(Vec::new()) };
+    let Value::Object(entries) = decoder else {
+        bail!("{}: `added_tokens_decoder` must map token ids to tokens, got {decoder}", path.display())
+    };
+    let mut tokens = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        let id: u32 = key
+            .parse()
+            .with_context(|| format!("{}: `added_tokens_decoder` key {key:?} is not a token id", path.display()))?;
+        let content = token_content(value).with_context(|| {
+            format!("{}: `added_tokens_decoder` entry {key}: expected a token, got {value}", path.display())
+        })?;
+        let flag = |name: &str, default: bool| value.get(name).and_then(Value::as_bool).unwrap_or(default);
+        let special = flag("special", false);
+        tokens.push(AddedTokenEntry {
+            id,
+            content,
+            special,
+            single_word: flag("single_word", false),
+            lstrip: flag("lstrip", false),
+            rstrip: flag("rstrip", false),
+            normalized: flag("normalized", !special),
+        });
+    }
+    tokens.sort_by_key(|t| t.id);
+    Ok(tokens)
 }
 
 fn token_id(value: &Value, path: &Path) -> Result<u32> {

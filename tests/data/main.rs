@@ -119,3 +119,4 @@ mod synthetic;
 mod tokenize;
 mod truncate;
 mod unpaired;
+mod vocab_merges;

@@ -79,7 +79,7 @@ fn byte_tokenizer_round_trips() {
 }
 
 /// The GPT-2 byte-level alphabet: byte b ↦ char, as in GPT-2's `bytes_to_unicode`.
-fn gpt2_byte_chars() -> Vec<char> {
+pub(super) fn gpt2_byte_chars() -> Vec<char> {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars = vec!['\0'; 256];
     let mut extra = 0;
