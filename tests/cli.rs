@@ -1,35 +1,16 @@
 //! The `safedpo` binary end to end: `demo --quick`, `sft`/`train` with resume, `logps`, `eval`,
 //! `generate`, and clean user errors (exit code 1, a message naming the problem, no panic).
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
+use common::run::{ok, safedpo, text};
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::data::{synthetic_pku_rows, write_pku_jsonl};
 use safedpo::model::{Decoder, DecoderConfig, Family};
-
-fn safedpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().expect("running the safedpo binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts success and returns stdout.
-fn ok(args: &[&str]) -> String {
-    let out = safedpo(args);
-    assert!(
-        out.status.success(),
-        "safedpo {args:?} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 /// Asserts a clean user error (exit 1, no panic) and returns stderr.
 fn user_error(args: &[&str]) -> String {

@@ -12,6 +12,8 @@
 //! wrong gradient, which moves weights by ~lr per step). Everything whose order is fixed
 //! (the same world size twice, ZeRO-1 against plain data parallelism, a resume) is bit-exact.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,7 +23,6 @@ use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::Backend;
 use safedpo::config::RunConfig;
-use safedpo::data::{synthetic_pku_rows, write_pku_jsonl};
 use safedpo::dist::{in_process, Collective, HostTransport, Staged};
 use safedpo::model::{Decoder, HostWeights};
 use safedpo::train::checkpoint::{read_latest, read_optimizer_state};
@@ -29,29 +30,19 @@ use safedpo::train::data_parallel::train_in_group;
 use safedpo::train::{train, Resume, RunSummary, Task, TrainOptions};
 
 fn synthetic_data(dir: &Path) -> PathBuf {
-    let path = dir.join("data.jsonl");
-    write_pku_jsonl(&path, &synthetic_pku_rows(80, 3)).unwrap();
-    path
+    common::run::synthetic_data(dir, 80, 3)
 }
 
 /// A tiny run: four micro-batches a step (to share among the ranks), a few steps, clipping on.
 fn tiny_config(out: &Path, data: &Path) -> RunConfig {
-    let mut c = RunConfig { out_dir: out.to_path_buf(), seed: 7, ..Default::default() };
-    c.data.path = Some(data.to_path_buf());
-    c.data.template = "U: {prompt} A:".into();
-    c.data.max_len = 96;
-    c.data.eval_fraction = 0.2;
-    c.model.n_positions = 96;
-    (c.model.n_layer, c.model.n_embd, c.model.n_head) = (1, 16, 2);
+    let mut c = common::run::tiny_run(out, data, 96);
     c.batching.tokens_per_micro_batch = 400;
     c.batching.grad_accum = 4;
-    c.optimizer.lr = 2e-3;
     c.optimizer.warmup_steps = 1;
     c.optimizer.total_steps = Some(4);
     c.optimizer.weight_decay = 0.01;
     c.optimizer.grad_clip = 0.5;
     c.intervals.eval_every = 2;
-    c.intervals.checkpoint_every = 0;
     c
 }
 

@@ -20,7 +20,7 @@ use safedpo::backend::cpu::CpuBackend;
 use safedpo::backend::cuda::{CudaBackend, Device, Precision};
 use safedpo::backend::prelude::*;
 use safedpo::config::RunConfig;
-use safedpo::data::{synthetic_pku_rows, write_pku_jsonl, PackedBatch};
+use safedpo::data::PackedBatch;
 use safedpo::model::{Decoder, DecoderConfig, DeviceBatch, HostWeights};
 use safedpo::optim::{set_grad_dtype, GradDtype};
 use safedpo::train::checkpoint::read_latest;
@@ -130,20 +130,12 @@ fn f32_accumulation_over_many_micro_batches_is_much_closer_to_f32() {
 
 /// A run of the trainer on the emulated device in bf16, two micro-batches per step.
 fn emu_config(out: &Path, data: &Path, grad_dtype: GradDtype) -> RunConfig {
-    let mut c = RunConfig { out_dir: out.to_path_buf(), seed: 7, ..Default::default() };
-    c.data.path = Some(data.to_path_buf());
-    c.data.template = "U: {prompt} A:".into();
-    c.data.max_len = 96;
-    c.data.eval_fraction = 0.2;
-    c.model.n_positions = 96;
-    (c.model.n_layer, c.model.n_embd, c.model.n_head) = (1, 16, 2);
+    let mut c = run::tiny_run(out, data, 96);
     c.batching.tokens_per_micro_batch = 512;
     c.batching.grad_accum = 2;
-    c.optimizer.lr = 2e-3;
     c.optimizer.warmup_steps = 1;
     c.optimizer.total_steps = Some(4);
     c.intervals.eval_every = 0;
-    c.intervals.checkpoint_every = 0;
     c.precompute_ref = false;
     c.train.grad_dtype = grad_dtype;
     c
@@ -164,8 +156,7 @@ fn final_file(cfg: &RunConfig, file: &str) -> Vec<u8> {
 #[test]
 fn resume_with_f32_gradients_is_bit_identical_and_auto_is_f32() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.jsonl");
-    write_pku_jsonl(&data, &synthetic_pku_rows(40, 3)).unwrap();
+    let data = run::synthetic_data(dir.path(), 40, 3);
     let straight = emu_config(&dir.path().join("straight"), &data, GradDtype::F32);
     let mut resumed = straight.clone();
     resumed.out_dir = dir.path().join("resumed");

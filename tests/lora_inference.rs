@@ -2,35 +2,17 @@
 //! `--model` base in memory gives what the `safedpo merge`d model gives, bit for bit; an adapter of
 //! another model is a clean error naming the setting and the tensor.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
+use common::run::{ok, safedpo, text};
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::data::{synthetic_pku_rows, write_pku_jsonl};
 use safedpo::model::peft::{merge_dirs, save_adapter};
 use safedpo::model::{Decoder, DecoderConfig, HostAdapters, LoraSpec};
-
-fn safedpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safedpo")).args(args).output().expect("running the safedpo binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts success and returns stdout.
-fn ok(args: &[&str]) -> String {
-    let out = safedpo(args);
-    assert!(
-        out.status.success(),
-        "safedpo {args:?} failed\nstdout:\n{}\nstderr:\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()

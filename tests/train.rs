@@ -1,14 +1,17 @@
 //! The training loop on the CPU backend with tiny models and the synthetic data: exact resume,
 //! crash-safe checkpoints, the reference cache, configuration errors, and that SafeDPO learns.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::run::{synthetic_data, tiny_run};
 use safedpo::backend::cpu::CpuBackend;
 use safedpo::config::{RunConfig, RunOverrides};
-use safedpo::data::{synthetic_pku_rows, tokenize_pairs, write_pku_jsonl, ByteTokenizer, Template};
+use safedpo::data::{synthetic_pku_rows, tokenize_pairs, ByteTokenizer, Template};
 use safedpo::model::Decoder;
 use safedpo::train::checkpoint::{read_latest, LATEST_FILE};
 use safedpo::train::refcache::{cache_key, load_or_compute, sequence_logp_parts, sequence_logps, CacheStatus};
@@ -18,30 +21,15 @@ fn backend() -> Arc<CpuBackend> {
     Arc::new(CpuBackend::new())
 }
 
-/// Writes `n` synthetic PKU-SafeRLHF rows and returns the file.
-fn synthetic_data(dir: &Path, n: usize, seed: u64) -> PathBuf {
-    let path = dir.join("data.jsonl");
-    write_pku_jsonl(&path, &synthetic_pku_rows(n, seed)).unwrap();
-    path
-}
-
 /// A run small enough for a test: one layer, d=16, a few steps, two micro-batches per step.
 fn tiny_config(out: &Path, data: &Path) -> RunConfig {
-    let mut c = RunConfig { out_dir: out.to_path_buf(), seed: 7, ..Default::default() };
-    c.data.path = Some(data.to_path_buf());
-    c.data.template = "U: {prompt} A:".into();
-    c.data.max_len = 128;
-    c.data.eval_fraction = 0.2;
-    c.model.n_positions = 128;
-    (c.model.n_layer, c.model.n_embd, c.model.n_head) = (1, 16, 2);
+    let mut c = tiny_run(out, data, 128);
     c.batching.tokens_per_micro_batch = 1024;
     c.batching.grad_accum = 2;
-    c.optimizer.lr = 2e-3;
     c.optimizer.warmup_steps = 2;
     c.optimizer.total_steps = Some(6);
     c.optimizer.weight_decay = 0.01;
     c.intervals.eval_every = 2;
-    c.intervals.checkpoint_every = 0;
     c
 }
 

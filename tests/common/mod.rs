@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod run;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
